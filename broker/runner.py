@@ -1,0 +1,53 @@
+"""The embedded broker: amqtt (pure Python, MQTT 3.1.1), bound to loopback unless told otherwise.
+
+amqtt has no message size cap of its own; the mesh enforces its caps in every receiver
+(``mesh.wire``). Only the anonymous-auth plugin is loaded: amqtt's packet and event loggers
+cost time on every message, and its ``$SYS`` publisher is noise for the mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def broker_config(host: str = "127.0.0.1", port: int = 1883) -> dict[str, Any]:
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": 256}},
+        "timeout_disconnect_delay": 0,
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+
+
+async def serve(host: str, port: int, stop: asyncio.Event, ready: Any = None) -> None:
+    """Run the broker until ``stop`` is set; ``ready()`` is called once it listens."""
+    from amqtt.broker import Broker
+
+    broker = Broker(broker_config(host, port))
+    await broker.start()
+    log.info("amqtt broker listening on %s:%d", host, port)
+    if ready is not None:
+        ready()
+    try:
+        await stop.wait()
+    finally:
+        await broker.shutdown()
+
+
+def run_broker(host: str = "127.0.0.1", port: int = 1883) -> None:
+    """Blocking entry point of ``mesh broker``: stops cleanly on SIGINT or SIGTERM."""
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(host, port, stop, ready=lambda: print(f"broker ready on {host}:{port}", flush=True))
+
+    # amqtt logs every connection at INFO; keep our own output readable.
+    logging.getLogger("amqtt").setLevel(logging.WARNING)
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+    asyncio.run(main())

@@ -1,0 +1,237 @@
+"""The MQTT transport: a thin wrapper over paho-mqtt 2.x, and request/response over MQTT 3.1.1.
+
+Components take a bus object instead of a paho client, so the pure logic stays testable and the
+transport stays in one place. Handlers run on paho's network thread: they must be quick (decode,
+enqueue) and any exception they raise is logged and counted, never allowed to kill the loop.
+
+Request/response: MQTT 3.1.1 (amqtt) has no response topic or correlation data, so both travel
+in the envelope (``mesh.wire``). A :class:`ReplyInbox` owns one reply topic per client and routes
+replies to per-request queues by correlation id.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from mesh import topics, wire
+from mesh.config import BrokerAddress
+from mesh.errors import ProtocolError, TransportError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, bytes, bool], None]  # (topic, payload, retained)
+
+
+class MqttBus:
+    """One paho client: connect with a last will, subscribe with handlers, publish."""
+
+    def __init__(
+        self,
+        client_id: str,
+        broker: BrokerAddress,
+        *,
+        will: tuple[str, bytes, int, bool] | None = None,
+        keepalive: int = 10,
+        reconnect_max_s: int = 30,
+    ) -> None:
+        self.client_id = client_id
+        self.broker = broker
+        self.connected = threading.Event()
+        self.handler_errors = 0
+        self._handlers: dict[str, tuple[Handler, int]] = {}
+        self._on_connect: list[Callable[[], None]] = []
+        self._subacks = threading.Condition()
+        self._acked: set[int] = set()
+        self._lock = threading.Lock()
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                   protocol=mqtt.MQTTv311, clean_session=True)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_s)
+        self._keepalive = keepalive
+        if broker.username is not None:
+            self._client.username_pw_set(broker.username, broker.password)
+        if broker.tls_ca is not None:
+            self._client.tls_set(ca_certs=str(broker.tls_ca),
+                                 certfile=str(broker.tls_cert) if broker.tls_cert else None,
+                                 keyfile=str(broker.tls_key) if broker.tls_key else None,
+                                 cert_reqs=ssl.CERT_REQUIRED)
+        if will is not None:
+            self._client.will_set(will[0], will[1], qos=will[2], retain=will[3])
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_message = self._handle_message
+        self._client.on_socket_open = self._handle_socket_open
+        self._client.on_subscribe = self._handle_subscribe
+        self.connect_error: str | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect (retrying in the background) and wait up to ``timeout`` for the CONNACK."""
+        try:
+            self._client.connect_async(self.broker.host, self.broker.port, keepalive=self._keepalive)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot connect to broker {self.broker}: {exc}") from exc
+        self._client.loop_start()
+        if not self.connected.wait(timeout):
+            self._client.loop_stop()
+            detail = f" ({self.connect_error})" if self.connect_error else ""
+            raise TransportError(f"no connection to the MQTT broker at {self.broker} within {timeout:g} s{detail}")
+
+    def stop(self) -> None:
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+            self.connected.clear()
+
+    def on_connected(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on every (re)connect, after subscriptions are restored."""
+        self._on_connect.append(callback)
+
+    # -- pub/sub ----------------------------------------------------------------------------
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, timeout: float = 10.0) -> None:
+        """Register a handler and subscribe; waits for the SUBACK when connected."""
+        with self._lock:
+            self._handlers[topic_filter] = (handler, qos)
+        if self.connected.is_set():
+            result, mid = self._client.subscribe(topic_filter, qos)
+            if result != mqtt.MQTT_ERR_SUCCESS:
+                raise TransportError(f"subscribe {topic_filter} failed: {mqtt.error_string(result)}")
+            with self._subacks:
+                if not self._subacks.wait_for(lambda: mid in self._acked, timeout):
+                    raise TransportError(f"no SUBACK for {topic_filter} within {timeout:g} s")
+                self._acked.discard(mid)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        return info
+
+    def publish_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                     timeout: float = 10.0) -> None:
+        """Publish and wait until the broker acknowledged it (QoS 1) or it was sent (QoS 0)."""
+        info = self.publish(topic, payload, qos=qos, retain=retain)
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as exc:
+            raise TransportError(f"publish to {topic} not delivered: {exc}") from exc
+        if not info.is_published():
+            raise TransportError(f"publish to {topic} not acknowledged within {timeout:g} s")
+
+    # -- paho callbacks (network thread) ------------------------------------------------------
+    def _handle_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
+        # Without TCP_NODELAY small QoS 1 round trips wait on Nagle + delayed ACK (~40 ms).
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+
+    def _handle_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        with self._subacks:
+            self._acked.add(mid)
+            if len(self._acked) > 1024:  # acks nobody waited for (resubscribes after reconnect)
+                self._acked.clear()
+            self._subacks.notify_all()
+
+    def _handle_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self.connect_error = str(reason)
+            log.warning("broker %s refused the connection: %s", self.broker, reason)
+            return
+        with self._lock:
+            subs = list(self._handlers.items())
+        for topic_filter, (_, qos) in subs:
+            client.subscribe(topic_filter, qos)
+        self.connected.set()
+        for callback in list(self._on_connect):
+            try:
+                callback()
+            except Exception:
+                log.exception("on-connect callback failed")
+
+    def _handle_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self.connected.clear()
+        if reason.is_failure:
+            log.warning("disconnected from broker %s: %s (reconnecting)", self.broker, reason)
+
+    def _handle_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            handlers = [h for f, (h, _) in self._handlers.items() if mqtt.topic_matches_sub(f, msg.topic)]
+        for handler in handlers:
+            try:
+                handler(msg.topic, msg.payload, bool(msg.retain))
+            except Exception:
+                self.handler_errors += 1
+                log.exception("handler for %s failed", msg.topic)
+
+
+class ReplyInbox:
+    """A client's reply topic, with replies routed to per-request queues by correlation id."""
+
+    def __init__(self, bus: MqttBus, name: str, rejects: wire.RejectCounter | None = None,
+                 max_bytes: int = wire.DEFAULT_MAX_BYTES) -> None:
+        self.bus = bus
+        self.name = name
+        self.topic = topics.reply(name)
+        self.rejects = rejects or wire.RejectCounter()
+        self._max_bytes = max_bytes
+        self._pending: dict[str, queue.Queue[wire.Envelope]] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.bus.subscribe(self.topic, self._handle, qos=topics.REPLY.qos)
+
+    def open(self, corr: str | None = None) -> tuple[str, queue.Queue[wire.Envelope]]:
+        corr = corr or uuid.uuid4().hex
+        q: queue.Queue[wire.Envelope] = queue.Queue()
+        with self._lock:
+            self._pending[corr] = q
+        return corr, q
+
+    def close(self, corr: str) -> None:
+        with self._lock:
+            self._pending.pop(corr, None)
+
+    def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
+        try:
+            env = wire.decode(payload, self._max_bytes)
+        except ProtocolError as exc:
+            self.rejects.add(exc.reason)
+            log.info("dropped reply on %s: %s", topic, exc)
+            return
+        with self._lock:
+            q = self._pending.get(env.corr or "")
+        if q is None:
+            self.rejects.add("unexpected-reply")
+            return
+        q.put(env)
+
+    def ping(self, timeout: float = 5.0, clock: Callable[[], float] = time.monotonic) -> float:
+        """Round trip through the broker to our own reply topic, in seconds.
+
+        It doubles as a barrier: once our ping is back, every retained message queued for our
+        earlier subscriptions has been delivered (the broker keeps per-client order).
+        """
+        corr, q = self.open()
+        try:
+            t0 = clock()
+            payload = wire.encode(wire.Envelope(wire.Kind.PING, self.name, {"t": t0}, corr=corr))
+            self.bus.publish(self.topic, payload, qos=topics.REPLY.qos)
+            try:
+                q.get(timeout=timeout)
+            except queue.Empty:
+                raise TransportError(f"no ping echo from the broker within {timeout:g} s") from None
+            return clock() - t0
+        finally:
+            self.close(corr)

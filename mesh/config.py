@@ -1,0 +1,91 @@
+"""Configuration as frozen dataclasses.
+
+They are filled once at the edge (CLI flags, a TOML file, ``MESH_*`` environment variables: see
+``nodes/settings.py``) and passed down; library code never reads the environment.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mesh.errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+DEFAULT_PORT = 1883
+DEFAULT_MODEL = "gemma3-270m"
+
+
+def check_name(name: str) -> str:
+    """A node or client name: it becomes one MQTT topic level, so no ``/``, ``+``, ``#``."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"invalid name {name!r}: use 1-64 letters, digits, '_' or '-'")
+    return name
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    username: str | None = None
+    password: str | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str, **extra: object) -> "BrokerAddress":
+        """``HOST:PORT``, ``HOST`` or ``:PORT``."""
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, str(DEFAULT_PORT)
+        try:
+            port_num = int(port)
+        except ValueError as exc:
+            raise ConfigError(f"invalid broker address {text!r}") from exc
+        if not 0 < port_num < 65536:
+            raise ConfigError(f"invalid broker port in {text!r}")
+        return cls(host=host or "127.0.0.1", port=port_num, **extra)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps the mesh enforces itself (amqtt has none; Mosquitto's must match these)."""
+
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_json_ask_bytes: int = 64 * 1024
+    max_prompt_chars: int = 32_000
+    max_new_tokens: int = 1024
+    max_queue: int = 32
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Every period and timeout the processes use; tests shrink them."""
+
+    heartbeat_s: float = 2.0
+    connect_timeout_s: float = 10.0
+    keepalive_s: int = 10
+    ask_timeout_s: float = 300.0
+    dedupe_window_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    broker: BrokerAddress = field(default_factory=BrokerAddress)
+    model: str = DEFAULT_MODEL
+    cache_root: Path = Path.home() / ".cache" / "mesh"
+    threads: int = 0  # 0: torch's default (all cores)
+    limits: Limits = field(default_factory=Limits)
+    timing: Timing = field(default_factory=Timing)
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if self.threads < 0:
+            raise ConfigError("threads must be >= 0")

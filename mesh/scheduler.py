@@ -1,0 +1,324 @@
+"""The HALO load-balancing scheduler and the relaxed-sync deadline rules (pure functions).
+
+Placement: every (layer, group) goes to exactly one holder: an online worker or the coordinator
+itself. Shares are sized by measured compute speed; within each layer the groups are sorted by
+predicted importance and dealt out in holder rank order, so the most important groups land on
+the most reliable (then fastest, then closest) holders and the least important ones on the
+lossy, slow ones, whose late partials relaxed sync can then drop at little cost. The coordinator
+is a holder with no network (reliability 1, round trip 0) and speed ``local_speed``; 0 means it
+keeps nothing unless no worker is online.
+
+Units: ``speed`` is neuron-rows per second (one intermediate neuron = one gate row, one up row
+and one down column for one token); rates are fractions in [0, 1]; times are seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mesh.errors import ConfigError, ProtocolError
+
+PLAN_VERSION = 1
+LOCAL = ""  # the coordinator's holder name inside the planner (never a worker name)
+_MAX_LAYERS, _MAX_GROUPS, _MAX_WORKERS, _MAX_NAME = 1024, 1 << 16, 1024, 128
+
+
+@dataclass(frozen=True)
+class WorkerFigures:
+    """A worker's measured figures, as its heartbeats report them."""
+
+    node: str
+    speed: float  # neuron-rows/s
+    rtt_s: float = 0.0
+    loss_rate: float = 0.0
+    late_rate: float = 0.0
+    online: bool = True
+
+    @property
+    def reliability(self) -> float:
+        """Probability that a partial arrives and is on time."""
+        return (1.0 - _unit(self.loss_rate)) * (1.0 - _unit(self.late_rate))
+
+
+def _unit(v: float) -> float:
+    return min(1.0, max(0.0, float(v))) if math.isfinite(v) else 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Who computes which groups, per layer, for one epoch.
+
+    ``workers[node][layer]`` and ``local[layer]`` are sorted group ids; together they cover every
+    group of every layer exactly once (checked by :meth:`from_dict`).
+    """
+
+    epoch: int
+    model_key: str
+    group_size: int
+    n_groups: int
+    workers: Mapping[str, tuple[tuple[int, ...], ...]]
+    local: tuple[tuple[int, ...], ...]
+    mode: str = "importance"
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.local)
+
+    def groups_for(self, node: str) -> tuple[tuple[int, ...], ...]:
+        """``node``'s groups per layer (empty tuples if it has none)."""
+        return self.workers.get(node, tuple(() for _ in self.local))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A CBOR-able dict (ints, strings, lists only)."""
+        return {
+            "v": PLAN_VERSION, "epoch": self.epoch, "model_key": self.model_key,
+            "group_size": self.group_size, "n_groups": self.n_groups, "mode": self.mode,
+            "workers": {n: [list(gs) for gs in layers] for n, layers in sorted(self.workers.items())},
+            "local": [list(gs) for gs in self.local],
+        }
+
+    @classmethod
+    def from_dict(cls, d: object) -> Plan:
+        """Validate an untrusted dict; ProtocolError (reason ``bad-plan``/``bad-version``)."""
+        if not isinstance(d, Mapping):
+            raise ProtocolError("bad-plan", "not a map")
+        if d.get("v") != PLAN_VERSION:
+            raise ProtocolError("bad-version", f"plan version {d.get('v')!r}")
+        epoch, gsize, n_groups = (_int(d, k, 0, 1 << 62) for k in ("epoch", "group_size", "n_groups"))
+        if gsize < 1 or n_groups < 1 or n_groups > _MAX_GROUPS:
+            raise ProtocolError("bad-plan", "group_size/n_groups out of range")
+        key, mode = d.get("model_key"), d.get("mode")
+        if not isinstance(key, str) or mode not in ("importance", "random"):
+            raise ProtocolError("bad-plan", "model_key/mode")
+        local = _layers(d.get("local"), n_groups, None)
+        workers_raw = d.get("workers")
+        if not isinstance(workers_raw, Mapping) or len(workers_raw) > _MAX_WORKERS:
+            raise ProtocolError("bad-plan", "workers")
+        workers = {}
+        for node, layers in workers_raw.items():
+            if not isinstance(node, str) or not 0 < len(node) <= _MAX_NAME:
+                raise ProtocolError("bad-plan", f"worker name {node!r}")
+            workers[node] = _layers(layers, n_groups, len(local))
+        for layer in range(len(local)):
+            seen = sorted([*local[layer], *(g for w in workers.values() for g in w[layer])])
+            if seen != list(range(n_groups)):
+                raise ProtocolError("bad-plan", f"layer {layer} is not covered exactly once")
+        return cls(epoch, key, gsize, n_groups, workers, local, mode)
+
+
+def _int(d: Mapping, key: str, lo: int, hi: int) -> int:
+    v = d.get(key)
+    if type(v) is not int or not lo <= v <= hi:
+        raise ProtocolError("bad-plan", f"{key}={v!r}")
+    return v
+
+
+def _layers(raw: object, n_groups: int, n_layers: int | None) -> tuple[tuple[int, ...], ...]:
+    if not isinstance(raw, list) or not 0 < len(raw) <= _MAX_LAYERS:
+        raise ProtocolError("bad-plan", "layer list")
+    if n_layers is not None and len(raw) != n_layers:
+        raise ProtocolError("bad-plan", "layer count mismatch")
+    out = []
+    for gs in raw:
+        if not isinstance(gs, list) or any(type(g) is not int or not 0 <= g < n_groups for g in gs):
+            raise ProtocolError("bad-plan", "group ids")
+        out.append(tuple(sorted(gs)))
+    return tuple(out)
+
+
+def _apportion(weights: Sequence[float], total: int) -> list[int]:
+    """Largest-remainder split of ``total`` in proportion to ``weights`` (ties: lower index)."""
+    s = sum(weights)
+    quotas = [total * w / s for w in weights]
+    counts = [math.floor(q) for q in quotas]
+    order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _holders(workers: Sequence[WorkerFigures], local_speed: float) -> list[WorkerFigures]:
+    """Online holders with positive speed, best first: the coordinator (no network at all, so
+    more certain than any measured figure), then reliability, speed, round trip, name."""
+    ok = [w for w in workers if w.online and math.isfinite(w.speed) and w.speed > 0]
+    if len({w.node for w in ok}) != len(ok) or any(w.node == LOCAL for w in ok):
+        raise ConfigError("worker names must be unique and non-empty")
+    if local_speed > 0 or not ok:
+        ok.append(WorkerFigures(LOCAL, local_speed if local_speed > 0 else 1.0))
+    return sorted(
+        ok, key=lambda w: (w.node != LOCAL, -round(w.reliability, 3), -w.speed, w.rtt_s, w.node)
+    )
+
+
+def plan_groups(
+    workers: Sequence[WorkerFigures],
+    importance: Sequence[Sequence[float]],
+    *,
+    epoch: int,
+    model_key: str,
+    group_size: int,
+    local_speed: float = 0.0,
+    mode: str = "importance",
+    seed: int = 0,
+) -> Plan:
+    """Place every group of every layer (``importance`` is (L, G), larger = more important).
+
+    Deterministic: the same figures and importances give the same plan in any input order.
+    Per-layer shares follow speed with the rounding error carried over to the next layer, so a
+    holder's total over all layers is within one group of its exact share. ``mode="random"`` is
+    the ablation: same shares, groups shuffled by a generator seeded with (seed, layer).
+    """
+    if mode not in ("importance", "random"):
+        raise ConfigError(f"unknown plan mode {mode!r}")
+    n_layers = len(importance)
+    n_groups = len(importance[0]) if n_layers else 0
+    if n_layers == 0 or n_groups == 0 or any(len(row) != n_groups for row in importance):
+        raise ConfigError("importance must be a non-empty (layers, groups) table")
+    holders = _holders(workers, local_speed)
+    speed_sum = sum(h.speed for h in holders)
+    ideal = [n_groups * h.speed / speed_sum for h in holders]  # groups per layer
+    carry = [0.0] * len(holders)
+    placed: list[list[tuple[int, ...]]] = [[] for _ in holders]
+    for layer, row in enumerate(importance):
+        want = [max(0.0, q + c) for q, c in zip(ideal, carry)]
+        counts = _apportion(want, n_groups)
+        carry = [c + q - k for c, q, k in zip(carry, ideal, counts)]
+        if mode == "importance":
+            order = sorted(range(n_groups), key=lambda g: (-float(row[g]), g))
+        else:
+            order = list(range(n_groups))
+            random.Random(seed * 1_000_003 + layer).shuffle(order)
+        start = 0
+        for i, k in enumerate(counts):
+            placed[i].append(tuple(sorted(order[start:start + k])))
+            start += k
+    local = tuple(() for _ in range(n_layers))
+    assigned: dict[str, tuple[tuple[int, ...], ...]] = {}
+    for h, layers in zip(holders, placed):
+        if h.node == LOCAL:
+            local = tuple(layers)
+        elif any(layers):
+            assigned[h.node] = tuple(layers)
+    return Plan(epoch, model_key, group_size, n_groups, assigned, local, mode)
+
+
+@dataclass(frozen=True)
+class ReplanPolicy:
+    """Hysteresis thresholds: a re-plan needs a change at least this large since the last plan."""
+
+    speed_rel: float = 0.25  # relative change of a worker's speed share
+    reliability_abs: float = 0.05  # absolute change of a worker's reliability
+    min_interval_s: float = 10.0  # between re-plans for figure drift (membership bypasses it)
+
+
+def replan_reason(
+    basis: Sequence[WorkerFigures], now: Sequence[WorkerFigures], *,
+    now_s: float, planned_s: float, policy: ReplanPolicy = ReplanPolicy(),
+) -> str | None:
+    """Why to re-plan, comparing figures now with those the current plan was built from, or None.
+
+    Comparing with the plan's basis (not the last heartbeat) is the hysteresis: small
+    oscillations never trigger, a slow drift eventually does. A worker joining or leaving
+    re-plans at once; drift only after ``min_interval_s``.
+    """
+    def online(figs: Sequence[WorkerFigures]) -> dict[str, WorkerFigures]:
+        return {w.node: w for w in figs if w.online and w.speed > 0}
+
+    old, new = online(basis), online(now)
+    if old.keys() != new.keys():
+        gone, came = sorted(old.keys() - new.keys()), sorted(new.keys() - old.keys())
+        return f"membership: -{gone} +{came}"
+    if now_s - planned_s < policy.min_interval_s or not new:
+        return None
+    old_sum, new_sum = sum(w.speed for w in old.values()), sum(w.speed for w in new.values())
+    for node in sorted(new):
+        a, b = old[node].speed / old_sum, new[node].speed / new_sum
+        if abs(b - a) > policy.speed_rel * a:
+            return f"speed share of {node}: {a:.3f} -> {b:.3f}"
+        if abs(new[node].reliability - old[node].reliability) > policy.reliability_abs:
+            return f"reliability of {node}: {old[node].reliability:.3f} -> {new[node].reliability:.3f}"
+    return None
+
+
+def blend_importance(
+    window: Sequence[Sequence[float]] | None, sample: Sequence[Sequence[float]], alpha: float
+) -> list[list[float]]:
+    """Exponential moving average of (L, G) importance tables: the scheduler's window."""
+    if window is None:
+        return [[float(v) for v in row] for row in sample]
+    return [[(1 - alpha) * a + alpha * float(b) for a, b in zip(ra, rb)]
+            for ra, rb in zip(window, sample)]
+
+
+# -- relaxed synchronisation ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyncPolicy:
+    """Relaxed-sync knobs. Deadlines are per layer step, measured from sending the MLP input."""
+
+    target_share: float = 0.9  # of predicted importance that is worth waiting for
+    quantile: float = 0.9  # of on-time latency samples
+    margin: float = 1.5  # deadline = margin * quantile
+    min_deadline_s: float = 0.002
+    max_deadline_s: float = 0.1
+    default_deadline_s: float = 0.02  # before any sample exists
+    important_grace: float = 2.0  # important groups may hold up to grace * deadline
+
+
+def layer_deadline(samples: Sequence[float], policy: SyncPolicy = SyncPolicy()) -> float:
+    """The deadline for a layer step from recent latency samples (seconds), clamped."""
+    xs = sorted(s for s in samples if math.isfinite(s) and s >= 0)
+    if not xs:
+        return policy.default_deadline_s
+    pos = policy.quantile * (len(xs) - 1)
+    lo = math.floor(pos)
+    q = xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+    return min(policy.max_deadline_s, max(policy.min_deadline_s, policy.margin * q))
+
+
+def stalled_workers(outstanding: Mapping[str, Sequence[int]], step: int) -> frozenset[str]:
+    """Workers still owing a partial of an earlier step: not waited for at all at ``step``.
+
+    A worker stuck in TCP retransmission answers in order, so its current partial is queued
+    behind the late one; waiting for it only adds the stall to every layer.
+    """
+    return frozenset(node for node, steps in outstanding.items() if any(s < step for s in steps))
+
+
+@dataclass(frozen=True)
+class WaitDecision:
+    wait: bool
+    until_s: float  # elapsed time to wake up at (meaningful when ``wait``)
+    reason: str
+
+
+def wait_decision(
+    *, pending: Mapping[str, Sequence[int]], must_wait: frozenset[int] | set[int],
+    stalled: frozenset[str], elapsed_s: float, deadline_s: float,
+    policy: SyncPolicy = SyncPolicy(),
+) -> WaitDecision:
+    """Whether to keep waiting for the partials of one layer step.
+
+    ``pending`` maps each worker to its groups not yet arrived; ``must_wait`` are the groups
+    predicted important (``predictor.groups_to_wait(pred, policy.target_share)``). Stalled
+    workers are never waited for; the rest until the deadline; an important group up to
+    ``important_grace`` deadlines (capped at ``max_deadline_s``). Called on every arrival and
+    on every wake-up; whatever is still missing when it says stop counts as zero.
+    """
+    missing = {n: gs for n, gs in pending.items() if gs}
+    live = {n: gs for n, gs in missing.items() if n not in stalled}
+    if not live:
+        return WaitDecision(False, elapsed_s, "stalled-only" if missing else "complete")
+    if elapsed_s < deadline_s:
+        return WaitDecision(True, deadline_s, "deadline")
+    if any(g in must_wait for gs in live.values() for g in gs):
+        hard = min(policy.important_grace * deadline_s, max(policy.max_deadline_s, deadline_s))
+        if elapsed_s < hard:
+            return WaitDecision(True, hard, "important")
+        return WaitDecision(False, elapsed_s, "important-timeout")
+    return WaitDecision(False, elapsed_s, "deadline-passed")

@@ -1,0 +1,319 @@
+"""Neuron groups: the HALO split of every MLP layer, its partial down-projection and reduce.
+
+A gated MLP (LLaMA's SiLU, Gemma-3's gelu_pytorch_tanh) computes, for an input ``x`` (the hidden
+state after the pre-MLP norm)::
+
+    h    = act(x @ gate.T) * (x @ up.T)      # (..., I)
+    out  = h @ down.T                        # (..., H)
+
+Because ``out = sum_g h[..., g] @ down[:, g].T`` over any partition of the ``I`` intermediate
+neurons, the split is pure slicing: a group set takes the *rows* of gate and up and the *columns* of
+down, its partial is the down-projection of just those neurons, and the one reduce point is a sum.
+A partial that never arrived counts as zero (relaxed sync): the sum is then the MLP output with
+those groups' contributions dropped. A down-projection bias (LLaMA ``mlp_bias``) is not part of
+any partial; it is added once, at the reduce.
+
+Neuron groups are contiguous: group ``g`` holds neurons ``[g * size, min((g + 1) * size, I))``,
+so the last group may be smaller. Group ids are the same in every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NewType
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from transformers.activations import ACT2FN
+
+from mesh.errors import ConfigError
+
+GroupId = NewType("GroupId", int)
+
+#: ``fn(layer, x) -> mlp_out``: what a routed forward calls instead of a layer's MLP.
+MlpFn = Callable[[int, Tensor], Tensor]
+
+DEFAULT_GROUP_SIZE = 64
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """How one MLP layer's ``intermediate_size`` neurons are cut into groups."""
+
+    intermediate_size: int
+    group_size: int = DEFAULT_GROUP_SIZE
+
+    def __post_init__(self) -> None:
+        if self.intermediate_size <= 0 or self.group_size <= 0:
+            raise ConfigError(f"bad group layout {self.intermediate_size}/{self.group_size}")
+
+    @property
+    def n_groups(self) -> int:
+        return -(-self.intermediate_size // self.group_size)
+
+    def bounds(self, group: int) -> tuple[int, int]:
+        """Neuron range ``[start, stop)`` of ``group``."""
+        if not 0 <= group < self.n_groups:
+            raise ConfigError(f"group {group} out of range 0..{self.n_groups - 1}")
+        start = group * self.group_size
+        return start, min(start + self.group_size, self.intermediate_size)
+
+    def sizes(self, groups: Sequence[int]) -> tuple[int, ...]:
+        return tuple(b - a for a, b in (self.bounds(g) for g in groups))
+
+    def neuron_index(self, groups: Sequence[int]) -> Tensor:
+        """Neuron ids of ``groups`` in the order given: a long tensor of shape (n,)."""
+        if len(set(groups)) != len(groups):
+            raise ConfigError("duplicate group ids")
+        parts = [torch.arange(*self.bounds(g)) for g in groups]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
+def text_config(config: object) -> object:
+    """The text part of a (possibly multimodal) HF config."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def mlp_act_name(config: object) -> str:
+    """The MLP activation of an HF config (Gemma-3: ``hidden_activation``, LLaMA: ``hidden_act``)."""
+    cfg = text_config(config)
+    name = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
+    if not isinstance(name, str) or name not in ACT2FN:
+        raise ConfigError(f"unknown MLP activation {name!r}")
+    return name
+
+
+def model_layout(config: object, group_size: int = DEFAULT_GROUP_SIZE) -> GroupLayout:
+    """The group layout shared by every MLP layer of a model."""
+    size = getattr(text_config(config), "intermediate_size", None)
+    if not isinstance(size, int):
+        raise ConfigError(f"need one int intermediate_size for every layer, got {size!r}")
+    return GroupLayout(size, group_size)
+
+
+def decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
+    """The decoder layers (each with an ``.mlp``) of an HF causal LM."""
+    get = getattr(model, "get_decoder", None)
+    base = get() if callable(get) else model
+    layers = getattr(base, "layers", None)
+    if layers is None or not all(hasattr(layer, "mlp") for layer in layers):
+        raise ConfigError(f"{type(model).__name__} has no decoder layers with an .mlp")
+    return layers
+
+
+@dataclass(frozen=True, eq=False)
+class GroupWeights:
+    """The weights of a set of neuron groups of one layer: all a worker needs for its partial.
+
+    ``gate``/``up`` hold the groups' rows and ``down`` their columns, concatenated in the order of
+    ``groups``; ``sizes[i]`` is the neuron count of ``groups[i]``.
+    """
+
+    layer: int
+    groups: tuple[int, ...]
+    sizes: tuple[int, ...]
+    act: str
+    gate: Tensor  # (n, H)
+    up: Tensor  # (n, H)
+    down: Tensor  # (H, n)
+    gate_bias: Tensor | None = None  # (n,)
+    up_bias: Tensor | None = None  # (n,)
+
+    @property
+    def n_neurons(self) -> int:
+        return int(self.gate.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.gate, self.up, self.down, self.gate_bias, self.up_bias]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def activations(self, x: Tensor) -> Tensor:
+        """``act(x @ gate.T) * (x @ up.T)``: (..., H) -> (..., n)."""
+        act = ACT2FN[self.act]
+        return act(F.linear(x, self.gate, self.gate_bias)) * F.linear(x, self.up, self.up_bias)
+
+    def partial(self, x: Tensor) -> Tensor:
+        """This group set's share of the down-projection (no down bias): (..., H) -> (..., H)."""
+        return F.linear(self.activations(x), self.down)
+
+
+def extract_from_tensors(
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    groups: Sequence[int],
+    layout: GroupLayout,
+    act: str,
+    layer: int = 0,
+    gate_bias: Tensor | None = None,
+    up_bias: Tensor | None = None,
+) -> GroupWeights:
+    """Slice ``groups`` out of full MLP weights (gate/up (I, H), down (H, I)) into owned copies.
+
+    The copies are contiguous and detached, so the full matrices can be freed afterwards.
+    """
+    if gate.shape[0] != layout.intermediate_size or down.shape[1] != layout.intermediate_size:
+        raise ConfigError(f"weights do not match layout {layout}")
+    idx = layout.neuron_index(groups)  # (n,)
+
+    def rows(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().index_select(0, idx).contiguous()
+
+    return GroupWeights(
+        layer=layer,
+        groups=tuple(int(g) for g in groups),
+        sizes=layout.sizes(groups),
+        act=act,
+        gate=rows(gate),
+        up=rows(up),
+        down=down.detach().index_select(1, idx).contiguous(),  # (H, n)
+        gate_bias=rows(gate_bias),
+        up_bias=rows(up_bias),
+    )
+
+
+def _bias(linear: nn.Module) -> Tensor | None:
+    return getattr(linear, "bias", None)
+
+
+def extract_groups(
+    model: nn.Module, layer: int, groups: Sequence[int], layout: GroupLayout
+) -> GroupWeights:
+    """Owned copies of ``groups``' weights from ``model``'s MLP at ``layer``."""
+    mlp = decoder_layers(model)[layer].mlp
+    return extract_from_tensors(
+        mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, groups, layout,
+        mlp_act_name(model.config), layer, _bias(mlp.gate_proj), _bias(mlp.up_proj),
+    )
+
+
+def full_weights(mlp: nn.Module, layout: GroupLayout, act: str, layer: int = 0) -> GroupWeights:
+    """A zero-copy :class:`GroupWeights` over all groups of ``mlp`` (views of its parameters)."""
+    groups = tuple(range(layout.n_groups))
+    return GroupWeights(
+        layer=layer, groups=groups, sizes=layout.sizes(groups), act=act,
+        gate=mlp.gate_proj.weight.detach(), up=mlp.up_proj.weight.detach(),
+        down=mlp.down_proj.weight.detach(),
+        gate_bias=_detached(_bias(mlp.gate_proj)), up_bias=_detached(_bias(mlp.up_proj)),
+    )
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
+def down_bias(model: nn.Module, layer: int) -> Tensor | None:
+    """The down-projection bias of ``layer`` (added once at the reduce), or None."""
+    return _detached(_bias(decoder_layers(model)[layer].mlp.down_proj))
+
+
+def reduce_partials(
+    partials: Iterable[Tensor | None], like: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """Sum partial down-projections; ``None`` (a missing/late partial) counts as zero.
+
+    ``like`` is the MLP input (..., H): it gives the output shape, dtype and device. Partials may
+    arrive in a narrower dtype (fp16 on the wire); they are accumulated in ``like``'s dtype.
+    """
+    out = torch.zeros_like(like)  # (..., H)
+    for p in partials:
+        if p is not None:
+            out += p.to(dtype=out.dtype, device=out.device).reshape(out.shape)
+    if bias is not None:
+        out += bias.to(out.dtype)
+    return out
+
+
+def group_importance(weights: GroupWeights, x: Tensor) -> Tensor:
+    """Norm of each group's contribution to the down-projection: (..., H) -> (..., len(groups)).
+
+    Group ``g``'s contribution is ``c_g = h_g @ down_g.T`` (a vector of size H), so
+    ``|c_g|^2 = h_g @ (down_g.T @ down_g) @ h_g``: computed with each group's Gram matrix (s x s),
+    which is cheaper than materialising every ``c_g`` when ``s`` is much smaller than ``H``.
+    Groups are zero-padded to the largest size so the whole layer is one batched product.
+    """
+    with torch.no_grad():
+        h = weights.activations(x)  # (..., n)
+        n_groups, s = len(weights.groups), max(weights.sizes, default=0)
+        if n_groups == 0:
+            return h.new_zeros((*h.shape[:-1], 0))
+        slot = torch.cat([g * s + torch.arange(size) for g, size in enumerate(weights.sizes)])
+        h_pad = h.new_zeros((*h.shape[:-1], n_groups * s))
+        h_pad[..., slot] = h
+        d_pad = weights.down.new_zeros((weights.down.shape[0], n_groups * s))
+        d_pad[:, slot] = weights.down
+        d_pad = d_pad.view(-1, n_groups, s)  # (H, G, s)
+        gram = torch.einsum("hgs,hgt->gst", d_pad, d_pad)  # (G, s, s)
+        hg = h_pad.view(*h.shape[:-1], n_groups, s)  # (..., G, s)
+        sq = torch.einsum("...gs,gst,...gt->...g", hg, gram, hg)  # (..., G)
+        return sq.clamp_min(0).sqrt()
+
+
+class _RoutedMLP(nn.Module):
+    """Stands in for one layer's MLP and hands its input to the routing callable."""
+
+    def __init__(self, layer: int, fn: MlpFn) -> None:
+        super().__init__()
+        self.layer = layer
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, H) -> (B, T, H)
+        return self.fn(self.layer, x)
+
+
+class MlpPatch:
+    """Every layer's ``.mlp`` replaced by a routed stand-in; :meth:`restore` puts them back.
+
+    ``originals[i]`` is layer ``i``'s real MLP module, so a routing callable can still run it
+    (or slice it) while the patch is active.
+    """
+
+    def __init__(self, model: nn.Module, fn: MlpFn) -> None:
+        self._layers = list(decoder_layers(model))
+        if any(isinstance(layer.mlp, _RoutedMLP) for layer in self._layers):
+            raise ConfigError("model MLPs are already routed")
+        self.originals: tuple[nn.Module, ...] = tuple(layer.mlp for layer in self._layers)
+        for i, layer in enumerate(self._layers):
+            layer.mlp = _RoutedMLP(i, fn)
+        self._active = True
+
+    def restore(self) -> None:
+        if self._active:
+            for layer, mlp in zip(self._layers, self.originals):
+                layer.mlp = mlp
+            self._active = False
+
+
+@contextmanager
+def routed_mlps(model: nn.Module, fn: MlpFn) -> Iterator[MlpPatch]:
+    """Run ``model`` with every MLP routed through ``fn(layer, x)``; restored on exit."""
+    patch = MlpPatch(model, fn)
+    try:
+        yield patch
+    finally:
+        patch.restore()
+
+
+def local_mlp_fn(
+    model: nn.Module, assignments: Sequence[Sequence[Sequence[int]]], layout: GroupLayout
+) -> MlpFn:
+    """A routing callable that computes each layer as a sum of per-holder partials, in-process.
+
+    ``assignments[layer]`` lists one group set per holder; groups in no set count as missing.
+    This is the reference the distributed path must match, and the test of split + reduce.
+    """
+    shards = [
+        [extract_groups(model, layer, groups, layout) for groups in holders]
+        for layer, holders in enumerate(assignments)
+    ]
+    biases = [down_bias(model, layer) for layer in range(len(shards))]
+
+    def fn(layer: int, x: Tensor) -> Tensor:
+        return reduce_partials((w.partial(x) for w in shards[layer]), x, biases[layer])
+
+    return fn

@@ -1,0 +1,98 @@
+"""Every topic string of the mesh, built here and nowhere else.
+
+Each topic is paired with its payload format, QoS and retain flag in :data:`SPECS`, so a
+publisher cannot pick them by accident. Layout (``<n>`` is a node name, ``<c>`` a client name)::
+
+    mesh/v1/node/<n>/status     text "online"/"offline", retained, QoS 1, the node's last will
+    mesh/v1/node/<n>/heartbeat  CBOR heartbeat, retained (last figures stay readable), QoS 0
+    mesh/v1/node/<n>/ask        CBOR asks addressed to node <n>, QoS 1
+    mesh/v1/reply/<c>           CBOR replies to requester <c> (tokens, answer, error, ping), QoS 1
+    mesh/v1/route               CBOR asks for "any node": the router forwards each to one node
+    mesh/v1/ask                 JSON asks from any MQTT client (Home Assistant, mosquitto_pub)
+    mesh/v1/answer              JSON answers to JSON asks that name no reply_to
+
+A node writes only under ``mesh/v1/node/<its name>/`` and to reply topics; that keeps
+per-node ACLs on the gateway broker simple.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from mesh.config import check_name
+
+ROOT = "mesh/v1"
+ROUTE = f"{ROOT}/route"
+ASK = f"{ROOT}/ask"
+ANSWER = f"{ROOT}/answer"
+ALL_STATUS = f"{ROOT}/node/+/status"
+ALL_HEARTBEATS = f"{ROOT}/node/+/heartbeat"
+
+ONLINE = b"online"
+OFFLINE = b"offline"
+
+
+class Format(StrEnum):
+    CBOR = "cbor"  # a mesh.wire envelope
+    JSON = "json"
+    TEXT = "text"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    format: Format
+    qos: int
+    retain: bool
+
+
+STATUS = TopicSpec("status", Format.TEXT, qos=1, retain=True)
+HEARTBEAT = TopicSpec("heartbeat", Format.CBOR, qos=0, retain=True)
+NODE_ASK = TopicSpec("ask", Format.CBOR, qos=1, retain=False)
+REPLY = TopicSpec("reply", Format.CBOR, qos=1, retain=False)
+ROUTE_SPEC = TopicSpec("route", Format.CBOR, qos=1, retain=False)
+JSON_ASK = TopicSpec("json-ask", Format.JSON, qos=1, retain=False)
+JSON_ANSWER = TopicSpec("json-answer", Format.JSON, qos=1, retain=False)
+
+SPECS: dict[str, TopicSpec] = {s.name: s for s in
+                               (STATUS, HEARTBEAT, NODE_ASK, REPLY, ROUTE_SPEC, JSON_ASK, JSON_ANSWER)}
+
+
+def node_status(node: str) -> str:
+    return f"{ROOT}/node/{check_name(node)}/status"
+
+
+def node_heartbeat(node: str) -> str:
+    return f"{ROOT}/node/{check_name(node)}/heartbeat"
+
+
+def node_ask(node: str) -> str:
+    return f"{ROOT}/node/{check_name(node)}/ask"
+
+
+def reply(client: str) -> str:
+    return f"{ROOT}/reply/{check_name(client)}"
+
+
+def parse_node_topic(topic: str) -> tuple[str, str] | None:
+    """``mesh/v1/node/<n>/<leaf>`` -> (n, leaf); anything else -> None."""
+    parts = topic.split("/")
+    if len(parts) != 5 or parts[0] != "mesh" or parts[1] != "v1" or parts[2] != "node":
+        return None
+    try:
+        return check_name(parts[3]), parts[4]
+    except Exception:
+        return None
+
+
+def reply_allowed(topic: str) -> bool:
+    """May a node publish an answer on ``topic`` because an ask named it?
+
+    Never on the mesh's own control topics (a forged ask must not make a node overwrite another
+    node's status or heartbeat); reply topics, the JSON answer topic and topics outside the mesh
+    (an automation's own topic) are fine.
+    """
+    if topic.startswith(f"{ROOT}/reply/") or topic == ANSWER:
+        return True
+    return not topic.startswith(f"{ROOT}/") and not topic.startswith("homeassistant/")

