@@ -23,11 +23,30 @@ def broker_config(host: str = "127.0.0.1", port: int = 1883) -> dict[str, Any]:
     }
 
 
-async def serve(host: str, port: int, stop: asyncio.Event, ready: Any = None) -> None:
-    """Run the broker until ``stop`` is set; ``ready()`` is called once it listens."""
+def _broker_class() -> type:
     from amqtt.broker import Broker
 
-    broker = Broker(broker_config(host, port))
+    class MeshBroker(Broker):  # type: ignore[misc]
+        """amqtt 0.12.1 with one fix: retained messages go only to their subscribers.
+
+        On every CONNECT, amqtt replays retained messages for *every* topic filter any client has
+        subscribed to, to the new client (it loops over the broker-wide subscription table), so a
+        ``mosquitto_sub -t home/x`` receives every node's retained status and heartbeat. Replay
+        only when this session really holds the subscription.
+        """
+
+        async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                              session: Any) -> None:
+            holders = self._subscriptions.get(subscription[0], [])
+            if any(s.client_id == session.client_id for s, _ in holders):
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return MeshBroker
+
+
+async def serve(host: str, port: int, stop: asyncio.Event, ready: Any = None) -> None:
+    """Run the broker until ``stop`` is set; ``ready()`` is called once it listens."""
+    broker = _broker_class()(broker_config(host, port))
     await broker.start()
     log.info("amqtt broker listening on %s:%d", host, port)
     if ready is not None:

@@ -79,10 +79,9 @@ class ModelKey:
     def digest(self) -> bytes:
         """16-byte stable digest: xxh3_128 over the tag and the length-prefixed fields, in order
         model_digest, tokenizer, kv_dtype, chunk_size, format_version."""
-        payload = b"".join(
-            _field(v)
-            for v in (self.model_digest, self.tokenizer, self.kv_dtype, self.chunk_size, self.format_version)
-        )
+        fields = (self.model_digest, self.tokenizer, self.kv_dtype, self.chunk_size,
+                  self.format_version)
+        payload = b"".join(_field(v) for v in fields)
         return xxhash.xxh3_128_digest(_MODEL_KEY_TAG + payload)
 
     def hexdigest(self) -> str:
@@ -112,16 +111,7 @@ def full_chunks(n_tokens: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
 
 def chunk_keys(model_key: ModelKey, token_ids: Sequence[int]) -> list[ChunkHash]:
     """Chained keys ``[h_1, ..., h_n]`` of the ``n = len(token_ids) // C`` full chunks."""
-    c = model_key.chunk_size
-    raw = tokens_to_bytes(token_ids)
-    n = len(raw) // (4 * c)
-    keys: list[ChunkHash] = []
-    prev = model_key.digest()
-    step = 4 * c
-    for i in range(n):
-        prev = xxhash.xxh3_128_digest(prev + raw[i * step : (i + 1) * step])
-        keys.append(ChunkHash(prev))
-    return keys
+    return extend_keys(model_key, model_key.h0, token_ids)
 
 
 def extend_keys(

@@ -76,6 +76,10 @@ class ChunkKV:
         """In-memory size of all tensors (what the store budgets)."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
+    def to(self, dtype: torch.dtype) -> ChunkKV:
+        """The same chunk in another dtype (fp16 halves a store's memory; restore converts back)."""
+        return ChunkKV(tuple(k.to(dtype) for k in self.keys), tuple(v.to(dtype) for v in self.values))
+
 
 def kv_layout(config: Any) -> list[tuple[int, int]]:
     """``(H_kv, D)`` per decoder layer of a (text) model config."""
@@ -148,7 +152,8 @@ def cut_chunks(cache: DynamicCache, first: int, count: int, chunk_size: int) -> 
             )
         if layer.keys.shape[0] != 1:
             raise ValueError("only batch size 1 is supported")
-        per_layer.append((layer.keys[0, :, start - lo : stop - lo], layer.values[0, :, start - lo : stop - lo]))
+        span = slice(start - lo, stop - lo)
+        per_layer.append((layer.keys[0, :, span], layer.values[0, :, span]))  # [H, S, D] views
     out = []
     for i in range(count):
         a, b = i * chunk_size, (i + 1) * chunk_size
@@ -162,10 +167,16 @@ def cut_chunks(cache: DynamicCache, first: int, count: int, chunk_size: int) -> 
     return out
 
 
-def restore_cache(config: Any, chunks: Sequence[ChunkKV], capture: bool = False) -> DynamicCache:
+def restore_cache(
+    config: Any,
+    chunks: Sequence[ChunkKV],
+    capture: bool = False,
+    dtype: torch.dtype | None = None,
+) -> DynamicCache:
     """A ``DynamicCache`` holding the prefix made of ``chunks`` (in order); see module docstring.
 
-    Prefilling only the suffix tokens with it gives the same logits as a full prefill.
+    Prefilling only the suffix tokens with it gives the same logits as a full prefill. ``dtype``
+    converts the states (e.g. chunks kept as fp16 in memory, restored for an fp32 model).
     """
     cache = capture_cache(config) if capture else DynamicCache(config=config)
     if not chunks:
@@ -191,6 +202,8 @@ def restore_cache(config: Any, chunks: Sequence[ChunkKV], capture: bool = False)
             parts = tail[::-1]
         k = torch.cat([c.keys[idx] for c in parts], dim=1).unsqueeze(0)  # [1, H, S, D]
         v = torch.cat([c.values[idx] for c in parts], dim=1).unsqueeze(0)
+        if dtype is not None:
+            k, v = k.to(dtype), v.to(dtype)
         layer.update(k, v)
         if sliding:
             # positions and the sliding mask derive from cumulative_length: it must be the whole
@@ -203,7 +216,8 @@ def restore_cache(config: Any, chunks: Sequence[ChunkKV], capture: bool = False)
 
 
 def _tensor(arr: np.ndarray, dtype: str) -> dict[str, Any]:
-    return {"dtype": dtype, "shape": list(arr.shape), "data": arr.astype(_NP[dtype], copy=False).tobytes()}
+    data = arr.astype(_NP[dtype], copy=False).tobytes()
+    return {"dtype": dtype, "shape": list(arr.shape), "data": data}
 
 
 def _encode_tensor(t: torch.Tensor, codec: str) -> dict[str, Any]:
@@ -226,7 +240,10 @@ def encode_chunk(
     """A chunk in its wire form (module docstring); ``key``/``model`` are bound by ``sum``."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}")
-    layers = [{"k": _encode_tensor(k, codec), "v": _encode_tensor(v, codec)} for k, v in zip(chunk.keys, chunk.values)]
+    layers = [
+        {"k": _encode_tensor(k, codec), "v": _encode_tensor(v, codec)}
+        for k, v in zip(chunk.keys, chunk.values)
+    ]
     return {
         "v": WIRE_VERSION,
         "codec": codec,
@@ -258,7 +275,8 @@ def _decode_array(t: Any, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     data = t.get("data")
     want = int(np.prod(shape)) * _NP[dtype].itemsize
     if not isinstance(data, bytes | bytearray) or len(data) != want:
-        raise ProtocolError("bad-chunk", f"data size {len(data) if isinstance(data, bytes | bytearray) else '?'} != {want}")
+        got_len = len(data) if isinstance(data, bytes | bytearray) else "?"
+        raise ProtocolError("bad-chunk", f"data size {got_len} != {want}")
     arr = np.frombuffer(data, dtype=_NP[dtype]).reshape(shape)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise ProtocolError("bad-chunk", "non-finite values")

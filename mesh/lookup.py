@@ -166,8 +166,16 @@ def decide(
     chunk_size: int,
     cost: CostModel,
     links: Mapping[NodeId, LinkEstimate] | None = None,
+    extra_bytes: int = 0,
+    extra_tokens: int = 0,
 ) -> Decision:
-    """The cost-aware lookup decision for a prompt with chunk keys ``keys`` (module docstring)."""
+    """The cost-aware lookup decision for a prompt with chunk keys ``keys`` (module docstring).
+
+    ``extra_bytes``/``extra_tokens``: for a remote *full* hit, the size of the prompt entry the
+    peer would also send (tail KV + last logits) and the tokens it saves recomputing (the tail,
+    plus 1 for the first-token forward). The shell passes them only when the peer advertises the
+    prompt key; they count only if the best peer holds every chunk.
+    """
     if not 0 <= local_depth <= len(keys):
         raise ValueError("local_depth out of range")
     matches = peer_matches(keys, catalogs, model, chunk_size, links or {}, cost.default_link)
@@ -183,9 +191,10 @@ def decide(
         return Decision(kind, remote_chunks=0, peer=None, fetch_bytes=0,
                         est_transfer_s=None, est_recompute_s=None, **base)
     remote = best.depth - local_depth
-    nbytes = round(remote * cost.bytes_per_chunk)
+    full = best.depth == len(keys)
+    nbytes = round(remote * cost.bytes_per_chunk) + (extra_bytes if full else 0)
     transfer = best.link.transfer_s(nbytes)
-    recompute = remote * chunk_size / cost.prefill_tokens_per_s
+    recompute = (remote * chunk_size + (extra_tokens if full else 0)) / cost.prefill_tokens_per_s
     fetch = transfer * cost.margin < recompute
     return Decision(
         REMOTE if fetch else RECOMPUTE,

@@ -35,7 +35,7 @@ _LOG_EPS = 1e-6  # floor (relative to the mean importance) before taking logs
 
 @dataclass(frozen=True, eq=False)
 class TrainingSet:
-    """Recorded pairs per layer: ``inputs[l]`` (N, H) MLP inputs, ``targets[l]`` (N, G) importances."""
+    """Recorded pairs per layer: ``inputs[l]`` (N, H) MLP inputs, ``targets[l]`` (N, G) truths."""
 
     inputs: tuple[Tensor, ...]
     targets: tuple[Tensor, ...]
@@ -224,7 +224,8 @@ def groups_to_wait(importance: Sequence[float] | Tensor, target_share: float) ->
     """The most important groups whose predicted importance first reaches ``target_share`` of the
     total, most important first (ties: lower group id first). 0 -> (); >= 1 -> every group.
     """
-    imp = [float(v) for v in (importance.tolist() if isinstance(importance, Tensor) else importance)]
+    raw = importance.tolist() if isinstance(importance, Tensor) else importance
+    imp = [float(v) for v in raw]
     if any(not math.isfinite(v) or v < 0 for v in imp):
         raise ConfigError("importances must be finite and non-negative")
     total = sum(imp)
@@ -253,13 +254,15 @@ def record_pairs(
     act = split.mlp_act_name(model.config)
     mlps = [layer.mlp for layer in split.decoder_layers(model)]
     fulls = [split.full_weights(m, layout, act, i) for i, m in enumerate(mlps)]
+    grams = [split.importance_gram(w) for w in fulls]  # each (G, s, s)
     xs: list[list[Tensor]] = [[] for _ in mlps]
     ys: list[list[Tensor]] = [[] for _ in mlps]
 
     def record(layer: int, x: Tensor) -> Tensor:  # x (B, T, H)
         flat = x.detach().reshape(-1, x.shape[-1])  # (B*T, H)
         xs[layer].append(flat.float().clone())
-        ys[layer].append(split.group_importance(fulls[layer], flat).float())  # (B*T, G)
+        imp = split.group_importance(fulls[layer], flat, grams[layer])  # (B*T, G)
+        ys[layer].append(imp.float())
         return mlps[layer](x)
 
     seen = 0
@@ -267,7 +270,7 @@ def record_pairs(
         for ids in batches:
             if max_pairs is not None and seen >= max_pairs:
                 break
-            model(input_ids=ids, use_cache=False)
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)  # no vocab-wide logits
             seen += ids.numel()
     keep = max_pairs if max_pairs is not None else seen
     return TrainingSet(

@@ -5,8 +5,8 @@ itself. Shares are sized by measured compute speed; within each layer the groups
 predicted importance and dealt out in holder rank order, so the most important groups land on
 the most reliable (then fastest, then closest) holders and the least important ones on the
 lossy, slow ones, whose late partials relaxed sync can then drop at little cost. The coordinator
-is a holder with no network (reliability 1, round trip 0) and speed ``local_speed``; 0 means it
-keeps nothing unless no worker is online.
+is a holder with no network, ranked first, with speed ``local_speed``; 0 means it keeps nothing
+unless no worker is online (then it keeps everything).
 
 Units: ``speed`` is neuron-rows per second (one intermediate neuron = one gate row, one up row
 and one down column for one token); rates are fractions in [0, 1]; times are seconds.
@@ -77,7 +77,7 @@ class Plan:
         return {
             "v": PLAN_VERSION, "epoch": self.epoch, "model_key": self.model_key,
             "group_size": self.group_size, "n_groups": self.n_groups, "mode": self.mode,
-            "workers": {n: [list(gs) for gs in layers] for n, layers in sorted(self.workers.items())},
+            "workers": {n: [list(gs) for gs in self.workers[n]] for n in sorted(self.workers)},
             "local": [list(gs) for gs in self.local],
         }
 
@@ -88,7 +88,8 @@ class Plan:
             raise ProtocolError("bad-plan", "not a map")
         if d.get("v") != PLAN_VERSION:
             raise ProtocolError("bad-version", f"plan version {d.get('v')!r}")
-        epoch, gsize, n_groups = (_int(d, k, 0, 1 << 62) for k in ("epoch", "group_size", "n_groups"))
+        epoch, gsize, n_groups = (_int(d, k, 0, 1 << 62)
+                                  for k in ("epoch", "group_size", "n_groups"))
         if gsize < 1 or n_groups < 1 or n_groups > _MAX_GROUPS:
             raise ProtocolError("bad-plan", "group_size/n_groups out of range")
         key, mode = d.get("model_key"), d.get("mode")
@@ -213,13 +214,17 @@ class ReplanPolicy:
     speed_rel: float = 0.25  # relative change of a worker's speed share
     reliability_abs: float = 0.05  # absolute change of a worker's reliability
     min_interval_s: float = 10.0  # between re-plans for figure drift (membership bypasses it)
+    top_overlap: float = 0.7  # re-plan when the top quarter of groups overlaps less than this
 
 
 def replan_reason(
     basis: Sequence[WorkerFigures], now: Sequence[WorkerFigures], *,
     now_s: float, planned_s: float, policy: ReplanPolicy = ReplanPolicy(),
+    basis_importance: Sequence[Sequence[float]] | None = None,
+    importance: Sequence[Sequence[float]] | None = None,
 ) -> str | None:
-    """Why to re-plan, comparing figures now with those the current plan was built from, or None.
+    """Why to re-plan, comparing figures (and optionally the importance window) now with those the
+    current plan was built from, or None.
 
     Comparing with the plan's basis (not the last heartbeat) is the hysteresis: small
     oscillations never trigger, a slow drift eventually does. A worker joining or leaving
@@ -240,8 +245,24 @@ def replan_reason(
         if abs(b - a) > policy.speed_rel * a:
             return f"speed share of {node}: {a:.3f} -> {b:.3f}"
         if abs(new[node].reliability - old[node].reliability) > policy.reliability_abs:
-            return f"reliability of {node}: {old[node].reliability:.3f} -> {new[node].reliability:.3f}"
+            a, b = old[node].reliability, new[node].reliability
+            return f"reliability of {node}: {a:.3f} -> {b:.3f}"
+    if basis_importance is not None and importance is not None:
+        overlap = _top_overlap(basis_importance, importance)
+        if overlap < policy.top_overlap:
+            return f"importance ranking drift: top-group overlap {overlap:.2f}"
     return None
+
+
+def _top_overlap(old: Sequence[Sequence[float]], new: Sequence[Sequence[float]]) -> float:
+    """Mean over layers of |top(old) & top(new)| / |top|, top = the most important quarter."""
+    shares = []
+    for a, b in zip(old, new):
+        k = max(1, len(a) // 4)
+        top_a = set(sorted(range(len(a)), key=lambda g: (-float(a[g]), g))[:k])
+        top_b = set(sorted(range(len(b)), key=lambda g: (-float(b[g]), g))[:k])
+        shares.append(len(top_a & top_b) / k)
+    return sum(shares) / len(shares) if shares else 1.0
 
 
 def blend_importance(

@@ -79,7 +79,7 @@ def text_config(config: object) -> object:
 
 
 def mlp_act_name(config: object) -> str:
-    """The MLP activation of an HF config (Gemma-3: ``hidden_activation``, LLaMA: ``hidden_act``)."""
+    """The MLP activation of a config (Gemma-3: ``hidden_activation``, LLaMA: ``hidden_act``)."""
     cfg = text_config(config)
     name = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
     if not isinstance(name, str) or name not in ACT2FN:
@@ -229,26 +229,37 @@ def reduce_partials(
     return out
 
 
-def group_importance(weights: GroupWeights, x: Tensor) -> Tensor:
+def _padded_slots(sizes: Sequence[int], width: int) -> Tensor:
+    """Where each neuron of a group set lands when every group is padded to ``width``: (n,)."""
+    return torch.cat([g * width + torch.arange(size) for g, size in enumerate(sizes)])
+
+
+def importance_gram(weights: GroupWeights) -> Tensor:
+    """Each group's down-projection Gram matrix ``down_g.T @ down_g``, zero-padded: (G, s, s)."""
+    n_groups, s = len(weights.groups), max(weights.sizes, default=0)
+    d_pad = weights.down.new_zeros((weights.down.shape[0], n_groups * s))  # (H, G*s)
+    d_pad[:, _padded_slots(weights.sizes, s)] = weights.down
+    d_pad = d_pad.view(-1, n_groups, s)  # (H, G, s)
+    return torch.einsum("hgs,hgt->gst", d_pad, d_pad)  # (G, s, s)
+
+
+def group_importance(weights: GroupWeights, x: Tensor, gram: Tensor | None = None) -> Tensor:
     """Norm of each group's contribution to the down-projection: (..., H) -> (..., len(groups)).
 
     Group ``g``'s contribution is ``c_g = h_g @ down_g.T`` (a vector of size H), so
     ``|c_g|^2 = h_g @ (down_g.T @ down_g) @ h_g``: computed with each group's Gram matrix (s x s),
     which is cheaper than materialising every ``c_g`` when ``s`` is much smaller than ``H``.
     Groups are zero-padded to the largest size so the whole layer is one batched product.
+    Pass ``gram`` (:func:`importance_gram`) when calling repeatedly with the same weights.
     """
     with torch.no_grad():
         h = weights.activations(x)  # (..., n)
         n_groups, s = len(weights.groups), max(weights.sizes, default=0)
         if n_groups == 0:
             return h.new_zeros((*h.shape[:-1], 0))
-        slot = torch.cat([g * s + torch.arange(size) for g, size in enumerate(weights.sizes)])
+        gram = importance_gram(weights) if gram is None else gram  # (G, s, s)
         h_pad = h.new_zeros((*h.shape[:-1], n_groups * s))
-        h_pad[..., slot] = h
-        d_pad = weights.down.new_zeros((weights.down.shape[0], n_groups * s))
-        d_pad[:, slot] = weights.down
-        d_pad = d_pad.view(-1, n_groups, s)  # (H, G, s)
-        gram = torch.einsum("hgs,hgt->gst", d_pad, d_pad)  # (G, s, s)
+        h_pad[..., _padded_slots(weights.sizes, s)] = h
         hg = h_pad.view(*h.shape[:-1], n_groups, s)  # (..., G, s)
         sq = torch.einsum("...gs,gst,...gt->...g", hg, gram, hg)  # (..., G)
         return sq.clamp_min(0).sqrt()

@@ -55,7 +55,7 @@ _SCHEMAS: dict[Kind, dict[str, tuple[Any, bool]]] = {
                      "queue": (_INT, True), "load": (_NUM, True), "prefill_tps": (_NUM, True),
                      "rtt_ms": (_NUM, False), "served": (_INT, False), "rejects": (dict, False)},
     Kind.ASK: {"text": (_STR, True), "max_new_tokens": (_INT, True), "stop": (list, False),
-               "reply_format": (_STR, False), "ask_id": (_STR, False), "routed_by": (_STR, False),
+               "reply_format": (_STR, False), "ask_id": (_STR, False), "model": (_STR, False), "routed_by": (_STR, False),
                "no_cache": (_BOOL, False)},
     Kind.TOKEN: {"i": (_INT, True), "text": (_STR, True)},
     Kind.ANSWER: {"text": (_STR, True), "node": (_STR, True), "prompt_tokens": (_INT, True),

@@ -234,13 +234,16 @@ class NodeAgent:
 
     def _route(self, env: wire.Envelope) -> None:
         with self._peers_lock:
-            target = choose_node(self.peers.online(), self._pending, self._last_assigned, self.loaded.key)
+            model = env.body.get("model")
+            target = choose_node(self.peers.online(), self._pending, self._last_assigned,
+                                 model if isinstance(model, str) else None)
             if target is not None:
                 self._pending[target] = self._pending.get(target, 0) + 1
                 self._assign_seq += 1
                 self._last_assigned[target] = self._assign_seq
         if target is None:
-            self._reply_error(Job(env, time.monotonic()), "no-node", "no node is online to answer")
+            self._reply_error(Job(env, time.monotonic()), "no-node",
+                              "no node is online to answer" + (f" with model {model}" if model else ""))
             return
         body = dict(env.body, routed_by=self.name)
         forwarded = wire.Envelope(wire.Kind.ASK, env.sender, body, corr=env.corr, reply_to=env.reply_to)
@@ -329,7 +332,7 @@ class NodeAgent:
                 self.figures.ewma("decode_tps", (len(gen.token_ids) - 1) / gen.decode_s)
         answer = {
             "text": gen.text, "node": self.name, "model": self.loaded.key,
-            "prompt_tokens": len(ids), "new_tokens": len(gen.token_ids),
+            "prompt_tokens": len(ids), "new_tokens": len(gen.token_ids), "token_ids": gen.token_ids,
             "ttft_s": round(ttft, 6), "ttlt_s": round(done - job.received, 6),
             "queue_s": round(started - job.received, 6), "prefill_s": round(gen.prefill_s, 6),
             "decode_s": round(gen.decode_s, 6), "stop_reason": gen.stop_reason,

@@ -90,7 +90,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     with MeshClient(broker_address(args), connect_timeout=min(args.timeout, 10.0)) as client:
         result = client.ask(text, node=args.node, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
-                            on_text=stream, timeout=args.timeout, no_cache=args.no_cache)
+                            on_text=stream, timeout=args.timeout, no_cache=args.no_cache,
+                            model=args.model)
     if args.json:
         print(json.dumps(result.as_json(), indent=2))
     else:
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="ask the mesh; prints the answer as it streams")
     p.add_argument("text", nargs="+", help="the prompt ('-' reads standard input)")
     p.add_argument("--node", help="ask this node (default: the least-loaded online node)")
+    p.add_argument("--model", help="without --node: only nodes running this model")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer")

@@ -138,6 +138,7 @@ class MeshClient:
         on_text: Callable[[str], None] | None = None,
         timeout: float = 300.0,
         no_cache: bool = False,
+        model: str | None = None,
     ) -> AskResult:
         """Ask one node (or the router's pick) and stream the answer; raises on error/timeout."""
         online = self.online()
@@ -151,6 +152,8 @@ class MeshClient:
             body["stop"] = list(stop)
         if no_cache:
             body["no_cache"] = True
+        if model:
+            body["model"] = model
         env = wire.Envelope(wire.Kind.ASK, self.name, body, corr=corr, reply_to=self.inbox.topic)
         target = topics.node_ask(node) if node else topics.ROUTE
         t0 = time.monotonic()

@@ -50,7 +50,9 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 def spawn(argv: list[str], log: IO[bytes] | None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+    # Without a log file children write to our stderr: our stdout belongs to our caller.
+    out = log if log is not None else sys.stderr
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                             start_new_session=True, preexec_fn=_die_with_parent)
 
 

@@ -83,6 +83,16 @@ def test_refuses_a_fetch_slower_than_recompute() -> None:
     assert decide(KEYS, 2, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0), fast).decision == "remote"
 
 
+def test_a_full_hit_counts_the_prompt_entry() -> None:
+    # the peer holds every chunk and the prompt entry (1 MB of logits + tail KV; 5 tail tokens)
+    cats = {NodeId("b"): cat(10)}
+    d = decide(KEYS, 0, cats, MODEL, 16, cost(5.0), extra_bytes=2**20, extra_tokens=6)
+    assert d.fetch_bytes == 10 * GEMMA_CHUNK + 2**20
+    assert d.est_recompute_s == pytest.approx(166 / 5.0)
+    partial = decide(KEYS, 0, {NodeId("b"): cat(9)}, MODEL, 16, cost(5.0), extra_bytes=2**20)
+    assert partial.fetch_bytes == 9 * GEMMA_CHUNK  # not a full hit: no prompt entry to fetch
+
+
 def test_margin_demands_a_clear_win() -> None:
     link = LinkEstimate(bytes_per_s=GEMMA_CHUNK, rtt_s=0.0)  # 1 s per chunk
     cats = {NodeId("b"): cat(4)}

@@ -82,7 +82,7 @@ def test_offline_worker_gets_nothing_and_no_worker_means_all_local() -> None:
 
 def test_plan_is_deterministic_and_random_mode_is_seeded() -> None:
     assert _plan() == _plan(list(reversed(_figures())))
-    r1, r2, r3 = _plan(mode="random", seed=7), _plan(mode="random", seed=7), _plan(mode="random", seed=8)
+    r1, r2, r3 = (_plan(mode="random", seed=k) for k in (7, 7, 8))
     assert r1 == r2 and r1 != r3 and r1.mode == "random" and _covers_once(r1)
     assert [len(gs) for gs in r1.workers["fast"]] == [len(gs) for gs in _plan().workers["fast"]]
     assert r1.workers["fast"] != _plan().workers["fast"]
@@ -111,6 +111,15 @@ def test_replan_hysteresis() -> None:
     step2 = [s.WorkerFigures(w.node, w.speed * (0.7 if w.node == "slow" else 1.0), w.rtt_s,
                              w.loss_rate, w.late_rate) for w in basis]
     assert s.replan_reason(basis, step2, **quiet) is not None
+
+
+def test_replan_on_importance_ranking_drift() -> None:
+    figs, imp = _figures(), _importance()
+    kw = dict(now_s=100.0, planned_s=0.0, basis_importance=imp)
+    noisy = [[v * 1.05 for v in row] for row in imp]
+    assert s.replan_reason(figs, figs, importance=noisy, **kw) is None
+    flipped = [[-v for v in row] for row in imp]
+    assert "importance" in s.replan_reason(figs, figs, importance=flipped, **kw)
 
 
 def test_plan_dict_round_trip_through_cbor() -> None:
@@ -171,7 +180,7 @@ def test_wait_decision() -> None:
     grace = s.wait_decision(pending={"a": [1, 7]}, elapsed_s=0.011, **kw)
     assert grace.wait and grace.until_s == pytest.approx(0.02)
     assert not s.wait_decision(pending={"a": [1]}, elapsed_s=0.021, **kw).wait
-    # A stalled worker is not waited for at all, even for important groups, even before the deadline.
+    # A stalled worker is never waited for: not for important groups, not before the deadline.
     stalled = s.wait_decision(pending={"b": [0, 1]}, must_wait=must, stalled=frozenset({"b"}),
                               elapsed_s=0.0, deadline_s=0.01)
     assert not stalled.wait and stalled.reason == "stalled-only"

@@ -76,7 +76,7 @@ def test_split_then_reduce_equals_unsplit_mlp(model: torch.nn.Module, n_workers:
 def test_shard_is_self_contained_and_small(model: torch.nn.Module) -> None:
     layout = split.model_layout(model.config, GROUP)
     w = split.extract_groups(model, 1, [9, 2], layout)
-    assert w.gate.shape == (44, HIDDEN) and w.up.shape == (44, HIDDEN) and w.down.shape == (HIDDEN, 44)
+    assert w.gate.shape == w.up.shape == (44, HIDDEN) and w.down.shape == (HIDDEN, 44)
     assert w.nbytes == 3 * 44 * HIDDEN * 4
     mlp = split.decoder_layers(model)[1].mlp
     assert w.gate.untyped_storage().data_ptr() != mlp.gate_proj.weight.untyped_storage().data_ptr()
