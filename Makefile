@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Converts each GGUF once to fp32 safetensors and extracts the MMLU data, under ~/.cache/mesh
-# (MESH_CACHE_DIR); a warm run only reads small metadata files.
+# (MESH_HOME); a warm run only reads small metadata files.
 setup: $(STAMP)
 	@$(PY) -m nodes.cli setup
 

@@ -217,7 +217,7 @@ class ReplyInbox:
             return
         q.put(env)
 
-    def ping(self, timeout: float = 5.0, clock: Callable[[], float] = time.monotonic) -> float:
+    def ping(self, timeout: float = 5.0, clock: Callable[[], float] = time.monotonic, pad: int = 0) -> float:
         """Round trip through the broker to our own reply topic, in seconds.
 
         It doubles as a barrier: once our ping is back, every retained message queued for our
@@ -226,7 +226,10 @@ class ReplyInbox:
         corr, q = self.open()
         try:
             t0 = clock()
-            payload = wire.encode(wire.Envelope(wire.Kind.PING, self.name, {"t": t0}, corr=corr))
+            body: dict[str, Any] = {"t": t0}
+            if pad:  # a large ping measures bandwidth: it crosses our link twice
+                body["pad"] = bytes(pad)
+            payload = wire.encode(wire.Envelope(wire.Kind.PING, self.name, body, corr=corr))
             self.bus.publish(self.topic, payload, qos=topics.REPLY.qos)
             try:
                 q.get(timeout=timeout)

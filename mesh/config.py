@@ -76,14 +76,36 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """The prompt cache of one node (mesh.kvstore, mesh.catalog, mesh.lookup)."""
+
+    enabled: bool = True
+    budget_mb: float = 256.0
+    chunk_size: int = 16
+    kv_wire: str = "fp16"  # codec of KV chunks on the wire: fp16, int8 or fp32
+    persist_dir: Path | None = None
+    fp_rate: float = 0.01
+    route_threshold: int = 2  # queue excess over the least-loaded node that overrides cache affinity
+    fetch_margin: float = 1.0  # fetch only if transfer * margin < recompute
+    fetch_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.kv_wire not in ("fp16", "int8", "fp32"):
+            raise ConfigError(f"kv wire codec must be fp16, int8 or fp32, not {self.kv_wire!r}")
+        if not 1 <= self.chunk_size <= 4096 or self.budget_mb < 0 or not 0 < self.fp_rate < 1:
+            raise ConfigError("invalid cache settings")
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     name: str
     broker: BrokerAddress = field(default_factory=BrokerAddress)
     model: str = DEFAULT_MODEL
-    cache_root: Path = Path.home() / ".cache" / "mesh"
+    home: Path = Path.home() / ".cache" / "mesh"  # converted models and data
     threads: int = 0  # 0: torch's default (all cores)
     limits: Limits = field(default_factory=Limits)
     timing: Timing = field(default_factory=Timing)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
         check_name(self.name)

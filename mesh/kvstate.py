@@ -167,6 +167,30 @@ def cut_chunks(cache: DynamicCache, first: int, count: int, chunk_size: int) -> 
     return out
 
 
+def cut_span(cache: DynamicCache, start: int, stop: int) -> ChunkKV:
+    """Positions ``[start, stop)`` of every layer as one (possibly partial, possibly empty) chunk,
+    cloned: the tail after a prompt's last full chunk, kept for full hits."""
+    if not 0 <= start <= stop:
+        raise ValueError("bad span")
+    keys, values = [], []
+    for idx, layer in enumerate(cache.layers):
+        lo, hi = _held_span(layer)
+        if start < lo or stop > hi:
+            if start == stop:  # an empty span of a layer that holds nothing yet
+                lo = hi = start
+            else:
+                raise ValueError(f"layer {idx} holds positions [{lo}, {hi}), span needs [{start}, {stop})")
+        if start == stop:
+            heads, dim = layer.keys.shape[1], layer.keys.shape[-1]
+            empty = layer.keys.new_empty((heads, 0, dim))
+            keys.append(empty)
+            values.append(empty.clone())
+            continue
+        keys.append(layer.keys[0, :, start - lo:stop - lo].clone())
+        values.append(layer.values[0, :, start - lo:stop - lo].clone())
+    return ChunkKV(keys=tuple(keys), values=tuple(values))
+
+
 def restore_cache(
     config: Any,
     chunks: Sequence[ChunkKV],

@@ -168,12 +168,16 @@ class Decoder:
         stops: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        prepare: Callable[[], tuple[torch.Tensor, Any]] | None = None,
     ) -> Generation:
+        """Greedy tokens after ``ids``. ``prepare`` replaces the plain prefill: it returns the last
+        position's logits and a cache holding every prompt position (the prompt cache restores
+        what it can and prefills only the rest); its time counts as prefill."""
         model = self.loaded.model
         tok = self.loaded.tokenizer
         gen = Generation(prompt_tokens=len(ids))
         t0 = clock()
-        logits, cache = self.prefill(ids)
+        logits, cache = prepare() if prepare is not None else self.prefill(ids)
         gen.prefill_s = clock() - t0
         emitted = ""
         step = torch.empty((1, 1), dtype=torch.long)

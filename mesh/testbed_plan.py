@@ -411,6 +411,12 @@ def _cgroup_steps(group: str, cpu: CpuQuota | None) -> list[Step]:
     ]
 
 
+def plan_set_cpu(lay: Layout, node: str, cpu: CpuQuota | None) -> list[Step]:
+    """Change the CPU quota of ``node``'s cgroup (None: unlimited); applies to running processes."""
+    group = lay.gw_cgroup if node == GATEWAY else lay.node(node).cgroup
+    return [s for s in _cgroup_steps(group, cpu) if not isinstance(s, MakeDir)]
+
+
 def plan_up(lay: Layout) -> list[Step]:
     """Every step that builds ``lay``, in order. Run after cleaning up the same instance."""
     gw = lay.gw_netns
@@ -487,6 +493,11 @@ def owned(found: Found, instance: int | None) -> Found:
         links=_owned(found.links, NETNS_PREFIX, instance),
         cgroups=_owned(found.cgroups, CGROUP_PREFIX, instance, extra="|cal"),
     )
+
+
+def plan_unthrottle(mine: Found) -> list[Step]:
+    """Lift the CPU quotas of ``mine``'s cgroups, so their processes exit promptly when told."""
+    return [WriteFile(f"{cgroup_path(g)}/cpu.cfs_quota_us", "-1") for g in mine.cgroups]
 
 
 def plan_cleanup(mine: Found) -> list[Step]:
@@ -653,7 +664,8 @@ def spec_from_dict(d: Mapping[str, object]) -> TestbedSpec:
         )
         for n in d["nodes"]  # type: ignore[union-attr]
     )
-    return TestbedSpec(nodes=nodes, instance=int(d["instance"]), broker_port=int(d["broker_port"]))  # type: ignore[arg-type]
+    instance, port = int(d["instance"]), int(d["broker_port"])  # type: ignore[call-overload]
+    return TestbedSpec(nodes=nodes, instance=instance, broker_port=port)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -734,7 +746,8 @@ class Calibration:
     """A measured CPU quota for a device profile (one entry of the calibration file).
 
     ``samples`` are the probe times at the chosen quota; ``trials`` the whole search;
-    ``native_s`` the probe time without a quota; ``machine`` what the host was.
+    ``native_s`` the probe's wall time without a quota and ``native_cpu_s`` its CPU time (they
+    differ when other jobs share the cores); ``machine`` what the host was.
     """
 
     profile: str
@@ -750,6 +763,7 @@ class Calibration:
     date: str
     machine: Mapping[str, object] = field(default_factory=dict)
     trials: tuple[Trial, ...] = ()
+    native_cpu_s: float | None = None
 
     @property
     def quota(self) -> CpuQuota:
@@ -772,6 +786,7 @@ class Calibration:
             "measured_s": self.measured_s,
             "samples": list(self.samples),
             "native_s": self.native_s,
+            "native_cpu_s": self.native_cpu_s,
             "slowdown": round(self.slowdown, 3),
             "date": self.date,
             "machine": dict(self.machine),
@@ -797,6 +812,9 @@ class Calibration:
                 trials=tuple(
                     Trial(int(t["quota_us"]), tuple(float(x) for x in t["samples"]))
                     for t in d.get("trials") or []  # type: ignore[union-attr]
+                ),
+                native_cpu_s=(
+                    None if d.get("native_cpu_s") is None else float(d["native_cpu_s"])  # type: ignore[arg-type]
                 ),
             )
         except (KeyError, TypeError, ValueError) as e:

@@ -6,9 +6,14 @@ publisher cannot pick them by accident. Layout (``<n>`` is a node name, ``<c>`` 
     mesh/v1/node/<n>/status     text "online"/"offline", retained, QoS 1, the node's last will
     mesh/v1/node/<n>/heartbeat  CBOR heartbeat, retained (last figures stay readable), QoS 0
     mesh/v1/node/<n>/ask        CBOR asks addressed to node <n>, QoS 1
+    mesh/v1/node/<n>/catalog    CBOR Bloom catalog of <n>'s cached KV chunks, retained, QoS 1
+    mesh/v1/node/<n>/kv         CBOR KV-chunk fetch requests to <n>, QoS 1
     mesh/v1/reply/<c>           CBOR replies to requester <c> (tokens, answer, error, ping), QoS 1
     mesh/v1/route               CBOR asks for "any node": the router forwards each to one node
+    mesh/v1/node/<n>/state      JSON copy of the heartbeat figures, retained (Home Assistant reads it)
     mesh/v1/ask                 JSON asks from any MQTT client (Home Assistant, mosquitto_pub)
+    mesh/v1/ask/text            a plain-text ask (a Home Assistant ``text`` entity), answered on
+                                mesh/v1/answer
     mesh/v1/answer              JSON answers to JSON asks that name no reply_to
 
 A node writes only under ``mesh/v1/node/<its name>/`` and to reply topics; that keeps
@@ -26,8 +31,10 @@ ROOT = "mesh/v1"
 ROUTE = f"{ROOT}/route"
 ASK = f"{ROOT}/ask"
 ANSWER = f"{ROOT}/answer"
+ASK_TEXT = f"{ROOT}/ask/text"
 ALL_STATUS = f"{ROOT}/node/+/status"
 ALL_HEARTBEATS = f"{ROOT}/node/+/heartbeat"
+ALL_CATALOGS = f"{ROOT}/node/+/catalog"
 
 ONLINE = b"online"
 OFFLINE = b"offline"
@@ -54,9 +61,14 @@ REPLY = TopicSpec("reply", Format.CBOR, qos=1, retain=False)
 ROUTE_SPEC = TopicSpec("route", Format.CBOR, qos=1, retain=False)
 JSON_ASK = TopicSpec("json-ask", Format.JSON, qos=1, retain=False)
 JSON_ANSWER = TopicSpec("json-answer", Format.JSON, qos=1, retain=False)
+CATALOG = TopicSpec("catalog", Format.CBOR, qos=1, retain=True)
+NODE_KV = TopicSpec("kv", Format.CBOR, qos=1, retain=False)
+NODE_STATE = TopicSpec("state", Format.JSON, qos=0, retain=True)
+TEXT_ASK = TopicSpec("text-ask", Format.TEXT, qos=1, retain=False)
 
 SPECS: dict[str, TopicSpec] = {s.name: s for s in
-                               (STATUS, HEARTBEAT, NODE_ASK, REPLY, ROUTE_SPEC, JSON_ASK, JSON_ANSWER)}
+                               (STATUS, HEARTBEAT, NODE_ASK, REPLY, ROUTE_SPEC, JSON_ASK, JSON_ANSWER,
+                                NODE_STATE, TEXT_ASK, CATALOG, NODE_KV)}
 
 
 def node_status(node: str) -> str:
@@ -65,6 +77,18 @@ def node_status(node: str) -> str:
 
 def node_heartbeat(node: str) -> str:
     return f"{ROOT}/node/{check_name(node)}/heartbeat"
+
+
+def node_state(node: str) -> str:
+    return f"{ROOT}/node/{check_name(node)}/state"
+
+
+def node_catalog(node: str) -> str:
+    return f"{ROOT}/node/{check_name(node)}/catalog"
+
+
+def node_kv(node: str) -> str:
+    return f"{ROOT}/node/{check_name(node)}/kv"
 
 
 def node_ask(node: str) -> str:

@@ -45,6 +45,9 @@ class Kind(StrEnum):
     ANSWER = "answer"  # the final answer with its figures
     ERROR = "error"  # a request failed; body has reason and message
     PING = "ping"  # round-trip probe; echoed by the broker to its sender
+    CATALOG = "catalog"  # a node's Bloom catalog of cached chunk keys (mesh.catalog)
+    KV_FETCH = "kv-fetch"  # ask a peer for KV chunks by key
+    KV_CHUNKS = "kv-chunks"  # a peer's answer: the chunks it really holds (mesh.kvstate codec)
 
 
 # Body schemas: field -> (type or tuple of types, required). Unknown extra fields are allowed
@@ -61,7 +64,13 @@ _SCHEMAS: dict[Kind, dict[str, tuple[Any, bool]]] = {
     Kind.ANSWER: {"text": (_STR, True), "node": (_STR, True), "prompt_tokens": (_INT, True),
                   "new_tokens": (_INT, True), "ttft_s": (_NUM, True), "ttlt_s": (_NUM, True)},
     Kind.ERROR: {"reason": (_STR, True), "message": (_STR, True)},
-    Kind.PING: {"t": (_NUM, True)},
+    Kind.PING: {"t": (_NUM, True), "pad": (bytes, False)},
+    Kind.CATALOG: {"v": (_INT, True), "model": (bytes, True), "chunk": (_INT, True), "epoch": (_INT, True),
+                   "n": (_INT, True), "m": (_INT, True), "k": (_INT, True), "bits": (bytes, True)},
+    Kind.KV_FETCH: {"keys": (list, True), "prompt_key": (bytes, False), "codec": (_STR, True),
+                    "model": (bytes, True)},
+    Kind.KV_CHUNKS: {"chunks": (list, True), "prompt": (dict, False), "part": (_INT, True),
+                     "last": (_BOOL, True)},
 }
 
 

@@ -29,13 +29,36 @@ from mesh.bus import MqttBus, ReplyInbox
 from mesh.config import NodeConfig
 from mesh.errors import MeshError, ProtocolError, TransportError
 from mesh.model import Decoder, LoadedModel, load_model
+from mesh.lookup import LinkEstimate, NodeId, NodeLoad, route
 from mesh.routing import PeerTable, choose_node, router_of
+from nodes.cache import NodeCache
 
 log = logging.getLogger(__name__)
+
+BANDWIDTH_PROBE_BYTES = 256 * 1024
+DEFAULT_LINK = LinkEstimate(bytes_per_s=2.5e6, rtt_s=0.01)  # ~21 Mbit/s Wi-Fi until measured
 
 WARMUP_TEXT = ("The mesh warms up its model once at start so that the first real prompt does not "
                "pay for lazy initialisation, and so that its heartbeat can report a measured "
                "prefill speed before any ask arrives. " * 2)
+
+
+class AgentExtension:
+    """Something riding on a node's lifecycle (Home Assistant discovery, ...).
+
+    ``start`` runs once the node is online (network thread not involved), ``on_heartbeat`` after
+    each heartbeat with its body, ``stop`` before the node goes offline. Errors are logged, never
+    fatal to the node.
+    """
+
+    def start(self, agent: "NodeAgent") -> None:
+        pass
+
+    def on_heartbeat(self, body: dict[str, Any]) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
 
 
 class _Cancelled(Exception):
@@ -58,6 +81,7 @@ class Figures:
     prefill_tps: float = 0.0
     decode_tps: float = 0.0
     rtt_ms: float | None = None
+    link_bw: float | None = None  # bytes/s through the broker, from large self-pings
     busy_s: float = 0.0
     last_ttft_s: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -68,8 +92,10 @@ class Figures:
 
 
 class NodeAgent:
-    def __init__(self, config: NodeConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: NodeConfig, loaded: LoadedModel | None = None,
+                 extensions: list[AgentExtension] | None = None) -> None:
         self.config = config
+        self.extensions = list(extensions or [])
         self.name = config.name
         self.limits = config.limits
         self.timing = config.timing
@@ -89,6 +115,8 @@ class NodeAgent:
         self._assign_seq = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.cache: NodeCache | None = None
+        self._serve_jobs: queue.Queue[wire.Envelope] = queue.Queue(maxsize=64)
         self._seq = 0
         self._started = time.time()
         self.bus = MqttBus(f"mesh-node-{self.name}", config.broker,
@@ -99,12 +127,17 @@ class NodeAgent:
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         if self.loaded is None:
-            self.loaded = load_model(self.config.cache_root, self.config.model, self.config.threads)
+            self.loaded = load_model(self.config.home, self.config.model, self.config.threads)
         self.decoder = Decoder(self.loaded)
         self._warm_up()
+        if self.config.cache.enabled:
+            self.cache = NodeCache(self.loaded, self.config.cache, self.decoder)
         self.bus.on_connected(self._announce)
         self.bus.subscribe(topics.ALL_STATUS, self._on_status, qos=1)
         self.bus.subscribe(topics.ALL_HEARTBEATS, self._on_heartbeat, qos=0)
+        if self.cache is not None:
+            self.bus.subscribe(topics.ALL_CATALOGS, self._on_catalog, qos=1)
+            self.bus.subscribe(topics.node_kv(self.name), self._on_kv_fetch, qos=1)
         self.bus.start(self.timing.connect_timeout_s)
         self.inbox.start()
         self.bus.publish_wait(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
@@ -112,10 +145,15 @@ class NodeAgent:
         self.bus.subscribe(topics.node_ask(self.name), self._on_node_ask, qos=1)
         self.bus.subscribe(topics.ROUTE, self._on_route, qos=1)
         self.bus.subscribe(topics.ASK, self._on_json_ask, qos=1)
-        for target, name in ((self._work_loop, "worker"), (self._heartbeat_loop, "heartbeat")):
+        self.bus.subscribe(topics.ASK_TEXT, self._on_text_ask, qos=1)
+        loops = [(self._work_loop, "worker"), (self._heartbeat_loop, "heartbeat")]
+        if self.cache is not None:
+            loops += [(self._serve_loop, "kv-serve"), (self._catalog_loop, "catalog")]
+        for target, name in loops:
             t = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        self._each_extension("start", self)
         log.info("node %s online with %s (%s)", self.name, self.loaded.key, self.loaded.model_key)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -133,6 +171,7 @@ class NodeAgent:
             self._reply_error(job, "shutdown", f"node {self.name} is shutting down")
         for t in self._threads:
             t.join(timeout)
+        self._each_extension("stop")
         self.bus.stop()
 
     def wait(self) -> None:
@@ -142,13 +181,17 @@ class NodeAgent:
         # Runs after every reconnect: the retained status may have been replaced by our will.
         if not self._stop.is_set() and self.bus.connected.is_set():
             self.bus.publish(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
+            if self.cache is not None:
+                self.cache.dirty.set()  # a restarted broker lost our retained catalog
 
     def _warm_up(self) -> None:
         ids = self.decoder.encode(WARMUP_TEXT)
-        self.decoder.prefill(ids)  # first call pays lazy init
-        t0 = time.perf_counter()
-        self.decoder.prefill(ids)
-        self.figures.prefill_tps = len(ids) / max(time.perf_counter() - t0, 1e-6)
+        best = float("inf")
+        for _ in range(3):  # the first calls pay lazy initialisation; keep the fastest
+            t0 = time.perf_counter()
+            self.decoder.prefill(ids)
+            best = min(best, time.perf_counter() - t0)
+        self.figures.prefill_tps = len(ids) / max(best, 1e-6)
 
     # -- handlers (network thread: decode, check, enqueue; never torch) --------------------------
     def _decode(self, payload: bytes, kind: wire.Kind) -> wire.Envelope | None:
@@ -170,6 +213,8 @@ class NodeAgent:
             return
         with self._peers_lock:
             self.peers.set_status(parsed[0], payload == topics.ONLINE)
+        if payload == topics.OFFLINE and self.cache is not None:
+            self.cache.set_peer_catalog(parsed[0], None)
 
     def _on_heartbeat(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = topics.parse_node_topic(topic)
@@ -232,11 +277,31 @@ class NodeAgent:
         with self._peers_lock:
             return router_of(v.name for v in self.peers.online()) == self.name
 
+    def _cache_depths(self, env: wire.Envelope, names: list[str]) -> dict[str, int]:
+        if self.cache is None or env.body.get("no_cache") or not names:
+            return {}
+        try:
+            ids = self.decoder.encode(env.body["text"])
+        except Exception:  # a prompt the tokenizer refuses is routed by load
+            return {}
+        return self.cache.depths(ids, names, self.name)
+
     def _route(self, env: wire.Envelope) -> None:
+        model = env.body.get("model")
+        model = model if isinstance(model, str) else None
         with self._peers_lock:
-            model = env.body.get("model")
-            target = choose_node(self.peers.online(), self._pending, self._last_assigned,
-                                 model if isinstance(model, str) else None)
+            candidates = [v for v in self.peers.online() if model is None or not v.model or v.model == model]
+        depths = self._cache_depths(env, [v.name for v in candidates])
+        with self._peers_lock:
+            reason = "load"
+            if depths and max(depths.values()) > 0:
+                # Cache-aware: the longest cached prefix wins unless its queue is too long.
+                loads = {NodeId(v.name): NodeLoad(depths.get(v.name, 0), v.queue + self._pending.get(v.name, 0))
+                         for v in candidates}
+                picked = route(loads, self.config.cache.route_threshold)
+                target, reason = str(picked.node), picked.reason
+            else:
+                target = choose_node(candidates, self._pending, self._last_assigned, model)
             if target is not None:
                 self._pending[target] = self._pending.get(target, 0) + 1
                 self._assign_seq += 1
@@ -245,7 +310,7 @@ class NodeAgent:
             self._reply_error(Job(env, time.monotonic()), "no-node",
                               "no node is online to answer" + (f" with model {model}" if model else ""))
             return
-        body = dict(env.body, routed_by=self.name)
+        body = dict(env.body, routed_by=self.name, routed_reason=reason)
         forwarded = wire.Envelope(wire.Kind.ASK, env.sender, body, corr=env.corr, reply_to=env.reply_to)
         self.bus.publish(topics.node_ask(target), wire.encode(forwarded, self.limits.max_message_bytes), qos=1)
 
@@ -255,6 +320,26 @@ class NodeAgent:
         env = self._decode(payload, wire.Kind.ASK)
         if env is not None and self._valid_ask(env):
             self._route(env)
+
+    def _each_extension(self, method: str, *args: Any) -> None:
+        for ext in self.extensions:
+            try:
+                getattr(ext, method)(*args)
+            except Exception:
+                log.exception("extension %s.%s failed", type(ext).__name__, method)
+
+    def _on_text_ask(self, topic: str, payload: bytes, retained: bool) -> None:
+        """A bare sentence (a Home Assistant ``text`` entity): answered as JSON on mesh/v1/answer."""
+        if retained or not self._is_router():
+            return
+        try:
+            text = payload.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            text = ""
+        if not text or len(payload) > self.limits.max_json_ask_bytes:
+            self.rejects.add("bad-text-ask")
+            return
+        self._on_json_ask(topics.ASK, json.dumps({"text": text}).encode(), False)
 
     def _on_json_ask(self, topic: str, payload: bytes, retained: bool) -> None:
         if retained or not self._is_router():
@@ -320,14 +405,27 @@ class NodeAgent:
                 self._publish_reply(job, wire.Kind.TOKEN, {"i": pieces, "text": piece})
             pieces += 1
 
-        gen = self.decoder.generate(ids, body["max_new_tokens"], tuple(body.get("stop", ())), on_text)
+        cache_info: dict[str, Any] = {"local_tokens": 0, "remote_tokens": 0, "peer": None,
+                                      "decision": "disabled" if self.cache is None else "no-cache"}
+        prepare = None
+        if self.cache is not None and not body.get("no_cache"):
+            def prepare() -> tuple[Any, Any]:
+                prepared = self.cache.prepare(ids, self.figures.prefill_tps or 100.0, self._default_link(),
+                                              self._fetch_chunks, self._peer_links())
+                cache_info.clear()
+                cache_info.update(prepared.info)
+                return prepared.logits, prepared.cache
+        gen = self.decoder.generate(ids, body["max_new_tokens"], tuple(body.get("stop", ())), on_text,
+                                    prepare=prepare)
         done = time.monotonic()
         ttft = (first_at[0] if first_at else done) - job.received
         with self.figures.lock:
             self.figures.served += 1
             self.figures.last_ttft_s = ttft
-            if gen.prefill_s > 0:
-                self.figures.ewma("prefill_tps", len(ids) / gen.prefill_s)
+            computed = len(ids) - cache_info.get("local_tokens", 0) - cache_info.get("remote_tokens", 0)
+            if gen.prefill_s > 0 and computed >= 16 and not cache_info.get("full_hit"):
+                # Only real prefills measure prefill speed (a cache hit would inflate it).
+                self.figures.ewma("prefill_tps", computed / gen.prefill_s)
             if len(gen.token_ids) > 1 and gen.decode_s > 0:
                 self.figures.ewma("decode_tps", (len(gen.token_ids) - 1) / gen.decode_s)
         answer = {
@@ -336,7 +434,7 @@ class NodeAgent:
             "ttft_s": round(ttft, 6), "ttlt_s": round(done - job.received, 6),
             "queue_s": round(started - job.received, 6), "prefill_s": round(gen.prefill_s, 6),
             "decode_s": round(gen.decode_s, 6), "stop_reason": gen.stop_reason,
-            "cache": {"local_tokens": 0, "remote_tokens": 0, "peer": None},
+            "cache": cache_info,
         }
         if job.json_reply:
             answer["id"] = job.env.corr
@@ -379,6 +477,10 @@ class NodeAgent:
             }
             if f.rtt_ms is not None:
                 body["rtt_ms"] = round(f.rtt_ms, 3)
+            if f.link_bw is not None:
+                body["link_bw_Bps"] = round(f.link_bw)
+        if self.cache is not None:
+            body["cache"] = self.cache.snapshot()
         return body
 
     def _busy_total(self, now: float) -> float:
@@ -394,7 +496,12 @@ class NodeAgent:
                 rtt = self.inbox.ping(timeout=max(self.timing.heartbeat_s, 1.0))
                 with self.figures.lock:
                     self.figures.ewma("rtt_ms", rtt * 1000.0)
-            except TransportError as exc:
+                if self._seq % 15 == 0:
+                    big = self.inbox.ping(timeout=10.0, pad=BANDWIDTH_PROBE_BYTES)
+                    bw = 2 * BANDWIDTH_PROBE_BYTES / max(big - rtt, 1e-4)
+                    with self.figures.lock:
+                        self.figures.ewma("link_bw", bw, alpha=0.5)
+            except (TransportError, ProtocolError) as exc:
                 log.info("ping failed: %s", exc)
             now = time.monotonic()
             busy_now = self._busy_total(now)
@@ -404,7 +511,137 @@ class NodeAgent:
                 env = wire.Envelope(wire.Kind.HEARTBEAT, self.name, self.heartbeat_body())
                 self.bus.publish(topics.node_heartbeat(self.name), wire.encode(env),
                                  qos=topics.HEARTBEAT.qos, retain=topics.HEARTBEAT.retain)
+                self.bus.publish(topics.node_state(self.name), json.dumps(env.body).encode(),
+                                 qos=topics.NODE_STATE.qos, retain=topics.NODE_STATE.retain)
                 self._seq += 1
+                self._each_extension("on_heartbeat", dict(env.body))
             except MeshError as exc:
                 log.warning("heartbeat not sent: %s", exc)
             self._stop.wait(self.timing.heartbeat_s)
+
+    # -- prompt cache: catalogs, serving peers, fetching ------------------------------------------
+    def _default_link(self) -> LinkEstimate:
+        with self.figures.lock:
+            bw, rtt = self.figures.link_bw, self.figures.rtt_ms
+        if bw is None:
+            return DEFAULT_LINK
+        return LinkEstimate(bytes_per_s=bw, rtt_s=2 * (rtt or 1.0) / 1000.0)
+
+    def _peer_links(self) -> dict[str, LinkEstimate]:
+        """Per peer: the slower of our link and theirs; round trip through both (heartbeats)."""
+        mine = self._default_link()
+        out: dict[str, LinkEstimate] = {}
+        with self._peers_lock:
+            for v in self.peers.online():
+                bw, rtt = v.heartbeat.get("link_bw_Bps"), v.heartbeat.get("rtt_ms")
+                if isinstance(bw, (int, float)) and bw > 0:
+                    peer_rtt = float(rtt) / 1000.0 if isinstance(rtt, (int, float)) else mine.rtt_s / 2
+                    out[v.name] = LinkEstimate(min(mine.bytes_per_s, float(bw)), mine.rtt_s / 2 + peer_rtt)
+        return out
+
+    def _on_catalog(self, topic: str, payload: bytes, retained: bool) -> None:
+        parsed = topics.parse_node_topic(topic)
+        if parsed is None or self.cache is None:
+            self.rejects.add("bad-topic")
+            return
+        if parsed[0] == self.name:
+            return  # our own retained catalog: our store is the truth
+        if not payload:
+            self.cache.set_peer_catalog(parsed[0], None)
+            return
+        env = self._decode(payload, wire.Kind.CATALOG)
+        if env is None:
+            return
+        try:
+            self.cache.set_peer_catalog(parsed[0], dict(env.body))
+        except ProtocolError as exc:
+            self.rejects.add(exc.reason)
+
+    def _on_kv_fetch(self, topic: str, payload: bytes, retained: bool) -> None:
+        env = self._decode(payload, wire.Kind.KV_FETCH)
+        if env is None:
+            return
+        body = env.body
+        if (env.reply_to is None or not topics.reply_allowed(env.reply_to) or len(body["keys"]) > 4096
+                or not all(isinstance(k, bytes) and len(k) == 16 for k in body["keys"])):
+            self.rejects.add("bad-kv-fetch")
+            return
+        try:
+            self._serve_jobs.put_nowait(env)
+        except queue.Full:
+            self.rejects.add("kv-busy")
+
+    def _serve_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                env = self._serve_jobs.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                pkey = env.body.get("prompt_key")
+                bodies = self.cache.serve(list(env.body["keys"]), pkey if isinstance(pkey, bytes) else None,
+                                          str(env.body["codec"]), self.limits.max_message_bytes)
+                for b in bodies:
+                    reply = wire.Envelope(wire.Kind.KV_CHUNKS, self.name, b, corr=env.corr)
+                    self.bus.publish(env.reply_to, wire.encode(reply, self.limits.max_message_bytes), qos=1)
+            except Exception:
+                log.exception("serving KV chunks failed")
+
+    def _catalog_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.cache.dirty.wait(0.5):
+                continue
+            self._stop.wait(0.2)  # debounce: one catalog for a burst of changes
+            try:
+                body = self.cache.catalog().to_dict()
+                env = wire.Envelope(wire.Kind.CATALOG, self.name, body)
+                self.bus.publish(topics.node_catalog(self.name), wire.encode(env, self.limits.max_message_bytes),
+                                 qos=topics.CATALOG.qos, retain=topics.CATALOG.retain)
+            except MeshError as exc:
+                log.warning("catalog not published: %s", exc)
+                self.cache.dirty.set()
+
+    def _fetch_chunks(self, peer: str, keys: list[bytes], pkey: bytes | None, timeout: float):  # type: ignore[no-untyped-def]
+        """One request to ``peer`` for ``keys``; the parts of its answer, or None on timeout."""
+        corr, replies = self.inbox.open()
+        body: dict[str, Any] = {"keys": keys, "codec": self.config.cache.kv_wire, "model": self.cache.digest}
+        if pkey is not None:
+            body["prompt_key"] = pkey
+        env = wire.Envelope(wire.Kind.KV_FETCH, self.name, body, corr=corr, reply_to=self.inbox.topic)
+        t0 = time.monotonic()
+        chunks: list[Any] = []
+        prompt = None
+        nbytes = 0
+        try:
+            self.bus.publish(topics.node_kv(peer), wire.encode(env), qos=1)
+            deadline = t0 + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.info("KV fetch from %s timed out after %.2f s", peer, timeout)
+                    return None
+                try:
+                    reply = replies.get(timeout=left)
+                except queue.Empty:
+                    continue
+                if reply.kind is not wire.Kind.KV_CHUNKS or reply.sender != peer:
+                    continue
+                chunks.extend(reply.body["chunks"])
+                nbytes += _payload_bytes(reply.body)
+                if isinstance(reply.body.get("prompt"), dict):
+                    prompt = reply.body["prompt"]
+                if reply.body["last"]:
+                    return chunks, prompt, nbytes, time.monotonic() - t0
+        finally:
+            self.inbox.close(corr)
+
+
+def _payload_bytes(obj: Any) -> int:
+    """Bytes of tensor data in a decoded reply (what crossed the wire, near enough)."""
+    if isinstance(obj, bytes):
+        return len(obj)
+    if isinstance(obj, dict):
+        return sum(_payload_bytes(v) for v in obj.values())
+    if isinstance(obj, list):
+        return sum(_payload_bytes(v) for v in obj)
+    return 0

@@ -48,11 +48,11 @@ def _stop_on_signals() -> threading.Event:
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from nodes.settings import cache_root
+    from nodes.settings import mesh_home
     from nodes.setup import run_setup
 
     _quiet_libraries()
-    done = run_setup(cache_root(args), args.models or None)
+    done = run_setup(mesh_home(args), args.models or None)
     for key, path in done.items():
         print(f"{key:14s} {path}")
     return 0
@@ -141,12 +141,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from nodes.settings import cache_root
+    from nodes.settings import mesh_home
     from nodes.up import MeshProcesses
 
     names = [f"node{i + 1}" for i in range(args.nodes)]
     stop = _stop_on_signals()
-    procs = MeshProcesses(names, args.model, args.port, host=args.host, cache_root=cache_root(args))
+    procs = MeshProcesses(names, args.model, args.port, host=args.host, home=mesh_home(args))
     procs.start(timeout=args.start_timeout)
     print(json.dumps({"event": "ready", "broker": str(procs.address), "nodes": names, "pids": procs.pids()}),
           flush=True)
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("setup", help="fetch and convert models and data (idempotent)")
     p.add_argument("--models", nargs="*", help="model keys (default: all)")
-    p.add_argument("--cache-dir", help="cache root (default ~/.cache/mesh, or MESH_CACHE_DIR)")
+    p.add_argument("--home", help="models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.set_defaults(func=cmd_setup)
 
     p = sub.add_parser("broker", help="run the embedded amqtt broker")
@@ -189,10 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("node", help="run a node agent")
     p.add_argument("--name", help="node name (MESH_NODE_NAME)")
     p.add_argument("--model", help="gemma3-270m (default) or smollm2-135m")
-    p.add_argument("--cache-dir", help="cache root with converted models (default ~/.cache/mesh)")
+    p.add_argument("--home", help="converted models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--heartbeat", type=float, help="heartbeat period in seconds (default 2)")
     p.add_argument("--max-queue", type=int, help="asks queued before answering 'busy' (default 32)")
+    p.add_argument("--cache-mb", type=float, help="prompt-cache byte budget in MiB (default 256)")
+    p.add_argument("--cache-dir", help="persist the prompt cache here (a restarted node keeps it)")
+    p.add_argument("--chunk-size", type=int, help="tokens per KV chunk (default 16)")
+    p.add_argument("--kv-wire", choices=["fp16", "int8", "fp32"], help="KV codec on the wire (default fp16)")
+    p.add_argument("--fetch-margin", type=float, help="fetch KV only if transfer x margin < recompute (default 1)")
+    p.add_argument("--no-cache", action="store_true", help="run without the prompt cache")
     _broker_flags(p)
     p.set_defaults(func=cmd_node)
 
@@ -218,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--model", default="gemma3-270m")
-    p.add_argument("--cache-dir", help="cache root (default ~/.cache/mesh)")
+    p.add_argument("--home", help="models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.set_defaults(func=cmd_up)
 
@@ -227,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--per-subject", type=int, default=4, help="test questions per subject")
     p.add_argument("--subjects", nargs="*", help="MMLU subjects (default: six fixed ones)")
-    p.add_argument("--cache-dir", help="cache root (default ~/.cache/mesh)")
+    p.add_argument("--home", help="models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.add_argument("--json", default="out/run.json", help="where to write the results")
     p.set_defaults(func=cmd_run)
     return parser

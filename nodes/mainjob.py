@@ -22,7 +22,7 @@ from rich.table import Table
 from mesh import mmlu
 from mesh.errors import MeshError
 from nodes.client import MeshClient
-from nodes.settings import cache_root
+from nodes.settings import mesh_home
 from nodes.setup import mmlu_dir
 from nodes.up import MeshProcesses, free_port
 
@@ -91,7 +91,7 @@ def print_report(rows: list[dict[str, Any]], console: Console) -> dict[str, Any]
 
 def main_job(args: argparse.Namespace) -> int:
     console = Console(width=None if Console().is_terminal else 132)
-    root = cache_root(args)
+    root = mesh_home(args)
     data = mmlu_dir(root)
     subjects = tuple(args.subjects) if args.subjects else mmlu.DEFAULT_SUBJECTS
     items = mmlu.sample(data, subjects, per_subject=args.per_subject)
@@ -101,7 +101,7 @@ def main_job(args: argparse.Namespace) -> int:
     console.print(f"Starting the embedded broker on 127.0.0.1:{port} and {len(names)} nodes ({args.model}); "
                   f"node logs in {log_dir}")
     t0 = time.monotonic()
-    procs = MeshProcesses(names, args.model, port, cache_root=root, log_dir=log_dir)
+    procs = MeshProcesses(names, args.model, port, home=root, log_dir=log_dir)
     with console.status("waiting for nodes to load the model and come online"):
         procs.start(timeout=600)
     startup_s = time.monotonic() - t0

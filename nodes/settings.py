@@ -14,7 +14,8 @@ TOML layout (every key optional)::
     name = "pi1"
     model = "gemma3-270m"
     threads = 2
-    cache_dir = "/var/cache/mesh"
+    home = "/var/lib/mesh"          # converted models and data (MESH_HOME)
+    cache_dir = "/var/cache/mesh/kv"  # persisted prompt cache (optional)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mesh.config import DEFAULT_MODEL, BrokerAddress, Limits, NodeConfig, Timing
+from mesh.config import DEFAULT_MODEL, BrokerAddress, CacheConfig, Limits, NodeConfig, Timing
 from mesh.errors import ConfigError
 
 
@@ -48,9 +49,10 @@ def _pick(flag: Any, env: Mapping[str, str], var: str, table: Mapping[str, Any],
     return table.get(key, default)
 
 
-def cache_root(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Path:
+def mesh_home(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Path:
+    """Where converted models and data live (``--home``, ``MESH_HOME``, default ~/.cache/mesh)."""
     toml = _toml(args, env)
-    value = _pick(getattr(args, "cache_dir", None), env, "MESH_CACHE_DIR", toml.get("node", {}), "cache_dir", None)
+    value = _pick(getattr(args, "home", None), env, "MESH_HOME", toml.get("node", {}), "home", None)
     return Path(value).expanduser() if value else Path.home() / ".cache" / "mesh"
 
 
@@ -82,13 +84,24 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
         threads = int(_pick(getattr(args, "threads", None), env, "MESH_THREADS", table, "threads", 0))
         heartbeat = float(_pick(getattr(args, "heartbeat", None), env, "MESH_HEARTBEAT_S", table, "heartbeat_s", 2.0))
         max_queue = int(_pick(getattr(args, "max_queue", None), env, "MESH_MAX_QUEUE", table, "max_queue", 32))
+        cache_mb = float(_pick(getattr(args, "cache_mb", None), env, "MESH_CACHE_MB", table, "cache_mb", 256))
+        chunk = int(_pick(getattr(args, "chunk_size", None), env, "MESH_CHUNK_SIZE", table, "chunk_size", 16))
+        margin = float(_pick(getattr(args, "fetch_margin", None), env, "MESH_FETCH_MARGIN", table, "fetch_margin", 1.0))
     except ValueError as exc:
         raise ConfigError(f"invalid number in node settings: {exc}") from exc
+    persist = _pick(getattr(args, "cache_dir", None), env, "MESH_CACHE_DIR", table, "cache_dir", None)
+    cache = CacheConfig(
+        enabled=not getattr(args, "no_cache", False) and not table.get("no_cache", False),
+        budget_mb=cache_mb, chunk_size=chunk, fetch_margin=margin,
+        kv_wire=str(_pick(getattr(args, "kv_wire", None), env, "MESH_KV_WIRE", table, "kv_wire", "fp16")),
+        persist_dir=Path(persist).expanduser() if persist else None,
+    )
     return NodeConfig(
+        cache=cache,
         name=str(name),
         broker=broker_address(args, env),
         model=str(_pick(getattr(args, "model", None), env, "MESH_MODEL", table, "model", DEFAULT_MODEL)),
-        cache_root=cache_root(args, env),
+        home=mesh_home(args, env),
         threads=threads,
         limits=Limits(max_queue=max_queue),
         timing=Timing(heartbeat_s=heartbeat),

@@ -64,7 +64,7 @@ class MeshProcesses:
     model: str
     port: int
     host: str = "127.0.0.1"
-    cache_root: Path | None = None
+    home: Path | None = None  # converted models and data
     log_dir: Path | None = None  # None: children write to our stderr
     node_args: list[str] = field(default_factory=list)
     broker: subprocess.Popen[bytes] | None = None
@@ -96,8 +96,8 @@ class MeshProcesses:
             for name in self.node_names:
                 argv = [sys.executable, "-m", "nodes.cli", "node", "--name", name,
                         "--broker", f"{self.host}:{self.port}", "--model", self.model, *self.node_args]
-                if self.cache_root is not None:
-                    argv += ["--cache-dir", str(self.cache_root)]
+                if self.home is not None:
+                    argv += ["--home", str(self.home)]
                 self.nodes[name] = spawn(argv, self._log(name))
             self.wait_online(timeout)
         except BaseException:

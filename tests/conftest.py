@@ -18,7 +18,7 @@ from nodes.client import MeshClient
 from nodes.up import free_port, spawn, wait_port
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE_ROOT = Path(os.environ.get("MESH_CACHE_DIR", Path.home() / ".cache" / "mesh"))
+CACHE_ROOT = Path(os.environ.get("MESH_HOME", Path.home() / ".cache" / "mesh"))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
@@ -119,7 +119,7 @@ def start_node(broker: Broker, name: str, model: str, log_dir: Path, *extra: str
     require_model(model)
     log = log_dir / f"{name}-{broker.port}.log"
     proc = spawn(mesh_argv("node", "--name", name, "--broker", f"127.0.0.1:{broker.port}", "--model", model,
-                           "--heartbeat", "0.5", "--cache-dir", str(CACHE_ROOT), *extra), open(log, "wb"), env=ENV)
+                           "--heartbeat", "0.5", "--home", str(CACHE_ROOT), *extra), open(log, "wb"), env=ENV)
     node = NodeProcess(name, proc, log)
     deadline = time.monotonic() + timeout
     with MeshClient(broker.address) as client:

@@ -206,7 +206,7 @@ def test_node_behind_mosquitto_answers(mosquitto_broker: Broker, log_dir: Path) 
 def test_mesh_up_stops_every_child_when_interrupted(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(mesh_argv("up", "--nodes", "2", "--model", "smollm2-135m", "--port", str(port),
-                                      "--cache-dir", str(CACHE_ROOT)),
+                                      "--home", str(CACHE_ROOT)),
                             stdout=subprocess.PIPE, stderr=open(tmp_path / "up.log", "wb"), text=True, env=ENV)
     try:
         assert proc.stdout is not None

@@ -1,0 +1,172 @@
+"""End to end: the distributed prompt cache with real nodes, real models and a real broker."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mesh import topics, wire
+from mesh.bus import MqttBus
+from mesh.catalog import Catalog
+from nodes.client import AskResult, MeshClient
+from tests.conftest import Broker, NodeProcess, require_model, start_node
+
+pytestmark = pytest.mark.e2e
+
+PREFIX = ("The following are multiple choice questions (with answers) about astronomy.\n\n"
+          "Which planet is closest to the Sun?\nA. Venus\nB. Mercury\nC. Earth\nD. Mars\nAnswer: B\n\n")
+Q1 = "Which planet has the most moons?\nA. Saturn\nB. Mars\nC. Venus\nD. Mercury\nAnswer:"
+Q2 = "What is the largest planet?\nA. Earth\nB. Jupiter\nC. Mars\nD. Venus\nAnswer:"
+Q3 = "Which star is nearest to Earth?\nA. Sirius\nB. Vega\nC. The Sun\nD. Polaris\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def nodes(amqtt_broker: Broker, log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeProcess]]:
+    started = {
+        "c1": start_node(amqtt_broker, "c1", "smollm2-135m", log_dir),
+        "c2": start_node(amqtt_broker, "c2", "smollm2-135m", log_dir),
+        "c3": start_node(amqtt_broker, "c3", "smollm2-135m", log_dir, "--kv-wire", "int8"),
+        "c4": start_node(amqtt_broker, "c4", "smollm2-135m", log_dir, "--fetch-margin", "1000000"),
+    }
+    yield started
+    for n in started.values():
+        n.stop()
+
+
+def shared_chunk_tokens(a: str, b: str, chunk: int = 16) -> int:
+    """Tokens of the full chunks two prompts share (SmolLM2's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(require_model("smollm2-135m"))
+    x, y = tok(a)["input_ids"], tok(b)["input_ids"]
+    n = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+    return n // chunk * chunk
+
+
+def ask(client: MeshClient, text: str, node: str | None = None, **kw: object) -> AskResult:
+    return client.ask(text, node=node, max_new_tokens=kw.pop("max_new_tokens", 6), timeout=120, **kw)  # type: ignore[arg-type]
+
+
+def wait_catalog(client: MeshClient, broker: Broker, node: str, min_items: int, timeout: float = 10.0) -> Catalog:
+    """The node's retained catalog once it lists at least ``min_items`` keys."""
+    got: queue.Queue[bytes] = queue.Queue()
+    bus = MqttBus(f"cat-watch-{node}-{time.monotonic_ns() % 10**6}", broker.address)
+    bus.subscribe(topics.node_catalog(node), lambda t, p, r: got.put(p))
+    bus.start(10)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            env = wire.decode(got.get(timeout=max(0.1, deadline - time.monotonic())))
+            cat = Catalog.from_dict(dict(env.body))
+            if cat.count >= min_items:
+                return cat
+    finally:
+        bus.stop()
+
+
+def test_repeated_prompt_is_a_full_local_hit(amqtt_broker: Broker, nodes: dict) -> None:
+    with MeshClient(amqtt_broker.address) as client:
+        first = ask(client, PREFIX + Q1, "c1")
+        second = ask(client, PREFIX + Q1, "c1")
+        baseline = ask(client, PREFIX + Q1, "c1", no_cache=True)
+    assert first.node_figures["cache"]["decision"] in ("no-match", "recompute")
+    c = second.node_figures["cache"]
+    assert c["decision"] == "local" and c["full_hit"] and c["local_tokens"] == second.prompt_tokens
+    assert baseline.node_figures["cache"]["decision"] == "no-cache"
+    assert second.node_figures["token_ids"] == first.node_figures["token_ids"] == baseline.node_figures["token_ids"]
+    # no forward pass for the first token: the node-side prefill is a restore
+    assert second.node_figures["prefill_s"] < first.node_figures["prefill_s"] / 3
+
+
+def test_shared_prefix_is_fetched_from_the_peer_that_holds_it(amqtt_broker: Broker, nodes: dict) -> None:
+    with MeshClient(amqtt_broker.address) as client:
+        ask(client, PREFIX + Q2, "c1")
+        cat = wait_catalog(client, amqtt_broker, "c1", 5)
+        got = ask(client, PREFIX + Q2.replace("largest", "smallest"), "c2")
+        again = ask(client, PREFIX + Q2.replace("largest", "smallest"), "c2", no_cache=True)
+    c = got.node_figures["cache"]
+    shared = shared_chunk_tokens(PREFIX + Q2, PREFIX + Q2.replace("largest", "smallest"))
+    assert cat.count >= 5 and shared >= 48
+    assert c["decision"] == "remote" and c["peer"] == "c1", c
+    assert c["remote_tokens"] == shared and c["local_tokens"] == 0 and c["fetch_bytes"] > 0 and c["fetch_s"] > 0
+    assert c["est_transfer_s"] < c["est_recompute_s"]
+    assert got.node_figures["token_ids"] == again.node_figures["token_ids"]
+
+
+def test_int8_wire_moves_fewer_bytes_with_the_same_answer(amqtt_broker: Broker, nodes: dict) -> None:
+    # a prefix neither c2 nor c3 has seen; both ask a different question after it
+    prefix = PREFIX.replace("astronomy", "planetary science").replace("closest to", "nearest")
+    with MeshClient(amqtt_broker.address) as client:
+        ask(client, prefix + Q3, "c1")
+        wait_catalog(client, amqtt_broker, "c1", 7)
+        int8 = ask(client, prefix + Q1, "c3")
+        exact = ask(client, prefix + Q1, "c3", no_cache=True)
+        fp16 = ask(client, prefix + Q2, "c2")
+    a, b = fp16.node_figures["cache"], int8.node_figures["cache"]
+    assert a["decision"] == b["decision"] == "remote" and not a["full_hit"] and not b["full_hit"], (a, b)
+    per_token = a["fetch_bytes"] / a["remote_tokens"], b["fetch_bytes"] / b["remote_tokens"]
+    # SmolLM2: 30 layers x 2 x 3 heads x 64 dims = 11,520 values per token
+    assert 23_040 <= per_token[0] < 23_040 * 1.02
+    # int8 plus fp32 per-channel scales over 16 tokens: (1 + 4/16) / 2 = 0.625 of fp16
+    assert 0.6 < per_token[1] / per_token[0] < 0.65, per_token
+    assert int8.node_figures["token_ids"] == exact.node_figures["token_ids"]
+
+
+def test_fetch_is_skipped_when_recompute_is_cheaper(amqtt_broker: Broker, nodes: dict) -> None:
+    with MeshClient(amqtt_broker.address) as client:
+        ask(client, PREFIX + "Name a dwarf planet.\nAnswer:", "c1")
+        wait_catalog(client, amqtt_broker, "c1", 6)
+        got = ask(client, PREFIX + "Name a comet.\nAnswer:", "c4")
+    c = got.node_figures["cache"]
+    assert c["decision"] == "recompute" and c["peer"] == "c1" and c["remote_tokens"] == 0, c
+    assert c["est_transfer_s"] * 1_000_000 >= c["est_recompute_s"]
+
+
+def test_asks_without_node_go_to_the_node_holding_the_prefix(amqtt_broker: Broker, nodes: dict) -> None:
+    text = PREFIX + "Which planet is called the morning star?\nA. Venus\nB. Mars\nC. Jupiter\nD. Saturn\nAnswer:"
+    with MeshClient(amqtt_broker.address) as client:
+        ask(client, text, "c2")
+        wait_catalog(client, amqtt_broker, "c2", 8)
+        routed = [ask(client, text, model="smollm2-135m") for _ in range(3)]
+    assert [r.node for r in routed] == ["c2"] * 3
+    assert all(r.node_figures["cache"]["decision"] == "local" for r in routed)
+
+
+def test_heartbeat_carries_cache_figures(amqtt_broker: Broker, nodes: dict) -> None:
+    with MeshClient(amqtt_broker.address) as client:
+        ask(client, PREFIX + Q1, "c1")
+        deadline = time.monotonic() + 10
+        while True:
+            hb = next(v.heartbeat for v in client.nodes() if v.name == "c1")
+            cache = hb.get("cache", {})
+            if cache.get("hits", 0) >= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert cache["chunks"] >= 5 and cache["bytes"] > 0 and cache["hits"] >= 1 and cache["served_requests"] >= 1
+    assert 0 < cache["hit_rate"] <= 1 and "wasted_fetches" in cache and hb["link_bw_Bps"] > 0
+
+
+def test_restarted_node_keeps_its_cache(amqtt_broker: Broker, log_dir: Path, tmp_path: Path, nodes: dict) -> None:
+    store = tmp_path / "kv"
+    node = start_node(amqtt_broker, "p1", "smollm2-135m", log_dir, "--cache-dir", str(store))
+    try:
+        with MeshClient(amqtt_broker.address) as client:
+            first = ask(client, PREFIX + Q2, "p1", no_cache=False)
+        time.sleep(0.5)
+    finally:
+        node.stop()
+    assert any(store.glob("*.kv"))
+    node = start_node(amqtt_broker, "p1", "smollm2-135m", log_dir, "--cache-dir", str(store))
+    try:
+        with MeshClient(amqtt_broker.address) as client:
+            cat = wait_catalog(client, amqtt_broker, "p1", 5)
+            again = ask(client, PREFIX + Q2, "p1")
+    finally:
+        node.stop()
+    assert cat.count >= 5
+    assert again.node_figures["cache"]["decision"] == "local" and again.node_figures["cache"]["full_hit"]
+    assert again.node_figures["token_ids"] == first.node_figures["token_ids"]
