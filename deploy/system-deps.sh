@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Debian tools the tests and the testbed use: Mosquitto (the gateway broker) and its clients,
-# iproute2 and iptables (the emulated Pi cluster). Installs only what is missing.
+# iproute2 and iptables (the emulated Pi cluster), openssl (the gateway's local CA),
+# systemd-analyze and shellcheck (checks of deploy/). Installs only what is missing.
 set -euo pipefail
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || need+=(iptables)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 [ "${#need[@]}" -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

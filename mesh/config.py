@@ -69,6 +69,9 @@ class Timing:
     """Every period and timeout the processes use; tests shrink them."""
 
     heartbeat_s: float = 2.0
+    link_ping_s: float = 0.5  # link probe pace (mesh.linkstats)
+    link_late_s: float = 0.1
+    link_timeout_s: float = 2.0
     connect_timeout_s: float = 10.0
     keepalive_s: int = 10
     ask_timeout_s: float = 300.0

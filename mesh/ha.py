@@ -223,7 +223,8 @@ class Publication:
 
 def discovery_messages(node: str, prefix: str, *, sw_version: str, model: str | None = None) -> list[Publication]:
     """What a node publishes to be discovered: its own device and the shared assistant device."""
-    return [Publication(node_discovery_topic(prefix, node), encode(node_discovery(node, sw_version=sw_version, model=model))),
+    node_config = node_discovery(node, sw_version=sw_version, model=model)
+    return [Publication(node_discovery_topic(prefix, node), encode(node_config)),
             Publication(assistant_discovery_topic(prefix), encode(assistant_discovery(sw_version=sw_version)))]
 
 

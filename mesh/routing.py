@@ -42,6 +42,10 @@ class PeerTable:
     def set_status(self, name: str, online: bool) -> None:
         self._view(name).online = online
 
+    def forget(self, name: str) -> None:
+        """A decommissioned node (its retained status was cleared)."""
+        self._nodes.pop(name, None)
+
     def set_heartbeat(self, name: str, body: Mapping[str, Any], now: float) -> bool:
         """Record a heartbeat; returns False for one older than what we hold (out of order)."""
         view = self._view(name)

@@ -8,6 +8,8 @@ publisher cannot pick them by accident. Layout (``<n>`` is a node name, ``<c>`` 
     mesh/v1/node/<n>/ask        CBOR asks addressed to node <n>, QoS 1
     mesh/v1/node/<n>/catalog    CBOR Bloom catalog of <n>'s cached KV chunks, retained, QoS 1
     mesh/v1/node/<n>/kv         CBOR KV-chunk fetch requests to <n>, QoS 1
+    mesh/v1/node/<n>/halo       CBOR HALO MLP requests (and plan acks) to <n>, QoS 0
+    mesh/v1/plan                CBOR HALO plan of the coordinator, retained, QoS 1
     mesh/v1/reply/<c>           CBOR replies to requester <c> (tokens, answer, error, ping), QoS 1
     mesh/v1/route               CBOR asks for "any node": the router forwards each to one node
     mesh/v1/node/<n>/state      JSON copy of the heartbeat figures, retained (Home Assistant reads it)
@@ -35,6 +37,7 @@ ASK_TEXT = f"{ROOT}/ask/text"
 ALL_STATUS = f"{ROOT}/node/+/status"
 ALL_HEARTBEATS = f"{ROOT}/node/+/heartbeat"
 ALL_CATALOGS = f"{ROOT}/node/+/catalog"
+HALO_PLAN = f"{ROOT}/plan"
 
 ONLINE = b"online"
 OFFLINE = b"offline"
@@ -63,12 +66,14 @@ JSON_ASK = TopicSpec("json-ask", Format.JSON, qos=1, retain=False)
 JSON_ANSWER = TopicSpec("json-answer", Format.JSON, qos=1, retain=False)
 CATALOG = TopicSpec("catalog", Format.CBOR, qos=1, retain=True)
 NODE_KV = TopicSpec("kv", Format.CBOR, qos=1, retain=False)
+NODE_HALO = TopicSpec("halo", Format.CBOR, qos=0, retain=False)
+PLAN = TopicSpec("plan", Format.CBOR, qos=1, retain=True)
 NODE_STATE = TopicSpec("state", Format.JSON, qos=0, retain=True)
 TEXT_ASK = TopicSpec("text-ask", Format.TEXT, qos=1, retain=False)
 
 SPECS: dict[str, TopicSpec] = {s.name: s for s in
                                (STATUS, HEARTBEAT, NODE_ASK, REPLY, ROUTE_SPEC, JSON_ASK, JSON_ANSWER,
-                                NODE_STATE, TEXT_ASK, CATALOG, NODE_KV)}
+                                NODE_STATE, TEXT_ASK, CATALOG, NODE_KV, NODE_HALO, PLAN)}
 
 
 def node_status(node: str) -> str:
@@ -89,6 +94,10 @@ def node_catalog(node: str) -> str:
 
 def node_kv(node: str) -> str:
     return f"{ROOT}/node/{check_name(node)}/kv"
+
+
+def node_halo(node: str) -> str:
+    return f"{ROOT}/node/{check_name(node)}/halo"
 
 
 def node_ask(node: str) -> str:

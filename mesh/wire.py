@@ -48,6 +48,10 @@ class Kind(StrEnum):
     CATALOG = "catalog"  # a node's Bloom catalog of cached chunk keys (mesh.catalog)
     KV_FETCH = "kv-fetch"  # ask a peer for KV chunks by key
     KV_CHUNKS = "kv-chunks"  # a peer's answer: the chunks it really holds (mesh.kvstate codec)
+    HALO_PLAN = "halo-plan"  # the coordinator's neuron-group placement (mesh.scheduler.Plan)
+    HALO_ACK = "halo-ack"  # a worker holds the weights of a plan epoch
+    HALO_MLP = "halo-mlp"  # MLP input of one layer step, to a worker
+    HALO_PARTIAL = "halo-partial"  # a worker's partial down-projection for its groups
 
 
 # Body schemas: field -> (type or tuple of types, required). Unknown extra fields are allowed
@@ -71,6 +75,10 @@ _SCHEMAS: dict[Kind, dict[str, tuple[Any, bool]]] = {
                     "model": (bytes, True)},
     Kind.KV_CHUNKS: {"chunks": (list, True), "prompt": (dict, False), "part": (_INT, True),
                      "last": (_BOOL, True)},
+    Kind.HALO_PLAN: {"epoch": (_INT, True), "plan": (dict, True)},
+    Kind.HALO_ACK: {"epoch": (_INT, True)},
+    Kind.HALO_MLP: {"epoch": (_INT, True), "step": (_INT, True), "layer": (_INT, True), "x": (dict, True)},
+    Kind.HALO_PARTIAL: {"epoch": (_INT, True), "step": (_INT, True), "layer": (_INT, True), "y": (dict, True)},
 }
 
 

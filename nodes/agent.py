@@ -32,10 +32,10 @@ from mesh.model import Decoder, LoadedModel, load_model
 from mesh.lookup import LinkEstimate, NodeId, NodeLoad, route
 from mesh.routing import PeerTable, choose_node, router_of
 from nodes.cache import NodeCache
+from nodes.link import LinkProbe
 
 log = logging.getLogger(__name__)
 
-BANDWIDTH_PROBE_BYTES = 256 * 1024
 DEFAULT_LINK = LinkEstimate(bytes_per_s=2.5e6, rtt_s=0.01)  # ~21 Mbit/s Wi-Fi until measured
 
 WARMUP_TEXT = ("The mesh warms up its model once at start so that the first real prompt does not "
@@ -56,6 +56,10 @@ class AgentExtension:
 
     def on_heartbeat(self, body: dict[str, Any]) -> None:
         pass
+
+    def heartbeat_fields(self) -> dict[str, Any]:
+        """Extra heartbeat fields (e.g. ``{"halo": {...}}``); called on the heartbeat thread."""
+        return {}
 
     def stop(self) -> None:
         pass
@@ -96,6 +100,7 @@ class NodeAgent:
                  extensions: list[AgentExtension] | None = None) -> None:
         self.config = config
         self.extensions = list(extensions or [])
+        self.roles: list[str] = [r for e in self.extensions for r in getattr(e, "roles", ())]
         self.name = config.name
         self.limits = config.limits
         self.timing = config.timing
@@ -123,6 +128,9 @@ class NodeAgent:
                            will=(topics.node_status(self.name), topics.OFFLINE, topics.STATUS.qos, True),
                            keepalive=self.timing.keepalive_s)
         self.inbox = ReplyInbox(self.bus, f"node-{self.name}", self.rejects, self.limits.max_message_bytes)
+        self.link = LinkProbe(self.bus, self.inbox, self.name, interval_s=self.timing.link_ping_s,
+                              late_s=self.timing.link_late_s, timeout_s=self.timing.link_timeout_s)
+        self._wake = threading.Event()  # an answered ask: publish fresh load figures now
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -153,12 +161,14 @@ class NodeAgent:
             t = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        self.link.start()
         self._each_extension("start", self)
         log.info("node %s online with %s (%s)", self.name, self.loaded.key, self.loaded.model_key)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Go offline cleanly: status ``offline``, refuse queued asks, stop every thread."""
         self._stop.set()
+        self._wake.set()
         try:
             self.bus.publish_wait(topics.node_status(self.name), topics.OFFLINE, qos=1, retain=True, timeout=3.0)
         except MeshError as exc:
@@ -169,6 +179,7 @@ class NodeAgent:
             except queue.Empty:
                 break
             self._reply_error(job, "shutdown", f"node {self.name} is shutting down")
+        self.link.stop()
         for t in self._threads:
             t.join(timeout)
         self._each_extension("stop")
@@ -208,6 +219,12 @@ class NodeAgent:
 
     def _on_status(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = topics.parse_node_topic(topic)
+        if parsed is not None and payload == b"":  # cleared by a decommission
+            with self._peers_lock:
+                self.peers.forget(parsed[0])
+            if self.cache is not None:
+                self.cache.set_peer_catalog(parsed[0], None)
+            return
         if parsed is None or payload not in (topics.ONLINE, topics.OFFLINE):
             self.rejects.add("bad-status")
             return
@@ -387,6 +404,7 @@ class NodeAgent:
                     self.figures.busy_s += time.monotonic() - t0
                     self._job_started = None
                 self._running_job = False
+                self._wake.set()
 
     def _answer(self, job: Job) -> None:
         body = job.env.body
@@ -472,7 +490,7 @@ class NodeAgent:
                 "queue_max": self.limits.max_queue,
                 "load": round(self._load, 3), "prefill_tps": round(f.prefill_tps, 1),
                 "decode_tps": round(f.decode_tps, 1), "served": f.served, "failed": f.failed,
-                "last_ttft_s": f.last_ttft_s, "pid": os.getpid(), "roles": ["answer"],
+                "last_ttft_s": f.last_ttft_s, "pid": os.getpid(), "roles": ["answer", *self.roles],
                 "rejects": self.rejects.snapshot(), "cpu_load1": round(os.getloadavg()[0], 2),
             }
             if f.rtt_ms is not None:
@@ -490,25 +508,27 @@ class NodeAgent:
             return self.figures.busy_s + (now - started if started is not None else 0.0)
 
     def _heartbeat_loop(self) -> None:
-        last_busy, last_t = 0.0, time.monotonic()
+        last_busy, last_t, last_sent = 0.0, time.monotonic(), 0.0
         while not self._stop.is_set():
-            try:
-                rtt = self.inbox.ping(timeout=max(self.timing.heartbeat_s, 1.0))
-                with self.figures.lock:
-                    self.figures.ewma("rtt_ms", rtt * 1000.0)
-                if self._seq % 15 == 0:
-                    big = self.inbox.ping(timeout=10.0, pad=BANDWIDTH_PROBE_BYTES)
-                    bw = 2 * BANDWIDTH_PROBE_BYTES / max(big - rtt, 1e-4)
-                    with self.figures.lock:
-                        self.figures.ewma("link_bw", bw, alpha=0.5)
-            except (TransportError, ProtocolError) as exc:
-                log.info("ping failed: %s", exc)
+            self._wake.clear()
             now = time.monotonic()
-            busy_now = self._busy_total(now)
-            self._load = 0.7 * self._load + 0.3 * min(1.0, (busy_now - last_busy) / max(now - last_t, 1e-6))
-            last_busy, last_t = busy_now, now
+            rtt, bw = self.link.rtt_s(), self.link.bandwidth_Bps()
+            with self.figures.lock:
+                self.figures.rtt_ms = None if rtt is None else rtt * 1000.0
+                self.figures.link_bw = bw
+            if now - last_t >= self.timing.heartbeat_s / 2:  # the load EWMA runs at the heartbeat pace
+                busy_now = self._busy_total(now)
+                self._load = 0.7 * self._load + 0.3 * min(1.0, (busy_now - last_busy) / max(now - last_t, 1e-6))
+                last_busy, last_t = busy_now, now
             try:
-                env = wire.Envelope(wire.Kind.HEARTBEAT, self.name, self.heartbeat_body())
+                body = self.heartbeat_body()
+                body["link"] = self.link.snapshot()
+                for ext in self.extensions:
+                    try:
+                        body.update(ext.heartbeat_fields())
+                    except Exception:
+                        log.exception("extension %s heartbeat fields failed", type(ext).__name__)
+                env = wire.Envelope(wire.Kind.HEARTBEAT, self.name, body)
                 self.bus.publish(topics.node_heartbeat(self.name), wire.encode(env),
                                  qos=topics.HEARTBEAT.qos, retain=topics.HEARTBEAT.retain)
                 self.bus.publish(topics.node_state(self.name), json.dumps(env.body).encode(),
@@ -517,7 +537,10 @@ class NodeAgent:
                 self._each_extension("on_heartbeat", dict(env.body))
             except MeshError as exc:
                 log.warning("heartbeat not sent: %s", exc)
-            self._stop.wait(self.timing.heartbeat_s)
+            last_sent = time.monotonic()
+            # Wake early when an ask finished (routers see the queue drain), at most 10 times a second.
+            self._wake.wait(self.timing.heartbeat_s)
+            self._stop.wait(max(0.0, 0.1 - (time.monotonic() - last_sent)))
 
     # -- prompt cache: catalogs, serving peers, fetching ------------------------------------------
     def _default_link(self) -> LinkEstimate:

@@ -69,10 +69,15 @@ def cmd_node(args: argparse.Namespace) -> int:
     from nodes.agent import NodeAgent
     from nodes.settings import node_config
 
+    from nodes.ha import ha_extension_from_args, run_decommission
+
     _quiet_libraries()
     config = node_config(args)
+    if args.decommission:
+        return run_decommission(args, config)
     stop = _stop_on_signals()
-    agent = NodeAgent(config)
+    ha = ha_extension_from_args(args, config)
+    agent = NodeAgent(config, extensions=[ha] if ha else [])
     agent.start()
     print(f"node {config.name} online ({agent.loaded.model_key}) on {config.broker}", file=sys.stderr, flush=True)
     stop.wait()
@@ -172,6 +177,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nodes.ha import add_ha_arguments
+    from nodes.testbed import add_testbed_commands
+
     parser = argparse.ArgumentParser(prog="mesh", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fetch-margin", type=float, help="fetch KV only if transfer x margin < recompute (default 1)")
     p.add_argument("--no-cache", action="store_true", help="run without the prompt cache")
     _broker_flags(p)
+    add_ha_arguments(p)
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("ask", help="ask the mesh; prints the answer as it streams")
@@ -236,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", help="models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.add_argument("--json", default="out/run.json", help="where to write the results")
     p.set_defaults(func=cmd_run)
+    add_testbed_commands(sub)
     return parser
 
 

@@ -81,6 +81,10 @@ class MeshClient:
 
     def _on_status(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = topics.parse_node_topic(topic)
+        if parsed is not None and payload == b"":
+            with self._changed:
+                self.peers.forget(parsed[0])
+            return
         if parsed is None or payload not in (topics.ONLINE, topics.OFFLINE):
             self.rejects.add("bad-status")
             return

@@ -66,8 +66,10 @@ from mesh.testbed_plan import (
     owned,
     parse_loss,
     plan_cleanup,
+    plan_set_cpu,
     plan_set_loss,
     plan_set_rate,
+    plan_unthrottle,
     plan_up,
     spawn_argv,
 )
@@ -217,6 +219,14 @@ def read_state(run_dir: Path, instance: int) -> TestbedState | None:
         return None
 
 
+def in_use(run_dir: Path, instance: int) -> TestbedState | None:
+    """The state of ``instance`` if it is up: left running on purpose or its owner is alive."""
+    st = read_state(run_dir, instance)
+    if st is not None and (st.detached or (st.owner_pid != os.getpid() and _alive(st.owner_pid))):
+        return st
+    return None
+
+
 def _write_state(run_dir: Path, state: TestbedState) -> None:
     path = _state_path(run_dir, state.instance)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +243,9 @@ def teardown(instance: int | None, run_dir: Path = DEFAULT_RUN_DIR) -> dict[str,
     """
     with _locked(run_dir):
         mine = owned(scan(), instance)
+        for step in plan_unthrottle(mine):
+            with contextlib.suppress(MeshError):  # a cgroup may vanish meanwhile
+                execute([step])
         killed = _kill_all(mine)
         execute(plan_cleanup(mine))
         left = owned(scan(), instance)
@@ -336,8 +349,8 @@ class Testbed:
             raise ConfigError(f"testbed unavailable: {reason}")
         inst = self.spec.instance
         with _locked(self.run_dir):
-            old = read_state(self.run_dir, inst)
-            if old is not None and (old.detached or (old.owner_pid != os.getpid() and _alive(old.owner_pid))):
+            old = in_use(self.run_dir, inst)
+            if old is not None:
                 raise TestbedBusy(
                     f"testbed instance {inst} is up (owner pid {old.owner_pid}, detached={old.detached});"
                     f" run `mesh testbed down --instance {inst}` first"
@@ -478,6 +491,14 @@ class Testbed:
         """Change both directions of ``node``'s link to ``mbit`` Mbit/s (None: unshaped)."""
         execute(plan_set_rate(self.layout, node, mbit))
 
+    def set_cpu(self, node: str, cpu: CpuQuota | None) -> None:
+        """Change ``node``'s CPU quota live (None: unlimited), e.g. lift it while a model loads."""
+        execute(plan_set_cpu(self.layout, node, cpu))
+
+    def restore_cpu(self, node: str) -> None:
+        """Put back the quota the spec gives ``node``."""
+        self.set_cpu(node, None if node == GATEWAY else self.spec.node(node).cpu)
+
     def describe(self) -> dict[str, Any]:
         """The state document (what benchmark results record about the testbed)."""
         return json.loads(self._current_state().to_json())
@@ -498,6 +519,18 @@ class Testbed:
 
     def _save(self) -> None:
         _write_state(self.run_dir, self._current_state())
+
+
+def throttle(instance: int, nodes: Sequence[str] | None, on: bool, run_dir: Path = DEFAULT_RUN_DIR) -> list[str]:
+    """Apply (``on``) or lift the spec's CPU quotas of a running instance's nodes (None: all)."""
+    st = read_state(run_dir, instance)
+    if st is None:
+        raise ConfigError(f"testbed instance {instance} is not up")
+    lay = layout(st.spec)
+    names = list(nodes) if nodes else [str(n) for n in st.spec.names]
+    for name in names:
+        execute(plan_set_cpu(lay, name, st.spec.node(name).cpu if on else None))
+    return names
 
 
 def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen[Any] | None = None) -> None:
@@ -573,7 +606,9 @@ def _prompt_ids(tokenizer: Any, tokens: int) -> list[int]:
     return ids[:tokens]
 
 
-def _load_work(model: str, tokens: int, model_dir: Path | None, threads: int) -> tuple[Callable[[], None], dict[str, Any]]:
+def _load_work(
+    model: str, tokens: int, model_dir: Path | None, threads: int
+) -> tuple[Callable[[], None], dict[str, Any]]:
     """The unit of work a probe times, plus facts about it."""
     if model == "loop":
         n = tokens * LOOP_ITERS_PER_TOKEN
@@ -599,20 +634,24 @@ def _load_work(model: str, tokens: int, model_dir: Path | None, threads: int) ->
 
 
 def run_probe(model: str, tokens: int, *, model_dir: Path | None, threads: int, serve: bool, out: IO[str]) -> int:
-    """Time the probe work. One-shot: print one JSON line. ``serve``: print ``{"ready": ...}``,
-    then one ``{"seconds": ...}`` line per ``run`` line read from stdin, until ``quit`` or EOF.
+    """Time the probe work (after one warm-up run).
+
+    One-shot: print one JSON line with ``seconds`` (wall) and ``cpu_seconds`` (process CPU time).
+    ``serve``: print ``{"ready": true, ...}``, then one ``{"seconds", "cpu_seconds"}`` line per
+    ``run`` line read from stdin, until ``quit`` or EOF.
     """
     work, facts = _load_work(model, tokens, model_dir, threads)
     base = {"model": model, "tokens": tokens, "threads": threads, "pid": os.getpid()} | facts
     work()  # warm-up: first-call allocations are not part of the steady-state time
 
-    def timed() -> float:
-        t0 = time.perf_counter()
+    def timed() -> dict[str, float]:
+        c0, t0 = time.process_time(), time.perf_counter()
         work()
-        return time.perf_counter() - t0
+        t1, c1 = time.perf_counter(), time.process_time()
+        return {"seconds": round(t1 - t0, 4), "cpu_seconds": round(c1 - c0, 4)}
 
     if not serve:
-        print(json.dumps(base | {"seconds": round(timed(), 4)}), file=out, flush=True)
+        print(json.dumps(base | timed()), file=out, flush=True)
         return 0
     print(json.dumps(base | {"ready": True}), file=out, flush=True)
     for line in sys.stdin:
@@ -620,7 +659,7 @@ def run_probe(model: str, tokens: int, *, model_dir: Path | None, threads: int, 
         if cmd == "quit":
             break
         if cmd == "run":
-            print(json.dumps({"seconds": round(timed(), 4)}), file=out, flush=True)
+            print(json.dumps(timed()), file=out, flush=True)
     return 0
 
 
@@ -746,11 +785,13 @@ class _ProbeProcess:
             raise MeshError(f"probe exited ({self.proc.wait()}) before answering")
         return json.loads(line)
 
-    def run(self, timeout_s: float) -> float:
+    def run(self, timeout_s: float) -> tuple[float, float]:
+        """One timed run: (wall seconds, CPU seconds)."""
         assert self.proc.stdin is not None
         self.proc.stdin.write("run\n")
         self.proc.stdin.flush()
-        return float(self.receive(timeout_s)["seconds"])
+        doc = self.receive(timeout_s)
+        return float(doc["seconds"]), float(doc["cpu_seconds"])
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -812,25 +853,29 @@ def calibrate(
     try:
         ready = probe.receive(timeout_s=600)
         native = [probe.run(timeout_s=600) for _ in range(repeats)]
-        native_s = Trial(0, tuple(native)).median
-        log(f"calibrate: unthrottled {native_s:.3f} s ({', '.join(f'{x:.3f}' for x in native)})")
+        native_s = Trial(0, tuple(w for w, _ in native)).median
+        native_cpu_s = Trial(0, tuple(c for _, c in native)).median
+        log(f"calibrate: unthrottled {native_s:.3f} s wall, {native_cpu_s:.3f} s CPU")
         os.mkdir(group)
         Path(group, "cpu.cfs_period_us").write_text(str(period_us))
         Path(group, "cgroup.procs").write_text(str(probe.proc.pid))
         trials: list[Trial] = []
         run_timeout = max(60.0, 8 * target_s)
         for _ in range(max_trials):
-            q = next_quota(trials, target_s=target_s, period_us=period_us, native_s=native_s, tolerance=tolerance)
+            # CPU time, not wall time, predicts the quota'd time (other jobs may share the cores)
+            q = next_quota(trials, target_s=target_s, period_us=period_us, native_s=native_cpu_s, tolerance=tolerance)
             if q is None:
                 break
             Path(group, "cpu.cfs_quota_us").write_text(str(q))
-            samples = tuple(probe.run(timeout_s=run_timeout) for _ in range(repeats))
+            samples = tuple(probe.run(timeout_s=run_timeout)[0] for _ in range(repeats))
             trials.append(Trial(q, samples))
             log(f"calibrate: quota {q} us / {period_us} us -> {trials[-1].median:.3f} s {list(samples)}")
         best = closest_trial(trials, target_s)
         if abs(best.median - target_s) > accept * target_s:
             raise MeshError(f"calibration did not converge: best {best.quota_us} us gave {best.median:.2f} s")
     finally:
+        with contextlib.suppress(OSError):  # let the probe exit at full speed
+            Path(group, "cpu.cfs_quota_us").write_text("-1")
         probe.close()
         _rmdir(group)
     return Calibration(
@@ -844,6 +889,7 @@ def calibrate(
         measured_s=round(best.median, 4),
         samples=best.samples,
         native_s=round(native_s, 4),
+        native_cpu_s=round(native_cpu_s, 4),
         date=date,
         machine=machine_info() | {k: ready[k] for k in ("torch",) if k in ready},
         trials=tuple(trials),
@@ -890,11 +936,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         tb.start_broker(args.broker)
         if not args.no_nodes:
             for n in spec.names:
+                if args.load_unthrottled:
+                    tb.set_cpu(n, None)
                 tb.start_node(n, args.model)
     except BaseException:
         tb.down()
         raise
     print(json.dumps(tb.describe(), indent=2))
+    if args.load_unthrottled and any(n.cpu for n in spec.nodes):
+        print(f"nodes run unthrottled: `mesh testbed throttle --on --instance {spec.instance}` once they"
+              " are ready", file=sys.stderr)
+    return 0
+
+
+def cmd_throttle(args: argparse.Namespace) -> int:
+    names = throttle(args.instance, args.node, on=args.on, run_dir=Path(args.run_dir))
+    print(f"cpu quota {'on' if args.on else 'off'} for {', '.join(names)}")
     return 0
 
 
@@ -976,6 +1033,8 @@ def _add_commands(sub: Any) -> None:
     up.add_argument("--instance", type=int, default=0, choices=range(0, MAX_INSTANCE), metavar="0..98")
     up.add_argument("--no-nodes", action="store_true", help="only the network and the broker")
     up.add_argument("--cache-dir", default=None, help="calibration cache (default ~/.cache/mesh/testbed)")
+    up.add_argument("--load-unthrottled", action="store_true",
+                    help="start nodes without their CPU quota (model loading); apply it with `throttle --on`")
     common(up)
     up.set_defaults(func=cmd_up)
 
@@ -989,6 +1048,15 @@ def _add_commands(sub: Any) -> None:
     st.add_argument("--json", action="store_true")
     common(st)
     st.set_defaults(func=cmd_status)
+
+    thr = sub.add_parser("throttle", help="apply or lift the profile's CPU quota of running nodes")
+    thr.add_argument("--instance", type=int, default=0)
+    thr.add_argument("--node", action="append", help="a node (repeatable; default: all)")
+    onoff = thr.add_mutually_exclusive_group(required=True)
+    onoff.add_argument("--on", action="store_true")
+    onoff.add_argument("--off", action="store_true")
+    common(thr)
+    thr.set_defaults(func=cmd_throttle)
 
     cal = sub.add_parser("calibrate", help="measure the CPU quota of a device profile")
     cal.add_argument("--profile", choices=PROFILE_NAMES, required=True)

@@ -122,7 +122,7 @@ def test_fetch_is_skipped_when_recompute_is_cheaper(amqtt_broker: Broker, nodes:
         wait_catalog(client, amqtt_broker, "c1", 6)
         got = ask(client, PREFIX + "Name a comet.\nAnswer:", "c4")
     c = got.node_figures["cache"]
-    assert c["decision"] == "recompute" and c["peer"] == "c1" and c["remote_tokens"] == 0, c
+    assert c["decision"] == "recompute" and c["peer"] in ("c1", "c2", "c3") and c["remote_tokens"] == 0, c
     assert c["est_transfer_s"] * 1_000_000 >= c["est_recompute_s"]
 
 

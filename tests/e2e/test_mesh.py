@@ -55,7 +55,9 @@ def test_cli_ask_json_reports_answer_and_figures(amqtt_broker: Broker, mesh_node
     assert "Paris" in result["answer"]
     assert result["prompt_tokens"] == 5 and 1 <= result["new_tokens"] <= 8
     assert 0 < result["ttft_s"] <= result["ttlt_s"] < 60
-    assert result["cache"] == {"local_tokens": 0, "remote_tokens": 0, "peer": None}
+    cache = result["cache"]
+    assert (cache["local_tokens"], cache["remote_tokens"], cache["peer"]) == (0, 0, None)
+    assert cache["decision"] == "no-match" and cache["full_hit"] is False
 
 
 def test_cli_ask_streams_text(amqtt_broker: Broker, mesh_nodes: dict) -> None:

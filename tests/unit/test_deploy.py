@@ -1,0 +1,143 @@
+"""deploy/: systemd units pass `systemd-analyze verify`, scripts pass shellcheck, and the Mosquitto
+config's caps match the mesh's. Missing Debian tools are installed with deploy/system-deps.sh;
+a test skips only when that is impossible (not root, no network)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mesh.config import Limits
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+UNITS = ("mesh-broker.service", "mesh-node@.service", "mesh-coordinator.service")
+SCRIPTS = ("install.sh", "mosquitto/make-users.sh", "mosquitto/make-certs.sh", "system-deps.sh")
+MESH_EXE = "/opt/mesh/.venv/bin/mesh"
+
+
+def need_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        try:
+            subprocess.run([str(DEPLOY / "system-deps.sh")], check=True, capture_output=True, timeout=600)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+            pytest.skip(f"{name} is not installed and deploy/system-deps.sh could not install it: {exc}")
+        path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed and deploy/system-deps.sh did not provide it")
+    return path
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = need_tool("systemd-analyze")
+    # verify checks that ExecStart's program exists: point the units at a stand-in for the
+    # venv's `mesh` (install.sh creates the real one); everything else is verified as shipped.
+    fake = tmp_path / "bin" / "mesh"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    units = tmp_path / "units"
+    units.mkdir()
+    for name in UNITS:
+        text = (DEPLOY / "systemd" / name).read_text()
+        assert "[Install]" in text and "Restart=on-failure" in text, name
+        (units / name).write_text(text.replace(MESH_EXE, str(fake)))
+    # a template is verified through an instance of it
+    (units / "mesh-node@pi1.service").write_text((units / "mesh-node@.service").read_text())
+    paths = [str(units / n) for n in ("mesh-broker.service", "mesh-coordinator.service", "mesh-node@pi1.service")]
+    result = subprocess.run([analyze, "verify", "--man=no", *paths], capture_output=True, text=True, timeout=120)
+    # verify exits 0 on some parse warnings ("ignoring"): any output about our units is a failure
+    ours = [line for line in (result.stdout + result.stderr).splitlines() if str(units) in line or ".service" in line]
+    assert result.returncode == 0 and not ours, result.stdout + result.stderr
+
+    # and it does catch a broken unit (so the check above means something)
+    bad = units / "broken.service"
+    bad.write_text(f"[Service]\nExecStart={fake}\nRestart=sometimes\n")
+    result = subprocess.run([analyze, "verify", "--man=no", str(bad)], capture_output=True, text=True, timeout=60)
+    assert "broken.service" in result.stdout + result.stderr
+
+
+def test_node_unit_uses_the_node_name_as_username() -> None:
+    text = (DEPLOY / "systemd" / "mesh-node@.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.*)$", text, re.M)
+    assert exec_start is not None
+    assert "--name %i --username %i --password-file %d/" in exec_start.group(1)
+    assert "EnvironmentFile=/etc/mesh/mesh.env" in text
+
+
+def test_scripts_pass_shellcheck() -> None:
+    shellcheck = need_tool("shellcheck")
+    paths = [str(DEPLOY / s) for s in SCRIPTS]
+    result = subprocess.run([shellcheck, "--severity=style", *paths], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for s in SCRIPTS:
+        assert (DEPLOY / s).stat().st_mode & 0o111, f"{s} is not executable"
+    help_text = subprocess.run(["bash", str(DEPLOY / "install.sh"), "--help"], capture_output=True, text=True,
+                               timeout=30)
+    assert help_text.returncode == 0 and "--gateway" in help_text.stdout
+
+
+def _conf_value(key: str) -> int:
+    text = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text()
+    m = re.search(rf"^{key}\s+(\d+)\s*$", text, re.M)
+    assert m is not None, key
+    return int(m.group(1))
+
+
+def test_mosquitto_caps_match_the_mesh_limits() -> None:
+    cap = Limits().max_message_bytes
+    payload, packet = _conf_value("message_size_limit"), _conf_value("max_packet_size")
+    # the largest mesh message passes, with the envelope's slack; a packet holds it and any topic
+    assert cap <= payload <= cap + 64 * 1024
+    assert packet >= payload + 5 + 2 + 65535 + 2  # fixed header, topic length + topic, packet id
+    assert packet <= cap + 256 * 1024
+    text = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text()
+    for line in ("allow_anonymous false", "set_tcp_nodelay true", "persistence true", "per_listener_settings false"):
+        assert re.search(rf"^{line}$", text, re.M), line
+
+
+def test_make_users_renders_one_acl_block_per_node(tmp_path: Path) -> None:
+    need_tool("mosquitto_passwd")
+    script = DEPLOY / "mosquitto" / "make-users.sh"
+    subprocess.run([str(script), "-d", str(tmp_path), "-p", "ha2", "pi1", "pi-2"], check=True, capture_output=True)
+    acl = (tmp_path / "acl").read_text()
+    rules = "\n".join(line for line in acl.splitlines() if not line.startswith("#"))
+    users = re.findall(r"^user (\S+)$", acl, re.M)
+    assert users == ["homeassistant", "asker", "coordinator", "pi1", "pi-2"]
+    assert "@" not in rules and "#@node" not in acl
+    assert "topic readwrite mesh/v1/node/pi-2/#" in acl and "topic readwrite mesh/v1/reply/node-pi1" in acl
+    assert "topic write ha2/device/mesh_node_pi1/config" in acl and "topic readwrite ha2/#" in acl
+    assert not re.search(r"^pattern ", acl, re.M)  # patterns would apply to every user
+    passwd = (tmp_path / "passwd").read_text().splitlines()
+    assert [line.split(":")[0] for line in passwd] == users
+    first = (tmp_path / "secrets" / "pi1.password").read_text()
+    # re-running (to add a node) keeps the existing passwords
+    subprocess.run([str(script), "-d", str(tmp_path), "pi1", "pi-2", "pi3"], check=True, capture_output=True)
+    assert (tmp_path / "secrets" / "pi1.password").read_text() == first
+    assert re.findall(r"^user (\S+)$", (tmp_path / "acl").read_text(), re.M)[-1] == "pi3"
+    for bad in ("asker", "bad/name", "-x"):
+        result = subprocess.run([str(script), "-d", str(tmp_path), bad], capture_output=True, text=True)
+        assert result.returncode != 0, bad
+
+
+def test_make_certs_makes_a_ca_and_a_server_certificate(tmp_path: Path) -> None:
+    openssl = need_tool("openssl")
+    script = DEPLOY / "mosquitto" / "make-certs.sh"
+    subprocess.run([str(script), "-d", str(tmp_path), "gateway.local", "192.168.1.2"], check=True,
+                   capture_output=True)
+    ca = (tmp_path / "ca.crt").read_bytes()
+    verify = subprocess.run([openssl, "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "server.crt")],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
+    san = subprocess.run([openssl, "x509", "-in", str(tmp_path / "server.crt"), "-noout", "-ext", "subjectAltName"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "DNS:gateway.local" in san and "IP Address:192.168.1.2" in san
+    assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0
+    # a second run renews the server certificate under the same CA
+    subprocess.run([str(script), "-d", str(tmp_path), "gateway.local"], check=True, capture_output=True)
+    assert (tmp_path / "ca.crt").read_bytes() == ca
