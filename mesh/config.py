@@ -70,7 +70,7 @@ class Timing:
 
     heartbeat_s: float = 2.0
     link_ping_s: float = 0.5  # link probe pace (mesh.linkstats)
-    link_late_s: float = 0.1
+    link_late_s: float = 0.02  # a reply later than this counts as late (a TCP retransmission stall)
     link_timeout_s: float = 2.0
     connect_timeout_s: float = 10.0
     keepalive_s: int = 10

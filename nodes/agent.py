@@ -82,13 +82,16 @@ class Figures:
 
     served: int = 0
     failed: int = 0
-    prefill_tps: float = 0.0
+    prefill_spt: float = 0.0  # seconds per prompt token, EWMA: a slow-down shows up at once
     decode_tps: float = 0.0
     rtt_ms: float | None = None
     link_bw: float | None = None  # bytes/s through the broker, from large self-pings
     busy_s: float = 0.0
     last_ttft_s: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def prefill_tps(self) -> float:
+        return 1.0 / self.prefill_spt if self.prefill_spt > 0 else 100.0
 
     def ewma(self, name: str, value: float, alpha: float = 0.3) -> None:
         old = getattr(self, name)
@@ -202,7 +205,7 @@ class NodeAgent:
             t0 = time.perf_counter()
             self.decoder.prefill(ids)
             best = min(best, time.perf_counter() - t0)
-        self.figures.prefill_tps = len(ids) / max(best, 1e-6)
+        self.figures.prefill_spt = max(best, 1e-6) / len(ids)
 
     # -- handlers (network thread: decode, check, enqueue; never torch) --------------------------
     def _decode(self, payload: bytes, kind: wire.Kind) -> wire.Envelope | None:
@@ -428,7 +431,7 @@ class NodeAgent:
         prepare = None
         if self.cache is not None and not body.get("no_cache"):
             def prepare() -> tuple[Any, Any]:
-                prepared = self.cache.prepare(ids, self.figures.prefill_tps or 100.0, self._default_link(),
+                prepared = self.cache.prepare(ids, self.figures.prefill_tps(), self._default_link(),
                                               self._fetch_chunks, self._peer_links())
                 cache_info.clear()
                 cache_info.update(prepared.info)
@@ -443,7 +446,7 @@ class NodeAgent:
             computed = len(ids) - cache_info.get("local_tokens", 0) - cache_info.get("remote_tokens", 0)
             if gen.prefill_s > 0 and computed >= 16 and not cache_info.get("full_hit"):
                 # Only real prefills measure prefill speed (a cache hit would inflate it).
-                self.figures.ewma("prefill_tps", computed / gen.prefill_s)
+                self.figures.ewma("prefill_spt", gen.prefill_s / computed)
             if len(gen.token_ids) > 1 and gen.decode_s > 0:
                 self.figures.ewma("decode_tps", (len(gen.token_ids) - 1) / gen.decode_s)
         answer = {
@@ -488,7 +491,7 @@ class NodeAgent:
                 "model": self.loaded.key, "model_key": self.loaded.model_key,
                 "queue": self._jobs.qsize() + (1 if self._running_job else 0),
                 "queue_max": self.limits.max_queue,
-                "load": round(self._load, 3), "prefill_tps": round(f.prefill_tps, 1),
+                "load": round(self._load, 3), "prefill_tps": round(f.prefill_tps(), 1),
                 "decode_tps": round(f.decode_tps, 1), "served": f.served, "failed": f.failed,
                 "last_ttft_s": f.last_ttft_s, "pid": os.getpid(), "roles": ["answer", *self.roles],
                 "rejects": self.rejects.snapshot(), "cpu_load1": round(os.getloadavg()[0], 2),

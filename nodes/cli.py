@@ -177,6 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nodes.bench_cache import add_bench_cache
     from nodes.ha import add_ha_arguments
     from nodes.testbed import add_testbed_commands
 
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", help="converted models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--heartbeat", type=float, help="heartbeat period in seconds (default 2)")
+    p.add_argument("--link-ping", type=float, help="link probe period in seconds (default 0.5)")
     p.add_argument("--max-queue", type=int, help="asks queued before answering 'busy' (default 32)")
     p.add_argument("--cache-mb", type=float, help="prompt-cache byte budget in MiB (default 256)")
     p.add_argument("--cache-dir", help="persist the prompt cache here (a restarted node keeps it)")
@@ -246,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default="out/run.json", help="where to write the results")
     p.set_defaults(func=cmd_run)
     add_testbed_commands(sub)
+    bench = sub.add_parser("bench", help="benchmarks (JSON + PNG)").add_subparsers(dest="bench", required=True)
+    add_bench_cache(bench)
     return parser
 
 

@@ -83,6 +83,7 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
     try:
         threads = int(_pick(getattr(args, "threads", None), env, "MESH_THREADS", table, "threads", 0))
         heartbeat = float(_pick(getattr(args, "heartbeat", None), env, "MESH_HEARTBEAT_S", table, "heartbeat_s", 2.0))
+        link_ping = float(_pick(getattr(args, "link_ping", None), env, "MESH_LINK_PING_S", table, "link_ping_s", 0.5))
         max_queue = int(_pick(getattr(args, "max_queue", None), env, "MESH_MAX_QUEUE", table, "max_queue", 32))
         cache_mb = float(_pick(getattr(args, "cache_mb", None), env, "MESH_CACHE_MB", table, "cache_mb", 256))
         chunk = int(_pick(getattr(args, "chunk_size", None), env, "MESH_CHUNK_SIZE", table, "chunk_size", 16))
@@ -104,5 +105,5 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
         home=mesh_home(args, env),
         threads=threads,
         limits=Limits(max_queue=max_queue),
-        timing=Timing(heartbeat_s=heartbeat),
+        timing=Timing(heartbeat_s=heartbeat, link_ping_s=link_ping),
     )

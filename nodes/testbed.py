@@ -76,6 +76,7 @@ from mesh.testbed_plan import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUN_DIR = Path("/run/mesh-testbed")
+CALIBRATION_DEFAULT_DIR = Path.home() / ".cache" / "mesh" / "testbed"
 PROBE_INSTANCE = 99  # reserved for capability checks; user instances are 0..98
 STEP_TIMEOUT_S = 30.0
 LOOP_ITERS_PER_TOKEN = 100_000
@@ -477,9 +478,44 @@ class Testbed:
         wait_for_port(host, port, timeout_s, proc)
         return proc
 
-    def start_node(self, name: str, model: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[Any]:
-        argv = node_argv(self.python, name, self.broker_url, model)
+    def start_node(self, name: str, model: str, env: Mapping[str, str] | None = None,
+                   extra: Sequence[str] = ()) -> subprocess.Popen[Any]:
+        argv = (*node_argv(self.python, name, self.broker_url, model), *extra)
         return self.spawn(name, argv, env=env, role="node", log=self.log_path(f"node-{name}"))
+
+    def start_nodes(self, model: str, names: Sequence[str] | None = None, extra: Sequence[str] = (),
+                    timeout_s: float = 300.0) -> dict[str, subprocess.Popen[Any]]:
+        """Start mesh nodes and return once all are online with ``model``.
+
+        A quota'd device would need minutes to load a model (6 s of CPU at 1.9 % of a core), so
+        nodes load unthrottled and get their quota back once online. Quota'd nodes run one torch
+        thread: the calibration measured one thread, and the quota is per cgroup anyway.
+        """
+        from mesh.config import BrokerAddress
+        from nodes.client import MeshClient
+
+        names = list(names or self.spec.names)
+        procs: dict[str, subprocess.Popen[Any]] = {}
+        for n in names:
+            quota = self.spec.node(n).cpu
+            self.set_cpu(n, None)
+            procs[n] = self.start_node(n, model, extra=[*extra, *(["--threads", "1"] if quota else [])])
+        host, port = self.broker_address
+        deadline = time.monotonic() + timeout_s
+        with MeshClient(BrokerAddress(host, port), name=f"testbed-{self.spec.instance}") as client:
+            while True:
+                dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
+                if dead:
+                    raise MeshError(f"testbed nodes exited while starting: {dead} (logs in {self.log_path('')})")
+                try:
+                    client.wait_online(names, 1.0, ready=lambda v: v.model == model)
+                    break
+                except MeshError:
+                    if time.monotonic() > deadline:
+                        raise
+        for n in names:
+            self.restore_cpu(n)
+        return procs
 
     # -- live changes
 
@@ -919,7 +955,7 @@ def save_calibration(cache_dir: Path, cal: Calibration) -> Path:
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
-    return Path(args.cache_dir).expanduser() if args.cache_dir else Path.home() / ".cache" / "mesh" / "testbed"
+    return Path(args.cache_dir).expanduser() if args.cache_dir else CALIBRATION_DEFAULT_DIR
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -935,10 +971,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         tb.start_broker(args.broker)
         if not args.no_nodes:
-            for n in spec.names:
-                if args.load_unthrottled:
+            if args.load_unthrottled:
+                for n in spec.names:
                     tb.set_cpu(n, None)
-                tb.start_node(n, args.model)
+                    tb.start_node(n, args.model)
+            else:
+                tb.start_nodes(args.model)
     except BaseException:
         tb.down()
         raise

@@ -42,7 +42,7 @@ def test_unknown_model_is_a_config_error() -> None:
 
 
 def _args(**kw: object) -> argparse.Namespace:
-    base = dict(name=None, model=None, home=None, cache_dir=None, threads=None, heartbeat=None, max_queue=None, broker=None, cache_mb=None, chunk_size=None, kv_wire=None, no_cache=False, fetch_margin=None,
+    base = dict(name=None, model=None, home=None, cache_dir=None, threads=None, heartbeat=None, max_queue=None, broker=None, cache_mb=None, chunk_size=None, kv_wire=None, no_cache=False, fetch_margin=None, link_ping=None,
                 username=None, password_file=None, tls_ca=None, tls_cert=None, tls_key=None, config=None)
     base.update(kw)
     return argparse.Namespace(**base)
