@@ -89,7 +89,7 @@ class CacheConfig:
     persist_dir: Path | None = None
     fp_rate: float = 0.01
     route_threshold: int = 2  # queue excess over the least-loaded node that overrides cache affinity
-    fetch_margin: float = 1.0  # fetch only if transfer * margin < recompute
+    fetch_margin: float = 1.2  # fetch only if transfer * margin < recompute: estimates err, "never slower" must not
     fetch_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:

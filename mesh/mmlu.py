@@ -56,7 +56,13 @@ def header(subject: str) -> str:
 
 
 def one_shot_prompt(example: Question, q: Question) -> str:
-    return header(q.subject) + format_question(example, True) + "\n\n" + format_question(q, False)
+    return few_shot_prompt([example], q)
+
+
+def few_shot_prompt(examples: list[Question], q: Question) -> str:
+    """Header, the answered examples, then the question: the k-shot MMLU layout."""
+    shots = "".join(format_question(e, True) + "\n\n" for e in examples)
+    return header(q.subject) + shots + format_question(q, False)
 
 
 _LETTER = re.compile(r"\b([ABCD])\b")

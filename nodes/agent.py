@@ -27,7 +27,7 @@ from typing import Any
 from mesh import topics, wire
 from mesh.bus import MqttBus, ReplyInbox
 from mesh.config import NodeConfig
-from mesh.errors import MeshError, ProtocolError, TransportError
+from mesh.errors import MeshError, ProtocolError
 from mesh.model import Decoder, LoadedModel, load_model
 from mesh.lookup import LinkEstimate, NodeId, NodeLoad, route
 from mesh.routing import PeerTable, choose_node, router_of
@@ -83,6 +83,7 @@ class Figures:
     served: int = 0
     failed: int = 0
     prefill_spt: float = 0.0  # seconds per prompt token, EWMA: a slow-down shows up at once
+    spt_measured: bool = False  # False while prefill_spt is only the start-up warm-up's figure
     decode_tps: float = 0.0
     rtt_ms: float | None = None
     link_bw: float | None = None  # bytes/s through the broker, from large self-pings
@@ -443,10 +444,16 @@ class NodeAgent:
         with self.figures.lock:
             self.figures.served += 1
             self.figures.last_ttft_s = ttft
-            computed = len(ids) - cache_info.get("local_tokens", 0) - cache_info.get("remote_tokens", 0)
-            if gen.prefill_s > 0 and computed >= 16 and not cache_info.get("full_hit"):
-                # Only real prefills measure prefill speed (a cache hit would inflate it).
-                self.figures.ewma("prefill_spt", gen.prefill_s / computed)
+            # Learn prefill speed from forwards alone (not restores or fetches), and only from
+            # long enough ones: a short forward is mostly fixed per-call overhead.
+            computed = int(cache_info.get("computed_tokens", len(ids) if prepare is None else 0))
+            seconds = float(cache_info.get("compute_s", gen.prefill_s if prepare is None else 0.0))
+            if computed >= 64 and seconds > 0:
+                spt = seconds / computed
+                if self.figures.spt_measured:
+                    self.figures.ewma("prefill_spt", spt, alpha=0.5)
+                else:  # the warm-up ran while other processes loaded: a real ask replaces it
+                    self.figures.prefill_spt, self.figures.spt_measured = spt, True
             if len(gen.token_ids) > 1 and gen.decode_s > 0:
                 self.figures.ewma("decode_tps", (len(gen.token_ids) - 1) / gen.decode_s)
         answer = {
@@ -457,6 +464,9 @@ class NodeAgent:
             "decode_s": round(gen.decode_s, 6), "stop_reason": gen.stop_reason,
             "cache": cache_info,
         }
+        log.info("answered %s: %d prompt tokens (cache %s, %d local, %d remote), %d new, TTFT %.3f s, TTLT %.3f s",
+                 job.env.corr, len(ids), cache_info.get("decision"), cache_info.get("local_tokens", 0),
+                 cache_info.get("remote_tokens", 0), len(gen.token_ids), ttft, done - job.received)
         if job.json_reply:
             answer["id"] = job.env.corr
             self._publish_json(job, answer)

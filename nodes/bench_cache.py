@@ -28,8 +28,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mesh import mmlu
+from mesh import mmlu, topics, wire
 from mesh.config import BrokerAddress
+from mesh.errors import ProtocolError
 from mesh.testbed_plan import device_profile, make_spec
 from nodes.client import MeshClient
 from nodes.settings import mesh_home
@@ -59,7 +60,8 @@ def run_profile(profile: str, items: list[tuple[tuple[str, mmlu.Question], tuple
         tb.start_broker(args.broker)
         tb.start_nodes(args.model, extra=["--kv-wire", args.kv_wire, "--heartbeat", "1"])
         host, port = tb.broker_address
-        with MeshClient(BrokerAddress(host, port), name=f"bench-{spec.instance}") as client:
+        catalogs = CatalogWatch(BrokerAddress(host, port), "pi1")
+        with MeshClient(BrokerAddress(host, port), name=f"bench-{spec.instance}") as client, catalogs:
             time.sleep(3.0)  # the nodes' first bandwidth probes (2 s after start) feed the fetch decision
 
             def ask(kind: str, node: str, prompt: str, q: mmlu.Question, no_cache: bool) -> dict[str, Any]:
@@ -79,7 +81,10 @@ def run_profile(profile: str, items: list[tuple[tuple[str, mmlu.Question], tuple
                     progress.update(task, description=f"{profile}: {q_full.subject[:28]}")
                     ask("miss", "pi2", p_full, q_full, True)
                     tb.set_cpu("pi1", None)  # setup only: pi1 computes the prompt that pi2 will reuse
+                    epoch = catalogs.epoch
                     ask("seed", "pi1", p_full, q_full, False)
+                    catalogs.wait_newer(epoch, timeout=30.0)  # pi1 advertised it...
+                    time.sleep(0.5)  # ...and pi2 has read the catalog
                     tb.restore_cpu("pi1")
                     ask("hit", "pi2", p_full, q_full, False)
                     ask("partial-miss", "pi2", p_part, q_part, True)
@@ -87,6 +92,40 @@ def run_profile(profile: str, items: list[tuple[tuple[str, mmlu.Question], tuple
                     progress.advance(task)
         testbed = tb.describe()
     return {"profile": profile, "testbed": testbed, "rows": rows, "summary": summarize(rows)}
+
+
+class CatalogWatch:
+    """The latest catalog epoch a node published (the bench waits for it after seeding)."""
+
+    def __init__(self, broker: BrokerAddress, node: str) -> None:
+        import threading
+
+        from mesh.bus import MqttBus
+
+        self.epoch = -1
+        self._cond = threading.Condition()
+        self._bus = MqttBus(f"bench-catalog-{node}-{int(time.time() * 1000) % 10**6}", broker)
+        self._bus.subscribe(topics.node_catalog(node), self._on_catalog)
+
+    def _on_catalog(self, topic: str, payload: bytes, retained: bool) -> None:
+        try:
+            env = wire.decode(payload)
+        except ProtocolError:
+            return
+        with self._cond:
+            self.epoch = max(self.epoch, int(env.body.get("epoch", -1)))
+            self._cond.notify_all()
+
+    def wait_newer(self, epoch: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.epoch > epoch, timeout)
+
+    def __enter__(self) -> "CatalogWatch":
+        self._bus.start(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bus.stop()
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:

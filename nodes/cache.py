@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -256,7 +257,10 @@ class NodeCache:
             self._count(True, True)
             return Prepared(prompt["logits"].to(torch.float32), cache, info)
         cache = kvstate.restore_cache(self.model_config, chunks, capture=True)
+        t0 = time.perf_counter()
         logits, cache = self.decoder.prefill(ids, cache, start=local * C)
+        # The forward alone: what the node's prefill-speed estimate may learn from.
+        info.update(compute_s=time.perf_counter() - t0, computed_tokens=len(ids) - local * C)
         new = kvstate.cut_chunks(cache, local, n_full - local, C)
         tail = kvstate.cut_span(cache, n_full * C, len(ids))
         kvstate.end_capture(cache)
@@ -282,6 +286,7 @@ class NodeCache:
         want = keys[local:local + decision.remote_chunks]
         full = local + decision.remote_chunks == len(keys)
         timeout = min(self.config.fetch_timeout_s, 3.0 * (decision.est_transfer_s or 1.0) + 2.0)
+        started = time.perf_counter()
         result = fetch(peer, list(want), pkey if full else None, timeout)
         with self.lock:
             self.figures.fetches += 1
@@ -290,7 +295,6 @@ class NodeCache:
         if result is not None:
             raw_chunks, raw_prompt, nbytes, seconds = result
             info.update(fetch_bytes=nbytes, fetch_s=round(seconds, 6))
-            self.note_link(peer, nbytes, seconds, rtt_s)
             for key, raw in zip(want, raw_chunks):
                 try:
                     got.append(kvstate.decode_chunk(raw, self.layout, self.chunk_size, key=key, model=self.digest))
@@ -311,6 +315,10 @@ class NodeCache:
             with self.lock:
                 self.figures.wasted_fetches += 1
                 self.figures.wasted_by_peer[peer] = self.figures.wasted_by_peer.get(peer, 0) + 1
+        if result is not None and got:
+            # What a fetch really costs this node: the peer's encoding, the link and our decoding,
+            # so the next decision compares recompute with all of it, not with the link alone.
+            self.note_link(peer, info["fetch_bytes"], time.perf_counter() - started, rtt_s)
         with self.lock:
             change = self.store.put_chain(want[:len(got)], got, [c.nbytes for c in got],
                                           parent=keys[local - 1] if local else None)

@@ -70,6 +70,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from nodes.settings import node_config
 
     from nodes.ha import ha_extension_from_args, run_decommission
+    from nodes.halo_cli import halo_extensions_from_args
 
     _quiet_libraries()
     config = node_config(args)
@@ -77,7 +78,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         return run_decommission(args, config)
     stop = _stop_on_signals()
     ha = ha_extension_from_args(args, config)
-    agent = NodeAgent(config, extensions=[ha] if ha else [])
+    agent = NodeAgent(config, extensions=[*([ha] if ha else []), *halo_extensions_from_args(args, config)])
     agent.start()
     print(f"node {config.name} online ({agent.loaded.model_key}) on {config.broker}", file=sys.stderr, flush=True)
     stop.wait()
@@ -92,11 +93,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
     text = " ".join(args.text)
     if text == "-":
         text = sys.stdin.read()
+    node, extra = args.node, {}
+    if args.halo:  # the coordinator runs the model with its MLP groups spread over the workers
+        node, extra = "coordinator", {"halo_sync": args.sync}
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     with MeshClient(broker_address(args), connect_timeout=min(args.timeout, 10.0)) as client:
-        result = client.ask(text, node=args.node, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
+        result = client.ask(text, node=node, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
                             on_text=stream, timeout=args.timeout, no_cache=args.no_cache,
-                            model=args.model)
+                            model=args.model, extra=extra)
     if args.json:
         print(json.dumps(result.as_json(), indent=2))
     else:
@@ -149,9 +153,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from nodes.settings import mesh_home
     from nodes.up import MeshProcesses
 
-    names = [f"node{i + 1}" for i in range(args.nodes)]
+    names = [f"{'worker' if args.halo else 'node'}{i + 1}" for i in range(args.nodes)]
     stop = _stop_on_signals()
-    procs = MeshProcesses(names, args.model, args.port, host=args.host, home=mesh_home(args))
+    procs = MeshProcesses(names, args.model, args.port, host=args.host, home=mesh_home(args),
+                          node_args=["--roles", "worker"] if args.halo else [], coordinator=args.halo)
     procs.start(timeout=args.start_timeout)
     print(json.dumps({"event": "ready", "broker": str(procs.address), "nodes": names, "pids": procs.pids()}),
           flush=True)
@@ -178,6 +183,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from nodes.bench_cache import add_bench_cache
+    from nodes.bench_ha import add_bench_ha
+    from nodes.bench_link import add_bench_link
+    from nodes.halo_cli import add_halo_commands, add_node_halo_arguments
     from nodes.ha import add_ha_arguments
     from nodes.testbed import add_testbed_commands
 
@@ -207,10 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="persist the prompt cache here (a restarted node keeps it)")
     p.add_argument("--chunk-size", type=int, help="tokens per KV chunk (default 16)")
     p.add_argument("--kv-wire", choices=["fp16", "int8", "fp32"], help="KV codec on the wire (default fp16)")
-    p.add_argument("--fetch-margin", type=float, help="fetch KV only if transfer x margin < recompute (default 1)")
+    p.add_argument("--fetch-margin", type=float, help="fetch KV only if transfer x margin < recompute (default 1.2)")
     p.add_argument("--no-cache", action="store_true", help="run without the prompt cache")
     _broker_flags(p)
     add_ha_arguments(p)
+    add_node_halo_arguments(p)
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("ask", help="ask the mesh; prints the answer as it streams")
@@ -221,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer")
     p.add_argument("--no-cache", action="store_true", help="force a full recompute")
+    p.add_argument("--halo", action="store_true", help="ask the HALO coordinator (MLP split over workers)")
+    p.add_argument("--sync", choices=["strict", "relaxed"], default="relaxed", help="HALO synchronisation")
     p.add_argument("--json", action="store_true", help="print one JSON object with answer and figures")
     _broker_flags(p)
     p.set_defaults(func=cmd_ask)
@@ -237,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gemma3-270m")
     p.add_argument("--home", help="models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.add_argument("--start-timeout", type=float, default=300.0)
+    p.add_argument("--halo", action="store_true", help="K HALO workers plus the coordinator")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("run", help="the main job: a 3-node mesh answering MMLU questions")
@@ -246,10 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", nargs="*", help="MMLU subjects (default: six fixed ones)")
     p.add_argument("--home", help="models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.add_argument("--json", default="out/run.json", help="where to write the results")
+    p.add_argument("--halo-tokens", type=int, default=16, help="tokens per HALO demo answer (0: no HALO demo)")
     p.set_defaults(func=cmd_run)
     add_testbed_commands(sub)
     bench = sub.add_parser("bench", help="benchmarks (JSON + PNG)").add_subparsers(dest="bench", required=True)
     add_bench_cache(bench)
+    add_bench_link(bench)
+    add_bench_ha(bench)
+    add_halo_commands(sub)
     return parser
 
 

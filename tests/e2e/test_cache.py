@@ -170,3 +170,108 @@ def test_restarted_node_keeps_its_cache(amqtt_broker: Broker, log_dir: Path, tmp
     assert cat.count >= 5
     assert again.node_figures["cache"]["decision"] == "local" and again.node_figures["cache"]["full_hit"]
     assert again.node_figures["token_ids"] == first.node_figures["token_ids"]
+
+
+# -- peers that lie, and eviction --------------------------------------------------------------
+
+class FakePeer:
+    """A peer that advertises a prompt's chunks in its catalog and then serves ``serve(keys)``."""
+
+    def __init__(self, broker: Broker, name: str, prompt: str, serve) -> None:  # type: ignore[no-untyped-def]
+        from mesh.config import CacheConfig
+        from mesh.model import Decoder, load_model
+        from nodes.cache import NodeCache
+        from tests.conftest import CACHE_ROOT
+
+        loaded = load_model(CACHE_ROOT, "smollm2-135m")
+        self.cache = NodeCache(loaded, CacheConfig(), Decoder(loaded))
+        self.keys, _ = self.cache.keys(Decoder(loaded).encode(prompt))
+        self.name, self.serve, self.requests = name, serve, 0
+        self.bus = MqttBus(f"fake-{name}", broker.address, will=(topics.node_status(name), topics.OFFLINE, 1, True))
+        self.bus.subscribe(topics.node_kv(name), self._on_fetch)
+        self.bus.start(10)
+
+    def _on_fetch(self, topic: str, payload: bytes, retained: bool) -> None:
+        env = wire.decode(payload)
+        self.requests += 1
+        body = {"chunks": self.serve(list(env.body["keys"]), self.cache.digest), "part": 0, "last": True}
+        self.bus.publish(env.reply_to, wire.encode(wire.Envelope(wire.Kind.KV_CHUNKS, self.name, body, corr=env.corr)),
+                         qos=1)
+
+    def advertise(self) -> None:
+        cat = Catalog.from_keys(self.cache.digest, 16, self.keys, capacity=1000)
+        hb = {"seq": 0, "model": "smollm2-135m", "model_key": "fake", "queue": 0, "load": 0.0, "prefill_tps": 1.0,
+              "rtt_ms": 0.1, "link_bw_Bps": 1e10, "time": time.time()}
+        for topic, env in ((topics.node_heartbeat(self.name), wire.Envelope(wire.Kind.HEARTBEAT, self.name, hb)),
+                           (topics.node_catalog(self.name), wire.Envelope(wire.Kind.CATALOG, self.name, cat.to_dict()))):
+            self.bus.publish_wait(topic, wire.encode(env), qos=1, retain=True)
+        self.bus.publish_wait(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
+        time.sleep(1.0)  # every node has read the catalog
+
+    def close(self) -> None:
+        for t in (topics.node_status(self.name), topics.node_heartbeat(self.name), topics.node_catalog(self.name)):
+            self.bus.publish_wait(t, b"", qos=1, retain=True)
+        self.bus.stop()
+
+
+def _wasted(client: MeshClient, node: str, at_least: int) -> int:
+    deadline = time.monotonic() + 10
+    while True:
+        hb = next(v.heartbeat for v in client.nodes() if v.name == node)
+        got = int(hb.get("cache", {}).get("wasted_fetches", 0))
+        if got >= at_least or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("lie", ["empty", "corrupt"])
+def test_a_peer_that_lacks_or_corrupts_chunks_leads_to_recompute(amqtt_broker: Broker, nodes: dict, lie: str) -> None:
+    prompt = PREFIX.replace("astronomy", f"geology ({lie})") + "Which rock is igneous?\nA. Basalt\nB. Shale\nAnswer:"
+
+    def serve(keys: list[bytes], model: bytes) -> list:  # type: ignore[type-arg]
+        if lie == "empty":
+            return []
+        # well-formed but wrong bytes: the checksum binds them to the key and model
+        layers = [{"k": {"dtype": "float16", "shape": [3, 16, 64], "data": bytes(3 * 16 * 64 * 2)},
+                   "v": {"dtype": "float16", "shape": [3, 16, 64], "data": bytes(3 * 16 * 64 * 2)}}] * 30
+        return [{"v": 1, "codec": "fp16", "key": k, "model": model, "layers": layers, "sum": 12345} for k in keys]
+
+    fake = FakePeer(amqtt_broker, f"a-liar-{lie}", prompt, serve)
+    try:
+        fake.advertise()
+        with MeshClient(amqtt_broker.address) as client:
+            before = _wasted(client, "c2", 0)
+            got = ask(client, prompt, "c2")
+            exact = ask(client, prompt, "c2", no_cache=True)
+            after = _wasted(client, "c2", before + 1)
+    finally:
+        fake.close()
+    c = got.node_figures["cache"]
+    assert fake.requests == 1 and c["peer"] == fake.name and c["remote_tokens"] == 0, c
+    assert c["decision"] == "recompute" and after == before + 1
+    assert got.node_figures["token_ids"] == exact.node_figures["token_ids"]
+
+
+def test_evicted_chunks_leave_the_published_catalog(amqtt_broker: Broker, log_dir: Path, nodes: dict) -> None:
+    from mesh.catalog import leading_matches
+
+    # SmolLM2 keeps 737 KB of fp32 KV per 16-token chunk: 6 MB hold one of these prompts, not two
+    node = start_node(amqtt_broker, "e1", "smollm2-135m", log_dir, "--cache-mb", "6")
+    a = PREFIX + Q1
+    b = PREFIX.replace("astronomy", "botany").replace("planet", "plant") + Q2.replace("planet", "tree")
+    fake = FakePeer(amqtt_broker, "keys-only", a, lambda keys, model: [])
+    keys_b = FakePeer(amqtt_broker, "keys-only-b", b, lambda keys, model: []).keys
+    try:
+        with MeshClient(amqtt_broker.address) as client:
+            ask(client, a, "e1")
+            first = wait_catalog(client, amqtt_broker, "e1", 5)
+            ask(client, b, "e1")
+            time.sleep(1.5)
+            second = wait_catalog(client, amqtt_broker, "e1", 1)
+    finally:
+        fake.bus.stop()
+        node.stop()
+    assert leading_matches(first, fake.keys) == len(fake.keys) >= 5
+    assert leading_matches(second, keys_b) == len(keys_b)
+    assert leading_matches(second, fake.keys) < len(fake.keys)  # a's chain was eaten from its tip
+    assert second.epoch > first.epoch

@@ -1,0 +1,238 @@
+"""The coordinator's synchronisation state for HALO (pure: no sockets, clocks or threads).
+
+Vocabulary. A *step* is one layer of one forward pass: the coordinator numbers them with one
+increasing counter, sends the layer's MLP input to every worker of the active plan (one message
+each) and gathers their partial down-projections. Times are seconds on the caller's monotonic
+clock, passed in.
+
+- :class:`SyncLedger` remembers, per worker, which steps were sent and which answered, the
+  latency of on-time partials (the deadline is derived from them) and a late rate (fed to the
+  scheduler as ``late_rate``). A worker *owes* a step when it was sent and nothing at or after it
+  came back; a worker owing an earlier step than the current one is *stalled* and not waited for
+  (``mesh.scheduler.stalled_workers``): its answers come in order, behind the late one.
+- :class:`StepGather` collects one step's partials and decides whether to keep waiting: strict
+  waits for every expected worker (up to a long safety timeout, after which the caller computes
+  the missing groups itself, so strict stays exact); relaxed follows
+  ``mesh.scheduler.wait_decision`` and whatever is missing then counts as zero.
+- :class:`EpochSwitch` holds the active plan and a pending one; the pending plan becomes active
+  only once every worker named in it acknowledged its epoch (it holds the weights), checked
+  between forward passes so generation never pauses.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh import scheduler
+from mesh.scheduler import Plan, SyncPolicy, WaitDecision
+
+MAX_OUTSTANDING = 4096  # sent-but-unanswered steps remembered per worker
+LATE_ALPHA = 0.05  # EWMA weight of one step's outcome in a worker's late rate
+
+
+@dataclass
+class WorkerRecord:
+    """One worker's partial traffic as the coordinator saw it."""
+
+    sent_at: dict[int, float] = field(default_factory=dict)  # outstanding step -> send time
+    last_reply: int = -1
+    samples: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    on_time: int = 0
+    late: int = 0  # arrived after its step was closed (discarded)
+    zeroed: int = 0  # steps closed without this worker's partial
+    late_rate: float = 0.0
+
+
+class SyncLedger:
+    """Per-worker outstanding steps, latencies and late rates."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, WorkerRecord] = {}
+
+    def _rec(self, worker: str) -> WorkerRecord:
+        return self.workers.setdefault(worker, WorkerRecord())
+
+    def sent(self, worker: str, step: int, now: float) -> None:
+        rec = self._rec(worker)
+        rec.sent_at[step] = now
+        if len(rec.sent_at) > MAX_OUTSTANDING:
+            del rec.sent_at[min(rec.sent_at)]
+
+    def arrived(self, worker: str, step: int, now: float, on_time: bool) -> float | None:
+        """Record a partial; returns its latency (None if the step was never sent to it).
+
+        Answers come in order, so everything sent up to ``step`` is settled: answered or
+        skipped by the worker because a newer request was already waiting.
+        """
+        rec = self._rec(worker)
+        t0 = rec.sent_at.get(step)
+        rec.last_reply = max(rec.last_reply, step)
+        for s in [s for s in rec.sent_at if s <= step]:
+            del rec.sent_at[s]
+        if on_time:
+            rec.on_time += 1
+        else:
+            rec.late += 1
+        if t0 is None:
+            return None
+        latency = max(0.0, now - t0)
+        # Late ones count too: a deadline learnt only from on-time partials could only shrink.
+        rec.samples.append(latency)
+        return latency
+
+    def closed(self, worker: str, got: bool) -> None:
+        """A step closed with (``got``) or without this worker's partial: updates its late rate."""
+        rec = self._rec(worker)
+        if not got:
+            rec.zeroed += 1
+        rec.late_rate = (1 - LATE_ALPHA) * rec.late_rate + LATE_ALPHA * (0.0 if got else 1.0)
+
+    def outstanding(self) -> dict[str, list[int]]:
+        return {w: sorted(r.sent_at) for w, r in self.workers.items() if r.sent_at}
+
+    def stalled(self, step: int) -> frozenset[str]:
+        return scheduler.stalled_workers(self.outstanding(), step)
+
+    def deadline(self, policy: SyncPolicy) -> float:
+        """Each worker's deadline from its own recent latencies (late ones included), then the
+        lower median over workers: one lossy worker's retransmission stalls cannot stretch the
+        deadline everybody else is held to, and no survivorship bias shrinks it."""
+        per = sorted(scheduler.layer_deadline(list(r.samples), policy)
+                     for r in self.workers.values() if r.samples)
+        return per[(len(per) - 1) // 2] if per else policy.default_deadline_s
+
+    def late_rate(self, worker: str) -> float:
+        rec = self.workers.get(worker)
+        return rec.late_rate if rec is not None else 0.0
+
+    def forget(self, worker: str) -> None:
+        self.workers.pop(worker, None)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {w: {"on_time": r.on_time, "late": r.late, "zeroed": r.zeroed}
+                for w, r in sorted(self.workers.items())}
+
+
+class StepGather:
+    """The partials of one step: who owes which groups, what arrived, whether to keep waiting.
+
+    ``expected`` maps each worker asked at this step to its groups; ``must_wait`` are the groups
+    predicted important (relaxed sync only).
+    """
+
+    def __init__(self, step: int, expected: Mapping[str, tuple[int, ...]],
+                 must_wait: frozenset[int] = frozenset(), strict: bool = True) -> None:
+        self.step = step
+        self.expected = dict(expected)
+        self.must_wait = must_wait
+        self.strict = strict
+        self.partials: dict[str, Any] = {}
+
+    def add(self, worker: str, step: int, partial: Any) -> bool:
+        """Accept a partial of this step from a worker that owes one; False otherwise."""
+        if step != self.step or worker not in self.expected or worker in self.partials:
+            return False
+        self.partials[worker] = partial
+        return True
+
+    @property
+    def complete(self) -> bool:
+        return len(self.partials) == len(self.expected)
+
+    def pending(self) -> dict[str, tuple[int, ...]]:
+        return {w: gs for w, gs in self.expected.items() if w not in self.partials}
+
+    def decide(self, *, elapsed_s: float, deadline_s: float, stalled: frozenset[str],
+               policy: SyncPolicy, strict_timeout_s: float,
+               gone: frozenset[str] = frozenset()) -> WaitDecision:
+        """Keep waiting or not; called on every arrival and every wake-up.
+
+        ``gone`` are workers known offline: nobody waits for them (strict then computes their
+        groups itself, relaxed counts them as zero).
+        """
+        if self.complete:
+            return WaitDecision(False, elapsed_s, "complete")
+        if gone and all(w in gone for w in self.pending()):
+            return WaitDecision(False, elapsed_s, "gone")
+        if self.strict:
+            if elapsed_s < strict_timeout_s:
+                return WaitDecision(True, strict_timeout_s, "strict")
+            return WaitDecision(False, elapsed_s, "strict-timeout")
+        return scheduler.wait_decision(
+            pending=self.pending(), must_wait=self.must_wait, stalled=stalled | gone,
+            elapsed_s=elapsed_s, deadline_s=deadline_s, policy=policy,
+        )
+
+    def missing_groups(self) -> tuple[int, ...]:
+        return tuple(sorted(g for gs in self.pending().values() for g in gs))
+
+
+class EpochSwitch:
+    """The active plan and at most one pending plan waiting for its workers' acks."""
+
+    def __init__(self, active: Plan | None = None) -> None:
+        self.active = active
+        self.pending: Plan | None = None
+        self.acks: dict[int, set[str]] = {}
+        self.pending_since = 0.0
+
+    def propose(self, plan: Plan, now: float) -> None:
+        """A new plan: it replaces any pending one (its epoch must be newer than both)."""
+        newest = max((p.epoch for p in (self.active, self.pending) if p is not None), default=-1)
+        if plan.epoch <= newest:
+            raise ValueError(f"plan epoch {plan.epoch} is not newer than {newest}")
+        self.pending = plan
+        self.pending_since = now
+        self.acks.setdefault(plan.epoch, set())
+
+    def ack(self, worker: str, epoch: int) -> None:
+        if self.pending is not None and epoch == self.pending.epoch:
+            self.acks[epoch].add(worker)
+
+    def waiting_for(self) -> frozenset[str]:
+        if self.pending is None:
+            return frozenset()
+        return frozenset(self.pending.workers) - self.acks.get(self.pending.epoch, set())
+
+    def maybe_switch(self) -> Plan | None:
+        """Between forward passes: activate the pending plan once fully acknowledged."""
+        if self.pending is None or self.waiting_for():
+            return None
+        self.active, self.pending = self.pending, None
+        self.acks = {e: a for e, a in self.acks.items() if e > self.active.epoch}
+        return self.active
+
+    @property
+    def newest(self) -> Plan | None:
+        return self.pending or self.active
+
+
+def worker_figures(node: str, heartbeat: Mapping[str, Any], online: bool, model_key: str,
+                   group_size: int, late_rate: float = 0.0) -> scheduler.WorkerFigures | None:
+    """A worker's :class:`~mesh.scheduler.WorkerFigures` from its heartbeat, or None when the
+    node is no HALO worker for this model and group size.
+
+    The heartbeat carries ``roles`` (with ``"worker"``), ``model_key``, ``halo`` {``groups``,
+    ``epoch``, ``served``, ``compute_rows_per_s``, ``group_size``} and ``link`` {``rtt_ewma_ms``,
+    ``late_fraction``, ``loss_fraction``}. The late rate is the larger of the link probe's and
+    the coordinator's own (``late_rate``, from partials that missed their step).
+    """
+    roles = heartbeat.get("roles")
+    halo = heartbeat.get("halo")
+    if (not isinstance(roles, list) or "worker" not in roles or not isinstance(halo, Mapping)
+            or heartbeat.get("model_key") != model_key or halo.get("group_size", group_size) != group_size):
+        return None
+    link = heartbeat.get("link") if isinstance(heartbeat.get("link"), Mapping) else {}
+
+    def num(table: Mapping[str, Any], key: str) -> float:
+        v = table.get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
+
+    return scheduler.WorkerFigures(
+        node=node, speed=num(halo, "compute_rows_per_s"), rtt_s=num(link, "rtt_ewma_ms") / 1000.0,
+        loss_rate=num(link, "loss_fraction"),
+        late_rate=max(num(link, "late_fraction"), float(late_rate)), online=online,
+    )

@@ -1,0 +1,294 @@
+"""`mesh bench halo`: strict vs relaxed HALO sync on the testbed, per loss rate on the lossy workers.
+
+Layout: testbed nodes ``pi1`` (the coordinator) and ``pi2..pi(K+1)`` (workers, each a `mesh node
+--roles worker`), Mosquitto in the gateway namespace; the last ``--lossy-workers`` workers get
+each loss rate (iptables random drop, both directions). The client runs on the host.
+
+Per loss rate: strict and relaxed time per output token (TPOT, from the coordinator's per-forward
+timing) and end-to-end time of a greedy generation; relaxed perplexity and top-1 agreement with
+lossless (strict is exact, so lossless = strict) on held-out Wikipedia tokens (teacher forced,
+one token per forward, like decode); relaxed MMLU accuracy on a fixed 1-shot sample. Then the
+ablation: the coordinator restarted with random placement, at the ablation loss rate.
+Output: JSON (``points``, ``speedup_at_5pct``, ``ablation``, ``testbed``...) and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mesh.config import BrokerAddress
+from mesh.errors import ConfigError, TransportError
+from mesh.mmlu import LETTERS, sample
+from mesh.testbed_plan import device_profile, make_spec
+from nodes.client import MeshClient
+from nodes.halo_data import load_split, predictor_path, token_windows
+from nodes.settings import mesh_home
+from nodes.setup import mmlu_dir
+from nodes.testbed import DEFAULT_RUN_DIR, REPO_ROOT, Testbed, in_use, load_calibration
+
+PROMPT = "Write a short story about a robot who learns to paint. Once upon a time,"
+ABLATION_LOSS = 5.0
+
+
+def _free_instance() -> int:
+    for i in range(10, 90):
+        if in_use(DEFAULT_RUN_DIR, i) is None:
+            return i
+    raise ConfigError("no free testbed instance in 10..89")
+
+
+class HaloMesh:
+    """The processes of one bench run on a testbed."""
+
+    def __init__(self, tb: Testbed, args: argparse.Namespace, workers: list[str]) -> None:
+        self.tb, self.args, self.workers = tb, args, workers
+        self.env = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false"}
+        self.coord: Any = None  # the coordinator process
+        self.home = mesh_home(args)
+
+    def _cli(self, *argv: str) -> list[str]:
+        return [sys.executable, "-m", "nodes.cli", *argv, "--broker", self.tb.broker_url,
+                "--home", str(self.home)]
+
+    def start_workers(self) -> None:
+        for w in self.workers:
+            self.tb.spawn(w, self._cli("node", "--name", w, "--model", self.args.model, "--roles", "worker",
+                                       "--threads", "1", "--heartbeat", "0.5", "--no-cache"),
+                          env=self.env, role="node", log=self.tb.log_path(f"node-{w}"))
+
+    def start_coordinator(self, placement: str, reliability_weight: float = 2.0) -> None:
+        if self.coord is not None and self.coord.poll() is None:
+            self.coord.terminate()
+            self.coord.wait(20)
+        self.coord = self.tb.spawn("pi1", self._cli(
+            "coordinator", "--model", self.args.model, "--threads", "1", "--heartbeat", "0.5",
+            "--placement", placement, "--replan-interval", "2", "--no-cache",
+            "--reliability-weight", str(reliability_weight)),
+            env=self.env, role="coordinator",
+            log=self.tb.log_path(f"coordinator-{placement}-{reliability_weight:g}"))
+
+    def wait_ready(self, client: MeshClient, timeout: float = 300.0) -> dict[str, Any]:
+        """Until every worker is online and the coordinator's active plan uses all of them."""
+        started = time.time()
+        deadline = time.monotonic() + timeout
+        client.wait_online([*self.workers, "coordinator"], timeout,
+                           ready=lambda v: v.model == self.args.model)
+        while time.monotonic() < deadline:
+            v = client.peers.get("coordinator")
+            halo = (v.heartbeat.get("halo") or {}) if v else {}
+            fresh = v is not None and float(v.heartbeat.get("time", 0)) > started  # not a stale retained one
+            if fresh and v.online and sorted(halo.get("workers", [])) == sorted(self.workers) and halo.get("pending") is None:
+                return halo
+            time.sleep(0.2)
+        raise TransportError("the coordinator never planned over every worker")
+
+
+def _ask(client: MeshClient, sync: str, tokens: int) -> dict[str, Any]:
+    r = _ask_raw(client, {"text": PROMPT, "max_new_tokens": tokens, "halo_sync": sync, "no_cache": True})
+    return {"tpot_s": r.get("tpot_s"), "ttlt_s": r.get("ttlt_s"), "new_tokens": r.get("new_tokens"),
+            "halo": r.get("halo"), "token_ids": r.get("token_ids")}
+
+
+def _ask_raw(client: MeshClient, body: dict[str, Any], timeout: float = 900.0) -> dict[str, Any]:
+    """One ask to the coordinator with extra body fields; the ANSWER body."""
+    extra = {k: v for k, v in body.items() if k not in ("text", "max_new_tokens")}
+    result = client.ask(body["text"], node="coordinator", max_new_tokens=int(body["max_new_tokens"]),
+                        timeout=timeout, extra=extra)
+    return dict(result.node_figures)
+
+
+def _eval(client: MeshClient, sync: str, ids: list[int], start: int, score_ids: list[int] = ()) -> dict[str, Any]:
+    body = {"text": "eval", "max_new_tokens": 1, "halo_sync": sync,
+            "halo_eval": {"ids": ids, "start": start, "score_ids": list(score_ids)}}
+    return _ask_raw(client, body)
+
+
+class Quality:
+    """Held-out perplexity windows and the MMLU sample, tokenized once."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from transformers import AutoTokenizer
+
+        from mesh.model import converted_dir
+
+        home = mesh_home(args)
+        self.tok = AutoTokenizer.from_pretrained(converted_dir(home, args.model))
+        held = load_split(home).held_out
+        self.windows = token_windows(self.tok, held, args.ppl_tokens, 1)
+        per = max(1, math.ceil(args.mmlu / 6))
+        self.mmlu = [(self.tok(p)["input_ids"], q.answer) for p, q in sample(mmlu_dir(home), per_subject=per)][: args.mmlu]
+        self.letters = [self.tok(" " + c, add_special_tokens=False)["input_ids"][-1] for c in LETTERS]
+
+    def run(self, client: MeshClient, sync: str) -> dict[str, Any]:
+        nll: list[float] = []
+        top: list[int] = []
+        t0 = time.monotonic()
+        for w in self.windows:
+            e = _eval(client, sync, w, 16)["eval"]
+            nll += e["nll"]
+            top += e["argmax"]
+        correct = 0
+        for ids, answer in self.mmlu:
+            scores = _eval(client, sync, ids, len(ids), self.letters)["eval"]["scores"]
+            correct += int(max(range(4), key=lambda i: scores[i]) == answer)
+        return {"ppl": math.exp(sum(nll) / len(nll)), "argmax": top, "accuracy": correct / len(self.mmlu),
+                "n_ppl_tokens": len(nll), "n_mmlu": len(self.mmlu), "quality_s": round(time.monotonic() - t0, 1)}
+
+
+def _settle(client: MeshClient) -> None:
+    """Warm-up asks: the coordinator's late rates and the plan adapt to the new loss rate."""
+    _ask(client, "relaxed", 8)
+    time.sleep(2.5)
+    _ask(client, "relaxed", 4)
+
+
+def _quality_point(client: MeshClient, q: Quality, lossless: dict[str, Any]) -> dict[str, Any]:
+    qual = q.run(client, "relaxed")
+    agree = sum(a == b for a, b in zip(qual["argmax"], lossless["argmax"])) / max(1, len(lossless["argmax"]))
+    return {"ppl_lossless": lossless["ppl"], "ppl_relaxed": qual["ppl"], "agreement": agree,
+            "accuracy_lossless": lossless["accuracy"], "accuracy_relaxed": qual["accuracy"],
+            "quality_s": qual["quality_s"]}
+
+
+def _set_loss(tb: Testbed, lossy: list[str], loss: float) -> None:
+    for w in lossy:
+        tb.set_loss(w, loss)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        raise ConfigError("mesh bench halo needs root (the testbed)")
+    losses = [float(x) for x in str(args.loss).split(",") if x.strip()]
+    if args.lossy_workers > args.workers:
+        raise ConfigError("--lossy-workers exceeds --workers")
+    home = mesh_home(args)
+    cal = load_calibration(home / "testbed", args.profile) if args.profile == "pi-zero-2w" else None
+    spec = make_spec(args.workers + 1, device_profile(args.profile, cal), instance=_free_instance())
+    workers = [f"pi{i}" for i in range(2, args.workers + 2)]
+    lossy = workers[len(workers) - args.lossy_workers:]
+    q = Quality(args)
+    result: dict[str, Any] = {"model": args.model, "workers": args.workers, "lossy_workers": lossy,
+                              "tokens": args.tokens, "prompt": PROMPT, "profile": args.profile,
+                              "baseline": "strict sync, shares by speed only (--reliability-weight 0)",
+                              "halo": "relaxed sync, predictor, importance placement, reliability-weighted shares"}
+    pred_report = predictor_path(home, args.model, 64).with_suffix(".json")
+    if pred_report.exists():
+        result["predictor"] = json.loads(pred_report.read_text())
+    t_start = time.monotonic()
+    n_tasks = 2 * len(losses) + (0 if args.no_ablation else 1)
+    with Testbed(spec, calibration=cal) as tb, Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn()) as bar:
+        result["testbed"] = tb.describe()
+        tb.start_broker(args.broker_kind)
+        mesh = HaloMesh(tb, args, workers)
+        mesh.start_workers()
+        task = bar.add_task("starting", total=n_tasks)
+        host, port = tb.broker_address
+        with MeshClient(BrokerAddress(host, port)) as client:
+            # Phase A: the tensor-parallel baseline (strict, shares by speed only).
+            mesh.start_coordinator("importance", reliability_weight=0.0)
+            result["plan"] = mesh.wait_ready(client)
+            bar.update(task, description="lossless reference (strict)")
+            lossless = q.run(client, "strict")
+            result["lossless"] = {k: v for k, v in lossless.items() if k != "argmax"}
+            strict: dict[float, dict[str, Any]] = {}
+            for loss in losses:
+                _set_loss(tb, lossy, loss)
+                bar.update(task, description=f"strict, loss {loss:g} %")
+                _ask(client, "strict", 4)
+                strict[loss] = _ask(client, "strict", args.tokens)
+                bar.console.print(f"strict  loss {loss:4.1f} %: {strict[loss]['tpot_s'] * 1000:8.1f} ms/token")
+                bar.advance(task)
+            # Phase B: HALO.
+            _set_loss(tb, lossy, 0.0)
+            mesh.start_coordinator("importance")
+            mesh.wait_ready(client)
+            points = []
+            for loss in losses:
+                _set_loss(tb, lossy, loss)
+                bar.update(task, description=f"relaxed, loss {loss:g} %")
+                _settle(client)
+                relaxed = _ask(client, "relaxed", args.tokens)
+                s = strict[loss]
+                p = {"loss_pct": loss, "strict_tpot_s": s["tpot_s"], "relaxed_tpot_s": relaxed["tpot_s"],
+                     "speedup": s["tpot_s"] / relaxed["tpot_s"] if relaxed["tpot_s"] else None,
+                     "strict_e2e_s": s["ttlt_s"], "relaxed_e2e_s": relaxed["ttlt_s"],
+                     **_quality_point(client, q, lossless), "strict_halo": s["halo"],
+                     "relaxed_halo": relaxed["halo"], "relaxed_plan": _plan_of(client)}
+                points.append(p)
+                bar.console.print(f"relaxed loss {loss:4.1f} %: {p['relaxed_tpot_s'] * 1000:8.1f} ms/token "
+                                  f"(x{p['speedup']:.2f}), ppl {p['ppl_relaxed']:.3f} vs {p['ppl_lossless']:.3f}, "
+                                  f"agreement {p['agreement']:.3f}, MMLU {p['accuracy_relaxed']:.3f} "
+                                  f"vs {p['accuracy_lossless']:.3f}")
+                bar.advance(task)
+            result["points"] = points
+            at5 = [p for p in points if p["loss_pct"] == 5.0]
+            result["speedup_at_5pct"] = at5[0]["speedup"] if at5 else None
+            if not args.no_ablation:
+                bar.update(task, description="ablation: random placement")
+                _set_loss(tb, lossy, 0.0)
+                mesh.start_coordinator("random")
+                mesh.wait_ready(client)
+                _set_loss(tb, lossy, ABLATION_LOSS)
+                _settle(client)
+                r = _ask(client, "relaxed", args.tokens)
+                abl = {"loss_pct": ABLATION_LOSS, "relaxed_tpot_s": r["tpot_s"], "halo": r["halo"],
+                       **_quality_point(client, q, lossless), "plan": _plan_of(client)}
+                same = [p for p in points if p["loss_pct"] == ABLATION_LOSS]
+                result["ablation"] = {"random": abl, "importance": same[0] if same else None}
+                bar.advance(task)
+    result["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    if args.plot:
+        plot(result, Path(args.plot))
+    print(json.dumps({k: result.get(k) for k in ("speedup_at_5pct", "elapsed_s")} | {"json": str(out)}))
+    return 0
+
+
+def _plan_of(client: MeshClient) -> dict[str, Any]:
+    v = client.peers.get("coordinator")
+    halo = (v.heartbeat.get("halo") or {}) if v else {}
+    return {k: halo.get(k) for k in ("epoch", "groups", "local_groups", "deadline_ms", "partials", "placement")}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = result["points"]
+    x = [p["loss_pct"] for p in pts]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(x, [p["strict_tpot_s"] * 1000 for p in pts], "o-", label="strict (wait for all)")
+    a.plot(x, [p["relaxed_tpot_s"] * 1000 for p in pts], "s-", label="relaxed (HALO)")
+    a.set_xlabel("loss on lossy worker(s), % each direction")
+    a.set_ylabel("time per output token, ms")
+    a.set_yscale("log")
+    a.legend()
+    a.set_title(f"{result['model']}, {result['workers']} workers, {result['profile']}")
+    b.plot(x, [p["ppl_relaxed"] for p in pts], "s-", label="relaxed perplexity")
+    b.axhline(pts[0]["ppl_lossless"], color="gray", ls="--", label="lossless perplexity")
+    b.set_xlabel("loss, %")
+    b.set_ylabel("perplexity (held-out wiki)")
+    b2 = b.twinx()
+    b2.plot(x, [p["agreement"] for p in pts], "^:", color="green", label="top-1 agreement")
+    b2.set_ylim(0, 1.05)
+    b.legend(loc="upper left")
+    b2.legend(loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

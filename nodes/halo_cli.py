@@ -1,0 +1,202 @@
+"""HALO commands for the `mesh` CLI: `coordinator`, `halo train-predictor`, `bench halo`, and the
+`--roles` flag of `mesh node`.
+
+The lead registers them in ``nodes/cli.py``::
+
+    from nodes.halo_cli import add_halo_commands, add_node_halo_arguments, halo_extensions_from_args
+    add_halo_commands(sub)                        # in build_parser()
+    add_node_halo_arguments(p)                    # on the `node` parser
+    extensions += halo_extensions_from_args(args, config)   # in cmd_node
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from mesh import split
+from mesh.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def add_node_halo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--roles", default="", help="extra roles, comma separated: worker (HALO neuron groups)")
+    parser.add_argument("--halo-group-size", type=int, default=split.DEFAULT_GROUP_SIZE,
+                        help="neurons per HALO group (must match the coordinator; default 64)")
+
+
+def halo_extensions_from_args(args: argparse.Namespace, node_config: Any) -> list[Any]:
+    roles = [r.strip() for r in (getattr(args, "roles", "") or "").split(",") if r.strip()]
+    unknown = set(roles) - {"worker"}
+    if unknown:
+        raise ConfigError(f"unknown role(s) {sorted(unknown)}: known roles: worker")
+    if "worker" not in roles:
+        return []
+    from nodes.halo_worker import HaloWorker
+
+    return [HaloWorker(int(getattr(args, "halo_group_size", split.DEFAULT_GROUP_SIZE)))]
+
+
+def _broker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", help="HOST:PORT of the MQTT broker (default 127.0.0.1:1883, or MESH_BROKER)")
+    p.add_argument("--username", help="broker username (MESH_USERNAME)")
+    p.add_argument("--password-file", help="file holding the broker password (or MESH_PASSWORD)")
+    p.add_argument("--tls-ca", help="CA certificate: connect with TLS")
+    p.add_argument("--tls-cert", help="client certificate for TLS")
+    p.add_argument("--tls-key", help="client key for TLS")
+    p.add_argument("--config", help="TOML config file (MESH_CONFIG)")
+
+
+def coordinator_config(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from mesh.config import CacheConfig
+    from mesh.scheduler import ReplanPolicy, SyncPolicy
+    from nodes.coordinator import CoordinatorConfig
+    from nodes.settings import broker_address, mesh_home
+
+    policy = SyncPolicy(target_share=args.target_share, max_deadline_s=args.max_deadline_ms / 1000.0,
+                        min_deadline_s=args.min_deadline_ms / 1000.0,
+                        default_deadline_s=min(0.02, args.max_deadline_ms / 1000.0))
+    return CoordinatorConfig(
+        broker=broker_address(args), name=args.name, model=args.model, home=mesh_home(args),
+        threads=args.threads or 0, group_size=args.group_size, sync=args.sync, policy=policy,
+        replan=ReplanPolicy(min_interval_s=args.replan_interval), placement=args.placement,
+        fallback=args.fallback, local_speed=args.local_speed, reliability_weight=args.reliability_weight, wire_dtype={"fp16": "float16", "fp32": "float32"}[args.wire],
+        strict_timeout_s=args.strict_timeout, heartbeat_s=args.heartbeat,
+        predictor=Path(args.predictor) if args.predictor else None,
+        cache=CacheConfig(enabled=not args.no_cache),
+    )
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from nodes.coordinator import Coordinator
+
+    config = coordinator_config(args)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    coord = Coordinator(config)
+    coord.start()
+    print(f"coordinator {config.name} online ({coord.loaded.model_key}, sync {config.sync}) on {config.broker}",
+          file=sys.stderr, flush=True)
+    stop.wait()
+    coord.stop()
+    return 0
+
+
+def cmd_train_predictor(args: argparse.Namespace) -> int:
+    import torch
+
+    from mesh import predictor as pm
+    from mesh.model import load_model
+    from nodes.halo_data import load_split, predictor_path, token_windows
+    from nodes.settings import mesh_home
+
+    home = mesh_home(args)
+    t0 = time.perf_counter()
+    loaded = load_model(home, args.model, args.threads or 0)
+    layout = split.model_layout(loaded.model.config, args.group_size)
+    data = load_split(home)
+    length = 128
+    train_w = token_windows(loaded.tokenizer, data.train, length, -(-args.pairs // length))
+    held_w = token_windows(loaded.tokenizer, data.held_out, length, -(-args.held_out_pairs // length))
+    t1 = time.perf_counter()
+    train = pm.record_pairs(loaded.model, (torch.tensor([w]) for w in train_w), layout, args.pairs)
+    held = pm.record_pairs(loaded.model, (torch.tensor([w]) for w in held_w), layout, args.held_out_pairs)
+    t2 = time.perf_counter()
+    predictor = pm.train_predictor(train, layout, loaded.model_key, rank=args.rank, model=loaded.model)
+    t3 = time.perf_counter()
+    k = max(1, layout.n_groups // 4)
+    report = {"model": args.model, "model_key": loaded.model_key, "group_size": args.group_size,
+              "n_groups": layout.n_groups, "rank": args.rank, "train_pairs": train.n_pairs,
+              "held_out_pairs": held.n_pairs, "k": k, **pm.evaluate(predictor, held, k),
+              "record_s": round(t2 - t1, 2), "fit_s": round(t3 - t2, 2), "total_s": round(t3 - t0, 2)}
+    out = predictor_path(home, args.model, args.group_size)
+    predictor.save(out)
+    report["path"] = str(out)
+    (out.with_suffix(".json")).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_bench_halo(args: argparse.Namespace) -> int:
+    from nodes.halo_bench import run_bench
+
+    return run_bench(args)
+
+
+def add_halo_commands(subparsers: Any) -> None:
+    """`coordinator`, `halo train-predictor` and `bench halo` (the `bench` parser is created here if
+    the CLI has none yet; pass it as ``bench_parser`` otherwise via :func:`add_bench_halo`)."""
+    p = subparsers.add_parser("coordinator", help="run the HALO coordinator")
+    p.add_argument("--name", default="coordinator")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--home", help="converted models and data (default ~/.cache/mesh, or MESH_HOME)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--sync", choices=["strict", "relaxed"], default="relaxed",
+                   help="default sync of asks (an ask may name its own with halo_sync)")
+    p.add_argument("--group-size", type=int, default=split.DEFAULT_GROUP_SIZE)
+    p.add_argument("--target-share", type=float, default=0.9,
+                   help="relaxed: wait for the groups holding this share of predicted importance")
+    p.add_argument("--max-deadline-ms", type=float, default=100.0, help="relaxed: cap of the layer deadline")
+    p.add_argument("--min-deadline-ms", type=float, default=5.0, help="relaxed: floor of the layer deadline")
+    p.add_argument("--placement", choices=["importance", "random"], default="importance")
+    p.add_argument("--fallback", choices=["important", "none"], default="important",
+                   help="relaxed: compute late predicted-important groups here (none: count them as zero)")
+    p.add_argument("--reliability-weight", type=float, default=2.0,
+                   help="worker shares ~ speed x reliability^W (0: by speed only, the TP baseline)")
+    p.add_argument("--local-speed", type=float, default=0.0,
+                   help="neuron-rows/s the coordinator computes itself (0: every group on workers)")
+    p.add_argument("--wire", choices=["fp16", "fp32"], default="fp16", help="dtype of MLP inputs on the wire")
+    p.add_argument("--strict-timeout", type=float, default=10.0)
+    p.add_argument("--replan-interval", type=float, default=10.0, help="seconds between drift re-plans")
+    p.add_argument("--heartbeat", type=float, default=2.0)
+    p.add_argument("--predictor", help="predictor file (default: the trained one next to the model)")
+    p.add_argument("--no-cache", action="store_true", help="no prompt cache")
+    _broker_flags(p)
+    p.set_defaults(func=cmd_coordinator)
+
+    halo = subparsers.add_parser("halo", help="HALO tools")
+    hsub = halo.add_subparsers(dest="halo_command", required=True)
+    p = hsub.add_parser("train-predictor", help="train the importance predictor on Wikipedia text")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--home")
+    p.add_argument("--group-size", type=int, default=split.DEFAULT_GROUP_SIZE)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--pairs", type=int, default=4096, help="training tokens")
+    p.add_argument("--held-out-pairs", type=int, default=1024)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train_predictor)
+
+    bench = subparsers.choices.get("bench") or subparsers.add_parser("bench", help="benchmarks")
+    add_bench_halo(bench)
+
+
+def add_bench_halo(bench_parser: argparse.ArgumentParser) -> None:
+    bsub = next((a for a in bench_parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if bsub is None:
+        bsub = bench_parser.add_subparsers(dest="bench_command", required=True)
+    p = bsub.add_parser("halo", help="HALO on the testbed: strict vs relaxed under loss")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--home")
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--lossy-workers", type=int, default=1)
+    p.add_argument("--loss", default="0,1,2,5,10", help="loss percentages on the lossy workers")
+    p.add_argument("--profile", default="native", help="testbed device profile (native, pi5, pi-zero-2w)")
+    p.add_argument("--tokens", type=int, default=24, help="new tokens per timed generation")
+    p.add_argument("--ppl-tokens", type=int, default=96, help="held-out tokens for perplexity/agreement")
+    p.add_argument("--mmlu", type=int, default=12, help="MMLU questions (fixed sample)")
+    p.add_argument("--no-ablation", action="store_true", help="skip the random-placement ablation")
+    p.add_argument("--broker-kind", default="mosquitto", choices=["mosquitto", "amqtt"])
+    p.add_argument("--json", default="out/bench-halo.json")
+    p.add_argument("--plot", default="out/bench-halo.png")
+    p.set_defaults(func=cmd_bench_halo)

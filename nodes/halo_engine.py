@@ -1,0 +1,359 @@
+"""The coordinator's HALO engine: plans, epochs and the routed MLP of every layer step.
+
+Per layer step (:meth:`HaloEngine._mlp`, on the generation thread): encode the MLP input once
+(fp16, the whole (B, T, H) input: all prompt positions in a prefill, the last one in decode) and
+publish it to every worker holding groups of that layer in the active plan; compute the local
+groups meanwhile; predict the groups' importance (relaxed); then gather partials until
+``mesh.halo_sync.StepGather`` says stop, and sum. Strict computes what never came itself after a
+long timeout or when the worker went offline, so strict is always exact; relaxed counts it as
+zero. A partial of an earlier step is discarded on arrival (counted ``late``).
+
+Plans (planner thread): figures from heartbeats (``mesh.halo_sync.worker_figures``), importance
+window, ``mesh.scheduler.replan_reason`` for hysteresis, ``plan_groups``, published retained
+with an epoch; the pending plan becomes active once every worker in it acknowledged, at the start
+of the next forward pass (or at once while idle).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mesh import predictor as pred_mod
+from mesh import split, topics, wire
+from mesh.errors import MeshError, ProtocolError
+from mesh.halo_sync import EpochSwitch, StepGather, SyncLedger, worker_figures
+from mesh.scheduler import Plan, plan_groups, replan_reason
+
+log = logging.getLogger(__name__)
+
+WINDOW_ALPHA = 0.2  # weight of one ask's mean predicted importance in the scheduler's window
+
+
+@dataclass
+class HaloRun:
+    """Figures of one ask (one or many forward passes)."""
+
+    strict: bool
+    starts: list[float] = field(default_factory=list)  # perf_counter at layer 0 of each forward
+    ended: float = 0.0
+    steps: int = 0
+    on_time: int = 0
+    late: int = 0  # partials discarded on arrival
+    zeroed_groups: int = 0  # (layer step, group) pairs summed as zero (relaxed)
+    zeroed_steps: int = 0
+    local_fallback_groups: int = 0  # strict: computed here because the worker was gone/timed out
+    epochs: set[int] = field(default_factory=set)
+    stops: dict[str, int] = field(default_factory=dict)  # why each step stopped waiting
+    imp_sum: Tensor | None = None
+    imp_n: int = 0
+
+    def figures(self) -> dict[str, Any]:
+        times = [b - a for a, b in zip(self.starts, [*self.starts[1:], self.ended])]
+        return {"sync": "strict" if self.strict else "relaxed", "steps": self.steps,
+                "partials_on_time": self.on_time, "partials_late": self.late,
+                "zeroed_groups": self.zeroed_groups, "zeroed_steps": self.zeroed_steps,
+                "local_fallback_groups": self.local_fallback_groups, "epochs": sorted(self.epochs),
+                "stops": dict(self.stops),
+                "token_times_s": times}
+
+
+class HaloEngine:
+    def __init__(self, loaded: Any, decoder: Any, config: Any, bus: Any, reply_topic: str,
+                 rejects: wire.RejectCounter) -> None:
+        self.loaded, self.decoder, self.config, self.bus = loaded, decoder, config, bus
+        self.reply_topic, self.rejects = reply_topic, rejects
+        self.model = loaded.model
+        self.layout = split.model_layout(self.model.config, config.group_size)
+        self.act = split.mlp_act_name(self.model.config)
+        mlps = [layer.mlp for layer in split.decoder_layers(self.model)]
+        self.full = [split.full_weights(m, self.layout, self.act, i) for i, m in enumerate(mlps)]
+        self.bias = [split.down_bias(self.model, i) for i in range(len(mlps))]
+        self.n_layers = len(mlps)
+        self.wire_dtype = getattr(torch, config.wire_dtype)
+        self.predictor = self._load_predictor()
+        self.window = self._initial_importance()  # (L, G)
+        self.ledger = SyncLedger()
+        self.switch = EpochSwitch()
+        self._lock = threading.Lock()
+        self._partials: queue.Queue[tuple[str, int, Tensor | None, float]] = queue.Queue()
+        self._online: dict[str, bool] = {}
+        self._local: dict[int, list[split.GroupWeights | None]] = {}
+        self._step = time.time_ns() // 1000  # above any step of an earlier coordinator run
+        self._next_epoch = time.time_ns() // 1_000_000
+        self._basis: list[Any] = []
+        self._basis_imp: list[list[float]] | None = None
+        self._planned_at = 0.0
+        self._plan_payload: bytes | None = None
+        self.run_state: HaloRun | None = None
+        self.replans: list[str] = []
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _load_predictor(self) -> pred_mod.ImportancePredictor | None:
+        from nodes.halo_data import predictor_path
+
+        path = self.config.predictor or predictor_path(self.config.home, self.loaded.key, self.config.group_size)
+        if not path.exists():
+            log.warning("no importance predictor at %s (mesh halo train-predictor); relaxed sync "
+                        "uses the static importance window instead", path)
+            return None
+        try:
+            return pred_mod.load_predictor(path, self.loaded.model_key)
+        except ProtocolError as exc:
+            log.warning("predictor %s not usable: %s", path, exc)
+            return None
+
+    def _initial_importance(self) -> Tensor:
+        from nodes.agent import WARMUP_TEXT
+
+        ids = torch.tensor([self.decoder.encode(WARMUP_TEXT)])
+        data = pred_mod.record_pairs(self.model, [ids], self.layout)
+        return torch.stack([y.mean(0) for y in data.targets])  # (L, G)
+
+    # -- network thread ---------------------------------------------------------------------------
+    def on_reply(self, topic: str, payload: bytes, retained: bool) -> None:
+        t = time.perf_counter()
+        try:
+            env = wire.decode(payload, self.config.limits.max_message_bytes)
+            if env.kind is wire.Kind.HALO_PARTIAL:
+                y = wire.unpack_tensor(env.body["y"])
+                self._partials.put((env.sender, env.body["step"], y, t))
+            elif env.kind is wire.Kind.HALO_ACK:
+                with self._lock:
+                    self.switch.ack(env.sender, env.body["epoch"])
+            else:
+                self.rejects.add("unexpected-kind")
+        except ProtocolError as exc:
+            self.rejects.add(exc.reason)
+
+    def set_online(self, node: str, online: bool) -> None:
+        self._online[node] = online
+
+    # -- planning (planner thread) ----------------------------------------------------------------
+    def replan(self, views: Sequence[tuple[str, dict[str, Any], bool]], now: float, idle: bool) -> None:
+        figs = [f for name, hb, online in views
+                if (f := worker_figures(name, hb, online and self._online.get(name, online),
+                                        self.loaded.model_key, self.config.group_size,
+                                        self.ledger.late_rate(name))) is not None and f.speed > 0]
+        with self._lock:
+            window = self.window.tolist()
+            reason = "initial" if self.switch.newest is None else replan_reason(
+                self._basis, figs, now_s=now, planned_s=self._planned_at, policy=self.config.replan,
+                basis_importance=self._basis_imp, importance=window)
+        if reason is not None:
+            epoch = self._next_epoch
+            self._next_epoch += 1
+            # Shares follow useful throughput: speed x reliability^weight (weight 0: speed only,
+            # the plain tensor-parallel baseline), so a lossy worker keeps few, unimportant groups.
+            gamma = self.config.reliability_weight
+            sized = [replace(f, speed=f.speed * max(f.reliability, 1e-3) ** gamma) for f in figs]
+            plan = plan_groups(sized, window, epoch=epoch, model_key=self.loaded.model_key,
+                               group_size=self.config.group_size, local_speed=self.config.local_speed,
+                               mode=self.config.placement, seed=epoch)
+            local = [self._slice(layer, gs) if gs else None for layer, gs in enumerate(plan.local)]
+            with self._lock:
+                self._local[epoch] = local
+                self.switch.propose(plan, now)
+                self._basis, self._basis_imp, self._planned_at = figs, window, now
+            self.replans.append(f"{epoch}: {reason}")
+            log.info("plan epoch %d (%s): %s, local %d groups", epoch, reason,
+                     {w: sum(map(len, gs)) for w, gs in plan.workers.items()}, sum(map(len, plan.local)))
+            env = wire.Envelope(wire.Kind.HALO_PLAN, self.config.name,
+                                {"epoch": epoch, "plan": plan.to_dict()}, reply_to=self.reply_topic)
+            self._plan_payload = wire.encode(env)
+            self.republish()
+        if idle:
+            self._maybe_switch()
+
+    def republish(self) -> None:
+        if self._plan_payload is not None:
+            try:
+                self.bus.publish(topics.HALO_PLAN, self._plan_payload, qos=topics.PLAN.qos, retain=True)
+            except MeshError as exc:
+                log.warning("plan not published: %s", exc)
+
+    def _maybe_switch(self) -> Plan | None:
+        with self._lock:
+            plan = self.switch.maybe_switch()
+            if plan is not None:
+                for e in [e for e in self._local if e < plan.epoch]:
+                    del self._local[e]
+        if plan is not None:
+            log.info("switched to plan epoch %d", plan.epoch)
+        return plan
+
+    def _slice(self, layer: int, groups: Sequence[int]) -> split.GroupWeights:
+        f = self.full[layer]
+        return split.extract_from_tensors(f.gate, f.up, f.down, groups, self.layout, self.act, layer,
+                                          f.gate_bias, f.up_bias)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            active, pending = self.switch.active, self.switch.pending
+        return {"epoch": active.epoch if active else None, "pending": pending.epoch if pending else None,
+                "workers": sorted(active.workers) if active else [],
+                "groups": {w: sum(map(len, gs)) for w, gs in (active.workers.items() if active else [])},
+                "local_groups": sum(map(len, active.local)) if active else 0,
+                "placement": self.config.placement, "sync": self.config.sync,
+                "predictor": self.predictor is not None, "replans": len(self.replans),
+                "deadline_ms": round(self.ledger.deadline(self.config.policy) * 1000, 3),
+                "partials": self.ledger.counts()}
+
+    # -- the routed forward (generation thread) ---------------------------------------------------
+    @contextmanager
+    def run(self, strict: bool) -> Iterator[HaloRun]:
+        state = HaloRun(strict)
+        self.run_state = state
+        try:
+            with torch.inference_mode(), split.routed_mlps(self.model, self._mlp):
+                yield state
+        finally:
+            state.ended = time.perf_counter()
+            self.run_state = None
+            if state.imp_sum is not None and state.imp_n:
+                mean = (state.imp_sum / state.imp_n).float()
+                with self._lock:
+                    self.window = (1 - WINDOW_ALPHA) * self.window + WINDOW_ALPHA * mean
+
+    def _mlp(self, layer: int, x: Tensor) -> Tensor:  # x (B, T, H) -> (B, T, H)
+        run = self.run_state
+        assert run is not None
+        if layer == 0:
+            run.starts.append(time.perf_counter())
+            self._maybe_switch()
+        with self._lock:
+            plan = self.switch.active
+            local = self._local.get(plan.epoch) if plan is not None else None
+        if plan is None or local is None:  # no plan yet: the whole MLP here
+            return self.full[layer].partial(x) + (self.bias[layer] if self.bias[layer] is not None else 0)
+        run.epochs.add(plan.epoch)
+        step = self._step
+        self._step += 1
+        run.steps += 1
+        expected = {w: gs[layer] for w, gs in plan.workers.items() if gs[layer]}
+        if expected:
+            body = {"epoch": plan.epoch, "step": step, "layer": layer,
+                    "x": wire.pack_tensor(x.to(self.wire_dtype))}
+            data = wire.encode(wire.Envelope(wire.Kind.HALO_MLP, self.config.name, body, reply_to=self.reply_topic),
+                               self.config.limits.max_message_bytes)
+            t0 = time.perf_counter()
+            for w in expected:
+                self.bus.publish(topics.node_halo(w), data, qos=topics.NODE_HALO.qos)
+                self.ledger.sent(w, step, t0)
+        parts: list[Tensor | None] = [local[layer].partial(x) if local[layer] is not None else None]
+        if expected:
+            gather, must_wait = self._gather(run, layer, step, x, expected, t0)
+            parts.extend(gather.partials.values())
+            missing = gather.missing_groups()
+            if missing and run.strict:
+                parts.append(self._slice(layer, missing).partial(x))
+                run.local_fallback_groups += len(missing)
+            elif missing:
+                # Relaxed: missing groups count as zero, except (fallback "important") the ones
+                # predicted important, which the coordinator computes itself: a few groups' rows.
+                keep = [g for g in missing if g in must_wait] if self.config.fallback == "important" else []
+                if keep:
+                    parts.append(self._slice(layer, keep).partial(x))
+                    run.local_fallback_groups += len(keep)
+                if len(keep) < len(missing):
+                    run.zeroed_groups += len(missing) - len(keep)
+                    run.zeroed_steps += 1
+        return split.reduce_partials(parts, x, self.bias[layer])
+
+    def _gather(self, run: HaloRun, layer: int, step: int, x: Tensor,
+                expected: dict[str, tuple[int, ...]], t0: float) -> tuple[StepGather, frozenset[int]]:
+        must_wait: frozenset[int] = frozenset()
+        if not run.strict:
+            if self.predictor is not None:
+                imp = self.predictor.predict(layer, x[0].mean(0))  # (G,)
+            else:
+                imp = self.window[layer]
+            must_wait = frozenset(pred_mod.groups_to_wait(imp, self.config.policy.target_share))
+            important = frozenset() if self.config.fallback == "important" else must_wait
+            if run.imp_sum is None:
+                run.imp_sum = torch.zeros(self.n_layers, imp.shape[-1])
+            run.imp_sum[layer] += imp.float()
+            run.imp_n += int(layer == 0)
+        else:
+            important = must_wait
+        # With the local fallback nothing needs the longer "important" wait: it is computed here.
+        gather = StepGather(step, expected, important, run.strict)
+        deadline = self.ledger.deadline(self.config.policy)
+        numel = x.numel()
+        wait, block = 0.0, False  # first take what already arrived (late partials settle who is stalled)
+        while True:
+            try:
+                item = self._partials.get(timeout=wait) if block else self._partials.get_nowait()
+            except queue.Empty:
+                item = None
+            if item is not None:
+                self._take(run, gather, item, numel)
+                block = False
+                continue
+            stalled = frozenset() if run.strict else self.ledger.stalled(step)
+            gone = frozenset(w for w in expected if not self._online.get(w, True))
+            elapsed = time.perf_counter() - t0
+            d = gather.decide(elapsed_s=elapsed, deadline_s=deadline, stalled=stalled,
+                              policy=self.config.policy, strict_timeout_s=self.config.strict_timeout_s,
+                              gone=gone)
+            if not d.wait:
+                run.stops[d.reason] = run.stops.get(d.reason, 0) + 1
+                break
+            wait, block = min(max(d.until_s - elapsed, 0.0), 0.25), True
+        for w in expected:
+            self.ledger.closed(w, w in gather.partials)
+        return gather, must_wait
+
+    def _take(self, run: HaloRun, gather: StepGather, item: tuple[str, int, Tensor | None, float],
+              numel: int) -> None:
+        sender, s, y, t = item
+        if y is None or (s == gather.step and y.numel() != numel):
+            self.rejects.add("bad-halo-partial")
+        elif gather.add(sender, s, y):
+            self.ledger.arrived(sender, s, t, on_time=True)
+            run.on_time += 1
+        else:  # an earlier step's partial, discarded on arrival
+            self.ledger.arrived(sender, s, t, on_time=False)
+            run.late += 1
+
+    # -- teacher-forced evaluation ----------------------------------------------------------------
+    def evaluate(self, spec: dict[str, Any], strict: bool) -> dict[str, Any]:
+        """``{"ids": [...], "start": k, "score_ids": [...]}``: prefill ``ids[:k]``, then feed the rest
+        one token at a time; per fed position the NLL of the true next token and the argmax, and at
+        the end the logits of ``score_ids``."""
+        from transformers import DynamicCache
+
+        ids, vocab = spec.get("ids"), self.model.config.vocab_size
+        score_ids = spec.get("score_ids", [])
+        start = spec.get("start", 1)
+        if (not isinstance(ids, list) or not 1 <= len(ids) <= 4096 or not isinstance(score_ids, list)
+                or not all(type(i) is int and 0 <= i < vocab for i in [*ids, *score_ids])
+                or type(start) is not int or not 1 <= start <= len(ids)):
+            raise ProtocolError("bad-halo-eval", "ids/start/score_ids")
+        nll: list[float] = []
+        top: list[int] = []
+        with self.run(strict) as run:
+            cache = DynamicCache(config=self.model.config)
+            out = self.model(input_ids=torch.tensor([ids[:start]]), past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
+            logits = out.logits[0, -1]
+            for pos in range(start, len(ids)):
+                nll.append(-float(torch.log_softmax(logits.float(), -1)[ids[pos]]))
+                top.append(int(torch.argmax(logits)))
+                if pos + 1 < len(ids) or score_ids:
+                    out = self.model(input_ids=torch.tensor([[ids[pos]]]), past_key_values=cache, use_cache=True)
+                    logits = out.logits[0, -1]
+        figures = run.figures()
+        times = figures.pop("token_times_s")
+        return {"prompt_tokens": len(ids), "halo": figures,
+                "tpot_s": round(sum(times[1:]) / len(times[1:]), 6) if len(times) > 1 else None,
+                "eval": {"nll": nll, "argmax": top, "scores": [float(logits[i]) for i in score_ids]}}

@@ -1,0 +1,265 @@
+"""The coordinator's sync logic: pure rules (mesh.halo_sync) and the engine (nodes.halo_engine)
+over an in-memory bus with fake in-process workers and a tiny random-weight LLaMA."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mesh import split, topics, wire
+from mesh.halo_sync import EpochSwitch, StepGather, SyncLedger, worker_figures
+from mesh.scheduler import Plan, SyncPolicy
+from nodes.coordinator import CoordinatorConfig
+from nodes.halo_engine import HaloEngine
+
+POLICY = SyncPolicy(target_share=0.5, min_deadline_s=0.01, max_deadline_s=0.03, default_deadline_s=0.02)
+
+
+# -- pure rules ---------------------------------------------------------------------------------
+
+
+def test_strict_gather_waits_for_every_worker_then_times_out() -> None:
+    g = StepGather(5, {"a": (0, 1), "b": (2,)}, strict=True)
+    kw: dict[str, Any] = dict(deadline_s=0.01, stalled=frozenset({"b"}), policy=POLICY, strict_timeout_s=5.0)
+    assert g.decide(elapsed_s=1.0, **kw).wait  # strict ignores deadlines and stalls
+    assert g.add("a", 5, "pa") and not g.add("a", 5, "again") and not g.add("b", 4, "old")
+    assert g.decide(elapsed_s=4.9, **kw).wait
+    assert g.decide(elapsed_s=5.0, **kw).reason == "strict-timeout"
+    assert g.missing_groups() == (2,)
+    assert g.decide(elapsed_s=0.0, gone=frozenset({"b"}), **kw).reason == "gone"
+    g.add("b", 5, "pb")
+    assert g.decide(elapsed_s=0.0, **kw).reason == "complete"
+
+
+def test_relaxed_gather_drops_unimportant_late_groups_and_never_waits_for_stalled() -> None:
+    g = StepGather(9, {"good": (0, 1), "lossy": (2, 3)}, must_wait=frozenset({0}), strict=False)
+    kw: dict[str, Any] = dict(deadline_s=0.02, policy=POLICY, strict_timeout_s=5.0)
+    assert g.decide(elapsed_s=0.0, stalled=frozenset(), **kw).wait
+    g.add("good", 9, "p")
+    late = g.decide(elapsed_s=0.021, stalled=frozenset(), **kw)
+    assert not late.wait and late.reason == "deadline-passed"  # lossy's groups are not important
+    assert g.decide(elapsed_s=0.0, stalled=frozenset({"lossy"}), **kw).reason == "stalled-only"
+    imp = StepGather(9, {"a": (0,)}, must_wait=frozenset({0}), strict=False)
+    assert imp.decide(elapsed_s=0.025, stalled=frozenset(), **kw).reason == "important"
+
+
+def test_ledger_tracks_outstanding_steps_latency_and_late_rate() -> None:
+    led = SyncLedger()
+    for step in (1, 2, 3):
+        led.sent("w", step, now=step * 1.0)
+    assert led.stalled(2) == frozenset({"w"}) and led.stalled(1) == frozenset()
+    assert led.arrived("w", 2, now=2.004, on_time=True) == pytest.approx(0.004)
+    assert led.outstanding() == {"w": [3]}  # step 1 settled by the in-order answer to step 2
+    assert led.stalled(3) == frozenset()
+    led.arrived("w", 3, now=3.5, on_time=False)
+    assert led.counts()["w"] == {"on_time": 1, "late": 1, "zeroed": 0}
+    for _ in range(20):
+        led.closed("w", got=False)
+    assert 0.5 < led.late_rate("w") < 1.0
+    # Late latencies count too (a deadline learnt from on-time ones only could only shrink) ...
+    assert led.deadline(POLICY) == pytest.approx(POLICY.max_deadline_s)
+    # ... but one lossy worker does not stretch the deadline of the healthy majority.
+    for w in ("a", "b"):
+        led.sent(w, 10, now=10.0)
+        led.arrived(w, 10, now=10.012, on_time=True)
+    assert led.deadline(POLICY) == pytest.approx(0.012 * POLICY.margin)
+
+
+def test_epoch_switch_waits_for_every_ack_of_the_pending_plan() -> None:
+    a = Plan(1, "m", 64, 2, {"w1": ((0, 1),)}, ((),))
+    b = Plan(2, "m", 64, 2, {"w1": ((0,),), "w2": ((1,),)}, ((),))
+    sw = EpochSwitch()
+    sw.propose(a, 0.0)
+    sw.ack("w1", 1)
+    assert sw.maybe_switch() is a
+    sw.propose(b, 1.0)
+    sw.ack("w1", 2)
+    sw.ack("w2", 1)  # an old epoch's ack does not count
+    assert sw.waiting_for() == frozenset({"w2"}) and sw.maybe_switch() is None and sw.active is a
+    sw.ack("w2", 2)
+    assert sw.maybe_switch() is b and sw.pending is None
+    with pytest.raises(ValueError):
+        sw.propose(a, 2.0)
+
+
+def test_worker_figures_from_heartbeat() -> None:
+    hb = {"roles": ["answer", "worker"], "model_key": "k", "halo": {"compute_rows_per_s": 5e5, "group_size": 64},
+          "link": {"rtt_ewma_ms": 4.0, "late_fraction": 0.02, "loss_fraction": 0.01}}
+    f = worker_figures("w", hb, True, "k", 64, late_rate=0.1)
+    assert f is not None and f.speed == 5e5 and f.rtt_s == pytest.approx(0.004)
+    assert f.late_rate == 0.1 and f.loss_rate == 0.01
+    assert worker_figures("w", {**hb, "model_key": "other"}, True, "k", 64) is None
+    assert worker_figures("w", {**hb, "roles": ["answer"]}, True, "k", 64) is None
+
+
+# -- the engine over an in-memory bus -----------------------------------------------------------
+
+
+def tiny_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class Loaded:
+    key = "tiny"
+    model_key = "tiny@0/fp32"
+
+    def __init__(self) -> None:
+        self.model = tiny_model()
+
+
+class FakeDecoder:
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % 97 for c in text[:24]]
+
+
+class FakeWorker:
+    """Answers HALO_MLP from the same weights; ``delay`` per step (None: never answers)."""
+
+    def __init__(self, name: str, model: Any, layout: split.GroupLayout) -> None:
+        self.name, self.model, self.layout = name, model, layout
+        self.plans: dict[int, Plan] = {}
+        self.delay: dict[int, float | None] = {}  # by layer; default 0
+        self.served: list[int] = []
+
+    def handle(self, data: bytes, deliver: Any) -> None:
+        env = wire.decode(data)
+        b = env.body
+        delay = self.delay.get(b["layer"], 0.0)
+        if delay is None:
+            return
+        gs = self.plans[b["epoch"]].groups_for(self.name)[b["layer"]]
+        x = wire.unpack_tensor(b["x"]).float()
+        y = split.extract_groups(self.model, b["layer"], gs, self.layout).partial(x).half()
+        out = wire.encode(wire.Envelope(wire.Kind.HALO_PARTIAL, self.name, {
+            "epoch": b["epoch"], "step": b["step"], "layer": b["layer"], "y": wire.pack_tensor(y)}))
+        self.served.append(b["step"])
+        threading.Timer(delay, deliver, args=(out,)).start() if delay else deliver(out)
+
+
+class MemoryBus:
+    def __init__(self) -> None:
+        self.workers: dict[str, FakeWorker] = {}
+        self.engine: HaloEngine | None = None
+        self.plans: list[Plan] = []
+        self.auto_ack = True
+
+    def deliver(self, data: bytes) -> None:
+        assert self.engine is not None
+        self.engine.on_reply("reply", data, False)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        if topic == topics.HALO_PLAN:
+            plan = Plan.from_dict(wire.decode(payload).body["plan"])
+            self.plans.append(plan)
+            for w in self.workers.values():
+                w.plans[plan.epoch] = plan
+                if self.auto_ack:
+                    self.ack(w.name, plan.epoch)
+            return
+        for name, w in self.workers.items():
+            if topic == topics.node_halo(name):
+                w.handle(payload, self.deliver)
+
+    def ack(self, worker: str, epoch: int) -> None:
+        self.deliver(wire.encode(wire.Envelope(wire.Kind.HALO_ACK, worker, {"epoch": epoch})))
+
+
+def heartbeat(speed: float, late: float = 0.0) -> dict[str, Any]:
+    return {"roles": ["answer", "worker"], "model_key": Loaded.model_key,
+            "halo": {"compute_rows_per_s": speed, "group_size": 16}, "link": {"late_fraction": late}}
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> tuple[HaloEngine, MemoryBus]:
+    loaded = Loaded()
+    cfg = CoordinatorConfig(home=tmp_path, group_size=16, policy=POLICY, strict_timeout_s=2.0)
+    bus = MemoryBus()
+    engine = HaloEngine(loaded, FakeDecoder(), cfg, bus, topics.reply("coordinator"), wire.RejectCounter())
+    bus.engine = engine
+    layout = split.model_layout(loaded.model.config, 16)
+    for n in ("good", "lossy"):  # each worker has its own copy of the weights, as a node does
+        bus.workers[n] = FakeWorker(n, copy.deepcopy(loaded.model), layout)
+    # "lossy" reports a poor link: it gets the least important groups.
+    views = [("good", heartbeat(1000.0), True), ("lossy", heartbeat(1000.0, late=0.3), True)]
+    engine.replan(views, time.monotonic(), idle=True)
+    assert engine.switch.active is not None and set(engine.switch.active.workers) == {"good", "lossy"}
+    return engine, bus
+
+
+def forward(engine: HaloEngine, strict: bool, ids: list[int]) -> tuple[torch.Tensor, Any, float]:
+    t0 = time.perf_counter()
+    with engine.run(strict) as run:
+        logits = engine.model(input_ids=torch.tensor([ids])).logits
+    return logits, run, time.perf_counter() - t0
+
+
+def test_strict_waits_for_a_slow_worker_and_matches_the_unsplit_model(rig) -> None:
+    engine, bus = rig
+    ids = [3, 14, 15, 92, 65]
+    with torch.inference_mode():
+        ref = engine.model(input_ids=torch.tensor([ids])).logits
+    bus.workers["lossy"].delay = {0: 0.2}
+    logits, run, took = forward(engine, True, ids)
+    assert took >= 0.2 and run.on_time == 4 and run.zeroed_groups == 0
+    assert torch.allclose(logits, ref, atol=2e-3)  # fp16 on the wire
+
+
+def test_relaxed_drops_late_low_importance_partials_and_discards_them_on_arrival(rig) -> None:
+    engine, bus = rig
+    bus.workers["lossy"].delay = {0: 1.0}
+    logits, run, took = forward(engine, False, [1, 2, 3])
+    assert took < 0.8 and run.stops.get("deadline-passed", 0) >= 1  # did not wait for the late partial
+    assert run.zeroed_steps >= 1 and run.zeroed_groups >= len(engine.switch.active.workers["lossy"][0])
+    time.sleep(1.1)  # the late partial lands in the queue ...
+    bus.workers["lossy"].delay = {}
+    _, run2, _ = forward(engine, False, [1, 2, 3])
+    assert run2.late >= 1 and run2.zeroed_groups == 0  # ... and is discarded, not summed
+    assert engine.ledger.counts()["lossy"]["late"] >= 1
+
+
+def test_a_stalled_worker_is_not_waited_for(rig) -> None:
+    engine, bus = rig
+    bus.workers["lossy"].delay = {0: None, 1: 0.5}  # never answers layer 0, layer 1 very late
+    _, run, took = forward(engine, False, [4, 5])
+    # Layer 0 waits one deadline; at layer 1 "lossy" still owes layer 0, so it is not waited for.
+    assert took < 0.4  # never waited for the 0.5 s partial
+    assert run.zeroed_steps == 2 and run.stops.get("stalled-only") == 1
+    assert engine.ledger.stalled(engine._step) == frozenset({"lossy"})
+
+
+def test_epoch_switch_happens_between_forward_passes_without_losing_a_step(rig) -> None:
+    engine, bus = rig
+    old = engine.switch.active
+    bus.auto_ack = False
+    views = [("good", heartbeat(1000.0), True)]  # "lossy" left: membership re-plan
+    engine.replan(views, time.monotonic(), idle=False)
+    new = engine.switch.pending
+    assert new is not None and engine.switch.active is old
+    _, run, _ = forward(engine, True, [7, 8])
+    assert run.epochs == {old.epoch}  # still the old plan: the new one is not acknowledged
+    bus.ack("good", new.epoch)
+    with torch.inference_mode():
+        ref = engine.model(input_ids=torch.tensor([[7, 8]])).logits
+    logits, run, _ = forward(engine, True, [7, 8])
+    assert run.epochs == {new.epoch} and run.zeroed_groups == 0
+    assert torch.allclose(logits, ref, atol=2e-3)
+
+
+def test_wiki_split_is_deterministic_in_file_order_and_disjoint() -> None:
+    from nodes.halo_data import split_text
+
+    paras = [f"paragraph {i} " + "x" * 300 for i in range(10)]
+    got = split_text("\n\n".join(paras), train_fraction=0.8)
+    assert got == split_text("\n\n".join(paras), train_fraction=0.8)
+    assert list(got.train) + list(got.held_out) == paras and len(got.held_out) == 2
+    assert not set(got.train) & set(got.held_out)
