@@ -250,7 +250,10 @@ def _encode_tensor(t: torch.Tensor, codec: str) -> dict[str, Any]:
         return _tensor(x.to(torch.float16).numpy(), "float16")
     if codec == "fp32":
         return _tensor(x.numpy(), "float32")
-    scale = x.abs().amax(dim=1, keepdim=True) / 127.0  # [H, 1, D]: per head, per channel
+    if x.shape[1] == 0:  # an empty tail (a prompt of whole chunks): nothing to scale
+        scale = torch.zeros((x.shape[0], 1, x.shape[2]), dtype=torch.float32)
+    else:
+        scale = x.abs().amax(dim=1, keepdim=True) / 127.0  # [H, 1, D]: per head, per channel
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(x / safe).clamp(-127, 127).to(torch.int8)
     out = _tensor(q.numpy(), "int8")

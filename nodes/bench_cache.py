@@ -59,6 +59,10 @@ def run_profile(profile: str, items: list[tuple[tuple[str, mmlu.Question], tuple
     with Testbed(spec, calibration=cal) as tb:
         tb.start_broker(args.broker)
         tb.start_nodes(args.model, extra=["--kv-wire", args.kv_wire, "--heartbeat", "1"])
+        if args.peer == "cache-box":
+            # The paper's topology: the devices on Wi-Fi, the cache on a wired box with CPU to spare.
+            tb.set_cpu("pi1", None)
+            tb.set_rate("pi1", None)
         host, port = tb.broker_address
         catalogs = CatalogWatch(BrokerAddress(host, port), "pi1")
         with MeshClient(BrokerAddress(host, port), name=f"bench-{spec.instance}") as client, catalogs:
@@ -85,13 +89,14 @@ def run_profile(profile: str, items: list[tuple[tuple[str, mmlu.Question], tuple
                     ask("seed", "pi1", p_full, q_full, False)
                     catalogs.wait_newer(epoch, timeout=30.0)  # pi1 advertised it...
                     time.sleep(0.5)  # ...and pi2 has read the catalog
-                    tb.restore_cpu("pi1")
+                    if args.peer == "device":
+                        tb.restore_cpu("pi1")
                     ask("hit", "pi2", p_full, q_full, False)
                     ask("partial-miss", "pi2", p_part, q_part, True)
                     ask("partial", "pi2", p_part, q_part, False)
                     progress.advance(task)
         testbed = tb.describe()
-    return {"profile": profile, "testbed": testbed, "rows": rows, "summary": summarize(rows)}
+    return {"profile": profile, "peer": args.peer, "testbed": testbed, "rows": rows, "summary": summarize(rows)}
 
 
 class CatalogWatch:
@@ -202,7 +207,7 @@ def bench_cache(args: argparse.Namespace) -> int:
     console.print(f"paper (Pi Zero 2W, Gemma-3 270M): TTFT {PAPER['ttft_miss_s']} -> {PAPER['ttft_hit_s']} s "
                   f"({PAPER['ttft_change_pct']}%), TTLT {PAPER['ttlt_miss_s']} -> {PAPER['ttlt_hit_s']} s "
                   f"({PAPER['ttlt_change_pct']}%); Pi 5 with its cache: {PAPER['pi5_change_pct']:+}%")
-    out = {"bench": "cache", "model": args.model, "kv_wire": args.kv_wire, "broker": args.broker,
+    out = {"bench": "cache", "model": args.model, "kv_wire": args.kv_wire, "broker": args.broker, "peer": args.peer,
            "tokens": args.tokens, "paper": PAPER, "results": results,
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +226,9 @@ def add_bench_cache(sub: Any) -> None:
     p.add_argument("--tokens", type=int, default=4, help="max new tokens per answer")
     p.add_argument("--kv-wire", default="fp16", choices=["fp16", "int8", "fp32"])
     p.add_argument("--broker", default="mosquitto", choices=["mosquitto", "amqtt"])
+    p.add_argument("--peer", default="device", choices=["device", "cache-box"],
+                   help="pi1, which serves the KV: a device of the same profile (peer to peer), or an "
+                        "unthrottled, wired cache box (the paper's setup)")
     p.add_argument("--instance", type=int, default=1, help="testbed instance to use")
     p.add_argument("--home", help="models and data (default ~/.cache/mesh)")
     p.add_argument("--json", default="out/bench-cache.json")

@@ -88,6 +88,11 @@ def test_shared_prefix_is_fetched_from_the_peer_that_holds_it(amqtt_broker: Brok
         cat = wait_catalog(client, amqtt_broker, "c1", 5)
         got = ask(client, PREFIX + Q2.replace("largest", "smallest"), "c2")
         again = ask(client, PREFIX + Q2.replace("largest", "smallest"), "c2", no_cache=True)
+        full = ask(client, PREFIX + Q2, "c2")  # c2 has the shared chunks, c1 the rest and the last logits
+        full_exact = ask(client, PREFIX + Q2, "c2", no_cache=True)
+    f = full.node_figures["cache"]
+    assert f["decision"] == "remote" and f["full_hit"] and f["peer"] == "c1" and f["local_tokens"] > 0, f
+    assert full.node_figures["token_ids"] == full_exact.node_figures["token_ids"]
     c = got.node_figures["cache"]
     shared = shared_chunk_tokens(PREFIX + Q2, PREFIX + Q2.replace("largest", "smallest"))
     assert cat.count >= 5 and shared >= 48

@@ -248,3 +248,16 @@ def test_flipped_byte_and_bad_values_are_rejected() -> None:
         decode_chunk(encode_chunk(bad, "fp16"), LAYOUT, C)
     with pytest.raises(ProtocolError):
         decode_chunk("nope", LAYOUT, C)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8", "fp32"])
+def test_an_empty_tail_round_trips_in_every_codec(codec: str) -> None:
+    """A prompt of whole chunks leaves a zero-length tail; serving it must not fail."""
+    import torch
+
+    from mesh import kvstate
+
+    empty = kvstate.ChunkKV(keys=(torch.zeros(2, 0, 8),) * 3, values=(torch.zeros(2, 0, 8),) * 3)
+    back = kvstate.decode_chunk(kvstate.encode_chunk(empty, codec, key=b"k" * 16, model=b"m" * 16),
+                                [(2, 8)] * 3, 0, key=b"k" * 16, model=b"m" * 16)
+    assert back.length == 0 and len(back.keys) == 3
