@@ -170,7 +170,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
-    labels = ["miss\n(no cache)", "full hit", "partial\n(no cache)", "partial\n(cache)"]
+    labels = ["peer's prompt\n(no cache)", "peer's prompt\n(cache)", "same subject\n(no cache)", "same subject\n(cache)"]
     for ax, res in zip(axes[0], results):
         s = res["summary"]
         ttft = [s["ttft_miss_s"], s["ttft_hit_s"], s["ttft_partial_miss_s"], s["ttft_partial_s"]]
