@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from mesh.errors import MeshError
+from nodes.settings import add_broker_arguments
 
 log = logging.getLogger("mesh")
 
@@ -28,16 +29,6 @@ def _quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-
-
-def _broker_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", help="HOST:PORT of the MQTT broker (default 127.0.0.1:1883, or MESH_BROKER)")
-    p.add_argument("--username", help="broker username (MESH_USERNAME)")
-    p.add_argument("--password-file", help="file holding the broker password (or MESH_PASSWORD)")
-    p.add_argument("--tls-ca", help="CA certificate: connect with TLS")
-    p.add_argument("--tls-cert", help="client certificate for TLS")
-    p.add_argument("--tls-key", help="client key for TLS")
-    p.add_argument("--config", help="TOML config file (MESH_CONFIG)")
 
 
 def _stop_on_signals() -> threading.Event:
@@ -217,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-wire", choices=["fp16", "int8", "fp32"], help="KV codec on the wire (default fp16)")
     p.add_argument("--fetch-margin", type=float, help="fetch KV only if transfer x margin < recompute (default 1.2)")
     p.add_argument("--no-cache", action="store_true", help="run without the prompt cache")
-    _broker_flags(p)
+    add_broker_arguments(p)
     add_ha_arguments(p)
     add_node_halo_arguments(p)
     p.set_defaults(func=cmd_node)
@@ -233,12 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--halo", action="store_true", help="ask the HALO coordinator (MLP split over workers)")
     p.add_argument("--sync", choices=["strict", "relaxed"], default="relaxed", help="HALO synchronisation")
     p.add_argument("--json", action="store_true", help="print one JSON object with answer and figures")
-    _broker_flags(p)
+    add_broker_arguments(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("status", help="nodes with status, model and last heartbeat figures")
     p.add_argument("--json", action="store_true")
-    _broker_flags(p)
+    add_broker_arguments(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("up", help="broker plus K nodes on this machine until interrupted")

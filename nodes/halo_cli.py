@@ -22,6 +22,7 @@ from typing import Any
 
 from mesh import split
 from mesh.errors import ConfigError
+from nodes.settings import add_broker_arguments
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,6 @@ def halo_extensions_from_args(args: argparse.Namespace, node_config: Any) -> lis
     from nodes.halo_worker import HaloWorker
 
     return [HaloWorker(int(getattr(args, "halo_group_size", split.DEFAULT_GROUP_SIZE)))]
-
-
-def _broker_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", help="HOST:PORT of the MQTT broker (default 127.0.0.1:1883, or MESH_BROKER)")
-    p.add_argument("--username", help="broker username (MESH_USERNAME)")
-    p.add_argument("--password-file", help="file holding the broker password (or MESH_PASSWORD)")
-    p.add_argument("--tls-ca", help="CA certificate: connect with TLS")
-    p.add_argument("--tls-cert", help="client certificate for TLS")
-    p.add_argument("--tls-key", help="client key for TLS")
-    p.add_argument("--config", help="TOML config file (MESH_CONFIG)")
 
 
 def coordinator_config(args: argparse.Namespace) -> Any:
@@ -161,7 +152,7 @@ def add_halo_commands(subparsers: Any) -> None:
     p.add_argument("--heartbeat", type=float, default=2.0)
     p.add_argument("--predictor", help="predictor file (default: the trained one next to the model)")
     p.add_argument("--no-cache", action="store_true", help="no prompt cache")
-    _broker_flags(p)
+    add_broker_arguments(p)
     p.set_defaults(func=cmd_coordinator)
 
     halo = subparsers.add_parser("halo", help="HALO tools")

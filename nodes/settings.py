@@ -107,3 +107,14 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
         limits=Limits(max_queue=max_queue),
         timing=Timing(heartbeat_s=heartbeat, link_ping_s=link_ping),
     )
+
+
+def add_broker_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags every process that talks to the broker takes (read back by :func:`broker_address`)."""
+    p.add_argument("--broker", help="HOST:PORT of the MQTT broker (default 127.0.0.1:1883, or MESH_BROKER)")
+    p.add_argument("--username", help="broker username (MESH_USERNAME)")
+    p.add_argument("--password-file", help="file holding the broker password (or MESH_PASSWORD)")
+    p.add_argument("--tls-ca", help="CA certificate: connect with TLS")
+    p.add_argument("--tls-cert", help="client certificate for TLS")
+    p.add_argument("--tls-key", help="client key for TLS")
+    p.add_argument("--config", help="TOML config file (MESH_CONFIG)")
