@@ -186,6 +186,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 def bench_cache(args: argparse.Namespace) -> int:
     console = Console(width=None if Console().is_terminal else 140)
+    if args.stream:
+        return bench_stream(args, console)
     data = mmlu_dir(mesh_home(args))
     subjects = tuple(args.subjects) if args.subjects else mmlu.DEFAULT_SUBJECTS[: args.questions]
     full = mmlu.sample(data, subjects, per_subject=1, offset=0)
@@ -217,6 +219,19 @@ def bench_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_stream(args: argparse.Namespace, console: Console) -> int:
+    from nodes.bench_stream import print_stream, run_stream
+
+    results = [run_stream(p, args, console) for p in args.profiles.split(",")]
+    print_stream(results, console)
+    out = {"bench": "cache-stream", "model": args.model, "kv_wire": args.kv_wire, "broker": args.broker,
+           "tokens": args.tokens, "results": results, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2))
+    console.print(f"results: {args.json}")
+    return 0
+
+
 def add_bench_cache(sub: Any) -> None:
     p = sub.add_parser("cache", help="the prompt cache on emulated Pi devices (testbed, root)")
     p.add_argument("--profiles", default="pi-zero-2w,pi5", help="comma-separated device profiles")
@@ -230,6 +245,10 @@ def add_bench_cache(sub: Any) -> None:
                    help="pi1, which serves the KV: a device of the same profile (peer to peer), or an "
                         "unthrottled, wired cache box (the paper's setup)")
     p.add_argument("--instance", type=int, default=1, help="testbed instance to use")
+    p.add_argument("--stream", action="store_true",
+                   help="a stream of k-shot asks (--shots, --per-subject), each with and without the cache")
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--per-subject", type=int, default=5)
     p.add_argument("--home", help="models and data (default ~/.cache/mesh)")
     p.add_argument("--json", default="out/bench-cache.json")
     p.add_argument("--plot", default="out/bench-cache.png")
