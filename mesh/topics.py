@@ -76,32 +76,37 @@ SPECS: dict[str, TopicSpec] = {s.name: s for s in
                                 NODE_STATE, TEXT_ASK, CATALOG, NODE_KV, NODE_HALO, PLAN)}
 
 
+def node_topic(node: str, spec: TopicSpec) -> str:
+    """A per-node topic: ``mesh/v1/node/<node>/<spec.name>`` (the spec says format, QoS, retain)."""
+    return f"{ROOT}/node/{check_name(node)}/{spec.name}"
+
+
 def node_status(node: str) -> str:
-    return f"{ROOT}/node/{check_name(node)}/status"
+    return node_topic(node, STATUS)
 
 
 def node_heartbeat(node: str) -> str:
-    return f"{ROOT}/node/{check_name(node)}/heartbeat"
+    return node_topic(node, HEARTBEAT)
 
 
 def node_state(node: str) -> str:
-    return f"{ROOT}/node/{check_name(node)}/state"
+    return node_topic(node, NODE_STATE)
 
 
 def node_catalog(node: str) -> str:
-    return f"{ROOT}/node/{check_name(node)}/catalog"
+    return node_topic(node, CATALOG)
 
 
 def node_kv(node: str) -> str:
-    return f"{ROOT}/node/{check_name(node)}/kv"
+    return node_topic(node, NODE_KV)
 
 
 def node_halo(node: str) -> str:
-    return f"{ROOT}/node/{check_name(node)}/halo"
+    return node_topic(node, NODE_HALO)
 
 
 def node_ask(node: str) -> str:
-    return f"{ROOT}/node/{check_name(node)}/ask"
+    return node_topic(node, NODE_ASK)
 
 
 def reply(client: str) -> str:
