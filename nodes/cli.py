@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nodes.bench_cache import add_bench_cache
     from nodes.bench_ha import add_bench_ha
     from nodes.bench_link import add_bench_link
+    from nodes.bench_load import add_bench_load
     from nodes.halo_cli import add_halo_commands, add_node_halo_arguments
     from nodes.ha import add_ha_arguments
     from nodes.testbed import add_testbed_commands
@@ -256,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_cache(bench)
     add_bench_link(bench)
     add_bench_ha(bench)
+    add_bench_load(bench)
     add_halo_commands(sub)
     return parser
 
