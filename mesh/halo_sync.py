@@ -22,7 +22,7 @@ clock, passed in.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,6 +208,61 @@ class EpochSwitch:
     @property
     def newest(self) -> Plan | None:
         return self.pending or self.active
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """When a worker counts as gone although no ``offline`` status (last will) came: a frozen or
+    cut-off process keeps its TCP connection open until the broker's keepalive expires.
+
+    Silent: nothing (heartbeat or partial) heard for ``max(min_silence_s, factor * heartbeat_s)``,
+    ``heartbeat_s`` being the period the worker announces. Suspect: a strict step timed out on it;
+    it stays suspect until anything is heard from it again, so only one step pays the timeout.
+    """
+
+    factor: float = 6.0
+    min_silence_s: float = 3.0
+
+
+class Presence:
+    """Who of the workers is reachable, from status, heartbeats, partials and strict timeouts."""
+
+    def __init__(self, policy: Liveness = Liveness()) -> None:
+        self.policy = policy
+        self.online: dict[str, bool] = {}
+        self.seen: dict[str, float] = {}
+        self.period: dict[str, float] = {}
+        self.suspect: set[str] = set()
+
+    def status(self, worker: str, online: bool, now: float) -> None:
+        self.online[worker] = online
+        if online:
+            self.seen[worker] = now
+
+    def heard(self, worker: str, now: float, period_s: float | None = None) -> None:
+        """A heartbeat (with its announced period) or a partial from ``worker``."""
+        self.seen[worker] = max(now, self.seen.get(worker, now))
+        if period_s is not None and period_s > 0:
+            self.period[worker] = float(period_s)
+        self.suspect.discard(worker)
+
+    def timed_out(self, worker: str) -> None:
+        self.suspect.add(worker)
+
+    def silence_s(self, worker: str) -> float:
+        p = self.period.get(worker)
+        return max(self.policy.min_silence_s, self.policy.factor * p) if p else float("inf")
+
+    def gone(self, workers: Iterable[str], now: float) -> frozenset[str]:
+        """Of ``workers``: those offline, silent for too long, or suspect. A worker never heard
+        from is not silent (no evidence either way) unless its status says offline."""
+        out = set()
+        for w in workers:
+            seen = self.seen.get(w)
+            if (not self.online.get(w, True) or w in self.suspect
+                    or (seen is not None and now - seen > self.silence_s(w))):
+                out.add(w)
+        return frozenset(out)
 
 
 def worker_figures(node: str, heartbeat: Mapping[str, Any], online: bool, model_key: str,

@@ -31,6 +31,7 @@ from mesh import topics, wire
 from mesh.bus import MqttBus
 from mesh.config import BrokerAddress, CacheConfig, Limits
 from mesh.errors import MeshError, ProtocolError
+from mesh.halo_sync import Liveness
 from mesh.lookup import LinkEstimate
 from mesh.model import Decoder, load_model
 from mesh.routing import PeerTable, choose_node, router_of
@@ -63,6 +64,7 @@ class CoordinatorConfig:
     local_speed: float = 0.0  # neuron-rows/s the coordinator computes itself (0: none)
     wire_dtype: str = "float16"
     strict_timeout_s: float = 10.0  # then strict computes the missing groups itself (stays exact)
+    liveness: Liveness = field(default_factory=Liveness)  # when a silent worker counts as gone
     heartbeat_s: float = 2.0
     predictor: Path | None = None  # default: the trained one next to the model, if any
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -166,6 +168,8 @@ class Coordinator:
             with self._peers_lock:
                 if self.peers.set_heartbeat(parsed[0], env.body, time.monotonic()):
                     self._pending_routes.pop(parsed[0], None)
+            if not retained:
+                self.engine.note_heartbeat(parsed[0], env.body)
 
     def _on_ask(self, topic: str, payload: bytes, retained: bool) -> None:
         env = self._decode(payload, wire.Kind.ASK)

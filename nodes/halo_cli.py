@@ -49,6 +49,7 @@ def coordinator_config(args: argparse.Namespace) -> Any:
     from pathlib import Path
 
     from mesh.config import CacheConfig
+    from mesh.halo_sync import Liveness
     from mesh.scheduler import ReplanPolicy, SyncPolicy
     from nodes.coordinator import CoordinatorConfig
     from nodes.settings import broker_address, mesh_home
@@ -62,6 +63,7 @@ def coordinator_config(args: argparse.Namespace) -> Any:
         replan=ReplanPolicy(min_interval_s=args.replan_interval), placement=args.placement,
         fallback=args.fallback, local_speed=args.local_speed, reliability_weight=args.reliability_weight, wire_dtype={"fp16": "float16", "fp32": "float32"}[args.wire],
         strict_timeout_s=args.strict_timeout, heartbeat_s=args.heartbeat,
+        liveness=Liveness(factor=args.silence_factor, min_silence_s=args.min_silence),
         predictor=Path(args.predictor) if args.predictor else None,
         cache=CacheConfig(enabled=not args.no_cache),
     )
@@ -147,7 +149,11 @@ def add_halo_commands(subparsers: Any) -> None:
     p.add_argument("--local-speed", type=float, default=0.0,
                    help="neuron-rows/s the coordinator computes itself (0: every group on workers)")
     p.add_argument("--wire", choices=["fp16", "fp32"], default="fp16", help="dtype of MLP inputs on the wire")
-    p.add_argument("--strict-timeout", type=float, default=10.0)
+    p.add_argument("--strict-timeout", type=float, default=10.0,
+                   help="strict: after this many seconds compute a silent worker's groups here (stays exact)")
+    p.add_argument("--silence-factor", type=float, default=6.0,
+                   help="a worker silent for this many of its heartbeat periods counts as gone")
+    p.add_argument("--min-silence", type=float, default=3.0, help="seconds of silence before a worker counts as gone")
     p.add_argument("--replan-interval", type=float, default=10.0, help="seconds between drift re-plans")
     p.add_argument("--heartbeat", type=float, default=2.0)
     p.add_argument("--predictor", help="predictor file (default: the trained one next to the model)")

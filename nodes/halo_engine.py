@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -31,7 +31,14 @@ from torch import Tensor
 from mesh import predictor as pred_mod
 from mesh import split, topics, wire
 from mesh.errors import MeshError, ProtocolError
-from mesh.halo_sync import EpochSwitch, StepGather, SyncLedger, worker_figures
+from mesh.halo_sync import (
+    EpochSwitch,
+    Liveness,
+    Presence,
+    StepGather,
+    SyncLedger,
+    worker_figures,
+)
 from mesh.scheduler import Plan, plan_groups, replan_reason
 
 log = logging.getLogger(__name__)
@@ -86,7 +93,8 @@ class HaloEngine:
         self.switch = EpochSwitch()
         self._lock = threading.Lock()
         self._partials: queue.Queue[tuple[str, int, Tensor | None, float]] = queue.Queue()
-        self._online: dict[str, bool] = {}
+        self.presence = Presence(getattr(config, "liveness", Liveness()))
+        self._presence_lock = threading.Lock()
         self._local: dict[int, list[split.GroupWeights | None]] = {}
         self._step = time.time_ns() // 1000  # above any step of an earlier coordinator run
         self._next_epoch = time.time_ns() // 1_000_000
@@ -127,6 +135,8 @@ class HaloEngine:
             if env.kind is wire.Kind.HALO_PARTIAL:
                 y = wire.unpack_tensor(env.body["y"])
                 self._partials.put((env.sender, env.body["step"], y, t))
+                with self._presence_lock:
+                    self.presence.heard(env.sender, time.monotonic())
             elif env.kind is wire.Kind.HALO_ACK:
                 with self._lock:
                     self.switch.ack(env.sender, env.body["epoch"])
@@ -136,12 +146,27 @@ class HaloEngine:
             self.rejects.add(exc.reason)
 
     def set_online(self, node: str, online: bool) -> None:
-        self._online[node] = online
+        with self._presence_lock:
+            self.presence.status(node, online, time.monotonic())
+
+    def note_heartbeat(self, node: str, body: dict[str, Any]) -> None:
+        halo = body.get("halo") if isinstance(body.get("halo"), dict) else {}
+        period = halo.get("heartbeat_s")
+        with self._presence_lock:
+            self.presence.heard(node, time.monotonic(),
+                                float(period) if isinstance(period, (int, float)) and not isinstance(period, bool)
+                                else None)
+
+    def gone(self, workers: Iterable[str]) -> frozenset[str]:
+        """Workers not worth waiting for: offline (last will), silent, or suspect after a strict timeout."""
+        with self._presence_lock:
+            return self.presence.gone(workers, time.monotonic())
 
     # -- planning (planner thread) ----------------------------------------------------------------
     def replan(self, views: Sequence[tuple[str, dict[str, Any], bool]], now: float, idle: bool) -> None:
+        gone = self.gone(name for name, _, _ in views)
         figs = [f for name, hb, online in views
-                if (f := worker_figures(name, hb, online and self._online.get(name, online),
+                if (f := worker_figures(name, hb, online and name not in gone,
                                         self.loaded.model_key, self.config.group_size,
                                         self.ledger.late_rate(name))) is not None and f.speed > 0]
         with self._lock:
@@ -300,13 +325,17 @@ class HaloEngine:
                 block = False
                 continue
             stalled = frozenset() if run.strict else self.ledger.stalled(step)
-            gone = frozenset(w for w in expected if not self._online.get(w, True))
+            gone = self.gone(expected)
             elapsed = time.perf_counter() - t0
             d = gather.decide(elapsed_s=elapsed, deadline_s=deadline, stalled=stalled,
                               policy=self.config.policy, strict_timeout_s=self.config.strict_timeout_s,
                               gone=gone)
             if not d.wait:
                 run.stops[d.reason] = run.stops.get(d.reason, 0) + 1
+                if d.reason == "strict-timeout":
+                    with self._presence_lock:
+                        for w in gather.pending():
+                            self.presence.timed_out(w)
                 break
             wait, block = min(max(d.until_s - elapsed, 0.0), 0.25), True
         for w in expected:

@@ -84,7 +84,8 @@ class HaloWorker(AgentExtension):
         with self._lock:
             return {"halo": {"groups": self._groups, "epoch": self._epoch, "served": self.served,
                              "dropped": self.dropped, "compute_rows_per_s": round(self.speed, 1),
-                             "group_size": self.group_size}}
+                             "group_size": self.group_size,
+                             "heartbeat_s": self.agent.timing.heartbeat_s}}
 
     def _measure_speed(self) -> float:
         """Neuron-rows per second of a one-token partial over a quarter of a layer."""

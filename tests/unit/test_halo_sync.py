@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mesh import split, topics, wire
-from mesh.halo_sync import EpochSwitch, StepGather, SyncLedger, worker_figures
+from mesh.halo_sync import (
+    EpochSwitch,
+    Liveness,
+    Presence,
+    StepGather,
+    SyncLedger,
+    worker_figures,
+)
 from mesh.scheduler import Plan, SyncPolicy
 from nodes.coordinator import CoordinatorConfig
 from nodes.halo_engine import HaloEngine
@@ -180,7 +188,7 @@ def heartbeat(speed: float, late: float = 0.0) -> dict[str, Any]:
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> tuple[HaloEngine, MemoryBus]:
+def rig(tmp_path: Path) -> Iterator[tuple[HaloEngine, MemoryBus]]:
     loaded = Loaded()
     cfg = CoordinatorConfig(home=tmp_path, group_size=16, policy=POLICY, strict_timeout_s=2.0)
     bus = MemoryBus()
@@ -193,7 +201,12 @@ def rig(tmp_path: Path) -> tuple[HaloEngine, MemoryBus]:
     views = [("good", heartbeat(1000.0), True), ("lossy", heartbeat(1000.0, late=0.3), True)]
     engine.replan(views, time.monotonic(), idle=True)
     assert engine.switch.active is not None and set(engine.switch.active.workers) == {"good", "lossy"}
-    return engine, bus
+    # One torch thread: on a loaded 2-core machine two spinning OpenMP threads make a tiny forward
+    # take longer than the deadlines these tests time.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield engine, bus
+    torch.set_num_threads(threads)
 
 
 def forward(engine: HaloEngine, strict: bool, ids: list[int]) -> tuple[torch.Tensor, Any, float]:
@@ -263,3 +276,24 @@ def test_wiki_split_is_deterministic_in_file_order_and_disjoint() -> None:
     assert got == split_text("\n\n".join(paras), train_fraction=0.8)
     assert list(got.train) + list(got.held_out) == paras and len(got.held_out) == 2
     assert not set(got.train) & set(got.held_out)
+
+
+def test_presence_marks_offline_silent_and_timed_out_workers_gone() -> None:
+    p = Presence(Liveness(factor=4.0, min_silence_s=1.5))
+    p.heard("a", 10.0, period_s=0.5)  # silent after max(1.5, 4 x 0.5) = 2 s
+    p.heard("b", 10.0, period_s=2.0)  # after 8 s
+    p.heard("c", 10.0)  # no announced period: silence proves nothing
+    assert p.gone(["a", "b", "c", "never-heard"], 11.9) == frozenset()
+    assert p.gone(["a", "b", "c"], 12.1) == {"a"}
+    assert p.gone(["a", "b", "c"], 18.1) == {"a", "b"}
+    assert p.gone(["c"], 1e6) == frozenset()
+    p.heard("a", 12.5)  # a partial: alive again
+    assert p.gone(["a"], 13.0) == frozenset()
+    p.status("b", False, 13.0)  # its last will
+    assert p.gone(["b"], 13.0) == {"b"}
+    p.timed_out("a")  # a strict step gave up on it: suspect until heard from again
+    assert p.gone(["a"], 13.0) == {"a"}
+    p.heard("a", 13.1)
+    assert p.gone(["a"], 13.2) == frozenset()
+    p.status("b", True, 14.0)
+    assert p.gone(["b"], 14.5) == frozenset()
