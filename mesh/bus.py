@@ -43,11 +43,15 @@ class MqttBus:
         *,
         will: tuple[str, bytes, int, bool] | None = None,
         keepalive: int = 10,
-        reconnect_max_s: int = 30,
+        reconnect_max_s: int = 10,
     ) -> None:
         self.client_id = client_id
         self.broker = broker
         self.connected = threading.Event()
+        # Successful CONNACKs so far: a change tells a waiter that the session was rebuilt (a
+        # clean session loses whatever the broker held for us in between).
+        self.connects = 0
+        self.disconnects = 0
         self.handler_errors = 0
         self._handlers: dict[str, tuple[Handler, int]] = {}
         self._on_connect: list[Callable[[], None]] = []
@@ -56,6 +60,7 @@ class MqttBus:
         self._lock = threading.Lock()
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                    protocol=mqtt.MQTTv311, clean_session=True)
+        # paho doubles the wait after each failed attempt (1, 2, 4 ... s) and resets it on success.
         self._client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_s)
         self._keepalive = keepalive
         if broker.username is not None:
@@ -93,6 +98,10 @@ class MqttBus:
         finally:
             self._client.loop_stop()
             self.connected.clear()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected (True) or ``timeout`` passed (False)."""
+        return self.connected.wait(max(timeout, 0.0))
 
     def on_connected(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on every (re)connect, after subscriptions are restored."""
@@ -153,6 +162,9 @@ class MqttBus:
             subs = list(self._handlers.items())
         for topic_filter, (_, qos) in subs:
             client.subscribe(topic_filter, qos)
+        if self.connects:
+            log.info("reconnected to broker %s (connection %d)", self.broker, self.connects + 1)
+        self.connects += 1  # only the network thread writes these two
         self.connected.set()
         for callback in list(self._on_connect):
             try:
@@ -161,6 +173,8 @@ class MqttBus:
                 log.exception("on-connect callback failed")
 
     def _handle_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if self.connected.is_set():
+            self.disconnects += 1
         self.connected.clear()
         if reason.is_failure:
             log.warning("disconnected from broker %s: %s (reconnecting)", self.broker, reason)

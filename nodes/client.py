@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -14,7 +15,9 @@ from mesh import topics, wire
 from mesh.bus import MqttBus, ReplyInbox
 from mesh.config import BrokerAddress
 from mesh.errors import MeshError, ProtocolError, TransportError
-from mesh.routing import NodeView, PeerTable
+from mesh.routing import NodeView, PeerTable, router_of
+
+log = logging.getLogger(__name__)
 
 
 class AskFailed(MeshError):
@@ -61,6 +64,8 @@ class MeshClient:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._connect_timeout = connect_timeout
+        self._status_at: dict[str, tuple[float, bool]] = {}  # node -> (when its last status came, online)
+        self._connected_at = 0.0  # when our latest connection to the broker was made
 
     def __enter__(self) -> "MeshClient":
         self.start()
@@ -70,6 +75,7 @@ class MeshClient:
         self.stop()
 
     def start(self) -> None:
+        self.bus.on_connected(self._note_connected)
         self.bus.subscribe(topics.ALL_STATUS, self._on_status, qos=1)
         self.bus.subscribe(topics.ALL_HEARTBEATS, self._on_heartbeat, qos=0)
         self.bus.start(self._connect_timeout)
@@ -78,6 +84,10 @@ class MeshClient:
 
     def stop(self) -> None:
         self.bus.stop()
+
+    def _note_connected(self) -> None:
+        with self._changed:
+            self._connected_at = time.monotonic()
 
     def _on_status(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = topics.parse_node_topic(topic)
@@ -90,6 +100,7 @@ class MeshClient:
             return
         with self._changed:
             self.peers.set_status(parsed[0], payload == topics.ONLINE)
+            self._status_at[parsed[0]] = (time.monotonic(), payload == topics.ONLINE)
             self._changed.notify_all()
 
     def _on_heartbeat(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -144,15 +155,25 @@ class MeshClient:
         no_cache: bool = False,
         model: str | None = None,
         extra: dict[str, Any] | None = None,
+        resend_s: float = 5.0,
+        max_sends: int = 4,
     ) -> AskResult:
-        """Ask one node (or the router's pick) and stream the answer; raises on error/timeout."""
+        """Ask one node (or the router's pick) and stream the answer; raises on error/timeout.
+
+        Nothing is silently lost: if the broker connection drops while the ask is pending (a
+        restarted broker forgets our subscription and anything in flight), the ask is sent again
+        once we are back and the target has re-announced itself (or every ``resend_s`` without a
+        reply), at most ``max_sends`` times in all; a routed ask is also sent again when a node
+        goes offline before anyone replied. Tokens are de-duplicated by index, so the stream reads
+        once. Otherwise the ask ends with AskFailed or TransportError saying what happened.
+        """
         online = self.online()
         if not online:
             raise AskFailed("no-node", "no mesh node is online (start one with `mesh node` or `mesh up`)")
         if node is not None and node not in online:
             raise AskFailed("no-node", f"node {node!r} is not online (online: {', '.join(online)})")
         corr, replies = self.inbox.open()
-        body: dict[str, Any] = {"text": text, "max_new_tokens": max_new_tokens, "ask_id": corr}
+        body: dict[str, Any] = {"text": text, "max_new_tokens": max_new_tokens}
         if stop:
             body["stop"] = list(stop)
         if no_cache:
@@ -160,23 +181,58 @@ class MeshClient:
         if model:
             body["model"] = model
         body.update(extra or {})  # e.g. {"halo_sync": "relaxed"} for the HALO coordinator
-        env = wire.Envelope(wire.Kind.ASK, self.name, body, corr=corr, reply_to=self.inbox.topic)
         target = topics.node_ask(node) if node else topics.ROUTE
         t0 = time.monotonic()
         deadline = t0 + timeout
         first: float | None = None
-        try:
+        next_token = 0  # index of the next token piece to pass on
+        sends: list[float] = []
+        replied = False
+
+        def send() -> int:
+            if not self.bus.wait_connected(deadline - time.monotonic()):
+                raise TransportError(f"lost the broker connection ({self.bus.broker}) and it was not back "
+                                     f"within the ask's {timeout:g} s timeout; the ask was not answered")
+            if self.bus.connects > 1:
+                # After a reconnect the broker may be a restarted one that knows no subscription
+                # yet: wait (bounded) until the node that will take the ask has announced itself.
+                self._wait_announced(node, min(resend_s, max(deadline - time.monotonic(), 0.0)))
+            # A fresh ask_id per send: a node that saw an earlier send (and whose reply was lost
+            # with the broker) must not drop this one as a duplicate.
+            attempt = dict(body, ask_id=corr if not sends else f"{corr}-{len(sends)}")
+            env = wire.Envelope(wire.Kind.ASK, self.name, attempt, corr=corr, reply_to=self.inbox.topic)
+            generation = self.bus.connects
             self.bus.publish(target, wire.encode(env), qos=1)
+            sends.append(time.monotonic())
+            return generation
+
+        try:
+            sent_on = send()
             while True:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
+                    extra_info = f"; sent {len(sends)} times across broker reconnects" if len(sends) > 1 else ""
                     raise TransportError(f"no answer within {timeout:g} s"
-                                         + (f" from node {node}" if node else ""))
+                                         + (f" from node {node}" if node else "") + extra_info)
                 try:
-                    reply = replies.get(timeout=left)
+                    reply = replies.get(timeout=min(left, 0.2))
                 except queue.Empty:
+                    if self._should_resend(sent_on, sends[-1], node, replied, now, resend_s):
+                        if len(sends) >= max_sends:
+                            raise TransportError(
+                                f"no answer after sending the ask {len(sends)} times (broker connection lost "
+                                f"{self.bus.disconnects} times, or nodes went offline); giving up") from None
+                        log.info("ask %s: sending again (attempt %d)", corr, len(sends) + 1)
+                        sent_on = send()
                     continue
+                replied = True
                 if reply.kind is wire.Kind.TOKEN:
+                    i = reply.body.get("i")
+                    if isinstance(i, int):
+                        if i < next_token:
+                            continue  # a piece we already passed on (the stream of an earlier send)
+                        next_token = i + 1
                     if first is None:
                         first = time.monotonic()
                     if on_text is not None:
@@ -186,8 +242,37 @@ class MeshClient:
                     b = reply.body
                     return AskResult(answer=str(b["text"]), node=str(b["node"]),
                                      prompt_tokens=int(b["prompt_tokens"]), new_tokens=int(b["new_tokens"]),
-                                     ttft_s=(first or end) - t0, ttlt_s=end - t0, node_figures=dict(b))
+                                     ttft_s=(first or end) - t0, ttlt_s=end - t0,
+                                     node_figures=dict(b, sends=len(sends)))
                 elif reply.kind is wire.Kind.ERROR:
                     raise AskFailed(str(reply.body["reason"]), str(reply.body["message"]), reply.sender)
         finally:
             self.inbox.close(corr)
+
+    def _wait_announced(self, node: str | None, timeout: float) -> None:
+        """Until ``node`` (or, for a routed ask, the router) sent "online" since our last connect."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while time.monotonic() < deadline:
+                name = node or router_of(v.name for v in self.peers.online())
+                t, up = self._status_at.get(name or "", (0.0, False))
+                if up and t >= self._connected_at:
+                    return
+                self._changed.wait(min(0.1, max(deadline - time.monotonic(), 0.0)))
+
+    def _should_resend(self, sent_on: int, sent_at: float, node: str | None, replied: bool, now: float,
+                       resend_s: float) -> bool:
+        """Whether a pending ask must go out again (see ``ask``)."""
+        if not self.bus.connected.is_set():
+            return False  # wait for the reconnect first
+        if self.bus.connects != sent_on:
+            return True  # the session was rebuilt: the ask or its replies may be gone
+        if replied:
+            return False
+        with self._lock:
+            if sent_at - self._connected_at < resend_s and self.bus.connects > 1 and now - sent_at > resend_s:
+                return True  # sent just after a reconnect and unheard since: the node may not have been back
+            if node is None:
+                # A routed ask whose node went offline before it replied: the router picks another.
+                return any(t > sent_at and not up for t, up in self._status_at.values())
+        return False
