@@ -188,6 +188,7 @@ class MeshClient:
         next_token = 0  # index of the next token piece to pass on
         sends: list[float] = []
         replied = False
+        serving: str | None = None  # the node that replied to the latest send
 
         def send() -> int:
             if not self.bus.wait_connected(deadline - time.monotonic()):
@@ -218,15 +219,16 @@ class MeshClient:
                 try:
                     reply = replies.get(timeout=min(left, 0.2))
                 except queue.Empty:
-                    if self._should_resend(sent_on, sends[-1], node, replied, now, resend_s):
+                    if self._should_resend(sent_on, sends[-1], node, serving, replied, now, resend_s):
                         if len(sends) >= max_sends:
                             raise TransportError(
                                 f"no answer after sending the ask {len(sends)} times (broker connection lost "
                                 f"{self.bus.disconnects} times, or nodes went offline); giving up") from None
                         log.info("ask %s: sending again (attempt %d)", corr, len(sends) + 1)
-                        sent_on = send()
+                        sent_on, serving = send(), None
                     continue
                 replied = True
+                serving = serving or reply.sender
                 if reply.kind is wire.Kind.TOKEN:
                     i = reply.body.get("i")
                     if isinstance(i, int):
@@ -260,15 +262,26 @@ class MeshClient:
                     return
                 self._changed.wait(min(0.1, max(deadline - time.monotonic(), 0.0)))
 
-    def _should_resend(self, sent_on: int, sent_at: float, node: str | None, replied: bool, now: float,
-                       resend_s: float) -> bool:
+    def _should_resend(self, sent_on: int, sent_at: float, node: str | None, serving: str | None,
+                       replied: bool, now: float, resend_s: float) -> bool:
         """Whether a pending ask must go out again (see ``ask``)."""
         if not self.bus.connected.is_set():
             return False  # wait for the reconnect first
         if self.bus.connects != sent_on:
             return True  # the session was rebuilt: the ask or its replies may be gone
-        if replied:
-            return False
+        with self._lock:
+            if not replied and sent_at - self._connected_at < resend_s and self.bus.connects > 1 \
+                    and now - sent_at > resend_s:
+                return True  # sent just after a reconnect and unheard since: the node may not have been back
+            who = serving or node
+            if who is not None:
+                t, up = self._status_at.get(who, (0.0, True))
+                # A status since the send: offline (a routed ask goes to another node), or online,
+                # which a node only says when its session was rebuilt (restarted or reconnected:
+                # the ask or its replies may be gone).
+                return t > sent_at and (up or node is None)
+            # Routed, nobody replied yet, and a node went offline since: the router picks another.
+            return any(t > sent_at and not up for t, up in self._status_at.values())
         with self._lock:
             if sent_at - self._connected_at < resend_s and self.bus.connects > 1 and now - sent_at > resend_s:
                 return True  # sent just after a reconnect and unheard since: the node may not have been back

@@ -174,3 +174,55 @@ def test_broker_restart_loses_no_ask_and_restores_retained_state(
         assert client.bus.disconnects >= 1
     finally:
         client.stop()
+
+
+@pytest.fixture(scope="module")
+def crash_broker(log_dir: Path) -> Iterator[Broker]:
+    broker = start_amqtt(log_dir)  # its own: the nodes of this test come and go
+    yield broker
+    broker.stop()
+
+
+def test_node_killed_mid_answer_then_restarted_with_its_cache(crash_broker: Broker, log_dir: Path,
+                                                              tmp_path: Path) -> None:
+    store = tmp_path / "k2-kv"
+    k1 = start_node(crash_broker, "k1", MODEL, log_dir)
+    k2 = start_node(crash_broker, "k2", MODEL, log_dir, "--cache-dir", str(store))
+    client = MeshClient(crash_broker.address)
+    client.start()
+    try:
+        first = client.ask(LONG, node="k2", max_new_tokens=32, timeout=60)  # k2 caches the prompt
+        assert any(store.glob("*.kv"))
+        # Routed: the router (k1) sends it to k2, which holds the prompt; k2 dies after its first
+        # piece, as a device pulled from the wall would. Its last will says offline; the ask goes
+        # out again and k1 answers it from scratch.
+        streamed: list[str] = []
+        killed = threading.Event()
+
+        def on_text(piece: str) -> None:
+            streamed.append(piece)
+            if not killed.is_set():
+                killed.set()
+                k2.proc.send_signal(signal.SIGKILL)
+
+        res = client.ask(LONG, max_new_tokens=32, timeout=120, on_text=on_text)
+        assert killed.is_set() and k2.proc.wait(10) == -signal.SIGKILL
+        assert res.node == "k1" and res.node_figures["sends"] == 2
+        assert res.answer == first.answer and "".join(streamed) == first.answer
+
+        # Back with the same --cache-dir: the chunks and the catalog are there again, and the
+        # same prompt is a full local hit with the same tokens.
+        k2 = start_node(crash_broker, "k2", MODEL, log_dir, "--cache-dir", str(store))
+        deadline = time.monotonic() + 15
+        while True:
+            cat = retained(crash_broker, topics.node_catalog("k2"), settle=0.3)
+            if cat and catalog_of(cat, "k2").count >= first.prompt_tokens // 16:
+                break
+            assert time.monotonic() < deadline, "k2 came back without its catalog"
+        again = client.ask(LONG, node="k2", max_new_tokens=32, timeout=60)
+        assert again.node_figures["cache"]["decision"] == "local" and again.node_figures["cache"]["full_hit"]
+        assert again.node_figures["token_ids"] == first.node_figures["token_ids"]
+    finally:
+        client.stop()
+        k1.stop()
+        k2.stop()
