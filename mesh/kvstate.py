@@ -33,6 +33,18 @@ Wire form of a chunk (CBOR-able; little-endian data; the batch dimension is not 
 
 (dtype names and the ``{dtype, shape, data}`` layout are those of ``mesh.wire.pack_tensor``.)
 
+Wire form of a complete prompt's last logits (sent first, so an asker with a full match can emit
+the first token before the KV arrives)::
+
+    {"v": 1, "key": <16 B prompt key>, "model": <16 B model digest>, "n": vocab size,
+     "ids": int32 LE token ids (the top k by logit, descending), "vals": float32 LE logits,
+     "sum": xxh3_64(model || key || ids || vals)}
+
+Only the top ``k`` logits travel (default 256 of Gemma's 262,144: 2 KB instead of 0.5-1 MB); the
+receiver rebuilds a dense vector with ``-inf`` elsewhere. Greedy decoding takes the argmax, which
+the top k hold exactly (fp32, not rounded), so the answer does not change; sampling would see a
+truncated distribution (the mesh decodes greedily).
+
 int8 is symmetric with one scale per (layer, tensor, head, head-dim channel) over the chunk's C
 tokens: ``scale = max|x| / 127``, ``q = round(x / scale)``. ``sum`` binds the bytes to their key
 and model key (it catches corruption and mislabelled chunks; it is not a signature).
@@ -352,3 +364,53 @@ def decode_chunk(
     if data.get("sum") != _checksum(got_model, got_key, layers):
         raise ProtocolError("bad-checksum", got_key.hex())
     return ChunkKV(keys=tuple(keys), values=tuple(values))
+
+
+# -- last logits -------------------------------------------------------------------------------
+
+LOGITS_TOP_K = 256
+
+
+def _logits_sum(model: bytes, key: bytes, ids: bytes, vals: bytes) -> int:
+    h = xxhash.xxh3_64(model)
+    for part in (key, ids, vals):
+        h.update(part)
+    return h.intdigest()
+
+
+def encode_logits(logits: torch.Tensor, key: bytes = b"", model: bytes = b"",
+                  top_k: int = LOGITS_TOP_K) -> dict[str, Any]:
+    """The top ``top_k`` of a 1-D logits vector in wire form (module docstring)."""
+    x = logits.detach().to(torch.float32).reshape(-1)
+    finite = torch.isfinite(x)
+    k = min(top_k, int(finite.sum()))
+    vals, ids = torch.topk(torch.where(finite, x, torch.full_like(x, -torch.inf)), k)
+    ids_b = ids.to(torch.int32).numpy().astype("<i4").tobytes()
+    vals_b = vals.numpy().astype("<f4").tobytes()
+    return {"v": WIRE_VERSION, "key": bytes(key), "model": bytes(model), "n": int(x.numel()),
+            "ids": ids_b, "vals": vals_b, "sum": _logits_sum(bytes(model), bytes(key), ids_b, vals_b)}
+
+
+def decode_logits(data: Any, vocab: int, key: bytes | None = None, model: bytes | None = None) -> torch.Tensor:
+    """A dense float32 ``[vocab]`` vector from :func:`encode_logits` output (``-inf`` outside the
+    top k); raises ProtocolError on any mismatch (key, model, size, ids, values, checksum)."""
+    if not isinstance(data, Mapping) or data.get("v") != WIRE_VERSION:
+        raise ProtocolError("bad-logits", "not a version-1 map")
+    got_key, got_model, ids_b, vals_b = data.get("key"), data.get("model"), data.get("ids"), data.get("vals")
+    if not all(isinstance(b, bytes) for b in (got_key, got_model, ids_b, vals_b)):
+        raise ProtocolError("bad-logits", "key, model, ids and vals must be bytes")
+    if key is not None and got_key != bytes(key):
+        raise ProtocolError("wrong-key", got_key.hex())
+    if model is not None and got_model != bytes(model):
+        raise ProtocolError("wrong-model", got_model.hex())
+    if data.get("n") != vocab or len(ids_b) != len(vals_b) or len(ids_b) % 4 or not ids_b or len(ids_b) > 4 * vocab:
+        raise ProtocolError("bad-logits", "size")
+    ids = np.frombuffer(ids_b, dtype="<i4")
+    vals = np.frombuffer(vals_b, dtype="<f4")
+    if (ids < 0).any() or (ids >= vocab).any() or len(np.unique(ids)) != len(ids) or not np.isfinite(vals).all():
+        raise ProtocolError("bad-logits", "ids out of range, repeated, or values not finite")
+    if data.get("sum") != _logits_sum(got_model, got_key, ids_b, vals_b):
+        raise ProtocolError("bad-checksum", got_key.hex())
+    out = torch.full((vocab,), -torch.inf, dtype=torch.float32)
+    out[torch.from_numpy(ids.astype(np.int64))] = torch.from_numpy(vals.astype(np.float32))
+    return out

@@ -18,6 +18,21 @@ clear win, to cover estimate noise). The decision is one of:
 - ``"local"``: the local prefix is at least as deep as any peer's; nothing to fetch;
 - ``"no-match"``: no prefix anywhere.
 
+Peers that wasted a fetch (pure bookkeeping, the shell passes the clock): a fetch that brought
+fewer chunks than the catalog promised (a Bloom false positive, an eviction race, a peer that
+died or stalled) is a *short* strike: the peer is skipped until its catalog epoch changes (it
+republished what it really holds) or the cool-down ends. A chunk that failed verification (bytes
+not matching their key, another model's chunk, a truncated tensor) is a *bad* strike: only the
+cool-down lifts it, since a liar controls its own epoch. Consecutive strikes double the cool-down
+(capped); a complete, verified fetch clears the record. Skipped peers are left out of the lookup
+as if they had no catalog, so the next best peer (or recompute) is chosen.
+
+How long to wait for a fetch (:func:`fetch_timeout`): the fetch was chosen because it should
+take well under the recompute estimate; once it has taken that long, waiting longer cannot win,
+so the asker gives up at about the recompute estimate (within a floor for broker jitter and a
+cap), keeps the chunks that did arrive and verified, and recomputes the rest. The worst case is
+then bounded by about twice the no-cache prefill.
+
 Routing (SGLang's cache-aware router policy, as a pure function): given each node's cached-prefix
 depth and queue length, send the ask to the node with the longest cached prefix, unless its queue
 exceeds the least-loaded node's queue by more than ``threshold``; then send it to the least-loaded
@@ -27,7 +42,7 @@ longer prefix -> lower node id.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NewType, Protocol
 
@@ -98,6 +113,7 @@ class Decision:
     est_transfer_s: float | None
     est_recompute_s: float | None
     peers_considered: int
+    peers_skipped: tuple[str, ...] = ()
 
     @property
     def local_tokens(self) -> int:
@@ -135,12 +151,14 @@ def peer_matches(
     chunk_size: int,
     links: Mapping[NodeId, LinkEstimate],
     default_link: LinkEstimate,
+    exclude: Collection[str] = (),
 ) -> list[PeerMatch]:
-    """Advertised depth for each compatible peer catalog (same model key digest and chunk size)."""
+    """Advertised depth for each compatible peer catalog (same model key digest and chunk size),
+    leaving out the peers in ``exclude`` (see :func:`shunned`)."""
     out = []
     for node in sorted(catalogs):
         cat = catalogs[node]
-        if cat.model != model or cat.chunk_size != chunk_size:
+        if node in exclude or cat.model != model or cat.chunk_size != chunk_size:
             continue
         out.append(PeerMatch(node, leading_matches(cat, keys), links.get(node, default_link)))
     return out
@@ -168,23 +186,28 @@ def decide(
     links: Mapping[NodeId, LinkEstimate] | None = None,
     extra_bytes: int = 0,
     extra_tokens: int = 0,
+    exclude: Collection[str] = (),
 ) -> Decision:
     """The cost-aware lookup decision for a prompt with chunk keys ``keys`` (module docstring).
 
     ``extra_bytes``/``extra_tokens``: for a remote *full* hit, the size of the prompt entry the
     peer would also send (tail KV + last logits) and the tokens it saves recomputing (the tail,
     plus 1 for the first-token forward). The shell passes them only when the peer advertises the
-    prompt key; they count only if the best peer holds every chunk.
+    prompt key; they count only if the best peer holds every chunk. ``exclude``: peers to skip
+    (:func:`shunned`); the ones that had a compatible catalog are listed in ``peers_skipped``.
     """
     if not 0 <= local_depth <= len(keys):
         raise ValueError("local_depth out of range")
-    matches = peer_matches(keys, catalogs, model, chunk_size, links or {}, cost.default_link)
+    matches = peer_matches(keys, catalogs, model, chunk_size, links or {}, cost.default_link, exclude)
     best = best_peer(matches, cost.bytes_per_chunk, local_depth)
+    skipped = tuple(sorted(n for n in exclude if n in catalogs and catalogs[n].model == model
+                           and catalogs[n].chunk_size == chunk_size))
     base = dict(
         chunk_size=chunk_size,
         total_chunks=len(keys),
         local_chunks=local_depth,
         peers_considered=len(matches),
+        peers_skipped=skipped,
     )
     if best is None or best.depth <= local_depth:
         kind = LOCAL if local_depth else NO_MATCH
@@ -205,6 +228,64 @@ def decide(
         est_recompute_s=recompute,
         **base,
     )
+
+
+SHORT, BAD = "short", "bad"
+
+
+@dataclass(frozen=True)
+class PenaltyPolicy:
+    """Cool-down after a wasted fetch: ``base_s * 2**(strikes-1)``, at most ``max_s``."""
+
+    base_s: float = 30.0
+    max_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.base_s <= self.max_s:
+            raise ConfigError("penalty: need 0 < base_s <= max_s")
+
+
+@dataclass(frozen=True)
+class Strike:
+    """A peer's record of consecutive wasted fetches (module docstring)."""
+
+    count: int
+    kind: str  # SHORT or BAD (the worse of the consecutive ones)
+    epoch: int  # the peer's catalog epoch when it last wasted a fetch
+    until: float  # end of the cool-down, on the caller's monotonic clock
+
+
+def strike(prev: Strike | None, kind: str, epoch: int, now: float,
+           policy: PenaltyPolicy = PenaltyPolicy()) -> Strike:
+    """The record after one more wasted fetch of ``kind`` (SHORT or BAD) at catalog ``epoch``."""
+    if kind not in (SHORT, BAD):
+        raise ValueError(f"unknown strike kind {kind!r}")
+    count = 1 if prev is None else prev.count + 1
+    worst = BAD if kind == BAD or (prev is not None and prev.kind == BAD) else SHORT
+    cool = min(policy.max_s, policy.base_s * 2.0 ** min(count - 1, 60))
+    return Strike(count, worst, epoch, now + cool)
+
+
+def shunned(strikes: Mapping[str, Strike], epochs: Mapping[str, int], now: float) -> frozenset[str]:
+    """Peers to leave out of a lookup at ``now``: cool-down running and, for SHORT strikes, the
+    peer's catalog epoch unchanged since (``epochs``: current epoch per peer catalog)."""
+    out = set()
+    for node, s in strikes.items():
+        if now >= s.until:
+            continue
+        if s.kind == BAD or epochs.get(node, s.epoch) == s.epoch:
+            out.add(node)
+    return frozenset(out)
+
+
+def fetch_timeout(decision: Decision, floor_s: float = 0.25, cap_s: float = 30.0) -> float:
+    """How long to wait for a fetch (module docstring): the recompute estimate, within
+    ``[floor_s, cap_s]``; ``cap_s`` alone when the decision carries no estimate."""
+    if floor_s < 0 or cap_s < floor_s:
+        raise ValueError("need 0 <= floor_s <= cap_s")
+    if decision.est_recompute_s is None:
+        return cap_s
+    return min(cap_s, max(floor_s, decision.est_recompute_s))
 
 
 @dataclass(frozen=True)

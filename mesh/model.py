@@ -135,6 +135,30 @@ def _stop_cut(text: str, stops: Sequence[str]) -> int:
     return cut
 
 
+class Deferred:
+    """A cache that is still arriving: :meth:`get` blocks until it is ready (once; then cached).
+
+    The prompt cache hands one to :meth:`Decoder.generate` on a remote full hit: the first token
+    comes from the peer's last logits, which travel first, and the KV is needed only for the
+    second token.
+    """
+
+    def __init__(self, produce: Callable[[], Any]) -> None:
+        self._produce = produce
+        self._value: Any = None
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def get(self) -> Any:
+        if not self._done:
+            self._value = self._produce()
+            self._done = True
+        return self._value
+
+
 class Decoder:
     """Greedy generation over a loaded model with a cache we control.
 
@@ -172,7 +196,8 @@ class Decoder:
     ) -> Generation:
         """Greedy tokens after ``ids``. ``prepare`` replaces the plain prefill: it returns the last
         position's logits and a cache holding every prompt position (the prompt cache restores
-        what it can and prefills only the rest); its time counts as prefill."""
+        what it can and prefills only the rest); its time counts as prefill. The cache may be a
+        :class:`Deferred`: it is resolved after the first token is out, before the second."""
         model = self.loaded.model
         tok = self.loaded.tokenizer
         gen = Generation(prompt_tokens=len(ids))
@@ -203,6 +228,8 @@ class Decoder:
             if i + 1 == max_new_tokens:
                 gen.stop_reason = "length"
                 break
+            if isinstance(cache, Deferred):
+                cache = cache.get()
             step[0, 0] = next_id
             out = model(input_ids=step, past_key_values=cache, use_cache=True)
             logits = out.logits[0, -1]

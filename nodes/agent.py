@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from mesh.errors import MeshError, ProtocolError
 from mesh.model import Decoder, LoadedModel, load_model
 from mesh.lookup import LinkEstimate, NodeId, NodeLoad, route
 from mesh.routing import PeerTable, choose_node, router_of
-from nodes.cache import NodeCache
+from nodes.cache import NodeCache, Prepared
 from nodes.link import LinkProbe
 
 log = logging.getLogger(__name__)
@@ -430,15 +431,19 @@ class NodeAgent:
         cache_info: dict[str, Any] = {"local_tokens": 0, "remote_tokens": 0, "peer": None,
                                       "decision": "disabled" if self.cache is None else "no-cache"}
         prepare = None
+        held: list[Prepared] = []
         if self.cache is not None and not body.get("no_cache"):
             def prepare() -> tuple[Any, Any]:
                 prepared = self.cache.prepare(ids, self.figures.prefill_tps(), self._default_link(),
                                               self._fetch_chunks, self._peer_links())
-                cache_info.clear()
-                cache_info.update(prepared.info)
+                held.append(prepared)
                 return prepared.logits, prepared.cache
         gen = self.decoder.generate(ids, body["max_new_tokens"], tuple(body.get("stop", ())), on_text,
                                     prepare=prepare)
+        for prepared in held:  # a deferred transfer ends (and is stored) even after a one-token answer
+            prepared.finish()
+            cache_info.clear()
+            cache_info.update(prepared.info)
         done = time.monotonic()
         ttft = (first_at[0] if first_at else done) - job.received
         with self.figures.lock:
@@ -615,9 +620,9 @@ class NodeAgent:
                 continue
             try:
                 pkey = env.body.get("prompt_key")
-                bodies = self.cache.serve(list(env.body["keys"]), pkey if isinstance(pkey, bytes) else None,
-                                          str(env.body["codec"]), self.limits.max_message_bytes)
-                for b in bodies:
+                parts = self.cache.serve(list(env.body["keys"]), pkey if isinstance(pkey, bytes) else None,
+                                         str(env.body["codec"]), self.limits.max_message_bytes)
+                for b in parts:  # each part leaves as soon as it is encoded
                     reply = wire.Envelope(wire.Kind.KV_CHUNKS, self.name, b, corr=env.corr)
                     self.bus.publish(env.reply_to, wire.encode(reply, self.limits.max_message_bytes), qos=1)
             except Exception:
@@ -637,17 +642,22 @@ class NodeAgent:
                 log.warning("catalog not published: %s", exc)
                 self.cache.dirty.set()
 
-    def _fetch_chunks(self, peer: str, keys: list[bytes], pkey: bytes | None, timeout: float):  # type: ignore[no-untyped-def]
-        """One request to ``peer`` for ``keys``; the parts of its answer, or None on timeout."""
+    def _peer_online(self, peer: str) -> bool:
+        with self._peers_lock:
+            view = self.peers.get(peer)
+            return view is None or view.online  # unknown counts as online: only a seen "offline" ends a fetch
+
+    def _fetch_chunks(self, peer: str, keys: list[bytes], pkey: bytes | None,
+                      timeout: float) -> Iterator[tuple[dict[str, Any], int]]:
+        """One request to ``peer`` for ``keys``: yields the parts of its answer as they arrive, and
+        stops after the last one, at ``timeout`` (monotonic), or as soon as the peer goes offline
+        (its last will: a peer killed mid-transfer costs no more than the broker noticing)."""
         corr, replies = self.inbox.open()
         body: dict[str, Any] = {"keys": keys, "codec": self.config.cache.kv_wire, "model": self.cache.digest}
         if pkey is not None:
             body["prompt_key"] = pkey
         env = wire.Envelope(wire.Kind.KV_FETCH, self.name, body, corr=corr, reply_to=self.inbox.topic)
         t0 = time.monotonic()
-        chunks: list[Any] = []
-        prompt = None
-        nbytes = 0
         try:
             self.bus.publish(topics.node_kv(peer), wire.encode(env), qos=1)
             deadline = t0 + timeout
@@ -655,19 +665,20 @@ class NodeAgent:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     log.info("KV fetch from %s timed out after %.2f s", peer, timeout)
-                    return None
+                    return
                 try:
-                    reply = replies.get(timeout=left)
+                    reply = replies.get(timeout=min(left, 0.05))
                 except queue.Empty:
+                    if not self._peer_online(peer) or self._stop.is_set():
+                        log.info("KV fetch from %s abandoned after %.2f s: peer offline", peer,
+                                 time.monotonic() - t0)
+                        return
                     continue
                 if reply.kind is not wire.Kind.KV_CHUNKS or reply.sender != peer:
                     continue
-                chunks.extend(reply.body["chunks"])
-                nbytes += _payload_bytes(reply.body)
-                if isinstance(reply.body.get("prompt"), dict):
-                    prompt = reply.body["prompt"]
+                yield dict(reply.body), _payload_bytes(reply.body)
                 if reply.body["last"]:
-                    return chunks, prompt, nbytes, time.monotonic() - t0
+                    return
         finally:
             self.inbox.close(corr)
 

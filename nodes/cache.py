@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,15 +24,19 @@ from mesh.chunks import ChunkHash, ModelKey, chunk_keys, prompt_key
 from mesh.config import CacheConfig
 from mesh.errors import ProtocolError
 from mesh.kvstore import KVStore, StoreChange, load_dir, save_dir
-from mesh.lookup import RECOMPUTE, REMOTE, CostModel, Decision, LinkEstimate, decide
-from mesh.model import Decoder, LoadedModel
+from mesh.lookup import (BAD, RECOMPUTE, REMOTE, SHORT, CostModel, Decision, LinkEstimate, PenaltyPolicy, Strike,
+                         decide, fetch_timeout, shunned, strike)
+from mesh.model import Decoder, Deferred, LoadedModel
 
 log = logging.getLogger(__name__)
 
-# What fetch returns: the peer's chunk dicts in order, its prompt entry dict (or None), the bytes
-# received and the seconds it took; None when the peer did not answer in time.
-FetchResult = tuple[list[Any], dict[str, Any] | None, int, float]
-Fetch = Callable[[str, list[bytes], bytes | None, float], FetchResult | None]
+# What fetch returns: the peer's reply bodies (KV_CHUNKS) in arrival order, each with its payload
+# bytes, ending after the one marked last, or early when the peer stops answering, goes offline
+# or the timeout passes; None when nothing could be asked.
+Part = tuple[dict[str, Any], int]
+Fetch = Callable[[str, list[bytes], bytes | None, float], Iterable[Part] | None]
+
+PART_BYTES = 1 << 20  # chunk bytes per reply part: the asker verifies one while the next travels
 
 
 @dataclass
@@ -43,7 +47,7 @@ class CacheFigures:
     fetches: int = 0
     fetched_chunks: int = 0
     fetched_bytes: int = 0
-    wasted_fetches: int = 0  # a peer sent fewer chunks than its catalog promised, or bad ones
+    wasted_fetches: int = 0  # a peer sent fewer chunks than its catalog promised, or bad ones, or stopped
     recomputes: int = 0  # a peer held more, but recomputing was estimated faster
     served_requests: int = 0
     served_chunks: int = 0
@@ -56,8 +60,109 @@ class Prepared:
     """What :meth:`NodeCache.prepare` hands the decoder, and the record for ``mesh ask --json``."""
 
     logits: torch.Tensor
-    cache: Any
+    cache: Any  # a transformers cache, or a mesh.model.Deferred one (see NodeCache.prepare)
     info: dict[str, Any]
+
+    def finish(self) -> None:
+        """Complete a deferred transfer the decoder did not need (an answer of one token)."""
+        if isinstance(self.cache, Deferred):
+            self.cache.get()
+
+
+class _Transfer:
+    """One fetch in flight: reads the peer's parts in order and verifies each as it comes.
+
+    ``bad`` is set (and reading stops) at the first part that fails a check; ``ended`` says why
+    reading stopped early when the last part never came (timeout, peer offline, a gap).
+    """
+
+    def __init__(self, cache: NodeCache, peer: str, want: list[ChunkHash], pkey: ChunkHash, full: bool,
+                 parts: Iterable[Part] | None, started: float, rtt_s: float, epoch: int) -> None:
+        self.cache, self.peer, self.want, self.pkey, self.full = cache, peer, want, pkey, full
+        self.started, self.rtt_s, self.epoch = started, rtt_s, epoch
+        self.parts = iter(parts) if parts is not None else iter(())
+        self.got: list[kvstate.ChunkKV] = []
+        self.tail: kvstate.ChunkKV | None = None
+        self.logits: torch.Tensor | None = None
+        self.nbytes = 0
+        self.next_part = 0
+        self.complete = False
+        self.open = True
+        self.bad: str | None = None
+        self.ended = "no answer"
+        self.seconds = 0.0
+
+    def _stop(self) -> None:
+        self.open = False
+        self.seconds = time.perf_counter() - self.started
+        close = getattr(self.parts, "close", None)
+        if close is not None:
+            close()  # a generator: its finally closes the reply queue
+
+    def _reject(self, what: str, exc: Exception) -> None:
+        self.bad = f"{what}: {exc}"
+        log.warning("%s from %s rejected: %s", what, self.peer, exc)
+
+    def read(self) -> bool:
+        """Read and check one part; False once the transfer is over."""
+        if not self.open:
+            return False
+        try:
+            body, n = next(self.parts)
+        except StopIteration:
+            self._stop()
+            return False
+        c = self.cache
+        try:
+            if body.get("part") != self.next_part:
+                self.ended = f"part {body.get('part')!r} where {self.next_part} was due"
+                self._stop()
+                return False
+            self.next_part += 1
+            self.nbytes += n
+            if "logits" in body:
+                if not self.full or self.logits is not None:
+                    raise ProtocolError("bad-logits", "logits not asked for")
+                self.logits = kvstate.decode_logits(body["logits"], c.vocab, key=self.pkey, model=c.digest)
+            raw_chunks = body["chunks"]
+            if len(self.got) + len(raw_chunks) > len(self.want):
+                raise ProtocolError("bad-chunk", "more chunks than asked for")
+            for raw in raw_chunks:
+                self.got.append(kvstate.decode_chunk(raw, c.layout, c.chunk_size, key=self.want[len(self.got)],
+                                                     model=c.digest))
+            raw_prompt = body.get("prompt")
+            if raw_prompt is not None:
+                if not self.full or not body["last"] or not isinstance(raw_prompt, dict):
+                    raise ProtocolError("bad-chunk", "prompt entry not asked for")
+                length = raw_prompt.get("len")
+                if not isinstance(length, int) or not 0 <= length < c.chunk_size:
+                    raise ProtocolError("bad-chunk", "prompt tail length")
+                self.tail = kvstate.decode_chunk(raw_prompt["tail"], c.layout, length, key=self.pkey, model=c.digest)
+                if "logits" in raw_prompt and self.logits is None:  # a peer that sends them last
+                    self.logits = kvstate.decode_logits(raw_prompt["logits"], c.vocab, key=self.pkey, model=c.digest)
+        except (ProtocolError, KeyError, TypeError, ValueError) as exc:
+            self._reject("part", exc)
+            self._stop()
+            return False
+        if body["last"]:
+            self.complete = True
+            self._stop()
+            return False
+        return True
+
+    def first_logits(self) -> torch.Tensor | None:
+        """The prompt's last logits if they come before any chunk (reads up to that point)."""
+        while self.logits is None and not self.got and self.read():
+            pass
+        return self.logits if self.bad is None else None
+
+    def finish(self) -> None:
+        while self.read():
+            pass
+        if self.open:
+            self._stop()
+        if not self.complete and self.bad is None and self.ended == "no answer" and self.nbytes:
+            self.ended = "stopped mid-transfer"
 
 
 def _tokenizer_id(loaded: LoadedModel) -> str:
@@ -66,7 +171,8 @@ def _tokenizer_id(loaded: LoadedModel) -> str:
 
 
 class NodeCache:
-    def __init__(self, loaded: LoadedModel, config: CacheConfig, decoder: Decoder) -> None:
+    def __init__(self, loaded: LoadedModel, config: CacheConfig, decoder: Decoder,
+                 penalty: PenaltyPolicy = PenaltyPolicy(), fetch_floor_s: float = 0.25) -> None:
         self.config = config
         self.loaded = loaded
         self.decoder = decoder
@@ -84,6 +190,11 @@ class NodeCache:
         self.capacity = max(256, 2 * budget // max(mem_per_chunk, 1))
         self.store = KVStore(budget, self.digest)
         self.lock = threading.RLock()
+        self.vocab = int(self.model_config.get_text_config(decoder=True).vocab_size
+                         if hasattr(self.model_config, "get_text_config") else self.model_config.vocab_size)
+        self.penalty = penalty
+        self.fetch_floor_s = fetch_floor_s
+        self.strikes: dict[str, Strike] = {}
         self.peers: dict[str, Catalog] = {}
         self.links: dict[str, LinkEstimate] = {}
         self.figures = CacheFigures()
@@ -167,36 +278,47 @@ class NodeCache:
             self.links[node] = LinkEstimate(bw if old is None else 0.7 * old.bytes_per_s + 0.3 * bw, rtt_s)
 
     # -- serving a peer -----------------------------------------------------------------------
-    def serve(self, keys: list[bytes], pkey: bytes | None, codec: str,
-              max_bytes: int) -> list[dict[str, Any]]:
-        """Reply bodies (each under ``max_bytes``) with the chunks we really hold, in order."""
+    def serve(self, keys: list[bytes], pkey: bytes | None, codec: str, max_bytes: int,
+              part_bytes: int = PART_BYTES) -> Iterator[dict[str, Any]]:
+        """Reply bodies with the chunks we really hold, in order, encoded one part at a time so
+        the first part leaves before the last is encoded.
+
+        On a full match the first part carries only the prompt's last logits (top k, see
+        ``mesh.kvstate.encode_logits``): the asker can emit its first token from them while the
+        KV follows. Chunk parts stay under ``part_bytes`` (and ``max_bytes``), so the asker
+        verifies part k while part k+1 is on the wire; the last part carries the prompt's tail.
+        """
         if codec not in kvstate.CODECS:
             codec = self.config.kv_wire
         with self.lock:
             chunks = self.store.get_chain(keys)
             prompt = self.store.get_prompt(pkey) if pkey is not None and len(chunks) == len(keys) else None
-        bodies: list[dict[str, Any]] = []
+            self.figures.served_requests += 1
+            self.figures.served_chunks += len(chunks)
+        limit = max(1, min(part_bytes, max_bytes // 2))
+        part = 0
+        if prompt is not None and pkey is not None:
+            yield {"chunks": [], "part": part, "last": False,
+                   "logits": kvstate.encode_logits(prompt["logits"], key=pkey, model=self.digest)}
+            part += 1
         batch: list[Any] = []
-        size = 0
+        size = sent = 0
         for key, chunk in zip(keys, chunks):
             enc = kvstate.encode_chunk(chunk, codec, key=key, model=self.digest)
             n = sum(len(t["data"]) for layer in enc["layers"] for t in (layer["k"], layer["v"])) + 512
-            if batch and size + n > max_bytes // 2:
-                bodies.append({"chunks": batch, "part": len(bodies), "last": False})
-                batch, size = [], 0
+            if batch and size + n > limit:
+                yield {"chunks": batch, "part": part, "last": False}
+                part, batch, size = part + 1, [], 0
             batch.append(enc)
             size += n
-        last: dict[str, Any] = {"chunks": batch, "part": len(bodies), "last": True}
+            sent += n
+        last: dict[str, Any] = {"chunks": batch, "part": part, "last": True}
         if prompt is not None and pkey is not None:
             last["prompt"] = {"tail": kvstate.encode_chunk(prompt["tail"], codec, key=pkey, model=self.digest),
-                              "len": prompt["tail"].length,
-                              "logits": wire.pack_tensor(prompt["logits"].to(torch.float16 if codec != "fp32"
-                                                                             else torch.float32))}
-        bodies.append(last)
+                              "len": prompt["tail"].length}
         with self.lock:
-            self.figures.served_requests += 1
-            self.figures.served_chunks += len(chunks)
-        return bodies
+            self.figures.served_bytes += sent
+        yield last
 
     # -- the ask path ------------------------------------------------------------------------
     def _cost(self, prefill_tps: float, link: LinkEstimate) -> CostModel:
@@ -208,45 +330,78 @@ class NodeCache:
         """Restore what the cache (local, then one peer) holds, prefill the rest, store the new chunks.
 
         Links: a peer's bandwidth measured on earlier fetches wins over ``peer_links`` (estimated
-        from heartbeats), which wins over ``default_link``."""
+        from heartbeats), which wins over ``default_link``. Peers that wasted a fetch recently are
+        skipped (``mesh.lookup.shunned``). On a remote full hit whose peer sends the last logits
+        first, the returned cache is a :class:`~mesh.model.Deferred`: the rest of the transfer,
+        its checks and the restore run when the decoder needs the second token."""
         C = self.chunk_size
         keys, pkey = self.keys(ids)
         n_full = len(keys)
         info: dict[str, Any] = {"local_tokens": 0, "remote_tokens": 0, "peer": None, "fetch_bytes": 0,
                                 "fetch_s": 0.0, "decision": "no-match", "full_hit": False, "chunk_size": C}
+        now = time.monotonic()
         with self.lock:
             self.figures.asks += 1
             local = self.store.match_prefix(keys)
             prompt = self.store.get_prompt(pkey) if local == n_full else None
             peers = dict(self.peers)
             links = {**(peer_links or {}), **self.links}
-        decision: Decision | None = None
+            skip = shunned(self.strikes, {n: c.epoch for n, c in peers.items()}, now)
         if prompt is None:
-            extra_bytes = int(self.bytes_per_chunk / C * (len(ids) - n_full * C)) + 2 * self.loaded.model.config.vocab_size
+            extra_bytes = int(self.bytes_per_chunk / C * (len(ids) - n_full * C)) + 8 * kvstate.LOGITS_TOP_K + 256
             decision = decide(keys, local, peers, self.digest, C, self._cost(prefill_tps, default_link),
-                              links=links, extra_bytes=extra_bytes, extra_tokens=len(ids) - n_full * C + 1)
+                              links=links, extra_bytes=extra_bytes, extra_tokens=len(ids) - n_full * C + 1,
+                              exclude=skip)
             info.update(decision=decision.decision, est_transfer_s=decision.est_transfer_s,
                         peer=str(decision.peer) if decision.peer is not None else None,
-                        est_recompute_s=decision.est_recompute_s, peers_considered=decision.peers_considered)
+                        est_recompute_s=decision.est_recompute_s, peers_considered=decision.peers_considered,
+                        peers_skipped=list(decision.peers_skipped))
             if decision.decision == RECOMPUTE:
                 with self.lock:
                     self.figures.recomputes += 1
             if decision.decision == REMOTE and decision.peer is not None:
                 rtt = links.get(str(decision.peer), default_link).rtt_s
-                got, prompt = self._fetch(keys, local, decision, pkey, fetch, info, rtt)
+                transfer = self._open(keys, local, decision, pkey, fetch, info, rtt,
+                                      peers[str(decision.peer)].epoch)
+                early = transfer.first_logits() if transfer.full else None
+                if early is not None:
+                    info["first_token"] = "peer-logits"
+                    start = local
+
+                    def rest() -> Any:
+                        got, entry = self._close(transfer, info, keys, start, pkey)
+                        late = self._build(ids, keys, pkey, start + got, entry, info)
+                        if int(torch.argmax(late.logits)) != int(torch.argmax(early)):
+                            # only a peer forging consistent logits gets here; the checks cannot see it
+                            log.warning("first token from %s's logits differs from the restored prompt's",
+                                        transfer.peer)
+                            info["first_token_mismatch"] = True
+                        return late.cache
+
+                    return Prepared(early, Deferred(rest), info)
+                got, prompt = self._close(transfer, info, keys, local, pkey)
                 local += got
         else:
             info["decision"] = "local"
+        return self._build(ids, keys, pkey, local, prompt, info)
+
+    def _build(self, ids: Sequence[int], keys: list[ChunkHash], pkey: ChunkHash, local: int,
+               prompt: dict[str, Any] | None, info: dict[str, Any]) -> Prepared:
+        """Restore ``local`` chunks (and the prompt entry on a full hit), prefill the rest, store it."""
+        C = self.chunk_size
+        n_full = len(keys)
         info["local_tokens"] = local * C - info["remote_tokens"]
         with self.lock:
             chunks = self.store.get_chain(keys[:local]) if local else []
         if len(chunks) != local:  # evicted between lookup and use: recompute from what is left
             local, prompt = len(chunks), None
+        if prompt is not None and local < n_full:
+            prompt = None
         if prompt is None and local * C >= len(ids):
             # Every position is cached but not the last logits: recompute the last chunk for them.
             local -= 1
             chunks = chunks[:-1]
-        if prompt is not None and local == n_full:
+        if prompt is not None:
             # A full hit: every position's KV is here and so is the first token's distribution.
             cache = kvstate.restore_cache(self.model_config, [*chunks, prompt["tail"]])
             if info["remote_tokens"]:  # the peer sent the tail with the prompt entry
@@ -279,54 +434,57 @@ class NodeCache:
             self.figures.hits += int(hit)
             self.figures.full_hits += int(full)
 
-    def _fetch(self, keys: list[ChunkHash], local: int, decision: Decision, pkey: bytes, fetch: Fetch,
-               info: dict[str, Any], rtt_s: float) -> tuple[int, dict[str, Any] | None]:
-        """Fetch keys[local:depth] (and the prompt entry on a full match); keep what verifies."""
+    def _open(self, keys: list[ChunkHash], local: int, decision: Decision, pkey: ChunkHash, fetch: Fetch,
+              info: dict[str, Any], rtt_s: float, epoch: int) -> _Transfer:
+        """Send the request for keys[local:depth] (and the prompt entry on a full match)."""
         peer = str(decision.peer)
         want = keys[local:local + decision.remote_chunks]
         full = local + decision.remote_chunks == len(keys)
-        timeout = min(self.config.fetch_timeout_s, 3.0 * (decision.est_transfer_s or 1.0) + 2.0)
-        started = time.perf_counter()
-        result = fetch(peer, list(want), pkey if full else None, timeout)
+        timeout = fetch_timeout(decision, self.fetch_floor_s, self.config.fetch_timeout_s)
+        info["fetch_timeout_s"] = round(timeout, 3)
         with self.lock:
             self.figures.fetches += 1
-        got: list[kvstate.ChunkKV] = []
+        parts = fetch(peer, list(want), pkey if full else None, timeout)
+        return _Transfer(self, peer, want, pkey, full, parts, time.perf_counter(), rtt_s, epoch)
+
+    def _close(self, t: _Transfer, info: dict[str, Any], keys: list[ChunkHash], local: int,
+               pkey: ChunkHash) -> tuple[int, dict[str, Any] | None]:
+        """Read the rest of a transfer, keep what verified, and settle the peer's record."""
+        t.finish()
+        got, peer = t.got, t.peer
         prompt = None
-        if result is not None:
-            raw_chunks, raw_prompt, nbytes, seconds = result
-            info.update(fetch_bytes=nbytes, fetch_s=round(seconds, 6))
-            for key, raw in zip(want, raw_chunks):
-                try:
-                    got.append(kvstate.decode_chunk(raw, self.layout, self.chunk_size, key=key, model=self.digest))
-                except ProtocolError as exc:
-                    log.warning("chunk from %s rejected: %s", peer, exc)
-                    break
-            if raw_prompt is not None and len(got) == len(want):
-                try:
-                    tail = kvstate.decode_chunk(raw_prompt["tail"], self.layout, int(raw_prompt["len"]),
-                                                key=pkey, model=self.digest)
-                    logits = wire.unpack_tensor(raw_prompt["logits"]).to(torch.float32)
-                    if logits.shape != (self.loaded.model.config.vocab_size,):
-                        raise ProtocolError("bad-chunk", "logits shape")
-                    prompt = {"tail": tail, "logits": logits}
-                except (ProtocolError, KeyError, TypeError, ValueError) as exc:
-                    log.warning("prompt entry from %s rejected: %s", peer, exc)
-        if len(got) < len(want) or (full and prompt is None):
-            with self.lock:
+        if t.full and t.tail is not None and t.logits is not None and len(got) == len(t.want):
+            prompt = {"tail": t.tail, "logits": t.logits}
+        info.update(fetch_bytes=t.nbytes, fetch_s=round(t.seconds, 6))
+        wasted = None
+        if t.bad is not None:
+            wasted = f"{BAD}: {t.bad}"
+        elif len(got) < len(t.want) or (t.full and prompt is None):
+            wasted = SHORT if t.complete else f"{SHORT}: {t.ended}"
+        now = time.monotonic()
+        with self.lock:
+            if wasted is not None:
                 self.figures.wasted_fetches += 1
                 self.figures.wasted_by_peer[peer] = self.figures.wasted_by_peer.get(peer, 0) + 1
-        if result is not None and got:
+                self.strikes[peer] = strike(self.strikes.get(peer), BAD if t.bad else SHORT, t.epoch, now,
+                                            self.penalty)
+            else:
+                self.strikes.pop(peer, None)
+        if wasted is not None:
+            info["wasted"] = wasted
+            log.warning("fetch from %s wasted (%s): %d of %d chunks kept", peer, wasted, len(got), len(t.want))
+        if got and t.complete:
             # What a fetch really costs this node: the peer's encoding, the link and our decoding,
             # so the next decision compares recompute with all of it, not with the link alone.
-            self.note_link(peer, info["fetch_bytes"], time.perf_counter() - started, rtt_s)
+            self.note_link(peer, t.nbytes, t.seconds, t.rtt_s)
         with self.lock:
-            change = self.store.put_chain(want[:len(got)], got, [c.nbytes for c in got],
+            change = self.store.put_chain(t.want[:len(got)], got, [c.nbytes for c in got],
                                           parent=keys[local - 1] if local else None)
             if prompt is not None:
                 change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, prompt, self._size(prompt))
             self._changed(change)
             self.figures.fetched_chunks += len(got)
-            self.figures.fetched_bytes += info["fetch_bytes"]
+            self.figures.fetched_bytes += t.nbytes
         info.update(peer=peer, remote_tokens=len(got) * self.chunk_size)
         if not got:
             info["decision"] = "recompute" if local == 0 else "local"
@@ -343,8 +501,11 @@ class NodeCache:
                 "misses": f.asks - f.hits, "hit_rate": round(f.hits / f.asks, 3) if f.asks else 0.0,
                 "chunk_hits": st.hits, "chunk_misses": st.misses, "evictions": st.evictions,
                 "fetches": f.fetches, "fetched_chunks": f.fetched_chunks, "fetched_bytes": f.fetched_bytes,
-                "wasted_fetches": f.wasted_fetches, "recompute_decisions": f.recomputes, "served_requests": f.served_requests,
-                "served_chunks": f.served_chunks, "peers": len(self.peers), "epoch": self.epoch,
+                "wasted_fetches": f.wasted_fetches, "wasted_by_peer": dict(f.wasted_by_peer),
+                "shunned": sorted(shunned(self.strikes, {n: c.epoch for n, c in self.peers.items()},
+                                          time.monotonic())),
+                "lookups": f.asks, "recompute_decisions": f.recomputes, "served_requests": f.served_requests,
+                "served_chunks": f.served_chunks, "served_bytes": f.served_bytes, "peers": len(self.peers), "epoch": self.epoch,
                 "kv_wire": self.config.kv_wire, "chunk_size": self.chunk_size,
             }
 

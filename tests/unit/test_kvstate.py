@@ -261,3 +261,46 @@ def test_an_empty_tail_round_trips_in_every_codec(codec: str) -> None:
     back = kvstate.decode_chunk(kvstate.encode_chunk(empty, codec, key=b"k" * 16, model=b"m" * 16),
                                 [(2, 8)] * 3, 0, key=b"k" * 16, model=b"m" * 16)
     assert back.length == 0 and len(back.keys) == 3
+
+
+# -- last logits on the wire --------------------------------------------------------------------
+
+def test_logits_travel_as_their_top_k_and_keep_the_argmax() -> None:
+    from mesh.kvstate import decode_logits, encode_logits
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(262_144, generator=g) * 4
+    wire_form = encode_logits(logits, key=b"k" * 16, model=b"m" * 16, top_k=256)
+    assert len(cbor2.dumps(wire_form)) < 2_300  # vs 524,288 B of fp16 logits
+    dense = decode_logits(cbor2.loads(cbor2.dumps(wire_form)), 262_144, key=b"k" * 16, model=b"m" * 16)
+    assert int(torch.argmax(dense)) == int(torch.argmax(logits))
+    top = torch.topk(logits, 256)
+    assert torch.equal(dense[top.indices], top.values)  # exact fp32, not rounded
+    assert torch.isinf(dense).sum() == 262_144 - 256
+    # a sparse vector (as a fetched entry is stored) re-encodes to the same top k
+    again = decode_logits(encode_logits(dense, b"k" * 16, b"m" * 16), 262_144)
+    assert torch.equal(again, dense)
+
+
+@pytest.mark.parametrize("lie", ["key", "model", "values", "ids", "size", "vocab", "repeated"])
+def test_tampered_logits_are_rejected(lie: str) -> None:
+    from mesh.kvstate import decode_logits, encode_logits
+
+    w = encode_logits(torch.arange(1000, dtype=torch.float32), key=b"k" * 16, model=b"m" * 16, top_k=8)
+    if lie == "values":
+        w["vals"] = w["vals"][:-4] + torch.tensor([5000.0]).numpy().tobytes()
+    elif lie == "ids":
+        w["ids"] = bytes(4) + w["ids"][4:]
+    elif lie == "size":
+        w["vals"] = w["vals"][:-4]
+    elif lie == "repeated":
+        w["ids"] = w["ids"][:4] * 8
+    key, model, vocab = b"k" * 16, b"m" * 16, 1000
+    if lie == "key":
+        key = b"x" * 16
+    elif lie == "model":
+        model = b"x" * 16
+    elif lie == "vocab":
+        vocab = 2000
+    with pytest.raises(ProtocolError):
+        decode_logits(w, vocab, key=key, model=model)

@@ -165,3 +165,60 @@ def test_route_by_catalogs() -> None:
     assert (r.node, r.depth, r.reason) == ("b", 8, "cache")
     r = route_by_catalogs(KEYS, cats, {**queues, NodeId("b"): 9}, MODEL, 16, threshold=2)
     assert (r.node, r.reason) == ("a", "load")  # least loaded: a and new tie on 0, a is deeper
+
+
+# -- peers that wasted a fetch, and how long to wait for one ------------------------------------
+
+from mesh.lookup import BAD, SHORT, PenaltyPolicy, fetch_timeout, shunned, strike  # noqa: E402
+
+
+def test_a_skipped_peer_is_left_out_and_the_next_best_is_chosen() -> None:
+    cats = {NodeId("liar"): cat(10), NodeId("ok"): cat(6)}
+    d = decide(KEYS, 0, cats, MODEL, 16, cost(5.0))
+    assert d.peer == "liar" and d.peers_skipped == ()
+    d = decide(KEYS, 0, cats, MODEL, 16, cost(5.0), exclude={"liar"})
+    assert d.decision == "remote" and d.peer == "ok" and d.remote_chunks == 6
+    assert d.peers_skipped == ("liar",) and d.peers_considered == 1
+    d = decide(KEYS, 3, {NodeId("liar"): cat(10)}, MODEL, 16, cost(5.0), exclude={"liar", "gone"})
+    assert d.decision == "local" and d.peer is None and d.peers_skipped == ("liar",)
+    assert json.loads(json.dumps(d.to_dict()))["peers_skipped"] == ["liar"]
+
+
+def test_a_bad_strike_lasts_its_cool_down_whatever_the_epoch() -> None:
+    p = PenaltyPolicy(base_s=30.0, max_s=100.0)
+    s = strike(None, BAD, epoch=4, now=1000.0, policy=p)
+    assert s.count == 1 and s.until == 1030.0
+    assert shunned({"x": s}, {"x": 4}, 1029.9) == {"x"}
+    assert shunned({"x": s}, {"x": 5}, 1029.9) == {"x"}  # a liar controls its own epoch
+    assert shunned({"x": s}, {"x": 4}, 1030.0) == frozenset()
+    # consecutive strikes double the cool-down, up to the cap; a bad one stays bad
+    s2 = strike(s, SHORT, epoch=5, now=1040.0, policy=p)
+    assert s2.count == 2 and s2.kind == BAD and s2.until == 1100.0
+    s3 = strike(s2, SHORT, epoch=5, now=1100.0, policy=p)
+    assert s3.until == 1200.0  # 120 s capped to 100 s
+
+
+def test_a_short_strike_ends_when_the_peer_republishes_its_catalog() -> None:
+    s = strike(None, SHORT, epoch=7, now=0.0)
+    assert s.kind == SHORT and s.until == 30.0
+    assert shunned({"p": s}, {"p": 7}, 10.0) == {"p"}
+    assert shunned({"p": s}, {"p": 8}, 10.0) == frozenset()  # it now says what it really holds
+    assert shunned({"p": s}, {}, 10.0) == {"p"}  # catalog not (yet) seen again: still skipped
+    with pytest.raises(ValueError):
+        strike(None, "odd", 0, 0.0)
+    with pytest.raises(ConfigError):
+        PenaltyPolicy(base_s=0.0)
+
+
+def test_a_fetch_is_given_up_at_the_recompute_estimate() -> None:
+    slow = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(5.0))  # Pi Zero: 32 s to recompute
+    assert slow.decision == "remote"
+    assert fetch_timeout(slow, 0.25, 60.0) == pytest.approx(160 / 5.0)
+    assert fetch_timeout(slow, 0.25, 10.0) == 10.0  # capped
+    fast = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(5000.0, LinkEstimate(1e9, 0.0)))
+    assert fast.decision == "remote" and fast.est_recompute_s == pytest.approx(0.032)
+    assert fetch_timeout(fast, 0.25, 10.0) == 0.25  # the floor covers broker jitter
+    # the transfer the fetch was chosen for fits well within the timeout
+    assert slow.est_transfer_s * 20 < fetch_timeout(slow)
+    with pytest.raises(ValueError):
+        fetch_timeout(slow, 1.0, 0.5)
