@@ -74,6 +74,7 @@ def birth_topic(prefix: str) -> str:
 
 
 BIRTH_ONLINE = b"online"
+BIRTH_OFFLINE = b"offline"  # Home Assistant's last will on its status topic
 
 
 def _num(path: str, scale: float = 1.0, digits: int | None = None) -> str:

@@ -92,9 +92,27 @@ class Envelope:
     version: int = WIRE_VERSION
 
 
+MAX_INT = 2**64 - 1  # CBOR carries bignums; no field of ours needs one, and float() of one raises
+
+
+def _has_bignum(value: Any, depth: int = 0) -> bool:
+    """An int beyond CBOR's 64-bit major types anywhere in a decoded body (optional fields too)."""
+    if isinstance(value, int):
+        return not -MAX_INT - 1 <= value <= MAX_INT
+    if depth > 32:
+        return True  # no message of ours nests this deep: refuse rather than walk it
+    if isinstance(value, dict):
+        return any(_has_bignum(k, depth + 1) or _has_bignum(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_bignum(v, depth + 1) for v in value)
+    return False
+
+
 def _check_body(kind: Kind, body: Any) -> None:
     if not isinstance(body, dict):
         raise ProtocolError("malformed", "body is not a map")
+    if _has_bignum(body):
+        raise ProtocolError("bad-field", f"{kind} body holds an integer beyond 64 bits or nests too deep")
     for key, (types, required) in _SCHEMAS[kind].items():
         if key not in body:
             if required:

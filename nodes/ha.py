@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from mesh import ha, topics
+from mesh import ha, topics, wire
 from mesh.bus import MqttBus, ReplyInbox
 from mesh.config import NodeConfig, check_name
 from mesh.errors import MeshError
@@ -60,9 +60,11 @@ class HomeAssistantExtension(AgentExtension):
         self._wanted = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.rejects = wire.RejectCounter()  # the node's own counter once started on an agent
 
     # -- AgentExtension ------------------------------------------------------------------------
     def start(self, agent: "NodeAgent") -> None:
+        self.rejects = agent.rejects  # counted where the heartbeat shows them
         self.attach(agent.bus, agent.name, agent.loaded.key if agent.loaded is not None else None)
 
     def stop(self) -> None:
@@ -102,7 +104,10 @@ class HomeAssistantExtension(AgentExtension):
     def _on_birth(self, topic: str, payload: bytes, retained: bool) -> None:
         # A retained "online" is history (we published on start anyway); only a live one means
         # Home Assistant has just (re)started and forgotten its non-retained state.
-        if not retained and payload.strip() == ha.BIRTH_ONLINE:
+        word = payload.strip()
+        if word not in (ha.BIRTH_ONLINE, ha.BIRTH_OFFLINE):
+            self.rejects.add("bad-ha-birth")
+        elif not retained and word == ha.BIRTH_ONLINE:
             self.request_republish()
 
     def _republish_loop(self) -> None:
