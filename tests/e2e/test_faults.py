@@ -1,13 +1,14 @@
-"""Faults of the transport, end to end: the broker restarts under a working mesh.
+"""Faults of the transport, end to end: the broker restarts under a working mesh, a node dies.
 
-Real amqtt broker process (killed with SIGKILL, then started again on the same port), real node
-processes with SmolLM2, a real client. While the broker is away a plain TCP listener takes its
+Real amqtt and Mosquitto broker processes (killed with SIGKILL, then started again on the same
+port), real node processes with SmolLM2, a real client. While the broker is away a plain TCP listener takes its
 port and counts connection attempts, which shows the clients back off instead of hammering it.
 """
 
 from __future__ import annotations
 
 import queue
+import shutil
 import signal
 import socket
 import threading
@@ -23,7 +24,8 @@ from mesh.catalog import Catalog
 from mesh.errors import TransportError
 from nodes.client import AskResult, MeshClient
 from nodes.up import spawn, wait_port
-from tests.conftest import ENV, Broker, NodeProcess, mesh_argv, start_amqtt, start_node
+from tests.conftest import (ENV, Broker, NodeProcess, mesh_argv, mosquitto_conf, start_amqtt, start_mosquitto,
+                            start_node)
 
 pytestmark = pytest.mark.e2e
 
@@ -64,11 +66,20 @@ class AttemptCounter:
         self.sock.close()
 
 
-def restart_amqtt(broker: Broker, log_dir: Path) -> Broker:
-    log = log_dir / f"amqtt-{broker.port}-restarted.log"
-    proc = spawn(mesh_argv("broker", "--port", str(broker.port)), open(log, "wb"), env=ENV)
+def restart(broker: Broker, log_dir: Path) -> Broker:
+    """The same kind of broker on the same port, with none of the old one's state."""
+    log = log_dir / f"{broker.kind}-{broker.port}-restarted.log"
+    if broker.kind == "amqtt":
+        argv = mesh_argv("broker", "--port", str(broker.port))
+    else:
+        argv = [broker_exe(), "-c", str(mosquitto_conf(broker.port, log_dir))]
+    proc = spawn(argv, open(log, "wb"), env=ENV)
     wait_port("127.0.0.1", broker.port, 30, proc)
-    return Broker("amqtt", proc, broker.port, log)
+    return Broker(broker.kind, proc, broker.port, log)
+
+
+def broker_exe() -> str:
+    return shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
 def retained(broker: Broker, topic_filter: str, settle: float = 1.0) -> dict[str, bytes]:
@@ -86,9 +97,9 @@ def catalog_of(messages: dict[str, bytes], node: str = "f1") -> Catalog:
     return Catalog.from_dict(dict(wire.decode(messages[topics.node_catalog(node)]).body))
 
 
-@pytest.fixture(scope="module")
-def mesh(log_dir: Path) -> Iterator[tuple[list[Broker], dict[str, NodeProcess]]]:
-    brokers = [start_amqtt(log_dir)]
+@pytest.fixture(scope="module", params=["amqtt", "mosquitto"])
+def mesh(request: pytest.FixtureRequest, log_dir: Path) -> Iterator[tuple[list[Broker], dict[str, NodeProcess]]]:
+    brokers = [start_amqtt(log_dir) if request.param == "amqtt" else start_mosquitto(log_dir)]
     nodes = {n: start_node(brokers[0], n, MODEL, log_dir) for n in ("f1", "f2")}
     yield brokers, nodes
     for node in nodes.values():
@@ -144,7 +155,7 @@ def test_broker_restart_loses_no_ask_and_restores_retained_state(
         time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))
         counter.close()
         attempts = list(counter.times)
-        brokers.append(restart_amqtt(broker, log_dir))
+        brokers.append(restart(broker, log_dir))
         broker = brokers[-1]
 
         # Backoff: three clients (two nodes and us) over a 6 s outage. Without backoff paho would
