@@ -15,6 +15,7 @@ Stored as safetensors (no pickle) with string metadata: the format version, the 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -67,10 +68,16 @@ class LayerPredictor:
         return _features(z) @ self.coef  # (..., G)
 
 
+@functools.lru_cache(maxsize=8)
+def _triu(r: int) -> tuple[Tensor, Tensor]:
+    iu, ju = torch.triu_indices(r, r)
+    return iu, ju
+
+
 def _features(z: Tensor) -> Tensor:
     """``[1, z, z_i z_j (i <= j)]``: (..., r) -> (..., 1 + r + r(r+1)/2)."""
     r = z.shape[-1]
-    iu, ju = torch.triu_indices(r, r)
+    iu, ju = _triu(r)
     quad = z[..., iu] * z[..., ju]  # (..., r(r+1)/2)
     return torch.cat([torch.ones_like(z[..., :1]), z, quad], dim=-1)
 

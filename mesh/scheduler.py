@@ -282,7 +282,7 @@ def blend_importance(
 class SyncPolicy:
     """Relaxed-sync knobs. Deadlines are per layer step, measured from sending the MLP input."""
 
-    target_share: float = 0.9  # of predicted importance that is worth waiting for
+    target_share: float = 0.95  # of predicted importance that is worth waiting for (or computing here)
     quantile: float = 0.9  # of on-time latency samples
     margin: float = 1.5  # deadline = margin * quantile
     min_deadline_s: float = 0.002

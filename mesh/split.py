@@ -177,6 +177,34 @@ def extract_from_tensors(
     )
 
 
+def group_runs(groups: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted group ids as maximal runs of consecutive ids ``[first, last + 1)``."""
+    runs: list[tuple[int, int]] = []
+    for g in sorted({int(g) for g in groups}):
+        if runs and runs[-1][1] == g:
+            runs[-1] = (runs[-1][0], g + 1)
+        else:
+            runs.append((g, g + 1))
+    return runs
+
+
+def partial_of_groups(full: GroupWeights, layout: GroupLayout, groups: Iterable[int], x: Tensor) -> Tensor:
+    """The partial of ``groups`` straight from a layer's full weights (views, no copies): one
+    matmul per run of consecutive groups. Same value as ``extract_from_tensors(...).partial(x)``
+    up to summation order, without copying the rows first (what a coordinator computing a late
+    worker's groups itself needs: the group set changes every step). (..., H) -> (..., H)."""
+    act = ACT2FN[full.act]
+    out: Tensor | None = None
+    for a, b in group_runs(groups):
+        lo, hi = layout.bounds(a)[0], layout.bounds(b - 1)[1]
+        gb = full.gate_bias[lo:hi] if full.gate_bias is not None else None
+        ub = full.up_bias[lo:hi] if full.up_bias is not None else None
+        h = act(F.linear(x, full.gate[lo:hi], gb)) * F.linear(x, full.up[lo:hi], ub)  # (..., n)
+        y = F.linear(h, full.down[:, lo:hi])  # (..., H)
+        out = y if out is None else out + y
+    return out if out is not None else torch.zeros_like(x)
+
+
 def _bias(linear: nn.Module) -> Tensor | None:
     return getattr(linear, "bias", None)
 

@@ -8,7 +8,8 @@ Per loss rate: strict and relaxed time per output token (TPOT, from the coordina
 timing) and end-to-end time of a greedy generation; relaxed perplexity and top-1 agreement with
 lossless (strict is exact, so lossless = strict) on held-out Wikipedia tokens (teacher forced,
 one token per forward, like decode); relaxed MMLU accuracy on a fixed 1-shot sample. Then the
-ablation: the coordinator restarted with random placement, at the ablation loss rate.
+ablation: importance vs random placement, both without the local fallback (late groups count as
+zero), at the ablation loss rate: what placement decides shows in quality.
 Output: JSON (``points``, ``speedup_at_5pct``, ``ablation``, ``testbed``...) and a PNG plot.
 """
 
@@ -65,16 +66,16 @@ class HaloMesh:
                                        "--threads", "1", "--heartbeat", "0.5", "--no-cache"),
                           env=self.env, role="node", log=self.tb.log_path(f"node-{w}"))
 
-    def start_coordinator(self, placement: str, reliability_weight: float = 2.0) -> None:
+    def start_coordinator(self, placement: str, reliability_weight: float = 2.0, fallback: str = "important") -> None:
         if self.coord is not None and self.coord.poll() is None:
             self.coord.terminate()
             self.coord.wait(20)
         self.coord = self.tb.spawn("pi1", self._cli(
             "coordinator", "--model", self.args.model, "--threads", "1", "--heartbeat", "0.5",
             "--placement", placement, "--replan-interval", "2", "--no-cache",
-            "--reliability-weight", str(reliability_weight)),
+            "--reliability-weight", str(reliability_weight), "--fallback", fallback),
             env=self.env, role="coordinator",
-            log=self.tb.log_path(f"coordinator-{placement}-{reliability_weight:g}"))
+            log=self.tb.log_path(f"coordinator-{placement}-{reliability_weight:g}-{fallback}"))
 
     def wait_ready(self, client: MeshClient, timeout: float = 300.0) -> dict[str, Any]:
         """Until every worker is online and the coordinator's active plan uses all of them."""
@@ -137,11 +138,14 @@ class Quality:
             nll += e["nll"]
             top += e["argmax"]
         correct = 0
+        picks: list[int] = []
         for ids, answer in self.mmlu:
             scores = _eval(client, sync, ids, len(ids), self.letters)["eval"]["scores"]
-            correct += int(max(range(4), key=lambda i: scores[i]) == answer)
+            picks.append(max(range(4), key=lambda i: scores[i]))
+            correct += int(picks[-1] == answer)
         return {"ppl": math.exp(sum(nll) / len(nll)), "argmax": top, "accuracy": correct / len(self.mmlu),
-                "n_ppl_tokens": len(nll), "n_mmlu": len(self.mmlu), "quality_s": round(time.monotonic() - t0, 1)}
+                "picks": picks, "n_ppl_tokens": len(nll), "n_mmlu": len(self.mmlu),
+                "quality_s": round(time.monotonic() - t0, 1)}
 
 
 def _settle(client: MeshClient) -> None:
@@ -154,9 +158,11 @@ def _settle(client: MeshClient) -> None:
 def _quality_point(client: MeshClient, q: Quality, lossless: dict[str, Any]) -> dict[str, Any]:
     qual = q.run(client, "relaxed")
     agree = sum(a == b for a, b in zip(qual["argmax"], lossless["argmax"])) / max(1, len(lossless["argmax"]))
-    return {"ppl_lossless": lossless["ppl"], "ppl_relaxed": qual["ppl"], "agreement": agree,
+    same = sum(a == b for a, b in zip(qual["picks"], lossless["picks"])) / max(1, len(lossless["picks"]))
+    return {"ppl_lossless": lossless["ppl"], "ppl_relaxed": qual["ppl"],
+            "ppl_change_pct": 100.0 * (qual["ppl"] / lossless["ppl"] - 1.0), "agreement": agree,
             "accuracy_lossless": lossless["accuracy"], "accuracy_relaxed": qual["accuracy"],
-            "quality_s": qual["quality_s"]}
+            "mmlu_answer_agreement": same, "quality_s": qual["quality_s"]}
 
 
 def _set_loss(tb: Testbed, lossy: list[str], loss: float) -> None:
@@ -184,7 +190,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if pred_report.exists():
         result["predictor"] = json.loads(pred_report.read_text())
     t_start = time.monotonic()
-    n_tasks = 2 * len(losses) + (0 if args.no_ablation else 1)
+    n_tasks = 2 * len(losses) + (0 if args.no_ablation else 2)
     with Testbed(spec, calibration=cal) as tb, Progress(
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TimeElapsedColumn()) as bar:
@@ -200,7 +206,7 @@ def run_bench(args: argparse.Namespace) -> int:
             result["plan"] = mesh.wait_ready(client)
             bar.update(task, description="lossless reference (strict)")
             lossless = q.run(client, "strict")
-            result["lossless"] = {k: v for k, v in lossless.items() if k != "argmax"}
+            result["lossless"] = {k: v for k, v in lossless.items() if k not in ("argmax", "picks")}
             strict: dict[float, dict[str, Any]] = {}
             for loss in losses:
                 _set_loss(tb, lossy, loss)
@@ -235,18 +241,26 @@ def run_bench(args: argparse.Namespace) -> int:
             at5 = [p for p in points if p["loss_pct"] == 5.0]
             result["speedup_at_5pct"] = at5[0]["speedup"] if at5 else None
             if not args.no_ablation:
-                bar.update(task, description="ablation: random placement")
-                _set_loss(tb, lossy, 0.0)
-                mesh.start_coordinator("random")
-                mesh.wait_ready(client)
-                _set_loss(tb, lossy, ABLATION_LOSS)
-                _settle(client)
-                r = _ask(client, "relaxed", args.tokens)
-                abl = {"loss_pct": ABLATION_LOSS, "relaxed_tpot_s": r["tpot_s"], "halo": r["halo"],
-                       **_quality_point(client, q, lossless), "plan": _plan_of(client)}
-                same = [p for p in points if p["loss_pct"] == ABLATION_LOSS]
-                result["ablation"] = {"random": abl, "importance": same[0] if same else None}
-                bar.advance(task)
+                # Placement ablation at equal speed: both placements without the local fallback
+                # (a late group counts as zero whatever its importance), so what placement decides,
+                # which groups sit on the lossy worker and are lost with it, shows in quality.
+                result["ablation"] = {"loss_pct": ABLATION_LOSS, "fallback": "none"}
+                for placement in ("importance", "random"):
+                    bar.update(task, description=f"ablation: {placement} placement, no fallback")
+                    _set_loss(tb, lossy, 0.0)
+                    mesh.start_coordinator(placement, fallback="none")
+                    mesh.wait_ready(client)
+                    _set_loss(tb, lossy, ABLATION_LOSS)
+                    _settle(client)
+                    r = _ask(client, "relaxed", args.tokens)
+                    result["ablation"][placement] = {
+                        "relaxed_tpot_s": r["tpot_s"], "halo": r["halo"],
+                        **_quality_point(client, q, lossless), "plan": _plan_of(client)}
+                    a = result["ablation"][placement]
+                    bar.console.print(f"ablation {placement:10s}: {a['relaxed_tpot_s'] * 1000:8.1f} ms/token, "
+                                      f"ppl {a['ppl_relaxed']:.3f} ({a['ppl_change_pct']:+.2f} %), agreement "
+                                      f"{a['agreement']:.3f}, zeroed groups {r['halo']['zeroed_groups']}")
+                    bar.advance(task)
     result["elapsed_s"] = round(time.monotonic() - t_start, 1)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -137,7 +137,7 @@ def add_halo_commands(subparsers: Any) -> None:
     p.add_argument("--sync", choices=["strict", "relaxed"], default="relaxed",
                    help="default sync of asks (an ask may name its own with halo_sync)")
     p.add_argument("--group-size", type=int, default=split.DEFAULT_GROUP_SIZE)
-    p.add_argument("--target-share", type=float, default=0.9,
+    p.add_argument("--target-share", type=float, default=0.95,
                    help="relaxed: wait for the groups holding this share of predicted importance")
     p.add_argument("--max-deadline-ms", type=float, default=100.0, help="relaxed: cap of the layer deadline")
     p.add_argument("--min-deadline-ms", type=float, default=5.0, help="relaxed: floor of the layer deadline")

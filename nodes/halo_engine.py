@@ -44,6 +44,7 @@ from mesh.scheduler import Plan, plan_groups, replan_reason
 log = logging.getLogger(__name__)
 
 WINDOW_ALPHA = 0.2  # weight of one ask's mean predicted importance in the scheduler's window
+WINDOW_EVERY = 8  # relaxed: the window samples the predicted importance of one forward pass in 8
 
 
 @dataclass
@@ -63,6 +64,12 @@ class HaloRun:
     stops: dict[str, int] = field(default_factory=dict)  # why each step stopped waiting
     imp_sum: Tensor | None = None
     imp_n: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the MLP steps
+
+    def spent(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - since
+        return now
 
     def figures(self) -> dict[str, Any]:
         times = [b - a for a, b in zip(self.starts, [*self.starts[1:], self.ended])]
@@ -71,6 +78,7 @@ class HaloRun:
                 "zeroed_groups": self.zeroed_groups, "zeroed_steps": self.zeroed_steps,
                 "local_fallback_groups": self.local_fallback_groups, "epochs": sorted(self.epochs),
                 "stops": dict(self.stops),
+                "phases_s": {k: round(v, 6) for k, v in sorted(self.phases.items())},
                 "token_times_s": times}
 
 
@@ -92,7 +100,7 @@ class HaloEngine:
         self.ledger = SyncLedger()
         self.switch = EpochSwitch()
         self._lock = threading.Lock()
-        self._partials: queue.Queue[tuple[str, int, Tensor | None, float]] = queue.Queue()
+        self._partials: queue.Queue[tuple[str, int, Tensor | None, float, float]] = queue.Queue()
         self.presence = Presence(getattr(config, "liveness", Liveness()))
         self._presence_lock = threading.Lock()
         self._local: dict[int, list[split.GroupWeights | None]] = {}
@@ -134,7 +142,9 @@ class HaloEngine:
             env = wire.decode(payload, self.config.limits.max_message_bytes)
             if env.kind is wire.Kind.HALO_PARTIAL:
                 y = wire.unpack_tensor(env.body["y"])
-                self._partials.put((env.sender, env.body["step"], y, t))
+                c = env.body.get("compute_s")
+                self._partials.put((env.sender, env.body["step"], y, t,
+                                    float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else 0.0))
                 with self._presence_lock:
                     self.presence.heard(env.sender, time.monotonic())
             elif env.kind is wire.Kind.HALO_ACK:
@@ -265,53 +275,56 @@ class HaloEngine:
         self._step += 1
         run.steps += 1
         expected = {w: gs[layer] for w, gs in plan.workers.items() if gs[layer]}
+        t = time.perf_counter()
         if expected:
             body = {"epoch": plan.epoch, "step": step, "layer": layer,
                     "x": wire.pack_tensor(x.to(self.wire_dtype))}
             data = wire.encode(wire.Envelope(wire.Kind.HALO_MLP, self.config.name, body, reply_to=self.reply_topic),
                                self.config.limits.max_message_bytes)
-            t0 = time.perf_counter()
+            t0 = t = run.spent("encode", t)
             for w in expected:
                 self.bus.publish(topics.node_halo(w), data, qos=topics.NODE_HALO.qos)
                 self.ledger.sent(w, step, t0)
+            t = run.spent("publish", t)
         parts: list[Tensor | None] = [local[layer].partial(x) if local[layer] is not None else None]
+        t = run.spent("local", t)
         if expected:
             gather, must_wait = self._gather(run, layer, step, x, expected, t0)
+            t = run.spent("gather", t)
             parts.extend(gather.partials.values())
             missing = gather.missing_groups()
             if missing and run.strict:
-                parts.append(self._slice(layer, missing).partial(x))
+                parts.append(split.partial_of_groups(self.full[layer], self.layout, missing, x))
                 run.local_fallback_groups += len(missing)
             elif missing:
                 # Relaxed: missing groups count as zero, except (fallback "important") the ones
                 # predicted important, which the coordinator computes itself: a few groups' rows.
                 keep = [g for g in missing if g in must_wait] if self.config.fallback == "important" else []
                 if keep:
-                    parts.append(self._slice(layer, keep).partial(x))
+                    parts.append(split.partial_of_groups(self.full[layer], self.layout, keep, x))
                     run.local_fallback_groups += len(keep)
                 if len(keep) < len(missing):
                     run.zeroed_groups += len(missing) - len(keep)
                     run.zeroed_steps += 1
-        return split.reduce_partials(parts, x, self.bias[layer])
+            t = run.spent("fallback", t)
+        out = split.reduce_partials(parts, x, self.bias[layer])
+        run.spent("reduce", t)
+        return out
 
     def _gather(self, run: HaloRun, layer: int, step: int, x: Tensor,
                 expected: dict[str, tuple[int, ...]], t0: float) -> tuple[StepGather, frozenset[int]]:
         must_wait: frozenset[int] = frozenset()
-        if not run.strict:
-            if self.predictor is not None:
-                imp = self.predictor.predict(layer, x[0].mean(0))  # (G,)
-            else:
-                imp = self.window[layer]
+        imp: Tensor | None = None
+        # Predicted importance is needed up front only when it decides the wait (fallback "none");
+        # with the local fallback only once something is missing at the end of the step. The
+        # scheduler's importance window samples one forward pass in WINDOW_EVERY.
+        sample = not run.strict and (len(run.starts) - 1) % WINDOW_EVERY == 0
+        if not run.strict and (self.config.fallback != "important" or sample):
+            imp = self._predict(run, layer, x, record=sample)
             must_wait = frozenset(pred_mod.groups_to_wait(imp, self.config.policy.target_share))
-            important = frozenset() if self.config.fallback == "important" else must_wait
-            if run.imp_sum is None:
-                run.imp_sum = torch.zeros(self.n_layers, imp.shape[-1])
-            run.imp_sum[layer] += imp.float()
-            run.imp_n += int(layer == 0)
-        else:
-            important = must_wait
+        important = frozenset() if self.config.fallback == "important" else must_wait
         # With the local fallback nothing needs the longer "important" wait: it is computed here.
-        gather = StepGather(step, expected, important, run.strict)
+        gather = StepGather(step, expected, important if not run.strict else frozenset(), run.strict)
         deadline = self.ledger.deadline(self.config.policy)
         numel = x.numel()
         wait, block = 0.0, False  # first take what already arrived (late partials settle who is stalled)
@@ -340,16 +353,35 @@ class HaloEngine:
             wait, block = min(max(d.until_s - elapsed, 0.0), 0.25), True
         for w in expected:
             self.ledger.closed(w, w in gather.partials)
+        if not run.strict and imp is None and not gather.complete:
+            imp = self._predict(run, layer, x, record=False)
+            must_wait = frozenset(pred_mod.groups_to_wait(imp, self.config.policy.target_share))
         return gather, must_wait
 
-    def _take(self, run: HaloRun, gather: StepGather, item: tuple[str, int, Tensor | None, float],
+    def _predict(self, run: HaloRun, layer: int, x: Tensor, record: bool) -> Tensor:
+        """Predicted importance of every group at this step: (G,); ``record`` adds it to the run's
+        sample for the scheduler's window."""
+        t = time.perf_counter()
+        imp = self.predictor.predict(layer, x[0].mean(0)) if self.predictor is not None else self.window[layer]
+        if record:
+            if run.imp_sum is None:
+                run.imp_sum = torch.zeros(self.n_layers, imp.shape[-1])
+            run.imp_sum[layer] += imp.float()
+            run.imp_n += int(layer == 0)
+        run.spent("predict", t)
+        return imp
+
+    def _take(self, run: HaloRun, gather: StepGather, item: tuple[str, int, Tensor | None, float, float],
               numel: int) -> None:
-        sender, s, y, t = item
+        sender, s, y, t, compute_s = item
         if y is None or (s == gather.step and y.numel() != numel):
             self.rejects.add("bad-halo-partial")
         elif gather.add(sender, s, y):
-            self.ledger.arrived(sender, s, t, on_time=True)
+            latency = self.ledger.arrived(sender, s, t, on_time=True)
             run.on_time += 1
+            if latency is not None:  # round trip of on-time partials, and the worker's share of it
+                run.phases["rtt_on_time"] = run.phases.get("rtt_on_time", 0.0) + latency
+                run.phases["worker_compute"] = run.phases.get("worker_compute", 0.0) + compute_s
         else:  # an earlier step's partial, discarded on arrival
             self.ledger.arrived(sender, s, t, on_time=False)
             run.late += 1

@@ -150,3 +150,19 @@ def test_dropping_groups_changes_output_and_patch_restores_on_error(model: torch
         model(input_ids=ids)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, want)
+
+
+def test_partial_of_groups_from_full_weight_views_equals_extracted_copies(model: torch.nn.Module) -> None:
+    layout = split.model_layout(model.config, GROUP)
+    mlp = split.decoder_layers(model)[1].mlp
+    full = split.full_weights(mlp, layout, split.mlp_act_name(model.config), 1)
+    x = torch.randn(1, 2, HIDDEN)
+    assert split.group_runs([9, 0, 1, 3, 8, 4]) == [(0, 2), (3, 5), (8, 10)]
+    with torch.no_grad():
+        for groups in ([9, 0, 1, 3, 8, 4], [2], [9], list(range(10))):
+            want = split.extract_groups(model, 1, groups, layout).partial(x)
+            got = split.partial_of_groups(full, layout, groups, x)
+            assert torch.allclose(got, want, atol=1e-5), groups
+        assert torch.equal(split.partial_of_groups(full, layout, [], x), torch.zeros_like(x))
+        all_groups = split.partial_of_groups(full, layout, range(10), x)
+        assert torch.allclose(all_groups, mlp(x), atol=1e-5)  # no down bias in these models
