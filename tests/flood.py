@@ -7,8 +7,9 @@ pair alternates, and the cache is off, so neither side gets a warm prefix). Each
 built so that exactly one known reject reason must count it (``garbage``), which lets the result
 say how many of the published messages the node counted, by reason, from its own heartbeat.
 
-``python -m tests.flood`` runs it against a fresh embedded broker and a SmolLM2 node and writes
-``out/flood.json``; the e2e test (tests/e2e/test_flood.py) does the same with bounds.
+``python -m tests.flood [--rate R] [--pairs N]`` runs it against a fresh embedded broker and a
+SmolLM2 node and writes ``out/flood.json`` and ``out/flood.png``; the e2e test
+(tests/e2e/test_flood.py) does the same with bounds.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def garbage(node: str, reply_topic: str, seed: int = 0) -> list[tuple[str, bytes
 
 class Flooder:
     """A second MQTT client publishing garbage at up to ``rate`` messages/s (QoS 0, as a LAN device
-    spraying the broker would) until stopped or ``max_messages`` went out."""
+    spraying the broker would) in bursts, at most ``max_messages`` in all."""
 
     def __init__(self, broker: BrokerAddress, node: str, rate: float, max_messages: int) -> None:
         self.name = f"flooder-{uuid.uuid4().hex[:8]}"
@@ -89,6 +90,7 @@ class Flooder:
         self.busy_s = 0.0  # seconds spent flooding
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._limit = 0
 
     def _on_reply(self, client: Any, userdata: Any, msg: Any) -> None:
         self.replies += 1
@@ -96,7 +98,9 @@ class Flooder:
     def total(self) -> int:
         return sum(self.sent.values())
 
-    def start(self) -> None:
+    def start(self, limit: int) -> None:
+        """Flood until stopped or ``limit`` more messages went out."""
+        self._limit = min(self.total() + limit, self.max_messages)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="flooder", daemon=True)
         self._thread.start()
@@ -116,7 +120,7 @@ class Flooder:
         t0 = time.monotonic()
         start_total = self.total()
         i = 0
-        while not self._stop.is_set() and self.total() < self.max_messages:
+        while not self._stop.is_set() and self.total() < self._limit:
             # Pace by the clock: after n messages, at least n / rate seconds have passed.
             ahead = (self.total() - start_total) / self.rate - (time.monotonic() - t0)
             if ahead > 0:
@@ -164,9 +168,14 @@ def _median(xs: list[float]) -> float:
 
 
 def measure_flood(broker: BrokerAddress, node: str, pairs: int = 4, rate: float = 2000.0,
-                  max_messages: int = 20_000, max_new_tokens: int = 24, timeout: float = 120.0,
+                  max_messages: int = 40_000, max_new_tokens: int = 24, timeout: float = 120.0,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Ask ``node`` ``pairs`` x 2 questions, one of each pair under a garbage flood; return the figures."""
+    """Ask ``node`` ``pairs`` x 2 questions, one of each pair under a garbage flood; return the figures.
+
+    Each flood lasts from 0.2 s before its ask until the answer, at most ``max_messages / pairs``
+    messages (``covered`` says the budget lasted the whole ask). After it, the next ask waits until
+    the node's heartbeat has counted every message sent (``drain_s``: the broker's backlog), so
+    quiet asks are quiet."""
     flooder = Flooder(broker, node, rate, max_messages)
     asks: list[dict[str, Any]] = []
     try:
@@ -179,8 +188,10 @@ def measure_flood(broker: BrokerAddress, node: str, pairs: int = 4, rate: float 
                 order = (False, True) if i % 2 == 0 else (True, False)
                 answers = {}
                 for flooded in order:
+                    flood: dict[str, Any] = {}
                     if flooded:
-                        flooder.start()
+                        sent0, busy0 = flooder.total(), flooder.busy_s
+                        flooder.start(max_messages // pairs)
                         time.sleep(0.2)  # the flood is on before the ask goes out
                     try:
                         res = client.ask(prompt, node=node, max_new_tokens=max_new_tokens, no_cache=True,
@@ -188,10 +199,23 @@ def measure_flood(broker: BrokerAddress, node: str, pairs: int = 4, rate: float 
                     finally:
                         if flooded:
                             flooder.stop()
+                    if flooded:
+                        # Until the node has counted all of it (the broker may still hold a backlog),
+                        # so the next quiet ask is quiet; heartbeats come every 0.5 s in the tests.
+                        stopped = time.monotonic()
+                        wait_counted(client, node, before, flooder.total(), 60.0)
+                        drain = time.monotonic() - stopped
+                        n, secs = flooder.total() - sent0, flooder.busy_s - busy0
+                        # Covered: the flood still ran when the answer came (its budget was not spent).
+                        flood = {"flood_sent": n, "flood_s": round(secs, 3), "drain_s": round(drain, 3),
+                                 "covered": n < max_messages // pairs,
+                                 "counted_rate_msgs_per_s": round(n / (secs + drain), 1)}
                     answers[flooded] = res.answer
                     asks.append({"pair": i, "flooded": flooded, "ttft_s": round(res.ttft_s, 4),
                                  "ttlt_s": round(res.ttlt_s, 4), "new_tokens": res.new_tokens,
-                                 "sends": res.node_figures.get("sends", 1), "answer": res.answer})
+                                 "node_ttft_s": res.node_figures.get("ttft_s"),
+                                 "node_decode_s": res.node_figures.get("decode_s"),
+                                 "sends": res.node_figures.get("sends", 1), "answer": res.answer, **flood})
                     log(f"pair {i} {'flooded' if flooded else 'quiet  '}: TTFT {res.ttft_s:.3f} s, "
                         f"TTLT {res.ttlt_s:.3f} s, {res.new_tokens} tokens, flood sent so far {flooder.total()}")
                 asks[-1]["same_answer"] = asks[-2]["same_answer"] = answers[True] == answers[False]
@@ -199,16 +223,18 @@ def measure_flood(broker: BrokerAddress, node: str, pairs: int = 4, rate: float 
             after = wait_counted(client, node, before, sent, 30.0)
     finally:
         flooder.close()
-    counted = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)
-               if after.get(k, 0) != before.get(k, 0)}
     quiet = [a for a in asks if not a["flooded"]]
     loud = [a for a in asks if a["flooded"]]
+    counted = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)
+               if after.get(k, 0) != before.get(k, 0)}
     q_ttft, l_ttft = _median([a["ttft_s"] for a in quiet]), _median([a["ttft_s"] for a in loud])
     q_ttlt, l_ttlt = _median([a["ttlt_s"] for a in quiet]), _median([a["ttlt_s"] for a in loud])
     return {
         "node": node, "pairs": pairs, "max_new_tokens": max_new_tokens,
         "flood": {"sent": sent, "seconds": round(flooder.busy_s, 3),
                   "rate_msgs_per_s": round(sent / flooder.busy_s, 1) if flooder.busy_s else None,
+                  "counted_rate_msgs_per_s_min": min((a["counted_rate_msgs_per_s"] for a in loud), default=None),
+                  "drain_s_max": max((a["drain_s"] for a in loud), default=None),
                   "target_rate": rate, "sent_by_reason": dict(flooder.sent),
                   "error_replies_received": flooder.replies},
         "rejects_counted": counted, "rejects_counted_total": sum(counted.values()),
@@ -225,20 +251,62 @@ def write_json(figures: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(figures, indent=2) + "\n")
 
 
+def write_plot(figures: dict[str, Any], path: Path) -> None:
+    """Per pair, TTFT and TTLT quiet vs flooded (grouped bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = sorted({a["pair"] for a in figures["asks"]})
+    by = {(a["pair"], a["flooded"]): a for a in figures["asks"]}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "ttft_s", "TTFT (s)"), (axes[1], "ttlt_s", "TTLT (s)")):
+        xs = range(len(pairs))
+        ax.bar([x - 0.2 for x in xs], [by[(p, False)][key] for p in pairs], 0.4, label="quiet")
+        ax.bar([x + 0.2 for x in xs], [by[(p, True)][key] for p in pairs], 0.4, label="flooded")
+        ax.set_xticks(list(xs), [f"pair {p}" for p in pairs])
+        ax.set_ylabel(label)
+        ax.legend()
+    f = figures["flood"]
+    fig.suptitle(f"node {figures['node']}: {f['sent']} garbage messages at {f['rate_msgs_per_s']}/s, "
+                 f"{figures['rejects_counted_total']} counted; median TTLT x{figures['ttlt_ratio']}, "
+                 f"TTFT x{figures['ttft_ratio']}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:  # pragma: no cover - a convenience over the e2e test's fixtures
+    import argparse
     import tempfile
+
+    from rich.progress import Progress
 
     from tests.conftest import REPO, start_amqtt, start_node
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--rate", type=float, default=2000.0)
+    parser.add_argument("--max-messages", type=int, default=40_000)
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "flood.json")
+    args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="flood-"))
-    broker = start_amqtt(logs)
-    node = start_node(broker, "f1", "smollm2-135m", logs)
-    try:
-        figures = measure_flood(broker.address, "f1")
-    finally:
-        node.stop()
-        broker.stop()
-    write_json(figures, REPO / "out" / "flood.json")
+    with Progress() as progress:
+        task = progress.add_task("starting broker and node", total=2 * args.pairs + 1)
+        broker = start_amqtt(logs)
+        node = start_node(broker, "f1", "smollm2-135m", logs)
+        progress.update(task, advance=1, description="asking, quiet and flooded")
+        try:
+            figures = measure_flood(broker.address, "f1", pairs=args.pairs, rate=args.rate,
+                                    max_messages=args.max_messages,
+                                    log=lambda line: progress.update(task, advance=1, description=line))
+        finally:
+            node.stop()
+            broker.stop()
+    write_json(figures, args.out)
+    write_plot(figures, args.out.with_suffix(".png"))
     print(json.dumps({k: v for k, v in figures.items() if k != "asks"}, indent=2))
 
 
