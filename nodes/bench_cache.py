@@ -44,6 +44,27 @@ def _mean(xs: list[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
+def _median(xs: list[Any]) -> float | None:
+    xs = [x for x in xs if isinstance(x, (int, float))]
+    return statistics.median(xs) if xs else None
+
+
+def _paired(diffs: list[float]) -> dict[str, Any] | None:
+    """Paired differences (cache minus no cache, same question, same node): median, quartiles,
+    and how many pairs the cache lost; the sign test's two-sided p for "no difference"."""
+    if not diffs:
+        return None
+    from math import comb
+
+    n = len(diffs)
+    q = statistics.quantiles(diffs, n=4) if n >= 2 else [diffs[0]] * 3
+    slower = sum(d > 0 for d in diffs)
+    k = min(slower, n - slower)
+    p = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return {"n": n, "median_s": statistics.median(diffs), "q1_s": q[0], "q3_s": q[2], "mean_s": statistics.fmean(diffs),
+            "min_s": min(diffs), "max_s": max(diffs), "cache_slower": slower, "sign_test_p": round(p, 4)}
+
+
 def _pct(new: float | None, old: float | None) -> float | None:
     return None if new is None or not old else round(100.0 * (new - old) / old, 2)
 
@@ -81,9 +102,12 @@ def run_profile(profile: str, items: list[tuple[tuple[str, mmlu.Question], tuple
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             with Progress(*columns, console=console) as progress:
                 task = progress.add_task(profile, total=len(items))
-                for (p_full, q_full), (p_part, q_part) in items:
+                for i, ((p_full, q_full), (p_part, q_part)) in enumerate(items):
                     progress.update(task, description=f"{profile}: {q_full.subject[:28]}")
-                    ask("miss", "pi2", p_full, q_full, True)
+                    # Pairs alternate which of miss/hit goes first, so warm-up order favours neither.
+                    miss_first = i % 2 == 0 or not args.alternate
+                    if miss_first:
+                        ask("miss", "pi2", p_full, q_full, True)
                     tb.set_cpu("pi1", None)  # setup only: pi1 computes the prompt that pi2 will reuse
                     epoch = catalogs.epoch
                     ask("seed", "pi1", p_full, q_full, False)
@@ -92,8 +116,13 @@ def run_profile(profile: str, items: list[tuple[tuple[str, mmlu.Question], tuple
                     if args.peer == "device":
                         tb.restore_cpu("pi1")
                     ask("hit", "pi2", p_full, q_full, False)
-                    ask("partial-miss", "pi2", p_part, q_part, True)
+                    if not miss_first:
+                        ask("miss", "pi2", p_full, q_full, True)
+                    if miss_first:
+                        ask("partial-miss", "pi2", p_part, q_part, True)
                     ask("partial", "pi2", p_part, q_part, False)
+                    if not miss_first:
+                        ask("partial-miss", "pi2", p_part, q_part, True)
                     progress.advance(task)
         testbed = tb.describe()
     return {"profile": profile, "peer": args.peer, "testbed": testbed, "rows": rows, "summary": summarize(rows)}
@@ -141,6 +170,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     pmiss, part = pick("partial-miss", "ttft_s"), pick("partial", "ttft_s")
     hits = [r for r in rows if r["kind"] == "hit"]
     pairs = [(a, b) for a, b in zip([r for r in rows if r["kind"] == "miss"], hits)]
+    ppairs = list(zip([r for r in rows if r["kind"] == "partial-miss"], [r for r in rows if r["kind"] == "partial"]))
     out = {
         "questions": len(hits),
         "ttft_miss_s": _mean(miss), "ttft_hit_s": _mean(hit),
@@ -157,6 +187,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         # never slower than no cache: the worst per-question ratio, cache over no cache
         "worst_hit_over_miss_ttft": max((b["ttft_s"] / a["ttft_s"] for a, b in pairs), default=None),
     }
+    out["paired_ttft_hit_minus_miss"] = _paired([b["ttft_s"] - a["ttft_s"] for a, b in pairs])
+    out["paired_ttft_partial_minus_miss"] = _paired([b["ttft_s"] - a["ttft_s"] for a, b in ppairs])
+    out["identical_partial_answers"] = sum(a["token_ids"] == b["token_ids"] for a, b in ppairs)
+    out["lookup_s_median"] = _median([(r["cache"] or {}).get("lookup_s") for r in rows
+                                      if r["kind"] in ("hit", "partial")])
+    out["ttft_median_miss_s"] = _median(miss)
+    out["ttft_median_hit_s"] = _median(hit)
     out["ttft_change_pct"] = _pct(out["ttft_hit_s"], out["ttft_miss_s"])
     out["ttlt_change_pct"] = _pct(out["ttlt_hit_s"], out["ttlt_miss_s"])
     out["partial_ttft_change_pct"] = _pct(out["ttft_partial_s"], out["ttft_partial_miss_s"])
@@ -228,8 +265,33 @@ def bench_stream(args: argparse.Namespace, console: Console) -> int:
            "tokens": args.tokens, "results": results, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
-    console.print(f"results: {args.json}")
+    plot_stream(results, Path(args.plot))
+    console.print(f"results: {args.json}, plot: {args.plot}")
     return 0
+
+
+def plot_stream(results: list[dict[str, Any]], path: Path) -> None:
+    """Per ask, in stream order: TTFT without and with the cache (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 1, figsize=(10, 3.6 * len(results)), squeeze=False)
+    for ax, res in zip(axes[:, 0], results):
+        rows, s = res["rows"], res["summary"]
+        x = range(len(rows))
+        ax.plot(x, [r["ttft_no_cache_s"] for r in rows], "o-", color="#999", ms=3, label="no cache")
+        ax.plot(x, [r["ttft_cache_s"] for r in rows], "o-", color="#2a7", ms=3, label="cache (routed)")
+        ax.set_yscale("log")
+        ax.set_xlabel("ask (stream order)")
+        ax.set_ylabel("TTFT, s")
+        ax.set_title(f"{res['profile']}: {s['shots']}-shot stream, {s['asks']} asks, {s['subjects']} subjects, "
+                     f"{s['nodes']} nodes: mean TTFT -{s['ttft_reduction_pct']:.1f} %")
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def add_bench_cache(sub: Any) -> None:
@@ -245,10 +307,14 @@ def add_bench_cache(sub: Any) -> None:
                    help="pi1, which serves the KV: a device of the same profile (peer to peer), or an "
                         "unthrottled, wired cache box (the paper's setup)")
     p.add_argument("--instance", type=int, default=1, help="testbed instance to use")
+    p.add_argument("--alternate", action=argparse.BooleanOptionalAction, default=True,
+                   help="alternate which of each no-cache/cache pair is asked first (default on)")
     p.add_argument("--stream", action="store_true",
                    help="a stream of k-shot asks (--shots, --per-subject), each with and without the cache")
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--per-subject", type=int, default=5)
+    p.add_argument("--nodes", type=int, default=4, help="--stream: nodes in the mesh")
+    p.add_argument("--seed", type=int, default=1, help="--stream: shuffle of the asks")
     p.add_argument("--home", help="models and data (default ~/.cache/mesh)")
     p.add_argument("--json", default="out/bench-cache.json")
     p.add_argument("--plot", default="out/bench-cache.png")
