@@ -30,7 +30,7 @@ from mesh import scheduler
 from mesh.scheduler import Plan, SyncPolicy, WaitDecision
 
 MAX_OUTSTANDING = 4096  # sent-but-unanswered steps remembered per worker
-LATE_ALPHA = 0.05  # EWMA weight of one step's outcome in a worker's late rate
+LATE_ALPHA = 0.01  # EWMA weight of one step's outcome in a worker's late rate (~100 steps, 3 tokens)
 
 
 @dataclass

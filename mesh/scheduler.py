@@ -212,7 +212,7 @@ class ReplanPolicy:
     """Hysteresis thresholds: a re-plan needs a change at least this large since the last plan."""
 
     speed_rel: float = 0.25  # relative change of a worker's speed share
-    reliability_abs: float = 0.05  # absolute change of a worker's reliability
+    reliability_abs: float = 0.12  # absolute change of a worker's reliability (CPU contention alone moves it ~0.1)
     min_interval_s: float = 10.0  # between re-plans for figure drift (membership bypasses it)
     top_overlap: float = 0.7  # re-plan when the top quarter of groups overlaps less than this
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ from nodes.testbed import DEFAULT_RUN_DIR, REPO_ROOT, Testbed, in_use, load_cali
 
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time,"
 ABLATION_LOSS = 5.0
+REPLAN_S = 5.0  # the coordinator's drift re-plan interval in the bench (membership re-plans at once)
 
 
 def _free_instance() -> int:
@@ -72,7 +74,7 @@ class HaloMesh:
             self.coord.wait(20)
         self.coord = self.tb.spawn("pi1", self._cli(
             "coordinator", "--model", self.args.model, "--threads", "1", "--heartbeat", "0.5",
-            "--placement", placement, "--replan-interval", "2", "--no-cache",
+            "--placement", placement, "--replan-interval", str(REPLAN_S), "--no-cache",
             "--reliability-weight", str(reliability_weight), "--fallback", fallback),
             env=self.env, role="coordinator",
             log=self.tb.log_path(f"coordinator-{placement}-{reliability_weight:g}-{fallback}"))
@@ -151,7 +153,7 @@ class Quality:
 def _settle(client: MeshClient) -> None:
     """Warm-up asks: the coordinator's late rates and the plan adapt to the new loss rate."""
     _ask(client, "relaxed", 8)
-    time.sleep(2.5)
+    time.sleep(REPLAN_S + 0.5)
     _ask(client, "relaxed", 4)
 
 
@@ -173,6 +175,8 @@ def _set_loss(tb: Testbed, lossy: list[str], loss: float) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise ConfigError("mesh bench halo needs root (the testbed)")
+    # SIGTERM unwinds like Ctrl-C, so the testbed (namespaces, processes, rules) is removed.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     losses = [float(x) for x in str(args.loss).split(",") if x.strip()]
     if args.lossy_workers > args.workers:
         raise ConfigError("--lossy-workers exceeds --workers")

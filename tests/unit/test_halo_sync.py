@@ -68,7 +68,7 @@ def test_ledger_tracks_outstanding_steps_latency_and_late_rate() -> None:
     assert led.stalled(3) == frozenset()
     led.arrived("w", 3, now=3.5, on_time=False)
     assert led.counts()["w"] == {"on_time": 1, "late": 1, "zeroed": 0}
-    for _ in range(20):
+    for _ in range(100):  # the EWMA spans ~100 steps
         led.closed("w", got=False)
     assert 0.5 < led.late_rate("w") < 1.0
     # Late latencies count too (a deadline learnt from on-time ones only could only shrink) ...
