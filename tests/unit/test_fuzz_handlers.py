@@ -249,6 +249,10 @@ class Rig:
         agent.cache = NodeCache(tiny, cfg.cache, agent.decoder)
         agent.bus.start(10.0)
         agent._on_status(topics.node_status(NAME), topics.ONLINE, True)  # online: it is the router
+        # A running node hears its own retained heartbeat: the router knows which model it serves.
+        agent._on_heartbeat(topics.node_heartbeat(NAME), wire.encode(wire.Envelope(
+            wire.Kind.HEARTBEAT, NAME, agent.heartbeat_body())), True)
+        assert agent.peers.get(NAME).model == tiny.key
         # A cached prompt, so KV fetches for real keys serve real chunks.
         self.prompt_ids = agent.decoder.encode("The mesh keeps the KV state of every prompt it computed. " * 4)
         agent.cache.prepare(self.prompt_ids, 100.0, DEFAULT_LINK, lambda *a: None, {})
@@ -405,8 +409,8 @@ class Rig:
         # KV fetches: real chunk keys, our prompt key and model digest, all codecs
         key = one_of(choice(self.chunk_keys), lambda r: r.randbytes(r.choice([15, 16, 17])), cbor_value)
         kv_fields = {
-            "keys": one_of(lambda r: [key(r) for _ in range(r.randint(0, 8))], const(list(self.chunk_keys)),
-                           lambda r: [self.chunk_keys[0]] * 4097, cbor_value),
+            "keys": one_of(*[lambda r: [key(r) for _ in range(r.randint(0, 8))]] * 6, const(list(self.chunk_keys)),
+                           const(list(self.chunk_keys)), lambda r: [self.chunk_keys[0]] * 4097, cbor_value),
             "prompt_key": one_of(const(self.prompt_key), lambda r: fuzzkit.rbytes(r, 17), cbor_value),
             "codec": one_of(choice(["fp16", "int8", "fp32", "bogus", ""]), cbor_value),
             "model": one_of(const(a.cache.digest), lambda r: fuzzkit.rbytes(r, 17)),
@@ -568,7 +572,10 @@ class Rig:
             "agent.node_ask": Case(a._on_node_ask, ask_msgs, self.node_counted, lambda: a._jobs.qsize(),
                                    lambda t, p, r: valid_ask(p, limits), consume=drain_jobs),
             "agent.route": Case(a._on_route, route_msgs, self.node_counted, pending_routes,
-                                lambda t, p, r: valid_ask(p, limits), consume=clear_routes),
+                                lambda t, p, r: valid_ask(p, limits), consume=clear_routes,
+                                known_bad=[(topics.ROUTE, wire.encode(wire.Envelope(
+                                    wire.Kind.ASK, "fuzz", {"text": "hi", "max_new_tokens": 4, "model": "other"},
+                                    corr="m1", reply_to="mesh/v1/reply/fuzz")), False)]),
             "agent.json_ask": Case(a._on_json_ask, json_msgs, self.node_counted, pending_routes, json_valid,
                                    ignored=lambda t, p, r: r, consume=clear_routes),
             "agent.text_ask": Case(a._on_text_ask, text_msgs, self.node_counted, pending_routes, text_valid,
@@ -641,6 +648,10 @@ def rig(amqtt_broker: Broker, tiny: LoadedModel, tmp_path: Path) -> Iterator[Rig
 
 # Defects found by this fuzzing: the bug and the fix are in each reason (and in the report).
 KNOWN_BUGS = {
+    "agent.route": (
+        "NodeAgent._route answers an ask for a model no online node serves with a 'no-node' error but "
+        "counts nothing (the coordinator counts 'no-node'). Fix: self.rejects.add('no-node') in "
+        "NodeAgent._route where target is None, before _reply_error"),
     "halo_engine.reply": (
         "HaloEngine.on_reply enqueues a HALO_PARTIAL from any sender for any step into an unbounded queue "
         "(a flood grows memory while the coordinator is idle) and drops acks of other epochs or of "
