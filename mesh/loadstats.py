@@ -100,8 +100,9 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, fl
 
 @dataclass(frozen=True)
 class Trend:
-    slope_mib_per_100_asks: float | None
+    slope_mib_per_100_asks: float | None  # least squares over the window
     stderr_mib_per_100_asks: float | None
+    half_slopes_mib_per_100_asks: tuple[float | None, float | None]  # the window's two halves
     points: int
     grows: bool | None  # None: too few points in the window to say
     first_mib: float | None
@@ -110,28 +111,44 @@ class Trend:
     def as_json(self) -> dict[str, Any]:
         rnd = lambda v: None if v is None else round(v, 4)  # noqa: E731
         return {"slope_mib_per_100_asks": rnd(self.slope_mib_per_100_asks),
-                "stderr_mib_per_100_asks": rnd(self.stderr_mib_per_100_asks), "points": self.points,
+                "stderr_mib_per_100_asks": rnd(self.stderr_mib_per_100_asks),
+                "half_slopes_mib_per_100_asks": [rnd(v) for v in self.half_slopes_mib_per_100_asks],
+                "points": self.points,
                 "grows": self.grows, "window_first_mib": rnd(self.first_mib), "window_last_mib": rnd(self.last_mib)}
 
 
+def _rises(xs: Sequence[float], ys: Sequence[float], threshold: float) -> tuple[bool, float | None]:
+    """Whether a least-squares slope (per 100 asks) exceeds ``threshold`` by two standard errors."""
+    if len(xs) < 3 or len(set(xs)) < 2:
+        return False, None
+    slope, _, se = fit_line(xs, ys)
+    return slope * 100.0 - 2.0 * (se or 0.0) * 100.0 > threshold, slope * 100.0
+
+
 def rss_trend(samples: Sequence[tuple[float, float]], total_asks: int, threshold_mib_per_100: float = 1.0,
-              min_points: int = 5) -> Trend:
+              min_points: int = 6) -> Trend:
     """Trend of one process's memory over the second half of a run (the first half is warm-up).
 
-    ``samples`` are (asks completed in the whole run, RSS MiB). The slope is in MiB per 100
-    completed asks; memory ``grows`` when the slope exceeds the threshold by more than two
-    standard errors (a leak of a few KiB per ask hides in allocator noise on a short run; the
-    threshold says what the run can resolve).
+    ``samples`` are (asks completed in the whole run, RSS MiB); slopes are in MiB per 100
+    completed asks. Memory ``grows`` when the fitted slope exceeds the threshold by more than two
+    standard errors over the whole window *and* over each of its halves: growth that persists.
+    RSS moves in steps, and a single new high-water mark (the longest prompt so far needs bigger
+    activations, once) lifts a line fitted across it but leaves one half flat, while a leak
+    lifts both. The threshold says what a run of this length can resolve.
     """
-    window = [(x, y) for x, y in samples if x >= total_asks / 2]
+    window = sorted((x, y) for x, y in samples if x >= total_asks / 2)
     if len(window) < min_points or len({x for x, _ in window}) < 2:
         ys = [y for _, y in window]
-        return Trend(None, None, len(window), None, ys[0] if ys else None, ys[-1] if ys else None)
-    slope, _, se = fit_line([x for x, _ in window], [y for _, y in window])
+        return Trend(None, None, (None, None), len(window), None, ys[0] if ys else None, ys[-1] if ys else None)
+    xs, ys = [x for x, _ in window], [y for _, y in window]
+    slope, _, se = fit_line(xs, ys)
     slope100 = slope * 100.0
     se100 = None if se is None else se * 100.0
-    grows = slope100 - 2.0 * (se100 or 0.0) > threshold_mib_per_100
-    return Trend(slope100, se100, len(window), grows, window[0][1], window[-1][1])
+    mid = (xs[0] + xs[-1]) / 2
+    halves = [[(x, y) for x, y in window if x < mid], [(x, y) for x, y in window if x >= mid]]
+    rises = [_rises([x for x, _ in h], [y for _, y in h], threshold_mib_per_100) for h in halves]
+    grows = slope100 - 2.0 * (se100 or 0.0) > threshold_mib_per_100 and all(r for r, _ in rises)
+    return Trend(slope100, se100, (rises[0][1], rises[1][1]), len(window), grows, window[0][1], window[-1][1])
 
 
 def tally(records: Sequence[AskRecord]) -> dict[str, Any]:

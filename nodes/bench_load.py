@@ -260,8 +260,28 @@ def _progress_text(c: dict[str, int]) -> str:
     return (f"answered {c['answered']}  errors {c['error']}  lost {c['lost']}  busy retries {c['busy']}")
 
 
+def reanalyse(path: Path, rss_threshold: float) -> dict[str, Any]:
+    """A stored run's summary computed again from its per-ask records and samples (same
+    measurements; e.g. after the trend criterion changed)."""
+    res = json.loads(path.read_text())
+    fields = set(AskRecord.__dataclass_fields__)
+    records = [AskRecord(**{k: v for k, v in r.items() if k in fields}) for r in res["records"]]
+    cfg = LoadConfig(asks=res["asks"], concurrency=res["concurrency"], timeout_s=res["timeout_s"])
+    res.update(summarise(records, res["rss_samples"], cfg, rss_threshold))
+    return res
+
+
 def bench_load(args: argparse.Namespace) -> int:
     from nodes.settings import broker_address, mesh_home
+
+    if args.reanalyse:
+        console = Console(width=None if Console().is_terminal else 140)
+        result = reanalyse(Path(args.reanalyse), args.rss_threshold)
+        print_summary(result, console)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        plot(result, Path(args.plot))
+        console.print(f"results: {args.json}, plot: {args.plot}")
+        return 0 if result["lost"] == 0 else 1
     from nodes.setup import mmlu_dir
     from nodes.up import MeshProcesses, free_port
 
@@ -365,16 +385,16 @@ def print_summary(res: dict[str, Any], console: Console) -> None:
                       str(s["n"]))
     console.print(table)
     rss = Table(title="node memory (RSS) over the run; trend over the second half")
-    for col in ("node", "answers", "start MiB", "end MiB", "slope MiB/100 asks", "+-2se", "grows", "cache MiB",
-                "slope less cache", "max queue", "queue max"):
+    for col in ("node", "answers", "start MiB", "end MiB", "slope MiB/100 asks", "+-2se", "halves", "grows",
+                "cache MiB", "slope less cache", "max queue", "queue max"):
         rss.add_column(col, justify="right")
     for name, v in res["rss"].items():
         f = lambda x, nd=1: "-" if x is None else f"{x:.{nd}f}"  # noqa: E731
         rss.add_row(name, str(res["answers_per_node"].get(name, 0)), f(v["start_mib"]), f(v["end_mib"]),
                     f(v["slope_mib_per_100_asks"], 2),
                     f(None if v["stderr_mib_per_100_asks"] is None else 2 * v["stderr_mib_per_100_asks"], 2),
-                    str(v["grows"]), f(v["cache_mib_end"]),
-                    f((v["rss_less_cache"] or {}).get("slope_mib_per_100_asks"), 2),
+                    " / ".join(f(h, 1) for h in v["half_slopes_mib_per_100_asks"]), str(v["grows"]),
+                    f(v["cache_mib_end"]), f((v["rss_less_cache"] or {}).get("slope_mib_per_100_asks"), 2),
                     str(v["max_queue_seen"]), str(v["queue_max"]))
     console.print(rss)
     console.print(f"[bold]answered {res['answered']}/{res['asks']}[/bold], errors {res['errors']} "
@@ -416,8 +436,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
     for name, rows in res["rss_samples"].items():
         pts = [(s["t_s"], s["rss_mib"]) for s in rows if s["rss_mib"] is not None]
         if pts:
-            line, = b.plot([t for t, _ in pts], [m for _, m in pts], label=f"{name} RSS "
-                           f"(slope {res['rss'][name]['slope_mib_per_100_asks']} MiB/100 asks)")
+            trend = res["rss"][name]
+            slope = trend.get("slope_mib_per_100_asks")
+            line, = b.plot([t for t, _ in pts], [m for _, m in pts], label=f"{name} RSS (second half: "
+                           + ("-" if slope is None else f"{slope:+.1f}") + " MiB/100 asks"
+                           + (", grows" if trend.get("grows") else "") + ")")
             cache = [(s["t_s"], s["cache_mib"]) for s in rows if s["cache_mib"] is not None]
             if cache:
                 b.plot([t for t, _ in cache], [m for _, m in cache], ls="--", c=line.get_color(), lw=0.8,
@@ -458,6 +481,7 @@ def add_bench_load(sub: Any) -> None:
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--log-dir", help="node and broker logs of the mesh started here")
     p.add_argument("--home", help="models and data (default ~/.cache/mesh, or MESH_HOME)")
+    p.add_argument("--reanalyse", metavar="JSON", help="no run: summarise a stored run's records again")
     p.add_argument("--json", default="out/bench-load.json")
     p.add_argument("--plot", default="out/bench-load.png")
     add_broker_arguments(p)

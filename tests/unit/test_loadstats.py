@@ -47,6 +47,14 @@ def test_rss_trend_flags_a_leak_but_not_noise_or_warm_up() -> None:
     warm = [(x, 800 + min(x, 200) * 0.5 + rng.gauss(0, 1.0)) for x in asks]
     t = loadstats.rss_trend(warm, 500)
     assert t.grows is False and t.points == sum(x >= 250 for x in asks)
+    # Flat, then one step up (a new high-water mark of activations): no trend.
+    step = [(x, 1780 + (26 if x >= 400 else 0) + rng.gauss(0, 0.05)) for x in asks]
+    t = loadstats.rss_trend(step, 500)
+    assert t.grows is False and t.slope_mib_per_100_asks > 1.0 and abs(t.half_slopes_mib_per_100_asks[0]) < 0.5
+    # A leak in small steps (every 20 asks) is still a leak.
+    stairs = [(x, 2000 + 3.0 * (x // 20)) for x in asks]
+    t = loadstats.rss_trend(stairs, 500)
+    assert t.grows is True and all(v == pytest.approx(15.0, abs=4.0) for v in t.half_slopes_mib_per_100_asks)
     # Too few points in the window: no verdict rather than a guess.
     assert loadstats.rss_trend([(10, 1.0), (300, 2.0)], 500).grows is None
 
