@@ -22,7 +22,8 @@ class AskRecord:
     index: int
     subject: str
     outcome: str = LOST  # answered | error | lost (no answer and no error within the timeout)
-    reason: str | None = None  # an error's reason ("busy" after the retries ran out, "no-node", ...)
+    reason: str | None = None  # an error's reason ("busy-timeout", "no-node", "transport", ...)
+    message: str | None = None  # the error's text, as the mesh or the client gave it
     node: str | None = None
     busy_retries: int = 0  # "busy" errors answered before this ask's final attempt
     start_s: float = 0.0  # first attempt published

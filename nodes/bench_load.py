@@ -156,7 +156,8 @@ def ask_once(client: MeshClient, rec: AskRecord, prompt: str, cfg: LoadConfig, c
     while True:
         left = deadline - clock()
         if left <= 0:
-            rec.outcome, rec.reason = ERROR, "busy"  # only busy retries can run the clock out here
+            # Only busy retries can run the clock out here: refused to the end, but told so.
+            rec.outcome, rec.reason, rec.message = ERROR, "busy-timeout", f"still busy after {cfg.timeout_s:g} s"
             break
         try:
             r = client.ask(prompt, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop, timeout=left, model=cfg.model)
@@ -169,17 +170,18 @@ def ask_once(client: MeshClient, rec: AskRecord, prompt: str, cfg: LoadConfig, c
                 rec.busy_retries += 1
                 time.sleep(max(0.0, min(delay, deadline - clock())))
                 continue
-            rec.outcome, rec.reason, rec.node = ERROR, exc.reason, exc.node
+            rec.outcome, rec.reason, rec.node, rec.message = ERROR, exc.reason, exc.node, str(exc)
             break
         except TransportError as exc:
             # The client's own timeout: neither an answer nor an error came back.
             if clock() >= deadline - 0.05:
                 rec.outcome, rec.reason = LOST, "no-reply"
             else:
-                rec.outcome, rec.reason = ERROR, f"transport: {exc}"
+                rec.outcome, rec.reason = ERROR, "transport"
+            rec.message = str(exc)
             break
         except MeshError as exc:
-            rec.outcome, rec.reason = ERROR, type(exc).__name__
+            rec.outcome, rec.reason, rec.message = ERROR, type(exc).__name__, str(exc)
             break
         rec.outcome, rec.node = ANSWERED, r.node
         rec.ttft_s, rec.ttlt_s = r.ttft_s, r.ttlt_s
