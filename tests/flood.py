@@ -140,6 +140,13 @@ def node_rejects(client: MeshClient, node: str) -> tuple[int, dict[str, int]]:
     return view.seq, dict(view.heartbeat.get("rejects") or {})
 
 
+def node_served(client: MeshClient, node: str) -> tuple[int, int]:
+    """(served, failed) asks from the node's last heartbeat."""
+    view = client.peers.get(node)
+    hb = view.heartbeat if view is not None else {}
+    return int(hb.get("served", 0)), int(hb.get("failed", 0))
+
+
 def wait_heartbeat_after(client: MeshClient, node: str, seq: int, timeout: float) -> dict[str, int]:
     """The rejects of the first heartbeat newer than ``seq`` (blocks up to ``timeout``)."""
     deadline = time.monotonic() + timeout
@@ -168,7 +175,7 @@ def _median(xs: list[float]) -> float:
 
 
 def measure_flood(broker: BrokerAddress, node: str, pairs: int = 4, rate: float = 2000.0,
-                  max_messages: int = 40_000, max_new_tokens: int = 24, timeout: float = 120.0,
+                  max_messages: int = 60_000, max_new_tokens: int = 12, timeout: float = 120.0,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Ask ``node`` ``pairs`` x 2 questions, one of each pair under a garbage flood; return the figures.
 
@@ -183,6 +190,7 @@ def measure_flood(broker: BrokerAddress, node: str, pairs: int = 4, rate: float 
             client.wait_online([node], 30.0)
             seq0, _ = node_rejects(client, node)
             before = wait_heartbeat_after(client, node, seq0, 10.0)
+            served0, failed0 = node_served(client, node)
             for i in range(pairs):
                 prompt = PROMPTS[i % len(PROMPTS)]
                 order = (False, True) if i % 2 == 0 else (True, False)
@@ -221,6 +229,9 @@ def measure_flood(broker: BrokerAddress, node: str, pairs: int = 4, rate: float 
                 asks[-1]["same_answer"] = asks[-2]["same_answer"] = answers[True] == answers[False]
             sent = flooder.total()
             after = wait_counted(client, node, before, sent, 30.0)
+            seq1, _ = node_rejects(client, node)
+            wait_heartbeat_after(client, node, seq1, 10.0)  # one more: served counts the last answer
+            served1, failed1 = node_served(client, node)
     finally:
         flooder.close()
     quiet = [a for a in asks if not a["flooded"]]
@@ -229,8 +240,14 @@ def measure_flood(broker: BrokerAddress, node: str, pairs: int = 4, rate: float 
                if after.get(k, 0) != before.get(k, 0)}
     q_ttft, l_ttft = _median([a["ttft_s"] for a in quiet]), _median([a["ttft_s"] for a in loud])
     q_ttlt, l_ttlt = _median([a["ttlt_s"] for a in quiet]), _median([a["ttlt_s"] for a in loud])
+
+    def node_side(asks_: list[dict[str, Any]]) -> dict[str, float]:
+        # The node's own view (from receiving the ask): what the broker's backlog does not blur.
+        return {"node_ttft_s_median": _median([a["node_ttft_s"] for a in asks_]),
+                "node_decode_s_median": _median([a["node_decode_s"] for a in asks_])}
+
     return {
-        "node": node, "pairs": pairs, "max_new_tokens": max_new_tokens,
+        "broker": f"{broker.host}:{broker.port}", "node": node, "pairs": pairs, "max_new_tokens": max_new_tokens,
         "flood": {"sent": sent, "seconds": round(flooder.busy_s, 3),
                   "rate_msgs_per_s": round(sent / flooder.busy_s, 1) if flooder.busy_s else None,
                   "counted_rate_msgs_per_s_min": min((a["counted_rate_msgs_per_s"] for a in loud), default=None),
@@ -238,8 +255,9 @@ def measure_flood(broker: BrokerAddress, node: str, pairs: int = 4, rate: float 
                   "target_rate": rate, "sent_by_reason": dict(flooder.sent),
                   "error_replies_received": flooder.replies},
         "rejects_counted": counted, "rejects_counted_total": sum(counted.values()),
-        "quiet": {"ttft_s_median": q_ttft, "ttlt_s_median": q_ttlt, "n": len(quiet)},
-        "flooded": {"ttft_s_median": l_ttft, "ttlt_s_median": l_ttlt, "n": len(loud)},
+        "node_served": served1 - served0, "node_failed": failed1 - failed0,
+        "quiet": {"ttft_s_median": q_ttft, "ttlt_s_median": q_ttlt, "n": len(quiet), **node_side(quiet)},
+        "flooded": {"ttft_s_median": l_ttft, "ttlt_s_median": l_ttlt, "n": len(loud), **node_side(loud)},
         "ttft_ratio": round(l_ttft / q_ttft, 3), "ttlt_ratio": round(l_ttlt / q_ttlt, 3),
         "answers_identical": all(a["same_answer"] for a in asks),
         "asks": asks,
@@ -284,23 +302,25 @@ def main() -> None:  # pragma: no cover - a convenience over the e2e test's fixt
 
     from rich.progress import Progress
 
-    from tests.conftest import REPO, start_amqtt, start_node
+    from tests.conftest import REPO, start_amqtt, start_mosquitto, start_node
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--rate", type=float, default=2000.0)
-    parser.add_argument("--max-messages", type=int, default=40_000)
+    parser.add_argument("--max-messages", type=int, default=60_000)
+    parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--broker", choices=["amqtt", "mosquitto"], default="amqtt")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "flood.json")
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="flood-"))
     with Progress() as progress:
         task = progress.add_task("starting broker and node", total=2 * args.pairs + 1)
-        broker = start_amqtt(logs)
+        broker = (start_amqtt if args.broker == "amqtt" else start_mosquitto)(logs)
         node = start_node(broker, "f1", "smollm2-135m", logs)
         progress.update(task, advance=1, description="asking, quiet and flooded")
         try:
             figures = measure_flood(broker.address, "f1", pairs=args.pairs, rate=args.rate,
-                                    max_messages=args.max_messages,
+                                    max_messages=args.max_messages, max_new_tokens=args.max_new_tokens,
                                     log=lambda line: progress.update(task, advance=1, description=line))
         finally:
             node.stop()
