@@ -105,7 +105,7 @@ def envelope_dict(kind: wire.Kind, body: dict[str, Any], corr: Any = "c0",
 def dumps(obj: Any) -> bytes:
     try:
         return cbor2.dumps(obj)
-    except Exception:  # a value cbor2 cannot encode: send its repr, garbage too
+    except (cbor2.CBOREncodeError, TypeError, ValueError):  # a value cbor2 cannot encode: its repr is garbage too
         return repr(obj).encode()
 
 

@@ -29,7 +29,6 @@ of them first replays the payload that shows it, so the expectation is determini
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections import Counter
@@ -54,9 +53,9 @@ from nodes.agent import DEFAULT_LINK, NodeAgent
 from nodes.cache import NodeCache
 from nodes.client import MeshClient
 from nodes.coordinator import Coordinator, CoordinatorConfig
+from nodes.ha import HomeAssistantExtension
 from nodes.halo_engine import HaloEngine
 from nodes.halo_worker import HaloWorker
-from nodes.ha import HomeAssistantExtension
 from tests import fuzzkit
 from tests.conftest import Broker, require_model
 from tests.fuzzkit import cbor_payload, node_topic
@@ -161,15 +160,6 @@ def valid_ask(payload: bytes, limits: Any) -> bool:
 def node_of(topic: str) -> str | None:
     parsed = topics.parse_node_topic(topic)
     return None if parsed is None else parsed[0]
-
-
-def finite_number(v: Any) -> bool:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(v))
-    except OverflowError:
-        return False
 
 
 # -- meaningful field values per kind (fuzzkit adds generic mutations around them) ---------------
@@ -490,7 +480,7 @@ class Rig:
         plan_fields = {"epoch": choice([3, 4, -1]),
                        "plan": one_of(const(plan_dict), lambda r: opt(r, plan_parts), cbor_value)}
         plan_msgs = messages(const(topics.HALO_PLAN), one_of(*[cbor_payload(
-            wire.Kind.HALO_PLAN, body=dict(epoch=3, plan=plan_dict), body_fields=lambda r: opt(r, plan_fields))] * 9,
+            wire.Kind.HALO_PLAN, body={"epoch": 3, "plan": plan_dict}, body_fields=lambda r: opt(r, plan_fields))] * 9,
             const(b"")))
 
         def plan_valid(topic: str, payload: bytes, retained: bool) -> bool:
@@ -566,7 +556,7 @@ class Rig:
         def routed_ask_valid(topic: str, payload: bytes, retained: bool) -> bool:
             return valid_ask(payload, limits)
 
-        own_status_or_hb = lambda t, p, r: node_of(t) == c.name  # noqa: E731 - its own retained topics
+        own_status_or_hb = lambda t, p, r: node_of(t) == c.name  # its own retained topics
 
         return {
             "agent.node_ask": Case(a._on_node_ask, ask_msgs, self.node_counted, lambda: a._jobs.qsize(),
