@@ -661,8 +661,10 @@ KNOWN_BUGS = {
         "queue is full. Fix: check 'stop' as NodeAgent._valid_ask does (count 'bad-ask'), and count 'busy'"),
     "coordinator.route": (
         "Coordinator._on_route forwards any ASK envelope without checking it (no reply topic, empty text, "
-        "max_new_tokens 0...) and counts nothing. Fix: validate as NodeAgent._valid_ask does before _route "
-        "(count the reason, answer an error when the reply topic is usable)"),
+        "max_new_tokens 0...) and counts nothing; an ask naming a model no answering node serves goes to "
+        "the coordinator itself, which answers it with its own model. Fix: validate as NodeAgent._valid_ask "
+        "does before _route (count the reason, answer an error when the reply topic is usable), and count "
+        "'no-node' with an error reply when the ask names a model nobody serves"),
     "coordinator.text_ask": (
         "Coordinator._on_json_ask counts a UnicodeDecodeError of a text ask under its .reason, which is "
         "Python's message ('invalid start byte', 'unexpected end of data'...), not a reason token. Fix: "
