@@ -63,11 +63,15 @@ def cmd_node(args: argparse.Namespace) -> int:
     from nodes.ha import ha_extension_from_args, run_decommission
     from nodes.halo_cli import halo_extensions_from_args
 
+    from nodes.memory import start_trimmer, steady_malloc
+
     _quiet_libraries()
     config = node_config(args)
     if args.decommission:
         return run_decommission(args, config)
     stop = _stop_on_signals()
+    steady_malloc()  # before the model and the cache allocate
+    start_trimmer(stop)
     ha = ha_extension_from_args(args, config)
     agent = NodeAgent(config, extensions=[*([ha] if ha else []), *halo_extensions_from_args(args, config)])
     agent.start()
