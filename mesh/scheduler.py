@@ -215,6 +215,26 @@ class ReplanPolicy:
     reliability_abs: float = 0.12  # absolute change of a worker's reliability (CPU contention alone moves it ~0.1)
     min_interval_s: float = 10.0  # between re-plans for figure drift (membership bypasses it)
     top_overlap: float = 0.7  # re-plan when the top quarter of groups overlaps less than this
+    persist_s: float = 3.0  # a drift must hold this long (noise from CPU contention does not)
+
+
+def drift_persisted(reason: str | None, since: float | None, now_s: float,
+                    policy: ReplanPolicy = ReplanPolicy()) -> tuple[bool, float | None]:
+    """Whether to act on ``reason`` now, and the new start of the drift.
+
+    Membership changes (and the first plan) act at once; a figure drift only once some drift
+    reason held on every check for ``persist_s``: one noisy heartbeat never re-plans, and every
+    re-plan costs each worker a reload of its weights.
+    """
+    if reason is None:
+        return False, None
+    if reason.startswith(("membership", "initial")):
+        return True, None
+    if since is None:
+        return policy.persist_s <= 0, None if policy.persist_s <= 0 else now_s
+    if now_s - since >= policy.persist_s:
+        return True, None
+    return False, since
 
 
 def replan_reason(
@@ -283,7 +303,7 @@ class SyncPolicy:
     """Relaxed-sync knobs. Deadlines are per layer step, measured from sending the MLP input."""
 
     target_share: float = 0.95  # of predicted importance that is worth waiting for (or computing here)
-    quantile: float = 0.9  # of on-time latency samples
+    quantile: float = 0.8  # of latency samples (a CPU-contention tail must not set the deadline)
     margin: float = 1.5  # deadline = margin * quantile
     min_deadline_s: float = 0.002
     max_deadline_s: float = 0.1

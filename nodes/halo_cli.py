@@ -139,7 +139,7 @@ def add_halo_commands(subparsers: Any) -> None:
     p.add_argument("--group-size", type=int, default=split.DEFAULT_GROUP_SIZE)
     p.add_argument("--target-share", type=float, default=0.95,
                    help="relaxed: wait for the groups holding this share of predicted importance")
-    p.add_argument("--max-deadline-ms", type=float, default=100.0, help="relaxed: cap of the layer deadline")
+    p.add_argument("--max-deadline-ms", type=float, default=50.0, help="relaxed: cap of the layer deadline")
     p.add_argument("--min-deadline-ms", type=float, default=5.0, help="relaxed: floor of the layer deadline")
     p.add_argument("--placement", choices=["importance", "random"], default="importance")
     p.add_argument("--fallback", choices=["important", "none"], default="important",
@@ -190,6 +190,7 @@ def add_bench_halo(bench_parser: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", default="0,1,2,5,10", help="loss percentages on the lossy workers")
     p.add_argument("--profile", default="native", help="testbed device profile (native, pi5, pi-zero-2w)")
     p.add_argument("--tokens", type=int, default=24, help="new tokens per timed generation")
+    p.add_argument("--reps", type=int, default=3, help="strict/relaxed generations per loss rate (alternating)")
     p.add_argument("--ppl-tokens", type=int, default=96, help="held-out tokens for perplexity/agreement")
     p.add_argument("--mmlu", type=int, default=12, help="MMLU questions (fixed sample)")
     p.add_argument("--no-ablation", action="store_true", help="skip the random-placement ablation")

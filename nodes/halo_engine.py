@@ -39,7 +39,7 @@ from mesh.halo_sync import (
     SyncLedger,
     worker_figures,
 )
-from mesh.scheduler import Plan, plan_groups, replan_reason
+from mesh.scheduler import Plan, drift_persisted, plan_groups, replan_reason
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class HaloEngine:
         self.wire_dtype = getattr(torch, config.wire_dtype)
         self.predictor = self._load_predictor()
         self.window = self._initial_importance()  # (L, G)
+        self._window_floor = self.window.clone()  # the window never ranks a group below this
         self.ledger = SyncLedger()
         self.switch = EpochSwitch()
         self._lock = threading.Lock()
@@ -109,6 +110,7 @@ class HaloEngine:
         self._basis: list[Any] = []
         self._basis_imp: list[list[float]] | None = None
         self._planned_at = 0.0
+        self._drift_since: float | None = None
         self._plan_payload: bytes | None = None
         self.run_state: HaloRun | None = None
         self.replans: list[str] = []
@@ -133,7 +135,10 @@ class HaloEngine:
 
         ids = torch.tensor([self.decoder.encode(WARMUP_TEXT)])
         data = pred_mod.record_pairs(self.model, [ids], self.layout)
-        return torch.stack([y.mean(0) for y in data.targets])  # (L, G)
+        # The max over positions, not the mean: a group can be crucial at a few positions only
+        # (LLaMA's massive activations at the first token); placing it on a lossy worker because
+        # its average is small wrecks every prefill that loses it.
+        return torch.stack([y.amax(0) for y in data.targets])  # (L, G)
 
     # -- network thread ---------------------------------------------------------------------------
     def on_reply(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -184,7 +189,8 @@ class HaloEngine:
             reason = "initial" if self.switch.newest is None else replan_reason(
                 self._basis, figs, now_s=now, planned_s=self._planned_at, policy=self.config.replan,
                 basis_importance=self._basis_imp, importance=window)
-        if reason is not None:
+            act, self._drift_since = drift_persisted(reason, self._drift_since, now, self.config.replan)
+        if act and reason is not None:
             epoch = self._next_epoch
             self._next_epoch += 1
             # Shares follow useful throughput: speed x reliability^weight (weight 0: speed only,
@@ -257,7 +263,8 @@ class HaloEngine:
             if state.imp_sum is not None and state.imp_n:
                 mean = (state.imp_sum / state.imp_n).float()
                 with self._lock:
-                    self.window = (1 - WINDOW_ALPHA) * self.window + WINDOW_ALPHA * mean
+                    self.window = torch.maximum((1 - WINDOW_ALPHA) * self.window + WINDOW_ALPHA * mean,
+                                                self._window_floor)
 
     def _mlp(self, layer: int, x: Tensor) -> Tensor:  # x (B, T, H) -> (B, T, H)
         run = self.run_state
@@ -362,7 +369,8 @@ class HaloEngine:
         """Predicted importance of every group at this step: (G,); ``record`` adds it to the run's
         sample for the scheduler's window."""
         t = time.perf_counter()
-        imp = self.predictor.predict(layer, x[0].mean(0)) if self.predictor is not None else self.window[layer]
+        # Per position, then the max: a prefill needs every group that matters at any position.
+        imp = self.predictor.predict(layer, x[0]).amax(0) if self.predictor is not None else self.window[layer]
         if record:
             if run.imp_sum is None:
                 run.imp_sum = torch.zeros(self.n_layers, imp.shape[-1])

@@ -34,7 +34,7 @@ WORKERS = ("w1", "w2", "w3", "w4")
 HEARTBEAT_S = 0.5
 MIN_SILENCE_S = 1.5  # the coordinator's --min-silence: a silent worker is gone after 1.5-2 s
 SILENCE_S = max(MIN_SILENCE_S, 4 * HEARTBEAT_S)
-TOKENS = 24
+TOKENS = 32
 
 
 @pytest.fixture(scope="module")

@@ -184,3 +184,16 @@ def test_wait_decision() -> None:
     stalled = s.wait_decision(pending={"b": [0, 1]}, must_wait=must, stalled=frozenset({"b"}),
                               elapsed_s=0.0, deadline_s=0.01)
     assert not stalled.wait and stalled.reason == "stalled-only"
+
+
+def test_a_drift_must_persist_before_it_replans() -> None:
+    pol = s.ReplanPolicy(persist_s=3.0)
+    assert s.drift_persisted(None, 5.0, 6.0, pol) == (False, None)
+    assert s.drift_persisted("membership: -['a'] +[]", 5.0, 6.0, pol) == (True, None)
+    fire, since = s.drift_persisted("reliability of a: 0.9 -> 0.5", None, 10.0, pol)
+    assert (fire, since) == (False, 10.0)
+    assert s.drift_persisted("speed share of a: 0.3 -> 0.2", since, 12.9, pol) == (False, 10.0)
+    assert s.drift_persisted("reliability of a: 0.9 -> 0.5", since, 13.0, pol) == (True, None)
+    # Noise: the drift vanished on one check, so the clock starts again.
+    _, since = s.drift_persisted(None, since, 11.0, pol)
+    assert s.drift_persisted("reliability of a: 0.9 -> 0.5", since, 14.0, pol) == (False, 14.0)
