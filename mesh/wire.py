@@ -228,6 +228,23 @@ class JsonAsk:
     ask_id: str | None
 
 
+MAX_STOPS, MAX_STOP_CHARS = 8, 64
+
+
+def ask_problem(env: Envelope, max_prompt_chars: int, max_new_tokens: int) -> str | None:
+    """Why a decoded ASK's body cannot be answered (a counted reason), or None if it can. The reply
+    topic is the caller's check (``mesh.topics.reply_allowed``)."""
+    body = env.body
+    stop = body.get("stop", [])
+    if not body["text"] or len(body["text"]) > max_prompt_chars:
+        return "bad-prompt"
+    if not 1 <= body["max_new_tokens"] <= max_new_tokens:
+        return "bad-max-new-tokens"
+    if len(stop) > MAX_STOPS or not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stop):
+        return "bad-stop"
+    return None
+
+
 def decode_json_ask(payload: bytes, max_bytes: int, default_tokens: int, max_tokens: int) -> JsonAsk:
     """``{"text": ..., "reply_to": TOPIC, "max_new_tokens": N, "id": ...}`` from any MQTT client."""
     if len(payload) > max_bytes:

@@ -150,18 +150,27 @@ class Coordinator:
 
     def _on_status(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = topics.parse_node_topic(topic)
-        if parsed is None or parsed[0] == self.name:
+        if parsed is None:
+            self.rejects.add("bad-topic")
+            return
+        if parsed[0] == self.name:
+            return
+        if payload not in (b"", topics.ONLINE, topics.OFFLINE):
+            self.rejects.add("bad-status")  # garbage must not mark a worker gone
             return
         with self._peers_lock:
-            if payload == b"":
+            if payload == b"":  # cleared by a decommission
                 self.peers.forget(parsed[0])
-            elif payload in (topics.ONLINE, topics.OFFLINE):
+            else:
                 self.peers.set_status(parsed[0], payload == topics.ONLINE)
         self.engine.set_online(parsed[0], payload == topics.ONLINE)
 
     def _on_heartbeat(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = topics.parse_node_topic(topic)
-        if parsed is None or parsed[0] == self.name or not payload:
+        if parsed is None:
+            self.rejects.add("bad-topic")
+            return
+        if parsed[0] == self.name or not payload:
             return
         env = self._decode(payload, wire.Kind.HEARTBEAT)
         if env is not None:
@@ -173,19 +182,24 @@ class Coordinator:
 
     def _on_ask(self, topic: str, payload: bytes, retained: bool) -> None:
         env = self._decode(payload, wire.Kind.ASK)
-        if env is None:
-            return
-        b = env.body
-        if (env.reply_to is None or not topics.reply_allowed(env.reply_to) or not b["text"]
-                or len(b["text"]) > self.config.limits.max_prompt_chars
-                or not 1 <= b["max_new_tokens"] <= self.config.limits.max_new_tokens):
-            self.rejects.add("bad-ask")
-            self._reply(env, wire.Kind.ERROR, {"reason": "bad-ask", "message": "ask rejected"})
+        if env is None or not self._valid_ask(env):
             return
         try:
             self._jobs.put_nowait(_Job(env, time.monotonic()))
         except queue.Full:
+            self.rejects.add("busy")
             self._reply(env, wire.Kind.ERROR, {"reason": "busy", "message": f"{self.name} is busy"})
+
+    def _valid_ask(self, env: wire.Envelope) -> bool:
+        """Count and answer (where a reply topic is usable) an ask that cannot be answered."""
+        limits = self.config.limits
+        reason = ("bad-reply-topic" if env.reply_to is None or not topics.reply_allowed(env.reply_to)
+                  else wire.ask_problem(env, limits.max_prompt_chars, limits.max_new_tokens))
+        if reason is None:
+            return True
+        self.rejects.add(reason)
+        self._reply(env, wire.Kind.ERROR, {"reason": reason, "message": f"ask rejected: {reason}"})
+        return False
 
     def _is_router(self) -> bool:
         with self._peers_lock:
@@ -197,7 +211,7 @@ class Coordinator:
         if not self._is_router():
             return
         env = self._decode(payload, wire.Kind.ASK)
-        if env is not None:
+        if env is not None and self._valid_ask(env):
             self._route(env)
 
     def _on_json_ask(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -210,8 +224,11 @@ class Coordinator:
                 text = payload.decode("utf-8").strip()
                 payload = json.dumps({"text": text}).encode()
             ask = wire.decode_json_ask(payload, limits.max_json_ask_bytes, 64, limits.max_new_tokens)
-        except (ProtocolError, UnicodeDecodeError) as exc:
-            self.rejects.add(getattr(exc, "reason", "malformed"))
+        except UnicodeDecodeError:
+            self.rejects.add("bad-text-ask")
+            return
+        except ProtocolError as exc:
+            self.rejects.add(exc.reason)
             return
         reply_to = ask.reply_to or topics.ANSWER
         if not topics.reply_allowed(reply_to):
@@ -238,6 +255,11 @@ class Coordinator:
         if target is None:  # no answering node: answer ourselves (JSON asks are nodes' job)
             if env.body.get("reply_format") == "json":
                 self.rejects.add("no-node")
+                return
+            if isinstance(model, str) and model != self.loaded.key:
+                self.rejects.add("no-node")
+                self._reply(env, wire.Kind.ERROR, {"reason": "no-node",
+                                                   "message": f"no node is online to answer with model {model}"})
                 return
             target = self.name
         body = dict(env.body, routed_by=self.name, routed_reason="load")

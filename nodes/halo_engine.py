@@ -43,6 +43,8 @@ from mesh.scheduler import Plan, drift_persisted, plan_groups, replan_reason
 
 log = logging.getLogger(__name__)
 
+STEP_WINDOW = 1 << 16  # how many steps back a partial may still arrive (and be counted late)
+PARTIALS_MAX = 4096  # partials waiting for the generation thread; a flood beyond is dropped, counted
 WINDOW_ALPHA = 0.2  # weight of one ask's mean predicted importance in the scheduler's window
 WINDOW_EVERY = 8  # relaxed: the window samples the predicted importance of one forward pass in 8
 
@@ -101,7 +103,7 @@ class HaloEngine:
         self.ledger = SyncLedger()
         self.switch = EpochSwitch()
         self._lock = threading.Lock()
-        self._partials: queue.Queue[tuple[str, int, Tensor | None, float, float]] = queue.Queue()
+        self._partials: queue.Queue[tuple[str, int, Tensor | None, float, float]] = queue.Queue(PARTIALS_MAX)
         self.presence = Presence(getattr(config, "liveness", Liveness()))
         self._presence_lock = threading.Lock()
         self._local: dict[int, list[split.GroupWeights | None]] = {}
@@ -145,20 +147,43 @@ class HaloEngine:
         t = time.perf_counter()
         try:
             env = wire.decode(payload, self.config.limits.max_message_bytes)
-            if env.kind is wire.Kind.HALO_PARTIAL:
-                y = wire.unpack_tensor(env.body["y"])
-                c = env.body.get("compute_s")
-                self._partials.put((env.sender, env.body["step"], y, t,
-                                    float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else 0.0))
-                with self._presence_lock:
-                    self.presence.heard(env.sender, time.monotonic())
-            elif env.kind is wire.Kind.HALO_ACK:
-                with self._lock:
-                    self.switch.ack(env.sender, env.body["epoch"])
-            else:
-                self.rejects.add("unexpected-kind")
         except ProtocolError as exc:
             self.rejects.add(exc.reason)
+            return
+        if env.kind is wire.Kind.HALO_PARTIAL:
+            step = env.body["step"]
+            # Only a worker of a plan we run, for a step we sent (late ones too: they are counted
+            # as late and discarded by the gather); anything else would only fill the queue.
+            if env.sender not in self._plan_workers() or not self._step - STEP_WINDOW <= step < self._step:
+                self.rejects.add("unexpected-partial")
+                return
+            try:
+                y = wire.unpack_tensor(env.body["y"])
+            except ProtocolError as exc:
+                self.rejects.add(exc.reason)
+                return
+            c = env.body.get("compute_s")
+            try:
+                self._partials.put_nowait((env.sender, step, y, t,
+                                           float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else 0.0))
+            except queue.Full:
+                self.rejects.add("halo-busy")
+                return
+            with self._presence_lock:
+                self.presence.heard(env.sender, time.monotonic())
+        elif env.kind is wire.Kind.HALO_ACK:
+            with self._lock:
+                pending, active = self.switch.pending, self.switch.active
+                if pending is not None and env.body["epoch"] == pending.epoch and env.sender in pending.workers:
+                    self.switch.ack(env.sender, env.body["epoch"])
+                elif not (active is not None and env.body["epoch"] == active.epoch and env.sender in active.workers):
+                    self.rejects.add("unexpected-ack")  # a repeated ack of the active plan is harmless
+        else:
+            self.rejects.add("unexpected-kind")
+
+    def _plan_workers(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(w for p in (self.switch.active, self.switch.pending) if p is not None for w in p.workers)
 
     def set_online(self, node: str, online: bool) -> None:
         with self._presence_lock:
