@@ -33,6 +33,7 @@ from nodes.agent import AgentExtension
 log = logging.getLogger(__name__)
 
 MAX_LAYERS = 1024
+MAX_QUEUED_REQUESTS = 64  # requests waiting for the compute thread; it only ever serves the newest
 
 
 class HaloWorker(AgentExtension):
@@ -44,7 +45,6 @@ class HaloWorker(AgentExtension):
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._requests: list[wire.Envelope] = []
-        self._newest_step = -1
         self._plans: list[tuple[Plan, str | None]] = []  # to load: (plan, ack topic)
         self._weights: dict[int, list[split.GroupWeights | None]] = {}  # epoch -> per layer
         self._epoch = -1
@@ -144,10 +144,12 @@ class HaloWorker(AgentExtension):
             self.agent.rejects.add("bad-halo-request")
             return
         with self._wake:
-            if b["step"] <= self._newest_step:
-                self.dropped += 1  # a duplicate or an overtaken request
-                return
-            self._newest_step = b["step"]
+            # No memory of steps across requests: a forged request with a huge step must not make
+            # the worker drop the real ones that follow. Overtaken requests are skipped where it
+            # is safe, in the compute loop (it serves the newest queued one and drops the rest).
+            if len(self._requests) >= MAX_QUEUED_REQUESTS:
+                self._requests.pop(0)
+                self.dropped += 1
             self._requests.append(env)
             self._wake.notify_all()
 
