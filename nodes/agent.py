@@ -435,7 +435,7 @@ class NodeAgent:
         if self.cache is not None and not body.get("no_cache"):
             def prepare() -> tuple[Any, Any]:
                 prepared = self.cache.prepare(ids, self.figures.prefill_tps(), self._default_link(),
-                                              self._fetch_chunks, self._peer_links())
+                                              self._fetch_chunks, self._peer_links(), defer_store=True)
                 held.append(prepared)
                 return prepared.logits, prepared.cache
         gen = self.decoder.generate(ids, body["max_new_tokens"], tuple(body.get("stop", ())), on_text,

@@ -326,15 +326,19 @@ class NodeCache:
                          default_link=link, margin=self.config.fetch_margin)
 
     def prepare(self, ids: Sequence[int], prefill_tps: float, default_link: LinkEstimate,
-                fetch: Fetch, peer_links: dict[str, LinkEstimate] | None = None) -> Prepared:
+                fetch: Fetch, peer_links: dict[str, LinkEstimate] | None = None,
+                defer_store: bool = False) -> Prepared:
         """Restore what the cache (local, then one peer) holds, prefill the rest, store the new chunks.
 
         Links: a peer's bandwidth measured on earlier fetches wins over ``peer_links`` (estimated
         from heartbeats), which wins over ``default_link``. Peers that wasted a fetch recently are
         skipped (``mesh.lookup.shunned``). On a remote full hit whose peer sends the last logits
         first, the returned cache is a :class:`~mesh.model.Deferred`: the rest of the transfer,
-        its checks and the restore run when the decoder needs the second token."""
+        its checks and the restore run when the decoder needs the second token. ``defer_store``:
+        after a prefill, cutting the new chunks into the store waits for the first token too (the
+        caller must then :meth:`Prepared.finish`)."""
         C = self.chunk_size
+        t_lookup = time.perf_counter()
         keys, pkey = self.keys(ids)
         n_full = len(keys)
         info: dict[str, Any] = {"local_tokens": 0, "remote_tokens": 0, "peer": None, "fetch_bytes": 0,
@@ -356,6 +360,7 @@ class NodeCache:
                         peer=str(decision.peer) if decision.peer is not None else None,
                         est_recompute_s=decision.est_recompute_s, peers_considered=decision.peers_considered,
                         peers_skipped=list(decision.peers_skipped))
+            info["lookup_s"] = round(time.perf_counter() - t_lookup, 6)  # the decision's own cost
             if decision.decision == RECOMPUTE:
                 with self.lock:
                     self.figures.recomputes += 1
@@ -383,10 +388,10 @@ class NodeCache:
                 local += got
         else:
             info["decision"] = "local"
-        return self._build(ids, keys, pkey, local, prompt, info)
+        return self._build(ids, keys, pkey, local, prompt, info, defer_store)
 
     def _build(self, ids: Sequence[int], keys: list[ChunkHash], pkey: ChunkHash, local: int,
-               prompt: dict[str, Any] | None, info: dict[str, Any]) -> Prepared:
+               prompt: dict[str, Any] | None, info: dict[str, Any], defer_store: bool = False) -> Prepared:
         """Restore ``local`` chunks (and the prompt entry on a full hit), prefill the rest, store it."""
         C = self.chunk_size
         n_full = len(keys)
@@ -416,18 +421,27 @@ class NodeCache:
         logits, cache = self.decoder.prefill(ids, cache, start=local * C)
         # The forward alone: what the node's prefill-speed estimate may learn from.
         info.update(compute_s=time.perf_counter() - t0, computed_tokens=len(ids) - local * C)
-        new = kvstate.cut_chunks(cache, local, n_full - local, C)
-        tail = kvstate.cut_span(cache, n_full * C, len(ids))
-        kvstate.end_capture(cache)
-        with self.lock:
-            change = self.store.put_chain(keys[local:], new, [c.nbytes for c in new],
-                                          parent=keys[local - 1] if local else None)
-            if n_full == 0 or keys[-1] in self.store:
-                entry = {"tail": tail, "logits": logits.detach().clone()}
-                change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, entry, self._size(entry))
-            self._changed(change)
         self._count(local > 0, False)
-        return Prepared(logits, cache, info)
+        start = local
+
+        def store() -> Any:
+            """Cut the new chunks and the tail into the store (before the cache decodes on)."""
+            t1 = time.perf_counter()
+            new = kvstate.cut_chunks(cache, start, n_full - start, C)
+            tail = kvstate.cut_span(cache, n_full * C, len(ids))
+            kvstate.end_capture(cache)
+            with self.lock:
+                change = self.store.put_chain(keys[start:], new, [c.nbytes for c in new],
+                                              parent=keys[start - 1] if start else None)
+                if n_full == 0 or keys[-1] in self.store:
+                    entry = {"tail": tail, "logits": logits.detach().clone()}
+                    change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, entry, self._size(entry))
+                self._changed(change)
+            info["store_s"] = round(time.perf_counter() - t1, 6)
+            return cache
+
+        # Deferred: the first token goes out before the store copies the new KV (TTFT pays nothing).
+        return Prepared(logits, Deferred(store) if defer_store else store(), info)
 
     def _count(self, hit: bool, full: bool) -> None:
         with self.lock:

@@ -36,17 +36,16 @@ pytestmark = pytest.mark.e2e
 ASKER_FLAGS = ("--kv-wire", "int8", "--threads", "1")
 
 
-def mmlu_prompts(subject: str, n: int, shots: int = 3) -> list[str]:
+def mmlu_prompts(subject: str, n: int, shots: int = 3, max_words: int = 60) -> list[str]:
     """``n`` real MMLU ``shots``-shot prompts of one subject sharing the same examples."""
     from nodes.setup import mmlu_dir
 
     data = mmlu_dir(CACHE_ROOT)
     examples = mmlu.read_split(data, subject, "dev")[:shots]
-    tests = [q for q in mmlu.read_split(data, subject, "test") if mmlu.word_count(q) <= 60][:n]
+    tests = [q for q in mmlu.read_split(data, subject, "test") if mmlu.word_count(q) <= max_words][:n]
     return [mmlu.few_shot_prompt(examples, q) for q in tests]
 
 
-LONG_A = ("high_school_geography", "marketing", "us_foreign_policy", "nutrition")
 LONG_B = ("nutrition", "us_foreign_policy", "marketing", "high_school_geography")
 
 
@@ -197,6 +196,9 @@ def truncate(parts: list[dict[str, Any]], keys: list[bytes]) -> list[dict[str, A
     return parts
 
 
+FIGURES = ("decision", "remote_tokens", "fetch_s", "fetch_timeout_s", "est_recompute_s", "est_transfer_s", "wasted",
+           "first_token")
+
 LIES = {"relabelled": relabel, "other-model": other_model, "truncated": truncate}
 
 
@@ -257,7 +259,7 @@ def test_a_stalled_transfer_is_given_up_at_the_recompute_estimate(amqtt_broker: 
                                                                   attacker: Attacker) -> None:
     """The peer sends its first part, then nothing, and stays online: the asker waits no longer
     than its recompute estimate, keeps the chunk that came, and recomputes the rest exactly."""
-    prompt = long_prompt(LONG_A, 0)
+    prompt = mmlu_prompts("college_biology", 1, shots=5)[0]  # ~500 tokens: a recompute estimate well over the floor
     attacker.learn(prompt)
     attacker.tamper = lambda parts, keys: parts[:2]  # the logits, then one chunk
     attacker.advertise()
@@ -267,6 +269,7 @@ def test_a_stalled_transfer_is_given_up_at_the_recompute_estimate(amqtt_broker: 
         got = ask(client, prompt)
         exact = ask(client, prompt, no_cache=True)
     c = got.node_figures["cache"]
+    print("stalled:", {k: c.get(k) for k in FIGURES}, "ttlt", got.node_figures["ttlt_s"], exact.node_figures["ttlt_s"])
     assert attacker.requests == requests + 1
     assert c["peer"] == attacker.name and c["wasted"].startswith("short"), c
     assert c["remote_tokens"] == 16 and c["local_tokens"] == 0, c  # the one chunk that came is used
@@ -308,6 +311,7 @@ def test_a_peer_killed_mid_transfer(amqtt_broker: Broker, asker: NodeProcess, lo
         watcher.stop()
         peer.stop()
     c = got.node_figures["cache"]
+    print("killed:", {k: c.get(k) for k in FIGURES}, "ttlt", got.node_figures["ttlt_s"], exact.node_figures["ttlt_s"])
     shared = c["est_recompute_s"] is not None and c["peer"] == "k1"
     assert killed.is_set() and shared, c
     assert c["wasted"].startswith("short"), c
