@@ -329,6 +329,7 @@ class NodeAgent:
                 self._assign_seq += 1
                 self._last_assigned[target] = self._assign_seq
         if target is None:
+            self.rejects.add("no-node")
             self._reply_error(Job(env, time.monotonic()), "no-node",
                               "no node is online to answer" + (f" with model {model}" if model else ""))
             return

@@ -638,12 +638,7 @@ def rig(amqtt_broker: Broker, tiny: LoadedModel, tmp_path: Path) -> Iterator[Rig
 
 
 # Defects found by this fuzzing: the bug and the fix are in each reason (and in the report).
-KNOWN_BUGS = {
-    "agent.route": (
-        "NodeAgent._route answers an ask for a model no online node serves with a 'no-node' error but "
-        "counts nothing (the coordinator counts 'no-node'). Fix: self.rejects.add('no-node') in "
-        "NodeAgent._route where target is None, before _reply_error"),
-}
+KNOWN_BUGS: dict[str, str] = {}  # none open; a defect found goes here with its bug and fix
 
 
 @pytest.mark.parametrize("name", [
