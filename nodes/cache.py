@@ -520,6 +520,7 @@ class NodeCache:
                                           time.monotonic())),
                 "lookups": f.asks, "recompute_decisions": f.recomputes, "served_requests": f.served_requests,
                 "served_chunks": f.served_chunks, "served_bytes": f.served_bytes, "peers": len(self.peers), "epoch": self.epoch,
+                "peer_catalogs": {n: [c.epoch, c.count] for n, c in self.peers.items()},  # what we hold of whom
                 "kv_wire": self.config.kv_wire, "chunk_size": self.chunk_size,
             }
 

@@ -106,11 +106,13 @@ class Attacker:
 
     def advertise(self) -> None:
         """Publish our real catalog, a heartbeat (a fast link) and ``online``; retained."""
+        cat = self.cache.catalog()
+        self.advertised = [cat.epoch, cat.count]  # what the asker must hold before a test asks
         hb = {"seq": int(time.time()), "model": "smollm2-135m", "model_key": self.loaded.model_key, "queue": 0,
               "load": 0.0, "prefill_tps": 1.0, "rtt_ms": 0.1, "link_bw_Bps": 1e10, "time": time.time()}
         for topic, env in ((topics.node_heartbeat(self.name), wire.Envelope(wire.Kind.HEARTBEAT, self.name, hb)),
                            (topics.node_catalog(self.name),
-                            wire.Envelope(wire.Kind.CATALOG, self.name, self.cache.catalog().to_dict()))):
+                            wire.Envelope(wire.Kind.CATALOG, self.name, cat.to_dict()))):
             self.bus.publish_wait(topic, wire.encode(env), qos=1, retain=True)
         self.bus.publish_wait(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
 
@@ -157,15 +159,19 @@ def cache_figures(client: MeshClient, node: str, ready: Callable[[dict[str, Any]
         time.sleep(0.1)
 
 
-def wait_advertised(client: MeshClient, attacker: Attacker, prompt: str) -> None:
-    """Until the asker would route this prompt's prefix to the attacker (its catalog arrived)."""
-    deadline = time.monotonic() + 10
+def wait_advertised(client: MeshClient, attacker: Attacker, prompt: str, timeout: float = 30.0) -> None:
+    """Until the asker's heartbeat says it holds the attacker's current catalog (epoch and items)."""
+    want = attacker.advertised
+    deadline = time.monotonic() + timeout
+    seen = None
     while time.monotonic() < deadline:
-        if any(v.name == attacker.name and v.online for v in client.nodes()):
-            time.sleep(0.3)  # the asker got the retained catalog together with the status
+        for v in client.nodes():
+            if v.name == "v1":
+                seen = (v.heartbeat.get("cache") or {}).get("peer_catalogs", {}).get(attacker.name)
+        if seen == want:
             return
         time.sleep(0.05)
-    raise AssertionError("attacker never came online")
+    raise AssertionError(f"the asker never held the attacker's catalog {want} (last seen {seen})")
 
 
 # -- the lies ----------------------------------------------------------------------------------
