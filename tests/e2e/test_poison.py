@@ -160,18 +160,21 @@ def cache_figures(client: MeshClient, node: str, ready: Callable[[dict[str, Any]
 
 
 def wait_advertised(client: MeshClient, attacker: Attacker, prompt: str, timeout: float = 30.0) -> None:
-    """Until the asker's heartbeat says it holds the attacker's current catalog (epoch and items)."""
+    """Until the asker's heartbeat says it holds the attacker's current catalog (epoch and items)
+    and has measured its own link (before that its cost model assumes a slow default link)."""
     want = attacker.advertised
     deadline = time.monotonic() + timeout
-    seen = None
+    seen, measured = None, False
     while time.monotonic() < deadline:
         for v in client.nodes():
             if v.name == "v1":
                 seen = (v.heartbeat.get("cache") or {}).get("peer_catalogs", {}).get(attacker.name)
-        if seen == want:
+                measured = "link_bw_Bps" in v.heartbeat
+        if seen == want and measured:
             return
         time.sleep(0.05)
-    raise AssertionError(f"the asker never held the attacker's catalog {want} (last seen {seen})")
+    raise AssertionError(f"the asker never held the attacker's catalog {want} (last seen {seen}) "
+                         f"with its link measured ({measured})")
 
 
 # -- the lies ----------------------------------------------------------------------------------
