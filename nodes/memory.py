@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import threading
 
@@ -21,6 +22,7 @@ M_MMAP_THRESHOLD = -3  # mallopt parameter numbers from glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value, kept fixed
 
 
+@functools.cache  # loaded once: the trimmer calls it every period
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     try:
