@@ -18,6 +18,7 @@ from mesh.errors import MeshError, ProtocolError, TransportError
 from mesh.routing import NodeView, PeerTable, router_of
 
 log = logging.getLogger(__name__)
+HELD_MAX = 4096  # token pieces held back past a gap in one stream (a bound against a flood)
 
 
 class AskFailed(MeshError):
@@ -189,6 +190,14 @@ class MeshClient:
         sends: list[float] = []
         replied = False
         serving: str | None = None  # the node that replied to the latest send
+        held: dict[int, str] = {}  # pieces that arrived past a gap
+        streamed = ""  # what on_text has been given so far
+
+        def pass_on(piece: str) -> None:
+            nonlocal streamed
+            streamed += piece
+            if on_text is not None:
+                on_text(piece)
 
         def send() -> int:
             if not self.bus.wait_connected(deadline - time.monotonic()):
@@ -230,18 +239,27 @@ class MeshClient:
                 replied = True
                 serving = serving or reply.sender
                 if reply.kind is wire.Kind.TOKEN:
-                    i = reply.body.get("i")
-                    if isinstance(i, int):
-                        if i < next_token:
-                            continue  # a piece we already passed on (the stream of an earlier send)
-                        next_token = i + 1
                     if first is None:
                         first = time.monotonic()
-                    if on_text is not None:
-                        on_text(str(reply.body["text"]))
+                    i = reply.body.get("i")
+                    if not isinstance(i, int):
+                        pass_on(str(reply.body["text"]))
+                        continue
+                    if i < next_token:
+                        continue  # a piece we already passed on (the stream of an earlier send)
+                    # Pieces go on in order: one past a gap (pieces lost with the broker) waits
+                    # until an earlier send's stream fills the gap, or the answer does.
+                    if len(held) < HELD_MAX:
+                        held[i] = str(reply.body["text"])
+                    while next_token in held:
+                        pass_on(held.pop(next_token))
+                        next_token += 1
                 elif reply.kind is wire.Kind.ANSWER:
                     end = time.monotonic()
                     b = reply.body
+                    rest = str(b["text"])
+                    if on_text is not None and rest.startswith(streamed) and len(rest) > len(streamed):
+                        on_text(rest[len(streamed):])  # what lost pieces left out
                     return AskResult(answer=str(b["text"]), node=str(b["node"]),
                                      prompt_tokens=int(b["prompt_tokens"]), new_tokens=int(b["new_tokens"]),
                                      ttft_s=(first or end) - t0, ttlt_s=end - t0,
@@ -282,10 +300,3 @@ class MeshClient:
                 return t > sent_at and (up or node is None)
             # Routed, nobody replied yet, and a node went offline since: the router picks another.
             return any(t > sent_at and not up for t, up in self._status_at.values())
-        with self._lock:
-            if sent_at - self._connected_at < resend_s and self.bus.connects > 1 and now - sent_at > resend_s:
-                return True  # sent just after a reconnect and unheard since: the node may not have been back
-            if node is None:
-                # A routed ask whose node went offline before it replied: the router picks another.
-                return any(t > sent_at and not up for t, up in self._status_at.values())
-        return False
