@@ -8,8 +8,9 @@ clock, passed in.
 - :class:`SyncLedger` remembers, per worker, which steps were sent and which answered, the
   latency of on-time partials (the deadline is derived from them) and a late rate (fed to the
   scheduler as ``late_rate``). A worker *owes* a step when it was sent and nothing at or after it
-  came back; a worker owing an earlier step than the current one is *stalled* and not waited for
-  (``mesh.scheduler.stalled_workers``): its answers come in order, behind the late one.
+  came back; a worker owing an earlier step than the current one, sent at least one deadline ago,
+  is *stalled* and not waited for (``mesh.scheduler.stalled_workers``): its answers come in
+  order, behind the late one.
 - :class:`StepGather` collects one step's partials and decides whether to keep waiting: strict
   waits for every expected worker (up to a long safety timeout, after which the caller computes
   the missing groups itself, so strict stays exact); relaxed follows
@@ -93,8 +94,10 @@ class SyncLedger:
     def outstanding(self) -> dict[str, list[int]]:
         return {w: sorted(r.sent_at) for w, r in self.workers.items() if r.sent_at}
 
-    def stalled(self, step: int) -> frozenset[str]:
-        return scheduler.stalled_workers(self.outstanding(), step)
+    def stalled(self, step: int, now: float, overdue_s: float) -> frozenset[str]:
+        """Workers owing a step before ``step`` sent at least ``overdue_s`` before ``now``."""
+        return scheduler.stalled_workers({w: r.sent_at for w, r in self.workers.items() if r.sent_at},
+                                         step, now, overdue_s)
 
     def deadline(self, policy: SyncPolicy) -> float:
         """Each worker's deadline from its own recent latencies (late ones included), then the

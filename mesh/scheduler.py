@@ -322,13 +322,20 @@ def layer_deadline(samples: Sequence[float], policy: SyncPolicy = SyncPolicy()) 
     return min(policy.max_deadline_s, max(policy.min_deadline_s, policy.margin * q))
 
 
-def stalled_workers(outstanding: Mapping[str, Sequence[int]], step: int) -> frozenset[str]:
-    """Workers still owing a partial of an earlier step: not waited for at all at ``step``.
+def stalled_workers(outstanding: Mapping[str, Mapping[int, float]], step: int, now: float,
+                    overdue_s: float) -> frozenset[str]:
+    """Workers owing an *overdue* partial of an earlier step: not waited for at all at ``step``.
 
-    A worker stuck in TCP retransmission answers in order, so its current partial is queued
-    behind the late one; waiting for it only adds the stall to every layer.
+    ``outstanding`` maps each worker to its unanswered steps and their send times. A worker stuck
+    in TCP retransmission answers in order, so its current partial is queued behind the late one;
+    waiting for it only adds the stall to every layer. Only a step sent at least ``overdue_s``
+    (the layer deadline) ago counts: a step the coordinator did not wait for (because the worker
+    was stalled then) is owed too, but only for the one round trip it takes, and counting it would
+    keep a worker that fell behind once behind for good: the coordinator, no longer waiting, runs
+    ahead of its answers at every step and sums its groups as zero for the rest of the ask.
     """
-    return frozenset(node for node, steps in outstanding.items() if any(s < step for s in steps))
+    return frozenset(node for node, steps in outstanding.items()
+                     if any(s < step and now - t >= overdue_s for s, t in steps.items()))
 
 
 @dataclass(frozen=True)

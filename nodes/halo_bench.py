@@ -137,19 +137,44 @@ class Quality:
         nll: list[float] = []
         top: list[int] = []
         t0 = time.monotonic()
+        shares = ZeroedShares()
         for w in self.windows:
-            e = _eval(client, sync, w, 16)["eval"]
-            nll += e["nll"]
-            top += e["argmax"]
+            r = _eval(client, sync, w, 16)
+            nll += r["eval"]["nll"]
+            top += r["eval"]["argmax"]
+            shares.add(r["halo"])
         correct = 0
         picks: list[int] = []
         for ids, answer in self.mmlu:
-            scores = _eval(client, sync, ids, len(ids), self.letters)["eval"]["scores"]
+            r = _eval(client, sync, ids, len(ids), self.letters)
+            scores = r["eval"]["scores"]
+            shares.add(r["halo"])
             picks.append(max(range(4), key=lambda i: scores[i]))
             correct += int(picks[-1] == answer)
         return {"ppl": math.exp(sum(nll) / len(nll)), "argmax": top, "accuracy": correct / len(self.mmlu),
-                "picks": picks, "n_ppl_tokens": len(nll), "n_mmlu": len(self.mmlu),
-                "quality_s": round(time.monotonic() - t0, 1)}
+                "picks": picks, "nll": nll, "n_ppl_tokens": len(nll), "n_mmlu": len(self.mmlu),
+                "quality_s": round(time.monotonic() - t0, 1), **shares.figures()}
+
+
+class ZeroedShares:
+    """What the quality asks summed as zero: steps, and the predicted and true importance shares
+    (mean per layer step; the coordinator measures the true share from its full weights)."""
+
+    def __init__(self) -> None:
+        self.steps = self.zeroed_steps = 0
+        self.pred = self.true = 0.0
+
+    def add(self, halo: dict[str, Any]) -> None:
+        n = int(halo.get("steps", 0))
+        self.steps += n
+        self.zeroed_steps += int(halo.get("zeroed_steps", 0))
+        self.pred += float(halo.get("zeroed_share_predicted", 0.0)) * n
+        self.true += float(halo.get("zeroed_share_true", 0.0)) * n
+
+    def figures(self) -> dict[str, Any]:
+        n = max(1, self.steps)
+        return {"eval_steps": self.steps, "eval_zeroed_steps": self.zeroed_steps,
+                "zeroed_share_predicted": self.pred / n, "zeroed_share_true": self.true / n}
 
 
 def _settle(client: MeshClient) -> None:
@@ -166,7 +191,9 @@ def _quality_point(client: MeshClient, q: Quality, lossless: dict[str, Any]) -> 
     return {"ppl_lossless": lossless["ppl"], "ppl_relaxed": qual["ppl"],
             "ppl_change_pct": 100.0 * (qual["ppl"] / lossless["ppl"] - 1.0), "agreement": agree,
             "accuracy_lossless": lossless["accuracy"], "accuracy_relaxed": qual["accuracy"],
-            "mmlu_answer_agreement": same, "quality_s": qual["quality_s"]}
+            "mmlu_answer_agreement": same, "quality_s": qual["quality_s"],
+            **{k: qual[k] for k in ("eval_steps", "eval_zeroed_steps", "zeroed_share_predicted",
+                                    "zeroed_share_true")}}
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -255,26 +282,7 @@ def run_bench(args: argparse.Namespace) -> int:
             at5 = [p for p in points if p["loss_pct"] == 5.0]
             result["speedup_at_5pct"] = at5[0]["speedup"] if at5 else None
             if not args.no_ablation:
-                # Placement ablation at equal speed: both placements without the local fallback
-                # (a late group counts as zero whatever its importance), so what placement decides,
-                # which groups sit on the lossy worker and are lost with it, shows in quality.
-                result["ablation"] = {"loss_pct": ABLATION_LOSS, "fallback": "none"}
-                for placement in ("importance", "random"):
-                    bar.update(task, description=f"ablation: {placement} placement, no fallback")
-                    _set_loss(tb, lossy, 0.0)
-                    mesh.start_coordinator(placement, fallback="none")
-                    mesh.wait_ready(client)
-                    _set_loss(tb, lossy, ABLATION_LOSS)
-                    _settle(client)
-                    r = _ask(client, "relaxed", args.tokens)
-                    result["ablation"][placement] = {
-                        "relaxed_tpot_s": r["tpot_s"], "halo": r["halo"],
-                        **_quality_point(client, q, lossless), "plan": _plan_of(client)}
-                    a = result["ablation"][placement]
-                    bar.console.print(f"ablation {placement:10s}: {a['relaxed_tpot_s'] * 1000:8.1f} ms/token, "
-                                      f"ppl {a['ppl_relaxed']:.3f} ({a['ppl_change_pct']:+.2f} %), agreement "
-                                      f"{a['agreement']:.3f}, zeroed groups {r['halo']['zeroed_groups']}")
-                    bar.advance(task)
+                result["ablation"] = _ablation(args, tb, mesh, client, q, lossless, lossy, bar, task)
     result["elapsed_s"] = round(time.monotonic() - t_start, 1)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +291,70 @@ def run_bench(args: argparse.Namespace) -> int:
         plot(result, Path(args.plot))
     print(json.dumps({k: result.get(k) for k in ("speedup_at_5pct", "elapsed_s")} | {"json": str(out)}))
     return 0
+
+
+def _ablation(args: argparse.Namespace, tb: Testbed, mesh: HaloMesh, client: MeshClient, q: Quality,
+              lossless: dict[str, Any], lossy: list[str], bar: Progress, task: Any) -> dict[str, Any]:
+    """Placement ablation: importance vs random placement, both without the local fallback (a
+    late group counts as zero whatever its importance), so what placement decides, which groups
+    sit on the lossy worker and are lost with it, shows in quality. ``--ablation-reps`` rounds,
+    the arms alternating (the order swapped every round), each on a fresh coordinator settled at
+    the loss rate: one timed generation and one quality run per arm and round. Quality is pooled
+    over the rounds (perplexity over all scored tokens), with the importance share each arm
+    summed as zero (true: measured from the full weights at every zeroed step) beside it, so the
+    comparison is at the zeroed share and the speed each arm really had."""
+    out: dict[str, Any] = {"loss_pct": ABLATION_LOSS, "fallback": "none", "rounds": args.ablation_reps,
+                           "method": "arms alternate, order swapped each round; fresh coordinator per "
+                                     "arm and round; quality pooled over rounds"}
+    runs: dict[str, list[dict[str, Any]]] = {"importance": [], "random": []}
+    for rnd in range(args.ablation_reps):
+        arms = ("importance", "random") if rnd % 2 == 0 else ("random", "importance")
+        for placement in arms:
+            bar.update(task, description=f"ablation round {rnd + 1}: {placement} placement, no fallback")
+            _set_loss(tb, lossy, 0.0)
+            mesh.start_coordinator(placement, fallback="none")
+            mesh.wait_ready(client)
+            _set_loss(tb, lossy, ABLATION_LOSS)
+            _settle(client)
+            r = _ask(client, "relaxed", args.tokens)
+            qual = q.run(client, "relaxed")
+            runs[placement].append({"relaxed_tpot_s": r["tpot_s"], "halo": r["halo"], "quality": qual,
+                                    "plan": _plan_of(client), "load": os.getloadavg()[0]})
+            bar.console.print(f"ablation {placement:10s} round {rnd + 1}: {r['tpot_s'] * 1000:8.1f} ms/token, "
+                              f"ppl {qual['ppl']:.3f}, zeroed share true {qual['zeroed_share_true']:.4f} "
+                              f"predicted {qual['zeroed_share_predicted']:.4f}")
+    for placement, rs in runs.items():
+        nll = [v for r in rs for v in r["quality"]["nll"]]
+        top = [v for r in rs for v in r["quality"]["argmax"]]
+        ref_top = lossless["argmax"] * len(rs)
+        picks = [v for r in rs for v in r["quality"]["picks"]]
+        correct = sum(r["quality"]["accuracy"] * r["quality"]["n_mmlu"] for r in rs)
+        steps = sum(r["quality"]["eval_steps"] for r in rs)
+        ppl = math.exp(sum(nll) / len(nll))
+        out[placement] = {
+            "relaxed_tpot_s": sorted(r["relaxed_tpot_s"] for r in rs)[(len(rs) - 1) // 2],
+            "relaxed_tpot_runs_s": [r["relaxed_tpot_s"] for r in rs],
+            "ppl_lossless": lossless["ppl"], "ppl_relaxed": ppl,
+            "ppl_change_pct": 100.0 * (ppl / lossless["ppl"] - 1.0),
+            "ppl_runs": [r["quality"]["ppl"] for r in rs],
+            "agreement": sum(a == b for a, b in zip(top, ref_top)) / max(1, len(top)),
+            "accuracy_lossless": lossless["accuracy"],
+            "accuracy_relaxed": correct / max(1, sum(r["quality"]["n_mmlu"] for r in rs)),
+            "mmlu_answer_agreement": sum(a == b for a, b in zip(picks, lossless["picks"] * len(rs))) / max(1, len(picks)),
+            "zeroed_share_true": sum(r["quality"]["zeroed_share_true"] * r["quality"]["eval_steps"] for r in rs) / max(1, steps),
+            "zeroed_share_predicted": sum(r["quality"]["zeroed_share_predicted"] * r["quality"]["eval_steps"]
+                                          for r in rs) / max(1, steps),
+            "zeroed_steps_fraction": sum(r["quality"]["eval_zeroed_steps"] for r in rs) / max(1, steps),
+            "zeroed_share_true_runs": [r["quality"]["zeroed_share_true"] for r in rs],
+            "runs": [{"relaxed_tpot_s": r["relaxed_tpot_s"], "halo": r["halo"], "plan": r["plan"], "load": r["load"],
+                      **{k: v for k, v in r["quality"].items() if k not in ("nll", "argmax", "picks")}} for r in rs]}
+        a = out[placement]
+        bar.console.print(f"ablation {placement:10s}: {a['relaxed_tpot_s'] * 1000:8.1f} ms/token (median of "
+                          f"{len(rs)}), ppl {a['ppl_relaxed']:.3f} ({a['ppl_change_pct']:+.2f} %), agreement "
+                          f"{a['agreement']:.3f}, MMLU {a['accuracy_relaxed']:.3f}, zeroed share true "
+                          f"{a['zeroed_share_true']:.4f} (steps {a['zeroed_steps_fraction']:.3f})")
+    bar.advance(task, 2)
+    return out
 
 
 def _plan_of(client: MeshClient) -> dict[str, Any]:

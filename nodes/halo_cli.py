@@ -194,6 +194,8 @@ def add_bench_halo(bench_parser: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-tokens", type=int, default=96, help="held-out tokens for perplexity/agreement")
     p.add_argument("--mmlu", type=int, default=12, help="MMLU questions (fixed sample)")
     p.add_argument("--no-ablation", action="store_true", help="skip the random-placement ablation")
+    p.add_argument("--ablation-reps", type=int, default=2,
+                   help="ablation rounds (each: one generation and one quality run per placement, alternating)")
     p.add_argument("--broker-kind", default="mosquitto", choices=["mosquitto", "amqtt"])
     p.add_argument("--json", default="out/bench-halo.json")
     p.add_argument("--plot", default="out/bench-halo.png")

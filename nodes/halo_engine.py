@@ -61,7 +61,14 @@ class HaloRun:
     late: int = 0  # partials discarded on arrival
     zeroed_groups: int = 0  # (layer step, group) pairs summed as zero (relaxed)
     zeroed_steps: int = 0
+    incomplete_per_forward: list[int] = field(default_factory=list)  # steps closed without every partial
     local_fallback_groups: int = 0  # strict: computed here because the worker was gone/timed out
+    # Share of the layer step's importance summed as zero, added up over steps (complete steps add
+    # 0): predicted (from the predictor) always, true (each group's contribution norm, computed
+    # here from the full weights) only when ``measure`` is set, since that costs a whole MLP.
+    zeroed_share_predicted: float = 0.0
+    zeroed_share_true: float = 0.0
+    measure: bool = False
     epochs: set[int] = field(default_factory=set)
     stops: dict[str, int] = field(default_factory=dict)  # why each step stopped waiting
     imp_sum: Tensor | None = None
@@ -78,7 +85,11 @@ class HaloRun:
         return {"sync": "strict" if self.strict else "relaxed", "steps": self.steps,
                 "partials_on_time": self.on_time, "partials_late": self.late,
                 "zeroed_groups": self.zeroed_groups, "zeroed_steps": self.zeroed_steps,
+                "incomplete_per_forward": list(self.incomplete_per_forward),
                 "local_fallback_groups": self.local_fallback_groups, "epochs": sorted(self.epochs),
+                "zeroed_share_predicted": round(self.zeroed_share_predicted / max(1, self.steps), 6),
+                **({"zeroed_share_true": round(self.zeroed_share_true / max(1, self.steps), 6)}
+                   if self.measure else {}),
                 "stops": dict(self.stops),
                 "phases_s": {k: round(v, 6) for k, v in sorted(self.phases.items())},
                 "token_times_s": times}
@@ -115,6 +126,7 @@ class HaloEngine:
         self._drift_since: float | None = None
         self._plan_payload: bytes | None = None
         self.run_state: HaloRun | None = None
+        self._grams: dict[int, Tensor] = {}  # per layer, for the measured (true) zeroed share
         self.replans: list[str] = []
 
     # -- setup ------------------------------------------------------------------------------------
@@ -276,8 +288,8 @@ class HaloEngine:
 
     # -- the routed forward (generation thread) ---------------------------------------------------
     @contextmanager
-    def run(self, strict: bool) -> Iterator[HaloRun]:
-        state = HaloRun(strict)
+    def run(self, strict: bool, measure: bool = False) -> Iterator[HaloRun]:
+        state = HaloRun(strict, measure=measure)
         self.run_state = state
         try:
             with torch.inference_mode(), split.routed_mlps(self.model, self._mlp):
@@ -296,6 +308,7 @@ class HaloEngine:
         assert run is not None
         if layer == 0:
             run.starts.append(time.perf_counter())
+            run.incomplete_per_forward.append(0)
             self._maybe_switch()
         with self._lock:
             plan = self.switch.active
@@ -321,10 +334,11 @@ class HaloEngine:
         parts: list[Tensor | None] = [local[layer].partial(x) if local[layer] is not None else None]
         t = run.spent("local", t)
         if expected:
-            gather, must_wait = self._gather(run, layer, step, x, expected, t0)
+            gather, must_wait, imp = self._gather(run, layer, step, x, expected, t0)
             t = run.spent("gather", t)
             parts.extend(gather.partials.values())
             missing = gather.missing_groups()
+            run.incomplete_per_forward[-1] += int(bool(missing))
             if missing and run.strict:
                 parts.append(split.partial_of_groups(self.full[layer], self.layout, missing, x))
                 run.local_fallback_groups += len(missing)
@@ -338,13 +352,19 @@ class HaloEngine:
                 if len(keep) < len(missing):
                     run.zeroed_groups += len(missing) - len(keep)
                     run.zeroed_steps += 1
+                    zeroed = [g for g in missing if g not in keep]
+                    if imp is not None and float(imp.sum()) > 0:
+                        run.zeroed_share_predicted += float(imp[zeroed].sum() / imp.sum())
+                    if run.measure:
+                        run.zeroed_share_true += self._true_share(layer, x, zeroed)
             t = run.spent("fallback", t)
         out = split.reduce_partials(parts, x, self.bias[layer])
         run.spent("reduce", t)
         return out
 
     def _gather(self, run: HaloRun, layer: int, step: int, x: Tensor,
-                expected: dict[str, tuple[int, ...]], t0: float) -> tuple[StepGather, frozenset[int]]:
+                expected: dict[str, tuple[int, ...]], t0: float
+                ) -> tuple[StepGather, frozenset[int], Tensor | None]:
         must_wait: frozenset[int] = frozenset()
         imp: Tensor | None = None
         # Predicted importance is needed up front only when it decides the wait (fallback "none");
@@ -369,9 +389,10 @@ class HaloEngine:
                 self._take(run, gather, item, numel)
                 block = False
                 continue
-            stalled = frozenset() if run.strict else self.ledger.stalled(step)
+            now = time.perf_counter()
+            stalled = frozenset() if run.strict else self.ledger.stalled(step, now, deadline)
             gone = self.gone(expected)
-            elapsed = time.perf_counter() - t0
+            elapsed = now - t0
             d = gather.decide(elapsed_s=elapsed, deadline_s=deadline, stalled=stalled,
                               policy=self.config.policy, strict_timeout_s=self.config.strict_timeout_s,
                               gone=gone)
@@ -388,7 +409,16 @@ class HaloEngine:
         if not run.strict and imp is None and not gather.complete:
             imp = self._predict(run, layer, x, record=False)
             must_wait = frozenset(pred_mod.groups_to_wait(imp, self.config.policy.target_share))
-        return gather, must_wait
+        return gather, must_wait, imp
+
+    def _true_share(self, layer: int, x: Tensor, zeroed: Sequence[int]) -> float:
+        """The share of the step's true contribution norm (summed over positions) in ``zeroed``."""
+        gram = self._grams.get(layer)
+        if gram is None:
+            gram = self._grams[layer] = split.importance_gram(self.full[layer])
+        true = split.group_importance(self.full[layer], x, gram).reshape(-1, self.layout.n_groups).sum(0)  # (G,)
+        total = float(true.sum())
+        return float(true[list(zeroed)].sum()) / total if total > 0 else 0.0
 
     def _predict(self, run: HaloRun, layer: int, x: Tensor, record: bool) -> Tensor:
         """Predicted importance of every group at this step: (G,); ``record`` adds it to the run's
@@ -435,7 +465,7 @@ class HaloEngine:
             raise ProtocolError("bad-halo-eval", "ids/start/score_ids")
         nll: list[float] = []
         top: list[int] = []
-        with self.run(strict) as run:
+        with self.run(strict, measure=True) as run:
             cache = DynamicCache(config=self.model.config)
             out = self.model(input_ids=torch.tensor([ids[:start]]), past_key_values=cache, use_cache=True,
                              logits_to_keep=1)

@@ -48,6 +48,7 @@ class HaloWorker(AgentExtension):
         self._plans: list[tuple[Plan, str | None]] = []  # to load: (plan, ack topic)
         self._weights: dict[int, list[split.GroupWeights | None]] = {}  # epoch -> per layer
         self._epoch = -1
+        self._serving = -1  # epoch of the newest request served
         self._groups = 0
         self.served = 0
         self.dropped = 0
@@ -174,8 +175,11 @@ class HaloWorker(AgentExtension):
                                for layer, gs in enumerate(mine)]
                 with self._wake:
                     self._weights[plan.epoch] = weights
-                    # Keep the two newest epochs: the one being served and the one switched to.
-                    for e in sorted(self._weights)[:-2]:
+                    # Keep the epoch being served and the newest one (switched to once every
+                    # worker acknowledged it). The two newest are not enough: a plan that replaces
+                    # a pending one before the switch would drop the epoch still being served.
+                    keep = {self._serving, *sorted(self._weights)[-2:]}
+                    for e in [e for e in self._weights if e not in keep]:
                         del self._weights[e]
                     self._epoch = max(self._epoch, plan.epoch)
                     self._groups = sum(len(gs) for gs in mine)
@@ -203,6 +207,8 @@ class HaloWorker(AgentExtension):
                 self.dropped += len(self._requests)
                 self._requests.clear()
                 weights = self._weights.get(env.body["epoch"])
+                if weights is not None:
+                    self._serving = env.body["epoch"]
             if weights is None:
                 self.agent.rejects.add("halo-unknown-epoch")
                 continue

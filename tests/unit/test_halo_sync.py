@@ -27,6 +27,7 @@ from mesh.scheduler import Plan, SyncPolicy
 from nodes.coordinator import CoordinatorConfig
 from nodes.halo_engine import HaloEngine
 
+DEEP = 48  # layers of the deep rig
 POLICY = SyncPolicy(target_share=0.5, min_deadline_s=0.01, max_deadline_s=0.03, default_deadline_s=0.02)
 
 
@@ -62,10 +63,12 @@ def test_ledger_tracks_outstanding_steps_latency_and_late_rate() -> None:
     led = SyncLedger()
     for step in (1, 2, 3):
         led.sent("w", step, now=step * 1.0)
-    assert led.stalled(2) == frozenset({"w"}) and led.stalled(1) == frozenset()
+    assert led.stalled(2, now=2.0, overdue_s=0.5) == frozenset({"w"})  # step 1, sent 1 s ago
+    assert led.stalled(2, now=1.2, overdue_s=0.5) == frozenset()  # sent only 0.2 s ago
+    assert led.stalled(1, now=9.0, overdue_s=0.5) == frozenset()
     assert led.arrived("w", 2, now=2.004, on_time=True) == pytest.approx(0.004)
     assert led.outstanding() == {"w": [3]}  # step 1 settled by the in-order answer to step 2
-    assert led.stalled(3) == frozenset()
+    assert led.stalled(3, now=9.0, overdue_s=0.5) == frozenset()
     led.arrived("w", 3, now=3.5, on_time=False)
     assert led.counts()["w"] == {"on_time": 1, "late": 1, "zeroed": 0}
     for _ in range(100):  # the EWMA spans ~100 steps
@@ -110,9 +113,9 @@ def test_worker_figures_from_heartbeat() -> None:
 # -- the engine over an in-memory bus -----------------------------------------------------------
 
 
-def tiny_model() -> LlamaForCausalLM:
+def tiny_model(layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=96, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
 
@@ -121,8 +124,8 @@ class Loaded:
     key = "tiny"
     model_key = "tiny@0/fp32"
 
-    def __init__(self) -> None:
-        self.model = tiny_model()
+    def __init__(self, layers: int = 2) -> None:
+        self.model = tiny_model(layers)
 
 
 class FakeDecoder:
@@ -189,8 +192,20 @@ def heartbeat(speed: float, late: float = 0.0) -> dict[str, Any]:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[tuple[HaloEngine, MemoryBus]]:
-    loaded = Loaded()
-    cfg = CoordinatorConfig(home=tmp_path, group_size=16, policy=POLICY, strict_timeout_s=2.0)
+    yield from make_rig(tmp_path)
+
+
+@pytest.fixture
+def deep_rig(tmp_path: Path) -> Iterator[tuple[HaloEngine, MemoryBus]]:
+    # Long deadlines (0.1-0.2 s) against 10 ms answers: the test does not depend on how fast a
+    # busy machine runs the coordinator's own step, only on it being well below 10 ms.
+    yield from make_rig(tmp_path, layers=DEEP, policy=SyncPolicy(target_share=0.5, min_deadline_s=0.1,
+                                                                 max_deadline_s=0.2, default_deadline_s=0.1))
+
+
+def make_rig(tmp_path: Path, layers: int = 2, policy: SyncPolicy = POLICY) -> Iterator[tuple[HaloEngine, MemoryBus]]:
+    loaded = Loaded(layers)
+    cfg = CoordinatorConfig(home=tmp_path, group_size=16, policy=policy, strict_timeout_s=2.0)
     bus = MemoryBus()
     engine = HaloEngine(loaded, FakeDecoder(), cfg, bus, topics.reply("coordinator"), wire.RejectCounter())
     bus.engine = engine
@@ -247,7 +262,24 @@ def test_a_stalled_worker_is_not_waited_for(rig) -> None:
     # Layer 0 waits one deadline; at layer 1 "lossy" still owes layer 0, so it is not waited for.
     assert took < 0.4  # never waited for the 0.5 s partial
     assert run.zeroed_steps == 2 and run.stops.get("stalled-only") == 1
-    assert engine.ledger.stalled(engine._step) == frozenset({"lossy"})
+    assert engine.ledger.stalled(engine._step, time.perf_counter(), 0.0) == frozenset({"lossy"})
+
+
+def test_a_worker_that_fell_behind_once_is_waited_for_again(deep_rig) -> None:
+    """Run 4's ablation bug: a worker late once was "stalled" for the rest of the forward pass,
+    because the step the coordinator had just sent without waiting for it counted as owed; the
+    coordinator then ran ahead of its answers at every layer and summed its groups as zero."""
+    engine, bus = deep_rig
+    # Late once at layer 0 (a hiccup), then a steady 10 ms per answer: inside the 0.1 s deadline,
+    # but slower than the coordinator's own step when it does not wait.
+    bus.workers["lossy"].delay = {0: 2.0, **{layer: 0.01 for layer in range(1, DEEP)}}
+    _, run, took = forward(engine, False, [4, 5])
+    # Layer 0 gave up at the deadline. "lossy" owes that overdue step until its answer to layer 1
+    # lands, 10 ms later: the layers the coordinator runs meanwhile do not wait for it. From then
+    # on it owes only the step sent a moment ago: waited for, and on time at every later layer.
+    assert run.stops.get("deadline-passed") == 1, run.stops
+    assert run.stops.get("complete", 0) >= DEEP // 2, run.stops
+    assert took < 1.5  # never waited for the 2 s answer
 
 
 def test_epoch_switch_happens_between_forward_passes_without_losing_a_step(rig) -> None:

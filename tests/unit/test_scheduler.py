@@ -164,9 +164,12 @@ def test_layer_deadline_from_latency_samples() -> None:
     assert s.layer_deadline([5.0, float("nan")], policy) == 0.1
 
 
-def test_stalled_workers_are_those_owing_earlier_steps() -> None:
-    outstanding = {"a": [], "b": [41], "c": [42]}
-    assert s.stalled_workers(outstanding, step=42) == frozenset({"b"})
+def test_stalled_workers_are_those_owing_overdue_earlier_steps() -> None:
+    outstanding = {"a": {}, "b": {41: 1.0}, "c": {42: 1.0}, "d": {41: 1.015}}
+    # "b" owes step 41, sent 20 ms ago (over the 10 ms deadline); "d" owes it too, but sent only
+    # 5 ms ago (the coordinator did not wait for it): one round trip, not a stall.
+    assert s.stalled_workers(outstanding, step=42, now=1.02, overdue_s=0.01) == frozenset({"b"})
+    assert s.stalled_workers(outstanding, step=42, now=1.03, overdue_s=0.01) == frozenset({"b", "d"})
 
 
 def test_wait_decision() -> None:
