@@ -259,16 +259,10 @@ class NodeAgent:
         self._enqueue(Job(env, time.monotonic(), json_reply=env.body.get("reply_format") == "json"))
 
     def _valid_ask(self, env: wire.Envelope) -> bool:
-        body = env.body
-        reason = None
         if env.reply_to is None or not topics.reply_allowed(env.reply_to):
-            reason = "bad-reply-topic"
-        elif not body["text"] or len(body["text"]) > self.limits.max_prompt_chars:
-            reason = "bad-prompt"
-        elif not 1 <= body["max_new_tokens"] <= self.limits.max_new_tokens:
-            reason = "bad-max-new-tokens"
-        elif not all(isinstance(s, str) and len(s) <= 64 for s in body.get("stop", [])) or len(body.get("stop", [])) > 8:
-            reason = "bad-stop"
+            reason: str | None = "bad-reply-topic"
+        else:
+            reason = wire.ask_problem(env, self.limits.max_prompt_chars, self.limits.max_new_tokens)
         if reason is None:
             return True
         self.rejects.add(reason)
