@@ -9,8 +9,8 @@ clock, passed in.
   latency of on-time partials (the deadline is derived from them) and a late rate (fed to the
   scheduler as ``late_rate``). A worker *owes* a step when it was sent and nothing at or after it
   came back; a worker owing an earlier step than the current one, sent at least one deadline ago,
-  is *stalled* and not waited for (``mesh.scheduler.stalled_workers``): its answers come in
-  order, behind the late one.
+  and silent for a deadline, is *stalled* and not waited for (``mesh.scheduler.stalled_workers``):
+  its answers come in order, behind the late one.
 - :class:`StepGather` collects one step's partials and decides whether to keep waiting: strict
   waits for every expected worker (up to a long safety timeout, after which the caller computes
   the missing groups itself, so strict stays exact); relaxed follows
@@ -40,6 +40,7 @@ class WorkerRecord:
 
     sent_at: dict[int, float] = field(default_factory=dict)  # outstanding step -> send time
     last_reply: int = -1
+    last_heard: float = float("-inf")  # arrival time of its newest partial (any step)
     samples: deque[float] = field(default_factory=lambda: deque(maxlen=64))
     on_time: int = 0
     late: int = 0  # arrived after its step was closed (discarded)
@@ -71,6 +72,7 @@ class SyncLedger:
         rec = self._rec(worker)
         t0 = rec.sent_at.get(step)
         rec.last_reply = max(rec.last_reply, step)
+        rec.last_heard = max(rec.last_heard, now)
         for s in [s for s in rec.sent_at if s <= step]:
             del rec.sent_at[s]
         if on_time:
@@ -95,9 +97,11 @@ class SyncLedger:
         return {w: sorted(r.sent_at) for w, r in self.workers.items() if r.sent_at}
 
     def stalled(self, step: int, now: float, overdue_s: float) -> frozenset[str]:
-        """Workers owing a step before ``step`` sent at least ``overdue_s`` before ``now``."""
+        """Workers owing a step before ``step`` sent at least ``overdue_s`` before ``now``, and
+        silent since ``now - overdue_s``."""
         return scheduler.stalled_workers({w: r.sent_at for w, r in self.workers.items() if r.sent_at},
-                                         step, now, overdue_s)
+                                         step, now, overdue_s,
+                                         {w: r.last_heard for w, r in self.workers.items()})
 
     def deadline(self, policy: SyncPolicy) -> float:
         """Each worker's deadline from its own recent latencies (late ones included), then the

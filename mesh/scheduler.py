@@ -323,19 +323,22 @@ def layer_deadline(samples: Sequence[float], policy: SyncPolicy = SyncPolicy()) 
 
 
 def stalled_workers(outstanding: Mapping[str, Mapping[int, float]], step: int, now: float,
-                    overdue_s: float) -> frozenset[str]:
-    """Workers owing an *overdue* partial of an earlier step: not waited for at all at ``step``.
+                    overdue_s: float, last_heard: Mapping[str, float] | None = None) -> frozenset[str]:
+    """Workers stuck behind an overdue partial: not waited for at all at ``step``.
 
-    ``outstanding`` maps each worker to its unanswered steps and their send times. A worker stuck
-    in TCP retransmission answers in order, so its current partial is queued behind the late one;
-    waiting for it only adds the stall to every layer. Only a step sent at least ``overdue_s``
-    (the layer deadline) ago counts: a step the coordinator did not wait for (because the worker
-    was stalled then) is owed too, but only for the one round trip it takes, and counting it would
-    keep a worker that fell behind once behind for good: the coordinator, no longer waiting, runs
-    ahead of its answers at every step and sums its groups as zero for the rest of the ask.
+    ``outstanding`` maps each worker to its unanswered steps and their send times; ``last_heard``
+    to when its newest partial (of any step) arrived. A worker stuck in TCP retransmission answers
+    in order, so its current partial is queued behind the late one; waiting for it only adds the
+    stall to every layer. Stuck means both: it owes an earlier step sent at least ``overdue_s``
+    (the layer deadline) ago, and nothing from it arrived for ``overdue_s``. A worker whose
+    answers keep coming is only behind: counting it stalled (it owes the step the coordinator did
+    not wait for) kept a worker that fell behind once behind for good, since the coordinator,
+    no longer waiting, ran ahead of its answers at every step and summed its groups as zero.
     """
+    heard = last_heard or {}
     return frozenset(node for node, steps in outstanding.items()
-                     if any(s < step and now - t >= overdue_s for s, t in steps.items()))
+                     if now - heard.get(node, -math.inf) >= overdue_s
+                     and any(s < step and now - t >= overdue_s for s, t in steps.items()))
 
 
 @dataclass(frozen=True)

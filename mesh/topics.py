@@ -9,6 +9,9 @@ publisher cannot pick them by accident. Layout (``<n>`` is a node name, ``<c>`` 
     mesh/v1/node/<n>/catalog    CBOR Bloom catalog of <n>'s cached KV chunks, retained, QoS 1
     mesh/v1/node/<n>/kv         CBOR KV-chunk fetch requests to <n>, QoS 1
     mesh/v1/node/<n>/halo       CBOR HALO MLP requests (and plan acks) to <n>, QoS 0
+    mesh/v1/node/<c>/mlp        HALO frames (mesh.halo_wire): coordinator <c>'s MLP input of each
+                                layer step, once for every worker of its plan, QoS 0
+    mesh/v1/reply/<c>-halo      HALO frames: the workers' partials back to coordinator <c>, QoS 0
     mesh/v1/plan                CBOR HALO plan of the coordinator, retained, QoS 1
     mesh/v1/reply/<c>           CBOR replies to requester <c> (tokens, answer, error, ping), QoS 1
     mesh/v1/route               CBOR asks for "any node": the router forwards each to one node
@@ -47,6 +50,7 @@ class Format(StrEnum):
     CBOR = "cbor"  # a mesh.wire envelope
     JSON = "json"
     TEXT = "text"
+    FRAME = "halo-frame"  # a mesh.halo_wire frame
 
 
 @dataclass(frozen=True)
@@ -68,12 +72,15 @@ CATALOG = TopicSpec("catalog", Format.CBOR, qos=1, retain=True)
 NODE_KV = TopicSpec("kv", Format.CBOR, qos=1, retain=False)
 NODE_HALO = TopicSpec("halo", Format.CBOR, qos=0, retain=False)
 PLAN = TopicSpec("plan", Format.CBOR, qos=1, retain=True)
+NODE_MLP = TopicSpec("mlp", Format.FRAME, qos=0, retain=False)
+HALO_REPLY = TopicSpec("halo-reply", Format.FRAME, qos=0, retain=False)
 NODE_STATE = TopicSpec("state", Format.JSON, qos=0, retain=True)
 TEXT_ASK = TopicSpec("text-ask", Format.TEXT, qos=1, retain=False)
 
 SPECS: dict[str, TopicSpec] = {s.name: s for s in
                                (STATUS, HEARTBEAT, NODE_ASK, REPLY, ROUTE_SPEC, JSON_ASK, JSON_ANSWER,
-                                NODE_STATE, TEXT_ASK, CATALOG, NODE_KV, NODE_HALO, PLAN)}
+                                NODE_STATE, TEXT_ASK, CATALOG, NODE_KV, NODE_HALO, PLAN, NODE_MLP,
+                                HALO_REPLY)}
 
 
 def node_topic(node: str, spec: TopicSpec) -> str:
@@ -107,6 +114,18 @@ def node_halo(node: str) -> str:
 
 def node_ask(node: str) -> str:
     return node_topic(node, NODE_ASK)
+
+
+def node_mlp(coordinator: str) -> str:
+    """Where a HALO coordinator publishes each layer step's MLP input once; every worker of its
+    plan subscribes (the broker fans it out), each computing its own groups of the step."""
+    return node_topic(coordinator, NODE_MLP)
+
+
+def halo_reply(coordinator: str) -> str:
+    """The reply topic for the workers' partial frames to ``coordinator`` (a reply topic, so a
+    worker's ACL needs nothing beyond what any requester's answer needs)."""
+    return reply(f"{check_name(coordinator)}-halo")
 
 
 def reply(client: str) -> str:

@@ -107,6 +107,7 @@ class Coordinator:
         self.bus.subscribe(topics.ALL_STATUS, self._on_status, qos=1)
         self.bus.subscribe(topics.ALL_HEARTBEATS, self._on_heartbeat, qos=0)
         self.bus.subscribe(self.reply_topic, self.engine.on_reply, qos=topics.REPLY.qos)
+        self.bus.subscribe(topics.halo_reply(self.name), self.engine.on_frame, qos=topics.HALO_REPLY.qos)
         self.bus.on_connected(self._announce)
         self.bus.start()
         self.bus.publish_wait(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
@@ -292,8 +293,9 @@ class Coordinator:
         sync = b.get("halo_sync", self.config.sync)
         if sync not in ("strict", "relaxed"):
             sync = self.config.sync
+        frames = b.get("halo_wire") != "cbor"  # the per-worker CBOR requests, for comparison
         if isinstance(b.get("halo_eval"), dict):
-            figures = self.engine.evaluate(b["halo_eval"], strict=sync == "strict")
+            figures = self.engine.evaluate(b["halo_eval"], strict=sync == "strict", frames=frames)
             self.served += 1
             self._reply(job.env, wire.Kind.ANSWER, {
                 "text": "", "node": self.name, "prompt_tokens": figures.pop("prompt_tokens"),
@@ -319,7 +321,7 @@ class Coordinator:
                 cache_info.clear()
                 cache_info.update(got.info)
                 return got.logits, got.cache
-        with self.engine.run(strict=sync == "strict") as run:
+        with self.engine.run(strict=sync == "strict", frames=frames) as run:
             gen = self.decoder.generate(ids, b["max_new_tokens"], tuple(b.get("stop", ())), on_text,
                                         prepare=prepare)
         done = time.monotonic()

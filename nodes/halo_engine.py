@@ -1,8 +1,10 @@
 """The coordinator's HALO engine: plans, epochs and the routed MLP of every layer step.
 
 Per layer step (:meth:`HaloEngine._mlp`, on the generation thread): encode the MLP input once
-(fp16, the whole (B, T, H) input: all prompt positions in a prefill, the last one in decode) and
-publish it to every worker holding groups of that layer in the active plan; compute the local
+(fp16, the whole (B, T, H) input: all prompt positions in a prefill, the last one in decode) as a
+``mesh.halo_wire`` frame and publish it once on the coordinator's MLP-input topic, which every
+plan worker subscribes to (the CBOR envelope to each worker's own topic is kept for comparison,
+per ask: ``halo_wire: "cbor"``); partial frames come back on ``topics.halo_reply``; compute the local
 groups meanwhile; predict the groups' importance (relaxed); then gather partials until
 ``mesh.halo_sync.StepGather`` says stop, and sum. Strict computes what never came itself after a
 long timeout or when the worker went offline, so strict is always exact; relaxed counts it as
@@ -28,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mesh import halo_wire, split, topics, wire
 from mesh import predictor as pred_mod
-from mesh import split, topics, wire
 from mesh.errors import MeshError, ProtocolError
 from mesh.halo_sync import (
     EpochSwitch,
@@ -54,6 +56,7 @@ class HaloRun:
     """Figures of one ask (one or many forward passes)."""
 
     strict: bool
+    frames: bool = True  # MLP input once on the shared topic as a halo_wire frame (else CBOR per worker)
     starts: list[float] = field(default_factory=list)  # perf_counter at layer 0 of each forward
     ended: float = 0.0
     steps: int = 0
@@ -82,7 +85,8 @@ class HaloRun:
 
     def figures(self) -> dict[str, Any]:
         times = [b - a for a, b in zip(self.starts, [*self.starts[1:], self.ended])]
-        return {"sync": "strict" if self.strict else "relaxed", "steps": self.steps,
+        return {"sync": "strict" if self.strict else "relaxed", "wire": "frame" if self.frames else "cbor",
+                "steps": self.steps,
                 "partials_on_time": self.on_time, "partials_late": self.late,
                 "zeroed_groups": self.zeroed_groups, "zeroed_steps": self.zeroed_steps,
                 "incomplete_per_forward": list(self.incomplete_per_forward),
@@ -100,6 +104,8 @@ class HaloEngine:
                  rejects: wire.RejectCounter) -> None:
         self.loaded, self.decoder, self.config, self.bus = loaded, decoder, config, bus
         self.reply_topic, self.rejects = reply_topic, rejects
+        self.frame_reply = topics.halo_reply(config.name)  # partial frames come back here
+        self.mlp_topic = topics.node_mlp(config.name)
         self.model = loaded.model
         self.layout = split.model_layout(self.model.config, config.group_size)
         self.act = split.mlp_act_name(self.model.config)
@@ -163,26 +169,14 @@ class HaloEngine:
             self.rejects.add(exc.reason)
             return
         if env.kind is wire.Kind.HALO_PARTIAL:
-            step = env.body["step"]
-            # Only a worker of a plan we run, for a step we sent (late ones too: they are counted
-            # as late and discarded by the gather); anything else would only fill the queue.
-            if env.sender not in self._plan_workers() or not self._step - STEP_WINDOW <= step < self._step:
-                self.rejects.add("unexpected-partial")
-                return
             try:
                 y = wire.unpack_tensor(env.body["y"])
             except ProtocolError as exc:
                 self.rejects.add(exc.reason)
                 return
             c = env.body.get("compute_s")
-            try:
-                self._partials.put_nowait((env.sender, step, y, t,
-                                           float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else 0.0))
-            except queue.Full:
-                self.rejects.add("halo-busy")
-                return
-            with self._presence_lock:
-                self.presence.heard(env.sender, time.monotonic())
+            self._partial(env.sender, env.body["step"], y, t,
+                          float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else 0.0)
         elif env.kind is wire.Kind.HALO_ACK:
             with self._lock:
                 pending, active = self.switch.pending, self.switch.active
@@ -192,6 +186,33 @@ class HaloEngine:
                     self.rejects.add("unexpected-ack")  # a repeated ack of the active plan is harmless
         else:
             self.rejects.add("unexpected-kind")
+
+    def on_frame(self, topic: str, payload: bytes, retained: bool) -> None:
+        """A worker's partial as a ``mesh.halo_wire`` frame (network thread)."""
+        t = time.perf_counter()
+        try:
+            f = halo_wire.decode(payload, self.config.limits.max_message_bytes)
+        except ProtocolError as exc:
+            self.rejects.add(exc.reason)
+            return
+        if f.kind != halo_wire.PARTIAL:
+            self.rejects.add("unexpected-kind")
+            return
+        self._partial(f.sender, f.step, f.tensor, t, f.compute_s)
+
+    def _partial(self, sender: str, step: int, y: Tensor, t: float, compute_s: float) -> None:
+        # Only a worker of a plan we run, for a step we sent (late ones too: they are counted as
+        # late and discarded by the gather); anything else would only fill the queue.
+        if sender not in self._plan_workers() or not self._step - STEP_WINDOW <= step < self._step:
+            self.rejects.add("unexpected-partial")
+            return
+        try:
+            self._partials.put_nowait((sender, step, y, t, compute_s))
+        except queue.Full:
+            self.rejects.add("halo-busy")
+            return
+        with self._presence_lock:
+            self.presence.heard(sender, time.monotonic())
 
     def _plan_workers(self) -> frozenset[str]:
         with self._lock:
@@ -288,8 +309,8 @@ class HaloEngine:
 
     # -- the routed forward (generation thread) ---------------------------------------------------
     @contextmanager
-    def run(self, strict: bool, measure: bool = False) -> Iterator[HaloRun]:
-        state = HaloRun(strict, measure=measure)
+    def run(self, strict: bool, measure: bool = False, frames: bool = True) -> Iterator[HaloRun]:
+        state = HaloRun(strict, frames=frames, measure=measure)
         self.run_state = state
         try:
             with torch.inference_mode(), split.routed_mlps(self.model, self._mlp):
@@ -321,7 +342,16 @@ class HaloEngine:
         run.steps += 1
         expected = {w: gs[layer] for w, gs in plan.workers.items() if gs[layer]}
         t = time.perf_counter()
-        if expected:
+        if expected and run.frames:
+            # One publish for every worker (the broker fans it out); each computes its own groups.
+            data = halo_wire.encode(halo_wire.MLP, self.config.name, plan.epoch, step, layer,
+                                    x.to(self.wire_dtype), reply_to=self.frame_reply)
+            t0 = t = run.spent("encode", t)
+            self.bus.publish(self.mlp_topic, data, qos=topics.NODE_MLP.qos)
+            for w in expected:
+                self.ledger.sent(w, step, t0)
+            t = run.spent("publish", t)
+        elif expected:
             body = {"epoch": plan.epoch, "step": step, "layer": layer,
                     "x": wire.pack_tensor(x.to(self.wire_dtype))}
             data = wire.encode(wire.Envelope(wire.Kind.HALO_MLP, self.config.name, body, reply_to=self.reply_topic),
@@ -450,7 +480,7 @@ class HaloEngine:
             run.late += 1
 
     # -- teacher-forced evaluation ----------------------------------------------------------------
-    def evaluate(self, spec: dict[str, Any], strict: bool) -> dict[str, Any]:
+    def evaluate(self, spec: dict[str, Any], strict: bool, frames: bool = True) -> dict[str, Any]:
         """``{"ids": [...], "start": k, "score_ids": [...]}``: prefill ``ids[:k]``, then feed the rest
         one token at a time; per fed position the NLL of the true next token and the argmax, and at
         the end the logits of ``score_ids``."""
@@ -465,7 +495,7 @@ class HaloEngine:
             raise ProtocolError("bad-halo-eval", "ids/start/score_ids")
         nll: list[float] = []
         top: list[int] = []
-        with self.run(strict, measure=True) as run:
+        with self.run(strict, measure=True, frames=frames) as run:
             cache = DynamicCache(config=self.model.config)
             out = self.model(input_ids=torch.tensor([ids[:start]]), past_key_values=cache, use_cache=True,
                              logits_to_keep=1)

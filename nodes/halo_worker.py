@@ -10,10 +10,13 @@ Threads (all owned here and stopped by :meth:`HaloWorker.stop`):
   request whose step is older than one already received is dropped unanswered (the coordinator
   has moved on; answering would only pile work up behind a stalled link).
 
-Wire: ``HALO_MLP {epoch, step, layer, x}`` on ``node_halo(name)``; the answer is
-``HALO_PARTIAL {epoch, step, layer, y, compute_s}`` on the request's reply topic, ``y`` in fp16
-(the request's dtype if it asked for float32). ``HALO_ACK {epoch}`` goes to the plan's reply
-topic (the coordinator's).
+Wire: the coordinator publishes each layer step's MLP input once, as a ``mesh.halo_wire`` frame
+on ``node_mlp(coordinator)``; every worker of its plan subscribes (the loader does, before it
+acknowledges its first plan from that coordinator) and answers with a partial frame on the
+request's reply topic, only for a layer where it holds groups. The CBOR ``HALO_MLP {epoch, step,
+layer, x}`` on ``node_halo(name)`` is still served (answered with a CBOR ``HALO_PARTIAL``). ``y``
+is fp16 (the request's dtype if it asked for float32). ``HALO_ACK {epoch}`` goes to the plan's
+reply topic (the coordinator's).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mesh import split, topics, wire
+from mesh import halo_wire, split, topics, wire
 from mesh.errors import MeshError, ProtocolError
 from mesh.scheduler import Plan
 from nodes.agent import AgentExtension
@@ -44,8 +47,10 @@ class HaloWorker(AgentExtension):
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._requests: list[wire.Envelope] = []
-        self._plans: list[tuple[Plan, str | None]] = []  # to load: (plan, ack topic)
+        self._requests: list[wire.Envelope | halo_wire.Frame] = []
+        self._plans: list[tuple[Plan, str | None, str]] = []  # to load: (plan, ack topic, coordinator)
+        self._coordinators: set[str] = set()  # whose MLP-input topic we subscribed to
+        self.skipped = 0  # shared MLP inputs of an epoch or layer we hold no groups of
         self._weights: dict[int, list[split.GroupWeights | None]] = {}  # epoch -> per layer
         self._epoch = -1
         self._serving = -1  # epoch of the newest request served
@@ -82,9 +87,12 @@ class HaloWorker(AgentExtension):
             t.join(5)
 
     def heartbeat_fields(self) -> dict[str, Any]:
+        if self.agent is None:  # the agent's first heartbeat can come before start()
+            return {}
         with self._lock:
             return {"halo": {"groups": self._groups, "epoch": self._epoch, "served": self.served,
-                             "dropped": self.dropped, "compute_rows_per_s": round(self.speed, 1),
+                             "dropped": self.dropped, "skipped": self.skipped,
+                             "compute_rows_per_s": round(self.speed, 1),
                              "group_size": self.group_size,
                              "heartbeat_s": self.agent.timing.heartbeat_s}}
 
@@ -132,7 +140,7 @@ class HaloWorker(AgentExtension):
             return
         reply = env.reply_to if env.reply_to and topics.reply_allowed(env.reply_to) else None
         with self._wake:
-            self._plans.append((plan, reply))
+            self._plans.append((plan, reply, env.sender))
             self._wake.notify_all()
 
     def _on_request(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -154,6 +162,23 @@ class HaloWorker(AgentExtension):
             self._requests.append(env)
             self._wake.notify_all()
 
+    def _on_frame(self, topic: str, payload: bytes, retained: bool) -> None:
+        """A coordinator's shared MLP input (network thread): check and enqueue."""
+        try:
+            frame = halo_wire.decode(payload, self.agent.limits.max_message_bytes)
+        except ProtocolError as exc:
+            self.agent.rejects.add(exc.reason)
+            return
+        if frame.kind != halo_wire.MLP or not 0 <= frame.layer < self.n_layers or retained:
+            self.agent.rejects.add("bad-halo-request")
+            return
+        with self._wake:
+            if len(self._requests) >= MAX_QUEUED_REQUESTS:
+                self._requests.pop(0)
+                self.dropped += 1
+            self._requests.append(frame)
+            self._wake.notify_all()
+
     # -- loader ---------------------------------------------------------------------------------
     def _load_loop(self) -> None:
         while not self._stop.is_set():
@@ -161,7 +186,7 @@ class HaloWorker(AgentExtension):
                 self._wake.wait_for(lambda: self._plans or self._stop.is_set(), 0.5)
                 if not self._plans:
                     continue
-                plan, reply = self._plans[-1]  # only the newest plan matters
+                plan, reply, coordinator = self._plans[-1]  # only the newest plan matters
                 self._plans.clear()
                 if plan.epoch in self._weights:
                     loaded = True
@@ -185,7 +210,19 @@ class HaloWorker(AgentExtension):
                     self._groups = sum(len(gs) for gs in mine)
                 log.info("HALO worker %s loaded epoch %d: %d groups in %.3f s", self.name, plan.epoch,
                          self._groups, time.perf_counter() - t0)
+            self._listen(coordinator)
             self._ack(plan.epoch, reply)
+
+    def _listen(self, coordinator: str) -> None:
+        """Subscribe to ``coordinator``'s shared MLP input (loader thread: subscribing waits for
+        the SUBACK, which the network thread delivers), before acknowledging its plan."""
+        if coordinator in self._coordinators:
+            return
+        try:
+            self.agent.bus.subscribe(topics.node_mlp(coordinator), self._on_frame, qos=topics.NODE_MLP.qos)
+            self._coordinators.add(coordinator)
+        except (MeshError, ValueError) as exc:
+            log.warning("cannot subscribe to %s's MLP input: %s", coordinator, exc)
 
     def _ack(self, epoch: int, reply: str | None) -> None:
         target = reply or topics.reply("coordinator")
@@ -206,18 +243,51 @@ class HaloWorker(AgentExtension):
                 env = self._requests.pop()  # the newest
                 self.dropped += len(self._requests)
                 self._requests.clear()
-                weights = self._weights.get(env.body["epoch"])
+                frame = isinstance(env, halo_wire.Frame)
+                epoch = env.epoch if frame else env.body["epoch"]
+                weights = self._weights.get(epoch)
                 if weights is not None:
-                    self._serving = env.body["epoch"]
+                    self._serving = epoch
+                elif frame:  # a shared input of a plan this worker is not (or no longer) in
+                    self.skipped += 1
+                    continue
             if weights is None:
                 self.agent.rejects.add("halo-unknown-epoch")
                 continue
             try:
-                self._serve(env, weights)
+                if frame:
+                    self._serve_frame(env, weights)
+                else:
+                    self._serve(env, weights)
             except ProtocolError as exc:
                 self.agent.rejects.add(exc.reason)
             except Exception:
                 log.exception("HALO partial failed")
+
+    def _serve_frame(self, req: halo_wire.Frame, weights: list[split.GroupWeights | None]) -> None:
+        w = weights[req.layer]
+        if w is None:  # no groups of this layer: nobody waits for an answer
+            self.skipped += 1
+            return
+        x = req.tensor
+        if x.shape[-1] != w.gate.shape[1] or not topics.reply_allowed(req.reply_to):
+            self.agent.rejects.add("bad-halo-request")
+            return
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            y = w.partial(x.to(w.gate.dtype))  # (..., H)
+        compute_s = time.perf_counter() - t0
+        out = halo_wire.encode(halo_wire.PARTIAL, self.name, req.epoch, req.step, req.layer,
+                               y.to(torch.float32 if x.dtype == torch.float32 else torch.float16),
+                               compute_s=compute_s)
+        self.agent.bus.publish(req.reply_to, out, qos=topics.HALO_REPLY.qos)
+        self._count(w.n_neurons * max(1, x.numel() // x.shape[-1]), w.n_neurons, compute_s)
+
+    def _count(self, rows: int, neurons: int, compute_s: float) -> None:
+        with self._lock:
+            self.served += 1
+            if compute_s > 0 and rows == neurons:  # one-token requests measure decode speed
+                self.speed = 0.9 * self.speed + 0.1 * rows / compute_s if self.speed else rows / compute_s
 
     def _serve(self, env: wire.Envelope, weights: list[split.GroupWeights | None]) -> None:
         b = env.body
@@ -236,9 +306,5 @@ class HaloWorker(AgentExtension):
         reply = wire.Envelope(wire.Kind.HALO_PARTIAL, self.name, body, corr=env.corr)
         self.agent.bus.publish(env.reply_to, wire.encode(reply, self.agent.limits.max_message_bytes),
                                qos=topics.NODE_HALO.qos)
-        rows = w.n_neurons * max(1, x.numel() // x.shape[-1])
-        with self._lock:
-            self.served += 1
-            if compute_s > 0 and rows == w.n_neurons:  # one-token requests measure decode speed
-                self.speed = 0.9 * self.speed + 0.1 * rows / compute_s if self.speed else rows / compute_s
+        self._count(w.n_neurons * max(1, x.numel() // x.shape[-1]), w.n_neurons, compute_s)
 

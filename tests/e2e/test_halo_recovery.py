@@ -3,12 +3,15 @@ processes on a real Mosquitto, with a tiny random-weight model of SmolLM2's arch
 local fallback (a missing group counts as zero, as in the bench's placement ablation).
 
 A worker that misses one step (frozen for a moment: CPU contention, a retransmission) must be
-waited for again as soon as it answers: relaxed sync skips only workers whose *overdue* partials
-are still missing. Counting a step the coordinator itself did not wait for as "still owed" made a
-worker that fell behind once stay behind for the rest of the ask: the coordinator no longer
-waited, so it always ran one step ahead of the worker's answers, and every later step summed the
-worker's groups as zero (run 4's placement ablation: the most reliable worker, holding the most
-important groups, was zeroed on 87 % of its steps; perplexity 494,964 instead of 19.6).
+waited for again as soon as it answers: relaxed sync skips only workers that owe an overdue
+partial and were silent for a deadline. Counting a step the coordinator itself did not wait for
+as "still owed" made a worker that fell behind once stay behind: the coordinator no longer
+waited, so it always ran ahead of the worker's answers, and later steps summed the worker's
+groups as zero (run 4's placement ablation: the most reliable worker, holding the most important
+groups, was zeroed on 87 % of its steps; perplexity 494,964 instead of 19.6). Whether this test
+catches that depends on the machine's timing (a rule that only required the owed step to be
+overdue failed it in 2 of 4 runs at load average ~9: after the freeze every step was zeroed); the
+deterministic reproduction is test_halo_sync.py::test_a_worker_that_fell_behind_once_is_waited_for_again.
 
 The model is small (8 layers, hidden 64, 4 groups of 64 neurons), so a step costs well under a
 millisecond and the coordinator outruns a worker's broker round trip whenever it does not wait.

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mesh import split, topics, wire
+from mesh import halo_wire, split, topics, wire
 from mesh.halo_sync import (
     EpochSwitch,
     Liveness,
@@ -143,17 +143,27 @@ class FakeWorker:
         self.served: list[int] = []
 
     def handle(self, data: bytes, deliver: Any) -> None:
-        env = wire.decode(data)
-        b = env.body
-        delay = self.delay.get(b["layer"], 0.0)
+        """A CBOR request to this worker, or the coordinator's shared frame (then only a worker
+        holding groups of the layer answers, as a frame)."""
+        if halo_wire.is_frame(data):
+            f = halo_wire.decode(data, wire.DEFAULT_MAX_BYTES)
+            epoch, step, layer, x = f.epoch, f.step, f.layer, f.tensor
+        else:
+            b = wire.decode(data).body
+            epoch, step, layer, x = b["epoch"], b["step"], b["layer"], wire.unpack_tensor(b["x"])
+        delay = self.delay.get(layer, 0.0)
         if delay is None:
             return
-        gs = self.plans[b["epoch"]].groups_for(self.name)[b["layer"]]
-        x = wire.unpack_tensor(b["x"]).float()
-        y = split.extract_groups(self.model, b["layer"], gs, self.layout).partial(x).half()
-        out = wire.encode(wire.Envelope(wire.Kind.HALO_PARTIAL, self.name, {
-            "epoch": b["epoch"], "step": b["step"], "layer": b["layer"], "y": wire.pack_tensor(y)}))
-        self.served.append(b["step"])
+        gs = self.plans[epoch].groups_for(self.name)[layer]
+        if not gs:
+            return
+        y = split.extract_groups(self.model, layer, gs, self.layout).partial(x.float()).half()
+        if halo_wire.is_frame(data):
+            out = halo_wire.encode(halo_wire.PARTIAL, self.name, epoch, step, layer, y)
+        else:
+            out = wire.encode(wire.Envelope(wire.Kind.HALO_PARTIAL, self.name, {
+                "epoch": epoch, "step": step, "layer": layer, "y": wire.pack_tensor(y)}))
+        self.served.append(step)
         threading.Timer(delay, deliver, args=(out,)).start() if delay else deliver(out)
 
 
@@ -166,7 +176,10 @@ class MemoryBus:
 
     def deliver(self, data: bytes) -> None:
         assert self.engine is not None
-        self.engine.on_reply("reply", data, False)
+        if halo_wire.is_frame(data):
+            self.engine.on_frame(self.engine.frame_reply, data, False)
+        else:
+            self.engine.on_reply("reply", data, False)
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
         if topic == topics.HALO_PLAN:
@@ -178,7 +191,7 @@ class MemoryBus:
                     self.ack(w.name, plan.epoch)
             return
         for name, w in self.workers.items():
-            if topic == topics.node_halo(name):
+            if topic in (topics.node_halo(name), topics.node_mlp("coordinator")):
                 w.handle(payload, self.deliver)
 
     def ack(self, worker: str, epoch: int) -> None:
@@ -224,20 +237,21 @@ def make_rig(tmp_path: Path, layers: int = 2, policy: SyncPolicy = POLICY) -> It
     torch.set_num_threads(threads)
 
 
-def forward(engine: HaloEngine, strict: bool, ids: list[int]) -> tuple[torch.Tensor, Any, float]:
+def forward(engine: HaloEngine, strict: bool, ids: list[int], frames: bool = True) -> tuple[torch.Tensor, Any, float]:
     t0 = time.perf_counter()
-    with engine.run(strict) as run:
+    with engine.run(strict, frames=frames) as run:
         logits = engine.model(input_ids=torch.tensor([ids])).logits
     return logits, run, time.perf_counter() - t0
 
 
-def test_strict_waits_for_a_slow_worker_and_matches_the_unsplit_model(rig) -> None:
+@pytest.mark.parametrize("frames", [True, False], ids=["shared-frame", "cbor-per-worker"])
+def test_strict_waits_for_a_slow_worker_and_matches_the_unsplit_model(rig, frames: bool) -> None:
     engine, bus = rig
     ids = [3, 14, 15, 92, 65]
     with torch.inference_mode():
         ref = engine.model(input_ids=torch.tensor([ids])).logits
     bus.workers["lossy"].delay = {0: 0.2}
-    logits, run, took = forward(engine, True, ids)
+    logits, run, took = forward(engine, True, ids, frames)
     assert took >= 0.2 and run.on_time == 4 and run.zeroed_groups == 0
     assert torch.allclose(logits, ref, atol=2e-3)  # fp16 on the wire
 
