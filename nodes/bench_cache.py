@@ -18,20 +18,26 @@ calibration) and a PNG plot.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from mesh import mmlu, topics, wire
 from mesh.config import BrokerAddress
 from mesh.errors import ProtocolError
 from mesh.testbed_plan import device_profile, make_spec
+from nodes.benchio import pyplot, save_figure, write_results
 from nodes.client import MeshClient
 from nodes.settings import mesh_home
 from nodes.setup import mmlu_dir
@@ -201,11 +207,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
     labels = ["peer's prompt\n(no cache)", "peer's prompt\n(cache)", "same subject\n(no cache)", "same subject\n(cache)"]
     for ax, res in zip(axes[0], results):
@@ -216,9 +218,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             ax.text(i, (v or 0), f"{v or 0:.2f}s", ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{res['profile']}: TTFT (mean of {s['questions']})")
         ax.set_ylabel("seconds")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def bench_cache(args: argparse.Namespace) -> int:
@@ -247,12 +247,8 @@ def bench_cache(args: argparse.Namespace) -> int:
                   f"({PAPER['ttft_change_pct']}%), TTLT {PAPER['ttlt_miss_s']} -> {PAPER['ttlt_hit_s']} s "
                   f"({PAPER['ttlt_change_pct']}%); Pi 5 with its cache: {PAPER['pi5_change_pct']:+}%")
     out = {"bench": "cache", "model": args.model, "kv_wire": args.kv_wire, "broker": args.broker, "peer": args.peer,
-           "tokens": args.tokens, "paper": PAPER, "results": results,
-           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
-    plot(results, Path(args.plot))
-    console.print(f"results: {args.json}, plot: {args.plot}")
+           "tokens": args.tokens, "paper": PAPER, "results": results}
+    write_results(out, args.json, lambda path: plot(results, path), args.plot, console)
     return 0
 
 
@@ -262,21 +258,14 @@ def bench_stream(args: argparse.Namespace, console: Console) -> int:
     results = [run_stream(p, args, console) for p in args.profiles.split(",")]
     print_stream(results, console)
     out = {"bench": "cache-stream", "model": args.model, "kv_wire": args.kv_wire, "broker": args.broker,
-           "tokens": args.tokens, "results": results, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
-    plot_stream(results, Path(args.plot))
-    console.print(f"results: {args.json}, plot: {args.plot}")
+           "tokens": args.tokens, "results": results}
+    write_results(out, args.json, lambda path: plot_stream(results, path), args.plot, console)
     return 0
 
 
 def plot_stream(results: list[dict[str, Any]], path: Path) -> None:
     """Per ask, in stream order: TTFT without and with the cache (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(len(results), 1, figsize=(10, 3.6 * len(results)), squeeze=False)
     for ax, res in zip(axes[:, 0], results):
         rows, s = res["rows"], res["summary"]
@@ -289,9 +278,7 @@ def plot_stream(results: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(f"{res['profile']}: {s['shots']}-shot stream, {s['asks']} asks, {s['subjects']} subjects, "
                      f"{s['nodes']} nodes: mean TTFT -{s['ttft_reduction_pct']:.1f} %")
         ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def add_bench_cache(sub: Any) -> None:

@@ -22,7 +22,6 @@ TTFT with and without the cache.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -32,11 +31,18 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from mesh import ha_workload as hw
 from mesh.errors import MeshError
+from nodes.benchio import pyplot, save_figure, write_results
 from nodes.client import MeshClient
 from nodes.settings import mesh_home
 from nodes.up import MeshProcesses, free_port
@@ -221,11 +227,7 @@ def summarize(rows: list[dict[str, Any]], nodes: list[str]) -> dict[str, Any]:
 
 
 def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = [r for r in rows if "ttft_s" in r]
     colors = {"no cache": "#888", "miss": "#c33", "partial hit (local)": "#2a7", "partial hit (remote)": "#27c",
               "full hit (local)": "#a6d", "full hit (remote)": "#f90"}
@@ -261,10 +263,7 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> Non
                   f"~{summary['prompt_tokens_mean'] or 0:.0f}-token prompts", fontsize=9)
     ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle("Home workload: Home Assistant commands behind one shared system prompt", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def print_report(summary: dict[str, Any], console: Console) -> None:
@@ -346,11 +345,8 @@ def bench_ha(args: argparse.Namespace) -> int:
                        "areas": [vars(a) for a in home.areas], "entities": [vars(e) for e in home.entities]},
               "system_prompt": system, "startup_s": startup_s,
               "machine": {"platform": platform.platform(), "python": platform.python_version()},
-              "summary": summary, "rows": rows, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=2))
-    plot(rows, summary, out_png)
-    console.print(f"results: {out_json}, plot: {out_png}")
+              "summary": summary, "rows": rows}
+    write_results(result, out_json, lambda path: plot(rows, summary, path), out_png, console)
     return 0 if summary["errors"] == 0 else 1
 
 

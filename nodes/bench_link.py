@@ -9,7 +9,6 @@ fractions, bandwidth from the large probe) are collected. JSON + PNG.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from rich.table import Table
 
 from mesh.config import BrokerAddress
 from mesh.testbed_plan import device_profile, make_spec
+from nodes.benchio import pyplot, save_figure, write_results
 from nodes.client import MeshClient
 
 
@@ -56,20 +56,13 @@ def bench_link(args: argparse.Namespace) -> int:
                       pct(r.get("loss_fraction")), num(r.get("bw_ewma_mbit")))
     console.print(table)
     out = {"bench": "link", "link_mbit": args.link_mbit, "ping_s": args.ping, "seconds": args.seconds,
-           "broker": args.broker, "rows": rows, "testbed": testbed, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
-    _plot(rows, Path(args.plot))
-    console.print(f"results: {args.json}, plot: {args.plot}")
+           "broker": args.broker, "rows": rows, "testbed": testbed}
+    write_results(out, args.json, lambda path: _plot(rows, path), args.plot, console)
     return 0
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     x = [r["loss_pct"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("rtt_p50_ms", "p50"), ("rtt_p90_ms", "p90"), ("rtt_p99_ms", "p99")):
@@ -83,9 +76,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     b.set_xlabel("random drop per direction (%)")
     b.set_ylabel("% of pings")
     b.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def add_bench_link(sub: Any) -> None:
