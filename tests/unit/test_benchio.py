@@ -22,4 +22,5 @@ def test_write_results_writes_the_record_and_the_plot(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "deep" / "x.json").read_text())
     assert saved["rows"] == [{"a": 1.5}] and saved["date"].startswith("20")
     assert (tmp_path / "other" / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "x.json" in console.export_text() and "x.png" in console.export_text()
+    said = console.export_text()
+    assert "deep/x.json" in said and "other/x.png" in said
