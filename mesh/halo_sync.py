@@ -9,8 +9,8 @@ clock, passed in.
   latency of on-time partials (the deadline is derived from them) and a late rate (fed to the
   scheduler as ``late_rate``). A worker *owes* a step when it was sent and nothing at or after it
   came back; a worker owing an earlier step than the current one, sent at least one deadline ago,
-  and silent for a deadline, is *stalled* and not waited for (``mesh.scheduler.stalled_workers``):
-  its answers come in order, behind the late one.
+  with nothing heard from it since that step was sent, is *stalled* and not waited for
+  (``mesh.scheduler.stalled_workers``): its answers come in order, behind the late one.
 - :class:`StepGather` collects one step's partials and decides whether to keep waiting: strict
   waits for every expected worker (up to a long safety timeout, after which the caller computes
   the missing groups itself, so strict stays exact); relaxed follows
@@ -97,8 +97,8 @@ class SyncLedger:
         return {w: sorted(r.sent_at) for w, r in self.workers.items() if r.sent_at}
 
     def stalled(self, step: int, now: float, overdue_s: float) -> frozenset[str]:
-        """Workers owing a step before ``step`` sent at least ``overdue_s`` before ``now``, and
-        silent since ``now - overdue_s``."""
+        """Workers owing a step before ``step`` sent at least ``overdue_s`` before ``now``, with
+        nothing heard from them since it was sent."""
         return scheduler.stalled_workers({w: r.sent_at for w, r in self.workers.items() if r.sent_at},
                                          step, now, overdue_s,
                                          {w: r.last_heard for w, r in self.workers.items()})

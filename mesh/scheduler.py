@@ -329,16 +329,17 @@ def stalled_workers(outstanding: Mapping[str, Mapping[int, float]], step: int, n
     ``outstanding`` maps each worker to its unanswered steps and their send times; ``last_heard``
     to when its newest partial (of any step) arrived. A worker stuck in TCP retransmission answers
     in order, so its current partial is queued behind the late one; waiting for it only adds the
-    stall to every layer. Stuck means both: it owes an earlier step sent at least ``overdue_s``
-    (the layer deadline) ago, and nothing from it arrived for ``overdue_s``. A worker whose
-    answers keep coming is only behind: counting it stalled (it owes the step the coordinator did
-    not wait for) kept a worker that fell behind once behind for good, since the coordinator,
-    no longer waiting, ran ahead of its answers at every step and summed its groups as zero.
+    stall to every layer. Stuck means: it owes an earlier step sent at least ``overdue_s`` (the
+    layer deadline) ago, and nothing at all arrived from it since that step was sent. A worker
+    whose answers keep coming is only behind: counting it stalled because it owes the step the
+    coordinator did not wait for kept a worker that fell behind once behind for good, since the
+    coordinator, no longer waiting, ran ahead of its answers at every step and summed its groups
+    as zero.
     """
     heard = last_heard or {}
     return frozenset(node for node, steps in outstanding.items()
-                     if now - heard.get(node, -math.inf) >= overdue_s
-                     and any(s < step and now - t >= overdue_s for s, t in steps.items()))
+                     if any(s < step and now - t >= overdue_s and heard.get(node, -math.inf) < t
+                            for s, t in steps.items()))
 
 
 @dataclass(frozen=True)

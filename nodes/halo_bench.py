@@ -97,8 +97,9 @@ class HaloMesh:
         raise TransportError("the coordinator never planned over every worker")
 
 
-def _ask(client: MeshClient, sync: str, tokens: int) -> dict[str, Any]:
-    r = _ask_raw(client, {"text": PROMPT, "max_new_tokens": tokens, "halo_sync": sync, "no_cache": True})
+def _ask(client: MeshClient, sync: str, tokens: int, wire: str = "frame") -> dict[str, Any]:
+    r = _ask_raw(client, {"text": PROMPT, "max_new_tokens": tokens, "halo_sync": sync, "no_cache": True,
+                          "halo_wire": wire})
     return {"tpot_s": r.get("tpot_s"), "ttlt_s": r.get("ttlt_s"), "new_tokens": r.get("new_tokens"),
             "halo": r.get("halo"), "token_ids": r.get("token_ids")}
 
@@ -227,7 +228,10 @@ def run_bench(args: argparse.Namespace) -> int:
                               "baseline": "strict sync (wait for every partial) on the same coordinator and plan",
                               "halo": "relaxed sync, predictor, importance placement, reliability-weighted shares",
                               "method": "per loss rate, strict and relaxed asks alternate (reps each) on one "
-                                        "coordinator, so both see the same machine load; TPOT = median"}
+                                        "coordinator, so both see the same machine load; TPOT = median",
+                              "wire": "shared MLP-input topic, halo_wire frames" + (
+                                  "; cbor_wire: the per-worker CBOR requests, alternating with it"
+                                  if args.compare_wire else "")}
     pred_report = predictor_path(home, args.model, 64).with_suffix(".json")
     if pred_report.exists():
         result["predictor"] = json.loads(pred_report.read_text())
@@ -256,17 +260,32 @@ def run_bench(args: argparse.Namespace) -> int:
                 bar.update(task, description=f"strict vs relaxed, loss {loss:g} %")
                 _settle(client)
                 runs: dict[str, list[dict[str, Any]]] = {"strict": [], "relaxed": []}
+                old: dict[str, list[dict[str, Any]]] = {"strict": [], "relaxed": []}
+                loads = []
                 for _ in range(args.reps):
                     for sync in ("strict", "relaxed"):
                         runs[sync].append(_ask(client, sync, args.tokens))
+                        if args.compare_wire:  # the per-worker CBOR requests, side by side
+                            old[sync].append(_ask(client, sync, args.tokens, "cbor"))
+                        loads.append(os.getloadavg()[0])
                 s, relaxed = _median_run(runs["strict"]), _median_run(runs["relaxed"])
                 p = {"loss_pct": loss, "strict_tpot_s": s["tpot_s"], "relaxed_tpot_s": relaxed["tpot_s"],
                      "speedup": s["tpot_s"] / relaxed["tpot_s"] if relaxed["tpot_s"] else None,
                      "strict_e2e_s": s["ttlt_s"], "relaxed_e2e_s": relaxed["ttlt_s"],
                      "strict_tpot_runs_s": [r["tpot_s"] for r in runs["strict"]],
                      "relaxed_tpot_runs_s": [r["tpot_s"] for r in runs["relaxed"]],
+                     "load_avg_1min": loads,
                      **_quality_point(client, q, lossless), "strict_halo": s["halo"],
                      "relaxed_halo": relaxed["halo"], "relaxed_plan": _plan_of(client)}
+                if args.compare_wire:
+                    os_, or_ = _median_run(old["strict"]), _median_run(old["relaxed"])
+                    p["cbor_wire"] = {"strict_tpot_s": os_["tpot_s"], "relaxed_tpot_s": or_["tpot_s"],
+                                      "speedup": os_["tpot_s"] / or_["tpot_s"] if or_["tpot_s"] else None,
+                                      "strict_tpot_runs_s": [r["tpot_s"] for r in old["strict"]],
+                                      "relaxed_tpot_runs_s": [r["tpot_s"] for r in old["relaxed"]],
+                                      "strict_halo": os_["halo"], "relaxed_halo": or_["halo"]}
+                    bar.console.print(f"  cbor per-worker wire: strict {os_['tpot_s'] * 1000:7.1f} ms/token, relaxed "
+                                      f"{or_['tpot_s'] * 1000:7.1f}")
                 points.append(p)
                 bar.console.print(f"loss {loss:4.1f} %: strict {p['strict_tpot_s'] * 1000:7.1f} ms/token, relaxed "
                                   f"{p['relaxed_tpot_s'] * 1000:7.1f} (x{p['speedup']:.2f}), ppl {p['ppl_relaxed']:.3f} "

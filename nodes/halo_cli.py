@@ -31,6 +31,9 @@ def add_node_halo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--roles", default="", help="extra roles, comma separated: worker (HALO neuron groups)")
     parser.add_argument("--halo-group-size", type=int, default=split.DEFAULT_GROUP_SIZE,
                         help="neurons per HALO group (must match the coordinator; default 64)")
+    parser.add_argument("--halo-serve", choices=["inline", "thread"], default="inline",
+                        help="one-token partials on the network thread (inline, no thread hand-offs) "
+                             "or all on the compute thread")
 
 
 def halo_extensions_from_args(args: argparse.Namespace, node_config: Any) -> list[Any]:
@@ -42,7 +45,8 @@ def halo_extensions_from_args(args: argparse.Namespace, node_config: Any) -> lis
         return []
     from nodes.halo_worker import HaloWorker
 
-    return [HaloWorker(int(getattr(args, "halo_group_size", split.DEFAULT_GROUP_SIZE)))]
+    return [HaloWorker(int(getattr(args, "halo_group_size", split.DEFAULT_GROUP_SIZE)),
+                       inline=getattr(args, "halo_serve", "inline") == "inline")]
 
 
 def coordinator_config(args: argparse.Namespace) -> Any:
@@ -194,6 +198,8 @@ def add_bench_halo(bench_parser: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-tokens", type=int, default=96, help="held-out tokens for perplexity/agreement")
     p.add_argument("--mmlu", type=int, default=12, help="MMLU questions (fixed sample)")
     p.add_argument("--no-ablation", action="store_true", help="skip the random-placement ablation")
+    p.add_argument("--compare-wire", action="store_true",
+                   help="also time the per-worker CBOR requests (the old wire), alternating with the frames")
     p.add_argument("--ablation-reps", type=int, default=2,
                    help="ablation rounds (each: one generation and one quality run per placement, alternating)")
     p.add_argument("--broker-kind", default="mosquitto", choices=["mosquitto", "amqtt"])

@@ -121,6 +121,12 @@ class HaloEngine:
         self.switch = EpochSwitch()
         self._lock = threading.Lock()
         self._partials: queue.Queue[tuple[str, int, Tensor | None, float, float]] = queue.Queue(PARTIALS_MAX)
+        # The generation thread sleeps until every partial it still waits for at this step arrived
+        # (or its next decision time): one wake-up per step instead of one per partial, each of
+        # which costs a thread switch (and the GIL) on a busy device.
+        self._await_lock = threading.Lock()
+        self._await: tuple[int, set[str]] | None = None
+        self._arrival = threading.Event()
         self.presence = Presence(getattr(config, "liveness", Liveness()))
         self._presence_lock = threading.Lock()
         self._local: dict[int, list[split.GroupWeights | None]] = {}
@@ -211,6 +217,12 @@ class HaloEngine:
         except queue.Full:
             self.rejects.add("halo-busy")
             return
+        with self._await_lock:
+            waiting = self._await
+            if waiting is not None and step == waiting[0]:
+                waiting[1].discard(sender)
+                if not waiting[1]:
+                    self._arrival.set()
         with self._presence_lock:
             self.presence.heard(sender, time.monotonic())
 
@@ -409,16 +421,17 @@ class HaloEngine:
         gather = StepGather(step, expected, important if not run.strict else frozenset(), run.strict)
         deadline = self.ledger.deadline(self.config.policy)
         numel = x.numel()
-        wait, block = 0.0, False  # first take what already arrived (late partials settle who is stalled)
+        wait: float | None = None  # first take what already arrived (late partials settle who is stalled)
+        waiting: set[str] = set()
         while True:
-            try:
-                item = self._partials.get(timeout=wait) if block else self._partials.get_nowait()
-            except queue.Empty:
-                item = None
-            if item is not None:
+            if wait is not None:
+                self._sleep(step, waiting, wait)
+            while True:
+                try:
+                    item = self._partials.get_nowait()
+                except queue.Empty:
+                    break
                 self._take(run, gather, item, numel)
-                block = False
-                continue
             now = time.perf_counter()
             stalled = frozenset() if run.strict else self.ledger.stalled(step, now, deadline)
             gone = self.gone(expected)
@@ -433,7 +446,8 @@ class HaloEngine:
                         for w in gather.pending():
                             self.presence.timed_out(w)
                 break
-            wait, block = min(max(d.until_s - elapsed, 0.0), 0.25), True
+            wait = min(max(d.until_s - elapsed, 0.0), 0.25)
+            waiting = set(gather.pending()) - stalled - gone
         for w in expected:
             self.ledger.closed(w, w in gather.partials)
         if not run.strict and imp is None and not gather.complete:
@@ -449,6 +463,20 @@ class HaloEngine:
         true = split.group_importance(self.full[layer], x, gram).reshape(-1, self.layout.n_groups).sum(0)  # (G,)
         total = float(true.sum())
         return float(true[list(zeroed)].sum()) / total if total > 0 else 0.0
+
+    def _sleep(self, step: int, waiting: set[str], timeout: float) -> None:
+        """Until every worker in ``waiting`` delivered its partial of ``step``, or ``timeout``."""
+        with self._await_lock:
+            self._await = (step, set(waiting))
+            self._arrival.clear()
+        try:
+            if waiting and self._partials.empty():  # else something came meanwhile: look at it first
+                self._arrival.wait(timeout)
+            elif not waiting:
+                time.sleep(timeout)
+        finally:
+            with self._await_lock:
+                self._await = None
 
     def _predict(self, run: HaloRun, layer: int, x: Tensor, record: bool) -> Tensor:
         """Predicted importance of every group at this step: (G,); ``record`` adds it to the run's

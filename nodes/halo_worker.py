@@ -10,6 +10,13 @@ Threads (all owned here and stopped by :meth:`HaloWorker.stop`):
   request whose step is older than one already received is dropped unanswered (the coordinator
   has moved on; answering would only pile work up behind a stalled link).
 
+One exception to "no torch on the network thread", for the hot path: a one-position (decode)
+MLP-input frame is served on the network thread itself (``inline``, the default): its partial is
+one group slice of one token (~0.4 ms for a third of a SmolLM2 layer), no longer than decoding a
+large message, and handing it to the compute thread and the answer back to paho's thread costs
+two thread wake-ups per layer step, which on a busy 2-core device are the floor of the round trip
+(see the bench's ``cbor_wire`` comparison). Prefill-sized requests still go to the compute thread.
+
 Wire: the coordinator publishes each layer step's MLP input once, as a ``mesh.halo_wire`` frame
 on ``node_mlp(coordinator)``; every worker of its plan subscribes (the loader does, before it
 acknowledges its first plan from that coordinator) and answers with a partial frame on the
@@ -42,8 +49,9 @@ MAX_QUEUED_REQUESTS = 64  # requests waiting for the compute thread; it only eve
 class HaloWorker(AgentExtension):
     roles = ("worker",)
 
-    def __init__(self, group_size: int = split.DEFAULT_GROUP_SIZE) -> None:
+    def __init__(self, group_size: int = split.DEFAULT_GROUP_SIZE, inline: bool = True) -> None:
         self.group_size = group_size
+        self.inline = inline
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -171,6 +179,19 @@ class HaloWorker(AgentExtension):
             return
         if frame.kind != halo_wire.MLP or not 0 <= frame.layer < self.n_layers or retained:
             self.agent.rejects.add("bad-halo-request")
+            return
+        x = frame.tensor
+        if self.inline and x.ndim >= 1 and x.numel() == x.shape[-1]:  # one position: serve it here
+            with self._lock:
+                weights = self._weights.get(frame.epoch)
+                if weights is None:
+                    self.skipped += 1
+                    return
+                self._serving = frame.epoch
+            try:
+                self._serve_frame(frame, weights)
+            except ProtocolError as exc:
+                self.agent.rejects.add(exc.reason)
             return
         with self._wake:
             if len(self._requests) >= MAX_QUEUED_REQUESTS:

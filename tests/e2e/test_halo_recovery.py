@@ -4,7 +4,7 @@ local fallback (a missing group counts as zero, as in the bench's placement abla
 
 A worker that misses one step (frozen for a moment: CPU contention, a retransmission) must be
 waited for again as soon as it answers: relaxed sync skips only workers that owe an overdue
-partial and were silent for a deadline. Counting a step the coordinator itself did not wait for
+partial and sent nothing since it was sent. Counting a step the coordinator itself did not wait for
 as "still owed" made a worker that fell behind once stay behind: the coordinator no longer
 waited, so it always ran ahead of the worker's answers, and later steps summed the worker's
 groups as zero (run 4's placement ablation: the most reliable worker, holding the most important
