@@ -137,12 +137,16 @@ class StepGather:
         self.must_wait = must_wait
         self.strict = strict
         self.partials: dict[str, Any] = {}
+        self.last_arrival_s: float | None = None  # elapsed time of the newest accepted partial
 
-    def add(self, worker: str, step: int, partial: Any) -> bool:
-        """Accept a partial of this step from a worker that owes one; False otherwise."""
+    def add(self, worker: str, step: int, partial: Any, at_s: float | None = None) -> bool:
+        """Accept a partial of this step from a worker that owes one (arrived ``at_s`` into the
+        step); False otherwise."""
         if step != self.step or worker not in self.expected or worker in self.partials:
             return False
         self.partials[worker] = partial
+        if at_s is not None:
+            self.last_arrival_s = max(at_s, self.last_arrival_s or at_s)
         return True
 
     @property
@@ -170,7 +174,7 @@ class StepGather:
             return WaitDecision(False, elapsed_s, "strict-timeout")
         return scheduler.wait_decision(
             pending=self.pending(), must_wait=self.must_wait, stalled=stalled | gone,
-            elapsed_s=elapsed_s, deadline_s=deadline_s, policy=policy,
+            elapsed_s=elapsed_s, deadline_s=deadline_s, policy=policy, last_arrival_s=self.last_arrival_s,
         )
 
     def missing_groups(self) -> tuple[int, ...]:

@@ -309,6 +309,11 @@ class SyncPolicy:
     max_deadline_s: float = 0.1
     default_deadline_s: float = 0.02  # before any sample exists
     important_grace: float = 2.0  # important groups may hold up to grace * deadline
+    # Once a step's first partials arrived, the rest get this share of the deadline more (unless
+    # important): healthy workers answer within a millisecond or two of each other, while a
+    # partial lost on a lossy link waits for a TCP retransmission (>= 200 ms), so waiting the whole
+    # deadline for it at every stall onset bought nothing. 1 or more: off.
+    straggler_share: float = 0.25
 
 
 def layer_deadline(samples: Sequence[float], policy: SyncPolicy = SyncPolicy()) -> float:
@@ -352,23 +357,31 @@ class WaitDecision:
 def wait_decision(
     *, pending: Mapping[str, Sequence[int]], must_wait: frozenset[int] | set[int],
     stalled: frozenset[str], elapsed_s: float, deadline_s: float,
-    policy: SyncPolicy = SyncPolicy(),
+    policy: SyncPolicy = SyncPolicy(), last_arrival_s: float | None = None,
 ) -> WaitDecision:
     """Whether to keep waiting for the partials of one layer step.
 
     ``pending`` maps each worker to its groups not yet arrived; ``must_wait`` are the groups
     predicted important (``predictor.groups_to_wait(pred, policy.target_share)``). Stalled
     workers are never waited for; the rest until the deadline; an important group up to
-    ``important_grace`` deadlines (capped at ``max_deadline_s``). Called on every arrival and
-    on every wake-up; whatever is still missing when it says stop counts as zero.
+    ``important_grace`` deadlines (capped at ``max_deadline_s``). Once some partial of the step
+    arrived (``last_arrival_s``, elapsed time of the newest), stragglers without important groups
+    get ``straggler_share`` of the deadline after it, not the whole deadline. Called on every
+    arrival and on every wake-up; whatever is still missing when it says stop counts as zero.
     """
     missing = {n: gs for n, gs in pending.items() if gs}
     live = {n: gs for n, gs in missing.items() if n not in stalled}
     if not live:
         return WaitDecision(False, elapsed_s, "stalled-only" if missing else "complete")
+    important = any(g in must_wait for gs in live.values() for g in gs)
+    if last_arrival_s is not None and not important and policy.straggler_share < 1:
+        cut = min(deadline_s, last_arrival_s + policy.straggler_share * deadline_s)
+        if elapsed_s < cut:
+            return WaitDecision(True, cut, "straggler")
+        return WaitDecision(False, elapsed_s, "straggler-cut" if elapsed_s < deadline_s else "deadline-passed")
     if elapsed_s < deadline_s:
         return WaitDecision(True, deadline_s, "deadline")
-    if any(g in must_wait for gs in live.values() for g in gs):
+    if important:
         hard = min(policy.important_grace * deadline_s, max(policy.max_deadline_s, deadline_s))
         if elapsed_s < hard:
             return WaitDecision(True, hard, "important")

@@ -253,7 +253,7 @@ def run_bench(args: argparse.Namespace) -> int:
             result["plan"] = mesh.wait_ready(client)
             bar.update(task, description="lossless reference (strict)")
             lossless = q.run(client, "strict")
-            result["lossless"] = {k: v for k, v in lossless.items() if k not in ("argmax", "picks")}
+            result["lossless"] = {k: v for k, v in lossless.items() if k not in ("argmax", "picks", "nll")}
             points = []
             for loss in losses:
                 _set_loss(tb, lossy, loss)

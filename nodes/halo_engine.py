@@ -125,7 +125,7 @@ class HaloEngine:
         # (or its next decision time): one wake-up per step instead of one per partial, each of
         # which costs a thread switch (and the GIL) on a busy device.
         self._await_lock = threading.Lock()
-        self._await: tuple[int, set[str]] | None = None
+        self._await: tuple[int, set[str], bool] | None = None
         self._arrival = threading.Event()
         self.presence = Presence(getattr(config, "liveness", Liveness()))
         self._presence_lock = threading.Lock()
@@ -219,9 +219,9 @@ class HaloEngine:
             return
         with self._await_lock:
             waiting = self._await
-            if waiting is not None and step == waiting[0]:
+            if waiting is not None and step == waiting[0] and sender in waiting[1]:
                 waiting[1].discard(sender)
-                if not waiting[1]:
+                if not waiting[1] or waiting[2]:
                     self._arrival.set()
         with self._presence_lock:
             self.presence.heard(sender, time.monotonic())
@@ -425,13 +425,14 @@ class HaloEngine:
         waiting: set[str] = set()
         while True:
             if wait is not None:
-                self._sleep(step, waiting, wait)
+                # Relaxed: the first arrival starts the stragglers' shorter wait, so wake on it.
+                self._sleep(step, waiting, wait, first=not run.strict and gather.last_arrival_s is None)
             while True:
                 try:
                     item = self._partials.get_nowait()
                 except queue.Empty:
                     break
-                self._take(run, gather, item, numel)
+                self._take(run, gather, item, numel, t0)
             now = time.perf_counter()
             stalled = frozenset() if run.strict else self.ledger.stalled(step, now, deadline)
             gone = self.gone(expected)
@@ -464,10 +465,11 @@ class HaloEngine:
         total = float(true.sum())
         return float(true[list(zeroed)].sum()) / total if total > 0 else 0.0
 
-    def _sleep(self, step: int, waiting: set[str], timeout: float) -> None:
-        """Until every worker in ``waiting`` delivered its partial of ``step``, or ``timeout``."""
+    def _sleep(self, step: int, waiting: set[str], timeout: float, first: bool = False) -> None:
+        """Until every worker in ``waiting`` (``first``: any of them) delivered its partial of
+        ``step``, or ``timeout``."""
         with self._await_lock:
-            self._await = (step, set(waiting))
+            self._await = (step, set(waiting), first)
             self._arrival.clear()
         try:
             if waiting and self._partials.empty():  # else something came meanwhile: look at it first
@@ -493,11 +495,11 @@ class HaloEngine:
         return imp
 
     def _take(self, run: HaloRun, gather: StepGather, item: tuple[str, int, Tensor | None, float, float],
-              numel: int) -> None:
+              numel: int, t0: float) -> None:
         sender, s, y, t, compute_s = item
         if y is None or (s == gather.step and y.numel() != numel):
             self.rejects.add("bad-halo-partial")
-        elif gather.add(sender, s, y):
+        elif gather.add(sender, s, y, t - t0):
             latency = self.ledger.arrived(sender, s, t, on_time=True)
             run.on_time += 1
             if latency is not None:  # round trip of on-time partials, and the worker's share of it

@@ -203,3 +203,20 @@ def test_a_drift_must_persist_before_it_replans() -> None:
     # Noise: the drift vanished on one check, so the clock starts again.
     _, since = s.drift_persisted(None, since, 11.0, pol)
     assert s.drift_persisted("reliability of a: 0.9 -> 0.5", since, 14.0, pol) == (False, 14.0)
+
+
+def test_stragglers_get_a_share_of_the_deadline_after_the_first_partials() -> None:
+    pol = s.SyncPolicy(straggler_share=0.25)
+    kw = dict(pending={"lossy": [5]}, stalled=frozenset(), deadline_s=0.02, policy=pol)
+    # Nothing arrived yet: the whole deadline.
+    assert s.wait_decision(must_wait=frozenset(), elapsed_s=0.004, **kw).until_s == 0.02
+    # The others arrived at 2 ms: the straggler gets 5 ms more, not 18.
+    d = s.wait_decision(must_wait=frozenset(), elapsed_s=0.004, last_arrival_s=0.002, **kw)
+    assert d.wait and d.until_s == 0.002 + 0.005 and d.reason == "straggler"
+    d = s.wait_decision(must_wait=frozenset(), elapsed_s=0.0071, last_arrival_s=0.002, **kw)
+    assert not d.wait and d.reason == "straggler-cut"
+    # An important group keeps the important wait; straggler_share 1 turns the rule off.
+    assert s.wait_decision(must_wait=frozenset({5}), elapsed_s=0.0071, last_arrival_s=0.002, **kw).wait
+    off = dict(kw, policy=s.SyncPolicy(straggler_share=1.0))
+    assert s.wait_decision(must_wait=frozenset(), elapsed_s=0.0071, last_arrival_s=0.002, **off).until_s == 0.02
+
