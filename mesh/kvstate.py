@@ -90,7 +90,30 @@ class ChunkKV:
 
     def to(self, dtype: torch.dtype) -> ChunkKV:
         """The same chunk in another dtype (fp16 halves a store's memory; restore converts back)."""
-        return ChunkKV(tuple(k.to(dtype) for k in self.keys), tuple(v.to(dtype) for v in self.values))
+        return pack([k.to(dtype) for k in self.keys], [v.to(dtype) for v in self.values])
+
+
+def pack(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> ChunkKV:
+    """A chunk whose tensors are copies in views of one buffer (all tensors must share a dtype).
+
+    Why one buffer: a node's store holds thousands of chunks and replaces them as it evicts. As
+    2 x layers separate tensors (16 KiB each for Gemma-3 270M) they lived in the malloc heap among
+    short-lived allocations, and every eviction left holes that later chunks did not fit: the
+    heap, and RSS, kept growing with the cache full (``mesh bench load``). One allocation of the
+    whole chunk (576 KiB) is above glibc's mmap threshold (fixed by ``nodes.memory``): it gets
+    its own mapping, which goes back to the kernel whole when the chunk is evicted.
+    """
+    parts = [*keys, *values]
+    if len({t.dtype for t in parts}) > 1:
+        raise ValueError("a chunk's tensors must share one dtype")
+    flat = torch.empty(sum(t.numel() for t in parts), dtype=parts[0].dtype if parts else torch.float32)
+    out, at = [], 0
+    for t in parts:
+        view = flat[at:at + t.numel()].view(t.shape)
+        view.copy_(t)
+        out.append(view)
+        at += t.numel()
+    return ChunkKV(keys=tuple(out[:len(keys)]), values=tuple(out[len(keys):]))
 
 
 def kv_layout(config: Any) -> list[tuple[int, int]]:
@@ -169,13 +192,8 @@ def cut_chunks(cache: DynamicCache, first: int, count: int, chunk_size: int) -> 
     out = []
     for i in range(count):
         a, b = i * chunk_size, (i + 1) * chunk_size
-        # clone: a view would keep the whole cache tensor alive inside the store
-        out.append(
-            ChunkKV(
-                keys=tuple(k[:, a:b].clone() for k, _ in per_layer),
-                values=tuple(v[:, a:b].clone() for _, v in per_layer),
-            )
-        )
+        # copied (pack): a view would keep the whole cache tensor alive inside the store
+        out.append(pack([k[:, a:b] for k, _ in per_layer], [v[:, a:b] for _, v in per_layer]))
     return out
 
 
@@ -198,9 +216,9 @@ def cut_span(cache: DynamicCache, start: int, stop: int) -> ChunkKV:
             keys.append(empty)
             values.append(empty.clone())
             continue
-        keys.append(layer.keys[0, :, start - lo:stop - lo].clone())
-        values.append(layer.values[0, :, start - lo:stop - lo].clone())
-    return ChunkKV(keys=tuple(keys), values=tuple(values))
+        keys.append(layer.keys[0, :, start - lo:stop - lo])
+        values.append(layer.values[0, :, start - lo:stop - lo])
+    return pack(keys, values)
 
 
 def restore_cache(
@@ -363,7 +381,7 @@ def decode_chunk(
             sink.append(torch.from_numpy(arr).to(dtype))
     if data.get("sum") != _checksum(got_model, got_key, layers):
         raise ProtocolError("bad-checksum", got_key.hex())
-    return ChunkKV(keys=tuple(keys), values=tuple(values))
+    return pack(keys, values)  # it may go into the store: one buffer (see pack)
 
 
 # -- last logits -------------------------------------------------------------------------------
