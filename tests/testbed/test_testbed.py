@@ -204,7 +204,11 @@ def test_cpu_quota_slows_a_process_by_the_quota_ratio(make_testbed: Callable[...
     print(f"free {free}, quota'd {slow}, wall/cpu {own:.2f}, vs free {vs_free:.2f} (quota ratio {expected:.1f})")
     assert 0.8 * expected <= own <= 1.3 * expected, (free, slow)
     if free["seconds"] <= 1.5 * free["cpu_seconds"]:
-        assert 0.45 * expected <= vs_free <= 1.75 * expected, (free, slow)
+        # Really slower than unquoted; the upper bound is per unit of CPU work, since the same loop
+        # took 0.14 s of CPU free and 0.25 s quota'd in one CI run (cold caches after throttling)
+        work = slow["cpu_seconds"] / free["cpu_seconds"]
+        assert 0.45 * expected <= vs_free, (free, slow)
+        assert vs_free / max(work, 1.0) <= 1.75 * expected, (free, slow)
     else:  # even the best unquoted run got under 2/3 of a core: no fair baseline right now
         warnings.warn(f"machine busy, unquoted baseline starved ({free}); compared wall/cpu only")
 
