@@ -31,6 +31,7 @@ from mesh import scheduler
 from mesh.scheduler import Plan, SyncPolicy, WaitDecision
 
 MAX_OUTSTANDING = 4096  # sent-but-unanswered steps remembered per worker
+MAX_OPEN_STEPS = 256  # decode steps whose arrival spread is still being collected
 LATE_ALPHA = 0.01  # EWMA weight of one step's outcome in a worker's late rate (~100 steps, 3 tokens)
 
 
@@ -41,7 +42,9 @@ class WorkerRecord:
     sent_at: dict[int, float] = field(default_factory=dict)  # outstanding step -> send time
     last_reply: int = -1
     last_heard: float = float("-inf")  # arrival time of its newest partial (any step)
-    samples: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    samples: deque[float] = field(default_factory=lambda: deque(maxlen=64))  # one-position steps
+    per_token: deque[float] = field(default_factory=lambda: deque(maxlen=64))  # multi: latency / T
+    tokens: dict[int, int] = field(default_factory=dict)  # outstanding multi-token step -> T
     on_time: int = 0
     late: int = 0  # arrived after its step was closed (discarded)
     zeroed: int = 0  # steps closed without this worker's partial
@@ -53,15 +56,29 @@ class SyncLedger:
 
     def __init__(self) -> None:
         self.workers: dict[str, WorkerRecord] = {}
+        # Decode steps sent to several workers: how many partials, and their latencies so far.
+        self._open: dict[int, tuple[int, list[float]]] = {}
+        self.gaps: deque[float] = deque(maxlen=128)  # largest arrival gap per complete decode step
 
     def _rec(self, worker: str) -> WorkerRecord:
         return self.workers.setdefault(worker, WorkerRecord())
 
-    def sent(self, worker: str, step: int, now: float) -> None:
+    def sent(self, worker: str, step: int, now: float, tokens: int = 1) -> None:
         rec = self._rec(worker)
         rec.sent_at[step] = now
+        if tokens > 1:
+            rec.tokens[step] = tokens
         if len(rec.sent_at) > MAX_OUTSTANDING:
-            del rec.sent_at[min(rec.sent_at)]
+            old = min(rec.sent_at)
+            del rec.sent_at[old]
+            rec.tokens.pop(old, None)
+
+    def spread(self, step: int, n_workers: int) -> None:
+        """Collect the arrival spread of a one-position step sent to ``n_workers`` (>= 2)."""
+        if n_workers >= 2:
+            self._open[step] = (n_workers, [])
+            if len(self._open) > MAX_OPEN_STEPS:
+                del self._open[min(self._open)]
 
     def arrived(self, worker: str, step: int, now: float, on_time: bool) -> float | None:
         """Record a partial; returns its latency (None if the step was never sent to it).
@@ -71,10 +88,12 @@ class SyncLedger:
         """
         rec = self._rec(worker)
         t0 = rec.sent_at.get(step)
+        tokens = rec.tokens.get(step, 1)
         rec.last_reply = max(rec.last_reply, step)
         rec.last_heard = max(rec.last_heard, now)
         for s in [s for s in rec.sent_at if s <= step]:
             del rec.sent_at[s]
+            rec.tokens.pop(s, None)
         if on_time:
             rec.on_time += 1
         else:
@@ -83,7 +102,19 @@ class SyncLedger:
             return None
         latency = max(0.0, now - t0)
         # Late ones count too: a deadline learnt only from on-time partials could only shrink.
-        rec.samples.append(latency)
+        # A prefill's latencies go per position to their own samples: in the decode samples
+        # they stretched the deadline of the next decode steps.
+        if tokens > 1:
+            rec.per_token.append(latency / tokens)
+        else:
+            rec.samples.append(latency)
+        opened = self._open.get(step)
+        if opened is not None:
+            opened[1].append(latency)
+            if len(opened[1]) >= opened[0]:
+                del self._open[step]
+                times = sorted(opened[1])
+                self.gaps.append(max(b - a for a, b in zip(times, times[1:])))
         return latency
 
     def closed(self, worker: str, got: bool) -> None:
@@ -103,13 +134,22 @@ class SyncLedger:
                                          step, now, overdue_s,
                                          {w: r.last_heard for w, r in self.workers.items()})
 
-    def deadline(self, policy: SyncPolicy) -> float:
-        """Each worker's deadline from its own recent latencies (late ones included), then the
-        lower median over workers: one lossy worker's retransmission stalls cannot stretch the
-        deadline everybody else is held to, and no survivorship bias shrinks it."""
-        per = sorted(scheduler.layer_deadline(list(r.samples), policy)
-                     for r in self.workers.values() if r.samples)
-        return per[(len(per) - 1) // 2] if per else policy.default_deadline_s
+    def deadline(self, policy: SyncPolicy, tokens: int = 1) -> float:
+        """Each worker's deadline for a step of ``tokens`` positions from its own recent latencies
+        (late ones included; ``mesh.scheduler.step_deadline``), then the lower median over
+        workers: one lossy worker's retransmission stalls cannot stretch the deadline everybody
+        else is held to, and no survivorship bias shrinks it."""
+        per = sorted(scheduler.step_deadline(scheduler.layer_deadline(list(r.samples), policy),
+                                             tokens, list(r.per_token), policy)
+                     for r in self.workers.values() if r.samples or r.per_token)
+        if per:
+            return per[(len(per) - 1) // 2]
+        return scheduler.step_deadline(policy.default_deadline_s, tokens, (), policy)
+
+    def straggler_wait(self, policy: SyncPolicy, deadline_s: float) -> float:
+        """The wait for stragglers after the newest arrival of a decode step
+        (``mesh.scheduler.straggler_wait`` over the measured arrival gaps)."""
+        return scheduler.straggler_wait(list(self.gaps), deadline_s, policy)
 
     def late_rate(self, worker: str) -> float:
         rec = self.workers.get(worker)
@@ -131,8 +171,10 @@ class StepGather:
     """
 
     def __init__(self, step: int, expected: Mapping[str, tuple[int, ...]],
-                 must_wait: frozenset[int] = frozenset(), strict: bool = True) -> None:
+                 must_wait: frozenset[int] = frozenset(), strict: bool = True,
+                 straggler_s: float | None = None) -> None:
         self.step = step
+        self.straggler_s = straggler_s  # the wait after the newest arrival (None: policy share)
         self.expected = dict(expected)
         self.must_wait = must_wait
         self.strict = strict
@@ -175,6 +217,7 @@ class StepGather:
         return scheduler.wait_decision(
             pending=self.pending(), must_wait=self.must_wait, stalled=stalled | gone,
             elapsed_s=elapsed_s, deadline_s=deadline_s, policy=policy, last_arrival_s=self.last_arrival_s,
+            straggler_s=self.straggler_s,
         )
 
     def missing_groups(self) -> tuple[int, ...]:

@@ -314,6 +314,29 @@ class SyncPolicy:
     # partial lost on a lossy link waits for a TCP retransmission (>= 200 ms), so waiting the whole
     # deadline for it at every stall onset bought nothing. 1 or more: off.
     straggler_share: float = 0.25
+    # The straggler wait adapts to the measured spread of arrivals: ``straggler_margin`` times the
+    # ``straggler_quantile`` of the largest gap between consecutive arrivals of recent decode steps
+    # (all partials of a step, late ones included), at least ``min_straggler_s``, at most the
+    # ``straggler_share`` of the deadline above; fewer than ``min_gap_samples`` steps: that share.
+    straggler_quantile: float = 0.9
+    straggler_margin: float = 2.0
+    min_straggler_s: float = 0.0005
+    min_gap_samples: int = 16
+    # A multi-token step (a prefill) carries T positions: its deadline is T times the measured
+    # per-position latency of earlier multi-token steps (margin and quantile as above; before any,
+    # T decode deadlines), at least the decode deadline, at most ``max_multi_deadline_s``. Its
+    # missing groups are computed by the coordinator (``exact_multi``): one prefill's KV cache
+    # feeds every later token, and T positions make a lost partial cost as much as one group's
+    # local rows, not a fraction of a decode step.
+    max_multi_deadline_s: float = 1.0
+    exact_multi: bool = True
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of sorted ``xs`` (non-empty)."""
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
 
 
 def layer_deadline(samples: Sequence[float], policy: SyncPolicy = SyncPolicy()) -> float:
@@ -321,10 +344,52 @@ def layer_deadline(samples: Sequence[float], policy: SyncPolicy = SyncPolicy()) 
     xs = sorted(s for s in samples if math.isfinite(s) and s >= 0)
     if not xs:
         return policy.default_deadline_s
-    pos = policy.quantile * (len(xs) - 1)
-    lo = math.floor(pos)
-    q = xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
-    return min(policy.max_deadline_s, max(policy.min_deadline_s, policy.margin * q))
+    return min(policy.max_deadline_s, max(policy.min_deadline_s, policy.margin * _quantile(xs, policy.quantile)))
+
+
+def step_deadline(decode_deadline_s: float, tokens: int, per_token: Sequence[float],
+                  policy: SyncPolicy = SyncPolicy()) -> float:
+    """The deadline of a step carrying ``tokens`` positions.
+
+    ``decode_deadline_s`` is the one-position deadline (:func:`layer_deadline`); ``per_token`` are
+    latencies of earlier multi-token steps divided by their position count. A one-position step
+    keeps the decode deadline. A longer one gets ``tokens`` times the margin times the quantile of
+    ``per_token`` (T decode deadlines before any sample), clamped to [decode deadline,
+    ``max_multi_deadline_s``]: a prefill of 300 positions moves and computes 300 times the data
+    of a decode step, and holding it to the decode deadline cut its partials on a loss-free link.
+    """
+    if tokens <= 1:
+        return decode_deadline_s
+    xs = sorted(s for s in per_token if math.isfinite(s) and s >= 0)
+    est = tokens * (policy.margin * _quantile(xs, policy.quantile) if xs else decode_deadline_s)
+    return max(decode_deadline_s, min(policy.max_multi_deadline_s, est))
+
+
+def straggler_wait(gaps: Sequence[float], deadline_s: float, policy: SyncPolicy = SyncPolicy()) -> float:
+    """How long stragglers without important groups are waited for after the newest arrival.
+
+    ``gaps`` are, per recent decode step whose partials all arrived (late ones included, so a cut
+    cannot shrink its own evidence), the largest gap between consecutive arrivals. Healthy workers
+    answer within a fraction of a millisecond of each other, while a partial lost on a lossy link
+    waits for a TCP retransmission; a fixed share of a ~16 ms deadline cost ~4 ms per loss.
+    """
+    cap = policy.straggler_share * deadline_s
+    xs = sorted(g for g in gaps if math.isfinite(g) and g >= 0)
+    if len(xs) < max(1, policy.min_gap_samples):
+        return cap
+    return min(cap, max(policy.min_straggler_s, policy.straggler_margin * _quantile(xs, policy.straggler_quantile)))
+
+
+def fallback_groups(missing: Sequence[int], must_wait: frozenset[int] | set[int], tokens: int,
+                    fallback: str, policy: SyncPolicy = SyncPolicy()) -> tuple[int, ...]:
+    """Of a relaxed step's ``missing`` groups, those the coordinator computes itself (the rest count
+    as zero): every one of a multi-token step (``exact_multi``), else the predicted-important
+    ones with ``fallback="important"``, else none."""
+    if tokens > 1 and policy.exact_multi:
+        return tuple(missing)
+    if fallback == "important":
+        return tuple(g for g in missing if g in must_wait)
+    return ()
 
 
 def stalled_workers(outstanding: Mapping[str, Mapping[int, float]], step: int, now: float,
@@ -358,6 +423,7 @@ def wait_decision(
     *, pending: Mapping[str, Sequence[int]], must_wait: frozenset[int] | set[int],
     stalled: frozenset[str], elapsed_s: float, deadline_s: float,
     policy: SyncPolicy = SyncPolicy(), last_arrival_s: float | None = None,
+    straggler_s: float | None = None,
 ) -> WaitDecision:
     """Whether to keep waiting for the partials of one layer step.
 
@@ -366,7 +432,8 @@ def wait_decision(
     workers are never waited for; the rest until the deadline; an important group up to
     ``important_grace`` deadlines (capped at ``max_deadline_s``). Once some partial of the step
     arrived (``last_arrival_s``, elapsed time of the newest), stragglers without important groups
-    get ``straggler_share`` of the deadline after it, not the whole deadline. Called on every
+    get ``straggler_s`` after it (:func:`straggler_wait`; None: ``straggler_share`` of the
+    deadline), not the whole deadline. Called on every
     arrival and on every wake-up; whatever is still missing when it says stop counts as zero.
     """
     missing = {n: gs for n, gs in pending.items() if gs}
@@ -375,7 +442,8 @@ def wait_decision(
         return WaitDecision(False, elapsed_s, "stalled-only" if missing else "complete")
     important = any(g in must_wait for gs in live.values() for g in gs)
     if last_arrival_s is not None and not important and policy.straggler_share < 1:
-        cut = min(deadline_s, last_arrival_s + policy.straggler_share * deadline_s)
+        wait = policy.straggler_share * deadline_s if straggler_s is None else straggler_s
+        cut = min(deadline_s, last_arrival_s + wait)
         if elapsed_s < cut:
             return WaitDecision(True, cut, "straggler")
         return WaitDecision(False, elapsed_s, "straggler-cut" if elapsed_s < deadline_s else "deadline-passed")

@@ -162,19 +162,22 @@ class ZeroedShares:
     (mean per layer step; the coordinator measures the true share from its full weights)."""
 
     def __init__(self) -> None:
-        self.steps = self.zeroed_steps = 0
+        self.steps = self.zeroed_steps = self.multi_steps = self.zeroed_multi_steps = 0
         self.pred = self.true = 0.0
 
     def add(self, halo: dict[str, Any]) -> None:
         n = int(halo.get("steps", 0))
         self.steps += n
         self.zeroed_steps += int(halo.get("zeroed_steps", 0))
+        self.multi_steps += int(halo.get("multi_steps", 0))
+        self.zeroed_multi_steps += int(halo.get("zeroed_multi_steps", 0))
         self.pred += float(halo.get("zeroed_share_predicted", 0.0)) * n
         self.true += float(halo.get("zeroed_share_true", 0.0)) * n
 
     def figures(self) -> dict[str, Any]:
         n = max(1, self.steps)
         return {"eval_steps": self.steps, "eval_zeroed_steps": self.zeroed_steps,
+                "eval_multi_steps": self.multi_steps, "eval_zeroed_multi_steps": self.zeroed_multi_steps,
                 "zeroed_share_predicted": self.pred / n, "zeroed_share_true": self.true / n}
 
 
@@ -193,8 +196,8 @@ def _quality_point(client: MeshClient, q: Quality, lossless: dict[str, Any]) -> 
             "ppl_change_pct": 100.0 * (qual["ppl"] / lossless["ppl"] - 1.0), "agreement": agree,
             "accuracy_lossless": lossless["accuracy"], "accuracy_relaxed": qual["accuracy"],
             "mmlu_answer_agreement": same, "quality_s": qual["quality_s"],
-            **{k: qual[k] for k in ("eval_steps", "eval_zeroed_steps", "zeroed_share_predicted",
-                                    "zeroed_share_true")}}
+            **{k: qual[k] for k in ("eval_steps", "eval_zeroed_steps", "eval_multi_steps",
+                                    "eval_zeroed_multi_steps", "zeroed_share_predicted", "zeroed_share_true")}}
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -379,7 +382,8 @@ def _ablation(args: argparse.Namespace, tb: Testbed, mesh: HaloMesh, client: Mes
 def _plan_of(client: MeshClient) -> dict[str, Any]:
     v = client.peers.get("coordinator")
     halo = (v.heartbeat.get("halo") or {}) if v else {}
-    return {k: halo.get(k) for k in ("epoch", "groups", "local_groups", "deadline_ms", "partials", "placement")}
+    return {k: halo.get(k) for k in ("epoch", "groups", "local_groups", "deadline_ms", "straggler_ms", "partials",
+                                     "placement")}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

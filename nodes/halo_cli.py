@@ -195,8 +195,10 @@ def add_bench_halo(bench_parser: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="native", help="testbed device profile (native, pi5, pi-zero-2w)")
     p.add_argument("--tokens", type=int, default=24, help="new tokens per timed generation")
     p.add_argument("--reps", type=int, default=3, help="strict/relaxed generations per loss rate (alternating)")
-    p.add_argument("--ppl-tokens", type=int, default=96, help="held-out tokens for perplexity/agreement")
-    p.add_argument("--mmlu", type=int, default=12, help="MMLU questions (fixed sample)")
+    # 200 questions: one changed answer is 0.5 point, so "within 1 point" is resolvable (at 12 or
+    # 60 one answer was 8 or 1.7 points); 512 tokens: one window, 496 scored positions.
+    p.add_argument("--ppl-tokens", type=int, default=512, help="held-out tokens for perplexity/agreement")
+    p.add_argument("--mmlu", type=int, default=200, help="MMLU questions (fixed sample, 1-shot)")
     p.add_argument("--no-ablation", action="store_true", help="skip the random-placement ablation")
     p.add_argument("--compare-wire", action="store_true",
                    help="also time the per-worker CBOR requests (the old wire), alternating with the frames")

@@ -41,7 +41,7 @@ from mesh.halo_sync import (
     SyncLedger,
     worker_figures,
 )
-from mesh.scheduler import Plan, drift_persisted, plan_groups, replan_reason
+from mesh.scheduler import Plan, drift_persisted, fallback_groups, plan_groups, replan_reason
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class HaloRun:
     late: int = 0  # partials discarded on arrival
     zeroed_groups: int = 0  # (layer step, group) pairs summed as zero (relaxed)
     zeroed_steps: int = 0
+    multi_steps: int = 0  # steps of a multi-token forward (prefill: T > 1)
+    zeroed_multi_steps: int = 0  # of them, closed with some group summed as zero
     incomplete_per_forward: list[int] = field(default_factory=list)  # steps closed without every partial
     local_fallback_groups: int = 0  # strict: computed here because the worker was gone/timed out
     # Share of the layer step's importance summed as zero, added up over steps (complete steps add
@@ -89,6 +91,7 @@ class HaloRun:
                 "steps": self.steps,
                 "partials_on_time": self.on_time, "partials_late": self.late,
                 "zeroed_groups": self.zeroed_groups, "zeroed_steps": self.zeroed_steps,
+                "multi_steps": self.multi_steps, "zeroed_multi_steps": self.zeroed_multi_steps,
                 "incomplete_per_forward": list(self.incomplete_per_forward),
                 "local_fallback_groups": self.local_fallback_groups, "epochs": sorted(self.epochs),
                 "zeroed_share_predicted": round(self.zeroed_share_predicted / max(1, self.steps), 6),
@@ -317,6 +320,8 @@ class HaloEngine:
                 "placement": self.config.placement, "sync": self.config.sync,
                 "predictor": self.predictor is not None, "replans": len(self.replans),
                 "deadline_ms": round(self.ledger.deadline(self.config.policy) * 1000, 3),
+                "straggler_ms": round(self.ledger.straggler_wait(
+                    self.config.policy, self.ledger.deadline(self.config.policy)) * 1000, 3),
                 "partials": self.ledger.counts()}
 
     # -- the routed forward (generation thread) ---------------------------------------------------
@@ -352,6 +357,9 @@ class HaloEngine:
         step = self._step
         self._step += 1
         run.steps += 1
+        tokens = x.shape[1]
+        multi = tokens > 1
+        run.multi_steps += int(multi)
         expected = {w: gs[layer] for w, gs in plan.workers.items() if gs[layer]}
         t = time.perf_counter()
         if expected and run.frames:
@@ -361,7 +369,7 @@ class HaloEngine:
             t0 = t = run.spent("encode", t)
             self.bus.publish(self.mlp_topic, data, qos=topics.NODE_MLP.qos)
             for w in expected:
-                self.ledger.sent(w, step, t0)
+                self.ledger.sent(w, step, t0, tokens)
             t = run.spent("publish", t)
         elif expected:
             body = {"epoch": plan.epoch, "step": step, "layer": layer,
@@ -371,8 +379,10 @@ class HaloEngine:
             t0 = t = run.spent("encode", t)
             for w in expected:
                 self.bus.publish(topics.node_halo(w), data, qos=topics.NODE_HALO.qos)
-                self.ledger.sent(w, step, t0)
+                self.ledger.sent(w, step, t0, tokens)
             t = run.spent("publish", t)
+        if expected and not multi:
+            self.ledger.spread(step, len(expected))
         parts: list[Tensor | None] = [local[layer].partial(x) if local[layer] is not None else None]
         t = run.spent("local", t)
         if expected:
@@ -385,15 +395,17 @@ class HaloEngine:
                 parts.append(split.partial_of_groups(self.full[layer], self.layout, missing, x))
                 run.local_fallback_groups += len(missing)
             elif missing:
-                # Relaxed: missing groups count as zero, except (fallback "important") the ones
-                # predicted important, which the coordinator computes itself: a few groups' rows.
-                keep = [g for g in missing if g in must_wait] if self.config.fallback == "important" else []
+                # Relaxed: missing groups count as zero, except the ones the coordinator computes
+                # itself: every one of a prefill step, and (fallback "important") the ones
+                # predicted important at a decode step, a few groups' rows.
+                keep = list(fallback_groups(missing, must_wait, tokens, self.config.fallback, self.config.policy))
                 if keep:
                     parts.append(split.partial_of_groups(self.full[layer], self.layout, keep, x))
                     run.local_fallback_groups += len(keep)
                 if len(keep) < len(missing):
                     run.zeroed_groups += len(missing) - len(keep)
                     run.zeroed_steps += 1
+                    run.zeroed_multi_steps += int(multi)
                     zeroed = [g for g in missing if g not in keep]
                     if imp is not None and float(imp.sum()) > 0:
                         run.zeroed_share_predicted += float(imp[zeroed].sum() / imp.sum())
@@ -412,14 +424,21 @@ class HaloEngine:
         # Predicted importance is needed up front only when it decides the wait (fallback "none");
         # with the local fallback only once something is missing at the end of the step. The
         # scheduler's importance window samples one forward pass in WINDOW_EVERY.
+        policy = self.config.policy
+        tokens = x.shape[1]
         sample = not run.strict and (len(run.starts) - 1) % WINDOW_EVERY == 0
         if not run.strict and (self.config.fallback != "important" or sample):
             imp = self._predict(run, layer, x, record=sample)
             must_wait = frozenset(pred_mod.groups_to_wait(imp, self.config.policy.target_share))
         important = frozenset() if self.config.fallback == "important" else must_wait
         # With the local fallback nothing needs the longer "important" wait: it is computed here.
-        gather = StepGather(step, expected, important if not run.strict else frozenset(), run.strict)
-        deadline = self.ledger.deadline(self.config.policy)
+        # A prefill step's deadline scales with its positions; the decode straggler wait follows
+        # the measured spread of arrivals (a prefill's, whose missing groups are computed here
+        # anyway, keeps the policy's share of its own deadline).
+        deadline = self.ledger.deadline(policy, tokens)
+        straggler = self.ledger.straggler_wait(policy, deadline) if tokens == 1 else None
+        gather = StepGather(step, expected, important if not run.strict else frozenset(), run.strict,
+                            straggler_s=straggler)
         numel = x.numel()
         wait: float | None = None  # first take what already arrived (late partials settle who is stalled)
         waiting: set[str] = set()
@@ -438,7 +457,7 @@ class HaloEngine:
             gone = self.gone(expected)
             elapsed = now - t0
             d = gather.decide(elapsed_s=elapsed, deadline_s=deadline, stalled=stalled,
-                              policy=self.config.policy, strict_timeout_s=self.config.strict_timeout_s,
+                              policy=policy, strict_timeout_s=self.config.strict_timeout_s,
                               gone=gone)
             if not d.wait:
                 run.stops[d.reason] = run.stops.get(d.reason, 0) + 1
@@ -451,7 +470,8 @@ class HaloEngine:
             waiting = set(gather.pending()) - stalled - gone
         for w in expected:
             self.ledger.closed(w, w in gather.partials)
-        if not run.strict and imp is None and not gather.complete:
+        exact = tokens > 1 and policy.exact_multi  # nothing of it is zeroed: no prediction needed
+        if not run.strict and imp is None and not gather.complete and not exact:
             imp = self._predict(run, layer, x, record=False)
             must_wait = frozenset(pred_mod.groups_to_wait(imp, self.config.policy.target_share))
         return gather, must_wait, imp

@@ -263,12 +263,12 @@ def test_strict_waits_for_a_slow_worker_and_matches_the_unsplit_model(rig, frame
 def test_relaxed_drops_late_low_importance_partials_and_discards_them_on_arrival(rig) -> None:
     engine, bus = rig
     bus.workers["lossy"].delay = {0: 1.0}
-    logits, run, took = forward(engine, False, [1, 2, 3])
+    logits, run, took = forward(engine, False, [1])  # one position, as in decode
     assert took < 0.8 and run.stops.get("deadline-passed", 0) >= 1  # did not wait for the late partial
     assert run.zeroed_steps >= 1 and run.zeroed_groups >= len(engine.switch.active.workers["lossy"][0])
     time.sleep(1.1)  # the late partial lands in the queue ...
     bus.workers["lossy"].delay = {}
-    _, run2, _ = forward(engine, False, [1, 2, 3])
+    _, run2, _ = forward(engine, False, [1])
     assert run2.late >= 1 and run2.zeroed_groups == 0  # ... and is discarded, not summed
     assert engine.ledger.counts()["lossy"]["late"] >= 1
 
@@ -276,7 +276,7 @@ def test_relaxed_drops_late_low_importance_partials_and_discards_them_on_arrival
 def test_a_stalled_worker_is_not_waited_for(rig) -> None:
     engine, bus = rig
     bus.workers["lossy"].delay = {0: None, 1: 0.5}  # never answers layer 0, layer 1 very late
-    _, run, took = forward(engine, False, [4, 5])
+    _, run, took = forward(engine, False, [4])
     # Layer 0 waits one deadline; at layer 1 "lossy" still owes layer 0, so it is not waited for.
     assert took < 0.4  # never waited for the 0.5 s partial
     assert run.zeroed_steps == 2 and run.stops.get("stalled-only") == 1
@@ -291,7 +291,7 @@ def test_a_worker_that_fell_behind_once_is_waited_for_again(deep_rig) -> None:
     # Late once at layer 0 (a hiccup), then a steady 10 ms per answer: inside the 0.1 s deadline,
     # but slower than the coordinator's own step when it does not wait.
     bus.workers["lossy"].delay = {0: 2.0, **{layer: 0.01 for layer in range(1, DEEP)}}
-    _, run, took = forward(engine, False, [4, 5])
+    _, run, took = forward(engine, False, [4])
     # Layer 0 gave up at the deadline. "lossy" owes that overdue step until its answer to layer 1
     # lands, 10 ms later: the layers the coordinator runs meanwhile do not wait for it. From then
     # on it owes only the step sent a moment ago: waited for, and on time at every later layer.
