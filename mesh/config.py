@@ -76,6 +76,11 @@ class Timing:
     keepalive_s: int = 10
     ask_timeout_s: float = 300.0
     dedupe_window_s: float = 600.0
+    # Until a real ask has measured the prefill speed, an idle node measures it again this long
+    # after its last work, up to speed_probes times: the start-up warm-up ran while the model (and
+    # on a testbed, the other nodes) loaded, and before a device's CPU quota applied.
+    speed_probe_idle_s: float = 2.0
+    speed_probes: int = 3
 
 
 @dataclass(frozen=True)

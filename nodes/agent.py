@@ -85,6 +85,7 @@ class Figures:
     failed: int = 0
     prefill_spt: float = 0.0  # seconds per prompt token, EWMA: a slow-down shows up at once
     spt_measured: bool = False  # False while prefill_spt is only the start-up warm-up's figure
+    spt_probes: int = 0  # idle re-measurements since (see Timing.speed_probe_idle_s)
     decode_tps: float = 0.0
     rtt_ms: float | None = None
     link_bw: float | None = None  # bytes/s through the broker, from large self-pings
@@ -208,6 +209,25 @@ class NodeAgent:
             self.decoder.prefill(ids)
             best = min(best, time.perf_counter() - t0)
         self.figures.prefill_spt = max(best, 1e-6) / len(ids)
+
+    def _probe_speed(self, idle_since: float) -> bool:
+        """On an idle worker whose prefill speed no ask has measured yet: one more warm-up forward
+        (64 tokens), whose speed replaces the figure. The start-up figure can be off several-fold
+        either way (measured under the load of loading, or before a CPU quota applied), and the
+        fetch-or-recompute decision of the first asks rests on it. Returns whether it probed."""
+        if (self.figures.spt_measured or self.figures.spt_probes >= self.timing.speed_probes
+                or time.monotonic() - idle_since < self.timing.speed_probe_idle_s):
+            return False
+        ids = self.decoder.encode(WARMUP_TEXT * 2)[:64]
+        t0 = time.perf_counter()
+        self.decoder.prefill(ids)
+        spt = max(time.perf_counter() - t0, 1e-6) / len(ids)
+        with self.figures.lock:
+            if not self.figures.spt_measured:  # an ask may have measured it meanwhile
+                self.figures.prefill_spt = spt
+            self.figures.spt_probes += 1
+        log.debug("prefill speed probe %d: %.2f ms per token", self.figures.spt_probes, 1e3 * spt)
+        return True
 
     # -- handlers (network thread: decode, check, enqueue; never torch) --------------------------
     def _decode(self, payload: bytes, kind: wire.Kind) -> wire.Envelope | None:
@@ -381,10 +401,13 @@ class NodeAgent:
 
     # -- worker (torch) ---------------------------------------------------------------------------
     def _work_loop(self) -> None:
+        idle_since = time.monotonic()
         while not self._stop.is_set():
             try:
                 job = self._jobs.get(timeout=0.2)
             except queue.Empty:
+                if self._probe_speed(idle_since):
+                    idle_since = time.monotonic()
                 continue
             self._running_job = True
             t0 = time.monotonic()
@@ -405,11 +428,13 @@ class NodeAgent:
                     self._job_started = None
                 self._running_job = False
                 self._wake.set()
+                idle_since = time.monotonic()
 
     def _answer(self, job: Job) -> None:
         body = job.env.body
         started = time.monotonic()
         ids = self.decoder.encode(body["text"])
+        tokenize_s = time.monotonic() - started
         pieces = 0
         first_at: list[float] = []
 
@@ -460,7 +485,8 @@ class NodeAgent:
             "text": gen.text, "node": self.name, "model": self.loaded.key,
             "prompt_tokens": len(ids), "new_tokens": len(gen.token_ids), "token_ids": gen.token_ids,
             "ttft_s": round(ttft, 6), "ttlt_s": round(done - job.received, 6),
-            "queue_s": round(started - job.received, 6), "prefill_s": round(gen.prefill_s, 6),
+            "queue_s": round(started - job.received, 6), "tokenize_s": round(tokenize_s, 6),
+            "prefill_s": round(gen.prefill_s, 6),
             "decode_s": round(gen.decode_s, 6), "stop_reason": gen.stop_reason,
             "cache": cache_info,
         }
@@ -502,6 +528,8 @@ class NodeAgent:
                 "queue": self._jobs.qsize() + (1 if self._running_job else 0),
                 "queue_max": self.limits.max_queue,
                 "load": round(self._load, 3), "prefill_tps": round(f.prefill_tps(), 1),
+                # where prefill_tps comes from: an answered ask, or start-up and idle probes
+                "prefill_tps_from": "asks" if f.spt_measured else f"probes:{f.spt_probes}",
                 "decode_tps": round(f.decode_tps, 1), "served": f.served, "failed": f.failed,
                 "last_ttft_s": f.last_ttft_s, "pid": os.getpid(), "roles": ["answer", *self.roles],
                 "rejects": self.rejects.snapshot(), "cpu_load1": round(os.getloadavg()[0], 2),

@@ -1,25 +1,36 @@
-"""`mesh bench cache`: the prompt cache on emulated devices, measured side by side.
+"""`mesh bench cache`: the paper's table (arXiv 2602.22812) on emulated devices, side by side.
 
-For each device profile a testbed with two nodes comes up (pi1 and pi2, same profile, real TCP
-through tbf-shaped links, CPU quotas from the calibration). Per MMLU 1-shot question:
+For each device profile a testbed comes up with a seeding node (pi1, which computes) and three
+asking nodes (pi2-pi4), same profile: real TCP through tbf-shaped links, CPU quotas from the
+calibration. Questions are MMLU k-shot (``--shots``, default 1), at most 256 words, drawn from
+all 57 subjects in a shuffled order (``--seed``). Per question group (one subject) three test
+questions are asked, one per case, each on its own asking node and each also with
+``--no-cache`` on that same node (the miss, its pair):
 
-1. ``miss``: pi2 answers with ``--no-cache`` (full recompute): the paper's miss;
-2. pi1 answers the question (its quota lifted for this setup step only), so pi1 holds its KV;
-3. ``hit``: pi2 answers with the cache: it finds pi1 in the catalog and fetches the KV when the
-   link is cheaper than recomputing (the paper's full hit), or recomputes when it is not;
-4. ``partial``: pi2 answers another question of the same subject, first without the cache,
-   then with it (the shared header and example come from the cache: partial matching).
+- ``instruction``: pi1 first answered a prompt with the same instruction header but other
+  examples, so only the instruction's chunks can come from a peer;
+- ``examples``: pi1 answered another question with the same header and examples: the shared
+  instruction plus examples can come from a peer;
+- ``full``: pi1 answered this very prompt: a full hit (KV and first-token logits).
 
-TTFT and TTLT are measured by the asking client (outside the testbed, over the same links).
-Results go to JSON (every ask, per-profile summaries, the testbed description with its
-calibration) and a PNG plot.
+Each case runs on a different asker because an asker keeps what it computed: the next case's
+prompt would otherwise be a local hit, not the case it stands for. The seeding pi1 runs
+unthrottled while it seeds (setup only). Every ask's TTFT/TTLT (measured by the asking client)
+is split into the node's tokenize, catalog (lookup), fetch, prefill (restore and forward) and
+decode times, and "mesh" (queue, broker and links: the rest). The JSON carries every ask, the
+per-case medians (``cases``), the paper's figures (``ttft_reduction_full_hit``, ...), whether
+every cached answer equals its no-cache pair, lookups and wasted fetches; the PNG is the
+paper's table as stacked bars.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +86,65 @@ def _pct(new: float | None, old: float | None) -> float | None:
     return None if new is None or not old else round(100.0 * (new - old) / old, 2)
 
 
-def run_profile(profile: str, items: list[tuple[tuple[str, mmlu.Question], tuple[str, mmlu.Question]]],
-                args: argparse.Namespace, console: Console) -> dict[str, Any]:
+CASES = ("instruction", "examples", "full")
+ASKERS = ("pi2", "pi3", "pi4")
+PHASES = ("mesh", "tokenize", "catalog", "fetch", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class Group:
+    """One subject's three case prompts and what pi1 computes before each (its seed)."""
+
+    subject: str
+    prompts: dict[str, str]  # case -> the prompt the asker sends
+    seeds: dict[str, str]  # case -> the prompt pi1 answers first
+
+
+def groups(data_dir: Path, n: int, shots: int, seed: int, subjects: Sequence[str] | None = None) -> list[Group]:
+    """``n`` question groups over all subjects (shuffled), each from one subject's test split."""
+    names = list(subjects) if subjects else mmlu.subjects(data_dir)
+    random.Random(seed).shuffle(names)
+    out: list[Group] = []
+    for i in range(n):
+        subject, rnd = names[i % len(names)], i // len(names)
+        dev = mmlu.read_split(data_dir, subject, "dev")
+        if not 2 <= len(dev) or shots > len(dev):
+            raise ValueError(f"{subject}: {len(dev)} dev questions for {shots}-shot")
+        examples = dev[:shots]
+        other_examples = (dev[1:] + dev[:1])[:shots]  # another first example: shares only the header
+        tests = [q for q in mmlu.read_split(data_dir, subject, "test") if mmlu.word_count(q) <= 256]
+        picked = tests[4 * rnd:4 * rnd + 4]
+        if len(picked) < 4:
+            raise ValueError(f"{subject}: too few test questions of at most 256 words for group {i}")
+        *qs, other = picked
+        prompts = {c: mmlu.few_shot_prompt(examples, q) for c, q in zip(CASES, qs)}
+        seeds = {"instruction": mmlu.few_shot_prompt(other_examples, other),
+                 "examples": mmlu.few_shot_prompt(examples, other), "full": prompts["full"]}
+        out.append(Group(subject, prompts, seeds))
+    return out
+
+
+def phases(r: Any) -> dict[str, float]:
+    """An ask's TTFT/TTLT cut into the node's own timings and the rest ("mesh": queue, broker,
+    links). ``fetch`` is the transfer; when a peer's logits gave the first token early, the
+    rest of the transfer ran during decode and is taken out of it."""
+    f, c = r.node_figures, r.node_figures.get("cache") or {}
+    tokenize, catalog, fetch = float(f.get("tokenize_s", 0.0)), float(c.get("lookup_s", 0.0)), float(c.get("fetch_s", 0.0))
+    prefill_all, decode_all = float(f.get("prefill_s", 0.0)), float(f.get("decode_s", 0.0))
+    early = c.get("first_token") == "peer-logits"
+    prefill = max(prefill_all - catalog - (0.0 if early else fetch), 0.0)
+    decode = max(decode_all - (fetch if early else 0.0), 0.0)
+    mesh_ttft = max(r.ttft_s - tokenize - prefill_all, 0.0)
+    return {"mesh": mesh_ttft + max(r.ttlt_s - r.ttft_s - decode_all, 0.0), "mesh_ttft": mesh_ttft,
+            "tokenize": tokenize, "catalog": catalog, "fetch": fetch, "prefill": prefill, "decode": decode}
+
+
+def run_profile(profile: str, items: list[Group], args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from nodes.testbed import CALIBRATION_DEFAULT_DIR, Testbed, load_calibration
 
     cal = load_calibration(CALIBRATION_DEFAULT_DIR, profile) if profile == "pi-zero-2w" else None
     prof = device_profile(profile, cal)
-    spec = make_spec(2, prof, instance=args.instance)
+    spec = make_spec(1 + len(ASKERS), prof, instance=args.instance)
     rows: list[dict[str, Any]] = []
     with Testbed(spec, calibration=cal) as tb:
         tb.start_broker(args.broker)
@@ -95,43 +158,41 @@ def run_profile(profile: str, items: list[tuple[tuple[str, mmlu.Question], tuple
         with MeshClient(BrokerAddress(host, port), name=f"bench-{spec.instance}") as client, catalogs:
             time.sleep(3.0)  # the nodes' first bandwidth probes (2 s after start) feed the fetch decision
 
-            def ask(kind: str, node: str, prompt: str, q: mmlu.Question, no_cache: bool) -> dict[str, Any]:
+            def ask(case: str, node: str, prompt: str, group: int, subject: str, no_cache: bool) -> None:
                 r = client.ask(prompt, node=node, max_new_tokens=args.tokens, stop=("\n",), no_cache=no_cache,
                                timeout=900)
-                row = {"profile": profile, "kind": kind, "node": node, "subject": q.subject, "no_cache": no_cache,
-                       "prompt_tokens": r.prompt_tokens, "new_tokens": r.new_tokens, "ttft_s": r.ttft_s,
-                       "ttlt_s": r.ttlt_s, "answer": r.answer, "token_ids": r.node_figures.get("token_ids"),
-                       "prefill_s": r.node_figures.get("prefill_s"), "cache": r.node_figures.get("cache")}
-                rows.append(row)
-                return row
+                rows.append({"profile": profile, "case": case, "group": group, "node": node, "subject": subject,
+                             "no_cache": no_cache, "prompt_tokens": r.prompt_tokens, "new_tokens": r.new_tokens,
+                             "ttft_s": r.ttft_s, "ttlt_s": r.ttlt_s, "phases": phases(r), "answer": r.answer,
+                             "token_ids": r.node_figures.get("token_ids"), "cache": r.node_figures.get("cache")})
+
+            def seed(prompt: str, group: int, subject: str) -> None:
+                tb.set_cpu("pi1", None)  # setup only: pi1 computes what the asker may reuse
+                epoch = catalogs.epoch
+                ask("seed", "pi1", prompt, group, subject, False)
+                catalogs.wait_newer(epoch, timeout=30.0)  # pi1 advertised it...
+                time.sleep(0.5)  # ...and the askers have read the catalog
+                if args.peer == "device":
+                    tb.restore_cpu("pi1")
 
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             with Progress(*columns, console=console) as progress:
                 task = progress.add_task(profile, total=len(items))
-                for i, ((p_full, q_full), (p_part, q_part)) in enumerate(items):
-                    progress.update(task, description=f"{profile}: {q_full.subject[:28]}")
-                    # Pairs alternate which of miss/hit goes first, so warm-up order favours neither.
-                    miss_first = i % 2 == 0 or not args.alternate
-                    if miss_first:
-                        ask("miss", "pi2", p_full, q_full, True)
-                    tb.set_cpu("pi1", None)  # setup only: pi1 computes the prompt that pi2 will reuse
-                    epoch = catalogs.epoch
-                    ask("seed", "pi1", p_full, q_full, False)
-                    catalogs.wait_newer(epoch, timeout=30.0)  # pi1 advertised it...
-                    time.sleep(0.5)  # ...and pi2 has read the catalog
-                    if args.peer == "device":
-                        tb.restore_cpu("pi1")
-                    ask("hit", "pi2", p_full, q_full, False)
-                    if not miss_first:
-                        ask("miss", "pi2", p_full, q_full, True)
-                    if miss_first:
-                        ask("partial-miss", "pi2", p_part, q_part, True)
-                    ask("partial", "pi2", p_part, q_part, False)
-                    if not miss_first:
-                        ask("partial-miss", "pi2", p_part, q_part, True)
+                for i, g in enumerate(items):
+                    progress.update(task, description=f"{profile}: {g.subject[:28]}")
+                    askers = ASKERS[i % len(ASKERS):] + ASKERS[:i % len(ASKERS)]  # each node plays every case
+                    for k, (case, node) in enumerate(zip(CASES, askers)):
+                        # Pairs alternate which of miss/cache goes first, so warm-up order favours neither.
+                        miss_first = (i + k) % 2 == 0 or not args.alternate
+                        if miss_first:
+                            ask(f"{case}-miss", node, g.prompts[case], i, g.subject, True)
+                        seed(g.seeds[case], i, g.subject)
+                        ask(case, node, g.prompts[case], i, g.subject, False)
+                        if not miss_first:
+                            ask(f"{case}-miss", node, g.prompts[case], i, g.subject, True)
                     progress.advance(task)
         testbed = tb.describe()
-    return {"profile": profile, "peer": args.peer, "testbed": testbed, "rows": rows, "summary": summarize(rows)}
+    return {"profile": profile, "peer": args.peer, "testbed": testbed, "rows": rows, **summarize(rows)}
 
 
 class CatalogWatch:
@@ -169,55 +230,91 @@ class CatalogWatch:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    def pick(kind: str, key: str) -> list[float]:
-        return [r[key] for r in rows if r["kind"] == kind]
-
-    miss, hit = pick("miss", "ttft_s"), pick("hit", "ttft_s")
-    pmiss, part = pick("partial-miss", "ttft_s"), pick("partial", "ttft_s")
-    hits = [r for r in rows if r["kind"] == "hit"]
-    pairs = [(a, b) for a, b in zip([r for r in rows if r["kind"] == "miss"], hits)]
-    ppairs = list(zip([r for r in rows if r["kind"] == "partial-miss"], [r for r in rows if r["kind"] == "partial"]))
-    out = {
-        "questions": len(hits),
-        "ttft_miss_s": _mean(miss), "ttft_hit_s": _mean(hit),
-        "ttlt_miss_s": _mean(pick("miss", "ttlt_s")), "ttlt_hit_s": _mean(pick("hit", "ttlt_s")),
-        "ttft_partial_miss_s": _mean(pmiss), "ttft_partial_s": _mean(part),
-        "hit_decisions": {d: sum((r["cache"] or {}).get("decision") == d for r in hits)
-                          for d in ("remote", "recompute", "local", "no-match")},
-        "partial_decisions": {d: sum((r["cache"] or {}).get("decision") == d for r in rows if r["kind"] == "partial")
-                              for d in ("remote", "recompute", "local", "no-match")},
-        "fetch_bytes_mean": _mean([(r["cache"] or {}).get("fetch_bytes", 0) for r in hits]),
-        "fetch_s_mean": _mean([(r["cache"] or {}).get("fetch_s", 0.0) for r in hits]),
-        "identical_answers": sum(a["token_ids"] == b["token_ids"] for a, b in pairs),
-        "prompt_tokens_mean": _mean([float(r["prompt_tokens"]) for r in hits]),
-        # never slower than no cache: the worst per-question ratio, cache over no cache
-        "worst_hit_over_miss_ttft": max((b["ttft_s"] / a["ttft_s"] for a, b in pairs), default=None),
+    """Per case: medians of TTFT, TTLT and each phase, paired with the same prompt's miss on the
+    same node (the pair's difference, its sign test); the paper's reductions for the full hit."""
+    cases: dict[str, Any] = {}
+    pairs_all: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for case in ("miss", *CASES):
+        if case == "miss":
+            got = [r for r in rows if r["case"].endswith("-miss")]
+            pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        else:
+            got = [r for r in rows if r["case"] == case]
+            misses = {r["group"]: r for r in rows if r["case"] == f"{case}-miss"}
+            pairs = [(misses[r["group"]], r) for r in got if r["group"] in misses]
+            pairs_all += pairs
+        entry: dict[str, Any] = {
+            "n": len(got), "ttft_s_median": _median([r["ttft_s"] for r in got]),
+            "ttlt_s_median": _median([r["ttlt_s"] for r in got]),
+            "ttft_s_mean": _mean([r["ttft_s"] for r in got]), "ttlt_s_mean": _mean([r["ttlt_s"] for r in got]),
+            "prompt_tokens_median": _median([r["prompt_tokens"] for r in got]),
+            "phases_s_median": {ph: _median([r["phases"][ph] for r in got]) for ph in (*PHASES, "mesh_ttft")},
+        }
+        if case != "miss":
+            entry.update(
+                decisions={d: sum((r["cache"] or {}).get("decision") == d for r in got)
+                           for d in ("local", "remote", "recompute", "no-match")},
+                reused_tokens_median=_median([(r["cache"] or {}).get("local_tokens", 0)
+                                              + (r["cache"] or {}).get("remote_tokens", 0) for r in got]),
+                fetch_bytes_median=_median([(r["cache"] or {}).get("fetch_bytes", 0) for r in got]),
+                paired_ttft_minus_miss=_paired([b["ttft_s"] - a["ttft_s"] for a, b in pairs]),
+                paired_ttlt_minus_miss=_paired([b["ttlt_s"] - a["ttlt_s"] for a, b in pairs]),
+                ttft_reduction_median_pct=_reduction(pairs, "ttft_s"),
+                ttlt_reduction_median_pct=_reduction(pairs, "ttlt_s"),
+                worst_ttft_over_miss=max((b["ttft_s"] / a["ttft_s"] for a, b in pairs), default=None),
+                identical=sum(a["token_ids"] == b["token_ids"] for a, b in pairs),
+            )
+        cases[case] = entry
+    cached = [r for r in rows if r["case"] in CASES]
+    wasted = [r for r in cached if (r["cache"] or {}).get("wasted")]
+    full = cases["full"]
+    return {
+        "questions": full["n"], "cases": cases,
+        # the paper's figures: the full hit's median TTFT/TTLT against the miss, in percent
+        "ttft_reduction_full_hit": full["ttft_reduction_median_pct"],
+        "ttlt_reduction_full_hit": full["ttlt_reduction_median_pct"],
+        "identical_outputs": bool(pairs_all) and all(a["token_ids"] == b["token_ids"] for a, b in pairs_all),
+        "lookups": len(cached), "fetches": sum((r["cache"] or {}).get("decision") == "remote" for r in cached),
+        "wasted_fetches": len(wasted), "wasted": [(r["cache"] or {}).get("wasted") for r in wasted],
+        "fetch_bytes_total": sum(int((r["cache"] or {}).get("fetch_bytes", 0)) for r in cached),
+        # never slower than no cache: per case, the pairs where the cache lost and by how much
+        "cache_slower_pairs": {c: (cases[c]["paired_ttft_minus_miss"] or {}).get("cache_slower") for c in CASES},
     }
-    out["paired_ttft_hit_minus_miss"] = _paired([b["ttft_s"] - a["ttft_s"] for a, b in pairs])
-    out["paired_ttft_partial_minus_miss"] = _paired([b["ttft_s"] - a["ttft_s"] for a, b in ppairs])
-    out["identical_partial_answers"] = sum(a["token_ids"] == b["token_ids"] for a, b in ppairs)
-    out["lookup_s_median"] = _median([(r["cache"] or {}).get("lookup_s") for r in rows
-                                      if r["kind"] in ("hit", "partial")])
-    out["ttft_median_miss_s"] = _median(miss)
-    out["ttft_median_hit_s"] = _median(hit)
-    out["ttft_change_pct"] = _pct(out["ttft_hit_s"], out["ttft_miss_s"])
-    out["ttlt_change_pct"] = _pct(out["ttlt_hit_s"], out["ttlt_miss_s"])
-    out["partial_ttft_change_pct"] = _pct(out["ttft_partial_s"], out["ttft_partial_miss_s"])
-    return out
+
+
+def _reduction(pairs: list[tuple[dict[str, Any], dict[str, Any]]], key: str) -> float | None:
+    """Median over pairs of the per-prompt reduction (miss - cache) / miss, in percent."""
+    got = [100.0 * (a[key] - b[key]) / a[key] for a, b in pairs if a[key] > 0]
+    return round(statistics.median(got), 2) if got else None
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """The paper's table as bars: per case the median TTFT and TTLT, stacked by phase."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
-    labels = ["peer's prompt\n(no cache)", "peer's prompt\n(cache)", "same subject\n(no cache)", "same subject\n(cache)"]
+    fig, axes = plt.subplots(1, len(results), figsize=(7.5 * len(results), 4.8), squeeze=False)
+    colors = {"mesh": "#bbb", "tokenize": "#e9c46a", "catalog": "#f4a261", "fetch": "#2a9d8f",
+              "prefill": "#e76f51", "decode": "#264653"}
     for ax, res in zip(axes[0], results):
-        s = res["summary"]
-        ttft = [s["ttft_miss_s"], s["ttft_hit_s"], s["ttft_partial_miss_s"], s["ttft_partial_s"]]
-        ax.bar(labels, [v or 0 for v in ttft], color=["#999", "#2a7", "#999", "#2a7"])
-        for i, v in enumerate(ttft):
-            ax.text(i, (v or 0), f"{v or 0:.2f}s", ha="center", va="bottom", fontsize=8)
-        ax.set_title(f"{res['profile']}: TTFT (mean of {s['questions']})")
-        ax.set_ylabel("seconds")
+        names = ["miss", *CASES]
+        for j, metric in enumerate(("TTFT", "TTLT")):
+            xs = [i * 2.6 + j for i in range(len(names))]
+            bottom = [0.0] * len(names)
+            for ph in PHASES:
+                if metric == "TTFT" and ph == "decode":
+                    continue
+                key = "mesh_ttft" if (metric == "TTFT" and ph == "mesh") else ph
+                vals = [res["cases"][c]["phases_s_median"][key] or 0.0 for c in names]
+                ax.bar(xs, vals, bottom=bottom, color=colors[ph], width=0.9, label=ph if metric == "TTLT" else None)
+                bottom = [b + v for b, v in zip(bottom, vals)]
+            for x, c in zip(xs, names):
+                v = res["cases"][c][f"{metric.lower()}_s_median"] or 0.0
+                ax.text(x, v, f"{metric}\n{v:.2f}s", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks([i * 2.6 + 0.5 for i in range(len(names))],
+                      [f"{c}\n(n={res['cases'][c]['n']})" for c in names])
+        ax.set_ylabel("seconds (medians; phases stacked)")
+        full = res["ttft_reduction_full_hit"]
+        ax.set_title(f"{res['profile']}: full hit TTFT -{full or 0:.1f} %, TTLT -{res['ttlt_reduction_full_hit'] or 0:.1f} %")
+        ax.legend(fontsize=7)
     save_figure(fig, path)
 
 
@@ -225,29 +322,35 @@ def bench_cache(args: argparse.Namespace) -> int:
     console = Console(width=None if Console().is_terminal else 140)
     if args.stream:
         return bench_stream(args, console)
-    data = mmlu_dir(mesh_home(args))
-    subjects = tuple(args.subjects) if args.subjects else mmlu.DEFAULT_SUBJECTS[: args.questions]
-    full = mmlu.sample(data, subjects, per_subject=1, offset=0)
-    part = mmlu.sample(data, subjects, per_subject=1, offset=1)
-    items = list(zip(full, part))[: args.questions]
+    items = groups(mmlu_dir(mesh_home(args)), args.questions, args.shots or 1, args.seed,
+                   args.subjects)
     results = [run_profile(p, items, args, console) for p in args.profiles.split(",")]
-    table = Table(title="Prompt cache on emulated devices (TTFT/TTLT means, seconds)")
-    for col in ("profile", "questions", "prompt tok", "TTFT miss", "TTFT hit", "change", "TTLT miss", "TTLT hit",
-                "partial miss", "partial", "hit decisions", "worst hit/miss"):
-        table.add_column(col)
     fmt = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     for res in results:
-        s = res["summary"]
-        table.add_row(res["profile"], str(s["questions"]), fmt(s["prompt_tokens_mean"], 0), fmt(s["ttft_miss_s"]),
-                      fmt(s["ttft_hit_s"]), f"{s['ttft_change_pct']}%", fmt(s["ttlt_miss_s"]), fmt(s["ttlt_hit_s"]),
-                      fmt(s["ttft_partial_miss_s"]), fmt(s["ttft_partial_s"]),
-                      " ".join(f"{k}:{v}" for k, v in s["hit_decisions"].items() if v), fmt(s["worst_hit_over_miss_ttft"], 2))
-    console.print(table)
+        table = Table(title=f"{res['profile']}: prompt cache, {res['questions']} prompts per case (medians, s)")
+        for col in ("case", "n", "TTFT", "TTLT", *PHASES, "decisions", "cache - miss TTFT (median, slower/n)",
+                    "identical"):
+            table.add_column(col)
+        for case, e in res["cases"].items():
+            paired = e.get("paired_ttft_minus_miss") or {}
+            table.add_row(case, str(e["n"]), fmt(e["ttft_s_median"]), fmt(e["ttlt_s_median"]),
+                          *(fmt(e["phases_s_median"][ph]) for ph in PHASES),
+                          " ".join(f"{k}:{v}" for k, v in (e.get("decisions") or {}).items() if v),
+                          f"{fmt(paired.get('median_s'))} ({paired.get('cache_slower')}/{paired.get('n')})" if paired else "",
+                          str(e.get("identical", "")))
+        console.print(table)
+        console.print(f"full hit: TTFT -{res['ttft_reduction_full_hit']} %, TTLT -{res['ttlt_reduction_full_hit']} %; "
+                      f"identical outputs {res['identical_outputs']}; wasted fetches {res['wasted_fetches']}"
+                      f"/{res['lookups']} lookups")
     console.print(f"paper (Pi Zero 2W, Gemma-3 270M): TTFT {PAPER['ttft_miss_s']} -> {PAPER['ttft_hit_s']} s "
                   f"({PAPER['ttft_change_pct']}%), TTLT {PAPER['ttlt_miss_s']} -> {PAPER['ttlt_hit_s']} s "
                   f"({PAPER['ttlt_change_pct']}%); Pi 5 with its cache: {PAPER['pi5_change_pct']:+}%")
-    out = {"bench": "cache", "model": args.model, "kv_wire": args.kv_wire, "broker": args.broker, "peer": args.peer,
-           "tokens": args.tokens, "paper": PAPER, "results": results}
+    out: dict[str, Any] = {"bench": "cache", "model": args.model, "kv_wire": args.kv_wire, "broker": args.broker,
+                           "peer": args.peer, "shots": args.shots or 1, "tokens": args.tokens, "seed": args.seed,
+                           "paper": PAPER}
+    if len(results) == 1:  # one profile: its figures at the top level
+        out.update({k: v for k, v in results[0].items() if k != "rows"}, rows=results[0]["rows"])
+    out["results"] = results
     write_results(out, args.json, lambda path: plot(results, path), args.plot, console)
     return 0
 
@@ -255,10 +358,15 @@ def bench_cache(args: argparse.Namespace) -> int:
 def bench_stream(args: argparse.Namespace, console: Console) -> int:
     from nodes.bench_stream import print_stream, run_stream
 
+    args.shots = args.shots or 5
     results = [run_stream(p, args, console) for p in args.profiles.split(",")]
     print_stream(results, console)
     out = {"bench": "cache-stream", "model": args.model, "kv_wire": args.kv_wire, "broker": args.broker,
            "tokens": args.tokens, "results": results}
+    if len(results) == 1:  # one profile: its figures at the top level, the stream under "stream"
+        s = results[0]["summary"]
+        out.update(profile=results[0]["profile"], questions=s["asks"], lookups=s["lookups"],
+                   wasted_fetches=s["wasted_fetches"], identical_outputs=s["identical_answers"] == s["asks"], stream=s)
     write_results(out, args.json, lambda path: plot_stream(results, path), args.plot, console)
     return 0
 
@@ -283,9 +391,11 @@ def plot_stream(results: list[dict[str, Any]], path: Path) -> None:
 
 def add_bench_cache(sub: Any) -> None:
     p = sub.add_parser("cache", help="the prompt cache on emulated Pi devices (testbed, root)")
-    p.add_argument("--profiles", default="pi-zero-2w,pi5", help="comma-separated device profiles")
+    p.add_argument("--profiles", "--profile", default="pi-zero-2w,pi5", help="comma-separated device profiles")
     p.add_argument("--model", default="gemma3-270m")
-    p.add_argument("--questions", type=int, default=4, help="MMLU subjects, one full-hit and one partial question each")
+    p.add_argument("--questions", type=int, default=8,
+                   help="question groups (one subject each, all subjects in shuffled order): per group one prompt "
+                        "per case, each also asked without the cache; --stream: subjects")
     p.add_argument("--subjects", nargs="*")
     p.add_argument("--tokens", type=int, default=4, help="max new tokens per answer")
     p.add_argument("--kv-wire", default="fp16", choices=["fp16", "int8", "fp32"])
@@ -298,10 +408,10 @@ def add_bench_cache(sub: Any) -> None:
                    help="alternate which of each no-cache/cache pair is asked first (default on)")
     p.add_argument("--stream", action="store_true",
                    help="a stream of k-shot asks (--shots, --per-subject), each with and without the cache")
-    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--shots", type=int, help="examples per prompt (default 1; --stream 5)")
     p.add_argument("--per-subject", type=int, default=5)
     p.add_argument("--nodes", type=int, default=4, help="--stream: nodes in the mesh")
-    p.add_argument("--seed", type=int, default=1, help="--stream: shuffle of the asks")
+    p.add_argument("--seed", type=int, default=1, help="shuffle of the subjects (--stream: of the asks)")
     p.add_argument("--home", help="models and data (default ~/.cache/mesh)")
     p.add_argument("--json", default="out/bench-cache.json")
     p.add_argument("--plot", default="out/bench-cache.png")
