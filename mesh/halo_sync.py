@@ -45,6 +45,7 @@ class WorkerRecord:
     samples: deque[float] = field(default_factory=lambda: deque(maxlen=64))  # one-position steps
     per_token: deque[float] = field(default_factory=lambda: deque(maxlen=64))  # multi: latency / T
     tokens: dict[int, int] = field(default_factory=dict)  # outstanding multi-token step -> T
+    cut: set[int] = field(default_factory=set)  # outstanding steps closed without its partial
     on_time: int = 0
     late: int = 0  # arrived after its step was closed (discarded)
     zeroed: int = 0  # steps closed without this worker's partial
@@ -72,6 +73,7 @@ class SyncLedger:
             old = min(rec.sent_at)
             del rec.sent_at[old]
             rec.tokens.pop(old, None)
+            rec.cut.discard(old)
 
     def spread(self, step: int, n_workers: int) -> None:
         """Collect the arrival spread of a one-position step sent to ``n_workers`` (>= 2)."""
@@ -94,6 +96,7 @@ class SyncLedger:
         for s in [s for s in rec.sent_at if s <= step]:
             del rec.sent_at[s]
             rec.tokens.pop(s, None)
+            rec.cut.discard(s)
         if on_time:
             rec.on_time += 1
         else:
@@ -117,22 +120,26 @@ class SyncLedger:
                 self.gaps.append(max(b - a for a, b in zip(times, times[1:])))
         return latency
 
-    def closed(self, worker: str, got: bool) -> None:
-        """A step closed with (``got``) or without this worker's partial: updates its late rate."""
+    def closed(self, worker: str, got: bool, step: int | None = None) -> None:
+        """A step closed with (``got``) or without this worker's partial: updates its late rate
+        and remembers the ``step`` it was cut from (see ``mesh.scheduler.stalled_workers``)."""
         rec = self._rec(worker)
         if not got:
             rec.zeroed += 1
+            if step is not None and step in rec.sent_at:
+                rec.cut.add(step)
         rec.late_rate = (1 - LATE_ALPHA) * rec.late_rate + LATE_ALPHA * (0.0 if got else 1.0)
 
     def outstanding(self) -> dict[str, list[int]]:
         return {w: sorted(r.sent_at) for w, r in self.workers.items() if r.sent_at}
 
     def stalled(self, step: int, now: float, overdue_s: float) -> frozenset[str]:
-        """Workers owing a step before ``step`` sent at least ``overdue_s`` before ``now``, with
-        nothing heard from them since it was sent."""
+        """Workers owing a step before ``step`` sent at least ``overdue_s`` before ``now`` or closed
+        without their partial, with nothing heard from them since it was sent."""
         return scheduler.stalled_workers({w: r.sent_at for w, r in self.workers.items() if r.sent_at},
                                          step, now, overdue_s,
-                                         {w: r.last_heard for w, r in self.workers.items()})
+                                         {w: r.last_heard for w, r in self.workers.items()},
+                                         {w: r.cut for w, r in self.workers.items() if r.cut})
 
     def deadline(self, policy: SyncPolicy, tokens: int = 1) -> float:
         """Each worker's deadline for a step of ``tokens`` positions from its own recent latencies

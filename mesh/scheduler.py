@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -393,7 +393,8 @@ def fallback_groups(missing: Sequence[int], must_wait: frozenset[int] | set[int]
 
 
 def stalled_workers(outstanding: Mapping[str, Mapping[int, float]], step: int, now: float,
-                    overdue_s: float, last_heard: Mapping[str, float] | None = None) -> frozenset[str]:
+                    overdue_s: float, last_heard: Mapping[str, float] | None = None,
+                    cut: Mapping[str, Collection[int]] | None = None) -> frozenset[str]:
     """Workers stuck behind an overdue partial: not waited for at all at ``step``.
 
     ``outstanding`` maps each worker to its unanswered steps and their send times; ``last_heard``
@@ -405,10 +406,17 @@ def stalled_workers(outstanding: Mapping[str, Mapping[int, float]], step: int, n
     coordinator did not wait for kept a worker that fell behind once behind for good, since the
     coordinator, no longer waiting, ran ahead of its answers at every step and summed its groups
     as zero.
+
+    ``cut`` maps a worker to the steps that closed without its partial: such a step needs no
+    ``overdue_s`` more. Its partial already missed the wait sized to healthy arrivals, and a
+    whole step later nothing at all came from the worker: it waits for a retransmission. Waiting
+    for it again, until that step was a deadline old, cost every loss two or three more cut waits.
     """
     heard = last_heard or {}
+    missed = cut or {}
     return frozenset(node for node, steps in outstanding.items()
-                     if any(s < step and now - t >= overdue_s and heard.get(node, -math.inf) < t
+                     if any(s < step and heard.get(node, -math.inf) < t
+                            and (now - t >= overdue_s or s in missed.get(node, ()))
                             for s, t in steps.items()))
 
 

@@ -469,7 +469,7 @@ class HaloEngine:
             wait = min(max(d.until_s - elapsed, 0.0), 0.25)
             waiting = set(gather.pending()) - stalled - gone
         for w in expected:
-            self.ledger.closed(w, w in gather.partials)
+            self.ledger.closed(w, w in gather.partials, step)
         exact = tokens > 1 and policy.exact_multi  # nothing of it is zeroed: no prediction needed
         if not run.strict and imp is None and not gather.complete and not exact:
             imp = self._predict(run, layer, x, record=False)

@@ -117,3 +117,25 @@ def test_a_relaxed_prefill_is_exact_when_a_worker_is_late(rig) -> None:
     # A decode step with the same late worker still counts its unimportant groups as zero.
     _, run1, _ = forward(engine, False, [3])
     assert run1.zeroed_groups >= 1 and POLICY.straggler_share >= 1
+
+
+def test_a_worker_cut_from_a_step_and_silent_since_is_stalled_at_once() -> None:
+    sent = {"lossy": {10: 1.000, 11: 1.003}, "good": {11: 1.003}}
+    heard = {"lossy": 0.999, "good": 1.0025}
+    # Step 10 closed without lossy's partial; at step 11, 3 ms later (well inside the 16 ms
+    # deadline), nothing came from it since: stalled, not waited for a second time.
+    assert s.stalled_workers(sent, 11, 1.004, 0.016, heard, {"lossy": {10}}) == frozenset({"lossy"})
+    assert s.stalled_workers(sent, 11, 1.004, 0.016, heard) == frozenset()  # the deadline rule alone
+    # Anything heard from it since step 10 was sent (its late partial): only behind, waited for.
+    assert s.stalled_workers(sent, 11, 1.004, 0.016, {**heard, "lossy": 1.0035}, {"lossy": {10}}) == frozenset()
+    led = SyncLedger()
+    for w in ("lossy", "good"):
+        led.sent(w, 10, now=1.000)
+    led.arrived("good", 10, now=1.002, on_time=True)
+    led.closed("good", True, 10)
+    led.closed("lossy", False, 10)
+    for w in ("lossy", "good"):
+        led.sent(w, 11, now=1.003)
+    assert led.stalled(11, now=1.004, overdue_s=0.016) == frozenset({"lossy"})
+    led.arrived("lossy", 10, now=1.0045, on_time=False)  # late: settles step 10
+    assert led.stalled(12, now=1.005, overdue_s=0.016) == frozenset()
