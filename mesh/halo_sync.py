@@ -6,10 +6,12 @@ each) and gathers their partial down-projections. Times are seconds on the calle
 clock, passed in.
 
 - :class:`SyncLedger` remembers, per worker, which steps were sent and which answered, the
-  latency of on-time partials (the deadline is derived from them) and a late rate (fed to the
-  scheduler as ``late_rate``). A worker *owes* a step when it was sent and nothing at or after it
-  came back; a worker owing an earlier step than the current one, sent at least one deadline ago,
-  with nothing heard from it since that step was sent, is *stalled* and not waited for
+  latency of partials (the deadline is derived from them: one-position steps apart, multi-token
+  steps per position), the largest gap between the arrivals of each decode step (the straggler
+  wait is derived from them) and a late rate (fed to the scheduler as ``late_rate``). A worker
+  *owes* a step when it was sent and nothing at or after it came back; a worker owing an earlier
+  step than the current one, sent at least one deadline ago or closed without its partial, with
+  nothing heard from it since that step was sent, is *stalled* and not waited for
   (``mesh.scheduler.stalled_workers``): its answers come in order, behind the late one.
 - :class:`StepGather` collects one step's partials and decides whether to keep waiting: strict
   waits for every expected worker (up to a long safety timeout, after which the caller computes
