@@ -96,6 +96,7 @@ class CacheConfig:
     route_threshold: int = 2  # queue excess over the least-loaded node that overrides cache affinity
     fetch_margin: float = 1.2  # fetch only if transfer * margin < recompute: estimates err, "never slower" must not
     fetch_timeout_s: float = 30.0
+    fetch_overlap: bool = True  # compute the head of a missing span while fetching its tail (mesh.lookup)
 
     def __post_init__(self) -> None:
         if self.kv_wire not in ("fp16", "int8", "fp32"):

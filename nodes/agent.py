@@ -672,38 +672,65 @@ class NodeAgent:
 
     def _fetch_chunks(self, peer: str, keys: list[bytes], pkey: bytes | None,
                       timeout: float) -> Iterator[tuple[dict[str, Any], int]]:
-        """One request to ``peer`` for ``keys``: yields the parts of its answer as they arrive, and
-        stops after the last one, at ``timeout`` (monotonic), or as soon as the peer goes offline
-        (its last will: a peer killed mid-transfer costs no more than the broker noticing)."""
+        """One request to ``peer`` for ``keys``, sent now: the parts of its answer are read as they
+        arrive (:class:`_FetchReplies`), so the caller may compute meanwhile (the overlap)."""
         corr, replies = self.inbox.open()
         body: dict[str, Any] = {"keys": keys, "codec": self.config.cache.kv_wire, "model": self.cache.digest}
         if pkey is not None:
             body["prompt_key"] = pkey
         env = wire.Envelope(wire.Kind.KV_FETCH, self.name, body, corr=corr, reply_to=self.inbox.topic)
-        t0 = time.monotonic()
+        reading = _FetchReplies(self, peer, corr, replies, timeout)
         try:
             self.bus.publish(topics.node_kv(peer), wire.encode(env), qos=1)
-            deadline = t0 + timeout
-            while True:
-                left = deadline - time.monotonic()
+        except BaseException:
+            reading.close()
+            raise
+        return reading
+
+
+class _FetchReplies:
+    """The parts of one KV fetch's answer, in arrival order: iteration stops after the last one,
+    at the timeout (monotonic, from the request), or as soon as the peer goes offline (its last
+    will: a peer killed mid-transfer costs no more than the broker noticing). ``close`` (also
+    called at the end) releases the reply slot, read or not."""
+
+    def __init__(self, agent: NodeAgent, peer: str, corr: str, replies: queue.Queue[wire.Envelope],
+                 timeout: float) -> None:
+        self.agent, self.peer, self.corr, self.replies, self.timeout = agent, peer, corr, replies, timeout
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + timeout
+        self.done = False
+
+    def __iter__(self) -> _FetchReplies:
+        return self
+
+    def __next__(self) -> tuple[dict[str, Any], int]:
+        a = self.agent
+        while not self.done:
+            left = self.deadline - time.monotonic()
+            try:  # what already arrived counts even past the deadline (the asker was computing)
+                reply = self.replies.get(timeout=min(left, 0.05)) if left > 0 else self.replies.get_nowait()
+            except queue.Empty:
                 if left <= 0:
-                    log.info("KV fetch from %s timed out after %.2f s", peer, timeout)
-                    return
-                try:
-                    reply = replies.get(timeout=min(left, 0.05))
-                except queue.Empty:
-                    if not self._peer_online(peer) or self._stop.is_set():
-                        log.info("KV fetch from %s abandoned after %.2f s: peer offline", peer,
-                                 time.monotonic() - t0)
-                        return
-                    continue
-                if reply.kind is not wire.Kind.KV_CHUNKS or reply.sender != peer:
-                    continue
-                yield dict(reply.body), _payload_bytes(reply.body)
-                if reply.body["last"]:
-                    return
-        finally:
-            self.inbox.close(corr)
+                    log.info("KV fetch from %s timed out after %.2f s", self.peer, self.timeout)
+                    break
+                if not a._peer_online(self.peer) or a._stop.is_set():
+                    log.info("KV fetch from %s abandoned after %.2f s: peer offline", self.peer,
+                             time.monotonic() - self.t0)
+                    break
+                continue
+            if reply.kind is not wire.Kind.KV_CHUNKS or reply.sender != self.peer:
+                continue
+            if reply.body["last"]:
+                self.close()
+            return dict(reply.body), _payload_bytes(reply.body)
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        if not self.done:
+            self.done = True
+            self.agent.inbox.close(self.corr)
 
 
 def _payload_bytes(obj: Any) -> int:

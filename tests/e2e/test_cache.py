@@ -213,10 +213,10 @@ class FakePeer:
         self.bus.publish(env.reply_to, wire.encode(wire.Envelope(wire.Kind.KV_CHUNKS, self.name, body, corr=env.corr)),
                          qos=1)
 
-    def advertise(self) -> None:
+    def advertise(self, link_bw_Bps: float = 1e10) -> None:
         cat = Catalog.from_keys(self.cache.digest, 16, self.keys, capacity=1000)
         hb = {"seq": 0, "model": "smollm2-135m", "model_key": "fake", "queue": 0, "load": 0.0, "prefill_tps": 1.0,
-              "rtt_ms": 0.1, "link_bw_Bps": 1e10, "time": time.time()}
+              "rtt_ms": 0.1, "link_bw_Bps": link_bw_Bps, "time": time.time()}
         for topic, env in ((topics.node_heartbeat(self.name), wire.Envelope(wire.Kind.HEARTBEAT, self.name, hb)),
                            (topics.node_catalog(self.name), wire.Envelope(wire.Kind.CATALOG, self.name, cat.to_dict()))):
             self.bus.publish_wait(topic, wire.encode(env), qos=1, retain=True)
@@ -264,6 +264,39 @@ def test_a_peer_that_lacks_or_corrupts_chunks_leads_to_recompute(amqtt_broker: B
     c = got.node_figures["cache"]
     assert fake.requests == 1 and c["peer"] == fake.name and c["remote_tokens"] == 0, c
     assert c["decision"] == "recompute" and after == before + 1
+    assert got.node_figures["token_ids"] == exact.node_figures["token_ids"]
+
+
+def test_a_slow_link_overlaps_computing_the_head_with_fetching_the_tail(amqtt_broker: Broker, nodes: dict) -> None:
+    """A peer whose link moves a chunk in the time the asker computes one: fetching everything
+    (or nothing) takes twice as long as computing the first half while the second half arrives."""
+    from nodes.agent import DEFAULT_LINK
+
+    prefix = PREFIX.replace("astronomy", "oceanography") + "".join(
+        f"Which ocean is number {i}?\nA. Pacific\nB. Atlantic\nC. Indian\nD. Arctic\nAnswer: A\n\n" for i in range(4))
+    seeded, asked = prefix + Q1, prefix + Q2
+
+    def serve(keys: list[bytes], model: bytes) -> list:  # type: ignore[type-arg]
+        return [c for part in peer.cache.serve(keys, None, "fp16", 1 << 30) for c in part["chunks"]]
+
+    peer = FakePeer(amqtt_broker, "a-slow-peer", seeded, serve)
+    try:
+        peer.cache.prepare(peer.decoder.encode(seeded), 100.0, DEFAULT_LINK, lambda *a: None, {})
+        with MeshClient(amqtt_broker.address) as client:
+            tps = next(v.heartbeat for v in client.nodes() if v.name == "c2")["prefill_tps"]
+            chunk_bytes = 16 * 23_040  # SmolLM2 fp16
+            peer.advertise(link_bw_Bps=chunk_bytes * tps / 16)  # a chunk's transfer = its compute
+            got = ask(client, asked, "c2")
+            exact = ask(client, asked, "c2", no_cache=True)
+    finally:
+        peer.close()
+    c = got.node_figures["cache"]
+    shared = shared_chunk_tokens(seeded, asked)
+    assert shared >= 160
+    assert c["decision"] == "remote" and c["peer"] == "a-slow-peer", c
+    assert c["head_tokens"] > 0 and c["remote_tokens"] > 0 and c["head_tokens"] + c["remote_tokens"] == shared, c
+    assert c["est_overlap_s"] < min(c["est_recompute_s"], c["est_transfer_s"]), c
+    assert "wasted" not in c and peer.requests == 1
     assert got.node_figures["token_ids"] == exact.node_figures["token_ids"]
 
 
