@@ -136,7 +136,8 @@ def phases(r: Any) -> dict[str, float]:
     decode = max(decode_all - (fetch if early else 0.0), 0.0)
     mesh_ttft = max(r.ttft_s - tokenize - prefill_all, 0.0)
     return {"mesh": mesh_ttft + max(r.ttlt_s - r.ttft_s - decode_all, 0.0), "mesh_ttft": mesh_ttft,
-            "tokenize": tokenize, "catalog": catalog, "fetch": fetch, "prefill": prefill, "decode": decode}
+            "tokenize": tokenize, "catalog": catalog, "fetch": fetch, "fetch_ttft": 0.0 if early else fetch,
+            "prefill": prefill, "decode": decode}
 
 
 def run_profile(profile: str, items: list[Group], args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -248,7 +249,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "ttlt_s_median": _median([r["ttlt_s"] for r in got]),
             "ttft_s_mean": _mean([r["ttft_s"] for r in got]), "ttlt_s_mean": _mean([r["ttlt_s"] for r in got]),
             "prompt_tokens_median": _median([r["prompt_tokens"] for r in got]),
-            "phases_s_median": {ph: _median([r["phases"][ph] for r in got]) for ph in (*PHASES, "mesh_ttft")},
+            "phases_s_median": {ph: _median([_phase(r, ph) for r in got]) for ph in (*PHASES, "mesh_ttft", "fetch_ttft")},
         }
         if case != "miss":
             entry.update(
@@ -282,6 +283,14 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _phase(row: dict[str, Any], name: str) -> float:
+    """A phase of a row; ``fetch_ttft`` (the fetch before the first token) for older rows too."""
+    if name == "fetch_ttft" and name not in row["phases"]:
+        early = (row["cache"] or {}).get("first_token") == "peer-logits"
+        return 0.0 if early else row["phases"]["fetch"]
+    return float(row["phases"][name])
+
+
 def _reduction(pairs: list[tuple[dict[str, Any], dict[str, Any]]], key: str) -> float | None:
     """Median over pairs of the per-prompt reduction (miss - cache) / miss, in percent."""
     got = [100.0 * (a[key] - b[key]) / a[key] for a, b in pairs if a[key] > 0]
@@ -302,7 +311,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             for ph in PHASES:
                 if metric == "TTFT" and ph == "decode":
                     continue
-                key = "mesh_ttft" if (metric == "TTFT" and ph == "mesh") else ph
+                key = f"{ph}_ttft" if (metric == "TTFT" and ph in ("mesh", "fetch")) else ph
                 vals = [res["cases"][c]["phases_s_median"][key] or 0.0 for c in names]
                 ax.bar(xs, vals, bottom=bottom, color=colors[ph], width=0.9, label=ph if metric == "TTLT" else None)
                 bottom = [b + v for b, v in zip(bottom, vals)]
