@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 MAX_LAYERS = 1024
 MAX_QUEUED_REQUESTS = 64  # requests waiting for the compute thread; it only ever serves the newest
+SPEED_PROBE_S = 2.0  # the compute thread re-measures the speed this often (while idle)
+SPEED_ALPHA = 0.3  # weight of one probe in the reported speed
 
 
 class HaloWorker(AgentExtension):
@@ -65,7 +67,9 @@ class HaloWorker(AgentExtension):
         self._groups = 0
         self.served = 0
         self.dropped = 0
-        self.speed = 0.0  # neuron-rows per second (EWMA)
+        self.speed = 0.0  # neuron-rows per second (EWMA of probes on a fixed workload)
+        self._probe: tuple[split.GroupWeights, torch.Tensor] | None = None
+        self._probed_at = 0.0
         self._threads: list[threading.Thread] = []
         self.agent: Any = None
 
@@ -104,17 +108,27 @@ class HaloWorker(AgentExtension):
                              "group_size": self.group_size,
                              "heartbeat_s": self.agent.timing.heartbeat_s}}
 
-    def _measure_speed(self) -> float:
-        """Neuron-rows per second of a one-token partial over a quarter of a layer."""
-        groups = list(range(max(1, self.layout.n_groups // 4)))
-        w = split.extract_groups(self.model, 0, groups, self.layout)
-        x = torch.randn(1, 1, self.model.config.hidden_size)
+    def _measure_speed(self, reps: int = 20) -> float:
+        """Neuron-rows per second of a one-token partial over a quarter of a layer.
+
+        Always this fixed workload, never the live requests: a one-token partial's time is mostly
+        per-operation overhead, so rows per second measured on the worker's own share grew with
+        the share. The scheduler sizes shares by this speed, and the feedback (a small share
+        measures slow, gets smaller) swung a worker between 21 and 668 of 720 groups every re-plan
+        (8 s) under CPU contention. The probe still sees contention, which is what it is for.
+        """
+        if self._probe is None:
+            groups = list(range(max(1, self.layout.n_groups // 4)))
+            self._probe = (split.extract_groups(self.model, 0, groups, self.layout),
+                           torch.randn(1, 1, self.model.config.hidden_size))
+        w, x = self._probe
         best = float("inf")
         with torch.inference_mode():
-            for _ in range(20):
+            for _ in range(reps):
                 t0 = time.perf_counter()
                 w.partial(x)
                 best = min(best, time.perf_counter() - t0)
+        self._probed_at = time.monotonic()
         return w.n_neurons / max(best, 1e-7)
 
     # -- handlers (network thread) --------------------------------------------------------------
@@ -259,6 +273,13 @@ class HaloWorker(AgentExtension):
         while not self._stop.is_set():
             with self._wake:
                 self._wake.wait_for(lambda: self._requests or self._stop.is_set(), 0.5)
+                probe = not self._requests and time.monotonic() - self._probed_at >= SPEED_PROBE_S
+            if probe and not self._stop.is_set():
+                speed = self._measure_speed(reps=5)
+                with self._lock:
+                    self.speed = (1 - SPEED_ALPHA) * self.speed + SPEED_ALPHA * speed
+                continue
+            with self._wake:
                 if not self._requests:
                     continue
                 env = self._requests.pop()  # the newest
@@ -302,13 +323,11 @@ class HaloWorker(AgentExtension):
                                y.to(torch.float32 if x.dtype == torch.float32 else torch.float16),
                                compute_s=compute_s)
         self.agent.bus.publish(req.reply_to, out, qos=topics.HALO_REPLY.qos)
-        self._count(w.n_neurons * max(1, x.numel() // x.shape[-1]), w.n_neurons, compute_s)
+        self._count()
 
-    def _count(self, rows: int, neurons: int, compute_s: float) -> None:
+    def _count(self) -> None:
         with self._lock:
             self.served += 1
-            if compute_s > 0 and rows == neurons:  # one-token requests measure decode speed
-                self.speed = 0.9 * self.speed + 0.1 * rows / compute_s if self.speed else rows / compute_s
 
     def _serve(self, env: wire.Envelope, weights: list[split.GroupWeights | None]) -> None:
         b = env.body
@@ -327,5 +346,5 @@ class HaloWorker(AgentExtension):
         reply = wire.Envelope(wire.Kind.HALO_PARTIAL, self.name, body, corr=env.corr)
         self.agent.bus.publish(env.reply_to, wire.encode(reply, self.agent.limits.max_message_bytes),
                                qos=topics.NODE_HALO.qos)
-        self._count(w.n_neurons * max(1, x.numel() // x.shape[-1]), w.n_neurons, compute_s)
+        self._count()
 
