@@ -200,7 +200,7 @@ def decide(
     extra_bytes: int = 0,
     extra_tokens: int = 0,
     exclude: Collection[str] = (),
-    overlap: bool = True,
+    overlap: bool = False,
 ) -> Decision:
     """The cost-aware lookup decision for a prompt with chunk keys ``keys`` (module docstring).
 

@@ -172,7 +172,7 @@ def run_profile(profile: str, items: list[Group], args: argparse.Namespace, cons
                 epoch = catalogs.epoch
                 ask("seed", "pi1", prompt, group, subject, False)
                 catalogs.wait_newer(epoch, timeout=30.0)  # pi1 advertised it...
-                time.sleep(0.5)  # ...and the askers have read the catalog
+                time.sleep(1.0)  # ...the askers have read the catalog, and pi1's work after the answer is done
                 if args.peer == "device":
                     tb.restore_cpu("pi1")
 

@@ -28,7 +28,7 @@ Q3 = "Which star is nearest to Earth?\nA. Sirius\nB. Vega\nC. The Sun\nD. Polari
 def nodes(amqtt_broker: Broker, log_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeProcess]]:
     started = {
         "c1": start_node(amqtt_broker, "c1", "smollm2-135m", log_dir),
-        "c2": start_node(amqtt_broker, "c2", "smollm2-135m", log_dir),
+        "c2": start_node(amqtt_broker, "c2", "smollm2-135m", log_dir, "--fetch-overlap"),
         "c3": start_node(amqtt_broker, "c3", "smollm2-135m", log_dir, "--kv-wire", "int8"),
         "c4": start_node(amqtt_broker, "c4", "smollm2-135m", log_dir, "--fetch-margin", "1000000"),
     }

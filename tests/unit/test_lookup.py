@@ -74,7 +74,7 @@ def test_only_missing_chunks_are_fetched() -> None:
 def test_refuses_a_fetch_slower_than_recompute() -> None:
     # Pi 5 class prefill (~600 tokens/s) over the same Wi-Fi: 8 chunks recompute in 0.21 s but
     # download in 0.9 s -> recompute (the paper's Pi 5 case got 7 % slower by fetching anyway).
-    d = decide(KEYS, 2, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0), overlap=False)
+    d = decide(KEYS, 2, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0))
     assert d.decision == "recompute" and d.peer == "b" and d.fetch_bytes == 0
     assert d.est_transfer_s > d.est_recompute_s
     assert d.local_tokens == 32 and d.remote_tokens == 0
@@ -97,13 +97,13 @@ def test_margin_demands_a_clear_win() -> None:
     link = LinkEstimate(bytes_per_s=GEMMA_CHUNK, rtt_s=0.0)  # 1 s per chunk
     cats = {NodeId("b"): cat(4)}
     assert decide(KEYS, 0, cats, MODEL, 16, cost(16 / 1.2, link)).decision == "remote"  # 1.2 s/chunk
-    assert decide(KEYS, 0, cats, MODEL, 16, cost(16 / 1.2, link, margin=1.5), overlap=False).decision == "recompute"
+    assert decide(KEYS, 0, cats, MODEL, 16, cost(16 / 1.2, link, margin=1.5)).decision == "recompute"
 
 
 def test_overlap_computes_the_head_while_the_tail_arrives() -> None:
     # Pi 5 class prefill over the paper's Wi-Fi: fetching all 8 missing chunks (0.91 s) loses to
     # recomputing them (0.21 s), but computing 7 while the 8th arrives takes 0.19 s
-    d = decide(KEYS, 2, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0))
+    d = decide(KEYS, 2, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0), overlap=True)
     assert d.decision == "remote" and d.peer == "b"
     assert d.head_chunks == 7 and d.remote_chunks == 1 and d.fetch_bytes == GEMMA_CHUNK
     assert d.local_tokens == 32 and d.remote_tokens == 16
@@ -114,25 +114,26 @@ def test_overlap_computes_the_head_while_the_tail_arrives() -> None:
     d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(160.0, even), overlap=True)
     assert d.head_chunks == 5 and d.remote_chunks == 5 and d.est_overlap_s == pytest.approx(0.5)
     # the margin weighs the transfer side: a 1.5 margin moves the split towards computing
-    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(160.0, even, margin=1.5))
+    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(160.0, even, margin=1.5), overlap=True)
     assert d.head_chunks == 6 and d.est_overlap_s == pytest.approx(0.6)
 
 
 def test_overlap_is_not_taken_when_one_side_wins_alone() -> None:
     # a fast link: fetching everything beats any split
     fast = LinkEstimate(bytes_per_s=500e6, rtt_s=0.001)
-    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0, fast))
+    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0, fast), overlap=True)
     assert d.decision == "remote" and d.head_chunks == 0 and d.remote_chunks == 10
     # fetching everything pays, though a split would be faster still: a full fetch brings the
     # last logits first (the first token does not wait), so it is kept
-    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(160.0 / 1.5, LinkEstimate(GEMMA_CHUNK / 0.1, 0.0)))
+    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(160.0 / 1.5, LinkEstimate(GEMMA_CHUNK / 0.1, 0.0)),
+               overlap=True)
     assert d.decision == "remote" and d.head_chunks == 0 and d.est_overlap_s is None
     # a link so slow that even one chunk costs more than recomputing them all
     crawl = LinkEstimate(bytes_per_s=GEMMA_CHUNK / 10.0, rtt_s=0.05)
-    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0, crawl))
+    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0, crawl), overlap=True)
     assert d.decision == "recompute" and d.head_chunks == 0 and d.est_overlap_s is not None
     # one missing chunk cannot be split
-    d = decide(KEYS, 9, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0))
+    d = decide(KEYS, 9, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0), overlap=True)
     assert d.head_chunks == 0 and d.est_overlap_s is None
 
 
