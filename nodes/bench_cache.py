@@ -406,7 +406,7 @@ def add_bench_cache(sub: Any) -> None:
                    help="question groups (one subject each, all subjects in shuffled order): per group one prompt "
                         "per case, each also asked without the cache; --stream: subjects")
     p.add_argument("--subjects", nargs="*")
-    p.add_argument("--tokens", type=int, default=4, help="max new tokens per answer")
+    p.add_argument("--tokens", "--max-new-tokens", dest="tokens", type=int, default=4, help="max new tokens per answer")
     p.add_argument("--kv-wire", default="fp16", choices=["fp16", "int8", "fp32"])
     p.add_argument("--broker", default="mosquitto", choices=["mosquitto", "amqtt"])
     p.add_argument("--peer", default="device", choices=["device", "cache-box"],
