@@ -24,6 +24,7 @@ clock, passed in.
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -135,13 +136,16 @@ class SyncLedger:
     def outstanding(self) -> dict[str, list[int]]:
         return {w: sorted(r.sent_at) for w, r in self.workers.items() if r.sent_at}
 
-    def stalled(self, step: int, now: float, overdue_s: float) -> frozenset[str]:
-        """Workers owing a step before ``step`` sent at least ``overdue_s`` before ``now`` or closed
-        without their partial, with nothing heard from them since it was sent."""
+    def stalled(self, step: int, now: float, overdue_s: float, cut_factor: float = 0.0) -> frozenset[str]:
+        """Workers owing a step before ``step`` sent at least ``overdue_s`` before ``now`` (or,
+        closed without their partial, ``cut_factor`` times their median decode latency), with
+        nothing heard from them since it was sent."""
+        cut = {w: r.cut for w, r in self.workers.items() if r.cut}
+        after = {w: cut_factor * statistics.median(self.workers[w].samples) if self.workers[w].samples else overdue_s
+                 for w in cut}
         return scheduler.stalled_workers({w: r.sent_at for w, r in self.workers.items() if r.sent_at},
                                          step, now, overdue_s,
-                                         {w: r.last_heard for w, r in self.workers.items()},
-                                         {w: r.cut for w, r in self.workers.items() if r.cut})
+                                         {w: r.last_heard for w, r in self.workers.items()}, cut, after)
 
     def deadline(self, policy: SyncPolicy, tokens: int = 1) -> float:
         """Each worker's deadline for a step of ``tokens`` positions from its own recent latencies

@@ -330,6 +330,9 @@ class SyncPolicy:
     # local rows, not a fraction of a decode step.
     max_multi_deadline_s: float = 1.0
     exact_multi: bool = True
+    # A step closed without a worker's partial makes it stalled (not waited for) once the step is
+    # this many times the worker's median decode latency old with nothing heard from it since.
+    cut_overdue_factor: float = 2.0
 
 
 def _quantile(xs: Sequence[float], q: float) -> float:
@@ -394,7 +397,8 @@ def fallback_groups(missing: Sequence[int], must_wait: frozenset[int] | set[int]
 
 def stalled_workers(outstanding: Mapping[str, Mapping[int, float]], step: int, now: float,
                     overdue_s: float, last_heard: Mapping[str, float] | None = None,
-                    cut: Mapping[str, Collection[int]] | None = None) -> frozenset[str]:
+                    cut: Mapping[str, Collection[int]] | None = None,
+                    cut_overdue_s: Mapping[str, float] | None = None) -> frozenset[str]:
     """Workers stuck behind an overdue partial: not waited for at all at ``step``.
 
     ``outstanding`` maps each worker to its unanswered steps and their send times; ``last_heard``
@@ -407,16 +411,22 @@ def stalled_workers(outstanding: Mapping[str, Mapping[int, float]], step: int, n
     coordinator, no longer waiting, ran ahead of its answers at every step and summed its groups
     as zero.
 
-    ``cut`` maps a worker to the steps that closed without its partial: such a step needs no
-    ``overdue_s`` more. Its partial already missed the wait sized to healthy arrivals, and a
-    whole step later nothing at all came from the worker: it waits for a retransmission. Waiting
-    for it again, until that step was a deadline old, cost every loss two or three more cut waits.
+    ``cut`` maps a worker to the steps that closed without its partial: such a step is overdue
+    after ``cut_overdue_s`` of that worker (its own typical answer time, see
+    ``SyncPolicy.cut_overdue_factor``), not a whole deadline. Its partial already missed the wait
+    sized to healthy arrivals, and nothing at all came from the worker for longer than it usually
+    takes to answer: it waits for a retransmission. Waiting for it again, until that step was a
+    deadline old, cost every loss two or three more cut waits. A worker merely slow (CPU
+    contention) answers within its own typical time, which grows with the contention, so it is
+    not skipped at every other step.
     """
     heard = last_heard or {}
     missed = cut or {}
+    cut_after = cut_overdue_s or {}
     return frozenset(node for node, steps in outstanding.items()
                      if any(s < step and heard.get(node, -math.inf) < t
-                            and (now - t >= overdue_s or s in missed.get(node, ()))
+                            and (now - t >= overdue_s
+                                 or (s in missed.get(node, ()) and now - t >= cut_after.get(node, overdue_s)))
                             for s, t in steps.items()))
 
 

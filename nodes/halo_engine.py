@@ -453,7 +453,8 @@ class HaloEngine:
                     break
                 self._take(run, gather, item, numel, t0)
             now = time.perf_counter()
-            stalled = frozenset() if run.strict else self.ledger.stalled(step, now, deadline)
+            stalled = frozenset() if run.strict else self.ledger.stalled(step, now, deadline,
+                                                                          policy.cut_overdue_factor)
             gone = self.gone(expected)
             elapsed = now - t0
             d = gather.decide(elapsed_s=elapsed, deadline_s=deadline, stalled=stalled,

@@ -122,20 +122,31 @@ def test_a_relaxed_prefill_is_exact_when_a_worker_is_late(rig) -> None:
 def test_a_worker_cut_from_a_step_and_silent_since_is_stalled_at_once() -> None:
     sent = {"lossy": {10: 1.000, 11: 1.003}, "good": {11: 1.003}}
     heard = {"lossy": 0.999, "good": 1.0025}
-    # Step 10 closed without lossy's partial; at step 11, 3 ms later (well inside the 16 ms
-    # deadline), nothing came from it since: stalled, not waited for a second time.
-    assert s.stalled_workers(sent, 11, 1.004, 0.016, heard, {"lossy": {10}}) == frozenset({"lossy"})
+    # Step 10 closed without lossy's partial; at step 11, 4 ms later (well inside the 16 ms
+    # deadline, twice its usual 1.5 ms answer), nothing came from it since: stalled, not waited
+    # for a second time.
+    after = {"lossy": 0.003}
+    assert s.stalled_workers(sent, 11, 1.004, 0.016, heard, {"lossy": {10}}, after) == frozenset({"lossy"})
     assert s.stalled_workers(sent, 11, 1.004, 0.016, heard) == frozenset()  # the deadline rule alone
+    # Not yet its usual answer time: a slow (busy) worker is not skipped at once.
+    assert s.stalled_workers(sent, 11, 1.002, 0.016, heard, {"lossy": {10}}, after) == frozenset()
     # Anything heard from it since step 10 was sent (its late partial): only behind, waited for.
-    assert s.stalled_workers(sent, 11, 1.004, 0.016, {**heard, "lossy": 1.0035}, {"lossy": {10}}) == frozenset()
+    assert s.stalled_workers(sent, 11, 1.004, 0.016, {**heard, "lossy": 1.0035}, {"lossy": {10}}, after) == frozenset()
     led = SyncLedger()
     for w in ("lossy", "good"):
+        led.sent(w, 9, now=0.990)
+        led.arrived(w, 9, now=0.9915, on_time=True)  # 1.5 ms answers
         led.sent(w, 10, now=1.000)
     led.arrived("good", 10, now=1.002, on_time=True)
     led.closed("good", True, 10)
     led.closed("lossy", False, 10)
     for w in ("lossy", "good"):
         led.sent(w, 11, now=1.003)
-    assert led.stalled(11, now=1.004, overdue_s=0.016) == frozenset({"lossy"})
+    assert led.stalled(11, now=1.004, overdue_s=0.016, cut_factor=2.0) == frozenset({"lossy"})
     led.arrived("lossy", 10, now=1.0045, on_time=False)  # late: settles step 10
-    assert led.stalled(12, now=1.005, overdue_s=0.016) == frozenset()
+    assert led.stalled(12, now=1.005, overdue_s=0.016, cut_factor=2.0) == frozenset()
+    # Its median answer is now 3 ms (1.5 and 4.5): a step cut 5 ms ago is not overdue yet, 10 ms ago it is.
+    led.sent("lossy", 12, now=1.006)
+    led.closed("lossy", False, 12)
+    assert led.stalled(13, now=1.010, overdue_s=0.016, cut_factor=2.0) == frozenset()
+    assert led.stalled(13, now=1.013, overdue_s=0.016, cut_factor=2.0) == frozenset({"lossy"})
