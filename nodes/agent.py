@@ -201,14 +201,18 @@ class NodeAgent:
             if self.cache is not None:
                 self.cache.dirty.set()  # a restarted broker lost our retained catalog
 
-    def _warm_up(self) -> None:
-        ids = self.decoder.encode(WARMUP_TEXT)
+    def _timed_spt(self, ids: list[int], runs: int = 1) -> float:
+        """Seconds per token of prefilling ``ids``, the fastest of ``runs`` forwards."""
         best = float("inf")
-        for _ in range(3):  # the first calls pay lazy initialisation; keep the fastest
+        for _ in range(runs):
             t0 = time.perf_counter()
             self.decoder.prefill(ids)
             best = min(best, time.perf_counter() - t0)
-        self.figures.prefill_spt = max(best, 1e-6) / len(ids)
+        return max(best, 1e-6) / len(ids)
+
+    def _warm_up(self) -> None:
+        # the first calls pay lazy initialisation; keep the fastest of three
+        self.figures.prefill_spt = self._timed_spt(self.decoder.encode(WARMUP_TEXT), runs=3)
 
     def _probe_speed(self, idle_since: float) -> bool:
         """On an idle worker whose prefill speed no ask has measured yet: one more warm-up forward
@@ -218,10 +222,7 @@ class NodeAgent:
         if (self.figures.spt_measured or self.figures.spt_probes >= self.timing.speed_probes
                 or time.monotonic() - idle_since < self.timing.speed_probe_idle_s):
             return False
-        ids = self.decoder.encode(WARMUP_TEXT * 2)[:64]
-        t0 = time.perf_counter()
-        self.decoder.prefill(ids)
-        spt = max(time.perf_counter() - t0, 1e-6) / len(ids)
+        spt = self._timed_spt(self.decoder.encode(WARMUP_TEXT * 2)[:64])
         with self.figures.lock:
             if not self.figures.spt_measured:  # an ask may have measured it meanwhile
                 self.figures.prefill_spt = spt
