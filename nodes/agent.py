@@ -29,7 +29,7 @@ from mesh import topics, wire
 from mesh.bus import MqttBus, ReplyInbox
 from mesh.config import NodeConfig
 from mesh.errors import MeshError, ProtocolError
-from mesh.model import Decoder, LoadedModel, load_model
+from mesh.model import Decoder, LoadedModel, bind_threads, load_model
 from mesh.lookup import LinkEstimate, NodeId, NodeLoad, route
 from mesh.routing import PeerTable, choose_node, router_of
 from nodes.cache import NodeCache, Prepared
@@ -402,6 +402,7 @@ class NodeAgent:
 
     # -- worker (torch) ---------------------------------------------------------------------------
     def _work_loop(self) -> None:
+        bind_threads()
         idle_since = time.monotonic()
         while not self._stop.is_set():
             try:
@@ -637,6 +638,7 @@ class NodeAgent:
             self.rejects.add("kv-busy")
 
     def _serve_loop(self) -> None:
+        bind_threads()
         while not self._stop.is_set():
             try:
                 env = self._serve_jobs.get(timeout=0.2)

@@ -33,7 +33,7 @@ from mesh.config import BrokerAddress, CacheConfig, Limits
 from mesh.errors import MeshError, ProtocolError
 from mesh.halo_sync import Liveness
 from mesh.lookup import LinkEstimate
-from mesh.model import Decoder, load_model
+from mesh.model import Decoder, bind_threads, load_model
 from mesh.routing import PeerTable, choose_node, router_of
 from mesh.scheduler import ReplanPolicy, SyncPolicy
 from nodes.cache import NodeCache
@@ -274,6 +274,7 @@ class Coordinator:
             self.bus.publish(env.reply_to, wire.encode(out, self.config.limits.max_message_bytes), qos=1)
 
     def _work_loop(self) -> None:
+        bind_threads()
         while not self._stop.is_set():
             try:
                 job = self._jobs.get(timeout=0.2)
@@ -341,6 +342,7 @@ class Coordinator:
 
     # -- planner / heartbeat ----------------------------------------------------------------------
     def _plan_loop(self) -> None:
+        bind_threads()
         last_hb = 0.0
         while not self._stop.wait(0.1):
             with self._peers_lock:

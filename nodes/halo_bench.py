@@ -152,7 +152,7 @@ class Quality:
             shares.add(r["halo"])
             picks.append(max(range(4), key=lambda i: scores[i]))
             correct += int(picks[-1] == answer)
-        return {"ppl": math.exp(sum(nll) / len(nll)), "argmax": top, "accuracy": correct / len(self.mmlu),
+        return {"ppl": math.exp(sum(nll) / len(nll)), "argmax": top, "accuracy": correct / max(1, len(self.mmlu)),
                 "picks": picks, "nll": nll, "n_ppl_tokens": len(nll), "n_mmlu": len(self.mmlu),
                 "quality_s": round(time.monotonic() - t0, 1), **shares.figures()}
 

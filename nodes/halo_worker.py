@@ -37,6 +37,7 @@ import torch
 
 from mesh import halo_wire, split, topics, wire
 from mesh.errors import MeshError, ProtocolError
+from mesh.model import bind_threads
 from mesh.scheduler import Plan
 from nodes.agent import AgentExtension
 
@@ -202,6 +203,7 @@ class HaloWorker(AgentExtension):
                     self.skipped += 1
                     return
                 self._serving = frame.epoch
+            bind_threads()  # paho's network thread
             try:
                 self._serve_frame(frame, weights)
             except ProtocolError as exc:
@@ -216,6 +218,7 @@ class HaloWorker(AgentExtension):
 
     # -- loader ---------------------------------------------------------------------------------
     def _load_loop(self) -> None:
+        bind_threads()
         while not self._stop.is_set():
             with self._wake:
                 self._wake.wait_for(lambda: self._plans or self._stop.is_set(), 0.5)
@@ -269,7 +272,7 @@ class HaloWorker(AgentExtension):
 
     # -- compute --------------------------------------------------------------------------------
     def _compute_loop(self) -> None:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+        bind_threads()
         while not self._stop.is_set():
             with self._wake:
                 self._wake.wait_for(lambda: self._requests or self._stop.is_set(), 0.5)
