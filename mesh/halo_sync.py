@@ -63,6 +63,7 @@ class SyncLedger:
         # Decode steps sent to several workers: how many partials, and their latencies so far.
         self._open: dict[int, tuple[int, list[float]]] = {}
         self.gaps: deque[float] = deque(maxlen=128)  # largest arrival gap per complete decode step
+        self.firsts: deque[float] = deque(maxlen=128)  # latency of the first partial, same steps
 
     def _rec(self, worker: str) -> WorkerRecord:
         return self.workers.setdefault(worker, WorkerRecord())
@@ -121,6 +122,7 @@ class SyncLedger:
                 del self._open[step]
                 times = sorted(opened[1])
                 self.gaps.append(max(b - a for a, b in zip(times, times[1:])))
+                self.firsts.append(times[0])
         return latency
 
     def closed(self, worker: str, got: bool, step: int | None = None) -> None:
@@ -158,6 +160,13 @@ class SyncLedger:
         if per:
             return per[(len(per) - 1) // 2]
         return scheduler.step_deadline(policy.default_deadline_s, tokens, (), policy)
+
+    def first_arrival(self) -> float | None:
+        """Lower quartile of the first partial's latency over recent decode steps (None: none
+        yet). Until then no straggler cut can fall due, so the gather need not wake earlier."""
+        if not self.firsts:
+            return None
+        return sorted(self.firsts)[(len(self.firsts) - 1) // 4]
 
     def straggler_wait(self, policy: SyncPolicy, deadline_s: float) -> float:
         """The wait for stragglers after the newest arrival of a decode step

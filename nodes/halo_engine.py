@@ -440,12 +440,19 @@ class HaloEngine:
         gather = StepGather(step, expected, important if not run.strict else frozenset(), run.strict,
                             straggler_s=straggler)
         numel = x.numel()
+        first_at = self.ledger.first_arrival() if straggler is not None else None
         wait: float | None = None  # first take what already arrived (late partials settle who is stalled)
         waiting: set[str] = set()
         while True:
             if wait is not None:
-                # Relaxed: the first arrival starts the stragglers' shorter wait, so wake on it.
-                self._sleep(step, waiting, wait, first=not run.strict and gather.last_arrival_s is None)
+                # Relaxed: the first arrival starts the stragglers' shorter wait. Waking on it
+                # costs a thread switch per step (relaxed was 6 % slower than strict at 0 % loss),
+                # so with a measured first-arrival time sleep for all until the earliest a cut can
+                # fall due, then decide from what arrived.
+                first = not run.strict and gather.last_arrival_s is None
+                if first and straggler is not None and first_at is not None:
+                    wait, first = min(wait, max(first_at + straggler - elapsed, 0.0)), False
+                self._sleep(step, waiting, wait, first=first)
             while True:
                 try:
                     item = self._partials.get_nowait()

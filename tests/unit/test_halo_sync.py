@@ -86,6 +86,21 @@ def test_ledger_tracks_outstanding_steps_latency_and_late_rate() -> None:
     assert led.deadline(POLICY) == pytest.approx(0.012 * POLICY.margin)
 
 
+def test_ledger_first_arrival_is_the_lower_quartile_of_complete_decode_steps() -> None:
+    led = SyncLedger()
+    assert led.first_arrival() is None
+    for step, firsts in enumerate([0.004, 0.001, 0.002, 0.003, 0.005]):
+        led.spread(step, 2)
+        for w, lat in (("a", firsts), ("b", firsts + 0.001)):
+            led.sent(w, step, now=10.0 * step)
+            led.arrived(w, step, now=10.0 * step + lat, on_time=True)
+    assert led.first_arrival() == pytest.approx(0.002)  # of 1, 2, 3, 4, 5 ms
+    led.spread(99, 2)  # a step with one partial missing adds nothing
+    led.sent("a", 99, now=1000.0)
+    led.arrived("a", 99, now=1000.0001, on_time=True)
+    assert led.first_arrival() == pytest.approx(0.002)
+
+
 def test_epoch_switch_waits_for_every_ack_of_the_pending_plan() -> None:
     a = Plan(1, "m", 64, 2, {"w1": ((0, 1),)}, ((),))
     b = Plan(2, "m", 64, 2, {"w1": ((0,),), "w2": ((1,),)}, ((),))
