@@ -77,7 +77,8 @@ class HaloMesh:
         self.coord = self.tb.spawn("pi1", self._cli(
             "coordinator", "--model", self.args.model, "--threads", "1", "--heartbeat", "0.5",
             "--placement", placement, "--replan-interval", str(REPLAN_S), "--no-cache",
-            "--reliability-weight", str(reliability_weight), "--fallback", fallback),
+            "--reliability-weight", str(reliability_weight), "--fallback", fallback,
+            "--local-speed", str(getattr(self.args, "local_speed", 0.0))),
             env=self.env, role="coordinator",
             log=self.tb.log_path(f"coordinator-{placement}-{reliability_weight:g}-{fallback}"))
 

@@ -200,6 +200,8 @@ def add_bench_halo(bench_parser: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-tokens", type=int, default=512, help="held-out tokens for perplexity/agreement")
     p.add_argument("--mmlu", type=int, default=200, help="MMLU questions (fixed sample, 1-shot)")
     p.add_argument("--no-ablation", action="store_true", help="skip the random-placement ablation")
+    p.add_argument("--local-speed", type=float, default=0.0,
+                   help="the coordinator's --local-speed (neuron-rows/s it computes itself; 0: none)")
     p.add_argument("--compare-wire", action="store_true",
                    help="also time the per-worker CBOR requests (the old wire), alternating with the frames")
     p.add_argument("--ablation-reps", type=int, default=2,
