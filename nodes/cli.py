@@ -269,14 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    threads = getattr(args, "threads", None)
+def threads_env(threads: int | None) -> None:
+    """``--threads`` for OpenMP and MKL, which read these when torch loads, so every thread (also
+    paho's) gets them; ``torch.set_num_threads`` alone binds only its caller (see
+    ``mesh.model.bind_threads``). Too late once torch is loaded (main() called in-process)."""
     if threads and "torch" not in sys.modules:
-        # OpenMP and MKL read these when torch loads, so every thread (also paho's) gets them;
-        # torch.set_num_threads alone binds only its caller (see mesh.model.bind_threads)
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    threads_env(getattr(args, "threads", None))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("amqtt", "transitions", "httpx", "urllib3"):
