@@ -35,6 +35,7 @@ from rich.table import Table
 from mesh import loadstats, mmlu
 from mesh.errors import MeshError, TransportError
 from mesh.loadstats import ANSWERED, ERROR, LOST, AskRecord
+from nodes.benchio import pyplot, save_figure, write_results
 from nodes.client import AskFailed, MeshClient
 
 MIB = 1024 * 1024
@@ -280,9 +281,7 @@ def bench_load(args: argparse.Namespace) -> int:
         console = Console(width=None if Console().is_terminal else 140)
         result = reanalyse(Path(args.reanalyse), args.rss_threshold)
         print_summary(result, console)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        plot(result, Path(args.plot))
-        console.print(f"results: {args.json}, plot: {args.plot}")
+        write_results(result, args.json, lambda path: plot(result, path), args.plot, console)
         return 0 if result["lost"] == 0 else 1
     from nodes.setup import mmlu_dir
     from nodes.up import MeshProcesses, free_port
@@ -367,10 +366,7 @@ def bench_load(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     print_summary(result, console)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    plot(result, Path(args.plot))
-    console.print(f"results: {args.json}, plot: {args.plot}")
+    write_results(result, args.json, lambda path: plot(result, path), args.plot, console)
     return 0 if result["lost"] == 0 else 1
 
 
@@ -409,11 +405,7 @@ def print_summary(res: dict[str, Any], console: Console) -> None:
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (a, b) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     recs = [r for r in res["records"] if r["outcome"] == ANSWERED]
     plain = [r for r in recs if not r["busy_retries"]]
@@ -452,10 +444,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     b.set_xlabel("time since start (s)")
     b.set_ylabel("MiB")
     b.legend(fontsize=7, loc="center right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def add_bench_load(sub: Any) -> None:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mesh.config import BrokerAddress
@@ -34,6 +35,7 @@ from mesh.errors import ConfigError, TransportError
 from mesh.mmlu import LETTERS, sample
 from mesh.testbed_plan import device_profile, make_spec
 from nodes.client import MeshClient
+from nodes.benchio import pyplot, save_figure, write_results
 from nodes.halo_data import load_split, predictor_path, token_windows
 from nodes.settings import mesh_home
 from nodes.setup import mmlu_dir
@@ -307,12 +309,12 @@ def run_bench(args: argparse.Namespace) -> int:
             if not args.no_ablation:
                 result["ablation"] = _ablation(args, tb, mesh, client, q, lossless, lossy, bar, task)
     result["elapsed_s"] = round(time.monotonic() - t_start, 1)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     if args.plot:
-        plot(result, Path(args.plot))
-    print(json.dumps({k: result.get(k) for k in ("speedup_at_5pct", "elapsed_s")} | {"json": str(out)}))
+        write_results(result, args.json, lambda path: plot(result, path), args.plot, Console())
+    else:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result.get(k) for k in ("speedup_at_5pct", "elapsed_s")} | {"json": str(args.json)}))
     return 0
 
 
@@ -388,11 +390,7 @@ def _plan_of(client: MeshClient) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     pts = result["points"]
     x = [p["loss_pct"] for p in pts]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
@@ -412,7 +410,4 @@ def plot(result: dict[str, Any], path: Path) -> None:
     b2.set_ylim(0, 1.05)
     b.legend(loc="upper left")
     b2.legend(loc="lower left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
