@@ -28,12 +28,14 @@ def save_figure(fig: Any, path: Path) -> None:
     pyplot().close(fig)
 
 
-def write_results(out: dict[str, Any], json_path: str | Path, plot: Callable[[Path], None], plot_path: str | Path,
-                  console: Console) -> None:
-    """Stamp ``out`` with the date, write it as JSON, draw the plot, and say where both went."""
-    json_path, plot_path = Path(json_path), Path(plot_path)
+def write_results(out: dict[str, Any], json_path: str | Path, plot: Callable[[Path], None],
+                  plot_path: str | Path | None, console: Console) -> None:
+    """Stamp ``out`` with the date, write it as JSON, draw the plot (unless ``plot_path`` is
+    empty), and say where both went."""
+    json_path = Path(json_path)
     out.setdefault("date", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(out, indent=2))
-    plot(plot_path)
-    console.print(f"results: {json_path}, plot: {plot_path}")
+    if plot_path:
+        plot(Path(plot_path))
+    console.print(f"results: {json_path}" + (f", plot: {plot_path}" if plot_path else ""))

@@ -309,11 +309,7 @@ def run_bench(args: argparse.Namespace) -> int:
             if not args.no_ablation:
                 result["ablation"] = _ablation(args, tb, mesh, client, q, lossless, lossy, bar, task)
     result["elapsed_s"] = round(time.monotonic() - t_start, 1)
-    if args.plot:
-        write_results(result, args.json, lambda path: plot(result, path), args.plot, Console())
-    else:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_results(result, args.json, lambda path: plot(result, path), args.plot, Console())
     print(json.dumps({k: result.get(k) for k in ("speedup_at_5pct", "elapsed_s")} | {"json": str(args.json)}))
     return 0
 
