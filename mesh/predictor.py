@@ -10,7 +10,9 @@ Training is closed form (one ``F x F`` solve per layer, ``F = 1 + r + r(r+1)/2``
 CPU, no epochs, deterministic.
 
 Stored as safetensors (no pickle) with string metadata: the format version, the model key
-(a predictor is only valid for the model it was recorded from) and the group layout.
+(a predictor is only valid for the model it was recorded from) and the group layout. Format 2 may
+hold a neuron order per layer (``mesh.split``): the groups it predicts are cut in that order, so
+the coordinator permutes its model to it and ships it to the workers with every plan.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from torch import Tensor, nn
 from mesh import split
 from mesh.errors import ConfigError, ProtocolError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional neuron order per layer
+_READABLE = ("1", "2")
 DEFAULT_RANK = 32
 _LOG_EPS = 1e-6  # floor (relative to the mean importance) before taking logs
 
@@ -90,6 +93,7 @@ class ImportancePredictor:
     layout: split.GroupLayout
     rank: int
     layers: tuple[LayerPredictor, ...]
+    order: tuple[Tensor, ...] | None = None  # per layer: original neuron id at each position
 
     def predict(self, layer: int, x: Tensor) -> Tensor:
         """Predicted importance (positive) of every group: (..., H) -> (..., G)."""
@@ -100,11 +104,13 @@ class ImportancePredictor:
         for i, lp in enumerate(self.layers):
             tensors[f"{i}.mean"], tensors[f"{i}.proj"] = lp.mean, lp.proj
             tensors[f"{i}.coef"] = lp.coef
+        for i, o in enumerate(self.order or ()):
+            tensors[f"{i}.order"] = o.to(torch.int64)
         meta = {
             "format_version": str(FORMAT_VERSION), "model_key": self.model_key,
             "intermediate_size": str(self.layout.intermediate_size),
             "group_size": str(self.layout.group_size), "rank": str(self.rank),
-            "n_layers": str(len(self.layers)),
+            "n_layers": str(len(self.layers)), "neuron_order": str(int(self.order is not None)),
         }
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
 
@@ -117,7 +123,7 @@ def load_predictor(path: str | Path, model_key: str) -> ImportancePredictor:
         tensors = load_file(str(path))
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ProtocolError("bad-predictor", f"{path}: {exc}") from exc
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    if meta.get("format_version") not in _READABLE:
         raise ProtocolError("bad-version", f"predictor format {meta.get('format_version')!r}")
     if meta.get("model_key") != model_key:
         raise ProtocolError("wrong-model", f"predictor is for {meta.get('model_key')!r}")
@@ -129,6 +135,10 @@ def load_predictor(path: str | Path, model_key: str) -> ImportancePredictor:
             for i in range(n_layers)
         )
         rank = int(meta["rank"])
+        order = None
+        if meta.get("neuron_order") == "1":
+            order = tuple(split.check_order(tensors[f"{i}.order"], layout.intermediate_size)
+                          for i in range(n_layers))
     except (KeyError, ValueError, ConfigError) as exc:
         raise ProtocolError("bad-predictor", f"{path}: {exc}") from exc
     for lp in layers:
@@ -136,7 +146,7 @@ def load_predictor(path: str | Path, model_key: str) -> ImportancePredictor:
         if (lp.coef.shape != (1 + r * (r + 3) // 2, layout.n_groups)
                 or lp.mean.shape != (lp.proj.shape[0],)):
             raise ProtocolError("bad-predictor", f"{path}: inconsistent shapes")
-    return ImportancePredictor(model_key, layout, rank, layers)
+    return ImportancePredictor(model_key, layout, rank, layers, order)
 
 
 def fit_layer(
@@ -179,9 +189,11 @@ def fit_layer(
 def train_predictor(
     data: TrainingSet, layout: split.GroupLayout, model_key: str,
     rank: int = DEFAULT_RANK, ridge: float = 1e-2, model: nn.Module | None = None,
+    order: Sequence[Tensor] | None = None,
 ) -> ImportancePredictor:
     """Fit every layer's predictor from recorded pairs; with ``model`` the projection is
     weight-aware (see :func:`fit_layer`), which recalls a little better than plain PCA.
+    ``order`` is the neuron order the pairs were recorded in (the model permuted to it).
     """
     if data.n_pairs < 2:
         raise ConfigError("need at least 2 training pairs")
@@ -192,7 +204,8 @@ def train_predictor(
         if mlps is not None:
             reads = torch.cat([mlps[i].gate_proj.weight, mlps[i].up_proj.weight])  # (2I, H)
         layers.append(fit_layer(x, y, rank, ridge, reads))
-    return ImportancePredictor(model_key, layout, rank, tuple(layers))
+    return ImportancePredictor(model_key, layout, rank, tuple(layers),
+                               None if order is None else tuple(torch.as_tensor(o) for o in order))
 
 
 def topk_recall(pred: Tensor, true: Tensor, k: int) -> float:
@@ -225,6 +238,45 @@ def evaluate(predictor: ImportancePredictor, data: TrainingSet, k: int) -> dict[
         "captured": sum(captured) / len(captured),
         "per_layer_recall_min": min(recalls),
     }
+
+
+def cold_share(train: TrainingSet, held_out: TrainingSet, fraction: float = 0.2) -> dict[str, float]:
+    """The share of each held-out token's importance that the groups least important on the
+    training pairs (the coldest ``fraction`` of a layer's groups, what a lossy worker is given)
+    hold; mean and worst over layers. Uniform importance would give ``fraction``."""
+    shares = []
+    for y_train, y_held in zip(train.targets, held_out.targets):
+        k = max(1, round(fraction * y_train.shape[1]))
+        coldest = y_train.mean(0).topk(k, largest=False).indices  # (k,)
+        shares.append(float((y_held[:, coldest].sum(1) / y_held.sum(1).clamp_min(1e-30)).mean()))
+    return {"cold_fraction": fraction, "cold_share": sum(shares) / len(shares),
+            "cold_share_max": max(shares)}
+
+
+def neuron_importance(model: nn.Module, batches: Iterable[Tensor], max_tokens: int | None = None) -> tuple[Tensor, ...]:
+    """Mean size of every intermediate neuron's contribution, per layer: over the tokens of
+    ``batches`` ((B, T) ids each, up to ``max_tokens``), ``mean |h_i| * |down[:, i]|``; (I,) each.
+    Sorting neurons by it (``mesh.split.neuron_order``) makes groups of similar importance."""
+    act = split.mlp_act_name(model.config)
+    mlps = [layer.mlp for layer in split.decoder_layers(model)]
+    sums = [torch.zeros(m.down_proj.weight.shape[1], dtype=torch.float64) for m in mlps]
+    seen = 0
+
+    def record(layer: int, x: Tensor) -> Tensor:  # x (B, T, H)
+        mlp = mlps[layer]
+        w = split.full_weights(mlp, split.GroupLayout(int(sums[layer].numel()), 1), act, layer)
+        sums[layer] += w.activations(x.reshape(-1, x.shape[-1])).abs().double().sum(0)
+        return mlp(x)
+
+    with torch.no_grad(), split.routed_mlps(model, record):
+        for ids in batches:
+            if max_tokens is not None and seen >= max_tokens:
+                break
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            seen += ids.numel()
+    if not seen:
+        raise ConfigError("no tokens to measure neuron importance on")
+    return tuple(s / seen * m.down_proj.weight.detach().double().norm(dim=0) for s, m in zip(sums, mlps))
 
 
 def groups_to_wait(importance: Sequence[float] | Tensor, target_share: float) -> tuple[int, ...]:

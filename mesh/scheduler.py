@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import math
 import random
+import sys
+from array import array
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mesh.errors import ConfigError, ProtocolError
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the optional neuron order (a v1 worker would cut the wrong neurons)
 LOCAL = ""  # the coordinator's holder name inside the planner (never a worker name)
 _MAX_LAYERS, _MAX_GROUPS, _MAX_WORKERS, _MAX_NAME = 1024, 1 << 16, 1024, 128
 
@@ -53,7 +55,9 @@ class Plan:
     """Who computes which groups, per layer, for one epoch.
 
     ``workers[node][layer]`` and ``local[layer]`` are sorted group ids; together they cover every
-    group of every layer exactly once (checked by :meth:`from_dict`).
+    group of every layer exactly once (checked by :meth:`from_dict`). ``order`` is empty (groups
+    cut in the model's own neuron order) or one neuron order per layer (``mesh.split``: original
+    neuron id per position), packed by :func:`pack_order`.
     """
 
     epoch: int
@@ -63,10 +67,15 @@ class Plan:
     workers: Mapping[str, tuple[tuple[int, ...], ...]]
     local: tuple[tuple[int, ...], ...]
     mode: str = "importance"
+    order: tuple[bytes, ...] = ()
 
     @property
     def n_layers(self) -> int:
         return len(self.local)
+
+    def neuron_order(self, layer: int) -> tuple[int, ...] | None:
+        """Layer ``layer``'s neuron order, or None for the model's own."""
+        return unpack_order(self.order[layer]) if self.order else None
 
     def groups_for(self, node: str) -> tuple[tuple[int, ...], ...]:
         """``node``'s groups per layer (empty tuples if it has none)."""
@@ -79,6 +88,7 @@ class Plan:
             "group_size": self.group_size, "n_groups": self.n_groups, "mode": self.mode,
             "workers": {n: [list(gs) for gs in self.workers[n]] for n in sorted(self.workers)},
             "local": [list(gs) for gs in self.local],
+            "order": list(self.order),
         }
 
     @classmethod
@@ -108,7 +118,8 @@ class Plan:
             seen = sorted([*local[layer], *(g for w in workers.values() for g in w[layer])])
             if seen != list(range(n_groups)):
                 raise ProtocolError("bad-plan", f"layer {layer} is not covered exactly once")
-        return cls(epoch, key, gsize, n_groups, workers, local, mode)
+        return cls(epoch, key, gsize, n_groups, workers, local, mode,
+                   _orders(d.get("order"), len(local), n_groups, gsize))
 
 
 def _int(d: Mapping, key: str, lo: int, hi: int) -> int:
@@ -129,6 +140,47 @@ def _layers(raw: object, n_groups: int, n_layers: int | None) -> tuple[tuple[int
             raise ProtocolError("bad-plan", "group ids")
         out.append(tuple(sorted(gs)))
     return tuple(out)
+
+
+def pack_order(order: Sequence[int]) -> bytes:
+    """A neuron order as little-endian uint32s (what a plan carries)."""
+    packed = array("I", order)
+    if packed.itemsize != 4:
+        raise ConfigError("no 4-byte unsigned array type on this platform")
+    return (packed if _LITTLE else _swapped(packed)).tobytes()
+
+
+def unpack_order(data: bytes) -> tuple[int, ...]:
+    packed = array("I")
+    packed.frombytes(data)
+    return tuple(packed if _LITTLE else _swapped(packed))
+
+
+_LITTLE = sys.byteorder == "little"
+
+
+def _swapped(a: array) -> array:
+    b = array("I", a)
+    b.byteswap()
+    return b
+
+
+def _orders(raw: object, n_layers: int, n_groups: int, group_size: int) -> tuple[bytes, ...]:
+    """Validate a plan's neuron orders: absent/empty, or one permutation of ``range(I)`` per layer
+    with the same ``I`` everywhere and ``I`` groups of ``group_size`` making ``n_groups``."""
+    if raw is None or raw == []:
+        return ()
+    if not isinstance(raw, list) or len(raw) != n_layers or any(not isinstance(b, bytes) for b in raw):
+        raise ProtocolError("bad-plan", "neuron order list")
+    size = len(raw[0]) // 4
+    if (any(len(b) != 4 * size for b in raw) or size > n_groups * group_size
+            or size <= (n_groups - 1) * group_size):
+        raise ProtocolError("bad-plan", "neuron order length")
+    ids = list(range(size))
+    for b in raw:
+        if sorted(unpack_order(b)) != ids:
+            raise ProtocolError("bad-plan", "neuron order is not a permutation")
+    return tuple(raw)
 
 
 def _apportion(weights: Sequence[float], total: int) -> list[int]:

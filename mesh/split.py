@@ -13,8 +13,16 @@ A partial that never arrived counts as zero (relaxed sync): the sum is then the 
 those groups' contributions dropped. A down-projection bias (LLaMA ``mlp_bias``) is not part of
 any partial; it is added once, at the reduce.
 
-Neuron groups are contiguous: group ``g`` holds neurons ``[g * size, min((g + 1) * size, I))``,
-so the last group may be smaller. Group ids are the same in every layer.
+Neuron groups are contiguous *positions*: group ``g`` holds positions ``[g * size, min((g + 1) *
+size, I))``, so the last group may be smaller. Group ids are the same in every layer. Which neuron
+sits at a position is a *neuron order*: by default the model's own, else a permutation per layer
+(``order[i]`` = the model's original neuron id at position ``i``). Because the sum runs over any
+partition, reordering is exact; it matters because contiguous neurons of the original order
+average importance out (the coldest fifth of SmolLM2's groups hold 18 % of the importance), while
+neurons sorted by measured importance make genuinely cold groups (13 %) that a lossy worker can
+hold at little cost. :func:`permute_neurons` reorders a model in place (the coordinator) and
+records the order; :func:`extract_groups` with an ``order`` slices the right neurons out of a
+model in any order (a worker whose model file is in the original order).
 """
 
 from __future__ import annotations
@@ -152,16 +160,18 @@ def extract_from_tensors(
     layer: int = 0,
     gate_bias: Tensor | None = None,
     up_bias: Tensor | None = None,
+    rows: Tensor | None = None,
 ) -> GroupWeights:
     """Slice ``groups`` out of full MLP weights (gate/up (I, H), down (H, I)) into owned copies.
 
     The copies are contiguous and detached, so the full matrices can be freed afterwards.
+    ``rows`` (n,) are the neurons to take (default: the groups' positions as they are).
     """
     if gate.shape[0] != layout.intermediate_size or down.shape[1] != layout.intermediate_size:
         raise ConfigError(f"weights do not match layout {layout}")
-    idx = layout.neuron_index(groups)  # (n,)
+    idx = layout.neuron_index(groups) if rows is None else rows  # (n,)
 
-    def rows(t: Tensor | None) -> Tensor | None:
+    def take(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.detach().index_select(0, idx).contiguous()
 
     return GroupWeights(
@@ -169,11 +179,11 @@ def extract_from_tensors(
         groups=tuple(int(g) for g in groups),
         sizes=layout.sizes(groups),
         act=act,
-        gate=rows(gate),
-        up=rows(up),
+        gate=take(gate),
+        up=take(up),
         down=down.detach().index_select(1, idx).contiguous(),  # (H, n)
-        gate_bias=rows(gate_bias),
-        up_bias=rows(up_bias),
+        gate_bias=take(gate_bias),
+        up_bias=take(up_bias),
     )
 
 
@@ -205,18 +215,80 @@ def partial_of_groups(full: GroupWeights, layout: GroupLayout, groups: Iterable[
     return out if out is not None else torch.zeros_like(x)
 
 
+#: Attribute on a model holding the neuron order :func:`permute_neurons` applied (per layer).
+_APPLIED = "_mesh_neuron_order"
+
+
+def neuron_order(importance: Tensor) -> Tensor:
+    """A layer's neuron order from per-neuron importance (I,): most important first, ties by id."""
+    return torch.argsort(importance.detach().double(), descending=True, stable=True)
+
+
+def check_order(order: Tensor | Sequence[int], intermediate_size: int) -> Tensor:
+    """``order`` as a long tensor (I,), or ConfigError if it is not a permutation of ``range(I)``."""
+    t = torch.as_tensor(order, dtype=torch.long).reshape(-1)
+    if t.numel() != intermediate_size or not torch.equal(t.sort().values, torch.arange(intermediate_size)):
+        raise ConfigError(f"neuron order is not a permutation of {intermediate_size} neurons")
+    return t
+
+
+def applied_order(model: nn.Module, layer: int) -> Tensor | None:
+    """The neuron order :func:`permute_neurons` gave ``layer`` of ``model`` (None: the original)."""
+    orders = getattr(model, _APPLIED, None)
+    return None if orders is None else orders[layer]
+
+
+def permute_neurons(model: nn.Module, orders: Sequence[Tensor | Sequence[int]]) -> None:
+    """Reorder every MLP layer's intermediate neurons in place, so that position ``i`` of layer
+    ``l`` holds the model's original neuron ``orders[l][i]`` (gate/up rows and biases, down
+    columns). The model computes the same function (up to float summation order). Orders are in
+    original ids even if the model was permuted before; the applied order is recorded.
+    """
+    layers = decoder_layers(model)
+    if len(orders) != len(layers):
+        raise ConfigError(f"{len(orders)} neuron orders for {len(layers)} layers")
+    applied: list[Tensor] = []
+    with torch.no_grad():
+        for i, (layer, order) in enumerate(zip(layers, orders)):
+            mlp = layer.mlp
+            want = check_order(order, int(mlp.down_proj.weight.shape[1]))
+            pos = _positions(applied_order(model, i), want)  # where each wanted neuron sits now
+            for lin in (mlp.gate_proj, mlp.up_proj):
+                lin.weight.data = lin.weight.data.index_select(0, pos).contiguous()
+                if _bias(lin) is not None:
+                    lin.bias.data = lin.bias.data.index_select(0, pos).contiguous()
+            mlp.down_proj.weight.data = mlp.down_proj.weight.data.index_select(1, pos).contiguous()
+            applied.append(want)
+    setattr(model, _APPLIED, applied)
+
+
+def _positions(applied: Tensor | None, original_ids: Tensor) -> Tensor:
+    """Current positions of ``original_ids`` in a layer whose applied order is ``applied``."""
+    if applied is None:
+        return original_ids
+    inverse = torch.empty_like(applied)
+    inverse[applied] = torch.arange(applied.numel())
+    return inverse[original_ids]
+
+
 def _bias(linear: nn.Module) -> Tensor | None:
     return getattr(linear, "bias", None)
 
 
 def extract_groups(
-    model: nn.Module, layer: int, groups: Sequence[int], layout: GroupLayout
+    model: nn.Module, layer: int, groups: Sequence[int], layout: GroupLayout,
+    order: Tensor | Sequence[int] | None = None,
 ) -> GroupWeights:
-    """Owned copies of ``groups``' weights from ``model``'s MLP at ``layer``."""
+    """Owned copies of ``groups``' weights from ``model``'s MLP at ``layer``, the groups cut in
+    neuron ``order`` (original neuron ids per position; None: the original order), whatever
+    order ``model`` itself was permuted to."""
     mlp = decoder_layers(model)[layer].mlp
+    want = layout.neuron_index(groups)  # positions in ``order``
+    original = want if order is None else check_order(order, layout.intermediate_size)[want]
     return extract_from_tensors(
         mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, groups, layout,
         mlp_act_name(model.config), layer, _bias(mlp.gate_proj), _bias(mlp.up_proj),
+        rows=_positions(applied_order(model, layer), original),
     )
 
 

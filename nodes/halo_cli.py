@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from mesh import split
@@ -106,17 +107,26 @@ def cmd_train_predictor(args: argparse.Namespace) -> int:
     train_w = token_windows(loaded.tokenizer, data.train, length, -(-args.pairs // length))
     held_w = token_windows(loaded.tokenizer, data.held_out, length, -(-args.held_out_pairs // length))
     t1 = time.perf_counter()
+    order = None
+    if args.neuron_order == "importance":
+        # Groups of neurons sorted by measured importance: cold groups that are really cold.
+        means = pm.neuron_importance(loaded.model, (torch.tensor([w]) for w in train_w), args.pairs)
+        order = [split.neuron_order(m) for m in means]
+        split.permute_neurons(loaded.model, order)
     train = pm.record_pairs(loaded.model, (torch.tensor([w]) for w in train_w), layout, args.pairs)
     held = pm.record_pairs(loaded.model, (torch.tensor([w]) for w in held_w), layout, args.held_out_pairs)
     t2 = time.perf_counter()
-    predictor = pm.train_predictor(train, layout, loaded.model_key, rank=args.rank, model=loaded.model)
+    predictor = pm.train_predictor(train, layout, loaded.model_key, rank=args.rank, model=loaded.model,
+                                   order=order)
     t3 = time.perf_counter()
     k = max(1, layout.n_groups // 4)
     report = {"model": args.model, "model_key": loaded.model_key, "group_size": args.group_size,
-              "n_groups": layout.n_groups, "rank": args.rank, "train_pairs": train.n_pairs,
-              "held_out_pairs": held.n_pairs, "k": k, **pm.evaluate(predictor, held, k),
+              "n_groups": layout.n_groups, "rank": args.rank, "neuron_order": args.neuron_order,
+              "train_pairs": train.n_pairs, "held_out_pairs": held.n_pairs, "k": k,
+              **pm.evaluate(predictor, held, k), **pm.cold_share(train, held),
               "record_s": round(t2 - t1, 2), "fit_s": round(t3 - t2, 2), "total_s": round(t3 - t0, 2)}
-    out = predictor_path(home, args.model, args.group_size)
+    out = Path(args.out) if args.out else predictor_path(home, args.model, args.group_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
     predictor.save(out)
     report["path"] = str(out)
     (out.with_suffix(".json")).write_text(json.dumps(report, indent=2))
@@ -174,6 +184,9 @@ def add_halo_commands(subparsers: Any) -> None:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--pairs", type=int, default=4096, help="training tokens")
     p.add_argument("--held-out-pairs", type=int, default=1024)
+    p.add_argument("--neuron-order", choices=("importance", "model"), default="importance",
+                   help="cut groups from neurons sorted by measured importance (default) or in the model's order")
+    p.add_argument("--out", help="predictor file (default: next to the model, where the coordinator looks)")
     p.add_argument("--threads", type=int)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train_predictor)

@@ -22,7 +22,7 @@ from mesh.errors import ConfigError
 
 WIKI_WHEEL = ("exllamav2", "0.3.2")
 WIKI_MEMBER = "exllamav2/conversion/standard_cal_data/wiki.utf8"
-PREDICTOR_NAME = "halo-predictor-g{group_size}.safetensors"
+PREDICTOR_NAME = "halo-predictor-v2-g{group_size}.safetensors"  # v2: with the neuron order
 
 
 def wiki_path(home: Path) -> Path:

@@ -41,7 +41,7 @@ from mesh.halo_sync import (
     SyncLedger,
     worker_figures,
 )
-from mesh.scheduler import Plan, drift_persisted, fallback_groups, plan_groups, replan_reason
+from mesh.scheduler import Plan, drift_persisted, fallback_groups, pack_order, plan_groups, replan_reason
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,19 @@ class HaloEngine:
         self.model = loaded.model
         self.layout = split.model_layout(self.model.config, config.group_size)
         self.act = split.mlp_act_name(self.model.config)
+        self.predictor = self._load_predictor()
+        # The predictor's groups are cut in its neuron order: this model is permuted to it (the
+        # same function) and every plan carries it, so workers cut the same neurons.
+        self.order: tuple[bytes, ...] = ()
+        if self.predictor is not None and self.predictor.order is not None:
+            split.permute_neurons(self.model, self.predictor.order)
+            self.order = tuple(pack_order(o.tolist()) for o in self.predictor.order)
+            log.info("neuron groups cut in the predictor's neuron order (%d layers)", len(self.order))
         mlps = [layer.mlp for layer in split.decoder_layers(self.model)]
         self.full = [split.full_weights(m, self.layout, self.act, i) for i, m in enumerate(mlps)]
         self.bias = [split.down_bias(self.model, i) for i in range(len(mlps))]
         self.n_layers = len(mlps)
         self.wire_dtype = getattr(torch, config.wire_dtype)
-        self.predictor = self._load_predictor()
         self.window = self._initial_importance()  # (L, G)
         self._window_floor = self.window.clone()  # the window never ranks a group below this
         self.ledger = SyncLedger()
@@ -273,6 +280,7 @@ class HaloEngine:
             plan = plan_groups(sized, window, epoch=epoch, model_key=self.loaded.model_key,
                                group_size=self.config.group_size, local_speed=self.config.local_speed,
                                mode=self.config.placement, seed=epoch)
+            plan = replace(plan, order=self.order)
             local = [self._slice(layer, gs) if gs else None for layer, gs in enumerate(plan.local)]
             with self._lock:
                 self._local[epoch] = local

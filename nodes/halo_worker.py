@@ -157,7 +157,8 @@ class HaloWorker(AgentExtension):
             return
         if (plan.epoch != env.body["epoch"] or plan.model_key != self.model_key
                 or plan.group_size != self.group_size or plan.n_groups != self.layout.n_groups
-                or plan.n_layers != self.n_layers):
+                or plan.n_layers != self.n_layers
+                or (plan.order and len(plan.order[0]) != 4 * self.layout.intermediate_size)):
             self.agent.rejects.add("halo-plan-mismatch")
             log.info("ignoring plan epoch %s for %s/%s", plan.epoch, plan.model_key, plan.group_size)
             return
@@ -234,8 +235,8 @@ class HaloWorker(AgentExtension):
                 t0 = time.perf_counter()
                 mine = plan.groups_for(self.name)
                 with torch.inference_mode():
-                    weights = [split.extract_groups(self.model, layer, gs, self.layout) if gs else None
-                               for layer, gs in enumerate(mine)]
+                    weights = [split.extract_groups(self.model, layer, gs, self.layout, plan.neuron_order(layer))
+                               if gs else None for layer, gs in enumerate(mine)]
                 with self._wake:
                     self._weights[plan.epoch] = weights
                     # Keep the epoch being served and the newest one (switched to once every

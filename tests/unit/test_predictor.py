@@ -65,6 +65,43 @@ def test_predictor_beats_random_topk_recall_on_held_out_tokens(trained) -> None:
     assert scores["captured"] >= 0.80, scores
 
 
+def test_importance_sorted_neurons_make_cold_groups_colder(trained) -> None:
+    """Groups cut from neurons sorted by mean importance on training tokens hold less of the
+    held-out importance in their coldest fifth than groups in the model's own order; the
+    predictor trained in that order saves and loads with it."""
+    import copy
+
+    model, layout, _, _ = trained
+    base = predictor.cold_share(predictor.record_pairs(model, _tokens(4, seed=1), layout),
+                                predictor.record_pairs(model, _tokens(4, seed=2), layout))
+    sorted_model = copy.deepcopy(model)
+    means = predictor.neuron_importance(sorted_model, _tokens(4, seed=1))
+    assert len(means) == 3 and means[0].shape == (256,) and bool((means[0] > 0).all())
+    orders = [split.neuron_order(m) for m in means]
+    split.permute_neurons(sorted_model, orders)
+    train = predictor.record_pairs(sorted_model, _tokens(4, seed=1), layout)
+    held = predictor.record_pairs(sorted_model, _tokens(4, seed=2), layout)
+    ordered = predictor.cold_share(train, held)
+    # Measured: 0.170 -> 0.126 (llama), 0.173 -> 0.132 (gemma); uniform 0.1875 (3 of 16 groups).
+    assert ordered["cold_share"] < 0.85 * base["cold_share"], (base, ordered)
+    pred = predictor.train_predictor(train, layout, "tiny", rank=8, model=sorted_model, order=orders)
+    assert predictor.evaluate(pred, held, K)["recall"] > 0.25
+    assert pred.order is not None
+
+
+def test_predictor_with_a_neuron_order_saves_and_loads_it(trained, tmp_path: Path) -> None:
+    _, layout, pred, _ = trained
+    gen = torch.Generator().manual_seed(5)
+    orders = tuple(torch.randperm(256, generator=gen) for _ in pred.layers)
+    from dataclasses import replace
+    path = tmp_path / "ordered.safetensors"
+    replace(pred, order=orders).save(path)
+    back = predictor.load_predictor(path, pred.model_key)
+    assert back.order is not None and all(torch.equal(a, b) for a, b in zip(back.order, orders))
+    pred.save(tmp_path / "plain.safetensors")
+    assert predictor.load_predictor(tmp_path / "plain.safetensors", pred.model_key).order is None
+
+
 def test_save_load_round_trip_checks_version_and_model_key(trained, tmp_path: Path) -> None:
     _, layout, pred, held_out = trained
     path = tmp_path / "pred.safetensors"

@@ -128,8 +128,40 @@ def test_plan_dict_round_trip_through_cbor() -> None:
     assert s.Plan.from_dict(d) == plan
 
 
+def _ordered() -> s.Plan:
+    """A plan with a neuron order: 24 groups of 64 over 1,500 neurons (the last group 28 wide)."""
+    from dataclasses import replace
+    orders = tuple(s.pack_order([(7 * i + layer) % 1500 for i in range(1500)]) for layer in range(L))
+    return replace(_plan(), order=orders)
+
+
+def test_plan_with_a_neuron_order_round_trips_and_unpacks() -> None:
+    plan = _ordered()
+    back = s.Plan.from_dict(cbor2.loads(cbor2.dumps(plan.to_dict())))
+    assert back == plan
+    assert back.neuron_order(2)[:3] == (2, 9, 16)
+    assert _plan().neuron_order(0) is None
+
+
 @pytest.mark.parametrize("mutate", [
-    lambda d: d.update(v=2),
+    lambda d: d["order"].pop(),  # one layer without an order
+    lambda d: d["order"].__setitem__(0, d["order"][0][:-4]),  # 1,499 neurons
+    lambda d: d["order"].__setitem__(1, s.pack_order([0] * 1500)),  # not a permutation
+    lambda d: d["order"].__setitem__(1, s.pack_order(range(1, 1501))),  # ids out of range
+    lambda d: d.update(order=[s.pack_order(range(1600))] * L),  # 1,600 neurons are 25 groups
+    lambda d: d["order"].__setitem__(0, "abc"),
+])
+def test_bad_neuron_order_is_rejected(mutate) -> None:
+    d = _ordered().to_dict()
+    mutate(d)
+    with pytest.raises(ProtocolError) as err:
+        s.Plan.from_dict(d)
+    assert err.value.reason == "bad-plan"
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.update(v=1),  # a v1 plan has no order: groups would be cut in another order
+    lambda d: d.update(v=3),
     lambda d: d.update(epoch=-1),
     lambda d: d.update(epoch=True),
     lambda d: d.update(mode="clever"),

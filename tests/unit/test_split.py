@@ -166,3 +166,61 @@ def test_partial_of_groups_from_full_weight_views_equals_extracted_copies(model:
         assert torch.equal(split.partial_of_groups(full, layout, [], x), torch.zeros_like(x))
         all_groups = split.partial_of_groups(full, layout, range(10), x)
         assert torch.allclose(all_groups, mlp(x), atol=1e-5)  # no down bias in these models
+
+
+def _random_orders(model: torch.nn.Module, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randperm(INTER, generator=gen) for _ in split.decoder_layers(model)]
+
+
+def test_neuron_order_is_exact_and_any_copy_cuts_the_same_neurons(model: torch.nn.Module) -> None:
+    """The coordinator permutes its model to the order; a worker with the model in its original
+    order (or permuted to another one) cuts the same neurons for the same group ids."""
+    import copy
+
+    layout = split.GroupLayout(INTER, GROUP)
+    orders = _random_orders(model, 1)
+    coordinator = copy.deepcopy(model)
+    split.permute_neurons(coordinator, orders)
+    assert torch.equal(split.applied_order(coordinator, 1), orders[1])
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(coordinator(ids).logits, model(ids).logits, atol=1e-5)
+    other = copy.deepcopy(model)
+    split.permute_neurons(other, _random_orders(model, 2))  # a different order first
+    groups = [9, 2, 5]
+    act = split.mlp_act_name(model.config)
+    for layer in (0, 1):
+        # What the coordinator computes itself: its (permuted) weights' positions as they are.
+        full = split.full_weights(split.decoder_layers(coordinator)[layer].mlp, layout, act, layer)
+        want = split.extract_from_tensors(full.gate, full.up, full.down, groups, layout, act, layer)
+        for copy_, order in ((model, orders[layer]), (other, orders[layer]), (coordinator, orders[layer])):
+            got = split.extract_groups(copy_, layer, groups, layout, order)
+            assert got.sizes == want.sizes == (12, 32, 32)
+            for name in ("gate", "up", "down"):
+                assert torch.equal(getattr(got, name), getattr(want, name)), (layer, name)
+        # No order: the model's original order, whatever the copy was permuted to.
+        assert torch.equal(split.extract_groups(coordinator, layer, groups, layout).down,
+                           split.extract_groups(model, layer, groups, layout).down)
+        # Split then reduce in the order still equals the unsplit MLP.
+        x = torch.randn(3, HIDDEN)
+        shards = [split.extract_groups(model, layer, gs, layout, orders[layer]) for gs in SHARES[3]]
+        with torch.no_grad():
+            out = split.reduce_partials([w.partial(x) for w in shards], x)
+            ref = split.decoder_layers(model)[layer].mlp(x)
+        assert torch.allclose(out, ref, atol=1e-5)
+    # Permuting again, in original ids, replaces the order rather than composing it.
+    split.permute_neurons(other, orders)
+    for name in ("gate_proj", "up_proj"):
+        a = getattr(split.decoder_layers(other)[0].mlp, name).weight
+        b = getattr(split.decoder_layers(coordinator)[0].mlp, name).weight
+        assert torch.equal(a, b)
+
+
+def test_neuron_order_must_be_a_permutation(model: torch.nn.Module) -> None:
+    assert split.neuron_order(torch.tensor([0.5, 2.0, 0.5, 1.0])).tolist() == [1, 3, 0, 2]
+    for bad in ([0, 0, 1], [0, 1], [1, 2, 3]):
+        with pytest.raises(ConfigError):
+            split.check_order(bad, 3)
+    with pytest.raises(ConfigError):
+        split.permute_neurons(model, [torch.arange(INTER)])  # one order for two layers
