@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import select
 import socket
 import ssl
 import threading
@@ -31,6 +32,29 @@ from mesh.errors import ProtocolError, TransportError
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes, bool], None]  # (topic, payload, retained)
+
+
+def _paho_client(client_id: str, broker: BrokerAddress) -> mqtt.Client:
+    """A paho client for ``broker``: MQTT 3.1.1, clean session, its credentials and TLS."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                         clean_session=True)
+    if broker.username is not None:
+        client.username_pw_set(broker.username, broker.password)
+    if broker.tls_ca is not None:
+        client.tls_set(ca_certs=str(broker.tls_ca),
+                       certfile=str(broker.tls_cert) if broker.tls_cert else None,
+                       keyfile=str(broker.tls_key) if broker.tls_key else None,
+                       cert_reqs=ssl.CERT_REQUIRED)
+    client.on_socket_open = _no_delay
+    return client
+
+
+def _no_delay(client: Any, userdata: Any, sock: Any) -> None:
+    # Without TCP_NODELAY small QoS 1 round trips wait on Nagle + delayed ACK (~40 ms).
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
 
 
 class MqttBus:
@@ -58,24 +82,15 @@ class MqttBus:
         self._subacks = threading.Condition()
         self._acked: set[int] = set()
         self._lock = threading.Lock()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   protocol=mqtt.MQTTv311, clean_session=True)
+        self._client = _paho_client(client_id, broker)
         # paho doubles the wait after each failed attempt (1, 2, 4 ... s) and resets it on success.
         self._client.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_s)
         self._keepalive = keepalive
-        if broker.username is not None:
-            self._client.username_pw_set(broker.username, broker.password)
-        if broker.tls_ca is not None:
-            self._client.tls_set(ca_certs=str(broker.tls_ca),
-                                 certfile=str(broker.tls_cert) if broker.tls_cert else None,
-                                 keyfile=str(broker.tls_key) if broker.tls_key else None,
-                                 cert_reqs=ssl.CERT_REQUIRED)
         if will is not None:
             self._client.will_set(will[0], will[1], qos=will[2], retain=will[3])
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
-        self._client.on_socket_open = self._handle_socket_open
         self._client.on_subscribe = self._handle_subscribe
         self.connect_error: str | None = None
 
@@ -139,13 +154,6 @@ class MqttBus:
             raise TransportError(f"publish to {topic} not acknowledged within {timeout:g} s")
 
     # -- paho callbacks (network thread) ------------------------------------------------------
-    def _handle_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
-        # Without TCP_NODELAY small QoS 1 round trips wait on Nagle + delayed ACK (~40 ms).
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):
-            pass
-
     def _handle_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
         with self._subacks:
             self._acked.add(mid)
@@ -188,6 +196,156 @@ class MqttBus:
             except Exception:
                 self.handler_errors += 1
                 log.exception("handler for %s failed", msg.topic)
+
+
+class DirectLink:
+    """A second connection for one thread's request/response hot path, with no network thread.
+
+    The HALO coordinator publishes each layer step's MLP input and waits for the workers' partials
+    on its generation thread. Through :class:`MqttBus` that costs two thread hand-offs per step:
+    paho's network thread, woken through its socket pair, writes the publish, and it reads the
+    partials and hands them back; on a busy 2-core device each is a wake-up that waits for a core
+    and the GIL. Here the caller writes its publish itself and reads the answers itself
+    (:meth:`pump`), and ``handler`` runs on the caller's thread, so a step is the network round
+    trip alone. One thread at a time (hold :attr:`lock`): the owner while it works, anyone else
+    while it is idle, to answer the broker's keep-alive (:meth:`service`). A broken connection
+    makes :attr:`usable` false; :meth:`service` reconnects it (never the hot path).
+    """
+
+    def __init__(self, client_id: str, broker: BrokerAddress, topic: str, handler: Handler, *,
+                 keepalive: int = 10, retry_s: float = 5.0) -> None:
+        self.broker, self.topic, self.handler = broker, topic, handler
+        self.lock = threading.Lock()
+        self.connects = self.failures = 0
+        self._keepalive, self._retry_s = keepalive, retry_s
+        self._client = _paho_client(client_id, broker)
+        self._client.on_connect = self._handle_connect
+        self._client.on_subscribe = self._handle_subscribe
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_message = self._handle_message
+        self._state = "closed"  # closed -> connecting -> subscribing -> ready; broken on error
+        self._next_try = 0.0
+
+    @property
+    def usable(self) -> bool:
+        return self._state == "ready"
+
+    def open(self, timeout: float = 10.0) -> None:
+        """Connect and subscribe (caller's thread, holding :attr:`lock` or before sharing it)."""
+        try:
+            if self._state == "closed":
+                self._client.connect(self.broker.host, self.broker.port, keepalive=self._keepalive)
+            else:
+                self._client.reconnect()
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            self._state = "broken"
+            raise TransportError(f"direct link to {self.broker}: {exc}") from exc
+        self._state = "connecting"
+        deadline = time.monotonic() + timeout
+        while self._state in ("connecting", "subscribing") and time.monotonic() < deadline:
+            self.pump(min(0.1, max(deadline - time.monotonic(), 0.0)))
+        if self._state != "ready":
+            self._state = "broken"
+            raise TransportError(f"direct link to {self.broker} not ready within {timeout:g} s")
+        self.connects += 1
+
+    def close(self, timeout: float = 2.0) -> None:
+        held = self.lock.acquire(timeout=timeout)
+        try:
+            was, self._state = self._state, "closed"
+            if was not in ("closed", "broken"):
+                self._client.disconnect()
+        finally:
+            if held:
+                self.lock.release()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0) -> bool:
+        """Write ``payload`` now, on the caller's thread; False if the link is not usable."""
+        if self._state != "ready":
+            return False
+        info = self._client.publish(topic, payload, qos=qos)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            self._broken(f"publish: {mqtt.error_string(info.rc)}")
+            return False
+        return True
+
+    def pump(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the socket, then read every packet already there (the
+        handler runs here) and flush pending writes and keep-alive. False if the link broke."""
+        sock = self._client.socket()
+        if sock is None:
+            self._broken("no socket")
+            return False
+        pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted count as readable
+        try:
+            ready, _, _ = select.select([sock], [sock] if self._client.want_write() else [], [],
+                                        0.0 if pending is not None and pending() else max(timeout, 0.0))
+            rc = mqtt.MQTT_ERR_SUCCESS
+            while ready and rc == mqtt.MQTT_ERR_SUCCESS and self._client.socket() is not None:
+                rc = self._client.loop_read()
+                ready, _, _ = select.select([sock], [], [], 0.0)
+                if not ready and pending is not None and pending():
+                    ready = [sock]
+            if rc == mqtt.MQTT_ERR_SUCCESS and self._client.want_write():
+                rc = self._client.loop_write()
+            if rc == mqtt.MQTT_ERR_SUCCESS:
+                rc = self._client.loop_misc()
+        except (OSError, ValueError) as exc:
+            self._broken(str(exc))
+            return False
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            self._broken(mqtt.error_string(rc))
+            return False
+        return self._state != "broken"
+
+    def service(self) -> None:
+        """From an idle thread: keep the connection alive and reconnect it when it broke (at most
+        every ``retry_s``). Skips while another thread holds the link."""
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            if self._state == "ready":
+                self.pump(0.0)
+            elif self._state == "broken" and time.monotonic() >= self._next_try:
+                self._next_try = time.monotonic() + self._retry_s
+                try:
+                    self.open()
+                    log.info("direct link to %s reconnected", self.broker)
+                except TransportError as exc:
+                    log.warning("%s (retrying in %g s)", exc, self._retry_s)
+        finally:
+            self.lock.release()
+
+    def _broken(self, why: str) -> None:
+        if self._state != "broken":
+            self.failures += 1
+            log.warning("direct link to %s broke: %s", self.broker, why)
+        self._state = "broken"
+
+    def _handle_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self._broken(f"refused: {reason}")
+            return
+        self._state = "subscribing"
+        result, _ = client.subscribe(self.topic, 0)
+        if result != mqtt.MQTT_ERR_SUCCESS:
+            self._broken(f"subscribe: {mqtt.error_string(result)}")
+
+    def _handle_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        if any(getattr(c, "is_failure", False) for c in codes):
+            self._broken(f"subscription to {self.topic} refused")
+        elif self._state == "subscribing":
+            self._state = "ready"
+
+    def _handle_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if self._state != "closed":
+            self._broken(f"disconnected: {reason}")
+
+    def _handle_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self.handler(msg.topic, msg.payload, bool(msg.retain))
+        except Exception:
+            log.exception("direct-link handler for %s failed", msg.topic)
 
 
 class ReplyInbox:

@@ -128,6 +128,12 @@ def halo_reply(coordinator: str) -> str:
     return reply(f"{check_name(coordinator)}-halo")
 
 
+def halo_link(coordinator: str) -> str:
+    """The reply topic for partial frames to ``coordinator``'s direct link (``mesh.bus.DirectLink``:
+    read on its generation thread, not through its bus)."""
+    return reply(f"{check_name(coordinator)}-halo-link")
+
+
 def reply(client: str) -> str:
     return f"{ROOT}/reply/{check_name(client)}"
 

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from mesh import topics, wire
-from mesh.bus import MqttBus
+from mesh.bus import DirectLink, MqttBus
 from mesh.config import BrokerAddress, CacheConfig, Limits
-from mesh.errors import MeshError, ProtocolError
+from mesh.errors import MeshError, ProtocolError, TransportError
 from mesh.halo_sync import Liveness
 from mesh.lookup import LinkEstimate
 from mesh.model import Decoder, bind_threads, load_model
@@ -63,6 +63,7 @@ class CoordinatorConfig:
     fallback: str = "important"  # relaxed: late important groups computed here ("none": zero)
     local_speed: float = 0.0  # neuron-rows/s the coordinator computes itself (0: none)
     wire_dtype: str = "float16"
+    direct_link: bool = True  # HALO frames over a second connection driven by the generation thread
     strict_timeout_s: float = 10.0  # then strict computes the missing groups itself (stays exact)
     liveness: Liveness = field(default_factory=Liveness)  # when a silent worker counts as gone
     heartbeat_s: float = 2.0
@@ -110,6 +111,14 @@ class Coordinator:
         self.bus.subscribe(topics.halo_reply(self.name), self.engine.on_frame, qos=topics.HALO_REPLY.qos)
         self.bus.on_connected(self._announce)
         self.bus.start()
+        if cfg.direct_link:
+            link = DirectLink(f"mesh-{self.name}-link", cfg.broker, topics.halo_link(self.name),
+                              self.engine.on_frame)
+            try:
+                link.open()
+            except TransportError as exc:  # the planner retries; asks use the bus meanwhile
+                log.warning("%s: HALO frames go over the bus until it connects", exc)
+            self.engine.link = link
         self.bus.publish_wait(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
         self.bus.subscribe(topics.node_ask(self.name), self._on_ask, qos=1)
         self.bus.subscribe(topics.ROUTE, self._on_route, qos=1)
@@ -130,6 +139,8 @@ class Coordinator:
             log.warning("could not publish offline status: %s", exc)
         for t in self._threads:
             t.join(timeout)
+        if self.engine.link is not None:
+            self.engine.link.close()
         self.bus.stop()
 
     def _announce(self) -> None:
@@ -295,8 +306,9 @@ class Coordinator:
         if sync not in ("strict", "relaxed"):
             sync = self.config.sync
         frames = b.get("halo_wire") != "cbor"  # the per-worker CBOR requests, for comparison
+        link = b.get("halo_link") is not False  # False: frames through the bus, for comparison
         if isinstance(b.get("halo_eval"), dict):
-            figures = self.engine.evaluate(b["halo_eval"], strict=sync == "strict", frames=frames)
+            figures = self.engine.evaluate(b["halo_eval"], strict=sync == "strict", frames=frames, link=link)
             self.served += 1
             self._reply(job.env, wire.Kind.ANSWER, {
                 "text": "", "node": self.name, "prompt_tokens": figures.pop("prompt_tokens"),
@@ -322,7 +334,7 @@ class Coordinator:
                 cache_info.clear()
                 cache_info.update(got.info)
                 return got.logits, got.cache
-        with self.engine.run(strict=sync == "strict", frames=frames) as run:
+        with self.engine.run(strict=sync == "strict", frames=frames, link=link) as run:
             gen = self.decoder.generate(ids, b["max_new_tokens"], tuple(b.get("stop", ())), on_text,
                                         prepare=prepare)
         done = time.monotonic()
@@ -351,6 +363,8 @@ class Coordinator:
                 self.engine.replan(views, time.monotonic(), idle=not self._busy)
             except Exception:
                 log.exception("re-plan failed")
+            if self.engine.link is not None:
+                self.engine.link.service()  # keep-alive while idle; reconnect when it broke
             if time.monotonic() - last_hb >= self.config.heartbeat_s:
                 last_hb = time.monotonic()
                 self._heartbeat()

@@ -100,11 +100,20 @@ class HaloMesh:
         raise TransportError("the coordinator never planned over every worker")
 
 
-def _ask(client: MeshClient, sync: str, tokens: int, wire: str = "frame") -> dict[str, Any]:
+# Side-by-side variants (--compare-wire, --compare-link): the ask-body fields that select them.
+VARIANTS = {"cbor_wire": ({"halo_wire": "cbor"}, "the per-worker CBOR requests"),
+            "bus_link": ({"halo_link": False}, "frames through the coordinator's shared MQTT connection")}
+
+
+def _ask(client: MeshClient, sync: str, tokens: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     r = _ask_raw(client, {"text": PROMPT, "max_new_tokens": tokens, "halo_sync": sync, "no_cache": True,
-                          "halo_wire": wire})
+                          **(extra or {})})
     return {"tpot_s": r.get("tpot_s"), "ttlt_s": r.get("ttlt_s"), "new_tokens": r.get("new_tokens"),
             "halo": r.get("halo"), "token_ids": r.get("token_ids")}
+
+
+def _variants(args: argparse.Namespace) -> list[str]:
+    return [k for k, on in (("cbor_wire", args.compare_wire), ("bus_link", args.compare_link)) if on]
 
 
 def _ask_raw(client: MeshClient, body: dict[str, Any], timeout: float = 900.0) -> dict[str, Any]:
@@ -235,9 +244,9 @@ def run_bench(args: argparse.Namespace) -> int:
                               "halo": "relaxed sync, predictor, importance placement, reliability-weighted shares",
                               "method": "per loss rate, strict and relaxed asks alternate (reps each) on one "
                                         "coordinator, so both see the same machine load; TPOT = median",
-                              "wire": "shared MLP-input topic, halo_wire frames" + (
-                                  "; cbor_wire: the per-worker CBOR requests, alternating with it"
-                                  if args.compare_wire else "")}
+                              "wire": "shared MLP-input topic, halo_wire frames over the coordinator's "
+                                      "direct link" + "".join(f"; {k}: {VARIANTS[k][1]}, alternating with it"
+                                                               for k in _variants(args))}
     pred_report = predictor_path(home, args.model, 64).with_suffix(".json")
     if pred_report.exists():
         result["predictor"] = json.loads(pred_report.read_text())
@@ -266,13 +275,13 @@ def run_bench(args: argparse.Namespace) -> int:
                 bar.update(task, description=f"strict vs relaxed, loss {loss:g} %")
                 _settle(client)
                 runs: dict[str, list[dict[str, Any]]] = {"strict": [], "relaxed": []}
-                old: dict[str, list[dict[str, Any]]] = {"strict": [], "relaxed": []}
+                other = {k: {"strict": [], "relaxed": []} for k in _variants(args)}
                 loads = []
                 for _ in range(args.reps):
                     for sync in ("strict", "relaxed"):
                         runs[sync].append(_ask(client, sync, args.tokens))
-                        if args.compare_wire:  # the per-worker CBOR requests, side by side
-                            old[sync].append(_ask(client, sync, args.tokens, "cbor"))
+                        for k, v in other.items():  # side by side, alternating
+                            v[sync].append(_ask(client, sync, args.tokens, VARIANTS[k][0]))
                         loads.append(os.getloadavg()[0])
                 s, relaxed = _median_run(runs["strict"]), _median_run(runs["relaxed"])
                 p = {"loss_pct": loss, "strict_tpot_s": s["tpot_s"], "relaxed_tpot_s": relaxed["tpot_s"],
@@ -283,14 +292,14 @@ def run_bench(args: argparse.Namespace) -> int:
                      "load_avg_1min": loads,
                      **_quality_point(client, q, lossless), "strict_halo": s["halo"],
                      "relaxed_halo": relaxed["halo"], "relaxed_plan": _plan_of(client)}
-                if args.compare_wire:
-                    os_, or_ = _median_run(old["strict"]), _median_run(old["relaxed"])
-                    p["cbor_wire"] = {"strict_tpot_s": os_["tpot_s"], "relaxed_tpot_s": or_["tpot_s"],
-                                      "speedup": os_["tpot_s"] / or_["tpot_s"] if or_["tpot_s"] else None,
-                                      "strict_tpot_runs_s": [r["tpot_s"] for r in old["strict"]],
-                                      "relaxed_tpot_runs_s": [r["tpot_s"] for r in old["relaxed"]],
-                                      "strict_halo": os_["halo"], "relaxed_halo": or_["halo"]}
-                    bar.console.print(f"  cbor per-worker wire: strict {os_['tpot_s'] * 1000:7.1f} ms/token, relaxed "
+                for k, v in other.items():
+                    os_, or_ = _median_run(v["strict"]), _median_run(v["relaxed"])
+                    p[k] = {"strict_tpot_s": os_["tpot_s"], "relaxed_tpot_s": or_["tpot_s"],
+                            "speedup": os_["tpot_s"] / or_["tpot_s"] if or_["tpot_s"] else None,
+                            "strict_tpot_runs_s": [r["tpot_s"] for r in v["strict"]],
+                            "relaxed_tpot_runs_s": [r["tpot_s"] for r in v["relaxed"]],
+                            "strict_halo": os_["halo"], "relaxed_halo": or_["halo"]}
+                    bar.console.print(f"  {k}: strict {os_['tpot_s'] * 1000:7.1f} ms/token, relaxed "
                                       f"{or_['tpot_s'] * 1000:7.1f}")
                 points.append(p)
                 bar.console.print(f"loss {loss:4.1f} %: strict {p['strict_tpot_s'] * 1000:7.1f} ms/token, relaxed "

@@ -66,7 +66,8 @@ def coordinator_config(args: argparse.Namespace) -> Any:
         broker=broker_address(args), name=args.name, model=args.model, home=mesh_home(args),
         threads=args.threads or 0, group_size=args.group_size, sync=args.sync, policy=policy,
         replan=ReplanPolicy(min_interval_s=args.replan_interval), placement=args.placement,
-        fallback=args.fallback, local_speed=args.local_speed, reliability_weight=args.reliability_weight, wire_dtype={"fp16": "float16", "fp32": "float32"}[args.wire],
+        fallback=args.fallback, local_speed=args.local_speed, reliability_weight=args.reliability_weight,
+        wire_dtype={"fp16": "float16", "fp32": "float32"}[args.wire], direct_link=not args.no_direct_link,
         strict_timeout_s=args.strict_timeout, heartbeat_s=args.heartbeat,
         liveness=Liveness(factor=args.silence_factor, min_silence_s=args.min_silence),
         predictor=Path(args.predictor) if args.predictor else None,
@@ -163,6 +164,9 @@ def add_halo_commands(subparsers: Any) -> None:
     p.add_argument("--local-speed", type=float, default=0.0,
                    help="neuron-rows/s the coordinator computes itself (0: every group on workers)")
     p.add_argument("--wire", choices=["fp16", "fp32"], default="fp16", help="dtype of MLP inputs on the wire")
+    p.add_argument("--no-direct-link", action="store_true",
+                   help="HALO frames through the shared MQTT connection (default: a second one, read and "
+                        "written by the generation thread itself)")
     p.add_argument("--strict-timeout", type=float, default=10.0,
                    help="strict: after this many seconds compute a silent worker's groups here (stays exact)")
     p.add_argument("--silence-factor", type=float, default=6.0,
@@ -217,6 +221,9 @@ def add_bench_halo(bench_parser: argparse.ArgumentParser) -> None:
                    help="the coordinator's --local-speed (neuron-rows/s it computes itself; 0: none)")
     p.add_argument("--compare-wire", action="store_true",
                    help="also time the per-worker CBOR requests (the old wire), alternating with the frames")
+    p.add_argument("--compare-link", action="store_true",
+                   help="also time frames through the coordinator's shared MQTT connection, alternating "
+                        "with its direct link")
     p.add_argument("--ablation-reps", type=int, default=2,
                    help="ablation rounds (each: one generation and one quality run per placement, alternating)")
     p.add_argument("--broker-kind", default="mosquitto", choices=["mosquitto", "amqtt"])

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from mesh import halo_wire, split, topics, wire
 from mesh import predictor as pred_mod
+from mesh.bus import DirectLink
 from mesh.errors import MeshError, ProtocolError
 from mesh.halo_sync import (
     EpochSwitch,
@@ -57,6 +58,8 @@ class HaloRun:
 
     strict: bool
     frames: bool = True  # MLP input once on the shared topic as a halo_wire frame (else CBOR per worker)
+    link: bool = False  # this run holds the coordinator's direct link (frames written and read here)
+    link_steps: int = 0  # steps whose frames went over the direct link
     starts: list[float] = field(default_factory=list)  # perf_counter at layer 0 of each forward
     ended: float = 0.0
     steps: int = 0
@@ -88,7 +91,7 @@ class HaloRun:
     def figures(self) -> dict[str, Any]:
         times = [b - a for a, b in zip(self.starts, [*self.starts[1:], self.ended])]
         return {"sync": "strict" if self.strict else "relaxed", "wire": "frame" if self.frames else "cbor",
-                "steps": self.steps,
+                "steps": self.steps, "link_steps": self.link_steps,
                 "partials_on_time": self.on_time, "partials_late": self.late,
                 "zeroed_groups": self.zeroed_groups, "zeroed_steps": self.zeroed_steps,
                 "multi_steps": self.multi_steps, "zeroed_multi_steps": self.zeroed_multi_steps,
@@ -108,6 +111,8 @@ class HaloEngine:
         self.loaded, self.decoder, self.config, self.bus = loaded, decoder, config, bus
         self.reply_topic, self.rejects = reply_topic, rejects
         self.frame_reply = topics.halo_reply(config.name)  # partial frames come back here
+        self.link: DirectLink | None = None  # frames written and read on the generation thread
+        self._pump: DirectLink | None = None  # the link this step's partials come back on
         self.mlp_topic = topics.node_mlp(config.name)
         self.model = loaded.model
         self.layout = split.model_layout(self.model.config, config.group_size)
@@ -334,8 +339,11 @@ class HaloEngine:
 
     # -- the routed forward (generation thread) ---------------------------------------------------
     @contextmanager
-    def run(self, strict: bool, measure: bool = False, frames: bool = True) -> Iterator[HaloRun]:
+    def run(self, strict: bool, measure: bool = False, frames: bool = True, link: bool = True) -> Iterator[HaloRun]:
+        """One ask's forward passes, routed; ``link``: over the direct link when there is one
+        (held for the whole run; the bus when another thread holds it a moment too long)."""
         state = HaloRun(strict, frames=frames, measure=measure)
+        state.link = bool(link and frames and self.link is not None and self.link.lock.acquire(timeout=0.5))
         self.run_state = state
         try:
             with torch.inference_mode(), split.routed_mlps(self.model, self._mlp):
@@ -343,6 +351,9 @@ class HaloEngine:
         finally:
             state.ended = time.perf_counter()
             self.run_state = None
+            self._pump = None
+            if state.link:
+                self.link.lock.release()
             if state.imp_sum is not None and state.imp_n:
                 mean = (state.imp_sum / state.imp_n).float()
                 with self._lock:
@@ -370,12 +381,23 @@ class HaloEngine:
         run.multi_steps += int(multi)
         expected = {w: gs[layer] for w, gs in plan.workers.items() if gs[layer]}
         t = time.perf_counter()
+        self._pump = None
         if expected and run.frames:
             # One publish for every worker (the broker fans it out); each computes its own groups.
-            data = halo_wire.encode(halo_wire.MLP, self.config.name, plan.epoch, step, layer,
-                                    x.to(self.wire_dtype), reply_to=self.frame_reply)
+            # Over the direct link this thread writes it and reads the partials itself.
+            link = self.link if run.link and self.link is not None and self.link.usable else None
+            wx = x.to(self.wire_dtype)
+            data = halo_wire.encode(halo_wire.MLP, self.config.name, plan.epoch, step, layer, wx,
+                                    reply_to=link.topic if link is not None else self.frame_reply)
             t0 = t = run.spent("encode", t)
-            self.bus.publish(self.mlp_topic, data, qos=topics.NODE_MLP.qos)
+            if link is not None and not link.publish(self.mlp_topic, data):
+                link = None  # it just broke: this step goes over the bus
+                data = halo_wire.encode(halo_wire.MLP, self.config.name, plan.epoch, step, layer, wx,
+                                        reply_to=self.frame_reply)
+            if link is None:
+                self.bus.publish(self.mlp_topic, data, qos=topics.NODE_MLP.qos)
+            self._pump = link
+            run.link_steps += int(link is not None)
             for w in expected:
                 self.ledger.sent(w, step, t0, tokens)
             t = run.spent("publish", t)
@@ -461,6 +483,8 @@ class HaloEngine:
                 if first and straggler is not None and first_at is not None:
                     wait, first = min(wait, max(first_at + straggler - elapsed, 0.0)), False
                 self._sleep(step, waiting, wait, first=first)
+            elif self._pump is not None and not self._pump.pump(0.0):
+                self._pump = None  # the first look: read what arrived on the direct link (broke: the bus)
             while True:
                 try:
                     item = self._partials.get_nowait()
@@ -508,10 +532,23 @@ class HaloEngine:
             self._await = (step, set(waiting), first)
             self._arrival.clear()
         try:
+            end = time.perf_counter() + timeout
+            if self._pump is not None and (not waiting or self._partials.empty()):
+                # Read the partials here (the handler runs on this thread) until they are in.
+                while not (waiting and self._arrival.is_set()):
+                    left = end - time.perf_counter()
+                    if left <= 0:
+                        return
+                    if not self._pump.pump(left):
+                        self._pump = None  # broke: wait out the rest below (the bus is read elsewhere)
+                        break
+            left = end - time.perf_counter()
+            if self._pump is not None or left <= 0:
+                return
             if waiting and self._partials.empty():  # else something came meanwhile: look at it first
-                self._arrival.wait(timeout)
+                self._arrival.wait(left)
             elif not waiting:
-                time.sleep(timeout)
+                time.sleep(left)
         finally:
             with self._await_lock:
                 self._await = None
@@ -546,7 +583,7 @@ class HaloEngine:
             run.late += 1
 
     # -- teacher-forced evaluation ----------------------------------------------------------------
-    def evaluate(self, spec: dict[str, Any], strict: bool, frames: bool = True) -> dict[str, Any]:
+    def evaluate(self, spec: dict[str, Any], strict: bool, frames: bool = True, link: bool = True) -> dict[str, Any]:
         """``{"ids": [...], "start": k, "score_ids": [...]}``: prefill ``ids[:k]``, then feed the rest
         one token at a time; per fed position the NLL of the true next token and the argmax, and at
         the end the logits of ``score_ids``."""
@@ -561,7 +598,7 @@ class HaloEngine:
             raise ProtocolError("bad-halo-eval", "ids/start/score_ids")
         nll: list[float] = []
         top: list[int] = []
-        with self.run(strict, measure=True, frames=frames) as run:
+        with self.run(strict, measure=True, frames=frames, link=link) as run:
             cache = DynamicCache(config=self.model.config)
             out = self.model(input_ids=torch.tensor([ids[:start]]), past_key_values=cache, use_cache=True,
                              logits_to_keep=1)
