@@ -152,8 +152,8 @@ def add_halo_commands(subparsers: Any) -> None:
     p.add_argument("--sync", choices=["strict", "relaxed"], default="relaxed",
                    help="default sync of asks (an ask may name its own with halo_sync)")
     p.add_argument("--group-size", type=int, default=split.DEFAULT_GROUP_SIZE)
-    p.add_argument("--target-share", type=float, default=0.95,
-                   help="relaxed: wait for the groups holding this share of predicted importance")
+    p.add_argument("--target-share", type=float, default=0.99,
+                   help="relaxed: wait for (or compute here) the groups holding this share of predicted importance")
     p.add_argument("--max-deadline-ms", type=float, default=50.0, help="relaxed: cap of the layer deadline")
     p.add_argument("--min-deadline-ms", type=float, default=5.0, help="relaxed: floor of the layer deadline")
     p.add_argument("--placement", choices=["importance", "random"], default="importance")
@@ -219,6 +219,8 @@ def add_bench_halo(bench_parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ablation", action="store_true", help="skip the random-placement ablation")
     p.add_argument("--local-speed", type=float, default=0.0,
                    help="the coordinator's --local-speed (neuron-rows/s it computes itself; 0: none)")
+    p.add_argument("--target-share", type=float,
+                   help="the coordinator's --target-share (default: the coordinator's own default)")
     p.add_argument("--compare-wire", action="store_true",
                    help="also time the per-worker CBOR requests (the old wire), alternating with the frames")
     p.add_argument("--compare-link", action="store_true",
