@@ -7,6 +7,9 @@ enqueue) and any exception they raise is logged and counted, never allowed to ki
 Request/response: MQTT 3.1.1 (amqtt) has no response topic or correlation data, so both travel
 in the envelope (``mesh.wire``). A :class:`ReplyInbox` owns one reply topic per client and routes
 replies to per-request queues by correlation id.
+
+:class:`DirectLink` is a second connection without a network thread, for one thread's hot
+request/response loop (the HALO coordinator's layer steps): its owner writes and reads the socket.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Per layer step (:meth:`HaloEngine._mlp`, on the generation thread): encode the M
 (fp16, the whole (B, T, H) input: all prompt positions in a prefill, the last one in decode) as a
 ``mesh.halo_wire`` frame and publish it once on the coordinator's MLP-input topic, which every
 plan worker subscribes to (the CBOR envelope to each worker's own topic is kept for comparison,
-per ask: ``halo_wire: "cbor"``); partial frames come back on ``topics.halo_reply``; compute the local
+per ask: ``halo_wire: "cbor"``), written on this thread over the direct link (``mesh.bus.DirectLink``)
+when there is one; partial frames come back on ``topics.halo_link`` and are read by this thread
+while it waits (over the bus: ``topics.halo_reply``, read by paho's thread); compute the local
 groups meanwhile; predict the groups' importance (relaxed); then gather partials until
 ``mesh.halo_sync.StepGather`` says stop, and sum. Strict computes what never came itself after a
 long timeout or when the worker went offline, so strict is always exact; relaxed counts it as
