@@ -33,7 +33,7 @@ from mesh.config import BrokerAddress, CacheConfig, Limits
 from mesh.errors import MeshError, ProtocolError, TransportError
 from mesh.halo_sync import Liveness
 from mesh.lookup import LinkEstimate
-from mesh.model import Decoder, bind_threads, load_model
+from mesh.model import Decoder, bind_threads, load_model, two_thread_head
 from mesh.routing import PeerTable, choose_node, router_of
 from mesh.scheduler import ReplanPolicy, SyncPolicy
 from nodes.cache import NodeCache
@@ -64,6 +64,7 @@ class CoordinatorConfig:
     local_speed: float = 0.0  # neuron-rows/s the coordinator computes itself (0: none)
     wire_dtype: str = "float16"
     direct_link: bool = True  # HALO frames over a second connection driven by the generation thread
+    head_threads: int = 2  # the LM head of a decode step on two threads (mesh.model.TwoThreadHead); 1: plain
     strict_timeout_s: float = 10.0  # then strict computes the missing groups itself (stays exact)
     liveness: Liveness = field(default_factory=Liveness)  # when a silent worker counts as gone
     heartbeat_s: float = 2.0
@@ -103,6 +104,10 @@ class Coordinator:
         cfg = self.config
         self.loaded = load_model(cfg.home, cfg.model, cfg.threads)
         self.decoder = Decoder(self.loaded)
+        # Only for a one-thread coordinator: then each half is bitwise the plain head's product
+        # (a multi-threaded head already uses the cores, and may sum in another order).
+        one = torch.get_num_threads() == 1
+        self.head = two_thread_head(self.loaded.model) if cfg.head_threads >= 2 and one else None
         self.cache = NodeCache(self.loaded, cfg.cache, self.decoder) if cfg.cache.enabled else None
         self.engine = HaloEngine(self.loaded, self.decoder, cfg, self.bus, self.reply_topic, self.rejects)
         self.bus.subscribe(topics.ALL_STATUS, self._on_status, qos=1)
@@ -307,6 +312,8 @@ class Coordinator:
             sync = self.config.sync
         frames = b.get("halo_wire") != "cbor"  # the per-worker CBOR requests, for comparison
         link = b.get("halo_link") is not False  # False: frames through the bus, for comparison
+        if self.head is not None:  # halo_head_threads 1: the plain LM head, for comparison
+            self.head.parallel = b.get("halo_head_threads") != 1
         if isinstance(b.get("halo_eval"), dict):
             figures = self.engine.evaluate(b["halo_eval"], strict=sync == "strict", frames=frames, link=link)
             self.served += 1

@@ -68,6 +68,7 @@ def coordinator_config(args: argparse.Namespace) -> Any:
         replan=ReplanPolicy(min_interval_s=args.replan_interval), placement=args.placement,
         fallback=args.fallback, local_speed=args.local_speed, reliability_weight=args.reliability_weight,
         wire_dtype={"fp16": "float16", "fp32": "float32"}[args.wire], direct_link=not args.no_direct_link,
+        head_threads=args.head_threads,
         strict_timeout_s=args.strict_timeout, heartbeat_s=args.heartbeat,
         liveness=Liveness(factor=args.silence_factor, min_silence_s=args.min_silence),
         predictor=Path(args.predictor) if args.predictor else None,
@@ -164,6 +165,8 @@ def add_halo_commands(subparsers: Any) -> None:
     p.add_argument("--local-speed", type=float, default=0.0,
                    help="neuron-rows/s the coordinator computes itself (0: every group on workers)")
     p.add_argument("--wire", choices=["fp16", "fp32"], default="fp16", help="dtype of MLP inputs on the wire")
+    p.add_argument("--head-threads", type=int, choices=[1, 2], default=2,
+                   help="threads for a decode step's LM head (2: the vocabulary in halves on two threads)")
     p.add_argument("--no-direct-link", action="store_true",
                    help="HALO frames through the shared MQTT connection (default: a second one, read and "
                         "written by the generation thread itself)")
@@ -223,6 +226,8 @@ def add_bench_halo(bench_parser: argparse.ArgumentParser) -> None:
                    help="the coordinator's --target-share (default: the coordinator's own default)")
     p.add_argument("--compare-wire", action="store_true",
                    help="also time the per-worker CBOR requests (the old wire), alternating with the frames")
+    p.add_argument("--compare-head", action="store_true",
+                   help="also time the coordinator's one-thread LM head, alternating with its two-thread one")
     p.add_argument("--compare-link", action="store_true",
                    help="also time frames through the coordinator's shared MQTT connection, alternating "
                         "with its direct link")
