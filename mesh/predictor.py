@@ -259,14 +259,13 @@ def neuron_importance(model: nn.Module, batches: Iterable[Tensor], max_tokens: i
     Sorting neurons by it (``mesh.split.neuron_order``) makes groups of similar importance."""
     act = split.mlp_act_name(model.config)
     mlps = [layer.mlp for layer in split.decoder_layers(model)]
-    sums = [torch.zeros(m.down_proj.weight.shape[1], dtype=torch.float64) for m in mlps]
+    fulls = [split.full_weights(m, split.model_layout(model.config, 1), act, i) for i, m in enumerate(mlps)]
+    sums = [torch.zeros(w.n_neurons, dtype=torch.float64) for w in fulls]
     seen = 0
 
     def record(layer: int, x: Tensor) -> Tensor:  # x (B, T, H)
-        mlp = mlps[layer]
-        w = split.full_weights(mlp, split.GroupLayout(int(sums[layer].numel()), 1), act, layer)
-        sums[layer] += w.activations(x.reshape(-1, x.shape[-1])).abs().double().sum(0)
-        return mlp(x)
+        sums[layer] += fulls[layer].activations(x.reshape(-1, x.shape[-1])).abs().double().sum(0)
+        return mlps[layer](x)
 
     with torch.no_grad(), split.routed_mlps(model, record):
         for ids in batches:
@@ -276,7 +275,7 @@ def neuron_importance(model: nn.Module, batches: Iterable[Tensor], max_tokens: i
             seen += ids.numel()
     if not seen:
         raise ConfigError("no tokens to measure neuron importance on")
-    return tuple(s / seen * m.down_proj.weight.detach().double().norm(dim=0) for s, m in zip(sums, mlps))
+    return tuple(s / seen * w.down.double().norm(dim=0) for s, w in zip(sums, fulls))
 
 
 def groups_to_wait(importance: Sequence[float] | Tensor, target_share: float) -> tuple[int, ...]:
