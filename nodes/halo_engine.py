@@ -84,6 +84,8 @@ class HaloRun:
     imp_sum: Tensor | None = None
     imp_n: int = 0
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the MLP steps
+    # (forward pass, positions) -> (deadline, straggler wait, first arrival): see HaloEngine._timing
+    timing: tuple[tuple[int, int], tuple[float, float | None, float | None]] | None = None
 
     def spent(self, phase: str, since: float) -> float:
         now = time.perf_counter()
@@ -467,12 +469,10 @@ class HaloEngine:
         # A prefill step's deadline scales with its positions; the decode straggler wait follows
         # the measured spread of arrivals (a prefill's, whose missing groups are computed here
         # anyway, keeps the policy's share of its own deadline).
-        deadline = self.ledger.deadline(policy, tokens)
-        straggler = self.ledger.straggler_wait(policy, deadline) if tokens == 1 else None
+        deadline, straggler, first_at = self._timing(run, tokens)
         gather = StepGather(step, expected, important if not run.strict else frozenset(), run.strict,
                             straggler_s=straggler)
         numel = x.numel()
-        first_at = self.ledger.first_arrival() if straggler is not None else None
         wait: float | None = None  # first take what already arrived (late partials settle who is stalled)
         waiting: set[str] = set()
         while True:
@@ -517,6 +517,21 @@ class HaloEngine:
             imp = self._predict(run, layer, x, record=False)
             must_wait = frozenset(pred_mod.groups_to_wait(imp, self.config.policy.target_share))
         return gather, must_wait, imp
+
+    def _timing(self, run: HaloRun, tokens: int) -> tuple[float, float | None, float | None]:
+        """The step's deadline, straggler wait (decode) and first-arrival time, from the ledger's
+        figures as they stood at the first step of this forward pass: the quantiles move over 64
+        to 128 samples, so refreshing them at each of a token's 30 steps changed nothing but
+        cost ~30 us per step on an idle machine (results/2026-12-06/ledger_step_cost.py) and,
+        sampled under the bench's load, ~5 % of the coordinator's wall time."""
+        key = (len(run.starts), tokens)
+        if run.timing is None or run.timing[0] != key:
+            policy = self.config.policy
+            deadline = self.ledger.deadline(policy, tokens)
+            straggler = self.ledger.straggler_wait(policy, deadline) if tokens == 1 else None
+            first_at = self.ledger.first_arrival() if straggler is not None else None
+            run.timing = (key, (deadline, straggler, first_at))
+        return run.timing[1]
 
     def _true_share(self, layer: int, x: Tensor, zeroed: Sequence[int]) -> float:
         """The share of the step's true contribution norm (summed over positions) in ``zeroed``."""
