@@ -248,6 +248,16 @@ class Decoder:
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
+        # A faster decode step with the HF forward's arithmetic (``mesh.lean.LeanStep``), used
+        # while enabled; None: the HF forward.
+        self.step: Callable[[int, Any], torch.Tensor] | None = None
+
+    def next_logits(self, token_id: int, cache: Any) -> torch.Tensor:
+        """Logits (V,) of the position after feeding ``token_id`` onto ``cache`` (appended to it)."""
+        if self.step is not None and getattr(self.step, "enabled", True):
+            return self.step(token_id, cache)
+        ids = torch.tensor([[token_id]], dtype=torch.long)
+        return self.loaded.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
 
     def encode(self, text: str) -> list[int]:
         return list(self.loaded.tokenizer(text)["input_ids"])
@@ -278,14 +288,12 @@ class Decoder:
         position's logits and a cache holding every prompt position (the prompt cache restores
         what it can and prefills only the rest); its time counts as prefill. The cache may be a
         :class:`Deferred`: it is resolved after the first token is out, before the second."""
-        model = self.loaded.model
         tok = self.loaded.tokenizer
         gen = Generation(prompt_tokens=len(ids))
         t0 = clock()
         logits, cache = prepare() if prepare is not None else self.prefill(ids)
         gen.prefill_s = clock() - t0
         emitted = ""
-        step = torch.empty((1, 1), dtype=torch.long)
         for i in range(max_new_tokens):
             next_id = int(torch.argmax(logits))
             if next_id in self.loaded.eos_ids:
@@ -310,9 +318,7 @@ class Decoder:
                 break
             if isinstance(cache, Deferred):
                 cache = cache.get()
-            step[0, 0] = next_id
-            out = model(input_ids=step, past_key_values=cache, use_cache=True)
-            logits = out.logits[0, -1]
+            logits = self.next_logits(next_id, cache)
         else:
             gen.stop_reason = "length"
         final = tok.decode(gen.token_ids, skip_special_tokens=True)

@@ -32,6 +32,7 @@ from mesh.bus import DirectLink, MqttBus
 from mesh.config import BrokerAddress, CacheConfig, Limits
 from mesh.errors import MeshError, ProtocolError, TransportError
 from mesh.halo_sync import Liveness
+from mesh.lean import lean_step
 from mesh.lookup import LinkEstimate
 from mesh.model import Decoder, bind_threads, load_model, two_thread_head
 from mesh.routing import PeerTable, choose_node, router_of
@@ -65,6 +66,7 @@ class CoordinatorConfig:
     wire_dtype: str = "float16"
     direct_link: bool = True  # HALO frames over a second connection driven by the generation thread
     head_threads: int = 2  # the LM head of a decode step on two threads (mesh.model.TwoThreadHead); 1: plain
+    lean_decode: bool = True  # decode steps through mesh.lean (one-thread LLaMA coordinators); False: HF forward
     strict_timeout_s: float = 10.0  # then strict computes the missing groups itself (stays exact)
     liveness: Liveness = field(default_factory=Liveness)  # when a silent worker counts as gone
     heartbeat_s: float = 2.0
@@ -110,6 +112,10 @@ class Coordinator:
         self.head = two_thread_head(self.loaded.model) if cfg.head_threads >= 2 and one else None
         self.cache = NodeCache(self.loaded, cfg.cache, self.decoder) if cfg.cache.enabled else None
         self.engine = HaloEngine(self.loaded, self.decoder, cfg, self.bus, self.reply_topic, self.rejects)
+        # After the engine permuted the MLPs to the predictor's neuron order (the step calls each
+        # layer's MLP module as it is, routed while an ask runs).
+        self.decoder.step = lean_step(self.loaded.model) if cfg.lean_decode and one else None
+        log.info("decode steps: %s", "mesh.lean" if self.decoder.step is not None else "the HF forward")
         self.bus.subscribe(topics.ALL_STATUS, self._on_status, qos=1)
         self.bus.subscribe(topics.ALL_HEARTBEATS, self._on_heartbeat, qos=0)
         self.bus.subscribe(self.reply_topic, self.engine.on_reply, qos=topics.REPLY.qos)
@@ -314,6 +320,8 @@ class Coordinator:
         link = b.get("halo_link") is not False  # False: frames through the bus, for comparison
         if self.head is not None:  # halo_head_threads 1: the plain LM head, for comparison
             self.head.parallel = b.get("halo_head_threads") != 1
+        if self.decoder.step is not None:  # halo_lean false: the HF forward, for comparison
+            self.decoder.step.enabled = b.get("halo_lean") is not False
         if isinstance(b.get("halo_eval"), dict):
             figures = self.engine.evaluate(b["halo_eval"], strict=sync == "strict", frames=frames, link=link)
             self.served += 1

@@ -109,7 +109,8 @@ class HaloMesh:
 # Side-by-side variants (--compare-wire, --compare-link): the ask-body fields that select them.
 VARIANTS = {"cbor_wire": ({"halo_wire": "cbor"}, "the per-worker CBOR requests"),
             "bus_link": ({"halo_link": False}, "frames through the coordinator's shared MQTT connection"),
-            "one_thread_head": ({"halo_head_threads": 1}, "the coordinator's LM head on one thread")}
+            "one_thread_head": ({"halo_head_threads": 1}, "the coordinator's LM head on one thread"),
+            "hf_decode": ({"halo_lean": False}, "the coordinator's decode steps through the HF forward")}
 
 
 def _ask(client: MeshClient, sync: str, tokens: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -121,7 +122,7 @@ def _ask(client: MeshClient, sync: str, tokens: int, extra: dict[str, Any] | Non
 
 def _variants(args: argparse.Namespace) -> list[str]:
     return [k for k, on in (("cbor_wire", args.compare_wire), ("bus_link", args.compare_link),
-                            ("one_thread_head", args.compare_head)) if on]
+                            ("one_thread_head", args.compare_head), ("hf_decode", args.compare_lean)) if on]
 
 
 def _ask_raw(client: MeshClient, body: dict[str, Any], timeout: float = 900.0) -> dict[str, Any]:
@@ -253,7 +254,7 @@ def run_bench(args: argparse.Namespace) -> int:
                               "method": "per loss rate, strict and relaxed asks alternate (reps each) on one "
                                         "coordinator, so both see the same machine load; TPOT = median",
                               "wire": "shared MLP-input topic, halo_wire frames over the coordinator's "
-                                      "direct link, LM head on two threads" + "".join(f"; {k}: {VARIANTS[k][1]}, alternating with it"
+                                      "direct link, LM head on two threads, lean decode step" + "".join(f"; {k}: {VARIANTS[k][1]}, alternating with it"
                                                                for k in _variants(args))}
     pred_report = predictor_path(home, args.model, 64).with_suffix(".json")
     if pred_report.exists():

@@ -68,7 +68,7 @@ def coordinator_config(args: argparse.Namespace) -> Any:
         replan=ReplanPolicy(min_interval_s=args.replan_interval), placement=args.placement,
         fallback=args.fallback, local_speed=args.local_speed, reliability_weight=args.reliability_weight,
         wire_dtype={"fp16": "float16", "fp32": "float32"}[args.wire], direct_link=not args.no_direct_link,
-        head_threads=args.head_threads,
+        head_threads=args.head_threads, lean_decode=not args.no_lean_decode,
         strict_timeout_s=args.strict_timeout, heartbeat_s=args.heartbeat,
         liveness=Liveness(factor=args.silence_factor, min_silence_s=args.min_silence),
         predictor=Path(args.predictor) if args.predictor else None,
@@ -170,6 +170,9 @@ def add_halo_commands(subparsers: Any) -> None:
     p.add_argument("--no-direct-link", action="store_true",
                    help="HALO frames through the shared MQTT connection (default: a second one, read and "
                         "written by the generation thread itself)")
+    p.add_argument("--no-lean-decode", action="store_true",
+                   help="decode steps through the HF forward (default: mesh.lean's step, bitwise the same "
+                        "logits on one thread, fewer Python operations; LLaMA-architecture models only)")
     p.add_argument("--strict-timeout", type=float, default=10.0,
                    help="strict: after this many seconds compute a silent worker's groups here (stays exact)")
     p.add_argument("--silence-factor", type=float, default=6.0,
@@ -228,6 +231,9 @@ def add_bench_halo(bench_parser: argparse.ArgumentParser) -> None:
                    help="also time the per-worker CBOR requests (the old wire), alternating with the frames")
     p.add_argument("--compare-head", action="store_true",
                    help="also time the coordinator's one-thread LM head, alternating with its two-thread one")
+    p.add_argument("--compare-lean", action="store_true",
+                   help="also time the coordinator's decode steps through the HF forward, alternating with "
+                        "mesh.lean's step")
     p.add_argument("--compare-link", action="store_true",
                    help="also time frames through the coordinator's shared MQTT connection, alternating "
                         "with its direct link")

@@ -624,8 +624,7 @@ class HaloEngine:
                 nll.append(-float(torch.log_softmax(logits.float(), -1)[ids[pos]]))
                 top.append(int(torch.argmax(logits)))
                 if pos + 1 < len(ids) or score_ids:
-                    out = self.model(input_ids=torch.tensor([[ids[pos]]]), past_key_values=cache, use_cache=True)
-                    logits = out.logits[0, -1]
+                    logits = self.decoder.next_logits(ids[pos], cache)
         figures = run.figures()
         times = figures.pop("token_times_s")
         return {"prompt_tokens": len(ids), "halo": figures,

@@ -111,10 +111,11 @@ def test_strict_sync_sums_every_partial(mosquitto_broker: Broker, halo_mesh: dic
     assert halo["partials_on_time"] == halo["steps"] * len(WORKERS)
     assert halo["link_steps"] == halo["steps"]  # every frame over the coordinator's direct link
     assert body["tpot_s"] > 0
-    # The same through the coordinator's shared connection (the bus): same tokens, no link step.
+    # The same through the coordinator's shared connection (the bus) and its decode steps through
+    # the HF forward instead of mesh.lean's: same tokens, no link step.
     with MeshClient(mosquitto_broker.address) as client:
         bus = _ask_raw(client, {"text": prompt, "max_new_tokens": 16, "halo_sync": "strict", "no_cache": True,
-                                "halo_link": False})
+                                "halo_link": False, "halo_lean": False})
     assert bus["token_ids"] == ref.token_ids
     assert bus["halo"]["link_steps"] == 0 and bus["halo"]["partials_on_time"] == bus["halo"]["steps"] * len(WORKERS)
 
