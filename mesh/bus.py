@@ -156,6 +156,18 @@ class MqttBus:
         if not info.is_published():
             raise TransportError(f"publish to {topic} not acknowledged within {timeout:g} s")
 
+    def input_pending(self) -> bool:
+        """Whether more bytes from the broker are already waiting to be read (network thread: in
+        a handler, another message is right behind the one being handled)."""
+        sock = self._client.socket()
+        if sock is None:
+            return False
+        pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted
+        try:
+            return bool((pending is not None and pending()) or select.select([sock], [], [], 0.0)[0])
+        except (OSError, ValueError):
+            return False
+
     # -- paho callbacks (network thread) ------------------------------------------------------
     def _handle_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
         with self._subacks:

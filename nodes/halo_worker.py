@@ -15,7 +15,10 @@ MLP-input frame is served on the network thread itself (``inline``, the default)
 one group slice of one token (~0.4 ms for a third of a SmolLM2 layer), no longer than decoding a
 large message, and handing it to the compute thread and the answer back to paho's thread costs
 two thread wake-ups per layer step, which on a busy 2-core device are the floor of the round trip
-(see the bench's ``cbor_wire`` comparison). Prefill-sized requests still go to the compute thread.
+(see the bench's ``cbor_wire`` comparison). Prefill-sized requests still go to the compute thread,
+and so does a frame with more input already waiting behind it (``MqttBus.input_pending``): after
+a stalled link the frames of every step the coordinator ran meanwhile arrive at once, and the
+compute thread serves only one no newer frame of the same coordinator has overtaken.
 
 Wire: the coordinator publishes each layer step's MLP input once, as a ``mesh.halo_wire`` frame
 on ``node_mlp(coordinator)``; every worker of its plan subscribes (the loader does, before it
@@ -44,6 +47,7 @@ from nodes.agent import AgentExtension
 log = logging.getLogger(__name__)
 
 MAX_LAYERS = 1024
+STALE_WINDOW = 1 << 16  # a frame this many steps behind the coordinator's newest is skipped
 MAX_QUEUED_REQUESTS = 64  # requests waiting for the compute thread; it only ever serves the newest
 SPEED_PROBE_S = 2.0  # the compute thread re-measures the speed this often (while idle)
 SPEED_ALPHA = 0.3  # weight of one probe in the reported speed
@@ -61,6 +65,7 @@ class HaloWorker(AgentExtension):
         self._requests: list[wire.Envelope | halo_wire.Frame] = []
         self._plans: list[tuple[Plan, str | None, str]] = []  # to load: (plan, ack topic, coordinator)
         self._coordinators: set[str] = set()  # whose MLP-input topic we subscribed to
+        self._newest: dict[str, int] = {}  # per coordinator: the step of its last frame seen
         self.skipped = 0  # shared MLP inputs of an epoch or layer we hold no groups of
         self._weights: dict[int, list[split.GroupWeights | None]] = {}  # epoch -> per layer
         self._epoch = -1
@@ -197,7 +202,17 @@ class HaloWorker(AgentExtension):
             self.agent.rejects.add("bad-halo-request")
             return
         x = frame.tensor
-        if self.inline and x.ndim >= 1 and x.numel() == x.shape[-1]:  # one position: serve it here
+        with self._lock:
+            # The last one seen, not the largest: a forged frame with a huge step can at most
+            # make the compute thread skip what is queued until the next real frame.
+            self._newest[frame.sender] = frame.step
+        # A frame with more input right behind it may be stale: after a stalled link (a TCP
+        # retransmission) the frames of every step the coordinator ran meanwhile arrive at once,
+        # and serving each inline cost ~0.3 ms of compute per frame for partials the coordinator
+        # only discards, while its current step waited behind them. Those go to the compute
+        # thread, which serves only a frame no newer one has overtaken.
+        if (self.inline and x.ndim >= 1 and x.numel() == x.shape[-1]  # one position: serve it here
+                and not self._input_pending()):
             with self._lock:
                 weights = self._weights.get(frame.epoch)
                 if weights is None:
@@ -216,6 +231,10 @@ class HaloWorker(AgentExtension):
                 self.dropped += 1
             self._requests.append(frame)
             self._wake.notify_all()
+
+    def _input_pending(self) -> bool:
+        check = getattr(self.agent.bus, "input_pending", None)
+        return bool(check()) if check is not None else False
 
     # -- loader ---------------------------------------------------------------------------------
     def _load_loop(self) -> None:
@@ -290,6 +309,9 @@ class HaloWorker(AgentExtension):
                 self.dropped += len(self._requests)
                 self._requests.clear()
                 frame = isinstance(env, halo_wire.Frame)
+                if frame and 0 < self._newest.get(env.sender, env.step) - env.step <= STALE_WINDOW:
+                    self.dropped += 1  # overtaken by a newer step, served (or queued) already
+                    continue
                 epoch = env.epoch if frame else env.body["epoch"]
                 weights = self._weights.get(epoch)
                 if weights is not None:
