@@ -178,3 +178,32 @@ def test_a_new_client_gets_only_the_retained_messages_it_subscribed_to(broker: B
         pub.publish_wait("ret/a/1", b"", qos=1, retain=True)
         holder.stop()
         pub.stop()
+
+
+def test_a_subscription_added_later_also_gets_a_topic_already_routed(broker: Broker) -> None:
+    """The bus remembers which handlers a topic goes to; a new subscription must reset that."""
+    bus = _bus(broker, "router")
+    got: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    bus.subscribe("test/route/+", lambda t, p, r: got.put(("wild", p)))
+    try:
+        bus.publish_wait("test/route/a", b"1", qos=1)
+        assert got.get(timeout=5) == ("wild", b"1")
+        bus.subscribe("test/route/a", lambda t, p, r: got.put(("exact", p)))
+        bus.publish_wait("test/route/a", b"2", qos=1)
+        # (amqtt delivers a message once per matching subscription: duplicates, hence sets)
+        assert _drain(got, 2) == {("wild", b"2"), ("exact", b"2")}
+        bus.publish_wait("test/route/b", b"3", qos=1)  # another topic of the wildcard only
+        assert _drain(got, 1) == {("wild", b"3")}
+    finally:
+        bus.stop()
+
+
+def _drain(q: queue.Queue, at_least: int, settle: float = 0.3) -> set:
+    seen = {q.get(timeout=5) for _ in range(at_least)}
+    end = time.monotonic() + settle
+    while time.monotonic() < end:
+        try:
+            seen.add(q.get(timeout=max(end - time.monotonic(), 0.01)))
+        except queue.Empty:
+            break
+    return seen
