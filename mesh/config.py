@@ -20,7 +20,7 @@ DEFAULT_MODEL = "gemma3-270m"
 
 def check_name(name: str) -> str:
     """A node or client name: it becomes one MQTT topic level, so no ``/``, ``+``, ``#``."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):  # match's "$" also took "w1\n"
         raise ConfigError(f"invalid name {name!r}: use 1-64 letters, digits, '_' or '-'")
     return name
 

@@ -101,7 +101,8 @@ def decode(payload: bytes, max_bytes: int) -> Frame:
     dtype = _DTYPES[code]
     size = count * (2 if dtype is torch.float16 else 4)
     data_at = end_shape + n_name + n_reply
-    if count > MAX_ELEMENTS or len(payload) != data_at + size:
+    # max(d, 1): an empty tensor with huge other dims ((0, 2**32-1, 2**32-1)) overflows torch's strides.
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS or len(payload) != data_at + size:
         raise ProtocolError("bad-tensor", "HALO frame length does not match its shape")
     try:
         sender = check_name(payload[end_shape:end_shape + n_name].decode())

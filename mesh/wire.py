@@ -203,14 +203,17 @@ def unpack_tensor(obj: Any, max_elements: int = 1 << 28) -> Any:
     if not isinstance(obj, dict):
         raise ProtocolError("bad-tensor", "tensor is not a map")
     dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
-    if dtype not in _DTYPES:
-        raise ProtocolError("bad-tensor", f"dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:  # a list or map is unhashable: no `in` on it
+        raise ProtocolError("bad-tensor", f"dtype {dtype[:32]!r}" if isinstance(dtype, str)
+                            else f"dtype is a {type(dtype).__name__}")
     if (not isinstance(shape, list) or len(shape) > 8
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape)):
         raise ProtocolError("bad-tensor", "shape is not a list of non-negative ints")
     count = math.prod(shape)
-    if count > max_elements:
-        raise ProtocolError("bad-tensor", f"{count} elements > {max_elements}")
+    # Bound the product of the non-zero dims too: an empty tensor whose other dims are huge
+    # (``[0, 2**63]``) overflows torch's size or stride arithmetic.
+    if math.prod(max(d, 1) for d in shape) > max_elements:
+        raise ProtocolError("bad-tensor", f"shape {shape} holds more than {max_elements} elements")
     if not isinstance(data, bytes) or len(data) != count * _DTYPES[dtype]:
         raise ProtocolError("bad-tensor", "data length does not match dtype and shape")
     if count == 0:

@@ -134,3 +134,66 @@ def test_mutated_kv_chunks_are_rejected_not_crashing() -> None:
 
     run()
     assert accepted < 2_000  # the checksum catches changed bytes
+
+
+# Payloads the fuzzer found (or the code review around them proved) that once escaped as something
+# other than a ProtocolError: kept as fixed examples so the fix cannot regress between random seeds.
+_HALO_MLP_FOUND = [
+    # One flipped byte (the dtype's text header 0x67 -> 0x81) makes the dtype the list ["loat16"]:
+    # unpack_tensor's `dtype not in _DTYPES` raised TypeError (unhashable type: 'list').
+    b"\xa6ab\xa4ax\xa3ddataL\x00<\x00<\x00<\x00<\x00<\x00<edtype\x81float16eshape\x82\x02\x03dstep\x00eepoch"
+    b"\x01elayer\x00acacakhhalo-mlparomesh/v1/reply/xasdfuzzav\x01",
+    # Three inserted bytes make the dtype a map: TypeError (unhashable type: 'dict').
+    bytes.fromhex("a66162a46178a364646174614c003c003c003c003c003c003c656474797065a148bc67666c6f617431366573686170"
+                  "658202036473746570006565706f636801656c617965720061636163616b6868616c6f2d6d6c7061726f6d6573682f"
+                  "76312f7265706c792f7861736466757a7a617601"),
+]
+
+
+@pytest.mark.parametrize("payload", _HALO_MLP_FOUND, ids=["dtype-list", "dtype-map"])
+def test_found_halo_mlp_payloads_raise_protocol_errors(payload: bytes) -> None:
+    env = wire.decode(payload, max_bytes=1 << 20)
+    assert env.kind is wire.Kind.HALO_MLP
+    with pytest.raises(ProtocolError) as err:
+        wire.unpack_tensor(env.body["x"])
+    assert err.value.reason == "bad-tensor"
+
+
+@pytest.mark.parametrize("tensor", [
+    {"dtype": ["float16"], "shape": [2, 3], "data": b"\0" * 12},
+    {"dtype": {"float16": 1}, "shape": [2, 3], "data": b"\0" * 12},
+    {"dtype": {"float16"}, "shape": [2, 3], "data": b"\0" * 12},  # a CBOR set (tag 258)
+    # An empty tensor whose other dims are huge: torch.empty raised TypeError / RuntimeError.
+    {"dtype": "float16", "shape": [0, 2**64 - 1], "data": b""},
+    {"dtype": "float16", "shape": [2**63, 0], "data": b""},
+    {"dtype": "float16", "shape": [0, 2**40, 2**40], "data": b""},
+], ids=["dtype-list", "dtype-map", "dtype-set", "zero-then-u64", "i64-then-zero", "zero-stride-overflow"])
+def test_bad_tensor_fields_are_protocol_errors(tensor: dict) -> None:
+    payload = valid_bytes(wire.Kind.HALO_MLP)
+    env = wire.decode(payload)
+    body = dict(env.body, x=tensor)
+    env = wire.decode(wire.encode(wire.Envelope(wire.Kind.HALO_MLP, "fuzz", body, corr="c", reply_to="mesh/v1/reply/x")))
+    with pytest.raises(ProtocolError) as err:
+        wire.unpack_tensor(env.body["x"])
+    assert err.value.reason == "bad-tensor"
+
+
+def test_empty_tensors_still_decode() -> None:
+    for shape in ([0], [0, 3], [4, 0, 2]):
+        t = wire.unpack_tensor(wire.pack_tensor(torch.empty(shape, dtype=torch.float16)))
+        assert list(t.shape) == shape
+
+
+@pytest.mark.parametrize("shape", [(0, 2**32 - 1, 2**32 - 1), (0, 2**32 - 1, 2**32 - 1, 2**32 - 1), (2**32 - 1, 0)])
+def test_empty_halo_frame_with_huge_dims_is_a_protocol_error(shape: tuple[int, ...]) -> None:
+    """An empty tensor beside huge dims: torch.empty raised RuntimeError (stride overflow); the last
+    shape decoded, and is now refused by the same element bound."""
+    import struct
+
+    from mesh import halo_wire
+
+    head = halo_wire._HEADER.pack(halo_wire.MAGIC, halo_wire.FRAME_VERSION, halo_wire.PARTIAL, 1, len(shape),
+                                  1, 0, 0, 2, 0, 0)
+    with pytest.raises(ProtocolError) as err:
+        halo_wire.decode(head + struct.pack(f"<{len(shape)}I", *shape) + b"w1", 1 << 20)
+    assert err.value.reason == "bad-tensor"

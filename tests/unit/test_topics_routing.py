@@ -17,7 +17,7 @@ def test_every_topic_lives_under_mesh_v1() -> None:
     assert topics.STATUS.retain and topics.STATUS.qos == 1 and topics.HEARTBEAT.retain
 
 
-@pytest.mark.parametrize("bad", ["a/b", "+", "#", "", "x" * 65, "a b"])
+@pytest.mark.parametrize("bad", ["a/b", "+", "#", "", "x" * 65, "a b", "w1\n"])
 def test_names_cannot_break_topic_levels(bad: str) -> None:
     with pytest.raises(ConfigError):
         topics.node_ask(bad)
