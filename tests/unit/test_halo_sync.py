@@ -362,3 +362,25 @@ def test_presence_marks_offline_silent_and_timed_out_workers_gone() -> None:
     assert p.gone(["a"], 13.2) == frozenset()
     p.status("b", True, 14.0)
     assert p.gone(["b"], 14.5) == frozenset()
+
+
+def test_the_window_sample_is_predicted_on_the_planner_thread_not_the_token_path(rig) -> None:
+    from types import SimpleNamespace
+
+    from nodes.halo_engine import WINDOW_ALPHA
+
+    engine, bus = rig
+    groups = engine.window.shape[1]
+    # A predictor whose importance is the layer number + 1 everywhere.
+    engine.predictor = SimpleNamespace(predict=lambda layer, x: torch.full((x.shape[0], groups), float(layer + 1)))
+    before = engine.window.clone()
+    _, run, _ = forward(engine, False, [7])  # complete, relaxed: its first forward is sampled
+    assert run.stops == {"complete": 2} and "predict" not in run.phases  # nothing predicted meanwhile
+    assert len(engine._samples) == 1 and [layer for layer, _ in engine._samples[0]] == [0, 1]
+    assert torch.equal(engine.window, before)
+    assert engine.fold_samples() == 1 and engine._samples == [] and engine.fold_samples() == 0
+    want = torch.maximum((1 - WINDOW_ALPHA) * before + WINDOW_ALPHA * torch.tensor([[1.0], [2.0]]),
+                         engine._window_floor)
+    assert torch.allclose(engine.window, want)
+    _, run, _ = forward(engine, True, [7])  # strict never samples
+    assert engine._samples == []
