@@ -23,14 +23,6 @@ def _llama(heads: int = 4, kv_heads: int = 2, tied: bool = True, attn: str = "sd
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
 
 
-@pytest.fixture()
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _decode(model: torch.nn.Module, step: LeanStep | None, prompt: torch.Tensor, feed: list[int]):
     """Prefill ``prompt`` (HF), then feed ``feed`` one token at a time: per token's logits, cache."""
     with torch.inference_mode():

@@ -26,15 +26,6 @@ def _model(kind: str) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-@pytest.fixture()
-def one_thread():
-    """The coordinator's setting (--threads 1): each half is then the plain head's own product."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("kind", ["llama-tied", "llama", "gemma"])
 def test_two_thread_head_is_bitwise_the_plain_head(kind: str, one_thread) -> None:
     model = _model(kind)
