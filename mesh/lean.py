@@ -100,7 +100,7 @@ def lean_step(model: nn.Module) -> LeanStep | None:
         return None
     for layer in model.model.layers:
         a = getattr(layer, "self_attn", None)
-        if a is None or any(getattr(a, p, None) is None or a.__getattr__(p).bias is not None
-                            for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        projections = [getattr(a, p, None) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if a is None or any(p is None or getattr(p, "bias", None) is not None for p in projections):
             return None
     return LeanStep(model)
