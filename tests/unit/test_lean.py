@@ -99,3 +99,34 @@ def test_lean_step_declines_what_it_does_not_cover(why: str) -> None:
     before = [p.data_ptr() for p in model.parameters()]
     assert lean_step(model) is None
     assert [p.data_ptr() for p in model.parameters()] == before  # and left the model as it was
+
+
+def test_the_lean_step_continues_a_restored_prompt_cache_like_the_hf_forward(one_thread) -> None:
+    """The coordinator's prompt cache hands generation a cache restored from chunks (and prefills
+    only the suffix into it); the lean step must continue it exactly as HF's forward does."""
+    from mesh import kvstate
+
+    model = _llama()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB, (1, 24), generator=gen)
+    feed = torch.randint(0, VOCAB, (6,), generator=gen).tolist()
+    with torch.inference_mode():
+        source = kvstate.capture_cache(model.config)
+        model(input_ids=ids[:, :16], past_key_values=source, use_cache=True)
+        kvstate.end_capture(source)
+        chunks = kvstate.cut_chunks(source, 0, 2, 8)  # two chunks of 8 positions
+
+    def continued(step: LeanStep | None) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            cache = kvstate.restore_cache(model.config, chunks, capture=True)
+            model(input_ids=ids[:, 16:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            kvstate.end_capture(cache)
+            out = []
+            for t in feed:
+                out.append(step(t, cache) if step is not None else
+                           model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits[0, -1])
+        return out
+
+    ref = continued(None)
+    got = continued(lean_step(model))
+    assert len(got) == len(feed) and all(torch.equal(a, b) for a, b in zip(ref, got))
