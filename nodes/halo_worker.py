@@ -202,23 +202,24 @@ class HaloWorker(AgentExtension):
             self.agent.rejects.add("bad-halo-request")
             return
         x = frame.tensor
-        with self._lock:
-            # The last one seen, not the largest: a forged frame with a huge step can at most
-            # make the compute thread skip what is queued until the next real frame.
-            self._newest[frame.sender] = frame.step
         # A frame with more input right behind it may be stale: after a stalled link (a TCP
         # retransmission) the frames of every step the coordinator ran meanwhile arrive at once,
         # and serving each inline cost ~0.3 ms of compute per frame for partials the coordinator
         # only discards, while its current step waited behind them. Those go to the compute
         # thread, which serves only a frame no newer one has overtaken.
-        if (self.inline and x.ndim >= 1 and x.numel() == x.shape[-1]  # one position: serve it here
-                and not self._input_pending()):
-            with self._lock:
+        inline = (self.inline and x.ndim >= 1 and x.numel() == x.shape[-1]  # one position: serve it here
+                  and not self.agent.bus.input_pending())
+        with self._lock:
+            # The last one seen, not the largest: a forged frame with a huge step can at most
+            # make the compute thread skip what is queued until the next real frame.
+            self._newest[frame.sender] = frame.step
+            if inline:
                 weights = self._weights.get(frame.epoch)
                 if weights is None:
                     self.skipped += 1
                     return
                 self._serving = frame.epoch
+        if inline:
             bind_threads()  # paho's network thread
             try:
                 self._serve_frame(frame, weights)
@@ -231,10 +232,6 @@ class HaloWorker(AgentExtension):
                 self.dropped += 1
             self._requests.append(frame)
             self._wake.notify_all()
-
-    def _input_pending(self) -> bool:
-        check = getattr(self.agent.bus, "input_pending", None)
-        return bool(check()) if check is not None else False
 
     # -- loader ---------------------------------------------------------------------------------
     def _load_loop(self) -> None:
