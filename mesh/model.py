@@ -7,6 +7,7 @@ timings, so the per-token path stays small and the prompt cache can hand it a re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -239,6 +240,10 @@ class Deferred:
         return self._value
 
 
+class Interrupted(Exception):
+    """A forward ended between two decoder layers because its ``stop`` callback said so."""
+
+
 class Decoder:
     """Greedy generation over a loaded model with a cache we control.
 
@@ -263,15 +268,27 @@ class Decoder:
         return list(self.loaded.tokenizer(text)["input_ids"])
 
     @torch.inference_mode()
-    def prefill(self, ids: Sequence[int], cache: Any = None, start: int = 0) -> tuple[torch.Tensor, Any]:
-        """Run the prompt (or its suffix after ``start`` cached tokens); return last logits, cache."""
+    def prefill(self, ids: Sequence[int], cache: Any = None, start: int = 0,
+                stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, Any]:
+        """Run the prompt (or its suffix after ``start`` cached tokens); return last logits, cache.
+
+        ``stop`` is asked before each decoder layer; when it says so the forward ends there with
+        :class:`Interrupted` (and the cache holds a partial state: discard it)."""
         from transformers import DynamicCache
 
         model = self.loaded.model
         if cache is None:
             cache = DynamicCache(config=model.config)
         input_ids = torch.tensor([list(ids[start:])], dtype=torch.long)
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with contextlib.ExitStack() as hooks:
+            if stop is not None:
+                def check(_module: torch.nn.Module, _args: Any) -> None:
+                    if stop():
+                        raise Interrupted("the forward was asked to stop")
+
+                for layer in model.base_model.layers:
+                    hooks.callback(layer.register_forward_pre_hook(check).remove)
+            out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1], out.past_key_values
 
     @torch.inference_mode()

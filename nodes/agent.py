@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from mesh import topics, wire
 from mesh.bus import MqttBus, ReplyInbox
 from mesh.config import NodeConfig
 from mesh.errors import MeshError, ProtocolError
-from mesh.model import Decoder, LoadedModel, bind_threads, load_model
+from mesh.model import Decoder, Interrupted, LoadedModel, bind_threads, load_model
 from mesh.lookup import LinkEstimate, NodeId, NodeLoad, route
 from mesh.routing import PeerTable, choose_node, router_of
 from nodes.cache import NodeCache, Prepared
@@ -201,12 +201,13 @@ class NodeAgent:
             if self.cache is not None:
                 self.cache.dirty.set()  # a restarted broker lost our retained catalog
 
-    def _timed_spt(self, ids: list[int], runs: int = 1) -> float:
-        """Seconds per token of prefilling ``ids``, the fastest of ``runs`` forwards."""
+    def _timed_spt(self, ids: list[int], runs: int = 1, stop: Callable[[], bool] | None = None) -> float:
+        """Seconds per token of prefilling ``ids``, the fastest of ``runs`` forwards (``stop``: see
+        :meth:`Decoder.prefill`)."""
         best = float("inf")
         for _ in range(runs):
             t0 = time.perf_counter()
-            self.decoder.prefill(ids)
+            self.decoder.prefill(ids, stop=stop)
             best = min(best, time.perf_counter() - t0)
         return max(best, 1e-6) / len(ids)
 
@@ -218,11 +219,18 @@ class NodeAgent:
         """On an idle worker whose prefill speed no ask has measured yet: one more warm-up forward
         (64 tokens), whose speed replaces the figure. The start-up figure can be off several-fold
         either way (measured under the load of loading, or before a CPU quota applied), and the
-        fetch-or-recompute decision of the first asks rests on it. Returns whether it probed."""
+        fetch-or-recompute decision of the first asks rests on it. An ask that arrives meanwhile
+        ends the probe at the next decoder layer (not counted): on a Pi Zero-class device the
+        probe takes ~12 s, which an ask must not wait for. Returns whether it probed."""
         if (self.figures.spt_measured or self.figures.spt_probes >= self.timing.speed_probes
                 or time.monotonic() - idle_since < self.timing.speed_probe_idle_s):
             return False
-        spt = self._timed_spt(self.decoder.encode(WARMUP_TEXT * 2)[:64])
+        try:
+            spt = self._timed_spt(self.decoder.encode(WARMUP_TEXT * 2)[:64],
+                                  stop=lambda: not self._jobs.empty() or self._stop.is_set())
+        except Interrupted:
+            log.debug("prefill speed probe gave way to an ask")
+            return False
         with self.figures.lock:
             if not self.figures.spt_measured:  # an ask may have measured it meanwhile
                 self.figures.prefill_spt = spt

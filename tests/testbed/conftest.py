@@ -7,6 +7,7 @@ Instances 90..97 are the tests' own; each test claims a free one, so a testbed s
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
@@ -30,10 +31,42 @@ def mosquitto_ok() -> None:
         pytest.skip("mosquitto is not installed (Debian package mosquitto)")
 
 
+LOG_TAIL_LINES = 40
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+
+
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+def _log_sizes(tb: Testbed) -> dict[Path, int]:
+    return {log: log.stat().st_size for log in tb.log_path("").parent.glob("*.log")}
+
+
+def _print_log_tails(tb: Testbed, before: dict[Path, int]) -> None:
+    """A failed test's processes are gone with the testbed: show the end of what each one logged
+    (logs are appended to across runs of the same instance; older runs' lines are left out)."""
+    for log in sorted(tb.log_path("").parent.glob("*.log")):
+        with open(log, "rb") as f:
+            f.seek(before.get(log, 0))
+            lines = f.read().decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        if not lines:
+            continue
+        print(f"----- {log.name} (last {len(lines)} lines) -----")
+        print("\n".join(lines))
+
+
 @pytest.fixture
-def make_testbed(testbed_ok: None) -> Iterator[Callable[[Callable[[int], TestbedSpec]], Testbed]]:
+def make_testbed(request: pytest.FixtureRequest,
+                 testbed_ok: None) -> Iterator[Callable[[Callable[[int], TestbedSpec]], Testbed]]:
     """``make_testbed(lambda instance: spec)`` brings a testbed up on a free test instance."""
-    made: list[Testbed] = []
+    made: list[tuple[Testbed, dict[Path, int]]] = []
 
     def make(build: Callable[[int], TestbedSpec]) -> Testbed:
         for instance in TEST_INSTANCES:
@@ -42,12 +75,15 @@ def make_testbed(testbed_ok: None) -> Iterator[Callable[[Callable[[int], Testbed
                 tb.up()
             except TestbedBusy:
                 continue
-            made.append(tb)
+            made.append((tb, _log_sizes(tb)))
             return tb
         pytest.skip(f"every test instance {TEST_INSTANCES} is busy")
 
     yield make
-    for tb in made:
+    failed = request.node.stash.get(_CALL_FAILED, False)
+    for tb, before in made:
+        if failed:
+            _print_log_tails(tb, before)
         tb.down()
 
 

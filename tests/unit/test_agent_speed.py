@@ -11,8 +11,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 from mesh.config import NodeConfig
-from mesh.model import Decoder
+from mesh.model import Decoder, Interrupted
 from nodes.agent import NodeAgent
 from tests import fuzzkit
 from tests.conftest import require_model
@@ -43,3 +46,34 @@ def test_idle_probes_replace_the_start_up_speed_until_an_ask_measures_it(tmp_pat
     assert not fresh._probe_speed(idle_since=long_ago)
     assert fresh.figures.prefill_spt == 0.25
     assert fresh.heartbeat_body()["prefill_tps_from"] == "asks"
+
+
+def test_a_probe_gives_way_to_an_ask_at_the_next_decoder_layer(tmp_path: Path) -> None:
+    tiny = fuzzkit.tiny_loaded(require_model("smollm2-135m"))
+    decoder = Decoder(tiny)
+    layers = list(tiny.model.base_model.layers)
+    assert len(layers) >= 2
+    ids = decoder.encode("a probe that an ask interrupts " * 4)
+    expected, _ = decoder.prefill(ids)
+
+    done: list[int] = []  # layers whose forward completed
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda _m, _a, _o, i=i: done.append(i))
+    with pytest.raises(Interrupted):  # an ask arrives while the first layer runs
+        decoder.prefill(ids, stop=lambda: len(done) >= 1)
+    assert done == [0]  # the second layer never ran
+    for layer in layers:
+        layer._forward_hooks.clear()
+    again, _ = decoder.prefill(ids, stop=lambda: False)  # no check is left behind; same numbers
+    assert torch.equal(again, expected)
+
+    agent = NodeAgent(NodeConfig(name="probe", home=tmp_path), loaded=tiny)
+    agent.decoder = decoder
+    agent.figures.prefill_spt = 100.0
+    agent._jobs.put(object())  # an ask is queued
+    long_ago = time.monotonic() - agent.timing.speed_probe_idle_s - 1
+    assert not agent._probe_speed(idle_since=long_ago)
+    assert agent.figures.spt_probes == 0 and agent.figures.prefill_spt == 100.0  # not counted
+    agent._jobs.get_nowait()
+    assert agent._probe_speed(idle_since=long_ago)  # idle again: it probes
+    assert agent.figures.spt_probes == 1 and agent.figures.prefill_spt < 0.5
