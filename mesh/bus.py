@@ -31,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from mesh import topics, wire
 from mesh.config import BrokerAddress
 from mesh.errors import ProtocolError, TransportError
+from mesh.mqtt_lite import LiteClient
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,16 @@ class MqttBus:
                     raise TransportError(f"no SUBACK for {topic_filter} within {timeout:g} s")
                 self._acked.discard(mid)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Forget the handler at once and unsubscribe (not waiting for the UNSUBACK: a message
+        still in flight finds no handler and is dropped)."""
+        with self._lock:
+            if self._handlers.pop(topic_filter, None) is None:
+                return
+            self._routes = {}
+        if self.connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> mqtt.MQTTMessageInfo:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
@@ -233,23 +244,22 @@ class DirectLink:
     partials and hands them back; on a busy 2-core device each is a wake-up that waits for a core
     and the GIL. Here the caller writes its publish itself and reads the answers itself
     (:meth:`pump`), and ``handler`` runs on the caller's thread, so a step is the network round
-    trip alone. One thread at a time (hold :attr:`lock`): the owner while it works, anyone else
+    trip alone. The connection is :class:`mesh.mqtt_lite.LiteClient` (QoS 0, one ``recv`` for
+    every packet already there) rather than paho, whose per-message Python is the rest of a
+    step's cost. One thread at a time (hold :attr:`lock`): the owner while it works, anyone else
     while it is idle, to answer the broker's keep-alive (:meth:`service`). A broken connection
     makes :attr:`usable` false; :meth:`service` reconnects it (never the hot path).
     """
 
-    def __init__(self, client_id: str, broker: BrokerAddress, topic: str, handler: Handler, *,
-                 keepalive: int = 10, retry_s: float = 5.0) -> None:
-        self.broker, self.topic, self.handler = broker, topic, handler
+    def __init__(self, client_id: str, broker: BrokerAddress, topic: str | None, handler: Handler, *,
+                 keepalive: int = 10, retry_s: float = 5.0, max_packet: int = 16 * 1024 * 1024) -> None:
+        self.client_id, self.broker, self.topic, self.handler = client_id, broker, topic, handler
+        self.topics: list[str] = [topic] if topic else []  # subscribed at every (re)connect
         self.lock = threading.Lock()
         self.connects = self.failures = 0
-        self._keepalive, self._retry_s = keepalive, retry_s
-        self._client = _paho_client(client_id, broker)
-        self._client.on_connect = self._handle_connect
-        self._client.on_subscribe = self._handle_subscribe
-        self._client.on_disconnect = self._handle_disconnect
-        self._client.on_message = self._handle_message
-        self._state = "closed"  # closed -> connecting -> subscribing -> ready; broken on error
+        self._keepalive, self._retry_s, self._max_packet = keepalive, retry_s, max_packet
+        self._conn: LiteClient | None = None
+        self._state = "closed"  # closed -> ready; broken on error
         self._next_try = 0.0
 
     @property
@@ -258,71 +268,70 @@ class DirectLink:
 
     def open(self, timeout: float = 10.0) -> None:
         """Connect and subscribe (caller's thread, holding :attr:`lock` or before sharing it)."""
+        if self._conn is not None:
+            self._conn.close()
+        conn = LiteClient(self.client_id, self.broker, self._keepalive, self._max_packet)
         try:
-            if self._state == "closed":
-                self._client.connect(self.broker.host, self.broker.port, keepalive=self._keepalive)
-            else:
-                self._client.reconnect()
-        except (OSError, ValueError, ssl.SSLError) as exc:
+            conn.connect(timeout)
+            if self.topics:
+                conn.subscribe(self.topics, timeout)
+        except TransportError:
             self._state = "broken"
-            raise TransportError(f"direct link to {self.broker}: {exc}") from exc
-        self._state = "connecting"
-        deadline = time.monotonic() + timeout
-        while self._state in ("connecting", "subscribing") and time.monotonic() < deadline:
-            self.pump(min(0.1, max(deadline - time.monotonic(), 0.0)))
-        if self._state != "ready":
-            self._state = "broken"
-            raise TransportError(f"direct link to {self.broker} not ready within {timeout:g} s")
+            raise
+        self._conn, self._state = conn, "ready"
         self.connects += 1
 
     def close(self, timeout: float = 2.0) -> None:
         held = self.lock.acquire(timeout=timeout)
         try:
-            was, self._state = self._state, "closed"
-            if was not in ("closed", "broken"):
-                self._client.disconnect()
+            self._state = "closed"
+            if self._conn is not None:
+                self._conn.close(polite=True)
         finally:
             if held:
                 self.lock.release()
 
-    def publish(self, topic: str, payload: bytes, qos: int = 0) -> bool:
-        """Write ``payload`` now, on the caller's thread; False if the link is not usable."""
-        if self._state != "ready":
+    def add_topic(self, topic: str, timeout: float = 10.0) -> bool:
+        """Subscribe ``topic`` too, now if the link is up (holding :attr:`lock`) and at every
+        reconnect; False if the link is not usable now."""
+        if topic not in self.topics:
+            self.topics.append(topic)
+        if self._state != "ready" or self._conn is None:
             return False
-        info = self._client.publish(topic, payload, qos=qos)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            self._broken(f"publish: {mqtt.error_string(info.rc)}")
+        try:
+            self._conn.subscribe([topic], timeout)
+        except TransportError as exc:
+            self._broken(str(exc))
+            return False
+        return True
+
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """Write ``payload`` now (QoS 0), on the caller's thread; False if the link is not usable."""
+        if self._state != "ready" or self._conn is None:
+            return False
+        try:
+            self._conn.publish(topic, payload)
+        except TransportError as exc:
+            self._broken(str(exc))
             return False
         return True
 
     def pump(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for the socket, then read every packet already there (the
-        handler runs here) and flush pending writes and keep-alive. False if the link broke."""
-        sock = self._client.socket()
-        if sock is None:
-            self._broken("no socket")
+        """Wait up to ``timeout`` for input, then read every packet already there (the handler
+        runs here) and answer the keep-alive. False if the link broke."""
+        if self._state != "ready" or self._conn is None:
             return False
-        pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted count as readable
         try:
-            ready, _, _ = select.select([sock], [sock] if self._client.want_write() else [], [],
-                                        0.0 if pending is not None and pending() else max(timeout, 0.0))
-            rc = mqtt.MQTT_ERR_SUCCESS
-            while ready and rc == mqtt.MQTT_ERR_SUCCESS and self._client.socket() is not None:
-                rc = self._client.loop_read()
-                ready, _, _ = select.select([sock], [], [], 0.0)
-                if not ready and pending is not None and pending():
-                    ready = [sock]
-            if rc == mqtt.MQTT_ERR_SUCCESS and self._client.want_write():
-                rc = self._client.loop_write()
-            if rc == mqtt.MQTT_ERR_SUCCESS:
-                rc = self._client.loop_misc()
-        except (OSError, ValueError) as exc:
+            messages = self._conn.read(timeout)
+        except TransportError as exc:
             self._broken(str(exc))
             return False
-        if rc != mqtt.MQTT_ERR_SUCCESS:
-            self._broken(mqtt.error_string(rc))
-            return False
-        return self._state != "broken"
+        for topic, payload, retained in messages:
+            try:
+                self.handler(topic, payload, retained)
+            except Exception:
+                log.exception("direct-link handler for %s failed", topic)
+        return True
 
     def service(self) -> None:
         """From an idle thread: keep the connection alive and reconnect it when it broke (at most
@@ -347,31 +356,6 @@ class DirectLink:
             self.failures += 1
             log.warning("direct link to %s broke: %s", self.broker, why)
         self._state = "broken"
-
-    def _handle_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if reason.is_failure:
-            self._broken(f"refused: {reason}")
-            return
-        self._state = "subscribing"
-        result, _ = client.subscribe(self.topic, 0)
-        if result != mqtt.MQTT_ERR_SUCCESS:
-            self._broken(f"subscribe: {mqtt.error_string(result)}")
-
-    def _handle_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
-        if any(getattr(c, "is_failure", False) for c in codes):
-            self._broken(f"subscription to {self.topic} refused")
-        elif self._state == "subscribing":
-            self._state = "ready"
-
-    def _handle_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if self._state != "closed":
-            self._broken(f"disconnected: {reason}")
-
-    def _handle_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        try:
-            self.handler(msg.topic, msg.payload, bool(msg.retain))
-        except Exception:
-            log.exception("direct-link handler for %s failed", msg.topic)
 
 
 class ReplyInbox:

@@ -32,9 +32,10 @@ def add_node_halo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--roles", default="", help="extra roles, comma separated: worker (HALO neuron groups)")
     parser.add_argument("--halo-group-size", type=int, default=split.DEFAULT_GROUP_SIZE,
                         help="neurons per HALO group (must match the coordinator; default 64)")
-    parser.add_argument("--halo-serve", choices=["inline", "thread"], default="inline",
-                        help="one-token partials on the network thread (inline, no thread hand-offs) "
-                             "or all on the compute thread")
+    parser.add_argument("--halo-serve", choices=["link", "inline", "thread"], default="link",
+                        help="one-token partials on the worker's own broker connection and thread (link: "
+                             "no paho in the hot path; the bus while it is down), on paho's network "
+                             "thread (inline), or all on the compute thread")
 
 
 def halo_extensions_from_args(args: argparse.Namespace, node_config: Any) -> list[Any]:
@@ -47,7 +48,8 @@ def halo_extensions_from_args(args: argparse.Namespace, node_config: Any) -> lis
     from nodes.halo_worker import HaloWorker
 
     return [HaloWorker(int(getattr(args, "halo_group_size", split.DEFAULT_GROUP_SIZE)),
-                       inline=getattr(args, "halo_serve", "inline") == "inline")]
+                       inline=getattr(args, "halo_serve", "link") in ("link", "inline"),
+                       link=getattr(args, "halo_serve", "link") == "link")]
 
 
 def coordinator_config(args: argparse.Namespace) -> Any:

@@ -10,7 +10,15 @@ Threads (all owned here and stopped by :meth:`HaloWorker.stop`):
   request whose step is older than one already received is dropped unanswered (the coordinator
   has moved on; answering would only pile work up behind a stalled link).
 
-One exception to "no torch on the network thread", for the hot path: a one-position (decode)
+- the *link* thread (``--halo-serve link``, the default) owns the worker's own broker connection
+  for the hot path (``mesh.bus.DirectLink`` over ``mesh.mqtt_lite``): it reads the MLP inputs,
+  serves each coordinator's newest one-position frame of a read and writes the partial itself,
+  with no paho and no thread hand-off in between (the worker's CPU per layer step 653-680 ->
+  590-603 us, round trip p50 616-664 -> 536-551 us: ``results/2026-12-06/worker_step_cost.py``).
+  While the link is down the bus carries the frames (served as below); once it is back the bus
+  unsubscribes them.
+
+Without the link, one exception to "no torch on the network thread", for the hot path: a one-position (decode)
 MLP-input frame is served on the network thread itself (``inline``, the default): its partial is
 one group slice of one token (~0.4 ms for a third of a SmolLM2 layer), no longer than decoding a
 large message, and handing it to the compute thread and the answer back to paho's thread costs
@@ -34,12 +42,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from mesh import halo_wire, split, topics, wire
-from mesh.errors import MeshError, ProtocolError
+from mesh.bus import DirectLink
+from mesh.errors import MeshError, ProtocolError, TransportError
 from mesh.model import bind_threads
 from mesh.scheduler import Plan
 from nodes.agent import AgentExtension
@@ -51,14 +61,19 @@ STALE_WINDOW = 1 << 16  # a frame this many steps behind the coordinator's newes
 MAX_QUEUED_REQUESTS = 64  # requests waiting for the compute thread; it only ever serves the newest
 SPEED_PROBE_S = 2.0  # the compute thread re-measures the speed this often (while idle)
 SPEED_ALPHA = 0.3  # weight of one probe in the reported speed
+LINK_PUMP_S = 0.2  # the link thread lets go of the link this often (subscribing waits for it)
 
 
 class HaloWorker(AgentExtension):
     roles = ("worker",)
 
-    def __init__(self, group_size: int = split.DEFAULT_GROUP_SIZE, inline: bool = True) -> None:
+    def __init__(self, group_size: int = split.DEFAULT_GROUP_SIZE, inline: bool = True, link: bool = True) -> None:
         self.group_size = group_size
         self.inline = inline
+        self.use_link = link
+        self.link: DirectLink | None = None
+        self._on_bus: set[str] = set()  # MLP-input topics the bus carries (no link, or it broke)
+        self._batch: list[tuple[bytes, bool]] = []  # read by the link's pump, served after it
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -92,6 +107,15 @@ class HaloWorker(AgentExtension):
             t = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        if self.use_link:
+            self.link = DirectLink(f"mesh-{self.name}-halo", agent.bus.broker, None, self._on_link_message)
+            try:
+                self.link.open()
+            except TransportError as exc:  # the link thread retries; frames use the bus meanwhile
+                log.warning("%s: HALO frames go over the bus until it connects", exc)
+            t = threading.Thread(target=self._link_loop, name=f"{self.name}-halo-link", daemon=True)
+            t.start()
+            self._threads.append(t)
         agent.bus.subscribe(topics.node_halo(self.name), self._on_request, qos=topics.NODE_HALO.qos)
         agent.bus.subscribe(topics.HALO_PLAN, self._on_plan, qos=topics.PLAN.qos)
         log.info("HALO worker %s ready: %d groups of %d per layer, %.0f rows/s", self.name,
@@ -103,6 +127,8 @@ class HaloWorker(AgentExtension):
             self._wake.notify_all()
         for t in self._threads:
             t.join(5)
+        if self.link is not None:
+            self.link.close()
 
     def heartbeat_fields(self) -> dict[str, Any]:
         if self.agent is None:  # the agent's first heartbeat can come before start()
@@ -191,15 +217,21 @@ class HaloWorker(AgentExtension):
             self._requests.append(env)
             self._wake.notify_all()
 
-    def _on_frame(self, topic: str, payload: bytes, retained: bool) -> None:
-        """A coordinator's shared MLP input (network thread): check and enqueue."""
+    def _check_frame(self, payload: bytes, retained: bool) -> halo_wire.Frame | None:
         try:
             frame = halo_wire.decode(payload, self.agent.limits.max_message_bytes)
         except ProtocolError as exc:
             self.agent.rejects.add(exc.reason)
-            return
+            return None
         if frame.kind != halo_wire.MLP or not 0 <= frame.layer < self.n_layers or retained:
             self.agent.rejects.add("bad-halo-request")
+            return None
+        return frame
+
+    def _on_frame(self, topic: str, payload: bytes, retained: bool) -> None:
+        """A coordinator's shared MLP input from the bus (network thread)."""
+        frame = self._check_frame(payload, retained)
+        if frame is None:
             return
         x = frame.tensor
         # A frame with more input right behind it may be stale: after a stalled link (a TCP
@@ -226,12 +258,86 @@ class HaloWorker(AgentExtension):
             except ProtocolError as exc:
                 self.agent.rejects.add(exc.reason)
             return
+        self._enqueue(frame)
+
+    def _enqueue(self, frame: halo_wire.Frame) -> None:
         with self._wake:
             if len(self._requests) >= MAX_QUEUED_REQUESTS:
                 self._requests.pop(0)
                 self.dropped += 1
             self._requests.append(frame)
             self._wake.notify_all()
+
+    # -- the worker's own link --------------------------------------------------------------------
+    def _on_link_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        self._batch.append((payload, retained))  # link thread, inside pump: served after the read
+
+    def _serve_batch(self, link: DirectLink) -> None:
+        """Serve what one read of the link brought (link thread, holding the link): of a
+        coordinator's one-position frames only the newest (a burst after a stalled link holds
+        steps it has already moved past); prefill-sized ones go to the compute thread."""
+        batch, self._batch = self._batch, []
+        newest: dict[str, halo_wire.Frame] = {}
+        for payload, retained in batch:
+            frame = self._check_frame(payload, retained)
+            if frame is None:
+                continue
+            with self._lock:
+                self._newest[frame.sender] = frame.step
+                if frame.sender in newest:
+                    self.dropped += 1  # overtaken within the same read
+            x = frame.tensor
+            if x.ndim >= 1 and x.numel() == x.shape[-1]:
+                newest[frame.sender] = frame
+            else:
+                if newest.pop(frame.sender, None) is not None:
+                    with self._lock:
+                        self.dropped += 1  # a prefill step after it: it is stale
+                self._enqueue(frame)
+
+        def send(topic: str, data: bytes) -> None:
+            if not link.publish(topic, data):
+                self.agent.bus.publish(topic, data, qos=topics.HALO_REPLY.qos)
+
+        for frame in newest.values():
+            with self._lock:
+                weights = self._weights.get(frame.epoch)
+                if weights is None:
+                    self.skipped += 1
+                    continue
+                self._serving = frame.epoch
+            try:
+                self._serve_frame(frame, weights, send)
+            except ProtocolError as exc:
+                self.agent.rejects.add(exc.reason)
+
+    def _link_loop(self) -> None:
+        """Read, serve and answer the MLP inputs on the worker's own connection: no paho thread
+        and no hand-off between read and answer (``mesh.bus.DirectLink``). While the link is
+        broken the bus carries the frames; once it is back the bus lets them go again."""
+        bind_threads()
+        link = self.link
+        assert link is not None
+        while not self._stop.is_set():
+            if link.usable:
+                if self._on_bus:
+                    for topic in list(self._on_bus):
+                        self.agent.bus.unsubscribe(topic)
+                    self._on_bus.clear()
+                with link.lock:
+                    ok = link.pump(LINK_PUMP_S)
+                    try:
+                        self._serve_batch(link)
+                    except Exception:
+                        log.exception("HALO partial failed")
+                if ok:
+                    continue
+            for topic in list(link.topics):
+                if topic not in self._on_bus:
+                    self._bus_listen(topic)
+            link.service()
+            if not link.usable:
+                self._stop.wait(LINK_PUMP_S)
 
     # -- loader ---------------------------------------------------------------------------------
     def _load_loop(self) -> None:
@@ -270,14 +376,29 @@ class HaloWorker(AgentExtension):
 
     def _listen(self, coordinator: str) -> None:
         """Subscribe to ``coordinator``'s shared MLP input (loader thread: subscribing waits for
-        the SUBACK, which the network thread delivers), before acknowledging its plan."""
+        the SUBACK), before acknowledging its plan: on the worker's own link when it is up, else
+        on the bus."""
         if coordinator in self._coordinators:
             return
+        topic = topics.node_mlp(coordinator)
+        self._coordinators.add(coordinator)
+        if self.link is not None and self.link.lock.acquire(timeout=5.0):
+            try:
+                if self.link.add_topic(topic):
+                    return
+            finally:
+                self.link.lock.release()
+        if not self._bus_listen(topic):
+            self._coordinators.discard(coordinator)
+
+    def _bus_listen(self, topic: str) -> bool:
         try:
-            self.agent.bus.subscribe(topics.node_mlp(coordinator), self._on_frame, qos=topics.NODE_MLP.qos)
-            self._coordinators.add(coordinator)
+            self.agent.bus.subscribe(topic, self._on_frame, qos=topics.NODE_MLP.qos)
         except (MeshError, ValueError) as exc:
-            log.warning("cannot subscribe to %s's MLP input: %s", coordinator, exc)
+            log.warning("cannot subscribe to %s: %s", topic, exc)
+            return False
+        self._on_bus.add(topic)
+        return True
 
     def _ack(self, epoch: int, reply: str | None) -> None:
         target = reply or topics.reply("coordinator")
@@ -329,7 +450,8 @@ class HaloWorker(AgentExtension):
             except Exception:
                 log.exception("HALO partial failed")
 
-    def _serve_frame(self, req: halo_wire.Frame, weights: list[split.GroupWeights | None]) -> None:
+    def _serve_frame(self, req: halo_wire.Frame, weights: list[split.GroupWeights | None],
+                     send: Callable[[str, bytes], Any] | None = None) -> None:
         w = weights[req.layer]
         if w is None:  # no groups of this layer: nobody waits for an answer
             self.skipped += 1
@@ -345,7 +467,10 @@ class HaloWorker(AgentExtension):
         out = halo_wire.encode(halo_wire.PARTIAL, self.name, req.epoch, req.step, req.layer,
                                y.to(torch.float32 if x.dtype == torch.float32 else torch.float16),
                                compute_s=compute_s)
-        self.agent.bus.publish(req.reply_to, out, qos=topics.HALO_REPLY.qos)
+        if send is not None:
+            send(req.reply_to, out)
+        else:
+            self.agent.bus.publish(req.reply_to, out, qos=topics.HALO_REPLY.qos)
         self._count()
 
     def _count(self) -> None:

@@ -68,7 +68,7 @@ def main() -> None:
                             reply_to=topics.reply("drv"))
         deadline = time.monotonic() + 120
         while not any(t == topics.reply("drv") for t, _ in got) and time.monotonic() < deadline:
-            link.publish(topics.HALO_PLAN, wire.encode(env), qos=1)  # until the worker acknowledges
+            link.publish(topics.HALO_PLAN, wire.encode(env))  # until the worker acknowledges
             t_end = time.monotonic() + 1.0
             while time.monotonic() < t_end and not got:
                 link.pump(0.1)

@@ -100,3 +100,40 @@ def test_direct_link_round_trip_break_and_reconnect(log_dir: Path) -> None:
             peer.loop_stop()
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("kind", ["amqtt", "mosquitto"])
+def test_lite_link_keeps_alive_and_carries_big_and_many_messages(kind: str, log_dir: Path,
+                                                                 request: pytest.FixtureRequest) -> None:
+    """The link's own MQTT client on both brokers the mesh runs with: idle past its keep-alive it
+    is still connected (PINGREQ answered), a burst of small frames arrives whole and in order, and
+    a message of several TCP segments arrives whole."""
+    broker = request.getfixturevalue(f"{kind}_broker")
+    seen: list[bytes] = []
+    topic = topics.halo_link(f"lite-{kind}")
+    link = DirectLink(f"lite-{kind}-{time.monotonic_ns()}", broker.address, topic,
+                      lambda t, p, r: seen.append(p), keepalive=2)
+    got: queue.Queue = queue.Queue()
+    peer = None
+    try:
+        link.open(10)
+        peer = _peer(broker.port, got)
+        deadline = time.monotonic() + 5  # longer than the keep-alive: the broker would drop a silent client
+        while time.monotonic() < deadline:
+            assert link.pump(0.2)
+        assert link.usable and link.failures == 0
+        big = bytes(range(256)) * 4096  # 1 MiB
+        burst = [f"f{i}".encode() * 300 for i in range(200)]
+        for p in burst:
+            peer.publish(topic, p, qos=0)
+        peer.publish(topic, big, qos=0)
+        deadline = time.monotonic() + 20
+        while len(seen) < len(burst) + 1 and time.monotonic() < deadline:
+            assert link.pump(0.5)
+        assert seen[:-1] == burst and seen[-1] == big
+        assert link.publish("test/mlp", big)
+        assert got.get(timeout=10) == ("test/mlp", big)
+    finally:
+        link.close()
+        if peer is not None:
+            peer.loop_stop()

@@ -121,3 +121,48 @@ def test_strict_sync_sums_every_partial(mosquitto_broker: Broker, halo_mesh: dic
 
 
 # Worker faults (killed, frozen) mid-generation, relaxed and strict: tests/e2e/test_halo_faults.py
+
+
+def test_strict_stays_exact_while_the_workers_links_keep_breaking(mosquitto_broker: Broker, halo_mesh: dict) -> None:
+    """Each worker reads and answers the MLP inputs on its own connection (``--halo-serve link``).
+    Another client taking that connection's client id makes the broker drop it, again and again
+    while a strict generation runs: the worker falls back to the bus, reconnects, and not a token
+    changes."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from nodes.halo_bench import _ask_raw
+
+    loaded = load_model(CACHE_ROOT, MODEL)
+    dec = Decoder(loaded)
+    prompt = "A short history of the printing press:"
+    ref = dec.generate(dec.encode(prompt), 20)
+    kicks = 0
+    stop = threading.Event()
+
+    def kick() -> None:
+        nonlocal kicks
+        while not stop.wait(0.15):
+            for w in WORKERS:  # one connect each, no reconnect: the worker takes its id back
+                c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"mesh-{w}-halo", protocol=mqtt.MQTTv311)
+                c.connect("127.0.0.1", mosquitto_broker.port, 10)
+                c.loop(0.05)
+                c.disconnect()
+                kicks += 1
+
+    t = threading.Thread(target=kick, daemon=True)
+    with MeshClient(mosquitto_broker.address) as client:
+        t.start()
+        try:
+            body = _ask_raw(client, {"text": prompt, "max_new_tokens": 20, "halo_sync": "strict", "no_cache": True})
+        finally:
+            stop.set()
+            t.join(10)
+        assert body["token_ids"] == ref.token_ids
+        assert kicks >= 3
+        after = _ask_raw(client, {"text": prompt, "max_new_tokens": 20, "halo_sync": "strict", "no_cache": True})
+    assert after["token_ids"] == ref.token_ids
+    logs = {w: halo_mesh[w].log.read_text(errors="replace") for w in WORKERS}
+    assert all("direct link to" in text and "broke" in text for text in logs.values()), logs

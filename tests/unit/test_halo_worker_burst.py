@@ -83,3 +83,38 @@ def test_a_frame_alone_is_served_inline_and_a_queued_one_still_served_when_nothi
     assert [f.step for f in bus.sent] == [7, 8] and w.dropped == 0
     want = split.extract_groups(w.model, 0, (0, 2), w.layout).partial(x.float()).half()  # layer 8 % 2
     assert torch.equal(bus.sent[1].tensor, want)
+
+
+class Link:
+    """The worker's own connection as _serve_batch sees it: publish works until ``broken``."""
+
+    def __init__(self) -> None:
+        self.broken = False
+        self.sent: list[halo_wire.Frame] = []
+
+    def publish(self, topic: str, payload: bytes) -> bool:
+        if self.broken:
+            return False
+        self.sent.append(halo_wire.decode(payload, wire.DEFAULT_MAX_BYTES))
+        return True
+
+
+def test_one_read_of_the_link_serves_each_coordinators_newest_frame_on_the_link() -> None:
+    w, bus = _worker()
+    link = Link()
+    other = [halo_wire.encode(halo_wire.MLP, "coord-b", 1, s, 1, torch.randn(1, 1, 32).half(),
+                              reply_to=topics.halo_link("coord-b")) for s in (5, 6)]
+    prefill = _frame(99, torch.randn(1, 4, 32).half())  # four positions: the compute thread's
+    for payload in [prefill] + [_frame(s) for s in range(100, 106)] + other + [b"not a frame"]:
+        w._on_link_message(topics.node_mlp("coordinator"), payload, False)
+    w._serve_batch(link)
+    assert sorted((f.sender, f.step) for f in link.sent) == [("w1", 6), ("w1", 105)]
+    assert bus.sent == [] and w.served == 2 and w.dropped == 5 + 1
+    assert [f.step for f in w._requests] == [99]
+    assert w.agent.rejects.snapshot()  # the garbage was counted
+    assert w._batch == []
+    # The link broke while answering: the partial goes over the bus instead.
+    link.broken = True
+    w._on_link_message(topics.node_mlp("coordinator"), _frame(200), False)
+    w._serve_batch(link)
+    assert [f.step for f in bus.sent] == [200]
