@@ -44,7 +44,13 @@ def test_a_lossy_node_reports_worse_link_figures_than_a_clean_one(
     assert clean["resolved"] >= 200 and lossy["resolved"] >= 200, links  # the window holds 200 pings
     # 5 % drop each way stalls ~10 % of round trips on TCP retransmission timers
     assert bad(lossy) >= 0.03 and bad(lossy) > 2 * bad(clean) + 0.01, (clean, lossy)
-    assert lossy["rtt_p99_ms"] > clean["rtt_p99_ms"]
+    # The RTT tail, a ping lost (no reply within the timeout) counted as the timeout: a stall
+    # longer than that is a loss, not an RTT sample (one CI run: 3+ of the lossy node's pings
+    # lost, its remaining p99 57.7 ms below the clean node's 64.3 ms from a CPU hiccup).
+    def tail_ms(f: dict) -> float:
+        return f["timeout_ms"] if (f["loss_fraction"] or 0) >= 0.01 else f["rtt_p99_ms"]
+
+    assert tail_ms(lossy) > tail_ms(clean), (clean, lossy)
     # the bandwidth probe crossed a 27 Mbit/s link each way
     assert clean["bw_ewma_mbit"] is not None and 10 < clean["bw_ewma_mbit"] < 30, clean
 
