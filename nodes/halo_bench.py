@@ -72,7 +72,8 @@ class HaloMesh:
     def start_workers(self) -> None:
         for w in self.workers:
             self.tb.spawn(w, self._cli("node", "--name", w, "--model", self.args.model, "--roles", "worker",
-                                       "--threads", "1", "--heartbeat", "0.5", "--no-cache"),
+                                       "--threads", "1", "--heartbeat", "0.5", "--no-cache",
+                                       "--halo-serve", getattr(self.args, "worker_serve", "link")),
                           env=self.env, role="node", log=self.tb.log_path(f"node-{w}"))
 
     def start_coordinator(self, placement: str, reliability_weight: float = 2.0, fallback: str = "important",
@@ -254,7 +255,10 @@ def run_bench(args: argparse.Namespace) -> int:
                               "method": "per loss rate, strict and relaxed asks alternate (reps each) on one "
                                         "coordinator, so both see the same machine load; TPOT = median",
                               "wire": "shared MLP-input topic, halo_wire frames over the coordinator's "
-                                      "direct link, LM head on two threads, lean decode step" + "".join(f"; {k}: {VARIANTS[k][1]}, alternating with it"
+                                      "direct link, workers' frames on "
+                                      + ("their own connections (mesh.mqtt_lite)" if getattr(args, "worker_serve", "link") == "link"
+                                         else f"their shared connection (--halo-serve {getattr(args, 'worker_serve', 'link')})")
+                                      + ", LM head on two threads, lean decode step" + "".join(f"; {k}: {VARIANTS[k][1]}, alternating with it"
                                                                for k in _variants(args))}
     pred_report = predictor_path(home, args.model, 64).with_suffix(".json")
     if pred_report.exists():

@@ -239,6 +239,9 @@ def add_bench_halo(bench_parser: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-link", action="store_true",
                    help="also time frames through the coordinator's shared MQTT connection, alternating "
                         "with its direct link")
+    p.add_argument("--worker-serve", choices=["link", "inline", "thread"], default="link",
+                   help="the workers' --halo-serve: their own connection for the frames (link, default), "
+                        "or the frames on their shared one (inline, thread)")
     p.add_argument("--ablation-reps", type=int, default=2,
                    help="ablation rounds (each: one generation and one quality run per placement, alternating)")
     p.add_argument("--broker-kind", default="mosquitto", choices=["mosquitto", "amqtt"])

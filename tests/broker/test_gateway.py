@@ -32,7 +32,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mesh import ha, topics
-from mesh.bus import MqttBus, ReplyInbox
+from mesh.bus import DirectLink, MqttBus, ReplyInbox
 from mesh.config import BrokerAddress, Limits
 from mesh.errors import TransportError
 from nodes.client import MeshClient
@@ -230,6 +230,49 @@ def test_a_node_cannot_publish_on_another_nodes_topics(gateway: Gateway) -> None
     finally:
         intruder.close()
         probe.close()
+
+
+def test_the_hot_path_link_authenticates_runs_over_tls_and_obeys_the_acl(gateway: Gateway) -> None:
+    """``DirectLink`` speaks MQTT through ``mesh.mqtt_lite``, not paho: it must log in, do TLS and
+    meet the same ACL as the bus (the coordinator's partial inbox, a worker's MLP-input feed)."""
+    got: list[bytes] = []
+    inbox = topics.halo_link("coordinator")
+    link = DirectLink("mesh-coordinator-link", gateway.address("coordinator", tls=True), inbox,
+                      lambda t, p, r: got.append(p))
+    probe = Spy(gateway.address("probe"), "probe-link")
+    try:
+        link.open(10)
+        assert probe.subscribe(topics.node_mlp("coordinator"), qos=0) == 0
+        probe.client.publish(inbox, b"partial", qos=0)
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            assert link.pump(0.2)
+        assert got == [b"partial"]
+        assert link.publish(topics.node_mlp("coordinator"), b"mlp input")
+        assert probe.messages.get(timeout=10).payload == b"mlp input"
+    finally:
+        link.close()
+        probe.close()
+    heard: list[tuple[str, bytes]] = []
+    worker = DirectLink("mesh-node1-halo", gateway.address("node1"), None, lambda t, p, r: heard.append((t, p)))
+    probe = Spy(gateway.address("probe"), "probe-link-2")
+    try:
+        worker.open(10)  # a worker's link subscribes per coordinator, after it connected
+        with worker.lock:
+            assert worker.add_topic(topics.node_mlp("coordinator"))
+            assert worker.add_topic(topics.reply("node-node2"))  # granted, but the ACL withholds it
+        probe.client.publish(topics.reply("node-node2"), b"node2's chunk", qos=0)
+        probe.client.publish(topics.node_mlp("coordinator"), b"mlp input", qos=0)  # after it, in order
+        deadline = time.monotonic() + 10
+        while not heard and time.monotonic() < deadline:
+            assert worker.pump(0.2)
+        assert heard == [(topics.node_mlp("coordinator"), b"mlp input")]
+    finally:
+        worker.close()
+        probe.close()
+    for bad in (gateway.address("coordinator", tls=True, password="wrong"), gateway.address(None)):
+        with pytest.raises(TransportError, match="refused"):
+            DirectLink("intruder-link", bad, inbox, lambda t, p, r: None).open(5)
 
 
 def test_a_node_cannot_read_another_nodes_replies(gateway: Gateway) -> None:
