@@ -18,8 +18,8 @@ Threads (all owned here and stopped by :meth:`HaloWorker.stop`):
   While the link is down the bus carries the frames (served as below); once it is back the bus
   unsubscribes them.
 
-Without the link, one exception to "no torch on the network thread", for the hot path: a one-position (decode)
-MLP-input frame is served on the network thread itself (``inline``, the default): its partial is
+Without the link, one exception to "no torch on the network thread", for the hot path: a
+one-position (decode) MLP-input frame is served on the network thread itself (``inline``): its partial is
 one group slice of one token (~0.4 ms for a third of a SmolLM2 layer), no longer than decoding a
 large message, and handing it to the compute thread and the answer back to paho's thread costs
 two thread wake-ups per layer step, which on a busy 2-core device are the floor of the round trip
@@ -290,9 +290,7 @@ class HaloWorker(AgentExtension):
             if x.ndim >= 1 and x.numel() == x.shape[-1]:
                 newest[frame.sender] = frame
             else:
-                if newest.pop(frame.sender, None) is not None:
-                    with self._lock:
-                        self.dropped += 1  # a prefill step after it: it is stale
+                newest.pop(frame.sender, None)  # a prefill step after it: stale (counted above)
                 self._enqueue(frame)
 
         def send(topic: str, data: bytes) -> None:

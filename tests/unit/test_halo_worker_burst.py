@@ -111,6 +111,13 @@ def test_one_read_of_the_link_serves_each_coordinators_newest_frame_on_the_link(
     assert sorted((f.sender, f.step) for f in link.sent) == [("w1", 6), ("w1", 105)]
     assert bus.sent == [] and w.served == 2 and w.dropped == 5 + 1
     assert [f.step for f in w._requests] == [99]
+    # A prefill step after a decode one of the same coordinator: the decode one is stale, once.
+    before = w.dropped
+    for payload in (_frame(300), _frame(301, torch.randn(1, 4, 32).half())):
+        w._on_link_message(topics.node_mlp("coordinator"), payload, False)
+    w._serve_batch(link)
+    assert w.dropped == before + 1 and [f.step for f in w._requests] == [99, 301]
+    assert sorted(f.step for f in link.sent) == [6, 105]
     assert w.agent.rejects.snapshot()  # the garbage was counted
     assert w._batch == []
     # The link broke while answering: the partial goes over the bus instead.
