@@ -159,10 +159,6 @@ class LiteClient:
         self._packet_id = 0
         self._backlog: list[tuple[str, bytes, bool]] = []  # PUBLISHes read while awaiting a SUBACK
 
-    @property
-    def connected(self) -> bool:
-        return self._sock is not None
-
     def connect(self, timeout: float) -> None:
         """Open the TCP (and TLS) connection and wait for CONNACK."""
         deadline = time.monotonic() + timeout
@@ -234,15 +230,22 @@ class LiteClient:
 
     # -- internals
 
-    def _take(self, data: bytes, messages: list[tuple[str, bytes, bool]]) -> None:
+    def _take(self, data: bytes, messages: list[tuple[str, bytes, bool]],
+              awaiting: int = 0) -> tuple[int, bytes] | None:
+        """Feed ``data``: PUBLISHes go to ``messages``, a PINGRESP ends the ping; returns the
+        first packet of kind ``awaiting`` (connection set-up), if any."""
         self._last_heard = time.monotonic()
+        found: tuple[int, bytes] | None = None
         for first, body in self._reader.feed(data):
             kind = first & 0xF0
-            if kind == PUBLISH:
+            if found is None and awaiting and kind == awaiting:
+                found = (first, body)
+            elif kind == PUBLISH:
                 messages.append(parse_publish(first, body))
             elif kind == PINGRESP:
                 self._ping_out = False
             # anything else (a late SUBACK) carries nothing this link needs
+        return found
 
     def _keep_alive(self) -> None:
         now = time.monotonic()
@@ -276,11 +279,7 @@ class LiteClient:
                 data = sock.recv(READ_CHUNK)
                 if not data:
                     break
-                for first, body in self._reader.feed(data):
-                    if found is None and first & 0xF0 == kind:
-                        found = (first, body)
-                    elif first & 0xF0 == PUBLISH:
-                        self._backlog.append(parse_publish(first, body))
+                found = self._take(data, self._backlog, kind)
         except (OSError, ProtocolError) as exc:
             self.close()
             raise TransportError(f"lite link to {self.broker}: {exc}") from exc
