@@ -69,7 +69,7 @@ class Timing:
     """Every period and timeout the processes use; tests shrink them."""
 
     heartbeat_s: float = 2.0
-    link_ping_s: float = 0.5  # link probe pace (mesh.linkstats)
+    link_ping_s: float = 0.5  # link probe pace (mesh.uplink_stats)
     link_late_s: float = 0.02  # a reply later than this counts as late (a TCP retransmission stall)
     link_timeout_s: float = 2.0
     connect_timeout_s: float = 10.0
@@ -85,7 +85,7 @@ class Timing:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The prompt cache of one node (mesh.kvstore, mesh.catalog, mesh.lookup)."""
+    """The prompt cache of one node (mesh.cache.store, mesh.cache.catalog, mesh.cache.lookup)."""
 
     enabled: bool = True
     budget_mb: float = 256.0
@@ -96,7 +96,7 @@ class CacheConfig:
     route_threshold: int = 2  # queue excess over the least-loaded node that overrides cache affinity
     fetch_margin: float = 1.2  # fetch only if transfer * margin < recompute: estimates err, "never slower" must not
     fetch_timeout_s: float = 30.0
-    # compute the head of a missing span while fetching its tail (mesh.lookup); off by default: on
+    # compute the head of a missing span while fetching its tail (mesh.cache.lookup); off by default: on
     # the pi5 profile it made full hits 0.10 s slower (14 of 16 pairs, results/2026-12-05): the
     # head's forward and the chunks' decoding share the CPU, and the split adds a forward and a restore
     fetch_overlap: bool = False

@@ -22,6 +22,11 @@ from mesh.errors import ConfigError
 
 CONVERTED_FORMAT = 1  # bump when the converted-cache layout changes
 
+# What a process feeds its model once at start (lazy initialisation, a first measured speed).
+WARMUP_TEXT = ("The mesh warms up its model once at start so that the first real prompt does not "
+               "pay for lazy initialisation, and so that its heartbeat can report a measured "
+               "prefill speed before any ask arrives. " * 2)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -253,7 +258,7 @@ class Decoder:
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
-        # A faster decode step with the HF forward's arithmetic (``mesh.lean.LeanStep``), used
+        # A faster decode step with the HF forward's arithmetic (``mesh.halo.lean.LeanStep``), used
         # while enabled; None: the HF forward.
         self.step: Callable[[int, Any], torch.Tensor] | None = None
 

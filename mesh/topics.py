@@ -9,7 +9,7 @@ publisher cannot pick them by accident. Layout (``<n>`` is a node name, ``<c>`` 
     mesh/v1/node/<n>/catalog    CBOR Bloom catalog of <n>'s cached KV chunks, retained, QoS 1
     mesh/v1/node/<n>/kv         CBOR KV-chunk fetch requests to <n>, QoS 1
     mesh/v1/node/<n>/halo       CBOR HALO MLP requests (and plan acks) to <n>, QoS 0
-    mesh/v1/node/<c>/mlp        HALO frames (mesh.halo_wire): coordinator <c>'s MLP input of each
+    mesh/v1/node/<c>/mlp        HALO frames (mesh.halo.frame): coordinator <c>'s MLP input of each
                                 layer step, once for every worker of its plan, QoS 0
     mesh/v1/reply/<c>-halo      HALO frames: the workers' partials back to coordinator <c>, QoS 0
     mesh/v1/plan                CBOR HALO plan of the coordinator, retained, QoS 1
@@ -50,7 +50,7 @@ class Format(StrEnum):
     CBOR = "cbor"  # a mesh.wire envelope
     JSON = "json"
     TEXT = "text"
-    FRAME = "halo-frame"  # a mesh.halo_wire frame
+    FRAME = "halo-frame"  # a mesh.halo.frame frame
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def halo_reply(coordinator: str) -> str:
 
 
 def halo_link(coordinator: str) -> str:
-    """The reply topic for partial frames to ``coordinator``'s direct link (``mesh.bus.DirectLink``:
+    """The reply topic for partial frames to ``coordinator``'s direct link (``mesh.mqtt.bus.DirectLink``:
     read on its generation thread, not through its bus)."""
     return reply(f"{check_name(coordinator)}-halo-link")
 

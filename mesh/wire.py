@@ -45,10 +45,10 @@ class Kind(StrEnum):
     ANSWER = "answer"  # the final answer with its figures
     ERROR = "error"  # a request failed; body has reason and message
     PING = "ping"  # round-trip probe; echoed by the broker to its sender
-    CATALOG = "catalog"  # a node's Bloom catalog of cached chunk keys (mesh.catalog)
+    CATALOG = "catalog"  # a node's Bloom catalog of cached chunk keys (mesh.cache.catalog)
     KV_FETCH = "kv-fetch"  # ask a peer for KV chunks by key
-    KV_CHUNKS = "kv-chunks"  # a peer's answer: the chunks it really holds (mesh.kvstate codec)
-    HALO_PLAN = "halo-plan"  # the coordinator's neuron-group placement (mesh.scheduler.Plan)
+    KV_CHUNKS = "kv-chunks"  # a peer's answer: the chunks it really holds (mesh.cache.kv codec)
+    HALO_PLAN = "halo-plan"  # the coordinator's neuron-group placement (mesh.halo.placement.Plan)
     HALO_ACK = "halo-ack"  # a worker holds the weights of a plan epoch
     HALO_MLP = "halo-mlp"  # MLP input of one layer step, to a worker
     HALO_PARTIAL = "halo-partial"  # a worker's partial down-projection for its groups

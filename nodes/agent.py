@@ -26,44 +26,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh import topics, wire
-from mesh.bus import MqttBus, ReplyInbox
+from mesh.mqtt.bus import MqttBus, ReplyInbox
 from mesh.config import NodeConfig
 from mesh.errors import MeshError, ProtocolError
 from mesh.model import Decoder, Interrupted, LoadedModel, bind_threads, load_model
-from mesh.lookup import LinkEstimate, NodeId, NodeLoad, route
+from mesh.cache.lookup import LinkEstimate, NodeId, NodeLoad, route
 from mesh.routing import PeerTable, choose_node, router_of
-from nodes.cache import NodeCache, Prepared
-from nodes.link import LinkProbe
+from mesh.cache.node_cache import NodeCache, Prepared
+from mesh.member import AgentExtension
+from mesh.uplink_probe import LinkProbe
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LINK = LinkEstimate(bytes_per_s=2.5e6, rtt_s=0.01)  # ~21 Mbit/s Wi-Fi until measured
-
-WARMUP_TEXT = ("The mesh warms up its model once at start so that the first real prompt does not "
-               "pay for lazy initialisation, and so that its heartbeat can report a measured "
-               "prefill speed before any ask arrives. " * 2)
-
-
-class AgentExtension:
-    """Something riding on a node's lifecycle (Home Assistant discovery, ...).
-
-    ``start`` runs once the node is online (network thread not involved), ``on_heartbeat`` after
-    each heartbeat with its body, ``stop`` before the node goes offline. Errors are logged, never
-    fatal to the node.
-    """
-
-    def start(self, agent: "NodeAgent") -> None:
-        pass
-
-    def on_heartbeat(self, body: dict[str, Any]) -> None:
-        pass
-
-    def heartbeat_fields(self) -> dict[str, Any]:
-        """Extra heartbeat fields (e.g. ``{"halo": {...}}``); called on the heartbeat thread."""
-        return {}
-
-    def stop(self) -> None:
-        pass
 
 
 class _Cancelled(Exception):

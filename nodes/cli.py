@@ -60,7 +60,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from nodes.agent import NodeAgent
     from nodes.settings import node_config
 
-    from nodes.ha import ha_extension_from_args, run_decommission
+    from mesh.ha.extension import ha_extension_from_args, run_decommission
     from nodes.halo_cli import halo_extensions_from_args
 
     from nodes.memory import start_trimmer, steady_malloc
@@ -170,20 +170,20 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from nodes.mainjob import main_job
+    from nodes.run import main_job
 
     _quiet_libraries()
     return main_job(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nodes.bench_cache import add_bench_cache
-    from nodes.bench_ha import add_bench_ha
-    from nodes.bench_link import add_bench_link
-    from nodes.bench_load import add_bench_load
+    from nodes.bench.cache import add_bench_cache
+    from nodes.bench.ha import add_bench_ha
+    from nodes.bench.link import add_bench_link
+    from nodes.bench.load import add_bench_load
     from nodes.halo_cli import add_halo_commands, add_node_halo_arguments
-    from nodes.ha import add_ha_arguments
-    from nodes.testbed import add_testbed_commands
+    from mesh.ha.extension import add_ha_arguments
+    from nodes.testbed.bed import add_testbed_commands
 
     parser = argparse.ArgumentParser(prog="mesh", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -1,9 +1,9 @@
 """`mesh coordinator`: the HALO coordinator process.
 
 It keeps embeddings, attention, norms, the LM head and the KV cache (so the node's prompt cache,
-``nodes.cache.NodeCache``, works unchanged), and routes every MLP layer through
-``mesh.split.routed_mlps`` to the workers of the active plan plus its own local groups
-(:class:`nodes.halo_engine.HaloEngine`). It answers asks like a node: status/heartbeat under its name, asks on
+``mesh.cache.node_cache.NodeCache``, works unchanged), and routes every MLP layer through
+``mesh.halo.groups.routed_mlps`` to the workers of the active plan plus its own local groups
+(:class:`mesh.halo.engine.HaloEngine`). It answers asks like a node: status/heartbeat under its name, asks on
 ``node_ask(name)``, streamed TOKENs and an ANSWER with figures (per-token timing, partials late or
 zeroed). Being the smallest online name it may be the mesh's router: it then forwards routed
 asks to the least-loaded answering node.
@@ -28,17 +28,17 @@ from typing import Any
 import torch
 
 from mesh import topics, wire
-from mesh.bus import DirectLink, MqttBus
+from mesh.mqtt.bus import DirectLink, MqttBus
 from mesh.config import BrokerAddress, CacheConfig, Limits
 from mesh.errors import MeshError, ProtocolError, TransportError
-from mesh.halo_sync import Liveness
-from mesh.lean import lean_step
-from mesh.lookup import LinkEstimate
+from mesh.halo.ledger import Liveness
+from mesh.halo.lean import lean_step
+from mesh.cache.lookup import LinkEstimate
 from mesh.model import Decoder, bind_threads, load_model, two_thread_head
 from mesh.routing import PeerTable, choose_node, router_of
-from mesh.scheduler import ReplanPolicy, SyncPolicy
-from nodes.cache import NodeCache
-from nodes.halo_engine import HaloEngine
+from mesh.halo.placement import ReplanPolicy, SyncPolicy
+from mesh.cache.node_cache import NodeCache
+from mesh.halo.engine import HaloEngine
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class CoordinatorConfig:
     wire_dtype: str = "float16"
     direct_link: bool = True  # HALO frames over a second connection driven by the generation thread
     head_threads: int = 2  # the LM head of a decode step on two threads (mesh.model.TwoThreadHead); 1: plain
-    lean_decode: bool = True  # decode steps through mesh.lean (one-thread LLaMA coordinators); False: HF forward
+    lean_decode: bool = True  # decode steps through mesh.halo.lean (one-thread LLaMA coordinators); False: HF forward
     strict_timeout_s: float = 10.0  # then strict computes the missing groups itself (stays exact)
     liveness: Liveness = field(default_factory=Liveness)  # when a silent worker counts as gone
     heartbeat_s: float = 2.0
@@ -115,7 +115,7 @@ class Coordinator:
         # After the engine permuted the MLPs to the predictor's neuron order (the step calls each
         # layer's MLP module as it is, routed while an ask runs).
         self.decoder.step = lean_step(self.loaded.model) if cfg.lean_decode and one else None
-        log.info("decode steps: %s", "mesh.lean" if self.decoder.step is not None else "the HF forward")
+        log.info("decode steps: %s", "mesh.halo.lean" if self.decoder.step is not None else "the HF forward")
         self.bus.subscribe(topics.ALL_STATUS, self._on_status, qos=1)
         self.bus.subscribe(topics.ALL_HEARTBEATS, self._on_heartbeat, qos=0)
         self.bus.subscribe(self.reply_topic, self.engine.on_reply, qos=topics.REPLY.qos)

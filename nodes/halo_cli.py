@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mesh import split
+from mesh.halo import groups as split
 from mesh.errors import ConfigError
 from nodes.settings import add_broker_arguments
 
@@ -45,7 +45,7 @@ def halo_extensions_from_args(args: argparse.Namespace, node_config: Any) -> lis
         raise ConfigError(f"unknown role(s) {sorted(unknown)}: known roles: worker")
     if "worker" not in roles:
         return []
-    from nodes.halo_worker import HaloWorker
+    from mesh.halo.worker import HaloWorker
 
     return [HaloWorker(int(getattr(args, "halo_group_size", split.DEFAULT_GROUP_SIZE)),
                        inline=getattr(args, "halo_serve", "link") in ("link", "inline"),
@@ -56,8 +56,8 @@ def coordinator_config(args: argparse.Namespace) -> Any:
     from pathlib import Path
 
     from mesh.config import CacheConfig
-    from mesh.halo_sync import Liveness
-    from mesh.scheduler import ReplanPolicy, SyncPolicy
+    from mesh.halo.ledger import Liveness
+    from mesh.halo.placement import ReplanPolicy, SyncPolicy
     from nodes.coordinator import CoordinatorConfig
     from nodes.settings import broker_address, mesh_home
 
@@ -97,9 +97,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 def cmd_train_predictor(args: argparse.Namespace) -> int:
     import torch
 
-    from mesh import predictor as pm
+    from mesh.halo import predictor as pm
     from mesh.model import load_model
-    from nodes.halo_data import load_split, predictor_path, token_windows
+    from mesh.halo.predictor import predictor_path
+    from nodes.halo_data import load_split, token_windows
     from nodes.settings import mesh_home
 
     home = mesh_home(args)
@@ -139,7 +140,7 @@ def cmd_train_predictor(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_halo(args: argparse.Namespace) -> int:
-    from nodes.halo_bench import run_bench
+    from nodes.bench.halo import run_bench
 
     return run_bench(args)
 
@@ -173,7 +174,7 @@ def add_halo_commands(subparsers: Any) -> None:
                    help="HALO frames through the shared MQTT connection (default: a second one, read and "
                         "written by the generation thread itself)")
     p.add_argument("--no-lean-decode", action="store_true",
-                   help="decode steps through the HF forward (default: mesh.lean's step, bitwise the same "
+                   help="decode steps through the HF forward (default: mesh.halo.lean's step, bitwise the same "
                         "logits on one thread, fewer Python operations; LLaMA-architecture models only)")
     p.add_argument("--strict-timeout", type=float, default=10.0,
                    help="strict: after this many seconds compute a silent worker's groups here (stays exact)")
@@ -235,7 +236,7 @@ def add_bench_halo(bench_parser: argparse.ArgumentParser) -> None:
                    help="also time the coordinator's one-thread LM head, alternating with its two-thread one")
     p.add_argument("--compare-lean", action="store_true",
                    help="also time the coordinator's decode steps through the HF forward, alternating with "
-                        "mesh.lean's step")
+                        "mesh.halo.lean's step")
     p.add_argument("--compare-link", action="store_true",
                    help="also time frames through the coordinator's shared MQTT connection, alternating "
                         "with its direct link")

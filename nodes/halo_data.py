@@ -22,16 +22,10 @@ from mesh.errors import ConfigError
 
 WIKI_WHEEL = ("exllamav2", "0.3.2")
 WIKI_MEMBER = "exllamav2/conversion/standard_cal_data/wiki.utf8"
-PREDICTOR_NAME = "halo-predictor-v2-g{group_size}.safetensors"  # v2: with the neuron order
 
 
 def wiki_path(home: Path) -> Path:
     return Path(home) / "data" / f"wiki-{WIKI_WHEEL[1]}" / "wiki.utf8"
-
-
-def predictor_path(home: Path, model: str, group_size: int) -> Path:
-    """The trained predictor, stored with the converted model (``<home>/models/<key>/``)."""
-    return Path(home) / "models" / model / PREDICTOR_NAME.format(group_size=group_size)
 
 
 def _wheel(home: Path) -> Path:

@@ -11,7 +11,7 @@ That cut the growth to 2.5-9 MiB per 100 asks; the rest was the store's chunks t
 tensors of 16 KiB each per Gemma-3 chunk, all in the worker thread's malloc arena among
 short-lived blocks, so every eviction left holes the next chunks did not fit (malloc_info: that
 arena held the whole cache, 255 -> 260 MiB with its free space 12 -> 38 MiB over 250 asks).
-``mesh.kvstate.pack`` makes each chunk one 576 KiB buffer; the fixed threshold here is what
+``mesh.cache.kv.pack`` makes each chunk one 576 KiB buffer; the fixed threshold here is what
 sends such a buffer to its own mapping: glibc's dynamic threshold rises to the size of each
 freed mapped block, so the first freed 1 MiB logits tensor would put chunks in the heap again.
 """

@@ -185,7 +185,8 @@ def run_setup(cache_root: Path, models: list[str] | None = None, console: Consol
         progress.update(task, description="MMLU data")
         done["mmlu"] = str(fetch_mmlu(cache_root))
         progress.advance(task)
-        from nodes.halo_data import fetch_wiki, predictor_path
+        from mesh.halo.predictor import predictor_path
+        from nodes.halo_data import fetch_wiki
 
         progress.update(task, description="Wikipedia text (HALO predictor, perplexity)")
         done["wiki"] = str(fetch_wiki(cache_root))

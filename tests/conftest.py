@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from mesh.config import BrokerAddress
 from mesh.model import converted_dir
@@ -133,3 +134,13 @@ def start_node(broker: Broker, name: str, model: str, log_dir: Path, *extra: str
                 if time.monotonic() > deadline:
                     node.stop()
                     raise
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """The coordinator's setting (--threads 1), under which its two-thread LM head and lean decode
+    step are bitwise the plain HF products."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,8 +12,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from mesh.testbed_plan import TestbedSpec
-from nodes.testbed import DEFAULT_RUN_DIR, Testbed, TestbedBusy, in_use, teardown, unavailable_reason
+from nodes.testbed.plan import TestbedSpec
+from nodes.testbed.bed import DEFAULT_RUN_DIR, Testbed, TestbedBusy, in_use, teardown, unavailable_reason
 
 TEST_INSTANCES = range(90, 98)
 

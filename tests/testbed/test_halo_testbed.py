@@ -13,10 +13,10 @@ from typing import Callable
 import pytest
 
 from mesh.config import BrokerAddress
-from mesh.testbed_plan import NodeSpec, TestbedSpec, check_node_name
+from nodes.testbed.plan import NodeSpec, TestbedSpec, check_node_name
 from nodes.client import MeshClient
-from nodes.halo_bench import _ask_raw
-from nodes.testbed import REPO_ROOT, Testbed
+from nodes.bench.halo import _ask_raw
+from nodes.testbed.bed import REPO_ROOT, Testbed
 from tests.conftest import CACHE_ROOT, require_model
 
 pytestmark = pytest.mark.testbed

@@ -10,9 +10,9 @@ from typing import Callable
 import pytest
 
 from mesh.config import BrokerAddress
-from mesh.testbed_plan import TestbedSpec, device_profile, make_spec
+from nodes.testbed.plan import TestbedSpec, device_profile, make_spec
 from nodes.client import MeshClient
-from nodes.testbed import CALIBRATION_DEFAULT_DIR, Testbed, calibrate, load_calibration, save_calibration
+from nodes.testbed.bed import CALIBRATION_DEFAULT_DIR, Testbed, calibrate, load_calibration, save_calibration
 from tests.conftest import require_model
 
 pytestmark = pytest.mark.testbed

@@ -1,0 +1,564 @@
+"""A node's prompt cache: the shell around mesh.cache.store / catalog / lookup / kvstate.
+
+It owns the node's KV store (behind one lock: the worker, the serving thread and the network
+thread all reach it), the catalog it publishes, the peer catalogs it has heard, and the per-peer
+link estimates measured from real fetches. The agent calls :meth:`prepare` on its worker thread
+for every ask; fetching from a peer goes through a ``fetch`` callable the agent provides (MQTT).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+import torch
+
+from mesh import wire
+from mesh.cache import kv as kvstate
+from mesh.cache.catalog import Catalog, leading_matches
+from mesh.cache.keys import ChunkHash, ModelKey, chunk_keys, prompt_key
+from mesh.config import CacheConfig
+from mesh.errors import ProtocolError
+from mesh.cache.store import KVStore, StoreChange, load_dir, save_dir
+from mesh.cache.lookup import (BAD, RECOMPUTE, REMOTE, SHORT, CostModel, Decision, LinkEstimate, PenaltyPolicy, Strike,
+                         decide, fetch_timeout, shunned, strike)
+from mesh.model import Decoder, Deferred, LoadedModel
+
+log = logging.getLogger(__name__)
+
+# What fetch returns: the peer's reply bodies (KV_CHUNKS) in arrival order, each with its payload
+# bytes, ending after the one marked last, or early when the peer stops answering, goes offline
+# or the timeout passes; None when nothing could be asked.
+Part = tuple[dict[str, Any], int]
+Fetch = Callable[[str, list[bytes], bytes | None, float], Iterable[Part] | None]
+
+PART_BYTES = 1 << 20  # chunk bytes per reply part: the asker verifies one while the next travels
+
+
+@dataclass
+class CacheFigures:
+    asks: int = 0
+    hits: int = 0  # asks that reused at least one cached token (local or fetched)
+    full_hits: int = 0  # asks whose first token needed no forward pass
+    fetches: int = 0
+    fetched_chunks: int = 0
+    fetched_bytes: int = 0
+    wasted_fetches: int = 0  # a peer sent fewer chunks than its catalog promised, or bad ones, or stopped
+    recomputes: int = 0  # a peer held more, but recomputing was estimated faster
+    served_requests: int = 0
+    served_chunks: int = 0
+    served_bytes: int = 0
+    wasted_by_peer: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """What :meth:`NodeCache.prepare` hands the decoder, and the record for ``mesh ask --json``."""
+
+    logits: torch.Tensor
+    cache: Any  # a transformers cache, or a mesh.model.Deferred one (see NodeCache.prepare)
+    info: dict[str, Any]
+
+    def finish(self) -> None:
+        """Complete a deferred transfer the decoder did not need (an answer of one token)."""
+        if isinstance(self.cache, Deferred):
+            self.cache.get()
+
+
+class _Transfer:
+    """One fetch in flight: reads the peer's parts in order and verifies each as it comes.
+
+    ``bad`` is set (and reading stops) at the first part that fails a check; ``ended`` says why
+    reading stopped early when the last part never came (timeout, peer offline, a gap).
+    """
+
+    def __init__(self, cache: NodeCache, peer: str, want: list[ChunkHash], pkey: ChunkHash, full: bool,
+                 parts: Iterable[Part] | None, started: float, rtt_s: float, epoch: int) -> None:
+        self.cache, self.peer, self.want, self.pkey, self.full = cache, peer, want, pkey, full
+        self.started, self.rtt_s, self.epoch = started, rtt_s, epoch
+        self.parts = iter(parts) if parts is not None else iter(())
+        self.got: list[kvstate.ChunkKV] = []
+        self.tail: kvstate.ChunkKV | None = None
+        self.logits: torch.Tensor | None = None
+        self.nbytes = 0
+        self.next_part = 0
+        self.complete = False
+        self.open = True
+        self.bad: str | None = None
+        self.ended = "no answer"
+        self.seconds = 0.0
+
+    def stop(self) -> None:
+        self.open = False
+        self.seconds = time.perf_counter() - self.started
+        close = getattr(self.parts, "close", None)
+        if close is not None:
+            close()  # a generator: its finally closes the reply queue
+
+    def _reject(self, what: str, exc: Exception) -> None:
+        self.bad = f"{what}: {exc}"
+        log.warning("%s from %s rejected: %s", what, self.peer, exc)
+
+    def read(self) -> bool:
+        """Read and check one part; False once the transfer is over."""
+        if not self.open:
+            return False
+        try:
+            body, n = next(self.parts)
+        except StopIteration:
+            self.stop()
+            return False
+        c = self.cache
+        try:
+            if body.get("part") != self.next_part:
+                self.ended = f"part {body.get('part')!r} where {self.next_part} was due"
+                self.stop()
+                return False
+            self.next_part += 1
+            self.nbytes += n
+            if "logits" in body:
+                if not self.full or self.logits is not None:
+                    raise ProtocolError("bad-logits", "logits not asked for")
+                self.logits = kvstate.decode_logits(body["logits"], c.vocab, key=self.pkey, model=c.digest)
+            raw_chunks = body["chunks"]
+            if len(self.got) + len(raw_chunks) > len(self.want):
+                raise ProtocolError("bad-chunk", "more chunks than asked for")
+            for raw in raw_chunks:
+                self.got.append(kvstate.decode_chunk(raw, c.layout, c.chunk_size, key=self.want[len(self.got)],
+                                                     model=c.digest))
+            raw_prompt = body.get("prompt")
+            if raw_prompt is not None:
+                if not self.full or not body["last"] or not isinstance(raw_prompt, dict):
+                    raise ProtocolError("bad-chunk", "prompt entry not asked for")
+                length = raw_prompt.get("len")
+                if not isinstance(length, int) or not 0 <= length < c.chunk_size:
+                    raise ProtocolError("bad-chunk", "prompt tail length")
+                self.tail = kvstate.decode_chunk(raw_prompt["tail"], c.layout, length, key=self.pkey, model=c.digest)
+                if "logits" in raw_prompt and self.logits is None:  # a peer that sends them last
+                    self.logits = kvstate.decode_logits(raw_prompt["logits"], c.vocab, key=self.pkey, model=c.digest)
+        except (ProtocolError, KeyError, TypeError, ValueError) as exc:
+            self._reject("part", exc)
+            self.stop()
+            return False
+        if body["last"]:
+            self.complete = True
+            self.stop()
+            return False
+        return True
+
+    def first_logits(self) -> torch.Tensor | None:
+        """The prompt's last logits if they come before any chunk (reads up to that point)."""
+        while self.logits is None and not self.got and self.read():
+            pass
+        return self.logits if self.bad is None else None
+
+    def finish(self) -> None:
+        while self.read():
+            pass
+        if self.open:
+            self.stop()
+        if not self.complete and self.bad is None and self.ended == "no answer" and self.nbytes:
+            self.ended = "stopped mid-transfer"
+
+
+def _tokenizer_id(loaded: LoadedModel) -> str:
+    tok = loaded.tokenizer
+    return f"{type(tok).__name__}/{len(tok)}/gguf:{loaded.digest[:16]}"
+
+
+class NodeCache:
+    def __init__(self, loaded: LoadedModel, config: CacheConfig, decoder: Decoder,
+                 penalty: PenaltyPolicy = PenaltyPolicy(), fetch_floor_s: float = 0.25) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.decoder = decoder
+        self.model_config = loaded.model.config
+        self.chunk_size = config.chunk_size
+        self.model_key = ModelKey(model_digest=loaded.digest, tokenizer=_tokenizer_id(loaded),
+                                  kv_dtype="float32", chunk_size=config.chunk_size)
+        self.digest = self.model_key.digest()
+        self.layout = kvstate.kv_layout(self.model_config)
+        self.bytes_per_chunk = kvstate.wire_bytes_per_token(self.model_config, config.kv_wire,
+                                                            self.chunk_size) * self.chunk_size
+        mem_per_chunk = sum(2 * h * d * 4 for h, d in self.layout) * self.chunk_size
+        budget = int(config.budget_mb * 1024 * 1024)
+        # Capacity for the Bloom sizing: every chunk the budget can hold, plus as many prompt keys.
+        self.capacity = max(256, 2 * budget // max(mem_per_chunk, 1))
+        self.store = KVStore(budget, self.digest)
+        self.lock = threading.RLock()
+        self.vocab = int(self.model_config.get_text_config(decoder=True).vocab_size
+                         if hasattr(self.model_config, "get_text_config") else self.model_config.vocab_size)
+        self.penalty = penalty
+        self.fetch_floor_s = fetch_floor_s
+        self.strikes: dict[str, Strike] = {}
+        self.peers: dict[str, Catalog] = {}
+        self.links: dict[str, LinkEstimate] = {}
+        self.figures = CacheFigures()
+        self.epoch = 0
+        self.dirty = threading.Event()
+        self.dirty.set()
+        if config.persist_dir is not None:
+            report = load_dir(self.store, config.persist_dir, self._decode_record, size=self._size)
+            for name, why in report.skipped:
+                log.warning("cache file %s skipped: %s", name, why)
+            log.info("prompt cache restored %d entries from %s", len(report.change.added), config.persist_dir)
+
+    # -- persistence codec (exact fp32, so a restarted node answers bit-identically) ----------
+    def _encode_record(self, payload: Any) -> bytes:
+        if isinstance(payload, kvstate.ChunkKV):
+            return cbor2.dumps({"chunk": kvstate.encode_chunk(payload, "fp32")})
+        return cbor2.dumps({"tail": kvstate.encode_chunk(payload["tail"], "fp32"), "len": payload["tail"].length,
+                            "logits": wire.pack_tensor(payload["logits"])})
+
+    def _decode_record(self, data: bytes) -> Any:
+        obj = cbor2.loads(data)
+        if "chunk" in obj:
+            return kvstate.decode_chunk(obj["chunk"], self.layout, self.chunk_size)
+        return {"tail": kvstate.decode_chunk(obj["tail"], self.layout, int(obj["len"])),
+                "logits": wire.unpack_tensor(obj["logits"])}
+
+    @staticmethod
+    def _size(payload: Any) -> int:
+        if isinstance(payload, kvstate.ChunkKV):
+            return payload.nbytes
+        return payload["tail"].nbytes + payload["logits"].numel() * payload["logits"].element_size()
+
+    def _changed(self, change: StoreChange) -> None:
+        if change.changed:
+            self.dirty.set()
+            if self.config.persist_dir is not None:
+                save_dir(self.store, self.config.persist_dir, self._encode_record)
+
+    # -- catalogs -----------------------------------------------------------------------------
+    def catalog(self) -> Catalog:
+        """The catalog of what this node holds now, rebuilt from the live keys."""
+        with self.lock:
+            self.epoch += 1
+            self.dirty.clear()
+            keys = [*self.store.chunk_keys(), *self.store.prompt_keys()]
+            return Catalog.from_keys(self.digest, self.chunk_size, keys, capacity=max(self.capacity, len(keys)),
+                                     fp_rate=self.config.fp_rate, epoch=self.epoch)
+
+    def set_peer_catalog(self, node: str, body: dict[str, Any] | None) -> None:
+        """A peer's catalog (None drops it: the peer went offline or cleared it)."""
+        with self.lock:
+            if body is None:
+                self.peers.pop(node, None)
+                return
+        cat = Catalog.from_dict(body)  # raises ProtocolError
+        with self.lock:
+            if cat.model == self.digest and cat.chunk_size == self.chunk_size:
+                self.peers[node] = cat
+            else:
+                self.peers.pop(node, None)
+
+    def keys(self, ids: Sequence[int]) -> tuple[list[ChunkHash], ChunkHash]:
+        return chunk_keys(self.model_key, ids), prompt_key(self.model_key, ids)
+
+    def depths(self, ids: Sequence[int], nodes: Sequence[str], me: str) -> dict[str, int]:
+        """Advertised cached-prefix depth (chunks) per node, for cache-aware routing."""
+        keys, _ = self.keys(ids)
+        with self.lock:
+            out = {n: leading_matches(self.peers[n], keys) for n in nodes if n in self.peers and n != me}
+            if me in nodes:
+                out[me] = self.store.peek_prefix(keys)
+        return out
+
+    def note_link(self, node: str, nbytes: int, seconds: float, rtt_s: float) -> None:
+        """Achieved bandwidth of a real fetch, smoothed per peer."""
+        if nbytes < 64 * 1024 or seconds <= 0:
+            return
+        bw = nbytes / max(seconds - rtt_s, seconds * 0.1)
+        with self.lock:
+            old = self.links.get(node)
+            self.links[node] = LinkEstimate(bw if old is None else 0.7 * old.bytes_per_s + 0.3 * bw, rtt_s)
+
+    # -- serving a peer -----------------------------------------------------------------------
+    def serve(self, keys: list[bytes], pkey: bytes | None, codec: str, max_bytes: int,
+              part_bytes: int = PART_BYTES) -> Iterator[dict[str, Any]]:
+        """Reply bodies with the chunks we really hold, in order, encoded one part at a time so
+        the first part leaves before the last is encoded.
+
+        On a full match the first part carries only the prompt's last logits (top k, see
+        ``mesh.cache.kv.encode_logits``): the asker can emit its first token from them while the
+        KV follows. Chunk parts stay under ``part_bytes`` (and ``max_bytes``), so the asker
+        verifies part k while part k+1 is on the wire; the last part carries the prompt's tail.
+        """
+        if codec not in kvstate.CODECS:
+            codec = self.config.kv_wire
+        with self.lock:
+            chunks = self.store.get_chain(keys)
+            prompt = self.store.get_prompt(pkey) if pkey is not None and len(chunks) == len(keys) else None
+            self.figures.served_requests += 1
+            self.figures.served_chunks += len(chunks)
+        limit = max(1, min(part_bytes, max_bytes // 2))
+        part = 0
+        if prompt is not None and pkey is not None:
+            yield {"chunks": [], "part": part, "last": False,
+                   "logits": kvstate.encode_logits(prompt["logits"], key=pkey, model=self.digest)}
+            part += 1
+        batch: list[Any] = []
+        size = sent = 0
+        for key, chunk in zip(keys, chunks):
+            enc = kvstate.encode_chunk(chunk, codec, key=key, model=self.digest)
+            n = sum(len(t["data"]) for layer in enc["layers"] for t in (layer["k"], layer["v"])) + 512
+            if batch and size + n > limit:
+                yield {"chunks": batch, "part": part, "last": False}
+                part, batch, size = part + 1, [], 0
+            batch.append(enc)
+            size += n
+            sent += n
+        last: dict[str, Any] = {"chunks": batch, "part": part, "last": True}
+        if prompt is not None and pkey is not None:
+            last["prompt"] = {"tail": kvstate.encode_chunk(prompt["tail"], codec, key=pkey, model=self.digest),
+                              "len": prompt["tail"].length}
+        with self.lock:
+            self.figures.served_bytes += sent
+        yield last
+
+    # -- the ask path ------------------------------------------------------------------------
+    def _cost(self, prefill_tps: float, link: LinkEstimate) -> CostModel:
+        return CostModel(prefill_tokens_per_s=max(prefill_tps, 1e-3), bytes_per_chunk=self.bytes_per_chunk,
+                         default_link=link, margin=self.config.fetch_margin)
+
+    def prepare(self, ids: Sequence[int], prefill_tps: float, default_link: LinkEstimate,
+                fetch: Fetch, peer_links: dict[str, LinkEstimate] | None = None,
+                defer_store: bool = False) -> Prepared:
+        """Restore what the cache (local, then one peer) holds, prefill the rest, store the new chunks.
+
+        Links: a peer's bandwidth measured on earlier fetches wins over ``peer_links`` (estimated
+        from heartbeats), which wins over ``default_link``. Peers that wasted a fetch recently are
+        skipped (``mesh.cache.lookup.shunned``). On a remote full hit whose peer sends the last logits
+        first, the returned cache is a :class:`~mesh.model.Deferred`: the rest of the transfer,
+        its checks and the restore run when the decoder needs the second token. ``defer_store``:
+        after a prefill, cutting the new chunks into the store waits for the first token too (the
+        caller must then :meth:`Prepared.finish`)."""
+        C = self.chunk_size
+        t_lookup = time.perf_counter()
+        keys, pkey = self.keys(ids)
+        n_full = len(keys)
+        info: dict[str, Any] = {"local_tokens": 0, "remote_tokens": 0, "peer": None, "fetch_bytes": 0,
+                                "fetch_s": 0.0, "decision": "no-match", "full_hit": False, "chunk_size": C}
+        now = time.monotonic()
+        with self.lock:
+            self.figures.asks += 1
+            local = self.store.match_prefix(keys)
+            prompt = self.store.get_prompt(pkey) if local == n_full else None
+            peers = dict(self.peers)
+            links = {**(peer_links or {}), **self.links}
+            skip = shunned(self.strikes, {n: c.epoch for n, c in peers.items()}, now)
+        if prompt is None:
+            extra_bytes = int(self.bytes_per_chunk / C * (len(ids) - n_full * C)) + 8 * kvstate.LOGITS_TOP_K + 256
+            decision = decide(keys, local, peers, self.digest, C, self._cost(prefill_tps, default_link),
+                              links=links, extra_bytes=extra_bytes, extra_tokens=len(ids) - n_full * C + 1,
+                              exclude=skip, overlap=self.config.fetch_overlap)
+            info.update(decision=decision.decision, est_transfer_s=decision.est_transfer_s,
+                        peer=str(decision.peer) if decision.peer is not None else None,
+                        est_recompute_s=decision.est_recompute_s, peers_considered=decision.peers_considered,
+                        peers_skipped=list(decision.peers_skipped))
+            if decision.est_overlap_s is not None:
+                info["est_overlap_s"] = decision.est_overlap_s
+            info["lookup_s"] = round(time.perf_counter() - t_lookup, 6)  # the decision's own cost
+            if decision.decision == RECOMPUTE:
+                with self.lock:
+                    self.figures.recomputes += 1
+            if decision.decision == REMOTE and decision.peer is not None and decision.head_chunks:
+                rtt = links.get(str(decision.peer), default_link).rtt_s
+                local = self._overlap(ids, keys, local, decision, pkey, fetch, info, rtt,
+                                      peers[str(decision.peer)].epoch)
+            elif decision.decision == REMOTE and decision.peer is not None:
+                rtt = links.get(str(decision.peer), default_link).rtt_s
+                transfer = self._open(keys, local, decision, pkey, fetch, info, rtt,
+                                      peers[str(decision.peer)].epoch)
+                early = transfer.first_logits() if transfer.full else None
+                if early is not None:
+                    info["first_token"] = "peer-logits"
+                    start = local
+
+                    def rest() -> Any:
+                        got, entry = self._close(transfer, info, keys, start, pkey)
+                        late = self._build(ids, keys, pkey, start + got, entry, info)
+                        if int(torch.argmax(late.logits)) != int(torch.argmax(early)):
+                            # only a peer forging consistent logits gets here; the checks cannot see it
+                            log.warning("first token from %s's logits differs from the restored prompt's",
+                                        transfer.peer)
+                            info["first_token_mismatch"] = True
+                        return late.cache
+
+                    return Prepared(early, Deferred(rest), info)
+                got, prompt = self._close(transfer, info, keys, local, pkey)
+                local += got
+        else:
+            info["decision"] = "local"
+        return self._build(ids, keys, pkey, local, prompt, info, defer_store)
+
+    def _build(self, ids: Sequence[int], keys: list[ChunkHash], pkey: ChunkHash, local: int,
+               prompt: dict[str, Any] | None, info: dict[str, Any], defer_store: bool = False) -> Prepared:
+        """Restore ``local`` chunks (and the prompt entry on a full hit), prefill the rest, store it."""
+        C = self.chunk_size
+        n_full = len(keys)
+        info["local_tokens"] = local * C - info["remote_tokens"] - info.get("head_tokens", 0)
+        with self.lock:
+            chunks = self.store.get_chain(keys[:local]) if local else []
+        if len(chunks) != local:  # evicted between lookup and use: recompute from what is left
+            local, prompt = len(chunks), None
+        if prompt is not None and local < n_full:
+            prompt = None
+        if prompt is None and local * C >= len(ids):
+            # Every position is cached but not the last logits: recompute the last chunk for them.
+            local -= 1
+            chunks = chunks[:-1]
+        if prompt is not None:
+            # A full hit: every position's KV is here and so is the first token's distribution.
+            cache = kvstate.restore_cache(self.model_config, [*chunks, prompt["tail"]])
+            if info["remote_tokens"]:  # the peer sent the tail with the prompt entry
+                info["remote_tokens"] = len(ids) - info["local_tokens"]
+            else:
+                info["local_tokens"] = len(ids)
+            info["full_hit"] = True
+            self._count(True, True)
+            return Prepared(prompt["logits"].to(torch.float32), cache, info)
+        cache = kvstate.restore_cache(self.model_config, chunks, capture=True)
+        t0 = time.perf_counter()
+        logits, cache = self.decoder.prefill(ids, cache, start=local * C)
+        # The forward alone: what the node's prefill-speed estimate may learn from.
+        info.update(compute_s=time.perf_counter() - t0, computed_tokens=len(ids) - local * C)
+        self._count(local > 0, False)
+        start = local
+
+        def store() -> Any:
+            """Cut the new chunks and the tail into the store (before the cache decodes on)."""
+            t1 = time.perf_counter()
+            new = kvstate.cut_chunks(cache, start, n_full - start, C)
+            tail = kvstate.cut_span(cache, n_full * C, len(ids))
+            kvstate.end_capture(cache)
+            with self.lock:
+                change = self.store.put_chain(keys[start:], new, [c.nbytes for c in new],
+                                              parent=keys[start - 1] if start else None)
+                if n_full == 0 or keys[-1] in self.store:
+                    entry = {"tail": tail, "logits": logits.detach().clone()}
+                    change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, entry, self._size(entry))
+                self._changed(change)
+            info["store_s"] = round(time.perf_counter() - t1, 6)
+            return cache
+
+        # Deferred: the first token goes out before the store copies the new KV (TTFT pays nothing).
+        return Prepared(logits, Deferred(store) if defer_store else store(), info)
+
+    def _count(self, hit: bool, full: bool) -> None:
+        with self.lock:
+            self.figures.hits += int(hit)
+            self.figures.full_hits += int(full)
+
+    def _overlap(self, ids: Sequence[int], keys: list[ChunkHash], local: int, decision: Decision,
+                 pkey: ChunkHash, fetch: Fetch, info: dict[str, Any], rtt_s: float, epoch: int) -> int:
+        """Compute chunks ``local .. local+h`` here while ``local+h .. depth`` arrive (mesh.cache.lookup's
+        overlap); both go into the store. Returns how many leading chunks the store now holds for
+        the prompt (the caller restores them and prefills the rest)."""
+        C, head = self.chunk_size, decision.head_chunks
+        start = local + head
+        transfer = self._open(keys, start, decision, pkey, fetch, info, rtt_s, epoch, full=False)
+        try:
+            with self.lock:
+                chunks = self.store.get_chain(keys[:local])
+            local = len(chunks)  # (one evicted since the lookup: compute from there)
+            t0 = time.perf_counter()
+            cache = kvstate.restore_cache(self.model_config, chunks, capture=True)
+            _, cache = self.decoder.prefill(ids[:start * C], cache, start=local * C)
+            computed = kvstate.cut_chunks(cache, local, start - local, C)
+            kvstate.end_capture(cache)
+        except BaseException:
+            transfer.stop()  # nobody will read the answer
+            raise
+        info.update(head_tokens=(start - local) * C, head_s=round(time.perf_counter() - t0, 6))
+        with self.lock:
+            self._changed(self.store.put_chain(keys[local:start], computed, [c.nbytes for c in computed],
+                                               parent=keys[local - 1] if local else None))
+        got, _ = self._close(transfer, info, keys, start, pkey)
+        info["decision"] = REMOTE  # the head counts even when the peer sent nothing
+        return start + got
+
+    def _open(self, keys: list[ChunkHash], local: int, decision: Decision, pkey: ChunkHash, fetch: Fetch,
+              info: dict[str, Any], rtt_s: float, epoch: int, full: bool | None = None) -> _Transfer:
+        """Send the request for keys[local:local+remote] (and the prompt entry on a full match,
+        unless ``full`` is False)."""
+        peer = str(decision.peer)
+        want = keys[local:local + decision.remote_chunks]
+        if full is None:
+            full = local + decision.remote_chunks == len(keys)
+        timeout = fetch_timeout(decision, self.fetch_floor_s, self.config.fetch_timeout_s)
+        info["fetch_timeout_s"] = round(timeout, 3)
+        with self.lock:
+            self.figures.fetches += 1
+        started = time.perf_counter()  # before the request leaves: fetch_s covers all of it
+        parts = fetch(peer, list(want), pkey if full else None, timeout)
+        return _Transfer(self, peer, want, pkey, full, parts, started, rtt_s, epoch)
+
+    def _close(self, t: _Transfer, info: dict[str, Any], keys: list[ChunkHash], local: int,
+               pkey: ChunkHash) -> tuple[int, dict[str, Any] | None]:
+        """Read the rest of a transfer, keep what verified, and settle the peer's record."""
+        t.finish()
+        got, peer = t.got, t.peer
+        prompt = None
+        if t.full and t.tail is not None and t.logits is not None and len(got) == len(t.want):
+            prompt = {"tail": t.tail, "logits": t.logits}
+        info.update(fetch_bytes=t.nbytes, fetch_s=round(t.seconds, 6))
+        wasted = None
+        if t.bad is not None:
+            wasted = f"{BAD}: {t.bad}"
+        elif len(got) < len(t.want) or (t.full and prompt is None):
+            wasted = SHORT if t.complete else f"{SHORT}: {t.ended}"
+        now = time.monotonic()
+        with self.lock:
+            if wasted is not None:
+                self.figures.wasted_fetches += 1
+                self.figures.wasted_by_peer[peer] = self.figures.wasted_by_peer.get(peer, 0) + 1
+                self.strikes[peer] = strike(self.strikes.get(peer), BAD if t.bad else SHORT, t.epoch, now,
+                                            self.penalty)
+            else:
+                self.strikes.pop(peer, None)
+        if wasted is not None:
+            info["wasted"] = wasted
+            log.warning("fetch from %s wasted (%s): %d of %d chunks kept", peer, wasted, len(got), len(t.want))
+        if got and t.complete:
+            # What a fetch really costs this node: the peer's encoding, the link and our decoding,
+            # so the next decision compares recompute with all of it, not with the link alone.
+            self.note_link(peer, t.nbytes, t.seconds, t.rtt_s)
+        with self.lock:
+            change = self.store.put_chain(t.want[:len(got)], got, [c.nbytes for c in got],
+                                          parent=keys[local - 1] if local else None)
+            if prompt is not None:
+                change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, prompt, self._size(prompt))
+            self._changed(change)
+            self.figures.fetched_chunks += len(got)
+            self.figures.fetched_bytes += t.nbytes
+        info.update(peer=peer, remote_tokens=len(got) * self.chunk_size)
+        if not got:
+            info["decision"] = "recompute" if local == 0 else "local"
+        return len(got), prompt
+
+    def snapshot(self) -> dict[str, Any]:
+        """Cache figures for the heartbeat."""
+        with self.lock:
+            st = self.store.stats()
+            f = self.figures
+            return {
+                "chunks": st.chunks, "prompts": st.prompts, "bytes": st.bytes, "budget": st.budget,
+                "asks": f.asks, "hits": f.hits, "full_hits": f.full_hits,
+                "misses": f.asks - f.hits, "hit_rate": round(f.hits / f.asks, 3) if f.asks else 0.0,
+                "chunk_hits": st.hits, "chunk_misses": st.misses, "evictions": st.evictions,
+                "fetches": f.fetches, "fetched_chunks": f.fetched_chunks, "fetched_bytes": f.fetched_bytes,
+                "wasted_fetches": f.wasted_fetches, "wasted_by_peer": dict(f.wasted_by_peer),
+                "shunned": sorted(shunned(self.strikes, {n: c.epoch for n, c in self.peers.items()},
+                                          time.monotonic())),
+                "lookups": f.asks, "recompute_decisions": f.recomputes, "served_requests": f.served_requests,
+                "served_chunks": f.served_chunks, "served_bytes": f.served_bytes, "peers": len(self.peers), "epoch": self.epoch,
+                "peer_catalogs": {n: [c.epoch, c.count] for n, c in self.peers.items()},  # what we hold of whom
+                "kv_wire": self.config.kv_wire, "chunk_size": self.chunk_size,
+            }
+

@@ -1,0 +1,530 @@
+"""The HALO load-balancing scheduler and the relaxed-sync deadline rules (pure functions).
+
+Placement: every (layer, group) goes to exactly one holder: an online worker or the coordinator
+itself. Shares are sized by measured compute speed; within each layer the groups are sorted by
+predicted importance and dealt out in holder rank order, so the most important groups land on
+the most reliable (then fastest, then closest) holders and the least important ones on the
+lossy, slow ones, whose late partials relaxed sync can then drop at little cost. The coordinator
+is a holder with no network, ranked first, with speed ``local_speed``; 0 means it keeps nothing
+unless no worker is online (then it keeps everything).
+
+Units: ``speed`` is neuron-rows per second (one intermediate neuron = one gate row, one up row
+and one down column for one token); rates are fractions in [0, 1]; times are seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from array import array
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mesh.errors import ConfigError, ProtocolError
+
+PLAN_VERSION = 2  # 2: the optional neuron order (a v1 worker would cut the wrong neurons)
+LOCAL = ""  # the coordinator's holder name inside the planner (never a worker name)
+_MAX_LAYERS, _MAX_GROUPS, _MAX_WORKERS, _MAX_NAME = 1024, 1 << 16, 1024, 128
+
+
+@dataclass(frozen=True)
+class WorkerFigures:
+    """A worker's measured figures, as its heartbeats report them."""
+
+    node: str
+    speed: float  # neuron-rows/s
+    rtt_s: float = 0.0
+    loss_rate: float = 0.0
+    late_rate: float = 0.0
+    online: bool = True
+
+    @property
+    def reliability(self) -> float:
+        """Probability that a partial arrives and is on time."""
+        return (1.0 - _unit(self.loss_rate)) * (1.0 - _unit(self.late_rate))
+
+
+def _unit(v: float) -> float:
+    return min(1.0, max(0.0, float(v))) if math.isfinite(v) else 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Who computes which groups, per layer, for one epoch.
+
+    ``workers[node][layer]`` and ``local[layer]`` are sorted group ids; together they cover every
+    group of every layer exactly once (checked by :meth:`from_dict`). ``order`` is empty (groups
+    cut in the model's own neuron order) or one neuron order per layer (``mesh.halo.groups``: original
+    neuron id per position), packed by :func:`pack_order`.
+    """
+
+    epoch: int
+    model_key: str
+    group_size: int
+    n_groups: int
+    workers: Mapping[str, tuple[tuple[int, ...], ...]]
+    local: tuple[tuple[int, ...], ...]
+    mode: str = "importance"
+    order: tuple[bytes, ...] = ()
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.local)
+
+    def neuron_order(self, layer: int) -> tuple[int, ...] | None:
+        """Layer ``layer``'s neuron order, or None for the model's own."""
+        return unpack_order(self.order[layer]) if self.order else None
+
+    def groups_for(self, node: str) -> tuple[tuple[int, ...], ...]:
+        """``node``'s groups per layer (empty tuples if it has none)."""
+        return self.workers.get(node, tuple(() for _ in self.local))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A CBOR-able dict (ints, strings, lists only)."""
+        return {
+            "v": PLAN_VERSION, "epoch": self.epoch, "model_key": self.model_key,
+            "group_size": self.group_size, "n_groups": self.n_groups, "mode": self.mode,
+            "workers": {n: [list(gs) for gs in self.workers[n]] for n in sorted(self.workers)},
+            "local": [list(gs) for gs in self.local],
+            "order": list(self.order),
+        }
+
+    @classmethod
+    def from_dict(cls, d: object) -> Plan:
+        """Validate an untrusted dict; ProtocolError (reason ``bad-plan``/``bad-version``)."""
+        if not isinstance(d, Mapping):
+            raise ProtocolError("bad-plan", "not a map")
+        if d.get("v") != PLAN_VERSION:
+            raise ProtocolError("bad-version", f"plan version {d.get('v')!r}")
+        epoch, gsize, n_groups = (_int(d, k, 0, 1 << 62)
+                                  for k in ("epoch", "group_size", "n_groups"))
+        if gsize < 1 or n_groups < 1 or n_groups > _MAX_GROUPS:
+            raise ProtocolError("bad-plan", "group_size/n_groups out of range")
+        key, mode = d.get("model_key"), d.get("mode")
+        if not isinstance(key, str) or mode not in ("importance", "random"):
+            raise ProtocolError("bad-plan", "model_key/mode")
+        local = _layers(d.get("local"), n_groups, None)
+        workers_raw = d.get("workers")
+        if not isinstance(workers_raw, Mapping) or len(workers_raw) > _MAX_WORKERS:
+            raise ProtocolError("bad-plan", "workers")
+        workers = {}
+        for node, layers in workers_raw.items():
+            if not isinstance(node, str) or not 0 < len(node) <= _MAX_NAME:
+                raise ProtocolError("bad-plan", f"worker name {node!r}")
+            workers[node] = _layers(layers, n_groups, len(local))
+        for layer in range(len(local)):
+            seen = sorted([*local[layer], *(g for w in workers.values() for g in w[layer])])
+            if seen != list(range(n_groups)):
+                raise ProtocolError("bad-plan", f"layer {layer} is not covered exactly once")
+        return cls(epoch, key, gsize, n_groups, workers, local, mode,
+                   _orders(d.get("order"), len(local), n_groups, gsize))
+
+
+def _int(d: Mapping, key: str, lo: int, hi: int) -> int:
+    v = d.get(key)
+    if type(v) is not int or not lo <= v <= hi:
+        raise ProtocolError("bad-plan", f"{key}={v!r}")
+    return v
+
+
+def _layers(raw: object, n_groups: int, n_layers: int | None) -> tuple[tuple[int, ...], ...]:
+    if not isinstance(raw, list) or not 0 < len(raw) <= _MAX_LAYERS:
+        raise ProtocolError("bad-plan", "layer list")
+    if n_layers is not None and len(raw) != n_layers:
+        raise ProtocolError("bad-plan", "layer count mismatch")
+    out = []
+    for gs in raw:
+        if not isinstance(gs, list) or any(type(g) is not int or not 0 <= g < n_groups for g in gs):
+            raise ProtocolError("bad-plan", "group ids")
+        out.append(tuple(sorted(gs)))
+    return tuple(out)
+
+
+def pack_order(order: Sequence[int]) -> bytes:
+    """A neuron order as little-endian uint32s (what a plan carries)."""
+    packed = array("I", order)
+    if packed.itemsize != 4:
+        raise ConfigError("no 4-byte unsigned array type on this platform")
+    return (packed if _LITTLE else _swapped(packed)).tobytes()
+
+
+def unpack_order(data: bytes) -> tuple[int, ...]:
+    packed = array("I")
+    packed.frombytes(data)
+    return tuple(packed if _LITTLE else _swapped(packed))
+
+
+_LITTLE = sys.byteorder == "little"
+
+
+def _swapped(a: array) -> array:
+    b = array("I", a)
+    b.byteswap()
+    return b
+
+
+def _orders(raw: object, n_layers: int, n_groups: int, group_size: int) -> tuple[bytes, ...]:
+    """Validate a plan's neuron orders: absent/empty, or one permutation of ``range(I)`` per layer
+    with the same ``I`` everywhere and ``I`` groups of ``group_size`` making ``n_groups``."""
+    if raw is None or raw == []:
+        return ()
+    if not isinstance(raw, list) or len(raw) != n_layers or any(not isinstance(b, bytes) for b in raw):
+        raise ProtocolError("bad-plan", "neuron order list")
+    size = len(raw[0]) // 4
+    if (any(len(b) != 4 * size for b in raw) or size > n_groups * group_size
+            or size <= (n_groups - 1) * group_size):
+        raise ProtocolError("bad-plan", "neuron order length")
+    ids = list(range(size))
+    for b in raw:
+        if sorted(unpack_order(b)) != ids:
+            raise ProtocolError("bad-plan", "neuron order is not a permutation")
+    return tuple(raw)
+
+
+def _apportion(weights: Sequence[float], total: int) -> list[int]:
+    """Largest-remainder split of ``total`` in proportion to ``weights`` (ties: lower index)."""
+    s = sum(weights)
+    quotas = [total * w / s for w in weights]
+    counts = [math.floor(q) for q in quotas]
+    order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _holders(workers: Sequence[WorkerFigures], local_speed: float) -> list[WorkerFigures]:
+    """Online holders with positive speed, best first: the coordinator (no network at all, so
+    more certain than any measured figure), then reliability, speed, round trip, name."""
+    ok = [w for w in workers if w.online and math.isfinite(w.speed) and w.speed > 0]
+    if len({w.node for w in ok}) != len(ok) or any(w.node == LOCAL for w in ok):
+        raise ConfigError("worker names must be unique and non-empty")
+    if local_speed > 0 or not ok:
+        ok.append(WorkerFigures(LOCAL, local_speed if local_speed > 0 else 1.0))
+    return sorted(
+        ok, key=lambda w: (w.node != LOCAL, -round(w.reliability, 3), -w.speed, w.rtt_s, w.node)
+    )
+
+
+def plan_groups(
+    workers: Sequence[WorkerFigures],
+    importance: Sequence[Sequence[float]],
+    *,
+    epoch: int,
+    model_key: str,
+    group_size: int,
+    local_speed: float = 0.0,
+    mode: str = "importance",
+    seed: int = 0,
+) -> Plan:
+    """Place every group of every layer (``importance`` is (L, G), larger = more important).
+
+    Deterministic: the same figures and importances give the same plan in any input order.
+    Per-layer shares follow speed with the rounding error carried over to the next layer, so a
+    holder's total over all layers is within one group of its exact share. ``mode="random"`` is
+    the ablation: same shares, groups shuffled by a generator seeded with (seed, layer).
+    """
+    if mode not in ("importance", "random"):
+        raise ConfigError(f"unknown plan mode {mode!r}")
+    n_layers = len(importance)
+    n_groups = len(importance[0]) if n_layers else 0
+    if n_layers == 0 or n_groups == 0 or any(len(row) != n_groups for row in importance):
+        raise ConfigError("importance must be a non-empty (layers, groups) table")
+    holders = _holders(workers, local_speed)
+    speed_sum = sum(h.speed for h in holders)
+    ideal = [n_groups * h.speed / speed_sum for h in holders]  # groups per layer
+    carry = [0.0] * len(holders)
+    placed: list[list[tuple[int, ...]]] = [[] for _ in holders]
+    for layer, row in enumerate(importance):
+        want = [max(0.0, q + c) for q, c in zip(ideal, carry)]
+        counts = _apportion(want, n_groups)
+        carry = [c + q - k for c, q, k in zip(carry, ideal, counts)]
+        if mode == "importance":
+            order = sorted(range(n_groups), key=lambda g: (-float(row[g]), g))
+        else:
+            order = list(range(n_groups))
+            random.Random(seed * 1_000_003 + layer).shuffle(order)
+        start = 0
+        for i, k in enumerate(counts):
+            placed[i].append(tuple(sorted(order[start:start + k])))
+            start += k
+    local = tuple(() for _ in range(n_layers))
+    assigned: dict[str, tuple[tuple[int, ...], ...]] = {}
+    for h, layers in zip(holders, placed):
+        if h.node == LOCAL:
+            local = tuple(layers)
+        elif any(layers):
+            assigned[h.node] = tuple(layers)
+    return Plan(epoch, model_key, group_size, n_groups, assigned, local, mode)
+
+
+@dataclass(frozen=True)
+class ReplanPolicy:
+    """Hysteresis thresholds: a re-plan needs a change at least this large since the last plan."""
+
+    speed_rel: float = 0.25  # relative change of a worker's speed share
+    reliability_abs: float = 0.12  # absolute change of a worker's reliability (CPU contention alone moves it ~0.1)
+    min_interval_s: float = 10.0  # between re-plans for figure drift (membership bypasses it)
+    top_overlap: float = 0.7  # re-plan when the top quarter of groups overlaps less than this
+    persist_s: float = 3.0  # a drift must hold this long (noise from CPU contention does not)
+
+
+def drift_persisted(reason: str | None, since: float | None, now_s: float,
+                    policy: ReplanPolicy = ReplanPolicy()) -> tuple[bool, float | None]:
+    """Whether to act on ``reason`` now, and the new start of the drift.
+
+    Membership changes (and the first plan) act at once; a figure drift only once some drift
+    reason held on every check for ``persist_s``: one noisy heartbeat never re-plans, and every
+    re-plan costs each worker a reload of its weights.
+    """
+    if reason is None:
+        return False, None
+    if reason.startswith(("membership", "initial")):
+        return True, None
+    if since is None:
+        return policy.persist_s <= 0, None if policy.persist_s <= 0 else now_s
+    if now_s - since >= policy.persist_s:
+        return True, None
+    return False, since
+
+
+def replan_reason(
+    basis: Sequence[WorkerFigures], now: Sequence[WorkerFigures], *,
+    now_s: float, planned_s: float, policy: ReplanPolicy = ReplanPolicy(),
+    basis_importance: Sequence[Sequence[float]] | None = None,
+    importance: Sequence[Sequence[float]] | None = None,
+) -> str | None:
+    """Why to re-plan, comparing figures (and optionally the importance window) now with those the
+    current plan was built from, or None.
+
+    Comparing with the plan's basis (not the last heartbeat) is the hysteresis: small
+    oscillations never trigger, a slow drift eventually does. A worker joining or leaving
+    re-plans at once; drift only after ``min_interval_s``.
+    """
+    def online(figs: Sequence[WorkerFigures]) -> dict[str, WorkerFigures]:
+        return {w.node: w for w in figs if w.online and w.speed > 0}
+
+    old, new = online(basis), online(now)
+    if old.keys() != new.keys():
+        gone, came = sorted(old.keys() - new.keys()), sorted(new.keys() - old.keys())
+        return f"membership: -{gone} +{came}"
+    if now_s - planned_s < policy.min_interval_s or not new:
+        return None
+    old_sum, new_sum = sum(w.speed for w in old.values()), sum(w.speed for w in new.values())
+    for node in sorted(new):
+        a, b = old[node].speed / old_sum, new[node].speed / new_sum
+        if abs(b - a) > policy.speed_rel * a:
+            return f"speed share of {node}: {a:.3f} -> {b:.3f}"
+        if abs(new[node].reliability - old[node].reliability) > policy.reliability_abs:
+            a, b = old[node].reliability, new[node].reliability
+            return f"reliability of {node}: {a:.3f} -> {b:.3f}"
+    if basis_importance is not None and importance is not None:
+        overlap = _top_overlap(basis_importance, importance)
+        if overlap < policy.top_overlap:
+            return f"importance ranking drift: top-group overlap {overlap:.2f}"
+    return None
+
+
+def _top_overlap(old: Sequence[Sequence[float]], new: Sequence[Sequence[float]]) -> float:
+    """Mean over layers of |top(old) & top(new)| / |top|, top = the most important quarter."""
+    shares = []
+    for a, b in zip(old, new):
+        k = max(1, len(a) // 4)
+        top_a = set(sorted(range(len(a)), key=lambda g: (-float(a[g]), g))[:k])
+        top_b = set(sorted(range(len(b)), key=lambda g: (-float(b[g]), g))[:k])
+        shares.append(len(top_a & top_b) / k)
+    return sum(shares) / len(shares) if shares else 1.0
+
+
+def blend_importance(
+    window: Sequence[Sequence[float]] | None, sample: Sequence[Sequence[float]], alpha: float
+) -> list[list[float]]:
+    """Exponential moving average of (L, G) importance tables: the scheduler's window."""
+    if window is None:
+        return [[float(v) for v in row] for row in sample]
+    return [[(1 - alpha) * a + alpha * float(b) for a, b in zip(ra, rb)]
+            for ra, rb in zip(window, sample)]
+
+
+# -- relaxed synchronisation ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyncPolicy:
+    """Relaxed-sync knobs. Deadlines are per layer step, measured from sending the MLP input."""
+
+    # Of predicted importance that is worth waiting for (or computing here). 0.99 with groups cut in
+    # importance order: at 5 % loss, zeroed share 0.0037 -> 0.0000 and ppl +1.95 % -> -0.23 % for
+    # no measurable time (relaxed 119.0 vs 110.7 ms/token; results/2026-12-06/target-share-*.json).
+    target_share: float = 0.99
+    quantile: float = 0.8  # of latency samples (a CPU-contention tail must not set the deadline)
+    margin: float = 1.5  # deadline = margin * quantile
+    min_deadline_s: float = 0.002
+    max_deadline_s: float = 0.1
+    default_deadline_s: float = 0.02  # before any sample exists
+    important_grace: float = 2.0  # important groups may hold up to grace * deadline
+    # Once a step's first partials arrived, the rest get this share of the deadline more (unless
+    # important): healthy workers answer within a millisecond or two of each other, while a
+    # partial lost on a lossy link waits for a TCP retransmission (>= 200 ms), so waiting the whole
+    # deadline for it at every stall onset bought nothing. 1 or more: off.
+    straggler_share: float = 0.25
+    # The straggler wait adapts to the measured spread of arrivals: ``straggler_margin`` times the
+    # ``straggler_quantile`` of the largest gap between consecutive arrivals of recent decode steps
+    # (all partials of a step, late ones included), at least ``min_straggler_s``, at most the
+    # ``straggler_share`` of the deadline above; fewer than ``min_gap_samples`` steps: that share.
+    straggler_quantile: float = 0.9
+    straggler_margin: float = 2.0
+    min_straggler_s: float = 0.0005
+    min_gap_samples: int = 16
+    # A multi-token step (a prefill) carries T positions: its deadline is T times the measured
+    # per-position latency of earlier multi-token steps (margin and quantile as above; before any,
+    # T decode deadlines), at least the decode deadline, at most ``max_multi_deadline_s``. Its
+    # missing groups are computed by the coordinator (``exact_multi``): one prefill's KV cache
+    # feeds every later token, and T positions make a lost partial cost as much as one group's
+    # local rows, not a fraction of a decode step.
+    max_multi_deadline_s: float = 1.0
+    exact_multi: bool = True
+    # A step closed without a worker's partial makes it stalled (not waited for) once the step is
+    # this many times the worker's median decode latency old with nothing heard from it since.
+    cut_overdue_factor: float = 2.0
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of sorted ``xs`` (non-empty)."""
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+
+
+def layer_deadline(samples: Sequence[float], policy: SyncPolicy = SyncPolicy()) -> float:
+    """The deadline for a layer step from recent latency samples (seconds), clamped."""
+    xs = sorted(s for s in samples if math.isfinite(s) and s >= 0)
+    if not xs:
+        return policy.default_deadline_s
+    return min(policy.max_deadline_s, max(policy.min_deadline_s, policy.margin * _quantile(xs, policy.quantile)))
+
+
+def step_deadline(decode_deadline_s: float, tokens: int, per_token: Sequence[float],
+                  policy: SyncPolicy = SyncPolicy()) -> float:
+    """The deadline of a step carrying ``tokens`` positions.
+
+    ``decode_deadline_s`` is the one-position deadline (:func:`layer_deadline`); ``per_token`` are
+    latencies of earlier multi-token steps divided by their position count. A one-position step
+    keeps the decode deadline. A longer one gets ``tokens`` times the margin times the quantile of
+    ``per_token`` (T decode deadlines before any sample), clamped to [decode deadline,
+    ``max_multi_deadline_s``]: a prefill of 300 positions moves and computes 300 times the data
+    of a decode step, and holding it to the decode deadline cut its partials on a loss-free link.
+    """
+    if tokens <= 1:
+        return decode_deadline_s
+    xs = sorted(s for s in per_token if math.isfinite(s) and s >= 0)
+    est = tokens * (policy.margin * _quantile(xs, policy.quantile) if xs else decode_deadline_s)
+    return max(decode_deadline_s, min(policy.max_multi_deadline_s, est))
+
+
+def straggler_wait(gaps: Sequence[float], deadline_s: float, policy: SyncPolicy = SyncPolicy()) -> float:
+    """How long stragglers without important groups are waited for after the newest arrival.
+
+    ``gaps`` are, per recent decode step whose partials all arrived (late ones included, so a cut
+    cannot shrink its own evidence), the largest gap between consecutive arrivals. Healthy workers
+    answer within a fraction of a millisecond of each other, while a partial lost on a lossy link
+    waits for a TCP retransmission; a fixed share of a ~16 ms deadline cost ~4 ms per loss.
+    """
+    cap = policy.straggler_share * deadline_s
+    xs = sorted(g for g in gaps if math.isfinite(g) and g >= 0)
+    if len(xs) < max(1, policy.min_gap_samples):
+        return cap
+    return min(cap, max(policy.min_straggler_s, policy.straggler_margin * _quantile(xs, policy.straggler_quantile)))
+
+
+def fallback_groups(missing: Sequence[int], must_wait: frozenset[int] | set[int], tokens: int,
+                    fallback: str, policy: SyncPolicy = SyncPolicy()) -> tuple[int, ...]:
+    """Of a relaxed step's ``missing`` groups, those the coordinator computes itself (the rest count
+    as zero): every one of a multi-token step (``exact_multi``), else the predicted-important
+    ones with ``fallback="important"``, else none."""
+    if tokens > 1 and policy.exact_multi:
+        return tuple(missing)
+    if fallback == "important":
+        return tuple(g for g in missing if g in must_wait)
+    return ()
+
+
+def stalled_workers(outstanding: Mapping[str, Mapping[int, float]], step: int, now: float,
+                    overdue_s: float, last_heard: Mapping[str, float] | None = None,
+                    cut: Mapping[str, Collection[int]] | None = None,
+                    cut_overdue_s: Mapping[str, float] | None = None) -> frozenset[str]:
+    """Workers stuck behind an overdue partial: not waited for at all at ``step``.
+
+    ``outstanding`` maps each worker to its unanswered steps and their send times; ``last_heard``
+    to when its newest partial (of any step) arrived. A worker stuck in TCP retransmission answers
+    in order, so its current partial is queued behind the late one; waiting for it only adds the
+    stall to every layer. Stuck means: it owes an earlier step sent at least ``overdue_s`` (the
+    layer deadline) ago, and nothing at all arrived from it since that step was sent. A worker
+    whose answers keep coming is only behind: counting it stalled because it owes the step the
+    coordinator did not wait for kept a worker that fell behind once behind for good, since the
+    coordinator, no longer waiting, ran ahead of its answers at every step and summed its groups
+    as zero.
+
+    ``cut`` maps a worker to the steps that closed without its partial: such a step is overdue
+    after ``cut_overdue_s`` of that worker (its own typical answer time, see
+    ``SyncPolicy.cut_overdue_factor``), not a whole deadline. Its partial already missed the wait
+    sized to healthy arrivals, and nothing at all came from the worker for longer than it usually
+    takes to answer: it waits for a retransmission. Waiting for it again, until that step was a
+    deadline old, cost every loss two or three more cut waits. A worker merely slow (CPU
+    contention) answers within its own typical time, which grows with the contention, so it is
+    not skipped at every other step.
+    """
+    heard = last_heard or {}
+    missed = cut or {}
+    cut_after = cut_overdue_s or {}
+    return frozenset(node for node, steps in outstanding.items()
+                     if any(s < step and heard.get(node, -math.inf) < t
+                            and (now - t >= overdue_s
+                                 or (s in missed.get(node, ()) and now - t >= cut_after.get(node, overdue_s)))
+                            for s, t in steps.items()))
+
+
+@dataclass(frozen=True)
+class WaitDecision:
+    wait: bool
+    until_s: float  # elapsed time to wake up at (meaningful when ``wait``)
+    reason: str
+
+
+def wait_decision(
+    *, pending: Mapping[str, Sequence[int]], must_wait: frozenset[int] | set[int],
+    stalled: frozenset[str], elapsed_s: float, deadline_s: float,
+    policy: SyncPolicy = SyncPolicy(), last_arrival_s: float | None = None,
+    straggler_s: float | None = None,
+) -> WaitDecision:
+    """Whether to keep waiting for the partials of one layer step.
+
+    ``pending`` maps each worker to its groups not yet arrived; ``must_wait`` are the groups
+    predicted important (``predictor.groups_to_wait(pred, policy.target_share)``). Stalled
+    workers are never waited for; the rest until the deadline; an important group up to
+    ``important_grace`` deadlines (capped at ``max_deadline_s``). Once some partial of the step
+    arrived (``last_arrival_s``, elapsed time of the newest), stragglers without important groups
+    get ``straggler_s`` after it (:func:`straggler_wait`; None: ``straggler_share`` of the
+    deadline), not the whole deadline. Called on every
+    arrival and on every wake-up; whatever is still missing when it says stop counts as zero.
+    """
+    missing = {n: gs for n, gs in pending.items() if gs}
+    live = {n: gs for n, gs in missing.items() if n not in stalled}
+    if not live:
+        return WaitDecision(False, elapsed_s, "stalled-only" if missing else "complete")
+    important = any(g in must_wait for gs in live.values() for g in gs)
+    if last_arrival_s is not None and not important and policy.straggler_share < 1:
+        wait = policy.straggler_share * deadline_s if straggler_s is None else straggler_s
+        cut = min(deadline_s, last_arrival_s + wait)
+        if elapsed_s < cut:
+            return WaitDecision(True, cut, "straggler")
+        return WaitDecision(False, elapsed_s, "straggler-cut" if elapsed_s < deadline_s else "deadline-passed")
+    if elapsed_s < deadline_s:
+        return WaitDecision(True, deadline_s, "deadline")
+    if important:
+        hard = min(policy.important_grace * deadline_s, max(policy.max_deadline_s, deadline_s))
+        if elapsed_s < hard:
+            return WaitDecision(True, hard, "important")
+        return WaitDecision(False, elapsed_s, "important-timeout")
+    return WaitDecision(False, elapsed_s, "deadline-passed")

@@ -1,0 +1,280 @@
+"""Lookup decisions: best peer, cost-aware fetch, decision record, cache-aware routing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mesh.cache.catalog import Catalog
+from mesh.cache.keys import ModelKey, chunk_keys
+from mesh.errors import ConfigError
+from mesh.cache.store import KVStore
+from mesh.cache.lookup import (
+    CostModel,
+    LinkEstimate,
+    NodeId,
+    NodeLoad,
+    decide,
+    local_prefix,
+    route,
+    route_by_catalogs,
+)
+
+MK = ModelKey("sha256:0123", "tok")
+MODEL = MK.digest()
+PROMPT = list(range(1000, 1000 + 16 * 10 + 5))  # 10 full chunks + a 5-token tail
+KEYS = chunk_keys(MK, PROMPT)
+WIFI = LinkEstimate(bytes_per_s=21e6 / 8, rtt_s=0.01)  # the paper's ~21 Mbit/s Wi-Fi 4
+# Gemma-3 270M: 18,432 B/token in fp16 -> 294,912 B per 16-token chunk
+GEMMA_CHUNK = 18_432 * 16
+
+
+def cat(depth: int, model: bytes = MODEL, chunk: int = 16) -> Catalog:
+    return Catalog.from_keys(model, chunk, KEYS[:depth], capacity=100, fp_rate=1e-9)
+
+
+def cost(tps: float, link: LinkEstimate = WIFI, margin: float = 1.0) -> CostModel:
+    return CostModel(prefill_tokens_per_s=tps, bytes_per_chunk=GEMMA_CHUNK,
+                     default_link=link, margin=margin)
+
+
+def test_local_prefix_reads_the_store() -> None:
+    store = KVStore(10**9, MODEL)
+    store.put_chain(KEYS[:3], [b""] * 3, [1] * 3)
+    assert local_prefix(store, KEYS) == 3
+    assert store.stats().hits == 3 and store.stats().misses == 7
+
+
+def test_no_match_and_local() -> None:
+    d = decide(KEYS, 0, {}, MODEL, 16, cost(5.0))
+    assert d.decision == "no-match" and d.peer is None and d.fetch_bytes == 0
+    d = decide(KEYS, 4, {NodeId("b"): cat(3)}, MODEL, 16, cost(5.0))
+    assert d.decision == "local" and d.local_tokens == 64 and d.remote_tokens == 0
+
+
+def test_slow_device_fetches_from_the_deepest_peer() -> None:
+    # Pi Zero 2W: ~5 tokens/s prefill; 8 chunks (128 tokens) take ~25 s to recompute and
+    # ~0.9 s to download at 21 Mbit/s: fetch.
+    cats = {NodeId("a"): cat(5), NodeId("b"): cat(8), NodeId("c"): cat(2)}
+    d = decide(KEYS, 0, cats, MODEL, 16, cost(5.0))
+    assert d.decision == "remote" and d.peer == "b"
+    assert d.remote_chunks == 8 and d.remote_tokens == 128 and d.fetch_bytes == 8 * GEMMA_CHUNK
+    assert d.est_transfer_s == pytest.approx(8 * GEMMA_CHUNK / (21e6 / 8) + 0.01)
+    assert d.est_recompute_s == pytest.approx(128 / 5.0)
+    assert d.peers_considered == 3
+
+
+def test_only_missing_chunks_are_fetched() -> None:
+    d = decide(KEYS, 6, {NodeId("b"): cat(10)}, MODEL, 16, cost(5.0))
+    assert d.decision == "remote" and d.local_chunks == 6 and d.remote_chunks == 4
+    assert d.fetch_bytes == 4 * GEMMA_CHUNK
+
+
+def test_refuses_a_fetch_slower_than_recompute() -> None:
+    # Pi 5 class prefill (~600 tokens/s) over the same Wi-Fi: 8 chunks recompute in 0.21 s but
+    # download in 0.9 s -> recompute (the paper's Pi 5 case got 7 % slower by fetching anyway).
+    d = decide(KEYS, 2, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0))
+    assert d.decision == "recompute" and d.peer == "b" and d.fetch_bytes == 0
+    assert d.est_transfer_s > d.est_recompute_s
+    assert d.local_tokens == 32 and d.remote_tokens == 0
+    # the same peer on a fast wired link is worth it
+    fast = {NodeId("b"): LinkEstimate(bytes_per_s=500e6, rtt_s=0.001)}
+    assert decide(KEYS, 2, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0), fast).decision == "remote"
+
+
+def test_a_full_hit_counts_the_prompt_entry() -> None:
+    # the peer holds every chunk and the prompt entry (1 MB of logits + tail KV; 5 tail tokens)
+    cats = {NodeId("b"): cat(10)}
+    d = decide(KEYS, 0, cats, MODEL, 16, cost(5.0), extra_bytes=2**20, extra_tokens=6)
+    assert d.fetch_bytes == 10 * GEMMA_CHUNK + 2**20
+    assert d.est_recompute_s == pytest.approx(166 / 5.0)
+    partial = decide(KEYS, 0, {NodeId("b"): cat(9)}, MODEL, 16, cost(5.0), extra_bytes=2**20)
+    assert partial.fetch_bytes == 9 * GEMMA_CHUNK  # not a full hit: no prompt entry to fetch
+
+
+def test_margin_demands_a_clear_win() -> None:
+    link = LinkEstimate(bytes_per_s=GEMMA_CHUNK, rtt_s=0.0)  # 1 s per chunk
+    cats = {NodeId("b"): cat(4)}
+    assert decide(KEYS, 0, cats, MODEL, 16, cost(16 / 1.2, link)).decision == "remote"  # 1.2 s/chunk
+    assert decide(KEYS, 0, cats, MODEL, 16, cost(16 / 1.2, link, margin=1.5)).decision == "recompute"
+
+
+def test_overlap_computes_the_head_while_the_tail_arrives() -> None:
+    # Pi 5 class prefill over the paper's Wi-Fi: fetching all 8 missing chunks (0.91 s) loses to
+    # recomputing them (0.21 s), but computing 7 while the 8th arrives takes 0.19 s
+    d = decide(KEYS, 2, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0), overlap=True)
+    assert d.decision == "remote" and d.peer == "b"
+    assert d.head_chunks == 7 and d.remote_chunks == 1 and d.fetch_bytes == GEMMA_CHUNK
+    assert d.local_tokens == 32 and d.remote_tokens == 16
+    assert d.est_overlap_s == pytest.approx(7 * 16 / 600.0)
+    assert d.est_overlap_s < d.est_recompute_s < d.est_transfer_s
+    # a link and a device of equal speed per chunk: half and half, about twice as fast as either
+    even = LinkEstimate(bytes_per_s=GEMMA_CHUNK / 0.1, rtt_s=0.0)  # 0.1 s per chunk both ways
+    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(160.0, even), overlap=True)
+    assert d.head_chunks == 5 and d.remote_chunks == 5 and d.est_overlap_s == pytest.approx(0.5)
+    # the margin weighs the transfer side: a 1.5 margin moves the split towards computing
+    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(160.0, even, margin=1.5), overlap=True)
+    assert d.head_chunks == 6 and d.est_overlap_s == pytest.approx(0.6)
+
+
+def test_overlap_is_not_taken_when_one_side_wins_alone() -> None:
+    # a fast link: fetching everything beats any split
+    fast = LinkEstimate(bytes_per_s=500e6, rtt_s=0.001)
+    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0, fast), overlap=True)
+    assert d.decision == "remote" and d.head_chunks == 0 and d.remote_chunks == 10
+    # fetching everything pays, though a split would be faster still: a full fetch brings the
+    # last logits first (the first token does not wait), so it is kept
+    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(160.0 / 1.5, LinkEstimate(GEMMA_CHUNK / 0.1, 0.0)),
+               overlap=True)
+    assert d.decision == "remote" and d.head_chunks == 0 and d.est_overlap_s is None
+    # a link so slow that even one chunk costs more than recomputing them all
+    crawl = LinkEstimate(bytes_per_s=GEMMA_CHUNK / 10.0, rtt_s=0.05)
+    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0, crawl), overlap=True)
+    assert d.decision == "recompute" and d.head_chunks == 0 and d.est_overlap_s is not None
+    # one missing chunk cannot be split
+    d = decide(KEYS, 9, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0), overlap=True)
+    assert d.head_chunks == 0 and d.est_overlap_s is None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_overlap_split_picks_the_best_head(seed: int) -> None:
+    import random
+
+    from mesh.cache.lookup import overlap_split
+
+    r = random.Random(seed)
+    remote = r.randint(2, 40)
+    link = LinkEstimate(bytes_per_s=r.uniform(1e5, 1e8), rtt_s=r.uniform(0, 0.05))
+    c = cost(r.uniform(1, 2000), link, margin=r.uniform(1, 2))
+    head, est = overlap_split(remote, 16, c, link)
+
+    def brute(h: int) -> float:
+        return max(h * 16 / c.prefill_tokens_per_s, link.transfer_s((remote - h) * GEMMA_CHUNK) * c.margin)
+
+    assert 1 <= head < remote
+    assert est == pytest.approx(min(brute(h) for h in range(1, remote)))
+
+
+def test_ties_go_to_the_faster_link_then_the_lower_name() -> None:
+    cats = {NodeId("a"): cat(6), NodeId("b"): cat(6), NodeId("c"): cat(6)}
+    links = {NodeId("a"): LinkEstimate(1e6, 0.01), NodeId("b"): LinkEstimate(5e6, 0.01)}
+    d = decide(KEYS, 0, cats, MODEL, 16, cost(5.0, LinkEstimate(5e6, 0.01)), links)
+    assert d.peer == "b"  # b and c equally fast (c uses the default link): lower name wins
+    d = decide(KEYS, 0, cats, MODEL, 16, cost(5.0, LinkEstimate(9e6, 0.01)), links)
+    assert d.peer == "c"
+
+
+def test_incompatible_catalogs_are_ignored() -> None:
+    other = ModelKey("sha256:ffff", "tok").digest()
+    cats = {NodeId("a"): cat(9, model=other), NodeId("b"): cat(9, chunk=32), NodeId("c"): cat(3)}
+    d = decide(KEYS, 0, cats, MODEL, 16, cost(5.0))
+    assert d.peer == "c" and d.remote_chunks == 3 and d.peers_considered == 1
+
+
+def test_decision_record_is_json_ready() -> None:
+    d = decide(KEYS, 1, {NodeId("b"): cat(5)}, MODEL, 16, cost(5.0))
+    out = json.loads(json.dumps(d.to_dict()))
+    assert out["decision"] == "remote" and out["peer"] == "b"
+    assert (out["local_tokens"], out["remote_tokens"], out["total_chunks"]) == (16, 64, 10)
+    assert out["est_transfer_s"] < out["est_recompute_s"]
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ConfigError):
+        cost(0.0)
+    with pytest.raises(ConfigError):
+        cost(5.0, margin=0.5)
+    with pytest.raises(ValueError):
+        decide(KEYS, 11, {}, MODEL, 16, cost(5.0))
+    with pytest.raises(ValueError):
+        route({})
+
+
+def test_route_prefers_the_longest_cached_prefix() -> None:
+    r = route({NodeId("a"): NodeLoad(2, 1), NodeId("b"): NodeLoad(7, 2), NodeId("c"): NodeLoad(0, 0)},
+              threshold=2)
+    assert (r.node, r.reason, r.depth) == ("b", "cache", 7)
+
+
+def test_route_falls_back_to_the_least_loaded_node() -> None:
+    loads = {NodeId("a"): NodeLoad(2, 1), NodeId("b"): NodeLoad(7, 5), NodeId("c"): NodeLoad(0, 0)}
+    r = route(loads, threshold=2)
+    assert (r.node, r.reason, r.queue) == ("c", "load", 0)
+    assert route(loads, threshold=5).node == "b"  # 5 - 0 is within the threshold
+
+
+def test_route_ties_are_deterministic() -> None:
+    loads = {NodeId("b"): NodeLoad(3, 1), NodeId("a"): NodeLoad(3, 1), NodeId("c"): NodeLoad(3, 0)}
+    assert route(loads).node == "c"  # equal depth: shorter queue
+    loads = {NodeId("b"): NodeLoad(3, 1), NodeId("a"): NodeLoad(3, 1)}
+    assert route(loads).node == "a"  # then the lower name
+    # nothing cached anywhere: least loaded, then the deeper/lower name
+    loads = {NodeId("z"): NodeLoad(0, 0), NodeId("y"): NodeLoad(0, 0), NodeId("x"): NodeLoad(0, 3)}
+    assert route(loads).node == "y" and route(loads).reason == "load"
+
+
+def test_route_by_catalogs() -> None:
+    cats = {NodeId("a"): cat(3), NodeId("b"): cat(8), NodeId("gone"): cat(10)}
+    queues = {NodeId("a"): 0, NodeId("b"): 1, NodeId("new"): 0}  # "gone" is offline
+    r = route_by_catalogs(KEYS, cats, queues, MODEL, 16, threshold=2)
+    assert (r.node, r.depth, r.reason) == ("b", 8, "cache")
+    r = route_by_catalogs(KEYS, cats, {**queues, NodeId("b"): 9}, MODEL, 16, threshold=2)
+    assert (r.node, r.reason) == ("a", "load")  # least loaded: a and new tie on 0, a is deeper
+
+
+# -- peers that wasted a fetch, and how long to wait for one ------------------------------------
+
+from mesh.cache.lookup import BAD, SHORT, PenaltyPolicy, fetch_timeout, shunned, strike  # noqa: E402
+
+
+def test_a_skipped_peer_is_left_out_and_the_next_best_is_chosen() -> None:
+    cats = {NodeId("liar"): cat(10), NodeId("ok"): cat(6)}
+    d = decide(KEYS, 0, cats, MODEL, 16, cost(5.0))
+    assert d.peer == "liar" and d.peers_skipped == ()
+    d = decide(KEYS, 0, cats, MODEL, 16, cost(5.0), exclude={"liar"})
+    assert d.decision == "remote" and d.peer == "ok" and d.remote_chunks == 6
+    assert d.peers_skipped == ("liar",) and d.peers_considered == 1
+    d = decide(KEYS, 3, {NodeId("liar"): cat(10)}, MODEL, 16, cost(5.0), exclude={"liar", "gone"})
+    assert d.decision == "local" and d.peer is None and d.peers_skipped == ("liar",)
+    assert json.loads(json.dumps(d.to_dict()))["peers_skipped"] == ["liar"]
+
+
+def test_a_bad_strike_lasts_its_cool_down_whatever_the_epoch() -> None:
+    p = PenaltyPolicy(base_s=30.0, max_s=100.0)
+    s = strike(None, BAD, epoch=4, now=1000.0, policy=p)
+    assert s.count == 1 and s.until == 1030.0
+    assert shunned({"x": s}, {"x": 4}, 1029.9) == {"x"}
+    assert shunned({"x": s}, {"x": 5}, 1029.9) == {"x"}  # a liar controls its own epoch
+    assert shunned({"x": s}, {"x": 4}, 1030.0) == frozenset()
+    # consecutive strikes double the cool-down, up to the cap; a bad one stays bad
+    s2 = strike(s, SHORT, epoch=5, now=1040.0, policy=p)
+    assert s2.count == 2 and s2.kind == BAD and s2.until == 1100.0
+    s3 = strike(s2, SHORT, epoch=5, now=1100.0, policy=p)
+    assert s3.until == 1200.0  # 120 s capped to 100 s
+
+
+def test_a_short_strike_ends_when_the_peer_republishes_its_catalog() -> None:
+    s = strike(None, SHORT, epoch=7, now=0.0)
+    assert s.kind == SHORT and s.until == 30.0
+    assert shunned({"p": s}, {"p": 7}, 10.0) == {"p"}
+    assert shunned({"p": s}, {"p": 8}, 10.0) == frozenset()  # it now says what it really holds
+    assert shunned({"p": s}, {}, 10.0) == {"p"}  # catalog not (yet) seen again: still skipped
+    with pytest.raises(ValueError):
+        strike(None, "odd", 0, 0.0)
+    with pytest.raises(ConfigError):
+        PenaltyPolicy(base_s=0.0)
+
+
+def test_a_fetch_is_given_up_at_the_recompute_estimate() -> None:
+    slow = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(5.0))  # Pi Zero: 32 s to recompute
+    assert slow.decision == "remote"
+    assert fetch_timeout(slow, 0.25, 60.0) == pytest.approx(160 / 5.0)
+    assert fetch_timeout(slow, 0.25, 10.0) == 10.0  # capped
+    fast = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(5000.0, LinkEstimate(1e9, 0.0)))
+    assert fast.decision == "remote" and fast.est_recompute_s == pytest.approx(0.032)
+    assert fetch_timeout(fast, 0.25, 10.0) == 0.25  # the floor covers broker jitter
+    # the transfer the fetch was chosen for fits well within the timeout
+    assert slow.est_transfer_s * 20 < fetch_timeout(slow)
+    with pytest.raises(ValueError):
+        fetch_timeout(slow, 1.0, 0.5)
