@@ -129,7 +129,7 @@ def halo_reply(coordinator: str) -> str:
 
 
 def halo_link(coordinator: str) -> str:
-    """The reply topic for partial frames to ``coordinator``'s direct link (``mesh.mqtt.bus.DirectLink``:
+    """The reply topic for partial frames to ``coordinator``'s direct link (``mesh.mqtt.direct.DirectLink``:
     read on its generation thread, not through its bus)."""
     return reply(f"{check_name(coordinator)}-halo-link")
 

@@ -14,7 +14,8 @@ import time
 from typing import Any
 
 from mesh import wire
-from mesh.mqtt.bus import MqttBus, ReplyInbox
+from mesh.mqtt.bus import MqttBus
+from mesh.mqtt.inbox import ReplyInbox
 from mesh.errors import MeshError
 from mesh.uplink_stats import LinkStats, LinkStatsConfig
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh import topics, wire
-from mesh.mqtt.bus import MqttBus, ReplyInbox
+from mesh.mqtt.bus import MqttBus
+from mesh.mqtt.inbox import ReplyInbox
 from mesh.config import NodeConfig
 from mesh.errors import MeshError, ProtocolError
 from mesh.model import Decoder, Interrupted, LoadedModel, bind_threads, load_model

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh import topics, wire
-from mesh.mqtt.bus import MqttBus, ReplyInbox
+from mesh.mqtt.bus import MqttBus
+from mesh.mqtt.inbox import ReplyInbox
 from mesh.config import BrokerAddress
 from mesh.errors import MeshError, ProtocolError, TransportError
 from mesh.routing import NodeView, PeerTable, router_of

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from mesh import topics, wire
-from mesh.mqtt.bus import DirectLink, MqttBus
+from mesh.mqtt.bus import MqttBus
+from mesh.mqtt.direct import DirectLink
 from mesh.config import BrokerAddress, CacheConfig, Limits
 from mesh.errors import MeshError, ProtocolError, TransportError
 from mesh.halo.ledger import Liveness

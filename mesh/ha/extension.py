@@ -27,7 +27,8 @@ from typing import Any
 
 from mesh import topics, wire
 from mesh.ha import discovery as ha
-from mesh.mqtt.bus import MqttBus, ReplyInbox
+from mesh.mqtt.bus import MqttBus
+from mesh.mqtt.inbox import ReplyInbox
 from mesh.config import NodeConfig, check_name
 from mesh.errors import MeshError
 from mesh.member import AgentExtension

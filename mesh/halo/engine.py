@@ -4,7 +4,7 @@ Per layer step (:meth:`HaloEngine._mlp`, on the generation thread): encode the M
 (fp16, the whole (B, T, H) input: all prompt positions in a prefill, the last one in decode) as a
 ``mesh.halo.frame`` frame and publish it once on the coordinator's MLP-input topic, which every
 plan worker subscribes to (the CBOR envelope to each worker's own topic is kept for comparison,
-per ask: ``halo_wire: "cbor"``), written on this thread over the direct link (``mesh.mqtt.bus.DirectLink``)
+per ask: ``halo_wire: "cbor"``), written on this thread over the direct link (``mesh.mqtt.direct.DirectLink``)
 when there is one; partial frames come back on ``topics.halo_link`` and are read by this thread
 while it waits (over the bus: ``topics.halo_reply``, read by paho's thread); compute the local
 groups meanwhile; predict the groups' importance (relaxed); then gather partials until
@@ -36,7 +36,7 @@ from mesh import topics, wire
 from mesh.halo import frame as halo_wire
 from mesh.halo import groups as split
 from mesh.halo import predictor as pred_mod
-from mesh.mqtt.bus import DirectLink
+from mesh.mqtt.direct import DirectLink
 from mesh.errors import MeshError, ProtocolError
 from mesh.model import WARMUP_TEXT
 from mesh.halo.ledger import (

@@ -11,7 +11,7 @@ Threads (all owned here and stopped by :meth:`HaloWorker.stop`):
   has moved on; answering would only pile work up behind a stalled link).
 
 - the *link* thread (``--halo-serve link``, the default) owns the worker's own broker connection
-  for the hot path (``mesh.mqtt.bus.DirectLink`` over ``mesh.mqtt.lite``): it reads the MLP inputs,
+  for the hot path (``mesh.mqtt.direct.DirectLink`` over ``mesh.mqtt.lite``): it reads the MLP inputs,
   serves each coordinator's newest one-position frame of a read and writes the partial itself,
   with no paho and no thread hand-off in between (the worker's CPU per layer step 653-680 ->
   590-603 us, round trip p50 616-664 -> 536-551 us: ``results/2026-12-06/worker_step_cost.py``).
@@ -50,7 +50,7 @@ import torch
 from mesh import topics, wire
 from mesh.halo import frame as halo_wire
 from mesh.halo import groups as split
-from mesh.mqtt.bus import DirectLink
+from mesh.mqtt.direct import DirectLink
 from mesh.errors import MeshError, ProtocolError, TransportError
 from mesh.model import bind_threads
 from mesh.halo.placement import Plan
@@ -313,7 +313,7 @@ class HaloWorker(AgentExtension):
 
     def _link_loop(self) -> None:
         """Read, serve and answer the MLP inputs on the worker's own connection: no paho thread
-        and no hand-off between read and answer (``mesh.mqtt.bus.DirectLink``). While the link is
+        and no hand-off between read and answer (``mesh.mqtt.direct.DirectLink``). While the link is
         broken the bus carries the frames; once it is back the bus lets them go again."""
         bind_threads()
         link = self.link

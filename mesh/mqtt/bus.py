@@ -4,34 +4,25 @@ Components take a bus object instead of a paho client, so the pure logic stays t
 transport stays in one place. Handlers run on paho's network thread: they must be quick (decode,
 enqueue) and any exception they raise is logged and counted, never allowed to kill the loop.
 
-Request/response: MQTT 3.1.1 (amqtt) has no response topic or correlation data, so both travel
-in the envelope (``mesh.wire``). A :class:`ReplyInbox` owns one reply topic per client and routes
-replies to per-request queues by correlation id.
-
-:class:`DirectLink` is a second connection without a network thread, for one thread's hot
-request/response loop (the HALO coordinator's layer steps): its owner writes and reads the socket.
+Request/response over it is :class:`mesh.mqtt.inbox.ReplyInbox`; the hot path's own connection,
+with no network thread, is :class:`mesh.mqtt.direct.DirectLink`.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import select
 import socket
 import ssl
 import threading
-import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from mesh import topics, wire
 from mesh.config import BrokerAddress
-from mesh.errors import ProtocolError, TransportError
-from mesh.mqtt.lite import LiteClient
+from mesh.errors import TransportError
 
 log = logging.getLogger(__name__)
 
@@ -233,194 +224,3 @@ class MqttBus:
             except Exception:
                 self.handler_errors += 1
                 log.exception("handler for %s failed", msg.topic)
-
-
-class DirectLink:
-    """A second connection for one thread's request/response hot path, with no network thread.
-
-    The HALO coordinator publishes each layer step's MLP input and waits for the workers' partials
-    on its generation thread. Through :class:`MqttBus` that costs two thread hand-offs per step:
-    paho's network thread, woken through its socket pair, writes the publish, and it reads the
-    partials and hands them back; on a busy 2-core device each is a wake-up that waits for a core
-    and the GIL. Here the caller writes its publish itself and reads the answers itself
-    (:meth:`pump`), and ``handler`` runs on the caller's thread, so a step is the network round
-    trip alone. The connection is :class:`mesh.mqtt.lite.LiteClient` (QoS 0, one ``recv`` for
-    every packet already there) rather than paho, whose per-message Python is the rest of a
-    step's cost. One thread at a time (hold :attr:`lock`): the owner while it works, anyone else
-    while it is idle, to answer the broker's keep-alive (:meth:`service`). A broken connection
-    makes :attr:`usable` false; :meth:`service` reconnects it (never the hot path).
-    """
-
-    def __init__(self, client_id: str, broker: BrokerAddress, topic: str | None, handler: Handler, *,
-                 keepalive: int = 10, retry_s: float = 5.0, max_packet: int = 16 * 1024 * 1024) -> None:
-        self.client_id, self.broker, self.topic, self.handler = client_id, broker, topic, handler
-        self.topics: list[str] = [topic] if topic else []  # subscribed at every (re)connect
-        self.lock = threading.Lock()
-        self.connects = self.failures = 0
-        self._keepalive, self._retry_s, self._max_packet = keepalive, retry_s, max_packet
-        self._conn: LiteClient | None = None
-        self._state = "closed"  # closed -> ready; broken on error
-        self._next_try = 0.0
-
-    @property
-    def usable(self) -> bool:
-        return self._state == "ready"
-
-    def open(self, timeout: float = 10.0) -> None:
-        """Connect and subscribe (caller's thread, holding :attr:`lock` or before sharing it)."""
-        if self._conn is not None:
-            self._conn.close()
-        conn = LiteClient(self.client_id, self.broker, self._keepalive, self._max_packet)
-        try:
-            conn.connect(timeout)
-            if self.topics:
-                conn.subscribe(self.topics, timeout)
-        except TransportError:
-            self._state = "broken"
-            raise
-        self._conn, self._state = conn, "ready"
-        self.connects += 1
-
-    def close(self, timeout: float = 2.0) -> None:
-        held = self.lock.acquire(timeout=timeout)
-        try:
-            self._state = "closed"
-            if self._conn is not None:
-                self._conn.close(polite=True)
-        finally:
-            if held:
-                self.lock.release()
-
-    def add_topic(self, topic: str, timeout: float = 10.0) -> bool:
-        """Subscribe ``topic`` too, now if the link is up (holding :attr:`lock`) and at every
-        reconnect; False if the link is not usable now."""
-        if topic not in self.topics:
-            self.topics.append(topic)
-        if self._state != "ready" or self._conn is None:
-            return False
-        try:
-            self._conn.subscribe([topic], timeout)
-        except TransportError as exc:
-            self._broken(str(exc))
-            return False
-        return True
-
-    def publish(self, topic: str, payload: bytes) -> bool:
-        """Write ``payload`` now (QoS 0), on the caller's thread; False if the link is not usable."""
-        if self._state != "ready" or self._conn is None:
-            return False
-        try:
-            self._conn.publish(topic, payload)
-        except TransportError as exc:
-            self._broken(str(exc))
-            return False
-        return True
-
-    def pump(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for input, then read every packet already there (the handler
-        runs here) and answer the keep-alive. False if the link broke."""
-        if self._state != "ready" or self._conn is None:
-            return False
-        try:
-            messages = self._conn.read(timeout)
-        except TransportError as exc:
-            self._broken(str(exc))
-            return False
-        for topic, payload, retained in messages:
-            try:
-                self.handler(topic, payload, retained)
-            except Exception:
-                log.exception("direct-link handler for %s failed", topic)
-        return True
-
-    def service(self) -> None:
-        """From an idle thread: keep the connection alive and reconnect it when it broke (at most
-        every ``retry_s``). Skips while another thread holds the link."""
-        if not self.lock.acquire(blocking=False):
-            return
-        try:
-            if self._state == "ready":
-                self.pump(0.0)
-            elif self._state == "broken" and time.monotonic() >= self._next_try:
-                self._next_try = time.monotonic() + self._retry_s
-                try:
-                    self.open()
-                    log.info("direct link to %s reconnected", self.broker)
-                except TransportError as exc:
-                    log.warning("%s (retrying in %g s)", exc, self._retry_s)
-        finally:
-            self.lock.release()
-
-    def _broken(self, why: str) -> None:
-        if self._state != "broken":
-            self.failures += 1
-            log.warning("direct link to %s broke: %s", self.broker, why)
-        self._state = "broken"
-
-
-class ReplyInbox:
-    """A client's reply topic, with replies routed to per-request queues by correlation id."""
-
-    def __init__(self, bus: MqttBus, name: str, rejects: wire.RejectCounter | None = None,
-                 max_bytes: int = wire.DEFAULT_MAX_BYTES) -> None:
-        self.bus = bus
-        self.name = name
-        self.topic = topics.reply(name)
-        self.rejects = rejects or wire.RejectCounter()
-        self._max_bytes = max_bytes
-        self._pending: dict[str, queue.Queue[wire.Envelope]] = {}
-        self._lock = threading.Lock()
-        # Pings nobody waits for (a link prober's): return True when consumed.
-        self.ping_handler: Callable[[wire.Envelope], bool] | None = None
-
-    def start(self) -> None:
-        self.bus.subscribe(self.topic, self._handle, qos=topics.REPLY.qos)
-
-    def open(self, corr: str | None = None) -> tuple[str, queue.Queue[wire.Envelope]]:
-        corr = corr or uuid.uuid4().hex
-        q: queue.Queue[wire.Envelope] = queue.Queue()
-        with self._lock:
-            self._pending[corr] = q
-        return corr, q
-
-    def close(self, corr: str) -> None:
-        with self._lock:
-            self._pending.pop(corr, None)
-
-    def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
-        try:
-            env = wire.decode(payload, self._max_bytes)
-        except ProtocolError as exc:
-            self.rejects.add(exc.reason)
-            log.info("dropped reply on %s: %s", topic, exc)
-            return
-        with self._lock:
-            q = self._pending.get(env.corr or "")
-        if q is None:
-            if env.kind is wire.Kind.PING and self.ping_handler is not None and self.ping_handler(env):
-                return
-            self.rejects.add("unexpected-reply")
-            return
-        q.put(env)
-
-    def ping(self, timeout: float = 5.0, clock: Callable[[], float] = time.monotonic, pad: int = 0) -> float:
-        """Round trip through the broker to our own reply topic, in seconds.
-
-        It doubles as a barrier: once our ping is back, every retained message queued for our
-        earlier subscriptions has been delivered (the broker keeps per-client order).
-        """
-        corr, q = self.open()
-        try:
-            t0 = clock()
-            body: dict[str, Any] = {"t": t0}
-            if pad:  # a large ping measures bandwidth: it crosses our link twice
-                body["pad"] = bytes(pad)
-            payload = wire.encode(wire.Envelope(wire.Kind.PING, self.name, body, corr=corr))
-            self.bus.publish(self.topic, payload, qos=topics.REPLY.qos)
-            try:
-                q.get(timeout=timeout)
-            except queue.Empty:
-                raise TransportError(f"no ping echo from the broker within {timeout:g} s") from None
-            return clock() - t0
-        finally:
-            self.close(corr)

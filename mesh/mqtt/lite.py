@@ -8,7 +8,7 @@ dispatch, and per publish a wake-up byte on its socket pair. Here a packet is bu
 ``recv`` and cuts every complete packet out of it. The caller owns the socket (no thread).
 
 Everything else (connection-level QoS 1, retained state, wills, reconnect policy) stays with paho
-in :class:`mesh.mqtt.bus.MqttBus`; :class:`mesh.mqtt.bus.DirectLink` wraps this with its reconnect policy.
+in :class:`mesh.mqtt.bus.MqttBus`; :class:`mesh.mqtt.direct.DirectLink` wraps this with its reconnect policy.
 
 Spec: MQTT Version 3.1.1 (OASIS Standard, 29 October 2014), sections 2 (fixed header, remaining
 length) and 3 (CONNECT, CONNACK, PUBLISH, SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT).

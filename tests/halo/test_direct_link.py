@@ -1,4 +1,4 @@
-"""mesh.mqtt.bus.DirectLink against a real Mosquitto: the owner's thread writes and reads (the handler
+"""mesh.mqtt.direct.DirectLink against a real Mosquitto: the owner's thread writes and reads (the handler
 runs on it), a broken connection is reported and `service` reconnects it once the broker is back."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mesh import topics
-from mesh.mqtt.bus import DirectLink
+from mesh.mqtt.direct import DirectLink
 from mesh.config import BrokerAddress
 from tests.conftest import free_port, mosquitto_conf, spawn, wait_port
 

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from mesh import topics, wire
-from mesh.mqtt.bus import MqttBus, ReplyInbox
+from mesh.mqtt.bus import MqttBus
+from mesh.mqtt.inbox import ReplyInbox
 from mesh.config import BrokerAddress
 from mesh.errors import TransportError
 from nodes.up import free_port

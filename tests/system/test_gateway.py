@@ -33,7 +33,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from mesh import topics
 from mesh.ha import discovery as ha
-from mesh.mqtt.bus import DirectLink, MqttBus, ReplyInbox
+from mesh.mqtt.bus import MqttBus
+from mesh.mqtt.direct import DirectLink
+from mesh.mqtt.inbox import ReplyInbox
 from mesh.config import BrokerAddress, Limits
 from mesh.errors import TransportError
 from nodes.client import MeshClient

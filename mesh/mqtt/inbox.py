@@ -1,0 +1,89 @@
+"""Request/response over MQTT 3.1.1: a client's reply topic, replies routed by correlation id.
+
+MQTT 3.1.1 (amqtt) has no response topic or correlation data, so both travel in the envelope
+(``mesh.wire``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from mesh import topics, wire
+from mesh.errors import ProtocolError, TransportError
+from mesh.mqtt.bus import MqttBus
+
+log = logging.getLogger(__name__)
+
+
+class ReplyInbox:
+    """A client's reply topic, with replies routed to per-request queues by correlation id."""
+
+    def __init__(self, bus: MqttBus, name: str, rejects: wire.RejectCounter | None = None,
+                 max_bytes: int = wire.DEFAULT_MAX_BYTES) -> None:
+        self.bus = bus
+        self.name = name
+        self.topic = topics.reply(name)
+        self.rejects = rejects or wire.RejectCounter()
+        self._max_bytes = max_bytes
+        self._pending: dict[str, queue.Queue[wire.Envelope]] = {}
+        self._lock = threading.Lock()
+        # Pings nobody waits for (a link prober's): return True when consumed.
+        self.ping_handler: Callable[[wire.Envelope], bool] | None = None
+
+    def start(self) -> None:
+        self.bus.subscribe(self.topic, self._handle, qos=topics.REPLY.qos)
+
+    def open(self, corr: str | None = None) -> tuple[str, queue.Queue[wire.Envelope]]:
+        corr = corr or uuid.uuid4().hex
+        q: queue.Queue[wire.Envelope] = queue.Queue()
+        with self._lock:
+            self._pending[corr] = q
+        return corr, q
+
+    def close(self, corr: str) -> None:
+        with self._lock:
+            self._pending.pop(corr, None)
+
+    def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
+        try:
+            env = wire.decode(payload, self._max_bytes)
+        except ProtocolError as exc:
+            self.rejects.add(exc.reason)
+            log.info("dropped reply on %s: %s", topic, exc)
+            return
+        with self._lock:
+            q = self._pending.get(env.corr or "")
+        if q is None:
+            if env.kind is wire.Kind.PING and self.ping_handler is not None and self.ping_handler(env):
+                return
+            self.rejects.add("unexpected-reply")
+            return
+        q.put(env)
+
+    def ping(self, timeout: float = 5.0, clock: Callable[[], float] = time.monotonic, pad: int = 0) -> float:
+        """Round trip through the broker to our own reply topic, in seconds.
+
+        It doubles as a barrier: once our ping is back, every retained message queued for our
+        earlier subscriptions has been delivered (the broker keeps per-client order).
+        """
+        corr, q = self.open()
+        try:
+            t0 = clock()
+            body: dict[str, Any] = {"t": t0}
+            if pad:  # a large ping measures bandwidth: it crosses our link twice
+                body["pad"] = bytes(pad)
+            payload = wire.encode(wire.Envelope(wire.Kind.PING, self.name, body, corr=corr))
+            self.bus.publish(self.topic, payload, qos=topics.REPLY.qos)
+            try:
+                q.get(timeout=timeout)
+            except queue.Empty:
+                raise TransportError(f"no ping echo from the broker within {timeout:g} s") from None
+            return clock() - t0
+        finally:
+            self.close(corr)
