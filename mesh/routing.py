@@ -96,3 +96,36 @@ def choose_node(
         if best is None or key < best:
             best = key
     return None if best is None else best[3]
+
+
+@dataclass(frozen=True)
+class NodeLoad:
+    """One candidate node for an ask: cached-prefix depth (chunks) and queued asks."""
+
+    depth: int
+    queue: int
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where an ask goes and why: ``reason`` is ``"cache"`` or ``"load"``."""
+
+    node: str
+    reason: str
+    depth: int
+    queue: int
+
+
+def route(nodes: Mapping[str, NodeLoad], threshold: int = 2) -> Route:
+    """Cache-aware routing with a load guard (``mesh.cache.lookup``: the deepest cached prefix wins unless its queue is longer than the shortest one by more than ``threshold``); raises ValueError if empty."""
+    if not nodes:
+        raise ValueError("no candidate nodes")
+    if threshold < 0:
+        raise ValueError("threshold must be >= 0")
+    cached = min(nodes, key=lambda n: (-nodes[n].depth, nodes[n].queue, n))
+    idle = min(nodes, key=lambda n: (nodes[n].queue, -nodes[n].depth, n))
+    if nodes[cached].depth > 0 and nodes[cached].queue - nodes[idle].queue <= threshold:
+        pick, reason = cached, "cache"
+    else:
+        pick, reason = idle, "load"
+    return Route(pick, reason, nodes[pick].depth, nodes[pick].queue)

@@ -30,9 +30,9 @@ from mesh.mqtt.bus import MqttBus
 from mesh.mqtt.inbox import ReplyInbox
 from mesh.config import NodeConfig
 from mesh.errors import MeshError, ProtocolError
-from mesh.model import Decoder, Interrupted, LoadedModel, bind_threads, load_model
-from mesh.cache.lookup import LinkEstimate, NodeId, NodeLoad, route
-from mesh.routing import PeerTable, choose_node, router_of
+from mesh.model import WARMUP_TEXT, Decoder, Interrupted, LoadedModel, bind_threads, load_model
+from mesh.cache.lookup import LinkEstimate
+from mesh.routing import NodeLoad, PeerTable, choose_node, route, router_of
 from mesh.cache.node_cache import NodeCache, Prepared
 from mesh.member import AgentExtension
 from mesh.uplink_probe import LinkProbe
@@ -317,7 +317,7 @@ class NodeAgent:
             reason = "load"
             if depths and max(depths.values()) > 0:
                 # Cache-aware: the longest cached prefix wins unless its queue is too long.
-                loads = {NodeId(v.name): NodeLoad(depths.get(v.name, 0), v.queue + self._pending.get(v.name, 0))
+                loads = {v.name: NodeLoad(depths.get(v.name, 0), v.queue + self._pending.get(v.name, 0))
                          for v in candidates}
                 picked = route(loads, self.config.cache.route_threshold)
                 target, reason = str(picked.node), picked.reason

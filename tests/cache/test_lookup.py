@@ -14,11 +14,8 @@ from mesh.cache.lookup import (
     CostModel,
     LinkEstimate,
     NodeId,
-    NodeLoad,
     decide,
     local_prefix,
-    route,
-    route_by_catalogs,
 )
 
 MK = ModelKey("sha256:0123", "tok")
@@ -187,40 +184,6 @@ def test_bad_inputs() -> None:
         cost(5.0, margin=0.5)
     with pytest.raises(ValueError):
         decide(KEYS, 11, {}, MODEL, 16, cost(5.0))
-    with pytest.raises(ValueError):
-        route({})
-
-
-def test_route_prefers_the_longest_cached_prefix() -> None:
-    r = route({NodeId("a"): NodeLoad(2, 1), NodeId("b"): NodeLoad(7, 2), NodeId("c"): NodeLoad(0, 0)},
-              threshold=2)
-    assert (r.node, r.reason, r.depth) == ("b", "cache", 7)
-
-
-def test_route_falls_back_to_the_least_loaded_node() -> None:
-    loads = {NodeId("a"): NodeLoad(2, 1), NodeId("b"): NodeLoad(7, 5), NodeId("c"): NodeLoad(0, 0)}
-    r = route(loads, threshold=2)
-    assert (r.node, r.reason, r.queue) == ("c", "load", 0)
-    assert route(loads, threshold=5).node == "b"  # 5 - 0 is within the threshold
-
-
-def test_route_ties_are_deterministic() -> None:
-    loads = {NodeId("b"): NodeLoad(3, 1), NodeId("a"): NodeLoad(3, 1), NodeId("c"): NodeLoad(3, 0)}
-    assert route(loads).node == "c"  # equal depth: shorter queue
-    loads = {NodeId("b"): NodeLoad(3, 1), NodeId("a"): NodeLoad(3, 1)}
-    assert route(loads).node == "a"  # then the lower name
-    # nothing cached anywhere: least loaded, then the deeper/lower name
-    loads = {NodeId("z"): NodeLoad(0, 0), NodeId("y"): NodeLoad(0, 0), NodeId("x"): NodeLoad(0, 3)}
-    assert route(loads).node == "y" and route(loads).reason == "load"
-
-
-def test_route_by_catalogs() -> None:
-    cats = {NodeId("a"): cat(3), NodeId("b"): cat(8), NodeId("gone"): cat(10)}
-    queues = {NodeId("a"): 0, NodeId("b"): 1, NodeId("new"): 0}  # "gone" is offline
-    r = route_by_catalogs(KEYS, cats, queues, MODEL, 16, threshold=2)
-    assert (r.node, r.depth, r.reason) == ("b", 8, "cache")
-    r = route_by_catalogs(KEYS, cats, {**queues, NodeId("b"): 9}, MODEL, 16, threshold=2)
-    assert (r.node, r.reason) == ("a", "load")  # least loaded: a and new tie on 0, a is deeper
 
 
 # -- peers that wasted a fetch, and how long to wait for one ------------------------------------
