@@ -104,7 +104,7 @@ def test_sampling_is_deterministic_and_repeats_are_earlier_commands(home: w.Home
 
 
 def test_sampling_is_identical_across_processes() -> None:
-    code = ("import json; from mesh import ha_workload as w; "
+    code = ("import json; from nodes.bench import ha_workload as w; "
             "print(json.dumps([c.as_json() for c in w.sample_commands(40, seed=7, repeat_share=0.2)]))")
     outs = []
     for hash_seed in ("1", "2"):
