@@ -1,8 +1,48 @@
-"""What every member process of the mesh shares: the node agent and the coordinator."""
+"""What every member process of the mesh shares: the node agent and the HALO coordinator.
+
+A :class:`Member` is one process's place in the mesh, on its bus:
+
+- *presence*: the retained ``online`` status (the last will says ``offline``), republished after
+  every reconnect, and a :class:`mesh.routing.PeerTable` fed by every node's status and heartbeat;
+- *ask intake*: decode, validate, drop a repeated ask id, queue (bounded; a full queue answers
+  ``busy``), so one ask is answered once even when a router's crash overlaps its successor's duty
+  (``mesh.routing``'s safety argument relies on every target doing this);
+- *router duty*: while this process has the smallest online name, it forwards the asks that name
+  no node (``mesh/v1/route``, the JSON and plain-text asks) to the node :func:`pick` chooses;
+- *replies*: streamed pieces, answers and errors, as CBOR envelopes or JSON;
+- *heartbeat*: published with a sequence number the peers order them by;
+- *the work loop*: one ask at a time, off the network thread, a failed ask never kills it.
+
+What differs between processes is handed in: the cache depths per candidate (the agent's prompt
+cache), hooks for presence and heartbeats (the coordinator's HALO engine), and who may answer.
+Handlers run on paho's network thread: they decode, check and enqueue, never torch.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+from mesh import topics, wire
+from mesh.config import Limits
+from mesh.errors import MeshError, ProtocolError
+from mesh.model import bind_threads
+from mesh.mqtt.bus import MqttBus
+from mesh.routing import NodeView, PeerTable, pick, router_of
+
+log = logging.getLogger(__name__)
+
+SEEN_MAX = 10_000  # remembered ask ids, beyond the dedupe window's own expiry
+
+Depths = Callable[[wire.Envelope, list[str]], dict[str, int]]
 
 
 class AgentExtension:
@@ -25,3 +65,361 @@ class AgentExtension:
 
     def stop(self) -> None:
         pass
+
+
+class Cancelled(Exception):
+    """Raised from an answer's streaming callback to stop a generation when the process stops."""
+
+
+@dataclass
+class Job:
+    env: wire.Envelope
+    received: float  # monotonic
+    json_reply: bool = False
+
+
+def ask_identity(env: wire.Envelope) -> tuple[str, str, str] | None:
+    """Who sent an ask and under which id: a repeat of the same triple is the same ask.
+
+    The id is the asker's ``ask_id`` (JSON asks) or the envelope's correlation id. The sender and
+    its reply topic are part of it, so two askers that happen to pick one id both get answers.
+    """
+    ask_id = env.body.get("ask_id") or env.corr
+    if not ask_id:
+        return None
+    return env.sender, env.reply_to or "", str(ask_id)
+
+
+class Member:
+    """One process's membership: presence, intake, router duty, replies, heartbeat, work loop.
+
+    ``label`` names the process in error messages (``node pi1``). ``answers_itself``: with no
+    other answering node online, a routed ask it accepts comes to this process (the coordinator).
+    ``answer_role``: routers only pick nodes whose heartbeat lists the role ``answer`` (the
+    coordinator's rule; the agent routes to any node with a matching model). ``route_threshold``:
+    see :func:`mesh.routing.route`.
+    """
+
+    def __init__(self, name: str, bus: MqttBus, limits: Limits, rejects: wire.RejectCounter, *,
+                 dedupe_window_s: float = 600.0, depths: Depths | None = None,
+                 on_presence: Callable[[str, bool | None], None] | None = None,
+                 on_peer_heartbeat: Callable[[str, dict[str, Any], bool], None] | None = None,
+                 answers_itself: Callable[[wire.Envelope], bool] | None = None,
+                 answer_role: bool = False, route_threshold: int = 2, label: str = "") -> None:
+        self.name, self.bus, self.limits, self.rejects = name, bus, limits, rejects
+        self.label = label or name
+        self.route_threshold = route_threshold
+        self.dedupe_window_s = dedupe_window_s
+        self.depths = depths
+        self.on_presence = on_presence
+        self.on_peer_heartbeat = on_peer_heartbeat
+        self.answers_itself = answers_itself
+        self.answer_role = answer_role
+        self.peers = PeerTable()
+        self.peers_lock = threading.Lock()
+        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=limits.max_queue)
+        self.running = False  # an ask is being answered
+        self.present = False  # between announcing "online" and going offline
+        self.stop_event = threading.Event()
+        self.seq = 0
+        self._seen: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        self._seen_lock = threading.Lock()
+        self.pending: dict[str, int] = {}  # router: asks sent per node since its last heartbeat
+        self._last_assigned: dict[str, int] = {}
+        self._assign_seq = 0
+
+    # -- presence ---------------------------------------------------------------------------------
+    def subscribe_presence(self) -> None:
+        self.bus.subscribe(topics.ALL_STATUS, self.on_status, qos=1)
+        self.bus.subscribe(topics.ALL_HEARTBEATS, self.on_heartbeat, qos=0)
+
+    def go_online(self) -> None:
+        """Publish ``online`` and wait for the ack, then serve asks: the router argument in
+        ``mesh.routing`` needs the status accepted before these subscriptions."""
+        self.bus.publish_wait(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
+        self.present = True
+        self.bus.subscribe(topics.node_ask(self.name), self.on_node_ask, qos=1)
+        self.bus.subscribe(topics.ROUTE, self.on_route, qos=1)
+        self.bus.subscribe(topics.ASK, self.on_json_ask, qos=1)
+        self.bus.subscribe(topics.ASK_TEXT, self.on_text_ask, qos=1)
+
+    def announce(self) -> bool:
+        """After a reconnect: the retained status may have been replaced by our will."""
+        if self.stop_event.is_set() or not self.bus.connected.is_set():
+            return False
+        self.bus.publish(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
+        return True
+
+    def go_offline(self) -> None:
+        """Status ``offline``, and every queued ask refused."""
+        self.stop_event.set()
+        self.present = False
+        try:
+            self.bus.publish_wait(topics.node_status(self.name), topics.OFFLINE, qos=1, retain=True, timeout=3.0)
+        except MeshError as exc:
+            log.warning("could not publish offline status: %s", exc)
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            self.reply_error(job, "shutdown", f"{self.label} is shutting down")
+
+    def decode(self, payload: bytes, kind: wire.Kind) -> wire.Envelope | None:
+        try:
+            env = wire.decode(payload, self.limits.max_message_bytes)
+        except ProtocolError as exc:
+            self.rejects.add(exc.reason)
+            log.info("dropped payload: %s", exc)
+            return None
+        if env.kind is not kind:
+            self.rejects.add("unexpected-kind")
+            return None
+        return env
+
+    def on_status(self, topic: str, payload: bytes, retained: bool) -> None:
+        parsed = topics.parse_node_topic(topic)
+        if parsed is None:
+            self.rejects.add("bad-topic")
+            return
+        if payload not in (b"", topics.ONLINE, topics.OFFLINE):
+            self.rejects.add("bad-status")  # garbage must not mark a node gone
+            return
+        name = parsed[0]
+        online = None if payload == b"" else payload == topics.ONLINE  # b"": cleared by a decommission
+        with self.peers_lock:
+            if online is None:
+                self.peers.forget(name)
+            else:
+                self.peers.set_status(name, online)
+        if self.on_presence is not None and name != self.name:
+            self.on_presence(name, online)
+
+    def on_heartbeat(self, topic: str, payload: bytes, retained: bool) -> None:
+        parsed = topics.parse_node_topic(topic)
+        if parsed is None:
+            self.rejects.add("bad-topic")
+            return
+        if not payload:
+            return  # an empty retained message clears a decommissioned node's heartbeat
+        env = self.decode(payload, wire.Kind.HEARTBEAT)
+        if env is None:
+            return
+        with self.peers_lock:
+            if self.peers.set_heartbeat(parsed[0], env.body, time.monotonic()):
+                self.pending.pop(parsed[0], None)
+        if self.on_peer_heartbeat is not None and parsed[0] != self.name:
+            self.on_peer_heartbeat(parsed[0], env.body, retained)
+
+    def peer_online(self, peer: str) -> bool:
+        """Unknown counts as online: only a seen ``offline`` ends a wait on a peer."""
+        with self.peers_lock:
+            view = self.peers.get(peer)
+            return view is None or view.online
+
+    def online_views(self) -> list[NodeView]:
+        with self.peers_lock:
+            return self.peers.online()
+
+    # -- ask intake -------------------------------------------------------------------------------
+    def on_node_ask(self, topic: str, payload: bytes, retained: bool) -> None:
+        env = self.decode(payload, wire.Kind.ASK)
+        if env is None or not self.valid_ask(env):
+            return
+        self.take(Job(env, time.monotonic(), json_reply=env.body.get("reply_format") == "json"))
+
+    def valid_ask(self, env: wire.Envelope) -> bool:
+        """Count, and answer where a reply topic is usable, an ask that cannot be answered."""
+        if env.reply_to is None or not topics.reply_allowed(env.reply_to):
+            reason: str | None = "bad-reply-topic"
+        else:
+            reason = wire.ask_problem(env, self.limits.max_prompt_chars, self.limits.max_new_tokens)
+        if reason is None:
+            return True
+        self.rejects.add(reason)
+        self.reply_error(Job(env, time.monotonic()), reason, f"ask rejected: {reason}")
+        return False
+
+    def seen_before(self, env: wire.Envelope, now: float) -> bool:
+        """Whether this asker already sent this ask id within the dedupe window (and remember it)."""
+        ident = ask_identity(env)
+        if ident is None:
+            return False
+        with self._seen_lock:
+            if ident in self._seen:
+                return True
+            self._seen[ident] = now
+            while self._seen and now - next(iter(self._seen.values())) > self.dedupe_window_s:
+                self._seen.popitem(last=False)
+            while len(self._seen) > SEEN_MAX:
+                self._seen.popitem(last=False)
+        return False
+
+    def take(self, job: Job) -> bool:
+        """Queue an ask unless it repeats one already taken; a full queue answers ``busy``."""
+        if self.seen_before(job.env, time.monotonic()):
+            self.rejects.add("duplicate-ask")
+            return False
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            self.rejects.add("busy")
+            self.reply_error(job, "busy", f"{self.label} is busy: {self.jobs.qsize()} asks queued")
+            return False
+        return True
+
+    def queue_length(self) -> int:
+        return self.jobs.qsize() + (1 if self.running else 0)
+
+    # -- router duty ------------------------------------------------------------------------------
+    def is_router(self) -> bool:
+        with self.peers_lock:
+            names = {v.name for v in self.peers.online()}
+        if self.present:
+            names.add(self.name)
+        else:
+            names.discard(self.name)
+        return router_of(names) == self.name
+
+    def on_route(self, topic: str, payload: bytes, retained: bool) -> None:
+        if not self.is_router():
+            return
+        env = self.decode(payload, wire.Kind.ASK)
+        if env is not None and self.valid_ask(env):
+            self.route(env)
+
+    def on_text_ask(self, topic: str, payload: bytes, retained: bool) -> None:
+        """A bare sentence (a Home Assistant ``text`` entity): answered as JSON on mesh/v1/answer."""
+        if retained or not self.is_router():
+            return
+        try:
+            text = payload.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            text = ""
+        if not text or len(payload) > self.limits.max_json_ask_bytes:
+            self.rejects.add("bad-text-ask")
+            return
+        self.on_json_ask(topics.ASK, json.dumps({"text": text}).encode(), False)
+
+    def on_json_ask(self, topic: str, payload: bytes, retained: bool) -> None:
+        if retained or not self.is_router():
+            return  # a retained ask would be answered again by every new router
+        try:
+            ask = wire.decode_json_ask(payload, self.limits.max_json_ask_bytes, 64, self.limits.max_new_tokens)
+        except ProtocolError as exc:
+            self.rejects.add(exc.reason)
+            log.info("dropped JSON ask: %s", exc)
+            return
+        reply_to = ask.reply_to or topics.ANSWER
+        if not topics.reply_allowed(reply_to):
+            self.rejects.add("bad-reply-topic")
+            return
+        body: dict[str, Any] = {"text": ask.text, "max_new_tokens": ask.max_new_tokens, "reply_format": "json"}
+        if ask.ask_id:
+            body["ask_id"] = ask.ask_id
+        env = wire.Envelope(wire.Kind.ASK, "json-client", body, corr=ask.ask_id or uuid.uuid4().hex,
+                            reply_to=reply_to)
+        if self.valid_ask(env):
+            self.route(env)
+
+    def _candidates(self, model: str | None) -> list[NodeView]:
+        with self.peers_lock:
+            views = self.peers.online()
+        return [v for v in views
+                if (not self.answer_role or "answer" in (v.heartbeat.get("roles") or []))
+                and (model is None or not v.model or v.model == model)]
+
+    def route(self, env: wire.Envelope) -> None:
+        """Forward an ask to the node :func:`pick` chooses, or answer ``no-node``."""
+        model = env.body.get("model")
+        model = model if isinstance(model, str) else None
+        candidates = self._candidates(model)
+        depths = self.depths(env, [v.name for v in candidates]) if self.depths and candidates else {}
+        with self.peers_lock:
+            target, reason = pick(candidates, depths, self.pending, self._last_assigned, model,
+                                  self.route_threshold)
+            if target is not None:
+                self.pending[target] = self.pending.get(target, 0) + 1
+                self._assign_seq += 1
+                self._last_assigned[target] = self._assign_seq
+        if target is None and self.answers_itself is not None and self.answers_itself(env):
+            target, reason = self.name, "load"
+        if target is None:
+            self.rejects.add("no-node")
+            self.reply_error(Job(env, time.monotonic()), "no-node",
+                             "no node is online to answer" + (f" with model {model}" if model else ""))
+            return
+        body = dict(env.body, routed_by=self.name, routed_reason=reason)
+        forwarded = wire.Envelope(wire.Kind.ASK, env.sender, body, corr=env.corr, reply_to=env.reply_to)
+        self.bus.publish(topics.node_ask(target), wire.encode(forwarded, self.limits.max_message_bytes), qos=1)
+
+    # -- replies ----------------------------------------------------------------------------------
+    def reply(self, job: Job, kind: wire.Kind, body: dict[str, Any]) -> None:
+        if job.env.reply_to is None:
+            return
+        env = wire.Envelope(kind, self.name, body, corr=job.env.corr)
+        self.bus.publish(job.env.reply_to, wire.encode(env, self.limits.max_message_bytes), qos=1)
+
+    def reply_json(self, job: Job, body: dict[str, Any]) -> None:
+        if job.env.reply_to is not None:
+            self.bus.publish(job.env.reply_to, json.dumps(body).encode(), qos=1)
+
+    def reply_error(self, job: Job, reason: str, message: str) -> None:
+        """An error answer, where the ask carries a usable reply topic; never raises."""
+        if job.env.reply_to is None or not topics.reply_allowed(job.env.reply_to):
+            return
+        try:
+            if job.json_reply or job.env.body.get("reply_format") == "json":
+                self.reply_json(job, {"error": reason, "message": message, "id": job.env.corr, "node": self.name})
+            else:
+                self.reply(job, wire.Kind.ERROR, {"reason": reason, "message": message})
+        except MeshError as exc:
+            log.warning("could not send error reply: %s", exc)
+
+    # -- heartbeat --------------------------------------------------------------------------------
+    def publish_heartbeat(self, body: dict[str, Any]) -> wire.Envelope:
+        """One heartbeat (retained), numbered; raises MeshError when it could not be sent."""
+        env = wire.Envelope(wire.Kind.HEARTBEAT, self.name, dict(body, seq=self.seq))
+        self.bus.publish(topics.node_heartbeat(self.name), wire.encode(env),
+                         qos=topics.HEARTBEAT.qos, retain=topics.HEARTBEAT.retain)
+        self.seq += 1
+        return env
+
+    # -- the work loop ----------------------------------------------------------------------------
+    def work(self, answer: Callable[[Job], None], *, idle: Callable[[float], bool] | None = None,
+             started: Callable[[float], None] | None = None,
+             finished: Callable[[float, str], None] | None = None) -> None:
+        """Answer queued asks one at a time until stopped (run it on its own thread).
+
+        ``idle(since)`` runs when no ask came for a while and returns whether it did work;
+        ``started(t0)`` and ``finished(t0, outcome)`` frame each ask (monotonic ``t0``; outcome
+        ``answered``, ``cancelled`` or ``failed``).
+        """
+        bind_threads()
+        idle_since = time.monotonic()
+        while not self.stop_event.is_set():
+            try:
+                job = self.jobs.get(timeout=0.2)
+            except queue.Empty:
+                if idle is not None and idle(idle_since):
+                    idle_since = time.monotonic()
+                continue
+            self.running = True
+            t0 = time.monotonic()
+            outcome = "failed"
+            if started is not None:
+                started(t0)
+            try:
+                answer(job)
+                outcome = "answered"
+            except Cancelled:
+                outcome = "cancelled"
+                self.reply_error(job, "shutdown", f"{self.label} stopped while answering")
+            except Exception as exc:  # a failed ask must not kill the loop
+                log.exception("ask failed")
+                self.reply_error(job, "internal", f"{type(exc).__name__}: {exc}")
+            finally:
+                if finished is not None:
+                    finished(t0, outcome)
+                self.running = False
+                idle_since = time.monotonic()

@@ -129,3 +129,14 @@ def route(nodes: Mapping[str, NodeLoad], threshold: int = 2) -> Route:
     else:
         pick, reason = idle, "load"
     return Route(pick, reason, nodes[pick].depth, nodes[pick].queue)
+
+
+def pick(candidates: list[NodeView], depths: dict[str, int], pending: dict[str, int],
+         last_assigned: dict[str, int], model: str | None, threshold: int) -> tuple[str | None, str]:
+    """Where a routed ask goes and why: the deepest cached prefix unless its queue is too long
+    (``"cache"``, :func:`mesh.routing.route`), else the least-loaded node (``"load"``)."""
+    if depths and max(depths.values()) > 0:
+        loads = {v.name: NodeLoad(depths.get(v.name, 0), v.queue + pending.get(v.name, 0)) for v in candidates}
+        picked = route(loads, threshold)
+        return picked.node, picked.reason
+    return choose_node(candidates, pending, last_assigned, model), "load"

@@ -19,8 +19,6 @@ import os
 import queue
 import threading
 import time
-import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,25 +30,13 @@ from mesh.config import NodeConfig
 from mesh.errors import MeshError, ProtocolError
 from mesh.model import WARMUP_TEXT, Decoder, Interrupted, LoadedModel, bind_threads, load_model
 from mesh.cache.lookup import LinkEstimate
-from mesh.routing import NodeLoad, PeerTable, choose_node, route, router_of
 from mesh.cache.node_cache import NodeCache, Prepared
-from mesh.member import AgentExtension
+from mesh.member import AgentExtension, Cancelled, Job, Member
 from mesh.uplink_probe import LinkProbe
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LINK = LinkEstimate(bytes_per_s=2.5e6, rtt_s=0.01)  # ~21 Mbit/s Wi-Fi until measured
-
-
-class _Cancelled(Exception):
-    """Raised from the streaming callback to stop a generation when the node shuts down."""
-
-
-@dataclass
-class Job:
-    env: wire.Envelope
-    received: float  # monotonic
-    json_reply: bool = False
 
 
 @dataclass
@@ -89,26 +75,20 @@ class NodeAgent:
         self.loaded = loaded
         self.rejects = wire.RejectCounter()
         self.figures = Figures()
-        self.peers = PeerTable()
-        self._peers_lock = threading.Lock()
-        self._jobs: queue.Queue[Job] = queue.Queue(maxsize=self.limits.max_queue)
-        self._running_job = False
         self._job_started: float | None = None
         self._load = 0.0  # busy fraction, EWMA over heartbeat periods
-        self._seen_asks: OrderedDict[str, float] = OrderedDict()
-        self._seen_lock = threading.Lock()
-        self._pending: dict[str, int] = {}  # router: asks sent per node since its last heartbeat
-        self._last_assigned: dict[str, int] = {}
-        self._assign_seq = 0
-        self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.cache: NodeCache | None = None
         self._serve_jobs: queue.Queue[wire.Envelope] = queue.Queue(maxsize=64)
-        self._seq = 0
         self._started = time.time()
         self.bus = MqttBus(f"mesh-node-{self.name}", config.broker,
                            will=(topics.node_status(self.name), topics.OFFLINE, topics.STATUS.qos, True),
                            keepalive=self.timing.keepalive_s)
+        self.member = Member(self.name, self.bus, self.limits, self.rejects,
+                             dedupe_window_s=self.timing.dedupe_window_s, depths=self._cache_depths,
+                             on_presence=self._on_presence, route_threshold=config.cache.route_threshold,
+                             label=f"node {self.name}")
+        self._stop = self.member.stop_event
         self.inbox = ReplyInbox(self.bus, f"node-{self.name}", self.rejects, self.limits.max_message_bytes)
         self.link = LinkProbe(self.bus, self.inbox, self.name, interval_s=self.timing.link_ping_s,
                               late_s=self.timing.link_late_s, timeout_s=self.timing.link_timeout_s)
@@ -123,19 +103,13 @@ class NodeAgent:
         if self.config.cache.enabled:
             self.cache = NodeCache(self.loaded, self.config.cache, self.decoder)
         self.bus.on_connected(self._announce)
-        self.bus.subscribe(topics.ALL_STATUS, self._on_status, qos=1)
-        self.bus.subscribe(topics.ALL_HEARTBEATS, self._on_heartbeat, qos=0)
+        self.member.subscribe_presence()
         if self.cache is not None:
             self.bus.subscribe(topics.ALL_CATALOGS, self._on_catalog, qos=1)
             self.bus.subscribe(topics.node_kv(self.name), self._on_kv_fetch, qos=1)
         self.bus.start(self.timing.connect_timeout_s)
         self.inbox.start()
-        self.bus.publish_wait(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
-        # Only now: the router argument in mesh.routing needs "online" accepted before these.
-        self.bus.subscribe(topics.node_ask(self.name), self._on_node_ask, qos=1)
-        self.bus.subscribe(topics.ROUTE, self._on_route, qos=1)
-        self.bus.subscribe(topics.ASK, self._on_json_ask, qos=1)
-        self.bus.subscribe(topics.ASK_TEXT, self._on_text_ask, qos=1)
+        self.member.go_online()
         loops = [(self._work_loop, "worker"), (self._heartbeat_loop, "heartbeat")]
         if self.cache is not None:
             loops += [(self._serve_loop, "kv-serve"), (self._catalog_loop, "catalog")]
@@ -149,18 +123,8 @@ class NodeAgent:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Go offline cleanly: status ``offline``, refuse queued asks, stop every thread."""
-        self._stop.set()
         self._wake.set()
-        try:
-            self.bus.publish_wait(topics.node_status(self.name), topics.OFFLINE, qos=1, retain=True, timeout=3.0)
-        except MeshError as exc:
-            log.warning("could not publish offline status: %s", exc)
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            self._reply_error(job, "shutdown", f"node {self.name} is shutting down")
+        self.member.go_offline()
         self.link.stop()
         for t in self._threads:
             t.join(timeout)
@@ -171,11 +135,8 @@ class NodeAgent:
         self._stop.wait()
 
     def _announce(self) -> None:
-        # Runs after every reconnect: the retained status may have been replaced by our will.
-        if not self._stop.is_set() and self.bus.connected.is_set():
-            self.bus.publish(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
-            if self.cache is not None:
-                self.cache.dirty.set()  # a restarted broker lost our retained catalog
+        if self.member.announce() and self.cache is not None:
+            self.cache.dirty.set()  # a restarted broker lost our retained catalog
 
     def _timed_spt(self, ids: list[int], runs: int = 1, stop: Callable[[], bool] | None = None) -> float:
         """Seconds per token of prefilling ``ids``, the fastest of ``runs`` forwards (``stop``: see
@@ -203,7 +164,7 @@ class NodeAgent:
             return False
         try:
             spt = self._timed_spt(self.decoder.encode(WARMUP_TEXT * 2)[:64],
-                                  stop=lambda: not self._jobs.empty() or self._stop.is_set())
+                                  stop=lambda: not self.member.jobs.empty() or self._stop.is_set())
         except Interrupted:
             log.debug("prefill speed probe gave way to an ask")
             return False
@@ -214,89 +175,10 @@ class NodeAgent:
         log.debug("prefill speed probe %d: %.2f ms per token", self.figures.spt_probes, 1e3 * spt)
         return True
 
-    # -- handlers (network thread: decode, check, enqueue; never torch) --------------------------
-    def _decode(self, payload: bytes, kind: wire.Kind) -> wire.Envelope | None:
-        try:
-            env = wire.decode(payload, self.limits.max_message_bytes)
-        except ProtocolError as exc:
-            self.rejects.add(exc.reason)
-            log.info("dropped payload: %s", exc)
-            return None
-        if env.kind != kind:
-            self.rejects.add("unexpected-kind")
-            return None
-        return env
-
-    def _on_status(self, topic: str, payload: bytes, retained: bool) -> None:
-        parsed = topics.parse_node_topic(topic)
-        if parsed is not None and payload == b"":  # cleared by a decommission
-            with self._peers_lock:
-                self.peers.forget(parsed[0])
-            if self.cache is not None:
-                self.cache.set_peer_catalog(parsed[0], None)
-            return
-        if parsed is None or payload not in (topics.ONLINE, topics.OFFLINE):
-            self.rejects.add("bad-status")
-            return
-        with self._peers_lock:
-            self.peers.set_status(parsed[0], payload == topics.ONLINE)
-        if payload == topics.OFFLINE and self.cache is not None:
-            self.cache.set_peer_catalog(parsed[0], None)
-
-    def _on_heartbeat(self, topic: str, payload: bytes, retained: bool) -> None:
-        parsed = topics.parse_node_topic(topic)
-        if parsed is None:
-            self.rejects.add("bad-topic")
-            return
-        if not payload:
-            return  # an empty retained message clears a decommissioned node's heartbeat
-        env = self._decode(payload, wire.Kind.HEARTBEAT)
-        if env is None:
-            return
-        with self._peers_lock:
-            if self.peers.set_heartbeat(parsed[0], env.body, time.monotonic()):
-                self._pending.pop(parsed[0], None)
-
-    def _on_node_ask(self, topic: str, payload: bytes, retained: bool) -> None:
-        env = self._decode(payload, wire.Kind.ASK)
-        if env is None or not self._valid_ask(env):
-            return
-        self._enqueue(Job(env, time.monotonic(), json_reply=env.body.get("reply_format") == "json"))
-
-    def _valid_ask(self, env: wire.Envelope) -> bool:
-        if env.reply_to is None or not topics.reply_allowed(env.reply_to):
-            reason: str | None = "bad-reply-topic"
-        else:
-            reason = wire.ask_problem(env, self.limits.max_prompt_chars, self.limits.max_new_tokens)
-        if reason is None:
-            return True
-        self.rejects.add(reason)
-        if env.reply_to is not None and topics.reply_allowed(env.reply_to):
-            self._reply_error(Job(env, time.monotonic()), reason, f"ask rejected: {reason}")
-        return False
-
-    def _enqueue(self, job: Job) -> None:
-        ask_id = job.env.body.get("ask_id") or job.env.corr
-        if ask_id:
-            now = time.monotonic()
-            with self._seen_lock:
-                if ask_id in self._seen_asks:
-                    self.rejects.add("duplicate-ask")
-                    return
-                self._seen_asks[ask_id] = now
-                while self._seen_asks and now - next(iter(self._seen_asks.values())) > self.timing.dedupe_window_s:
-                    self._seen_asks.popitem(last=False)
-                while len(self._seen_asks) > 10_000:
-                    self._seen_asks.popitem(last=False)
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            self.rejects.add("busy")
-            self._reply_error(job, "busy", f"node {self.name} is busy: {self._jobs.qsize()} asks queued")
-
-    def _is_router(self) -> bool:
-        with self._peers_lock:
-            return router_of(v.name for v in self.peers.online()) == self.name
+    # -- membership hooks (network thread: never torch) ----------------------------------------------
+    def _on_presence(self, name: str, online: bool | None) -> None:
+        if not online and self.cache is not None:  # offline or decommissioned: its catalog is gone
+            self.cache.set_peer_catalog(name, None)
 
     def _cache_depths(self, env: wire.Envelope, names: list[str]) -> dict[str, int]:
         if self.cache is None or env.body.get("no_cache") or not names:
@@ -307,42 +189,6 @@ class NodeAgent:
             return {}
         return self.cache.depths(ids, names, self.name)
 
-    def _route(self, env: wire.Envelope) -> None:
-        model = env.body.get("model")
-        model = model if isinstance(model, str) else None
-        with self._peers_lock:
-            candidates = [v for v in self.peers.online() if model is None or not v.model or v.model == model]
-        depths = self._cache_depths(env, [v.name for v in candidates])
-        with self._peers_lock:
-            reason = "load"
-            if depths and max(depths.values()) > 0:
-                # Cache-aware: the longest cached prefix wins unless its queue is too long.
-                loads = {v.name: NodeLoad(depths.get(v.name, 0), v.queue + self._pending.get(v.name, 0))
-                         for v in candidates}
-                picked = route(loads, self.config.cache.route_threshold)
-                target, reason = str(picked.node), picked.reason
-            else:
-                target = choose_node(candidates, self._pending, self._last_assigned, model)
-            if target is not None:
-                self._pending[target] = self._pending.get(target, 0) + 1
-                self._assign_seq += 1
-                self._last_assigned[target] = self._assign_seq
-        if target is None:
-            self.rejects.add("no-node")
-            self._reply_error(Job(env, time.monotonic()), "no-node",
-                              "no node is online to answer" + (f" with model {model}" if model else ""))
-            return
-        body = dict(env.body, routed_by=self.name, routed_reason=reason)
-        forwarded = wire.Envelope(wire.Kind.ASK, env.sender, body, corr=env.corr, reply_to=env.reply_to)
-        self.bus.publish(topics.node_ask(target), wire.encode(forwarded, self.limits.max_message_bytes), qos=1)
-
-    def _on_route(self, topic: str, payload: bytes, retained: bool) -> None:
-        if not self._is_router():
-            return
-        env = self._decode(payload, wire.Kind.ASK)
-        if env is not None and self._valid_ask(env):
-            self._route(env)
-
     def _each_extension(self, method: str, *args: Any) -> None:
         for ext in self.extensions:
             try:
@@ -350,71 +196,20 @@ class NodeAgent:
             except Exception:
                 log.exception("extension %s.%s failed", type(ext).__name__, method)
 
-    def _on_text_ask(self, topic: str, payload: bytes, retained: bool) -> None:
-        """A bare sentence (a Home Assistant ``text`` entity): answered as JSON on mesh/v1/answer."""
-        if retained or not self._is_router():
-            return
-        try:
-            text = payload.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            text = ""
-        if not text or len(payload) > self.limits.max_json_ask_bytes:
-            self.rejects.add("bad-text-ask")
-            return
-        self._on_json_ask(topics.ASK, json.dumps({"text": text}).encode(), False)
-
-    def _on_json_ask(self, topic: str, payload: bytes, retained: bool) -> None:
-        if retained or not self._is_router():
-            return  # a retained ask would be answered again by every new router
-        try:
-            ask = wire.decode_json_ask(payload, self.limits.max_json_ask_bytes, 64, self.limits.max_new_tokens)
-        except ProtocolError as exc:
-            self.rejects.add(exc.reason)
-            log.info("dropped JSON ask: %s", exc)
-            return
-        reply_to = ask.reply_to or topics.ANSWER
-        if not topics.reply_allowed(reply_to):
-            self.rejects.add("bad-reply-topic")
-            return
-        body = {"text": ask.text, "max_new_tokens": ask.max_new_tokens, "reply_format": "json"}
-        if ask.ask_id:
-            body["ask_id"] = ask.ask_id
-        env = wire.Envelope(wire.Kind.ASK, "json-client", body, corr=ask.ask_id or uuid.uuid4().hex,
-                            reply_to=reply_to)
-        if self._valid_ask(env):
-            self._route(env)
-
     # -- worker (torch) ---------------------------------------------------------------------------
     def _work_loop(self) -> None:
-        bind_threads()
-        idle_since = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                job = self._jobs.get(timeout=0.2)
-            except queue.Empty:
-                if self._probe_speed(idle_since):
-                    idle_since = time.monotonic()
-                continue
-            self._running_job = True
-            t0 = time.monotonic()
+        def started(t0: float) -> None:
             with self.figures.lock:
                 self._job_started = t0
-            try:
-                self._answer(job)
-            except _Cancelled:
-                self._reply_error(job, "shutdown", f"node {self.name} stopped while answering")
-            except Exception as exc:  # a failed ask must not kill the worker
-                log.exception("ask failed")
-                with self.figures.lock:
-                    self.figures.failed += 1
-                self._reply_error(job, "internal", f"{type(exc).__name__}: {exc}")
-            finally:
-                with self.figures.lock:
-                    self.figures.busy_s += time.monotonic() - t0
-                    self._job_started = None
-                self._running_job = False
-                self._wake.set()
-                idle_since = time.monotonic()
+
+        def finished(t0: float, outcome: str) -> None:
+            with self.figures.lock:
+                self.figures.busy_s += time.monotonic() - t0
+                self._job_started = None
+                self.figures.failed += outcome == "failed"
+            self._wake.set()
+
+        self.member.work(self._answer, idle=self._probe_speed, started=started, finished=finished)
 
     def _answer(self, job: Job) -> None:
         body = job.env.body
@@ -427,11 +222,11 @@ class NodeAgent:
         def on_text(piece: str) -> None:
             nonlocal pieces
             if self._stop.is_set():
-                raise _Cancelled
+                raise Cancelled
             if not first_at:
                 first_at.append(time.monotonic())
             if not job.json_reply:
-                self._publish_reply(job, wire.Kind.TOKEN, {"i": pieces, "text": piece})
+                self.member.reply(job, wire.Kind.TOKEN, {"i": pieces, "text": piece})
             pieces += 1
 
         cache_info: dict[str, Any] = {"local_tokens": 0, "remote_tokens": 0, "peer": None,
@@ -481,37 +276,18 @@ class NodeAgent:
                  cache_info.get("remote_tokens", 0), len(gen.token_ids), ttft, done - job.received)
         if job.json_reply:
             answer["id"] = job.env.corr
-            self._publish_json(job, answer)
+            self.member.reply_json(job, answer)
         else:
-            self._publish_reply(job, wire.Kind.ANSWER, answer)
-
-    def _publish_reply(self, job: Job, kind: wire.Kind, body: dict[str, Any]) -> None:
-        if job.env.reply_to is None:
-            return
-        env = wire.Envelope(kind, self.name, body, corr=job.env.corr)
-        self.bus.publish(job.env.reply_to, wire.encode(env, self.limits.max_message_bytes), qos=1)
-
-    def _publish_json(self, job: Job, body: dict[str, Any]) -> None:
-        if job.env.reply_to is not None:
-            self.bus.publish(job.env.reply_to, json.dumps(body).encode(), qos=1)
-
-    def _reply_error(self, job: Job, reason: str, message: str) -> None:
-        try:
-            if job.json_reply or job.env.body.get("reply_format") == "json":
-                self._publish_json(job, {"error": reason, "message": message, "id": job.env.corr, "node": self.name})
-            else:
-                self._publish_reply(job, wire.Kind.ERROR, {"reason": reason, "message": message})
-        except MeshError as exc:
-            log.warning("could not send error reply: %s", exc)
+            self.member.reply(job, wire.Kind.ANSWER, answer)
 
     # -- heartbeat --------------------------------------------------------------------------------
     def heartbeat_body(self) -> dict[str, Any]:
         with self.figures.lock:
             f = self.figures
             body: dict[str, Any] = {
-                "seq": self._seq, "time": time.time(), "uptime_s": round(time.time() - self._started, 1),
+                "seq": self.member.seq, "time": time.time(), "uptime_s": round(time.time() - self._started, 1),
                 "model": self.loaded.key, "model_key": self.loaded.model_key,
-                "queue": self._jobs.qsize() + (1 if self._running_job else 0),
+                "queue": self.member.queue_length(),
                 "queue_max": self.limits.max_queue,
                 "load": round(self._load, 3), "prefill_tps": round(f.prefill_tps(), 1),
                 # where prefill_tps comes from: an answered ask, or start-up and idle probes
@@ -555,12 +331,9 @@ class NodeAgent:
                         body.update(ext.heartbeat_fields())
                     except Exception:
                         log.exception("extension %s heartbeat fields failed", type(ext).__name__)
-                env = wire.Envelope(wire.Kind.HEARTBEAT, self.name, body)
-                self.bus.publish(topics.node_heartbeat(self.name), wire.encode(env),
-                                 qos=topics.HEARTBEAT.qos, retain=topics.HEARTBEAT.retain)
+                env = self.member.publish_heartbeat(body)
                 self.bus.publish(topics.node_state(self.name), json.dumps(env.body).encode(),
                                  qos=topics.NODE_STATE.qos, retain=topics.NODE_STATE.retain)
-                self._seq += 1
                 self._each_extension("on_heartbeat", dict(env.body))
             except MeshError as exc:
                 log.warning("heartbeat not sent: %s", exc)
@@ -581,8 +354,8 @@ class NodeAgent:
         """Per peer: the slower of our link and theirs; round trip through both (heartbeats)."""
         mine = self._default_link()
         out: dict[str, LinkEstimate] = {}
-        with self._peers_lock:
-            for v in self.peers.online():
+        with self.member.peers_lock:
+            for v in self.member.peers.online():
                 bw, rtt = v.heartbeat.get("link_bw_Bps"), v.heartbeat.get("rtt_ms")
                 if isinstance(bw, (int, float)) and bw > 0:
                     peer_rtt = float(rtt) / 1000.0 if isinstance(rtt, (int, float)) else mine.rtt_s / 2
@@ -599,7 +372,7 @@ class NodeAgent:
         if not payload:
             self.cache.set_peer_catalog(parsed[0], None)
             return
-        env = self._decode(payload, wire.Kind.CATALOG)
+        env = self.member.decode(payload, wire.Kind.CATALOG)
         if env is None:
             return
         try:
@@ -608,7 +381,7 @@ class NodeAgent:
             self.rejects.add(exc.reason)
 
     def _on_kv_fetch(self, topic: str, payload: bytes, retained: bool) -> None:
-        env = self._decode(payload, wire.Kind.KV_FETCH)
+        env = self.member.decode(payload, wire.Kind.KV_FETCH)
         if env is None:
             return
         body = env.body
@@ -653,8 +426,8 @@ class NodeAgent:
                 self.cache.dirty.set()
 
     def _peer_online(self, peer: str) -> bool:
-        with self._peers_lock:
-            view = self.peers.get(peer)
+        with self.member.peers_lock:
+            view = self.member.peers.get(peer)
             return view is None or view.online  # unknown counts as online: only a seen "offline" ends a fetch
 
     def _fetch_chunks(self, peer: str, keys: list[bytes], pkey: bytes | None,

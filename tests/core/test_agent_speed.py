@@ -70,10 +70,10 @@ def test_a_probe_gives_way_to_an_ask_at_the_next_decoder_layer(tmp_path: Path) -
     agent = NodeAgent(NodeConfig(name="probe", home=tmp_path), loaded=tiny)
     agent.decoder = decoder
     agent.figures.prefill_spt = 100.0
-    agent._jobs.put(object())  # an ask is queued
+    agent.member.jobs.put(object())  # an ask is queued
     long_ago = time.monotonic() - agent.timing.speed_probe_idle_s - 1
     assert not agent._probe_speed(idle_since=long_ago)
     assert agent.figures.spt_probes == 0 and agent.figures.prefill_spt == 100.0  # not counted
-    agent._jobs.get_nowait()
+    agent.member.jobs.get_nowait()
     assert agent._probe_speed(idle_since=long_ago)  # idle again: it probes
     assert agent.figures.spt_probes == 1 and agent.figures.prefill_spt < 0.5

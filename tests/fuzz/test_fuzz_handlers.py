@@ -240,11 +240,12 @@ class Rig:
         agent.decoder = Decoder(tiny)
         agent.cache = NodeCache(tiny, cfg.cache, agent.decoder)
         agent.bus.start(10.0)
-        agent._on_status(topics.node_status(NAME), topics.ONLINE, True)  # online: it is the router
+        agent.member.present = True  # what Member.go_online sets: it counts itself online, and routes
+        agent.member.on_status(topics.node_status(NAME), topics.ONLINE, True)
         # A running node hears its own retained heartbeat: the router knows which model it serves.
-        agent._on_heartbeat(topics.node_heartbeat(NAME), wire.encode(wire.Envelope(
+        agent.member.on_heartbeat(topics.node_heartbeat(NAME), wire.encode(wire.Envelope(
             wire.Kind.HEARTBEAT, NAME, agent.heartbeat_body())), True)
-        assert agent.peers.get(NAME).model == tiny.key
+        assert agent.member.peers.get(NAME).model == tiny.key
         # A cached prompt, so KV fetches for real keys serve real chunks.
         self.prompt_ids = agent.decoder.encode("The mesh keeps the KV state of every prompt it computed. " * 4)
         agent.cache.prepare(self.prompt_ids, 100.0, DEFAULT_LINK, lambda *a: None, {})
@@ -268,8 +269,9 @@ class Rig:
         c.engine = HaloEngine(tiny, c.decoder, ccfg, c.bus, c.reply_topic, c.rejects)
         c.engine.switch.propose(tiny_plan(tiny, 7, "w1"), time.monotonic())
         c.bus.start(10.0)
-        c._on_status(topics.node_status("n1"), topics.ONLINE, True)  # an answering node to route to
-        c.peers.set_heartbeat("n1", {"seq": 0, "model": "tiny-smollm2", "queue": 0, "load": 0.0,
+        c.member.present = True  # what Member.go_online sets
+        c.member.on_status(topics.node_status("n1"), topics.ONLINE, True)  # an answering node to route to
+        c.member.peers.set_heartbeat("n1", {"seq": 0, "model": "tiny-smollm2", "queue": 0, "load": 0.0,
                                      "roles": ["answer"]}, time.monotonic())
         self.ha = HomeAssistantExtension()
         self.ha.rejects = agent.rejects  # what HomeAssistantExtension.start does besides attaching
@@ -313,13 +315,13 @@ class Rig:
         hb_msgs = messages(node_topic("heartbeat"), hb_payloads)
 
         def pending_routes() -> int:
-            return sum(a._pending.values())
+            return sum(a.member.pending.values())
 
         def clear_routes(*_: Any) -> None:
-            a._pending.clear()
+            a.member.pending.clear()
 
         def drain_jobs(*_: Any) -> None:
-            job = a._jobs.get_nowait()
+            job = a.member.jobs.get_nowait()
             assert job.env.reply_to is not None and topics.reply_allowed(job.env.reply_to)
 
         def json_valid(topic: str, payload: bytes, retained: bool) -> bool:
@@ -346,10 +348,10 @@ class Rig:
         def status_prepare(topic: str, payload: bytes) -> None:
             focus[0] = name = node_of(topic)
             if name is not None:
-                a.peers.set_status(name, payload != topics.ONLINE)
+                a.member.peers.set_status(name, payload != topics.ONLINE)
 
         def status_state() -> Any:
-            return view_of(a.peers)
+            return view_of(a.member.peers)
 
         def status_valid(topic: str, payload: bytes, retained: bool) -> bool:
             return node_of(topic) is not None and payload in (topics.ONLINE, topics.OFFLINE, b"")
@@ -358,11 +360,11 @@ class Rig:
         def hb_prepare(topic: str, payload: bytes) -> None:
             focus[0] = name = node_of(topic)
             if name is not None:
-                a.peers.forget(name)
-                a.peers.set_status(name, True)
+                a.member.peers.forget(name)
+                a.member.peers.set_status(name, True)
 
         def hb_state() -> Any:
-            return view_of(a.peers)
+            return view_of(a.member.peers)
 
         def hb_valid(topic: str, payload: bytes, retained: bool) -> bool:
             env = decoded(payload, wire.Kind.HEARTBEAT)
@@ -371,7 +373,7 @@ class Rig:
         def hb_consume(topic: str, payload: bytes) -> None:
             # What reads peer heartbeats: the cost model's links (every ask) and the router.
             a._peer_links()
-            choose_node(a.peers.online(), a._pending, {})
+            choose_node(a.member.peers.online(), a.member.pending, {})
 
         # catalogs
         sentinel = Catalog.from_keys(a.cache.digest, a.cache.chunk_size, [b"s" * 16], capacity=64)
@@ -522,59 +524,57 @@ class Rig:
 
         # the coordinator's own handlers
         def coord_jobs_state() -> Any:
-            return c._jobs.qsize()
+            return c.member.jobs.qsize()
 
         def coord_drain(*_: Any) -> None:
-            c._jobs.get_nowait()
+            c.member.jobs.get_nowait()
 
         def coord_routes() -> Any:
-            return sum(c._pending_routes.values())
+            return sum(c.member.pending.values())
 
         def coord_clear_routes(*_: Any) -> None:
-            c._pending_routes.clear()
+            c.member.pending.clear()
 
         def coord_status_state() -> Any:
-            return view_of(c.peers)
+            return view_of(c.member.peers)
 
         def coord_status_prepare(topic: str, payload: bytes) -> None:
             focus[0] = name = node_of(topic)
-            if name is not None and name != c.name:
-                c.peers.set_status(name, payload != topics.ONLINE)
+            if name is not None:
+                c.member.peers.set_status(name, payload != topics.ONLINE)
 
         def coord_hb_prepare(topic: str, payload: bytes) -> None:
             focus[0] = name = node_of(topic)
-            if name is not None and name != c.name:
-                c.peers.forget(name)
-                c.peers.set_status(name, True)
+            if name is not None:
+                c.member.peers.forget(name)
+                c.member.peers.set_status(name, True)
 
         def coord_hb_state() -> Any:
-            return view_of(c.peers)
+            return view_of(c.member.peers)
 
         def coord_hb_consume(topic: str, payload: bytes) -> None:
             # Coordinator._plan_loop's body: re-plan from every peer's heartbeat figures.
-            views = [(v.name, dict(v.heartbeat), v.online) for v in c.peers.all()]
+            views = [(v.name, dict(v.heartbeat), v.online) for v in c.member.peers.all() if v.name != c.name]
             c.engine.replan(views, time.monotonic(), idle=True)
 
         def routed_ask_valid(topic: str, payload: bytes, retained: bool) -> bool:
             return valid_ask(payload, limits)
 
-        own_status_or_hb = lambda t, p, r: node_of(t) == c.name  # its own retained topics
-
         return {
-            "agent.node_ask": Case(a._on_node_ask, ask_msgs, self.node_counted, lambda: a._jobs.qsize(),
+            "agent.node_ask": Case(a.member.on_node_ask, ask_msgs, self.node_counted, lambda: a.member.jobs.qsize(),
                                    lambda t, p, r: valid_ask(p, limits), consume=drain_jobs),
-            "agent.route": Case(a._on_route, route_msgs, self.node_counted, pending_routes,
+            "agent.route": Case(a.member.on_route, route_msgs, self.node_counted, pending_routes,
                                 lambda t, p, r: valid_ask(p, limits), consume=clear_routes,
                                 known_bad=[(topics.ROUTE, wire.encode(wire.Envelope(
                                     wire.Kind.ASK, "fuzz", {"text": "hi", "max_new_tokens": 4, "model": "other"},
                                     corr="m1", reply_to="mesh/v1/reply/fuzz")), False)]),
-            "agent.json_ask": Case(a._on_json_ask, json_msgs, self.node_counted, pending_routes, json_valid,
+            "agent.json_ask": Case(a.member.on_json_ask, json_msgs, self.node_counted, pending_routes, json_valid,
                                    ignored=lambda t, p, r: r, consume=clear_routes),
-            "agent.text_ask": Case(a._on_text_ask, text_msgs, self.node_counted, pending_routes, text_valid,
+            "agent.text_ask": Case(a.member.on_text_ask, text_msgs, self.node_counted, pending_routes, text_valid,
                                    ignored=lambda t, p, r: r, consume=clear_routes, reasons=1),
-            "agent.status": Case(a._on_status, status_msgs, self.node_counted, status_state, status_valid,
+            "agent.status": Case(a.member.on_status, status_msgs, self.node_counted, status_state, status_valid,
                                  prepare=status_prepare, reasons=1),
-            "agent.heartbeat": Case(a._on_heartbeat, hb_msgs, self.node_counted, hb_state, hb_valid,
+            "agent.heartbeat": Case(a.member.on_heartbeat, hb_msgs, self.node_counted, hb_state, hb_valid,
                                     prepare=hb_prepare, consume=hb_consume,
                                     ignored=lambda t, p, r: p == b"" and node_of(t) is not None,
                                     known_bad=[(topics.node_heartbeat("peer1"), fuzzkit.dumps(fuzzkit.envelope_dict(
@@ -601,28 +601,27 @@ class Rig:
                                               {"epoch": 7, "step": 5, "layer": 0, "y": x64})), False),
                                           (c.reply_topic, wire.encode(wire.Envelope(
                                               wire.Kind.HALO_ACK, "w1", {"epoch": 6})), False)]),
-            "coordinator.status": Case(c._on_status, status_msgs, self.coord_counted, coord_status_state,
-                                       status_valid, prepare=coord_status_prepare, ignored=own_status_or_hb,
+            "coordinator.status": Case(c.member.on_status, status_msgs, self.coord_counted, coord_status_state,
+                                       status_valid, prepare=coord_status_prepare,
                                        known_bad=[(topics.node_status("peer1"), b"garbage", False)]),
-            "coordinator.heartbeat": Case(c._on_heartbeat, hb_msgs, self.coord_counted, coord_hb_state, hb_valid,
+            "coordinator.heartbeat": Case(c.member.on_heartbeat, hb_msgs, self.coord_counted, coord_hb_state, hb_valid,
                                           prepare=coord_hb_prepare, consume=coord_hb_consume,
-                                          ignored=lambda t, p, r: own_status_or_hb(t, p, r) or (
-                                              p == b"" and node_of(t) is not None),
+                                          ignored=lambda t, p, r: p == b"" and node_of(t) is not None,
                                           known_bad=[(f"{topics.ROOT}/node/bad.name/heartbeat", b"\xa0", True)]),
-            "coordinator.ask": Case(c._on_ask, messages(const(topics.node_ask(c.name)), ask_payloads),
+            "coordinator.ask": Case(c.member.on_node_ask, messages(const(topics.node_ask(c.name)), ask_payloads),
                                     self.coord_counted, coord_jobs_state, lambda t, p, r: valid_ask(p, limits),
                                     consume=coord_drain, known_bad=[(topics.node_ask(c.name), wire.encode(
                                         wire.Envelope(wire.Kind.ASK, "fuzz", {"text": "hi", "max_new_tokens": 4,
                                                                              "stop": [1]},
                                                       corr="k1", reply_to="mesh/v1/reply/fuzz")), False)]),
-            "coordinator.route": Case(c._on_route, route_msgs, self.coord_counted, coord_routes, routed_ask_valid,
+            "coordinator.route": Case(c.member.on_route, route_msgs, self.coord_counted, coord_routes, routed_ask_valid,
                                       consume=coord_clear_routes, known_bad=[(topics.ROUTE, wire.encode(
                                           wire.Envelope(wire.Kind.ASK, "fuzz", {"text": "", "max_new_tokens": 0})),
                                           False)]),
-            "coordinator.json_ask": Case(c._on_json_ask, json_msgs, self.coord_counted, coord_routes, json_valid,
+            "coordinator.json_ask": Case(c.member.on_json_ask, json_msgs, self.coord_counted, coord_routes, json_valid,
                                          ignored=lambda t, p, r: r, consume=coord_clear_routes),
-            "coordinator.text_ask": Case(c._on_json_ask, text_msgs, self.coord_counted, coord_routes, text_valid,
-                                         ignored=lambda t, p, r: r, consume=coord_clear_routes),
+            "coordinator.text_ask": Case(c.member.on_text_ask, text_msgs, self.coord_counted, coord_routes, text_valid,
+                                         ignored=lambda t, p, r: r, consume=coord_clear_routes, reasons=1),
             "ha.birth": Case(self.ha._on_birth, messages(const("homeassistant/status"), fuzzkit.status_payload),
                              self.node_counted, lambda: self.ha._wanted.is_set(),
                              lambda t, p, r: not r and p.strip() == b"online",
