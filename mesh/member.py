@@ -3,7 +3,7 @@
 A :class:`Member` is one process's place in the mesh, on its bus:
 
 - *presence*: the retained ``online`` status (the last will says ``offline``), republished after
-  every reconnect, and a :class:`mesh.routing.PeerTable` fed by every node's status and heartbeat;
+  every reconnect, and who else is online (:class:`mesh.presence.Presence`);
 - *ask intake*: decode, validate, drop a repeated ask id, queue (bounded; a full queue answers
   ``busy``), so one ask is answered once even when a router's crash overlaps its successor's duty
   (``mesh.routing``'s safety argument relies on every target doing this);
@@ -36,7 +36,8 @@ from mesh.config import Limits
 from mesh.errors import MeshError, ProtocolError
 from mesh.model import bind_threads
 from mesh.mqtt.bus import MqttBus
-from mesh.routing import NodeView, PeerTable, pick, router_of
+from mesh.presence import Presence
+from mesh.routing import NodeView, pick, router_of
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def ask_identity(env: wire.Envelope) -> tuple[str, str, str] | None:
     return env.sender, env.reply_to or "", str(ask_id)
 
 
-class Member:
+class Member(Presence):
     """One process's membership: presence, intake, router duty, replies, heartbeat, work loop.
 
     ``label`` names the process in error messages (``node pi1``). ``answers_itself``: with no
@@ -106,7 +107,8 @@ class Member:
                  on_peer_heartbeat: Callable[[str, dict[str, Any], bool], None] | None = None,
                  answers_itself: Callable[[wire.Envelope], bool] | None = None,
                  answer_role: bool = False, route_threshold: int = 2, label: str = "") -> None:
-        self.name, self.bus, self.limits, self.rejects = name, bus, limits, rejects
+        super().__init__(rejects, limits.max_message_bytes)
+        self.name, self.bus, self.limits = name, bus, limits
         self.label = label or name
         self.route_threshold = route_threshold
         self.dedupe_window_s = dedupe_window_s
@@ -115,8 +117,6 @@ class Member:
         self.on_peer_heartbeat = on_peer_heartbeat
         self.answers_itself = answers_itself
         self.answer_role = answer_role
-        self.peers = PeerTable()
-        self.peers_lock = threading.Lock()
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=limits.max_queue)
         self.running = False  # an ask is being answered
         self.present = False  # between announcing "online" and going offline
@@ -129,10 +129,6 @@ class Member:
         self._assign_seq = 0
 
     # -- presence ---------------------------------------------------------------------------------
-    def subscribe_presence(self) -> None:
-        self.bus.subscribe(topics.ALL_STATUS, self.on_status, qos=1)
-        self.bus.subscribe(topics.ALL_HEARTBEATS, self.on_heartbeat, qos=0)
-
     def go_online(self) -> None:
         """Publish ``online`` and wait for the ack, then serve asks: the router argument in
         ``mesh.routing`` needs the status accepted before these subscriptions."""
@@ -165,61 +161,16 @@ class Member:
                 break
             self.reply_error(job, "shutdown", f"{self.label} is shutting down")
 
-    def decode(self, payload: bytes, kind: wire.Kind) -> wire.Envelope | None:
-        try:
-            env = wire.decode(payload, self.limits.max_message_bytes)
-        except ProtocolError as exc:
-            self.rejects.add(exc.reason)
-            log.info("dropped payload: %s", exc)
-            return None
-        if env.kind is not kind:
-            self.rejects.add("unexpected-kind")
-            return None
-        return env
-
-    def on_status(self, topic: str, payload: bytes, retained: bool) -> None:
-        parsed = topics.parse_node_topic(topic)
-        if parsed is None:
-            self.rejects.add("bad-topic")
-            return
-        if payload not in (b"", topics.ONLINE, topics.OFFLINE):
-            self.rejects.add("bad-status")  # garbage must not mark a node gone
-            return
-        name = parsed[0]
-        online = None if payload == b"" else payload == topics.ONLINE  # b"": cleared by a decommission
-        with self.peers_lock:
-            if online is None:
-                self.peers.forget(name)
-            else:
-                self.peers.set_status(name, online)
+    def status_changed(self, name: str, online: bool | None) -> None:
         if self.on_presence is not None and name != self.name:
             self.on_presence(name, online)
 
-    def on_heartbeat(self, topic: str, payload: bytes, retained: bool) -> None:
-        parsed = topics.parse_node_topic(topic)
-        if parsed is None:
-            self.rejects.add("bad-topic")
-            return
-        if not payload:
-            return  # an empty retained message clears a decommissioned node's heartbeat
-        env = self.decode(payload, wire.Kind.HEARTBEAT)
-        if env is None:
-            return
-        with self.peers_lock:
-            if self.peers.set_heartbeat(parsed[0], env.body, time.monotonic()):
-                self.pending.pop(parsed[0], None)
-        if self.on_peer_heartbeat is not None and parsed[0] != self.name:
-            self.on_peer_heartbeat(parsed[0], env.body, retained)
-
-    def peer_online(self, peer: str) -> bool:
-        """Unknown counts as online: only a seen ``offline`` ends a wait on a peer."""
-        with self.peers_lock:
-            view = self.peers.get(peer)
-            return view is None or view.online
-
-    def online_views(self) -> list[NodeView]:
-        with self.peers_lock:
-            return self.peers.online()
+    def heard(self, name: str, body: dict[str, Any], retained: bool, fresh: bool) -> None:
+        if fresh:
+            with self.changed:
+                self.pending.pop(name, None)
+        if self.on_peer_heartbeat is not None and name != self.name:
+            self.on_peer_heartbeat(name, body, retained)
 
     # -- ask intake -------------------------------------------------------------------------------
     def on_node_ask(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -273,7 +224,7 @@ class Member:
 
     # -- router duty ------------------------------------------------------------------------------
     def is_router(self) -> bool:
-        with self.peers_lock:
+        with self.changed:
             names = {v.name for v in self.peers.online()}
         if self.present:
             names.add(self.name)
@@ -323,7 +274,7 @@ class Member:
             self.route(env)
 
     def _candidates(self, model: str | None) -> list[NodeView]:
-        with self.peers_lock:
+        with self.changed:
             views = self.peers.online()
         return [v for v in views
                 if (not self.answer_role or "answer" in (v.heartbeat.get("roles") or []))
@@ -335,7 +286,7 @@ class Member:
         model = model if isinstance(model, str) else None
         candidates = self._candidates(model)
         depths = self.depths(env, [v.name for v in candidates]) if self.depths and candidates else {}
-        with self.peers_lock:
+        with self.changed:
             target, reason = pick(candidates, depths, self.pending, self._last_assigned, model,
                                   self.route_threshold)
             if target is not None:

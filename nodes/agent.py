@@ -103,7 +103,7 @@ class NodeAgent:
         if self.config.cache.enabled:
             self.cache = NodeCache(self.loaded, self.config.cache, self.decoder)
         self.bus.on_connected(self._announce)
-        self.member.subscribe_presence()
+        self.member.subscribe_presence(self.bus)
         if self.cache is not None:
             self.bus.subscribe(topics.ALL_CATALOGS, self._on_catalog, qos=1)
             self.bus.subscribe(topics.node_kv(self.name), self._on_kv_fetch, qos=1)
@@ -354,7 +354,7 @@ class NodeAgent:
         """Per peer: the slower of our link and theirs; round trip through both (heartbeats)."""
         mine = self._default_link()
         out: dict[str, LinkEstimate] = {}
-        with self.member.peers_lock:
+        with self.member.changed:
             for v in self.member.peers.online():
                 bw, rtt = v.heartbeat.get("link_bw_Bps"), v.heartbeat.get("rtt_ms")
                 if isinstance(bw, (int, float)) and bw > 0:
@@ -426,7 +426,7 @@ class NodeAgent:
                 self.cache.dirty.set()
 
     def _peer_online(self, peer: str) -> bool:
-        with self.member.peers_lock:
+        with self.member.changed:
             view = self.member.peers.get(peer)
             return view is None or view.online  # unknown counts as online: only a seen "offline" ends a fetch
 

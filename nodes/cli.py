@@ -132,16 +132,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"nodes": rows}, indent=2))
         return 0
-    table = Table(title=f"mesh nodes ({sum(r['status'] == 'online' for r in rows)} online)")
-    for col in ("node", "status", "model", "queue", "load", "prefill tok/s", "decode tok/s", "rtt ms",
-                "served", "rejected", "hb age s"):
+    columns = ("node", "status", "model", "queue", "load", "prefill tok/s", "decode tok/s", "rtt ms",
+               "served", "rejected", "hb age s")
+    cells = [[r["node"], r["status"], str(r["model"]), str(r["queue"]), str(r["load"]), str(r["prefill_tps"]),
+              str(r["decode_tps"]), str(r["rtt_ms"]), str(r["served"]), str(sum((r["rejects"] or {}).values())),
+              str(r["heartbeat_age_s"])] for r in rows]
+    title = f"mesh nodes ({sum(r['status'] == 'online' for r in rows)} online)"
+    if not sys.stdout.isatty():  # a pipe, a log, ssh without a tty: full values, plain columns
+        print(title)
+        print(plain_table(columns, cells))
+        return 0
+    table = Table(title=title)
+    for col in columns:
         table.add_column(col)
-    for r in rows:
-        table.add_row(r["node"], r["status"], str(r["model"]), str(r["queue"]), str(r["load"]),
-                      str(r["prefill_tps"]), str(r["decode_tps"]), str(r["rtt_ms"]), str(r["served"]),
-                      str(sum((r["rejects"] or {}).values())), str(r["heartbeat_age_s"]))
+    for row in cells:
+        table.add_row(*row)
     Console().print(table)
     return 0
+
+
+def plain_table(columns: tuple[str, ...], cells: list[list[str]]) -> str:
+    """Columns padded to their widest value, nothing cut: readable in logs and pipes."""
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = [columns, *cells]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -15,8 +14,9 @@ from mesh import topics, wire
 from mesh.mqtt.bus import MqttBus
 from mesh.mqtt.inbox import ReplyInbox
 from mesh.config import BrokerAddress
-from mesh.errors import MeshError, ProtocolError, TransportError
-from mesh.routing import NodeView, PeerTable, router_of
+from mesh.errors import MeshError, TransportError
+from mesh.presence import Presence
+from mesh.routing import NodeView, router_of
 
 log = logging.getLogger(__name__)
 HELD_MAX = 4096  # token pieces held back past a gap in one stream (a bound against a flood)
@@ -54,17 +54,14 @@ class AskResult:
         }
 
 
-class MeshClient:
+class MeshClient(Presence):
     """Connects, watches node status and heartbeats, and asks."""
 
     def __init__(self, broker: BrokerAddress, name: str | None = None, connect_timeout: float = 10.0) -> None:
         self.name = name or f"cli-{uuid.uuid4().hex[:12]}"
         self.bus = MqttBus(self.name, broker)
-        self.rejects = wire.RejectCounter()
+        super().__init__(wire.RejectCounter())
         self.inbox = ReplyInbox(self.bus, self.name, self.rejects)
-        self.peers = PeerTable()
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
         self._connect_timeout = connect_timeout
         self._status_at: dict[str, tuple[float, bool]] = {}  # node -> (when its last status came, online)
         self._connected_at = 0.0  # when our latest connection to the broker was made
@@ -78,8 +75,7 @@ class MeshClient:
 
     def start(self) -> None:
         self.bus.on_connected(self._note_connected)
-        self.bus.subscribe(topics.ALL_STATUS, self._on_status, qos=1)
-        self.bus.subscribe(topics.ALL_HEARTBEATS, self._on_heartbeat, qos=0)
+        self.subscribe_presence(self.bus)
         self.bus.start(self._connect_timeout)
         self.inbox.start()
         self.inbox.ping()  # barrier: retained statuses and heartbeats are in
@@ -88,43 +84,20 @@ class MeshClient:
         self.bus.stop()
 
     def _note_connected(self) -> None:
-        with self._changed:
+        with self.changed:
             self._connected_at = time.monotonic()
 
-    def _on_status(self, topic: str, payload: bytes, retained: bool) -> None:
-        parsed = topics.parse_node_topic(topic)
-        if parsed is not None and payload == b"":
-            with self._changed:
-                self.peers.forget(parsed[0])
-            return
-        if parsed is None or payload not in (topics.ONLINE, topics.OFFLINE):
-            self.rejects.add("bad-status")
-            return
-        with self._changed:
-            self.peers.set_status(parsed[0], payload == topics.ONLINE)
-            self._status_at[parsed[0]] = (time.monotonic(), payload == topics.ONLINE)
-            self._changed.notify_all()
-
-    def _on_heartbeat(self, topic: str, payload: bytes, retained: bool) -> None:
-        parsed = topics.parse_node_topic(topic)
-        if parsed is None or not payload:
-            return
-        try:
-            env = wire.decode(payload)
-        except ProtocolError as exc:
-            self.rejects.add(exc.reason)
-            return
-        if env.kind is wire.Kind.HEARTBEAT:
-            with self._changed:
-                self.peers.set_heartbeat(parsed[0], env.body, time.monotonic())
-                self._changed.notify_all()
+    def status_changed(self, name: str, online: bool | None) -> None:
+        if online is not None:
+            with self.changed:
+                self._status_at[name] = (time.monotonic(), online)
 
     def nodes(self) -> list[NodeView]:
-        with self._lock:
+        with self.changed:
             return [NodeView(**vars(v)) for v in self.peers.all()]
 
     def online(self) -> list[str]:
-        with self._lock:
+        with self.changed:
             return [v.name for v in self.peers.online()]
 
     def wait_online(self, names: Sequence[str], timeout: float, ready: Callable[[NodeView], bool] | None = None) -> None:
@@ -138,13 +111,13 @@ class MeshClient:
                     return False
             return True
 
-        with self._changed:
+        with self.changed:
             while not done():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = [n for n in names if not (self.peers.get(n) and self.peers.get(n).online)]  # type: ignore[union-attr]
                     raise TransportError(f"nodes not online within {timeout:g} s: {', '.join(missing) or names}")
-                self._changed.wait(min(left, 0.5))
+                self.changed.wait(min(left, 0.5))
 
     def ask(
         self,
@@ -273,13 +246,13 @@ class MeshClient:
     def _wait_announced(self, node: str | None, timeout: float) -> None:
         """Until ``node`` (or, for a routed ask, the router) sent "online" since our last connect."""
         deadline = time.monotonic() + timeout
-        with self._changed:
+        with self.changed:
             while time.monotonic() < deadline:
                 name = node or router_of(v.name for v in self.peers.online())
                 t, up = self._status_at.get(name or "", (0.0, False))
                 if up and t >= self._connected_at:
                     return
-                self._changed.wait(min(0.1, max(deadline - time.monotonic(), 0.0)))
+                self.changed.wait(min(0.1, max(deadline - time.monotonic(), 0.0)))
 
     def _should_resend(self, sent_on: int, sent_at: float, node: str | None, serving: str | None,
                        replied: bool, now: float, resend_s: float) -> bool:
@@ -288,7 +261,7 @@ class MeshClient:
             return False  # wait for the reconnect first
         if self.bus.connects != sent_on:
             return True  # the session was rebuilt: the ask or its replies may be gone
-        with self._lock:
+        with self.changed:
             if not replied and sent_at - self._connected_at < resend_s and self.bus.connects > 1 \
                     and now - sent_at > resend_s:
                 return True  # sent just after a reconnect and unheard since: the node may not have been back

@@ -103,7 +103,7 @@ class Coordinator:
         # layer's MLP module as it is, routed while an ask runs).
         self.decoder.step = lean_step(self.loaded.model) if cfg.lean_decode and one else None
         log.info("decode steps: %s", "mesh.halo.lean" if self.decoder.step is not None else "the HF forward")
-        self.member.subscribe_presence()
+        self.member.subscribe_presence(self.bus)
         self.bus.subscribe(self.reply_topic, self.engine.on_reply, qos=topics.REPLY.qos)
         self.bus.subscribe(topics.halo_reply(self.name), self.engine.on_frame, qos=topics.HALO_REPLY.qos)
         self.bus.on_connected(self._announce)
@@ -218,7 +218,7 @@ class Coordinator:
         bind_threads()
         last_hb = 0.0
         while not self._stop.wait(0.1):
-            with self.member.peers_lock:
+            with self.member.changed:
                 views = [(v.name, dict(v.heartbeat), v.online) for v in self.member.peers.all() if v.name != self.name]
             try:
                 self.engine.replan(views, time.monotonic(), idle=not self.member.running)

@@ -179,6 +179,17 @@ def test_status_lists_nodes_with_heartbeat_figures(amqtt_broker: Broker, mesh_no
     assert g1["prefill_tps"] > 0 and g1["rtt_ms"] is not None and 0 < g1["rtt_ms"] < 1000
 
 
+def test_status_without_a_terminal_prints_every_value_in_full(amqtt_broker: Broker, mesh_nodes: dict) -> None:
+    """Piped (no tty), the table is plain columns: rich squeezed it to 80 ("nod…", "gem…")."""
+    out = run_cli(amqtt_broker, "status")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "…" not in out.stdout and lines[1].split()[:3] == ["node", "status", "model"]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert rows["g1"][1:3] == ["online", "gemma3-270m"] and rows["s1"][2] == "smollm2-135m"
+    assert len(rows["g1"]) == 11  # every column, none cut or wrapped
+
+
 def test_no_node_online_exits_non_zero(log_dir: Path) -> None:
     empty = start_amqtt(log_dir)
     try:

@@ -1,0 +1,103 @@
+"""Who is online and what each node last reported: the retained status and heartbeat topics.
+
+Every process that watches the mesh keeps one :class:`Presence`: the node agent and the
+coordinator (through :class:`mesh.member.Member`) and the client (``mesh ask``, ``mesh status``,
+the benchmarks). Its handlers run on paho's network thread; :attr:`Presence.changed` is both the
+lock over :attr:`Presence.peers` and the condition waiters sleep on until a status or heartbeat
+lands.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from mesh import topics, wire
+from mesh.errors import ProtocolError
+from mesh.mqtt.bus import MqttBus
+from mesh.routing import NodeView, PeerTable
+
+log = logging.getLogger(__name__)
+
+
+class Presence:
+    """A peer table fed by ``mesh/v1/node/+/status`` and ``.../heartbeat``; garbage is counted.
+
+    Subclasses hear of changes through :meth:`status_changed` (``online`` is None when a
+    decommission cleared the status) and :meth:`heard` (``fresh`` is False for a heartbeat older
+    than the one held).
+    """
+
+    def __init__(self, rejects: wire.RejectCounter, max_message_bytes: int = wire.DEFAULT_MAX_BYTES) -> None:
+        self.rejects = rejects
+        self.max_message_bytes = max_message_bytes
+        self.peers = PeerTable()
+        self.changed = threading.Condition()
+
+    def subscribe_presence(self, bus: MqttBus) -> None:
+        bus.subscribe(topics.ALL_STATUS, self.on_status, qos=1)
+        bus.subscribe(topics.ALL_HEARTBEATS, self.on_heartbeat, qos=0)
+
+    def decode(self, payload: bytes, kind: wire.Kind) -> wire.Envelope | None:
+        """The envelope, or None with the reason counted."""
+        try:
+            env = wire.decode(payload, self.max_message_bytes)
+        except ProtocolError as exc:
+            self.rejects.add(exc.reason)
+            log.info("dropped payload: %s", exc)
+            return None
+        if env.kind is not kind:
+            self.rejects.add("unexpected-kind")
+            return None
+        return env
+
+    def on_status(self, topic: str, payload: bytes, retained: bool) -> None:
+        parsed = topics.parse_node_topic(topic)
+        if parsed is None:
+            self.rejects.add("bad-topic")
+            return
+        if payload not in (b"", topics.ONLINE, topics.OFFLINE):
+            self.rejects.add("bad-status")  # garbage must not mark a node gone
+            return
+        name = parsed[0]
+        online = None if payload == b"" else payload == topics.ONLINE  # b"": cleared by a decommission
+        with self.changed:
+            if online is None:
+                self.peers.forget(name)
+            else:
+                self.peers.set_status(name, online)
+            self.changed.notify_all()
+        self.status_changed(name, online)
+
+    def on_heartbeat(self, topic: str, payload: bytes, retained: bool) -> None:
+        parsed = topics.parse_node_topic(topic)
+        if parsed is None:
+            self.rejects.add("bad-topic")
+            return
+        if not payload:
+            return  # an empty retained message clears a decommissioned node's heartbeat
+        env = self.decode(payload, wire.Kind.HEARTBEAT)
+        if env is None:
+            return
+        with self.changed:
+            fresh = self.peers.set_heartbeat(parsed[0], env.body, time.monotonic())
+            self.changed.notify_all()
+        self.heard(parsed[0], env.body, retained, fresh)
+
+    def status_changed(self, name: str, online: bool | None) -> None:
+        """A node's status arrived (network thread)."""
+
+    def heard(self, name: str, body: dict[str, Any], retained: bool, fresh: bool) -> None:
+        """A node's heartbeat arrived (network thread)."""
+
+    def peer_online(self, peer: str) -> bool:
+        """Unknown counts as online: only a seen ``offline`` ends a wait on a peer."""
+        with self.changed:
+            view = self.peers.get(peer)
+            return view is None or view.online
+
+    def online_views(self) -> list[NodeView]:
+        with self.changed:
+            return self.peers.online()
