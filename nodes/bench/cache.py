@@ -142,9 +142,9 @@ def phases(r: Any) -> dict[str, float]:
 
 
 def run_profile(profile: str, items: list[Group], args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from nodes.testbed.bed import CALIBRATION_DEFAULT_DIR, Testbed, load_calibration
+    from nodes.testbed.bed import Testbed, calibration_dir, load_calibration
 
-    cal = load_calibration(CALIBRATION_DEFAULT_DIR, profile) if profile == "pi-zero-2w" else None
+    cal = load_calibration(calibration_dir(mesh_home(args)), profile) if profile == "pi-zero-2w" else None
     prof = device_profile(profile, cal)
     spec = make_spec(1 + len(ASKERS), prof, instance=args.instance)
     rows: list[dict[str, Any]] = []

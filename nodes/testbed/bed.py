@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Mapping, Sequence
 
 from mesh.errors import ConfigError, MeshError, TransportError
+from mesh.model import converted_dir
 from mesh.uplink_stats import LinkStats, LinkStatsConfig
+from nodes.settings import mesh_home
 from nodes.testbed.plan import (
     BROKER_KINDS,
     CPU_CGROUP_ROOT,
@@ -76,7 +78,6 @@ from nodes.testbed.plan import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RUN_DIR = Path("/run/mesh-testbed")
-CALIBRATION_DEFAULT_DIR = Path.home() / ".cache" / "mesh" / "testbed"
 PROBE_INSTANCE = 99  # reserved for capability checks; user instances are 0..98
 STEP_TIMEOUT_S = 30.0
 LOOP_ITERS_PER_TOKEN = 100_000
@@ -642,20 +643,18 @@ def _prompt_ids(tokenizer: Any, tokens: int) -> list[int]:
     return ids[:tokens]
 
 
-def _load_work(
-    model: str, tokens: int, model_dir: Path | None, threads: int
-) -> tuple[Callable[[], None], dict[str, Any]]:
+def _load_work(model: str, tokens: int, model_dir: Path, threads: int) -> tuple[Callable[[], None], dict[str, Any]]:
     """The unit of work a probe times, plus facts about it."""
     if model == "loop":
         n = tokens * LOOP_ITERS_PER_TOKEN
         return (lambda: None if _cpu_loop(n) < 0 else None), {"iterations": n}
+    path = model_dir
+    if not path.is_dir():
+        raise ConfigError(f"no model cache at {path}: run the project's model setup first")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(threads)
-    path = model_dir or Path.home() / ".cache" / "mesh" / "models" / model
-    if not path.is_dir():
-        raise ConfigError(f"no model cache at {path}: run the project's model setup first")
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(path))
     lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -669,7 +668,7 @@ def _load_work(
     return prefill, {"load_s": round(load_s, 3), "torch": torch.__version__, "model_dir": str(path)}
 
 
-def run_probe(model: str, tokens: int, *, model_dir: Path | None, threads: int, serve: bool, out: IO[str]) -> int:
+def run_probe(model: str, tokens: int, *, model_dir: Path, threads: int, serve: bool, out: IO[str]) -> int:
     """Time the probe work (after one warm-up run).
 
     One-shot: print one JSON line with ``seconds`` (wall) and ``cpu_seconds`` (process CPU time).
@@ -932,6 +931,11 @@ def calibrate(
     )
 
 
+def calibration_dir(home: Path) -> Path:
+    """Where calibrations are kept: beside the models, under the mesh home (``MESH_HOME``)."""
+    return home / "testbed"
+
+
 def load_calibration(cache_dir: Path, profile: str) -> Calibration | None:
     path = cache_dir / "calibration.json"
     try:
@@ -955,7 +959,7 @@ def save_calibration(cache_dir: Path, cal: Calibration) -> Path:
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
-    return Path(args.cache_dir).expanduser() if args.cache_dir else CALIBRATION_DEFAULT_DIR
+    return Path(args.cache_dir).expanduser() if args.cache_dir else calibration_dir(mesh_home(args))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -1047,8 +1051,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    return run_probe(args.model, args.tokens, model_dir=Path(args.model_dir) if args.model_dir else None,
-                     threads=args.threads, serve=args.serve, out=sys.stdout)
+    # the model where every mesh process looks for it: --model-dir, else under --home / MESH_HOME
+    model_dir = Path(args.model_dir) if args.model_dir else converted_dir(mesh_home(args), args.model)
+    return run_probe(args.model, args.tokens, model_dir=model_dir, threads=args.threads, serve=args.serve,
+                     out=sys.stdout)
 
 
 def cmd_linkprobe(args: argparse.Namespace) -> int:
@@ -1070,7 +1076,7 @@ def _add_commands(sub: Any) -> None:
     up.add_argument("--model", default="gemma3-270m")
     up.add_argument("--instance", type=int, default=0, choices=range(0, MAX_INSTANCE), metavar="0..98")
     up.add_argument("--no-nodes", action="store_true", help="only the network and the broker")
-    up.add_argument("--cache-dir", default=None, help="calibration cache (default ~/.cache/mesh/testbed)")
+    up.add_argument("--cache-dir", default=None, help="calibration cache (default <mesh home>/testbed)")
     up.add_argument("--load-unthrottled", action="store_true",
                     help="start nodes without their CPU quota (model loading); apply it with `throttle --on`")
     common(up)
@@ -1099,13 +1105,13 @@ def _add_commands(sub: Any) -> None:
     cal = sub.add_parser("calibrate", help="measure the CPU quota of a device profile")
     cal.add_argument("--profile", choices=PROFILE_NAMES, required=True)
     cal.add_argument("--model", default="gemma3-270m", help="gemma3-270m, or loop (a CPU loop, for tests)")
-    cal.add_argument("--model-dir", default=None, help="default ~/.cache/mesh/models/<model>")
+    cal.add_argument("--model-dir", default=None, help="default <mesh home>/models/<model>")
     cal.add_argument("--tokens", type=int, default=65)
     cal.add_argument("--target-s", type=float, default=12.6)
     cal.add_argument("--period-ms", type=float, default=1000.0)
     cal.add_argument("--repeats", type=int, default=3)
     cal.add_argument("--max-trials", type=int, default=8)
-    cal.add_argument("--cache-dir", default=None, help="default ~/.cache/mesh/testbed")
+    cal.add_argument("--cache-dir", default=None, help="default <mesh home>/testbed")
     cal.set_defaults(func=cmd_calibrate)
 
 
@@ -1125,7 +1131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_commands(sub)
     probe = sub.add_parser("probe", help="time one CPU probe (model prefill or CPU loop), print JSON")
     probe.add_argument("--model", default="gemma3-270m")
-    probe.add_argument("--model-dir", default=None)
+    probe.add_argument("--model-dir", default=None, help="default <home>/models/<model>")
+    probe.add_argument("--home", help="models and data (default ~/.cache/mesh, or MESH_HOME)")
     probe.add_argument("--tokens", type=int, default=65)
     probe.add_argument("--threads", type=int, default=1)
     probe.add_argument("--serve", action="store_true", help="answer `run` lines on stdin")
