@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nodes.bench.load import add_bench_load
     from nodes.halo_cli import add_halo_commands, add_node_halo_arguments
     from mesh.ha.extension import add_ha_arguments
-    from nodes.testbed.bed import add_testbed_commands
+    from nodes.testbed.cli import add_testbed_commands
 
     parser = argparse.ArgumentParser(prog="mesh", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

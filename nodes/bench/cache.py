@@ -142,7 +142,8 @@ def phases(r: Any) -> dict[str, float]:
 
 
 def run_profile(profile: str, items: list[Group], args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from nodes.testbed.bed import Testbed, calibration_dir, load_calibration
+    from nodes.testbed.bed import Testbed
+    from nodes.testbed.calibrate import calibration_dir, load_calibration
 
     cal = load_calibration(calibration_dir(mesh_home(args)), profile) if profile == "pi-zero-2w" else None
     prof = device_profile(profile, cal)

@@ -43,7 +43,8 @@ def stream_items(args: argparse.Namespace) -> list[tuple[str, mmlu.Question]]:
 
 
 def run_stream(profile: str, args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from nodes.testbed.bed import Testbed, calibration_dir, load_calibration
+    from nodes.testbed.bed import Testbed
+    from nodes.testbed.calibrate import calibration_dir, load_calibration
 
     cal = load_calibration(calibration_dir(mesh_home(args)), profile) if profile == "pi-zero-2w" else None
     spec = make_spec(args.nodes, device_profile(profile, cal), instance=args.instance)

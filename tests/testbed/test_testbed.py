@@ -28,7 +28,10 @@ from nodes.testbed.plan import (
     netns_name,
     owned,
 )
-from nodes.testbed.bed import REPO_ROOT, Testbed, TestbedBusy, calibrate, load_calibration, save_calibration, scan, teardown
+from nodes.testbed.bed import Testbed, TestbedBusy
+from nodes.testbed.calibrate import calibrate, load_calibration, save_calibration
+from nodes.testbed.shell import REPO_ROOT, scan
+from nodes.testbed.state import teardown
 
 pytestmark = pytest.mark.testbed
 
@@ -66,7 +69,7 @@ def run_json(proc: subprocess.Popen[Any], timeout_s: float) -> dict[str, Any]:
 
 
 def linkprobe(tb: Testbed, name: str, count: int) -> subprocess.Popen[Any]:
-    argv = [sys.executable, "-m", "nodes.testbed.bed", "linkprobe", "--broker", tb.broker_url, "--name", name,
+    argv = [sys.executable, "-m", "nodes.testbed", "linkprobe", "--broker", tb.broker_url, "--name", name,
             "--count", str(count), "--interval-ms", "20", "--late-ms", "10", "--timeout-ms", "1000"]
     return tb.spawn(name, argv, stdout=subprocess.PIPE, text=True)
 
@@ -172,7 +175,7 @@ def test_large_message_takes_the_time_the_link_rate_implies(make_testbed: Callab
 
 
 def _probe(tb: Testbed, name: str, tokens: int) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "nodes.testbed.bed", "probe", "--model", "loop", "--tokens", str(tokens)]
+    argv = [sys.executable, "-m", "nodes.testbed", "probe", "--model", "loop", "--tokens", str(tokens)]
     return run_json(tb.spawn(name, argv, stdout=subprocess.PIPE, text=True), timeout_s=60)
 
 
