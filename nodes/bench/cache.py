@@ -45,14 +45,15 @@ from rich.progress import (
 from rich.table import Table
 
 from mesh import topics, wire
-from nodes import mmlu
 from mesh.config import BrokerAddress
 from mesh.errors import ProtocolError
-from nodes.testbed.plan import device_profile, make_spec
+from nodes import mmlu
 from nodes.bench.report import pyplot, save_figure, write_results
 from nodes.client import MeshClient
 from nodes.settings import mesh_home
 from nodes.setup import mmlu_dir
+from nodes.testbed.profiles import device_profile
+from nodes.testbed.spec import make_spec
 
 PAPER = {"ttft_miss_s": 12.59, "ttft_hit_s": 0.87, "ttft_change_pct": -93.12,
          "ttlt_miss_s": 23.74, "ttlt_hit_s": 11.86, "ttlt_change_pct": -50.07, "pi5_change_pct": +7.0}

@@ -20,14 +20,21 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
-from nodes import mmlu
 from mesh.config import BrokerAddress
-from nodes.testbed.plan import device_profile, make_spec
+from nodes import mmlu
 from nodes.client import MeshClient
-from nodes.setup import mmlu_dir
 from nodes.settings import mesh_home
+from nodes.setup import mmlu_dir
+from nodes.testbed.profiles import device_profile
+from nodes.testbed.spec import make_spec
 
 
 def stream_items(args: argparse.Namespace) -> list[tuple[str, mmlu.Question]]:

@@ -16,16 +16,11 @@ from pathlib import Path
 from typing import IO, Any, Callable, Mapping, Sequence
 
 from mesh.errors import ConfigError, MeshError
+
+# nodes/bench/halo.py imports load_calibration from here; it moves to nodes.testbed.calibrate with it
+from nodes.testbed.calibrate import load_calibration  # noqa: F401
 from nodes.testbed.plan import (
-    GATEWAY,
-    Calibration,
-    CpuQuota,
-    Layout,
-    ProcessRecord,
-    TestbedSpec,
-    TestbedState,
     broker_argv,
-    layout,
     mosquitto_conf,
     node_argv,
     owned,
@@ -36,6 +31,8 @@ from nodes.testbed.plan import (
     plan_up,
     spawn_argv,
 )
+from nodes.testbed.profiles import Calibration, CpuQuota
+from nodes.testbed.record import ProcessRecord, TestbedState
 from nodes.testbed.shell import (
     PROBE_INSTANCE,
     REPO_ROOT,
@@ -46,9 +43,14 @@ from nodes.testbed.shell import (
     unavailable_reason,
     wait_for_port,
 )
-from nodes.testbed.state import DEFAULT_RUN_DIR, in_use, read_state, teardown, write_state
-# nodes/bench/halo.py imports load_calibration from here; it moves to nodes.testbed.calibrate with it
-from nodes.testbed.calibrate import load_calibration  # noqa: F401
+from nodes.testbed.spec import GATEWAY, Layout, TestbedSpec, layout
+from nodes.testbed.state import (
+    DEFAULT_RUN_DIR,
+    in_use,
+    read_state,
+    teardown,
+    write_state,
+)
 
 
 class TestbedBusy(ConfigError):

@@ -16,17 +16,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mesh.errors import MeshError
-from nodes.testbed.plan import (
+from nodes.testbed.profiles import (
     Calibration,
     Trial,
-    calibration_cgroup,
     calibrations_from_json,
     calibrations_to_json,
-    cgroup_path,
     closest_trial,
     next_quota,
 )
 from nodes.testbed.shell import REPO_ROOT, remove_dir
+from nodes.testbed.spec import calibration_cgroup, cgroup_path
 
 
 class _ProbeProcess:

@@ -14,17 +14,17 @@ from typing import Any, Sequence
 from mesh.errors import ConfigError, MeshError
 from mesh.model import converted_dir
 from nodes.settings import mesh_home
-from nodes.testbed.plan import (
-    BROKER_KINDS,
-    MAX_INSTANCE,
-    PROFILE_NAMES,
-    device_profile,
-    make_spec,
-    parse_loss,
-)
 from nodes.testbed.bed import Testbed, throttle
-from nodes.testbed.calibrate import calibrate, calibration_dir, load_calibration, save_calibration
+from nodes.testbed.calibrate import (
+    calibrate,
+    calibration_dir,
+    load_calibration,
+    save_calibration,
+)
+from nodes.testbed.plan import BROKER_KINDS
 from nodes.testbed.probes import run_linkprobe, run_probe
+from nodes.testbed.profiles import PROFILE_NAMES, device_profile
+from nodes.testbed.spec import MAX_INSTANCE, make_spec, parse_loss
 from nodes.testbed.state import DEFAULT_RUN_DIR, status, teardown
 
 

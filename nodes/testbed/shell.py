@@ -17,17 +17,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from mesh.errors import MeshError, TransportError
-from nodes.testbed.plan import (
-    CPU_CGROUP_ROOT,
-    Found,
-    MakeDir,
-    RemoveDir,
-    Run,
-    Step,
-    WriteFile,
-    cgroup_path,
-    netns_name,
-)
+from nodes.testbed.plan import Found, MakeDir, RemoveDir, Run, Step, WriteFile
+from nodes.testbed.spec import CPU_CGROUP_ROOT, cgroup_path, netns_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROBE_INSTANCE = 99  # reserved for capability checks; user instances are 0..98

@@ -11,12 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from mesh.errors import ConfigError, MeshError
-from nodes.testbed.plan import (
-    TestbedState,
-    owned,
-    plan_cleanup,
-    plan_unthrottle,
-)
+from nodes.testbed.plan import owned, plan_cleanup, plan_unthrottle
+from nodes.testbed.record import TestbedState
 from nodes.testbed.shell import alive, execute, kill_all, locked, pids_of, scan
 
 DEFAULT_RUN_DIR = Path("/run/mesh-testbed")

@@ -12,9 +12,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from nodes.testbed.plan import TestbedSpec
 from nodes.testbed.bed import Testbed, TestbedBusy
 from nodes.testbed.shell import unavailable_reason
+from nodes.testbed.spec import TestbedSpec
 from nodes.testbed.state import DEFAULT_RUN_DIR, in_use, teardown
 
 TEST_INSTANCES = range(90, 98)

@@ -19,18 +19,18 @@ from typing import Any, Callable
 
 import pytest
 
-from nodes.testbed.plan import (
-    CpuQuota,
-    NodeSpec,
-    TestbedSpec,
-    check_node_name,
-    cgroup_path,
-    netns_name,
-    owned,
-)
 from nodes.testbed.bed import Testbed, TestbedBusy
 from nodes.testbed.calibrate import calibrate, load_calibration, save_calibration
+from nodes.testbed.plan import owned
+from nodes.testbed.profiles import CpuQuota
 from nodes.testbed.shell import REPO_ROOT, scan
+from nodes.testbed.spec import (
+    NodeSpec,
+    TestbedSpec,
+    cgroup_path,
+    check_node_name,
+    netns_name,
+)
 from nodes.testbed.state import teardown
 
 pytestmark = pytest.mark.testbed
@@ -236,7 +236,8 @@ def test_calibrate_finds_the_quota_for_a_target_time(testbed_ok: None, tmp_path:
 
 BRING_UP = r"""
 import json, sys, time
-from nodes.testbed.plan import device_profile, make_spec
+from nodes.testbed.profiles import device_profile
+from nodes.testbed.spec import make_spec
 from nodes.testbed.bed import Testbed
 instance = int(sys.argv[1])
 spec = make_spec(2, device_profile("pi-zero-2w"), loss={"pi2": 5}, instance=instance)
