@@ -49,6 +49,7 @@ from mesh.config import BrokerAddress
 from mesh.errors import ProtocolError
 from nodes import mmlu
 from nodes.bench.report import pyplot, save_figure, write_results
+from nodes.bench.stats import mean, median
 from nodes.client import MeshClient
 from nodes.settings import mesh_home
 from nodes.setup import mmlu_dir
@@ -57,15 +58,6 @@ from nodes.testbed.spec import make_spec
 
 PAPER = {"ttft_miss_s": 12.59, "ttft_hit_s": 0.87, "ttft_change_pct": -93.12,
          "ttlt_miss_s": 23.74, "ttlt_hit_s": 11.86, "ttlt_change_pct": -50.07, "pi5_change_pct": +7.0}
-
-
-def _mean(xs: list[float]) -> float | None:
-    return statistics.fmean(xs) if xs else None
-
-
-def _median(xs: list[Any]) -> float | None:
-    xs = [x for x in xs if isinstance(x, (int, float))]
-    return statistics.median(xs) if xs else None
 
 
 def _paired(diffs: list[float]) -> dict[str, Any] | None:
@@ -248,19 +240,19 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             pairs = [(misses[r["group"]], r) for r in got if r["group"] in misses]
             pairs_all += pairs
         entry: dict[str, Any] = {
-            "n": len(got), "ttft_s_median": _median([r["ttft_s"] for r in got]),
-            "ttlt_s_median": _median([r["ttlt_s"] for r in got]),
-            "ttft_s_mean": _mean([r["ttft_s"] for r in got]), "ttlt_s_mean": _mean([r["ttlt_s"] for r in got]),
-            "prompt_tokens_median": _median([r["prompt_tokens"] for r in got]),
-            "phases_s_median": {ph: _median([_phase(r, ph) for r in got]) for ph in (*PHASES, "mesh_ttft", "fetch_ttft")},
+            "n": len(got), "ttft_s_median": median([r["ttft_s"] for r in got]),
+            "ttlt_s_median": median([r["ttlt_s"] for r in got]),
+            "ttft_s_mean": mean([r["ttft_s"] for r in got]), "ttlt_s_mean": mean([r["ttlt_s"] for r in got]),
+            "prompt_tokens_median": median([r["prompt_tokens"] for r in got]),
+            "phases_s_median": {ph: median([_phase(r, ph) for r in got]) for ph in (*PHASES, "mesh_ttft", "fetch_ttft")},
         }
         if case != "miss":
             entry.update(
                 decisions={d: sum((r["cache"] or {}).get("decision") == d for r in got)
                            for d in ("local", "remote", "recompute", "no-match")},
-                reused_tokens_median=_median([(r["cache"] or {}).get("local_tokens", 0)
+                reused_tokens_median=median([(r["cache"] or {}).get("local_tokens", 0)
                                               + (r["cache"] or {}).get("remote_tokens", 0) for r in got]),
-                fetch_bytes_median=_median([(r["cache"] or {}).get("fetch_bytes", 0) for r in got]),
+                fetch_bytes_median=median([(r["cache"] or {}).get("fetch_bytes", 0) for r in got]),
                 paired_ttft_minus_miss=_paired([b["ttft_s"] - a["ttft_s"] for a, b in pairs]),
                 paired_ttlt_minus_miss=_paired([b["ttlt_s"] - a["ttlt_s"] for a, b in pairs]),
                 ttft_reduction_median_pct=_reduction(pairs, "ttft_s"),
