@@ -240,8 +240,8 @@ class Testbed:
                     timeout_s: float = 300.0) -> dict[str, subprocess.Popen[Any]]:
         """Start mesh nodes and return once all are online with ``model``.
 
-        A quota'd device would need minutes to load a model (6 s of CPU at 1.9 % of a core), so
-        nodes load unthrottled and get their quota back once online. Quota'd nodes run one torch
+        At a Pi Zero's share of a core, loading a model would take minutes, so nodes load
+        unthrottled and get their quota back once online. Quota'd nodes run one torch
         thread: the calibration measured one thread, and the quota is per cgroup anyway.
         """
         from mesh.config import BrokerAddress

@@ -41,8 +41,8 @@ class CpuQuota:
 PROFILE_NAMES = ("native", "pi5", "pi-zero-2w")
 PI5_LINK_MBIT = 27.0
 PI_ZERO_LINK_MBIT = 21.0
-# Used only until `mesh testbed calibrate` has run: DESIGN.md measured 16-17 s prefill at
-# 20 ms / 1 s on this kind of machine, so the calibrated value is a little above this.
+# Used only until `mesh testbed calibrate` has run: a first guess from DESIGN.md's Pi Zero
+# measurement; the calibration replaces it.
 UNCALIBRATED_PI_ZERO_QUOTA = CpuQuota(period_us=1_000_000, quota_us=24_000)
 
 
