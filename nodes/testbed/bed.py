@@ -17,7 +17,7 @@ from typing import IO, Any, Callable, Mapping, Sequence
 
 from mesh.errors import ConfigError, MeshError
 
-# nodes/bench/halo.py imports load_calibration from here; it moves to nodes.testbed.calibrate with it
+# re-exported for nodes/bench/halo.py only, until it imports it from nodes.testbed.calibrate
 from nodes.testbed.calibrate import load_calibration  # noqa: F401
 from nodes.testbed.plan import (
     broker_argv,

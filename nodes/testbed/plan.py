@@ -22,7 +22,7 @@ from nodes.testbed.spec import (
     check_loss,
 )
 
-# nodes/bench/halo.py imports these two from here (they live in nodes.testbed.profiles and .spec)
+# re-exported for nodes/bench/halo.py only, until it imports them from nodes.testbed.profiles and .spec
 from nodes.testbed.profiles import device_profile  # noqa: F401
 from nodes.testbed.spec import make_spec  # noqa: F401
 
