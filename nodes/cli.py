@@ -194,10 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     from nodes.bench.cache import add_bench_cache
     from nodes.bench.ha import add_bench_ha
     from nodes.bench.link import add_bench_link
-    from nodes.bench.load import add_bench_load
+    from nodes.bench.load_command import add_bench_load
     from nodes.halo_cli import add_halo_commands, add_node_halo_arguments
     from mesh.ha.extension import add_ha_arguments
-    from nodes.testbed.bed import add_testbed_commands
+    from nodes.testbed.cli import add_testbed_commands
 
     parser = argparse.ArgumentParser(prog="mesh", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

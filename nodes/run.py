@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +20,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from nodes import mmlu
+from nodes.bench.stats import mean, percentile
 from mesh.errors import MeshError
 from nodes.client import MeshClient
 from nodes.settings import mesh_home
 from nodes.setup import mmlu_dir
 from nodes.up import MeshProcesses, free_port
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 @dataclass(frozen=True)
@@ -97,10 +90,6 @@ def cross_node_plan(rows: list[dict[str, Any]], items: list[tuple[str, mmlu.Ques
     return plan
 
 
-def _mean(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None
-
-
 def print_report(rows: list[dict[str, Any]], console: Console) -> dict[str, Any]:
     table = Table(title="MMLU 1-shot through the mesh")
     for col in ("phase", "subject", "exp", "ans", "ok", "node", "prompt tok", "cache", "TTFT s", "TTLT s"):
@@ -130,8 +119,8 @@ def print_report(rows: list[dict[str, Any]], console: Console) -> dict[str, Any]
     same_answers = sum(a.get("token_ids") == b.get("token_ids") for a, b in pairs)
     cross = {
         "pairs": len(pairs),
-        "ttft_no_cache_mean_s": _mean([a["ttft_s"] for a, _ in pairs]),
-        "ttft_cache_mean_s": _mean([b["ttft_s"] for _, b in pairs]),
+        "ttft_no_cache_mean_s": mean([a["ttft_s"] for a, _ in pairs]),
+        "ttft_cache_mean_s": mean([b["ttft_s"] for _, b in pairs]),
         "fetched": sum((b.get("cache") or {}).get("decision") == "remote" for _, b in pairs),
         "identical_answers": same_answers,
     }
@@ -139,18 +128,18 @@ def print_report(rows: list[dict[str, Any]], console: Console) -> dict[str, Any]
         "questions": len(scored), "asks": len(rows), "answered": len(ok), "errors": len(rows) - len(ok),
         "correct": sum(r["correct"] for r in scored),
         "accuracy": sum(r["correct"] for r in scored) / len(scored) if scored else 0.0,
-        "ttft_mean_s": _mean(ttft), "ttft_p50_s": _pct(ttft, 0.5), "ttft_p90_s": _pct(ttft, 0.9),
-        "ttlt_mean_s": _mean(ttlt), "ttlt_p50_s": _pct(ttlt, 0.5),
-        "prompt_tokens_mean": _mean([r["prompt_tokens"] for r in ok]),
+        "ttft_mean_s": mean(ttft), "ttft_p50_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90),
+        "ttlt_mean_s": mean(ttlt), "ttlt_p50_s": percentile(ttlt, 50),
+        "prompt_tokens_mean": mean([r["prompt_tokens"] for r in ok]),
         "answers_per_node": per_node,
-        "ttft_mean_by_cache_decision_s": {k: round(statistics.fmean(v), 4) for k, v in sorted(by_decision.items())},
+        "ttft_mean_by_cache_decision_s": {k: round(mean(v) or 0.0, 4) for k, v in sorted(by_decision.items())},
         "asks_by_cache_decision": {k: len(v) for k, v in sorted(by_decision.items())},
         "cross_node": cross,
     }
     console.print(
         f"[bold]Summary[/bold]: {summary['answered']}/{summary['asks']} asks answered; "
         f"{summary['correct']}/{summary['questions']} correct ({summary['accuracy']:.0%}; chance is 25%); "
-        f"TTFT mean {summary['ttft_mean_s'] or 0:.3f} s (p50 {summary['ttft_p50_s']:.3f}, p90 {summary['ttft_p90_s']:.3f}), "
+        f"TTFT mean {summary['ttft_mean_s'] or 0:.3f} s (p50 {summary['ttft_p50_s'] or 0:.3f}, p90 {summary['ttft_p90_s'] or 0:.3f}), "
         f"TTLT mean {summary['ttlt_mean_s'] or 0:.3f} s, mean prompt {summary['prompt_tokens_mean'] or 0:.0f} tokens; "
         f"answers per node {per_node}")
     console.print("[bold]Prompt cache[/bold]: mean TTFT by decision " + ", ".join(

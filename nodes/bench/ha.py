@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -41,8 +40,11 @@ from rich.progress import (
 from rich.table import Table
 
 from nodes.bench import ha_workload as hw
+from nodes.bench.ha_home import default_home
+from nodes.bench.ha_prompt import build_prompt, score, system_prompt
 from mesh.errors import MeshError
 from nodes.bench.report import pyplot, save_figure, write_results
+from nodes.bench.stats import mean, median, percentile
 from nodes.client import MeshClient
 from nodes.settings import mesh_home
 from nodes.up import MeshProcesses, free_port
@@ -58,23 +60,8 @@ class PlannedAsk:
     node: str | None = None  # None: the mesh routes it
 
 
-def _mean(xs: list[float]) -> float | None:
-    return statistics.fmean(xs) if xs else None
-
-
-def _median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
-def _p90(xs: list[float]) -> float | None:
-    if not xs:
-        return None
-    ordered = sorted(xs)
-    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
-
-
 def _stats(xs: list[float]) -> dict[str, Any]:
-    return {"n": len(xs), "mean_s": _mean(xs), "median_s": _median(xs), "p90_s": _p90(xs)}
+    return {"n": len(xs), "mean_s": mean(xs), "median_s": median(xs), "p90_s": percentile(xs, 90)}
 
 
 def _cache(row: dict[str, Any]) -> dict[str, Any]:
@@ -129,13 +116,13 @@ class Runner:
                                "template": c.template, "repeat": a.repeat,
                                "no_cache": no_cache, "pair": pair, "asked_node": node}
         try:
-            r = self.client.ask(hw.build_prompt(self.system, c), node=node, max_new_tokens=self.args.tokens,
+            r = self.client.ask(build_prompt(self.system, c), node=node, max_new_tokens=self.args.tokens,
                                 stop=("\n",), timeout=self.args.timeout, no_cache=no_cache)
             f = r.node_figures
             row.update(node=r.node, prompt_tokens=r.prompt_tokens, new_tokens=r.new_tokens, ttft_s=r.ttft_s,
                        ttlt_s=r.ttlt_s, node_ttft_s=f.get("ttft_s"), queue_s=f.get("queue_s"),
                        prefill_s=f.get("prefill_s"), decode_s=f.get("decode_s"), reply=r.answer,
-                       token_ids=f.get("token_ids"), cache=f.get("cache"), **hw.score(c, r.answer))
+                       token_ids=f.get("token_ids"), cache=f.get("cache"), **score(c, r.answer))
         except MeshError as exc:
             row.update(node=None, error=str(exc))
         row["kind"] = cache_kind(row) if "error" not in row else "error"
@@ -179,15 +166,15 @@ def summarize(rows: list[dict[str, Any]], nodes: list[str]) -> dict[str, Any]:
         "ttft_cache": _stats([b["ttft_s"] for _, b in pairs]),
         "ttlt_no_cache": _stats([a["ttlt_s"] for a, _ in pairs]),
         "ttlt_cache": _stats([b["ttlt_s"] for _, b in pairs]),
-        "ttft_ratio_median": _median(ratios),  # cache over no cache, per command
+        "ttft_ratio_median": median(ratios),  # cache over no cache, per command
         "ttft_ratio_worst": max(ratios, default=None),
         "identical_answers": sum(a.get("token_ids") == b.get("token_ids") for a, b in pairs),
         # per cache outcome of the cached ask: what the same commands cost without the cache
         "by_kind": {k: {"n": sum(b["kind"] == k for _, b in pairs),
-                        "ttft_no_cache_mean_s": _mean([a["ttft_s"] for a, b in pairs if b["kind"] == k]),
-                        "ttft_cache_mean_s": _mean([b["ttft_s"] for _, b in pairs if b["kind"] == k]),
-                        "ttlt_no_cache_mean_s": _mean([a["ttlt_s"] for a, b in pairs if b["kind"] == k]),
-                        "ttlt_cache_mean_s": _mean([b["ttlt_s"] for _, b in pairs if b["kind"] == k])}
+                        "ttft_no_cache_mean_s": mean([a["ttft_s"] for a, b in pairs if b["kind"] == k]),
+                        "ttft_cache_mean_s": mean([b["ttft_s"] for _, b in pairs if b["kind"] == k]),
+                        "ttlt_no_cache_mean_s": mean([a["ttlt_s"] for a, b in pairs if b["kind"] == k]),
+                        "ttlt_cache_mean_s": mean([b["ttlt_s"] for _, b in pairs if b["kind"] == k])}
                     for k in sorted({b["kind"] for _, b in pairs})},
     }
     for key in ("ttft", "ttlt"):
@@ -197,17 +184,17 @@ def summarize(rows: list[dict[str, Any]], nodes: list[str]) -> dict[str, Any]:
     return {
         "asks": len(rows), "answered": len(ok), "errors": len(rows) - len(ok),
         "cached_asks": len(cached), "no_cache_asks": len(ok) - len(cached),
-        "prompt_tokens_mean": _mean([float(r["prompt_tokens"]) for r in ok]),
+        "prompt_tokens_mean": mean([float(r["prompt_tokens"]) for r in ok]),
         "system_prompt_tokens_reused": max(partial_local, default=None),
         "hit_rate": len(hits) / len(cached) if cached else None,
         "full_hit_rate": sum(r["kind"].startswith("full") for r in cached) / len(cached) if cached else None,
         "kinds": dict(sorted(kinds.items())),
         "decisions": dict(sorted(Counter(str(_cache(r).get("decision")) for r in cached).items())),
-        "tokens_reused_mean": _mean([float(x) for x in reused]),
-        "reused_share_mean": _mean([x / r["prompt_tokens"] for x, r in zip(reused, cached) if r["prompt_tokens"]]),
+        "tokens_reused_mean": mean([float(x) for x in reused]),
+        "reused_share_mean": mean([x / r["prompt_tokens"] for x, r in zip(reused, cached) if r["prompt_tokens"]]),
         "remote_fetches": len(remote),
-        "fetch_bytes_mean": _mean([float(_cache(r).get("fetch_bytes") or 0) for r in remote]),
-        "fetch_s_mean": _mean([float(_cache(r).get("fetch_s") or 0.0) for r in remote]),
+        "fetch_bytes_mean": mean([float(_cache(r).get("fetch_bytes") or 0) for r in remote]),
+        "fetch_s_mean": mean([float(_cache(r).get("fetch_s") or 0.0) for r in remote]),
         "recompute_decisions": sum(_cache(r).get("decision") == "recompute" for r in cached),
         "ttft_cached": _stats([r["ttft_s"] for r in cached]),
         "ttlt_cached": _stats([r["ttlt_s"] for r in cached]),
@@ -219,9 +206,9 @@ def summarize(rows: list[dict[str, Any]], nodes: list[str]) -> dict[str, Any]:
         "asks_per_node": {n: sum(r["node"] == n for r in cached) for n in nodes},
         "routed_asks_per_node": {n: sum(r["node"] == n for r in cached if r["phase"] == "routed") for n in nodes},
         "answers": {"scored": len(scored),
-                    "intent_accuracy": _mean([float(r["intent_ok"]) for r in scored]),
-                    "target_accuracy": _mean([float(r["target_ok"]) for r in scored]),
-                    "exact_accuracy": _mean([float(r["ok"]) for r in scored]),
+                    "intent_accuracy": mean([float(r["intent_ok"]) for r in scored]),
+                    "target_accuracy": mean([float(r["target_ok"]) for r in scored]),
+                    "exact_accuracy": mean([float(r["ok"]) for r in scored]),
                     "parsed": sum(r["parsed_intent"] is not None for r in scored)},
     }
 
@@ -303,8 +290,8 @@ def print_report(summary: dict[str, Any], console: Console) -> None:
 def bench_ha(args: argparse.Namespace) -> int:
     console = Console(width=None if Console().is_terminal else 140)
     root = mesh_home(args)
-    home = hw.default_home()
-    system = hw.system_prompt(home)
+    home = default_home()
+    system = system_prompt(home)
     names = [f"node{i + 1}" for i in range(args.nodes)]
     commands = hw.sample_commands(args.commands, home, seed=args.seed, repeat_share=args.repeats)
     used = {c.text for c in commands}

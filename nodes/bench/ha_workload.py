@@ -1,20 +1,16 @@
-"""The home workload: Home Assistant's real command grammar behind one shared system prompt.
+"""The home workload: commands walked from Home Assistant's real command grammar.
 
 Commands come from the English sentence templates of the ``home-assistant-intents`` package,
 parsed by ``hassil`` into expression trees (sequences, alternatives, optionals, permutations,
 ``<rule>`` references and ``{list}`` slots). A command is one seeded random walk through one
 template: every alternative picks a branch, a permutation picks an order, and every ``{list}``
-slot is filled from the described :class:`Home` (``{name}``, ``{area}``, ``{floor}``) or from the
-package's own lists (cover classes, colours, states), with realistic numbers for ranges. The
+slot is filled from the described :class:`~nodes.bench.ha_home.Home` (``{name}``, ``{area}``,
+``{floor}``) or from the package's own lists (cover classes, colours, states), with realistic numbers for ranges. The
 slot values are chosen before the walk (an entity that satisfies the template's domain
 constraint, then its area and floor), so each command knows its intent and target exactly.
 
 Templates that need context the text does not carry (``requires_context: area``, "turn on the
 lights here") or a free-text wildcard (timer names, shopping items, search queries) are left out.
-
-Every prompt is :func:`system_prompt` (the assistant preamble that lists the home's devices and
-the answer format, identical for all commands) + ``Command: <text>`` + ``Action:``. The model is
-asked to answer ``<Intent> <target> [key=value ...]``; :func:`score` checks intent and target.
 
 Deterministic: :class:`random.Random` with an integer seed, no iteration over sets, so the same
 seed gives the same commands in every process and on every machine. No I/O beyond reading the
@@ -29,84 +25,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-# -- the described home ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Floor:
-    id: str
-    name: str
-
-
-@dataclass(frozen=True)
-class Area:
-    id: str
-    name: str
-    floor: str  # Floor.id
-
-
-@dataclass(frozen=True)
-class Entity:
-    id: str  # "light.floor_lamp": the domain is the part before the dot
-    name: str  # what people call it ("floor lamp")
-    area: str  # Area.id
-    device_class: str | None = None  # covers: blind, curtain, garage, shutter...
-
-    @property
-    def domain(self) -> str:
-        return self.id.split(".", 1)[0]
-
-
-@dataclass(frozen=True)
-class Home:
-    name: str
-    floors: tuple[Floor, ...]
-    areas: tuple[Area, ...]
-    entities: tuple[Entity, ...]
-
-    def area(self, area_id: str) -> Area:
-        return next(a for a in self.areas if a.id == area_id)
-
-    def floor_of(self, area_id: str) -> Floor:
-        fid = self.area(area_id).floor
-        return next(f for f in self.floors if f.id == fid)
-
-
-def default_home() -> Home:
-    """A two-storey family home with the devices a typical Home Assistant install exposes."""
-    floors = (Floor("downstairs", "downstairs"), Floor("upstairs", "upstairs"))
-    areas = (
-        Area("living_room", "living room", "downstairs"), Area("kitchen", "kitchen", "downstairs"),
-        Area("dining_room", "dining room", "downstairs"), Area("hallway", "hallway", "downstairs"),
-        Area("garage", "garage", "downstairs"), Area("office", "office", "upstairs"),
-        Area("bedroom", "bedroom", "upstairs"), Area("kids_room", "kids room", "upstairs"),
-        Area("bathroom", "bathroom", "upstairs"),
-    )
-    E = Entity
-    entities = (
-        E("light.floor_lamp", "floor lamp", "living_room"), E("light.tv_backlight", "TV backlight", "living_room"),
-        E("light.pendant_light", "pendant light", "kitchen"), E("light.counter_lights", "counter lights", "kitchen"),
-        E("light.chandelier", "chandelier", "dining_room"), E("light.hall_light", "hall light", "hallway"),
-        E("light.garage_light", "garage light", "garage"), E("light.desk_lamp", "desk lamp", "office"),
-        E("light.bedside_lamp", "bedside lamp", "bedroom"), E("light.night_light", "night light", "kids_room"),
-        E("light.mirror_light", "mirror light", "bathroom"),
-        E("switch.coffee_maker", "coffee maker", "kitchen"), E("switch.printer", "printer", "office"),
-        E("switch.towel_warmer", "towel warmer", "bathroom"),
-        E("fan.ceiling_fan", "ceiling fan", "bedroom"), E("fan.desk_fan", "desk fan", "office"),
-        E("cover.patio_blinds", "patio blinds", "living_room", "blind"),
-        E("cover.blackout_curtains", "blackout curtains", "bedroom", "curtain"),
-        E("cover.garage_door", "garage door", "garage", "garage"),
-        E("cover.office_shutter", "roller shutter", "office", "shutter"),
-        E("climate.thermostat", "thermostat", "living_room"), E("climate.heat_pump", "heat pump", "bedroom"),
-        E("media_player.tv", "TV", "living_room"), E("media_player.radio", "radio", "kitchen"),
-        E("media_player.nightstand_speaker", "nightstand speaker", "bedroom"),
-        E("lock.front_door", "front door", "hallway"), E("lock.back_door", "back door", "kitchen"),
-        E("vacuum.robot_vacuum", "robot vacuum", "hallway"),
-        E("sensor.outdoor_temperature", "outdoor temperature", "garage"),
-        E("scene.movie_night", "movie night", "living_room"), E("script.good_night", "good night", "bedroom"),
-    )
-    return Home("Maple Street", floors, areas, entities)
-
+from nodes.bench.ha_home import Entity, Home, default_home
 
 # -- intents: which ones a home assistant hears, and how often ----------------------------------
 
@@ -411,82 +330,3 @@ def sample_commands(n: int, home: Home | None = None, seed: int = 0, repeat_shar
         else:
             out.append(next(it))
     return out
-
-
-# -- the prompt ---------------------------------------------------------------------------------
-
-EXAMPLES: tuple[tuple[str, str], ...] = (
-    ("switch off the desk lamp", "HassTurnOff light.desk_lamp"),
-    ("turn on the lights in the kitchen", "HassTurnOn area.kitchen"),
-    ("set the bedroom temperature to 19 degrees", "HassClimateSetTemperature area.bedroom temperature=19"),
-    ("close the garage door", "HassTurnOff cover.garage_door"),
-    ("pause the TV", "HassMediaPause media_player.tv"),
-    ("set a timer for 10 minutes", "HassStartTimer - minutes=10"),
-    ("what time is it", "HassGetCurrentTime -"),
-    ("turn off all the lights", "HassTurnOff all"),
-)
-
-
-def system_prompt(home: Home | None = None) -> str:
-    """The shared preamble: who the assistant is, the home's devices, and the answer format.
-
-    Identical for every command of a home, so a prompt cache reuses all of its chunks."""
-    home = home or default_home()
-    lines = [
-        f"You are the voice assistant of the {home.name} home, running locally next to Home Assistant. "
-        "You turn one spoken command into exactly one action line that Home Assistant executes.",
-        "",
-        "Floors: " + ", ".join(f"floor.{f.id} ({f.name})" for f in home.floors) + ".",
-        "Areas: " + ", ".join(f"area.{a.id} ({a.name}, {a.floor})" for a in home.areas) + ".",
-        "",
-        "Devices (entity id: name, area):",
-    ]
-    lines += [f"- {e.id}: {e.name}, {home.area(e.area).name}" for e in home.entities]
-    lines += [
-        "",
-        "How to answer:",
-        "- Reply with one line: the intent, the target, then any values as key=value.",
-        "- Intents: " + ", ".join(i for i in INTENT_WEIGHTS) + ".",
-        "- Target: the entity id when a device is named; area.<id> when only an area is named; "
-        "floor.<id> for a floor; all for every device of a kind; - when there is no target.",
-        "- Use only the ids listed above. Never explain, never ask back.",
-        "",
-        "Examples:",
-    ]
-    for text, action in EXAMPLES:
-        lines += [f"Command: {text}", f"Action: {action}"]
-    return "\n".join(lines) + "\n\n"
-
-
-def build_prompt(system: str, command: Command | str) -> str:
-    """The full prompt: shared system prompt, the command, then the answer cue."""
-    text = command.text if isinstance(command, Command) else command
-    return f"{system}Command: {text}\nAction:"
-
-
-# -- scoring the reply --------------------------------------------------------------------------
-
-_ACTION = re.compile(r"(Hass[A-Za-z]+)(?:\s+([a-z_]+\.[a-z0-9_]+|all|-))?")
-
-
-def parse_reply(text: str) -> tuple[str | None, str | None]:
-    """The intent and target of a model's action line, e.g. ' HassTurnOn light.desk_lamp'."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    m = _ACTION.search(line)
-    if m is None:
-        return None, None
-    return m.group(1), m.group(2)
-
-
-def score(command: Command, reply: str) -> dict[str, Any]:
-    """Whether the reply names the right intent and the right target."""
-    intent, target = parse_reply(reply)
-    return {"parsed_intent": intent, "parsed_target": target, "intent_ok": intent == command.intent,
-            "target_ok": target == command.target, "ok": intent == command.intent and target == command.target}
-
-
-def home_names(home: Home) -> dict[str, set[str]]:
-    """Every id and spoken name of the home's entities, areas and floors (for checks)."""
-    return {"entity_ids": {e.id for e in home.entities}, "entity_names": {e.name for e in home.entities},
-            "area_ids": {a.id for a in home.areas}, "area_names": {a.name for a in home.areas},
-            "floor_ids": {f.id for f in home.floors}, "floor_names": {f.name for f in home.floors}}

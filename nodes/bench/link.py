@@ -18,9 +18,10 @@ from rich.progress import Progress
 from rich.table import Table
 
 from mesh.config import BrokerAddress
-from nodes.testbed.plan import device_profile, make_spec
 from nodes.bench.report import pyplot, save_figure, write_results
 from nodes.client import MeshClient
+from nodes.testbed.profiles import device_profile
+from nodes.testbed.spec import make_spec
 
 
 def bench_link(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""The arithmetic of `mesh bench load`: outcomes, percentiles, busy backoff and the RSS trend.
+"""The arithmetic of `mesh bench load`: outcomes, latency summaries, busy backoff and the RSS trend.
 
 Pure functions over plain values (no clock, no sockets); ``nodes/bench/load.py`` is the shell
 that fires the asks and samples the processes.
@@ -11,6 +11,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from nodes.bench.stats import mean, percentile
 
 ANSWERED, ERROR, LOST = "answered", "error", "lost"
 
@@ -61,24 +63,11 @@ def busy_backoff_s(attempt: int, base_s: float, cap_s: float, u: float) -> float
     return step * (0.5 + 0.5 * min(max(u, 0.0), 1.0))
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile, ``q`` in [0, 100]; None for no values."""
-    if not values:
-        return None
-    if not 0 <= q <= 100:
-        raise ValueError("percentile must be within 0..100")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def latency_summary(values: Iterable[float | None]) -> dict[str, float | int | None]:
     xs = [float(v) for v in values if v is not None]
     rnd = lambda v: None if v is None else round(v, 4)  # noqa: E731
     return {"n": len(xs), "p50": rnd(percentile(xs, 50)), "p90": rnd(percentile(xs, 90)),
-            "p99": rnd(percentile(xs, 99)), "mean": rnd(sum(xs) / len(xs)) if xs else None,
+            "p99": rnd(percentile(xs, 99)), "mean": rnd(mean(xs)),
             "max": rnd(max(xs)) if xs else None}
 
 

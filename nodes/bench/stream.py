@@ -17,17 +17,26 @@ import argparse
 import random
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
-from nodes import mmlu
 from mesh.config import BrokerAddress
-from nodes.testbed.plan import device_profile, make_spec
+from nodes import mmlu
+from nodes.bench.report import pyplot, save_figure, write_results
 from nodes.client import MeshClient
-from nodes.setup import mmlu_dir
 from nodes.settings import mesh_home
+from nodes.setup import mmlu_dir
+from nodes.testbed.profiles import device_profile
+from nodes.testbed.spec import make_spec
 
 
 def stream_items(args: argparse.Namespace) -> list[tuple[str, mmlu.Question]]:
@@ -43,9 +52,10 @@ def stream_items(args: argparse.Namespace) -> list[tuple[str, mmlu.Question]]:
 
 
 def run_stream(profile: str, args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from nodes.testbed.bed import CALIBRATION_DEFAULT_DIR, Testbed, load_calibration
+    from nodes.testbed.bed import Testbed
+    from nodes.testbed.calibrate import calibration_dir, load_calibration
 
-    cal = load_calibration(CALIBRATION_DEFAULT_DIR, profile) if profile == "pi-zero-2w" else None
+    cal = load_calibration(calibration_dir(mesh_home(args)), profile) if profile == "pi-zero-2w" else None
     spec = make_spec(args.nodes, device_profile(profile, cal), instance=args.instance)
     items = stream_items(args)
     rows: list[dict[str, Any]] = []
@@ -120,3 +130,35 @@ def print_stream(results: list[dict[str, Any]], console: Console) -> None:
             f"({-s['ttlt_reduction_pct']:+.1f} %), decisions {s['decisions']}, identical {s['identical_answers']}/{s['asks']}, "
             f"worst cache/no-cache {s['worst_cache_over_no_cache']:.2f}; hit rate {s['hit_rate']:.1%}, hits alone "
             f"{s['ttft_hits_only_reduction_pct']} %; wasted fetches {s['wasted_fetches']}/{s['lookups']} lookups")
+
+
+def bench_stream(args: argparse.Namespace, console: Console) -> int:
+    args.shots = args.shots or 5
+    results = [run_stream(p, args, console) for p in args.profiles.split(",")]
+    print_stream(results, console)
+    out = {"bench": "cache-stream", "model": args.model, "kv_wire": args.kv_wire, "broker": args.broker,
+           "tokens": args.tokens, "results": results}
+    if len(results) == 1:  # one profile: its figures at the top level, the stream under "stream"
+        s = results[0]["summary"]
+        out.update(profile=results[0]["profile"], questions=s["asks"], lookups=s["lookups"],
+                   wasted_fetches=s["wasted_fetches"], identical_outputs=s["identical_answers"] == s["asks"], stream=s)
+    write_results(out, args.json, lambda path: plot_stream(results, path), args.plot, console)
+    return 0
+
+
+def plot_stream(results: list[dict[str, Any]], path: Path) -> None:
+    """Per ask, in stream order: TTFT without and with the cache (log scale)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(results), 1, figsize=(10, 3.6 * len(results)), squeeze=False)
+    for ax, res in zip(axes[:, 0], results):
+        rows, s = res["rows"], res["summary"]
+        x = range(len(rows))
+        ax.plot(x, [r["ttft_no_cache_s"] for r in rows], "o-", color="#999", ms=3, label="no cache")
+        ax.plot(x, [r["ttft_cache_s"] for r in rows], "o-", color="#2a7", ms=3, label="cache (routed)")
+        ax.set_yscale("log")
+        ax.set_xlabel("ask (stream order)")
+        ax.set_ylabel("TTFT, s")
+        ax.set_title(f"{res['profile']}: {s['shots']}-shot stream, {s['asks']} asks, {s['subjects']} subjects, "
+                     f"{s['nodes']} nodes: mean TTFT -{s['ttft_reduction_pct']:.1f} %")
+        ax.legend()
+    save_figure(fig, path)

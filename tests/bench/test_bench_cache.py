@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from nodes.bench.cache import CASES, groups, summarize
+from nodes.bench.cache import groups
+from nodes.bench.cache_report import CASES, summarize
 from nodes.settings import mesh_home
 from nodes.setup import mmlu_dir
 

@@ -10,16 +10,18 @@ from collections import Counter
 
 import pytest
 
+from nodes.bench import ha_home as h
+from nodes.bench import ha_prompt as pr
 from nodes.bench import ha_workload as w
 
 
 @pytest.fixture(scope="module")
-def home() -> w.Home:
-    return w.default_home()
+def home() -> h.Home:
+    return h.default_home()
 
 
 @pytest.fixture(scope="module")
-def commands(home: w.Home) -> list[w.Command]:
+def commands(home: h.Home) -> list[w.Command]:
     return w.expand_commands(home, limit=2500, seed=0)
 
 
@@ -34,7 +36,7 @@ def test_many_distinct_commands_from_the_real_templates(commands: list[w.Command
                for c in commands)
 
 
-def test_hassil_recognizes_every_command_as_its_intent_and_target(home: w.Home, commands: list[w.Command]) -> None:
+def test_hassil_recognizes_every_command_as_its_intent_and_target(home: h.Home, commands: list[w.Command]) -> None:
     """The package's own recognizer, given only this home's names, reads back the same meaning."""
     from hassil.intents import TextSlotList
     from hassil.recognize import recognize_all
@@ -55,8 +57,8 @@ def test_hassil_recognizes_every_command_as_its_intent_and_target(home: w.Home, 
         assert any(agrees(r) for r in results), c
 
 
-def test_commands_use_only_the_home(home: w.Home, commands: list[w.Command]) -> None:
-    names = w.home_names(home)
+def test_commands_use_only_the_home(home: h.Home, commands: list[w.Command]) -> None:
+    names = h.home_names(home)
     by_id = {e.id: e for e in home.entities}
     for c in commands:
         slots = dict(c.slots)
@@ -76,18 +78,18 @@ def test_commands_use_only_the_home(home: w.Home, commands: list[w.Command]) -> 
             assert any(e.area == slots["area"] and e.device_class == slots["device_class"] for e in home.entities)
 
 
-def test_every_prompt_shares_the_system_prompt(home: w.Home, commands: list[w.Command]) -> None:
-    system = w.system_prompt(home)
-    assert system == w.system_prompt(w.default_home())  # a pure function of the home
+def test_every_prompt_shares_the_system_prompt(home: h.Home, commands: list[w.Command]) -> None:
+    system = pr.system_prompt(home)
+    assert system == pr.system_prompt(h.default_home())  # a pure function of the home
     for e in home.entities:
         assert e.id in system
-    prompts = [w.build_prompt(system, c) for c in commands[:200]]
+    prompts = [pr.build_prompt(system, c) for c in commands[:200]]
     assert all(p.startswith(system) and p.endswith(f"Command: {c.text}\nAction:") for p, c in zip(prompts, commands))
     assert len(system) > 2000  # some hundreds of tokens: the part a prompt cache reuses
     assert len(os.path.commonprefix(prompts)) >= len(system)
 
 
-def test_sampling_is_deterministic_and_repeats_are_earlier_commands(home: w.Home) -> None:
+def test_sampling_is_deterministic_and_repeats_are_earlier_commands(home: h.Home) -> None:
     a = w.sample_commands(60, home, seed=3, repeat_share=0.1)
     assert a == w.sample_commands(60, home, seed=3, repeat_share=0.1)
     assert a != w.sample_commands(60, home, seed=4, repeat_share=0.1)
@@ -117,13 +119,13 @@ def test_sampling_is_identical_across_processes() -> None:
 def test_score_parses_the_action_line() -> None:
     cmd = w.Command("turn on the desk lamp", "HassTurnOn", "light.desk_lamp", (("name", "light.desk_lamp"),),
                     "t", "name_only")
-    assert w.score(cmd, " HassTurnOn light.desk_lamp\nCommand: x")["ok"]
-    s = w.score(cmd, " HassTurnOff light.desk_lamp")
+    assert pr.score(cmd, " HassTurnOn light.desk_lamp\nCommand: x")["ok"]
+    s = pr.score(cmd, " HassTurnOff light.desk_lamp")
     assert not s["intent_ok"] and s["target_ok"]
-    assert w.parse_reply(" HassStartTimer - minutes=5") == ("HassStartTimer", "-")
-    assert w.parse_reply(" HassTurnOff all") == ("HassTurnOff", "all")
-    assert w.parse_reply(" I am not sure") == (None, None)
-    assert w.parse_reply("") == (None, None)
+    assert pr.parse_reply(" HassStartTimer - minutes=5") == ("HassStartTimer", "-")
+    assert pr.parse_reply(" HassTurnOff all") == ("HassTurnOff", "all")
+    assert pr.parse_reply(" I am not sure") == (None, None)
+    assert pr.parse_reply("") == (None, None)
     assert cmd.expected == "HassTurnOn light.desk_lamp"
     timer = w.Command("5 minute timer", "HassStartTimer", "-", (("minutes", "5"),), "t", "minutes_only")
     assert timer.expected == "HassStartTimer - minutes=5"

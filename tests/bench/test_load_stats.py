@@ -11,12 +11,7 @@ from nodes.bench import load_stats as loadstats
 from nodes.bench.load_stats import ANSWERED, ERROR, LOST, AskRecord
 
 
-def test_percentiles_match_numpy_linear_interpolation() -> None:
-    rng = random.Random(3)
-    xs = [rng.expovariate(2.0) for _ in range(137)]
-    for q in (0, 1, 50, 90, 99, 100):
-        assert loadstats.percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), rel=1e-12)
-    assert loadstats.percentile([], 50) is None
+def test_a_latency_summary_skips_missing_values() -> None:
     s = loadstats.latency_summary([3.0, None, 1.0, 2.0])
     assert (s["n"], s["p50"], s["max"], s["mean"]) == (3, 2.0, 3.0, 2.0)
 

@@ -12,8 +12,10 @@ from typing import Callable, Iterator
 
 import pytest
 
-from nodes.testbed.plan import TestbedSpec
-from nodes.testbed.bed import DEFAULT_RUN_DIR, Testbed, TestbedBusy, in_use, teardown, unavailable_reason
+from nodes.testbed.bed import Testbed, TestbedBusy
+from nodes.testbed.shell import unavailable_reason
+from nodes.testbed.spec import TestbedSpec
+from nodes.testbed.state import DEFAULT_RUN_DIR, in_use, teardown
 
 TEST_INSTANCES = range(90, 98)
 

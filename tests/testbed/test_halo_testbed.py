@@ -13,10 +13,11 @@ from typing import Callable
 import pytest
 
 from mesh.config import BrokerAddress
-from nodes.testbed.plan import NodeSpec, TestbedSpec, check_node_name
-from nodes.client import MeshClient
 from nodes.bench.halo import _ask_raw
-from nodes.testbed.bed import REPO_ROOT, Testbed
+from nodes.client import MeshClient
+from nodes.testbed.bed import Testbed
+from nodes.testbed.shell import REPO_ROOT
+from nodes.testbed.spec import NodeSpec, TestbedSpec, check_node_name
 from tests.conftest import CACHE_ROOT, require_model
 
 pytestmark = pytest.mark.testbed

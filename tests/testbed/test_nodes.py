@@ -10,14 +10,21 @@ from typing import Callable
 import pytest
 
 from mesh.config import BrokerAddress
-from nodes.testbed.plan import TestbedSpec, device_profile, make_spec
 from nodes.client import MeshClient
-from nodes.testbed.bed import CALIBRATION_DEFAULT_DIR, Testbed, calibrate, load_calibration, save_calibration
-from tests.conftest import require_model
+from nodes.testbed.bed import Testbed
+from nodes.testbed.calibrate import (
+    calibrate,
+    calibration_dir,
+    load_calibration,
+    save_calibration,
+)
+from nodes.testbed.profiles import device_profile
+from nodes.testbed.spec import TestbedSpec, make_spec
+from tests.conftest import CACHE_ROOT, require_model
 
 pytestmark = pytest.mark.testbed
 
-CALIBRATION_DIR = CALIBRATION_DEFAULT_DIR
+CALIBRATION_DIR = calibration_dir(CACHE_ROOT)
 
 
 def _client(tb: Testbed) -> MeshClient:

@@ -10,36 +10,17 @@ import pytest
 
 from mesh.errors import ConfigError
 from nodes.testbed.plan import (
-    PI5_LINK_MBIT,
-    PI_ZERO_LINK_MBIT,
-    UNCALIBRATED_PI_ZERO_QUOTA,
-    Calibration,
-    CpuQuota,
     Found,
     MakeDir,
-    NodeSpec,
-    ProcessRecord,
     RemoveDir,
     Run,
-    TestbedSpec,
-    TestbedState,
-    Trial,
     WriteFile,
     broker_argv,
-    calibrations_from_json,
-    calibrations_to_json,
-    check_node_name,
-    closest_trial,
-    device_profile,
-    layout,
     loss_rules,
-    make_spec,
     mosquitto_conf,
-    next_quota,
     node_argv,
     owned,
     owned_objects,
-    parse_loss,
     plan_cleanup,
     plan_set_cpu,
     plan_set_loss,
@@ -48,6 +29,28 @@ from nodes.testbed.plan import (
     plan_up,
     spawn_argv,
     tbf_args,
+)
+from nodes.testbed.profiles import (
+    PI5_LINK_MBIT,
+    PI_ZERO_LINK_MBIT,
+    UNCALIBRATED_PI_ZERO_QUOTA,
+    Calibration,
+    CpuQuota,
+    Trial,
+    calibrations_from_json,
+    calibrations_to_json,
+    closest_trial,
+    device_profile,
+    next_quota,
+)
+from nodes.testbed.record import ProcessRecord, TestbedState
+from nodes.testbed.spec import (
+    NodeSpec,
+    TestbedSpec,
+    check_node_name,
+    layout,
+    make_spec,
+    parse_loss,
 )
 
 

@@ -19,16 +19,19 @@ from typing import Any, Callable
 
 import pytest
 
-from nodes.testbed.plan import (
-    CpuQuota,
+from nodes.testbed.bed import Testbed, TestbedBusy
+from nodes.testbed.calibrate import calibrate, load_calibration, save_calibration
+from nodes.testbed.plan import owned
+from nodes.testbed.profiles import CpuQuota
+from nodes.testbed.shell import REPO_ROOT, scan
+from nodes.testbed.spec import (
     NodeSpec,
     TestbedSpec,
-    check_node_name,
     cgroup_path,
+    check_node_name,
     netns_name,
-    owned,
 )
-from nodes.testbed.bed import REPO_ROOT, Testbed, TestbedBusy, calibrate, load_calibration, save_calibration, scan, teardown
+from nodes.testbed.state import teardown
 
 pytestmark = pytest.mark.testbed
 
@@ -66,7 +69,7 @@ def run_json(proc: subprocess.Popen[Any], timeout_s: float) -> dict[str, Any]:
 
 
 def linkprobe(tb: Testbed, name: str, count: int) -> subprocess.Popen[Any]:
-    argv = [sys.executable, "-m", "nodes.testbed.bed", "linkprobe", "--broker", tb.broker_url, "--name", name,
+    argv = [sys.executable, "-m", "nodes.testbed", "linkprobe", "--broker", tb.broker_url, "--name", name,
             "--count", str(count), "--interval-ms", "20", "--late-ms", "10", "--timeout-ms", "1000"]
     return tb.spawn(name, argv, stdout=subprocess.PIPE, text=True)
 
@@ -172,7 +175,7 @@ def test_large_message_takes_the_time_the_link_rate_implies(make_testbed: Callab
 
 
 def _probe(tb: Testbed, name: str, tokens: int) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "nodes.testbed.bed", "probe", "--model", "loop", "--tokens", str(tokens)]
+    argv = [sys.executable, "-m", "nodes.testbed", "probe", "--model", "loop", "--tokens", str(tokens)]
     return run_json(tb.spawn(name, argv, stdout=subprocess.PIPE, text=True), timeout_s=60)
 
 
@@ -233,7 +236,8 @@ def test_calibrate_finds_the_quota_for_a_target_time(testbed_ok: None, tmp_path:
 
 BRING_UP = r"""
 import json, sys, time
-from nodes.testbed.plan import device_profile, make_spec
+from nodes.testbed.profiles import device_profile
+from nodes.testbed.spec import make_spec
 from nodes.testbed.bed import Testbed
 instance = int(sys.argv[1])
 spec = make_spec(2, device_profile("pi-zero-2w"), loss={"pi2": 5}, instance=instance)

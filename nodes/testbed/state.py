@@ -1,0 +1,109 @@
+"""The state file of an instance (``<run dir>/<instance>/state.json``), what is up on the
+machine (:func:`status`), and :func:`teardown`, which removes an instance by the names alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import ConfigError, MeshError
+from nodes.testbed.plan import owned, plan_cleanup, plan_unthrottle
+from nodes.testbed.record import TestbedState
+from nodes.testbed.shell import alive, execute, kill_all, locked, pids_of, scan
+
+DEFAULT_RUN_DIR = Path("/run/mesh-testbed")
+
+
+def state_path(run_dir: Path, instance: int) -> Path:
+    return run_dir / str(instance) / "state.json"
+
+
+def read_state(run_dir: Path, instance: int) -> TestbedState | None:
+    try:
+        return TestbedState.from_json(state_path(run_dir, instance).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def in_use(run_dir: Path, instance: int) -> TestbedState | None:
+    """The state of ``instance`` if it is up: left running on purpose or its owner is alive."""
+    st = read_state(run_dir, instance)
+    if st is not None and (st.detached or (st.owner_pid != os.getpid() and alive(st.owner_pid))):
+        return st
+    return None
+
+
+def write_state(run_dir: Path, state: TestbedState) -> None:
+    path = state_path(run_dir, state.instance)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(state.to_json())
+    os.replace(tmp, path)
+
+
+def teardown(instance: int | None, run_dir: Path = DEFAULT_RUN_DIR) -> dict[str, Any]:
+    """Remove every object of ``instance`` (None: of every instance) and kill its processes.
+
+    Idempotent; works from the names alone, so it also cleans up after a crashed run. Raises
+    :class:`MeshError` if anything is still there afterwards.
+    """
+    with locked(run_dir):
+        mine = owned(scan(), instance)
+        for step in plan_unthrottle(mine):
+            with contextlib.suppress(MeshError):  # a cgroup may vanish meanwhile
+                execute([step])
+        killed = kill_all(mine)
+        execute(plan_cleanup(mine))
+        left = owned(scan(), instance)
+        dirs = [run_dir / str(instance)] if instance is not None else [
+            d for d in run_dir.iterdir() if d.is_dir() and d.name.isdigit()
+        ]
+        for d in dirs:
+            with contextlib.suppress(FileNotFoundError):
+                state_path(run_dir, int(d.name)).unlink()
+    report = {
+        "instance": instance,
+        "killed": killed,
+        "removed": {"netns": list(mine.netns), "links": list(mine.links), "cgroups": list(mine.cgroups)},
+        "left": {"netns": list(left.netns), "links": list(left.links), "cgroups": list(left.cgroups)},
+    }
+    if left.netns or left.links or left.cgroups:
+        raise MeshError(f"testbed teardown left objects behind: {report['left']}")
+    return report
+
+
+def status(run_dir: Path = DEFAULT_RUN_DIR) -> dict[str, Any]:
+    """Every instance with a state file, the liveness of its processes, and stray objects."""
+    instances = []
+    found = scan()
+    if run_dir.is_dir():
+        for d in sorted(run_dir.iterdir()):
+            if not (d.is_dir() and d.name.isdigit()):
+                continue
+            try:
+                st = read_state(run_dir, int(d.name))
+            except ConfigError as e:
+                instances.append({"instance": int(d.name), "error": str(e)})
+                continue
+            if st is None:
+                continue
+            doc = json.loads(st.to_json())
+            mine = owned(found, st.instance)
+            live = pids_of(mine)
+            for p in doc["processes"]:
+                p["alive"] = p["pid"] in live and alive(p["pid"])
+            doc["owner_alive"] = alive(st.owner_pid)
+            doc["present"] = {"netns": list(mine.netns), "links": list(mine.links), "cgroups": list(mine.cgroups)}
+            instances.append(doc)
+    known = {i.get("instance") for i in instances}
+    every = owned(found, None)
+    stray = {
+        "netns": [n for n in every.netns if int(n.split("-")[1]) not in known],
+        "links": [n for n in every.links if int(n.split("-")[1]) not in known],
+        "cgroups": [g for g in every.cgroups if not g.split("-")[2].isdigit() or int(g.split("-")[2]) not in known],
+    }
+    return {"instances": instances, "stray": stray}
