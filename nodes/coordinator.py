@@ -37,7 +37,8 @@ from mesh.halo.lean import lean_step
 from mesh.cache.lookup import LinkEstimate
 from mesh.model import Decoder, bind_threads, load_model, two_thread_head
 from mesh.routing import PeerTable, choose_node, router_of
-from mesh.halo.placement import ReplanPolicy, SyncPolicy
+from mesh.halo.placement import ReplanPolicy
+from mesh.halo.sync import SyncPolicy
 from mesh.cache.node_cache import NodeCache
 from mesh.halo.engine import HaloEngine
 

@@ -57,7 +57,8 @@ def coordinator_config(args: argparse.Namespace) -> Any:
 
     from mesh.config import CacheConfig
     from mesh.halo.ledger import Liveness
-    from mesh.halo.placement import ReplanPolicy, SyncPolicy
+    from mesh.halo.placement import ReplanPolicy
+    from mesh.halo.sync import SyncPolicy
     from nodes.coordinator import CoordinatorConfig
     from nodes.settings import broker_address, mesh_home
 

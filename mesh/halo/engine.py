@@ -47,7 +47,8 @@ from mesh.halo.ledger import (
     SyncLedger,
     worker_figures,
 )
-from mesh.halo.placement import Plan, drift_persisted, fallback_groups, pack_order, plan_groups, replan_reason
+from mesh.halo.placement import Plan, drift_persisted, pack_order, plan_groups, replan_reason
+from mesh.halo.sync import fallback_groups
 
 log = logging.getLogger(__name__)
 

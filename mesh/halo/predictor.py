@@ -54,14 +54,6 @@ class TrainingSet:
     def n_pairs(self) -> int:
         return int(self.inputs[0].shape[0]) if self.inputs else 0
 
-    def split_at(self, fraction: float) -> tuple[TrainingSet, TrainingSet]:
-        """(first ``fraction`` of the pairs, the rest): held-out data comes from later text."""
-        cut = int(self.n_pairs * fraction)
-        return (
-            TrainingSet(tuple(x[:cut] for x in self.inputs), tuple(y[:cut] for y in self.targets)),
-            TrainingSet(tuple(x[cut:] for x in self.inputs), tuple(y[cut:] for y in self.targets)),
-        )
-
 
 @dataclass(frozen=True, eq=False)
 class LayerPredictor:

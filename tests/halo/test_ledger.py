@@ -25,7 +25,8 @@ from mesh.halo.ledger import (
     SyncLedger,
     worker_figures,
 )
-from mesh.halo.placement import Plan, SyncPolicy
+from mesh.halo.placement import Plan
+from mesh.halo.sync import SyncPolicy
 from nodes.coordinator import CoordinatorConfig
 from mesh.halo.engine import HaloEngine
 

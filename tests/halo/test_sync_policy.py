@@ -1,5 +1,5 @@
 """Relaxed sync for multi-token steps and the adaptive straggler wait: the pure rules
-(mesh.halo.placement, mesh.halo.ledger) and the engine over the in-memory rig of test_halo_sync."""
+(mesh.halo.sync, mesh.halo.ledger) and the engine over the in-memory rig of test_halo_sync."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mesh.halo import placement as s
+from mesh.halo import sync as s
 from mesh.halo.ledger import StepGather, SyncLedger
 from mesh.halo.engine import HaloEngine
 from tests.halo.test_ledger import POLICY, MemoryBus, forward, make_rig
