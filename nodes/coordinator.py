@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 NAME = "coordinator"
 _LINK = LinkEstimate(bytes_per_s=2.5e6, rtt_s=0.01)
+# Ask fields that once switched the coordinator onto a slower path, for comparison (the per-worker
+# CBOR wire, frames through the bus, the one-thread LM head, the HF decode step). An ask carrying
+# one is still answered, the field ignored and counted in the heartbeat's rejects.
+IGNORED_ASK_FIELDS = ("halo_wire", "halo_link", "halo_head_threads", "halo_lean")
 
 
 @dataclass(frozen=True)
@@ -59,16 +63,14 @@ class CoordinatorConfig:
     threads: int = 0
     group_size: int = 64
     sync: str = "relaxed"  # default sync of asks that do not name one: strict | relaxed
-    policy: SyncPolicy = field(default_factory=SyncPolicy)
+    # A layer step's deadline between 5 and 50 ms (the library's SyncPolicy allows 2-100 ms).
+    policy: SyncPolicy = field(default_factory=lambda: SyncPolicy(min_deadline_s=0.005, max_deadline_s=0.05))
     replan: ReplanPolicy = field(default_factory=ReplanPolicy)
     placement: str = "importance"  # importance | random (the ablation)
     reliability_weight: float = 2.0  # shares ~ speed * reliability^weight (0: by speed only)
     fallback: str = "important"  # relaxed: late important groups computed here ("none": zero)
     local_speed: float = 0.0  # neuron-rows/s the coordinator computes itself (0: none)
     wire_dtype: str = "float16"
-    direct_link: bool = True  # HALO frames over a second connection driven by the generation thread
-    head_threads: int = 2  # the LM head of a decode step on two threads (mesh.model.TwoThreadHead); 1: plain
-    lean_decode: bool = True  # decode steps through mesh.halo.lean (one-thread LLaMA coordinators); False: HF forward
     strict_timeout_s: float = 10.0  # then strict computes the missing groups itself (stays exact)
     liveness: Liveness = field(default_factory=Liveness)  # when a silent worker counts as gone
     heartbeat_s: float = 2.0
@@ -109,14 +111,15 @@ class Coordinator:
         self.loaded = load_model(cfg.home, cfg.model, cfg.threads)
         self.decoder = Decoder(self.loaded)
         # Only for a one-thread coordinator: then each half is bitwise the plain head's product
-        # (a multi-threaded head already uses the cores, and may sum in another order).
+        # (a multi-threaded head already uses the cores, and may sum in another order), and the
+        # lean step is bitwise the HF forward's logits.
         one = torch.get_num_threads() == 1
-        self.head = two_thread_head(self.loaded.model) if cfg.head_threads >= 2 and one else None
+        self.head = two_thread_head(self.loaded.model) if one else None
         self.cache = NodeCache(self.loaded, cfg.cache, self.decoder) if cfg.cache.enabled else None
         self.engine = HaloEngine(self.loaded, self.decoder, cfg, self.bus, self.reply_topic, self.rejects)
         # After the engine permuted the MLPs to the predictor's neuron order (the step calls each
         # layer's MLP module as it is, routed while an ask runs).
-        self.decoder.step = lean_step(self.loaded.model) if cfg.lean_decode and one else None
+        self.decoder.step = lean_step(self.loaded.model) if one else None
         log.info("decode steps: %s", "mesh.halo.lean" if self.decoder.step is not None else "the HF forward")
         self.bus.subscribe(topics.ALL_STATUS, self._on_status, qos=1)
         self.bus.subscribe(topics.ALL_HEARTBEATS, self._on_heartbeat, qos=0)
@@ -124,14 +127,12 @@ class Coordinator:
         self.bus.subscribe(topics.halo_reply(self.name), self.engine.on_frame, qos=topics.HALO_REPLY.qos)
         self.bus.on_connected(self._announce)
         self.bus.start()
-        if cfg.direct_link:
-            link = DirectLink(f"mesh-{self.name}-link", cfg.broker, topics.halo_link(self.name),
-                              self.engine.on_frame)
-            try:
-                link.open()
-            except TransportError as exc:  # the planner retries; asks use the bus meanwhile
-                log.warning("%s: HALO frames go over the bus until it connects", exc)
-            self.engine.link = link
+        link = DirectLink(f"mesh-{self.name}-link", cfg.broker, topics.halo_link(self.name), self.engine.on_frame)
+        try:
+            link.open()
+        except TransportError as exc:  # the planner retries; asks use the bus meanwhile
+            log.warning("%s: HALO frames go over the bus until it connects", exc)
+        self.engine.link = link
         self.bus.publish_wait(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
         self.bus.subscribe(topics.node_ask(self.name), self._on_ask, qos=1)
         self.bus.subscribe(topics.ROUTE, self._on_route, qos=1)
@@ -318,14 +319,11 @@ class Coordinator:
         sync = b.get("halo_sync", self.config.sync)
         if sync not in ("strict", "relaxed"):
             sync = self.config.sync
-        frames = b.get("halo_wire") != "cbor"  # the per-worker CBOR requests, for comparison
-        link = b.get("halo_link") is not False  # False: frames through the bus, for comparison
-        if self.head is not None:  # halo_head_threads 1: the plain LM head, for comparison
-            self.head.parallel = b.get("halo_head_threads") != 1
-        if self.decoder.step is not None:  # halo_lean false: the HF forward, for comparison
-            self.decoder.step.enabled = b.get("halo_lean") is not False
+        for k in IGNORED_ASK_FIELDS:
+            if k in b:
+                self.rejects.add("ignored-field." + k.replace("_", "-"))
         if isinstance(b.get("halo_eval"), dict):
-            figures = self.engine.evaluate(b["halo_eval"], strict=sync == "strict", frames=frames, link=link)
+            figures = self.engine.evaluate(b["halo_eval"], strict=sync == "strict")
             self.served += 1
             self._reply(job.env, wire.Kind.ANSWER, {
                 "text": "", "node": self.name, "prompt_tokens": figures.pop("prompt_tokens"),
@@ -351,7 +349,7 @@ class Coordinator:
                 cache_info.clear()
                 cache_info.update(got.info)
                 return got.logits, got.cache
-        with self.engine.run(strict=sync == "strict", frames=frames, link=link) as run:
+        with self.engine.run(strict=sync == "strict") as run:
             gen = self.decoder.generate(ids, b["max_new_tokens"], tuple(b.get("stop", ())), on_text,
                                         prepare=prepare)
         done = time.monotonic()

@@ -3,8 +3,7 @@
 Per layer step (:meth:`HaloEngine._mlp`, on the generation thread): encode the MLP input once
 (fp16, the whole (B, T, H) input: all prompt positions in a prefill, the last one in decode) as a
 ``mesh.halo.frame`` frame and publish it once on the coordinator's MLP-input topic, which every
-plan worker subscribes to (the CBOR envelope to each worker's own topic is kept for comparison,
-per ask: ``halo_wire: "cbor"``), written on this thread over the direct link (``mesh.mqtt.direct.DirectLink``)
+plan worker subscribes to, written on this thread over the direct link (``mesh.mqtt.direct.DirectLink``)
 when there is one; partial frames come back on ``topics.halo_link`` and are read by this thread
 while it waits (over the bus: ``topics.halo_reply``, read by paho's thread); compute the local
 groups meanwhile; predict the groups' importance (relaxed); then gather partials until
@@ -64,7 +63,6 @@ class HaloRun:
     """Figures of one ask (one or many forward passes)."""
 
     strict: bool
-    frames: bool = True  # MLP input once on the shared topic as a halo_wire frame (else CBOR per worker)
     link: bool = False  # this run holds the coordinator's direct link (frames written and read here)
     link_steps: int = 0  # steps whose frames went over the direct link
     starts: list[float] = field(default_factory=list)  # perf_counter at layer 0 of each forward
@@ -102,7 +100,7 @@ class HaloRun:
 
     def figures(self) -> dict[str, Any]:
         times = [b - a for a, b in zip(self.starts, [*self.starts[1:], self.ended])]
-        return {"sync": "strict" if self.strict else "relaxed", "wire": "frame" if self.frames else "cbor",
+        return {"sync": "strict" if self.strict else "relaxed",
                 "steps": self.steps, "link_steps": self.link_steps,
                 "partials_on_time": self.on_time, "partials_late": self.late,
                 "zeroed_groups": self.zeroed_groups, "zeroed_steps": self.zeroed_steps,
@@ -198,16 +196,7 @@ class HaloEngine:
         except ProtocolError as exc:
             self.rejects.add(exc.reason)
             return
-        if env.kind is wire.Kind.HALO_PARTIAL:
-            try:
-                y = wire.unpack_tensor(env.body["y"])
-            except ProtocolError as exc:
-                self.rejects.add(exc.reason)
-                return
-            c = env.body.get("compute_s")
-            self._partial(env.sender, env.body["step"], y, t,
-                          float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else 0.0)
-        elif env.kind is wire.Kind.HALO_ACK:
+        if env.kind is wire.Kind.HALO_ACK:
             with self._lock:
                 pending, active = self.switch.pending, self.switch.active
                 if pending is not None and env.body["epoch"] == pending.epoch and env.sender in pending.workers:
@@ -349,11 +338,11 @@ class HaloEngine:
 
     # -- the routed forward (generation thread) ---------------------------------------------------
     @contextmanager
-    def run(self, strict: bool, measure: bool = False, frames: bool = True, link: bool = True) -> Iterator[HaloRun]:
-        """One ask's forward passes, routed; ``link``: over the direct link when there is one
-        (held for the whole run; the bus when another thread holds it a moment too long)."""
-        state = HaloRun(strict, frames=frames, measure=measure)
-        state.link = bool(link and frames and self.link is not None and self.link.lock.acquire(timeout=0.5))
+    def run(self, strict: bool, measure: bool = False) -> Iterator[HaloRun]:
+        """One ask's forward passes, routed; over the direct link when there is one (held for the
+        whole run; the bus when another thread holds it a moment too long)."""
+        state = HaloRun(strict, measure=measure)
+        state.link = bool(self.link is not None and self.link.lock.acquire(timeout=0.5))
         self.run_state = state
         try:
             with torch.inference_mode(), split.routed_mlps(self.model, self._mlp):
@@ -414,7 +403,7 @@ class HaloEngine:
         expected = {w: gs[layer] for w, gs in plan.workers.items() if gs[layer]}
         t = time.perf_counter()
         self._pump = None
-        if expected and run.frames:
+        if expected:
             # One publish for every worker (the broker fans it out); each computes its own groups.
             # Over the direct link this thread writes it and reads the partials itself.
             link = self.link if run.link and self.link is not None and self.link.usable else None
@@ -431,16 +420,6 @@ class HaloEngine:
             self._pump = link
             run.link_steps += int(link is not None)
             for w in expected:
-                self.ledger.sent(w, step, t0, tokens)
-            t = run.spent("publish", t)
-        elif expected:
-            body = {"epoch": plan.epoch, "step": step, "layer": layer,
-                    "x": wire.pack_tensor(x.to(self.wire_dtype))}
-            data = wire.encode(wire.Envelope(wire.Kind.HALO_MLP, self.config.name, body, reply_to=self.reply_topic),
-                               self.config.limits.max_message_bytes)
-            t0 = t = run.spent("encode", t)
-            for w in expected:
-                self.bus.publish(topics.node_halo(w), data, qos=topics.NODE_HALO.qos)
                 self.ledger.sent(w, step, t0, tokens)
             t = run.spent("publish", t)
         if expected and not multi:
@@ -633,7 +612,7 @@ class HaloEngine:
             run.late += 1
 
     # -- teacher-forced evaluation ----------------------------------------------------------------
-    def evaluate(self, spec: dict[str, Any], strict: bool, frames: bool = True, link: bool = True) -> dict[str, Any]:
+    def evaluate(self, spec: dict[str, Any], strict: bool) -> dict[str, Any]:
         """``{"ids": [...], "start": k, "score_ids": [...]}``: prefill ``ids[:k]``, then feed the rest
         one token at a time; per fed position the NLL of the true next token and the argmax, and at
         the end the logits of ``score_ids``."""
@@ -648,7 +627,7 @@ class HaloEngine:
             raise ProtocolError("bad-halo-eval", "ids/start/score_ids")
         nll: list[float] = []
         top: list[int] = []
-        with self.run(strict, measure=True, frames=frames, link=link) as run:
+        with self.run(strict, measure=True) as run:
             cache = DynamicCache(config=self.model.config)
             out = self.model(input_ids=torch.tensor([ids[:start]]), past_key_values=cache, use_cache=True,
                              logits_to_keep=1)
