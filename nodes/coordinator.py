@@ -323,7 +323,9 @@ class Coordinator:
             if k in b:
                 self.rejects.add("ignored-field." + k.replace("_", "-"))
         if isinstance(b.get("halo_eval"), dict):
-            figures = self.engine.evaluate(b["halo_eval"], strict=sync == "strict")
+            from mesh.halo.evaluate import evaluate
+
+            figures = evaluate(self.engine, b["halo_eval"], strict=sync == "strict")
             self.served += 1
             self._reply(job.env, wire.Kind.ANSWER, {
                 "text": "", "node": self.name, "prompt_tokens": figures.pop("prompt_tokens"),

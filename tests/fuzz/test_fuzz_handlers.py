@@ -510,11 +510,11 @@ class Rig:
 
         def engine_prepare(topic: str, payload: bytes) -> None:
             c.engine.switch.acks[7] = set()
-            while not c.engine._partials.empty():
-                c.engine._partials.get_nowait()
+            while not c.engine.step._partials.empty():
+                c.engine.step._partials.get_nowait()
 
         def engine_state() -> Any:
-            return c.engine._partials.qsize(), sorted(c.engine.switch.acks.get(7, ()))
+            return c.engine.step._partials.qsize(), sorted(c.engine.switch.acks.get(7, ()))
 
         def engine_valid(topic: str, payload: bytes, retained: bool) -> bool:
             # Only what a worker of a known plan sends for a step the coordinator asked for (none

@@ -167,7 +167,7 @@ def test_a_stalled_worker_is_not_waited_for(rig) -> None:
     # Layer 0 waits one deadline; at layer 1 "lossy" still owes layer 0, so it is not waited for.
     assert took < 0.4  # never waited for the 0.5 s partial
     assert run.zeroed_steps == 2 and run.stops.get("stalled-only") == 1
-    assert engine.ledger.stalled(engine._step, time.perf_counter(), 0.0) == frozenset({"lossy"})
+    assert engine.ledger.stalled(engine.step.next_step, time.perf_counter(), 0.0) == frozenset({"lossy"})
 
 
 def test_a_worker_that_fell_behind_once_is_waited_for_again(deep_rig) -> None:
