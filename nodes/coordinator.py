@@ -35,7 +35,7 @@ from mesh.errors import MeshError, ProtocolError, TransportError
 from mesh.halo.ledger import Liveness
 from mesh.halo.lean import lean_step
 from mesh.cache.lookup import LinkEstimate
-from mesh.model import Decoder, bind_threads, load_model, two_thread_head
+from mesh.model import Decoder, bind_threads, load_model
 from mesh.routing import PeerTable, choose_node, router_of
 from mesh.halo.placement import ReplanPolicy
 from mesh.halo.sync import SyncPolicy
@@ -107,6 +107,8 @@ class Coordinator:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
+        from mesh.halo.head import two_thread_head
+
         cfg = self.config
         self.loaded = load_model(cfg.home, cfg.model, cfg.threads)
         self.decoder = Decoder(self.loaded)

@@ -336,8 +336,8 @@ class RoutedStep:
         """The share of the step's true contribution norm (summed over positions) in ``zeroed``."""
         gram = self._grams.get(layer)
         if gram is None:
-            gram = self._grams[layer] = split.importance_gram(self.full[layer])
-        true = split.group_importance(self.full[layer], x, gram).reshape(-1, self.layout.n_groups).sum(0)  # (G,)
+            gram = self._grams[layer] = pred_mod.importance_gram(self.full[layer])
+        true = pred_mod.group_importance(self.full[layer], x, gram).reshape(-1, self.layout.n_groups).sum(0)  # (G,)
         total = float(true.sum())
         return float(true[list(zeroed)].sum()) / total if total > 0 else 0.0
 

@@ -95,7 +95,7 @@ def straggler_wait(gaps: Sequence[float], deadline_s: float, policy: SyncPolicy 
     ``gaps`` are, per recent decode step whose partials all arrived (late ones included, so a cut
     cannot shrink its own evidence), the largest gap between consecutive arrivals. Healthy workers
     answer within a fraction of a millisecond of each other, while a partial lost on a lossy link
-    waits for a TCP retransmission; a fixed share of a ~16 ms deadline cost ~4 ms per loss.
+    waits for a TCP retransmission, so a fixed share of the deadline cost time at every loss.
     """
     cap = policy.straggler_share * deadline_s
     xs = sorted(g for g in gaps if math.isfinite(g) and g >= 0)

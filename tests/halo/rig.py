@@ -29,6 +29,11 @@ POLICY = SyncPolicy(target_share=0.5, min_deadline_s=0.01, max_deadline_s=0.03, 
                     straggler_share=1.0)
 
 
+def is_frame(payload: bytes) -> bool:
+    """A HALO frame (a CBOR envelope never starts with these bytes: it is a map)."""
+    return payload[:4] == halo_wire.MAGIC
+
+
 def tiny_model(layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=96, num_hidden_layers=layers,
@@ -84,7 +89,7 @@ class MemoryBus:
     def deliver(self, data: bytes) -> None:
         """A worker's partial frame to the coordinator's frame topic, a CBOR ack to its reply topic."""
         assert self.engine is not None
-        if data[:4] == halo_wire.MAGIC:
+        if is_frame(data):
             self.engine.on_frame(self.engine.frame_reply, data, False)
         else:
             self.engine.on_reply("reply", data, False)
