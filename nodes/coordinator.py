@@ -46,9 +46,8 @@ log = logging.getLogger(__name__)
 
 NAME = "coordinator"
 _LINK = LinkEstimate(bytes_per_s=2.5e6, rtt_s=0.01)
-# Ask fields that once switched the coordinator onto a slower path, for comparison (the per-worker
-# CBOR wire, frames through the bus, the one-thread LM head, the HF decode step). An ask carrying
-# one is still answered, the field ignored and counted in the heartbeat's rejects.
+# Ask fields that once switched the coordinator onto a slower path for comparison: an ask carrying
+# one is still answered, the field ignored and counted ("ignored-field.<name>" in the rejects).
 IGNORED_ASK_FIELDS = ("halo_wire", "halo_link", "halo_head_threads", "halo_lean")
 
 
@@ -63,8 +62,7 @@ class CoordinatorConfig:
     threads: int = 0
     group_size: int = 64
     sync: str = "relaxed"  # default sync of asks that do not name one: strict | relaxed
-    # A layer step's deadline between 5 and 50 ms (the library's SyncPolicy allows 2-100 ms).
-    policy: SyncPolicy = field(default_factory=lambda: SyncPolicy(min_deadline_s=0.005, max_deadline_s=0.05))
+    policy: SyncPolicy = field(default_factory=lambda: SyncPolicy(min_deadline_s=0.005, max_deadline_s=0.05))  # 5-50 ms
     replan: ReplanPolicy = field(default_factory=ReplanPolicy)
     placement: str = "importance"  # importance | random (the ablation)
     reliability_weight: float = 2.0  # shares ~ speed * reliability^weight (0: by speed only)
@@ -112,9 +110,8 @@ class Coordinator:
         cfg = self.config
         self.loaded = load_model(cfg.home, cfg.model, cfg.threads)
         self.decoder = Decoder(self.loaded)
-        # Only for a one-thread coordinator: then each half is bitwise the plain head's product
-        # (a multi-threaded head already uses the cores, and may sum in another order), and the
-        # lean step is bitwise the HF forward's logits.
+        # Only for a one-thread coordinator: then each half is bitwise the plain head's product, and the
+        # lean step the HF forward's (a multi-threaded head already uses the cores, may sum in another order).
         one = torch.get_num_threads() == 1
         self.head = two_thread_head(self.loaded.model) if one else None
         self.cache = NodeCache(self.loaded, cfg.cache, self.decoder) if cfg.cache.enabled else None
