@@ -109,67 +109,6 @@ def bind_threads() -> None:
         _bound.done = True
 
 
-class TwoThreadHead(torch.nn.Module):
-    """An LM head whose one-position product runs on two threads: the vocabulary rows in halves,
-    one on the caller's thread and one on a helper (torch releases the GIL in the matmul). Each
-    logit is the same row product as the plain head's when torch runs one thread per caller (checked
-    bitwise in the tests; a multi-threaded product may sum in another order), so the argmax, and
-    greedy generation, are unchanged. Worth it where another core is idle during the
-    head: the HALO coordinator's workers wait for the next MLP input then (SmolLM2's 49152 x 576
-    head: 8.1 -> 3.7-4.4 ms per token on this machine, results/2026-12-06/lm_head_two_threads.py).
-    Multi-position calls and ``parallel = False`` use the plain product.
-    """
-
-    def __init__(self, head: torch.nn.Module) -> None:
-        super().__init__()
-        self.weight = head.weight  # the same (possibly tied) parameter
-        self.bias = getattr(head, "bias", None)
-        self.parallel = True
-        self._half = int(self.weight.shape[0]) // 2
-        self._go, self._done = threading.Event(), threading.Event()
-        self._lock = threading.Lock()  # one caller at a time: the helper serves one job
-        self._job: torch.Tensor | None = None
-        self._out: torch.Tensor | BaseException | None = None
-        threading.Thread(target=self._helper, name="lm-head", daemon=True).start()
-
-    def _helper(self) -> None:
-        bind_threads()
-        while True:
-            self._go.wait()
-            self._go.clear()
-            try:
-                with torch.inference_mode():
-                    b = None if self.bias is None else self.bias[self._half:]
-                    self._out = torch.nn.functional.linear(self._job, self.weight[self._half:], b)
-            except BaseException as exc:  # handed to the caller
-                self._out = exc
-            self._done.set()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., V)
-        if not self.parallel or x.shape[:-1].numel() != 1:
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        with self._lock:
-            self._job, self._out = x, None
-            self._done.clear()
-            self._go.set()
-            a = torch.nn.functional.linear(x, self.weight[:self._half],
-                                           None if self.bias is None else self.bias[:self._half])
-            self._done.wait()
-            b, self._job = self._out, None
-        if isinstance(b, BaseException):
-            raise b
-        return torch.cat([a, b], dim=-1)
-
-
-def two_thread_head(model: torch.nn.Module) -> TwoThreadHead:
-    """Put a :class:`TwoThreadHead` in place of ``model``'s LM head (idempotent); returns it."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, TwoThreadHead):
-        head = TwoThreadHead(head)
-        model.set_output_embeddings(head)
-    return head
-
-
 def load_model(cache_root: Path, key: str, threads: int = 0) -> LoadedModel:
     """Load the converted fp32 model and tokenizer; setup must have run (``mesh setup``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -8,10 +8,10 @@ publisher cannot pick them by accident. Layout (``<n>`` is a node name, ``<c>`` 
     mesh/v1/node/<n>/ask        CBOR asks addressed to node <n>, QoS 1
     mesh/v1/node/<n>/catalog    CBOR Bloom catalog of <n>'s cached KV chunks, retained, QoS 1
     mesh/v1/node/<n>/kv         CBOR KV-chunk fetch requests to <n>, QoS 1
-    mesh/v1/node/<n>/halo       CBOR HALO MLP requests (and plan acks) to <n>, QoS 0
     mesh/v1/node/<c>/mlp        HALO frames (mesh.halo.frame): coordinator <c>'s MLP input of each
                                 layer step, once for every worker of its plan, QoS 0
     mesh/v1/reply/<c>-halo      HALO frames: the workers' partials back to coordinator <c>, QoS 0
+    mesh/v1/reply/<c>-halo-link the same, read on coordinator <c>'s direct link
     mesh/v1/plan                CBOR HALO plan of the coordinator, retained, QoS 1
     mesh/v1/reply/<c>           CBOR replies to requester <c> (tokens, answer, error, ping), QoS 1
     mesh/v1/route               CBOR asks for "any node": the router forwards each to one node
@@ -70,7 +70,6 @@ JSON_ASK = TopicSpec("json-ask", Format.JSON, qos=1, retain=False)
 JSON_ANSWER = TopicSpec("json-answer", Format.JSON, qos=1, retain=False)
 CATALOG = TopicSpec("catalog", Format.CBOR, qos=1, retain=True)
 NODE_KV = TopicSpec("kv", Format.CBOR, qos=1, retain=False)
-NODE_HALO = TopicSpec("halo", Format.CBOR, qos=0, retain=False)
 PLAN = TopicSpec("plan", Format.CBOR, qos=1, retain=True)
 NODE_MLP = TopicSpec("mlp", Format.FRAME, qos=0, retain=False)
 HALO_REPLY = TopicSpec("halo-reply", Format.FRAME, qos=0, retain=False)
@@ -79,7 +78,7 @@ TEXT_ASK = TopicSpec("text-ask", Format.TEXT, qos=1, retain=False)
 
 SPECS: dict[str, TopicSpec] = {s.name: s for s in
                                (STATUS, HEARTBEAT, NODE_ASK, REPLY, ROUTE_SPEC, JSON_ASK, JSON_ANSWER,
-                                NODE_STATE, TEXT_ASK, CATALOG, NODE_KV, NODE_HALO, PLAN, NODE_MLP,
+                                NODE_STATE, TEXT_ASK, CATALOG, NODE_KV, PLAN, NODE_MLP,
                                 HALO_REPLY)}
 
 
@@ -106,10 +105,6 @@ def node_catalog(node: str) -> str:
 
 def node_kv(node: str) -> str:
     return node_topic(node, NODE_KV)
-
-
-def node_halo(node: str) -> str:
-    return node_topic(node, NODE_HALO)
 
 
 def node_ask(node: str) -> str:

@@ -50,8 +50,6 @@ class Kind(StrEnum):
     KV_CHUNKS = "kv-chunks"  # a peer's answer: the chunks it really holds (mesh.cache.kv codec)
     HALO_PLAN = "halo-plan"  # the coordinator's neuron-group placement (mesh.halo.placement.Plan)
     HALO_ACK = "halo-ack"  # a worker holds the weights of a plan epoch
-    HALO_MLP = "halo-mlp"  # MLP input of one layer step, to a worker
-    HALO_PARTIAL = "halo-partial"  # a worker's partial down-projection for its groups
 
 
 # Body schemas: field -> (type or tuple of types, required). Unknown extra fields are allowed
@@ -77,8 +75,6 @@ _SCHEMAS: dict[Kind, dict[str, tuple[Any, bool]]] = {
                      "last": (_BOOL, True)},
     Kind.HALO_PLAN: {"epoch": (_INT, True), "plan": (dict, True)},
     Kind.HALO_ACK: {"epoch": (_INT, True)},
-    Kind.HALO_MLP: {"epoch": (_INT, True), "step": (_INT, True), "layer": (_INT, True), "x": (dict, True)},
-    Kind.HALO_PARTIAL: {"epoch": (_INT, True), "step": (_INT, True), "layer": (_INT, True), "y": (dict, True)},
 }
 
 

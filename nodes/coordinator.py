@@ -32,9 +32,10 @@ from mesh.errors import MeshError, TransportError
 from mesh.halo.ledger import Liveness
 from mesh.halo.lean import lean_step
 from mesh.cache.lookup import LinkEstimate
-from mesh.model import Decoder, bind_threads, load_model, two_thread_head
+from mesh.model import Decoder, bind_threads, load_model
 from mesh.member import Job, Member
-from mesh.halo.placement import ReplanPolicy, SyncPolicy
+from mesh.halo.placement import ReplanPolicy
+from mesh.halo.sync import SyncPolicy
 from mesh.cache.node_cache import NodeCache
 from mesh.halo.engine import HaloEngine
 
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 
 NAME = "coordinator"
 _LINK = LinkEstimate(bytes_per_s=2.5e6, rtt_s=0.01)
+# Ask fields that once switched the coordinator onto a slower path for comparison: an ask carrying
+# one is still answered, the field ignored and counted ("ignored-field.<name>" in the rejects).
+IGNORED_ASK_FIELDS = ("halo_wire", "halo_link", "halo_head_threads", "halo_lean")
 
 
 @dataclass(frozen=True)
@@ -55,16 +59,13 @@ class CoordinatorConfig:
     threads: int = 0
     group_size: int = 64
     sync: str = "relaxed"  # default sync of asks that do not name one: strict | relaxed
-    policy: SyncPolicy = field(default_factory=SyncPolicy)
+    policy: SyncPolicy = field(default_factory=lambda: SyncPolicy(min_deadline_s=0.005, max_deadline_s=0.05))  # 5-50 ms
     replan: ReplanPolicy = field(default_factory=ReplanPolicy)
     placement: str = "importance"  # importance | random (the ablation)
     reliability_weight: float = 2.0  # shares ~ speed * reliability^weight (0: by speed only)
     fallback: str = "important"  # relaxed: late important groups computed here ("none": zero)
     local_speed: float = 0.0  # neuron-rows/s the coordinator computes itself (0: none)
     wire_dtype: str = "float16"
-    direct_link: bool = True  # HALO frames over a second connection driven by the generation thread
-    head_threads: int = 2  # the LM head of a decode step on two threads (mesh.model.TwoThreadHead); 1: plain
-    lean_decode: bool = True  # decode steps through mesh.halo.lean (one-thread LLaMA coordinators); False: HF forward
     strict_timeout_s: float = 10.0  # then strict computes the missing groups itself (stays exact)
     liveness: Liveness = field(default_factory=Liveness)  # when a silent worker counts as gone
     heartbeat_s: float = 2.0
@@ -90,32 +91,32 @@ class Coordinator:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
+        from mesh.halo.head import two_thread_head
+
         cfg = self.config
         self.loaded = load_model(cfg.home, cfg.model, cfg.threads)
         self.decoder = Decoder(self.loaded)
-        # Only for a one-thread coordinator: then each half is bitwise the plain head's product
-        # (a multi-threaded head already uses the cores, and may sum in another order).
+        # Only for a one-thread coordinator: then each half is bitwise the plain head's product, and the
+        # lean step the HF forward's (a multi-threaded head already uses the cores, may sum in another order).
         one = torch.get_num_threads() == 1
-        self.head = two_thread_head(self.loaded.model) if cfg.head_threads >= 2 and one else None
+        self.head = two_thread_head(self.loaded.model) if one else None
         self.cache = NodeCache(self.loaded, cfg.cache, self.decoder) if cfg.cache.enabled else None
         self.engine = HaloEngine(self.loaded, self.decoder, cfg, self.bus, self.reply_topic, self.rejects)
         # After the engine permuted the MLPs to the predictor's neuron order (the step calls each
         # layer's MLP module as it is, routed while an ask runs).
-        self.decoder.step = lean_step(self.loaded.model) if cfg.lean_decode and one else None
+        self.decoder.step = lean_step(self.loaded.model) if one else None
         log.info("decode steps: %s", "mesh.halo.lean" if self.decoder.step is not None else "the HF forward")
         self.member.subscribe_presence(self.bus)
         self.bus.subscribe(self.reply_topic, self.engine.on_reply, qos=topics.REPLY.qos)
         self.bus.subscribe(topics.halo_reply(self.name), self.engine.on_frame, qos=topics.HALO_REPLY.qos)
         self.bus.on_connected(self._announce)
         self.bus.start()
-        if cfg.direct_link:
-            link = DirectLink(f"mesh-{self.name}-link", cfg.broker, topics.halo_link(self.name),
-                              self.engine.on_frame)
-            try:
-                link.open()
-            except TransportError as exc:  # the planner retries; asks use the bus meanwhile
-                log.warning("%s: HALO frames go over the bus until it connects", exc)
-            self.engine.link = link
+        link = DirectLink(f"mesh-{self.name}-link", cfg.broker, topics.halo_link(self.name), self.engine.on_frame)
+        try:
+            link.open()
+        except TransportError as exc:  # the planner retries; asks use the bus meanwhile
+            log.warning("%s: HALO frames go over the bus until it connects", exc)
+        self.engine.link = link
         self.member.go_online()
         for target, name in ((self._work_loop, "generate"), (self._plan_loop, "planner")):
             t = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
@@ -162,14 +163,13 @@ class Coordinator:
         sync = b.get("halo_sync", self.config.sync)
         if sync not in ("strict", "relaxed"):
             sync = self.config.sync
-        frames = b.get("halo_wire") != "cbor"  # the per-worker CBOR requests, for comparison
-        link = b.get("halo_link") is not False  # False: frames through the bus, for comparison
-        if self.head is not None:  # halo_head_threads 1: the plain LM head, for comparison
-            self.head.parallel = b.get("halo_head_threads") != 1
-        if self.decoder.step is not None:  # halo_lean false: the HF forward, for comparison
-            self.decoder.step.enabled = b.get("halo_lean") is not False
+        for k in IGNORED_ASK_FIELDS:
+            if k in b:
+                self.rejects.add("ignored-field." + k.replace("_", "-"))
         if isinstance(b.get("halo_eval"), dict):
-            figures = self.engine.evaluate(b["halo_eval"], strict=sync == "strict", frames=frames, link=link)
+            from mesh.halo.evaluate import evaluate
+
+            figures = evaluate(self.engine, b["halo_eval"], strict=sync == "strict")
             self.served += 1
             self.member.reply(job, wire.Kind.ANSWER, {
                 "text": "", "node": self.name, "prompt_tokens": figures.pop("prompt_tokens"),
@@ -195,7 +195,7 @@ class Coordinator:
                 cache_info.clear()
                 cache_info.update(got.info)
                 return got.logits, got.cache
-        with self.engine.run(strict=sync == "strict", frames=frames, link=link) as run:
+        with self.engine.run(strict=sync == "strict") as run:
             gen = self.decoder.generate(ids, b["max_new_tokens"], tuple(b.get("stop", ())), on_text,
                                         prepare=prepare)
         done = time.monotonic()

@@ -1,7 +1,7 @@
 """HALO commands for the `mesh` CLI: `coordinator`, `halo train-predictor`, `bench halo`, and the
 `--roles` flag of `mesh node`.
 
-The lead registers them in ``nodes/cli.py``::
+``nodes/cli.py`` registers them::
 
     from nodes.halo_cli import add_halo_commands, add_node_halo_arguments, halo_extensions_from_args
     add_halo_commands(sub)                        # in build_parser()
@@ -32,10 +32,6 @@ def add_node_halo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--roles", default="", help="extra roles, comma separated: worker (HALO neuron groups)")
     parser.add_argument("--halo-group-size", type=int, default=split.DEFAULT_GROUP_SIZE,
                         help="neurons per HALO group (must match the coordinator; default 64)")
-    parser.add_argument("--halo-serve", choices=["link", "inline", "thread"], default="link",
-                        help="one-token partials on the worker's own broker connection and thread (link: "
-                             "no paho in the hot path; the bus while it is down), on paho's network "
-                             "thread (inline), or all on the compute thread")
 
 
 def halo_extensions_from_args(args: argparse.Namespace, node_config: Any) -> list[Any]:
@@ -47,31 +43,31 @@ def halo_extensions_from_args(args: argparse.Namespace, node_config: Any) -> lis
         return []
     from mesh.halo.worker import HaloWorker
 
-    return [HaloWorker(int(getattr(args, "halo_group_size", split.DEFAULT_GROUP_SIZE)),
-                       inline=getattr(args, "halo_serve", "link") in ("link", "inline"),
-                       link=getattr(args, "halo_serve", "link") == "link")]
+    return [HaloWorker(int(getattr(args, "halo_group_size", split.DEFAULT_GROUP_SIZE)))]
+
+
+_WIRE = {"fp16": "float16", "fp32": "float32"}
 
 
 def coordinator_config(args: argparse.Namespace) -> Any:
-    from pathlib import Path
+    from dataclasses import replace
 
     from mesh.config import CacheConfig
     from mesh.halo.ledger import Liveness
-    from mesh.halo.placement import ReplanPolicy, SyncPolicy
+    from mesh.halo.placement import ReplanPolicy
     from nodes.coordinator import CoordinatorConfig
     from nodes.settings import broker_address, mesh_home
 
-    policy = SyncPolicy(target_share=args.target_share, max_deadline_s=args.max_deadline_ms / 1000.0,
-                        min_deadline_s=args.min_deadline_ms / 1000.0,
-                        default_deadline_s=min(0.02, args.max_deadline_ms / 1000.0))
+    base = CoordinatorConfig().policy
+    policy = replace(base, target_share=args.target_share, max_deadline_s=args.max_deadline_ms / 1000.0,
+                     min_deadline_s=args.min_deadline_ms / 1000.0,
+                     default_deadline_s=min(base.default_deadline_s, args.max_deadline_ms / 1000.0))
     return CoordinatorConfig(
         broker=broker_address(args), name=args.name, model=args.model, home=mesh_home(args),
         threads=args.threads or 0, group_size=args.group_size, sync=args.sync, policy=policy,
         replan=ReplanPolicy(min_interval_s=args.replan_interval), placement=args.placement,
         fallback=args.fallback, local_speed=args.local_speed, reliability_weight=args.reliability_weight,
-        wire_dtype={"fp16": "float16", "fp32": "float32"}[args.wire], direct_link=not args.no_direct_link,
-        head_threads=args.head_threads, lean_decode=not args.no_lean_decode,
-        strict_timeout_s=args.strict_timeout, heartbeat_s=args.heartbeat,
+        wire_dtype=_WIRE[args.wire], strict_timeout_s=args.strict_timeout, heartbeat_s=args.heartbeat,
         liveness=Liveness(factor=args.silence_factor, min_silence_s=args.min_silence),
         predictor=Path(args.predictor) if args.predictor else None,
         cache=CacheConfig(enabled=not args.no_cache),
@@ -148,41 +144,43 @@ def cmd_bench_halo(args: argparse.Namespace) -> int:
 def add_halo_commands(subparsers: Any) -> None:
     """`coordinator`, `halo train-predictor` and `bench halo` (the `bench` parser is created here if
     the CLI has none yet; pass it as ``bench_parser`` otherwise via :func:`add_bench_halo`)."""
+    from mesh.halo.ledger import Liveness
+    from nodes.coordinator import CoordinatorConfig
+
+    c = CoordinatorConfig()  # the defaults, in one place
+    policy, live = c.policy, Liveness()
     p = subparsers.add_parser("coordinator", help="run the HALO coordinator")
-    p.add_argument("--name", default="coordinator")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--name", default=c.name)
+    p.add_argument("--model", default=c.model)
     p.add_argument("--home", help="converted models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    p.add_argument("--sync", choices=["strict", "relaxed"], default="relaxed",
+    p.add_argument("--sync", choices=["strict", "relaxed"], default=c.sync,
                    help="default sync of asks (an ask may name its own with halo_sync)")
-    p.add_argument("--group-size", type=int, default=split.DEFAULT_GROUP_SIZE)
-    p.add_argument("--target-share", type=float, default=0.99,
+    p.add_argument("--group-size", type=int, default=c.group_size)
+    p.add_argument("--target-share", type=float, default=policy.target_share,
                    help="relaxed: wait for (or compute here) the groups holding this share of predicted importance")
-    p.add_argument("--max-deadline-ms", type=float, default=50.0, help="relaxed: cap of the layer deadline")
-    p.add_argument("--min-deadline-ms", type=float, default=5.0, help="relaxed: floor of the layer deadline")
-    p.add_argument("--placement", choices=["importance", "random"], default="importance")
-    p.add_argument("--fallback", choices=["important", "none"], default="important",
+    p.add_argument("--max-deadline-ms", type=float, default=policy.max_deadline_s * 1000.0,
+                   help="relaxed: cap of the layer deadline")
+    p.add_argument("--min-deadline-ms", type=float, default=policy.min_deadline_s * 1000.0,
+                   help="relaxed: floor of the layer deadline")
+    p.add_argument("--placement", choices=["importance", "random"], default=c.placement)
+    p.add_argument("--fallback", choices=["important", "none"], default=c.fallback,
                    help="relaxed: compute late predicted-important groups here (none: count them as zero)")
-    p.add_argument("--reliability-weight", type=float, default=2.0,
+    p.add_argument("--reliability-weight", type=float, default=c.reliability_weight,
                    help="worker shares ~ speed x reliability^W (0: by speed only, the TP baseline)")
-    p.add_argument("--local-speed", type=float, default=0.0,
+    p.add_argument("--local-speed", type=float, default=c.local_speed,
                    help="neuron-rows/s the coordinator computes itself (0: every group on workers)")
-    p.add_argument("--wire", choices=["fp16", "fp32"], default="fp16", help="dtype of MLP inputs on the wire")
-    p.add_argument("--head-threads", type=int, choices=[1, 2], default=2,
-                   help="threads for a decode step's LM head (2: the vocabulary in halves on two threads)")
-    p.add_argument("--no-direct-link", action="store_true",
-                   help="HALO frames through the shared MQTT connection (default: a second one, read and "
-                        "written by the generation thread itself)")
-    p.add_argument("--no-lean-decode", action="store_true",
-                   help="decode steps through the HF forward (default: mesh.halo.lean's step, bitwise the same "
-                        "logits on one thread, fewer Python operations; LLaMA-architecture models only)")
-    p.add_argument("--strict-timeout", type=float, default=10.0,
+    p.add_argument("--wire", choices=list(_WIRE), default={v: k for k, v in _WIRE.items()}[c.wire_dtype],
+                   help="dtype of MLP inputs on the wire")
+    p.add_argument("--strict-timeout", type=float, default=c.strict_timeout_s,
                    help="strict: after this many seconds compute a silent worker's groups here (stays exact)")
-    p.add_argument("--silence-factor", type=float, default=6.0,
+    p.add_argument("--silence-factor", type=float, default=live.factor,
                    help="a worker silent for this many of its heartbeat periods counts as gone")
-    p.add_argument("--min-silence", type=float, default=3.0, help="seconds of silence before a worker counts as gone")
-    p.add_argument("--replan-interval", type=float, default=10.0, help="seconds between drift re-plans")
-    p.add_argument("--heartbeat", type=float, default=2.0)
+    p.add_argument("--min-silence", type=float, default=live.min_silence_s,
+                   help="seconds of silence before a worker counts as gone")
+    p.add_argument("--replan-interval", type=float, default=c.replan.min_interval_s,
+                   help="seconds between drift re-plans")
+    p.add_argument("--heartbeat", type=float, default=c.heartbeat_s)
     p.add_argument("--predictor", help="predictor file (default: the trained one next to the model)")
     p.add_argument("--no-cache", action="store_true", help="no prompt cache")
     add_broker_arguments(p)
@@ -209,6 +207,8 @@ def add_halo_commands(subparsers: Any) -> None:
 
 
 def add_bench_halo(bench_parser: argparse.ArgumentParser) -> None:
+    from nodes.coordinator import CoordinatorConfig
+
     bsub = next((a for a in bench_parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     if bsub is None:
         bsub = bench_parser.add_subparsers(dest="bench_command", required=True)
@@ -226,23 +226,10 @@ def add_bench_halo(bench_parser: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-tokens", type=int, default=512, help="held-out tokens for perplexity/agreement")
     p.add_argument("--mmlu", type=int, default=200, help="MMLU questions (fixed sample, 1-shot)")
     p.add_argument("--no-ablation", action="store_true", help="skip the random-placement ablation")
-    p.add_argument("--local-speed", type=float, default=0.0,
+    p.add_argument("--local-speed", type=float, default=CoordinatorConfig().local_speed,
                    help="the coordinator's --local-speed (neuron-rows/s it computes itself; 0: none)")
     p.add_argument("--target-share", type=float,
                    help="the coordinator's --target-share (default: the coordinator's own default)")
-    p.add_argument("--compare-wire", action="store_true",
-                   help="also time the per-worker CBOR requests (the old wire), alternating with the frames")
-    p.add_argument("--compare-head", action="store_true",
-                   help="also time the coordinator's one-thread LM head, alternating with its two-thread one")
-    p.add_argument("--compare-lean", action="store_true",
-                   help="also time the coordinator's decode steps through the HF forward, alternating with "
-                        "mesh.halo.lean's step")
-    p.add_argument("--compare-link", action="store_true",
-                   help="also time frames through the coordinator's shared MQTT connection, alternating "
-                        "with its direct link")
-    p.add_argument("--worker-serve", choices=["link", "inline", "thread"], default="link",
-                   help="the workers' --halo-serve: their own connection for the frames (link, default), "
-                        "or the frames on their shared one (inline, thread)")
     p.add_argument("--ablation-reps", type=int, default=2,
                    help="ablation rounds (each: one generation and one quality run per placement, alternating)")
     p.add_argument("--broker-kind", default="mosquitto", choices=["mosquitto", "amqtt"])

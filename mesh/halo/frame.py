@@ -58,11 +58,6 @@ class Frame:
     compute_s: float = 0.0  # partial only
 
 
-def is_frame(payload: bytes) -> bool:
-    """A HALO frame (a CBOR envelope never starts with these bytes: it is a map)."""
-    return payload[:4] == MAGIC
-
-
 def encode(kind: int, sender: str, epoch: int, step: int, layer: int, tensor: torch.Tensor,
            reply_to: str = "", compute_s: float = 0.0) -> bytes:
     t = tensor.detach().contiguous()

@@ -18,9 +18,8 @@ size, I))``, so the last group may be smaller. Group ids are the same in every l
 sits at a position is a *neuron order*: by default the model's own, else a permutation per layer
 (``order[i]`` = the model's original neuron id at position ``i``). Because the sum runs over any
 partition, reordering is exact; it matters because contiguous neurons of the original order
-average importance out (the coldest fifth of SmolLM2's groups hold 18 % of the importance), while
-neurons sorted by measured importance make genuinely cold groups (13 %) that a lossy worker can
-hold at little cost. :func:`permute_neurons` reorders a model in place (the coordinator) and
+average importance out, while neurons sorted by measured importance make genuinely cold groups
+that a lossy worker can hold at little cost. :func:`permute_neurons` reorders a model in place (the coordinator) and
 records the order; :func:`extract_groups` with an ``order`` slices the right neurons out of a
 model in any order (a worker whose model file is in the original order).
 """
@@ -329,42 +328,6 @@ def reduce_partials(
     return out
 
 
-def _padded_slots(sizes: Sequence[int], width: int) -> Tensor:
-    """Where each neuron of a group set lands when every group is padded to ``width``: (n,)."""
-    return torch.cat([g * width + torch.arange(size) for g, size in enumerate(sizes)])
-
-
-def importance_gram(weights: GroupWeights) -> Tensor:
-    """Each group's down-projection Gram matrix ``down_g.T @ down_g``, zero-padded: (G, s, s)."""
-    n_groups, s = len(weights.groups), max(weights.sizes, default=0)
-    d_pad = weights.down.new_zeros((weights.down.shape[0], n_groups * s))  # (H, G*s)
-    d_pad[:, _padded_slots(weights.sizes, s)] = weights.down
-    d_pad = d_pad.view(-1, n_groups, s)  # (H, G, s)
-    return torch.einsum("hgs,hgt->gst", d_pad, d_pad)  # (G, s, s)
-
-
-def group_importance(weights: GroupWeights, x: Tensor, gram: Tensor | None = None) -> Tensor:
-    """Norm of each group's contribution to the down-projection: (..., H) -> (..., len(groups)).
-
-    Group ``g``'s contribution is ``c_g = h_g @ down_g.T`` (a vector of size H), so
-    ``|c_g|^2 = h_g @ (down_g.T @ down_g) @ h_g``: computed with each group's Gram matrix (s x s),
-    which is cheaper than materialising every ``c_g`` when ``s`` is much smaller than ``H``.
-    Groups are zero-padded to the largest size so the whole layer is one batched product.
-    Pass ``gram`` (:func:`importance_gram`) when calling repeatedly with the same weights.
-    """
-    with torch.no_grad():
-        h = weights.activations(x)  # (..., n)
-        n_groups, s = len(weights.groups), max(weights.sizes, default=0)
-        if n_groups == 0:
-            return h.new_zeros((*h.shape[:-1], 0))
-        gram = importance_gram(weights) if gram is None else gram  # (G, s, s)
-        h_pad = h.new_zeros((*h.shape[:-1], n_groups * s))
-        h_pad[..., _padded_slots(weights.sizes, s)] = h
-        hg = h_pad.view(*h.shape[:-1], n_groups, s)  # (..., G, s)
-        sq = torch.einsum("...gs,gst,...gt->...g", hg, gram, hg)  # (..., G)
-        return sq.clamp_min(0).sqrt()
-
-
 class _RoutedMLP(nn.Module):
     """Stands in for one layer's MLP and hands its input to the routing callable."""
 
@@ -408,23 +371,3 @@ def routed_mlps(model: nn.Module, fn: MlpFn) -> Iterator[MlpPatch]:
         yield patch
     finally:
         patch.restore()
-
-
-def local_mlp_fn(
-    model: nn.Module, assignments: Sequence[Sequence[Sequence[int]]], layout: GroupLayout
-) -> MlpFn:
-    """A routing callable that computes each layer as a sum of per-holder partials, in-process.
-
-    ``assignments[layer]`` lists one group set per holder; groups in no set count as missing.
-    This is the reference the distributed path must match, and the test of split + reduce.
-    """
-    shards = [
-        [extract_groups(model, layer, groups, layout) for groups in holders]
-        for layer, holders in enumerate(assignments)
-    ]
-    biases = [down_bias(model, layer) for layer in range(len(shards))]
-
-    def fn(layer: int, x: Tensor) -> Tensor:
-        return reduce_partials((w.partial(x) for w in shards[layer]), x, biases[layer])
-
-    return fn

@@ -2,9 +2,9 @@
 
 The HALO coordinator runs the attention half of every layer itself, one token at a time, while
 the workers wait for its next MLP input: the time it spends per layer is on every step's critical
-path. Of SmolLM2-135M's ~30 ms per decode token on one thread (MLPs excluded), ~6 ms are
-HF's per-forward and per-module Python (mask and cache-position bookkeeping, module dispatch, the
-kernel-hub wrappers around each norm, three projections where one will do); this step does the
+path, and a good part of it is HF's per-forward and per-module Python (mask and cache-position
+bookkeeping, module dispatch, the kernel-hub wrappers around each norm, three projections where
+one will do, measured in results/); this step does the
 same arithmetic in the same order with plain tensor calls: q, k and v come from one matrix whose
 row blocks *are* the model's three projection weights (views, no copy), RMSNorm and the rotary
 embedding are written out as in ``modeling_llama``, attention is ``scaled_dot_product_attention``

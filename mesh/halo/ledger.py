@@ -12,11 +12,11 @@ clock, passed in.
   *owes* a step when it was sent and nothing at or after it came back; a worker owing an earlier
   step than the current one, sent at least one deadline ago or closed without its partial, with
   nothing heard from it since that step was sent, is *stalled* and not waited for
-  (``mesh.halo.placement.stalled_workers``): its answers come in order, behind the late one.
+  (``mesh.halo.sync.stalled_workers``): its answers come in order, behind the late one.
 - :class:`StepGather` collects one step's partials and decides whether to keep waiting: strict
   waits for every expected worker (up to a long safety timeout, after which the caller computes
   the missing groups itself, so strict stays exact); relaxed follows
-  ``mesh.halo.placement.wait_decision`` and whatever is missing then counts as zero.
+  ``mesh.halo.sync.wait_decision`` and whatever is missing then counts as zero.
 - :class:`EpochSwitch` holds the active plan and a pending one; the pending plan becomes active
   only once every worker named in it acknowledged its epoch (it holds the weights), checked
   between forward passes so generation never pauses.
@@ -30,8 +30,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.halo import placement as scheduler
-from mesh.halo.placement import Plan, SyncPolicy, WaitDecision
+from mesh.halo import sync as rules
+from mesh.halo.placement import Plan, WorkerFigures
+from mesh.halo.sync import SyncPolicy, WaitDecision
 
 MAX_OUTSTANDING = 4096  # sent-but-unanswered steps remembered per worker
 MAX_OPEN_STEPS = 256  # decode steps whose arrival spread is still being collected
@@ -127,7 +128,7 @@ class SyncLedger:
 
     def closed(self, worker: str, got: bool, step: int | None = None) -> None:
         """A step closed with (``got``) or without this worker's partial: updates its late rate
-        and remembers the ``step`` it was cut from (see ``mesh.halo.placement.stalled_workers``)."""
+        and remembers the ``step`` it was cut from (see ``mesh.halo.sync.stalled_workers``)."""
         rec = self._rec(worker)
         if not got:
             rec.zeroed += 1
@@ -145,21 +146,21 @@ class SyncLedger:
         cut = {w: r.cut for w, r in self.workers.items() if r.cut}
         after = {w: cut_factor * statistics.median(self.workers[w].samples) if self.workers[w].samples else overdue_s
                  for w in cut}
-        return scheduler.stalled_workers({w: r.sent_at for w, r in self.workers.items() if r.sent_at},
+        return rules.stalled_workers({w: r.sent_at for w, r in self.workers.items() if r.sent_at},
                                          step, now, overdue_s,
                                          {w: r.last_heard for w, r in self.workers.items()}, cut, after)
 
     def deadline(self, policy: SyncPolicy, tokens: int = 1) -> float:
         """Each worker's deadline for a step of ``tokens`` positions from its own recent latencies
-        (late ones included; ``mesh.halo.placement.step_deadline``), then the lower median over
+        (late ones included; ``mesh.halo.sync.step_deadline``), then the lower median over
         workers: one lossy worker's retransmission stalls cannot stretch the deadline everybody
         else is held to, and no survivorship bias shrinks it."""
-        per = sorted(scheduler.step_deadline(scheduler.layer_deadline(list(r.samples), policy),
+        per = sorted(rules.step_deadline(rules.layer_deadline(list(r.samples), policy),
                                              tokens, list(r.per_token), policy)
                      for r in self.workers.values() if r.samples or r.per_token)
         if per:
             return per[(len(per) - 1) // 2]
-        return scheduler.step_deadline(policy.default_deadline_s, tokens, (), policy)
+        return rules.step_deadline(policy.default_deadline_s, tokens, (), policy)
 
     def first_arrival(self) -> float | None:
         """Lower quartile of the first partial's latency over recent decode steps (None: none
@@ -170,8 +171,8 @@ class SyncLedger:
 
     def straggler_wait(self, policy: SyncPolicy, deadline_s: float) -> float:
         """The wait for stragglers after the newest arrival of a decode step
-        (``mesh.halo.placement.straggler_wait`` over the measured arrival gaps)."""
-        return scheduler.straggler_wait(list(self.gaps), deadline_s, policy)
+        (``mesh.halo.sync.straggler_wait`` over the measured arrival gaps)."""
+        return rules.straggler_wait(list(self.gaps), deadline_s, policy)
 
     def late_rate(self, worker: str) -> float:
         rec = self.workers.get(worker)
@@ -236,7 +237,7 @@ class StepGather:
             if elapsed_s < strict_timeout_s:
                 return WaitDecision(True, strict_timeout_s, "strict")
             return WaitDecision(False, elapsed_s, "strict-timeout")
-        return scheduler.wait_decision(
+        return rules.wait_decision(
             pending=self.pending(), must_wait=self.must_wait, stalled=stalled | gone,
             elapsed_s=elapsed_s, deadline_s=deadline_s, policy=policy, last_arrival_s=self.last_arrival_s,
             straggler_s=self.straggler_s,
@@ -342,7 +343,7 @@ class Presence:
 
 
 def worker_figures(node: str, heartbeat: Mapping[str, Any], online: bool, model_key: str,
-                   group_size: int, late_rate: float = 0.0) -> scheduler.WorkerFigures | None:
+                   group_size: int, late_rate: float = 0.0) -> WorkerFigures | None:
     """A worker's :class:`~mesh.halo.placement.WorkerFigures` from its heartbeat, or None when the
     node is no HALO worker for this model and group size.
 
@@ -362,7 +363,7 @@ def worker_figures(node: str, heartbeat: Mapping[str, Any], online: bool, model_
         v = table.get(key)
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
 
-    return scheduler.WorkerFigures(
+    return WorkerFigures(
         node=node, speed=num(halo, "compute_rows_per_s"), rtt_s=num(link, "rtt_ewma_ms") / 1000.0,
         loss_rate=num(link, "loss_fraction"),
         late_rate=max(num(link, "late_fraction"), float(late_rate)), online=online,

@@ -1,5 +1,9 @@
 """The semantic-aware importance predictor: MLP input -> each neuron group's importance.
 
+A group's measured importance at a position is the norm of its contribution to the MLP output
+(:func:`group_importance`, from the group's down-projection Gram matrix): what the predictor is
+trained on, and what the coordinator measures as the true share it summed as zero.
+
 Per layer the model is low-rank and quadratic. The MLP input ``x`` (the hidden state after the
 pre-MLP norm, (H,)) is centred and projected onto ``r`` whitened principal directions of the
 recorded inputs, ``z = (x - mean) @ proj`` (r,); the features are ``[1, z, z_i * z_j for i <= j]``
@@ -43,6 +47,45 @@ def predictor_path(home: Path, model: str, group_size: int) -> Path:
     return Path(home) / "models" / model / PREDICTOR_NAME.format(group_size=group_size)
 
 
+# -- measured importance: the norm of each group's contribution -----------------------------------
+
+
+def _padded_slots(sizes: Sequence[int], width: int) -> Tensor:
+    """Where each neuron of a group set lands when every group is padded to ``width``: (n,)."""
+    return torch.cat([g * width + torch.arange(size) for g, size in enumerate(sizes)])
+
+
+def importance_gram(weights: split.GroupWeights) -> Tensor:
+    """Each group's down-projection Gram matrix ``down_g.T @ down_g``, zero-padded: (G, s, s)."""
+    n_groups, s = len(weights.groups), max(weights.sizes, default=0)
+    d_pad = weights.down.new_zeros((weights.down.shape[0], n_groups * s))  # (H, G*s)
+    d_pad[:, _padded_slots(weights.sizes, s)] = weights.down
+    d_pad = d_pad.view(-1, n_groups, s)  # (H, G, s)
+    return torch.einsum("hgs,hgt->gst", d_pad, d_pad)  # (G, s, s)
+
+
+def group_importance(weights: split.GroupWeights, x: Tensor, gram: Tensor | None = None) -> Tensor:
+    """Norm of each group's contribution to the down-projection: (..., H) -> (..., len(groups)).
+
+    Group ``g``'s contribution is ``c_g = h_g @ down_g.T`` (a vector of size H), so
+    ``|c_g|^2 = h_g @ (down_g.T @ down_g) @ h_g``: computed with each group's Gram matrix (s x s),
+    which is cheaper than materialising every ``c_g`` when ``s`` is much smaller than ``H``.
+    Groups are zero-padded to the largest size so the whole layer is one batched product.
+    Pass ``gram`` (:func:`importance_gram`) when calling repeatedly with the same weights.
+    """
+    with torch.no_grad():
+        h = weights.activations(x)  # (..., n)
+        n_groups, s = len(weights.groups), max(weights.sizes, default=0)
+        if n_groups == 0:
+            return h.new_zeros((*h.shape[:-1], 0))
+        gram = importance_gram(weights) if gram is None else gram  # (G, s, s)
+        h_pad = h.new_zeros((*h.shape[:-1], n_groups * s))
+        h_pad[..., _padded_slots(weights.sizes, s)] = h
+        hg = h_pad.view(*h.shape[:-1], n_groups, s)  # (..., G, s)
+        sq = torch.einsum("...gs,gst,...gt->...g", hg, gram, hg)  # (..., G)
+        return sq.clamp_min(0).sqrt()
+
+
 @dataclass(frozen=True, eq=False)
 class TrainingSet:
     """Recorded pairs per layer: ``inputs[l]`` (N, H) MLP inputs, ``targets[l]`` (N, G) truths."""
@@ -53,14 +96,6 @@ class TrainingSet:
     @property
     def n_pairs(self) -> int:
         return int(self.inputs[0].shape[0]) if self.inputs else 0
-
-    def split_at(self, fraction: float) -> tuple[TrainingSet, TrainingSet]:
-        """(first ``fraction`` of the pairs, the rest): held-out data comes from later text."""
-        cut = int(self.n_pairs * fraction)
-        return (
-            TrainingSet(tuple(x[:cut] for x in self.inputs), tuple(y[:cut] for y in self.targets)),
-            TrainingSet(tuple(x[cut:] for x in self.inputs), tuple(y[cut:] for y in self.targets)),
-        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -318,14 +353,14 @@ def record_pairs(
     act = split.mlp_act_name(model.config)
     mlps = [layer.mlp for layer in split.decoder_layers(model)]
     fulls = [split.full_weights(m, layout, act, i) for i, m in enumerate(mlps)]
-    grams = [split.importance_gram(w) for w in fulls]  # each (G, s, s)
+    grams = [importance_gram(w) for w in fulls]  # each (G, s, s)
     xs: list[list[Tensor]] = [[] for _ in mlps]
     ys: list[list[Tensor]] = [[] for _ in mlps]
 
     def record(layer: int, x: Tensor) -> Tensor:  # x (B, T, H)
         flat = x.detach().reshape(-1, x.shape[-1])  # (B*T, H)
         xs[layer].append(flat.float().clone())
-        imp = split.group_importance(fulls[layer], flat, grams[layer])  # (B*T, G)
+        imp = group_importance(fulls[layer], flat, grams[layer])  # (B*T, G)
         ys[layer].append(imp.float())
         return mlps[layer](x)
 

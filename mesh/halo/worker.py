@@ -1,40 +1,30 @@
 """The HALO worker role of a node: serve neuron-group partials of the coordinator's plan.
 
+Pairs with the coordinator side: the frames served here come from the routed MLP step
+(``mesh.halo.step``), the plans loaded here from ``mesh.halo.engine.HaloEngine.replan``.
+
 Threads (all owned here and stopped by :meth:`HaloWorker.stop`):
 
-- paho's network thread runs the handlers: decode, check, enqueue; never torch;
-- the *loader* slices the groups a new plan assigns to this node out of the node's already
-  loaded model (``mesh.halo.groups.extract_groups``), while the compute thread keeps serving the
-  current plan, then acknowledges the epoch to the coordinator;
-- the *compute* thread answers MLP requests one at a time. Only the newest request counts: a
-  request whose step is older than one already received is dropped unanswered (the coordinator
-  has moved on; answering would only pile work up behind a stalled link).
+- the *link* thread owns the worker's own broker connection for the hot path
+  (``mesh.mqtt.direct.DirectLink`` over ``mesh.mqtt.lite``): it reads the MLP inputs, serves each
+  coordinator's newest one-position frame of a read and writes the partial itself, with no paho
+  and no thread hand-off in between. While the link is down the bus carries the frames (below);
+  once it is back the bus unsubscribes them;
+- paho's network thread runs the handlers: decode, check, enqueue. Over the bus a lone
+  one-position (decode) frame is served right there (handing it to the compute thread and the
+  answer back would cost two thread wake-ups per layer step); one with more input waiting behind
+  it (``MqttBus.input_pending``: after a stalled link every step the coordinator ran meanwhile
+  arrives at once) is queued;
+- the *compute* thread serves prefill-sized and queued frames, only the newest: a frame older
+  than one already received from its coordinator is dropped unanswered (it has moved on);
+- the *loader* slices the groups a new plan assigns to this node out of the node's loaded model
+  (``mesh.halo.groups.extract_groups``) while the current plan is still served, subscribes to the
+  coordinator's MLP input, then acknowledges the epoch.
 
-- the *link* thread (``--halo-serve link``, the default) owns the worker's own broker connection
-  for the hot path (``mesh.mqtt.direct.DirectLink`` over ``mesh.mqtt.lite``): it reads the MLP inputs,
-  serves each coordinator's newest one-position frame of a read and writes the partial itself,
-  with no paho and no thread hand-off in between (the worker's CPU per layer step 653-680 ->
-  590-603 us, round trip p50 616-664 -> 536-551 us: ``results/2026-12-06/worker_step_cost.py``).
-  While the link is down the bus carries the frames (served as below); once it is back the bus
-  unsubscribes them.
-
-Without the link, one exception to "no torch on the network thread", for the hot path: a
-one-position (decode) MLP-input frame is served on the network thread itself (``inline``): its partial is
-one group slice of one token (~0.4 ms for a third of a SmolLM2 layer), no longer than decoding a
-large message, and handing it to the compute thread and the answer back to paho's thread costs
-two thread wake-ups per layer step, which on a busy 2-core device are the floor of the round trip
-(see the bench's ``cbor_wire`` comparison). Prefill-sized requests still go to the compute thread,
-and so does a frame with more input already waiting behind it (``MqttBus.input_pending``): after
-a stalled link the frames of every step the coordinator ran meanwhile arrive at once, and the
-compute thread serves only one no newer frame of the same coordinator has overtaken.
-
-Wire: the coordinator publishes each layer step's MLP input once, as a ``mesh.halo.frame`` frame
-on ``node_mlp(coordinator)``; every worker of its plan subscribes (the loader does, before it
-acknowledges its first plan from that coordinator) and answers with a partial frame on the
-request's reply topic, only for a layer where it holds groups. The CBOR ``HALO_MLP {epoch, step,
-layer, x}`` on ``node_halo(name)`` is still served (answered with a CBOR ``HALO_PARTIAL``). ``y``
-is fp16 (the request's dtype if it asked for float32). ``HALO_ACK {epoch}`` goes to the plan's
-reply topic (the coordinator's).
+Wire: each layer step's MLP input comes once, as a ``mesh.halo.frame`` frame on
+``node_mlp(coordinator)``, to every worker of the plan; the partial frame (fp16, float32 if the
+input was) goes to the frame's reply topic, only for a layer where this worker holds groups.
+``HALO_ACK {epoch}`` (CBOR) goes to the plan's reply topic (the coordinator's).
 """
 
 from __future__ import annotations
@@ -58,9 +48,8 @@ from mesh.member import AgentExtension
 
 log = logging.getLogger(__name__)
 
-MAX_LAYERS = 1024
 STALE_WINDOW = 1 << 16  # a frame this many steps behind the coordinator's newest is skipped
-MAX_QUEUED_REQUESTS = 64  # requests waiting for the compute thread; it only ever serves the newest
+MAX_QUEUED_REQUESTS = 64  # frames waiting for the compute thread; it only ever serves the newest
 SPEED_PROBE_S = 2.0  # the compute thread re-measures the speed this often (while idle)
 SPEED_ALPHA = 0.3  # weight of one probe in the reported speed
 LINK_PUMP_S = 0.2  # the link thread lets go of the link this often (subscribing waits for it)
@@ -69,17 +58,15 @@ LINK_PUMP_S = 0.2  # the link thread lets go of the link this often (subscribing
 class HaloWorker(AgentExtension):
     roles = ("worker",)
 
-    def __init__(self, group_size: int = split.DEFAULT_GROUP_SIZE, inline: bool = True, link: bool = True) -> None:
+    def __init__(self, group_size: int = split.DEFAULT_GROUP_SIZE) -> None:
         self.group_size = group_size
-        self.inline = inline
-        self.use_link = link
         self.link: DirectLink | None = None
-        self._on_bus: set[str] = set()  # MLP-input topics the bus carries (no link, or it broke)
+        self._on_bus: set[str] = set()  # MLP-input topics the bus carries (while the link is down)
         self._batch: list[tuple[bytes, bool]] = []  # read by the link's pump, served after it
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._requests: list[wire.Envelope | halo_wire.Frame] = []
+        self._requests: list[halo_wire.Frame] = []
         self._plans: list[tuple[Plan, str | None, str]] = []  # to load: (plan, ack topic, coordinator)
         self._coordinators: set[str] = set()  # whose MLP-input topic we subscribed to
         self._newest: dict[str, int] = {}  # per coordinator: the step of its last frame seen
@@ -87,9 +74,7 @@ class HaloWorker(AgentExtension):
         self._weights: dict[int, list[split.GroupWeights | None]] = {}  # epoch -> per layer
         self._epoch = -1
         self._serving = -1  # epoch of the newest request served
-        self._groups = 0
-        self.served = 0
-        self.dropped = 0
+        self._groups = self.served = self.dropped = 0
         self.speed = 0.0  # neuron-rows per second (EWMA of probes on a fixed workload)
         self._probe: tuple[split.GroupWeights, torch.Tensor] | None = None
         self._probed_at = 0.0
@@ -105,20 +90,16 @@ class HaloWorker(AgentExtension):
         self.layout = split.model_layout(self.model.config, self.group_size)
         self.n_layers = len(split.decoder_layers(self.model))
         self.speed = self._measure_speed()
-        for target, name in ((self._compute_loop, "halo-compute"), (self._load_loop, "halo-load")):
+        self.link = DirectLink(f"mesh-{self.name}-halo", agent.bus.broker, None, self._on_link_message)
+        try:
+            self.link.open()
+        except TransportError as exc:  # the link thread retries; frames use the bus meanwhile
+            log.warning("%s: HALO frames go over the bus until it connects", exc)
+        for target, name in ((self._compute_loop, "halo-compute"), (self._load_loop, "halo-load"),
+                             (self._link_loop, "halo-link")):
             t = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
-        if self.use_link:
-            self.link = DirectLink(f"mesh-{self.name}-halo", agent.bus.broker, None, self._on_link_message)
-            try:
-                self.link.open()
-            except TransportError as exc:  # the link thread retries; frames use the bus meanwhile
-                log.warning("%s: HALO frames go over the bus until it connects", exc)
-            t = threading.Thread(target=self._link_loop, name=f"{self.name}-halo-link", daemon=True)
-            t.start()
-            self._threads.append(t)
-        agent.bus.subscribe(topics.node_halo(self.name), self._on_request, qos=topics.NODE_HALO.qos)
         agent.bus.subscribe(topics.HALO_PLAN, self._on_plan, qos=topics.PLAN.qos)
         log.info("HALO worker %s ready: %d groups of %d per layer, %.0f rows/s", self.name,
                  self.layout.n_groups, self.group_size, self.speed)
@@ -137,19 +118,17 @@ class HaloWorker(AgentExtension):
             return {}
         with self._lock:
             return {"halo": {"groups": self._groups, "epoch": self._epoch, "served": self.served,
-                             "dropped": self.dropped, "skipped": self.skipped,
-                             "compute_rows_per_s": round(self.speed, 1),
-                             "group_size": self.group_size,
-                             "heartbeat_s": self.agent.timing.heartbeat_s}}
+                             "dropped": self.dropped, "skipped": self.skipped, "group_size": self.group_size,
+                             "compute_rows_per_s": round(self.speed, 1), "heartbeat_s": self.agent.timing.heartbeat_s}}
 
     def _measure_speed(self, reps: int = 20) -> float:
         """Neuron-rows per second of a one-token partial over a quarter of a layer.
 
         Always this fixed workload, never the live requests: a one-token partial's time is mostly
         per-operation overhead, so rows per second measured on the worker's own share grew with
-        the share. The scheduler sizes shares by this speed, and the feedback (a small share
-        measures slow, gets smaller) swung a worker between 21 and 668 of 720 groups every re-plan
-        (8 s) under CPU contention. The probe still sees contention, which is what it is for.
+        the share, and the scheduler's feedback (a small share measures slow, gets smaller) swung
+        a worker's share from nearly nothing to nearly all under CPU contention. The probe still
+        sees contention, which is what it is for.
         """
         if self._probe is None:
             groups = list(range(max(1, self.layout.n_groups // 4)))
@@ -166,24 +145,13 @@ class HaloWorker(AgentExtension):
         return w.n_neurons / max(best, 1e-7)
 
     # -- handlers (network thread) --------------------------------------------------------------
-    def _decode(self, payload: bytes, kind: wire.Kind) -> wire.Envelope | None:
-        try:
-            env = wire.decode(payload, self.agent.limits.max_message_bytes)
-        except ProtocolError as exc:
-            self.agent.rejects.add(exc.reason)
-            return None
-        if env.kind is not kind:
-            self.agent.rejects.add("unexpected-kind")
-            return None
-        return env
-
     def _on_plan(self, topic: str, payload: bytes, retained: bool) -> None:
         if not payload:
             return  # plan cleared
-        env = self._decode(payload, wire.Kind.HALO_PLAN)
-        if env is None:
-            return
         try:
+            env = wire.decode(payload, self.agent.limits.max_message_bytes)
+            if env.kind is not wire.Kind.HALO_PLAN:
+                raise ProtocolError("unexpected-kind", env.kind)
             plan = Plan.from_dict(env.body["plan"])
         except ProtocolError as exc:
             self.agent.rejects.add(exc.reason)
@@ -198,25 +166,6 @@ class HaloWorker(AgentExtension):
         reply = env.reply_to if env.reply_to and topics.reply_allowed(env.reply_to) else None
         with self._wake:
             self._plans.append((plan, reply, env.sender))
-            self._wake.notify_all()
-
-    def _on_request(self, topic: str, payload: bytes, retained: bool) -> None:
-        env = self._decode(payload, wire.Kind.HALO_MLP)
-        if env is None:
-            return
-        b = env.body
-        if (env.reply_to is None or not topics.reply_allowed(env.reply_to)
-                or not 0 <= b["layer"] < self.n_layers or b["step"] < 0):
-            self.agent.rejects.add("bad-halo-request")
-            return
-        with self._wake:
-            # No memory of steps across requests: a forged request with a huge step must not make
-            # the worker drop the real ones that follow. Overtaken requests are skipped where it
-            # is safe, in the compute loop (it serves the newest queued one and drops the rest).
-            if len(self._requests) >= MAX_QUEUED_REQUESTS:
-                self._requests.pop(0)
-                self.dropped += 1
-            self._requests.append(env)
             self._wake.notify_all()
 
     def _check_frame(self, payload: bytes, retained: bool) -> halo_wire.Frame | None:
@@ -235,32 +184,20 @@ class HaloWorker(AgentExtension):
         frame = self._check_frame(payload, retained)
         if frame is None:
             return
-        x = frame.tensor
-        # A frame with more input right behind it may be stale: after a stalled link (a TCP
-        # retransmission) the frames of every step the coordinator ran meanwhile arrive at once,
-        # and serving each inline cost ~0.3 ms of compute per frame for partials the coordinator
-        # only discards, while its current step waited behind them. Those go to the compute
-        # thread, which serves only a frame no newer one has overtaken.
-        inline = (self.inline and x.ndim >= 1 and x.numel() == x.shape[-1]  # one position: serve it here
-                  and not self.agent.bus.input_pending())
         with self._lock:
             # The last one seen, not the largest: a forged frame with a huge step can at most
             # make the compute thread skip what is queued until the next real frame.
             self._newest[frame.sender] = frame.step
-            if inline:
-                weights = self._weights.get(frame.epoch)
-                if weights is None:
-                    self.skipped += 1
-                    return
-                self._serving = frame.epoch
-        if inline:
+        # A frame with more input right behind it may be stale: after a stalled link (a TCP
+        # retransmission) the frames of every step the coordinator ran meanwhile arrive at once,
+        # and serving each here cost a partial's compute per frame the coordinator only discards,
+        # while its current step waited behind them. Those go to the compute thread, which serves
+        # only a frame no newer one has overtaken.
+        if _one_position(frame) and not self.agent.bus.input_pending():
             bind_threads()  # paho's network thread
-            try:
-                self._serve_frame(frame, weights)
-            except ProtocolError as exc:
-                self.agent.rejects.add(exc.reason)
-            return
-        self._enqueue(frame)
+            self._serve_now(frame)
+        else:
+            self._enqueue(frame)
 
     def _enqueue(self, frame: halo_wire.Frame) -> None:
         with self._wake:
@@ -288,8 +225,7 @@ class HaloWorker(AgentExtension):
                 self._newest[frame.sender] = frame.step
                 if frame.sender in newest:
                     self.dropped += 1  # overtaken within the same read
-            x = frame.tensor
-            if x.ndim >= 1 and x.numel() == x.shape[-1]:
+            if _one_position(frame):
                 newest[frame.sender] = frame
             else:
                 newest.pop(frame.sender, None)  # a prefill step after it: stale (counted above)
@@ -300,16 +236,20 @@ class HaloWorker(AgentExtension):
                 self.agent.bus.publish(topic, data, qos=topics.HALO_REPLY.qos)
 
         for frame in newest.values():
-            with self._lock:
-                weights = self._weights.get(frame.epoch)
-                if weights is None:
-                    self.skipped += 1
-                    continue
-                self._serving = frame.epoch
-            try:
-                self._serve_frame(frame, weights, send)
-            except ProtocolError as exc:
-                self.agent.rejects.add(exc.reason)
+            self._serve_now(frame, send)
+
+    def _serve_now(self, frame: halo_wire.Frame, send: Callable[[str, bytes], Any] | None = None) -> None:
+        """Serve ``frame`` on this thread, if its epoch's weights are loaded."""
+        with self._lock:
+            weights = self._weights.get(frame.epoch)
+            if weights is None:  # a shared input of a plan this worker is not (or no longer) in
+                self.skipped += 1
+                return
+            self._serving = frame.epoch
+        try:
+            self._serve_frame(frame, weights, send)
+        except ProtocolError as exc:
+            self.agent.rejects.add(exc.reason)
 
     def _link_loop(self) -> None:
         """Read, serve and answer the MLP inputs on the worker's own connection: no paho thread
@@ -317,7 +257,6 @@ class HaloWorker(AgentExtension):
         broken the bus carries the frames; once it is back the bus lets them go again."""
         bind_threads()
         link = self.link
-        assert link is not None
         while not self._stop.is_set():
             if link.usable:
                 if self._on_bus:
@@ -349,10 +288,7 @@ class HaloWorker(AgentExtension):
                     continue
                 plan, reply, coordinator = self._plans[-1]  # only the newest plan matters
                 self._plans.clear()
-                if plan.epoch in self._weights:
-                    loaded = True
-                else:
-                    loaded = False
+                loaded = plan.epoch in self._weights
             if not loaded:
                 t0 = time.perf_counter()
                 mine = plan.groups_for(self.name)
@@ -361,9 +297,8 @@ class HaloWorker(AgentExtension):
                                if gs else None for layer, gs in enumerate(mine)]
                 with self._wake:
                     self._weights[plan.epoch] = weights
-                    # Keep the epoch being served and the newest one (switched to once every
-                    # worker acknowledged it). The two newest are not enough: a plan that replaces
-                    # a pending one before the switch would drop the epoch still being served.
+                    # Keep the epoch being served and the two newest (the two newest alone would drop the
+                    # served one when a plan replaces a still pending one before the switch).
                     keep = {self._serving, *sorted(self._weights)[-2:]}
                     for e in [e for e in self._weights if e not in keep]:
                         del self._weights[e]
@@ -401,10 +336,9 @@ class HaloWorker(AgentExtension):
         return True
 
     def _ack(self, epoch: int, reply: str | None) -> None:
-        target = reply or topics.reply("coordinator")
         env = wire.Envelope(wire.Kind.HALO_ACK, self.name, {"epoch": epoch, "groups": self._groups})
         try:
-            self.agent.bus.publish(target, wire.encode(env), qos=1)
+            self.agent.bus.publish(reply or topics.reply("coordinator"), wire.encode(env), qos=1)
         except MeshError as exc:
             log.warning("HALO ack not sent: %s", exc)
 
@@ -423,30 +357,14 @@ class HaloWorker(AgentExtension):
             with self._wake:
                 if not self._requests:
                     continue
-                env = self._requests.pop()  # the newest
+                frame = self._requests.pop()  # the newest
                 self.dropped += len(self._requests)
                 self._requests.clear()
-                frame = isinstance(env, halo_wire.Frame)
-                if frame and 0 < self._newest.get(env.sender, env.step) - env.step <= STALE_WINDOW:
+                if 0 < self._newest.get(frame.sender, frame.step) - frame.step <= STALE_WINDOW:
                     self.dropped += 1  # overtaken by a newer step, served (or queued) already
                     continue
-                epoch = env.epoch if frame else env.body["epoch"]
-                weights = self._weights.get(epoch)
-                if weights is not None:
-                    self._serving = epoch
-                elif frame:  # a shared input of a plan this worker is not (or no longer) in
-                    self.skipped += 1
-                    continue
-            if weights is None:
-                self.agent.rejects.add("halo-unknown-epoch")
-                continue
             try:
-                if frame:
-                    self._serve_frame(env, weights)
-                else:
-                    self._serve(env, weights)
-            except ProtocolError as exc:
-                self.agent.rejects.add(exc.reason)
+                self._serve_now(frame)
             except Exception:
                 log.exception("HALO partial failed")
 
@@ -471,28 +389,11 @@ class HaloWorker(AgentExtension):
             send(req.reply_to, out)
         else:
             self.agent.bus.publish(req.reply_to, out, qos=topics.HALO_REPLY.qos)
-        self._count()
-
-    def _count(self) -> None:
         with self._lock:
             self.served += 1
 
-    def _serve(self, env: wire.Envelope, weights: list[split.GroupWeights | None]) -> None:
-        b = env.body
-        w = weights[b["layer"]]
-        x = wire.unpack_tensor(b["x"])
-        if w is None or x.ndim < 1 or x.shape[-1] != w.gate.shape[1]:
-            self.agent.rejects.add("bad-halo-request")
-            return
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            y = w.partial(x.to(w.gate.dtype))  # (..., H)
-        compute_s = time.perf_counter() - t0
-        out_dtype = torch.float32 if x.dtype == torch.float32 else torch.float16
-        body = {"epoch": b["epoch"], "step": b["step"], "layer": b["layer"],
-                "y": wire.pack_tensor(y.to(out_dtype)), "compute_s": round(compute_s, 6)}
-        reply = wire.Envelope(wire.Kind.HALO_PARTIAL, self.name, body, corr=env.corr)
-        self.agent.bus.publish(env.reply_to, wire.encode(reply, self.agent.limits.max_message_bytes),
-                               qos=topics.NODE_HALO.qos)
-        self._count()
 
+def _one_position(frame: halo_wire.Frame) -> bool:
+    """A decode step's frame (one position), as opposed to a prefill's."""
+    x = frame.tensor
+    return x.ndim >= 1 and x.numel() == x.shape[-1]

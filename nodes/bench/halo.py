@@ -24,7 +24,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -33,14 +32,19 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from mesh.config import BrokerAddress
 from mesh.errors import ConfigError, TransportError
 from nodes.mmlu import LETTERS, sample
-from nodes.testbed.plan import device_profile, make_spec
+from nodes.testbed.profiles import device_profile
+from nodes.testbed.spec import make_spec
 from nodes.client import MeshClient
-from nodes.bench.report import pyplot, save_figure, write_results
+from nodes.bench.halo_report import ZeroedShares, ablation_arm, median_run, plot
+from nodes.bench.report import write_results
 from mesh.halo.predictor import predictor_path
 from nodes.halo_data import load_split, token_windows
 from nodes.settings import mesh_home
 from nodes.setup import mmlu_dir
-from nodes.testbed.bed import DEFAULT_RUN_DIR, REPO_ROOT, Testbed, in_use, load_calibration
+from nodes.testbed.bed import Testbed
+from nodes.testbed.calibrate import load_calibration
+from nodes.testbed.shell import REPO_ROOT
+from nodes.testbed.state import DEFAULT_RUN_DIR, in_use
 
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time,"
 ABLATION_LOSS = 5.0
@@ -73,8 +77,7 @@ class HaloMesh:
     def start_workers(self) -> None:
         for w in self.workers:
             self.tb.spawn(w, self._cli("node", "--name", w, "--model", self.args.model, "--roles", "worker",
-                                       "--threads", "1", "--heartbeat", "0.5", "--no-cache",
-                                       "--halo-serve", getattr(self.args, "worker_serve", "link")),
+                                       "--threads", "1", "--heartbeat", "0.5", "--no-cache"),
                           env=self.env, role="node", log=self.tb.log_path(f"node-{w}"))
 
     def start_coordinator(self, placement: str, reliability_weight: float = 2.0, fallback: str = "important",
@@ -108,23 +111,10 @@ class HaloMesh:
         raise TransportError("the coordinator never planned over every worker")
 
 
-# Side-by-side variants (--compare-wire, --compare-link): the ask-body fields that select them.
-VARIANTS = {"cbor_wire": ({"halo_wire": "cbor"}, "the per-worker CBOR requests"),
-            "bus_link": ({"halo_link": False}, "frames through the coordinator's shared MQTT connection"),
-            "one_thread_head": ({"halo_head_threads": 1}, "the coordinator's LM head on one thread"),
-            "hf_decode": ({"halo_lean": False}, "the coordinator's decode steps through the HF forward")}
-
-
-def _ask(client: MeshClient, sync: str, tokens: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    r = _ask_raw(client, {"text": PROMPT, "max_new_tokens": tokens, "halo_sync": sync, "no_cache": True,
-                          **(extra or {})})
+def _ask(client: MeshClient, sync: str, tokens: int) -> dict[str, Any]:
+    r = _ask_raw(client, {"text": PROMPT, "max_new_tokens": tokens, "halo_sync": sync, "no_cache": True})
     return {"tpot_s": r.get("tpot_s"), "ttlt_s": r.get("ttlt_s"), "new_tokens": r.get("new_tokens"),
             "halo": r.get("halo"), "token_ids": r.get("token_ids")}
-
-
-def _variants(args: argparse.Namespace) -> list[str]:
-    return [k for k, on in (("cbor_wire", args.compare_wire), ("bus_link", args.compare_link),
-                            ("one_thread_head", args.compare_head), ("hf_decode", args.compare_lean)) if on]
 
 
 def _ask_raw(client: MeshClient, body: dict[str, Any], timeout: float = 900.0) -> dict[str, Any]:
@@ -180,30 +170,6 @@ class Quality:
                 "quality_s": round(time.monotonic() - t0, 1), **shares.figures()}
 
 
-class ZeroedShares:
-    """What the quality asks summed as zero: steps, and the predicted and true importance shares
-    (mean per layer step; the coordinator measures the true share from its full weights)."""
-
-    def __init__(self) -> None:
-        self.steps = self.zeroed_steps = self.multi_steps = self.zeroed_multi_steps = 0
-        self.pred = self.true = 0.0
-
-    def add(self, halo: dict[str, Any]) -> None:
-        n = int(halo.get("steps", 0))
-        self.steps += n
-        self.zeroed_steps += int(halo.get("zeroed_steps", 0))
-        self.multi_steps += int(halo.get("multi_steps", 0))
-        self.zeroed_multi_steps += int(halo.get("zeroed_multi_steps", 0))
-        self.pred += float(halo.get("zeroed_share_predicted", 0.0)) * n
-        self.true += float(halo.get("zeroed_share_true", 0.0)) * n
-
-    def figures(self) -> dict[str, Any]:
-        n = max(1, self.steps)
-        return {"eval_steps": self.steps, "eval_zeroed_steps": self.zeroed_steps,
-                "eval_multi_steps": self.multi_steps, "eval_zeroed_multi_steps": self.zeroed_multi_steps,
-                "zeroed_share_predicted": self.pred / n, "zeroed_share_true": self.true / n}
-
-
 def _settle(client: MeshClient) -> None:
     """Warm-up asks: the coordinator's late rates and the plan adapt to the new loss rate."""
     _ask(client, "relaxed", 8)
@@ -221,12 +187,6 @@ def _quality_point(client: MeshClient, q: Quality, lossless: dict[str, Any]) -> 
             "mmlu_answer_agreement": same, "quality_s": qual["quality_s"],
             **{k: qual[k] for k in ("eval_steps", "eval_zeroed_steps", "eval_multi_steps",
                                     "eval_zeroed_multi_steps", "zeroed_share_predicted", "zeroed_share_true")}}
-
-
-def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median TPOT (the lower middle one for an even count)."""
-    ranked = sorted(runs, key=lambda r: r["tpot_s"] if r["tpot_s"] is not None else math.inf)
-    return ranked[(len(ranked) - 1) // 2]
 
 
 def _set_loss(tb: Testbed, lossy: list[str], loss: float) -> None:
@@ -256,11 +216,8 @@ def run_bench(args: argparse.Namespace) -> int:
                               "method": "per loss rate, strict and relaxed asks alternate (reps each) on one "
                                         "coordinator, so both see the same machine load; TPOT = median",
                               "wire": "shared MLP-input topic, halo_wire frames over the coordinator's "
-                                      "direct link, workers' frames on "
-                                      + ("their own connections (mesh.mqtt.lite)" if getattr(args, "worker_serve", "link") == "link"
-                                         else f"their shared connection (--halo-serve {getattr(args, 'worker_serve', 'link')})")
-                                      + ", LM head on two threads, lean decode step" + "".join(f"; {k}: {VARIANTS[k][1]}, alternating with it"
-                                                               for k in _variants(args))}
+                                      "direct link, workers' frames on their own connections (mesh.mqtt.lite), "
+                                      "LM head on two threads, lean decode step"}
     pred_report = predictor_path(home, args.model, 64).with_suffix(".json")
     if pred_report.exists():
         result["predictor"] = json.loads(pred_report.read_text())
@@ -289,15 +246,12 @@ def run_bench(args: argparse.Namespace) -> int:
                 bar.update(task, description=f"strict vs relaxed, loss {loss:g} %")
                 _settle(client)
                 runs: dict[str, list[dict[str, Any]]] = {"strict": [], "relaxed": []}
-                other = {k: {"strict": [], "relaxed": []} for k in _variants(args)}
                 loads = []
                 for _ in range(args.reps):
                     for sync in ("strict", "relaxed"):
                         runs[sync].append(_ask(client, sync, args.tokens))
-                        for k, v in other.items():  # side by side, alternating
-                            v[sync].append(_ask(client, sync, args.tokens, VARIANTS[k][0]))
                         loads.append(os.getloadavg()[0])
-                s, relaxed = _median_run(runs["strict"]), _median_run(runs["relaxed"])
+                s, relaxed = median_run(runs["strict"]), median_run(runs["relaxed"])
                 p = {"loss_pct": loss, "strict_tpot_s": s["tpot_s"], "relaxed_tpot_s": relaxed["tpot_s"],
                      "speedup": s["tpot_s"] / relaxed["tpot_s"] if relaxed["tpot_s"] else None,
                      "strict_e2e_s": s["ttlt_s"], "relaxed_e2e_s": relaxed["ttlt_s"],
@@ -306,15 +260,6 @@ def run_bench(args: argparse.Namespace) -> int:
                      "load_avg_1min": loads,
                      **_quality_point(client, q, lossless), "strict_halo": s["halo"],
                      "relaxed_halo": relaxed["halo"], "relaxed_plan": _plan_of(client)}
-                for k, v in other.items():
-                    os_, or_ = _median_run(v["strict"]), _median_run(v["relaxed"])
-                    p[k] = {"strict_tpot_s": os_["tpot_s"], "relaxed_tpot_s": or_["tpot_s"],
-                            "speedup": os_["tpot_s"] / or_["tpot_s"] if or_["tpot_s"] else None,
-                            "strict_tpot_runs_s": [r["tpot_s"] for r in v["strict"]],
-                            "relaxed_tpot_runs_s": [r["tpot_s"] for r in v["relaxed"]],
-                            "strict_halo": os_["halo"], "relaxed_halo": or_["halo"]}
-                    bar.console.print(f"  {k}: strict {os_['tpot_s'] * 1000:7.1f} ms/token, relaxed "
-                                      f"{or_['tpot_s'] * 1000:7.1f}")
                 points.append(p)
                 bar.console.print(f"loss {loss:4.1f} %: strict {p['strict_tpot_s'] * 1000:7.1f} ms/token, relaxed "
                                   f"{p['relaxed_tpot_s'] * 1000:7.1f} (x{p['speedup']:.2f}), ppl {p['ppl_relaxed']:.3f} "
@@ -369,30 +314,7 @@ def _ablation(args: argparse.Namespace, tb: Testbed, mesh: HaloMesh, client: Mes
                               f"ppl {qual['ppl']:.3f}, zeroed share true {qual['zeroed_share_true']:.4f} "
                               f"predicted {qual['zeroed_share_predicted']:.4f}")
     for placement, rs in runs.items():
-        nll = [v for r in rs for v in r["quality"]["nll"]]
-        top = [v for r in rs for v in r["quality"]["argmax"]]
-        ref_top = lossless["argmax"] * len(rs)
-        picks = [v for r in rs for v in r["quality"]["picks"]]
-        correct = sum(r["quality"]["accuracy"] * r["quality"]["n_mmlu"] for r in rs)
-        steps = sum(r["quality"]["eval_steps"] for r in rs)
-        ppl = math.exp(sum(nll) / len(nll))
-        out[placement] = {
-            "relaxed_tpot_s": sorted(r["relaxed_tpot_s"] for r in rs)[(len(rs) - 1) // 2],
-            "relaxed_tpot_runs_s": [r["relaxed_tpot_s"] for r in rs],
-            "ppl_lossless": lossless["ppl"], "ppl_relaxed": ppl,
-            "ppl_change_pct": 100.0 * (ppl / lossless["ppl"] - 1.0),
-            "ppl_runs": [r["quality"]["ppl"] for r in rs],
-            "agreement": sum(a == b for a, b in zip(top, ref_top)) / max(1, len(top)),
-            "accuracy_lossless": lossless["accuracy"],
-            "accuracy_relaxed": correct / max(1, sum(r["quality"]["n_mmlu"] for r in rs)),
-            "mmlu_answer_agreement": sum(a == b for a, b in zip(picks, lossless["picks"] * len(rs))) / max(1, len(picks)),
-            "zeroed_share_true": sum(r["quality"]["zeroed_share_true"] * r["quality"]["eval_steps"] for r in rs) / max(1, steps),
-            "zeroed_share_predicted": sum(r["quality"]["zeroed_share_predicted"] * r["quality"]["eval_steps"]
-                                          for r in rs) / max(1, steps),
-            "zeroed_steps_fraction": sum(r["quality"]["eval_zeroed_steps"] for r in rs) / max(1, steps),
-            "zeroed_share_true_runs": [r["quality"]["zeroed_share_true"] for r in rs],
-            "runs": [{"relaxed_tpot_s": r["relaxed_tpot_s"], "halo": r["halo"], "plan": r["plan"], "load": r["load"],
-                      **{k: v for k, v in r["quality"].items() if k not in ("nll", "argmax", "picks")}} for r in rs]}
+        out[placement] = ablation_arm(rs, lossless)
         a = out[placement]
         bar.console.print(f"ablation {placement:10s}: {a['relaxed_tpot_s'] * 1000:8.1f} ms/token (median of "
                           f"{len(rs)}), ppl {a['ppl_relaxed']:.3f} ({a['ppl_change_pct']:+.2f} %), agreement "
@@ -407,27 +329,3 @@ def _plan_of(client: MeshClient) -> dict[str, Any]:
     halo = (v.heartbeat.get("halo") or {}) if v else {}
     return {k: halo.get(k) for k in ("epoch", "groups", "local_groups", "deadline_ms", "straggler_ms", "partials",
                                      "placement")}
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
-    pts = result["points"]
-    x = [p["loss_pct"] for p in pts]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot(x, [p["strict_tpot_s"] * 1000 for p in pts], "o-", label="strict (wait for all)")
-    a.plot(x, [p["relaxed_tpot_s"] * 1000 for p in pts], "s-", label="relaxed (HALO)")
-    a.set_xlabel("loss on lossy worker(s), % each direction")
-    a.set_ylabel("time per output token, ms")
-    a.set_yscale("log")
-    a.legend()
-    a.set_title(f"{result['model']}, {result['workers']} workers, {result['profile']}")
-    b.plot(x, [p["ppl_relaxed"] for p in pts], "s-", label="relaxed perplexity")
-    b.axhline(pts[0]["ppl_lossless"], color="gray", ls="--", label="lossless perplexity")
-    b.set_xlabel("loss, %")
-    b.set_ylabel("perplexity (held-out wiki)")
-    b2 = b.twinx()
-    b2.plot(x, [p["agreement"] for p in pts], "^:", color="green", label="top-1 agreement")
-    b2.set_ylim(0, 1.05)
-    b.legend(loc="upper left")
-    b2.legend(loc="lower left")
-    save_figure(fig, path)

@@ -17,8 +17,6 @@ from typing import IO, Any, Callable, Mapping, Sequence
 
 from mesh.errors import ConfigError, MeshError
 
-# re-exported for nodes/bench/halo.py only, until it imports it from nodes.testbed.calibrate
-from nodes.testbed.calibrate import load_calibration  # noqa: F401
 from nodes.testbed.plan import (
     broker_argv,
     mosquitto_conf,

@@ -22,9 +22,6 @@ from nodes.testbed.spec import (
     check_loss,
 )
 
-# re-exported for nodes/bench/halo.py only, until it imports them from nodes.testbed.profiles and .spec
-from nodes.testbed.profiles import device_profile  # noqa: F401
-from nodes.testbed.spec import make_spec  # noqa: F401
 
 LOSS_CHAIN = "mesh-loss"
 NODE_IF = "eth0"

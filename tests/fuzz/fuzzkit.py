@@ -155,7 +155,6 @@ def optional_fields(r: Rnd, fields: dict[str, Gen]) -> dict[str, Any]:
 
 
 def valid_bodies() -> dict[wire.Kind, dict[str, Any]]:
-    t = wire.pack_tensor(torch.ones(1, 1, 64, dtype=torch.float16))
     return {
         wire.Kind.HEARTBEAT: {"seq": 1, "model": "tiny-smollm2", "model_key": "k", "queue": 0, "load": 0.1,
                               "prefill_tps": 9.0},
@@ -171,8 +170,6 @@ def valid_bodies() -> dict[wire.Kind, dict[str, Any]]:
         wire.Kind.KV_CHUNKS: {"chunks": [], "part": 0, "last": True},
         wire.Kind.HALO_PLAN: {"epoch": 1, "plan": {}},
         wire.Kind.HALO_ACK: {"epoch": 1},
-        wire.Kind.HALO_MLP: {"epoch": 1, "step": 0, "layer": 0, "x": t},
-        wire.Kind.HALO_PARTIAL: {"epoch": 1, "step": 0, "layer": 0, "y": t},
     }
 
 

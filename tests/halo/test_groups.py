@@ -8,6 +8,8 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
 from mesh.halo import groups as split
 from mesh.errors import ConfigError
+from mesh.halo.predictor import group_importance
+from tests.halo.reference import local_mlp_fn
 
 HIDDEN, INTER, GROUP = 64, 300, 32  # 10 groups, the last one 12 neurons wide
 
@@ -101,7 +103,7 @@ def test_group_importance_is_the_norm_of_each_contribution(model: torch.nn.Modul
     x = torch.randn(4, 5, HIDDEN)
     mlp = split.decoder_layers(model)[0].mlp
     full = split.full_weights(mlp, layout, split.mlp_act_name(model.config))
-    imp = split.group_importance(full, x)  # (4, 5, G)
+    imp = group_importance(full, x)  # (4, 5, G)
     direct = torch.stack(
         [split.extract_groups(model, 0, [g], layout).partial(x).norm(dim=-1)
          for g in range(layout.n_groups)], dim=-1,
@@ -114,7 +116,7 @@ def test_routed_forward_with_all_groups_local_equals_plain_forward(model: torch.
     layout = split.model_layout(model.config, GROUP)
     ids = torch.randint(0, 128, (2, 12))
     n_layers = len(split.decoder_layers(model))
-    fn = split.local_mlp_fn(model, [SHARES[3]] * n_layers, layout)
+    fn = local_mlp_fn(model, [SHARES[3]] * n_layers, layout)
     calls: list[int] = []
 
     def counting(layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +138,7 @@ def test_dropping_groups_changes_output_and_patch_restores_on_error(model: torch
     layout = split.model_layout(model.config, GROUP)
     ids = torch.randint(0, 128, (1, 6))
     n_layers = len(split.decoder_layers(model))
-    fn = split.local_mlp_fn(model, [[[0, 1, 2, 3, 4]]] * n_layers, layout)  # half the groups
+    fn = local_mlp_fn(model, [[[0, 1, 2, 3, 4]]] * n_layers, layout)  # half the groups
     with torch.no_grad():
         want = model(input_ids=ids).logits
         with split.routed_mlps(model, fn):

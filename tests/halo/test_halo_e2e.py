@@ -111,20 +111,26 @@ def test_strict_sync_sums_every_partial(mosquitto_broker: Broker, halo_mesh: dic
     assert halo["partials_on_time"] == halo["steps"] * len(WORKERS)
     assert halo["link_steps"] == halo["steps"]  # every frame over the coordinator's direct link
     assert body["tpot_s"] > 0
-    # The same through the coordinator's shared connection (the bus) and its decode steps through
-    # the HF forward instead of mesh.halo.lean's: same tokens, no link step.
+    # An old ask that still asks for the bus and the HF decode step (comparison switches, gone):
+    # answered alike, over the direct link, the fields ignored and counted in the heartbeat.
     with MeshClient(mosquitto_broker.address) as client:
-        bus = _ask_raw(client, {"text": prompt, "max_new_tokens": 16, "halo_sync": "strict", "no_cache": True,
+        old = _ask_raw(client, {"text": prompt, "max_new_tokens": 16, "halo_sync": "strict", "no_cache": True,
                                 "halo_link": False, "halo_lean": False})
-    assert bus["token_ids"] == ref.token_ids
-    assert bus["halo"]["link_steps"] == 0 and bus["halo"]["partials_on_time"] == bus["halo"]["steps"] * len(WORKERS)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            rejects = client.peers.get("coordinator").heartbeat.get("rejects") or {}
+            if rejects.get("ignored-field.halo-link") and rejects.get("ignored-field.halo-lean"):
+                break
+            time.sleep(0.2)
+    assert old["token_ids"] == ref.token_ids and old["halo"]["link_steps"] == old["halo"]["steps"]
+    assert rejects.get("ignored-field.halo-link", 0) >= 1 and rejects.get("ignored-field.halo-lean", 0) >= 1
 
 
 # Worker faults (killed, frozen) mid-generation, relaxed and strict: tests/halo/test_halo_faults.py
 
 
 def test_strict_stays_exact_while_the_workers_links_keep_breaking(mosquitto_broker: Broker, halo_mesh: dict) -> None:
-    """Each worker reads and answers the MLP inputs on its own connection (``--halo-serve link``).
+    """Each worker reads and answers the MLP inputs on its own connection (``mesh.mqtt.direct.DirectLink``).
     Another client taking that connection's client id makes the broker drop it, again and again
     while a strict generation runs: the worker falls back to the bus, reconnects, and not a token
     changes."""

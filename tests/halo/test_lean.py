@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, DynamicCache, Gemma3TextConfig, L
 
 from mesh.halo import groups as split
 from mesh.halo.lean import LeanStep, lean_step
-from mesh.model import two_thread_head
+from mesh.halo.head import two_thread_head
+from tests.halo.reference import local_mlp_fn
 
 VOCAB = 1001
 
@@ -67,7 +68,7 @@ def test_routed_mlps_and_the_two_thread_head_go_through_the_lean_step(one_thread
     model = _llama()
     layout = split.model_layout(model.config, 32)
     # Each layer's four groups on two holders, as the coordinator's workers would hold them.
-    fn = split.local_mlp_fn(model, [[[0, 3], [1, 2]]] * 3, layout)
+    fn = local_mlp_fn(model, [[[0, 3], [1, 2]]] * 3, layout)
     prompt = torch.tensor([[5, 17, 230, 9]])
     feed = [44, 3, 900, 12, 7]
     calls: list[int] = []

@@ -3,8 +3,6 @@ over an in-memory bus with fake in-process workers and a tiny random-weight LLaM
 
 from __future__ import annotations
 
-import copy
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,11 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from mesh import topics, wire
-from mesh.halo import frame as halo_wire
-from mesh.halo import groups as split
 from mesh.halo.ledger import (
     EpochSwitch,
     Liveness,
@@ -25,15 +19,10 @@ from mesh.halo.ledger import (
     SyncLedger,
     worker_figures,
 )
-from mesh.halo.placement import Plan, SyncPolicy
-from nodes.coordinator import CoordinatorConfig
 from mesh.halo.engine import HaloEngine
-
-DEEP = 48  # layers of the deep rig
-# The straggler cut is off here: these tests time the deadline and stall rules themselves
-# (tests/halo/test_placement.py covers the cut).
-POLICY = SyncPolicy(target_share=0.5, min_deadline_s=0.01, max_deadline_s=0.03, default_deadline_s=0.02,
-                    straggler_share=1.0)
+from mesh.halo.placement import Plan
+from tests.halo.rig import DEEP, POLICY, MemoryBus, forward, heartbeat, make_rig
+from mesh.halo.sync import SyncPolicy
 
 
 # -- pure rules ---------------------------------------------------------------------------------
@@ -130,97 +119,7 @@ def test_worker_figures_from_heartbeat() -> None:
     assert worker_figures("w", {**hb, "roles": ["answer"]}, True, "k", 64) is None
 
 
-# -- the engine over an in-memory bus -----------------------------------------------------------
-
-
-def tiny_model(layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=96, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
-
-
-class Loaded:
-    key = "tiny"
-    model_key = "tiny@0/fp32"
-
-    def __init__(self, layers: int = 2) -> None:
-        self.model = tiny_model(layers)
-
-
-class FakeDecoder:
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) % 97 for c in text[:24]]
-
-
-class FakeWorker:
-    """Answers HALO_MLP from the same weights; ``delay`` per step (None: never answers)."""
-
-    def __init__(self, name: str, model: Any, layout: split.GroupLayout) -> None:
-        self.name, self.model, self.layout = name, model, layout
-        self.plans: dict[int, Plan] = {}
-        self.delay: dict[int, float | None] = {}  # by layer; default 0
-        self.served: list[int] = []
-
-    def handle(self, data: bytes, deliver: Any) -> None:
-        """A CBOR request to this worker, or the coordinator's shared frame (then only a worker
-        holding groups of the layer answers, as a frame)."""
-        if halo_wire.is_frame(data):
-            f = halo_wire.decode(data, wire.DEFAULT_MAX_BYTES)
-            epoch, step, layer, x = f.epoch, f.step, f.layer, f.tensor
-        else:
-            b = wire.decode(data).body
-            epoch, step, layer, x = b["epoch"], b["step"], b["layer"], wire.unpack_tensor(b["x"])
-        delay = self.delay.get(layer, 0.0)
-        if delay is None:
-            return
-        gs = self.plans[epoch].groups_for(self.name)[layer]
-        if not gs:
-            return
-        y = split.extract_groups(self.model, layer, gs, self.layout).partial(x.float()).half()
-        if halo_wire.is_frame(data):
-            out = halo_wire.encode(halo_wire.PARTIAL, self.name, epoch, step, layer, y)
-        else:
-            out = wire.encode(wire.Envelope(wire.Kind.HALO_PARTIAL, self.name, {
-                "epoch": epoch, "step": step, "layer": layer, "y": wire.pack_tensor(y)}))
-        self.served.append(step)
-        threading.Timer(delay, deliver, args=(out,)).start() if delay else deliver(out)
-
-
-class MemoryBus:
-    def __init__(self) -> None:
-        self.workers: dict[str, FakeWorker] = {}
-        self.engine: HaloEngine | None = None
-        self.plans: list[Plan] = []
-        self.auto_ack = True
-
-    def deliver(self, data: bytes) -> None:
-        assert self.engine is not None
-        if halo_wire.is_frame(data):
-            self.engine.on_frame(self.engine.frame_reply, data, False)
-        else:
-            self.engine.on_reply("reply", data, False)
-
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
-        if topic == topics.HALO_PLAN:
-            plan = Plan.from_dict(wire.decode(payload).body["plan"])
-            self.plans.append(plan)
-            for w in self.workers.values():
-                w.plans[plan.epoch] = plan
-                if self.auto_ack:
-                    self.ack(w.name, plan.epoch)
-            return
-        for name, w in self.workers.items():
-            if topic in (topics.node_halo(name), topics.node_mlp("coordinator")):
-                w.handle(payload, self.deliver)
-
-    def ack(self, worker: str, epoch: int) -> None:
-        self.deliver(wire.encode(wire.Envelope(wire.Kind.HALO_ACK, worker, {"epoch": epoch})))
-
-
-def heartbeat(speed: float, late: float = 0.0) -> dict[str, Any]:
-    return {"roles": ["answer", "worker"], "model_key": Loaded.model_key,
-            "halo": {"compute_rows_per_s": speed, "group_size": 16}, "link": {"late_fraction": late}}
+# -- the engine over the in-memory rig (tests/halo/rig.py) ----------------------------------------
 
 
 @pytest.fixture
@@ -237,42 +136,13 @@ def deep_rig(tmp_path: Path) -> Iterator[tuple[HaloEngine, MemoryBus]]:
                                                                  straggler_share=1.0))
 
 
-def make_rig(tmp_path: Path, layers: int = 2, policy: SyncPolicy = POLICY) -> Iterator[tuple[HaloEngine, MemoryBus]]:
-    loaded = Loaded(layers)
-    cfg = CoordinatorConfig(home=tmp_path, group_size=16, policy=policy, strict_timeout_s=2.0)
-    bus = MemoryBus()
-    engine = HaloEngine(loaded, FakeDecoder(), cfg, bus, topics.reply("coordinator"), wire.RejectCounter())
-    bus.engine = engine
-    layout = split.model_layout(loaded.model.config, 16)
-    for n in ("good", "lossy"):  # each worker has its own copy of the weights, as a node does
-        bus.workers[n] = FakeWorker(n, copy.deepcopy(loaded.model), layout)
-    # "lossy" reports a poor link: it gets the least important groups.
-    views = [("good", heartbeat(1000.0), True), ("lossy", heartbeat(1000.0, late=0.3), True)]
-    engine.replan(views, time.monotonic(), idle=True)
-    assert engine.switch.active is not None and set(engine.switch.active.workers) == {"good", "lossy"}
-    # One torch thread: on a loaded 2-core machine two spinning OpenMP threads make a tiny forward
-    # take longer than the deadlines these tests time.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield engine, bus
-    torch.set_num_threads(threads)
-
-
-def forward(engine: HaloEngine, strict: bool, ids: list[int], frames: bool = True) -> tuple[torch.Tensor, Any, float]:
-    t0 = time.perf_counter()
-    with engine.run(strict, frames=frames) as run:
-        logits = engine.model(input_ids=torch.tensor([ids])).logits
-    return logits, run, time.perf_counter() - t0
-
-
-@pytest.mark.parametrize("frames", [True, False], ids=["shared-frame", "cbor-per-worker"])
-def test_strict_waits_for_a_slow_worker_and_matches_the_unsplit_model(rig, frames: bool) -> None:
+def test_strict_waits_for_a_slow_worker_and_matches_the_unsplit_model(rig) -> None:
     engine, bus = rig
     ids = [3, 14, 15, 92, 65]
     with torch.inference_mode():
         ref = engine.model(input_ids=torch.tensor([ids])).logits
     bus.workers["lossy"].delay = {0: 0.2}
-    logits, run, took = forward(engine, True, ids, frames)
+    logits, run, took = forward(engine, True, ids)
     assert took >= 0.2 and run.on_time == 4 and run.zeroed_groups == 0
     assert torch.allclose(logits, ref, atol=2e-3)  # fp16 on the wire
 
@@ -297,7 +167,7 @@ def test_a_stalled_worker_is_not_waited_for(rig) -> None:
     # Layer 0 waits one deadline; at layer 1 "lossy" still owes layer 0, so it is not waited for.
     assert took < 0.4  # never waited for the 0.5 s partial
     assert run.zeroed_steps == 2 and run.stops.get("stalled-only") == 1
-    assert engine.ledger.stalled(engine._step, time.perf_counter(), 0.0) == frozenset({"lossy"})
+    assert engine.ledger.stalled(engine.step.next_step, time.perf_counter(), 0.0) == frozenset({"lossy"})
 
 
 def test_a_worker_that_fell_behind_once_is_waited_for_again(deep_rig) -> None:

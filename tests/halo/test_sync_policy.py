@@ -1,5 +1,5 @@
 """Relaxed sync for multi-token steps and the adaptive straggler wait: the pure rules
-(mesh.halo.placement, mesh.halo.ledger) and the engine over the in-memory rig of test_halo_sync."""
+(mesh.halo.sync, mesh.halo.ledger) and the engine over the in-memory rig (tests/halo/rig.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mesh.halo import placement as s
+from mesh.halo import sync as s
 from mesh.halo.ledger import StepGather, SyncLedger
 from mesh.halo.engine import HaloEngine
-from tests.halo.test_ledger import POLICY, MemoryBus, forward, make_rig
+from tests.halo.rig import POLICY, MemoryBus, forward, make_rig
 
 GAP_POLICY = s.SyncPolicy(straggler_share=0.25, straggler_quantile=0.9, straggler_margin=2.0,
                           min_straggler_s=0.0005, min_gap_samples=16)

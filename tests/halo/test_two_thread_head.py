@@ -1,4 +1,4 @@
-"""mesh.model.TwoThreadHead: a decode step's LM head on two threads gives bitwise the plain head's
+"""mesh.halo.head.TwoThreadHead: a decode step's LM head on two threads gives bitwise the plain head's
 logits (so greedy tokens cannot change), for tied (LLaMA-style) and untied heads."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
-from mesh.model import TwoThreadHead, two_thread_head
+from mesh.halo.head import TwoThreadHead, two_thread_head
 
 
 def _model(kind: str) -> torch.nn.Module:

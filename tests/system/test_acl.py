@@ -26,10 +26,9 @@ COORD = "coordinator"
 
 # (publisher, subscriber, topic): every flow the mesh's processes use (topic names from mesh.topics).
 FLOWS = [
-    # HALO hot path and control: MLP inputs, plans, CBOR requests; partials and acks back.
+    # HALO hot path and control: MLP inputs, plans; partials and acks back.
     (COORD, "pi1", topics.node_mlp(COORD)),
     (COORD, "pi1", topics.HALO_PLAN),
-    (COORD, "pi1", topics.node_halo("pi1")),
     ("pi1", COORD, topics.halo_reply(COORD)),
     ("pi1", COORD, topics.halo_link(COORD)),
     ("pi1", COORD, topics.reply(COORD)),

@@ -1,0 +1,72 @@
+"""The HALO plans as the coordinator's step reads them (:class:`PlanHolder`).
+
+``mesh.halo.engine`` fills it (a new plan proposed on the planner thread, acks and presence on the
+network thread); ``mesh.halo.step`` reads it on the generation thread, at the start of every
+forward pass (the epoch switch) and at every layer step (the active plan, the coordinator's own
+groups, who is gone). The state and its rules are ``mesh.halo.ledger``'s ``EpochSwitch`` and
+``Presence``; this holder adds the locks and the clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from mesh.halo import groups as split
+from mesh.halo.ledger import EpochSwitch, Presence
+from mesh.halo.placement import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PlanHolder:
+    """The plans as the step reads them: the epoch switch, the coordinator's own group weights per
+    epoch, and who of the workers is reachable. The engine writes it on the planner thread and
+    the network thread, the step reads it on the generation thread; ``lock`` guards ``switch``
+    and ``local``, ``presence_lock`` the presence."""
+
+    switch: EpochSwitch
+    presence: Presence
+    local: dict[int, list[split.GroupWeights | None]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    presence_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def active(self) -> tuple[Plan | None, list[split.GroupWeights | None] | None]:
+        """The active plan and this coordinator's weights of it (None, None before any)."""
+        with self.lock:
+            plan = self.switch.active
+            return plan, (self.local.get(plan.epoch) if plan is not None else None)
+
+    def maybe_switch(self) -> Plan | None:
+        """Make the pending plan active once every worker in it acknowledged; the new plan or None."""
+        with self.lock:
+            plan = self.switch.maybe_switch()
+            if plan is not None:
+                for e in [e for e in self.local if e < plan.epoch]:
+                    del self.local[e]
+        if plan is not None:
+            log.info("switched to plan epoch %d", plan.epoch)
+        return plan
+
+    def workers(self) -> frozenset[str]:
+        """Every worker of the active and the pending plan."""
+        with self.lock:
+            return frozenset(w for p in (self.switch.active, self.switch.pending) if p is not None for w in p.workers)
+
+    def gone(self, workers: Iterable[str]) -> frozenset[str]:
+        """Workers not worth waiting for: offline (last will), silent, or suspect after a strict timeout."""
+        with self.presence_lock:
+            return self.presence.gone(workers, time.monotonic())
+
+    def heard(self, node: str, period_s: float | None = None) -> None:
+        with self.presence_lock:
+            self.presence.heard(node, time.monotonic(), period_s)
+
+    def timed_out(self, workers: Iterable[str]) -> None:
+        with self.presence_lock:
+            for w in workers:
+                self.presence.timed_out(w)
