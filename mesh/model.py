@@ -197,13 +197,13 @@ class Decoder:
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
-        # A faster decode step with the HF forward's arithmetic (``mesh.halo.lean.LeanStep``), used
-        # while enabled; None: the HF forward.
+        # A faster decode step with the HF forward's arithmetic (``mesh.halo.lean.LeanStep``);
+        # None: the HF forward.
         self.step: Callable[[int, Any], torch.Tensor] | None = None
 
     def next_logits(self, token_id: int, cache: Any) -> torch.Tensor:
         """Logits (V,) of the position after feeding ``token_id`` onto ``cache`` (appended to it)."""
-        if self.step is not None and getattr(self.step, "enabled", True):
+        if self.step is not None:
             return self.step(token_id, cache)
         ids = torch.tensor([[token_id]], dtype=torch.long)
         return self.loaded.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]

@@ -17,14 +17,13 @@ class TwoThreadHead(torch.nn.Module):
     bitwise in the tests; a multi-threaded product may sum in another order), so the argmax, and
     greedy generation, are unchanged. Worth it where another core is idle during the head: the
     HALO coordinator's workers wait for the next MLP input then (measured in results/).
-    Multi-position calls and ``parallel = False`` use the plain product.
+    Multi-position calls use the plain product.
     """
 
     def __init__(self, head: torch.nn.Module) -> None:
         super().__init__()
         self.weight = head.weight  # the same (possibly tied) parameter
         self.bias = getattr(head, "bias", None)
-        self.parallel = True
         self._half = int(self.weight.shape[0]) // 2
         self._go, self._done = threading.Event(), threading.Event()
         self._lock = threading.Lock()  # one caller at a time: the helper serves one job
@@ -46,7 +45,7 @@ class TwoThreadHead(torch.nn.Module):
             self._done.set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., V)
-        if not self.parallel or x.shape[:-1].numel() != 1:
+        if x.shape[:-1].numel() != 1:
             return torch.nn.functional.linear(x, self.weight, self.bias)
         with self._lock:
             self._job, self._out = x, None

@@ -41,8 +41,7 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 class LeanStep:
     """``step(token_id, cache) -> logits (V,)``: one decode position through ``model``, appending
-    its keys and values to ``cache`` (a transformers ``DynamicCache``). ``enabled`` False makes
-    the caller use the HF forward instead (a per-ask comparison)."""
+    its keys and values to ``cache`` (a transformers ``DynamicCache``)."""
 
     def __init__(self, model: nn.Module) -> None:
         cfg = model.config
@@ -61,7 +60,6 @@ class LeanStep:
             q, k, v = fused.split(self.split)
             a.q_proj.weight.data, a.k_proj.weight.data, a.v_proj.weight.data = q, k, v
             self.qkv.append(fused)
-        self.enabled = True
         self._ids = torch.empty((1, 1), dtype=torch.long)
         self._pos = torch.empty((1, 1), dtype=torch.long)
 

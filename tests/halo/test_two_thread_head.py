@@ -42,8 +42,6 @@ def test_two_thread_head_is_bitwise_the_plain_head(kind: str, one_thread) -> Non
         for _ in range(3):  # the helper serves one job after another
             assert torch.equal(model(input_ids=ids, logits_to_keep=1).logits, ref_last)
         assert torch.equal(model(input_ids=ids).logits, ref_all)  # many positions: the plain product
-        head.parallel = False
-        assert torch.equal(model(input_ids=ids, logits_to_keep=1).logits, ref_last)
 
 
 def test_a_failure_on_the_helper_reaches_the_caller(one_thread) -> None:
