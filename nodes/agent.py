@@ -660,7 +660,7 @@ class NodeAgent:
     def _fetch_chunks(self, peer: str, keys: list[bytes], pkey: bytes | None,
                       timeout: float) -> Iterator[tuple[dict[str, Any], int]]:
         """One request to ``peer`` for ``keys``, sent now: the parts of its answer are read as they
-        arrive (:class:`_FetchReplies`), so the caller may compute meanwhile (the overlap)."""
+        arrive (:class:`_FetchReplies`)."""
         corr, replies = self.inbox.open()
         body: dict[str, Any] = {"keys": keys, "codec": self.config.cache.kv_wire, "model": self.cache.digest}
         if pkey is not None:

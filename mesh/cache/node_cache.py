@@ -356,22 +356,16 @@ class NodeCache:
             extra_bytes = int(self.bytes_per_chunk / C * (len(ids) - n_full * C)) + 8 * kvstate.LOGITS_TOP_K + 256
             decision = decide(keys, local, peers, self.digest, C, self._cost(prefill_tps, default_link),
                               links=links, extra_bytes=extra_bytes, extra_tokens=len(ids) - n_full * C + 1,
-                              exclude=skip, overlap=self.config.fetch_overlap)
+                              exclude=skip)
             info.update(decision=decision.decision, est_transfer_s=decision.est_transfer_s,
                         peer=str(decision.peer) if decision.peer is not None else None,
                         est_recompute_s=decision.est_recompute_s, peers_considered=decision.peers_considered,
                         peers_skipped=list(decision.peers_skipped))
-            if decision.est_overlap_s is not None:
-                info["est_overlap_s"] = decision.est_overlap_s
             info["lookup_s"] = round(time.perf_counter() - t_lookup, 6)  # the decision's own cost
             if decision.decision == RECOMPUTE:
                 with self.lock:
                     self.figures.recomputes += 1
-            if decision.decision == REMOTE and decision.peer is not None and decision.head_chunks:
-                rtt = links.get(str(decision.peer), default_link).rtt_s
-                local = self._overlap(ids, keys, local, decision, pkey, fetch, info, rtt,
-                                      peers[str(decision.peer)].epoch)
-            elif decision.decision == REMOTE and decision.peer is not None:
+            if decision.decision == REMOTE and decision.peer is not None:
                 rtt = links.get(str(decision.peer), default_link).rtt_s
                 transfer = self._open(keys, local, decision, pkey, fetch, info, rtt,
                                       peers[str(decision.peer)].epoch)
@@ -402,7 +396,7 @@ class NodeCache:
         """Restore ``local`` chunks (and the prompt entry on a full hit), prefill the rest, store it."""
         C = self.chunk_size
         n_full = len(keys)
-        info["local_tokens"] = local * C - info["remote_tokens"] - info.get("head_tokens", 0)
+        info["local_tokens"] = local * C - info["remote_tokens"]
         with self.lock:
             chunks = self.store.get_chain(keys[:local]) if local else []
         if len(chunks) != local:  # evicted between lookup and use: recompute from what is left
@@ -455,42 +449,12 @@ class NodeCache:
             self.figures.hits += int(hit)
             self.figures.full_hits += int(full)
 
-    def _overlap(self, ids: Sequence[int], keys: list[ChunkHash], local: int, decision: Decision,
-                 pkey: ChunkHash, fetch: Fetch, info: dict[str, Any], rtt_s: float, epoch: int) -> int:
-        """Compute chunks ``local .. local+h`` here while ``local+h .. depth`` arrive (mesh.cache.lookup's
-        overlap); both go into the store. Returns how many leading chunks the store now holds for
-        the prompt (the caller restores them and prefills the rest)."""
-        C, head = self.chunk_size, decision.head_chunks
-        start = local + head
-        transfer = self._open(keys, start, decision, pkey, fetch, info, rtt_s, epoch, full=False)
-        try:
-            with self.lock:
-                chunks = self.store.get_chain(keys[:local])
-            local = len(chunks)  # (one evicted since the lookup: compute from there)
-            t0 = time.perf_counter()
-            cache = kvstate.restore_cache(self.model_config, chunks, capture=True)
-            _, cache = self.decoder.prefill(ids[:start * C], cache, start=local * C)
-            computed = kvstate.cut_chunks(cache, local, start - local, C)
-            kvstate.end_capture(cache)
-        except BaseException:
-            transfer.stop()  # nobody will read the answer
-            raise
-        info.update(head_tokens=(start - local) * C, head_s=round(time.perf_counter() - t0, 6))
-        with self.lock:
-            self._changed(self.store.put_chain(keys[local:start], computed, [c.nbytes for c in computed],
-                                               parent=keys[local - 1] if local else None))
-        got, _ = self._close(transfer, info, keys, start, pkey)
-        info["decision"] = REMOTE  # the head counts even when the peer sent nothing
-        return start + got
-
     def _open(self, keys: list[ChunkHash], local: int, decision: Decision, pkey: ChunkHash, fetch: Fetch,
-              info: dict[str, Any], rtt_s: float, epoch: int, full: bool | None = None) -> _Transfer:
-        """Send the request for keys[local:local+remote] (and the prompt entry on a full match,
-        unless ``full`` is False)."""
+              info: dict[str, Any], rtt_s: float, epoch: int) -> _Transfer:
+        """Send the request for keys[local:local+remote] (and the prompt entry on a full match)."""
         peer = str(decision.peer)
         want = keys[local:local + decision.remote_chunks]
-        if full is None:
-            full = local + decision.remote_chunks == len(keys)
+        full = local + decision.remote_chunks == len(keys)
         timeout = fetch_timeout(decision, self.fetch_floor_s, self.config.fetch_timeout_s)
         info["fetch_timeout_s"] = round(timeout, 3)
         with self.lock:
