@@ -1,4 +1,4 @@
-"""A node's prompt cache: the shell around mesh.cache.store / catalog / lookup / kvstate.
+"""A node's prompt cache: the shell around mesh.cache.store / catalog / lookup / kv / codec.
 
 It owns the node's KV store (behind one lock: the worker, the serving thread and the network
 thread all reach it), the catalog it publishes, the peer catalogs it has heard, and the per-peer
@@ -15,10 +15,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import cbor2
 import torch
 
-from mesh import wire
+from mesh.cache import codec
 from mesh.cache import kv as kvstate
 from mesh.cache.catalog import Catalog, leading_matches
 from mesh.cache.keys import ChunkHash, ModelKey, chunk_keys, prompt_key
@@ -124,12 +123,12 @@ class _Transfer:
             if "logits" in body:
                 if not self.full or self.logits is not None:
                     raise ProtocolError("bad-logits", "logits not asked for")
-                self.logits = kvstate.decode_logits(body["logits"], c.vocab, key=self.pkey, model=c.digest)
+                self.logits = codec.decode_logits(body["logits"], c.vocab, key=self.pkey, model=c.digest)
             raw_chunks = body["chunks"]
             if len(self.got) + len(raw_chunks) > len(self.want):
                 raise ProtocolError("bad-chunk", "more chunks than asked for")
             for raw in raw_chunks:
-                self.got.append(kvstate.decode_chunk(raw, c.layout, c.chunk_size, key=self.want[len(self.got)],
+                self.got.append(codec.decode_chunk(raw, c.layout, c.chunk_size, key=self.want[len(self.got)],
                                                      model=c.digest))
             raw_prompt = body.get("prompt")
             if raw_prompt is not None:
@@ -138,9 +137,9 @@ class _Transfer:
                 length = raw_prompt.get("len")
                 if not isinstance(length, int) or not 0 <= length < c.chunk_size:
                     raise ProtocolError("bad-chunk", "prompt tail length")
-                self.tail = kvstate.decode_chunk(raw_prompt["tail"], c.layout, length, key=self.pkey, model=c.digest)
+                self.tail = codec.decode_chunk(raw_prompt["tail"], c.layout, length, key=self.pkey, model=c.digest)
                 if "logits" in raw_prompt and self.logits is None:  # a peer that sends them last
-                    self.logits = kvstate.decode_logits(raw_prompt["logits"], c.vocab, key=self.pkey, model=c.digest)
+                    self.logits = codec.decode_logits(raw_prompt["logits"], c.vocab, key=self.pkey, model=c.digest)
         except (ProtocolError, KeyError, TypeError, ValueError) as exc:
             self._reject("part", exc)
             self.stop()
@@ -183,7 +182,7 @@ class NodeCache:
                                   kv_dtype="float32", chunk_size=config.chunk_size)
         self.digest = self.model_key.digest()
         self.layout = kvstate.kv_layout(self.model_config)
-        self.bytes_per_chunk = kvstate.wire_bytes_per_token(self.model_config, config.kv_wire,
+        self.bytes_per_chunk = codec.wire_bytes_per_token(self.model_config, config.kv_wire,
                                                             self.chunk_size) * self.chunk_size
         mem_per_chunk = sum(2 * h * d * 4 for h, d in self.layout) * self.chunk_size
         budget = int(config.budget_mb * 1024 * 1024)
@@ -203,36 +202,19 @@ class NodeCache:
         self.dirty = threading.Event()
         self.dirty.set()
         if config.persist_dir is not None:
-            report = load_dir(self.store, config.persist_dir, self._decode_record, size=self._size)
+            report = load_dir(self.store, config.persist_dir, self._decode_record, size=codec.record_size)
             for name, why in report.skipped:
                 log.warning("cache file %s skipped: %s", name, why)
             log.info("prompt cache restored %d entries from %s", len(report.change.added), config.persist_dir)
 
-    # -- persistence codec (exact fp32, so a restarted node answers bit-identically) ----------
-    def _encode_record(self, payload: Any) -> bytes:
-        if isinstance(payload, kvstate.ChunkKV):
-            return cbor2.dumps({"chunk": kvstate.encode_chunk(payload, "fp32")})
-        return cbor2.dumps({"tail": kvstate.encode_chunk(payload["tail"], "fp32"), "len": payload["tail"].length,
-                            "logits": wire.pack_tensor(payload["logits"])})
-
     def _decode_record(self, data: bytes) -> Any:
-        obj = cbor2.loads(data)
-        if "chunk" in obj:
-            return kvstate.decode_chunk(obj["chunk"], self.layout, self.chunk_size)
-        return {"tail": kvstate.decode_chunk(obj["tail"], self.layout, int(obj["len"])),
-                "logits": wire.unpack_tensor(obj["logits"])}
-
-    @staticmethod
-    def _size(payload: Any) -> int:
-        if isinstance(payload, kvstate.ChunkKV):
-            return payload.nbytes
-        return payload["tail"].nbytes + payload["logits"].numel() * payload["logits"].element_size()
+        return codec.decode_record(data, self.layout, self.chunk_size)
 
     def _changed(self, change: StoreChange) -> None:
         if change.changed:
             self.dirty.set()
             if self.config.persist_dir is not None:
-                save_dir(self.store, self.config.persist_dir, self._encode_record)
+                save_dir(self.store, self.config.persist_dir, codec.encode_record)
 
     # -- catalogs -----------------------------------------------------------------------------
     def catalog(self) -> Catalog:
@@ -279,18 +261,18 @@ class NodeCache:
             self.links[node] = LinkEstimate(bw if old is None else 0.7 * old.bytes_per_s + 0.3 * bw, rtt_s)
 
     # -- serving a peer -----------------------------------------------------------------------
-    def serve(self, keys: list[bytes], pkey: bytes | None, codec: str, max_bytes: int,
+    def serve(self, keys: list[bytes], pkey: bytes | None, codec_name: str, max_bytes: int,
               part_bytes: int = PART_BYTES) -> Iterator[dict[str, Any]]:
         """Reply bodies with the chunks we really hold, in order, encoded one part at a time so
         the first part leaves before the last is encoded.
 
         On a full match the first part carries only the prompt's last logits (top k, see
-        ``mesh.cache.kv.encode_logits``): the asker can emit its first token from them while the
+        ``mesh.cache.codec.encode_logits``): the asker can emit its first token from them while the
         KV follows. Chunk parts stay under ``part_bytes`` (and ``max_bytes``), so the asker
         verifies part k while part k+1 is on the wire; the last part carries the prompt's tail.
         """
-        if codec not in kvstate.CODECS:
-            codec = self.config.kv_wire
+        if codec_name not in codec.CODECS:
+            codec_name = self.config.kv_wire
         with self.lock:
             chunks = self.store.get_chain(keys)
             prompt = self.store.get_prompt(pkey) if pkey is not None and len(chunks) == len(keys) else None
@@ -300,12 +282,12 @@ class NodeCache:
         part = 0
         if prompt is not None and pkey is not None:
             yield {"chunks": [], "part": part, "last": False,
-                   "logits": kvstate.encode_logits(prompt["logits"], key=pkey, model=self.digest)}
+                   "logits": codec.encode_logits(prompt["logits"], key=pkey, model=self.digest)}
             part += 1
         batch: list[Any] = []
         size = sent = 0
         for key, chunk in zip(keys, chunks):
-            enc = kvstate.encode_chunk(chunk, codec, key=key, model=self.digest)
+            enc = codec.encode_chunk(chunk, codec_name, key=key, model=self.digest)
             n = sum(len(t["data"]) for layer in enc["layers"] for t in (layer["k"], layer["v"])) + 512
             if batch and size + n > limit:
                 yield {"chunks": batch, "part": part, "last": False}
@@ -315,7 +297,7 @@ class NodeCache:
             sent += n
         last: dict[str, Any] = {"chunks": batch, "part": part, "last": True}
         if prompt is not None and pkey is not None:
-            last["prompt"] = {"tail": kvstate.encode_chunk(prompt["tail"], codec, key=pkey, model=self.digest),
+            last["prompt"] = {"tail": codec.encode_chunk(prompt["tail"], codec_name, key=pkey, model=self.digest),
                               "len": prompt["tail"].length}
         with self.lock:
             self.figures.served_bytes += sent
@@ -353,7 +335,7 @@ class NodeCache:
             links = {**(peer_links or {}), **self.links}
             skip = shunned(self.strikes, {n: c.epoch for n, c in peers.items()}, now)
         if prompt is None:
-            extra_bytes = int(self.bytes_per_chunk / C * (len(ids) - n_full * C)) + 8 * kvstate.LOGITS_TOP_K + 256
+            extra_bytes = int(self.bytes_per_chunk / C * (len(ids) - n_full * C)) + 8 * codec.LOGITS_TOP_K + 256
             decision = decide(keys, local, peers, self.digest, C, self._cost(prefill_tps, default_link),
                               links=links, extra_bytes=extra_bytes, extra_tokens=len(ids) - n_full * C + 1,
                               exclude=skip)
@@ -436,7 +418,7 @@ class NodeCache:
                                               parent=keys[start - 1] if start else None)
                 if n_full == 0 or keys[-1] in self.store:
                     entry = {"tail": tail, "logits": logits.detach().clone()}
-                    change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, entry, self._size(entry))
+                    change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, entry, codec.record_size(entry))
                 self._changed(change)
             info["store_s"] = round(time.perf_counter() - t1, 6)
             return cache
@@ -497,7 +479,7 @@ class NodeCache:
             change = self.store.put_chain(t.want[:len(got)], got, [c.nbytes for c in got],
                                           parent=keys[local - 1] if local else None)
             if prompt is not None:
-                change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, prompt, self._size(prompt))
+                change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, prompt, codec.record_size(prompt))
             self._changed(change)
             self.figures.fetched_chunks += len(got)
             self.figures.fetched_bytes += t.nbytes

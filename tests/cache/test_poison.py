@@ -13,9 +13,7 @@ waits for a fetch longer than its recompute estimate (within a small floor).
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
-import queue
 import signal
 import threading
 import time
@@ -26,7 +24,7 @@ from typing import Any
 import pytest
 
 from mesh import topics, wire
-from mesh.cache import kv as kvstate
+from mesh.cache import codec as kvcodec
 from nodes import mmlu
 from mesh.mqtt.bus import MqttBus
 from nodes.client import AskResult, MeshClient
@@ -195,7 +193,7 @@ def other_model(parts: list[dict[str, Any]], keys: list[bytes]) -> list[dict[str
     for p in parts:
         for c in p["chunks"]:
             c["model"] = bytes(16)
-            c["sum"] = kvstate._checksum(c["model"], c["key"], c["layers"])
+            c["sum"] = kvcodec._checksum(c["model"], c["key"], c["layers"])
     return parts
 
 
