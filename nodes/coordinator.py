@@ -34,7 +34,6 @@ from mesh.config import BrokerAddress, CacheConfig, Limits
 from mesh.errors import MeshError, ProtocolError, TransportError
 from mesh.halo.ledger import Liveness
 from mesh.halo.lean import lean_step
-from mesh.cache.lookup import LinkEstimate
 from mesh.model import Decoder, bind_threads, load_model, two_thread_head
 from mesh.routing import PeerTable, choose_node, router_of
 from mesh.halo.placement import ReplanPolicy, SyncPolicy
@@ -44,7 +43,6 @@ from mesh.halo.engine import HaloEngine
 log = logging.getLogger(__name__)
 
 NAME = "coordinator"
-_LINK = LinkEstimate(bytes_per_s=2.5e6, rtt_s=0.01)
 
 
 @dataclass(frozen=True)
@@ -346,7 +344,7 @@ class Coordinator:
         prepare = None
         if self.cache is not None and not b.get("no_cache"):
             def prepare() -> tuple[torch.Tensor, Any]:
-                got = self.cache.prepare(ids, 200.0, _LINK, lambda *a: None, {})
+                got = self.cache.prepare_local(ids)
                 cache_info.clear()
                 cache_info.update(got.info)
                 return got.logits, got.cache

@@ -71,14 +71,12 @@ class Attacker:
 
     def __init__(self, broker: Broker, name: str, loaded: Any) -> None:
         from mesh.config import CacheConfig
-        from mesh.cache.lookup import LinkEstimate
         from mesh.model import Decoder
         from mesh.cache.node_cache import NodeCache
 
         self.loaded = loaded
         self.decoder = Decoder(self.loaded)
         self.cache = NodeCache(self.loaded, CacheConfig(), self.decoder)
-        self.link = LinkEstimate(1e9, 0.001)
         self.name = name
         self.tamper: Callable[[list[dict[str, Any]], list[bytes]], list[dict[str, Any]]] = lambda p, k: p
         self.requests = 0
@@ -89,7 +87,7 @@ class Attacker:
     def learn(self, *prompts: str) -> None:
         """Compute the prompts' real KV into our store (no peers: a plain prefill)."""
         for p in prompts:
-            self.cache.prepare(self.decoder.encode(p), 100.0, self.link, lambda *a: None)
+            self.cache.prepare_local(self.decoder.encode(p))
 
     def keys(self, prompt: str) -> list[bytes]:
         return list(self.cache.keys(self.decoder.encode(prompt))[0])
