@@ -96,10 +96,6 @@ class CacheConfig:
     route_threshold: int = 2  # queue excess over the least-loaded node that overrides cache affinity
     fetch_margin: float = 1.2  # fetch only if transfer * margin < recompute: estimates err, "never slower" must not
     fetch_timeout_s: float = 30.0
-    # compute the head of a missing span while fetching its tail (mesh.cache.lookup); off by default: on
-    # the pi5 profile it made full hits 0.10 s slower (14 of 16 pairs, results/2026-12-05): the
-    # head's forward and the chunks' decoding share the CPU, and the split adds a forward and a restore
-    fetch_overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_wire not in ("fp16", "int8", "fp32"):

@@ -16,10 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,16 +26,16 @@ from mesh import topics, wire
 from mesh.mqtt.bus import MqttBus
 from mesh.mqtt.inbox import ReplyInbox
 from mesh.config import NodeConfig
-from mesh.errors import MeshError, ProtocolError
-from mesh.model import WARMUP_TEXT, Decoder, Interrupted, LoadedModel, bind_threads, load_model
+from mesh.errors import MeshError
+from mesh.model import WARMUP_TEXT, Decoder, Interrupted, LoadedModel, load_model
 from mesh.cache.lookup import LinkEstimate
+from mesh.cache.peers import CatalogSync, default_link, peer_links
+from mesh.cache.transfer import PeerTransfer
 from mesh.cache.node_cache import NodeCache, Prepared
 from mesh.member import AgentExtension, Cancelled, Job, Member
 from mesh.uplink_probe import LinkProbe
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LINK = LinkEstimate(bytes_per_s=2.5e6, rtt_s=0.01)  # ~21 Mbit/s Wi-Fi until measured
 
 
 @dataclass
@@ -79,7 +78,8 @@ class NodeAgent:
         self._load = 0.0  # busy fraction, EWMA over heartbeat periods
         self._threads: list[threading.Thread] = []
         self.cache: NodeCache | None = None
-        self._serve_jobs: queue.Queue[wire.Envelope] = queue.Queue(maxsize=64)
+        self.transfer: PeerTransfer | None = None  # the cache's KV traffic with peers
+        self.catalogs: CatalogSync | None = None
         self._started = time.time()
         self.bus = MqttBus(f"mesh-node-{self.name}", config.broker,
                            will=(topics.node_status(self.name), topics.OFFLINE, topics.STATUS.qos, True),
@@ -105,14 +105,11 @@ class NodeAgent:
         self.bus.on_connected(self._announce)
         self.member.subscribe_presence(self.bus)
         if self.cache is not None:
-            self.bus.subscribe(topics.ALL_CATALOGS, self._on_catalog, qos=1)
-            self.bus.subscribe(topics.node_kv(self.name), self._on_kv_fetch, qos=1)
+            self._start_cache_peers(self.cache)
         self.bus.start(self.timing.connect_timeout_s)
         self.inbox.start()
         self.member.go_online()
         loops = [(self._work_loop, "worker"), (self._heartbeat_loop, "heartbeat")]
-        if self.cache is not None:
-            loops += [(self._serve_loop, "kv-serve"), (self._catalog_loop, "catalog")]
         for target, name in loops:
             t = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
             t.start()
@@ -236,7 +233,8 @@ class NodeAgent:
         if self.cache is not None and not body.get("no_cache"):
             def prepare() -> tuple[Any, Any]:
                 prepared = self.cache.prepare(ids, self.figures.prefill_tps(), self._default_link(),
-                                              self._fetch_chunks, self._peer_links(), defer_store=True)
+                                              self.transfer.fetch if self.transfer else None, self._peer_links(),
+                                              defer_store=True)
                 held.append(prepared)
                 return prepared.logits, prepared.cache
         gen = self.decoder.generate(ids, body["max_new_tokens"], tuple(body.get("stop", ())), on_text,
@@ -343,162 +341,22 @@ class NodeAgent:
             self._stop.wait(max(0.0, 0.1 - (time.monotonic() - last_sent)))
 
     # -- prompt cache: catalogs, serving peers, fetching ------------------------------------------
+    def _start_cache_peers(self, cache: NodeCache) -> None:
+        """The cache's catalogs and KV transfers (mesh.cache.peers / transfer): their handlers are
+        subscribed now, their threads stop with ours (they share the stop event)."""
+        self.catalogs = CatalogSync(self.bus, cache, self.name, stop=self._stop, rejects=self.rejects,
+                                    max_message_bytes=self.limits.max_message_bytes)
+        self.transfer = PeerTransfer(self.bus, self.inbox, self.name, cache.serve, cache.digest,
+                                     kv_wire=self.config.cache.kv_wire, online=self.member.peer_online, stop=self._stop,
+                                     rejects=self.rejects, max_message_bytes=self.limits.max_message_bytes)
+        self._threads += [self.catalogs.start(), self.transfer.start()]
+
     def _default_link(self) -> LinkEstimate:
         with self.figures.lock:
-            bw, rtt = self.figures.link_bw, self.figures.rtt_ms
-        if bw is None:
-            return DEFAULT_LINK
-        return LinkEstimate(bytes_per_s=bw, rtt_s=2 * (rtt or 1.0) / 1000.0)
+            return default_link(self.figures.link_bw, self.figures.rtt_ms)
 
     def _peer_links(self) -> dict[str, LinkEstimate]:
-        """Per peer: the slower of our link and theirs; round trip through both (heartbeats)."""
         mine = self._default_link()
-        out: dict[str, LinkEstimate] = {}
         with self.member.changed:
-            for v in self.member.peers.online():
-                bw, rtt = v.heartbeat.get("link_bw_Bps"), v.heartbeat.get("rtt_ms")
-                if isinstance(bw, (int, float)) and bw > 0:
-                    peer_rtt = float(rtt) / 1000.0 if isinstance(rtt, (int, float)) else mine.rtt_s / 2
-                    out[v.name] = LinkEstimate(min(mine.bytes_per_s, float(bw)), mine.rtt_s / 2 + peer_rtt)
-        return out
-
-    def _on_catalog(self, topic: str, payload: bytes, retained: bool) -> None:
-        parsed = topics.parse_node_topic(topic)
-        if parsed is None or self.cache is None:
-            self.rejects.add("bad-topic")
-            return
-        if parsed[0] == self.name:
-            return  # our own retained catalog: our store is the truth
-        if not payload:
-            self.cache.set_peer_catalog(parsed[0], None)
-            return
-        env = self.member.decode(payload, wire.Kind.CATALOG)
-        if env is None:
-            return
-        try:
-            self.cache.set_peer_catalog(parsed[0], dict(env.body))
-        except ProtocolError as exc:
-            self.rejects.add(exc.reason)
-
-    def _on_kv_fetch(self, topic: str, payload: bytes, retained: bool) -> None:
-        env = self.member.decode(payload, wire.Kind.KV_FETCH)
-        if env is None:
-            return
-        body = env.body
-        if (env.reply_to is None or not topics.reply_allowed(env.reply_to) or len(body["keys"]) > 4096
-                or not all(isinstance(k, bytes) and len(k) == 16 for k in body["keys"])):
-            self.rejects.add("bad-kv-fetch")
-            return
-        try:
-            self._serve_jobs.put_nowait(env)
-        except queue.Full:
-            self.rejects.add("kv-busy")
-
-    def _serve_loop(self) -> None:
-        bind_threads()
-        while not self._stop.is_set():
-            try:
-                env = self._serve_jobs.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            try:
-                pkey = env.body.get("prompt_key")
-                parts = self.cache.serve(list(env.body["keys"]), pkey if isinstance(pkey, bytes) else None,
-                                         str(env.body["codec"]), self.limits.max_message_bytes)
-                for b in parts:  # each part leaves as soon as it is encoded
-                    reply = wire.Envelope(wire.Kind.KV_CHUNKS, self.name, b, corr=env.corr)
-                    self.bus.publish(env.reply_to, wire.encode(reply, self.limits.max_message_bytes), qos=1)
-            except Exception:
-                log.exception("serving KV chunks failed")
-
-    def _catalog_loop(self) -> None:
-        while not self._stop.is_set():
-            if not self.cache.dirty.wait(0.5):
-                continue
-            self._stop.wait(0.2)  # debounce: one catalog for a burst of changes
-            try:
-                body = self.cache.catalog().to_dict()
-                env = wire.Envelope(wire.Kind.CATALOG, self.name, body)
-                self.bus.publish(topics.node_catalog(self.name), wire.encode(env, self.limits.max_message_bytes),
-                                 qos=topics.CATALOG.qos, retain=topics.CATALOG.retain)
-            except MeshError as exc:
-                log.warning("catalog not published: %s", exc)
-                self.cache.dirty.set()
-
-    def _peer_online(self, peer: str) -> bool:
-        with self.member.changed:
-            view = self.member.peers.get(peer)
-            return view is None or view.online  # unknown counts as online: only a seen "offline" ends a fetch
-
-    def _fetch_chunks(self, peer: str, keys: list[bytes], pkey: bytes | None,
-                      timeout: float) -> Iterator[tuple[dict[str, Any], int]]:
-        """One request to ``peer`` for ``keys``, sent now: the parts of its answer are read as they
-        arrive (:class:`_FetchReplies`), so the caller may compute meanwhile (the overlap)."""
-        corr, replies = self.inbox.open()
-        body: dict[str, Any] = {"keys": keys, "codec": self.config.cache.kv_wire, "model": self.cache.digest}
-        if pkey is not None:
-            body["prompt_key"] = pkey
-        env = wire.Envelope(wire.Kind.KV_FETCH, self.name, body, corr=corr, reply_to=self.inbox.topic)
-        reading = _FetchReplies(self, peer, corr, replies, timeout)
-        try:
-            self.bus.publish(topics.node_kv(peer), wire.encode(env), qos=1)
-        except BaseException:
-            reading.close()
-            raise
-        return reading
-
-
-class _FetchReplies:
-    """The parts of one KV fetch's answer, in arrival order: iteration stops after the last one,
-    at the timeout (monotonic, from the request), or as soon as the peer goes offline (its last
-    will: a peer killed mid-transfer costs no more than the broker noticing). ``close`` (also
-    called at the end) releases the reply slot, read or not."""
-
-    def __init__(self, agent: NodeAgent, peer: str, corr: str, replies: queue.Queue[wire.Envelope],
-                 timeout: float) -> None:
-        self.agent, self.peer, self.corr, self.replies, self.timeout = agent, peer, corr, replies, timeout
-        self.t0 = time.monotonic()
-        self.deadline = self.t0 + timeout
-        self.done = False
-
-    def __iter__(self) -> _FetchReplies:
-        return self
-
-    def __next__(self) -> tuple[dict[str, Any], int]:
-        a = self.agent
-        while not self.done:
-            left = self.deadline - time.monotonic()
-            try:  # what already arrived counts even past the deadline (the asker was computing)
-                reply = self.replies.get(timeout=min(left, 0.05)) if left > 0 else self.replies.get_nowait()
-            except queue.Empty:
-                if left <= 0:
-                    log.info("KV fetch from %s timed out after %.2f s", self.peer, self.timeout)
-                    break
-                if not a._peer_online(self.peer) or a._stop.is_set():
-                    log.info("KV fetch from %s abandoned after %.2f s: peer offline", self.peer,
-                             time.monotonic() - self.t0)
-                    break
-                continue
-            if reply.kind is not wire.Kind.KV_CHUNKS or reply.sender != self.peer:
-                continue
-            if reply.body["last"]:
-                self.close()
-            return dict(reply.body), _payload_bytes(reply.body)
-        self.close()
-        raise StopIteration
-
-    def close(self) -> None:
-        if not self.done:
-            self.done = True
-            self.agent.inbox.close(self.corr)
-
-
-def _payload_bytes(obj: Any) -> int:
-    """Bytes of tensor data in a decoded reply (what crossed the wire, near enough)."""
-    if isinstance(obj, bytes):
-        return len(obj)
-    if isinstance(obj, dict):
-        return sum(_payload_bytes(v) for v in obj.values())
-    if isinstance(obj, list):
-        return sum(_payload_bytes(v) for v in obj)
-    return 0
+            beats = [(v.name, dict(v.heartbeat)) for v in self.member.peers.online()]
+        return peer_links(mine, beats)

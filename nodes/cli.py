@@ -60,7 +60,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from nodes.agent import NodeAgent
     from nodes.settings import node_config
 
-    from mesh.ha.extension import ha_extension_from_args, run_decommission
+    from nodes.ha_cli import ha_extension_from_args, run_decommission
     from nodes.halo_cli import halo_extensions_from_args
 
     from nodes.memory import start_trimmer, steady_malloc
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nodes.bench.link import add_bench_link
     from nodes.bench.load_command import add_bench_load
     from nodes.halo_cli import add_halo_commands, add_node_halo_arguments
-    from mesh.ha.extension import add_ha_arguments
+    from nodes.ha_cli import add_ha_arguments
     from nodes.testbed.cli import add_testbed_commands
 
     parser = argparse.ArgumentParser(prog="mesh", description=__doc__)
@@ -226,9 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, help="tokens per KV chunk (default 16)")
     p.add_argument("--kv-wire", choices=["fp16", "int8", "fp32"], help="KV codec on the wire (default fp16)")
     p.add_argument("--fetch-margin", type=float, help="fetch KV only if transfer x margin < recompute (default 1.2)")
-    p.add_argument("--fetch-overlap", action="store_true",
-                   help="where fetching all does not pay, compute the head of the missing span while its tail "
-                        "arrives (default off: slower on a CPU-bound device, see mesh/config.py)")
     p.add_argument("--no-cache", action="store_true", help="run without the prompt cache")
     add_broker_arguments(p)
     add_ha_arguments(p)

@@ -31,7 +31,6 @@ from mesh.config import BrokerAddress, CacheConfig, Limits
 from mesh.errors import MeshError, TransportError
 from mesh.halo.ledger import Liveness
 from mesh.halo.lean import lean_step
-from mesh.cache.lookup import LinkEstimate
 from mesh.model import Decoder, bind_threads, load_model
 from mesh.member import Job, Member
 from mesh.halo.placement import ReplanPolicy
@@ -42,7 +41,6 @@ from mesh.halo.engine import HaloEngine
 log = logging.getLogger(__name__)
 
 NAME = "coordinator"
-_LINK = LinkEstimate(bytes_per_s=2.5e6, rtt_s=0.01)
 # Ask fields that once switched the coordinator onto a slower path for comparison: an ask carrying
 # one is still answered, the field ignored and counted ("ignored-field.<name>" in the rejects).
 IGNORED_ASK_FIELDS = ("halo_wire", "halo_link", "halo_head_threads", "halo_lean")
@@ -191,7 +189,7 @@ class Coordinator:
         prepare = None
         if self.cache is not None and not b.get("no_cache"):
             def prepare() -> tuple[torch.Tensor, Any]:
-                got = self.cache.prepare(ids, 200.0, _LINK, lambda *a: None, {})
+                got = self.cache.prepare_local(ids)
                 cache_info.clear()
                 cache_info.update(got.info)
                 return got.logits, got.cache

@@ -94,8 +94,6 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
     cache = CacheConfig(
         enabled=not getattr(args, "no_cache", False) and not table.get("no_cache", False),
         budget_mb=cache_mb, chunk_size=chunk, fetch_margin=margin,
-        fetch_overlap=bool(getattr(args, "fetch_overlap", False) or table.get("fetch_overlap", False)
-                           or env.get("MESH_FETCH_OVERLAP", "0") in ("1", "true", "yes")),
         kv_wire=str(_pick(getattr(args, "kv_wire", None), env, "MESH_KV_WIRE", table, "kv_wire", "fp16")),
         persist_dir=Path(persist).expanduser() if persist else None,
     )

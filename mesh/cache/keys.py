@@ -102,13 +102,6 @@ def tokens_to_bytes(token_ids: Sequence[int]) -> bytes:
     return arr.astype("<u4").tobytes()
 
 
-def full_chunks(n_tokens: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
-    """Number of full chunks in ``n_tokens`` tokens (the trailing partial chunk has no key)."""
-    if chunk_size < 1:
-        raise ValueError("chunk_size must be >= 1")
-    return max(n_tokens, 0) // chunk_size
-
-
 def chunk_keys(model_key: ModelKey, token_ids: Sequence[int]) -> list[ChunkHash]:
     """Chained keys ``[h_1, ..., h_n]`` of the ``n = len(token_ids) // C`` full chunks."""
     return extend_keys(model_key, model_key.h0, token_ids)
@@ -149,11 +142,3 @@ def prompt_key(model_key: ModelKey, token_ids: Sequence[int]) -> ChunkHash:
 def key_hex(key: bytes) -> str:
     """A key as lowercase hex (JSON, logs, file names)."""
     return bytes(key).hex()
-
-
-def key_from_hex(text: str) -> ChunkHash:
-    """Parse :func:`key_hex` output; raises ValueError unless it is 32 hex characters."""
-    raw = bytes.fromhex(text)
-    if len(raw) != KEY_BYTES:
-        raise ValueError(f"chunk key must be {KEY_BYTES} bytes, got {len(raw)}")
-    return ChunkHash(raw)

@@ -1,4 +1,4 @@
-"""Where an ask's prefix comes from, and which node should take the ask: pure decisions.
+"""Where an ask's prefix comes from: pure decisions (routing is mesh.routing's).
 
 Lookup (on the node that owns an ask): ``L`` = leading chunk keys in the local store; for each
 peer catalog with the same model key and chunk size, ``D_p`` = leading keys its Bloom filter
@@ -13,18 +13,9 @@ Cost model (never slower than no cache): fetching ``r = D - L`` chunks of ``C`` 
 and the node fetches only when ``transfer_s * margin < recompute_s`` (``margin >= 1`` asks for a
 clear win, to cover estimate noise).
 
-Overlap (beyond the paper, whose Pi 5 got 7 % slower fetching what it could recompute faster):
-when the link is too slow to fetch everything but not useless, the node computes the first ``h``
-missing chunks itself while the last ``r - h`` arrive, and restores them when both are done::
+The decision is one of:
 
-    overlap_s(h) = max(h * C / prefill_tokens_per_s, transfer_s((r - h) chunks) * margin)
-
-``h`` balances the two (the rest is recomputed either way, so it is left out); the overlap is
-taken when fetching everything does not pay and the overlap beats recomputing everything. The
-decision is one of:
-
-- ``"remote"``: fetch chunks ``L..D`` from ``peer`` (then prefill the rest); with ``head_chunks``
-  = ``h > 0``: compute chunks ``L..L+h`` here while fetching ``L+h..D``;
+- ``"remote"``: fetch chunks ``L..D`` from ``peer`` (then prefill the rest);
 - ``"recompute"``: a peer has more, but fetching would be slower: use the local prefix only;
 - ``"local"``: the local prefix is at least as deep as any peer's; nothing to fetch;
 - ``"no-match"``: no prefix anywhere.
@@ -43,19 +34,13 @@ take well under the recompute estimate; once it has taken that long, waiting lon
 so the asker gives up at about the recompute estimate (within a floor for broker jitter and a
 cap), keeps the chunks that did arrive and verified, and recomputes the rest. The worst case is
 then bounded by about twice the no-cache prefill.
-
-Routing (SGLang's cache-aware router policy, as a pure function): given each node's cached-prefix
-depth and queue length, send the ask to the node with the longest cached prefix, unless its queue
-exceeds the least-loaded node's queue by more than ``threshold``; then send it to the least-loaded
-node. Ties: longest prefix -> shorter queue -> lower node id; least loaded -> shorter queue ->
-longer prefix -> lower node id.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, NewType, Protocol
+from typing import Any, NewType
 
 from mesh.cache.catalog import Catalog, leading_matches
 from mesh.errors import ConfigError
@@ -125,8 +110,6 @@ class Decision:
     est_recompute_s: float | None
     peers_considered: int
     peers_skipped: tuple[str, ...] = ()
-    head_chunks: int = 0  # remote with overlap: computed here while the rest is fetched
-    est_overlap_s: float | None = None  # the overlap's estimate, when it was considered
 
     @property
     def local_tokens(self) -> int:
@@ -144,17 +127,6 @@ class Decision:
         out["local_tokens"] = self.local_tokens
         out["remote_tokens"] = self.remote_tokens
         return out
-
-
-class PrefixSource(Protocol):
-    """What :func:`local_prefix` needs from a store (``mesh.cache.store.KVStore`` has it)."""
-
-    def match_prefix(self, keys: Sequence[bytes]) -> int: ...
-
-
-def local_prefix(store: PrefixSource, keys: Sequence[bytes]) -> int:
-    """Longest local prefix: leading chunk keys the store holds (counted as hits/misses there)."""
-    return store.match_prefix(keys)
 
 
 def peer_matches(
@@ -200,7 +172,6 @@ def decide(
     extra_bytes: int = 0,
     extra_tokens: int = 0,
     exclude: Collection[str] = (),
-    overlap: bool = False,
 ) -> Decision:
     """The cost-aware lookup decision for a prompt with chunk keys ``keys`` (module docstring).
 
@@ -209,7 +180,6 @@ def decide(
     plus 1 for the first-token forward). The shell passes them only when the peer advertises the
     prompt key; they count only if the best peer holds every chunk. ``exclude``: peers to skip
     (:func:`shunned`); the ones that had a compatible catalog are listed in ``peers_skipped``.
-    ``overlap``: consider computing the head of the missing span while fetching its tail.
     """
     if not 0 <= local_depth <= len(keys):
         raise ValueError("local_depth out of range")
@@ -234,19 +204,6 @@ def decide(
     transfer = best.link.transfer_s(nbytes)
     recompute = (remote * chunk_size + (extra_tokens if full else 0)) / cost.prefill_tokens_per_s
     fetch = transfer * cost.margin < recompute
-    # Only where fetching everything does not pay: a full fetch also brings the last logits first
-    # (the first token leaves before the KV lands), which no split can match.
-    split = overlap_split(remote, chunk_size, cost, best.link) if overlap and not fetch else None
-    if split is not None:
-        head, overlap_s = split
-        # The overlap recomputes what a full fetch would bring with the prompt entry (the tail
-        # and the first-token forward): count it on its side.
-        overlap_s += (extra_tokens if full else 0) / cost.prefill_tokens_per_s
-        if overlap_s < recompute:
-            tail = remote - head
-            return Decision(REMOTE, remote_chunks=tail, peer=best.node,
-                            fetch_bytes=round(tail * cost.bytes_per_chunk), est_transfer_s=transfer,
-                            est_recompute_s=recompute, head_chunks=head, est_overlap_s=overlap_s, **base)
     return Decision(
         REMOTE if fetch else RECOMPUTE,
         remote_chunks=remote,
@@ -254,27 +211,8 @@ def decide(
         fetch_bytes=nbytes if fetch else 0,
         est_transfer_s=transfer,
         est_recompute_s=recompute,
-        est_overlap_s=None if split is None else split[1],
         **base,
     )
-
-
-def overlap_split(remote: int, chunk_size: int, cost: CostModel, link: LinkEstimate) -> tuple[int, float] | None:
-    """The best head ``h`` (``1 <= h < remote``) to compute while fetching the other chunks, and
-    ``max(compute(h), transfer(remote - h) * margin)``; None when there is nothing to split."""
-    if remote < 2:
-        return None
-    per_chunk = chunk_size / cost.prefill_tokens_per_s
-
-    def cost_of(h: int) -> float:
-        return max(h * per_chunk, link.transfer_s((remote - h) * cost.bytes_per_chunk) * cost.margin)
-
-    # compute(h) rises and transfer(remote - h) falls with h: the best h is next to where they cross
-    b = cost.bytes_per_chunk / link.bytes_per_s * cost.margin
-    cross = (remote * b + link.rtt_s * cost.margin) / (per_chunk + b)
-    candidates = {min(max(h, 1), remote - 1) for h in (int(cross), int(cross) + 1)}
-    head = min(sorted(candidates), key=cost_of)
-    return head, cost_of(head)
 
 
 SHORT, BAD = "short", "bad"

@@ -1,9 +1,10 @@
-"""A node's prompt cache: the shell around mesh.cache.store / catalog / lookup / kvstate.
+"""A node's prompt cache: the shell around mesh.cache.store / catalog / lookup / kv / codec.
 
 It owns the node's KV store (behind one lock: the worker, the serving thread and the network
 thread all reach it), the catalog it publishes, the peer catalogs it has heard, and the per-peer
-link estimates measured from real fetches. The agent calls :meth:`prepare` on its worker thread
-for every ask; fetching from a peer goes through a ``fetch`` callable the agent provides (MQTT).
+link estimates measured from real fetches. The owner calls :meth:`prepare` on its worker thread
+for every ask; fetching from a peer goes through a ``fetch`` callable it provides
+(``mesh.cache.transfer.PeerTransfer.fetch`` on a node); without one the cache is local only.
 """
 
 from __future__ import annotations
@@ -11,33 +12,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import cbor2
 import torch
 
-from mesh import wire
+from mesh.cache import codec
 from mesh.cache import kv as kvstate
 from mesh.cache.catalog import Catalog, leading_matches
 from mesh.cache.keys import ChunkHash, ModelKey, chunk_keys, prompt_key
-from mesh.config import CacheConfig
-from mesh.errors import ProtocolError
+from mesh.cache.lookup import (BAD, RECOMPUTE, REMOTE, SHORT, CostModel, Decision, LinkEstimate, PenaltyPolicy,
+                               Strike, decide, fetch_timeout, shunned, strike)
 from mesh.cache.store import KVStore, StoreChange, load_dir, save_dir
-from mesh.cache.lookup import (BAD, RECOMPUTE, REMOTE, SHORT, CostModel, Decision, LinkEstimate, PenaltyPolicy, Strike,
-                         decide, fetch_timeout, shunned, strike)
+from mesh.cache.transfer import PART_BYTES, Fetch, KVCheck, Reading, serve_parts
+from mesh.config import CacheConfig
 from mesh.model import Decoder, Deferred, LoadedModel
 
 log = logging.getLogger(__name__)
-
-# What fetch returns: the peer's reply bodies (KV_CHUNKS) in arrival order, each with its payload
-# bytes, ending after the one marked last, or early when the peer stops answering, goes offline
-# or the timeout passes; None when nothing could be asked.
-Part = tuple[dict[str, Any], int]
-Fetch = Callable[[str, list[bytes], bytes | None, float], Iterable[Part] | None]
-
-PART_BYTES = 1 << 20  # chunk bytes per reply part: the asker verifies one while the next travels
 
 
 @dataclass
@@ -70,102 +62,6 @@ class Prepared:
             self.cache.get()
 
 
-class _Transfer:
-    """One fetch in flight: reads the peer's parts in order and verifies each as it comes.
-
-    ``bad`` is set (and reading stops) at the first part that fails a check; ``ended`` says why
-    reading stopped early when the last part never came (timeout, peer offline, a gap).
-    """
-
-    def __init__(self, cache: NodeCache, peer: str, want: list[ChunkHash], pkey: ChunkHash, full: bool,
-                 parts: Iterable[Part] | None, started: float, rtt_s: float, epoch: int) -> None:
-        self.cache, self.peer, self.want, self.pkey, self.full = cache, peer, want, pkey, full
-        self.started, self.rtt_s, self.epoch = started, rtt_s, epoch
-        self.parts = iter(parts) if parts is not None else iter(())
-        self.got: list[kvstate.ChunkKV] = []
-        self.tail: kvstate.ChunkKV | None = None
-        self.logits: torch.Tensor | None = None
-        self.nbytes = 0
-        self.next_part = 0
-        self.complete = False
-        self.open = True
-        self.bad: str | None = None
-        self.ended = "no answer"
-        self.seconds = 0.0
-
-    def stop(self) -> None:
-        self.open = False
-        self.seconds = time.perf_counter() - self.started
-        close = getattr(self.parts, "close", None)
-        if close is not None:
-            close()  # a generator: its finally closes the reply queue
-
-    def _reject(self, what: str, exc: Exception) -> None:
-        self.bad = f"{what}: {exc}"
-        log.warning("%s from %s rejected: %s", what, self.peer, exc)
-
-    def read(self) -> bool:
-        """Read and check one part; False once the transfer is over."""
-        if not self.open:
-            return False
-        try:
-            body, n = next(self.parts)
-        except StopIteration:
-            self.stop()
-            return False
-        c = self.cache
-        try:
-            if body.get("part") != self.next_part:
-                self.ended = f"part {body.get('part')!r} where {self.next_part} was due"
-                self.stop()
-                return False
-            self.next_part += 1
-            self.nbytes += n
-            if "logits" in body:
-                if not self.full or self.logits is not None:
-                    raise ProtocolError("bad-logits", "logits not asked for")
-                self.logits = kvstate.decode_logits(body["logits"], c.vocab, key=self.pkey, model=c.digest)
-            raw_chunks = body["chunks"]
-            if len(self.got) + len(raw_chunks) > len(self.want):
-                raise ProtocolError("bad-chunk", "more chunks than asked for")
-            for raw in raw_chunks:
-                self.got.append(kvstate.decode_chunk(raw, c.layout, c.chunk_size, key=self.want[len(self.got)],
-                                                     model=c.digest))
-            raw_prompt = body.get("prompt")
-            if raw_prompt is not None:
-                if not self.full or not body["last"] or not isinstance(raw_prompt, dict):
-                    raise ProtocolError("bad-chunk", "prompt entry not asked for")
-                length = raw_prompt.get("len")
-                if not isinstance(length, int) or not 0 <= length < c.chunk_size:
-                    raise ProtocolError("bad-chunk", "prompt tail length")
-                self.tail = kvstate.decode_chunk(raw_prompt["tail"], c.layout, length, key=self.pkey, model=c.digest)
-                if "logits" in raw_prompt and self.logits is None:  # a peer that sends them last
-                    self.logits = kvstate.decode_logits(raw_prompt["logits"], c.vocab, key=self.pkey, model=c.digest)
-        except (ProtocolError, KeyError, TypeError, ValueError) as exc:
-            self._reject("part", exc)
-            self.stop()
-            return False
-        if body["last"]:
-            self.complete = True
-            self.stop()
-            return False
-        return True
-
-    def first_logits(self) -> torch.Tensor | None:
-        """The prompt's last logits if they come before any chunk (reads up to that point)."""
-        while self.logits is None and not self.got and self.read():
-            pass
-        return self.logits if self.bad is None else None
-
-    def finish(self) -> None:
-        while self.read():
-            pass
-        if self.open:
-            self.stop()
-        if not self.complete and self.bad is None and self.ended == "no answer" and self.nbytes:
-            self.ended = "stopped mid-transfer"
-
-
 def _tokenizer_id(loaded: LoadedModel) -> str:
     tok = loaded.tokenizer
     return f"{type(tok).__name__}/{len(tok)}/gguf:{loaded.digest[:16]}"
@@ -183,7 +79,7 @@ class NodeCache:
                                   kv_dtype="float32", chunk_size=config.chunk_size)
         self.digest = self.model_key.digest()
         self.layout = kvstate.kv_layout(self.model_config)
-        self.bytes_per_chunk = kvstate.wire_bytes_per_token(self.model_config, config.kv_wire,
+        self.bytes_per_chunk = codec.wire_bytes_per_token(self.model_config, config.kv_wire,
                                                             self.chunk_size) * self.chunk_size
         mem_per_chunk = sum(2 * h * d * 4 for h, d in self.layout) * self.chunk_size
         budget = int(config.budget_mb * 1024 * 1024)
@@ -193,6 +89,7 @@ class NodeCache:
         self.lock = threading.RLock()
         self.vocab = int(self.model_config.get_text_config(decoder=True).vocab_size
                          if hasattr(self.model_config, "get_text_config") else self.model_config.vocab_size)
+        self.check = KVCheck(tuple(self.layout), self.chunk_size, self.digest, self.vocab)
         self.penalty = penalty
         self.fetch_floor_s = fetch_floor_s
         self.strikes: dict[str, Strike] = {}
@@ -203,36 +100,19 @@ class NodeCache:
         self.dirty = threading.Event()
         self.dirty.set()
         if config.persist_dir is not None:
-            report = load_dir(self.store, config.persist_dir, self._decode_record, size=self._size)
+            report = load_dir(self.store, config.persist_dir, self._decode_record, size=codec.record_size)
             for name, why in report.skipped:
                 log.warning("cache file %s skipped: %s", name, why)
             log.info("prompt cache restored %d entries from %s", len(report.change.added), config.persist_dir)
 
-    # -- persistence codec (exact fp32, so a restarted node answers bit-identically) ----------
-    def _encode_record(self, payload: Any) -> bytes:
-        if isinstance(payload, kvstate.ChunkKV):
-            return cbor2.dumps({"chunk": kvstate.encode_chunk(payload, "fp32")})
-        return cbor2.dumps({"tail": kvstate.encode_chunk(payload["tail"], "fp32"), "len": payload["tail"].length,
-                            "logits": wire.pack_tensor(payload["logits"])})
-
     def _decode_record(self, data: bytes) -> Any:
-        obj = cbor2.loads(data)
-        if "chunk" in obj:
-            return kvstate.decode_chunk(obj["chunk"], self.layout, self.chunk_size)
-        return {"tail": kvstate.decode_chunk(obj["tail"], self.layout, int(obj["len"])),
-                "logits": wire.unpack_tensor(obj["logits"])}
-
-    @staticmethod
-    def _size(payload: Any) -> int:
-        if isinstance(payload, kvstate.ChunkKV):
-            return payload.nbytes
-        return payload["tail"].nbytes + payload["logits"].numel() * payload["logits"].element_size()
+        return codec.decode_record(data, self.layout, self.chunk_size)
 
     def _changed(self, change: StoreChange) -> None:
         if change.changed:
             self.dirty.set()
             if self.config.persist_dir is not None:
-                save_dir(self.store, self.config.persist_dir, self._encode_record)
+                save_dir(self.store, self.config.persist_dir, codec.encode_record)
 
     # -- catalogs -----------------------------------------------------------------------------
     def catalog(self) -> Catalog:
@@ -279,57 +159,40 @@ class NodeCache:
             self.links[node] = LinkEstimate(bw if old is None else 0.7 * old.bytes_per_s + 0.3 * bw, rtt_s)
 
     # -- serving a peer -----------------------------------------------------------------------
-    def serve(self, keys: list[bytes], pkey: bytes | None, codec: str, max_bytes: int,
+    def serve(self, keys: list[bytes], pkey: bytes | None, codec_name: str, max_bytes: int,
               part_bytes: int = PART_BYTES) -> Iterator[dict[str, Any]]:
-        """Reply bodies with the chunks we really hold, in order, encoded one part at a time so
-        the first part leaves before the last is encoded.
-
-        On a full match the first part carries only the prompt's last logits (top k, see
-        ``mesh.cache.kv.encode_logits``): the asker can emit its first token from them while the
-        KV follows. Chunk parts stay under ``part_bytes`` (and ``max_bytes``), so the asker
-        verifies part k while part k+1 is on the wire; the last part carries the prompt's tail.
-        """
-        if codec not in kvstate.CODECS:
-            codec = self.config.kv_wire
+        """Reply bodies (``mesh.cache.transfer.serve_parts``) with the chunks we really hold."""
+        if codec_name not in codec.CODECS:
+            codec_name = self.config.kv_wire
         with self.lock:
             chunks = self.store.get_chain(keys)
             prompt = self.store.get_prompt(pkey) if pkey is not None and len(chunks) == len(keys) else None
             self.figures.served_requests += 1
             self.figures.served_chunks += len(chunks)
-        limit = max(1, min(part_bytes, max_bytes // 2))
-        part = 0
-        if prompt is not None and pkey is not None:
-            yield {"chunks": [], "part": part, "last": False,
-                   "logits": kvstate.encode_logits(prompt["logits"], key=pkey, model=self.digest)}
-            part += 1
-        batch: list[Any] = []
-        size = sent = 0
-        for key, chunk in zip(keys, chunks):
-            enc = kvstate.encode_chunk(chunk, codec, key=key, model=self.digest)
-            n = sum(len(t["data"]) for layer in enc["layers"] for t in (layer["k"], layer["v"])) + 512
-            if batch and size + n > limit:
-                yield {"chunks": batch, "part": part, "last": False}
-                part, batch, size = part + 1, [], 0
-            batch.append(enc)
-            size += n
+        sent = 0
+        for body, n in serve_parts(keys, chunks, pkey, prompt, codec_name, self.digest, max_bytes, part_bytes):
             sent += n
-        last: dict[str, Any] = {"chunks": batch, "part": part, "last": True}
-        if prompt is not None and pkey is not None:
-            last["prompt"] = {"tail": kvstate.encode_chunk(prompt["tail"], codec, key=pkey, model=self.digest),
-                              "len": prompt["tail"].length}
-        with self.lock:
-            self.figures.served_bytes += sent
-        yield last
+            if body["last"]:
+                with self.lock:
+                    self.figures.served_bytes += sent
+            yield body
 
     # -- the ask path ------------------------------------------------------------------------
     def _cost(self, prefill_tps: float, link: LinkEstimate) -> CostModel:
         return CostModel(prefill_tokens_per_s=max(prefill_tps, 1e-3), bytes_per_chunk=self.bytes_per_chunk,
                          default_link=link, margin=self.config.fetch_margin)
 
-    def prepare(self, ids: Sequence[int], prefill_tps: float, default_link: LinkEstimate,
-                fetch: Fetch, peer_links: dict[str, LinkEstimate] | None = None,
+    def prepare_local(self, ids: Sequence[int], defer_store: bool = False) -> Prepared:
+        """:meth:`prepare` from this node's store alone: no peer is looked at or asked."""
+        return self.prepare(ids, defer_store=defer_store)
+
+    def prepare(self, ids: Sequence[int], prefill_tps: float = 0.0, default_link: LinkEstimate | None = None,
+                fetch: Fetch | None = None, peer_links: dict[str, LinkEstimate] | None = None,
                 defer_store: bool = False) -> Prepared:
         """Restore what the cache (local, then one peer) holds, prefill the rest, store the new chunks.
+
+        Peers are considered only with a ``fetch`` and a ``default_link``; ``prefill_tps`` (this
+        node's measured prefill speed) is what fetching must beat.
 
         Links: a peer's bandwidth measured on earlier fetches wins over ``peer_links`` (estimated
         from heartbeats), which wins over ``default_link``. Peers that wasted a fetch recently are
@@ -352,26 +215,22 @@ class NodeCache:
             peers = dict(self.peers)
             links = {**(peer_links or {}), **self.links}
             skip = shunned(self.strikes, {n: c.epoch for n, c in peers.items()}, now)
-        if prompt is None:
-            extra_bytes = int(self.bytes_per_chunk / C * (len(ids) - n_full * C)) + 8 * kvstate.LOGITS_TOP_K + 256
+        if prompt is None and (fetch is None or default_link is None):
+            info["decision"] = "local" if local else "no-match"
+        elif prompt is None:
+            extra_bytes = int(self.bytes_per_chunk / C * (len(ids) - n_full * C)) + 8 * codec.LOGITS_TOP_K + 256
             decision = decide(keys, local, peers, self.digest, C, self._cost(prefill_tps, default_link),
                               links=links, extra_bytes=extra_bytes, extra_tokens=len(ids) - n_full * C + 1,
-                              exclude=skip, overlap=self.config.fetch_overlap)
+                              exclude=skip)
             info.update(decision=decision.decision, est_transfer_s=decision.est_transfer_s,
                         peer=str(decision.peer) if decision.peer is not None else None,
                         est_recompute_s=decision.est_recompute_s, peers_considered=decision.peers_considered,
                         peers_skipped=list(decision.peers_skipped))
-            if decision.est_overlap_s is not None:
-                info["est_overlap_s"] = decision.est_overlap_s
             info["lookup_s"] = round(time.perf_counter() - t_lookup, 6)  # the decision's own cost
             if decision.decision == RECOMPUTE:
                 with self.lock:
                     self.figures.recomputes += 1
-            if decision.decision == REMOTE and decision.peer is not None and decision.head_chunks:
-                rtt = links.get(str(decision.peer), default_link).rtt_s
-                local = self._overlap(ids, keys, local, decision, pkey, fetch, info, rtt,
-                                      peers[str(decision.peer)].epoch)
-            elif decision.decision == REMOTE and decision.peer is not None:
+            if decision.decision == REMOTE and decision.peer is not None:
                 rtt = links.get(str(decision.peer), default_link).rtt_s
                 transfer = self._open(keys, local, decision, pkey, fetch, info, rtt,
                                       peers[str(decision.peer)].epoch)
@@ -402,7 +261,7 @@ class NodeCache:
         """Restore ``local`` chunks (and the prompt entry on a full hit), prefill the rest, store it."""
         C = self.chunk_size
         n_full = len(keys)
-        info["local_tokens"] = local * C - info["remote_tokens"] - info.get("head_tokens", 0)
+        info["local_tokens"] = local * C - info["remote_tokens"]
         with self.lock:
             chunks = self.store.get_chain(keys[:local]) if local else []
         if len(chunks) != local:  # evicted between lookup and use: recompute from what is left
@@ -442,7 +301,7 @@ class NodeCache:
                                               parent=keys[start - 1] if start else None)
                 if n_full == 0 or keys[-1] in self.store:
                     entry = {"tail": tail, "logits": logits.detach().clone()}
-                    change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, entry, self._size(entry))
+                    change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, entry, codec.record_size(entry))
                 self._changed(change)
             info["store_s"] = round(time.perf_counter() - t1, 6)
             return cache
@@ -455,51 +314,21 @@ class NodeCache:
             self.figures.hits += int(hit)
             self.figures.full_hits += int(full)
 
-    def _overlap(self, ids: Sequence[int], keys: list[ChunkHash], local: int, decision: Decision,
-                 pkey: ChunkHash, fetch: Fetch, info: dict[str, Any], rtt_s: float, epoch: int) -> int:
-        """Compute chunks ``local .. local+h`` here while ``local+h .. depth`` arrive (mesh.cache.lookup's
-        overlap); both go into the store. Returns how many leading chunks the store now holds for
-        the prompt (the caller restores them and prefills the rest)."""
-        C, head = self.chunk_size, decision.head_chunks
-        start = local + head
-        transfer = self._open(keys, start, decision, pkey, fetch, info, rtt_s, epoch, full=False)
-        try:
-            with self.lock:
-                chunks = self.store.get_chain(keys[:local])
-            local = len(chunks)  # (one evicted since the lookup: compute from there)
-            t0 = time.perf_counter()
-            cache = kvstate.restore_cache(self.model_config, chunks, capture=True)
-            _, cache = self.decoder.prefill(ids[:start * C], cache, start=local * C)
-            computed = kvstate.cut_chunks(cache, local, start - local, C)
-            kvstate.end_capture(cache)
-        except BaseException:
-            transfer.stop()  # nobody will read the answer
-            raise
-        info.update(head_tokens=(start - local) * C, head_s=round(time.perf_counter() - t0, 6))
-        with self.lock:
-            self._changed(self.store.put_chain(keys[local:start], computed, [c.nbytes for c in computed],
-                                               parent=keys[local - 1] if local else None))
-        got, _ = self._close(transfer, info, keys, start, pkey)
-        info["decision"] = REMOTE  # the head counts even when the peer sent nothing
-        return start + got
-
     def _open(self, keys: list[ChunkHash], local: int, decision: Decision, pkey: ChunkHash, fetch: Fetch,
-              info: dict[str, Any], rtt_s: float, epoch: int, full: bool | None = None) -> _Transfer:
-        """Send the request for keys[local:local+remote] (and the prompt entry on a full match,
-        unless ``full`` is False)."""
+              info: dict[str, Any], rtt_s: float, epoch: int) -> Reading:
+        """Send the request for keys[local:local+remote] (and the prompt entry on a full match)."""
         peer = str(decision.peer)
         want = keys[local:local + decision.remote_chunks]
-        if full is None:
-            full = local + decision.remote_chunks == len(keys)
+        full = local + decision.remote_chunks == len(keys)
         timeout = fetch_timeout(decision, self.fetch_floor_s, self.config.fetch_timeout_s)
         info["fetch_timeout_s"] = round(timeout, 3)
         with self.lock:
             self.figures.fetches += 1
         started = time.perf_counter()  # before the request leaves: fetch_s covers all of it
         parts = fetch(peer, list(want), pkey if full else None, timeout)
-        return _Transfer(self, peer, want, pkey, full, parts, started, rtt_s, epoch)
+        return Reading(self.check, peer, list(want), pkey, full, parts, started, rtt_s, epoch)
 
-    def _close(self, t: _Transfer, info: dict[str, Any], keys: list[ChunkHash], local: int,
+    def _close(self, t: Reading, info: dict[str, Any], keys: list[ChunkHash], local: int,
                pkey: ChunkHash) -> tuple[int, dict[str, Any] | None]:
         """Read the rest of a transfer, keep what verified, and settle the peer's record."""
         t.finish()
@@ -533,7 +362,7 @@ class NodeCache:
             change = self.store.put_chain(t.want[:len(got)], got, [c.nbytes for c in got],
                                           parent=keys[local - 1] if local else None)
             if prompt is not None:
-                change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, prompt, self._size(prompt))
+                change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, prompt, codec.record_size(prompt))
             self._changed(change)
             self.figures.fetched_chunks += len(got)
             self.figures.fetched_bytes += t.nbytes

@@ -1,6 +1,6 @@
 """Home Assistant on a node: MQTT discovery as a node extension, and decommissioning.
 
-:class:`HomeAssistantExtension` rides on :class:`nodes.agent.NodeAgent` (``AgentExtension``):
+:class:`HomeAssistantExtension` rides on a node agent (``mesh.member.AgentExtension``):
 
 - on start (the node is online) it publishes its device and the shared assistant device
   (retained, ``mesh.ha.discovery``) and subscribes to Home Assistant's birth topic;
@@ -10,18 +10,15 @@
 - the state the sensors read is the node's retained JSON state topic, which the agent publishes
   with each heartbeat, so nothing else is needed per heartbeat.
 
-:func:`decommission` is what ``mesh node --name N --decommission`` runs (the node must be
+:func:`decommission` is what ``mesh node --name N --decommission`` runs (``nodes/ha_cli.py``) (the node must be
 stopped): empty retained payloads on the node's discovery config and on every retained topic
 under ``mesh/v1/node/N/``, so neither Home Assistant nor the mesh remembers the node.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import threading
-from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
@@ -29,7 +26,7 @@ from mesh import topics, wire
 from mesh.ha import discovery as ha
 from mesh.mqtt.bus import MqttBus
 from mesh.mqtt.inbox import ReplyInbox
-from mesh.config import NodeConfig, check_name
+from mesh.config import check_name
 from mesh.errors import MeshError
 from mesh.member import AgentExtension
 
@@ -156,42 +153,3 @@ def decommission(bus: MqttBus, node: str, prefix: str = ha.DEFAULT_PREFIX, *, as
         cleared.append(msg.topic)
     log.info("decommissioned %s: cleared %s", node, ", ".join(cleared))
     return cleared
-
-
-# -- CLI wiring (the lead adds these to `mesh node`) ------------------------------------------------
-def add_ha_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("Home Assistant")
-    group.add_argument("--ha-prefix", help="Home Assistant discovery prefix (default homeassistant, "
-                                           "or MESH_HA_PREFIX)")
-    group.add_argument("--no-ha", action="store_true", help="publish no Home Assistant discovery")
-    group.add_argument("--decommission", action="store_true",
-                       help="remove this (stopped) node from Home Assistant and clear its retained "
-                            "topics, then exit")
-
-
-def ha_prefix_from_args(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> str:
-    return ha.check_prefix(getattr(args, "ha_prefix", None) or env.get("MESH_HA_PREFIX") or ha.DEFAULT_PREFIX)
-
-
-def ha_extension_from_args(args: argparse.Namespace, node_config: NodeConfig,
-                           env: Mapping[str, str] = os.environ) -> HomeAssistantExtension | None:
-    """The extension for ``NodeAgent(config, extensions=[...])``, or None with ``--no-ha``
-    (or ``MESH_NO_HA=1``)."""
-    if getattr(args, "no_ha", False) or env.get("MESH_NO_HA", "") in ("1", "true", "yes"):
-        return None
-    return HomeAssistantExtension(ha_prefix_from_args(args, env))
-
-
-def run_decommission(args: argparse.Namespace, node_config: NodeConfig,
-                     env: Mapping[str, str] = os.environ) -> int:
-    """``mesh node --name N --decommission``: connect with the node's credentials, clear, exit."""
-    bus = MqttBus(f"mesh-decommission-{node_config.name}-{os.getpid()}", node_config.broker,
-                  keepalive=node_config.timing.keepalive_s)
-    bus.start(node_config.timing.connect_timeout_s)
-    try:
-        cleared = decommission(bus, node_config.name, ha_prefix_from_args(args, env))
-    finally:
-        bus.stop()
-    print(f"node {node_config.name} decommissioned: {len(cleared)} retained topics cleared")
-    return 0
-

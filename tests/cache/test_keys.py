@@ -19,9 +19,9 @@ from mesh.cache.keys import (
     DEFAULT_CHUNK_SIZE,
     ModelKey,
     chunk_keys,
+    KEY_BYTES,
+    ChunkHash,
     extend_keys,
-    full_chunks,
-    key_from_hex,
     key_hex,
     prompt_key,
 )
@@ -29,6 +29,21 @@ from mesh.errors import ConfigError
 
 MK = ModelKey("sha256:0123", "gemma3-270m-tok", "float32", 16, 1)
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def full_chunks(n_tokens: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
+    """Number of full chunks in ``n_tokens`` tokens (the trailing partial chunk has no key)."""
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    return max(n_tokens, 0) // chunk_size
+
+
+def key_from_hex(text: str) -> ChunkHash:
+    """Parse :func:`key_hex` output; raises ValueError unless it is 32 hex characters."""
+    raw = bytes.fromhex(text)
+    if len(raw) != KEY_BYTES:
+        raise ValueError(f"chunk key must be {KEY_BYTES} bytes, got {len(raw)}")
+    return ChunkHash(raw)
 
 
 def test_golden_values_are_stable() -> None:

@@ -10,16 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, Gemma3TextConfig, LlamaConfig
 
 from mesh.errors import ProtocolError
+from mesh.cache.codec import decode_chunk, encode_chunk, wire_bytes_per_token
 from mesh.cache.kv import (
     ChunkKV,
     capture_cache,
     cut_chunks,
-    decode_chunk,
-    encode_chunk,
     end_capture,
     kv_layout,
     restore_cache,
-    wire_bytes_per_token,
 )
 
 C = 16
@@ -253,20 +251,16 @@ def test_flipped_byte_and_bad_values_are_rejected() -> None:
 @pytest.mark.parametrize("codec", ["fp16", "int8", "fp32"])
 def test_an_empty_tail_round_trips_in_every_codec(codec: str) -> None:
     """A prompt of whole chunks leaves a zero-length tail; serving it must not fail."""
-    import torch
-
-    from mesh.cache import kv as kvstate
-
-    empty = kvstate.ChunkKV(keys=(torch.zeros(2, 0, 8),) * 3, values=(torch.zeros(2, 0, 8),) * 3)
-    back = kvstate.decode_chunk(kvstate.encode_chunk(empty, codec, key=b"k" * 16, model=b"m" * 16),
-                                [(2, 8)] * 3, 0, key=b"k" * 16, model=b"m" * 16)
+    empty = ChunkKV(keys=(torch.zeros(2, 0, 8),) * 3, values=(torch.zeros(2, 0, 8),) * 3)
+    back = decode_chunk(encode_chunk(empty, codec, key=b"k" * 16, model=b"m" * 16),
+                        [(2, 8)] * 3, 0, key=b"k" * 16, model=b"m" * 16)
     assert back.length == 0 and len(back.keys) == 3
 
 
 # -- last logits on the wire --------------------------------------------------------------------
 
 def test_logits_travel_as_their_top_k_and_keep_the_argmax() -> None:
-    from mesh.cache.kv import decode_logits, encode_logits
+    from mesh.cache.codec import decode_logits, encode_logits
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(262_144, generator=g) * 4
@@ -284,7 +278,7 @@ def test_logits_travel_as_their_top_k_and_keep_the_argmax() -> None:
 
 @pytest.mark.parametrize("lie", ["key", "model", "values", "ids", "size", "vocab", "repeated"])
 def test_tampered_logits_are_rejected(lie: str) -> None:
-    from mesh.cache.kv import decode_logits, encode_logits
+    from mesh.cache.codec import decode_logits, encode_logits
 
     w = encode_logits(torch.arange(1000, dtype=torch.float32), key=b"k" * 16, model=b"m" * 16, top_k=8)
     if lie == "values":

@@ -15,7 +15,6 @@ from mesh.cache.lookup import (
     LinkEstimate,
     NodeId,
     decide,
-    local_prefix,
 )
 
 MK = ModelKey("sha256:0123", "tok")
@@ -36,10 +35,10 @@ def cost(tps: float, link: LinkEstimate = WIFI, margin: float = 1.0) -> CostMode
                      default_link=link, margin=margin)
 
 
-def test_local_prefix_reads_the_store() -> None:
+def test_the_local_prefix_is_the_store_match() -> None:
     store = KVStore(10**9, MODEL)
     store.put_chain(KEYS[:3], [b""] * 3, [1] * 3)
-    assert local_prefix(store, KEYS) == 3
+    assert store.match_prefix(KEYS) == 3
     assert store.stats().hits == 3 and store.stats().misses == 7
 
 
@@ -95,62 +94,6 @@ def test_margin_demands_a_clear_win() -> None:
     cats = {NodeId("b"): cat(4)}
     assert decide(KEYS, 0, cats, MODEL, 16, cost(16 / 1.2, link)).decision == "remote"  # 1.2 s/chunk
     assert decide(KEYS, 0, cats, MODEL, 16, cost(16 / 1.2, link, margin=1.5)).decision == "recompute"
-
-
-def test_overlap_computes_the_head_while_the_tail_arrives() -> None:
-    # Pi 5 class prefill over the paper's Wi-Fi: fetching all 8 missing chunks (0.91 s) loses to
-    # recomputing them (0.21 s), but computing 7 while the 8th arrives takes 0.19 s
-    d = decide(KEYS, 2, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0), overlap=True)
-    assert d.decision == "remote" and d.peer == "b"
-    assert d.head_chunks == 7 and d.remote_chunks == 1 and d.fetch_bytes == GEMMA_CHUNK
-    assert d.local_tokens == 32 and d.remote_tokens == 16
-    assert d.est_overlap_s == pytest.approx(7 * 16 / 600.0)
-    assert d.est_overlap_s < d.est_recompute_s < d.est_transfer_s
-    # a link and a device of equal speed per chunk: half and half, about twice as fast as either
-    even = LinkEstimate(bytes_per_s=GEMMA_CHUNK / 0.1, rtt_s=0.0)  # 0.1 s per chunk both ways
-    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(160.0, even), overlap=True)
-    assert d.head_chunks == 5 and d.remote_chunks == 5 and d.est_overlap_s == pytest.approx(0.5)
-    # the margin weighs the transfer side: a 1.5 margin moves the split towards computing
-    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(160.0, even, margin=1.5), overlap=True)
-    assert d.head_chunks == 6 and d.est_overlap_s == pytest.approx(0.6)
-
-
-def test_overlap_is_not_taken_when_one_side_wins_alone() -> None:
-    # a fast link: fetching everything beats any split
-    fast = LinkEstimate(bytes_per_s=500e6, rtt_s=0.001)
-    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0, fast), overlap=True)
-    assert d.decision == "remote" and d.head_chunks == 0 and d.remote_chunks == 10
-    # fetching everything pays, though a split would be faster still: a full fetch brings the
-    # last logits first (the first token does not wait), so it is kept
-    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(160.0 / 1.5, LinkEstimate(GEMMA_CHUNK / 0.1, 0.0)),
-               overlap=True)
-    assert d.decision == "remote" and d.head_chunks == 0 and d.est_overlap_s is None
-    # a link so slow that even one chunk costs more than recomputing them all
-    crawl = LinkEstimate(bytes_per_s=GEMMA_CHUNK / 10.0, rtt_s=0.05)
-    d = decide(KEYS, 0, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0, crawl), overlap=True)
-    assert d.decision == "recompute" and d.head_chunks == 0 and d.est_overlap_s is not None
-    # one missing chunk cannot be split
-    d = decide(KEYS, 9, {NodeId("b"): cat(10)}, MODEL, 16, cost(600.0), overlap=True)
-    assert d.head_chunks == 0 and d.est_overlap_s is None
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_overlap_split_picks_the_best_head(seed: int) -> None:
-    import random
-
-    from mesh.cache.lookup import overlap_split
-
-    r = random.Random(seed)
-    remote = r.randint(2, 40)
-    link = LinkEstimate(bytes_per_s=r.uniform(1e5, 1e8), rtt_s=r.uniform(0, 0.05))
-    c = cost(r.uniform(1, 2000), link, margin=r.uniform(1, 2))
-    head, est = overlap_split(remote, 16, c, link)
-
-    def brute(h: int) -> float:
-        return max(h * 16 / c.prefill_tokens_per_s, link.transfer_s((remote - h) * GEMMA_CHUNK) * c.margin)
-
-    assert 1 <= head < remote
-    assert est == pytest.approx(min(brute(h) for h in range(1, remote)))
 
 
 def test_ties_go_to_the_faster_link_then_the_lower_name() -> None:

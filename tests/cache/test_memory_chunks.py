@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
+from mesh.cache import codec as kvcodec
 from mesh.cache import kv as kvstate
 
 C = 4
@@ -56,12 +57,12 @@ def test_cut_chunks_and_tail_are_one_buffer_each(cache: tuple[object, object]) -
     assert torch.equal(tail.values[1], layer.values[0, :, 4 * C:4 * C + 2])
 
 
-@pytest.mark.parametrize("codec", kvstate.CODECS)
+@pytest.mark.parametrize("codec", kvcodec.CODECS)
 def test_decoded_and_converted_chunks_are_one_buffer(cache: tuple[object, object], codec: str) -> None:
     config, kv = cache
     chunk = kvstate.cut_chunks(kv, 1, 1, C)[0]
-    wire = kvstate.encode_chunk(chunk, codec, key=b"k" * 16, model=b"m" * 16)
-    got = kvstate.decode_chunk(wire, kvstate.kv_layout(config), C, key=b"k" * 16, model=b"m" * 16)
+    wire = kvcodec.encode_chunk(chunk, codec, key=b"k" * 16, model=b"m" * 16)
+    got = kvcodec.decode_chunk(wire, kvstate.kv_layout(config), C, key=b"k" * 16, model=b"m" * 16)
     _one_buffer(got)
     _one_buffer(got.to(torch.float16))
     if codec == "fp32":

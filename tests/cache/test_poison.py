@@ -13,9 +13,7 @@ waits for a fetch longer than its recompute estimate (within a small floor).
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
-import queue
 import signal
 import threading
 import time
@@ -26,7 +24,7 @@ from typing import Any
 import pytest
 
 from mesh import topics, wire
-from mesh.cache import kv as kvstate
+from mesh.cache import codec as kvcodec
 from nodes import mmlu
 from mesh.mqtt.bus import MqttBus
 from nodes.client import AskResult, MeshClient
@@ -73,14 +71,12 @@ class Attacker:
 
     def __init__(self, broker: Broker, name: str, loaded: Any) -> None:
         from mesh.config import CacheConfig
-        from mesh.cache.lookup import LinkEstimate
         from mesh.model import Decoder
         from mesh.cache.node_cache import NodeCache
 
         self.loaded = loaded
         self.decoder = Decoder(self.loaded)
         self.cache = NodeCache(self.loaded, CacheConfig(), self.decoder)
-        self.link = LinkEstimate(1e9, 0.001)
         self.name = name
         self.tamper: Callable[[list[dict[str, Any]], list[bytes]], list[dict[str, Any]]] = lambda p, k: p
         self.requests = 0
@@ -91,7 +87,7 @@ class Attacker:
     def learn(self, *prompts: str) -> None:
         """Compute the prompts' real KV into our store (no peers: a plain prefill)."""
         for p in prompts:
-            self.cache.prepare(self.decoder.encode(p), 100.0, self.link, lambda *a: None)
+            self.cache.prepare_local(self.decoder.encode(p))
 
     def keys(self, prompt: str) -> list[bytes]:
         return list(self.cache.keys(self.decoder.encode(prompt))[0])
@@ -195,7 +191,7 @@ def other_model(parts: list[dict[str, Any]], keys: list[bytes]) -> list[dict[str
     for p in parts:
         for c in p["chunks"]:
             c["model"] = bytes(16)
-            c["sum"] = kvstate._checksum(c["model"], c["key"], c["layers"])
+            c["sum"] = kvcodec._checksum(c["model"], c["key"], c["layers"])
     return parts
 
 

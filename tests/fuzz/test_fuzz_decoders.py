@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh import wire
+from mesh.cache import codec as kvcodec
 from mesh.cache import kv as kvstate
 from mesh.cache.catalog import Catalog
 from mesh.errors import ProtocolError
@@ -81,7 +82,7 @@ def _decode_all(payload: bytes) -> None:
             Catalog.from_dict(body)
         elif env.kind is wire.Kind.KV_CHUNKS:
             for chunk in body["chunks"]:
-                kvstate.decode_chunk(chunk, [(2, 4)] * 2, 16)
+                kvcodec.decode_chunk(chunk, [(2, 4)] * 2, 16)
     except ProtocolError:
         return
 
@@ -114,7 +115,7 @@ def test_mutated_json_asks_only_ever_raise_protocol_errors() -> None:
 
 def test_mutated_kv_chunks_are_rejected_not_crashing() -> None:
     chunk = kvstate.ChunkKV(keys=(torch.randn(2, 16, 4),) * 2, values=(torch.randn(2, 16, 4),) * 2)
-    base = cbor2.dumps(kvstate.encode_chunk(chunk, "int8", key=b"k" * 16, model=b"m" * 16))
+    base = cbor2.dumps(kvcodec.encode_chunk(chunk, "int8", key=b"k" * 16, model=b"m" * 16))
     accepted = 0
 
     @settings(max_examples=2_000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -122,7 +123,7 @@ def test_mutated_kv_chunks_are_rejected_not_crashing() -> None:
     def run(payload: bytes) -> None:
         nonlocal accepted
         try:
-            kvstate.decode_chunk(cbor2.loads(payload), [(2, 4)] * 2, 16, key=b"k" * 16, model=b"m" * 16)
+            kvcodec.decode_chunk(cbor2.loads(payload), [(2, 4)] * 2, 16, key=b"k" * 16, model=b"m" * 16)
             accepted += 1
         except ProtocolError:
             pass

@@ -53,8 +53,10 @@ from mesh.errors import ProtocolError
 from mesh.model import Decoder, LoadedModel
 from mesh.routing import choose_node
 from mesh.halo.placement import Plan
-from nodes.agent import DEFAULT_LINK, NodeAgent
+from nodes.agent import NodeAgent
 from mesh.cache.node_cache import NodeCache
+from mesh.cache.peers import CatalogSync
+from mesh.cache.transfer import PeerTransfer
 from nodes.coordinator import Coordinator, CoordinatorConfig
 from mesh.ha.extension import HomeAssistantExtension
 from mesh.halo.engine import HaloEngine
@@ -240,6 +242,11 @@ class Rig:
         # What NodeAgent.start sets up, without its loops: the test drains their queues itself.
         agent.decoder = Decoder(tiny)
         agent.cache = NodeCache(tiny, cfg.cache, agent.decoder)
+        agent.catalogs = CatalogSync(agent.bus, agent.cache, NAME, stop=agent._stop, rejects=agent.rejects,
+                                     max_message_bytes=agent.limits.max_message_bytes)
+        agent.transfer = PeerTransfer(agent.bus, agent.inbox, NAME, agent.cache.serve, agent.cache.digest,
+                                      kv_wire=cfg.cache.kv_wire, online=agent.member.peer_online, stop=agent._stop,
+                                      rejects=agent.rejects, max_message_bytes=agent.limits.max_message_bytes)
         agent.bus.start(10.0)
         agent.member.present = True  # what Member.go_online sets: it counts itself online, and routes
         agent.member.on_status(topics.node_status(NAME), topics.ONLINE, True)
@@ -249,7 +256,7 @@ class Rig:
         assert agent.member.peers.get(NAME).model == tiny.key
         # A cached prompt, so KV fetches for real keys serve real chunks.
         self.prompt_ids = agent.decoder.encode("The mesh keeps the KV state of every prompt it computed. " * 4)
-        agent.cache.prepare(self.prompt_ids, 100.0, DEFAULT_LINK, lambda *a: None, {})
+        agent.cache.prepare_local(self.prompt_ids)
         self.chunk_keys, self.prompt_key = agent.cache.keys(self.prompt_ids)
         assert agent.cache.store.get_chain(self.chunk_keys), "the cache holds the primed prompt"
         self.reply_corr, self.reply_queue = agent.inbox.open("c0")
@@ -418,13 +425,9 @@ class Rig:
                     and all(isinstance(k, bytes) and len(k) == 16 for k in env.body["keys"]))
 
         def kv_consume(topic: str, payload: bytes) -> None:
-            env = a._serve_jobs.get_nowait()
-            # NodeAgent._serve_loop, whose catch-all would only log: it must not need it.
-            pkey = env.body.get("prompt_key")
-            bodies = a.cache.serve(list(env.body["keys"]), pkey if isinstance(pkey, bytes) else None,
-                                   str(env.body["codec"]), limits.max_message_bytes)
-            for b in bodies:
-                wire.encode(wire.Envelope(wire.Kind.KV_CHUNKS, NAME, b, corr=env.corr), limits.max_message_bytes)
+            env = a.transfer.jobs.get_nowait()
+            # PeerTransfer's serve loop, whose catch-all would only log: it must not need it.
+            a.transfer.serve_one(env)
 
         # replies to the node's inbox: one requester waits on corr "c0"; the link probe takes pings
         reply_corrs = one_of(choice(["c0", "c1", "lp1", "lp99", "bw3", "lpx", "lp", "bw", "lp-1", None]), cbor_value)
@@ -582,14 +585,14 @@ class Rig:
                                     known_bad=[(topics.node_heartbeat("peer1"), fuzzkit.dumps(fuzzkit.envelope_dict(
                                         wire.Kind.HEARTBEAT, {**fuzzkit.valid_bodies()[wire.Kind.HEARTBEAT],
                                                               "link_bw_Bps": 2 ** 1100})), True)]),
-            "agent.catalog": Case(a._on_catalog, messages(node_topic("catalog"), one_of(*[cbor_payload(
+            "agent.catalog": Case(a.catalogs.handle, messages(node_topic("catalog"), one_of(*[cbor_payload(
                                       wire.Kind.CATALOG, body=good_catalog, body_fields=lambda r: opt(r, cat_fields),
                                       sender=SENDERS)] * 9, const(b""))),
                                   self.node_counted, cat_state, cat_valid, prepare=cat_prepare,
                                   ignored=lambda t, p, r: node_of(t) == NAME),
-            "agent.kv_fetch": Case(a._on_kv_fetch, messages(const(topics.node_kv(NAME)), cbor_payload(
+            "agent.kv_fetch": Case(a.transfer.handle, messages(const(topics.node_kv(NAME)), cbor_payload(
                                        wire.Kind.KV_FETCH, body_fields=lambda r: opt(r, kv_fields), corr=CORRS)),
-                                   self.node_counted, lambda: a._serve_jobs.qsize(), kv_valid, consume=kv_consume),
+                                   self.node_counted, lambda: a.transfer.jobs.qsize(), kv_valid, consume=kv_consume),
             "inbox+link": Case(a.inbox._handle, reply_msgs, self.node_counted, inbox_state, inbox_valid,
                                consume=inbox_consume),
             "halo_worker.frame": Case(w._on_frame, frame_msgs, self.node_counted, frame_state, frame_valid,

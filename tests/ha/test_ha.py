@@ -15,7 +15,8 @@ from mesh import topics
 from mesh.ha import discovery as ha
 from mesh.config import NodeConfig
 from mesh.errors import ConfigError
-from mesh.ha.extension import HomeAssistantExtension, add_ha_arguments, ha_extension_from_args
+from mesh.ha.extension import HomeAssistantExtension
+from nodes.ha_cli import add_ha_arguments, ha_extension_from_args
 
 # Home Assistant renders value templates with Jinja in a sandbox; strict undefined makes any
 # access to a missing figure fail loudly here, where Home Assistant would log and keep old state.

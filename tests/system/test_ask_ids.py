@@ -72,6 +72,7 @@ class Asker:
     def count_answers(self, corr: str, timeout: float = 120.0) -> int:
         """Answers to ``corr``: waits for the first, then ``SETTLE_S`` for any repeat."""
         got, deadline = 0, time.monotonic() + timeout
+        settle_until = deadline
         while True:
             left = (deadline if got == 0 else settle_until) - time.monotonic()
             if left <= 0:

@@ -54,7 +54,7 @@ import argparse, logging, signal, sys, threading
 from nodes.cli import _quiet_libraries, build_parser
 from nodes.settings import node_config
 from nodes.agent import NodeAgent
-from mesh.ha.extension import add_ha_arguments, ha_extension_from_args
+from nodes.ha_cli import add_ha_arguments, ha_extension_from_args
 ha_parser = argparse.ArgumentParser(add_help=False)
 add_ha_arguments(ha_parser)
 ha_args, rest = ha_parser.parse_known_args(sys.argv[1:])
