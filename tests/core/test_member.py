@@ -1,0 +1,91 @@
+"""The membership core on its own (mesh.member.Member), with a bus that records what it publishes.
+
+The real-process versions (a node agent and a coordinator on a real broker) are in
+tests/system/test_ask_ids.py; these pin the rules: what counts as a repeat, how long it is
+remembered, what a full queue answers, and when a process counts itself as the router.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from mesh import topics, wire
+from mesh.config import Limits
+from mesh.member import Job, Member
+
+
+class RecordingBus:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        self.sent.append((topic, payload))
+
+    def publish_wait(self, topic: str, payload: bytes, **_: Any) -> None:
+        self.sent.append((topic, payload))
+
+    def subscribe(self, *_: Any, **__: Any) -> None:
+        pass
+
+
+def member(max_queue: int = 8, window: float = 600.0) -> tuple[Member, RecordingBus]:
+    bus = RecordingBus()
+    return Member("n1", bus, Limits(max_queue=max_queue), wire.RejectCounter(), dedupe_window_s=window), bus  # type: ignore[arg-type]
+
+
+def ask(sender: str, corr: str, reply_to: str = "mesh/v1/reply/a", **body: Any) -> Job:
+    env = wire.Envelope(wire.Kind.ASK, sender, {"text": "hi", "max_new_tokens": 2, **body}, corr=corr,
+                        reply_to=reply_to)
+    return Job(env, time.monotonic())
+
+
+def test_a_repeat_is_the_same_sender_reply_topic_and_id() -> None:
+    m, _ = member()
+    assert m.take(ask("alice", "q1"))
+    assert not m.take(ask("alice", "q1"))  # the repeat
+    assert m.take(ask("bob", "q1"))  # another asker, the same id
+    assert m.take(ask("alice", "q1", reply_to="mesh/v1/reply/b"))  # another inbox of the same name
+    assert m.take(ask("alice", "q2"))
+    assert m.jobs.qsize() == 4 and m.rejects.snapshot() == {"duplicate-ask": 1}
+
+
+def test_a_json_ask_id_counts_as_the_id() -> None:
+    m, _ = member()
+    assert m.take(ask("json-client", "c1", ask_id="mine"))
+    assert not m.take(ask("json-client", "c2", ask_id="mine"))  # same asker, same ask_id
+    assert m.take(ask("json-client", "c3", reply_to="home/answer", ask_id="mine"))  # another asker's inbox
+
+
+def test_ids_are_forgotten_after_the_window() -> None:
+    m, _ = member(window=0.05)
+    job = ask("alice", "q1")
+    assert m.take(job)
+    m.jobs.get_nowait()
+    time.sleep(0.1)
+    assert m.take(ask("carol", "other"))  # any later ask expires what is older than the window
+    assert m.take(ask("alice", "q1"))
+
+
+def test_a_full_queue_answers_busy_and_counts_it() -> None:
+    m, bus = member(max_queue=1)
+    assert m.take(ask("alice", "q1"))
+    assert not m.take(ask("alice", "q2"))
+    topic, payload = bus.sent[-1]
+    env = wire.decode(payload)
+    assert topic == "mesh/v1/reply/a" and env.kind is wire.Kind.ERROR and env.body["reason"] == "busy"
+    assert m.rejects.snapshot() == {"busy": 1}
+
+
+def test_it_routes_only_while_present_and_smallest() -> None:
+    m, _ = member()
+    assert not m.is_router()  # not announced yet
+    m.present = True
+    assert m.is_router()  # alone
+    m.on_status(topics.node_status("a0"), topics.ONLINE, True)
+    assert not m.is_router()  # a smaller name is online
+    m.on_status(topics.node_status("a0"), topics.OFFLINE, False)
+    assert m.is_router()
+    m.on_status(topics.node_status("n1"), topics.ONLINE, True)  # its own retained status
+    m.present = False  # going offline: it stops routing at once
+    assert not m.is_router()
