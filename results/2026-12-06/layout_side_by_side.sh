@@ -9,7 +9,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PY:-$(cd "$HERE/../.." && pwd)/.venv/bin/python}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 run() {  # tree label bench round
-  local tree=$1 label=$2 bench=$3 i=$4 out="$HERE/layout-$bench-$label-$i"
+  local tree=$1 label=$2 bench=$3 i=$4
+  local out="$HERE/layout-$bench-$label-$i"
   local args=(--loss 0,5 --no-ablation)
   [[ $bench == cache ]] && args=(--profile pi-zero-2w --questions 4)
   echo "$(date -u +%H:%M:%S) start $bench $label round $i ($(git -C "$tree" rev-parse --short HEAD))"
