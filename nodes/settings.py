@@ -80,21 +80,28 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
     name = _pick(getattr(args, "name", None), env, "MESH_NODE_NAME", table, "name", None)
     if not name:
         raise ConfigError("a node needs a name: --name, MESH_NODE_NAME or [node] name")
+    cache_d, limits_d, timing_d = CacheConfig(), Limits(), Timing()  # the defaults live in mesh.config
     try:
         threads = int(_pick(getattr(args, "threads", None), env, "MESH_THREADS", table, "threads", 0))
-        heartbeat = float(_pick(getattr(args, "heartbeat", None), env, "MESH_HEARTBEAT_S", table, "heartbeat_s", 2.0))
-        link_ping = float(_pick(getattr(args, "link_ping", None), env, "MESH_LINK_PING_S", table, "link_ping_s", 0.5))
-        max_queue = int(_pick(getattr(args, "max_queue", None), env, "MESH_MAX_QUEUE", table, "max_queue", 32))
-        cache_mb = float(_pick(getattr(args, "cache_mb", None), env, "MESH_CACHE_MB", table, "cache_mb", 256))
-        chunk = int(_pick(getattr(args, "chunk_size", None), env, "MESH_CHUNK_SIZE", table, "chunk_size", 16))
-        margin = float(_pick(getattr(args, "fetch_margin", None), env, "MESH_FETCH_MARGIN", table, "fetch_margin", 1.2))
+        heartbeat = float(_pick(getattr(args, "heartbeat", None), env, "MESH_HEARTBEAT_S", table, "heartbeat_s",
+                                timing_d.heartbeat_s))
+        link_ping = float(_pick(getattr(args, "link_ping", None), env, "MESH_LINK_PING_S", table, "link_ping_s",
+                                timing_d.link_ping_s))
+        max_queue = int(_pick(getattr(args, "max_queue", None), env, "MESH_MAX_QUEUE", table, "max_queue",
+                              limits_d.max_queue))
+        cache_mb = float(_pick(getattr(args, "cache_mb", None), env, "MESH_CACHE_MB", table, "cache_mb",
+                               cache_d.budget_mb))
+        chunk = int(_pick(getattr(args, "chunk_size", None), env, "MESH_CHUNK_SIZE", table, "chunk_size",
+                          cache_d.chunk_size))
+        margin = float(_pick(getattr(args, "fetch_margin", None), env, "MESH_FETCH_MARGIN", table, "fetch_margin",
+                             cache_d.fetch_margin))
     except ValueError as exc:
         raise ConfigError(f"invalid number in node settings: {exc}") from exc
     persist = _pick(getattr(args, "cache_dir", None), env, "MESH_CACHE_DIR", table, "cache_dir", None)
     cache = CacheConfig(
         enabled=not getattr(args, "no_cache", False) and not table.get("no_cache", False),
         budget_mb=cache_mb, chunk_size=chunk, fetch_margin=margin,
-        kv_wire=str(_pick(getattr(args, "kv_wire", None), env, "MESH_KV_WIRE", table, "kv_wire", "fp16")),
+        kv_wire=str(_pick(getattr(args, "kv_wire", None), env, "MESH_KV_WIRE", table, "kv_wire", cache_d.kv_wire)),
         persist_dir=Path(persist).expanduser() if persist else None,
     )
     return NodeConfig(
