@@ -100,9 +100,8 @@ def bind_threads() -> None:
     ``torch.set_num_threads`` binds OpenMP and MKL only in the thread that calls it; a matmul in
     any other thread (paho's network thread, a node's work loop) ran with one OpenMP thread per
     core. With several one-thread processes sharing two cores, the extra OpenMP thread spins and
-    waits for a time slice: a HALO worker's one-token partial took 7.3 ms instead of 0.43 ms, and
-    three such processes on two cores showed a p90 of 8-21 ms instead of 0.36 ms
-    (results/2026-12-05/thread_pool_repro.py).
+    waits for a time slice, and a HALO worker's one-token partial took many times longer
+    (measured by results/2026-12-05/thread_pool_repro.py).
     """
     if not getattr(_bound, "done", False):
         torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -3,15 +3,14 @@
 A node lives for weeks and churns through KV tensors of every size (the prompt cache fills,
 then replaces entries). With glibc's defaults the mmap threshold creeps up after large frees, so
 later large blocks come from the heap, and freed heap pages stay with the process: RSS grows
-with no leak behind it (`mesh bench load` measured 12-22 MiB per 100 asks once the cache was
-full). A fixed threshold sends large blocks back to the kernel on free, and a periodic
-``malloc_trim`` returns the free pages in between.
+with no leak behind it (`mesh bench load`, figures in README and results/). A fixed threshold
+sends large blocks back to the kernel on free, and a periodic ``malloc_trim`` returns the free
+pages in between.
 
-That cut the growth to 2.5-9 MiB per 100 asks; the rest was the store's chunks themselves: 36
-tensors of 16 KiB each per Gemma-3 chunk, all in the worker thread's malloc arena among
-short-lived blocks, so every eviction left holes the next chunks did not fit (malloc_info: that
-arena held the whole cache, 255 -> 260 MiB with its free space 12 -> 38 MiB over 250 asks).
-``mesh.cache.kv.pack`` makes each chunk one 576 KiB buffer; the fixed threshold here is what
+The rest of the growth was the store's chunks themselves: one small tensor per layer and K/V for
+each Gemma-3 chunk, all in the worker thread's malloc arena among short-lived blocks, so every
+eviction left holes the next chunks did not fit. ``mesh.cache.kv.pack`` makes each chunk one
+buffer; the fixed threshold here is what
 sends such a buffer to its own mapping: glibc's dynamic threshold rises to the size of each
 freed mapped block, so the first freed 1 MiB logits tensor would put chunks in the heap again.
 """
