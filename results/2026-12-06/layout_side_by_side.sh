@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 14: the layout move side by side with the commit before it, in one sitting, alternating.
 # OLD and NEW are git worktrees (e.g. `git worktree add /work/old 6712cb8`); both run on this
-# repo's venv. Each round: halo old, halo new, cache new, cache old (ABBA against drift).
-# Usage: layout_side_by_side.sh OLD NEW ROUNDS [halo|cache|both]
+# repo's venv. Rounds alternate the order (old, new, then new, old: ABBA), so a drift of the
+# machine over the sitting, or anything one run leaves behind for the next, favours neither side.
+# Usage: [FIRST=k] layout_side_by_side.sh OLD NEW ROUNDS [halo|cache|both]   (rounds FIRST..ROUNDS)
 set -uo pipefail
 OLD=$1 NEW=$2 ROUNDS=${3:-3} WHAT=${4:-both}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -18,7 +19,11 @@ run() {  # tree label bench round
       --json "$out.json" --plot "$out.png" > "$out.log" 2>&1)
   echo "$(date -u +%H:%M:%S) end $bench $label round $i: exit $?"
 }
-for i in $(seq 1 "$ROUNDS"); do
-  if [[ $WHAT != cache ]]; then run "$OLD" old halo "$i"; run "$NEW" new halo "$i"; fi
-  if [[ $WHAT != halo ]]; then run "$NEW" new cache "$i"; run "$OLD" old cache "$i"; fi
+pair() {  # bench round
+  if (( $2 % 2 )); then run "$OLD" old "$1" "$2"; run "$NEW" new "$1" "$2"
+  else run "$NEW" new "$1" "$2"; run "$OLD" old "$1" "$2"; fi
+}
+for i in $(seq "${FIRST:-1}" "$ROUNDS"); do
+  [[ $WHAT != cache ]] && pair halo "$i"
+  [[ $WHAT != halo ]] && pair cache "$i"
 done
