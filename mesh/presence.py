@@ -17,7 +17,7 @@ from typing import Any
 from mesh import topics, wire
 from mesh.errors import ProtocolError
 from mesh.mqtt.bus import MqttBus
-from mesh.routing import NodeView, PeerTable
+from mesh.routing import PeerTable
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,3 @@ class Presence:
         with self.changed:
             view = self.peers.get(peer)
             return view is None or view.online
-
-    def online_views(self) -> list[NodeView]:
-        with self.changed:
-            return self.peers.online()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -157,17 +157,13 @@ class HaloEngine:
         self.plans.heard(node, float(period) if isinstance(period, (int, float)) and not isinstance(period, bool)
                          else None)
 
-    def gone(self, workers: Iterable[str]) -> frozenset[str]:
-        """Workers not worth waiting for: offline (last will), silent, or suspect after a strict timeout."""
-        return self.plans.gone(workers)
-
     # -- planning (planner thread) ----------------------------------------------------------------
     def replan(self, views: Sequence[tuple[str, dict[str, Any], bool]], now: float, idle: bool) -> None:
         """Re-plan if the figures or the importance window drifted (or at first): publish the new
         plan retained; it becomes active once every worker in it acknowledged (``HaloWorker``'s
         loader, ``mesh.halo.worker``, loads it and answers ``HALO_ACK``)."""
         self.fold_samples()
-        gone = self.gone(name for name, _, _ in views)
+        gone = self.plans.gone(name for name, _, _ in views)
         figs = [f for name, hb, online in views
                 if (f := worker_figures(name, hb, online and name not in gone,
                                         self.loaded.model_key, self.config.group_size,
