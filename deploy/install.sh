@@ -114,6 +114,11 @@ write_env() {
         step "/etc/mesh/mesh.env from mesh.env.example"
         install -m 0644 "$src/deploy/systemd/mesh.env.example" /etc/mesh/mesh.env
     fi
+    if [ -z "$broker" ] && [ "$gateway" -eq 1 ]; then
+        # Units on the gateway reach its broker over loopback, the one place plain MQTT listens.
+        broker=127.0.0.1:1883
+        sed -i "s|^MESH_TLS_CA=|#MESH_TLS_CA=|" /etc/mesh/mesh.env
+    fi
     if [ -n "$broker" ]; then
         sed -i "s|^MESH_BROKER=.*|MESH_BROKER=$broker|" /etc/mesh/mesh.env
     fi

@@ -4,6 +4,7 @@ a test skips only when that is impossible (not root, no network)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -141,3 +142,38 @@ def test_make_certs_makes_a_ca_and_a_server_certificate(tmp_path: Path) -> None:
     # a second run renews the server certificate under the same CA
     subprocess.run([str(script), "-d", str(tmp_path), "gateway.local"], check=True, capture_output=True)
     assert (tmp_path / "ca.crt").read_bytes() == ca
+
+
+def _listeners(conf: str) -> list[tuple[int, str | None, dict[str, str]]]:
+    """(port, bind address or None for every interface, the block's settings) per listener."""
+    blocks: list[tuple[int, str | None, dict[str, str]]] = []
+    for line in conf.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "listener":
+            blocks.append((int(words[1]), words[2] if len(words) > 2 else None, {}))
+        elif blocks:
+            blocks[-1][2][words[0]] = " ".join(words[1:])
+    return blocks
+
+
+def test_plain_mqtt_only_on_loopback_and_the_docs_default_to_tls() -> None:
+    """H4: a listener without TLS binds a loopback address; the TLS listener is the way in from the
+    LAN; the shipped environment and the docs point nodes, operators and Home Assistant at 8883."""
+    listeners = _listeners((DEPLOY / "mosquitto" / "mosquitto.conf").read_text())
+    assert {port for port, _, _ in listeners} == {1883, 8883}
+    for port, bind, settings in listeners:
+        if "certfile" in settings:
+            assert {"cafile", "keyfile"} <= set(settings) and settings["tls_version"] in ("tlsv1.2", "tlsv1.3")
+        else:
+            assert bind is not None and ipaddress.ip_address(bind).is_loopback, (port, bind)
+    env = (DEPLOY / "systemd" / "mesh.env.example").read_text()
+    assert re.search(r"^MESH_BROKER=gateway\.local:8883$", env, re.M)
+    assert re.search(r"^MESH_TLS_CA=/etc/mesh/ca\.crt$", env, re.M)
+    for doc in ("README.md", "HOME_ASSISTANT.md"):
+        text = (DEPLOY / doc).read_text()
+        off_box = [m.group(0) for m in re.finditer(r"([\w.-]+):1883\b", text)
+                   if m.group(1) not in ("127.0.0.1", "localhost")]
+        assert off_box == [], f"{doc} sends clients to plain MQTT off the box: {off_box}"
+        assert "8883" in text

@@ -14,8 +14,11 @@ see everything the broker retains or delivers; the shipped ACL has no such user.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -90,9 +93,16 @@ class Gateway:
 
 
 def _render_conf(etc: Path, data: Path, port: int, tls_port: int) -> str:
+    """The shipped config with paths and ports swapped. The plain listener keeps its shipped bind
+    address (loopback: refused here otherwise, so a broken config never opens a port to the LAN);
+    the TLS listener, on every interface as shipped, is narrowed to loopback for the test."""
     text = (MOSQ / "mosquitto.conf").read_text()
+    plain = re.search(r"^listener 1883(?: (\S+))?$", text, re.M)
+    assert plain is not None, "mosquitto.conf no longer has a listener on 1883"
+    if plain.group(1) is None or not ipaddress.ip_address(plain.group(1)).is_loopback:
+        pytest.fail(f"the shipped plain MQTT listener binds {plain.group(1) or 'every interface'}, not loopback")
     swaps = [("/etc/mesh/mosquitto", str(etc)), ("/var/lib/mesh-broker/", f"{data}/"),
-             ("\nlistener 1883\n", f"\nlistener {port} 127.0.0.1\n"),
+             (plain.group(0), f"listener {port} {plain.group(1)}"),
              ("\nlistener 8883\n", f"\nlistener {tls_port} 127.0.0.1\n")]
     for old, new in swaps:
         assert old in text, f"mosquitto.conf no longer has {old!r}"
@@ -199,6 +209,32 @@ def retained_now(gateway: Gateway) -> dict[str, bytes]:
         return dict(found)
     finally:
         bus.stop()
+
+
+def listening(pid: int) -> set[tuple[str, int]]:
+    """The TCP addresses process ``pid`` listens on, from /proc (its socket inodes in net/tcp[6])."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd)
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table, size in (("tcp", 4), ("tcp6", 16)):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A" or cols[9] not in inodes:  # 0A: LISTEN
+                continue
+            hexaddr, hexport = cols[1].split(":")
+            raw = bytes.fromhex(hexaddr)
+            # /proc prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, size, 4))
+            found.add((str(ipaddress.ip_address(raw)), int(hexport, 16)))
+    return found
+
+
+def test_plain_mqtt_listens_on_loopback_only(gateway: Gateway) -> None:
+    """H4: the real Mosquitto, run from the shipped config, takes plain MQTT only on 127.0.0.1."""
+    assert listening(gateway.proc.pid) == {("127.0.0.1", gateway.port), ("127.0.0.1", gateway.tls_port)}
 
 
 # -- authentication and ACLs (no node running yet) ---------------------------------------------------
