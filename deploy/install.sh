@@ -114,6 +114,9 @@ write_env() {
         step "/etc/mesh/mesh.env from mesh.env.example"
         install -m 0644 "$src/deploy/systemd/mesh.env.example" /etc/mesh/mesh.env
     fi
+    # Before MESH_HOME, the model directory was set as MESH_CACHE_DIR, which the code read as the
+    # prompt cache's persistence directory: rename it in a mesh.env from an older install.
+    sed -i "s|^MESH_CACHE_DIR=|MESH_HOME=|" /etc/mesh/mesh.env
     if [ -z "$broker" ] && [ "$gateway" -eq 1 ]; then
         # Units on the gateway reach its broker over loopback, the one place plain MQTT listens.
         broker=127.0.0.1:1883
@@ -160,7 +163,7 @@ setup_node() {
     key="$(sed -n 's/^MESH_MODEL=//p' /etc/mesh/mesh.env | tail -n1)"
     key="${model:-${key:-gemma3-270m}}"
     step "model $key under /var/cache/mesh (converted once; takes a few minutes on a Pi)"
-    runuser -u mesh -- env HF_HUB_OFFLINE=1 MESH_CACHE_DIR=/var/cache/mesh \
+    runuser -u mesh -- env HF_HUB_OFFLINE=1 MESH_HOME=/var/cache/mesh \
         "$prefix/.venv/bin/mesh" setup --models "$key"
     if [ -f "/etc/mesh/mosquitto/secrets/$node.password" ] && [ ! -f "/etc/mesh/secrets/$node.password" ]; then
         install -m 0600 "/etc/mesh/mosquitto/secrets/$node.password" "/etc/mesh/secrets/$node.password"

@@ -4,6 +4,7 @@ a test skips only when that is impossible (not root, no network)."""
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import re
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mesh.config import Limits
+from nodes.settings import node_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -177,3 +179,44 @@ def test_plain_mqtt_only_on_loopback_and_the_docs_default_to_tls() -> None:
                    if m.group(1) not in ("127.0.0.1", "localhost")]
         assert off_box == [], f"{doc} sends clients to plain MQTT off the box: {off_box}"
         assert "8883" in text
+
+
+def _unit_environment(unit: str, instance: str = "pi1") -> dict[str, str]:
+    """What systemd hands the unit's process: its Environment= lines, then mesh.env.example as
+    /etc/mesh/mesh.env (EnvironmentFile= comes later and wins)."""
+    env: dict[str, str] = {}
+    text = (DEPLOY / "systemd" / unit).read_text().replace("%i", instance)
+    for m in re.finditer(r"^Environment=(\w+)=(.*)$", text, re.M):
+        env[m.group(1)] = m.group(2)
+    assert "EnvironmentFile=/etc/mesh/mesh.env" in text
+    for line in (DEPLOY / "systemd" / "mesh.env.example").read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value
+    return env
+
+
+def test_the_deployed_units_keep_models_in_mesh_home_and_persist_no_kv() -> None:
+    """M3: the deploy files meant MESH_CACHE_DIR as the model directory, the code read it as the
+    prompt cache's persistence directory, so every systemd node wrote fp32 KV to the SD card."""
+    env = _unit_environment("mesh-node@.service")
+    config = node_config(argparse.Namespace(name="pi1"), env)
+    assert config.home == Path("/var/cache/mesh")
+    assert config.cache.persist_dir is None
+    for unit in UNITS:
+        assert "MESH_CACHE_DIR" not in (DEPLOY / "systemd" / unit).read_text(), unit
+    install = (DEPLOY / "install.sh").read_text()
+    assert "MESH_HOME=/var/cache/mesh" in install and "env HF_HUB_OFFLINE=1 MESH_CACHE_DIR" not in install
+
+
+def test_kv_persistence_is_opt_in_under_an_unambiguous_name(caplog: pytest.LogCaptureFixture) -> None:
+    base = {"MESH_NODE_NAME": "pi1"}
+    assert node_config(argparse.Namespace(), base).cache.persist_dir is None
+    kv = node_config(argparse.Namespace(), {**base, "MESH_KV_DIR": "/var/cache/mesh/kv/pi1"})
+    assert kv.cache.persist_dir == Path("/var/cache/mesh/kv/pi1")
+    flag = node_config(argparse.Namespace(cache_dir="/tmp/kv"), {**base, "MESH_KV_DIR": "/elsewhere"})
+    assert flag.cache.persist_dir == Path("/tmp/kv")
+    with caplog.at_level("WARNING", logger="nodes.settings"):
+        legacy = node_config(argparse.Namespace(), {**base, "MESH_CACHE_DIR": "/var/cache/mesh"})
+    assert legacy.cache.persist_dir is None
+    assert "ignoring MESH_CACHE_DIR=/var/cache/mesh" in caplog.text and "MESH_KV_DIR" in caplog.text

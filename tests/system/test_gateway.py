@@ -395,7 +395,7 @@ class Nodes:
 def nodes(gateway: Gateway) -> Iterator[Nodes]:
     require_model(MODEL)
     etc = gateway.etc
-    common = ["--model", MODEL, "--heartbeat", "0.5", "--cache-dir", str(CACHE_ROOT), "--threads", "1"]
+    common = ["--model", MODEL, "--heartbeat", "0.5", "--home", str(CACHE_ROOT), "--threads", "1"]
     argv = {
         "node1": [sys.executable, "-c", WRAPPER, "--name", "node1", "--broker", f"127.0.0.1:{gateway.port}",
                   "--username", "node1", "--password-file", str(etc / "secrets" / "node1.password"), *common],
