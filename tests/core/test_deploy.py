@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import re
+import stat
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from mesh.cache.store import KVStore, load_dir, save_dir
 from mesh.config import Limits
 from nodes.settings import node_config
 
@@ -220,3 +223,32 @@ def test_kv_persistence_is_opt_in_under_an_unambiguous_name(caplog: pytest.LogCa
         legacy = node_config(argparse.Namespace(), {**base, "MESH_CACHE_DIR": "/var/cache/mesh"})
     assert legacy.cache.persist_dir is None
     assert "ignoring MESH_CACHE_DIR=/var/cache/mesh" in caplog.text and "MESH_KV_DIR" in caplog.text
+
+
+def test_persisted_kv_is_readable_by_the_node_user_only(tmp_path: Path) -> None:
+    """M1 (at rest): persisted KV decodes back to the prompts, so files are 0600 in a 0700
+    directory whatever the umask; files and a directory left by an older version are tightened."""
+    model = b"m" * 16
+    store = KVStore(1 << 20, model)
+    first, second = b"\x01" * 16, b"\x02" * 16
+    assert store.put_chunk(first, None, b"kv of chunk one", 15).added
+    old_umask = os.umask(0o022)
+    try:
+        kv_dir = tmp_path / "kv" / "pi1"
+        assert save_dir(store, kv_dir, bytes) == 1
+        assert stat.S_IMODE(kv_dir.stat().st_mode) == 0o700
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in kv_dir.iterdir()} == {first.hex() + ".kv": 0o600}
+        # as an older version left it: the umask's modes
+        kv_dir.chmod(0o755)
+        (kv_dir / (first.hex() + ".kv")).chmod(0o644)
+        loaded = KVStore(1 << 20, model)
+        report = load_dir(loaded, kv_dir, bytes)
+        assert report.skipped == () and first in loaded
+        assert stat.S_IMODE((kv_dir / (first.hex() + ".kv")).stat().st_mode) == 0o600
+        assert loaded.put_chunk(second, first, b"kv of chunk two", 15).added
+        (kv_dir / (second.hex() + ".kv.tmp")).write_bytes(b"a leftover of a crash")  # 0644
+        assert save_dir(loaded, kv_dir, bytes) == 1
+        assert stat.S_IMODE(kv_dir.stat().st_mode) == 0o700
+        assert {stat.S_IMODE(p.stat().st_mode) for p in kv_dir.glob("*.kv")} == {0o600}
+    finally:
+        os.umask(old_umask)
