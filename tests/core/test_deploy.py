@@ -252,3 +252,53 @@ def test_persisted_kv_is_readable_by_the_node_user_only(tmp_path: Path) -> None:
         assert {stat.S_IMODE(p.stat().st_mode) for p in kv_dir.glob("*.kv")} == {0o600}
     finally:
         os.umask(old_umask)
+
+
+def _source_install(script: str, tmp_path: Path, fake: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Source install.sh (its main does not run) and run ``script`` with its functions; ``fake``
+    maps a command name to what it prints, through stand-ins first on PATH."""
+    env = dict(os.environ)
+    if fake:
+        bin_dir = tmp_path / "fakebin"
+        bin_dir.mkdir(exist_ok=True)
+        for name, out in fake.items():
+            (bin_dir / name).write_text(f"#!/bin/sh\necho '{out}'\n")
+            (bin_dir / name).chmod(0o755)
+        env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    return subprocess.run(["bash", "-c", f'source "$1"; {script}', "bash", str(DEPLOY / "install.sh")],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+@pytest.mark.parametrize("machine,bits,ok", [
+    ("x86_64", "64", True), ("aarch64", "64", True),
+    ("armv7l", "32", False),   # Raspberry Pi OS 32-bit
+    ("aarch64", "32", False),  # a 64-bit kernel under a 32-bit userland
+    ("armv6l", "32", False),   # Pi Zero W, Pi 1
+    ("i686", "32", False),
+])
+def test_install_refuses_a_32_bit_os(tmp_path: Path, machine: str, bits: str, ok: bool) -> None:
+    """Issue 16: PyPI has no 32-bit ARM torch wheels, so install.sh says so before installing."""
+    result = _source_install("check_platform && echo platform-ok", tmp_path, {"uname": machine, "getconf": bits})
+    if ok:
+        assert result.returncode == 0 and result.stdout.strip() == "platform-ok", result.stderr
+    else:
+        assert result.returncode == 1 and "platform-ok" not in result.stdout
+        assert f"32-bit system (uname -m: {machine}, getconf LONG_BIT: {bits})" in result.stderr
+        assert "64-bit OS" in result.stderr and "torch" in result.stderr
+
+
+def test_install_writes_mesh_env_readable_by_root_only(tmp_path: Path) -> None:
+    """L5: /etc/mesh/mesh.env was installed 0644; it is 0600 now, and an older one is tightened
+    (and its MESH_CACHE_DIR line renamed MESH_HOME, M3)."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    result = _source_install(f'etc="{etc}"; write_env', tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE((etc / "mesh.env").stat().st_mode) == 0o600
+    assert (etc / "mesh.env").read_text() == (DEPLOY / "systemd" / "mesh.env.example").read_text()
+    (etc / "mesh.env").write_text("MESH_BROKER=gateway.local:1883\nMESH_CACHE_DIR=/var/cache/mesh\n")
+    (etc / "mesh.env").chmod(0o644)
+    result = _source_install(f'etc="{etc}"; broker=gateway.local:8883; write_env', tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE((etc / "mesh.env").stat().st_mode) == 0o600
+    assert (etc / "mesh.env").read_text() == "MESH_BROKER=gateway.local:8883\nMESH_HOME=/var/cache/mesh\n"
