@@ -254,6 +254,39 @@ def test_persisted_kv_is_readable_by_the_node_user_only(tmp_path: Path) -> None:
         os.umask(old_umask)
 
 
+def _unit_settings(unit: str) -> dict[str, str]:
+    text = (DEPLOY / "systemd" / unit).read_text()
+    return {m.group(1): m.group(2) for m in re.finditer(r"^(\w+)=(.*)$", text, re.M)}
+
+
+def _bytes(size: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMGT]?)", size)
+    assert m is not None, size
+    return int(m.group(1)) << (10 * " KMGT".index(m.group(2) or " "))
+
+
+# RSS measured for issue 16 (deploy/README.md, "Memory"): a Gemma-3 node with its 256 MiB cache
+# full, the SmolLM2 HALO coordinator.
+MEASURED_MIB = {"mesh-node@.service": 1970, "mesh-coordinator.service": 1330}
+
+
+def test_units_cap_memory_and_never_outrank_the_gateway() -> None:
+    """H5 (the unit's part): a node on a gateway ran at Nice=-5 with no memory cap, next to Mosquitto
+    and Home Assistant. Every unit now has a MemoryMax above what its role was measured to use,
+    the mesh's processes are the OOM killer's first pick, and no unit has a negative Nice."""
+    for unit in UNITS:
+        settings = _unit_settings(unit)
+        assert "MemoryMax" in settings, unit
+        assert int(settings.get("Nice", "0")) >= 0, unit
+        if unit in MEASURED_MIB:
+            assert _bytes(settings["MemoryMax"]) >= 1.2 * MEASURED_MIB[unit] * 2**20, unit
+            assert settings["MemorySwapMax"] == "0" and int(settings["OOMScoreAdjust"]) > 0, unit
+    assert int(_unit_settings("mesh-broker.service")["OOMScoreAdjust"]) < 0
+    readme = (DEPLOY / "README.md").read_text()
+    for unit in UNITS:
+        assert re.search(rf"`{re.escape(unit)}`.*MemoryMax={_unit_settings(unit)['MemoryMax']}", readme), unit
+
+
 def _source_install(script: str, tmp_path: Path, fake: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Source install.sh (its main does not run) and run ``script`` with its functions; ``fake``
     maps a command name to what it prints, through stand-ins first on PATH."""
