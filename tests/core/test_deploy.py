@@ -9,15 +9,18 @@ import ipaddress
 import os
 import re
 import stat
+import sys
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from broker.runner import exposure
 from mesh.cache.store import KVStore, load_dir, save_dir
 from mesh.config import Limits
 from nodes.settings import node_config
+from nodes.up import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -335,3 +338,37 @@ def test_install_writes_mesh_env_readable_by_root_only(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert stat.S_IMODE((etc / "mesh.env").stat().st_mode) == 0o600
     assert (etc / "mesh.env").read_text() == "MESH_BROKER=gateway.local:8883\nMESH_HOME=/var/cache/mesh\n"
+
+
+@pytest.mark.parametrize("host,exposed", [
+    ("127.0.0.1", False), ("127.0.0.2", False), ("::1", False), ("localhost", False),
+    ("0.0.0.0", True), ("::", True), ("192.168.1.2", True), ("gateway.local", True),
+])
+def test_exposure_of_the_embedded_broker(host: str, exposed: bool) -> None:
+    warning = exposure(host)
+    assert (warning is not None) == exposed
+    if exposed:
+        assert "no password, no ACL and no TLS" in warning
+        assert ("every interface" in warning) == (host in ("0.0.0.0", "::"))
+
+
+def test_the_embedded_broker_warns_before_it_listens_beyond_loopback() -> None:
+    """M10: `mesh broker --host` (and `mesh up --host`, which runs it) bound any address without a
+    word. 192.0.2.1 (TEST-NET-1) is no address of this machine: the warning comes first, then the
+    bind fails cleanly, and no port is ever opened to the network by this test."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "nodes.cli", "broker", "--host", "192.0.2.1", "--port",
+                             str(free_port())], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    warned = result.stderr.index("listens on 192.0.2.1 ('192.0.2.1') with no password, no ACL and no TLS")
+    assert warned < result.stderr.index("mesh broker: the embedded broker did not start on 192.0.2.1:")
+    # on loopback: no warning
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "nodes.cli", "broker", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == f"broker ready on 127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "no password" not in err, err
