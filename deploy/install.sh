@@ -10,7 +10,8 @@
 #   every role   Debian packages, a `mesh` system user, the code in /opt/mesh, a venv with the CPU
 #                build of torch and the mesh, /etc/mesh/mesh.env from mesh.env.example
 #   --gateway    Mosquitto with deploy/mosquitto/mosquitto.conf, users and ACL (make-users.sh),
-#                local CA and server certificate (make-certs.sh), mesh-broker.service
+#                local CA and server certificate (make-certs.sh), mesh-broker.service, the
+#                shared Home Assistant device for the --nodes
 #   --node       the model converted once under /var/cache/mesh (`mesh setup`), mesh-node@NAME
 #   --coordinator  mesh-coordinator.service
 # A node needs /etc/mesh/secrets/NAME.password (from the gateway's
@@ -34,7 +35,7 @@ hosts=""
 nodes=""
 
 usage() {
-    sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -180,7 +181,17 @@ setup_gateway() {
     systemctl disable --now mosquitto.service 2>/dev/null || true
     install_unit mesh-broker.service
     systemctl daemon-reload
-    systemctl enable --now mesh-broker.service
+    systemctl enable mesh-broker.service
+    # A restart, not a reload: a changed listener (a re-run after an upgrade) needs one. Clients
+    # reconnect on their own and retained messages are persisted.
+    systemctl restart mesh-broker.service
+    # The shared Home Assistant device, available while any node is online. Only the asker account
+    # may write it (nodes publish their own devices only), so it is published here, retained.
+    step "Home Assistant assistant device for nodes: $users"
+    # shellcheck disable=SC2086
+    "$prefix/.venv/bin/python" -m nodes.ha_cli assistant --nodes $users --broker 127.0.0.1:1883 \
+        --username asker --password-file "$conf/secrets/asker.password" \
+        || echo "install.sh: the assistant device was not published; see deploy/HOME_ASSISTANT.md" >&2
 }
 
 setup_node() {
