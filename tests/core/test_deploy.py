@@ -372,3 +372,13 @@ def test_the_embedded_broker_warns_before_it_listens_beyond_loopback() -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "no password" not in err, err
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_install_takes_torch_from_the_cpu_index_on_both_platforms(tmp_path: Path, machine: str) -> None:
+    """PyPI's aarch64 torch 2.13.0 is the CUDA build (issue 16): install.sh took PyTorch's CPU index
+    on x86_64 only, so a Pi got 4.6 GB of NVIDIA libraries while the script said "CPU build"."""
+    result = _source_install("torch_index", tmp_path, {"uname": machine, "getconf": "64"})
+    assert result.returncode == 0 and result.stdout.strip() == "https://download.pytorch.org/whl/cpu", result.stderr
+    result = _source_install("TORCH_INDEX_URL=https://mirror.example/whl torch_index", tmp_path, {"uname": machine})
+    assert result.stdout.strip() == "https://mirror.example/whl"
