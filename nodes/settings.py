@@ -14,13 +14,19 @@ TOML layout (every key optional)::
     name = "pi1"
     model = "gemma3-270m"
     threads = 2
-    home = "/var/lib/mesh"          # converted models and data (MESH_HOME)
-    cache_dir = "/var/cache/mesh/kv"  # persisted prompt cache (optional)
+    home = "/var/cache/mesh"          # converted models and data (MESH_HOME)
+    kv_dir = "/var/cache/mesh/kv/pi1"  # persist the prompt cache here (MESH_KV_DIR; off if unset)
+
+Persisting the prompt cache is opt-in and per node: ``--cache-dir``, ``MESH_KV_DIR`` or ``kv_dir``.
+``MESH_CACHE_DIR`` (and the TOML ``cache_dir``) once meant that, while the deploy files used the
+same name for the model directory, so every systemd node persisted its KV by accident: the old
+names are ignored with a warning, never read as a persistence directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
@@ -29,6 +35,9 @@ from typing import Any
 
 from mesh.config import DEFAULT_MODEL, BrokerAddress, CacheConfig, Limits, NodeConfig, Timing
 from mesh.errors import ConfigError
+
+log = logging.getLogger(__name__)
+LEGACY_KV_DIR = "MESH_CACHE_DIR"  # ambiguous: the deploy files meant the model directory by it
 
 
 def _toml(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
@@ -97,7 +106,12 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
                              cache_d.fetch_margin))
     except ValueError as exc:
         raise ConfigError(f"invalid number in node settings: {exc}") from exc
-    persist = _pick(getattr(args, "cache_dir", None), env, "MESH_CACHE_DIR", table, "cache_dir", None)
+    persist = _pick(getattr(args, "cache_dir", None), env, "MESH_KV_DIR", table, "kv_dir", None)
+    legacy = [f"{LEGACY_KV_DIR}={env[LEGACY_KV_DIR]}" if LEGACY_KV_DIR in env else None,
+              f"[node] cache_dir = {table['cache_dir']!r}" if "cache_dir" in table else None]
+    for what in filter(None, legacy):
+        log.warning("ignoring %s: models live under MESH_HOME; to persist the prompt cache, set "
+                    "MESH_KV_DIR (or --cache-dir, or [node] kv_dir) to a directory of this node's own", what)
     cache = CacheConfig(
         enabled=not getattr(args, "no_cache", False) and not table.get("no_cache", False),
         budget_mb=cache_mb, chunk_size=chunk, fetch_margin=margin,

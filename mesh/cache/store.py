@@ -18,8 +18,8 @@ Invariants:
 Every mutating call returns a :class:`StoreChange` (added / evicted / rejected keys) so the shell
 can rebuild and republish the catalog when ``change.changed``.
 
-Persistence (:func:`save_dir` / :func:`load_dir`): one file ``<key hex>.kv`` per entry, written
-atomically; layout (little-endian)::
+Persistence (:func:`save_dir` / :func:`load_dir`): one file ``<key hex>.kv`` per entry, mode 0600
+in a 0700 directory (KV decodes back to its prompts), written atomically; layout (little-endian)::
 
     0   6s  magic b"MESHKV"          6  H   record version (1)
     8   B   kind (0 chunk, 1 prompt)  9  B   has_parent (0/1)
@@ -299,8 +299,6 @@ class KVStore:
 
 
 # -- persistence ---------------------------------------------------------------------------------
-
-
 def encode_record(model: bytes, entry: Entry, payload: bytes) -> bytes:
     """One entry as a self-checking record (layout in the module docstring)."""
     parent = _NO_KEY if entry.parent is None else bytes(entry.parent)
@@ -345,7 +343,8 @@ def save_dir(store: KVStore, directory: str | os.PathLike[str],
     Entries are content-addressed, so an existing file is not rewritten. Returns files written.
     """
     root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root.chmod(0o700)  # whatever the umask, and a directory made before with its mode
     live = {bytes(k).hex() + ".kv": k for k in store._entries}
     written = 0
     for name, key in live.items():
@@ -356,6 +355,7 @@ def save_dir(store: KVStore, directory: str | os.PathLike[str],
         assert entry is not None
         tmp = root / (name + ".tmp")
         tmp.write_bytes(encode_record(store.model, entry, encode(entry.payload)))
+        tmp.chmod(0o600)  # before it shows under its name (the 0700 directory covers the gap)
         os.replace(tmp, path)
         written += 1
     for path in root.glob("*.kv"):
@@ -375,6 +375,7 @@ def load_dir(store: KVStore, directory: str | os.PathLike[str], decode: Callable
     good: list[tuple[Entry, str]] = []
     for path in sorted(root.glob("*.kv")) if root.is_dir() else []:
         try:
+            path.chmod(0o600)  # a file written before with the umask's mode
             model, entry = decode_record(path.read_bytes())
             if model != store.model:
                 raise ProtocolError("wrong-model", model.hex())

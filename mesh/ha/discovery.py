@@ -12,9 +12,17 @@ Two kinds of device:
   (``mesh.topics.node_state``, a copy of the heartbeat figures); availability follows the
   node's retained status topic, which its last will sets to ``offline``;
 - one shared "assistant" device, ``mesh_assistant``: a ``text`` entity whose value is sent as a
-  plain-text ask (``mesh/v1/ask/text``) and an answer sensor on ``mesh/v1/answer``. Every node
-  publishes the same bytes for it, so it exists while any node runs; it has no availability
-  (asks are routed to whichever node is online).
+  plain-text ask (``mesh/v1/ask/text``) and an answer sensor on ``mesh/v1/answer``. It is
+  available while *any* node of the mesh is online (``availability_mode: any`` over the nodes'
+  status topics), since any online node can be routed an ask.
+
+Ownership: a node publishes only its own device. The shared device is published once, retained,
+by the operator's account (:data:`ASSISTANT_OWNER`, ``nodes/ha_cli.py assistant``, which
+``deploy/install.sh --gateway`` runs with the node list), because a device every node may write
+is one any node may rewrite: drop the assistant's entities, point its answer sensor at a topic it
+writes, or add components. The gateway's ACL says the same: a node may write
+``<prefix>/device/mesh_node_<its name>/config`` and no other discovery topic; only the asker
+account writes ``<prefix>/device/mesh_assistant/config``.
 
 Value templates must tolerate figures that a node does not report (older nodes; the prompt cache
 under ``cache``, HALO under ``halo``, link statistics under ``link`` land later): they render
@@ -24,7 +32,7 @@ under ``cache``, HALO under ``halo``, link statistics under ``link`` land later)
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +49,8 @@ MAX_STATE_CHARS = 255
 # Answers to JSON asks that name a reply_to must go under this prefix (the gateway ACL lets nodes
 # publish there and Home Assistant read it).
 AUTOMATION_REPLY_PREFIX = "homeassistant-mesh/"
+# The broker account that owns the shared assistant device (deploy/mosquitto/acl.template).
+ASSISTANT_OWNER = "asker"
 
 
 def check_prefix(prefix: str) -> str:
@@ -157,6 +167,12 @@ def origin(sw_version: str) -> dict[str, str]:
     return {"name": ORIGIN_NAME, "sw_version": sw_version}
 
 
+def availability(node: str) -> dict[str, str]:
+    """One availability entry: node ``node``'s retained status (its last will says offline)."""
+    return {"topic": topics.node_status(node), "payload_available": topics.ONLINE.decode(),
+            "payload_not_available": topics.OFFLINE.decode()}
+
+
 def node_discovery(node: str, *, sw_version: str, model: str | None = None) -> dict[str, Any]:
     """The device discovery config of node ``node`` (a JSON-ready dict)."""
     device: dict[str, Any] = {"identifiers": [node_object_id(node)], "name": f"mesh {node}",
@@ -167,8 +183,7 @@ def node_discovery(node: str, *, sw_version: str, model: str | None = None) -> d
     return {
         "device": device,
         "origin": origin(sw_version),
-        "availability": [{"topic": topics.node_status(node), "payload_available": topics.ONLINE.decode(),
-                          "payload_not_available": topics.OFFLINE.decode()}],
+        "availability": [availability(node)],
         "state_topic": topics.node_state(node),
         "qos": 0,
         "components": {s.key: s.config(node) for s in NODE_SENSORS},
@@ -187,12 +202,18 @@ _ANSWER_ATTRIBUTES = (
     "{{ dict(value_json | dictsort | selectattr(0, 'in', keep)) | tojson }}")
 
 
-def assistant_discovery(*, sw_version: str) -> dict[str, Any]:
-    """The shared assistant device: type a question, read the answer. Same bytes from every node."""
+def assistant_discovery(*, sw_version: str, nodes: Sequence[str]) -> dict[str, Any]:
+    """The shared assistant device: type a question, read the answer. Available while any of
+    ``nodes`` (the mesh's nodes, at least one) is online."""
+    names = sorted({check_name(n) for n in nodes})
+    if not names:
+        raise ConfigError("the assistant device needs the mesh's node names for its availability")
     return {
         "device": {"identifiers": [ASSISTANT_ID], "name": "mesh assistant", "manufacturer": MANUFACTURER,
                    "model": "edge LLM mesh", "sw_version": sw_version},
         "origin": origin(sw_version),
+        "availability": [availability(n) for n in names],
+        "availability_mode": "any",
         "qos": 1,
         "components": {
             "question": {"platform": "text", "name": "Question", "unique_id": f"{ASSISTANT_ID}_question",
@@ -223,21 +244,24 @@ class Publication:
 
 
 def discovery_messages(node: str, prefix: str, *, sw_version: str, model: str | None = None) -> list[Publication]:
-    """What a node publishes to be discovered: its own device and the shared assistant device."""
+    """What node ``node`` publishes to be discovered: its own device, nothing else."""
     node_config = node_discovery(node, sw_version=sw_version, model=model)
-    return [Publication(node_discovery_topic(prefix, node), encode(node_config)),
-            Publication(assistant_discovery_topic(prefix), encode(assistant_discovery(sw_version=sw_version)))]
+    return [Publication(node_discovery_topic(prefix, node), encode(node_config))]
 
 
-def removal_messages(node: str, prefix: str, *, assistant: bool = False,
-                     retained_topics: tuple[str, ...] = ()) -> list[Publication]:
+def assistant_messages(prefix: str, nodes: Sequence[str], *, sw_version: str,
+                       remove: bool = False) -> list[Publication]:
+    """What the owner of the shared device publishes: its config (retained) for these ``nodes``,
+    or its removal (``remove=True``, when the mesh goes)."""
+    payload = REMOVE if remove else encode(assistant_discovery(sw_version=sw_version, nodes=nodes))
+    return [Publication(assistant_discovery_topic(prefix), payload)]
+
+
+def removal_messages(node: str, prefix: str, *, retained_topics: tuple[str, ...] = ()) -> list[Publication]:
     """Empty retained payloads that forget node ``node``: its discovery config, its retained
     status, heartbeat and state, and any other retained topic found under its subtree
-    (``retained_topics``, e.g. a catalog). ``assistant=True`` also removes the shared device
-    (when the last node of the mesh goes)."""
+    (``retained_topics``, e.g. a catalog). Never the shared device, which the node does not own."""
     wanted = [node_discovery_topic(prefix, node)]
-    if assistant:
-        wanted.append(assistant_discovery_topic(prefix))
     wanted += [topics.node_status(node), topics.node_heartbeat(node), topics.node_state(node)]
     subtree = f"{topics.ROOT}/node/{check_name(node)}/"
     for t in retained_topics:

@@ -2,8 +2,9 @@
 
 :class:`HomeAssistantExtension` rides on a node agent (``mesh.member.AgentExtension``):
 
-- on start (the node is online) it publishes its device and the shared assistant device
-  (retained, ``mesh.ha.discovery``) and subscribes to Home Assistant's birth topic;
+- on start (the node is online) it publishes its own device (retained, ``mesh.ha.discovery``),
+  and nothing else: the shared assistant device belongs to the operator's account
+  (:func:`publish_assistant`); and it subscribes to Home Assistant's birth topic;
 - when Home Assistant announces ``online`` there (it restarted) or the node reconnects to the
   broker, it publishes discovery again, once per ``debounce_s`` however many announcements came
   (a restart storm of several HA instances, or HA plus a reconnect, costs one republish);
@@ -121,8 +122,21 @@ class HomeAssistantExtension(AgentExtension):
                 log.warning("Home Assistant discovery not republished: %s", exc)
 
 
-def decommission(bus: MqttBus, node: str, prefix: str = ha.DEFAULT_PREFIX, *, assistant: bool = False,
-                 settle_s: float = 5.0) -> list[str]:
+def publish_assistant(bus: MqttBus, prefix: str, nodes: list[str], *, remove: bool = False,
+                      sw_version: str | None = None, timeout: float = 10.0) -> str:
+    """Publish (retained) the shared assistant device, available while any of ``nodes`` is
+    online, or remove it; ``bus`` is connected as :data:`mesh.ha.discovery.ASSISTANT_OWNER`, the
+    one account the gateway ACL lets write it (Mosquitto acknowledges a publish its ACL refuses,
+    then drops it, so the account matters, not the answer). Returns the topic; raises
+    ``TransportError`` if the broker does not acknowledge it."""
+    (msg,) = ha.assistant_messages(ha.check_prefix(prefix), nodes, sw_version=sw_version or package_version(),
+                                   remove=remove)
+    bus.publish_wait(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, timeout=timeout)
+    log.info("%s the Home Assistant assistant device on %s", "removed" if remove else "published", msg.topic)
+    return msg.topic
+
+
+def decommission(bus: MqttBus, node: str, prefix: str = ha.DEFAULT_PREFIX, *, settle_s: float = 5.0) -> list[str]:
     """Remove node ``node`` from Home Assistant and from the broker's retained state.
 
     ``bus`` is connected with the node's own credentials (its ACL covers exactly these topics)
@@ -148,7 +162,7 @@ def decommission(bus: MqttBus, node: str, prefix: str = ha.DEFAULT_PREFIX, *, as
     with lock:
         retained = tuple(found)
     cleared = []
-    for msg in ha.removal_messages(node, prefix, assistant=assistant, retained_topics=retained):
+    for msg in ha.removal_messages(node, prefix, retained_topics=retained):
         bus.publish_wait(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, timeout=settle_s)
         cleared.append(msg.topic)
     log.info("decommissioned %s: cleared %s", node, ", ".join(cleared))

@@ -55,15 +55,47 @@ def test_node_device_carries_required_keys() -> None:
 
 
 def test_assistant_device_asks_and_answers_on_the_mesh_contract() -> None:
-    cfg = ha.assistant_discovery(sw_version="0.1.0")
+    cfg = ha.assistant_discovery(sw_version="0.1.0", nodes=["pi1"])
     assert cfg["device"]["identifiers"] == [ha.ASSISTANT_ID] and cfg["origin"]["name"] == "mesh"
     q, a = cfg["components"]["question"], cfg["components"]["answer"]
     assert q["platform"] == "text" and q["command_topic"] == topics.ASK_TEXT and q["max"] <= 255
     assert a["platform"] == "sensor" and a["state_topic"] == topics.ANSWER
     assert a["json_attributes_topic"] == topics.ANSWER
     assert q["unique_id"] != a["unique_id"]
-    # every node publishes identical bytes for the shared device
-    assert ha.encode(cfg) == ha.encode(ha.assistant_discovery(sw_version="0.1.0"))
+
+
+def test_assistant_device_is_available_while_any_node_is_online() -> None:
+    """M8: the shared device had no availability; it now follows every node's status topic and
+    is available while any one says online (HA's availability_mode "any", a shared option of
+    device-based discovery)."""
+    cfg = ha.assistant_discovery(sw_version="0.1.0", nodes=["pi2", "pi1", "pi2"])
+    assert cfg["availability_mode"] == "any"
+    assert cfg["availability"] == [
+        {"topic": topics.node_status(n), "payload_available": "online", "payload_not_available": "offline"}
+        for n in ("pi1", "pi2")]
+    assert cfg["availability"][0] == ha.node_discovery("pi1", sw_version="x")["availability"][0]
+    # the same bytes whatever the order the node list came in
+    assert ha.encode(cfg) == ha.encode(ha.assistant_discovery(sw_version="0.1.0", nodes=["pi1", "pi2"]))
+    with pytest.raises(ConfigError):
+        ha.assistant_discovery(sw_version="0.1.0", nodes=[])
+    with pytest.raises(ConfigError):
+        ha.assistant_discovery(sw_version="0.1.0", nodes=["pi1", "bad/name"])
+    (msg,) = ha.assistant_messages("ha2", ["pi1"], sw_version="0.1.0")
+    assert msg.topic == "ha2/device/mesh_assistant/config" and msg.retain and json.loads(msg.payload) == \
+        ha.assistant_discovery(sw_version="0.1.0", nodes=["pi1"])
+    (gone,) = ha.assistant_messages("ha2", [], sw_version="0.1.0", remove=True)
+    assert gone.topic == msg.topic and gone.payload == b"" and gone.retain
+
+
+def test_a_node_publishes_and_removes_only_its_own_device() -> None:
+    """M8: every node published (so could rewrite) the shared device; now a node's messages name
+    its own device and its own subtree only."""
+    assert [m.topic for m in ha.discovery_messages("pi1", "homeassistant", sw_version="x")] == [
+        "homeassistant/device/mesh_node_pi1/config"]
+    removal = {m.topic for m in ha.removal_messages("pi1", "homeassistant")}
+    assert ha.assistant_discovery_topic("homeassistant") not in removal
+    assert all(t == ha.node_discovery_topic("homeassistant", "pi1") or t.startswith("mesh/v1/node/pi1/")
+               for t in removal)
 
 
 def test_topics_and_prefix() -> None:
@@ -101,7 +133,7 @@ def test_sensor_templates_tolerate_missing_figures(state: dict[str, Any]) -> Non
 
 
 def test_answer_templates() -> None:
-    a = ha.assistant_discovery(sw_version="x")["components"]["answer"]
+    a = ha.assistant_discovery(sw_version="x", nodes=["pi1"])["components"]["answer"]
     long = {"text": "Paris " * 100, "node": "pi1", "ttft_s": 0.1, "token_ids": list(range(50)), "id": "q1"}
     state = render(a["value_template"], long)
     assert state.startswith("Paris") and len(state) == ha.MAX_STATE_CHARS
@@ -118,8 +150,6 @@ def test_removal_covers_config_and_retained_node_topics() -> None:
     assert [m.topic for m in msgs] == ["homeassistant/device/mesh_node_pi1/config", "mesh/v1/node/pi1/status",
                                        "mesh/v1/node/pi1/heartbeat", "mesh/v1/node/pi1/state",
                                        "mesh/v1/node/pi1/catalog"]
-    assert "homeassistant/device/mesh_assistant/config" in {
-        m.topic for m in ha.removal_messages("pi1", "homeassistant", assistant=True)}
     with pytest.raises(ConfigError):  # never clears another node's topics
         ha.removal_messages("pi1", "homeassistant", retained_topics=("mesh/v1/node/pi2/status",))
 
@@ -127,8 +157,8 @@ def test_removal_covers_config_and_retained_node_topics() -> None:
 def test_topics_read_by_lists_state_attribute_and_availability_topics() -> None:
     node = set(ha.topics_read_by(ha.node_discovery("pi1", sw_version="x")))
     assert {t for _, t in node} == {topics.node_state("pi1"), topics.node_status("pi1")}
-    shared = {t for _, t in ha.topics_read_by(ha.assistant_discovery(sw_version="x"))}
-    assert shared == {topics.ANSWER}
+    shared = {t for _, t in ha.topics_read_by(ha.assistant_discovery(sw_version="x", nodes=["pi1", "pi2"]))}
+    assert shared == {topics.ANSWER, topics.node_status("pi1"), topics.node_status("pi2")}
 
 
 class FakeBus:
@@ -161,8 +191,7 @@ def test_extension_publishes_on_start_and_debounces_ha_restarts() -> None:
     ext.attach(bus, "pi1", "smollm2-135m")
     try:
         assert ext.published == 1
-        assert bus.configs() == [ha.node_discovery_topic("homeassistant", "pi1"),
-                                 ha.assistant_discovery_topic("homeassistant")]
+        assert bus.configs() == [ha.node_discovery_topic("homeassistant", "pi1")]  # its own device only
         topic, payload, qos, retain = bus.published[0]
         assert retain and qos == 1 and json.loads(payload)["device"]["model"] == "smollm2-135m"
         birth = bus.handlers["homeassistant/status"]
@@ -173,7 +202,7 @@ def test_extension_publishes_on_start_and_debounces_ha_restarts() -> None:
         bus.connect_callbacks[0]()
         assert ext.wait_published(2, timeout=5)
         assert not ext.wait_published(3, timeout=0.5)
-        assert bus.configs()[2:] == bus.configs()[:2]
+        assert bus.configs() == [ha.node_discovery_topic("homeassistant", "pi1")] * 2
     finally:
         ext.stop()
 

@@ -16,6 +16,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mesh import topics
+from mesh.ha import discovery as ha
 from tests.conftest import free_port, spawn, wait_port
 
 pytestmark = pytest.mark.e2e
@@ -49,15 +50,21 @@ FLOWS = [
     ("pi2", "pi1", topics.reply("node-pi1")),
     ("pi1", "pi2", topics.node_catalog("pi1")),
     ("pi1", "pi2", topics.node_ask("pi2")),
+    # Home Assistant discovery: a node's own device; the shared device from the operator's account
+    ("pi1", "homeassistant", ha.node_discovery_topic("homeassistant", "pi1")),
+    (ha.ASSISTANT_OWNER, "homeassistant", ha.assistant_discovery_topic("homeassistant")),
 ]
 # (publisher, subscriber, topic) that must NOT arrive: a node reads no one else's partials or
-# replies and cannot overwrite the plan.
+# replies and cannot overwrite the plan, nor any Home Assistant device but its own.
 DENIED = [
     ("pi1", "pi2", topics.halo_reply(COORD)),
     ("pi1", "pi2", topics.halo_link(COORD)),
     ("pi1", "pi2", topics.reply(COORD)),
     ("pi1", COORD, topics.HALO_PLAN),
     ("pi1", "pi2", topics.reply("node-pi1")),
+    # M8: a node rewrites no device but its own, the shared assistant device included
+    ("pi1", "homeassistant", ha.assistant_discovery_topic("homeassistant")),
+    ("pi1", "homeassistant", ha.node_discovery_topic("homeassistant", "pi2")),
 ]
 
 

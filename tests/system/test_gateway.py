@@ -14,8 +14,11 @@ see everything the broker retains or delivers; the shipped ACL has no such user.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -90,9 +93,16 @@ class Gateway:
 
 
 def _render_conf(etc: Path, data: Path, port: int, tls_port: int) -> str:
+    """The shipped config with paths and ports swapped. The plain listener keeps its shipped bind
+    address (loopback: refused here otherwise, so a broken config never opens a port to the LAN);
+    the TLS listener, on every interface as shipped, is narrowed to loopback for the test."""
     text = (MOSQ / "mosquitto.conf").read_text()
+    plain = re.search(r"^listener 1883(?: (\S+))?$", text, re.M)
+    assert plain is not None, "mosquitto.conf no longer has a listener on 1883"
+    if plain.group(1) is None or not ipaddress.ip_address(plain.group(1)).is_loopback:
+        pytest.fail(f"the shipped plain MQTT listener binds {plain.group(1) or 'every interface'}, not loopback")
     swaps = [("/etc/mesh/mosquitto", str(etc)), ("/var/lib/mesh-broker/", f"{data}/"),
-             ("\nlistener 1883\n", f"\nlistener {port} 127.0.0.1\n"),
+             (plain.group(0), f"listener {port} {plain.group(1)}"),
              ("\nlistener 8883\n", f"\nlistener {tls_port} 127.0.0.1\n")]
     for old, new in swaps:
         assert old in text, f"mosquitto.conf no longer has {old!r}"
@@ -199,6 +209,32 @@ def retained_now(gateway: Gateway) -> dict[str, bytes]:
         return dict(found)
     finally:
         bus.stop()
+
+
+def listening(pid: int) -> set[tuple[str, int]]:
+    """The TCP addresses process ``pid`` listens on, from /proc (its socket inodes in net/tcp[6])."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd)
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table, size in (("tcp", 4), ("tcp6", 16)):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A" or cols[9] not in inodes:  # 0A: LISTEN
+                continue
+            hexaddr, hexport = cols[1].split(":")
+            raw = bytes.fromhex(hexaddr)
+            # /proc prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, size, 4))
+            found.add((str(ipaddress.ip_address(raw)), int(hexport, 16)))
+    return found
+
+
+def test_plain_mqtt_listens_on_loopback_only(gateway: Gateway) -> None:
+    """H4: the real Mosquitto, run from the shipped config, takes plain MQTT only on 127.0.0.1."""
+    assert listening(gateway.proc.pid) == {("127.0.0.1", gateway.port), ("127.0.0.1", gateway.tls_port)}
 
 
 # -- authentication and ACLs (no node running yet) ---------------------------------------------------
@@ -359,7 +395,7 @@ class Nodes:
 def nodes(gateway: Gateway) -> Iterator[Nodes]:
     require_model(MODEL)
     etc = gateway.etc
-    common = ["--model", MODEL, "--heartbeat", "0.5", "--cache-dir", str(CACHE_ROOT), "--threads", "1"]
+    common = ["--model", MODEL, "--heartbeat", "0.5", "--home", str(CACHE_ROOT), "--threads", "1"]
     argv = {
         "node1": [sys.executable, "-c", WRAPPER, "--name", "node1", "--broker", f"127.0.0.1:{gateway.port}",
                   "--username", "node1", "--password-file", str(etc / "secrets" / "node1.password"), *common],
@@ -428,7 +464,52 @@ def _configs(home: Spy, count: int, timeout: float = 20.0) -> dict[str, Any]:
     return got
 
 
-def test_discovery_payloads_name_topics_the_node_really_publishes(gateway: Gateway, nodes: Nodes) -> None:
+@pytest.fixture(scope="module")
+def assistant(gateway: Gateway) -> dict[str, Any]:
+    """The shared Home Assistant device, published as install.sh --gateway does: the real
+    ``nodes.ha_cli assistant`` command with the asker's credentials (here over TLS, as from a LAN)."""
+    etc = gateway.etc
+    result = subprocess.run([sys.executable, "-m", "nodes.ha_cli", "assistant", "--nodes", *NODES,
+                             "--broker", f"127.0.0.1:{gateway.tls_port}", "--tls-ca", str(etc / "certs" / "ca.crt"),
+                             "--username", ha.ASSISTANT_OWNER,
+                             "--password-file", str(etc / "secrets" / f"{ha.ASSISTANT_OWNER}.password")],
+                            capture_output=True, text=True, timeout=120, env=ENV)
+    topic = ha.assistant_discovery_topic("homeassistant")
+    assert result.returncode == 0 and result.stdout.startswith(f"published {topic}"), result.stderr
+    return json.loads(retained_now(gateway)[topic])
+
+
+def test_the_shared_device_is_the_operators_and_available_while_any_node_is(
+        gateway: Gateway, nodes: Nodes, assistant: dict[str, Any]) -> None:
+    """M8: every node published the shared device with no availability, so any node could rewrite
+    it. Now the asker account publishes it with the nodes' status topics (mode any), and a node's
+    forged config or removal never reaches Home Assistant nor replaces the retained one."""
+    assert assistant["availability_mode"] == "any"
+    assert [a["topic"] for a in assistant["availability"]] == [topics.node_status(n) for n in sorted(NODES)]
+    statuses = retained_now(gateway)
+    assert all(statuses[a["topic"]] == a["payload_available"].encode() for a in assistant["availability"])
+    topic = ha.assistant_discovery_topic("homeassistant")
+    home = Spy(gateway.address("homeassistant"), "ha-m8")
+    node1 = Spy(gateway.address("node1"), "mesh-node-node1-m8")
+    try:
+        barrier = ha.AUTOMATION_REPLY_PREFIX + "m8-barrier"  # node1 writes it, Home Assistant reads it
+        assert home.subscribe(topic) == 1 and home.subscribe(barrier) == 1
+        assert json.loads(home.until(topic)[1].payload) == assistant  # the retained config
+        forged = dict(assistant, components={"answer": {"platform": "sensor", "unique_id": "x",
+                                                        "state_topic": "homeassistant-mesh/x"}})
+        node1.publish(topic, json.dumps(forged).encode(), retain=True)
+        node1.publish(topic, b"", retain=True)  # or remove it
+        node1.publish(barrier, b"after")  # had either gone through, it would arrive first
+        before, _ = home.until(barrier)
+        assert [(m.topic, m.payload) for m in before] == []
+        assert json.loads(retained_now(gateway)[topic]) == assistant
+    finally:
+        node1.close()
+        home.close()
+
+
+def test_discovery_payloads_name_topics_the_node_really_publishes(gateway: Gateway, nodes: Nodes,
+                                                                  assistant: dict[str, Any]) -> None:
     home = Spy(gateway.address("homeassistant"), "ha-discovery")
     watcher = Spy(gateway.address("homeassistant"), "ha-watch")
     try:
@@ -437,6 +518,7 @@ def test_discovery_payloads_name_topics_the_node_really_publishes(gateway: Gatew
         node_cfg, retained = configs[ha.node_discovery_topic("homeassistant", "node1")]
         assert retained
         shared_cfg, _ = configs[ha.assistant_discovery_topic("homeassistant")]
+        assert shared_cfg == assistant
         # required keys (device-based discovery)
         for cfg in (node_cfg, shared_cfg):
             assert cfg["device"]["identifiers"] and cfg["origin"]["name"] == "mesh"
@@ -446,7 +528,8 @@ def test_discovery_payloads_name_topics_the_node_really_publishes(gateway: Gatew
                                                "payload_not_available": "offline"}
         # every topic Home Assistant would read gets messages from the running mesh
         wanted = {t for cfg in (node_cfg, shared_cfg) for _, t in ha.topics_read_by(cfg)}
-        assert wanted == {topics.node_state("node1"), topics.node_status("node1"), topics.ANSWER}
+        assert wanted == {topics.node_state("node1"), topics.node_status("node1"), topics.node_status("node2"),
+                          topics.ANSWER}
         for t in sorted(wanted):
             assert watcher.subscribe(t) == 1
         watcher.publish(topics.ASK, json.dumps(
@@ -465,23 +548,26 @@ def test_discovery_payloads_name_topics_the_node_really_publishes(gateway: Gatew
         home.close()
 
 
-def test_a_home_assistant_restart_triggers_rediscovery(gateway: Gateway, nodes: Nodes) -> None:
+def test_a_home_assistant_restart_triggers_rediscovery(gateway: Gateway, nodes: Nodes,
+                                                      assistant: dict[str, Any]) -> None:
     home = Spy(gateway.address("homeassistant"), "ha-restart")
     try:
         assert home.subscribe("homeassistant/device/+/config") == 1
-        first = _configs(home, 3)
+        first = _configs(home, 3)  # the two nodes' devices and the assistant, retained
         assert all(retained for _, retained in first.values())
         t0 = time.monotonic()
         home.publish("homeassistant/status", b"online")  # Home Assistant's birth message
-        again = _configs(home, 3, timeout=15)
-        assert {t: cfg for t, (cfg, _) in again.items()} == {t: cfg for t, (cfg, _) in first.items()}
+        again = _configs(home, 2, timeout=15)  # each node republishes its own device, no more
+        mine = {ha.node_discovery_topic("homeassistant", n) for n in NODES}
+        assert {t: cfg for t, (cfg, _) in again.items()} == {t: cfg for t, (cfg, _) in first.items() if t in mine}
         assert not any(retained for _, retained in again.values())  # live republish, not a replay
         assert time.monotonic() - t0 < 10
     finally:
         home.close()
 
 
-def test_decommission_leaves_nothing_retained_for_the_node(gateway: Gateway, nodes: Nodes) -> None:
+def test_decommission_leaves_nothing_retained_for_the_node(gateway: Gateway, nodes: Nodes,
+                                                           assistant: dict[str, Any]) -> None:
     before = retained_now(gateway)
     assert {topics.node_status("node1"), topics.node_state("node1"), topics.node_heartbeat("node1"),
             ha.node_discovery_topic("homeassistant", "node1")} <= set(before)
@@ -500,3 +586,12 @@ def test_decommission_leaves_nothing_retained_for_the_node(gateway: Gateway, nod
     # the rest of the mesh is untouched
     assert after[topics.node_status("node2")] == topics.ONLINE
     assert ha.assistant_discovery_topic("homeassistant") in after
+    # the node's account could not have removed the shared device anyway; its owner does, when the
+    # mesh goes
+    etc = gateway.etc
+    result = subprocess.run([sys.executable, "-m", "nodes.ha_cli", "assistant", "--remove",
+                             "--broker", f"127.0.0.1:{gateway.port}", "--username", ha.ASSISTANT_OWNER,
+                             "--password-file", str(etc / "secrets" / f"{ha.ASSISTANT_OWNER}.password")],
+                            capture_output=True, text=True, timeout=120, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert ha.assistant_discovery_topic("homeassistant") not in retained_now(gateway)
