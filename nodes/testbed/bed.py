@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Mapping, Sequence
 
 from mesh.errors import ConfigError, MeshError
+from mesh.sysmem import CgroupMemory
 
 from nodes.testbed.plan import (
     broker_argv,
@@ -25,6 +26,7 @@ from nodes.testbed.plan import (
     plan_cleanup,
     plan_set_cpu,
     plan_set_loss,
+    plan_set_mem,
     plan_set_rate,
     plan_up,
     spawn_argv,
@@ -35,8 +37,10 @@ from nodes.testbed.shell import (
     PROBE_INSTANCE,
     REPO_ROOT,
     execute,
+    group_memory,
     kill_all,
     locked,
+    reset_peak,
     scan,
     unavailable_reason,
     wait_for_port,
@@ -257,7 +261,10 @@ class Testbed:
             while True:
                 dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
                 if dead:
-                    raise MeshError(f"testbed nodes exited while starting: {dead} (logs in {self.log_path('')})")
+                    oom = {n: f"OOM-killed under its {self.spec.node(n).mem_cap_mib} MiB cap"
+                           for n in dead if self.oom_kills(n)}
+                    raise MeshError(f"testbed nodes exited while starting: {dead} {oom or ''}"
+                                    f" (logs in {self.log_path('')})")
                 try:
                     client.wait_online(names, 1.0, ready=lambda v: v.model == model)
                     break
@@ -285,6 +292,29 @@ class Testbed:
     def restore_cpu(self, node: str) -> None:
         """Put back the quota the spec gives ``node``."""
         self.set_cpu(node, None if node == GATEWAY else self.spec.node(node).cpu)
+
+    def set_mem(self, node: str, mem_cap_mib: int | None) -> None:
+        """Change ``node``'s memory cap live (None: uncapped); swap stays off."""
+        execute(plan_set_mem(self.layout, node, mem_cap_mib))
+
+    # -- memory, as the node's cgroup counts it (what a benchmark records)
+
+    def memory(self, node: str) -> CgroupMemory:
+        """``node``'s memory cgroup now: usage, peak, anonymous vs page cache vs mapped, major
+        faults and OOM kills (``"gw"``: the broker's)."""
+        mem = group_memory(self.cgroup(node))
+        if mem is None:
+            raise ConfigError(f"no memory cgroup for {node!r} in testbed {self.spec.instance}")
+        return mem
+
+    def oom_kills(self, node: str) -> int:
+        """How many processes the kernel killed in ``node``'s cgroup for going over its cap."""
+        mem = group_memory(self.cgroup(node))
+        return 0 if mem is None else mem.oom_kills
+
+    def reset_peak(self, node: str) -> None:
+        """Restart ``node``'s peak from its current usage (e.g. once it has loaded and warmed up)."""
+        reset_peak(self.cgroup(node))
 
     def describe(self) -> dict[str, Any]:
         """The state document (what benchmark results record about the testbed)."""

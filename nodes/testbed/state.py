@@ -13,7 +13,8 @@ from typing import Any
 from mesh.errors import ConfigError, MeshError
 from nodes.testbed.plan import owned, plan_cleanup, plan_unthrottle
 from nodes.testbed.record import TestbedState
-from nodes.testbed.shell import alive, execute, kill_all, locked, pids_of, scan
+from nodes.testbed.shell import alive, execute, group_memory, kill_all, locked, pids_of, scan
+from nodes.testbed.spec import layout
 
 DEFAULT_RUN_DIR = Path("/run/mesh-testbed")
 
@@ -77,7 +78,9 @@ def teardown(instance: int | None, run_dir: Path = DEFAULT_RUN_DIR) -> dict[str,
 
 
 def status(run_dir: Path = DEFAULT_RUN_DIR) -> dict[str, Any]:
-    """Every instance with a state file, the liveness of its processes, and stray objects."""
+    """Every instance with a state file, the liveness of its processes, each node's memory
+    (``memory``: node -> :meth:`CgroupMemory.as_mib`, or null once its cgroup is gone), and
+    stray objects."""
     instances = []
     found = scan()
     if run_dir.is_dir():
@@ -97,6 +100,12 @@ def status(run_dir: Path = DEFAULT_RUN_DIR) -> dict[str, Any]:
             for p in doc["processes"]:
                 p["alive"] = p["pid"] in live and alive(p["pid"])
             doc["owner_alive"] = alive(st.owner_pid)
+            lay = layout(st.spec)
+            doc["memory"] = {}
+            for n in (*lay.nodes, None):
+                name, group = (str(n.name), n.cgroup) if n is not None else ("gw", lay.gw_cgroup)
+                mem = group_memory(group)
+                doc["memory"][name] = mem.as_mib() if mem is not None else None
             doc["present"] = {"netns": list(mine.netns), "links": list(mine.links), "cgroups": list(mine.cgroups)}
             instances.append(doc)
     known = {i.get("instance") for i in instances}
