@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -94,6 +95,7 @@ class Testbed:
         self._children: list[subprocess.Popen[Any]] = []
         self._records: list[ProcessRecord] = []
         self._broker: dict[str, object] | None = None
+        self._homes: list[Path] = []
         self._state: TestbedState | None = None
         self._is_up = False
 
@@ -146,6 +148,8 @@ class Testbed:
         for p in self._children:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=2)
+        for home in self._homes:
+            shutil.rmtree(home, ignore_errors=True)
         self._is_up = False
         return report
 
@@ -233,18 +237,42 @@ class Testbed:
         wait_for_port(host, port, timeout_s, proc)
         return proc
 
+    def private_home(self, node: str, home: Path, parts: Sequence[str], timeout_s: float = 900.0) -> Path:
+        """A mesh home for ``node`` with its own copy of ``parts`` of ``home`` (such as
+        ``models/smollm2-135m``), written by a process in the node's cgroups; removed on down.
+
+        Why: a file's page cache is charged to the memory cgroup that first reads it. A node
+        that memory-maps weights another process has already read is not charged for them, so
+        its cap does not count them and its mapped and major-fault figures stay at zero. Pages
+        of its own copy are charged to it: under its cap the kernel evicts them and the node
+        reads them back (major faults), as a Pi re-reads its SD card.
+        """
+        dst = Path(home) / "testbed" / "nodes" / f"{self.spec.instance}-{node}"
+        shutil.rmtree(dst, ignore_errors=True)
+        self._homes.append(dst)
+        for part in parts:
+            (dst / part).parent.mkdir(parents=True, exist_ok=True)
+            proc = self.spawn(node, ["cp", "-r", "--", str(Path(home) / part), str(dst / part)], role="copy")
+            if proc.wait(timeout=timeout_s) != 0:
+                raise MeshError(f"could not copy {part} into {node}'s home {dst} (exit {proc.returncode})")
+        return dst
+
     def start_node(self, name: str, model: str, env: Mapping[str, str] | None = None,
                    extra: Sequence[str] = ()) -> subprocess.Popen[Any]:
         argv = (*node_argv(self.python, name, self.broker_url, model), *extra)
         return self.spawn(name, argv, env=env, role="node", log=self.log_path(f"node-{name}"))
 
     def start_nodes(self, model: str, names: Sequence[str] | None = None, extra: Sequence[str] = (),
-                    timeout_s: float = 300.0) -> dict[str, subprocess.Popen[Any]]:
+                    timeout_s: float = 300.0, private_from: Path | None = None) -> dict[str, subprocess.Popen[Any]]:
         """Start mesh nodes and return once all are online with ``model``.
 
         At a Pi Zero's share of a core, loading a model would take minutes, so nodes load
         unthrottled and get their quota back once online. Quota'd nodes run one torch
         thread: the calibration measured one thread, and the quota is per cgroup anyway.
+        ``private_from`` (a mesh home): each node loads its own copy of the model
+        (:meth:`private_home`), so its memory cap and figures count the weights' page cache;
+        None: nodes share the files of this machine's mesh home, and the page cache of the
+        weights is charged to whichever process read them first.
         """
         from mesh.config import BrokerAddress
         from nodes.client import MeshClient
@@ -254,7 +282,9 @@ class Testbed:
         for n in names:
             quota = self.spec.node(n).cpu
             self.set_cpu(n, None)
-            procs[n] = self.start_node(n, model, extra=[*extra, *(["--threads", "1"] if quota else [])])
+            home = [] if private_from is None else ["--home", str(self.private_home(n, private_from,
+                                                                                   [f"models/{model}"]))]
+            procs[n] = self.start_node(n, model, extra=[*extra, *home, *(["--threads", "1"] if quota else [])])
         host, port = self.broker_address
         deadline = time.monotonic() + timeout_s
         with MeshClient(BrokerAddress(host, port), name=f"testbed-{self.spec.instance}") as client:

@@ -47,12 +47,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         tb.start_broker(args.broker)
         if not args.no_nodes:
+            # each node its own copy of the weights, so its cap counts their page cache
+            private = None if args.shared_weights else mesh_home(args)
             if args.load_unthrottled:
                 for n in spec.names:
                     tb.set_cpu(n, None)
-                    tb.start_node(n, args.model)
+                    home = [] if private is None else ["--home", str(tb.private_home(n, private,
+                                                                                   [f"models/{args.model}"]))]
+                    tb.start_node(n, args.model, extra=home)
             else:
-                tb.start_nodes(args.model)
+                tb.start_nodes(args.model, private_from=private)
     except BaseException:
         tb.down()
         raise
@@ -164,6 +168,9 @@ def _add_commands(sub: Any) -> None:
     up.add_argument("--model", default="gemma3-270m")
     up.add_argument("--instance", type=int, default=0, choices=range(0, MAX_INSTANCE), metavar="0..98")
     up.add_argument("--no-nodes", action="store_true", help="only the network and the broker")
+    up.add_argument("--shared-weights", action="store_true",
+                    help="nodes read the model from the mesh home instead of their own copy (saves disk;"
+                         " the weights' page cache is then not charged to the nodes' memory caps)")
     up.add_argument("--cache-dir", default=None, help="calibration cache (default <mesh home>/testbed)")
     up.add_argument("--load-unthrottled", action="store_true",
                     help="start nodes without their CPU quota (model loading); apply it with `throttle --on`")
