@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from mesh.errors import MeshError, TransportError
-from nodes.testbed.plan import Found, MakeDir, RemoveDir, Run, Step, WriteFile
 from mesh.sysmem import CgroupMemory, read_cgroup_v1
+from nodes.testbed.plan import Found, MakeDir, RemoveDir, Run, Step, WriteFile
 from nodes.testbed.spec import CPU_CGROUP_ROOT, MEMORY_CGROUP_ROOT, cgroup_path, memory_cgroup_path, netns_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -6,6 +6,7 @@ anonymous and mapped memory and major faults are told apart.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,44 @@ def test_mapped_file_pages_anonymous_memory_and_major_faults_are_told_apart(
     # reading the file back from disk after it left the page cache: major faults, counted
     assert during.major_faults - before.major_faults >= (32 * MiB // 4096) // 2
     assert proc.returncode == 0
+
+
+# Maps a file, reads every page, and waits to be measured.
+READER = """
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+touched = sum(m[i] for i in range(0, len(m), 4096))
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_private_copy_charges_the_weights_page_cache_to_the_node(
+        make_testbed: Callable[[Callable[[int], TestbedSpec]], Testbed], tmp_path: Path) -> None:
+    """A file already in the page cache is charged to whoever read it first: a node mapping the
+    shared file is charged nothing for it; its own copy (Testbed.private_home) is charged to it."""
+    home = tmp_path / "home"
+    (home / "models" / "m").mkdir(parents=True)
+    weights = home / "models" / "m" / "w.bin"
+    weights.write_bytes(os.urandom(32 * MiB))
+    assert len(weights.read_bytes()) == 32 * MiB  # cached now, charged to this test's cgroup
+    tb = make_testbed(lambda i: TestbedSpec(nodes=(node("shared", 256), node("own", 256)), instance=i))
+    own_home = tb.private_home("own", home, ["models/m"])
+    assert (own_home / "models" / "m" / "w.bin").read_bytes() == weights.read_bytes()
+    mapped = {}
+    for name, path in (("shared", weights), ("own", own_home / "models" / "m" / "w.bin")):
+        proc = tb.spawn(name, [sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        try:
+            line = proc.stdout.readline()
+            mapped[name] = tb.memory(name)
+        finally:
+            proc.communicate("\n", timeout=30)
+        assert line.strip() == "ready"
+    print(mapped)
+    assert mapped["shared"].mapped_bytes < 4 * MiB  # 32 MiB mapped, charged elsewhere
+    assert mapped["own"].mapped_bytes >= 32 * MiB
+    tb.down()
+    assert not own_home.exists()  # the copy goes with the testbed
