@@ -74,7 +74,7 @@ def cmd_throttle(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    report = teardown(None if args.all else args.instance, Path(args.run_dir))
+    report = teardown(None if args.all else args.instance, Path(args.run_dir), home=mesh_home(args))
     print(json.dumps(report, indent=2))
     return 0
 

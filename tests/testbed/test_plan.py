@@ -398,3 +398,16 @@ def test_next_quota_one_sided_steps_are_bounded() -> None:
     fast = [Trial(40_000, (10.5,))]  # a bit too fast: at least 1.1x less
     q = next_quota(fast, target_s=12.6, period_us=1_000_000, native_s=0.2)
     assert q is not None and q <= 40_000 / 1.1 and math.isclose(q, 33_300, abs_tol=100)
+
+
+def test_private_homes_are_found_by_instance_and_nothing_else(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from nodes.testbed.state import private_homes
+
+    root = tmp_path / "testbed" / "nodes"
+    for name in ("9-pi1", "96-pi1", "96-pi2", "x-pi1"):
+        (root / name).mkdir(parents=True)
+    (root / "9-file").write_text("not a copy")
+    assert [p.name for p in private_homes(tmp_path, 96)] == ["96-pi1", "96-pi2"]
+    assert [p.name for p in private_homes(tmp_path, 9)] == ["9-pi1"]
+    assert [p.name for p in private_homes(tmp_path, None)] == ["9-pi1", "96-pi1", "96-pi2"]
+    assert private_homes(tmp_path / "nowhere", None) == []
