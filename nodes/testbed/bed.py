@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Mapping, Sequence
 
 from mesh.errors import ConfigError, MeshError
-from mesh.sysmem import CgroupMemory
+from mesh.sysmem import CgroupMemory, ProcessMemory, process_memory
 
 from nodes.testbed.plan import (
     broker_argv,
@@ -40,6 +40,7 @@ from nodes.testbed.shell import (
     execute,
     group_memory,
     kill_all,
+    pids_in,
     locked,
     reset_peak,
     scan,
@@ -336,6 +337,16 @@ class Testbed:
         if mem is None:
             raise ConfigError(f"no memory cgroup for {node!r} in testbed {self.spec.instance}")
         return mem
+
+    def process_memory(self, node: str) -> dict[int, ProcessMemory]:
+        """RSS, peak RSS and major faults of each process now in ``node``'s cgroup. RSS counts
+        pages shared with other processes (libraries, weights read by others) that the cgroup
+        does not; the two side by side show how much a node leans on this machine's page cache."""
+        out: dict[int, ProcessMemory] = {}
+        for pid in pids_in(self.cgroup(node)):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                out[pid] = process_memory(pid)
+        return out
 
     def oom_kills(self, node: str) -> int:
         """How many processes the kernel killed in ``node``'s cgroup for going over its cap."""

@@ -204,6 +204,14 @@ def group_memory(group: str) -> CgroupMemory | None:
         return None
 
 
+def pids_in(group: str) -> list[int]:
+    """The processes in testbed cgroup ``group`` (its memory hierarchy; [] when it is gone)."""
+    try:
+        return [int(x) for x in Path(memory_cgroup_path(group), "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
+
+
 def reset_peak(group: str) -> None:
     """Restart the group's peak (``max_usage_in_bytes``) from its current usage, e.g. after a
     node has loaded, so the next read is the peak of what came after."""

@@ -136,6 +136,7 @@ def test_mapped_file_pages_anonymous_memory_and_major_faults_are_told_apart(
     try:
         line = proc.stdout.readline()
         during = tb.memory("pi1")
+        per_process = tb.process_memory("pi1")
     finally:
         proc.communicate("\n", timeout=30)
     print(f"before {before}\nduring {during}")
@@ -144,6 +145,11 @@ def test_mapped_file_pages_anonymous_memory_and_major_faults_are_told_apart(
     assert during.file_bytes >= during.mapped_bytes
     # the anonymous buffer and the interpreter's heap, without the 32 MiB of file pages
     assert 16 * MiB <= during.anon_bytes < 40 * MiB
+    # the process's own view: its RSS holds the mapped file too, its anonymous part the buffer
+    assert list(per_process) == [proc.pid]
+    mine = per_process[proc.pid]
+    assert mine.file_bytes >= 32 * MiB and mine.anon_bytes >= 16 * MiB
+    assert mine.major_faults >= (32 * MiB // 4096) // 2 and mine.peak_bytes >= mine.rss_bytes
     # reading the file back from disk after it left the page cache: major faults, counted
     assert during.major_faults - before.major_faults >= (32 * MiB // 4096) // 2
     assert proc.returncode == 0
