@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mesh import topics, wire
+from mesh import sysmem, topics, wire
 from mesh.config import Limits
 from mesh.errors import MeshError, ProtocolError
 from mesh.model import bind_threads
@@ -330,7 +330,8 @@ class Member(Presence):
     # -- heartbeat --------------------------------------------------------------------------------
     def publish_heartbeat(self, body: dict[str, Any]) -> wire.Envelope:
         """One heartbeat (retained), numbered; raises MeshError when it could not be sent."""
-        env = wire.Envelope(wire.Kind.HEARTBEAT, self.name, dict(body, seq=self.seq))
+        # every node's heartbeat says its RSS, peak and memory limit (MiB), agent or coordinator
+        env = wire.Envelope(wire.Kind.HEARTBEAT, self.name, dict(body, seq=self.seq, **sysmem.heartbeat_fields()))
         self.bus.publish(topics.node_heartbeat(self.name), wire.encode(env),
                          qos=topics.HEARTBEAT.qos, retain=topics.HEARTBEAT.retain)
         self.seq += 1

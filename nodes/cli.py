@@ -115,6 +115,8 @@ def _status_rows(nodes: list[Any]) -> list[dict[str, Any]]:
             "model_key": hb.get("model_key"), "seq": hb.get("seq"), "queue": hb.get("queue"),
             "load": hb.get("load"), "prefill_tps": hb.get("prefill_tps"), "decode_tps": hb.get("decode_tps"),
             "rtt_ms": hb.get("rtt_ms"), "served": hb.get("served"), "rejects": hb.get("rejects"),
+            "rss_mib": hb.get("rss_mib"), "rss_peak_mib": hb.get("rss_peak_mib"),
+            "mem_limit_mib": hb.get("mem_limit_mib"), "mem_limit_from": hb.get("mem_limit_from"),
             "heartbeat_age_s": round(now - hb["time"], 1) if isinstance(hb.get("time"), (int, float)) else None,
         })
     return rows

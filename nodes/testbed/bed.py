@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Mapping, Sequence
 
 from mesh.errors import ConfigError, MeshError
+from mesh.sysmem import CgroupMemory, ProcessMemory, process_memory
 
 from nodes.testbed.plan import (
     broker_argv,
@@ -25,6 +27,7 @@ from nodes.testbed.plan import (
     plan_cleanup,
     plan_set_cpu,
     plan_set_loss,
+    plan_set_mem,
     plan_set_rate,
     plan_up,
     spawn_argv,
@@ -35,8 +38,11 @@ from nodes.testbed.shell import (
     PROBE_INSTANCE,
     REPO_ROOT,
     execute,
+    group_memory,
     kill_all,
+    pids_in,
     locked,
+    reset_peak,
     scan,
     unavailable_reason,
     wait_for_port,
@@ -90,6 +96,7 @@ class Testbed:
         self._children: list[subprocess.Popen[Any]] = []
         self._records: list[ProcessRecord] = []
         self._broker: dict[str, object] | None = None
+        self._homes: list[Path] = []
         self._state: TestbedState | None = None
         self._is_up = False
 
@@ -142,6 +149,8 @@ class Testbed:
         for p in self._children:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=2)
+        for home in self._homes:
+            shutil.rmtree(home, ignore_errors=True)
         self._is_up = False
         return report
 
@@ -229,18 +238,42 @@ class Testbed:
         wait_for_port(host, port, timeout_s, proc)
         return proc
 
+    def private_home(self, node: str, home: Path, parts: Sequence[str], timeout_s: float = 900.0) -> Path:
+        """A mesh home for ``node`` with its own copy of ``parts`` of ``home`` (such as
+        ``models/smollm2-135m``), written by a process in the node's cgroups; removed on down.
+
+        Why: a file's page cache is charged to the memory cgroup that first reads it. A node
+        that memory-maps weights another process has already read is not charged for them, so
+        its cap does not count them and its mapped and major-fault figures stay at zero. Pages
+        of its own copy are charged to it: under its cap the kernel evicts them and the node
+        reads them back (major faults), as a Pi re-reads its SD card.
+        """
+        dst = Path(home) / "testbed" / "nodes" / f"{self.spec.instance}-{node}"
+        shutil.rmtree(dst, ignore_errors=True)
+        self._homes.append(dst)
+        for part in parts:
+            (dst / part).parent.mkdir(parents=True, exist_ok=True)
+            proc = self.spawn(node, ["cp", "-r", "--", str(Path(home) / part), str(dst / part)], role="copy")
+            if proc.wait(timeout=timeout_s) != 0:
+                raise MeshError(f"could not copy {part} into {node}'s home {dst} (exit {proc.returncode})")
+        return dst
+
     def start_node(self, name: str, model: str, env: Mapping[str, str] | None = None,
                    extra: Sequence[str] = ()) -> subprocess.Popen[Any]:
         argv = (*node_argv(self.python, name, self.broker_url, model), *extra)
         return self.spawn(name, argv, env=env, role="node", log=self.log_path(f"node-{name}"))
 
     def start_nodes(self, model: str, names: Sequence[str] | None = None, extra: Sequence[str] = (),
-                    timeout_s: float = 300.0) -> dict[str, subprocess.Popen[Any]]:
+                    timeout_s: float = 300.0, private_from: Path | None = None) -> dict[str, subprocess.Popen[Any]]:
         """Start mesh nodes and return once all are online with ``model``.
 
         At a Pi Zero's share of a core, loading a model would take minutes, so nodes load
         unthrottled and get their quota back once online. Quota'd nodes run one torch
         thread: the calibration measured one thread, and the quota is per cgroup anyway.
+        ``private_from`` (a mesh home): each node loads its own copy of the model
+        (:meth:`private_home`), so its memory cap and figures count the weights' page cache;
+        None: nodes share the files of this machine's mesh home, and the page cache of the
+        weights is charged to whichever process read them first.
         """
         from mesh.config import BrokerAddress
         from nodes.client import MeshClient
@@ -250,14 +283,19 @@ class Testbed:
         for n in names:
             quota = self.spec.node(n).cpu
             self.set_cpu(n, None)
-            procs[n] = self.start_node(n, model, extra=[*extra, *(["--threads", "1"] if quota else [])])
+            home = [] if private_from is None else ["--home", str(self.private_home(n, private_from,
+                                                                                   [f"models/{model}"]))]
+            procs[n] = self.start_node(n, model, extra=[*extra, *home, *(["--threads", "1"] if quota else [])])
         host, port = self.broker_address
         deadline = time.monotonic() + timeout_s
         with MeshClient(BrokerAddress(host, port), name=f"testbed-{self.spec.instance}") as client:
             while True:
                 dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
                 if dead:
-                    raise MeshError(f"testbed nodes exited while starting: {dead} (logs in {self.log_path('')})")
+                    oom = {n: f"OOM-killed under its {self.spec.node(n).mem_cap_mib} MiB cap"
+                           for n in dead if self.oom_kills(n)}
+                    raise MeshError(f"testbed nodes exited while starting: {dead} {oom or ''}"
+                                    f" (logs in {self.log_path('')})")
                 try:
                     client.wait_online(names, 1.0, ready=lambda v: v.model == model)
                     break
@@ -285,6 +323,39 @@ class Testbed:
     def restore_cpu(self, node: str) -> None:
         """Put back the quota the spec gives ``node``."""
         self.set_cpu(node, None if node == GATEWAY else self.spec.node(node).cpu)
+
+    def set_mem(self, node: str, mem_cap_mib: int | None) -> None:
+        """Change ``node``'s memory cap live (None: uncapped); swap stays off."""
+        execute(plan_set_mem(self.layout, node, mem_cap_mib))
+
+    # -- memory, as the node's cgroup counts it (what a benchmark records)
+
+    def memory(self, node: str) -> CgroupMemory:
+        """``node``'s memory cgroup now: usage, peak, anonymous vs page cache vs mapped, major
+        faults and OOM kills (``"gw"``: the broker's)."""
+        mem = group_memory(self.cgroup(node))
+        if mem is None:
+            raise ConfigError(f"no memory cgroup for {node!r} in testbed {self.spec.instance}")
+        return mem
+
+    def process_memory(self, node: str) -> dict[int, ProcessMemory]:
+        """RSS, peak RSS and major faults of each process now in ``node``'s cgroup. RSS counts
+        pages shared with other processes (libraries, weights read by others) that the cgroup
+        does not; the two side by side show how much a node leans on this machine's page cache."""
+        out: dict[int, ProcessMemory] = {}
+        for pid in pids_in(self.cgroup(node)):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                out[pid] = process_memory(pid)
+        return out
+
+    def oom_kills(self, node: str) -> int:
+        """How many processes the kernel killed in ``node``'s cgroup for going over its cap."""
+        mem = group_memory(self.cgroup(node))
+        return 0 if mem is None else mem.oom_kills
+
+    def reset_peak(self, node: str) -> None:
+        """Restart ``node``'s peak from its current usage (e.g. once it has loaded and warmed up)."""
+        reset_peak(self.cgroup(node))
 
     def describe(self) -> dict[str, Any]:
         """The state document (what benchmark results record about the testbed)."""

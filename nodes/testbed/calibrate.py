@@ -18,10 +18,13 @@ from typing import Any, Callable, Sequence
 from mesh.errors import MeshError
 from nodes.testbed.profiles import (
     Calibration,
+    DeviceProfile,
     Trial,
+    calibrated_from,
     calibrations_from_json,
     calibrations_to_json,
     closest_trial,
+    device_profile,
     next_quota,
 )
 from nodes.testbed.shell import REPO_ROOT, remove_dir
@@ -176,6 +179,15 @@ def load_calibration(cache_dir: Path, profile: str) -> Calibration | None:
         return calibrations_from_json(path.read_text()).get(profile)
     except FileNotFoundError:
         return None
+
+
+def load_profile(cache_dir: Path, profile: str) -> tuple[DeviceProfile, Calibration | None]:
+    """The named device profile with the calibration it derives its CPU quota from (``pi-zero-2w``
+    for itself and for ``pi4-2gb``), read from ``cache_dir``; the calibration is None where the
+    profile needs none or none was measured yet (then the profile says ``calibrated=False``)."""
+    base = calibrated_from(profile)
+    cal = load_calibration(cache_dir, base) if base is not None else None
+    return device_profile(profile, cal), cal
 
 
 def save_calibration(cache_dir: Path, cal: Calibration) -> Path:

@@ -18,12 +18,12 @@ from nodes.testbed.bed import Testbed, throttle
 from nodes.testbed.calibrate import (
     calibrate,
     calibration_dir,
-    load_calibration,
+    load_profile,
     save_calibration,
 )
 from nodes.testbed.plan import BROKER_KINDS
 from nodes.testbed.probes import run_linkprobe, run_probe
-from nodes.testbed.profiles import PROFILE_NAMES, device_profile
+from nodes.testbed.profiles import PROFILE_NAMES
 from nodes.testbed.spec import MAX_INSTANCE, make_spec, parse_loss
 from nodes.testbed.state import DEFAULT_RUN_DIR, status, teardown
 
@@ -33,24 +33,30 @@ def _cache_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    cal = load_calibration(_cache_dir(args), args.profile) if args.profile == "pi-zero-2w" else None
-    prof = device_profile(args.profile, cal)
+    prof, cal = load_profile(_cache_dir(args), args.profile)
     if not prof.calibrated:
         print(f"warning: profile {prof.name} is not calibrated (run `mesh testbed calibrate --profile "
-              f"{prof.name}`); using {prof.cpu}", file=sys.stderr)
+              f"pi-zero-2w`); using {prof.cpu}", file=sys.stderr)
+    if args.mem_cap_mib is not None and args.mem_cap_mib != prof.mem_cap_mib:
+        print(f"note: memory cap {args.mem_cap_mib} MiB overrides {prof.name}'s {prof.mem_cap_mib} MiB",
+              file=sys.stderr)
     spec = make_spec(args.nodes, prof, link_mbit=args.link_mbit, loss=parse_loss(args.loss or []),
-                     instance=args.instance)
+                     instance=args.instance, mem_cap_mib=args.mem_cap_mib)
     tb = Testbed(spec, run_dir=Path(args.run_dir), detached=True, calibration=cal)
     tb.up()
     try:
         tb.start_broker(args.broker)
         if not args.no_nodes:
+            # each node its own copy of the weights, so its cap counts their page cache
+            private = None if args.shared_weights else mesh_home(args)
             if args.load_unthrottled:
                 for n in spec.names:
                     tb.set_cpu(n, None)
-                    tb.start_node(n, args.model)
+                    home = [] if private is None else ["--home", str(tb.private_home(n, private,
+                                                                                   [f"models/{args.model}"]))]
+                    tb.start_node(n, args.model, extra=home)
             else:
-                tb.start_nodes(args.model)
+                tb.start_nodes(args.model, private_from=private)
     except BaseException:
         tb.down()
         raise
@@ -68,7 +74,7 @@ def cmd_throttle(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    report = teardown(None if args.all else args.instance, Path(args.run_dir))
+    report = teardown(None if args.all else args.instance, Path(args.run_dir), home=mesh_home(args))
     print(json.dumps(report, indent=2))
     return 0
 
@@ -92,6 +98,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             share = f"{cpu['quota_us']}/{cpu['period_us']} us" if cpu else "no quota"
             print(f"  {n['name']:<12} {inst['addresses'][n['name']]:<15} {n['profile']:<11} "
                   f"link {n['link_mbit'] or '-'} Mbit/s  loss {n['loss_pct']} %  cpu {share}")
+            print(f"  {'':<12} {_memory_line(n, (inst.get('memory') or {}).get(n['name']))}")
         for p in inst["processes"]:
             print(f"  pid {p['pid']:<8} {p['role']:<8} {p['node']:<12} {'up' if p['alive'] else 'DEAD'}  "
                   f"{' '.join(p['argv'])[:80]}")
@@ -101,9 +108,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory_line(node: dict[str, Any], mem: dict[str, Any] | None) -> str:
+    """``mem 212.3 MiB (peak 380.1) of 400 cap: anon 150.2, cache 62.1 (mapped 40.0); 12 major
+    faults, 0 OOM kills`` for one node of ``status``."""
+    cap = node.get("mem_cap_mib")
+    override = " (override)" if cap != node.get("profile_mem_cap_mib") else ""
+    if mem is None:
+        return f"mem: no cgroup; cap {cap or 'none'}{override}"
+    return (f"mem {mem['usage_mib']} MiB (peak {mem['peak_mib']}) of {f'{cap} MiB cap' if cap else 'no cap'}"
+            f"{override}: anon {mem['anon_mib']}, cache {mem['file_mib']} (mapped {mem['mapped_mib']});"
+            f" {mem['major_faults']} major faults, {mem['oom_kills']} OOM kills")
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.profile != "pi-zero-2w":
-        raise ConfigError(f"only pi-zero-2w has a CPU quota to calibrate, not {args.profile}")
+        raise ConfigError(f"only pi-zero-2w has a CPU quota to calibrate (pi4-2gb derives its own from it),"
+                          f" not {args.profile}")
     cal = calibrate(
         profile=args.profile,
         model=args.model,
@@ -141,11 +161,16 @@ def _add_commands(sub: Any) -> None:
     up.add_argument("--nodes", type=int, required=True, help="number of nodes (pi1..piK)")
     up.add_argument("--profile", choices=PROFILE_NAMES, default="native")
     up.add_argument("--link-mbit", type=float, default=None, help="override the profile's link rate")
+    up.add_argument("--mem-cap-mib", type=int, default=None,
+                    help="override the profile's memory cap per node (recorded as an override)")
     up.add_argument("--loss", action="append", metavar="NODE=PCT", help="random drop per direction, repeatable")
     up.add_argument("--broker", choices=BROKER_KINDS, default="amqtt")
     up.add_argument("--model", default="gemma3-270m")
     up.add_argument("--instance", type=int, default=0, choices=range(0, MAX_INSTANCE), metavar="0..98")
     up.add_argument("--no-nodes", action="store_true", help="only the network and the broker")
+    up.add_argument("--shared-weights", action="store_true",
+                    help="nodes read the model from the mesh home instead of their own copy (saves disk;"
+                         " the weights' page cache is then not charged to the nodes' memory caps)")
     up.add_argument("--cache-dir", default=None, help="calibration cache (default <mesh home>/testbed)")
     up.add_argument("--load-unthrottled", action="store_true",
                     help="start nodes without their CPU quota (model loading); apply it with `throttle --on`")

@@ -20,6 +20,8 @@ from nodes.testbed.spec import (
     Layout,
     cgroup_path,
     check_loss,
+    check_mem_cap,
+    memory_cgroup_path,
 )
 
 
@@ -28,6 +30,8 @@ NODE_IF = "eth0"
 BRIDGE_IF = "br0"
 HOST_PEER_IF = "host"
 MTU_BYTES = 1514
+NETNS_DIR = "/run/netns"  # where `ip netns add` binds each namespace
+MiB = 1 << 20
 
 
 # --------------------------------------------------------------------------- steps
@@ -123,30 +127,59 @@ def plan_set_rate(lay: Layout, node: str, mbit: float | None) -> list[Step]:
     return _shape(n.netns, NODE_IF, mbit) + _shape(lay.gw_netns, n.gw_if, mbit)
 
 
-def _cgroup_steps(group: str, cpu: CpuQuota | None) -> list[Step]:
+def _cpu_steps(group: str, cpu: CpuQuota | None) -> list[Step]:
     path = cgroup_path(group)
     quota = "-1" if cpu is None else str(cpu.quota_us)
     period = "100000" if cpu is None else str(cpu.period_us)
     # quota -1 first: a new period may be rejected while an old quota is larger than it.
     return [
-        MakeDir(path),
         WriteFile(f"{path}/cpu.cfs_quota_us", "-1"),
         WriteFile(f"{path}/cpu.cfs_period_us", period),
         WriteFile(f"{path}/cpu.cfs_quota_us", quota),
     ]
 
 
+def _memory_steps(group: str, mem_cap_mib: int | None) -> list[Step]:
+    """Cap memory at ``mem_cap_mib`` with no swap: memory+swap (``memsw``) gets the same limit,
+    so a group over its cap reclaims page cache and then OOM-kills instead of swapping.
+
+    The kernel wants memsw >= memory at every moment, so memsw is lifted first, then memory
+    set, then memsw lowered to it: valid from any previous pair of limits.
+    """
+    check_mem_cap(mem_cap_mib)
+    path = memory_cgroup_path(group)
+    limit = "-1" if mem_cap_mib is None else str(mem_cap_mib * MiB)
+    return [
+        WriteFile(f"{path}/memory.memsw.limit_in_bytes", "-1"),
+        WriteFile(f"{path}/memory.limit_in_bytes", limit),
+        WriteFile(f"{path}/memory.memsw.limit_in_bytes", limit),
+    ]
+
+
+def _cgroup_steps(group: str, cpu: CpuQuota | None, mem_cap_mib: int | None) -> list[Step]:
+    return ([MakeDir(cgroup_path(group))] + _cpu_steps(group, cpu)
+            + [MakeDir(memory_cgroup_path(group))] + _memory_steps(group, mem_cap_mib))
+
+
 def plan_set_cpu(lay: Layout, node: str, cpu: CpuQuota | None) -> list[Step]:
     """Change the CPU quota of ``node``'s cgroup (None: unlimited); applies to running processes."""
     group = lay.gw_cgroup if node == GATEWAY else lay.node(node).cgroup
-    return [s for s in _cgroup_steps(group, cpu) if not isinstance(s, MakeDir)]
+    return _cpu_steps(group, cpu)
+
+
+def plan_set_mem(lay: Layout, node: str, mem_cap_mib: int | None) -> list[Step]:
+    """Change the memory cap of ``node``'s cgroup (None: uncapped) while it runs. Lowering it
+    below what the group uses makes the kernel reclaim first and refuse the write if it cannot
+    (the shell then raises)."""
+    group = lay.gw_cgroup if node == GATEWAY else lay.node(node).cgroup
+    return _memory_steps(group, mem_cap_mib)
 
 
 def plan_up(lay: Layout) -> list[Step]:
     """Every step that builds ``lay``, in order. Run after cleaning up the same instance."""
     gw = lay.gw_netns
     no_v6 = ("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
-    steps: list[Step] = _cgroup_steps(lay.gw_cgroup, None)
+    steps: list[Step] = _cgroup_steps(lay.gw_cgroup, None, None)
     steps += [
         Run(("ip", "netns", "add", gw)),
         Run(_in(gw, *no_v6)),
@@ -160,7 +193,7 @@ def plan_up(lay: Layout) -> list[Step]:
         Run(("ip", "link", "set", lay.host_link, "up")),
     ]
     for n in lay.nodes:
-        steps += _cgroup_steps(n.cgroup, n.spec.cpu)
+        steps += _cgroup_steps(n.cgroup, n.spec.cpu, n.spec.mem_cap_mib)
         steps += [
             Run(("ip", "netns", "add", n.netns)),
             Run(_in(n.netns, *no_v6)),
@@ -177,17 +210,21 @@ def plan_up(lay: Layout) -> list[Step]:
 
 
 def spawn_argv(cgroup: str, netns: str | None, argv: Sequence[str]) -> tuple[str, ...]:
-    """Wrap ``argv`` so it joins ``cgroup`` first and then enters ``netns``, both before it runs.
+    """Wrap ``argv`` so it joins ``cgroup`` (cpu and memory) and then enters ``netns``, all
+    before it runs.
 
-    The shell writes its own pid to the cgroup and execs; ``ip netns exec`` execs too, so the pid
-    the caller sees is the final process. The cgroup join must come first: ``ip netns exec``
-    remounts /sys, hiding /sys/fs/cgroup.
+    The shell writes its own pid to both groups and execs; ``nsenter`` execs too, so the pid the
+    caller sees is the final process and every byte it allocates is charged to the node's memory
+    cgroup. ``nsenter --net`` enters only the network namespace: the process keeps this mount
+    namespace and so sees /sys/fs/cgroup and can read its own memory limit (``ip netns exec``
+    remounts /sys without the cgroup filesystems).
     """
     if not argv:
         raise ConfigError("spawn needs a command")
-    procs = f"{cgroup_path(cgroup)}/cgroup.procs"
-    inner = ("ip", "netns", "exec", netns) if netns else ()
-    return ("sh", "-c", 'echo $$ > "$0" && exec "$@"', procs) + inner + tuple(argv)
+    cpu = f"{cgroup_path(cgroup)}/cgroup.procs"
+    mem = f"{memory_cgroup_path(cgroup)}/cgroup.procs"
+    inner = ("nsenter", f"--net={NETNS_DIR}/{netns}", "--") if netns else ()
+    return ("sh", "-c", 'echo $$ > "$0" && echo $$ > "$1" && shift && exec "$@"', cpu, mem) + inner + tuple(argv)
 
 
 # --------------------------------------------------------------------------- cleanup
@@ -195,7 +232,8 @@ def spawn_argv(cgroup: str, netns: str | None, argv: Sequence[str]) -> tuple[str
 
 @dataclass(frozen=True)
 class Found:
-    """What the shell saw on the machine: netns names, root-ns link names, cpu cgroup names."""
+    """What the shell saw on the machine: netns names, root-ns link names, cgroup names (in the
+    cpu or the memory hierarchy: the testbed gives a group the same name in both)."""
 
     netns: tuple[str, ...] = ()
     links: tuple[str, ...] = ()
@@ -221,7 +259,8 @@ def owned(found: Found, instance: int | None) -> Found:
 
 
 def plan_unthrottle(mine: Found) -> list[Step]:
-    """Lift the CPU quotas of ``mine``'s cgroups, so their processes exit promptly when told."""
+    """Lift the CPU quotas of ``mine``'s cgroups, so their processes exit promptly when told
+    (a memory cap does not slow an exit: it is left alone)."""
     return [WriteFile(f"{cgroup_path(g)}/cpu.cfs_quota_us", "-1") for g in mine.cgroups]
 
 
@@ -233,7 +272,7 @@ def plan_cleanup(mine: Found) -> list[Step]:
     """
     steps: list[Step] = [Run(("ip", "netns", "del", ns), check=False) for ns in mine.netns]
     steps += [Run(("ip", "link", "del", link), check=False) for link in mine.links]
-    steps += [RemoveDir(cgroup_path(g)) for g in mine.cgroups]
+    steps += [RemoveDir(path(g)) for g in mine.cgroups for path in (cgroup_path, memory_cgroup_path)]
     return steps
 
 

@@ -1,4 +1,4 @@
-"""Device profiles (link rate and CPU quota of an emulated Pi) and the arithmetic of calibrating
+"""Device profiles (link rate, CPU quota and memory cap of an emulated Pi) and the arithmetic of calibrating
 a profile's quota by measurement (the search, the calibration file format).
 
 Pure: nothing here runs a command, reads a clock or touches a file.
@@ -38,37 +38,84 @@ class CpuQuota:
         return self.quota_us / self.period_us
 
 
-PROFILE_NAMES = ("native", "pi5", "pi-zero-2w")
+PROFILE_NAMES = ("native", "pi5", "pi4-2gb", "pi-zero-2w")
 PI5_LINK_MBIT = 27.0
+PI4_LINK_MBIT = 27.0  # the Pi 4's Wi-Fi is the same 802.11ac radio as the Pi 5's
 PI_ZERO_LINK_MBIT = 21.0
 # Used only until `mesh testbed calibrate` has run: a first guess from DESIGN.md's Pi Zero
 # measurement; the calibration replaces it.
 UNCALIBRATED_PI_ZERO_QUOTA = CpuQuota(period_us=1_000_000, quota_us=24_000)
 
+# Memory each emulated node may use (a cgroup v1 limit, swap off) and the board's RAM, in MiB.
+# The node gets what the board's OS leaves free, not the whole board: a Pi Zero 2W's Linux sees
+# ~426 MB and leaves ~340 MiB after the OS (design to that; 400 MiB is the hard cap); a 4 GB Pi 5
+# gives a node 3 GiB, a 2 GB Pi 4 1.5 GiB.
+PI_ZERO_RAM_MIB, PI_ZERO_MEM_CAP_MIB = 512, 400
+PI4_2GB_RAM_MIB, PI4_2GB_MEM_CAP_MIB = 2048, 1536
+PI5_RAM_MIB, PI5_MEM_CAP_MIB = 4096, 3072
+
+# A Pi 4 core (Cortex-A72, 1.5 GHz) against a Pi Zero 2W core (Cortex-A53, 1.0 GHz), single
+# thread. Source: sysbench 1.0.20 `cpu --threads=1` (primes to 10,000), "Raspberry Pi CPU
+# Benchmarks", https://leoncode.co.uk/articles/raspberry-pi-benchmarks: Pi 4 1477.83 events/s,
+# Pi 3B+ (the same A53 core at 1.4 GHz) 687.45 events/s. Scaling the A53 to the Zero's 1.0 GHz
+# (a CPU-bound loop scales with the clock) gives 1477.83 / (687.45 / 1.4) = 3.01. An integer
+# benchmark: the A72's wider NEON pipes likely make it faster than this on matmuls, and its
+# LPDDR4 feeds decode faster, so pi4-2gb errs on the slow side.
+SYSBENCH_PI4_A72_1500 = 1477.83
+SYSBENCH_PI3BPLUS_A53_1400 = 687.45
+PI4_VS_PI_ZERO_CPU = SYSBENCH_PI4_A72_1500 / (SYSBENCH_PI3BPLUS_A53_1400 * 1.0 / 1.4)
+# Profiles whose CPU quota derives from a calibrated one: profile -> (calibrated profile, speed)
+DERIVED_QUOTA = {"pi4-2gb": ("pi-zero-2w", PI4_VS_PI_ZERO_CPU)}
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """What one emulated device is allowed: link rate (None = unshaped) and CPU (None = free)."""
+    """What one emulated device is allowed: link rate (None = unshaped), CPU (None = free) and
+    memory: ``mem_cap_mib`` for the node's cgroup (None = uncapped), ``ram_mib`` the board's RAM
+    (recorded with results; None = this machine)."""
 
     name: str
     link_mbit: float | None
     cpu: CpuQuota | None
     calibrated: bool
+    mem_cap_mib: int | None = None
+    ram_mib: int | None = None
+
+
+def scaled_quota(quota: CpuQuota, speed: float) -> CpuQuota:
+    """The quota of a device ``speed`` times as fast per core as the one ``quota`` emulates."""
+    return CpuQuota(quota.period_us, min(quota.period_us, round(quota.quota_us * speed / 100) * 100))
 
 
 def device_profile(name: str, calibration: "Calibration | None" = None) -> DeviceProfile:
-    """The named profile; ``pi-zero-2w`` takes its CPU quota from ``calibration`` when given."""
+    """The named profile. ``pi-zero-2w`` takes its CPU quota from ``calibration`` when given, and
+    ``pi4-2gb`` its quota from the same ``pi-zero-2w`` calibration times the Pi 4's per-core speed
+    (:data:`DERIVED_QUOTA`); without one both use the uncalibrated first guess and say so."""
     if name == "native":
         return DeviceProfile("native", None, None, calibrated=True)
     if name == "pi5":
-        return DeviceProfile("pi5", PI5_LINK_MBIT, None, calibrated=True)
-    if name == "pi-zero-2w":
-        if calibration is not None:
-            if calibration.profile != name:
-                raise ConfigError(f"calibration is for {calibration.profile!r}, not {name!r}")
-            return DeviceProfile(name, PI_ZERO_LINK_MBIT, calibration.quota, calibrated=True)
-        return DeviceProfile(name, PI_ZERO_LINK_MBIT, UNCALIBRATED_PI_ZERO_QUOTA, calibrated=False)
+        return DeviceProfile("pi5", PI5_LINK_MBIT, None, calibrated=True, mem_cap_mib=PI5_MEM_CAP_MIB,
+                             ram_mib=PI5_RAM_MIB)
+    if name in ("pi-zero-2w", "pi4-2gb"):
+        base, speed = DERIVED_QUOTA.get(name, (name, 1.0))
+        if calibration is not None and calibration.profile != base:
+            raise ConfigError(f"calibration is for {calibration.profile!r}; {name!r} needs {base!r}'s")
+        quota = calibration.quota if calibration is not None else UNCALIBRATED_PI_ZERO_QUOTA
+        if speed != 1.0:
+            quota = scaled_quota(quota, speed)
+        if name == "pi4-2gb":
+            return DeviceProfile(name, PI4_LINK_MBIT, quota, calibrated=calibration is not None,
+                                 mem_cap_mib=PI4_2GB_MEM_CAP_MIB, ram_mib=PI4_2GB_RAM_MIB)
+        return DeviceProfile(name, PI_ZERO_LINK_MBIT, quota, calibrated=calibration is not None,
+                             mem_cap_mib=PI_ZERO_MEM_CAP_MIB, ram_mib=PI_ZERO_RAM_MIB)
     raise ConfigError(f"unknown profile {name!r}; known: {', '.join(PROFILE_NAMES)}")
+
+
+def calibrated_from(name: str) -> str | None:
+    """Which profile's calibration ``name`` needs (itself for ``pi-zero-2w``), or None."""
+    if name == "pi-zero-2w":
+        return name
+    return DERIVED_QUOTA[name][0] if name in DERIVED_QUOTA else None
 
 
 # --------------------------------------------------------------------------- calibration

@@ -11,7 +11,7 @@ from typing import Mapping
 
 from mesh.errors import ConfigError
 from nodes.testbed.plan import owned_objects
-from nodes.testbed.profiles import CpuQuota
+from nodes.testbed.profiles import PROFILE_NAMES, CpuQuota, device_profile
 from nodes.testbed.spec import GATEWAY, NodeSpec, TestbedSpec, check_node_name, layout
 
 STATE_VERSION = 1
@@ -103,6 +103,10 @@ def _quota_from_dict(d: Mapping[str, int] | None) -> CpuQuota | None:
     return None if d is None else CpuQuota(int(d["period_us"]), int(d["quota_us"]))
 
 
+def _profile_cap(profile: str) -> int | None:
+    return device_profile(profile).mem_cap_mib if profile in PROFILE_NAMES else None
+
+
 def spec_to_dict(spec: TestbedSpec) -> dict[str, object]:
     return {
         "instance": spec.instance,
@@ -114,6 +118,9 @@ def spec_to_dict(spec: TestbedSpec) -> dict[str, object]:
                 "link_mbit": n.link_mbit,
                 "loss_pct": n.loss_pct,
                 "cpu": _quota_to_dict(n.cpu),
+                "mem_cap_mib": n.mem_cap_mib,
+                # the profile's own cap: differs from mem_cap_mib when a run overrode it
+                "profile_mem_cap_mib": _profile_cap(n.profile),
             }
             for n in spec.nodes
         ],
@@ -128,6 +135,7 @@ def spec_from_dict(d: Mapping[str, object]) -> TestbedSpec:
             loss_pct=float(n["loss_pct"]),
             cpu=_quota_from_dict(n["cpu"]),
             profile=str(n.get("profile", "native")),
+            mem_cap_mib=None if n.get("mem_cap_mib") is None else int(n["mem_cap_mib"]),
         )
         for n in d["nodes"]  # type: ignore[union-attr]
     )

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from mesh.errors import MeshError, TransportError
+from mesh.sysmem import CgroupMemory, read_cgroup_v1
 from nodes.testbed.plan import Found, MakeDir, RemoveDir, Run, Step, WriteFile
-from nodes.testbed.spec import CPU_CGROUP_ROOT, cgroup_path, netns_name
+from nodes.testbed.spec import CPU_CGROUP_ROOT, MEMORY_CGROUP_ROOT, cgroup_path, memory_cgroup_path, netns_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROBE_INSTANCE = 99  # reserved for capability checks; user instances are 0..98
@@ -80,7 +81,7 @@ def execute(steps: Sequence[Step]) -> None:
 
 
 def scan() -> Found:
-    """Every netns, root-namespace link and cpu cgroup on the machine (names only)."""
+    """Every netns, root-namespace link and top-level cpu or memory cgroup on the machine (names)."""
     netns = tuple(
         line.split()[0] for line in run_command(("ip", "netns", "list"), check=False).stdout.splitlines() if line.strip()
     )
@@ -89,11 +90,11 @@ def scan() -> Found:
         parts = line.split(":", 2)
         if len(parts) >= 2:
             links.append(parts[1].strip().split("@")[0])
-    try:
-        cgroups = tuple(e.name for e in os.scandir(CPU_CGROUP_ROOT) if e.is_dir())
-    except OSError:
-        cgroups = ()
-    return Found(netns=netns, links=tuple(links), cgroups=cgroups)
+    groups: set[str] = set()
+    for root in (CPU_CGROUP_ROOT, MEMORY_CGROUP_ROOT):
+        with contextlib.suppress(OSError):
+            groups |= {e.name for e in os.scandir(root) if e.is_dir()}
+    return Found(netns=netns, links=tuple(links), cgroups=tuple(sorted(groups)))
 
 
 def alive(pid: int) -> bool:
@@ -108,8 +109,9 @@ def alive(pid: int) -> bool:
 def pids_of(mine: Found) -> set[int]:
     pids: set[int] = set()
     for group in mine.cgroups:
-        with contextlib.suppress(OSError):
-            pids |= {int(x) for x in Path(cgroup_path(group), "cgroup.procs").read_text().split()}
+        for path in (cgroup_path(group), memory_cgroup_path(group)):
+            with contextlib.suppress(OSError):
+                pids |= {int(x) for x in Path(path, "cgroup.procs").read_text().split()}
     for ns in mine.netns:
         pids |= {int(x) for x in run_command(("ip", "netns", "pids", ns), check=False).stdout.split() if x.isdigit()}
     pids.discard(os.getpid())
@@ -153,13 +155,18 @@ def unavailable_reason() -> str | None:
     """Why this machine cannot run a testbed, or None when it can (tries every mechanism)."""
     if os.geteuid() != 0:
         return "needs root (network namespaces, tc, iptables, cgroups)"
-    for tool in ("ip", "tc", "iptables", "iptables-restore", "sh"):
+    for tool in ("ip", "tc", "iptables", "iptables-restore", "sh", "nsenter"):
         if shutil.which(tool) is None:
-            return f"{tool} is not installed (Debian: iproute2 / iptables)"
+            return f"{tool} is not installed (Debian: iproute2 / iptables / util-linux)"
     if not Path(CPU_CGROUP_ROOT, "cpu.cfs_quota_us").exists():
         return f"cgroup v1 cpu controller not mounted at {CPU_CGROUP_ROOT}"
+    for name in ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes", "memory.oom_control"):
+        if not Path(MEMORY_CGROUP_ROOT, name).exists():
+            why = " (swap accounting off: boot with swapaccount=1)" if "memsw" in name else ""
+            return f"cgroup v1 memory controller at {MEMORY_CGROUP_ROOT} has no {name}{why}"
     ns = netns_name(PROBE_INSTANCE, f"p{os.getpid()}")
     group = cgroup_path(f"mesh-tb-{PROBE_INSTANCE}-p{os.getpid()}")
+    mem_group = memory_cgroup_path(f"mesh-tb-{PROBE_INSTANCE}-p{os.getpid()}")
     try:
         if run_command(("ip", "netns", "add", ns), check=False).returncode != 0:
             return "cannot create network namespaces (ip netns add failed)"
@@ -176,10 +183,42 @@ def unavailable_reason() -> str | None:
             Path(group, "cpu.cfs_quota_us").write_text("50000")
         except OSError as e:
             return f"cannot create a cgroup v1 cpu group with a quota: {e}"
+        try:
+            os.mkdir(mem_group)
+            Path(mem_group, "memory.limit_in_bytes").write_text(str(64 << 20))
+            Path(mem_group, "memory.memsw.limit_in_bytes").write_text(str(64 << 20))
+        except OSError as e:
+            return f"cannot create a cgroup v1 memory group with a limit and no swap: {e}"
     finally:
         run_command(("ip", "netns", "del", ns), check=False)
         remove_dir(group)
+        remove_dir(mem_group)
     return None
+
+
+def group_memory(group: str) -> CgroupMemory | None:
+    """The memory figures of testbed cgroup ``group`` (None when it does not exist)."""
+    try:
+        return read_cgroup_v1(Path(memory_cgroup_path(group)))
+    except (OSError, ValueError):
+        return None
+
+
+def pids_in(group: str) -> list[int]:
+    """The processes in testbed cgroup ``group`` (its memory hierarchy; [] when it is gone)."""
+    try:
+        return [int(x) for x in Path(memory_cgroup_path(group), "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
+
+
+def reset_peak(group: str) -> None:
+    """Restart the group's peak (``max_usage_in_bytes``) from its current usage, e.g. after a
+    node has loaded, so the next read is the peak of what came after."""
+    try:
+        Path(memory_cgroup_path(group), "memory.max_usage_in_bytes").write_text("0")
+    except OSError as e:
+        raise MeshError(f"cannot reset the memory peak of {group}: {e}") from e
 
 
 def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen[Any] | None = None) -> None:

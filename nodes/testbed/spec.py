@@ -14,8 +14,8 @@ Topology of instance ``I`` (0..99; several instances can be up at once)::
     ns mt-I-pi1      eth0 10.213.I.10       (tbf on eth0: uplink; iptables chain mesh-loss)
 
 Every namespace is ``mt-I-<name>`` (the gateway is ``mt-I-gw``), the one root-namespace link is
-``mt-I-host``, every cgroup is ``/sys/fs/cgroup/cpu/mesh-tb-I-<name>``; calibration runs use
-``mesh-tb-cal-<pid>``. Cleanup finds leftovers of a crashed run by these patterns alone.
+``mt-I-host``, every cgroup is ``mesh-tb-I-<name>`` in both the ``cpu`` and the ``memory``
+hierarchy (``/sys/fs/cgroup/{cpu,memory}/``); calibration runs use ``mesh-tb-cal-<pid>`` (cpu only). Cleanup finds leftovers of a crashed run by these patterns alone.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from nodes.testbed.profiles import CpuQuota, DeviceProfile
 NodeName = NewType("NodeName", str)
 
 CPU_CGROUP_ROOT = "/sys/fs/cgroup/cpu"
+MEMORY_CGROUP_ROOT = "/sys/fs/cgroup/memory"
+MIN_MEM_CAP_MIB = 16  # below this not even the Python interpreter starts
 NETNS_PREFIX = "mt-"
 CGROUP_PREFIX = "mesh-tb-"
 GATEWAY = NodeName("gw")
@@ -69,7 +71,13 @@ def cgroup_name(instance: int, name: str) -> str:
 
 
 def cgroup_path(group: str) -> str:
+    """The group's directory in the cpu hierarchy."""
     return f"{CPU_CGROUP_ROOT}/{group}"
+
+
+def memory_cgroup_path(group: str) -> str:
+    """The group's directory in the memory hierarchy (same name as in the cpu one)."""
+    return f"{MEMORY_CGROUP_ROOT}/{group}"
 
 
 def calibration_cgroup(pid: int) -> str:
@@ -81,17 +89,20 @@ def calibration_cgroup(pid: int) -> str:
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """One emulated device: its profile plus per-node overrides."""
+    """One emulated device: its profile plus per-node overrides. ``mem_cap_mib`` is the node's
+    memory cgroup limit (swap off; None = uncapped)."""
 
     name: NodeName
     link_mbit: float | None
     loss_pct: float
     cpu: CpuQuota | None
     profile: str = "native"
+    mem_cap_mib: int | None = None
 
     def __post_init__(self) -> None:
         check_node_name(self.name)
         check_loss(self.loss_pct)
+        check_mem_cap(self.mem_cap_mib)
         if self.link_mbit is not None and not 0.01 <= self.link_mbit <= 100_000:
             raise ConfigError(f"link rate of {self.name} out of range: {self.link_mbit} Mbit/s")
 
@@ -133,6 +144,12 @@ def check_loss(pct: float) -> float:
     return pct
 
 
+def check_mem_cap(mib: int | None) -> int | None:
+    if mib is not None and not MIN_MEM_CAP_MIB <= mib <= 1 << 24:
+        raise ConfigError(f"memory cap must be {MIN_MEM_CAP_MIB} MiB..16 TiB, got {mib} MiB")
+    return mib
+
+
 def parse_loss(items: Sequence[str]) -> dict[str, float]:
     """``["pi2=5", "pi3=0.5"]`` -> ``{"pi2": 5.0, "pi3": 0.5}`` (the CLI's ``--loss NODE=PCT``)."""
     out: dict[str, float] = {}
@@ -155,16 +172,21 @@ def make_spec(
     loss: Mapping[str, float] | None = None,
     instance: int = 0,
     prefix: str = "pi",
+    mem_cap_mib: int | None = None,
 ) -> TestbedSpec:
-    """``count`` nodes ``pi1..piK`` of one profile; ``link_mbit`` overrides the profile's rate."""
+    """``count`` nodes ``pi1..piK`` of one profile; ``link_mbit`` overrides the profile's rate,
+    ``mem_cap_mib`` its memory cap (an explicit override: results record both, see
+    ``TestbedState``)."""
     names = [check_node_name(f"{prefix}{i}") for i in range(1, count + 1)]
     loss = dict(loss or {})
     unknown = set(loss) - set(names)
     if unknown:
         raise ConfigError(f"--loss names unknown nodes {sorted(unknown)}; nodes are {names}")
     rate = link_mbit if link_mbit is not None else profile.link_mbit
+    cap = check_mem_cap(mem_cap_mib) if mem_cap_mib is not None else profile.mem_cap_mib
     nodes = tuple(
-        NodeSpec(name=n, link_mbit=rate, loss_pct=loss.get(n, 0.0), cpu=profile.cpu, profile=profile.name)
+        NodeSpec(name=n, link_mbit=rate, loss_pct=loss.get(n, 0.0), cpu=profile.cpu, profile=profile.name,
+                 mem_cap_mib=cap)
         for n in names
     )
     return TestbedSpec(nodes=nodes, instance=instance)

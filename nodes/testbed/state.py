@@ -7,13 +7,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from mesh.errors import ConfigError, MeshError
 from nodes.testbed.plan import owned, plan_cleanup, plan_unthrottle
 from nodes.testbed.record import TestbedState
-from nodes.testbed.shell import alive, execute, kill_all, locked, pids_of, scan
+from nodes.testbed.shell import alive, execute, group_memory, kill_all, locked, pids_of, scan
+from nodes.testbed.spec import layout
 
 DEFAULT_RUN_DIR = Path("/run/mesh-testbed")
 
@@ -45,8 +47,19 @@ def write_state(run_dir: Path, state: TestbedState) -> None:
     os.replace(tmp, path)
 
 
-def teardown(instance: int | None, run_dir: Path = DEFAULT_RUN_DIR) -> dict[str, Any]:
-    """Remove every object of ``instance`` (None: of every instance) and kill its processes.
+def private_homes(home: Path, instance: int | None) -> list[Path]:
+    """The nodes' private copies (``Testbed.private_home``) of ``instance`` (None: every one)
+    under mesh home ``home``: ``<home>/testbed/nodes/<instance>-<node>``."""
+    root = home / "testbed" / "nodes"
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and d.name.split("-", 1)[0].isdigit()
+                  and (instance is None or d.name.split("-", 1)[0] == str(instance)))
+
+
+def teardown(instance: int | None, run_dir: Path = DEFAULT_RUN_DIR, home: Path | None = None) -> dict[str, Any]:
+    """Remove every object of ``instance`` (None: of every instance) and kill its processes;
+    with ``home``, also the nodes' private copies of the weights under it.
 
     Idempotent; works from the names alone, so it also cleans up after a crashed run. Raises
     :class:`MeshError` if anything is still there afterwards.
@@ -65,10 +78,14 @@ def teardown(instance: int | None, run_dir: Path = DEFAULT_RUN_DIR) -> dict[str,
         for d in dirs:
             with contextlib.suppress(FileNotFoundError):
                 state_path(run_dir, int(d.name)).unlink()
+        copies = private_homes(home, instance) if home is not None else []
+        for c in copies:
+            shutil.rmtree(c, ignore_errors=True)
     report = {
         "instance": instance,
         "killed": killed,
-        "removed": {"netns": list(mine.netns), "links": list(mine.links), "cgroups": list(mine.cgroups)},
+        "removed": {"netns": list(mine.netns), "links": list(mine.links), "cgroups": list(mine.cgroups)}
+        | ({"private_homes": [str(c) for c in copies]} if home is not None else {}),
         "left": {"netns": list(left.netns), "links": list(left.links), "cgroups": list(left.cgroups)},
     }
     if left.netns or left.links or left.cgroups:
@@ -77,7 +94,9 @@ def teardown(instance: int | None, run_dir: Path = DEFAULT_RUN_DIR) -> dict[str,
 
 
 def status(run_dir: Path = DEFAULT_RUN_DIR) -> dict[str, Any]:
-    """Every instance with a state file, the liveness of its processes, and stray objects."""
+    """Every instance with a state file, the liveness of its processes, each node's memory
+    (``memory``: node -> :meth:`CgroupMemory.as_mib`, or null once its cgroup is gone), and
+    stray objects."""
     instances = []
     found = scan()
     if run_dir.is_dir():
@@ -97,6 +116,12 @@ def status(run_dir: Path = DEFAULT_RUN_DIR) -> dict[str, Any]:
             for p in doc["processes"]:
                 p["alive"] = p["pid"] in live and alive(p["pid"])
             doc["owner_alive"] = alive(st.owner_pid)
+            lay = layout(st.spec)
+            doc["memory"] = {}
+            for n in (*lay.nodes, None):
+                name, group = (str(n.name), n.cgroup) if n is not None else ("gw", lay.gw_cgroup)
+                mem = group_memory(group)
+                doc["memory"][name] = mem.as_mib() if mem is not None else None
             doc["present"] = {"netns": list(mine.netns), "links": list(mine.links), "cgroups": list(mine.cgroups)}
             instances.append(doc)
     known = {i.get("instance") for i in instances}

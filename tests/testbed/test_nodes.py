@@ -25,6 +25,7 @@ from tests.conftest import CACHE_ROOT, require_model
 pytestmark = pytest.mark.testbed
 
 CALIBRATION_DIR = calibration_dir(CACHE_ROOT)
+FP32_GEMMA_NODE_CAP_MIB = 2048  # an explicit memory-cap override (see where it is used)
 
 
 def _client(tb: Testbed) -> MeshClient:
@@ -75,7 +76,9 @@ def test_a_pi_zero_node_prefills_slower_by_the_calibrated_ratio(
         make_testbed: Callable[[Callable[[int], TestbedSpec]], Testbed], mosquitto_ok: None) -> None:
     require_model("gemma3-270m")
     cal = _calibration()
-    tb = make_testbed(lambda i: make_spec(2, device_profile("pi-zero-2w", cal), link_mbit=100, instance=i))
+    # Override: an fp32 Gemma node (~1.7 GiB RSS) is OOM-killed under the Pi Zero's 400 MiB until lighter weights land.
+    tb = make_testbed(lambda i: make_spec(2, device_profile("pi-zero-2w", cal), link_mbit=100, instance=i,
+                                          mem_cap_mib=FP32_GEMMA_NODE_CAP_MIB))
     tb.start_broker("mosquitto")
     # quiet housekeeping: link pings and heartbeats also spend the quota (see the closing note)
     tb.start_nodes("gemma3-270m", extra=["--threads", "1", "--link-ping", "5", "--heartbeat", "5"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Callable
@@ -24,6 +25,7 @@ from nodes.testbed.plan import (
     plan_cleanup,
     plan_set_cpu,
     plan_set_loss,
+    plan_set_mem,
     plan_set_rate,
     plan_unthrottle,
     plan_up,
@@ -31,12 +33,15 @@ from nodes.testbed.plan import (
     tbf_args,
 )
 from nodes.testbed.profiles import (
+    PI4_VS_PI_ZERO_CPU,
     PI5_LINK_MBIT,
     PI_ZERO_LINK_MBIT,
+    PROFILE_NAMES,
     UNCALIBRATED_PI_ZERO_QUOTA,
     Calibration,
     CpuQuota,
     Trial,
+    calibrated_from,
     calibrations_from_json,
     calibrations_to_json,
     closest_trial,
@@ -89,6 +94,38 @@ def test_profiles() -> None:
     assert cal.calibrated and cal.cpu == CpuQuota(1_000_000, 18_800)
     with pytest.raises(ConfigError):
         device_profile("pi4")
+
+
+def test_every_device_profile_states_its_ram_and_caps_the_node_below_it() -> None:
+    caps = {p: (device_profile(p).mem_cap_mib, device_profile(p).ram_mib) for p in PROFILE_NAMES}
+    assert caps == {"native": (None, None), "pi5": (3072, 4096), "pi4-2gb": (1536, 2048),
+                    "pi-zero-2w": (400, 512)}
+
+
+def test_pi4_quota_is_the_pi_zero_calibration_times_the_published_per_core_ratio() -> None:
+    # sysbench single thread: Pi 4 (A72, 1.5 GHz) 1477.83, Pi 3B+ (A53, 1.4 GHz) 687.45 events/s
+    assert PI4_VS_PI_ZERO_CPU == pytest.approx(1477.83 / (687.45 / 1.4))
+    assert 2.9 < PI4_VS_PI_ZERO_CPU < 3.1
+    pi4 = device_profile("pi4-2gb", _calibration())
+    assert pi4.calibrated and pi4.cpu == CpuQuota(1_000_000, round(18_800 * PI4_VS_PI_ZERO_CPU / 100) * 100)
+    assert not device_profile("pi4-2gb").calibrated  # derived from the uncalibrated first guess
+    assert calibrated_from("pi4-2gb") == calibrated_from("pi-zero-2w") == "pi-zero-2w"
+    assert calibrated_from("pi5") is None
+    with pytest.raises(ConfigError, match="pi-zero-2w"):
+        device_profile("pi4-2gb", dataclasses.replace(_calibration(), profile="pi5"))
+
+
+def test_a_memory_cap_override_is_explicit_and_recorded_beside_the_profile_cap() -> None:
+    spec = make_spec(2, device_profile("pi-zero-2w"), instance=3)
+    assert [n.mem_cap_mib for n in spec.nodes] == [400, 400]
+    over = make_spec(2, device_profile("pi-zero-2w"), instance=3, mem_cap_mib=2048)
+    assert [n.mem_cap_mib for n in over.nodes] == [2048, 2048]
+    st = TestbedState(instance=3, created_at="2026-01-01T00:00:00+00:00", owner_pid=1, detached=False, spec=over)
+    node = json.loads(st.to_json())["spec"]["nodes"][0]
+    assert (node["mem_cap_mib"], node["profile_mem_cap_mib"]) == (2048, 400)
+    assert TestbedState.from_json(st.to_json()).spec == over
+    with pytest.raises(ConfigError):
+        make_spec(1, device_profile("pi5"), mem_cap_mib=8)
 
 
 def test_make_spec_applies_profile_overrides_and_loss() -> None:
@@ -152,6 +189,13 @@ def test_plan_up_shapes_both_directions_and_drops_inside_the_node_namespace() ->
     assert writes["/sys/fs/cgroup/cpu/mesh-tb-4-pi1/cpu.cfs_period_us"] == "1000000"
     assert writes["/sys/fs/cgroup/cpu/mesh-tb-4-gw/cpu.cfs_quota_us"] == "-1"
     assert MakeDir("/sys/fs/cgroup/cpu/mesh-tb-4-gw") in steps
+    # a memory cgroup per node at the profile's cap with swap off (memsw = memory); gateway uncapped
+    mem = "/sys/fs/cgroup/memory/mesh-tb-4-pi1"
+    i = steps.index(MakeDir(mem))
+    assert steps[i + 1:i + 4] == [WriteFile(f"{mem}/memory.memsw.limit_in_bytes", "-1"),
+                                  WriteFile(f"{mem}/memory.limit_in_bytes", str(400 << 20)),
+                                  WriteFile(f"{mem}/memory.memsw.limit_in_bytes", str(400 << 20))]
+    assert writes["/sys/fs/cgroup/memory/mesh-tb-4-gw/memory.limit_in_bytes"] == "-1"
     # every object named in the root namespace carries the instance prefix
     for argv in argvs:
         if argv[:3] == ("ip", "link", "add"):
@@ -195,12 +239,24 @@ def test_plan_set_cpu_changes_quota_without_creating() -> None:
     assert plan_set_cpu(lay, "gw", None)[-1] == WriteFile("/sys/fs/cgroup/cpu/mesh-tb-4-gw/cpu.cfs_quota_us", "-1")
 
 
-def test_spawn_argv_joins_cgroup_before_the_namespace() -> None:
+def test_plan_set_mem_lifts_swap_first_so_any_change_is_valid() -> None:
+    lay = layout(spec3())
+    mem = "/sys/fs/cgroup/memory/mesh-tb-4-pi2"
+    assert plan_set_mem(lay, "pi2", 64) == [WriteFile(f"{mem}/memory.memsw.limit_in_bytes", "-1"),
+                                            WriteFile(f"{mem}/memory.limit_in_bytes", str(64 << 20)),
+                                            WriteFile(f"{mem}/memory.memsw.limit_in_bytes", str(64 << 20))]
+    assert plan_set_mem(lay, "gw", None)[1] == WriteFile(
+        "/sys/fs/cgroup/memory/mesh-tb-4-gw/memory.limit_in_bytes", "-1")
+
+
+def test_spawn_argv_joins_both_cgroups_before_the_namespace() -> None:
     argv = spawn_argv("mesh-tb-4-pi1", "mt-4-pi1", ["python", "-m", "x"])
-    assert argv[:3] == ("sh", "-c", 'echo $$ > "$0" && exec "$@"')
+    assert argv[:3] == ("sh", "-c", 'echo $$ > "$0" && echo $$ > "$1" && shift && exec "$@"')
     assert argv[3] == "/sys/fs/cgroup/cpu/mesh-tb-4-pi1/cgroup.procs"
-    assert argv[4:] == ("ip", "netns", "exec", "mt-4-pi1", "python", "-m", "x")
-    assert spawn_argv("g", None, ["true"])[4:] == ("true",)
+    assert argv[4] == "/sys/fs/cgroup/memory/mesh-tb-4-pi1/cgroup.procs"
+    # only the network namespace: the process keeps the mount namespace, and so /sys/fs/cgroup
+    assert argv[5:] == ("nsenter", "--net=/run/netns/mt-4-pi1", "--", "python", "-m", "x")
+    assert spawn_argv("g", None, ["true"])[5:] == ("true",)
     with pytest.raises(ConfigError):
         spawn_argv("g", None, [])
 
@@ -231,6 +287,7 @@ def test_plan_cleanup_is_tolerant_and_covers_owned_objects() -> None:
     assert Run(("ip", "netns", "del", "mt-4-gw"), check=False) in steps
     assert Run(("ip", "link", "del", "mt-4-host"), check=False) in steps
     assert RemoveDir("/sys/fs/cgroup/cpu/mesh-tb-4-pi3") in steps
+    assert RemoveDir("/sys/fs/cgroup/memory/mesh-tb-4-pi3") in steps
     assert plan_cleanup(Found()) == []
     assert plan_unthrottle(Found(cgroups=("mesh-tb-4-pi1",))) == [
         WriteFile("/sys/fs/cgroup/cpu/mesh-tb-4-pi1/cpu.cfs_quota_us", "-1")]
@@ -341,3 +398,16 @@ def test_next_quota_one_sided_steps_are_bounded() -> None:
     fast = [Trial(40_000, (10.5,))]  # a bit too fast: at least 1.1x less
     q = next_quota(fast, target_s=12.6, period_us=1_000_000, native_s=0.2)
     assert q is not None and q <= 40_000 / 1.1 and math.isclose(q, 33_300, abs_tol=100)
+
+
+def test_private_homes_are_found_by_instance_and_nothing_else(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from nodes.testbed.state import private_homes
+
+    root = tmp_path / "testbed" / "nodes"
+    for name in ("9-pi1", "96-pi1", "96-pi2", "x-pi1"):
+        (root / name).mkdir(parents=True)
+    (root / "9-file").write_text("not a copy")
+    assert [p.name for p in private_homes(tmp_path, 96)] == ["96-pi1", "96-pi2"]
+    assert [p.name for p in private_homes(tmp_path, 9)] == ["9-pi1"]
+    assert [p.name for p in private_homes(tmp_path, None)] == ["9-pi1", "96-pi1", "96-pi2"]
+    assert private_homes(tmp_path / "nowhere", None) == []
