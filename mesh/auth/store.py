@@ -119,6 +119,9 @@ def init_ca(directory: Path, days: int = 3650) -> CertificateAuthority:
         if ca.cert.public_key() != key.public_key():
             raise ConfigError(f"{key_path} does not match {directory / 'ca.crt'}")
         return ca
+    if (directory / "ca.crt").exists():
+        raise ConfigError(f"{directory} holds a CA certificate without its key: its identities are issued "
+                          "elsewhere (the gateway's make-users.sh), not here")
     ca = CertificateAuthority.create(days)
     _write(key_path, _key_pem(ca.key))
     _write(directory / "ca.crt", ca.cert.public_bytes(_PEM))
