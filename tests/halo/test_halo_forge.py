@@ -9,10 +9,8 @@ refused, so strict tokens stay identical to the plain model's."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
