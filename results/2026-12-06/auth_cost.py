@@ -38,10 +38,10 @@ HIDDEN = 576  # SmolLM2-135M: the HALO model
 LAYERS = 30
 
 
-SPREAD: list[tuple[float, float]] = []  # (min, max) of the batches of each figure, in call order
+SPREAD: dict[str, tuple[float, float]] = {}  # figure -> (min, max) over its batches
 
 
-def per_call_us(fn: Callable[[], object], reps: int, batches: int) -> float:
+def per_call_us(label: str, fn: Callable[[], object], reps: int, batches: int) -> float:
     fn()
     samples = []
     for _ in range(batches):
@@ -49,7 +49,7 @@ def per_call_us(fn: Callable[[], object], reps: int, batches: int) -> float:
         for _ in range(reps):
             fn()
         samples.append((time.perf_counter() - t0) / reps * 1e6)
-    SPREAD.append((min(samples), max(samples)))
+    SPREAD[label] = (min(samples), max(samples))
     return statistics.median(samples)
 
 
@@ -75,17 +75,17 @@ def main() -> int:
     # -- sealed envelopes -------------------------------------------------------------------------
     for label, inner in (("heartbeat", hb), ("token", token)):
         topic = topics.reply("pi2")
-        results[f"seal_{label}"] = per_call_us(lambda: node.seal(inner, topic), reps, b)
+        results[f"seal_{label}"] = per_call_us(f"seal_{label}", lambda: node.seal(inner, topic), reps, b)
         sealed = [node.seal(inner, topic) for _ in range(reps * (b + 1) + 1)]
         it = iter(sealed)  # each open sees a fresh message (the replay guard refuses a repeat)
-        results[f"open_{label}"] = per_call_us(lambda: peer.open(next(it), topic), reps, b)
+        results[f"open_{label}"] = per_call_us(f"open_{label}", lambda: peer.open(next(it), topic), reps, b)
     one = node.seal(hb, topics.reply("pi2"))
-    results["open_retained_cached_cert"] = per_call_us(lambda: peer.open(one, topics.reply("pi2"), True), reps, b)
+    results["open_retained_cached_cert"] = per_call_us("open_retained_cached_cert", lambda: peer.open(one, topics.reply("pi2"), True), reps, b)
 
     def cold() -> None:
         fresh = Keyring(peer.identity, ca.cert)  # an empty certificate cache: the first message of a sender
         fresh.open(one, topics.reply("pi2"), True)
-    results["open_first_from_a_sender"] = per_call_us(cold, max(reps // 10, 50), b)
+    results["open_first_from_a_sender"] = per_call_us("open_first_from_a_sender", cold, max(reps // 10, 50), b)
     results["sizes_bytes"] = {"heartbeat": len(hb), "heartbeat_sealed": len(one), "token": len(token),  # type: ignore[assignment]
                               "token_sealed": len(node.seal(token, "t")), "cert": len(node.identity.cert_der)}
 
@@ -98,27 +98,27 @@ def main() -> int:
         reply = topics.halo_link("coordinator")
         plain = halo_wire.encode(halo_wire.MLP, "coordinator", 1, 2, 3, x, reply_to=reply)
         tagged = halo_wire.encode(halo_wire.MLP, "coordinator", 1, 2, 3, x, reply_to=reply, keys=w_keys)
-        results[f"mlp_{label}_encode_plain"] = per_call_us(
+        results[f"mlp_{label}_encode_plain"] = per_call_us(f"mlp_{label}_encode_plain", 
             lambda: halo_wire.encode(halo_wire.MLP, "coordinator", 1, 2, 3, x, reply_to=reply), reps, b)
-        results[f"mlp_{label}_encode_tagged_{args.workers}w"] = per_call_us(
+        results[f"mlp_{label}_encode_tagged_{args.workers}w"] = per_call_us(f"mlp_{label}_encode_tagged_{args.workers}w", 
             lambda: halo_wire.encode(halo_wire.MLP, "coordinator", 1, 2, 3, x, reply_to=reply, keys=w_keys), reps, b)
-        results[f"mlp_{label}_decode_plain"] = per_call_us(lambda: halo_wire.decode(plain, 1 << 24), reps, b)
+        results[f"mlp_{label}_decode_plain"] = per_call_us(f"mlp_{label}_decode_plain", lambda: halo_wire.decode(plain, 1 << 24), reps, b)
         f = halo_wire.decode(tagged, 1 << 24)
-        results[f"mlp_{label}_check_tag"] = per_call_us(lambda: f.tag_ok(k, 0), reps, b)
+        results[f"mlp_{label}_check_tag"] = per_call_us(f"mlp_{label}_check_tag", lambda: f.tag_ok(k, 0), reps, b)
         body = tagged[:-16 * args.workers]
-        results[f"mlp_{label}_hmac_sha256"] = per_call_us(lambda: hmac.new(k, body, hashlib.sha256).digest(), reps, b)
+        results[f"mlp_{label}_hmac_sha256"] = per_call_us(f"mlp_{label}_hmac_sha256", lambda: hmac.new(k, body, hashlib.sha256).digest(), reps, b)
         sig = coord.identity.signing_key
         pub = sig.public_key()
         s = sig.sign(body)
-        results[f"mlp_{label}_ed25519_sign"] = per_call_us(lambda: sig.sign(body), max(reps // 4, 50), b)
-        results[f"mlp_{label}_ed25519_verify"] = per_call_us(lambda: pub.verify(s, body), max(reps // 4, 50), b)
+        results[f"mlp_{label}_ed25519_sign"] = per_call_us(f"mlp_{label}_ed25519_sign", lambda: sig.sign(body), max(reps // 4, 50), b)
+        results[f"mlp_{label}_ed25519_verify"] = per_call_us(f"mlp_{label}_ed25519_verify", lambda: pub.verify(s, body), max(reps // 4, 50), b)
         results[f"mlp_{label}_bytes"] = len(plain)  # type: ignore[assignment]
     y = torch.randn(1, 1, HIDDEN).half()
-    results["partial_encode_plain"] = per_call_us(lambda: halo_wire.encode(halo_wire.PARTIAL, "w0", 1, 2, 3, y), reps, b)
-    results["partial_encode_tagged"] = per_call_us(
+    results["partial_encode_plain"] = per_call_us("partial_encode_plain", lambda: halo_wire.encode(halo_wire.PARTIAL, "w0", 1, 2, 3, y), reps, b)
+    results["partial_encode_tagged"] = per_call_us("partial_encode_tagged", 
         lambda: halo_wire.encode(halo_wire.PARTIAL, "w0", 1, 2, 3, y, keys=[k]), reps, b)
     p = halo_wire.decode(halo_wire.encode(halo_wire.PARTIAL, "w0", 1, 2, 3, y, keys=[k]), 1 << 24)
-    results["partial_check_tag"] = per_call_us(lambda: p.tag_ok(k), reps, b)
+    results["partial_check_tag"] = per_call_us("partial_check_tag", lambda: p.tag_ok(k), reps, b)
 
     # Per decoded token of SmolLM2 (30 layer steps): the coordinator tags one input for K workers
     # and checks K partials; each worker checks its input's tag and tags its partial.
@@ -134,7 +134,7 @@ def main() -> int:
            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                        "python": platform.python_version(), "torch_threads": 1},
            "reps": reps, "batches": b, "workers": args.workers, "us": results, "per_token_smollm2": per_token,
-           "spread_us": [[round(lo, 3), round(hi, 3)] for lo, hi in SPREAD],
+           "spread_us": {k: [round(lo, 3), round(hi, 3)] for k, (lo, hi) in SPREAD.items()},
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     Path(args.out + ".json").write_text(json.dumps(out, indent=2))
     plot(out, Path(args.out + ".png"))
