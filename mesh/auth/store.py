@@ -17,8 +17,11 @@ temporary file and a rename, so a crash never leaves half a key.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cryptography import x509
@@ -104,6 +107,19 @@ def load_crl(directory: Path, ca: x509.Certificate) -> x509.CertificateRevocatio
         raise ConfigError(f"{path} is not a revocation list of this CA: {exc}") from exc
 
 
+@contextmanager
+def _issuing(directory: Path) -> Iterator[None]:
+    """One issuer at a time per directory: processes of one box enrol at once (``mesh up``, a test
+    suite), and a key written by one beside a certificate written by another would not load."""
+    _private_dir(directory)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def has_ca_key(directory: Path) -> bool:
     return (directory / "ca" / "ca.key").exists()
 
@@ -132,31 +148,33 @@ def init_ca(directory: Path, days: int = 3650) -> CertificateAuthority:
 def issue(directory: Path, name: str, role: str, days: int = DEFAULT_DAYS, renew: bool = False) -> Identity:
     """``name``'s identity, issued by the CA in ``directory`` unless a usable one is there already
     (``renew``: always a new one; the old certificate stays valid until revoked)."""
-    ca = init_ca(directory)
-    if not renew and (directory / f"{name}.crt").exists():
-        ident = load_identity(directory, name, ca.cert)
-        if ident.role == role:
-            return ident
-        log.info("identity %s has role %s, not %s: issuing a new one", name, ident.role, role)
-    ident = ca.issue(name, role, days)
-    save_identity(directory, ident)
-    return ident
+    with _issuing(directory):
+        ca = init_ca(directory)
+        if not renew and (directory / f"{name}.crt").exists():
+            ident = load_identity(directory, name, ca.cert)
+            if ident.role == role:
+                return ident
+            log.info("identity %s has role %s, not %s: issuing a new one", name, ident.role, role)
+        ident = ca.issue(name, role, days)
+        save_identity(directory, ident)
+        return ident
 
 
 def revoke(directory: Path, name: str) -> x509.CertificateRevocationList:
     """Add ``name``'s current certificate to the CA's revocation list (``crl.pem``); returns it.
     Hand the new ``crl.pem`` to every device (``Keyring.update_crl`` takes it from anyone)."""
-    ca = init_ca(directory)
-    try:
-        cert = x509.load_pem_x509_certificate((directory / f"{name}.crt").read_bytes())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"no certificate of {name!r} in {directory}") from exc
-    old = load_crl(directory, ca.cert)
-    revoked = {r.serial_number: r.revocation_date_utc for r in (old or [])}
-    revoked.setdefault(cert.serial_number, datetime.datetime.now(datetime.timezone.utc))
-    crl = ca.revocation_list(revoked, (crl_number(old) if old is not None else 0) + 1)
-    _write(directory / "crl.pem", crl.public_bytes(_PEM))
-    return crl
+    with _issuing(directory):
+        ca = init_ca(directory)
+        try:
+            cert = x509.load_pem_x509_certificate((directory / f"{name}.crt").read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"no certificate of {name!r} in {directory}") from exc
+        old = load_crl(directory, ca.cert)
+        revoked = {r.serial_number: r.revocation_date_utc for r in (old or [])}
+        revoked.setdefault(cert.serial_number, datetime.datetime.now(datetime.timezone.utc))
+        crl = ca.revocation_list(revoked, (crl_number(old) if old is not None else 0) + 1)
+        _write(directory / "crl.pem", crl.public_bytes(_PEM))
+        return crl
 
 
 def load_keyring(directory: Path, name: str, role: str = "node", enrol: bool = True) -> Keyring | None:
@@ -165,9 +183,10 @@ def load_keyring(directory: Path, name: str, role: str = "node", enrol: bool = T
     (no identity: this process runs unauthenticated, and every process that holds keys refuses
     what it sends)."""
     directory = Path(directory)
+    ident = None
     if not (directory / f"{name}.crt").exists():
         if not (enrol and has_ca_key(directory)):
             return None
-        issue(directory, name, role)
+        ident = issue(directory, name, role)
     ca = load_ca_cert(directory)
-    return Keyring(load_identity(directory, name, ca), ca, load_crl(directory, ca))
+    return Keyring(ident or load_identity(directory, name, ca), ca, load_crl(directory, ca))

@@ -23,8 +23,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from mesh import wire
+from mesh.auth.certs import Peer
 from mesh.auth.keyring import Keyring
 from mesh.errors import ProtocolError
 from mesh.halo.frame import PARTIAL, Frame
@@ -43,9 +45,10 @@ class HaloKeys:
         else:
             log.info("HALO plans, acks and frames authenticated as %s", keyring.describe())
         self._lock = threading.Lock()
-        self._keys: dict[str, bytes] = {}  # peer name -> pair key (workers at a coordinator, and vice versa)
+        self._keys: dict[str, tuple[Peer, bytes]] = {}  # peer name -> (its certificate, pair key)
         self._index: dict[tuple[str, int], int] = {}  # worker: (coordinator, epoch) -> its tag index
         self._plan_keys: dict[int, tuple[tuple[str, ...], list[bytes | None]]] = {}  # coordinator: epoch -> keys
+        self._crl: Any = keyring.crl if keyring is not None else None  # the CRL the keys were checked against
 
     @property
     def enabled(self) -> bool:
@@ -63,8 +66,22 @@ class HaloKeys:
         opened, env = self.keyring.open_envelope(payload, topic, max_bytes, retained)
         key = self.keyring.pair_key(opened.sender)
         with self._lock:
-            self._keys[opened.sender.name] = key
+            old = self._keys.get(opened.sender.name)
+            if old is None or old[1] != key:  # a new or re-issued identity: the cached tag keys are stale
+                self._keys[opened.sender.name] = (opened.sender, key)
+                self._plan_keys.clear()
         return env
+
+    def _revise(self) -> None:
+        """Drop the keys of peers a newer CRL revoked (``Keyring.update_crl``); one identity
+        comparison per call while the CRL stays the same. Holds ``_lock``."""
+        keyring = self.keyring
+        if keyring is None or keyring.crl is self._crl:
+            return
+        self._crl = keyring.crl
+        for name in [n for n, (peer, _) in self._keys.items() if keyring.revoked(peer)]:
+            del self._keys[name]
+        self._plan_keys.clear()
 
     def joined(self, coordinator: str, epoch: int, workers: Sequence[str], name: str) -> None:
         """Worker side: this node's tag index in ``coordinator``'s plan ``epoch``."""
@@ -76,6 +93,10 @@ class HaloKeys:
             for old in sorted(self._index, key=lambda k: k[1])[:-EPOCHS_KEPT]:
                 del self._index[old]
 
+    def _key(self, name: str) -> bytes | None:
+        entry = self._keys.get(name)
+        return entry[1] if entry is not None else None
+
     # -- frames -----------------------------------------------------------------------------------
     def mlp_keys(self, epoch: int, workers: Sequence[str]) -> list[bytes | None]:
         """Coordinator side: one key per worker of plan ``epoch``, in sorted name order (cached
@@ -84,10 +105,11 @@ class HaloKeys:
             return []
         ordered = tuple(sorted(workers))
         with self._lock:
+            self._revise()
             cached = self._plan_keys.get(epoch)
             if cached is not None and cached[0] == ordered and None not in cached[1]:
                 return cached[1]
-            keys = [self._keys.get(w) for w in ordered]
+            keys = [self._key(w) for w in ordered]
             self._plan_keys = {e: v for e, v in self._plan_keys.items() if e > epoch - EPOCHS_KEPT}
             self._plan_keys[epoch] = (ordered, keys)
         return keys
@@ -97,7 +119,8 @@ class HaloKeys:
         if self.keyring is None:
             return []
         with self._lock:
-            return [self._keys.get(coordinator)]
+            self._revise()
+            return [self._key(coordinator)]
 
     def check(self, frame: Frame) -> None:
         """Raise ProtocolError unless ``frame`` is tagged by its sender (any frame passes without
@@ -107,7 +130,8 @@ class HaloKeys:
         if not frame.tags:
             raise ProtocolError("unauthenticated", f"untagged HALO frame from {frame.sender!r}")
         with self._lock:
-            key = self._keys.get(frame.sender)
+            self._revise()
+            key = self._key(frame.sender)
             index = 0 if frame.kind == PARTIAL else self._index.get((frame.sender, frame.epoch))
         if key is None:
             raise ProtocolError("unknown-peer", f"no key for {frame.sender!r}")

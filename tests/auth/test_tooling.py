@@ -84,3 +84,16 @@ def test_mesh_up_leaves_a_gateway_issued_directory_alone(tmp_path: Path) -> None
     assert store.load_keyring(d, "node1") is not None and store.load_keyring(d, "node2") is None
     with pytest.raises(ConfigError):
         store.issue(d, "node2", "node")  # never a second CA over the gateway's certificate
+
+
+def test_processes_enrolling_at_once_get_one_consistent_identity(tmp_path: Path) -> None:
+    """Every process of one box may enrol on its first start at the same moment (mesh up, a test
+    suite): the issuer lock gives them one identity, never a key beside another's certificate."""
+    store.init_ca(tmp_path)
+    code = ("import sys; from mesh.auth.store import load_keyring; "
+            "k = load_keyring(sys.argv[1], 'w1'); print(k.identity.serial)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env=ENV, cwd=REPO) for _ in range(6)]
+    serials = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs) and len(serials) == 1
+    assert f"{store.load_keyring(tmp_path, 'w1').identity.serial}" in serials

@@ -5,12 +5,14 @@ NaN partials wins without keys and is refused with them (the in-memory half of E
 from __future__ import annotations
 
 import copy
+import datetime
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from mesh import topics, wire
 from mesh.auth.certs import CertificateAuthority
@@ -172,3 +174,29 @@ def test_workers_refuse_forged_inputs_and_plans(tmp_path: Path) -> None:
     engine.on_reply(topics.reply("coordinator"), wire.encode(wire.Envelope(wire.Kind.HALO_ACK, "good",
                                                                            {"epoch": plan.epoch})), False)
     assert engine.rejects.snapshot().get("unauthenticated", 0) >= 1 and engine.rejects.total() == before + 1
+
+
+def test_a_reissued_worker_gets_its_new_key_and_a_revoked_one_none(tmp_path: Path) -> None:
+    engine, bus, ca = build(tmp_path, keyed=True)
+    assert ca is not None
+    plan = engine.switch.active
+    keys = engine.keys
+    before = keys.mlp_keys(plan.epoch, plan.workers)
+    # "good" comes back with a new identity (its old files lost): its ack carries the new certificate.
+    renewed = HaloKeys(Keyring(ca.issue("good", "node"), ca.cert))
+    bus.workers["good"].keys = renewed
+    bus.publish(topics.HALO_PLAN, bus.plan_payloads[-1])
+    after = keys.mlp_keys(plan.epoch, plan.workers)
+    assert after[0] != before[0] and after[1] == before[1]  # sorted: good, lossy
+    honest = strict_logits(engine)
+    assert torch.isfinite(honest).all() and "bad-mac" not in engine.rejects.snapshot()
+    # "lossy" is revoked: once the coordinator holds the new CRL, its frames find no key.
+    lossy = bus.workers["lossy"].keys.keyring.identity
+    crl = ca.revocation_list({lossy.serial: datetime.datetime.now(datetime.timezone.utc)}, number=1)
+    assert keys.keyring.update_crl(crl.public_bytes(Encoding.DER))
+    assert keys.mlp_keys(plan.epoch, plan.workers)[1] is None
+    y = torch.zeros(1, 1, 32).half()
+    tagged = halo_wire.encode(halo_wire.PARTIAL, "lossy", plan.epoch, 1, 0, y,
+                              keys=bus.workers["lossy"].keys.partial_keys("coordinator"))
+    with pytest.raises(ProtocolError, match="unknown-peer"):
+        keys.check(halo_wire.decode(tagged, wire.DEFAULT_MAX_BYTES))
