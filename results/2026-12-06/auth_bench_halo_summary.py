@@ -28,7 +28,7 @@ def main() -> int:
                                "relaxed_runs_s": p.get("relaxed_tpot_runs_s"), "load_avg_1min": p.get("load_avg_1min"),
                                "agreement": p.get("agreement")})
     out: dict = {"what": "mesh bench halo --loss 0 --no-ablation --reps 3 --mmlu 10 --ppl-tokens 64, MACs on vs off, "
-                         "alternating runs (median TPOT of each run's 3 generations)", "runs": runs}
+                         "alternating runs: on,off x3 then off,on x2 (median TPOT of each run's 3 generations)", "runs": runs}
     for sync in ("strict", "relaxed"):
         on = [r[f"{sync}_tpot_s"] for r in runs["on"]]
         off = [r[f"{sync}_tpot_s"] for r in runs["off"]]
