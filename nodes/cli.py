@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nodes.bench.load_command import add_bench_load
     from nodes.halo_cli import add_halo_commands, add_node_halo_arguments
     from nodes.ha_cli import add_ha_arguments
+    from nodes.identity_cli import add_identity_command
     from nodes.testbed.cli import add_testbed_commands
 
     parser = argparse.ArgumentParser(prog="mesh", description=__doc__)
@@ -279,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_ha(bench)
     add_bench_load(bench)
     add_halo_commands(sub)
+    add_identity_command(sub)
     return parser
 
 

@@ -99,7 +99,10 @@ class Coordinator:
         one = torch.get_num_threads() == 1
         self.head = two_thread_head(self.loaded.model) if one else None
         self.cache = NodeCache(self.loaded, cfg.cache, self.decoder) if cfg.cache.enabled else None
-        self.engine = HaloEngine(self.loaded, self.decoder, cfg, self.bus, self.reply_topic, self.rejects)
+        from mesh.auth.store import identity_dir, load_keyring
+
+        self.engine = HaloEngine(self.loaded, self.decoder, cfg, self.bus, self.reply_topic, self.rejects,
+                                 load_keyring(identity_dir(cfg.home), cfg.name, "coordinator"))
         # After the engine permuted the MLPs to the predictor's neuron order (the step calls each
         # layer's MLP module as it is, routed while an ask runs).
         self.decoder.step = lean_step(self.loaded.model) if one else None

@@ -41,9 +41,11 @@ def halo_extensions_from_args(args: argparse.Namespace, node_config: Any) -> lis
         raise ConfigError(f"unknown role(s) {sorted(unknown)}: known roles: worker")
     if "worker" not in roles:
         return []
+    from mesh.auth.store import identity_dir, load_keyring
     from mesh.halo.worker import HaloWorker
 
-    return [HaloWorker(int(getattr(args, "halo_group_size", split.DEFAULT_GROUP_SIZE)))]
+    return [HaloWorker(int(getattr(args, "halo_group_size", split.DEFAULT_GROUP_SIZE)),
+                       load_keyring(identity_dir(node_config.home), node_config.name))]
 
 
 _WIRE = {"fp16": "float16", "fp32": "float32"}

@@ -89,9 +89,27 @@ class MeshProcesses:
         self._logs.append(f)
         return f
 
+    def make_identities(self) -> None:
+        """A throwaway CA and one identity per process under ``<home>/identity`` (``mesh.auth``):
+        made on the first run, reused afterwards, so one box needs no configuration. A directory
+        whose identities came from a gateway (its CA key is elsewhere) is left as it is."""
+        if self.home is None:
+            return
+        from mesh.auth import store
+
+        d = store.identity_dir(self.home)
+        if (d / "ca.crt").exists() and not store.has_ca_key(d):
+            return
+        for name in self.node_names:
+            store.issue(d, name, "node")
+        if self.coordinator:
+            store.issue(d, "coordinator", "coordinator")
+        store.issue(d, "asker", "asker")
+
     def start(self, timeout: float = 300.0) -> None:
         """Start everything and wait until every node is online; on failure stop what started."""
         try:
+            self.make_identities()
             self.broker = spawn([sys.executable, "-m", "nodes.cli", "broker", "--host", self.host,
                                  "--port", str(self.port)], self._log("broker"))
             wait_port(self.host, self.port, 30.0, self.broker)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make the gateway's Mosquitto users: a password file and a rendered ACL.
 #
-#   make-users.sh [-d DIR] [-p HA_PREFIX] NODE...
+#   make-users.sh [-d DIR] [-p HA_PREFIX] [-y PYTHON] NODE...
 #
 # Users: one per node (username = node name), plus `coordinator`, `asker` (mesh ask / mesh status)
 # and `homeassistant`. Writes, under DIR (default /etc/mesh/mosquitto):
@@ -10,7 +10,13 @@
 #   secrets/<user>.password     each user's clear-text password (mode 600): copy a node's file to
 #                               that Pi as /etc/mesh/secrets/<node>.password, and type the
 #                               homeassistant one into Home Assistant's MQTT integration
-# Passwords already in secrets/ are kept, so adding a node means running it again with the full
+#   identity/                   the mesh's own CA (identity/ca/ca.key stays here) and one identity
+#                               per user but homeassistant (it cannot sign): NAME.crt + NAME.key,
+#                               with ca.crt and crl.pem; copy a node's four files to that Pi's
+#                               identity directory (nodes/identity_cli.py, mesh/auth/README.md)
+#   PYTHON: a Python with the mesh's packages (default /opt/mesh/.venv/bin/python, else this
+#   checkout's .venv, else python3)
+# Passwords and identities already made are kept, so adding a node means running it again with the full
 # node list; then `systemctl reload mesh-broker` (SIGHUP) reloads users and ACLs.
 set -euo pipefail
 
@@ -18,15 +24,18 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 dir=/etc/mesh/mosquitto
 prefix=homeassistant
 reserved=(homeassistant asker coordinator)
+repo="$(cd "$here/../.." && pwd)"
+python=""
 
 usage() {
-    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
-while getopts "d:p:h" opt; do
+while getopts "d:p:y:h" opt; do
     case "$opt" in
         d) dir="$OPTARG" ;;
+        y) python="$OPTARG" ;;
         p) prefix="$OPTARG" ;;
         h) usage 0 ;;
         *) usage 2 ;;
@@ -92,5 +101,17 @@ fi
 mv "$tmp_passwd" "$dir/passwd"
 mv "$tmp_acl" "$dir/acl"
 trap - EXIT
+
+# Identities: the gateway is the mesh's certificate authority (mesh.auth). Home Assistant gets
+# none: it cannot sign, the ACL alone guards what it may write.
+if [ -z "$python" ]; then
+    for candidate in /opt/mesh/.venv/bin/python "$repo/.venv/bin/python" python3; do
+        if command -v "$candidate" >/dev/null 2>&1; then python="$candidate"; break; fi
+    done
+fi
+identity() { PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" -m nodes.identity_cli "$@" --dir "$dir/identity" >/dev/null; }
+identity issue --role asker asker
+identity issue --role coordinator coordinator
+identity issue --role node "$@"
 echo "users: ${reserved[*]} $*" >&2
-echo "wrote $dir/passwd, $dir/acl and $dir/secrets/<user>.password" >&2
+echo "wrote $dir/passwd, $dir/acl, $dir/secrets/<user>.password and $dir/identity/<user>.{crt,key}" >&2

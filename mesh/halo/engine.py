@@ -26,10 +26,12 @@ import torch
 from torch import Tensor
 
 from mesh import topics, wire
+from mesh.auth.keyring import Keyring
 from mesh.errors import MeshError, ProtocolError
 from mesh.halo import frame as halo_wire
 from mesh.halo import groups as split
 from mesh.halo import predictor as pred_mod
+from mesh.halo.keys import HaloKeys
 from mesh.halo.ledger import EpochSwitch, Liveness, Presence, worker_figures
 from mesh.halo.placement import drift_persisted, pack_order, plan_groups, replan_reason
 from mesh.halo.plans import PlanHolder
@@ -47,9 +49,11 @@ class HaloEngine:
     """Plans, epochs and the importance window of one coordinator; its :attr:`step` routes the MLPs."""
 
     def __init__(self, loaded: Any, decoder: Any, config: Any, bus: Any, reply_topic: str,
-                 rejects: wire.RejectCounter) -> None:
+                 rejects: wire.RejectCounter, keyring: Keyring | None = None) -> None:
+        """``keyring``: this coordinator's identity (``mesh.halo.keys``); None runs unauthenticated."""
         self.loaded, self.decoder, self.config, self.bus = loaded, decoder, config, bus
         self.reply_topic, self.rejects = reply_topic, rejects
+        self.keys = HaloKeys(keyring)
         self.model = loaded.model
         self.layout = split.model_layout(self.model.config, config.group_size)
         self.act = split.mlp_act_name(self.model.config)
@@ -71,7 +75,7 @@ class HaloEngine:
         self._lock = threading.Lock()  # the window and the planner's basis
         self.plans = PlanHolder(EpochSwitch(), Presence(getattr(config, "liveness", Liveness())))
         self.step = RoutedStep(self.model, self.full, self.bias, self.layout, config, bus, self.plans, rejects,
-                               self._importance)
+                               self._importance, self.keys)
         self.ledger = self.step.ledger
         self.frame_reply = self.step.frame_reply
         self._next_epoch = time.time_ns() // 1_000_000
@@ -118,9 +122,9 @@ class HaloEngine:
 
     # -- network thread ---------------------------------------------------------------------------
     def on_reply(self, topic: str, payload: bytes, retained: bool) -> None:
-        """A worker's ``HALO_ACK`` of a plan epoch (CBOR, on the coordinator's reply topic)."""
+        """A worker's ``HALO_ACK`` of a plan epoch (CBOR, sealed by the worker: ``mesh.halo.keys``)."""
         try:
-            env = wire.decode(payload, self.config.limits.max_message_bytes)
+            env = self.keys.open(payload, topic, self.config.limits.max_message_bytes, retained)
         except ProtocolError as exc:
             self.rejects.add(exc.reason)
             return
@@ -144,6 +148,11 @@ class HaloEngine:
             return
         if f.kind != halo_wire.PARTIAL:
             self.rejects.add("unexpected-kind")
+            return
+        try:
+            self.keys.check(f)
+        except ProtocolError as exc:
+            self.rejects.add(exc.reason)
             return
         self.step.arrived(f.sender, f.step, f.tensor, t, f.compute_s)
 
@@ -196,7 +205,7 @@ class HaloEngine:
                      {w: sum(map(len, gs)) for w, gs in plan.workers.items()}, sum(map(len, plan.local)))
             env = wire.Envelope(wire.Kind.HALO_PLAN, self.config.name,
                                 {"epoch": epoch, "plan": plan.to_dict()}, reply_to=self.reply_topic)
-            self._plan_payload = wire.encode(env)
+            self._plan_payload = self.keys.seal(env, topics.HALO_PLAN)
             self.republish()
         if idle:
             self.plans.maybe_switch()

@@ -6,7 +6,7 @@ messages are the mesh's hot path (30 round trips per token for SmolLM2). The CBO
 message; this frame is a fixed little-endian header, two short strings and the tensor's bytes,
 decoded with one ``struct.unpack_from``. Everything else (plans, acks, heartbeats) stays CBOR.
 
-Layout (little-endian, version 1)::
+Layout (little-endian, version 2)::
 
     magic   4s  b"HALO"
     version B   FRAME_VERSION; anything else is rejected ("bad-version")
@@ -21,6 +21,15 @@ Layout (little-endian, version 1)::
     compute I   partial: the worker's compute time in microseconds; MLP input: 0
     shape   ndim x I
     sender name (UTF-8), reply topic (UTF-8), tensor data (C order)
+    tags    zero or more TAG_BYTES MACs, as many as the length leaves (``mesh.auth.pairs``)
+
+The tags authenticate the frame to its pair (REVIEW-SECURITY.md H1: any node could answer every
+MLP step first in every worker's name): each is a keyed BLAKE2b over every byte before the tags,
+so it binds kind, epoch, step, layer, sender, reply topic and tensor. A partial carries one tag
+(the worker's key with its coordinator); an MLP input, published once for every worker of the
+plan, carries one per worker in the order of the plan's sorted worker names, each under that
+worker's key. A process without keys sends no tags, and one with keys refuses such frames
+(``mesh.halo.keys``). Version 1 (no tags) is gone: a worker and its coordinator upgrade together.
 
 Receivers turn every defect into :class:`~mesh.errors.ProtocolError` with a counted reason, like
 ``mesh.wire.decode``; nothing from the network raises anything else.
@@ -30,15 +39,17 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 import torch
 
+from mesh.auth.pairs import TAG_BYTES, tag, tag_ok
 from mesh.config import check_name
 from mesh.errors import ConfigError, ProtocolError
 from mesh.wire import check_reply_topic
 
 MAGIC = b"HALO"
-FRAME_VERSION = 1
+FRAME_VERSION = 2
 MLP, PARTIAL = 1, 2
 _HEADER = struct.Struct("<4sBBBBQQHBHI")
 _DTYPES = {1: torch.float16, 2: torch.float32}
@@ -56,10 +67,21 @@ class Frame:
     tensor: torch.Tensor
     reply_to: str = ""  # MLP input only
     compute_s: float = 0.0  # partial only
+    tags: tuple[bytes, ...] = ()
+    signed: bytes = b""  # the bytes the tags cover
+
+    def tag_ok(self, key: bytes, index: int = 0) -> bool:
+        """Whether tag ``index`` is this frame's MAC under ``key``."""
+        return 0 <= index < len(self.tags) and tag_ok(key, self.signed, _PERSON[self.kind], self.tags[index])
+
+
+_PERSON = {MLP: b"mesh-halo-mlp", PARTIAL: b"mesh-halo-part"}  # a tag of one kind never passes as the other
 
 
 def encode(kind: int, sender: str, epoch: int, step: int, layer: int, tensor: torch.Tensor,
-           reply_to: str = "", compute_s: float = 0.0) -> bytes:
+           reply_to: str = "", compute_s: float = 0.0, keys: Sequence[bytes | None] = ()) -> bytes:
+    """A frame, with one tag per key in ``keys`` (None: a zero tag no key passes, keeping the
+    others in place)."""
     t = tensor.detach().contiguous()
     code = _CODES.get(t.dtype)
     if code is None:
@@ -69,7 +91,11 @@ def encode(kind: int, sender: str, epoch: int, step: int, layer: int, tensor: to
         raise ProtocolError("bad-frame", "kind, sender, reply topic or rank out of range")
     head = _HEADER.pack(MAGIC, FRAME_VERSION, kind, code, t.ndim, epoch, step, layer, len(name), len(reply),
                         min(int(compute_s * 1e6), 2**32 - 1))
-    return b"".join((head, struct.pack(f"<{t.ndim}I", *t.shape), name, reply, t.view(torch.uint8).numpy().tobytes()))
+    body = b"".join((head, struct.pack(f"<{t.ndim}I", *t.shape), name, reply, t.view(torch.uint8).numpy().tobytes()))
+    if not keys:
+        return body
+    person = _PERSON[kind]
+    return b"".join((body, *(tag(k, body, person) if k is not None else bytes(TAG_BYTES) for k in keys)))
 
 
 def decode(payload: bytes, max_bytes: int) -> Frame:
@@ -97,7 +123,8 @@ def decode(payload: bytes, max_bytes: int) -> Frame:
     size = count * (2 if dtype is torch.float16 else 4)
     data_at = end_shape + n_name + n_reply
     # max(d, 1): an empty tensor with huge other dims ((0, 2**32-1, 2**32-1)) overflows torch's strides.
-    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS or len(payload) != data_at + size:
+    extra = len(payload) - data_at - size
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS or extra < 0 or extra % TAG_BYTES:
         raise ProtocolError("bad-tensor", "HALO frame length does not match its shape")
     try:
         sender = check_name(payload[end_shape:end_shape + n_name].decode())
@@ -106,7 +133,9 @@ def decode(payload: bytes, max_bytes: int) -> Frame:
         raise ProtocolError("malformed", "HALO frame sender or reply topic") from exc
     if kind == MLP:
         check_reply_topic(reply)
-    tensor = (torch.frombuffer(bytearray(payload[data_at:]), dtype=dtype).reshape(shape) if count
+    end = data_at + size
+    tensor = (torch.frombuffer(bytearray(payload[data_at:end]), dtype=dtype).reshape(shape) if count
               else torch.empty(shape, dtype=dtype))
-    return Frame(kind, sender, epoch, step, layer, tensor, reply, compute_us / 1e6)
+    tags = tuple(payload[i:i + TAG_BYTES] for i in range(end, len(payload), TAG_BYTES))
+    return Frame(kind, sender, epoch, step, layer, tensor, reply, compute_us / 1e6, tags, payload[:end] if tags else b"")
 

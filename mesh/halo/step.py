@@ -37,6 +37,7 @@ from mesh import topics, wire
 from mesh.halo import frame as halo_wire
 from mesh.halo import groups as split
 from mesh.halo import predictor as pred_mod
+from mesh.halo.keys import HaloKeys
 from mesh.halo.ledger import StepGather, SyncLedger
 from mesh.halo.plans import PlanHolder
 from mesh.halo.sync import fallback_groups
@@ -109,12 +110,12 @@ class RoutedStep:
 
     def __init__(self, model: Any, full: Sequence[split.GroupWeights], bias: Sequence[Tensor | None],
                  layout: split.GroupLayout, config: Any, bus: Any, plans: PlanHolder, rejects: wire.RejectCounter,
-                 importance: Callable[[int, Tensor], Tensor]) -> None:
+                 importance: Callable[[int, Tensor], Tensor], keys: HaloKeys) -> None:
         """``full``/``bias``: every layer's whole MLP (the local fallback); ``importance(layer, x)``:
-        the groups' predicted importance at a step, (G,)."""
+        the groups' predicted importance at a step, (G,); ``keys`` tag each MLP input per worker."""
         self.model, self.full, self.bias, self.layout = model, list(full), list(bias), layout
         self.config, self.bus, self.plans, self.rejects = config, bus, plans, rejects
-        self.importance = importance
+        self.importance, self.keys = importance, keys
         self.name = config.name
         self.wire_dtype = getattr(torch, config.wire_dtype)
         self.mlp_topic = topics.node_mlp(config.name)
@@ -197,14 +198,14 @@ class RoutedStep:
             # One publish for every worker (the broker fans it out); each computes its own groups.
             # Over the direct link this thread writes it and reads the partials itself.
             link = self.link if run.link and self.link is not None and self.link.usable else None
-            wx = x.to(self.wire_dtype)
+            wx, keys = x.to(self.wire_dtype), self.keys.mlp_keys(plan.epoch, plan.workers)
             data = halo_wire.encode(halo_wire.MLP, self.name, plan.epoch, step, layer, wx,
-                                    reply_to=link.topic if link is not None else self.frame_reply)
+                                    reply_to=link.topic if link is not None else self.frame_reply, keys=keys)
             t0 = t = run.spent("encode", t)
             if link is not None and not link.publish(self.mlp_topic, data):
                 link = None  # it just broke: this step goes over the bus
                 data = halo_wire.encode(halo_wire.MLP, self.name, plan.epoch, step, layer, wx,
-                                        reply_to=self.frame_reply)
+                                        reply_to=self.frame_reply, keys=keys)
             if link is None:
                 self.bus.publish(self.mlp_topic, data, qos=topics.NODE_MLP.qos)
             self._pump = link

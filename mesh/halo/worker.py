@@ -39,11 +39,14 @@ import torch
 
 from mesh import topics, wire
 from mesh.halo import frame as halo_wire
+from mesh.auth.keyring import Keyring
 from mesh.halo import groups as split
+from mesh.halo.keys import HaloKeys
 from mesh.mqtt.direct import DirectLink
 from mesh.errors import MeshError, ProtocolError, TransportError
 from mesh.model import bind_threads
 from mesh.halo.placement import Plan
+from mesh.halo.probe import SpeedProbe
 from mesh.member import AgentExtension
 
 log = logging.getLogger(__name__)
@@ -58,8 +61,10 @@ LINK_PUMP_S = 0.2  # the link thread lets go of the link this often (subscribing
 class HaloWorker(AgentExtension):
     roles = ("worker",)
 
-    def __init__(self, group_size: int = split.DEFAULT_GROUP_SIZE) -> None:
+    def __init__(self, group_size: int = split.DEFAULT_GROUP_SIZE, keyring: Keyring | None = None) -> None:
+        """``keyring``: this node's identity (``mesh.halo.keys``); None runs unauthenticated."""
         self.group_size = group_size
+        self.keys = HaloKeys(keyring)
         self.link: DirectLink | None = None
         self._on_bus: set[str] = set()  # MLP-input topics the bus carries (while the link is down)
         self._batch: list[tuple[bytes, bool]] = []  # read by the link's pump, served after it
@@ -76,8 +81,7 @@ class HaloWorker(AgentExtension):
         self._serving = -1  # epoch of the newest request served
         self._groups = self.served = self.dropped = 0
         self.speed = 0.0  # neuron-rows per second (EWMA of probes on a fixed workload)
-        self._probe: tuple[split.GroupWeights, torch.Tensor] | None = None
-        self._probed_at = 0.0
+        self._probe: SpeedProbe | None = None
         self._threads: list[threading.Thread] = []
         self.agent: Any = None
 
@@ -122,34 +126,17 @@ class HaloWorker(AgentExtension):
                              "compute_rows_per_s": round(self.speed, 1), "heartbeat_s": self.agent.timing.heartbeat_s}}
 
     def _measure_speed(self, reps: int = 20) -> float:
-        """Neuron-rows per second of a one-token partial over a quarter of a layer.
-
-        Always this fixed workload, never the live requests: a one-token partial's time is mostly
-        per-operation overhead, so rows per second measured on the worker's own share grew with
-        the share, and the scheduler's feedback (a small share measures slow, gets smaller) swung
-        a worker's share from nearly nothing to nearly all under CPU contention. The probe still
-        sees contention, which is what it is for.
-        """
         if self._probe is None:
-            groups = list(range(max(1, self.layout.n_groups // 4)))
-            self._probe = (split.extract_groups(self.model, 0, groups, self.layout),
-                           torch.randn(1, 1, self.model.config.hidden_size))
-        w, x = self._probe
-        best = float("inf")
-        with torch.inference_mode():
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                w.partial(x)
-                best = min(best, time.perf_counter() - t0)
-        self._probed_at = time.monotonic()
-        return w.n_neurons / max(best, 1e-7)
+            self._probe = SpeedProbe(self.model, self.layout)
+        return self._probe.measure(reps)
 
     # -- handlers (network thread) --------------------------------------------------------------
     def _on_plan(self, topic: str, payload: bytes, retained: bool) -> None:
         if not payload:
             return  # plan cleared
         try:
-            env = wire.decode(payload, self.agent.limits.max_message_bytes)
+            # Retained or not, a plan is idempotent by its epoch: no replay guard (mesh.auth.seal).
+            env = self.keys.open(payload, topic, self.agent.limits.max_message_bytes, retained=True)
             if env.kind is not wire.Kind.HALO_PLAN:
                 raise ProtocolError("unexpected-kind", env.kind)
             plan = Plan.from_dict(env.body["plan"])
@@ -164,6 +151,7 @@ class HaloWorker(AgentExtension):
             log.info("ignoring plan epoch %s for %s/%s", plan.epoch, plan.model_key, plan.group_size)
             return
         reply = env.reply_to if env.reply_to and topics.reply_allowed(env.reply_to) else None
+        self.keys.joined(env.sender, plan.epoch, list(plan.workers), self.name)
         with self._wake:
             self._plans.append((plan, reply, env.sender))
             self._wake.notify_all()
@@ -176,6 +164,15 @@ class HaloWorker(AgentExtension):
             return None
         if frame.kind != halo_wire.MLP or not 0 <= frame.layer < self.n_layers or retained:
             self.agent.rejects.add("bad-halo-request")
+            return None
+        try:  # before the frame touches any state (a forged huge step would make real ones look stale)
+            self.keys.check(frame)
+        except ProtocolError as exc:
+            if exc.reason == "not-in-plan":
+                with self._lock:
+                    self.skipped += 1
+            else:
+                self.agent.rejects.add(exc.reason)
             return None
         return frame
 
@@ -337,8 +334,9 @@ class HaloWorker(AgentExtension):
 
     def _ack(self, epoch: int, reply: str | None) -> None:
         env = wire.Envelope(wire.Kind.HALO_ACK, self.name, {"epoch": epoch, "groups": self._groups})
+        topic = reply or topics.reply("coordinator")
         try:
-            self.agent.bus.publish(reply or topics.reply("coordinator"), wire.encode(env), qos=1)
+            self.agent.bus.publish(topic, self.keys.seal(env, topic), qos=1)
         except MeshError as exc:
             log.warning("HALO ack not sent: %s", exc)
 
@@ -348,7 +346,8 @@ class HaloWorker(AgentExtension):
         while not self._stop.is_set():
             with self._wake:
                 self._wake.wait_for(lambda: self._requests or self._stop.is_set(), 0.5)
-                probe = not self._requests and time.monotonic() - self._probed_at >= SPEED_PROBE_S
+                probed_at = self._probe.at if self._probe is not None else 0.0
+                probe = not self._requests and time.monotonic() - probed_at >= SPEED_PROBE_S
             if probe and not self._stop.is_set():
                 speed = self._measure_speed(reps=5)
                 with self._lock:
@@ -384,7 +383,7 @@ class HaloWorker(AgentExtension):
         compute_s = time.perf_counter() - t0
         out = halo_wire.encode(halo_wire.PARTIAL, self.name, req.epoch, req.step, req.layer,
                                y.to(torch.float32 if x.dtype == torch.float32 else torch.float16),
-                               compute_s=compute_s)
+                               compute_s=compute_s, keys=self.keys.partial_keys(req.sender))
         if send is not None:
             send(req.reply_to, out)
         else:
