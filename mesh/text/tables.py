@@ -1,0 +1,229 @@
+"""The tokenizer file: a ``tokenizer.json`` boiled down to flat tables a node memory-maps.
+
+Why a file of our own: the ``tokenizers`` library builds hash maps of every merge and piece on
+load, and for Gemma's 262k pieces and 515k merges they cost hundreds of MiB resident; a node on a
+Pi Zero 2W has 400 MiB in all. Here the merges are one sorted array searched by bisection and the
+pieces one UTF-8 blob, both paged in from the file on demand.
+
+Layout (version 1, little-endian)::
+
+    magic  b"MESHTOK\\0"          8 bytes
+    u32    format version (1)
+    u32    header length H
+    H      header, UTF-8 JSON (family, special ids, added tokens, single-character pieces,
+           byte-fallback ids, section offsets and counts)
+    pad    zeros to a multiple of 8; the header's section offsets count from here
+    merge_keys   u64[M]   (left << 32 | right), ascending
+    merge_vals   u64[M]   (rank << 32 | new_id), same order
+    offsets      u32[V+1] piece i is blob[offsets[i]:offsets[i+1]]
+    blob         UTF-8 bytes of every piece, id order
+
+Sections start at multiples of 8. Built once by ``mesh setup`` (:func:`build_tables`); a file of
+another version or a truncated one is refused with a message naming ``mesh setup``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import sys
+import tempfile
+from array import array
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import ConfigError
+
+MAGIC = b"MESHTOK\0"
+VERSION = 1
+FILE_NAME = "tokenizer.mesh"
+_PREFIX = struct.Struct("<8sII")
+
+METASPACE = "metaspace-bpe"  # SentencePiece-style BPE (Gemma): "▁" for spaces, byte fallback
+BYTE_LEVEL = "byte-level-bpe"  # GPT-2 byte-level BPE (SmolLM2, LLaMA-3-style vocabularies)
+
+_METASPACE_NORMALIZER = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+_METASPACE_DECODER = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                      {"type": "ByteFallback"}, {"type": "Fuse"}]
+
+
+def _unsupported(what: str, value: Any) -> ConfigError:
+    return ConfigError(f"tokenizer.json: unsupported {what} {json.dumps(value)[:200]}; "
+                       "the mesh tokenizer knows Gemma-style and GPT-2 byte-level BPE")
+
+
+def _family(spec: dict[str, Any]) -> str:
+    """Which of the two supported pipelines ``spec`` describes; anything else is refused."""
+    norm, pre, dec = spec.get("normalizer"), spec.get("pre_tokenizer"), spec.get("decoder")
+    if norm == _METASPACE_NORMALIZER:
+        split_ok = pre is None or pre == {"type": "Split", "pattern": {"String": " "},
+                                          "behavior": "MergedWithPrevious", "invert": False}
+        # After the normalizer no space is left for that split to cut at: a no-op.
+        if not split_ok:
+            raise _unsupported("pre_tokenizer", pre)
+        if not (isinstance(dec, dict) and dec.get("type") == "Sequence"
+                and dec.get("decoders") == _METASPACE_DECODER):
+            raise _unsupported("decoder", dec)
+        return METASPACE
+    if norm is None:
+        if not (isinstance(pre, dict) and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                and not pre.get("add_prefix_space", False)):
+            raise _unsupported("pre_tokenizer", pre)
+        if not (isinstance(dec, dict) and dec.get("type") == "ByteLevel"):
+            raise _unsupported("decoder", dec)
+        return BYTE_LEVEL
+    raise _unsupported("normalizer", norm)
+
+
+def _template(post: Any, ids: dict[str, int]) -> tuple[list[int], list[int]]:
+    """Ids the post-processor puts before and after a single sequence."""
+    if post is None or (post.get("type") == "ByteLevel"):
+        return [], []
+    if post.get("type") != "TemplateProcessing":
+        raise _unsupported("post_processor", post)
+    before: list[int] = []
+    after: list[int] = []
+    seen_a = False
+    for item in post["single"]:
+        if "Sequence" in item:
+            seen_a = True
+            continue
+        tok = item["SpecialToken"]["id"]
+        special = post["special_tokens"][tok]["ids"]
+        (after if seen_a else before).extend(int(i) for i in special)
+    del ids
+    return before, after
+
+
+def _config_ids(config: dict[str, Any], vocab: dict[str, int]) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for name in ("bos", "eos", "pad", "unk"):
+        tok = config.get(f"{name}_token")
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        out[f"{name}_token_id"] = vocab.get(tok) if isinstance(tok, str) else None
+    return out
+
+
+def build_tables(tokenizer_json: Path, out: Path | None = None) -> Path:
+    """Write ``tokenizer.mesh`` beside ``tokenizer.json`` (or at ``out``); return its path.
+
+    ``tokenizer_config.json`` beside it, when present, gives the bos/eos/pad token names. The
+    file is written to a temporary name and renamed, so a crash leaves no half-written file.
+    """
+    tokenizer_json = Path(tokenizer_json)
+    out = Path(out) if out is not None else tokenizer_json.parent / FILE_NAME
+    raw = tokenizer_json.read_bytes()
+    spec = json.loads(raw)
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or model.get("dropout") not in (None, 0.0) \
+            or model.get("continuing_subword_prefix") not in (None, "") \
+            or model.get("end_of_word_suffix") not in (None, "") or model.get("ignore_merges"):
+        raise _unsupported("model", {k: v for k, v in model.items() if k not in ("vocab", "merges")})
+    family = _family(spec)
+    vocab: dict[str, int] = model["vocab"]
+    added = spec.get("added_tokens", [])
+    for a in added:
+        if a["single_word"] or a["lstrip"] or a["rstrip"] or a["normalized"]:
+            raise _unsupported("added token", a)
+    pieces: dict[int, str] = {i: t for t, i in vocab.items()}
+    pieces.update({a["id"]: a["content"] for a in added})
+    size = max(pieces) + 1
+    if len(pieces) != size:
+        raise ConfigError(f"{tokenizer_json}: token ids are not contiguous (0..{size - 1})")
+
+    keys = array("Q")
+    vals = array("Q")
+    entries: dict[int, int] = {}
+    for rank, m in enumerate(model["merges"]):
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        key = vocab[left] << 32 | vocab[right]
+        entries[key] = rank << 32 | vocab[left + right]  # a repeated pair: the last one wins
+    for key in sorted(entries):
+        keys.append(key)
+        vals.append(entries[key])
+    del entries
+
+    blob = bytearray()
+    offsets = array("I", [0])
+    for i in range(size):
+        blob += pieces[i].encode("utf-8")
+        offsets.append(len(blob))
+
+    config_path = tokenizer_json.parent / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    all_ids = dict(vocab)
+    all_ids.update({a["content"]: a["id"] for a in added})
+    prefix, suffix = _template(spec.get("post_processor"), all_ids)
+    byte_ids = None
+    if model.get("byte_fallback"):
+        byte_ids = [vocab.get(f"<0x{b:02X}>", -1) for b in range(256)]
+    header: dict[str, Any] = {
+        "family": family,
+        "size": len(all_ids),
+        "pieces": size,
+        "prefix_ids": prefix,
+        "suffix_ids": suffix,
+        "added": [[a["content"], a["id"], bool(a["special"])] for a in added],
+        "chars": {t: i for t, i in vocab.items() if len(t) == 1},
+        "byte_ids": byte_ids,
+        "unk_id": vocab.get(model["unk_token"]) if model.get("unk_token") else None,
+        "fuse_unk": bool(model.get("fuse_unk")),
+        "source_sha256": hashlib.sha256(raw).hexdigest(),
+        **_config_ids(config, all_ids),
+    }
+    del raw, spec, vocab, pieces
+    sections = [("merge_keys", keys.tobytes(), len(keys)), ("merge_vals", vals.tobytes(), len(vals)),
+                ("offsets", offsets.tobytes(), len(offsets)), ("blob", bytes(blob), len(blob))]
+    header["sections"] = {}
+    pos = 0
+    for name, data, count in sections:
+        header["sections"][name] = [pos, count]
+        pos = _align(pos + len(data))
+    head = json.dumps(header, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    base = _align(_PREFIX.size + len(head))
+    fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", dir=out.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(_PREFIX.pack(MAGIC, VERSION, len(head)))
+            f.write(head)
+            for name, data, _count in sections:
+                f.write(b"\0" * (base + header["sections"][name][0] - f.tell()))
+                f.write(data)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _align(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def read_header(buf: memoryview, path: Path) -> dict[str, Any]:
+    """The header of a mapped tokenizer file, checked against the file's length."""
+    if sys.byteorder != "little":
+        raise ConfigError("the mesh tokenizer file is little-endian; this machine is not")
+    if len(buf) < _PREFIX.size:
+        raise ConfigError(f"{path} is truncated; run `mesh setup` again")
+    magic, version, hlen = _PREFIX.unpack_from(buf)
+    if magic != MAGIC:
+        raise ConfigError(f"{path} is not a mesh tokenizer file; run `mesh setup` again")
+    if version != VERSION:
+        raise ConfigError(f"{path} has tokenizer format {version}, this mesh reads {VERSION}; "
+                          "run `mesh setup` again")
+    try:
+        header: dict[str, Any] = json.loads(bytes(buf[_PREFIX.size:_PREFIX.size + hlen]))
+        widths = {"merge_keys": 8, "merge_vals": 8, "offsets": 4, "blob": 1}
+        base = _align(_PREFIX.size + hlen)
+        header["sections"] = {name: [base + start, count] for name, (start, count) in header["sections"].items()}
+        end = max(start + count * widths[name] for name, (start, count) in header["sections"].items())
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} has a damaged header; run `mesh setup` again") from e
+    if end > len(buf):
+        raise ConfigError(f"{path} is truncated; run `mesh setup` again")
+    return header
