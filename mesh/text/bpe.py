@@ -11,8 +11,8 @@ every node used before), step by step, so that ids and text are identical, not m
 - :func:`merge_word` is ``Word::merge_all``: a heap ordered by (rank, position), stale entries
   recognised by the new id exactly as the library does (it compares the new id only).
 
-Lookups are injected (``pair``: ``(left, right) -> (rank, new_id) | None``) so the tables can live
-in a memory-mapped file.
+Lookups are injected (``pair``: ``(left, right) -> rank << 32 | new_id``, -1 for none) so the
+tables can live in a memory-mapped file.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import regex
 
-PairLookup = Callable[[int, int], "tuple[int, int] | None"]
+# (left, right) -> rank << 32 | new_id, or -1 when the pair never merges.
+PairLookup = Callable[[int, int], int]
+_LOW = 0xFFFFFFFF
 
 # ``tokenizers``' ByteLevel pre-tokenizer pattern (use_regex=true), the GPT-2 split.
 GPT2_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
@@ -126,7 +128,7 @@ def initial_symbols(word: str, chars: dict[str, int], byte_ids: Sequence[int] | 
 def merge_word(ids: list[int], pair: PairLookup) -> list[int]:
     """``Word::merge_all`` of ``tokenizers`` (no dropout): apply merges lowest rank first.
 
-    Symbols form a linked list; the heap holds (rank, position, new_id). An entry is stale when
+    Symbols form a linked list; the heap holds (rank and new_id, position). An entry is stale when
     the symbol at its position was merged away, has no right neighbour, or no longer forms a pair
     merging into ``new_id`` (the library checks the new id, not the rank: so do we).
     """
@@ -138,22 +140,25 @@ def merge_word(ids: list[int], pair: PairLookup) -> list[int]:
     nxt = list(range(1, n + 1))
     nxt[-1] = -1
     alive = [True] * n
-    heap: list[tuple[int, int, int]] = []
+    # Entries (rank << 32 | new_id, position): one rank is one merge, hence one new id, so this
+    # orders by (rank, position) exactly as the library's heap does.
+    heap: list[tuple[int, int]] = []
     for i in range(n - 1):
         m = pair(sym[i], sym[i + 1])
-        if m is not None:
-            heap.append((m[0], i, m[1]))
+        if m >= 0:
+            heap.append((m, i))
     heapq.heapify(heap)
     pop, push = heapq.heappop, heapq.heappush
     while heap:
-        _rank, pos, new_id = pop(heap)
+        top, pos = pop(heap)
         if not alive[pos]:
             continue
         right = nxt[pos]
         if right == -1:
             continue
+        new_id = top & _LOW
         m = pair(sym[pos], sym[right])
-        if m is None or m[1] != new_id:
+        if m < 0 or m & _LOW != new_id:
             continue
         sym[pos] = new_id
         alive[right] = False
@@ -164,12 +169,12 @@ def merge_word(ids: list[int], pair: PairLookup) -> list[int]:
         before = prev[pos]
         if before != -1:
             m = pair(sym[before], new_id)
-            if m is not None:
-                push(heap, (m[0], before, m[1]))
+            if m >= 0:
+                push(heap, (m, before))
         if after != -1:
             m = pair(new_id, sym[after])
-            if m is not None:
-                push(heap, (m[0], pos, m[1]))
+            if m >= 0:
+                push(heap, (m, pos))
     return [s for s, a in zip(sym, alive) if a]
 
 

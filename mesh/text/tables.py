@@ -27,12 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import sys
 import tempfile
 from array import array
 from pathlib import Path
 from typing import Any
+from collections.abc import Iterator
 
 from mesh.errors import ConfigError
 
@@ -77,7 +79,7 @@ def _family(spec: dict[str, Any]) -> str:
     raise _unsupported("normalizer", norm)
 
 
-def _template(post: Any, ids: dict[str, int]) -> tuple[list[int], list[int]]:
+def _template(post: Any) -> tuple[list[int], list[int]]:
     """Ids the post-processor puts before and after a single sequence."""
     if post is None or (post.get("type") == "ByteLevel"):
         return [], []
@@ -93,7 +95,6 @@ def _template(post: Any, ids: dict[str, int]) -> tuple[list[int], list[int]]:
         tok = item["SpecialToken"]["id"]
         special = post["special_tokens"][tok]["ids"]
         (after if seen_a else before).extend(int(i) for i in special)
-    del ids
     return before, after
 
 
@@ -107,6 +108,68 @@ def _config_ids(config: dict[str, Any], vocab: dict[str, int]) -> dict[str, int 
     return out
 
 
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _scan(raw: bytes, start: int) -> Iterator[tuple[int, int, int]]:
+    """(depth, string start, string end) of each JSON string from the ``[`` at ``start`` to the
+    ``]`` closing it, then one (0, end past ``]``, -1). Between strings only brackets, commas and
+    whitespace can occur, so the depth moves by counting brackets there."""
+    depth = 0
+    pos = start
+    for m in _JSON_STRING.finditer(raw, start):
+        opened, closed = raw.count(b"[", pos, m.start()), raw.count(b"]", pos, m.start())
+        if depth + opened - closed <= 0:
+            break
+        depth += opened - closed
+        yield depth, m.start(), m.end()
+        pos = m.end()
+    for k in range(pos, len(raw)):
+        if raw[k] == 0x5B:
+            depth += 1
+        elif raw[k] == 0x5D:
+            depth -= 1
+            if depth == 0:
+                yield 0, k + 1, -1
+                return
+    raise ConfigError("tokenizer.json: the merges array is not closed")
+
+
+def _merges_span(raw: bytes) -> tuple[int, int] | None:
+    """Byte span of the model's ``"merges": [...]`` array in the raw JSON, or None.
+
+    Scanned as bytes, string by string, without building the array: Gemma's 515k merges as
+    Python lists, or the 33 MB file as one str (four bytes a character once an emoji is in it),
+    cost more than a Pi Zero's node has. A JSON string cannot hold an unescaped quote, so
+    ``"merges":`` outside a string is structural.
+    """
+    key = raw.rfind(b'"merges":')
+    if key < 0:
+        return None
+    start = raw.index(b"[", key)
+    for depth, end, tail in _scan(raw, start):
+        if tail == -1 and depth == 0:
+            return start, end
+    raise ConfigError("tokenizer.json: the merges array is not closed")
+
+
+def _pairs(raw: bytes, start: int) -> Iterator[tuple[str, str]]:
+    """(left, right) of every merge, in file order: ``"a b"`` strings or ``["a", "b"]`` lists."""
+    half: str | None = None
+    for depth, s, e in _scan(raw, start):
+        if e == -1:
+            return
+        text = json.loads(raw[s:e])
+        if depth == 1:
+            left, right = text.split(" ", 1)
+            yield left, right
+        elif half is None:
+            half = text
+        else:
+            yield half, text
+            half = None
+
+
 def build_tables(tokenizer_json: Path, out: Path | None = None) -> Path:
     """Write ``tokenizer.mesh`` beside ``tokenizer.json`` (or at ``out``); return its path.
 
@@ -116,7 +179,12 @@ def build_tables(tokenizer_json: Path, out: Path | None = None) -> Path:
     tokenizer_json = Path(tokenizer_json)
     out = Path(out) if out is not None else tokenizer_json.parent / FILE_NAME
     raw = tokenizer_json.read_bytes()
-    spec = json.loads(raw)
+    source_sha256 = hashlib.sha256(raw).hexdigest()
+    try:
+        span = _merges_span(raw)
+        spec = json.loads(raw if span is None else raw[:span[0]] + b"[]" + raw[span[1]:])
+    except (ValueError, IndexError) as e:
+        raise ConfigError(f"{tokenizer_json} is not valid JSON: {e}") from e
     model = spec.get("model", {})
     if model.get("type") != "BPE" or model.get("dropout") not in (None, 0.0) \
             or model.get("continuing_subword_prefix") not in (None, "") \
@@ -128,35 +196,44 @@ def build_tables(tokenizer_json: Path, out: Path | None = None) -> Path:
     for a in added:
         if a["single_word"] or a["lstrip"] or a["rstrip"] or a["normalized"]:
             raise _unsupported("added token", a)
-    pieces: dict[int, str] = {i: t for t, i in vocab.items()}
-    pieces.update({a["id"]: a["content"] for a in added})
-    size = max(pieces) + 1
-    if len(pieces) != size:
+    pieces: list[str | None] = [None] * (1 + max([*vocab.values(), *(a["id"] for a in added)]))
+    for t, i in vocab.items():
+        pieces[i] = t
+    for a in added:
+        pieces[a["id"]] = a["content"]
+    size = len(pieces)
+    if any(p is None for p in pieces):
         raise ConfigError(f"{tokenizer_json}: token ids are not contiguous (0..{size - 1})")
 
+    # Pairs in rank order, then sorted by key (stable: of a repeated pair the last rank wins, as
+    # in the library's hash map).
+    pair_keys = array("Q")
+    pair_vals = array("Q")
+    for rank, (left, right) in enumerate(_pairs(raw, span[0]) if span else ()):
+        pair_keys.append(vocab[left] << 32 | vocab[right])
+        pair_vals.append(rank << 32 | vocab[left + right])
+    del raw
+    order = sorted(range(len(pair_keys)), key=pair_keys.__getitem__)
     keys = array("Q")
     vals = array("Q")
-    entries: dict[int, int] = {}
-    for rank, m in enumerate(model["merges"]):
-        left, right = m.split(" ", 1) if isinstance(m, str) else m
-        key = vocab[left] << 32 | vocab[right]
-        entries[key] = rank << 32 | vocab[left + right]  # a repeated pair: the last one wins
-    for key in sorted(entries):
-        keys.append(key)
-        vals.append(entries[key])
-    del entries
+    for j, i in enumerate(order):
+        if j + 1 < len(order) and pair_keys[order[j + 1]] == pair_keys[i]:
+            continue
+        keys.append(pair_keys[i])
+        vals.append(pair_vals[i])
+    del order, pair_keys, pair_vals
 
     blob = bytearray()
     offsets = array("I", [0])
-    for i in range(size):
-        blob += pieces[i].encode("utf-8")
+    for piece in pieces:
+        blob += piece.encode("utf-8")  # type: ignore[union-attr]
         offsets.append(len(blob))
 
     config_path = tokenizer_json.parent / "tokenizer_config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     all_ids = dict(vocab)
     all_ids.update({a["content"]: a["id"] for a in added})
-    prefix, suffix = _template(spec.get("post_processor"), all_ids)
+    prefix, suffix = _template(spec.get("post_processor"))
     byte_ids = None
     if model.get("byte_fallback"):
         byte_ids = [vocab.get(f"<0x{b:02X}>", -1) for b in range(256)]
@@ -171,10 +248,10 @@ def build_tables(tokenizer_json: Path, out: Path | None = None) -> Path:
         "byte_ids": byte_ids,
         "unk_id": vocab.get(model["unk_token"]) if model.get("unk_token") else None,
         "fuse_unk": bool(model.get("fuse_unk")),
-        "source_sha256": hashlib.sha256(raw).hexdigest(),
+        "source_sha256": source_sha256,
         **_config_ids(config, all_ids),
     }
-    del raw, spec, vocab, pieces
+    del spec, vocab, pieces
     sections = [("merge_keys", keys.tobytes(), len(keys)), ("merge_vals", vals.tobytes(), len(vals)),
                 ("offsets", offsets.tobytes(), len(offsets)), ("blob", bytes(blob), len(blob))]
     header["sections"] = {}

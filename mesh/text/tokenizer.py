@@ -24,7 +24,8 @@ from mesh.errors import ConfigError
 from mesh.text import bpe
 from mesh.text.tables import BYTE_LEVEL, FILE_NAME, METASPACE, read_header
 
-_LOW = 0xFFFFFFFF
+# Pair lookups remembered (about 100 bytes each) before the memo is cleared.
+PAIR_CACHE = 1 << 15
 
 
 class Tokenizer:
@@ -53,6 +54,7 @@ class Tokenizer:
         self._offsets = view("offsets", 4, "I")
         self._blob = view("blob", 1, "B")
         self._n_merges = len(self._keys)
+        self._seen: dict[int, int] = {}
         self._n_pieces: int = h["pieces"]
         self._size: int = h["size"]
         self.digest: str = h["source_sha256"]
@@ -106,15 +108,22 @@ class Tokenizer:
         """The token string of id ``i`` (as the vocabulary spells it: ``"▁the"``, ``"Ġthe"``)."""
         return bytes(self._blob[self._offsets[i]:self._offsets[i + 1]]).decode("utf-8")
 
-    def merge(self, left: int, right: int) -> tuple[int, int] | None:
-        """(rank, new id) of the merge of ``left`` then ``right``, or None."""
+    def merge(self, left: int, right: int) -> int:
+        """``rank << 32 | new_id`` of the merge of ``left`` then ``right``, or -1 if none.
+
+        Answers are kept in a small dict (cleared when full): a bisection of the mapped table
+        costs far more than a dict hit, and the same few thousand pairs recur in any text.
+        """
         key = left << 32 | right
-        keys = self._keys
-        i = bisect_left(keys, key)
-        if i < self._n_merges and keys[i] == key:
-            v = self._vals[i]
-            return v >> 32, v & _LOW
-        return None
+        v = self._seen.get(key)
+        if v is None:
+            keys = self._keys
+            i = bisect_left(keys, key)
+            v = self._vals[i] if i < self._n_merges and keys[i] == key else -1
+            if len(self._seen) >= PAIR_CACHE:
+                self._seen.clear()
+            self._seen[key] = v
+        return v
 
     def _word(self, word: str) -> list[int]:
         if not word:
