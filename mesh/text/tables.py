@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import struct
 import sys
 import tempfile
 from array import array
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator
 
 from mesh.errors import ConfigError
 
@@ -304,3 +305,29 @@ def read_header(buf: memoryview, path: Path) -> dict[str, Any]:
     if end > len(buf):
         raise ConfigError(f"{path} is truncated; run `mesh setup` again")
     return header
+
+
+def ensure_tables(model_dir: Path) -> Path:
+    """``tokenizer.mesh`` of a converted model directory, built when it is missing, damaged, of
+    another format version, or made from another ``tokenizer.json``; return its path.
+
+    What ``mesh setup`` calls for every model, also for directories converted before this file
+    existed (so they need no new conversion).
+    """
+    model_dir = Path(model_dir)
+    source = model_dir / "tokenizer.json"
+    out = model_dir / FILE_NAME
+    if out.exists():
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        try:
+            with open(out, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                view = memoryview(m)
+                try:
+                    current = read_header(view, out)["source_sha256"] == digest
+                finally:
+                    view.release()
+        except (OSError, ValueError, KeyError, ConfigError):
+            current = False
+        if current:
+            return out
+    return build_tables(source, out)

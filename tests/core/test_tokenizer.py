@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from mesh.errors import ConfigError
-from mesh.text import Tokenizer, build_tables
+from mesh.text import Tokenizer, build_tables, ensure_tables
 from mesh.text.tables import FILE_NAME
 from tests.conftest import REPO, require_model
 
@@ -168,3 +168,22 @@ def test_unsupported_tokenizer_json_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unsupported"):
         build_tables(tmp_path / "tokenizer.json")
     assert not (tmp_path / FILE_NAME).exists()
+
+
+def test_ensure_tables_builds_once_and_rebuilds_when_stale(tmp_path: Path) -> None:
+    """setup's entry point: builds a missing file, keeps a current one, rebuilds a damaged one
+    or one made from another tokenizer.json."""
+    src = require_model("smollm2-135m")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, tmp_path / name)
+    out = ensure_tables(tmp_path)
+    first = out.stat().st_mtime_ns
+    want = Tokenizer(out).encode("hi there")
+    assert ensure_tables(tmp_path) == out and out.stat().st_mtime_ns == first
+    out.write_bytes(out.read_bytes()[:100])
+    assert Tokenizer(ensure_tables(tmp_path)).encode("hi there") == want
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["added_tokens"].append({"id": 49152, "content": "<new>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    assert Tokenizer(ensure_tables(tmp_path)).encode("a<new>b") == [81, 49152, 82]
