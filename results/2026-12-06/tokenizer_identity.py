@@ -208,11 +208,11 @@ def verify_model(home: Path, model: str, sharegpt_chars: int, limit: int, log: b
             if log:
                 print(f"{model} {name}: {corpora[name]} ({time.monotonic() - t0:.0f} s)", flush=True)
 
-        run("mmlu", mmlu_texts(home))
+        run("mmlu", mmlu_texts(home), stream_every=10)
         run("mmlu_letters", (" " + c for c in LETTERS), plain_too=True)
-        run("wiki", wiki_texts(home))
+        run("wiki", wiki_texts(home), stream_every=10)
         run("sharegpt_chat", (chat_text(model, conv) for conv in sharegpt_records(home, sharegpt_chars)),
-            stream_every=5)
+            stream_every=10)
         run("home_assistant", ha_texts(), plain_too=True, stream_every=10)
         c = Check(hf, me)
         for ids in random_ids(len(hf), 3000, seed=16):
@@ -233,12 +233,16 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--sharegpt-chars", type=int, default=12_000_000)
     ap.add_argument("--limit", type=int, default=0, help="at most this many texts per corpus (0: all)")
+    ap.add_argument("--merge", nargs="*", type=Path, default=[],
+                    help="only combine these per-model result files into --out")
     ap.add_argument("--rss", action="store_true", help="also measure resident memory (tokenizer_rss.py)")
     args = ap.parse_args()
     result: dict[str, object] = {"what": __doc__.splitlines()[0], "sharegpt_chars": args.sharegpt_chars,
                                  "limit_per_corpus": args.limit,
                                  "models": {}}
-    for model in args.models:
+    for part in args.merge:
+        result["models"].update(json.loads(part.read_text())["models"])  # type: ignore[union-attr]
+    for model in [] if args.merge else args.models:
         result["models"][model] = verify_model(args.home, model, args.sharegpt_chars, args.limit, log=True)  # type: ignore[index]
     result["identical"] = all(m["identical"] for m in result["models"].values())  # type: ignore[union-attr]
     if args.rss:
