@@ -11,7 +11,9 @@ results as ``transformers.AutoTokenizer`` over the same ``tokenizer.json``:
   ``pad_token_id``, and ``digest`` (the source ``tokenizer.json``'s SHA-256) for cache keys.
 
 Imports neither torch nor transformers. The merge table and the pieces stay in the page cache of
-the mapped file; only the single-character pieces and the added tokens become Python objects.
+the mapped file; only the single-character pieces, the added tokens and a bounded memo of pair
+lookups become Python objects. One instance may serve several threads: the memo only ever holds
+answers that are the same whoever computes them.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ converted model's ``tokenizer.json`` (into a temporary directory) and compares i
   uses it): every id equal;
 - decode with ``skip_special_tokens`` True and False: every string equal;
 - streaming: the node decodes the growing list of generated ids after every token
-  (``mesh.model.Decoder.generate``); every prefix's text is compared (first 64 ids of a text,
-  and random id sequences that split UTF-8 characters across byte tokens).
+  (``mesh.model.Decoder.generate``); every prefix's text is compared (the first 64 ids of every
+  10th text, and 3,000 random id sequences that split UTF-8 characters across byte tokens).
 
 Corpora: all of MMLU (every subject, dev/validation/test; each test and validation question as the
 node's 1-shot prompt, each dev question answered, and the " A".." D" letters), all of the wiki
