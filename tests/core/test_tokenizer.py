@@ -187,3 +187,22 @@ def test_ensure_tables_builds_once_and_rebuilds_when_stale(tmp_path: Path) -> No
                                  "rstrip": False, "normalized": False, "special": True})
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     assert Tokenizer(ensure_tables(tmp_path)).encode("a<new>b") == [81, 49152, 82]
+
+
+def test_merges_as_strings_or_pairs_build_the_same_tables(tmp_path: Path) -> None:
+    """tokenizer.json spells a merge either ``["a", "b"]`` (today) or ``"a b"`` (older files);
+    the byte scanner of build_tables reads both to the same tables."""
+    src = require_model("smollm2-135m")
+    spec = json.loads((src / "tokenizer.json").read_text())
+    assert isinstance(spec["model"]["merges"][0], list)
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "strings").mkdir()
+    (tmp_path / "pairs" / "tokenizer.json").write_text(json.dumps(spec))
+    spec["model"]["merges"] = [" ".join(m) for m in spec["model"]["merges"]]
+    (tmp_path / "strings" / "tokenizer.json").write_text(json.dumps(spec))
+    a = Tokenizer(build_tables(tmp_path / "pairs" / "tokenizer.json"))
+    b = Tokenizer(build_tables(tmp_path / "strings" / "tokenizer.json"))
+    assert bytes(a._keys) == bytes(b._keys) and bytes(a._vals) == bytes(b._vals)
+    assert len(a._keys) == len(spec["model"]["merges"])
+    text = "Strings or pairs, the same ids: 42 😀"
+    assert a.encode(text) == b.encode(text) and len(a.encode(text)) < len(text)
