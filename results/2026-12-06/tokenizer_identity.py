@@ -236,6 +236,8 @@ def main() -> None:
     ap.add_argument("--merge", nargs="*", type=Path, default=[],
                     help="only combine these per-model result files into --out")
     ap.add_argument("--rss", action="store_true", help="also measure resident memory (tokenizer_rss.py)")
+    ap.add_argument("--with-rss", type=Path, action="append", default=[],
+                    help="embed an existing tokenizer_rss.py / tokenizer_sentencepiece.py result")
     args = ap.parse_args()
     result: dict[str, object] = {"what": __doc__.splitlines()[0], "sharegpt_chars": args.sharegpt_chars,
                                  "limit_per_corpus": args.limit,
@@ -249,6 +251,8 @@ def main() -> None:
         from tokenizer_rss import measure_all  # type: ignore[import-not-found]
 
         result["rss"] = measure_all(args.home, args.models)
+    for extra in args.with_rss:
+        result[extra.stem] = json.loads(extra.read_text())
     args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     print("identical" if result["identical"] else "MISMATCH", args.out)
 
