@@ -33,7 +33,7 @@ import struct
 import sys
 import tempfile
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,18 +202,42 @@ def build_tables(tokenizer_json: Path, out: Path | None = None) -> Path:
         pieces[i] = t
     for a in added:
         pieces[a["id"]] = a["content"]
-    size = len(pieces)
     if any(p is None for p in pieces):
-        raise ConfigError(f"{tokenizer_json}: token ids are not contiguous (0..{size - 1})")
+        raise ConfigError(f"{tokenizer_json}: token ids are not contiguous (0..{len(pieces) - 1})")
+    merges = ((vocab[left], vocab[right], vocab[left + right])
+              for left, right in (_pairs(raw, span[0]) if span else ()))
+    config_path = tokenizer_json.parent / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    all_ids = dict(vocab)
+    all_ids.update({a["content"]: a["id"] for a in added})
+    prefix, suffix = _template(spec.get("post_processor"))
+    return write_tables(
+        out, family=family, pieces=pieces, merges=merges,  # type: ignore[arg-type]
+        added=[(a["content"], a["id"], bool(a["special"])) for a in added], prefix=prefix, suffix=suffix,
+        byte_fallback=bool(model.get("byte_fallback")),
+        unk_id=vocab.get(model["unk_token"]) if model.get("unk_token") else None,
+        fuse_unk=bool(model.get("fuse_unk")), special_ids=_config_ids(config, all_ids),
+        source_sha256=source_sha256)
 
+
+def write_tables(out: Path, *, family: str, pieces: list[str], merges: Iterable[tuple[int, int, int]],
+                 added: list[tuple[str, int, bool]], prefix: list[int], suffix: list[int],
+                 byte_fallback: bool, unk_id: int | None, fuse_unk: bool,
+                 special_ids: dict[str, int | None], source_sha256: str) -> Path:
+    """Write the tables file (layout in the module docstring) atomically; return ``out``.
+
+    ``pieces[i]`` is the spelling of id ``i`` (all distinct); ``merges`` yields (left, right,
+    new) ids in rank order; ``added`` holds (content, id, special) of the tokens cut out of the
+    raw text first; ``special_ids`` maps ``bos_token_id``... to ids or None.
+    """
+    out = Path(out)
     # Pairs in rank order, then sorted by key (stable: of a repeated pair the last rank wins, as
     # in the library's hash map).
     pair_keys = array("Q")
     pair_vals = array("Q")
-    for rank, (left, right) in enumerate(_pairs(raw, span[0]) if span else ()):
-        pair_keys.append(vocab[left] << 32 | vocab[right])
-        pair_vals.append(rank << 32 | vocab[left + right])
-    del raw
+    for rank, (left, right, new) in enumerate(merges):
+        pair_keys.append(left << 32 | right)
+        pair_vals.append(rank << 32 | new)
     order = sorted(range(len(pair_keys)), key=pair_keys.__getitem__)
     keys = array("Q")
     vals = array("Q")
@@ -227,32 +251,24 @@ def build_tables(tokenizer_json: Path, out: Path | None = None) -> Path:
     blob = bytearray()
     offsets = array("I", [0])
     for piece in pieces:
-        blob += piece.encode("utf-8")  # type: ignore[union-attr]
+        blob += piece.encode("utf-8")
         offsets.append(len(blob))
-
-    config_path = tokenizer_json.parent / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    all_ids = dict(vocab)
-    all_ids.update({a["content"]: a["id"] for a in added})
-    prefix, suffix = _template(spec.get("post_processor"))
-    byte_ids = None
-    if model.get("byte_fallback"):
-        byte_ids = [vocab.get(f"<0x{b:02X}>", -1) for b in range(256)]
+    ids = {p: i for i, p in enumerate(pieces)}
     header: dict[str, Any] = {
         "family": family,
-        "size": len(all_ids),
-        "pieces": size,
+        "size": len(ids),
+        "pieces": len(pieces),
         "prefix_ids": prefix,
         "suffix_ids": suffix,
-        "added": [[a["content"], a["id"], bool(a["special"])] for a in added],
-        "chars": {t: i for t, i in vocab.items() if len(t) == 1},
-        "byte_ids": byte_ids,
-        "unk_id": vocab.get(model["unk_token"]) if model.get("unk_token") else None,
-        "fuse_unk": bool(model.get("fuse_unk")),
+        "added": [list(a) for a in sorted(added, key=lambda a: a[1])],
+        "chars": {p: i for p, i in ids.items() if len(p) == 1},
+        "byte_ids": [ids.get(f"<0x{b:02X}>", -1) for b in range(256)] if byte_fallback else None,
+        "unk_id": unk_id,
+        "fuse_unk": fuse_unk,
         "source_sha256": source_sha256,
-        **_config_ids(config, all_ids),
+        **special_ids,
     }
-    del spec, vocab, pieces
+    del ids
     sections = [("merge_keys", keys.tobytes(), len(keys)), ("merge_vals", vals.tobytes(), len(vals)),
                 ("offsets", offsets.tobytes(), len(offsets)), ("blob", bytes(blob), len(blob))]
     header["sections"] = {}
