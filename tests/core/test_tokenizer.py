@@ -206,3 +206,54 @@ def test_merges_as_strings_or_pairs_build_the_same_tables(tmp_path: Path) -> Non
     assert len(a._keys) == len(spec["model"]["merges"])
     text = "Strings or pairs, the same ids: 42 😀"
     assert a.encode(text) == b.encode(text) and len(a.encode(text)) < len(text)
+
+
+def _tables(path: Path) -> tuple[dict[str, object], dict[str, bytes]]:
+    tok = Tokenizer(path)
+    header = json.loads(bytes(tok._buf[16:16 + int.from_bytes(bytes(tok._buf[12:16]), "little")]))
+    sections = {"keys": bytes(tok._keys), "vals": bytes(tok._vals), "offsets": bytes(tok._offsets),
+                "blob": bytes(tok._blob)}
+    tok.close()
+    header.pop("source_sha256")
+    header.pop("sections")
+    return header, sections
+
+
+def test_tables_from_gguf_equal_tables_from_tokenizer_json(pair: tuple[object, Tokenizer], tmp_path: Path) -> None:
+    """Setup can build the tokenizer from the GGUF alone, without transformers: the tables equal
+    those built from the tokenizer.json transformers wrote for the same GGUF, field by field and
+    byte by byte; and the build stays far below a Pi Zero's 400 MiB (a fresh process's peak)."""
+    from mesh.model import model_spec
+    from nodes.setup import locate_gguf
+
+    from tests.conftest import CACHE_ROOT
+
+    _hf, me = pair
+    key = "gemma3-270m" if me.family == "metaspace-bpe" else "smollm2-135m"
+    gguf = locate_gguf(model_spec(key), CACHE_ROOT)
+    out = tmp_path / FILE_NAME
+    # VmHWM, not ru_maxrss: a child's ru_maxrss keeps the (large) pytest parent's from the fork.
+    code = ("import sys; from mesh.text.gguf_vocab import build_tables_from_gguf; "
+            "build_tables_from_gguf(sys.argv[1], sys.argv[2]); "
+            "print([int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    run = subprocess.run([sys.executable, "-c", code, str(gguf), str(out)], capture_output=True, text=True,
+                         cwd=REPO, check=True)
+    assert float(run.stdout.strip()) < 250, run.stdout
+    assert _tables(out) == _tables(me.path)
+
+
+def test_unsupported_gguf_tokenizer_is_refused(tmp_path: Path) -> None:
+    import gguf
+
+    from mesh.text.gguf_vocab import build_tables_from_gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "t5.gguf"), "t5")
+    w.add_tokenizer_model("t5")
+    w.add_token_list(["<pad>", "a", "b"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ConfigError, match="not supported"):
+        build_tables_from_gguf(tmp_path / "t5.gguf", tmp_path / FILE_NAME)
+    assert not (tmp_path / FILE_NAME).exists()
