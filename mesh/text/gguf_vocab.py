@@ -1,10 +1,10 @@
 """The tokenizer tables straight from a GGUF file: no transformers, no gguf package, little memory.
 
 Why: setup made ``tokenizer.json`` with ``transformers.AutoTokenizer`` on the GGUF, which for
-Gemma peaks at hundreds of MiB over torch and transformers, and the ``gguf`` package's reader
-builds one numpy object per vocabulary entry (both measured in results/2026-12-06); a Pi Zero
-2W running ``mesh setup`` has 400 MiB. Here the metadata is walked once over a memory map and
-only the ``tokenizer.*`` values are kept.
+Gemma costs hundreds of MiB over torch and transformers (results/2026-12-06/tokenizer_rss.json),
+and the ``gguf`` package's reader builds numpy objects for every vocabulary entry; a Pi Zero 2W
+running ``mesh setup`` has 400 MiB. Here the metadata is walked once over a memory map and only
+the ``tokenizer.*`` values are kept.
 
 The tables equal those built from the ``tokenizer.json`` transformers writes for the same GGUF
 (``tests/core/test_tokenizer.py`` compares them section by section), because this replays what
