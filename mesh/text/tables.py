@@ -11,7 +11,8 @@ Layout (version 1, little-endian)::
     u32    format version (1)
     u32    header length H
     H      header, UTF-8 JSON (family, special ids, added tokens, single-character pieces,
-           byte-fallback ids, section offsets and counts)
+           byte-fallback ids, section offsets and counts, the source's SHA-256 and the
+           tables' own: the SHA-256 of everything else, equal whatever the source)
     pad    zeros to a multiple of 8; the header's section offsets count from here
     merge_keys   u64[M]   (left << 32 | right), ascending
     merge_vals   u64[M]   (rank << 32 | new_id), same order
@@ -271,6 +272,13 @@ def write_tables(out: Path, *, family: str, pieces: list[str], merges: Iterable[
     del ids
     sections = [("merge_keys", keys.tobytes(), len(keys)), ("merge_vals", vals.tobytes(), len(vals)),
                 ("offsets", offsets.tobytes(), len(offsets)), ("blob", bytes(blob), len(blob))]
+    # What the tokenizer does, whatever it was built from (tokenizer.json or the GGUF): the key
+    # under which nodes may share KV computed from its ids.
+    digest = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "source_sha256"},
+                                       ensure_ascii=False, sort_keys=True).encode("utf-8"))
+    for _name, data, _count in sections:
+        digest.update(data)
+    header["tables_sha256"] = digest.hexdigest()
     header["sections"] = {}
     pos = 0
     for name, data, count in sections:

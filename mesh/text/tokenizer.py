@@ -8,7 +8,8 @@ results as ``transformers.AutoTokenizer`` over the same ``tokenizer.json``:
 - ``tok.decode(ids, skip_special_tokens=False)``: text; a node streams by decoding the growing
   list of generated ids after each token, and that is the same function;
 - ``len(tok)`` (vocabulary with added tokens), ``eos_token_id``, ``bos_token_id``,
-  ``pad_token_id``, and ``digest`` (the source ``tokenizer.json``'s SHA-256) for cache keys.
+  ``pad_token_id``, and ``digest`` (of the tables: equal for a tokenizer built from the
+  ``tokenizer.json`` or from the GGUF) for cache keys.
 
 Imports neither torch nor transformers. The merge table and the pieces stay in the page cache of
 the mapped file; only the single-character pieces, the added tokens and a bounded memo of pair
@@ -59,7 +60,8 @@ class Tokenizer:
         self._seen: dict[int, int] = {}
         self._n_pieces: int = h["pieces"]
         self._size: int = h["size"]
-        self.digest: str = h["source_sha256"]
+        self.digest: str = h["tables_sha256"]  # equal for equal tables, whatever they came from
+        self.source_sha256: str = h["source_sha256"]
         self.bos_token_id: int | None = h["bos_token_id"]
         self.eos_token_id: int | None = h["eos_token_id"]
         self.pad_token_id: int | None = h["pad_token_id"]

@@ -242,6 +242,7 @@ def test_tables_from_gguf_equal_tables_from_tokenizer_json(pair: tuple[object, T
                          cwd=REPO, check=True)
     assert float(run.stdout.strip()) < 250, run.stdout
     assert _tables(out) == _tables(me.path)
+    assert Tokenizer(out).digest == me.digest and Tokenizer(out).source_sha256 != me.source_sha256
 
 
 def test_unsupported_gguf_tokenizer_is_refused(tmp_path: Path) -> None:
