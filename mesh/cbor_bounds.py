@@ -18,8 +18,8 @@ stops at ``max_items``. It refuses everything the mesh never sends (its encoder 
 - simple values other than false/true/null, a declared length beyond the bytes that follow, a
   reserved header, trailing bytes (``malformed``).
 
-It returns the top-level map's short text and unsigned int fields, so the wire can learn the envelope's kind and
-apply that kind's caps before cbor2 runs. :func:`loads` is the whole pipeline: the scan, then cbor2
+It returns the top-level map's short text and unsigned int fields, so the wire can learn the
+envelope's kind and apply that kind's caps before cbor2 runs. :func:`loads` is the whole pipeline: the scan, then cbor2
 with every built-in semantic decoder replaced by a refusal, a tag hook that refuses the rest, no
 indefinite lengths, no duplicate keys, text-or-bytes keys only and a depth limit (a second line,
 should the scan and cbor2 ever disagree), then :func:`walk`: an iterative walk of the decoded
@@ -41,7 +41,7 @@ MAX_DEPTH = 16  # deepest real nesting: envelope > body > chunks > chunk > layer
 MAX_INT = 2**64 - 1
 SHARING_TAGS = (28, 29)
 # The tags cbor2 6 decodes itself (the rest reach the tag hook): probed over 0..69,999 and the
-# 32/64-bit extremes; tests/core/test_wire.py re-probes them, so a new cbor2 cannot add one silently.
+# 32/64-bit extremes; tests/core/test_cbor_bounds.py re-probes them, so a new cbor2 cannot add one silently.
 BUILTIN_TAGS = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261, 1004,
                 43000, 55799)
 _TOP_TEXT_MAX = 64  # top-level text fields worth returning (the kind, the sender)
@@ -116,6 +116,8 @@ def scan(data: bytes, max_items: int, max_depth: int = MAX_DEPTH) -> Scan:
                 short = data[pos:pos + arg].decode("utf-8", "replace")
             pos += arg
         elif major in (4, 5):
+            if len(stack) >= max_depth:
+                raise ProtocolError("too-deep", f"nesting deeper than {max_depth}")
             count = arg * (2 if major == 5 else 1)
             if count > n - pos:  # every item takes at least one byte
                 raise ProtocolError("malformed", f"{count} items declared, {n - pos} bytes follow")
@@ -130,8 +132,6 @@ def scan(data: bytes, max_items: int, max_depth: int = MAX_DEPTH) -> Scan:
         if stack:
             stack[-1][0] -= 1
         if count:
-            if len(stack) >= max_depth:
-                raise ProtocolError("too-deep", f"nesting deeper than {max_depth}")
             stack.append([count, int(major == 5)])
         while stack and stack[-1][0] == 0:
             stack.pop()
@@ -162,44 +162,47 @@ def cbor2_loads(data: bytes, max_depth: int = MAX_DEPTH) -> Any:
     errors become ``malformed``; a refusal raised in a hook keeps its reason."""
     try:
         return cbor2.loads(data, semantic_decoders=_REFUSE_BUILTINS, tag_hook=_refuse_tag,
-                           max_depth=max_depth, allow_indefinite=False, allow_duplicate_keys=False,
+                           max_depth=max_depth - 1, allow_indefinite=False, allow_duplicate_keys=False,
                            strict_hashable_types=True)
     except Exception as exc:  # cbor2 raises several types on garbage (and wraps our hooks' errors)
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, ProtocolError):
             raise ProtocolError(cause.reason, cause.detail) from exc
+        if "nesting" in str(exc):  # cbor2's max_depth counts from 0: ours minus one is the same bound
+            raise ProtocolError("too-deep", str(exc)[:80]) from exc
         raise ProtocolError("malformed", f"not CBOR: {type(exc).__name__}: {str(exc)[:80]}") from exc
 
 
 def walk(value: Any, max_items: int, max_depth: int = MAX_DEPTH) -> int:
     """Count the values in a decoded ``value`` iteratively; refuse a container met twice
-    (``shared-value``), more than ``max_items`` values, nesting beyond ``max_depth`` and integers
+    (``shared-value``, checked as each container is first reached, so a shared chain is refused at
+    its first repeat), more than ``max_items`` values, nesting beyond ``max_depth`` and integers
     beyond 64 bits (``bad-field``). Returns the count."""
-    seen: set[int] = set()
+    containers = (Mapping, list, tuple)
+    seen: set[int] = {id(value)} if isinstance(value, containers) else set()
     todo: list[tuple[Any, int]] = [(value, 0)]
-    count = 0
+    count = 1
     while todo:
         v, depth = todo.pop()
-        count += 1
-        if count > max_items:
-            raise ProtocolError("too-many-items", f"more than {max_items} values")
         if isinstance(v, int):
             if not -MAX_INT - 1 <= v <= MAX_INT:
                 raise ProtocolError("bad-field", "an integer beyond 64 bits")
             continue
-        if not isinstance(v, Mapping | list | tuple):
+        if not isinstance(v, containers):
             continue
-        if id(v) in seen:
-            raise ProtocolError("shared-value", "a container appears twice")
-        seen.add(id(v))
         if depth >= max_depth:
             raise ProtocolError("too-deep", f"nesting deeper than {max_depth}")
-        if isinstance(v, Mapping):
-            for k, x in v.items():
-                todo.append((k, depth + 1))
-                todo.append((x, depth + 1))
-        else:
-            todo.extend((x, depth + 1) for x in v)
+        for x in (y for pair in v.items() for y in pair) if isinstance(v, Mapping) else v:
+            count += 1
+            if count > max_items:
+                raise ProtocolError("too-many-items", f"more than {max_items} values")
+            if isinstance(x, containers):
+                if id(x) in seen:
+                    raise ProtocolError("shared-value", "a container appears twice")
+                seen.add(id(x))
+            todo.append((x, depth + 1))
+    if count > max_items:
+        raise ProtocolError("too-many-items", f"more than {max_items} values")
     return count
 
 
