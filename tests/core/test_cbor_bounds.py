@@ -9,7 +9,7 @@ import pytest
 
 from mesh import cbor_bounds, wire
 from mesh.errors import ProtocolError
-from tests.fuzz.fuzzkit import hostile_value, of_size, shared_dag, shared_heartbeat, valid_bodies
+from tests.fuzz.fuzzkit import hostile_value, of_items, of_size, shared_dag, shared_heartbeat, valid_bodies
 from tests.fuzz.fuzzkit import raw_envelope as raw
 
 
@@ -22,15 +22,6 @@ def reason(fn, *args) -> str | None:  # type: ignore[no-untyped-def]
     except ProtocolError as exc:
         return exc.reason
     return None
-
-
-def of_items(kind: wire.Kind, items: int) -> bytes:
-    """A valid envelope of ``kind`` holding exactly ``items`` CBOR items (an unknown list field)."""
-    base = dict(VALID[kind])
-    n = items - cbor_bounds.scan(raw(kind, {**base, "zz": []}), 1 << 30).items
-    data = raw(kind, {**base, "zz": [0] * n})
-    assert cbor_bounds.scan(data, 1 << 30).items == items
-    return data
 
 
 # -- per-kind caps, exactly ------------------------------------------------------------------------

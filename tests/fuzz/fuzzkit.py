@@ -235,26 +235,41 @@ def hostile_payload(r: Rnd, kind: wire.Kind, body: dict[str, Any], family: str |
     return data.replace(cbor_head(2, len(_MARK)) + _MARK, hostile_value(r, family), 1)
 
 
-def raw_envelope(kind: wire.Kind, body: dict[str, Any]) -> bytes:
+def raw_envelope(kind: wire.Kind, body: dict[str, Any], sender: str = "t", corr: str | None = None,
+                 reply_to: str | None = None) -> bytes:
     """An envelope laid out as the mesh's encoder does it, without the encoder's own checks."""
-    return cbor2.dumps({"v": wire.WIRE_VERSION, "k": kind.value, "s": "t", "c": None, "r": None, "b": body},
-                       canonical=True)
+    return cbor2.dumps({"v": wire.WIRE_VERSION, "k": kind.value, "s": sender, "c": corr, "r": reply_to,
+                        "b": body}, canonical=True)
 
 
-def of_size(kind: wire.Kind, size: int, body: dict[str, Any] | None = None) -> bytes:
-    """A valid envelope of ``kind`` exactly ``size`` bytes long (unknown body fields pad it), or
-    the smallest one if ``size`` is below it."""
+def of_size(kind: wire.Kind, size: int, body: dict[str, Any] | None = None, exact: bool = True,
+            **env: Any) -> bytes:
+    """A valid envelope of ``kind`` exactly ``size`` bytes long (unknown body fields pad it). With
+    ``exact=False``, the shortest one of at least ``size`` bytes when none is exactly that long
+    (a few sizes just above the unpadded envelope cannot be reached). ``env``: sender, corr, reply_to."""
     base = dict(body if body is not None else _BODIES[kind])
-    smallest = raw_envelope(kind, base)
-    if size <= len(smallest):
-        return smallest
+    candidates = [raw_envelope(kind, base, **env)]
     for extra in ({}, {"zy": b""}, {"zy": b"", "zx": b""}):
-        n0 = size - len(raw_envelope(kind, {**base, **extra, "zz": b""}))
-        for n in range(max(0, n0 - 12), n0 + 1):
-            data = raw_envelope(kind, {**base, **extra, "zz": b"\0" * n})
-            if len(data) == size:
-                return data
+        n0 = size - len(raw_envelope(kind, {**base, **extra, "zz": b""}, **env))
+        for n in range(max(0, n0 - 12), max(0, n0) + 1):
+            candidates.append(raw_envelope(kind, {**base, **extra, "zz": b"\0" * n}, **env))
+    for data in candidates:
+        if len(data) == size:
+            return data
+    if not exact:
+        return min((d for d in candidates if len(d) >= size), key=len, default=candidates[0])
     raise AssertionError(f"no {kind} envelope of exactly {size} bytes")
+
+
+def of_items(kind: wire.Kind, items: int, body: dict[str, Any] | None = None, **env: Any) -> bytes:
+    """A valid envelope of ``kind`` holding exactly ``items`` CBOR items (an unknown list field)."""
+    from mesh.cbor_bounds import scan
+
+    base = dict(body if body is not None else _BODIES[kind])
+    n = items - scan(raw_envelope(kind, {**base, "zz": []}, **env), 1 << 30).items
+    data = raw_envelope(kind, {**base, "zz": [0] * n}, **env)
+    assert scan(data, 1 << 30).items == items
+    return data
 
 
 def field_mutated(r: Rnd, env: dict[str, Any], body_fields: Gen | None = None) -> bytes:

@@ -5,7 +5,9 @@ value sharing, semantic tags, deep nesting, huge declared lengths, indefinite le
 Every one must be refused with a structural reason (nothing else escapes, nothing is accepted),
 and refusing must cost no more than decoding a harmless payload of the same size: the decode time
 of each family is compared, as a ratio measured side by side, with valid envelopes of the same
-kind and byte length (at most ``MAX_RATIO``), never with an absolute time. The handlers see the
+kind and byte length (at most ``MAX_RATIO``), never with an absolute time. (A payload over its
+kind's byte cap is refused by its length before any scan; those are not timed. The few sizes
+just above a kind's unpadded envelope that no padding reaches are compared with the next size.) The handlers see the
 same generators through ``fuzzkit.cbor_payload`` (test_fuzz_handlers.py).
 """
 
@@ -34,7 +36,8 @@ STRUCTURAL = {"shared-value", "cbor-tag", "too-deep", "too-many-items", "malform
               "bad-key", "oversized"}
 FUZZ = settings(max_examples=EXAMPLES // BATCH, deadline=None, suppress_health_check=list(HealthCheck),
                 database=None, phases=(Phase.explicit, Phase.generate))
-BODIES = fuzzkit.valid_bodies()
+BODIES = {**fuzzkit.valid_bodies(),  # a plan that Plan.from_dict accepts: harmless payloads decode fully
+          wire.Kind.HALO_PLAN: {"epoch": 1, "plan": Plan(1, "k", 64, 2, {"w1": ((0,), (1,))}, ((1,), (0,))).to_dict()}}
 
 
 def decode_all(payload: bytes) -> None:
@@ -75,11 +78,14 @@ def test_hostile_structure_is_refused_in_bounded_time(kind: wire.Kind) -> None:
         for i in range(BATCH):
             family = families[i % len(families)]
             payload = fuzzkit.hostile_payload(rnd, kind, BODIES[kind], family)
+            assert b"\x5a\x17" * 8 not in payload  # the hostile value was spliced in
             with pytest.raises(ProtocolError) as refused:
                 decode_all(payload)
             assert refused.value.reason in STRUCTURAL, (family, refused.value, payload[:120])
             reasons[refused.value.reason] += 1
-            if len(timed[family]) < TIMED:
+            # Beyond the kind's byte cap a payload is refused by its length alone; below it, the
+            # scan runs: those are the ones whose cost is compared.
+            if len(timed[family]) < TIMED and len(payload) <= wire.KIND_CAPS[kind].bytes:
                 timed[family].append(payload)
 
     run()
@@ -87,7 +93,7 @@ def test_hostile_structure_is_refused_in_bounded_time(kind: wire.Kind) -> None:
     assert {"shared-value", "cbor-tag", "too-deep", "malformed", "indefinite-length", "bad-key"} <= set(reasons)
     for family, payloads in timed.items():
         hostile = sum(best_ns(p) for p in payloads)
-        harmless_payloads = [fuzzkit.of_size(kind, len(p)) for p in payloads]
+        harmless_payloads = [fuzzkit.of_size(kind, len(p), BODIES[kind], exact=False) for p in payloads]
         for h in harmless_payloads:
             decode_all(h)  # harmless indeed: it decodes
         harmless = sum(best_ns(h) for h in harmless_payloads)

@@ -110,7 +110,12 @@ def test_a_retained_shared_heartbeat_does_not_freeze_the_node(amqtt_broker: Brok
         control = [asker.first_token_s(f"control-{i}") for i in range(ASKS)]
         assert max(control) < WAIT_S, f"the node does not answer at all: {control}"
         asker.bus.publish_wait(attack, shared_heartbeat(LEVELS), qos=1, retain=True)
-        attacked = [asker.first_token_s(f"attacked-{i}") for i in range(ASKS)]
+        attacked: list[float] = []
+        for i in range(ASKS):
+            attacked.append(asker.first_token_s(f"attacked-{i}"))
+            if attacked[-1] >= WAIT_S:  # frozen: waiting out the other asks proves nothing more
+                attacked += [WAIT_S] * (ASKS - len(attacked))
+                break
         ratio = statistics.median(attacked) / statistics.median(control)
         assert ratio <= RATIO, (f"first token {statistics.median(attacked):.3f} s under attack vs "
                                 f"{statistics.median(control):.3f} s before (x{ratio:.1f}): {attacked} {control}")
