@@ -106,7 +106,8 @@ def kind_caps(limits: Limits) -> dict[Kind, Cap]:
     """Each kind's cap, from what the mesh really sends (one line each); ``limits.max_message_bytes``
     caps them all on top."""
     return {
-        # ~2 KB on a small mesh; grows ~100 B and ~5 items per peer (peer catalogs, wasted fetches).
+        # one node's figures (load, link, cache, HALO, reject counters) plus a few fields per peer it
+        # knows (peer catalogs, wasted fetches): room for hundreds of peers.
         Kind.HEARTBEAT: Cap(64 * _KIB, 4_096),
         # the prompt at 4 UTF-8 bytes per character, plus 8 stop strings and the fields.
         Kind.ASK: Cap(4 * limits.max_prompt_chars + 16 * _KIB, 256),
@@ -122,8 +123,8 @@ def kind_caps(limits: Limits) -> dict[Kind, Cap]:
         Kind.CATALOG: Cap(16 * _MIB + 4 * _KIB, 64),
         # at most mesh.cache.transfer.MAX_KEYS (4,096) 16-byte keys.
         Kind.KV_FETCH: Cap(4_096 * 17 + 4 * _KIB, 4_096 + 64),
-        # a part of chunks (half the message cap at most; one big chunk travels alone): ~1 item per
-        # 20 bytes for a 2-layer test model, far fewer for real ones.
+        # a part of chunks (half the message cap at most; one big chunk travels alone): a chunk holds
+        # ~20 items per layer beside its tensor bytes, so items stay far below bytes / 16.
         Kind.KV_CHUNKS: Cap(limits.max_message_bytes, 1 << 18),
         # a partition of every layer's neuron groups among the workers (ints in lists).
         Kind.HALO_PLAN: Cap(1 * _MIB, 1 << 17),

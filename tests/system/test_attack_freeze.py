@@ -48,6 +48,7 @@ class Asker:
         self.topic = topics.reply(f"freeze-{tag}")
         self.firsts: queue.Queue[tuple[str, float]] = queue.Queue()
         self.heartbeat: dict = {}
+        self.heartbeat_bytes = 0
         self.bus = MqttBus(f"freeze-{tag}", broker.address)
         self.bus.subscribe(self.topic, self._on_reply, qos=1)
         self.bus.subscribe(topics.node_heartbeat(NODE), self._on_heartbeat, qos=0)
@@ -63,6 +64,7 @@ class Asker:
     def _on_heartbeat(self, topic: str, payload: bytes, retained: bool) -> None:
         if payload:
             self.heartbeat = dict(wire.decode(payload).body)
+            self.heartbeat_bytes = len(payload)
 
     def first_token_s(self, corr: str) -> float:
         """Seconds from sending an ask to its first token; ``WAIT_S`` at most (then the ask failed)."""
@@ -123,6 +125,8 @@ def test_a_retained_shared_heartbeat_does_not_freeze_the_node(amqtt_broker: Brok
         while asker.heartbeat.get("rejects", {}).get("shared-value", 0) < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert asker.heartbeat.get("rejects", {}).get("shared-value", 0) >= 1, asker.heartbeat.get("rejects")
+        # The heartbeat cap leaves room: a real node's heartbeat is a small part of it.
+        assert 0 < 8 * asker.heartbeat_bytes <= wire.KIND_CAPS[wire.Kind.HEARTBEAT].bytes, asker.heartbeat_bytes
     finally:
         asker.bus.publish_wait(attack, b"", qos=1, retain=True)  # an empty retained payload clears it
         asker.stop()
