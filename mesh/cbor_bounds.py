@@ -63,25 +63,19 @@ class Scan:
     top: dict[str, str | int]  # the top-level map's fields whose values are short text or unsigned ints
 
 
-def _arg(data: bytes, pos: int, info: int) -> tuple[int, int]:
-    """The argument of a header whose additional info is ``info``; ``pos`` is just past the
-    initial byte. Returns (argument, next position)."""
-    if info < 24:
-        return info, pos
-    size = 1 << (info - 24)  # 24..27 -> 1, 2, 4, 8 bytes
-    end = pos + size
-    if end > len(data):
-        raise ProtocolError("malformed", "truncated header")
-    return int.from_bytes(data[pos:end], "big"), end
+def _top_text(data: bytes, pos: int, length: int) -> str | None:
+    return data[pos:pos + length].decode("utf-8", "replace") if length <= _TOP_TEXT_MAX else None
 
 
 def scan(data: bytes, max_items: int, max_depth: int = MAX_DEPTH) -> Scan:
     """Check one CBOR data item in ``data`` without building it (module docstring); raises a
     ProtocolError with a counted reason on the first thing the mesh never sends."""
     n, pos, items = len(data), 0, 0
-    stack: list[list[int]] = []  # per open container: [items left, 1 if a map else 0]
+    left: list[int] = []  # per open container: items still to read (a map counts keys and values)
+    maps: list[bool] = []  # per open container: is it a map
     top: dict[str, str | int] = {}
     top_key: str | None = None
+    from_bytes = int.from_bytes
     while True:
         if pos >= n:
             raise ProtocolError("malformed", "truncated item")
@@ -89,53 +83,64 @@ def scan(data: bytes, max_items: int, max_depth: int = MAX_DEPTH) -> Scan:
         if items > max_items:
             raise ProtocolError("too-many-items", f"more than {max_items} items")
         initial = data[pos]
-        major, info = initial >> 5, initial & 31
         pos += 1
-        in_top = len(stack) == 1 and stack[0][1]
-        is_key = bool(stack) and stack[-1][1] and stack[-1][0] % 2 == 0
+        major, info = initial >> 5, initial & 31
+        if info < 24:
+            arg = info
+        elif info < 28:
+            end = pos + (1 << (info - 24))  # 1, 2, 4 or 8 bytes follow
+            if end > n:
+                raise ProtocolError("malformed", "truncated header")
+            arg = from_bytes(data[pos:end], "big")
+            pos = end
+        elif info == 31:
+            raise ProtocolError("indefinite-length" if 2 <= major <= 5 else "malformed",
+                                f"indefinite length or break (major type {major})")
+        else:
+            raise ProtocolError("malformed", f"reserved additional info {info}")
+        depth = len(left)
+        is_key = depth > 0 and maps[-1] and not left[-1] & 1
         if is_key and major != 3:
             raise ProtocolError("bad-key", f"map key of major type {major}")
-        if info == 31:
-            raise ProtocolError("indefinite-length" if major in (2, 3, 4, 5) else "malformed",
-                                f"indefinite length or break (major type {major})")
-        if info > 27:
-            raise ProtocolError("malformed", f"reserved additional info {info}")
-        arg, pos = _arg(data, pos, info)
-        if major == 6:
-            raise ProtocolError("shared-value" if arg in SHARING_TAGS else "cbor-tag", f"semantic tag {arg}")
-        if major == 7 and info < 24 and arg not in (20, 21, 22):
-            raise ProtocolError("malformed", f"simple value {arg}")
-        if major == 7 and info == 24:
-            raise ProtocolError("malformed", "one-byte simple value")
         count = 0
-        short: str | int | None = arg if major == 0 else None
-        if major in (2, 3):
+        if major == 2 or major == 3:
             if arg > n - pos:
                 raise ProtocolError("malformed", f"string of {arg} bytes, {n - pos} follow")
-            if in_top and major == 3 and arg <= _TOP_TEXT_MAX:
-                short = data[pos:pos + arg].decode("utf-8", "replace")
+            if depth == 1 and maps[0]:  # the envelope's own fields
+                if is_key:
+                    top_key = _top_text(data, pos, arg)
+                else:
+                    value = _top_text(data, pos, arg) if major == 3 else None
+                    if top_key is not None and value is not None:
+                        top.setdefault(top_key, value)
+                    top_key = None
             pos += arg
-        elif major in (4, 5):
-            if len(stack) >= max_depth:
-                raise ProtocolError("too-deep", f"nesting deeper than {max_depth}")
-            count = arg * (2 if major == 5 else 1)
-            if count > n - pos:  # every item takes at least one byte
-                raise ProtocolError("malformed", f"{count} items declared, {n - pos} bytes follow")
-            if items + count > max_items:
-                raise ProtocolError("too-many-items", f"{count} items declared, at most {max_items}")
-        if in_top and is_key:
-            top_key = short if isinstance(short, str) else None
-        elif in_top:
-            if short is not None and top_key is not None:
-                top.setdefault(top_key, short)
-            top_key = None
-        if stack:
-            stack[-1][0] -= 1
+        else:
+            if depth == 1 and maps[0]:  # a value (keys are text): keep small unsigned ints
+                if major == 0 and top_key is not None:
+                    top.setdefault(top_key, arg)
+                top_key = None
+            if major == 4 or major == 5:
+                if depth >= max_depth:
+                    raise ProtocolError("too-deep", f"nesting deeper than {max_depth}")
+                count = arg * 2 if major == 5 else arg
+                if count > n - pos:  # every item takes at least one byte
+                    raise ProtocolError("malformed", f"{count} items declared, {n - pos} bytes follow")
+                if items + count > max_items:
+                    raise ProtocolError("too-many-items", f"{count} items declared, at most {max_items}")
+            elif major == 6:
+                raise ProtocolError("shared-value" if arg in SHARING_TAGS else "cbor-tag", f"semantic tag {arg}")
+            elif major == 7 and (info == 24 or info < 20 or info == 23):
+                raise ProtocolError("malformed", f"simple value {arg}")
+        if depth:
+            left[-1] -= 1
         if count:
-            stack.append([count, int(major == 5)])
-        while stack and stack[-1][0] == 0:
-            stack.pop()
-        if not stack:
+            left.append(count)
+            maps.append(major == 5)
+        while left and not left[-1]:
+            left.pop()
+            maps.pop()
+        if not left:
             break
     if pos != n:
         raise ProtocolError("malformed", f"{n - pos} trailing bytes")
@@ -177,33 +182,46 @@ def walk(value: Any, max_items: int, max_depth: int = MAX_DEPTH) -> int:
     """Count the values in a decoded ``value`` iteratively; refuse a container met twice
     (``shared-value``, checked as each container is first reached, so a shared chain is refused at
     its first repeat), more than ``max_items`` values, nesting beyond ``max_depth`` and integers
-    beyond 64 bits (``bad-field``). Returns the count."""
-    containers = (Mapping, list, tuple)
-    seen: set[int] = {id(value)} if isinstance(value, containers) else set()
-    todo: list[tuple[Any, int]] = [(value, 0)]
+    beyond 64 bits (``bad-field``). Returns the count. Fast on what cbor2 builds from what the scan
+    lets through (dict, list, str, bytes, int, float, bool, None); the containers only a tag makes
+    (a tuple, a set, another mapping) are walked too."""
+    seen: set[int] = set()
+    todo: list[tuple[Any, int]] = []
     count = 1
+
+    def reach(x: Any, depth: int) -> None:  # every value but the leaves the fast loop skips
+        if isinstance(x, int):
+            if not -MAX_INT - 1 <= x <= MAX_INT:
+                raise ProtocolError("bad-field", "an integer beyond 64 bits")
+        elif type(x) is dict or type(x) is list or isinstance(x, _OTHER_CONTAINERS):
+            if id(x) in seen:
+                raise ProtocolError("shared-value", "a container appears twice")
+            seen.add(id(x))
+            todo.append((x, depth))
+
+    reach(value, 0)
     while todo:
         v, depth = todo.pop()
-        if isinstance(v, int):
-            if not -MAX_INT - 1 <= v <= MAX_INT:
-                raise ProtocolError("bad-field", "an integer beyond 64 bits")
-            continue
-        if not isinstance(v, containers):
-            continue
         if depth >= max_depth:
             raise ProtocolError("too-deep", f"nesting deeper than {max_depth}")
-        for x in (y for pair in v.items() for y in pair) if isinstance(v, Mapping) else v:
-            count += 1
-            if count > max_items:
-                raise ProtocolError("too-many-items", f"more than {max_items} values")
-            if isinstance(x, containers):
-                if id(x) in seen:
-                    raise ProtocolError("shared-value", "a container appears twice")
-                seen.add(id(x))
-            todo.append((x, depth + 1))
-    if count > max_items:
-        raise ProtocolError("too-many-items", f"more than {max_items} values")
+        if type(v) is list:
+            children: Any = v
+        elif isinstance(v, Mapping):
+            children = [x for pair in v.items() for x in pair]
+        else:
+            children = list(v)
+        count += len(children)
+        if count > max_items:
+            raise ProtocolError("too-many-items", f"more than {max_items} values")
+        depth += 1
+        for x in children:
+            if type(x) not in _LEAVES:
+                reach(x, depth)
     return count
+
+
+_LEAVES = frozenset({str, bytes, float, bool, type(None)})
+_OTHER_CONTAINERS = (Mapping, tuple, set, frozenset)
 
 
 def loads(data: bytes, bounds: Bounds) -> Any:
