@@ -119,7 +119,7 @@ def kind_caps(limits: Limits) -> dict[Kind, Cap]:
         Kind.ERROR: Cap(16 * _KIB, 64),
         # a bandwidth probe pads a ping to mesh.uplink_probe.BANDWIDTH_PROBE_BYTES (256 KiB).
         Kind.PING: Cap(256 * _KIB + 4 * _KIB, 64),
-        # a Bloom filter of at most mesh.cache.catalog.MAX_BITS bits (16 MiB) and 8 fields.
+        # a Bloom filter of at most mesh.cache.catalog.MAX_BITS bits (16 MiB of filter) and 8 fields.
         Kind.CATALOG: Cap(16 * _MIB + 4 * _KIB, 64),
         # at most mesh.cache.transfer.MAX_KEYS (4,096) 16-byte keys.
         Kind.KV_FETCH: Cap(4_096 * 17 + 4 * _KIB, 4_096 + 64),
