@@ -10,8 +10,9 @@ Layout (a CBOR map, encoded canonically so the same envelope always gives the sa
      "b": {...}}        # body, checked against the kind's schema
 
 Tensors travel inside bodies as ``{"dtype": "float16", "shape": [2, 3], "data": <bytes>}``,
-little-endian, C order. Every payload is capped (``Limits.max_message_bytes``) before and after
-decoding. Receivers turn every defect into a :class:`ProtocolError` whose ``reason`` keys the
+little-endian, C order. Every payload is capped (``Limits.max_message_bytes``, then its kind's
+:class:`Cap` in bytes and CBOR items) and decoded only within those bounds (``mesh.cbor_bounds``:
+no semantic tags, no value sharing, no indefinite lengths; see :func:`decode`). Receivers turn every defect into a :class:`ProtocolError` whose ``reason`` keys the
 rejection counters published in heartbeats; nothing from the network raises anything else.
 
 The user-facing JSON ask on ``mesh/v1/ask`` (for Home Assistant and ``mosquitto_pub``) is the
@@ -32,6 +33,8 @@ from typing import Any
 
 import cbor2
 
+from mesh import cbor_bounds
+from mesh.config import Limits
 from mesh.errors import ProtocolError
 
 WIRE_VERSION = 1
@@ -88,27 +91,54 @@ class Envelope:
     version: int = WIRE_VERSION
 
 
-MAX_INT = 2**64 - 1  # CBOR carries bignums; no field of ours needs one, and float() of one raises
+@dataclass(frozen=True)
+class Cap:
+    """What one envelope of a kind may cost on the wire: bytes and CBOR items (``mesh.cbor_bounds``)."""
+
+    bytes: int
+    items: int
 
 
-def _has_bignum(value: Any, depth: int = 0) -> bool:
-    """An int beyond CBOR's 64-bit major types anywhere in a decoded body (optional fields too)."""
-    if isinstance(value, int):
-        return not -MAX_INT - 1 <= value <= MAX_INT
-    if depth > 32:
-        return True  # no message of ours nests this deep: refuse rather than walk it
-    if isinstance(value, dict):
-        return any(_has_bignum(k, depth + 1) or _has_bignum(v, depth + 1) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_bignum(v, depth + 1) for v in value)
-    return False
+_KIB, _MIB = 1024, 1024 * 1024
+
+
+def kind_caps(limits: Limits) -> dict[Kind, Cap]:
+    """Each kind's cap, from what the mesh really sends (one line each); ``limits.max_message_bytes``
+    caps them all on top."""
+    return {
+        # one node's figures (load, link, cache, HALO, reject counters) plus a few fields per peer it
+        # knows (peer catalogs, wasted fetches): room for hundreds of peers.
+        Kind.HEARTBEAT: Cap(64 * _KIB, 4_096),
+        # the prompt at 4 UTF-8 bytes per character, plus 8 stop strings and the fields.
+        Kind.ASK: Cap(4 * limits.max_prompt_chars + 16 * _KIB, 256),
+        # one streamed piece of text: a few tokens.
+        Kind.TOKEN: Cap(16 * _KIB, 64),
+        # max_new_tokens tokens of text (<= 128 B each) and their ids, plus the timing and cache figures.
+        Kind.ANSWER: Cap(160 * limits.max_new_tokens + 64 * _KIB, limits.max_new_tokens + 1_024),
+        # a reason and an exception's message.
+        Kind.ERROR: Cap(16 * _KIB, 64),
+        # a bandwidth probe pads a ping to mesh.uplink_probe.BANDWIDTH_PROBE_BYTES (256 KiB).
+        Kind.PING: Cap(256 * _KIB + 4 * _KIB, 64),
+        # a Bloom filter of at most mesh.cache.catalog.MAX_BITS bits (16 MiB of filter) and 8 fields.
+        Kind.CATALOG: Cap(16 * _MIB + 4 * _KIB, 64),
+        # at most mesh.cache.transfer.MAX_KEYS (4,096) 16-byte keys.
+        Kind.KV_FETCH: Cap(4_096 * 17 + 4 * _KIB, 4_096 + 64),
+        # a part of chunks (half the message cap at most; one big chunk travels alone): a chunk holds
+        # ~20 items per layer beside its tensor bytes, so items stay far below bytes / 16.
+        Kind.KV_CHUNKS: Cap(limits.max_message_bytes, 1 << 18),
+        # a partition of every layer's neuron groups among the workers (ints in lists).
+        Kind.HALO_PLAN: Cap(1 * _MIB, 1 << 17),
+        # an epoch and a group count.
+        Kind.HALO_ACK: Cap(4 * _KIB, 64),
+    }
+
+
+KIND_CAPS: dict[Kind, Cap] = kind_caps(Limits())
 
 
 def _check_body(kind: Kind, body: Any) -> None:
     if not isinstance(body, dict):
         raise ProtocolError("malformed", "body is not a map")
-    if _has_bignum(body):
-        raise ProtocolError("bad-field", f"{kind} body holds an integer beyond 64 bits or nests too deep")
     for key, (types, required) in _SCHEMAS[kind].items():
         if key not in body:
             if required:
@@ -123,35 +153,56 @@ def _check_body(kind: Kind, body: Any) -> None:
             raise ProtocolError("bad-field", f"{kind}.{key} is not finite")
 
 
-def encode(env: Envelope, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """Envelope -> canonical CBOR bytes; raises ProtocolError if it breaks the contract."""
+def encode(env: Envelope, max_bytes: int = DEFAULT_MAX_BYTES, caps: Mapping[Kind, Cap] | None = None) -> bytes:
+    """Envelope -> canonical CBOR bytes; raises ProtocolError if it breaks the contract (a body
+    over its kind's byte cap included: receivers would refuse it)."""
     if env.version != WIRE_VERSION:
         raise ProtocolError("bad-version", f"cannot encode version {env.version}")
     kind = Kind(env.kind)
     _check_body(kind, dict(env.body))
     data = cbor2.dumps({"v": env.version, "k": kind.value, "s": env.sender, "c": env.corr,
                         "r": env.reply_to, "b": dict(env.body)}, canonical=True)
-    if len(data) > max_bytes:
-        raise ProtocolError("oversized", f"{len(data)} bytes > {max_bytes}")
+    limit = min(max_bytes, (caps or KIND_CAPS)[kind].bytes)
+    if len(data) > limit:
+        raise ProtocolError("oversized", f"{kind} of {len(data)} bytes > {limit}")
     return data
 
 
-def decode(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
-    """Untrusted bytes -> Envelope, or ProtocolError with a counted reason."""
+def decode(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES, caps: Mapping[Kind, Cap] | None = None) -> Envelope:
+    """Untrusted bytes -> Envelope, or ProtocolError with a counted reason.
+
+    Bounded before anything is built: the raw bytes are scanned (``mesh.cbor_bounds.scan``: no
+    tags, no indefinite lengths, text keys, bounded depth and items) with the largest item budget
+    a payload of this length may have; the scan yields the version and kind, so the kind's own
+    caps (``caps``, default :data:`KIND_CAPS`; ``max_bytes`` on top) apply before cbor2 decodes;
+    then the decoded value is walked with a visited set and the kind's item budget."""
+    caps = caps or KIND_CAPS
     if len(payload) > max_bytes:
         raise ProtocolError("oversized", f"{len(payload)} bytes > {max_bytes}")
+    budget = max((c.items for c in caps.values() if c.bytes >= len(payload)), default=0)
+    if budget == 0:
+        raise ProtocolError("oversized", f"{len(payload)} bytes: more than any kind may have")
+    scanned = cbor_bounds.scan(payload, budget)
+    if payload[0] >> 5 != 5:  # CBOR major type 5: a map
+        raise ProtocolError("malformed", "envelope is not a map")
+    version, kind_name = scanned.top.get("v"), scanned.top.get("k")
+    if version != WIRE_VERSION:
+        raise ProtocolError("bad-version", f"version {version!r}")
     try:
-        raw = cbor2.loads(payload)
-    except Exception as exc:  # cbor2 raises several types (and RecursionError) on garbage
-        raise ProtocolError("malformed", f"not CBOR: {type(exc).__name__}") from exc
+        kind = Kind(kind_name)
+    except ValueError:
+        raise ProtocolError("unknown-kind", f"kind {kind_name!r}") from None
+    cap = caps[kind]
+    if len(payload) > min(cap.bytes, max_bytes):
+        raise ProtocolError("oversized", f"{kind} of {len(payload)} bytes > {min(cap.bytes, max_bytes)}")
+    if scanned.items > cap.items:
+        raise ProtocolError("too-many-items", f"{kind} of {scanned.items} items > {cap.items}")
+    raw = cbor_bounds.cbor2_loads(payload)
+    cbor_bounds.walk(raw, cap.items)
     if not isinstance(raw, dict):
         raise ProtocolError("malformed", "envelope is not a map")
-    if raw.get("v") != WIRE_VERSION or isinstance(raw.get("v"), bool):
-        raise ProtocolError("bad-version", f"version {raw.get('v')!r}")
-    try:
-        kind = Kind(raw.get("k"))
-    except ValueError:
-        raise ProtocolError("unknown-kind", f"kind {raw.get('k')!r}") from None
+    if raw.get("v") != WIRE_VERSION or isinstance(raw.get("v"), bool) or raw.get("k") != kind.value:
+        raise ProtocolError("malformed", "version or kind differ between the scan and the decoder")
     sender, corr, reply_to = raw.get("s"), raw.get("c"), raw.get("r")
     if not isinstance(sender, str) or not sender:
         raise ProtocolError("malformed", "sender is not a string")

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import xxhash
 
-from mesh import wire
+from mesh import cbor_bounds, wire
 from mesh.cache.kv import ChunkKV, kv_layout, pack
 from mesh.errors import ProtocolError
 
@@ -239,9 +239,17 @@ def encode_record(payload: ChunkKV | dict[str, Any]) -> bytes:
                         "logits": wire.pack_tensor(payload["logits"])})
 
 
+# A record is one fp32 chunk or prompt tail (~8 items per layer) and its logits; a disk we wrote
+# ourselves, but a damaged or planted file must not cost more than a KV part from the network.
+RECORD_BOUNDS = cbor_bounds.Bounds(max_bytes=1 << 30, max_items=1 << 18)
+
+
 def decode_record(data: bytes, layout: Sequence[tuple[int, int]], chunk_size: int) -> ChunkKV | dict[str, Any]:
-    """The inverse of :func:`encode_record`; raises on a damaged record (the loader skips it)."""
-    obj = cbor2.loads(data)
+    """The inverse of :func:`encode_record`; raises on a damaged record (the loader skips it).
+    Decoded within :data:`RECORD_BOUNDS` (``mesh.cbor_bounds``: no tags, no sharing)."""
+    obj = cbor_bounds.loads(data, RECORD_BOUNDS)
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad-chunk", "record is not a map")
     if "chunk" in obj:
         return decode_chunk(obj["chunk"], layout, chunk_size)
     return {"tail": decode_chunk(obj["tail"], layout, int(obj["len"])),

@@ -8,10 +8,12 @@ a real node, in milliseconds.
 Generators take a ``random.Random`` that hypothesis draws (``st.randoms()``), so hypothesis owns
 the randomness (reproducible, shrinkable) while a payload costs microseconds to build: composite
 hypothesis strategies cost ~10 ms per example on this machine, which 19 handlers x 10,000
-examples cannot afford. Payloads mix four sources so most get past the CBOR layer and reach the
+examples cannot afford. Payloads mix five sources so most get past the CBOR layer and reach the
 handler's own checks: a valid envelope with meaningful field values for its kind, or one field
 replaced by an arbitrary CBOR value, removed, or added; a valid envelope of another kind; a valid
-envelope with byte-level damage (flips, cuts, insertions, splices); plain random bytes.
+envelope with one value replaced by hostile structure (:data:`HOSTILE`: value sharing, semantic
+tags, deep nesting, huge declared lengths, indefinite lengths, non-text keys); a valid envelope
+with byte-level damage (flips, cuts, insertions, splices); plain random bytes.
 """
 
 from __future__ import annotations
@@ -127,6 +129,149 @@ def damaged(r: Rnd, base: bytes) -> bytes:
     return bytes(data)
 
 
+# -- hostile structure: what a bounded decoder must refuse in bounded time ----------------------------
+
+def cbor_head(major: int, n: int) -> bytes:
+    """A CBOR item header: major type and argument, in the shortest form."""
+    if n < 24:
+        return bytes([major << 5 | n])
+    for info, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if n < 1 << (8 * size):
+            return bytes([major << 5 | info]) + n.to_bytes(size, "big")
+    raise ValueError(f"{n} does not fit a CBOR header")
+
+
+def shared_dag(r: Rnd, levels: int | None = None, fan: int | None = None) -> bytes:
+    """The review's C1 structure: shareable #i is a list (or map) of ``fan`` references to #i-1, so
+    a walk without a visited set visits ``fan ** (levels - 1)`` nodes."""
+    levels = levels if levels is not None else r.randint(2, 24)
+    fan = fan if fan is not None else r.randint(2, 8)
+    as_map = r.random() < 0.2
+    items = [b"\xd8\x1c" + cbor_head(4, 1) + b"\x00"]  # shareable #0 = [0]
+    for i in range(1, levels):
+        ref = b"\xd8\x1d" + cbor_head(0, i - 1)
+        if as_map:
+            items.append(b"\xd8\x1c" + cbor_head(5, fan) + b"".join(cbor_head(3, 1) + bytes([97 + j]) + ref
+                                                                  for j in range(fan)))
+        else:
+            items.append(b"\xd8\x1c" + cbor_head(4, fan) + ref * fan)
+    return cbor_head(4, len(items)) + b"".join(items)
+
+
+def _tagged(r: Rnd) -> bytes:
+    from mesh.cbor_bounds import BUILTIN_TAGS
+
+    tag = pick(r, lambda r: r.choice(BUILTIN_TAGS), lambda r: r.randrange(1 << r.choice((5, 8, 16, 32, 64))))
+    inner = dumps(pick(r, leaf, lambda r: [1, 2], lambda r: {"a": 1}, b"\0" * 9, "2026-12-06T00:00:00Z"))
+    return cbor_head(6, tag) + inner
+
+
+def _deep(r: Rnd) -> bytes:
+    depth = r.randint(17, 3000)
+    if r.random() < 0.5:
+        return b"\x81" * depth + b"\x00"
+    return (b"\xa1\x61a") * depth + b"\x00"
+
+
+def _huge_length(r: Rnd) -> bytes:
+    major = r.choice((2, 3, 4, 5))
+    n = r.choice((2**63, 2**64 - 1, 2**32, 2**31 - 1, 10**9, 65_536, r.randint(17, 1 << 20)))
+    return cbor_head(major, n) + r.randbytes(r.randint(0, 16))
+
+
+def _indefinite(r: Rnd) -> bytes:
+    start = r.choice((b"\x9f", b"\xbf", b"\x5f", b"\x7f"))
+    body = {b"\x9f": b"\x01\x02", b"\xbf": b"\x61a\x01", b"\x5f": b"\x41a", b"\x7f": b"\x61a"}[start]
+    return start + body * r.randint(0, 4) + (b"\xff" if r.random() < 0.7 else b"")
+
+
+def _bad_keys(r: Rnd) -> bytes:
+    keys = pick(r, lambda r: [i * (2**61 - 1) for i in range(1, r.randint(2, 64))],  # one hash for all
+                lambda r: [r.randint(-9, 9)], lambda r: [1.5, -0.0], lambda r: [b"k", b"j"])
+    return cbor_head(5, len(keys)) + b"".join(dumps(k) + b"\x00" for k in keys)
+
+
+def shared_heartbeat(levels: int, fan: int = 4, sender: str = "zz") -> bytes:
+    """The security review's ``dag.py`` byte for byte: a heartbeat envelope whose body shares one
+    list ``levels`` deep (``levels`` 13: 219 bytes, 14: 234 bytes)."""
+    head = cbor_head
+
+    def text(t: str) -> bytes:
+        return head(3, len(t.encode())) + t.encode()
+
+    elems = [b"\xd8\x1c" + head(4, 1) + b"\x00"]  # shareable #0 = [0]
+    for i in range(1, levels):  # shareable #i = [#(i-1)] * fan
+        elems.append(b"\xd8\x1c" + head(4, fan) + (b"\xd8\x1d" + head(0, i - 1)) * fan)
+    body = head(5, 1) + text("pad") + head(4, len(elems)) + b"".join(elems)
+    return (head(5, 6) + text("v") + b"\x01" + text("k") + text("heartbeat") + text("s") + text(sender)
+            + text("c") + b"\xf6" + text("r") + b"\xf6" + text("b") + body)
+
+
+HOSTILE = {"shared": shared_dag, "tag": _tagged, "deep": _deep, "huge-length": _huge_length,
+           "indefinite": _indefinite, "bad-key": _bad_keys}
+
+
+def hostile_value(r: Rnd, family: str | None = None) -> bytes:
+    """The raw CBOR bytes of one value the mesh never sends, of ``family`` (one of HOSTILE) or any."""
+    return HOSTILE[family or r.choice(sorted(HOSTILE))](r)
+
+
+_MARK = b"\x5a\x17" * 8  # 16 bytes no generator produces: spliced out for the hostile bytes
+
+
+def hostile_payload(r: Rnd, kind: wire.Kind, body: dict[str, Any], family: str | None = None) -> bytes:
+    """A canonical envelope of ``kind`` where one value (a body field, an extra field, the body
+    itself, or an envelope field) is replaced by :func:`hostile_value` bytes."""
+    env = envelope_dict(kind, body)
+    where = r.random()
+    if where < 0.15:
+        env["b"] = _MARK
+    elif where < 0.25:
+        env[r.choice(("s", "c", "r"))] = _MARK
+    else:
+        key = r.choice([*sorted(body), "zz"])
+        env["b"] = {**body, key: _MARK}
+    data = cbor2.dumps(env, canonical=True)
+    return data.replace(cbor_head(2, len(_MARK)) + _MARK, hostile_value(r, family), 1)
+
+
+def raw_envelope(kind: wire.Kind, body: dict[str, Any], sender: str = "t", corr: str | None = None,
+                 reply_to: str | None = None) -> bytes:
+    """An envelope laid out as the mesh's encoder does it, without the encoder's own checks."""
+    return cbor2.dumps({"v": wire.WIRE_VERSION, "k": kind.value, "s": sender, "c": corr, "r": reply_to,
+                        "b": body}, canonical=True)
+
+
+def of_size(kind: wire.Kind, size: int, body: dict[str, Any] | None = None, exact: bool = True,
+            **env: Any) -> bytes:
+    """A valid envelope of ``kind`` exactly ``size`` bytes long (unknown body fields pad it). With
+    ``exact=False``, the shortest one of at least ``size`` bytes when none is exactly that long
+    (a few sizes just above the unpadded envelope cannot be reached). ``env``: sender, corr, reply_to."""
+    base = dict(body if body is not None else _BODIES[kind])
+    candidates = [raw_envelope(kind, base, **env)]
+    for extra in ({}, {"zy": b""}, {"zy": b"", "zx": b""}):
+        n0 = size - len(raw_envelope(kind, {**base, **extra, "zz": b""}, **env))
+        for n in range(max(0, n0 - 12), max(0, n0) + 1):
+            candidates.append(raw_envelope(kind, {**base, **extra, "zz": b"\0" * n}, **env))
+    for data in candidates:
+        if len(data) == size:
+            return data
+    if not exact:
+        return min((d for d in candidates if len(d) >= size), key=len, default=candidates[0])
+    raise AssertionError(f"no {kind} envelope of exactly {size} bytes")
+
+
+def of_items(kind: wire.Kind, items: int, body: dict[str, Any] | None = None, **env: Any) -> bytes:
+    """A valid envelope of ``kind`` holding exactly ``items`` CBOR items (an unknown list field)."""
+    from mesh.cbor_bounds import scan
+
+    base = dict(body if body is not None else _BODIES[kind])
+    n = items - scan(raw_envelope(kind, {**base, "zz": []}, **env), 1 << 30).items
+    data = raw_envelope(kind, {**base, "zz": [0] * n}, **env)
+    assert scan(data, 1 << 30).items == items
+    return data
+
+
 def field_mutated(r: Rnd, env: dict[str, Any], body_fields: Gen | None = None) -> bytes:
     """A valid envelope with fields from ``body_fields`` (meaningful values for the kind), or one
     envelope or body field replaced by an arbitrary value, removed, or added."""
@@ -185,12 +330,14 @@ def cbor_payload(kind: wire.Kind, body: dict[str, Any] | None = None, body_field
 
     def gen(r: Rnd) -> bytes:
         how = r.random()
-        if how < 0.65:
+        if how < 0.55:
             return field_mutated(r, envelope_dict(kind, base_body, corr=corr(r), sender=sender(r)), body_fields)
-        if how < 0.75:
+        if how < 0.65:
             k = r.choice(_KINDS)
             return dumps(envelope_dict(k, _BODIES[k], corr=corr(r), sender=sender(r)))
-        if how < 0.92:
+        if how < 0.8:
+            return hostile_payload(r, kind, base_body)
+        if how < 0.93:
             return damaged(r, base)
         return rbytes(r, 64)
 

@@ -670,6 +670,42 @@ def test_handler_rejects_garbage_with_a_counted_reason(rig: Rig, name: str, amqt
             assert published.get(reason.removeprefix("rejected:"), 0) >= outcomes[reason], (reason, published)
 
 
+@pytest.mark.parametrize(("name", "kind", "topic"), [
+    ("agent.heartbeat", wire.Kind.HEARTBEAT, topics.node_heartbeat("peer1")),
+    ("agent.node_ask", wire.Kind.ASK, topics.node_ask(NAME)),
+    ("agent.kv_fetch", wire.Kind.KV_FETCH, topics.node_kv(NAME)),
+    ("coordinator.heartbeat", wire.Kind.HEARTBEAT, topics.node_heartbeat("peer1")),
+    ("coordinator.ask", wire.Kind.ASK, topics.node_ask("coordinator")),
+], ids=lambda v: v if isinstance(v, str) and "/" not in v else None)
+def test_handler_caps_are_exact(rig: Rig, name: str, kind: wire.Kind, topic: str) -> None:
+    """Through the real handler: an envelope exactly at its kind's byte cap, and exactly at its
+    item budget, is accepted; one byte or one item more is refused and counted once."""
+    case = rig.cases()[name]
+    cap = wire.KIND_CAPS[kind]
+    body = fuzzkit.valid_bodies()[kind]
+    n = 0
+
+    def env() -> dict[str, Any]:
+        nonlocal n
+        n += 1  # a fresh correlation id each time: asks are deduplicated by it
+        return {"sender": "peer1", "corr": f"exact-{time.monotonic_ns()}-{n}", "reply_to": "mesh/v1/reply/fuzz"}
+
+    for payload, want in ((fuzzkit.of_size(kind, cap.bytes, body, **env()), None),
+                          (fuzzkit.of_size(kind, cap.bytes + 1, body, **env()), "oversized"),
+                          (fuzzkit.of_items(kind, cap.items, body, **env()), None),
+                          (fuzzkit.of_items(kind, cap.items + 1, body, **env()), "too-many-items")):
+        case.prepare(topic, payload)
+        r0, s0 = case.counted(), case.state()
+        case.handler(topic, payload, False)
+        r1, s1 = case.counted(), case.state()
+        rose = {k: v - r0.get(k, 0) for k, v in r1.items() if v != r0.get(k, 0)}
+        if want is None:
+            assert not rose and s1 != s0 and case.valid(topic, payload, False), (len(payload), rose)
+            case.consume(topic, payload)
+        else:
+            assert rose == {want: 1} and s1 == s0, (len(payload), rose)
+
+
 def check_published_heartbeat(rig: Rig, broker: Broker) -> None:
     """The coordinator builds its heartbeat inline (no heartbeat_body()), so read the counters it
     published through the real broker: they are the ones the fuzz case saw."""
