@@ -277,7 +277,8 @@ class Member(Presence):
         with self.changed:
             views = self.peers.online()
         return [v for v in views
-                if (not self.answer_role or "answer" in (v.heartbeat.get("roles") or []))
+                if v.seen_at is not None  # no accepted heartbeat (none yet, or refused): no figures to route on
+                and (not self.answer_role or "answer" in (v.heartbeat.get("roles") or []))
                 and (model is None or not v.model or v.model == model)]
 
     def route(self, env: wire.Envelope) -> None:

@@ -182,7 +182,8 @@ class Coordinator:
             nonlocal pieces
             if not first:
                 first.append(time.monotonic())
-            self.member.reply(job, wire.Kind.TOKEN, {"i": pieces, "text": piece})
+            if not job.json_reply:
+                self.member.reply(job, wire.Kind.TOKEN, {"i": pieces, "text": piece})
             pieces += 1
 
         cache_info: dict[str, Any] = {"decision": "disabled"}
@@ -201,7 +202,7 @@ class Coordinator:
         halo = run.figures()
         steps = halo.pop("token_times_s")
         decode_steps = steps[1:] if len(steps) > 1 else []
-        self.member.reply(job, wire.Kind.ANSWER, {
+        self._send_answer(job, {
             "text": gen.text, "node": self.name, "model": self.loaded.key, "prompt_tokens": len(ids),
             "new_tokens": len(gen.token_ids), "token_ids": gen.token_ids,
             "ttft_s": round((first[0] if first else done) - job.received, 6),
@@ -210,6 +211,13 @@ class Coordinator:
             "tpot_s": round(sum(decode_steps) / len(decode_steps), 6) if decode_steps else None,
             "token_times_s": [round(t, 6) for t in steps], "halo": halo,
         })
+
+    def _send_answer(self, job: Job, answer: dict[str, Any]) -> None:
+        """A JSON ask (Home Assistant, ``mosquitto_pub``) reads JSON, like a node's answer."""
+        if job.json_reply:
+            self.member.reply_json(job, dict(answer, id=job.env.corr))
+        else:
+            self.member.reply(job, wire.Kind.ANSWER, answer)
 
     # -- planner / heartbeat ----------------------------------------------------------------------
     def _plan_loop(self) -> None:
