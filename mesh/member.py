@@ -129,10 +129,13 @@ class Member(Presence):
         self._assign_seq = 0
 
     # -- presence ---------------------------------------------------------------------------------
-    def go_online(self) -> None:
-        """Publish ``online`` and wait for the ack, then serve asks: the router argument in
-        ``mesh.routing`` needs the status accepted before these subscriptions."""
+    def go_online(self, first_heartbeat: Callable[[], dict[str, Any]] | None = None) -> None:
+        """Publish ``online`` and wait for the ack, then the first heartbeat (``first_heartbeat()``
+        builds its body), then serve asks: the router argument in ``mesh.routing`` needs both
+        accepted before these subscriptions, since routers count only heartbeating nodes."""
         self.bus.publish_wait(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
+        if first_heartbeat is not None:
+            self.publish_first_heartbeat(first_heartbeat())
         self.present = True
         self.bus.subscribe(topics.node_ask(self.name), self.on_node_ask, qos=1)
         self.bus.subscribe(topics.ROUTE, self.on_route, qos=1)
@@ -224,8 +227,9 @@ class Member(Presence):
 
     # -- router duty ------------------------------------------------------------------------------
     def is_router(self) -> bool:
+        """The smallest name among the live nodes (``mesh.routing.live``) and this one, if present."""
         with self.changed:
-            names = {v.name for v in self.peers.online()}
+            names = {v.name for v in self.peers.live(time.monotonic())}
         if self.present:
             names.add(self.name)
         else:
@@ -274,11 +278,10 @@ class Member(Presence):
             self.route(env)
 
     def _candidates(self, model: str | None) -> list[NodeView]:
-        with self.changed:
-            views = self.peers.online()
+        with self.changed:  # live: a heartbeat accepted lately (none, refused or stale: no figures to trust)
+            views = self.peers.live(time.monotonic())
         return [v for v in views
-                if v.seen_at is not None  # no accepted heartbeat (none yet, or refused): no figures to route on
-                and (not self.answer_role or "answer" in (v.heartbeat.get("roles") or []))
+                if (not self.answer_role or "answer" in (v.heartbeat.get("roles") or []))
                 and (model is None or not v.model or v.model == model)]
 
     def route(self, env: wire.Envelope) -> None:
@@ -336,6 +339,15 @@ class Member(Presence):
                          qos=topics.HEARTBEAT.qos, retain=topics.HEARTBEAT.retain)
         self.seq += 1
         return env
+
+    def publish_first_heartbeat(self, body: dict[str, Any]) -> None:
+        """The heartbeat that makes this process live to routers (``mesh.routing.live``), sent
+        before it serves asks; written to the broker before this returns (in order with what
+        follows on this connection), or MeshError."""
+        env = wire.Envelope(wire.Kind.HEARTBEAT, self.name, dict(body, seq=self.seq))
+        self.bus.publish_wait(topics.node_heartbeat(self.name), wire.encode(env),
+                              qos=topics.HEARTBEAT.qos, retain=topics.HEARTBEAT.retain)
+        self.seq += 1
 
     # -- the work loop ----------------------------------------------------------------------------
     def work(self, answer: Callable[[Job], None], *, idle: Callable[[float], bool] | None = None,

@@ -248,7 +248,7 @@ class MeshClient(Presence):
         deadline = time.monotonic() + timeout
         with self.changed:
             while time.monotonic() < deadline:
-                name = node or router_of(v.name for v in self.peers.online())
+                name = node or router_of(v.name for v in self.peers.live(time.monotonic()))
                 t, up = self._status_at.get(name or "", (0.0, False))
                 if up and t >= self._connected_at:
                     return

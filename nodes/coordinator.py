@@ -115,7 +115,7 @@ class Coordinator:
         except TransportError as exc:  # the planner retries; asks use the bus meanwhile
             log.warning("%s: HALO frames go over the bus until it connects", exc)
         self.engine.link = link
-        self.member.go_online()
+        self.member.go_online(self._heartbeat_body)
         for target, name in ((self._work_loop, "generate"), (self._plan_loop, "planner")):
             t = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
             t.start()
@@ -236,14 +236,17 @@ class Coordinator:
                 last_hb = time.monotonic()
                 self._heartbeat()
 
-    def _heartbeat(self) -> None:
+    def _heartbeat_body(self) -> dict[str, Any]:
         busy = self.member.running
-        body = {"time": time.time(), "model": self.loaded.key,
+        return {"time": time.time(), "model": self.loaded.key,
                 "model_key": self.loaded.model_key, "queue": self.member.queue_length(),
                 "load": 1.0 if busy else 0.0, "prefill_tps": 0.0, "served": self.served,
-                "roles": ["coordinator"], "rejects": self.rejects.snapshot(), "halo": self.engine.snapshot()}
+                "roles": ["coordinator"], "rejects": self.rejects.snapshot(), "halo": self.engine.snapshot(),
+                "heartbeat_s": self.config.heartbeat_s}
+
+    def _heartbeat(self) -> None:
         try:
-            self.member.publish_heartbeat(body)
+            self.member.publish_heartbeat(self._heartbeat_body())
         except MeshError as exc:
             log.warning("heartbeat not sent: %s", exc)
 

@@ -83,7 +83,10 @@ def test_it_routes_only_while_present_and_smallest() -> None:
     m.present = True
     assert m.is_router()  # alone
     m.on_status(topics.node_status("a0"), topics.ONLINE, True)
-    assert not m.is_router()  # a smaller name is online
+    assert m.is_router()  # a smaller name says online but never heartbeat: a ghost
+    beat = {"seq": 0, "model": "m", "model_key": "k", "queue": 0, "load": 0.0, "prefill_tps": 1.0}
+    m.on_heartbeat(topics.node_heartbeat("a0"), wire.encode(wire.Envelope(wire.Kind.HEARTBEAT, "a0", beat)), False)
+    assert not m.is_router()  # a smaller name is live
     m.on_status(topics.node_status("a0"), topics.OFFLINE, False)
     assert m.is_router()
     m.on_status(topics.node_status("n1"), topics.ONLINE, True)  # its own retained status
