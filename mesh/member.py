@@ -26,13 +26,13 @@ import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from mesh import topics, wire
 from mesh.config import Limits
+from mesh.dedupe import SeenAsks
 from mesh.errors import MeshError, ProtocolError
 from mesh.model import bind_threads
 from mesh.mqtt.bus import MqttBus
@@ -40,8 +40,6 @@ from mesh.presence import Presence
 from mesh.routing import NodeView, pick, router_of
 
 log = logging.getLogger(__name__)
-
-SEEN_MAX = 10_000  # remembered ask ids, beyond the dedupe window's own expiry
 
 Depths = Callable[[wire.Envelope, list[str]], dict[str, int]]
 
@@ -79,18 +77,6 @@ class Job:
     json_reply: bool = False
 
 
-def ask_identity(env: wire.Envelope) -> tuple[str, str, str] | None:
-    """Who sent an ask and under which id: a repeat of the same triple is the same ask.
-
-    The id is the asker's ``ask_id`` (JSON asks) or the envelope's correlation id. The sender and
-    its reply topic are part of it, so two askers that happen to pick one id both get answers.
-    """
-    ask_id = env.body.get("ask_id") or env.corr
-    if not ask_id:
-        return None
-    return env.sender, env.reply_to or "", str(ask_id)
-
-
 class Member(Presence):
     """One process's membership: presence, intake, router duty, replies, heartbeat, work loop.
 
@@ -122,8 +108,7 @@ class Member(Presence):
         self.present = False  # between announcing "online" and going offline
         self.stop_event = threading.Event()
         self.seq = 0
-        self._seen: OrderedDict[tuple[str, str, str], float] = OrderedDict()
-        self._seen_lock = threading.Lock()
+        self.seen = SeenAsks(dedupe_window_s)
         self.pending: dict[str, int] = {}  # router: asks sent per node since its last heartbeat
         self._last_assigned: dict[str, int] = {}
         self._assign_seq = 0
@@ -195,19 +180,8 @@ class Member(Presence):
         return False
 
     def seen_before(self, env: wire.Envelope, now: float) -> bool:
-        """Whether this asker already sent this ask id within the dedupe window (and remember it)."""
-        ident = ask_identity(env)
-        if ident is None:
-            return False
-        with self._seen_lock:
-            if ident in self._seen:
-                return True
-            self._seen[ident] = now
-            while self._seen and now - next(iter(self._seen.values())) > self.dedupe_window_s:
-                self._seen.popitem(last=False)
-            while len(self._seen) > SEEN_MAX:
-                self._seen.popitem(last=False)
-        return False
+        """Whether this very ask came within the dedupe window (``mesh.dedupe``); remembers it."""
+        return self.seen.seen_before(env, now)
 
     def take(self, job: Job) -> bool:
         """Queue an ask unless it repeats one already taken; a full queue answers ``busy``."""

@@ -92,3 +92,15 @@ def test_it_routes_only_while_present_and_smallest() -> None:
     m.on_status(topics.node_status("n1"), topics.ONLINE, True)  # its own retained status
     m.present = False  # going offline: it stops routing at once
     assert not m.is_router()
+
+
+def test_an_id_is_burned_only_by_the_very_same_ask() -> None:
+    m, _ = member()
+    assert m.take(ask("json-client", "c1", reply_to="home/victim", ask_id="briefing-1", text="Say hello"))
+    assert m.take(ask("json-client", "c2", reply_to="home/victim", ask_id="briefing-1", text="Good morning"))
+    assert not m.take(ask("json-client", "c3", reply_to="home/victim", ask_id="briefing-1", text="Good morning"))
+    # what a router adds is no part of the ask: two overlapping routers' copies are one ask
+    assert not m.take(ask("json-client", "c4", reply_to="home/victim", ask_id="briefing-1", text="Good morning",
+                          routed_by="r2", routed_reason="load"))
+    assert m.take(ask("json-client", "c5", reply_to="home/victim", ask_id="briefing-1", text="Good morning",
+                      max_new_tokens=3))  # another ask under the same id
