@@ -62,6 +62,11 @@ class Limits:
     max_prompt_chars: int = 32_000
     max_new_tokens: int = 1024
     max_queue: int = 32
+    max_context: int = 0  # prompt + new tokens per ask; 0: the model's positions within a memory share (mesh.budget)
+
+    def __post_init__(self) -> None:
+        if self.max_context < 0:
+            raise ConfigError("max context must be >= 0 (0: from the model and the device's memory)")
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ class Timing:
     link_timeout_s: float = 2.0
     connect_timeout_s: float = 10.0
     keepalive_s: int = 10
-    ask_timeout_s: float = 300.0
+    ask_timeout_s: float = 300.0  # also a node's deadline for an ask that gives none (mesh.budget)
     dedupe_window_s: float = 600.0
     # Until a real ask has measured the prefill speed, an idle node measures it again this long
     # after its last work, up to speed_probes times: the start-up warm-up ran while the model (and

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh import topics, wire
+from mesh import budget
+from mesh.askers import AskGuard, Cancelled
 from mesh.config import Limits
 from mesh.dedupe import SeenAsks
 from mesh.errors import MeshError, ProtocolError
@@ -40,6 +43,8 @@ from mesh.presence import Presence
 from mesh.routing import NodeView, pick, router_of
 
 log = logging.getLogger(__name__)
+
+JSON_SENDER = "json-client"  # the sender of every JSON and text ask (they name none)
 
 Depths = Callable[[wire.Envelope, list[str]], dict[str, int]]
 
@@ -66,15 +71,12 @@ class AgentExtension:
         pass
 
 
-class Cancelled(Exception):
-    """Raised from an answer's streaming callback to stop a generation when the process stops."""
-
-
 @dataclass
 class Job:
     env: wire.Envelope
     received: float  # monotonic
     json_reply: bool = False
+    deadline: float = math.inf  # monotonic; set when taken (mesh.budget.deadline_at)
 
 
 class Member(Presence):
@@ -92,7 +94,8 @@ class Member(Presence):
                  on_presence: Callable[[str, bool | None], None] | None = None,
                  on_peer_heartbeat: Callable[[str, dict[str, Any], bool], None] | None = None,
                  answers_itself: Callable[[wire.Envelope], bool] | None = None,
-                 answer_role: bool = False, route_threshold: int = 2, label: str = "") -> None:
+                 answer_role: bool = False, route_threshold: int = 2, label: str = "",
+                 ask_timeout_s: float = 300.0) -> None:
         super().__init__(rejects, limits.max_message_bytes)
         self.name, self.bus, self.limits = name, bus, limits
         self.label = label or name
@@ -109,6 +112,8 @@ class Member(Presence):
         self.stop_event = threading.Event()
         self.seq = 0
         self.seen = SeenAsks(dedupe_window_s)
+        self.ask_timeout_s = ask_timeout_s  # the deadline of an ask that gives none
+        self.guard = AskGuard(self.stop_event, self.label, ignore=(JSON_SENDER,))
         self.pending: dict[str, int] = {}  # router: asks sent per node since its last heartbeat
         self._last_assigned: dict[str, int] = {}
         self._assign_seq = 0
@@ -126,6 +131,7 @@ class Member(Presence):
         self.bus.subscribe(topics.ROUTE, self.on_route, qos=1)
         self.bus.subscribe(topics.ASK, self.on_json_ask, qos=1)
         self.bus.subscribe(topics.ASK_TEXT, self.on_text_ask, qos=1)
+        self.bus.subscribe(topics.ALL_ASKER_STATUS, self.guard.on_asker_status, qos=1)
 
     def announce(self) -> bool:
         """After a reconnect: the retained status may have been replaced by our will."""
@@ -172,7 +178,8 @@ class Member(Presence):
         if env.reply_to is None or not topics.reply_allowed(env.reply_to):
             reason: str | None = "bad-reply-topic"
         else:
-            reason = wire.ask_problem(env, self.limits.max_prompt_chars, self.limits.max_new_tokens)
+            reason = (wire.ask_problem(env, self.limits.max_prompt_chars, self.limits.max_new_tokens)
+                      or budget.deadline_problem(env.body))
         if reason is None:
             return True
         self.rejects.add(reason)
@@ -188,6 +195,7 @@ class Member(Presence):
         if self.seen_before(job.env, time.monotonic()):
             self.rejects.add("duplicate-ask")
             return False
+        job.deadline = budget.deadline_at(job.received, job.env.body, self.ask_timeout_s)
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -198,6 +206,15 @@ class Member(Presence):
 
     def queue_length(self) -> int:
         return self.jobs.qsize() + (1 if self.running else 0)
+
+    # -- bounded work (mesh.askers) ---------------------------------------------------------------
+    def checkpoint(self, job: Job) -> None:
+        """Between two pieces of work: raise Cancelled (stopping) or budget.Abandoned."""
+        self.guard.checkpoint(job.deadline, job.env.sender)
+
+    def must_stop(self, job: Job) -> bool:
+        """For a forward's ``stop`` hook (mesh.model.Decoder.prefill)."""
+        return self.guard.must_stop(job.deadline, job.env.sender)
 
     # -- router duty ------------------------------------------------------------------------------
     def is_router(self) -> bool:
@@ -246,7 +263,7 @@ class Member(Presence):
         body: dict[str, Any] = {"text": ask.text, "max_new_tokens": ask.max_new_tokens, "reply_format": "json"}
         if ask.ask_id:
             body["ask_id"] = ask.ask_id
-        env = wire.Envelope(wire.Kind.ASK, "json-client", body, corr=ask.ask_id or uuid.uuid4().hex,
+        env = wire.Envelope(wire.Kind.ASK, JSON_SENDER, body, corr=ask.ask_id or uuid.uuid4().hex,
                             reply_to=reply_to)
         if self.valid_ask(env):
             self.route(env)
@@ -331,7 +348,8 @@ class Member(Presence):
 
         ``idle(since)`` runs when no ask came for a while and returns whether it did work;
         ``started(t0)`` and ``finished(t0, outcome)`` frame each ask (monotonic ``t0``; outcome
-        ``answered``, ``cancelled`` or ``failed``).
+        ``answered``, ``abandoned`` (``mesh.budget``: deadline, asker gone, too long),
+        ``cancelled`` or ``failed``).
         """
         bind_threads()
         idle_since = time.monotonic()
@@ -348,8 +366,14 @@ class Member(Presence):
             if started is not None:
                 started(t0)
             try:
+                self.checkpoint(job)  # a deadline may have passed while it queued
                 answer(job)
                 outcome = "answered"
+            except budget.Abandoned as exc:
+                outcome = "abandoned"
+                self.rejects.add(exc.reason)
+                log.info("ask %s abandoned: %s", job.env.corr, exc)
+                self.reply_error(job, exc.reason, str(exc))
             except Cancelled:
                 outcome = "cancelled"
                 self.reply_error(job, "shutdown", f"{self.label} stopped while answering")

@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=float, help="heartbeat period in seconds (default 2)")
     p.add_argument("--link-ping", type=float, help="link probe period in seconds (default 0.5)")
     p.add_argument("--max-queue", type=int, help="asks queued before answering 'busy' (default 32)")
+    p.add_argument("--max-context", type=int, help="prompt + new tokens one ask may take (default: the model's "
+                   "context, within a quarter of the device's memory)")
     p.add_argument("--cache-mb", type=float, help="prompt-cache byte budget in MiB (default 256)")
     p.add_argument("--cache-dir", help="persist the prompt cache here (a restarted node keeps it)")
     p.add_argument("--chunk-size", type=int, help="tokens per KV chunk (default 16)")

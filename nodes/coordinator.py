@@ -15,6 +15,7 @@ re-plans with hysteresis, epoch switch while idle).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -24,19 +25,20 @@ from typing import Any
 
 import torch
 
-from mesh import topics, wire
+from mesh import budget, topics, wire
 from mesh.mqtt.bus import MqttBus
 from mesh.mqtt.direct import DirectLink
 from mesh.config import BrokerAddress, CacheConfig, Limits
 from mesh.errors import MeshError, TransportError
 from mesh.halo.ledger import Liveness
 from mesh.halo.lean import lean_step
-from mesh.model import Decoder, bind_threads, load_model
+from mesh.model import Decoder, Interrupted, bind_threads, load_model
 from mesh.member import Job, Member
 from mesh.halo.placement import ReplanPolicy
 from mesh.halo.sync import SyncPolicy
 from mesh.cache.node_cache import NodeCache
 from mesh.halo.engine import HaloEngine
+from nodes.agent import physical_memory
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,12 @@ class Coordinator:
             self._threads.append(t)
         log.info("coordinator %s online with %s, sync %s", self.name, self.loaded.model_key, cfg.sync)
 
+    @functools.cached_property
+    def max_context(self) -> int:
+        """Prompt and new tokens one ask may take (``mesh.budget``'s default for its model)."""
+        return self.config.limits.max_context or budget.default_max_context(self.loaded.model.config,
+                                                                            physical_memory())
+
     def stop(self, timeout: float = 10.0) -> None:
         self.member.go_offline()
         try:
@@ -175,11 +183,16 @@ class Coordinator:
                 "model": self.loaded.key, **figures})
             return
         ids = self.decoder.encode(b["text"])
+        if budget.context_problem(len(ids), b["max_new_tokens"], self.max_context):
+            raise budget.Abandoned(budget.TOO_LONG, f"{len(ids)} prompt tokens and {b['max_new_tokens']} new "
+                                   f"exceed the coordinator's maximum context of {self.max_context} tokens")
         pieces = 0
         first: list[float] = []
+        stop = lambda: self.member.must_stop(job)  # noqa: E731  (the forward's hook, between layers)
 
         def on_text(piece: str) -> None:
             nonlocal pieces
+            self.member.checkpoint(job)  # stopping, past its deadline, or its asker gone
             if not first:
                 first.append(time.monotonic())
             if not job.json_reply:
@@ -187,16 +200,22 @@ class Coordinator:
             pieces += 1
 
         cache_info: dict[str, Any] = {"decision": "disabled"}
-        prepare = None
         if self.cache is not None and not b.get("no_cache"):
             def prepare() -> tuple[torch.Tensor, Any]:
-                got = self.cache.prepare_local(ids)
+                got = self.cache.prepare_local(ids, stop=stop)
                 cache_info.clear()
                 cache_info.update(got.info)
                 return got.logits, got.cache
-        with self.engine.run(strict=sync == "strict") as run:
-            gen = self.decoder.generate(ids, b["max_new_tokens"], tuple(b.get("stop", ())), on_text,
-                                        prepare=prepare)
+        else:
+            def prepare() -> tuple[torch.Tensor, Any]:
+                return self.decoder.prefill(ids, stop=stop)
+        try:
+            with self.engine.run(strict=sync == "strict") as run:
+                gen = self.decoder.generate(ids, b["max_new_tokens"], tuple(b.get("stop", ())), on_text,
+                                            prepare=prepare)
+        except Interrupted:
+            self.member.checkpoint(job)  # raises why the forward stopped
+            raise
         done = time.monotonic()
         self.served += 1
         halo = run.figures()
@@ -242,7 +261,7 @@ class Coordinator:
                 "model_key": self.loaded.model_key, "queue": self.member.queue_length(),
                 "load": 1.0 if busy else 0.0, "prefill_tps": 0.0, "served": self.served,
                 "roles": ["coordinator"], "rejects": self.rejects.snapshot(), "halo": self.engine.snapshot(),
-                "heartbeat_s": self.config.heartbeat_s}
+                "heartbeat_s": self.config.heartbeat_s, "max_context": self.max_context}
 
     def _heartbeat(self) -> None:
         try:

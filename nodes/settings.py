@@ -89,6 +89,8 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
                                 timing_d.link_ping_s))
         max_queue = int(_pick(getattr(args, "max_queue", None), env, "MESH_MAX_QUEUE", table, "max_queue",
                               limits_d.max_queue))
+        max_context = int(_pick(getattr(args, "max_context", None), env, "MESH_MAX_CONTEXT", table, "max_context",
+                                limits_d.max_context))
         cache_mb = float(_pick(getattr(args, "cache_mb", None), env, "MESH_CACHE_MB", table, "cache_mb",
                                cache_d.budget_mb))
         chunk = int(_pick(getattr(args, "chunk_size", None), env, "MESH_CHUNK_SIZE", table, "chunk_size",
@@ -111,7 +113,7 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
         model=str(_pick(getattr(args, "model", None), env, "MESH_MODEL", table, "model", DEFAULT_MODEL)),
         home=mesh_home(args, env),
         threads=threads,
-        limits=Limits(max_queue=max_queue),
+        limits=Limits(max_queue=max_queue, max_context=max_context),
         timing=Timing(heartbeat_s=heartbeat, link_ping_s=link_ping),
     )
 
