@@ -101,6 +101,12 @@ class CacheConfig:
     route_threshold: int = 2  # queue excess over the least-loaded node that overrides cache affinity
     fetch_margin: float = 1.2  # fetch only if transfer * margin < recompute: estimates err, "never slower" must not
     fetch_timeout_s: float = 30.0
+    # Serving peers (mesh.cache.quota): bytes per requester and in all, and bytes in flight to the broker.
+    serve_mb_s: float = 8.0  # per requester: 64 Mbit/s, above any Pi's Wi-Fi
+    serve_burst_mb: float = 32.0
+    serve_total_mb_s: float = 32.0
+    serve_total_burst_mb: float = 64.0
+    serve_window_mb: float = 4.0
 
     def __post_init__(self) -> None:
         if self.kv_wire not in ("fp16", "int8", "fp32"):

@@ -31,6 +31,7 @@ from mesh.errors import MeshError
 from mesh.model import WARMUP_TEXT, Decoder, Interrupted, LoadedModel, load_model
 from mesh.cache.lookup import LinkEstimate
 from mesh.cache.peers import CatalogSync, default_link, peer_links
+from mesh.cache.quota import ByteBuckets
 from mesh.cache.transfer import PeerTransfer
 from mesh.cache.node_cache import NodeCache, Prepared
 from mesh.member import AgentExtension, Job, Member
@@ -375,9 +376,13 @@ class NodeAgent:
         subscribed now, their threads stop with ours (they share the stop event)."""
         self.catalogs = CatalogSync(self.bus, cache, self.name, stop=self._stop, rejects=self.rejects,
                                     max_message_bytes=self.limits.max_message_bytes)
+        c, mib = self.config.cache, float(1 << 20)
         self.transfer = PeerTransfer(self.bus, self.inbox, self.name, cache.serve, cache.digest,
-                                     kv_wire=self.config.cache.kv_wire, online=self.member.peer_online, stop=self._stop,
-                                     rejects=self.rejects, max_message_bytes=self.limits.max_message_bytes)
+                                     kv_wire=c.kv_wire, online=self.member.peer_online, stop=self._stop,
+                                     rejects=self.rejects, max_message_bytes=self.limits.max_message_bytes,
+                                     quota=ByteBuckets(c.serve_mb_s * mib, c.serve_burst_mb * mib,
+                                                       c.serve_total_mb_s * mib, c.serve_total_burst_mb * mib),
+                                     window_bytes=int(c.serve_window_mb * mib))
         self._threads += [self.catalogs.start(), self.transfer.start()]
 
     def _default_link(self) -> LinkEstimate:

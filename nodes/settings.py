@@ -97,12 +97,16 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
                           cache_d.chunk_size))
         margin = float(_pick(getattr(args, "fetch_margin", None), env, "MESH_FETCH_MARGIN", table, "fetch_margin",
                              cache_d.fetch_margin))
+        serve_rate = float(_pick(getattr(args, "kv_serve_mb_s", None), env, "MESH_KV_SERVE_MB_S", table,
+                                 "kv_serve_mb_s", cache_d.serve_mb_s))
+        serve_burst = float(_pick(getattr(args, "kv_serve_burst_mb", None), env, "MESH_KV_SERVE_BURST_MB", table,
+                                  "kv_serve_burst_mb", cache_d.serve_burst_mb))
     except ValueError as exc:
         raise ConfigError(f"invalid number in node settings: {exc}") from exc
     persist = _pick(getattr(args, "cache_dir", None), env, "MESH_CACHE_DIR", table, "cache_dir", None)
     cache = CacheConfig(
         enabled=not getattr(args, "no_cache", False) and not table.get("no_cache", False),
-        budget_mb=cache_mb, chunk_size=chunk, fetch_margin=margin,
+        budget_mb=cache_mb, chunk_size=chunk, fetch_margin=margin, serve_mb_s=serve_rate, serve_burst_mb=serve_burst,
         kv_wire=str(_pick(getattr(args, "kv_wire", None), env, "MESH_KV_WIRE", table, "kv_wire", cache_d.kv_wire)),
         persist_dir=Path(persist).expanduser() if persist else None,
     )
