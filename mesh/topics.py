@@ -165,13 +165,25 @@ def parse_node_topic(topic: str) -> tuple[str, str] | None:
         return None
 
 
-def reply_allowed(topic: str) -> bool:
-    """May a node publish an answer on ``topic`` because an ask named it?
+HA_REPLY_ROOT = "homeassistant-mesh"  # Home Assistant automations read their answers under it
 
-    Never on the mesh's own control topics (a forged ask must not make a node overwrite another
-    node's status or heartbeat); reply topics, the JSON answer topic and topics outside the mesh
-    (an automation's own topic) are fine.
+
+def reply_allowed(topic: str) -> bool:
+    """May a node publish an answer on ``topic`` because an ask (or KV fetch) named it?
+
+    Only on an allow-list that matches the gateway's ACL: a requester's inbox
+    (``mesh/v1/reply/<name>``, one level), the JSON answer topic ``mesh/v1/answer`` and an
+    automation's topic under ``homeassistant-mesh/``. Never anything else: not the mesh's control
+    topics (a forged ask must not overwrite another node's status or heartbeat), and not the
+    rest of the broker either (``homeassistant/`` with a custom discovery prefix, ``zigbee2mqtt/...``,
+    ``cmnd/...``): on a broker without the shipped ACL an ask could otherwise make a node publish
+    onto a device or discovery topic.
     """
-    if topic.startswith(f"{ROOT}/reply/") or topic == ANSWER:
+    if any(c in topic for c in "+#\0") or topic.startswith("$"):
+        return False
+    parts = topic.split("/")
+    if topic == ANSWER:
         return True
-    return not topic.startswith(f"{ROOT}/") and not topic.startswith("homeassistant/")
+    if len(parts) == 4 and topic.startswith(f"{ROOT}/reply/") and parts[3]:
+        return True
+    return len(parts) >= 2 and parts[0] == HA_REPLY_ROOT and all(parts[1:])

@@ -37,7 +37,7 @@ def node(amqtt_broker: Broker, log_dir: Path) -> Iterator[NodeProcess]:
 @pytest.fixture()
 def home(amqtt_broker: Broker) -> Iterator[Rogue]:
     rogue = Rogue(amqtt_broker, f"burn-home-{time.monotonic_ns()}")
-    rogue.subscribe("home/victim")
+    rogue.subscribe("homeassistant-mesh/victim")
     yield rogue
     rogue.close()
 
@@ -47,11 +47,11 @@ def test_an_id_burned_in_advance_does_not_drop_the_real_ask(amqtt_broker: Broker
     ask_id = f"briefing-{time.monotonic_ns()}"
     attacker = Rogue(amqtt_broker, "burn-attacker")
     try:
-        attacker.json_ask("Say hello", "home/victim", max_new_tokens=2, ask_id=ask_id)
-        burned = wait_json(home, "home/victim", 60)
+        attacker.json_ask("Say hello", "homeassistant-mesh/victim", max_new_tokens=2, ask_id=ask_id)
+        burned = wait_json(home, "homeassistant-mesh/victim", 60)
         assert burned is not None and burned.get("id") == ask_id
-        home.json_ask(VICTIM, "home/victim", max_new_tokens=2, ask_id=ask_id)
-        real = wait_json(home, "home/victim", 60)
+        home.json_ask(VICTIM, "homeassistant-mesh/victim", max_new_tokens=2, ask_id=ask_id)
+        real = wait_json(home, "homeassistant-mesh/victim", 60)
     finally:
         attacker.close()
     assert real is not None, "the real briefing was dropped as a repeat of the attacker's"
@@ -60,8 +60,8 @@ def test_an_id_burned_in_advance_does_not_drop_the_real_ask(amqtt_broker: Broker
 
 def test_the_very_same_ask_is_still_answered_once(amqtt_broker: Broker, node: NodeProcess, home: Rogue) -> None:
     ask_id = f"voice-{time.monotonic_ns()}"
-    home.json_ask(VICTIM, "home/victim", max_new_tokens=2, ask_id=ask_id)
-    home.json_ask(VICTIM, "home/victim", max_new_tokens=2, ask_id=ask_id)
-    first = wait_json(home, "home/victim", 60)
+    home.json_ask(VICTIM, "homeassistant-mesh/victim", max_new_tokens=2, ask_id=ask_id)
+    home.json_ask(VICTIM, "homeassistant-mesh/victim", max_new_tokens=2, ask_id=ask_id)
+    first = wait_json(home, "homeassistant-mesh/victim", 60)
     assert first is not None and first.get("id") == ask_id
-    assert wait_json(home, "home/victim", 5) is None  # the repeat was dropped
+    assert wait_json(home, "homeassistant-mesh/victim", 5) is None  # the repeat was dropped

@@ -58,7 +58,7 @@ def test_a_negative_queue_captures_no_ask(amqtt_broker: Broker, mesh_pair: dict[
     home = Rogue(amqtt_broker, "capture-home")
     try:
         liar.subscribe(topics.node_ask(name))
-        home.subscribe("home/capture")
+        home.subscribe("homeassistant-mesh/capture")
         liar.publish(topics.node_status(name), topics.ONLINE, retain=True)
         for seq in range(3):  # retained once, then live: every router has it either way
             liar.envelope(topics.node_heartbeat(name), wire.Kind.HEARTBEAT, name,
@@ -72,8 +72,8 @@ def test_a_negative_queue_captures_no_ask(amqtt_broker: Broker, mesh_pair: dict[
                                                timeout=30, max_sends=1).node)
                 except Exception as exc:  # before the fix: swallowed by zzz, so no answer
                     answered.append(f"no answer: {exc}")
-        home.json_ask("Is the front door locked?", "home/capture")
-        json_answer = wait_json(home, "home/capture", 30)
+        home.json_ask("Is the front door locked?", "homeassistant-mesh/capture")
+        json_answer = wait_json(home, "homeassistant-mesh/capture", 30)
         captured = liar.collect(0.5)
         assert answered and all(n in ("capnode", "coordinator") for n in answered), answered
         assert json_answer is not None and json_answer.get("node") in ("capnode", "coordinator"), json_answer

@@ -40,7 +40,7 @@ def node(amqtt_broker: Broker, log_dir: Path) -> Iterator[NodeProcess]:
 @pytest.fixture()
 def home(amqtt_broker: Broker) -> Iterator[Rogue]:
     rogue = Rogue(amqtt_broker, f"ghost-home-{time.monotonic_ns()}")
-    rogue.subscribe("home/ghost")
+    rogue.subscribe("homeassistant-mesh/ghost")
     rogue.subscribe(topics.ANSWER)
     yield rogue
     rogue.clear_retained(*(topics.node_status(n) for n in ("a0", "a1")), topics.node_heartbeat("a1"))
@@ -50,8 +50,8 @@ def home(amqtt_broker: Broker) -> Iterator[Rogue]:
 def asks_answered(broker: Broker, home: Rogue) -> dict[str, object]:
     """A JSON ask, a text ask and a routed CLI ask, each with what answered it (None: nothing)."""
     out: dict[str, object] = {}
-    home.json_ask("The capital of France is", "home/ghost", max_new_tokens=2)
-    answer = wait_json(home, "home/ghost", 20)
+    home.json_ask("The capital of France is", "homeassistant-mesh/ghost", max_new_tokens=2)
+    answer = wait_json(home, "homeassistant-mesh/ghost", 20)
     out["json"] = answer.get("node") if answer else None
     home.publish(topics.ASK_TEXT, b"Hello there")
     answer = wait_json(home, topics.ANSWER, 120)  # 64 new tokens: tens of seconds on a loaded machine

@@ -69,9 +69,9 @@ def replies(rogue: Rogue, topic: str, corr: str, timeout: float) -> list[wire.En
 def test_an_ask_of_too_many_tokens_is_refused(amqtt_broker: Broker, node: NodeProcess) -> None:
     home = Rogue(amqtt_broker, "huge-home")
     try:
-        home.subscribe("home/big")
-        home.json_ask("1" * 2000, "home/big", max_new_tokens=1)  # 2,000 characters: far under 32,000
-        answer = wait_json(home, "home/big", 120)
+        home.subscribe("homeassistant-mesh/big")
+        home.json_ask("1" * 2000, "homeassistant-mesh/big", max_new_tokens=1)  # 2,000 characters: far under 32,000
+        answer = wait_json(home, "homeassistant-mesh/big", 120)
     finally:
         home.close()
     assert answer is not None and answer.get("error") == "too-long", answer
