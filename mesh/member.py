@@ -7,11 +7,13 @@ A :class:`Member` is one process's place in the mesh, on its bus:
 - *ask intake*: decode, validate, drop a repeated ask id, queue (bounded; a full queue answers
   ``busy``), so one ask is answered once even when a router's crash overlaps its successor's duty
   (``mesh.routing``'s safety argument relies on every target doing this);
-- *router duty*: while this process has the smallest online name, it forwards the asks that name
+- *router duty*: while this process has the smallest live name (online and heartbeating:
+  ``mesh.routing.live``), it forwards the asks that name
   no node (``mesh/v1/route``, the JSON and plain-text asks) to the node :func:`pick` chooses;
 - *replies*: streamed pieces, answers and errors, as CBOR envelopes or JSON;
 - *heartbeat*: published with a sequence number the peers order them by;
-- *the work loop*: one ask at a time, off the network thread, a failed ask never kills it.
+- *the work loop*: one ask at a time, off the network thread, a failed ask never kills it; an
+  ask past its deadline, or whose asker is gone, stops between layers and tokens (``mesh.askers``).
 
 What differs between processes is handed in: the cache depths per candidate (the agent's prompt
 cache), hooks for presence and heartbeats (the coordinator's HALO engine), and who may answer.
@@ -120,18 +122,21 @@ class Member(Presence):
 
     # -- presence ---------------------------------------------------------------------------------
     def go_online(self, first_heartbeat: Callable[[], dict[str, Any]] | None = None) -> None:
-        """Publish ``online`` and wait for the ack, then the first heartbeat (``first_heartbeat()``
-        builds its body), then serve asks: the router argument in ``mesh.routing`` needs both
-        accepted before these subscriptions, since routers count only heartbeating nodes."""
+        """Publish ``online`` and wait for the ack, take asks addressed to us, publish the first
+        heartbeat (``first_heartbeat()`` builds its body), then serve routed asks: the router
+        argument in ``mesh.routing`` needs status and heartbeat accepted before the routed
+        subscriptions (routers count only heartbeating nodes), and a client that sees the
+        heartbeat may ask us at once."""
         self.bus.publish_wait(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
+        # Our own asks before the heartbeat: a client that waits for it may ask at once.
+        self.bus.subscribe(topics.node_ask(self.name), self.on_node_ask, qos=1)
+        self.bus.subscribe(topics.ALL_ASKER_STATUS, self.guard.on_asker_status, qos=1)
         if first_heartbeat is not None:
             self.publish_first_heartbeat(first_heartbeat())
         self.present = True
-        self.bus.subscribe(topics.node_ask(self.name), self.on_node_ask, qos=1)
         self.bus.subscribe(topics.ROUTE, self.on_route, qos=1)
         self.bus.subscribe(topics.ASK, self.on_json_ask, qos=1)
         self.bus.subscribe(topics.ASK_TEXT, self.on_text_ask, qos=1)
-        self.bus.subscribe(topics.ALL_ASKER_STATUS, self.guard.on_asker_status, qos=1)
 
     def announce(self) -> bool:
         """After a reconnect: the retained status may have been replaced by our will."""

@@ -97,7 +97,7 @@ class PeerTable:
 
 
 def router_of(online_names: Iterable[str]) -> str | None:
-    """The node that forwards asks naming no node: the smallest online name."""
+    """The node that forwards asks naming no node: the smallest of the names given (the live ones)."""
     return min(online_names, default=None)
 
 

@@ -5,7 +5,7 @@ It keeps embeddings, attention, norms, the LM head and the KV cache (so the node
 ``mesh.halo.groups.routed_mlps`` to the workers of the active plan plus its own local groups
 (:class:`mesh.halo.engine.HaloEngine`). It answers asks like a node: status/heartbeat under its name, asks on
 ``node_ask(name)``, streamed TOKENs and an ANSWER with figures (per-token timing, partials late or
-zeroed). Being the smallest online name it may be the mesh's router: it then forwards routed
+zeroed). Being the smallest live name it may be the mesh's router: it then forwards routed
 asks to the least-loaded answering node.
 
 Threads (stopped by :meth:`Coordinator.stop`): paho's network thread (decode and enqueue only),

@@ -90,9 +90,11 @@ def test_a_fetch_is_answered_only_to_the_requesters_inbox_for_its_model(
         amqtt_broker: Broker, primed: tuple[list[bytes], bytes]) -> None:
     keys, digest = primed
     wrong_model, _, _ = flood(amqtt_broker, "anyone", topics.reply("node-anyone"), keys, b"x" * 16)
-    elsewhere, _, _ = flood(amqtt_broker, "anyone", "sink/kv", keys, digest)  # mesh/v1/answer, home/...
-    assert (wrong_model, elsewhere) == (0, 0)
-    assert rejects_of(amqtt_broker, NAME, "bad-kv-model") >= 1 and rejects_of(amqtt_broker, NAME, "bad-kv-reply") >= 1
+    answer_topic, _, _ = flood(amqtt_broker, "anyone", topics.ANSWER, keys, digest)  # Home Assistant's sensor
+    elsewhere, _, _ = flood(amqtt_broker, "anyone", "sink/kv", keys, digest)  # off the reply allow-list too
+    assert (wrong_model, answer_topic, elsewhere) == (0, 0, 0)
+    for reason in ("bad-kv-model", "bad-kv-reply", "bad-kv-fetch"):
+        assert rejects_of(amqtt_broker, NAME, reason) >= 1, reason
 
 
 def test_a_requester_gets_the_nodes_codec_within_its_byte_budget(
