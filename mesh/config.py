@@ -62,6 +62,11 @@ class Limits:
     max_prompt_chars: int = 32_000
     max_new_tokens: int = 1024
     max_queue: int = 32
+    max_context: int = 0  # prompt + new tokens per ask; 0: the model's positions within a memory share (mesh.budget)
+
+    def __post_init__(self) -> None:
+        if self.max_context < 0:
+            raise ConfigError("max context must be >= 0 (0: from the model and the device's memory)")
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ class Timing:
     link_timeout_s: float = 2.0
     connect_timeout_s: float = 10.0
     keepalive_s: int = 10
-    ask_timeout_s: float = 300.0
+    ask_timeout_s: float = 300.0  # also a node's deadline for an ask that gives none (mesh.budget)
     dedupe_window_s: float = 600.0
     # Until a real ask has measured the prefill speed, an idle node measures it again this long
     # after its last work, up to speed_probes times: the start-up warm-up ran while the model (and
@@ -96,6 +101,12 @@ class CacheConfig:
     route_threshold: int = 2  # queue excess over the least-loaded node that overrides cache affinity
     fetch_margin: float = 1.2  # fetch only if transfer * margin < recompute: estimates err, "never slower" must not
     fetch_timeout_s: float = 30.0
+    # Serving peers (mesh.cache.quota): bytes per requester and in all, and bytes in flight to the broker.
+    serve_mb_s: float = 8.0  # per requester: 64 Mbit/s, above any Pi's Wi-Fi
+    serve_burst_mb: float = 32.0
+    serve_total_mb_s: float = 32.0
+    serve_total_burst_mb: float = 64.0
+    serve_window_mb: float = 4.0
 
     def __post_init__(self) -> None:
         if self.kv_wire not in ("fp16", "int8", "fp32"):

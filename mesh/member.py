@@ -7,11 +7,13 @@ A :class:`Member` is one process's place in the mesh, on its bus:
 - *ask intake*: decode, validate, drop a repeated ask id, queue (bounded; a full queue answers
   ``busy``), so one ask is answered once even when a router's crash overlaps its successor's duty
   (``mesh.routing``'s safety argument relies on every target doing this);
-- *router duty*: while this process has the smallest online name, it forwards the asks that name
+- *router duty*: while this process has the smallest live name (online and heartbeating:
+  ``mesh.routing.live``), it forwards the asks that name
   no node (``mesh/v1/route``, the JSON and plain-text asks) to the node :func:`pick` chooses;
 - *replies*: streamed pieces, answers and errors, as CBOR envelopes or JSON;
 - *heartbeat*: published with a sequence number the peers order them by;
-- *the work loop*: one ask at a time, off the network thread, a failed ask never kills it.
+- *the work loop*: one ask at a time, off the network thread, a failed ask never kills it; an
+  ask past its deadline, or whose asker is gone, stops between layers and tokens (``mesh.askers``).
 
 What differs between processes is handed in: the cache depths per candidate (the agent's prompt
 cache), hooks for presence and heartbeats (the coordinator's HALO engine), and who may answer.
@@ -22,17 +24,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mesh import sysmem, topics, wire
+from mesh import budget, sysmem, topics, wire
+from mesh.askers import AskGuard, Cancelled
 from mesh.config import Limits
+from mesh.dedupe import SeenAsks
 from mesh.errors import MeshError, ProtocolError
 from mesh.model import bind_threads
 from mesh.mqtt.bus import MqttBus
@@ -41,7 +45,7 @@ from mesh.routing import NodeView, pick, router_of
 
 log = logging.getLogger(__name__)
 
-SEEN_MAX = 10_000  # remembered ask ids, beyond the dedupe window's own expiry
+JSON_SENDER = "json-client"  # the sender of every JSON and text ask (they name none)
 
 Depths = Callable[[wire.Envelope, list[str]], dict[str, int]]
 
@@ -68,27 +72,12 @@ class AgentExtension:
         pass
 
 
-class Cancelled(Exception):
-    """Raised from an answer's streaming callback to stop a generation when the process stops."""
-
-
 @dataclass
 class Job:
     env: wire.Envelope
     received: float  # monotonic
     json_reply: bool = False
-
-
-def ask_identity(env: wire.Envelope) -> tuple[str, str, str] | None:
-    """Who sent an ask and under which id: a repeat of the same triple is the same ask.
-
-    The id is the asker's ``ask_id`` (JSON asks) or the envelope's correlation id. The sender and
-    its reply topic are part of it, so two askers that happen to pick one id both get answers.
-    """
-    ask_id = env.body.get("ask_id") or env.corr
-    if not ask_id:
-        return None
-    return env.sender, env.reply_to or "", str(ask_id)
+    deadline: float = math.inf  # monotonic; set when taken (mesh.budget.deadline_at)
 
 
 class Member(Presence):
@@ -106,7 +95,8 @@ class Member(Presence):
                  on_presence: Callable[[str, bool | None], None] | None = None,
                  on_peer_heartbeat: Callable[[str, dict[str, Any], bool], None] | None = None,
                  answers_itself: Callable[[wire.Envelope], bool] | None = None,
-                 answer_role: bool = False, route_threshold: int = 2, label: str = "") -> None:
+                 answer_role: bool = False, route_threshold: int = 2, label: str = "",
+                 ask_timeout_s: float = 300.0) -> None:
         super().__init__(rejects, limits.max_message_bytes)
         self.name, self.bus, self.limits = name, bus, limits
         self.label = label or name
@@ -122,19 +112,27 @@ class Member(Presence):
         self.present = False  # between announcing "online" and going offline
         self.stop_event = threading.Event()
         self.seq = 0
-        self._seen: OrderedDict[tuple[str, str, str], float] = OrderedDict()
-        self._seen_lock = threading.Lock()
+        self.seen = SeenAsks(dedupe_window_s)
+        self.ask_timeout_s = ask_timeout_s  # the deadline of an ask that gives none
+        self.guard = AskGuard(self.stop_event, self.label, ignore=(JSON_SENDER,))
         self.pending: dict[str, int] = {}  # router: asks sent per node since its last heartbeat
         self._last_assigned: dict[str, int] = {}
         self._assign_seq = 0
 
     # -- presence ---------------------------------------------------------------------------------
-    def go_online(self) -> None:
-        """Publish ``online`` and wait for the ack, then serve asks: the router argument in
-        ``mesh.routing`` needs the status accepted before these subscriptions."""
+    def go_online(self, first_heartbeat: Callable[[], dict[str, Any]] | None = None) -> None:
+        """Publish ``online`` and wait for the ack, take asks addressed to us, publish the first
+        heartbeat (``first_heartbeat()`` builds its body), then serve routed asks: the router
+        argument in ``mesh.routing`` needs status and heartbeat accepted before the routed
+        subscriptions (routers count only heartbeating nodes), and a client that sees the
+        heartbeat may ask us at once."""
         self.bus.publish_wait(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
-        self.present = True
+        # Our own asks before the heartbeat: a client that waits for it may ask at once.
         self.bus.subscribe(topics.node_ask(self.name), self.on_node_ask, qos=1)
+        self.bus.subscribe(topics.ALL_ASKER_STATUS, self.guard.on_asker_status, qos=1)
+        if first_heartbeat is not None:
+            self.publish_first_heartbeat(first_heartbeat())
+        self.present = True
         self.bus.subscribe(topics.ROUTE, self.on_route, qos=1)
         self.bus.subscribe(topics.ASK, self.on_json_ask, qos=1)
         self.bus.subscribe(topics.ASK_TEXT, self.on_text_ask, qos=1)
@@ -184,7 +182,8 @@ class Member(Presence):
         if env.reply_to is None or not topics.reply_allowed(env.reply_to):
             reason: str | None = "bad-reply-topic"
         else:
-            reason = wire.ask_problem(env, self.limits.max_prompt_chars, self.limits.max_new_tokens)
+            reason = (wire.ask_problem(env, self.limits.max_prompt_chars, self.limits.max_new_tokens)
+                      or budget.deadline_problem(env.body))
         if reason is None:
             return True
         self.rejects.add(reason)
@@ -192,25 +191,15 @@ class Member(Presence):
         return False
 
     def seen_before(self, env: wire.Envelope, now: float) -> bool:
-        """Whether this asker already sent this ask id within the dedupe window (and remember it)."""
-        ident = ask_identity(env)
-        if ident is None:
-            return False
-        with self._seen_lock:
-            if ident in self._seen:
-                return True
-            self._seen[ident] = now
-            while self._seen and now - next(iter(self._seen.values())) > self.dedupe_window_s:
-                self._seen.popitem(last=False)
-            while len(self._seen) > SEEN_MAX:
-                self._seen.popitem(last=False)
-        return False
+        """Whether this very ask came within the dedupe window (``mesh.dedupe``); remembers it."""
+        return self.seen.seen_before(env, now)
 
     def take(self, job: Job) -> bool:
         """Queue an ask unless it repeats one already taken; a full queue answers ``busy``."""
         if self.seen_before(job.env, time.monotonic()):
             self.rejects.add("duplicate-ask")
             return False
+        job.deadline = budget.deadline_at(job.received, job.env.body, self.ask_timeout_s)
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -222,10 +211,20 @@ class Member(Presence):
     def queue_length(self) -> int:
         return self.jobs.qsize() + (1 if self.running else 0)
 
+    # -- bounded work (mesh.askers) ---------------------------------------------------------------
+    def checkpoint(self, job: Job) -> None:
+        """Between two pieces of work: raise Cancelled (stopping) or budget.Abandoned."""
+        self.guard.checkpoint(job.deadline, job.env.sender)
+
+    def must_stop(self, job: Job) -> bool:
+        """For a forward's ``stop`` hook (mesh.model.Decoder.prefill)."""
+        return self.guard.must_stop(job.deadline, job.env.sender)
+
     # -- router duty ------------------------------------------------------------------------------
     def is_router(self) -> bool:
+        """The smallest name among the live nodes (``mesh.routing.live``) and this one, if present."""
         with self.changed:
-            names = {v.name for v in self.peers.online()}
+            names = {v.name for v in self.peers.live(time.monotonic())}
         if self.present:
             names.add(self.name)
         else:
@@ -268,14 +267,14 @@ class Member(Presence):
         body: dict[str, Any] = {"text": ask.text, "max_new_tokens": ask.max_new_tokens, "reply_format": "json"}
         if ask.ask_id:
             body["ask_id"] = ask.ask_id
-        env = wire.Envelope(wire.Kind.ASK, "json-client", body, corr=ask.ask_id or uuid.uuid4().hex,
+        env = wire.Envelope(wire.Kind.ASK, JSON_SENDER, body, corr=ask.ask_id or uuid.uuid4().hex,
                             reply_to=reply_to)
         if self.valid_ask(env):
             self.route(env)
 
     def _candidates(self, model: str | None) -> list[NodeView]:
-        with self.changed:
-            views = self.peers.online()
+        with self.changed:  # live: a heartbeat accepted lately (none, refused or stale: no figures to trust)
+            views = self.peers.live(time.monotonic())
         return [v for v in views
                 if (not self.answer_role or "answer" in (v.heartbeat.get("roles") or []))
                 and (model is None or not v.model or v.model == model)]
@@ -337,6 +336,15 @@ class Member(Presence):
         self.seq += 1
         return env
 
+    def publish_first_heartbeat(self, body: dict[str, Any]) -> None:
+        """The heartbeat that makes this process live to routers (``mesh.routing.live``), sent
+        before it serves asks; written to the broker before this returns (in order with what
+        follows on this connection), or MeshError."""
+        env = wire.Envelope(wire.Kind.HEARTBEAT, self.name, dict(body, seq=self.seq))
+        self.bus.publish_wait(topics.node_heartbeat(self.name), wire.encode(env),
+                              qos=topics.HEARTBEAT.qos, retain=topics.HEARTBEAT.retain)
+        self.seq += 1
+
     # -- the work loop ----------------------------------------------------------------------------
     def work(self, answer: Callable[[Job], None], *, idle: Callable[[float], bool] | None = None,
              started: Callable[[float], None] | None = None,
@@ -345,7 +353,8 @@ class Member(Presence):
 
         ``idle(since)`` runs when no ask came for a while and returns whether it did work;
         ``started(t0)`` and ``finished(t0, outcome)`` frame each ask (monotonic ``t0``; outcome
-        ``answered``, ``cancelled`` or ``failed``).
+        ``answered``, ``abandoned`` (``mesh.budget``: deadline, asker gone, too long),
+        ``cancelled`` or ``failed``).
         """
         bind_threads()
         idle_since = time.monotonic()
@@ -362,8 +371,14 @@ class Member(Presence):
             if started is not None:
                 started(t0)
             try:
+                self.checkpoint(job)  # a deadline may have passed while it queued
                 answer(job)
                 outcome = "answered"
+            except budget.Abandoned as exc:
+                outcome = "abandoned"
+                self.rejects.add(exc.reason)
+                log.info("ask %s abandoned: %s", job.env.corr, exc)
+                self.reply_error(job, exc.reason, str(exc))
             except Cancelled:
                 outcome = "cancelled"
                 self.reply_error(job, "shutdown", f"{self.label} stopped while answering")

@@ -17,13 +17,16 @@ from typing import Any
 from mesh import topics, wire
 from mesh.errors import ProtocolError
 from mesh.mqtt.bus import MqttBus
+from mesh.plausible import heartbeat_problem
 from mesh.routing import PeerTable
 
 log = logging.getLogger(__name__)
 
 
 class Presence:
-    """A peer table fed by ``mesh/v1/node/+/status`` and ``.../heartbeat``; garbage is counted.
+    """A peer table fed by ``mesh/v1/node/+/status`` and ``.../heartbeat``; garbage is counted,
+    and so is a heartbeat whose figures no honest node can report (``mesh.plausible``): it is
+    refused whole, so the peer table only ever holds plausible figures.
 
     Subclasses hear of changes through :meth:`status_changed` (``online`` is None when a
     decommission cleared the status) and :meth:`heard` (``fresh`` is False for a heartbeat older
@@ -80,6 +83,11 @@ class Presence:
             return  # an empty retained message clears a decommissioned node's heartbeat
         env = self.decode(payload, wire.Kind.HEARTBEAT)
         if env is None:
+            return
+        problem = heartbeat_problem(env.body)
+        if problem is not None:  # a lying or broken heartbeat is never routed on (mesh.plausible)
+            self.rejects.add("implausible-heartbeat")
+            log.info("refused heartbeat of %s: %s out of range", parsed[0], problem)
             return
         with self.changed:
             fresh = self.peers.set_heartbeat(parsed[0], env.body, time.monotonic())

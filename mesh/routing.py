@@ -1,12 +1,16 @@
 """Who is online, who routes, and which node gets an ask: pure state and decisions.
 
 Every node keeps a :class:`PeerTable` fed from the retained status and heartbeat topics. Exactly
-one node (the *router*: the online node with the smallest name) forwards the asks that name no
-node, so each ask is answered once. Why this is safe while nodes join and leave: a node publishes
-its ``online`` status (and waits for the broker's ack) before it subscribes to the routed topics,
-and the broker delivers to each client in the order it accepted messages, so any ask a new router
-sees was accepted after its status, and the old router has seen that status first and stepped
-down. Targets also drop a repeated ask id, which covers a crashed router's short overlap.
+one node (the *router*: the smallest name among the live nodes) forwards the asks that name no
+node, so each ask is answered once. *Live* (:func:`live`) means a retained ``online`` status and a
+heartbeat heard within a few of the node's announced periods: a retained ``online`` alone is no
+evidence of life (a node that died while the broker was down, or one forged ``online`` for a
+small name, would otherwise swallow every routed ask for ever), so a node is trusted for routing
+only while it heartbeats, whatever its status says. Why this is safe while nodes join and leave: a node publishes
+its ``online`` status (and waits for the broker's ack) and then its first heartbeat before it
+subscribes to the routed topics, and the broker delivers to each client in the order it accepted
+messages, so any ask a new router sees was accepted after its status and heartbeat, and the old
+router has seen both first and stepped down. Targets also drop a repeated ask id, which covers a crashed router's short overlap.
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+DEFAULT_PERIOD_S = 2.0  # a heartbeat that announces no period (``heartbeat_s``): Timing's default
+STALE_PERIODS = 5  # heartbeat periods of silence after which a node is no longer live
+STALE_MIN_S = 5.0  # ... and never sooner: a loaded Pi's heartbeat thread may lag a short period
 
 
 @dataclass
@@ -26,6 +34,17 @@ class NodeView:
     seq: int = -1
     heartbeat: dict[str, Any] = field(default_factory=dict)
     seen_at: float | None = None  # monotonic time of the last heartbeat, on the observer's clock
+    period_s: float = DEFAULT_PERIOD_S  # the heartbeat period the node announces
+
+
+def stale_after(period_s: float) -> float:
+    """Seconds of heartbeat silence after which a node with this announced period is not live."""
+    return max(STALE_MIN_S, STALE_PERIODS * period_s)
+
+
+def live(view: NodeView, now: float) -> bool:
+    """Online and heartbeating: a retained ``online`` with no recent heartbeat is a ghost."""
+    return view.online and view.seen_at is not None and now - view.seen_at <= stale_after(view.period_s)
 
 
 class PeerTable:
@@ -59,6 +78,8 @@ class PeerTable:
         view.load = float(body.get("load", 0.0))
         view.heartbeat = dict(body)
         view.seen_at = now
+        period = body.get("heartbeat_s")
+        view.period_s = float(period) if isinstance(period, (int, float)) and period > 0 else DEFAULT_PERIOD_S
         return True
 
     def get(self, name: str) -> NodeView | None:
@@ -67,12 +88,16 @@ class PeerTable:
     def online(self) -> list[NodeView]:
         return sorted((v for v in self._nodes.values() if v.online), key=lambda v: v.name)
 
+    def live(self, now: float) -> list[NodeView]:
+        """The nodes routing may trust at ``now`` (monotonic): see :func:`live`."""
+        return [v for v in self.online() if live(v, now)]
+
     def all(self) -> list[NodeView]:
         return sorted(self._nodes.values(), key=lambda v: v.name)
 
 
 def router_of(online_names: Iterable[str]) -> str | None:
-    """The node that forwards asks naming no node: the smallest online name."""
+    """The node that forwards asks naming no node: the smallest of the names given (the live ones)."""
     return min(online_names, default=None)
 
 

@@ -20,6 +20,8 @@ publisher cannot pick them by accident. Layout (``<n>`` is a node name, ``<c>`` 
     mesh/v1/ask/text            a plain-text ask (a Home Assistant ``text`` entity), answered on
                                 mesh/v1/answer
     mesh/v1/answer              JSON answers to JSON asks that name no reply_to
+    mesh/v1/asker/<c>/status    text "online"/"offline" of asker <c> (not retained, QoS 1, its last
+                                will): a node stops working on the asks of an asker gone offline
 
 A node writes only under ``mesh/v1/node/<its name>/`` and to reply topics; that keeps
 per-node ACLs on the gateway broker simple.
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from mesh.config import check_name
+from mesh.errors import ConfigError
 
 ROOT = "mesh/v1"
 ROUTE = f"{ROOT}/route"
@@ -40,6 +43,7 @@ ASK_TEXT = f"{ROOT}/ask/text"
 ALL_STATUS = f"{ROOT}/node/+/status"
 ALL_HEARTBEATS = f"{ROOT}/node/+/heartbeat"
 ALL_CATALOGS = f"{ROOT}/node/+/catalog"
+ALL_ASKER_STATUS = f"{ROOT}/asker/+/status"
 HALO_PLAN = f"{ROOT}/plan"
 
 ONLINE = b"online"
@@ -75,16 +79,33 @@ NODE_MLP = TopicSpec("mlp", Format.FRAME, qos=0, retain=False)
 HALO_REPLY = TopicSpec("halo-reply", Format.FRAME, qos=0, retain=False)
 NODE_STATE = TopicSpec("state", Format.JSON, qos=0, retain=True)
 TEXT_ASK = TopicSpec("text-ask", Format.TEXT, qos=1, retain=False)
+ASKER_STATUS = TopicSpec("asker-status", Format.TEXT, qos=1, retain=False)
 
 SPECS: dict[str, TopicSpec] = {s.name: s for s in
                                (STATUS, HEARTBEAT, NODE_ASK, REPLY, ROUTE_SPEC, JSON_ASK, JSON_ANSWER,
-                                NODE_STATE, TEXT_ASK, CATALOG, NODE_KV, PLAN, NODE_MLP,
+                                NODE_STATE, TEXT_ASK, ASKER_STATUS, CATALOG, NODE_KV, PLAN, NODE_MLP,
                                 HALO_REPLY)}
 
 
 def node_topic(node: str, spec: TopicSpec) -> str:
     """A per-node topic: ``mesh/v1/node/<node>/<spec.name>`` (the spec says format, QoS, retain)."""
     return f"{ROOT}/node/{check_name(node)}/{spec.name}"
+
+
+def asker_status(asker: str) -> str:
+    """``mesh/v1/asker/<asker>/status``: where a client's last will says it is gone."""
+    return f"{ROOT}/asker/{check_name(asker)}/status"
+
+
+def parse_asker_status(topic: str) -> str | None:
+    """The asker named by an asker status topic, or None."""
+    parts = topic.split("/")
+    if len(parts) != 5 or "/".join(parts[:2]) != ROOT or parts[2] != "asker" or parts[4] != "status":
+        return None
+    try:
+        return check_name(parts[3])
+    except ConfigError:
+        return None
 
 
 def node_status(node: str) -> str:
@@ -144,13 +165,25 @@ def parse_node_topic(topic: str) -> tuple[str, str] | None:
         return None
 
 
-def reply_allowed(topic: str) -> bool:
-    """May a node publish an answer on ``topic`` because an ask named it?
+HA_REPLY_ROOT = "homeassistant-mesh"  # Home Assistant automations read their answers under it
 
-    Never on the mesh's own control topics (a forged ask must not make a node overwrite another
-    node's status or heartbeat); reply topics, the JSON answer topic and topics outside the mesh
-    (an automation's own topic) are fine.
+
+def reply_allowed(topic: str) -> bool:
+    """May a node publish an answer on ``topic`` because an ask (or KV fetch) named it?
+
+    Only on an allow-list that matches the gateway's ACL: a requester's inbox
+    (``mesh/v1/reply/<name>``, one level), the JSON answer topic ``mesh/v1/answer`` and an
+    automation's topic under ``homeassistant-mesh/``. Never anything else: not the mesh's control
+    topics (a forged ask must not overwrite another node's status or heartbeat), and not the
+    rest of the broker either (``homeassistant/`` with a custom discovery prefix, ``zigbee2mqtt/...``,
+    ``cmnd/...``): on a broker without the shipped ACL an ask could otherwise make a node publish
+    onto a device or discovery topic.
     """
-    if topic.startswith(f"{ROOT}/reply/") or topic == ANSWER:
+    if any(c in topic for c in "+#\0") or topic.startswith("$"):
+        return False
+    parts = topic.split("/")
+    if topic == ANSWER:
         return True
-    return not topic.startswith(f"{ROOT}/") and not topic.startswith("homeassistant/")
+    if len(parts) == 4 and topic.startswith(f"{ROOT}/reply/") and parts[3]:
+        return True
+    return len(parts) >= 2 and parts[0] == HA_REPLY_ROOT and all(parts[1:])

@@ -13,6 +13,7 @@ the router serves.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh import topics, wire
+from mesh import budget, topics, wire
 from mesh.mqtt.bus import MqttBus
 from mesh.mqtt.inbox import ReplyInbox
 from mesh.config import NodeConfig
@@ -30,9 +31,10 @@ from mesh.errors import MeshError
 from mesh.model import WARMUP_TEXT, Decoder, Interrupted, LoadedModel, load_model
 from mesh.cache.lookup import LinkEstimate
 from mesh.cache.peers import CatalogSync, default_link, peer_links
+from mesh.cache.quota import ByteBuckets
 from mesh.cache.transfer import PeerTransfer
 from mesh.cache.node_cache import NodeCache, Prepared
-from mesh.member import AgentExtension, Cancelled, Job, Member
+from mesh.member import AgentExtension, Job, Member
 from mesh.uplink_probe import LinkProbe
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,11 @@ class Figures:
         setattr(self, name, value if not old else (1 - alpha) * old + alpha * value)
 
 
+def physical_memory() -> int:
+    """Bytes of memory the device has (what ``mesh.budget.default_max_context`` takes a share of)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class NodeAgent:
     def __init__(self, config: NodeConfig, loaded: LoadedModel | None = None,
                  extensions: list[AgentExtension] | None = None) -> None:
@@ -87,7 +94,7 @@ class NodeAgent:
         self.member = Member(self.name, self.bus, self.limits, self.rejects,
                              dedupe_window_s=self.timing.dedupe_window_s, depths=self._cache_depths,
                              on_presence=self._on_presence, route_threshold=config.cache.route_threshold,
-                             label=f"node {self.name}")
+                             label=f"node {self.name}", ask_timeout_s=self.timing.ask_timeout_s)
         self._stop = self.member.stop_event
         self.inbox = ReplyInbox(self.bus, f"node-{self.name}", self.rejects, self.limits.max_message_bytes)
         self.link = LinkProbe(self.bus, self.inbox, self.name, interval_s=self.timing.link_ping_s,
@@ -108,7 +115,7 @@ class NodeAgent:
             self._start_cache_peers(self.cache)
         self.bus.start(self.timing.connect_timeout_s)
         self.inbox.start()
-        self.member.go_online()
+        self.member.go_online(self._full_heartbeat)
         loops = [(self._work_loop, "worker"), (self._heartbeat_loop, "heartbeat")]
         for target, name in loops:
             t = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
@@ -117,6 +124,11 @@ class NodeAgent:
         self.link.start()
         self._each_extension("start", self)
         log.info("node %s online with %s (%s)", self.name, self.loaded.key, self.loaded.model_key)
+
+    @functools.cached_property
+    def max_context(self) -> int:
+        """Prompt and new tokens one ask may take (``--max-context``, else ``mesh.budget``'s default)."""
+        return self.limits.max_context or budget.default_max_context(self.loaded.model.config, physical_memory())
 
     def stop(self, timeout: float = 10.0) -> None:
         """Go offline cleanly: status ``offline``, refuse queued asks, stop every thread."""
@@ -213,13 +225,15 @@ class NodeAgent:
         started = time.monotonic()
         ids = self.decoder.encode(body["text"])
         tokenize_s = time.monotonic() - started
+        if budget.context_problem(len(ids), body["max_new_tokens"], self.max_context):
+            raise budget.Abandoned(budget.TOO_LONG, f"{len(ids)} prompt tokens and {body['max_new_tokens']} new "
+                                   f"exceed node {self.name}'s maximum context of {self.max_context} tokens")
         pieces = 0
         first_at: list[float] = []
 
         def on_text(piece: str) -> None:
             nonlocal pieces
-            if self._stop.is_set():
-                raise Cancelled
+            self.member.checkpoint(job)  # stopping, past its deadline, or its asker gone
             if not first_at:
                 first_at.append(time.monotonic())
             if not job.json_reply:
@@ -228,17 +242,27 @@ class NodeAgent:
 
         cache_info: dict[str, Any] = {"local_tokens": 0, "remote_tokens": 0, "peer": None,
                                       "decision": "disabled" if self.cache is None else "no-cache"}
-        prepare = None
         held: list[Prepared] = []
+        stop = lambda: self.member.must_stop(job)  # noqa: E731  (the forward's hook, between layers)
         if self.cache is not None and not body.get("no_cache"):
             def prepare() -> tuple[Any, Any]:
                 prepared = self.cache.prepare(ids, self.figures.prefill_tps(), self._default_link(),
                                               self.transfer.fetch if self.transfer else None, self._peer_links(),
-                                              defer_store=True)
+                                              defer_store=True, stop=stop)
                 held.append(prepared)
                 return prepared.logits, prepared.cache
-        gen = self.decoder.generate(ids, body["max_new_tokens"], tuple(body.get("stop", ())), on_text,
-                                    prepare=prepare)
+        else:
+            def prepare() -> tuple[Any, Any]:
+                t0 = time.perf_counter()
+                out = self.decoder.prefill(ids, stop=stop)
+                cache_info.update(computed_tokens=len(ids), compute_s=time.perf_counter() - t0)
+                return out
+        try:
+            gen = self.decoder.generate(ids, body["max_new_tokens"], tuple(body.get("stop", ())), on_text,
+                                        prepare=prepare)
+        except Interrupted:
+            self.member.checkpoint(job)  # raises why the forward stopped
+            raise
         for prepared in held:  # a deferred transfer ends (and is stored) even after a one-token answer
             prepared.finish()
             cache_info.clear()
@@ -250,8 +274,8 @@ class NodeAgent:
             self.figures.last_ttft_s = ttft
             # Learn prefill speed from forwards alone (not restores or fetches), and only from
             # long enough ones: a short forward is mostly fixed per-call overhead.
-            computed = int(cache_info.get("computed_tokens", len(ids) if prepare is None else 0))
-            seconds = float(cache_info.get("compute_s", gen.prefill_s if prepare is None else 0.0))
+            computed = int(cache_info.get("computed_tokens", 0))
+            seconds = float(cache_info.get("compute_s", 0.0))
             if computed >= 64 and seconds > 0:
                 spt = seconds / computed
                 if self.figures.spt_measured:
@@ -293,6 +317,8 @@ class NodeAgent:
                 "decode_tps": round(f.decode_tps, 1), "served": f.served, "failed": f.failed,
                 "last_ttft_s": f.last_ttft_s, "pid": os.getpid(), "roles": ["answer", *self.roles],
                 "rejects": self.rejects.snapshot(), "cpu_load1": round(os.getloadavg()[0], 2),
+                "heartbeat_s": self.timing.heartbeat_s,  # routers judge our silence by it (mesh.routing.live)
+                "max_context": self.max_context,  # prompt + new tokens per ask (mesh.budget)
             }
             if f.rtt_ms is not None:
                 body["rtt_ms"] = round(f.rtt_ms, 3)
@@ -300,6 +326,17 @@ class NodeAgent:
                 body["link_bw_Bps"] = round(f.link_bw)
         if self.cache is not None:
             body["cache"] = self.cache.snapshot()
+        return body
+
+    def _full_heartbeat(self) -> dict[str, Any]:
+        """The heartbeat body with the link's figures and every extension's fields."""
+        body = self.heartbeat_body()
+        body["link"] = self.link.snapshot()
+        for ext in self.extensions:
+            try:
+                body.update(ext.heartbeat_fields())
+            except Exception:
+                log.exception("extension %s heartbeat fields failed", type(ext).__name__)
         return body
 
     def _busy_total(self, now: float) -> float:
@@ -322,14 +359,7 @@ class NodeAgent:
                 self._load = 0.7 * self._load + 0.3 * min(1.0, (busy_now - last_busy) / max(now - last_t, 1e-6))
                 last_busy, last_t = busy_now, now
             try:
-                body = self.heartbeat_body()
-                body["link"] = self.link.snapshot()
-                for ext in self.extensions:
-                    try:
-                        body.update(ext.heartbeat_fields())
-                    except Exception:
-                        log.exception("extension %s heartbeat fields failed", type(ext).__name__)
-                env = self.member.publish_heartbeat(body)
+                env = self.member.publish_heartbeat(self._full_heartbeat())
                 self.bus.publish(topics.node_state(self.name), json.dumps(env.body).encode(),
                                  qos=topics.NODE_STATE.qos, retain=topics.NODE_STATE.retain)
                 self._each_extension("on_heartbeat", dict(env.body))
@@ -346,9 +376,13 @@ class NodeAgent:
         subscribed now, their threads stop with ours (they share the stop event)."""
         self.catalogs = CatalogSync(self.bus, cache, self.name, stop=self._stop, rejects=self.rejects,
                                     max_message_bytes=self.limits.max_message_bytes)
+        c, mib = self.config.cache, float(1 << 20)
         self.transfer = PeerTransfer(self.bus, self.inbox, self.name, cache.serve, cache.digest,
-                                     kv_wire=self.config.cache.kv_wire, online=self.member.peer_online, stop=self._stop,
-                                     rejects=self.rejects, max_message_bytes=self.limits.max_message_bytes)
+                                     kv_wire=c.kv_wire, online=self.member.peer_online, stop=self._stop,
+                                     rejects=self.rejects, max_message_bytes=self.limits.max_message_bytes,
+                                     quota=ByteBuckets(c.serve_mb_s * mib, c.serve_burst_mb * mib,
+                                                       c.serve_total_mb_s * mib, c.serve_total_burst_mb * mib),
+                                     window_bytes=int(c.serve_window_mb * mib))
         self._threads += [self.catalogs.start(), self.transfer.start()]
 
     def _default_link(self) -> LinkEstimate:

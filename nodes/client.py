@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh import topics, wire
+from mesh import budget, topics, wire
 from mesh.mqtt.bus import MqttBus
 from mesh.mqtt.inbox import ReplyInbox
 from mesh.config import BrokerAddress
@@ -59,7 +59,9 @@ class MeshClient(Presence):
 
     def __init__(self, broker: BrokerAddress, name: str | None = None, connect_timeout: float = 10.0) -> None:
         self.name = name or f"cli-{uuid.uuid4().hex[:12]}"
-        self.bus = MqttBus(self.name, broker)
+        # Our last will tells nodes we are gone: they stop working on our asks (mesh.askers).
+        self.bus = MqttBus(self.name, broker, will=(topics.asker_status(self.name), topics.OFFLINE,
+                                                    topics.ASKER_STATUS.qos, topics.ASKER_STATUS.retain))
         super().__init__(wire.RejectCounter())
         self.inbox = ReplyInbox(self.bus, self.name, self.rejects)
         self._connect_timeout = connect_timeout
@@ -81,11 +83,21 @@ class MeshClient(Presence):
         self.inbox.ping()  # barrier: retained statuses and heartbeats are in
 
     def stop(self) -> None:
+        """Disconnect; nodes hear we are gone first (a clean disconnect sends no last will)."""
+        if self.bus.connected.is_set():
+            try:
+                self.bus.publish_wait(topics.asker_status(self.name), topics.OFFLINE, qos=topics.ASKER_STATUS.qos,
+                                      retain=topics.ASKER_STATUS.retain, timeout=2.0)
+            except MeshError as exc:
+                log.info("could not say we are gone: %s", exc)
         self.bus.stop()
 
     def _note_connected(self) -> None:
         with self.changed:
             self._connected_at = time.monotonic()
+        # back: a node that heard our last will (a dropped connection) works on our asks again
+        self.bus.publish(topics.asker_status(self.name), topics.ONLINE, qos=topics.ASKER_STATUS.qos,
+                         retain=topics.ASKER_STATUS.retain)
 
     def status_changed(self, name: str, online: bool | None) -> None:
         if online is not None:
@@ -183,7 +195,8 @@ class MeshClient(Presence):
                 self._wait_announced(node, min(resend_s, max(deadline - time.monotonic(), 0.0)))
             # A fresh ask_id per send: a node that saw an earlier send (and whose reply was lost
             # with the broker) must not drop this one as a duplicate.
-            attempt = dict(body, ask_id=corr if not sends else f"{corr}-{len(sends)}")
+            attempt = dict(body, ask_id=corr if not sends else f"{corr}-{len(sends)}",
+                           deadline_s=min(max(deadline - time.monotonic(), 0.001), budget.MAX_DEADLINE_S))
             env = wire.Envelope(wire.Kind.ASK, self.name, attempt, corr=corr, reply_to=self.inbox.topic)
             generation = self.bus.connects
             self.bus.publish(target, wire.encode(env), qos=1)
@@ -248,7 +261,7 @@ class MeshClient(Presence):
         deadline = time.monotonic() + timeout
         with self.changed:
             while time.monotonic() < deadline:
-                name = node or router_of(v.name for v in self.peers.online())
+                name = node or router_of(v.name for v in self.peers.live(time.monotonic()))
                 t, up = self._status_at.get(name or "", (0.0, False))
                 if up and t >= self._connected_at:
                     return

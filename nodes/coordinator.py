@@ -5,7 +5,7 @@ It keeps embeddings, attention, norms, the LM head and the KV cache (so the node
 ``mesh.halo.groups.routed_mlps`` to the workers of the active plan plus its own local groups
 (:class:`mesh.halo.engine.HaloEngine`). It answers asks like a node: status/heartbeat under its name, asks on
 ``node_ask(name)``, streamed TOKENs and an ANSWER with figures (per-token timing, partials late or
-zeroed). Being the smallest online name it may be the mesh's router: it then forwards routed
+zeroed). Being the smallest live name it may be the mesh's router: it then forwards routed
 asks to the least-loaded answering node.
 
 Threads (stopped by :meth:`Coordinator.stop`): paho's network thread (decode and enqueue only),
@@ -15,6 +15,7 @@ re-plans with hysteresis, epoch switch while idle).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -24,19 +25,20 @@ from typing import Any
 
 import torch
 
-from mesh import topics, wire
+from mesh import budget, topics, wire
 from mesh.mqtt.bus import MqttBus
 from mesh.mqtt.direct import DirectLink
 from mesh.config import BrokerAddress, CacheConfig, Limits
 from mesh.errors import MeshError, TransportError
 from mesh.halo.ledger import Liveness
 from mesh.halo.lean import lean_step
-from mesh.model import Decoder, bind_threads, load_model
+from mesh.model import Decoder, Interrupted, bind_threads, load_model
 from mesh.member import Job, Member
 from mesh.halo.placement import ReplanPolicy
 from mesh.halo.sync import SyncPolicy
 from mesh.cache.node_cache import NodeCache
 from mesh.halo.engine import HaloEngine
+from nodes.agent import physical_memory
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +120,18 @@ class Coordinator:
         except TransportError as exc:  # the planner retries; asks use the bus meanwhile
             log.warning("%s: HALO frames go over the bus until it connects", exc)
         self.engine.link = link
-        self.member.go_online()
+        self.member.go_online(self._heartbeat_body)
         for target, name in ((self._work_loop, "generate"), (self._plan_loop, "planner")):
             t = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         log.info("coordinator %s online with %s, sync %s", self.name, self.loaded.model_key, cfg.sync)
+
+    @functools.cached_property
+    def max_context(self) -> int:
+        """Prompt and new tokens one ask may take (``mesh.budget``'s default for its model)."""
+        return self.config.limits.max_context or budget.default_max_context(self.loaded.model.config,
+                                                                            physical_memory())
 
     def stop(self, timeout: float = 10.0) -> None:
         self.member.go_offline()
@@ -178,33 +186,45 @@ class Coordinator:
                 "model": self.loaded.key, **figures})
             return
         ids = self.decoder.encode(b["text"])
+        if budget.context_problem(len(ids), b["max_new_tokens"], self.max_context):
+            raise budget.Abandoned(budget.TOO_LONG, f"{len(ids)} prompt tokens and {b['max_new_tokens']} new "
+                                   f"exceed the coordinator's maximum context of {self.max_context} tokens")
         pieces = 0
         first: list[float] = []
+        stop = lambda: self.member.must_stop(job)  # noqa: E731  (the forward's hook, between layers)
 
         def on_text(piece: str) -> None:
             nonlocal pieces
+            self.member.checkpoint(job)  # stopping, past its deadline, or its asker gone
             if not first:
                 first.append(time.monotonic())
-            self.member.reply(job, wire.Kind.TOKEN, {"i": pieces, "text": piece})
+            if not job.json_reply:
+                self.member.reply(job, wire.Kind.TOKEN, {"i": pieces, "text": piece})
             pieces += 1
 
         cache_info: dict[str, Any] = {"decision": "disabled"}
-        prepare = None
         if self.cache is not None and not b.get("no_cache"):
             def prepare() -> tuple[torch.Tensor, Any]:
-                got = self.cache.prepare_local(ids)
+                got = self.cache.prepare_local(ids, stop=stop)
                 cache_info.clear()
                 cache_info.update(got.info)
                 return got.logits, got.cache
-        with self.engine.run(strict=sync == "strict") as run:
-            gen = self.decoder.generate(ids, b["max_new_tokens"], tuple(b.get("stop", ())), on_text,
-                                        prepare=prepare)
+        else:
+            def prepare() -> tuple[torch.Tensor, Any]:
+                return self.decoder.prefill(ids, stop=stop)
+        try:
+            with self.engine.run(strict=sync == "strict") as run:
+                gen = self.decoder.generate(ids, b["max_new_tokens"], tuple(b.get("stop", ())), on_text,
+                                            prepare=prepare)
+        except Interrupted:
+            self.member.checkpoint(job)  # raises why the forward stopped
+            raise
         done = time.monotonic()
         self.served += 1
         halo = run.figures()
         steps = halo.pop("token_times_s")
         decode_steps = steps[1:] if len(steps) > 1 else []
-        self.member.reply(job, wire.Kind.ANSWER, {
+        self._send_answer(job, {
             "text": gen.text, "node": self.name, "model": self.loaded.key, "prompt_tokens": len(ids),
             "new_tokens": len(gen.token_ids), "token_ids": gen.token_ids,
             "ttft_s": round((first[0] if first else done) - job.received, 6),
@@ -213,6 +233,13 @@ class Coordinator:
             "tpot_s": round(sum(decode_steps) / len(decode_steps), 6) if decode_steps else None,
             "token_times_s": [round(t, 6) for t in steps], "halo": halo,
         })
+
+    def _send_answer(self, job: Job, answer: dict[str, Any]) -> None:
+        """A JSON ask (Home Assistant, ``mosquitto_pub``) reads JSON, like a node's answer."""
+        if job.json_reply:
+            self.member.reply_json(job, dict(answer, id=job.env.corr))
+        else:
+            self.member.reply(job, wire.Kind.ANSWER, answer)
 
     # -- planner / heartbeat ----------------------------------------------------------------------
     def _plan_loop(self) -> None:
@@ -231,14 +258,17 @@ class Coordinator:
                 last_hb = time.monotonic()
                 self._heartbeat()
 
-    def _heartbeat(self) -> None:
+    def _heartbeat_body(self) -> dict[str, Any]:
         busy = self.member.running
-        body = {"time": time.time(), "model": self.loaded.key,
+        return {"time": time.time(), "model": self.loaded.key,
                 "model_key": self.loaded.model_key, "queue": self.member.queue_length(),
                 "load": 1.0 if busy else 0.0, "prefill_tps": 0.0, "served": self.served,
-                "roles": ["coordinator"], "rejects": self.rejects.snapshot(), "halo": self.engine.snapshot()}
+                "roles": ["coordinator"], "rejects": self.rejects.snapshot(), "halo": self.engine.snapshot(),
+                "heartbeat_s": self.config.heartbeat_s, "max_context": self.max_context}
+
+    def _heartbeat(self) -> None:
         try:
-            self.member.publish_heartbeat(body)
+            self.member.publish_heartbeat(self._heartbeat_body())
         except MeshError as exc:
             log.warning("heartbeat not sent: %s", exc)
 

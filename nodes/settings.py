@@ -98,12 +98,18 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
                                 timing_d.link_ping_s))
         max_queue = int(_pick(getattr(args, "max_queue", None), env, "MESH_MAX_QUEUE", table, "max_queue",
                               limits_d.max_queue))
+        max_context = int(_pick(getattr(args, "max_context", None), env, "MESH_MAX_CONTEXT", table, "max_context",
+                                limits_d.max_context))
         cache_mb = float(_pick(getattr(args, "cache_mb", None), env, "MESH_CACHE_MB", table, "cache_mb",
                                cache_d.budget_mb))
         chunk = int(_pick(getattr(args, "chunk_size", None), env, "MESH_CHUNK_SIZE", table, "chunk_size",
                           cache_d.chunk_size))
         margin = float(_pick(getattr(args, "fetch_margin", None), env, "MESH_FETCH_MARGIN", table, "fetch_margin",
                              cache_d.fetch_margin))
+        serve_rate = float(_pick(getattr(args, "kv_serve_mb_s", None), env, "MESH_KV_SERVE_MB_S", table,
+                                 "kv_serve_mb_s", cache_d.serve_mb_s))
+        serve_burst = float(_pick(getattr(args, "kv_serve_burst_mb", None), env, "MESH_KV_SERVE_BURST_MB", table,
+                                  "kv_serve_burst_mb", cache_d.serve_burst_mb))
     except ValueError as exc:
         raise ConfigError(f"invalid number in node settings: {exc}") from exc
     persist = _pick(getattr(args, "cache_dir", None), env, "MESH_KV_DIR", table, "kv_dir", None)
@@ -114,7 +120,7 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
                     "MESH_KV_DIR (or --cache-dir, or [node] kv_dir) to a directory of this node's own", what)
     cache = CacheConfig(
         enabled=not getattr(args, "no_cache", False) and not table.get("no_cache", False),
-        budget_mb=cache_mb, chunk_size=chunk, fetch_margin=margin,
+        budget_mb=cache_mb, chunk_size=chunk, fetch_margin=margin, serve_mb_s=serve_rate, serve_burst_mb=serve_burst,
         kv_wire=str(_pick(getattr(args, "kv_wire", None), env, "MESH_KV_WIRE", table, "kv_wire", cache_d.kv_wire)),
         persist_dir=Path(persist).expanduser() if persist else None,
     )
@@ -125,7 +131,7 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
         model=str(_pick(getattr(args, "model", None), env, "MESH_MODEL", table, "model", DEFAULT_MODEL)),
         home=mesh_home(args, env),
         threads=threads,
-        limits=Limits(max_queue=max_queue),
+        limits=Limits(max_queue=max_queue, max_context=max_context),
         timing=Timing(heartbeat_s=heartbeat, link_ping_s=link_ping),
     )
 

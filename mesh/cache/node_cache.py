@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,13 +182,14 @@ class NodeCache:
         return CostModel(prefill_tokens_per_s=max(prefill_tps, 1e-3), bytes_per_chunk=self.bytes_per_chunk,
                          default_link=link, margin=self.config.fetch_margin)
 
-    def prepare_local(self, ids: Sequence[int], defer_store: bool = False) -> Prepared:
+    def prepare_local(self, ids: Sequence[int], defer_store: bool = False,
+                      stop: Callable[[], bool] | None = None) -> Prepared:
         """:meth:`prepare` from this node's store alone: no peer is looked at or asked."""
-        return self.prepare(ids, defer_store=defer_store)
+        return self.prepare(ids, defer_store=defer_store, stop=stop)
 
     def prepare(self, ids: Sequence[int], prefill_tps: float = 0.0, default_link: LinkEstimate | None = None,
                 fetch: Fetch | None = None, peer_links: dict[str, LinkEstimate] | None = None,
-                defer_store: bool = False) -> Prepared:
+                defer_store: bool = False, stop: Callable[[], bool] | None = None) -> Prepared:
         """Restore what the cache (local, then one peer) holds, prefill the rest, store the new chunks.
 
         Peers are considered only with a ``fetch`` and a ``default_link``; ``prefill_tps`` (this
@@ -200,7 +201,8 @@ class NodeCache:
         first, the returned cache is a :class:`~mesh.model.Deferred`: the rest of the transfer,
         its checks and the restore run when the decoder needs the second token. ``defer_store``:
         after a prefill, cutting the new chunks into the store waits for the first token too (the
-        caller must then :meth:`Prepared.finish`)."""
+        caller must then :meth:`Prepared.finish`). ``stop``: the prefill's hook (an abandoned ask
+        ends it between decoder layers, ``mesh.model.Interrupted``)."""
         C = self.chunk_size
         t_lookup = time.perf_counter()
         keys, pkey = self.keys(ids)
@@ -241,7 +243,7 @@ class NodeCache:
 
                     def rest() -> Any:
                         got, entry = self._close(transfer, info, keys, start, pkey)
-                        late = self._build(ids, keys, pkey, start + got, entry, info)
+                        late = self._build(ids, keys, pkey, start + got, entry, info, stop=stop)
                         if int(torch.argmax(late.logits)) != int(torch.argmax(early)):
                             # only a peer forging consistent logits gets here; the checks cannot see it
                             log.warning("first token from %s's logits differs from the restored prompt's",
@@ -254,10 +256,11 @@ class NodeCache:
                 local += got
         else:
             info["decision"] = "local"
-        return self._build(ids, keys, pkey, local, prompt, info, defer_store)
+        return self._build(ids, keys, pkey, local, prompt, info, defer_store, stop)
 
     def _build(self, ids: Sequence[int], keys: list[ChunkHash], pkey: ChunkHash, local: int,
-               prompt: dict[str, Any] | None, info: dict[str, Any], defer_store: bool = False) -> Prepared:
+               prompt: dict[str, Any] | None, info: dict[str, Any], defer_store: bool = False,
+               stop: Callable[[], bool] | None = None) -> Prepared:
         """Restore ``local`` chunks (and the prompt entry on a full hit), prefill the rest, store it."""
         C = self.chunk_size
         n_full = len(keys)
@@ -284,7 +287,7 @@ class NodeCache:
             return Prepared(prompt["logits"].to(torch.float32), cache, info)
         cache = kvstate.restore_cache(self.model_config, chunks, capture=True)
         t0 = time.perf_counter()
-        logits, cache = self.decoder.prefill(ids, cache, start=local * C)
+        logits, cache = self.decoder.prefill(ids, cache, start=local * C, stop=stop)
         # The forward alone: what the node's prefill-speed estimate may learn from.
         info.update(compute_s=time.perf_counter() - t0, computed_tokens=len(ids) - local * C)
         self._count(local > 0, False)

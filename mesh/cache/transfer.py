@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ import torch
 from mesh import topics, wire
 from mesh.cache import codec
 from mesh.cache.kv import ChunkKV
+from mesh.cache.quota import ByteBuckets, fetch_reply_ok, pick_codec
 from mesh.errors import ProtocolError
 from mesh.model import bind_threads
 
@@ -280,10 +282,14 @@ class PeerTransfer:
 
     def __init__(self, bus: Any, inbox: Any, name: str, serve: Serve, model: bytes, *, kv_wire: str,
                  online: Callable[[str], bool], stop: threading.Event, rejects: wire.RejectCounter,
-                 max_message_bytes: int, queue_size: int = 64) -> None:
+                 max_message_bytes: int, queue_size: int = 64, quota: ByteBuckets | None = None,
+                 window_bytes: int = 4 << 20, publish_timeout_s: float = 10.0) -> None:
         self.bus, self.inbox, self.name, self.serve, self.model = bus, inbox, name, serve, model
         self.kv_wire, self.online, self.stop, self.rejects = kv_wire, online, stop, rejects
         self.max_message_bytes = max_message_bytes
+        # mesh.cache.quota: bytes per requester and in all (defaults: CacheConfig's), bytes in flight
+        self.quota = quota or ByteBuckets(8 << 20, 32 << 20, 32 << 20, 64 << 20)
+        self.window_bytes, self.publish_timeout_s = window_bytes, publish_timeout_s
         self.jobs: queue.Queue[wire.Envelope] = queue.Queue(maxsize=queue_size)
         self.thread: threading.Thread | None = None
 
@@ -302,18 +308,65 @@ class PeerTransfer:
         if not valid_fetch(env):
             self.rejects.add("bad-kv-fetch")
             return
+        if env.body["model"] != self.model:  # nothing we hold is of use to it (mesh.cache.quota)
+            self.rejects.add("bad-kv-model")
+            return
+        if not fetch_reply_ok(env.sender, env.reply_to):  # only to the requester's own inbox
+            self.rejects.add("bad-kv-reply")
+            return
         try:
             self.jobs.put_nowait(env)
         except queue.Full:
             self.rejects.add("kv-busy")
 
     def serve_one(self, env: wire.Envelope) -> None:
-        """Answer one queued request, each part published as soon as it is encoded."""
+        """Answer one queued request in a codec we pick (``mesh.cache.quota``), each part published
+        as soon as it is encoded, within the requester's byte budget and the in-flight window."""
         pkey = env.body.get("prompt_key")
+        accept = env.body.get("accept")
+        accepted = [str(env.body["codec"]), *(a for a in accept if isinstance(a, str))] \
+            if isinstance(accept, list) else [str(env.body["codec"])]
+        codec_name = pick_codec(accepted, self.kv_wire)
+        allowed = self.quota.available(env.sender, time.monotonic()) if codec_name is not None else 0.0
+        if allowed <= 0:
+            self.rejects.add("kv-rate-limited" if codec_name is not None else "bad-kv-codec")
+            self._publish(env, {"chunks": [], "part": 0, "last": True})  # the requester need not wait
+            return
+        sent, flight = 0, deque()
         for b in self.serve(list(env.body["keys"]), pkey if isinstance(pkey, bytes) else None,
-                            str(env.body["codec"]), self.max_message_bytes):
-            reply = wire.Envelope(wire.Kind.KV_CHUNKS, self.name, b, corr=env.corr)
-            self.bus.publish(env.reply_to, wire.encode(reply, self.max_message_bytes), qos=1)
+                            codec_name, self.max_message_bytes):
+            n, info = self._publish(env, b)
+            sent += n
+            self.quota.charge(env.sender, n, time.monotonic())
+            flight.append((info, n))
+            if not self._drain(flight):
+                self.rejects.add("kv-stalled")
+                return
+            if b["last"]:
+                return
+            if sent >= allowed:  # the leading run that fits; the requester computes the rest
+                self.rejects.add("kv-rate-limited")
+                self._publish(env, {"chunks": [], "part": b["part"] + 1, "last": True})
+                return
+
+    def _publish(self, env: wire.Envelope, body: dict[str, Any]) -> tuple[int, Any]:
+        payload = wire.encode(wire.Envelope(wire.Kind.KV_CHUNKS, self.name, body, corr=env.corr),
+                              self.max_message_bytes)
+        return len(payload), self.bus.publish(env.reply_to, payload, qos=1)
+
+    def _drain(self, flight: deque[tuple[Any, int]]) -> bool:
+        """Wait until at most ``window_bytes`` are in flight to the broker; False if it stalls."""
+        while flight and sum(n for _, n in flight) > self.window_bytes:
+            info, _ = flight.popleft()
+            if info is None:  # a bus that publishes synchronously
+                continue
+            try:
+                info.wait_for_publish(self.publish_timeout_s)
+            except (RuntimeError, ValueError):
+                return False
+            if not info.is_published():
+                return False
+        return True
 
     def _serve_loop(self) -> None:
         bind_threads()

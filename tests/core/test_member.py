@@ -54,7 +54,7 @@ def test_a_json_ask_id_counts_as_the_id() -> None:
     m, _ = member()
     assert m.take(ask("json-client", "c1", ask_id="mine"))
     assert not m.take(ask("json-client", "c2", ask_id="mine"))  # same asker, same ask_id
-    assert m.take(ask("json-client", "c3", reply_to="home/answer", ask_id="mine"))  # another asker's inbox
+    assert m.take(ask("json-client", "c3", reply_to="homeassistant-mesh/answer", ask_id="mine"))  # another asker's inbox
 
 
 def test_ids_are_forgotten_after_the_window() -> None:
@@ -83,9 +83,24 @@ def test_it_routes_only_while_present_and_smallest() -> None:
     m.present = True
     assert m.is_router()  # alone
     m.on_status(topics.node_status("a0"), topics.ONLINE, True)
-    assert not m.is_router()  # a smaller name is online
+    assert m.is_router()  # a smaller name says online but never heartbeat: a ghost
+    beat = {"seq": 0, "model": "m", "model_key": "k", "queue": 0, "load": 0.0, "prefill_tps": 1.0}
+    m.on_heartbeat(topics.node_heartbeat("a0"), wire.encode(wire.Envelope(wire.Kind.HEARTBEAT, "a0", beat)), False)
+    assert not m.is_router()  # a smaller name is live
     m.on_status(topics.node_status("a0"), topics.OFFLINE, False)
     assert m.is_router()
     m.on_status(topics.node_status("n1"), topics.ONLINE, True)  # its own retained status
     m.present = False  # going offline: it stops routing at once
     assert not m.is_router()
+
+
+def test_an_id_is_burned_only_by_the_very_same_ask() -> None:
+    m, _ = member()
+    assert m.take(ask("json-client", "c1", reply_to="homeassistant-mesh/victim", ask_id="briefing-1", text="Say hello"))
+    assert m.take(ask("json-client", "c2", reply_to="homeassistant-mesh/victim", ask_id="briefing-1", text="Good morning"))
+    assert not m.take(ask("json-client", "c3", reply_to="homeassistant-mesh/victim", ask_id="briefing-1", text="Good morning"))
+    # what a router adds is no part of the ask: two overlapping routers' copies are one ask
+    assert not m.take(ask("json-client", "c4", reply_to="homeassistant-mesh/victim", ask_id="briefing-1", text="Good morning",
+                          routed_by="r2", routed_reason="load"))
+    assert m.take(ask("json-client", "c5", reply_to="homeassistant-mesh/victim", ask_id="briefing-1", text="Good morning",
+                      max_new_tokens=3))  # another ask under the same id

@@ -33,3 +33,21 @@ def test_route_ties_are_deterministic() -> None:
     # nothing cached anywhere: least loaded, then the deeper/lower name
     loads = {("z"): NodeLoad(0, 0), ("y"): NodeLoad(0, 0), ("x"): NodeLoad(0, 3)}
     assert route(loads).node == "y" and route(loads).reason == "load"
+
+
+def test_a_node_is_live_only_while_it_heartbeats() -> None:
+    from mesh.routing import STALE_MIN_S, PeerTable, live, stale_after
+
+    table = PeerTable()
+    table.set_status("a0", True)  # a retained "online", no heartbeat: a ghost
+    table.set_status("b1", True)
+    table.set_heartbeat("b1", {"seq": 0, "heartbeat_s": 0.5}, now=100.0)
+    assert [v.name for v in table.online()] == ["a0", "b1"]
+    assert [v.name for v in table.live(100.0)] == ["b1"]
+    assert stale_after(0.5) == STALE_MIN_S and stale_after(10.0) == 50.0
+    assert live(table.get("b1"), 100.0 + STALE_MIN_S)  # type: ignore[arg-type]
+    assert table.live(100.0 + STALE_MIN_S + 0.01) == []  # silent too long: not trusted, whatever its status
+    table.set_heartbeat("b1", {"seq": 1}, now=200.0)  # no announced period: Timing's default
+    assert live(table.get("b1"), 209.0) and not live(table.get("b1"), 211.0)  # type: ignore[arg-type]
+    table.set_status("b1", False)
+    assert table.live(200.0) == []  # offline with a fresh heartbeat: not live either

@@ -31,8 +31,13 @@ def test_parse_node_topic() -> None:
 
 
 @pytest.mark.parametrize(("topic", "ok"), [
-    ("mesh/v1/reply/cli-1", True), ("mesh/v1/answer", True), ("home/kitchen/answer", True),
+    ("mesh/v1/reply/cli-1", True), ("mesh/v1/answer", True), ("homeassistant-mesh/briefing", True),
+    ("homeassistant-mesh/kitchen/answer", True),
     ("mesh/v1/node/pi1/status", False), ("mesh/v1/route", False), ("homeassistant/status", False),
+    # the allow-list matches the gateway's ACL: nothing else on the broker (review M5)
+    ("home/kitchen/answer", False), ("zigbee2mqtt/lamp/set", False), ("cmnd/plug/POWER", False),
+    ("mesh/v1/reply/a/b", False), ("mesh/v1/reply/", False), ("homeassistant-mesh/", False),
+    ("homeassistant-mesh/+", False), ("$SYS/x", False),
 ])
 def test_reply_allowed(topic: str, ok: bool) -> None:
     assert topics.reply_allowed(topic) is ok

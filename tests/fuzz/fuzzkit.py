@@ -346,7 +346,7 @@ def cbor_payload(kind: wire.Kind, body: dict[str, Any] | None = None, body_field
 
 def json_ask(r: Rnd) -> bytes:
     """Garbage for ``mesh/v1/ask``: near-valid JSON objects, damaged JSON, random bytes."""
-    base = {"text": "turn on the light", "reply_to": "home/answer", "max_new_tokens": 8, "id": "a1"}
+    base = {"text": "turn on the light", "reply_to": "homeassistant-mesh/answer", "max_new_tokens": 8, "id": "a1"}
     how = r.random()
     if how < 0.1:
         return rbytes(r, 64)

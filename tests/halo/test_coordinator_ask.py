@@ -43,6 +43,7 @@ class FakeDecoder:
 def coordinator() -> Iterator[tuple[Coordinator, list[tuple[wire.Kind, dict]]]]:
     c = Coordinator(CoordinatorConfig())  # not started: no broker, no model
     c.loaded, c.decoder, c.cache, c.engine = SimpleNamespace(key="tiny"), FakeDecoder(), None, FakeEngine()
+    c.max_context = 1024  # what start() derives from the model (mesh.budget); the fake has no config
     sent: list[tuple[wire.Kind, dict]] = []
     c.member.reply = lambda job, kind, body: sent.append((kind, body))  # type: ignore[method-assign]
     yield c, sent

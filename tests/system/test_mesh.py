@@ -99,7 +99,7 @@ def test_ask_with_a_wrong_model_fails_clearly(amqtt_broker: Broker, mesh_nodes: 
 
 
 def test_json_ask_from_mosquitto_pub_is_answered_on_reply_to(amqtt_broker: Broker, mesh_nodes: dict) -> None:
-    reply_to = f"home/test/answer-{os.getpid()}"
+    reply_to = f"homeassistant-mesh/test/answer-{os.getpid()}"
     sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(amqtt_broker.port), "-t", reply_to,
                             "-v", "-C", "1", "-W", "120"], stdout=subprocess.PIPE, text=True)
     try:
