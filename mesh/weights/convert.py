@@ -32,8 +32,9 @@ def _architecture(reader: Any) -> str:
     return bytes(field.parts[field.data[0]]).decode()
 
 
-def _name_map(config: Any, arch: str) -> tuple[dict[str, str], Any]:
-    """transformers' GGUF -> HF tensor names for ``config``, and its tensor processor."""
+def _name_map(config: Any, arch: str) -> tuple[dict[str, str], Any, dict[str, tuple[int, ...]]]:
+    """transformers' GGUF -> HF tensor names for ``config``, its tensor processor, and the
+    shape the model wants for each HF name."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
@@ -42,7 +43,8 @@ def _name_map(config: Any, arch: str) -> tuple[dict[str, str], Any]:
     with init_empty_weights():  # parameters on the meta device: names and shapes, no bytes
         model = AutoModelForCausalLM.from_config(config)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
-    return get_gguf_hf_weights_map(model, processor), processor
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return get_gguf_hf_weights_map(model, processor), processor, shapes
 
 
 def _row_blocks(tensor: Any, whole: bool, block_bytes: int) -> Iterator[tuple[int, Any]]:
@@ -69,11 +71,16 @@ def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadat
         raise ConfigError("fp32 weights are saved by transformers, not by the quantising converter")
     reader = GGUFReader(str(gguf_path))
     arch = _architecture(reader)
-    names, processor = _name_map(config, arch)
+    names, processor, shapes = _name_map(config, arch)
     elementwise = type(processor).__name__ in ("TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor")
     mapped = [(t, names[t.name]) for t in reader.tensors if t.name in names]
     if not mapped:
         raise ConfigError(f"no tensor of {gguf_path.name} maps to a {arch} model")
+    for t, hf in mapped:
+        have = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
+        if shapes.get(hf) != have:
+            raise ConfigError(f"{gguf_path.name}: {t.name} is {have}, the model config wants {shapes.get(hf)} "
+                              f"for {hf}; the config does not belong to this GGUF")
     quant = [(t, hf) for t, hf in mapped if len(t.shape) == 2]
     plain = [(t, hf) for t, hf in mapped if len(t.shape) != 2]
     plan: list[tuple[str, torch.dtype, list[int]]] = []
