@@ -19,6 +19,7 @@ Both are float32 arithmetic on the same int8 weights; they differ only in summat
 
 from __future__ import annotations
 
+import platform
 import threading
 
 import torch
@@ -26,9 +27,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 KERNELS = ("int8mm", "dequant")
-_BLOCK_FLOATS = 64 * 1024  # float32 elements per dequantised block at one row (256 KiB)
+_BLOCK_FLOATS = 256 * 1024  # float32 elements per dequantised block at one row (1 MiB)
 _PREFILL_BLOCK_FLOATS = 1 << 20  # and at several rows (4 MiB)
-_kernel = {"decode": "int8mm", "prefill": "dequant"}
+# int8mm where its float32 path is vectorised (aarch64, the Pis); elsewhere the BLAS path.
+_kernel = {"decode": "int8mm" if platform.machine().lower() in ("aarch64", "arm64") else "dequant",
+           "prefill": "dequant"}
 _buffers = threading.local()
 
 

@@ -67,6 +67,9 @@ def quality(home: Path, key: str, args: argparse.Namespace) -> dict:
     starts = [w[:32] for w in token_windows(tok, held[len(held) // 2:], 48, args.continuations)]
     out: dict = {"model": key, "n_mmlu": len(items), "ppl_windows": len(windows), "ppl_tokens": args.ppl_tokens,
                  "continuations": len(starts), "new_tokens": args.new_tokens}
+    if args.speed_only:
+        out = {"model": key, "speed": speed(runs, held, args)}
+        return out
     per_w: dict = {}
     for w, loaded in runs.items():
         dec = Decoder(loaded)
@@ -94,6 +97,7 @@ def speed(runs: dict, held: tuple[str, ...], args: argparse.Namespace) -> dict:
     prompt = token_windows(tok, held, args.prefill_tokens, 1)[0]
     short = prompt[:16]
     variants = [("fp32", None), *(("int8", k) for k in modules.KERNELS)]
+    default = modules.kernels()["decode"]
     times: dict[str, dict[str, list[float]]] = {f"{w}/{k or 'blas'}": {"prefill": [], "decode": []} for w, k in variants}
     for r in range(args.rounds):
         order = variants if r % 2 == 0 else variants[::-1]  # ABBA over rounds
@@ -108,7 +112,7 @@ def speed(runs: dict, held: tuple[str, ...], args: argparse.Namespace) -> dict:
             name = f"{w}/{k or 'blas'}"
             times[name]["prefill"].append(len(prompt) / pre)
             times[name]["decode"].append(max(1, len(g.token_ids) - 1) / g.decode_s)
-    modules.set_kernel(decode="int8mm")
+    modules.set_kernel(decode=default)
     return {"prefill_tokens": len(prompt), "decode_tokens": args.decode_tokens, "rounds": args.rounds,
             "threads": torch.get_num_threads(),
             "tps": {n: {p: statistics.median(v) for p, v in t.items()} for n, t in times.items()},
@@ -126,6 +130,7 @@ def main() -> None:
     p.add_argument("--ppl-windows", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--speed", action="store_true")
+    p.add_argument("--speed-only", action="store_true", help="skip the quality figures")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--prefill-tokens", type=int, default=256)
     p.add_argument("--decode-tokens", type=int, default=64)
