@@ -25,6 +25,36 @@ from mesh.weights.writer import StreamWriter
 BLOCK_BYTES = 8 << 20  # float32 bytes dequantised at once
 
 
+def _tensor_reader(path: Path) -> Any:
+    """A ``gguf.GGUFReader`` that does not materialise the elements of array fields.
+
+    The stock reader makes a numpy view per array element; Gemma-3's 262,144-token vocabulary
+    (tokens, scores, types) then costs ~700 MiB before a single tensor is read, more than a Pi
+    Zero has. The converter needs only scalar fields and the tensor index, so arrays are
+    skipped over (their length walked, nothing kept): such a field keeps its type and length,
+    not its contents. Everything else is the library's own parsing."""
+    from gguf import GGUFReader, GGUFValueType
+
+    class TensorReader(GGUFReader):
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list, list]:  # noqa: ANN001
+            if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            itype, count, offs = GGUFValueType(int(raw_itype[0])), int(alen[0]), orig_offs + 12
+            width = self.gguf_scalar_to_np.get(itype)
+            if width is not None:
+                offs += count * np.dtype(width).itemsize
+            elif itype == GGUFValueType.STRING:
+                for _ in range(count):
+                    offs += 8 + int(self._get(offs, np.uint64)[0])
+            else:  # arrays of arrays: rare and small, parsed in full
+                return super()._get_field_parts(orig_offs, raw_type)
+            return offs - orig_offs, [raw_itype, alen], [], [GGUFValueType.ARRAY, itype]
+
+    return TensorReader(str(path))
+
+
 def _architecture(reader: Any) -> str:
     field = reader.fields.get("general.architecture")
     if field is None:
@@ -64,12 +94,12 @@ def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadat
     ``config`` is the model's transformers config (names and head counts); ``metadata`` goes
     into the file header (the GGUF digest, the model key) beside the format fields. Returns the
     path; on any error nothing is left under it or under a temporary name."""
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
 
     check_format(fmt)
     if fmt == "fp32":
         raise ConfigError("fp32 weights are saved by transformers, not by the quantising converter")
-    reader = GGUFReader(str(gguf_path))
+    reader = _tensor_reader(gguf_path)
     arch = _architecture(reader)
     names, processor, shapes = _name_map(config, arch)
     elementwise = type(processor).__name__ in ("TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor")

@@ -53,7 +53,8 @@ def _buffer(width: int, floats: int) -> Tensor:
     rows = max(1, floats // width)
     buf = getattr(_buffers, "buf", None)
     if buf is None or buf.numel() < rows * width:
-        buf = torch.empty(rows * width, dtype=torch.float32)
+        with torch.inference_mode(False):  # a normal tensor: writable inside inference mode and out
+            buf = torch.empty(rows * width, dtype=torch.float32)
         _buffers.buf = buf
     return buf[:rows * width].view(rows, width)
 

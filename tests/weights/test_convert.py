@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mesh.errors import ConfigError
-from mesh.weights.convert import convert_gguf
+from mesh.weights.convert import _tensor_reader, convert_gguf
 from mesh.weights.formats import quantize_rows
 from mesh.weights.load import build_model, open_weights
 
@@ -25,7 +25,7 @@ def _config():  # type: ignore[no-untyped-def]
                        rms_norm_eps=1e-5, tie_word_embeddings=True)
 
 
-def write_gguf(path: Path, seed: int = 0) -> Path:
+def write_gguf(path: Path, seed: int = 0, vocabulary: int = 0) -> Path:
     import gguf
     from gguf import GGMLQuantizationType as T
 
@@ -40,6 +40,9 @@ def write_gguf(path: Path, seed: int = 0) -> Path:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(VOCAB)
+    if vocabulary:  # a tokenizer-sized array field (Gemma's has 262,144 entries)
+        w.add_token_list([f"token{i}" for i in range(vocabulary)])
+        w.add_token_scores([float(i) for i in range(vocabulary)])
 
     def add(name: str, rows: int, cols: int, qtype: T) -> None:
         data = rng.standard_normal((rows, cols)).astype(np.float32)
@@ -134,3 +137,26 @@ def test_config_that_does_not_fit_the_gguf_leaves_nothing(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
     with pytest.raises(ConfigError, match="not by the quantising converter"):
         convert_gguf(src, tmp_path / "x.safetensors", "fp32", _config(), {})
+
+
+def _anon_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssAnon")
+
+
+def test_tensor_reader_skips_array_fields_and_keeps_the_tensor_index(tmp_path: Path) -> None:
+    import gguf
+
+    src = write_gguf(tmp_path / "vocab.gguf", vocabulary=100_000)
+    before = _anon_mib()
+    lean = _tensor_reader(src)
+    grown = _anon_mib() - before
+    full = gguf.GGUFReader(str(src))
+    assert grown < 40, f"the converter's reader grew by {grown:.0f} MiB"
+    assert len(full.fields["tokenizer.ggml.tokens"].data) == 100_000
+    assert lean.fields["tokenizer.ggml.tokens"].data == []  # skipped, not parsed
+    assert [(t.name, t.tensor_type, t.shape.tolist(), t.data_offset) for t in lean.tensors] == \
+        [(t.name, t.tensor_type, t.shape.tolist(), t.data_offset) for t in full.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(lean.tensors, full.tensors))

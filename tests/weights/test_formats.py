@@ -140,3 +140,27 @@ def test_damaged_header_missing_file_other_gguf_and_other_format_are_refused(goo
         open_weights(good, "int8", META["gguf_sha256"])
     with pytest.raises(ConfigError, match="run `mesh setup --weights int8`"):
         open_weights(good.with_name("missing.safetensors"), "int8", META["gguf_sha256"])
+
+
+def test_dequant_kernel_runs_outside_inference_mode_after_running_inside() -> None:
+    """The kernel's per-thread scratch buffer, first made under ``torch.inference_mode`` (a
+    node's forward), must stay writable for a later call outside it (a test, a bench)."""
+    import threading
+
+    q, s = quantize_rows(torch.randn(40, 64))
+    x = torch.randn(1, 64)
+    errors: list[BaseException] = []
+
+    def run() -> None:  # a fresh thread: a fresh scratch buffer
+        try:
+            with torch.inference_mode():
+                inside = int8_matmul(x, q, s, "dequant")
+            outside = int8_matmul(x, q, s, "dequant")
+            assert torch.equal(inside, outside)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert not errors, errors
