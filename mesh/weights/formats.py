@@ -22,8 +22,8 @@ from mesh.errors import ConfigError
 WEIGHT_FORMATS = ("fp32", "int8")
 DEFAULT_WEIGHTS = "fp32"  # what a node runs unless told otherwise (this machine: exact answers)
 SETUP_WEIGHTS = ("fp32", "int8")  # what `mesh setup` builds unless told otherwise
-# The format that fits each testbed device profile (a Pi Zero 2W cannot hold fp32 weights).
-PROFILE_WEIGHTS = {"native": "fp32", "pi5": "int8", "pi4-2gb": "int8", "pi-zero-2w": "int8"}
+# The format that fits each testbed device profile: fp32 where it fits (exact answers), else int8.
+PROFILE_WEIGHTS = {"native": "fp32", "pi5": "fp32", "pi4-2gb": "int8", "pi-zero-2w": "int8"}
 QUANT_FORMAT = 1  # bump when the layout of a quantised file changes (old files are rebuilt)
 
 QWEIGHT, SCALES = "qweight", "scales"  # suffixes of a quantised weight's two tensors
