@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from mesh.errors import ConfigError
+from mesh.weights.formats import DEFAULT_WEIGHTS, check_format
 
 CONVERTED_FORMAT = 1  # bump when the converted-cache layout changes
 
@@ -79,16 +80,20 @@ class LoadedModel:
     tokenizer: Any
     meta: dict[str, Any]  # written by setup: GGUF digest, package version, format
     eos_ids: frozenset[int]
+    weights: str = "fp32"  # the weight format (mesh.weights.formats)
 
     @property
     def digest(self) -> str:
-        """The GGUF file's sha256: what makes two nodes' weights the same."""
-        return str(self.meta["gguf_sha256"])
+        """What makes two nodes' weights the same: the GGUF file's sha256, and the weight format
+        when it is not fp32 (``<sha256>+int8``): nodes running different formats compute
+        different KV, so the prompt cache's model key (derived from this) keeps them apart."""
+        sha = str(self.meta["gguf_sha256"])
+        return sha if self.weights == "fp32" else f"{sha}+{self.weights}"
 
     @property
     def model_key(self) -> str:
-        """Short printable identity of model + tokenizer + dtype, shared by every node."""
-        return f"{self.key}@{self.digest[:16]}/fp32"
+        """Short printable identity of model + tokenizer + weight format, shared by every node."""
+        return f"{self.key}@{self.digest[:16]}/{self.weights}"
 
 
 _bound = threading.local()
@@ -108,11 +113,15 @@ def bind_threads() -> None:
         _bound.done = True
 
 
-def load_model(cache_root: Path, key: str, threads: int = 0) -> LoadedModel:
-    """Load the converted fp32 model and tokenizer; setup must have run (``mesh setup``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(cache_root: Path, key: str, threads: int = 0, weights: str = DEFAULT_WEIGHTS,
+               verify: bool = True) -> LoadedModel:
+    """Load the converted model in weight format ``weights`` and its tokenizer; setup must have
+    run (``mesh setup``, ``mesh setup --weights int8``). Quantised weights stay memory-mapped
+    (:mod:`mesh.weights.load`); ``verify`` checks their bytes against the file's digest."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     model_spec(key)
+    check_format(weights)
     path = converted_dir(cache_root, key)
     meta_path = path / "mesh-meta.json"
     if not meta_path.exists():
@@ -122,8 +131,15 @@ def load_model(cache_root: Path, key: str, threads: int = 0) -> LoadedModel:
         raise ConfigError(f"model cache {path} has an old format; run `mesh setup`")
     if threads:
         torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval()
+    if weights == "fp32":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.eval()
+    else:
+        from mesh.weights.load import load_quantized
+
+        model = load_quantized(path, weights, AutoConfig.from_pretrained(path), str(meta["gguf_sha256"]), verify)
+        if (path / "generation_config.json").exists():
+            model.generation_config = GenerationConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     eos: set[int] = set()
     for source in (model.config.eos_token_id, getattr(model.generation_config, "eos_token_id", None),
@@ -132,7 +148,8 @@ def load_model(cache_root: Path, key: str, threads: int = 0) -> LoadedModel:
             eos.add(source)
         elif isinstance(source, (list, tuple)):
             eos.update(int(x) for x in source)
-    return LoadedModel(key=key, model=model, tokenizer=tokenizer, meta=meta, eos_ids=frozenset(eos))
+    return LoadedModel(key=key, model=model, tokenizer=tokenizer, meta=meta, eos_ids=frozenset(eos),
+                       weights=weights)
 
 
 @dataclass

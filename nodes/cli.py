@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-from mesh.errors import MeshError
+from mesh.errors import ConfigError, MeshError
 from nodes.settings import add_broker_arguments
 
 log = logging.getLogger("mesh")
@@ -43,7 +43,12 @@ def cmd_setup(args: argparse.Namespace) -> int:
     from nodes.setup import run_setup
 
     _quiet_libraries()
-    done = run_setup(mesh_home(args), args.models or None)
+    from mesh.weights.formats import PROFILE_WEIGHTS, parse_formats
+
+    if args.profile and args.profile not in PROFILE_WEIGHTS:
+        raise ConfigError(f"unknown profile {args.profile!r}; known: {', '.join(PROFILE_WEIGHTS)}")
+    weights = args.weights or (PROFILE_WEIGHTS[args.profile] if args.profile else "fp32,int8")
+    done = run_setup(mesh_home(args), args.models or None, weights=parse_formats(weights))
     for key, path in done.items():
         print(f"{key:14s} {path}")
     return 0
@@ -58,7 +63,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     from nodes.agent import NodeAgent
-    from nodes.settings import node_config
+    from nodes.settings import node_config, node_weights
 
     from nodes.ha_cli import ha_extension_from_args, run_decommission
     from nodes.halo_cli import halo_extensions_from_args
@@ -73,7 +78,15 @@ def cmd_node(args: argparse.Namespace) -> int:
     steady_malloc()  # before the model and the cache allocate
     start_trimmer(stop)
     ha = ha_extension_from_args(args, config)
-    agent = NodeAgent(config, extensions=[*([ha] if ha else []), *halo_extensions_from_args(args, config)])
+    halo = halo_extensions_from_args(args, config)
+    weights, loaded = node_weights(args), None
+    if weights != "fp32":  # the agent loads fp32 itself; other formats are loaded here
+        if halo:
+            raise ConfigError(f"a HALO worker slices float32 MLP weights; run it with --weights fp32, not {weights}")
+        from mesh.model import load_model
+
+        loaded = load_model(config.home, config.model, config.threads, weights=weights)
+    agent = NodeAgent(config, loaded=loaded, extensions=[*([ha] if ha else []), *halo])
     agent.start()
     print(f"node {config.name} online ({agent.loaded.model_key}) on {config.broker}", file=sys.stderr, flush=True)
     stop.wait()
@@ -209,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("setup", help="fetch and convert models and data (idempotent)")
     p.add_argument("--models", nargs="*", help="model keys (default: all)")
     p.add_argument("--home", help="models and data (default ~/.cache/mesh, or MESH_HOME)")
+    p.add_argument("--weights", help="weight formats to build, comma-separated (default fp32,int8)")
+    p.add_argument("--profile", help="build only the weight format of this device profile (pi-zero-2w: int8)")
     p.set_defaults(func=cmd_setup)
 
     p = sub.add_parser("broker", help="run the embedded amqtt broker")
@@ -221,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="gemma3-270m (default) or smollm2-135m")
     p.add_argument("--home", help="converted models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--weights", help="weight format: fp32 (default) or int8 (`mesh setup --weights int8` builds it)")
     p.add_argument("--heartbeat", type=float, help="heartbeat period in seconds (default 2)")
     p.add_argument("--link-ping", type=float, help="link probe period in seconds (default 0.5)")
     p.add_argument("--max-queue", type=int, help="asks queued before answering 'busy' (default 32)")

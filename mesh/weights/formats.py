@@ -1,0 +1,68 @@
+"""Weight formats a node can run, and the per-row int8 quantisation they are built with.
+
+- ``fp32``: the GGUF dequantised to float32, saved by transformers (``model.safetensors``).
+- ``int8``: every 2-D weight (each linear layer, the embedding and so a tied LM head) as int8
+  with one float32 scale per output row (symmetric: ``w ~= q * scale``, ``q`` in -127..127);
+  1-D tensors (norms) stay float32. One safetensors file, ``weights-int8.safetensors``, that the
+  node memory-maps: ``<name>.qweight`` (int8, (N, K)) and ``<name>.scales`` (float32, (N,)) for
+  each quantised weight ``<name>.weight``, plain names for the rest.
+
+Per output row fits both uses of the embedding: a row of the embedding is a row (an output
+channel) of the tied LM head, so one scale per row serves the lookup and the matmul alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mesh.errors import ConfigError
+
+WEIGHT_FORMATS = ("fp32", "int8")
+DEFAULT_WEIGHTS = "fp32"  # what a node runs unless told otherwise (this machine: exact answers)
+SETUP_WEIGHTS = ("fp32", "int8")  # what `mesh setup` builds unless told otherwise
+# The format that fits each testbed device profile: fp32 where it fits (exact answers), else int8.
+PROFILE_WEIGHTS = {"native": "fp32", "pi5": "fp32", "pi4-2gb": "int8", "pi-zero-2w": "int8"}
+QUANT_FORMAT = 1  # bump when the layout of a quantised file changes (old files are rebuilt)
+
+QWEIGHT, SCALES = "qweight", "scales"  # suffixes of a quantised weight's two tensors
+
+
+def check_format(name: str) -> str:
+    """``name`` if it is a known weight format, else a ConfigError naming the choices."""
+    if name not in WEIGHT_FORMATS:
+        raise ConfigError(f"unknown weight format {name!r}; use --weights {' or '.join(WEIGHT_FORMATS)}")
+    return name
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """``"fp32,int8"`` -> ``("fp32", "int8")``, each checked, in order, without repeats."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise ConfigError(f"no weight format in {text!r}; use --weights {','.join(WEIGHT_FORMATS)}")
+    return tuple(check_format(n) for n in names)
+
+
+def weights_file(model_dir: Path, fmt: str) -> Path:
+    """Where the weights of format ``fmt`` live inside a converted model directory."""
+    check_format(fmt)
+    return Path(model_dir) / ("model.safetensors" if fmt == "fp32" else f"weights-{fmt}.safetensors")
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of a float (N, K) matrix: ``(q int8 (N, K), scales float32 (N,))``.
+
+    The scale is the row's largest magnitude over 127, so the largest weight is exact in
+    magnitude and every other is off by at most half a step; an all-zero row gets scale 1
+    (its q is all zero, any scale restores it)."""
+    w = w.to(torch.float32)
+    amax = w.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_rows(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 matrix an int8 weight stands for (reference arithmetic for tests)."""
+    return q.to(torch.float32) * scales[:, None]

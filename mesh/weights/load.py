@@ -1,0 +1,125 @@
+"""Build a transformers model around a quantised weight file, with no float32 copy of it.
+
+The model is constructed with its parameters on the meta device (accelerate's
+``init_empty_weights``: module tree and buffers such as rotary frequencies, no weight bytes),
+then each quantised ``nn.Linear`` / ``nn.Embedding`` is replaced by its int8 stand-in
+(:mod:`mesh.weights.modules`) over views of the memory-mapped file, and the few float32 tensors
+(norms) are attached the same way. A tied LM head shares the embedding's int8 rows. The
+transformers forward then runs unchanged: prefill, decode, the cache, ``logits_to_keep``.
+
+A file that is missing, truncated, damaged, of another format or built from another GGUF is
+refused with a :class:`~mesh.errors.ConfigError` that says what to run; nothing is repaired in
+place.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+from torch import nn
+
+from mesh.errors import ConfigError
+from mesh.weights.formats import QUANT_FORMAT, QWEIGHT, SCALES, weights_file
+from mesh.weights.modules import Int8Embedding, Int8Linear
+from mesh.weights.writer import DATA_DIGEST
+
+
+def _fix(path: Path, fmt: str) -> str:
+    return f"delete {path} and run `mesh setup --weights {fmt}` (or run the node with --weights fp32)"
+
+
+def _data_digest(path: Path) -> str:
+    """xxh3-128 of the bytes after the header (what the writer recorded)."""
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        (n,) = struct.unpack("<Q", m[:8])
+        h = xxhash.xxh3_128()
+        view, step = memoryview(m), 16 << 20
+        try:
+            for at in range(8 + n, len(m), step):
+                h.update(view[at:at + step])  # a view of the mapping: no copy
+        finally:
+            view.release()
+        return h.hexdigest()
+
+
+def open_weights(path: Path, fmt: str, gguf_sha256: str, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a quantised weight file, memory-mapped, after checking what it claims."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise ConfigError(f"no {fmt} weights at {path}; run `mesh setup --weights {fmt}`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"weight file {path} is truncated or damaged ({exc}); {_fix(path, fmt)}") from None
+    if meta.get("mesh_weights") != fmt or meta.get("mesh_quant_format") != str(QUANT_FORMAT):
+        raise ConfigError(f"{path} holds {meta.get('mesh_weights')!r} weights of layout "
+                          f"{meta.get('mesh_quant_format')!r}, not {fmt!r} layout {QUANT_FORMAT}; {_fix(path, fmt)}")
+    if meta.get("gguf_sha256") != gguf_sha256:
+        raise ConfigError(f"{path} was built from another GGUF than the converted model; {_fix(path, fmt)}")
+    if verify and meta.get(DATA_DIGEST) != _data_digest(path):
+        raise ConfigError(f"weight file {path} is damaged (its bytes do not match the digest in its header); "
+                          f"{_fix(path, fmt)}")
+    return tensors
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def build_model(config: Any, tensors: dict[str, torch.Tensor], path: Path, fmt: str) -> nn.Module:
+    """A causal LM for ``config`` running on ``tensors`` (names as :mod:`mesh.weights.formats`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    used: set[str] = set()
+    for name, module in list(model.named_modules()):
+        q, s = tensors.get(f"{name}.{QWEIGHT}"), tensors.get(f"{name}.{SCALES}")
+        if q is None or s is None:
+            continue
+        if isinstance(module, nn.Embedding):
+            scale = getattr(module, "embed_scale", None)
+            new: nn.Module = Int8Embedding(q, s, scale if isinstance(scale, torch.Tensor) else None,
+                                           module.padding_idx)
+        elif isinstance(module, nn.Linear) and module.bias is None:
+            new = Int8Linear(q, s)
+        else:
+            raise ConfigError(f"{fmt} weights for {name} ({type(module).__name__}) cannot be used; "
+                              f"run the node with --weights fp32")
+        if tuple(q.shape) != tuple(module.weight.shape):
+            raise ConfigError(f"{path}: {name} is {tuple(q.shape)}, the model wants "
+                              f"{tuple(module.weight.shape)}; {_fix(path, fmt)}")
+        _set_module(model, name, new)
+        used.update((f"{name}.{QWEIGHT}", f"{name}.{SCALES}"))
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if isinstance(head, nn.Linear) and getattr(config, "tie_word_embeddings", False) and isinstance(embed, Int8Embedding):
+        model.lm_head = Int8Linear(embed.qweight, embed.scales)  # the tied head: the same int8 rows
+    for name, param in list(model.named_parameters()):
+        t = tensors.get(name)
+        if t is None or tuple(t.shape) != tuple(param.shape):
+            raise ConfigError(f"{path} has no usable tensor {name} for this model; {_fix(path, fmt)}")
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        used.add(name)
+    left = [n for n, b in [*model.named_parameters(), *model.named_buffers()] if b.device.type == "meta"]
+    if left:
+        raise ConfigError(f"{path} leaves {left[:3]} unset; {_fix(path, fmt)}")
+    model.eval()
+    return model
+
+
+def load_quantized(model_dir: Path, fmt: str, config: Any, gguf_sha256: str, verify: bool = True) -> nn.Module:
+    """The model in ``model_dir`` with its ``fmt`` weights (see :func:`build_model`)."""
+    path = weights_file(model_dir, fmt)
+    return build_model(config, open_weights(path, fmt, gguf_sha256, verify), path, fmt)

@@ -1,0 +1,123 @@
+"""int8 stand-ins for ``nn.Linear`` and ``nn.Embedding`` whose weights stay in the mapped file.
+
+Each holds ``qweight`` (int8, (N, K), a view into the memory-mapped safetensors file: no copy,
+no float32 weight anywhere) and ``scales`` (float32, (N,)). Two matmul kernels compute
+``x @ (q * scale).T``; which one a process uses is a measured choice (results/), set with
+:func:`set_kernel`:
+
+- ``"int8mm"``: ``torch._weight_int8pack_mm`` on float32 activations, int8 weights, per-row
+  scales, in one pass over the int8 bytes. Its CPU kernel has a NEON path for float32 on aarch64
+  (plain ARMv8.0 NEON: ``vmovl_s8``, ``vcvtq_f32_s32``, ``vfmaq_f32``), while on x86 only
+  bfloat16 is vectorised and float32 falls to a scalar loop (aten/src/ATen/native/cpu/
+  int8mm_kernel.cpp in torch 2.13).
+- ``"dequant"``: the rows are converted to float32 a block at a time into a small reused buffer
+  (it stays in the CPU cache) and multiplied with ``F.linear`` (the BLAS the fp32 model uses);
+  the per-row scales are applied to the (M, N) output, not to the weights.
+
+Both are float32 arithmetic on the same int8 weights; they differ only in summation order.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+KERNELS = ("int8mm", "dequant")
+_BLOCK_FLOATS = 256 * 1024  # float32 elements per dequantised block at one row (1 MiB)
+_PREFILL_BLOCK_FLOATS = 1 << 20  # and at several rows (4 MiB)
+# int8mm where its float32 path is vectorised (aarch64, the Pis); elsewhere the BLAS path.
+_kernel = {"decode": "int8mm" if platform.machine().lower() in ("aarch64", "arm64") else "dequant",
+           "prefill": "dequant"}
+_buffers = threading.local()
+
+
+def set_kernel(decode: str | None = None, prefill: str | None = None) -> None:
+    """Choose the kernel for one-row inputs (decode) and for more rows (prefill)."""
+    for phase, name in (("decode", decode), ("prefill", prefill)):
+        if name is not None:
+            if name not in KERNELS:
+                raise ValueError(f"unknown int8 kernel {name!r}; known: {', '.join(KERNELS)}")
+            _kernel[phase] = name
+
+
+def kernels() -> dict[str, str]:
+    return dict(_kernel)
+
+
+def _buffer(width: int, floats: int) -> Tensor:
+    """This thread's float32 scratch rows of ``width`` columns, about ``floats`` elements (reused)."""
+    rows = max(1, floats // width)
+    buf = getattr(_buffers, "buf", None)
+    if buf is None or buf.numel() < rows * width:
+        with torch.inference_mode(False):  # a normal tensor: writable inside inference mode and out
+            buf = torch.empty(rows * width, dtype=torch.float32)
+        _buffers.buf = buf
+    return buf[:rows * width].view(rows, width)
+
+
+def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor, kernel: str | None = None) -> Tensor:
+    """``x (M, K) float32 @ (qweight * scales[:, None]).T -> (M, N) float32``."""
+    m = x.shape[0]
+    name = kernel or _kernel["decode" if m == 1 else "prefill"]
+    if name == "int8mm":
+        return torch._weight_int8pack_mm(x.contiguous(), qweight, scales)
+    n, k = qweight.shape
+    # One row: blocks small enough to stay in cache. More rows: blocks big enough for BLAS.
+    buf = _buffer(k, _BLOCK_FLOATS if m == 1 else _PREFILL_BLOCK_FLOATS)
+    step = buf.shape[0]
+    if n <= step:
+        return F.linear(x, buf[:n].copy_(qweight)).mul_(scales)
+    out = torch.empty((m, n), dtype=torch.float32)
+    for r0 in range(0, n, step):
+        rows = min(step, n - r0)
+        w = buf[:rows].copy_(qweight[r0:r0 + rows])
+        if m == 1:  # a (1, N) output's column slice is contiguous: write in place
+            torch.mm(x, w.t(), out=out[:, r0:r0 + rows])
+        else:
+            out[:, r0:r0 + rows] = F.linear(x, w)
+    return out.mul_(scales)
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` without bias over an int8 weight with one scale per output row."""
+
+    def __init__(self, qweight: Tensor, scales: Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = (int(s) for s in qweight.shape)
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
+        lead = x.shape[:-1]
+        y = int8_matmul(x.reshape(-1, self.in_features).to(torch.float32), self.qweight, self.scales)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per row"
+
+
+class Int8Embedding(nn.Module):
+    """``nn.Embedding`` over int8 rows; ``embed_scale`` (Gemma's sqrt(hidden)) multiplies the
+    looked-up rows as ``Gemma3TextScaledWordEmbedding`` does (None: no scaling)."""
+
+    def __init__(self, qweight: Tensor, scales: Tensor, embed_scale: Tensor | None = None,
+                 padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = (int(s) for s in qweight.shape)
+        self.padding_idx = padding_idx
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.embed_scale = embed_scale
+
+    def forward(self, ids: Tensor) -> Tensor:  # (...,) -> (..., K)
+        flat = ids.reshape(-1)
+        rows = self.qweight.index_select(0, flat).to(torch.float32) * self.scales.index_select(0, flat)[:, None]
+        rows = rows.view(*ids.shape, self.embedding_dim)
+        return rows * self.embed_scale if self.embed_scale is not None else rows
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
