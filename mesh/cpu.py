@@ -163,3 +163,69 @@ def read_cpu(proc: Path = Path("/proc")) -> CpuFacts:
     if platform.machine() not in ("aarch64", "arm64"):
         return facts
     return with_hwcaps(facts, auxv)
+
+
+@dataclass(frozen=True)
+class TorchSettings:
+    """How a node must run torch on this CPU: set ``env`` before torch is imported (OpenMP and
+    BLAS read it once, and it is what every thread starts with), then use ``threads``."""
+
+    threads: int  # torch intra-op threads; 0: the node's own choice (all cores)
+    env: dict[str, str]
+    reason: str = ""
+
+
+def torch_settings(facts: CpuFacts, requested_threads: int = 0) -> TorchSettings:
+    """The threads and environment that keep torch inside this CPU's instruction set.
+
+    On ARMv8.0 (Pi Zero 2W, Pi 3, Pi 4) torch 2.13 from PyPI (``+cu130``) runs on one thread
+    only: its BLAS (NVIDIA's NVPL, built for ARMv8.1+) joins its worker threads at a barrier
+    made of an LSE atomic (``ldaddal``), an instruction these cores lack, so any matmul on two
+    or more threads dies with SIGILL; on one thread the barrier is skipped. OpenMP's thread
+    count is per thread (``torch.set_num_threads`` binds only its caller), so
+    ``OMP_NUM_THREADS=1`` must be in the environment before torch loads for every thread to
+    start with it. Elsewhere nothing changes.
+    """
+    if not facts.baseline_arm:
+        return TorchSettings(threads=requested_threads, env={})
+    reason = (f"{facts.arm_level} CPU ({', '.join(sorted(set(facts.parts))) or 'ARM'}, no LSE atomics): "
+              "torch's BLAS dies with SIGILL on 2+ threads, so one thread")
+    return TorchSettings(threads=1, env={"OMP_NUM_THREADS": "1"}, reason=reason)
+
+
+def describe(facts: CpuFacts) -> str:
+    """One line for logs and ``python -m mesh.cpu``."""
+    level = facts.arm_level or facts.arch
+    parts = ", ".join(sorted(set(facts.parts)))
+    notable = [f for f in ("atomics", "fphp", "asimddp", "i8mm", "bf16", "sve") if f in facts.features]
+    return (f"{level}{f' ({parts})' if parts else ''}{f' on {facts.model}' if facts.model else ''}; "
+            f"features: {' '.join(notable) if facts.arch == 'aarch64' else '-'}"
+            f"{' (none of atomics/fp16/dot product: ARMv8.0)' if facts.baseline_arm else ''}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m mesh.cpu", description="this CPU and the torch settings it needs")
+    p.add_argument("--threads", action="store_true", help="print only the torch thread count a node must use")
+    p.add_argument("--env", action="store_true", help="print KEY=value lines to set before torch loads")
+    p.add_argument("--verbose", action="store_true", help="also print every feature the kernel reports")
+    args = p.parse_args(argv)
+    facts = read_cpu()
+    settings = torch_settings(facts)
+    if args.threads:
+        print(settings.threads)
+    elif args.env:
+        for key, value in settings.env.items():
+            print(f"{key}={value}")
+    else:
+        print(describe(facts))
+        if settings.reason:
+            print(settings.reason)
+        if args.verbose:
+            print("features:", " ".join(sorted(facts.features)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

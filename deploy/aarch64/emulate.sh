@@ -84,7 +84,6 @@ in_root() {
         mkdir -p "$r/sys/devices/system/cpu" "$r/sys/fs/cgroup"
         mount --rbind "$fake/cpu" "$r/sys/devices/system/cpu"
         mount --rbind /dev "$r/dev"
-        mount -t tmpfs tmpfs "$r/tmp"
         mount -t tmpfs tmpfs "$r/run"
         mount --bind "$cache/pip" "$r/root/.cache/pip"
         mount --bind -o ro "$src" "$r/src/mesh"
