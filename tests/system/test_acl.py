@@ -45,6 +45,9 @@ FLOWS = [
     (COORD, "asker", topics.reply("cli-0a1b")),
     (COORD, "homeassistant", topics.ANSWER),
     (COORD, "pi1", topics.node_ask("pi1")),
+    # an asker's last will reaches the node and the coordinator working on its ask (mesh/askers.py)
+    ("asker", "pi1", topics.asker_status("cli-0a1b")),
+    ("asker", COORD, topics.asker_status("cli-0a1b")),
     # nodes among themselves: KV fetches and their replies, catalogs, forwarded asks
     ("pi1", "pi2", topics.node_kv("pi2")),
     ("pi2", "pi1", topics.reply("node-pi1")),
@@ -62,6 +65,8 @@ DENIED = [
     ("pi1", "pi2", topics.reply(COORD)),
     ("pi1", COORD, topics.HALO_PLAN),
     ("pi1", "pi2", topics.reply("node-pi1")),
+    # a node cannot fake an asker's will to stop its asks
+    ("pi1", "pi2", topics.asker_status("cli-0a1b")),
     # M8: a node rewrites no device but its own, the shared assistant device included
     ("pi1", "homeassistant", ha.assistant_discovery_topic("homeassistant")),
     ("pi1", "homeassistant", ha.node_discovery_topic("homeassistant", "pi2")),
