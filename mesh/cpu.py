@@ -178,18 +178,20 @@ class TorchSettings:
 def torch_settings(facts: CpuFacts, requested_threads: int = 0) -> TorchSettings:
     """The threads and environment that keep torch inside this CPU's instruction set.
 
-    On ARMv8.0 (Pi Zero 2W, Pi 3, Pi 4) torch 2.13 from PyPI (``+cu130``) runs on one thread
-    only: its BLAS (NVIDIA's NVPL, built for ARMv8.1+) joins its worker threads at a barrier
-    made of an LSE atomic (``ldaddal``), an instruction these cores lack, so any matmul on two
-    or more threads dies with SIGILL; on one thread the barrier is skipped. OpenMP's thread
-    count is per thread (``torch.set_num_threads`` binds only its caller), so
-    ``OMP_NUM_THREADS=1`` must be in the environment before torch loads for every thread to
-    start with it. Elsewhere nothing changes.
+    On ARMv8.0 (Pi Zero 2W, Pi 3, Pi 4) a node runs torch on one thread. torch 2.13 from PyPI
+    (``+cu130``) loads and computes there (its own libraries use outline atomics that test
+    AT_HWCAP), but the BLAS bundled with it (NVIDIA's NVPL) joins its worker threads at a barrier
+    made of an LSE atomic (``ldaddal``), an ARMv8.1 instruction these cores lack and that kills
+    the process with SIGILL when reached; on one thread that barrier is skipped. Whether an op
+    reaches it depends on torch's dispatch, not on anything the node controls, so one thread is
+    the setting that cannot reach it. OpenMP's thread count is per thread
+    (``torch.set_num_threads`` binds only its caller), so ``OMP_NUM_THREADS=1`` must be in the
+    environment before torch loads for every thread to start with it. Elsewhere nothing changes.
     """
     if not facts.baseline_arm:
         return TorchSettings(threads=requested_threads, env={})
     reason = (f"{facts.arm_level} CPU ({', '.join(sorted(set(facts.parts))) or 'ARM'}, no LSE atomics): "
-              "torch's BLAS dies with SIGILL on 2+ threads, so one thread")
+              "torch's bundled BLAS has an ARMv8.1 barrier (SIGILL) on 2+ threads, so one thread")
     return TorchSettings(threads=1, env={"OMP_NUM_THREADS": "1"}, reason=reason)
 
 

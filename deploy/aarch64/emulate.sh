@@ -18,7 +18,8 @@
 #
 # Environment: MESH_AARCH64_CPU (cortex-a53), MESH_AARCH64_CACHE (~/.cache/mesh/aarch64: the
 # debootstrap and pip caches and the root, keyed by suite and this script's ROOT_VERSION),
-# MESH_AARCH64_THREADS (threads for the check's node; default: what mesh.cpu says for the CPU),
+# MESH_AARCH64_VIEW (board: the Pi's /proc/cpuinfo and /sys/devices/system/cpu; host: the x86
+# host's /sys; none: no /sys), MESH_AARCH64_THREADS (threads for the check's node; default: what mesh.cpu says for the CPU),
 # TORCH_SPEC / TORCH_INDEX_URL (passed to install.sh), MESH_AARCH64_PROMPT, MESH_AARCH64_TOKENS.
 # Needs root and Debian's qemu-user-static, binfmt-support and debootstrap (installed if missing).
 set -euo pipefail
@@ -35,6 +36,9 @@ root="$cache/root-$SUITE-v$ROOT_VERSION"
 prompt="${MESH_AARCH64_PROMPT:-1, 2, 3, 4, 5, 6, 7,}"
 tokens="${MESH_AARCH64_TOKENS:-16}"
 model=smollm2-135m
+# Where install.sh's `mesh setup` leaves the models: the mesh user's ~/.cache/mesh (install.sh sets
+# MESH_CACHE_DIR, which is the prompt cache's directory, not MESH_HOME; see deploy/AARCH64.md).
+pi_home=/var/lib/mesh/.cache/mesh
 nice=(nice -n 19)  # qemu is CPU heavy and the machine is shared
 
 step() { echo "==> $*" >&2; }
@@ -77,12 +81,18 @@ in_root() {
                ${MESH_AARCH64_ENV:-})
     "${nice[@]}" unshare --mount --propagation private -- bash -c '
         set -e
-        r="$1"; fake="$2"; cache="$3"; src="$4"; shift 4
+        r="$1"; fake="$2"; cache="$3"; src="$4"; view="$5"; shift 5
         mount -t proc proc "$r/proc"
-        mount --bind "$fake/cpuinfo" "$r/proc/cpuinfo"
-        mount -t tmpfs -o mode=0755 sysfs "$r/sys"
-        mkdir -p "$r/sys/devices/system/cpu" "$r/sys/fs/cgroup"
-        mount --rbind "$fake/cpu" "$r/sys/devices/system/cpu"
+        case "$view" in
+            board)  # the Pi'"'"'s /proc/cpuinfo and CPU tree, nothing else of /sys
+                mount --bind "$fake/cpuinfo" "$r/proc/cpuinfo"
+                mount -t tmpfs -o mode=0755 sysfs "$r/sys"
+                mkdir -p "$r/sys/devices/system/cpu" "$r/sys/fs/cgroup"
+                mount --rbind "$fake/cpu" "$r/sys/devices/system/cpu" ;;
+            host) mount --rbind /sys "$r/sys" ;;  # the x86 host'"'"'s, as a plain chroot would have
+            none) ;;  # no /sys, the host'"'"'s /proc/cpuinfo
+            *) echo "emulate.sh: MESH_AARCH64_VIEW is board, host or none" >&2; exit 2 ;;
+        esac
         mount --rbind /dev "$r/dev"
         mount -t tmpfs tmpfs "$r/run"
         mount --bind "$cache/pip" "$r/root/.cache/pip"
@@ -91,7 +101,7 @@ in_root() {
         # CA bundle (a Pi needs nothing of the kind).
         mount --bind -o ro /etc/ssl/certs/ca-certificates.crt "$r/etc/ssl/certs/ca-certificates.crt"
         exec chroot "$r" "$@"
-    ' _ "$root" "$fake" "$cache" "$src" "${env[@]}" "$@"
+    ' _ "$root" "$fake" "$cache" "$src" "${MESH_AARCH64_VIEW:-board}" "${env[@]}" "$@"
 }
 
 build_root() {
@@ -135,14 +145,14 @@ cmd_check() {
     echo "x86:   $x86" >&2
     step "greedy tokens in the root ($cpu, $threads threads)"
     local t0=$SECONDS
-    arm="$(in_root runuser -u mesh -- env MESH_CACHE_DIR=/var/cache/mesh /opt/mesh/.venv/bin/python \
-        /opt/mesh/deploy/aarch64/greedy.py --home /var/cache/mesh --model "$model" --tokens "$tokens" \
+    arm="$(in_root runuser -u mesh -- /opt/mesh/.venv/bin/python \
+        /opt/mesh/deploy/aarch64/greedy.py --home "$pi_home" --model "$model" --tokens "$tokens" \
         --threads "$threads" "$prompt" | tail -n1)"
     echo "arm64: $arm ($((SECONDS - t0)) s)" >&2
     step "one ask through a broker and a node in the root"
     t0=$SECONDS
     ask="$(in_root runuser -u mesh -- /opt/mesh/.venv/bin/python /opt/mesh/deploy/aarch64/ask_once.py \
-        --home /var/cache/mesh --model "$model" --tokens "$tokens" --threads "$threads" "$prompt" | tail -n1)"
+        --home "$pi_home" --model "$model" --tokens "$tokens" --threads "$threads" "$prompt" | tail -n1)"
     echo "ask:   $ask ($((SECONDS - t0)) s)" >&2
     python3 - "$x86" "$arm" "$ask" <<'EOF'
 import json, sys

@@ -51,9 +51,15 @@ def midr(cpu: str) -> int:
 
 
 def write_tree(cpu: str, cores: int, out: Path) -> None:
-    """Write ``out/cpuinfo`` and ``out/cpu/`` afresh (a replaced tree, never a merged one)."""
+    """Write ``out/cpuinfo`` and ``out/cpu/`` afresh (a replaced tree, never a merged one).
+
+    An existing tree with the same text is left alone: a running root has it bind-mounted, and
+    replacing the directory would leave that mount on a deleted one."""
     if cpu not in BOARDS:
         raise SystemExit(f"fakecpu: no board for QEMU_CPU={cpu}; one of {', '.join(BOARDS)}")
+    stamp = out / "cpu" / f"cpu{cores - 1}" / "online"
+    if stamp.exists() and (out / "cpuinfo").exists() and (out / "cpuinfo").read_text() == cpuinfo_text(cpu, cores):
+        return
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tree = tmp / "cpu"

@@ -3,8 +3,9 @@
 The fast tests read /proc/cpuinfo texts published from real boards and the AT_HWCAP values qemu
 reports for the Pi cores, and this machine's own /proc. The slow ones need the arm64 root that
 ``deploy/aarch64/emulate.sh build`` makes (tens of minutes under qemu) and run only with
-MESH_SLOW_AARCH64=1: a 2-thread matmul dies with SIGILL on the emulated Cortex-A53 unless the
-settings mesh.cpu gives are used, and one ask in the root is answered with x86's tokens.
+MESH_SLOW_AARCH64=1: torch runs on the emulated Cortex-A53 (1 and 2 threads) only when the
+root has the board's view of its CPU (not the x86 host's /sys), and one ask in the root is
+answered with x86's tokens.
 """
 
 from __future__ import annotations
@@ -185,24 +186,24 @@ MATMUL = ("import torch, threading; torch.set_num_threads({threads}); x = torch.
           "print('ok', torch.get_num_threads(), len(out))")
 
 
-def _in_root(cpu: str, *argv: str, env: str = "") -> subprocess.CompletedProcess[str]:
+def _in_root(cpu: str, *argv: str, view: str = "board") -> subprocess.CompletedProcess[str]:
     if os.geteuid() != 0:
         pytest.skip("needs root (chroot, mounts)")
     return subprocess.run([str(EMULATE), "run", *argv], capture_output=True, text=True, timeout=3600,
-                          env={**os.environ, "MESH_AARCH64_CPU": cpu, "MESH_AARCH64_ENV": env})
+                          env={**os.environ, "MESH_AARCH64_CPU": cpu, "MESH_AARCH64_VIEW": view})
 
 
 @slow
-def test_two_threads_die_on_the_a53_unless_mesh_cpu_settings_are_used() -> None:
+def test_what_the_root_sees_decides_whether_torch_runs() -> None:
     python = "/opt/mesh/.venv/bin/python"
-    bare = _in_root("cortex-a53", python, "-c", MATMUL.format(threads=2))
-    assert bare.returncode in (132, -4), bare.stdout + bare.stderr  # SIGILL
-    settings = _in_root("cortex-a53", python, "-m", "mesh.cpu", "--env")
-    assert settings.stdout.split() == ["OMP_NUM_THREADS=1"], settings.stderr
-    fixed = _in_root("cortex-a53", python, "-c", MATMUL.format(threads=1), env=settings.stdout.strip())
-    assert fixed.returncode == 0 and fixed.stdout.split() == ["ok", "1", "1"], fixed.stderr
-    pi5 = _in_root("cortex-a76", python, "-c", MATMUL.format(threads=2))
-    assert pi5.returncode == 0 and pi5.stdout.split() == ["ok", "2", "1"], pi5.stderr
+    # The board's view (the Pi's /proc/cpuinfo and CPU tree): torch runs, on 1 and 2 threads.
+    for threads in (1, 2):
+        done = _in_root("cortex-a53", python, "-c", MATMUL.format(threads=threads))
+        assert done.returncode == 0 and done.stdout.split() == ["ok", str(threads), "1"], done.stderr
+    # The x86 host's /sys: oneDNN's probe finds no MIDR_EL1 and the process segfaults, an
+    # artefact of emulation (a board's kernel has that file).
+    host = _in_root("cortex-a53", python, "-c", MATMUL.format(threads=1), view="host")
+    assert host.returncode in (139, -11) and "MIDR_EL1" in host.stderr, host.stderr
 
 
 @slow
