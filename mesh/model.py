@@ -118,7 +118,9 @@ def load_model(cache_root: Path, key: str, threads: int = 0, weights: str = DEFA
     """Load the converted model in weight format ``weights`` and its tokenizer; setup must have
     run (``mesh setup``, ``mesh setup --weights int8``). Quantised weights stay memory-mapped
     (:mod:`mesh.weights.load`); ``verify`` checks their bytes against the file's digest."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from mesh.text import FILE_NAME, ensure_tables, load_tokenizer
 
     model_spec(key)
     check_format(weights)
@@ -140,7 +142,9 @@ def load_model(cache_root: Path, key: str, threads: int = 0, weights: str = DEFA
         model = load_quantized(path, weights, AutoConfig.from_pretrained(path), str(meta["gguf_sha256"]), verify)
         if (path / "generation_config.json").exists():
             model.generation_config = GenerationConfig.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not (path / FILE_NAME).exists():  # converted before mesh.text: build its tables once
+        ensure_tables(path)
+    tokenizer = load_tokenizer(path)
     eos: set[int] = set()
     for source in (model.config.eos_token_id, getattr(model.generation_config, "eos_token_id", None),
                    tokenizer.eos_token_id):

@@ -188,12 +188,16 @@ def convert_weights(spec: ModelSpec, cache_root: Path, fmt: str) -> Path:
     """Make the model's ``fmt`` weights ready (once); return their file."""
     from transformers import AutoConfig
 
+    from mesh.text import ensure_tables
     from mesh.weights.convert import convert_gguf
 
     check_format(fmt)
     if fmt == "fp32":
-        return weights_file(convert_model(spec, cache_root), fmt)
+        out = convert_model(spec, cache_root)
+        ensure_tables(out)
+        return weights_file(out, fmt)
     out, meta = prepare_model_dir(spec, cache_root)
+    ensure_tables(out)
     path = weights_file(out, fmt)
     if _weights_current(path, fmt, str(meta["gguf_sha256"])):
         return path

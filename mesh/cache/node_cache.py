@@ -64,7 +64,10 @@ class Prepared:
 
 def _tokenizer_id(loaded: LoadedModel) -> str:
     tok = loaded.tokenizer
-    return f"{type(tok).__name__}/{len(tok)}/gguf:{loaded.digest[:16]}"
+    # mesh.text tokenizers name their tables by digest; a transformers one (reference tests) by class.
+    name = getattr(tok, "digest", None)
+    name = f"mesh-text/{name[:16]}" if isinstance(name, str) else type(tok).__name__
+    return f"{name}/{len(tok)}/gguf:{loaded.digest[:16]}"
 
 
 class NodeCache:

@@ -135,12 +135,12 @@ class Quality:
     """Held-out perplexity windows and the MMLU sample, tokenized once."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from transformers import AutoTokenizer
+        from mesh.text import load_tokenizer
 
         from mesh.model import converted_dir
 
         home = mesh_home(args)
-        self.tok = AutoTokenizer.from_pretrained(converted_dir(home, args.model))
+        self.tok = load_tokenizer(converted_dir(home, args.model))
         held = load_split(home).held_out
         self.windows = token_windows(self.tok, held, args.ppl_tokens, 1)
         per = max(1, math.ceil(args.mmlu / 6))

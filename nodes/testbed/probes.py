@@ -52,11 +52,13 @@ def _load_work(model: str, tokens: int, model_dir: Path, threads: int) -> tuple[
     if not path.is_dir():
         raise ConfigError(f"no model cache at {path}: run the project's model setup first")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from mesh.text import load_tokenizer
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = load_tokenizer(path)
     lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     load_s = time.perf_counter() - t0
     ids = torch.tensor([_prompt_ids(tok, tokens)], dtype=torch.long)  # [1, tokens]

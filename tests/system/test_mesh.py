@@ -75,7 +75,7 @@ def test_greedy_answers_match_transformers_generate(amqtt_broker: Broker, mesh_n
         for prompt in PROMPTS:
             pieces: list[str] = []
             got = client.ask(prompt, node=node, max_new_tokens=16, on_text=pieces.append, timeout=120)
-            ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
+            ids = torch.tensor([loaded.tokenizer(prompt)["input_ids"]])
             with torch.inference_mode():
                 ref = loaded.model.generate(ids, do_sample=False, max_new_tokens=16)[0, ids.shape[1]:].tolist()
             ref = ref[:next((i for i, t in enumerate(ref) if t in loaded.eos_ids), len(ref))]
