@@ -24,7 +24,7 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from pathlib import Path
 from mesh.errors import ConfigError
-from mesh.text import bpe
+import mesh.text.bpe as bpe
 from mesh.text.tables import BYTE_LEVEL, FILE_NAME, METASPACE, read_header
 
 # Pair lookups remembered (about 100 bytes each) before the memo is cleared.
