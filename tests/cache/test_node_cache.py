@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from mesh.cache.lookup import LinkEstimate
+from mesh.cache.lookup import LinkEstimate, PenaltyPolicy
 from mesh.cache.node_cache import NodeCache, Prepared
 from mesh.cache.transfer import Part, payload_bytes
 from mesh.config import CacheConfig
@@ -165,7 +165,8 @@ def test_a_poisoned_part_is_rejected_counted_recomputed_and_its_peer_shunned(loa
                 b["chunks"][0]["layers"][3]["v"]["data"] = bytes(data)
             yield b, payload_bytes(b)
 
-    a = asker(loaded, peer)
+    # an hour's cool-down: the shun must still run when the test reads it, however slow the machine
+    a = asker(loaded, peer, penalty=PenaltyPolicy(base_s=3600.0))
     fetch = FakeFetch(peer, flip_a_byte)
     q2 = ids_of(a, Q2)
     got = a.prepare(q2, SLOW_CPU, FAST, fetch)
