@@ -190,7 +190,8 @@ def test_a_stalled_peer_costs_the_timeout_then_a_recompute(loaded: LoadedModel, 
         return
         yield  # a generator
 
-    a = asker(loaded, peer, config=dataclasses.replace(CONFIG, fetch_timeout_s=0.6), fetch_floor_s=0.1)
+    a = asker(loaded, peer, config=dataclasses.replace(CONFIG, fetch_timeout_s=0.6), fetch_floor_s=0.1,
+              penalty=PenaltyPolicy(base_s=3600.0))  # the shun outlives a slow machine's test
     fetch = FakeFetch(peer, stall)
     q2 = ids_of(a, Q2)
     t0 = time.perf_counter()
@@ -198,7 +199,8 @@ def test_a_stalled_peer_costs_the_timeout_then_a_recompute(loaded: LoadedModel, 
     took = time.perf_counter() - t0
     info = got.info
     assert fetch.calls[0][3] == pytest.approx(0.6) and info["fetch_timeout_s"] == pytest.approx(0.6)
-    assert 0.6 <= info["fetch_s"] < 1.1 and took < 0.6 + 30.0  # the wait, then one plain prefill
+    # the wait is the 0.6 s timeout, far from the 30 s cap (a loaded machine may add seconds)
+    assert 0.6 <= info["fetch_s"] < 15.0 and took < 0.6 + 30.0
     assert info["wasted"] == "short: no answer" and info["decision"] == "recompute"
     assert info["remote_tokens"] == 0 and info["computed_tokens"] == len(q2)
     assert torch.allclose(got.logits, recompute(a, Q2), atol=1e-4)
