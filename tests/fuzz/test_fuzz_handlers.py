@@ -50,6 +50,7 @@ from mesh.mqtt.bus import MqttBus
 from mesh.cache.catalog import Catalog
 from mesh.config import NodeConfig
 from mesh.errors import ProtocolError
+from mesh.cache.quota import fetch_reply_ok
 from mesh.model import Decoder, LoadedModel
 from mesh.routing import choose_node
 from mesh.halo.placement import Plan
@@ -421,6 +422,7 @@ class Rig:
         def kv_valid(topic: str, payload: bytes, retained: bool) -> bool:
             env = decoded(payload, wire.Kind.KV_FETCH)
             return (env is not None and env.reply_to is not None and topics.reply_allowed(env.reply_to)
+                    and env.body["model"] == a.cache.digest and fetch_reply_ok(env.sender, env.reply_to)
                     and len(env.body["keys"]) <= 4096
                     and all(isinstance(k, bytes) and len(k) == 16 for k in env.body["keys"]))
 
@@ -682,13 +684,15 @@ def test_handler_caps_are_exact(rig: Rig, name: str, kind: wire.Kind, topic: str
     item budget, is accepted; one byte or one item more is refused and counted once."""
     case = rig.cases()[name]
     cap = wire.KIND_CAPS[kind]
-    body = fuzzkit.valid_bodies()[kind]
+    body = dict(fuzzkit.valid_bodies()[kind])
+    if kind is wire.Kind.KV_FETCH:  # a fetch for another model is refused by meaning, not by size
+        body["model"] = rig.agent.cache.digest
     n = 0
 
     def env() -> dict[str, Any]:
         nonlocal n
         n += 1  # a fresh correlation id each time: asks are deduplicated by it
-        return {"sender": "peer1", "corr": f"exact-{time.monotonic_ns()}-{n}", "reply_to": "mesh/v1/reply/fuzz"}
+        return {"sender": "peer1", "corr": f"exact-{time.monotonic_ns()}-{n}", "reply_to": topics.reply("node-peer1")}  # a KV fetch is answered only to the requester's inbox
 
     for payload, want in ((fuzzkit.of_size(kind, cap.bytes, body, **env()), None),
                           (fuzzkit.of_size(kind, cap.bytes + 1, body, **env()), "oversized"),
