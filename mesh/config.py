@@ -103,9 +103,9 @@ class CacheConfig:
     fetch_timeout_s: float = 30.0
     # Serving peers (mesh.cache.quota): bytes per requester and in all, and bytes in flight to the broker.
     serve_mb_s: float = 8.0  # per requester: 64 Mbit/s, above any Pi's Wi-Fi
-    serve_burst_mb: float = 32.0
+    serve_burst_mb: float = 0.0  # 0: one full context of the node's model (mesh.cache.quota.default_burst)
     serve_total_mb_s: float = 32.0
-    serve_total_burst_mb: float = 64.0
+    serve_total_burst_mb: float = 0.0  # 0: twice one requester's burst
     serve_window_mb: float = 4.0
 
     def __post_init__(self) -> None:
@@ -113,6 +113,8 @@ class CacheConfig:
             raise ConfigError(f"kv wire codec must be fp16, int8 or fp32, not {self.kv_wire!r}")
         if not 1 <= self.chunk_size <= 4096 or self.budget_mb < 0 or not 0 < self.fp_rate < 1:
             raise ConfigError("invalid cache settings")
+        if min(self.serve_burst_mb, self.serve_total_burst_mb) < 0 or min(self.serve_mb_s, self.serve_total_mb_s) <= 0:
+            raise ConfigError("KV serving rates must be > 0 and bursts >= 0 (0: the default)")
 
 
 @dataclass(frozen=True)

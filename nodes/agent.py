@@ -31,7 +31,7 @@ from mesh.errors import MeshError
 from mesh.model import WARMUP_TEXT, Decoder, Interrupted, LoadedModel, load_model
 from mesh.cache.lookup import LinkEstimate
 from mesh.cache.peers import CatalogSync, default_link, peer_links
-from mesh.cache.quota import ByteBuckets
+from mesh.cache.quota import ByteBuckets, default_burst
 from mesh.cache.transfer import PeerTransfer
 from mesh.cache.node_cache import NodeCache, Prepared
 from mesh.member import AgentExtension, Job, Member
@@ -377,11 +377,12 @@ class NodeAgent:
         self.catalogs = CatalogSync(self.bus, cache, self.name, stop=self._stop, rejects=self.rejects,
                                     max_message_bytes=self.limits.max_message_bytes)
         c, mib = self.config.cache, float(1 << 20)
+        burst = c.serve_burst_mb * mib or default_burst(self.max_context, cache.bytes_per_chunk / cache.chunk_size)
         self.transfer = PeerTransfer(self.bus, self.inbox, self.name, cache.serve, cache.digest,
                                      kv_wire=c.kv_wire, online=self.member.peer_online, stop=self._stop,
                                      rejects=self.rejects, max_message_bytes=self.limits.max_message_bytes,
-                                     quota=ByteBuckets(c.serve_mb_s * mib, c.serve_burst_mb * mib,
-                                                       c.serve_total_mb_s * mib, c.serve_total_burst_mb * mib),
+                                     quota=ByteBuckets(c.serve_mb_s * mib, burst, c.serve_total_mb_s * mib,
+                                                       c.serve_total_burst_mb * mib or 2 * burst),
                                      window_bytes=int(c.serve_window_mb * mib))
         self._threads += [self.catalogs.start(), self.transfer.start()]
 

@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-wire", choices=["fp16", "int8", "fp32"], help="KV codec on the wire (default fp16)")
     p.add_argument("--fetch-margin", type=float, help="fetch KV only if transfer x margin < recompute (default 1.2)")
     p.add_argument("--kv-serve-mb-s", type=float, help="KV bytes served per requester, MiB/s (default 8)")
-    p.add_argument("--kv-serve-burst-mb", type=float, help="... and in one burst, MiB (default 32)")
+    p.add_argument("--kv-serve-burst-mb", type=float, help="... and in one burst, MiB (default: one full context of the model, at least 32)")
     p.add_argument("--no-cache", action="store_true", help="run without the prompt cache")
     add_broker_arguments(p)
     add_ha_arguments(p)

@@ -346,6 +346,8 @@ class NodeCache:
         wasted = None
         if t.bad is not None:
             wasted = f"{BAD}: {t.bad}"
+        elif t.capped and got:  # the leading run its budget for us allowed: we compute the rest
+            info["capped"] = True
         elif len(got) < len(t.want) or (t.full and prompt is None):
             wasted = SHORT if t.complete else f"{SHORT}: {t.ended}"
         now = time.monotonic()

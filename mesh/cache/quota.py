@@ -10,7 +10,10 @@ made a node encode hundreds of megabytes into an unbounded outgoing queue, to an
   never fp32 unless that is its own (:func:`pick_codec`): the requester cannot double the bytes;
 - bytes are metered per requester and in all with token buckets (:class:`ByteBuckets`): a request
   beyond what the buckets hold is served as the leading run of chunks that fits (the requester
-  computes the rest), and a requester with an empty bucket gets an empty answer at once;
+  computes the rest), and a requester with an empty bucket gets an empty answer at once; both
+  end with ``capped``, so the requester knows the peer kept its word (no strike for it). A
+  requester's burst is by default one full context of the node's model (:func:`default_burst`):
+  one honest fetch of the longest prompt the node serves is never cut;
 - the serve thread keeps at most a window of bytes in flight to the broker
   (``mesh.cache.transfer.PeerTransfer``), so the outgoing queue is bounded too.
 
@@ -40,6 +43,12 @@ def fetch_reply_ok(sender: str, reply_to: str | None) -> bool:
     except ConfigError:
         return False
     return reply_to in (topics.reply(f"node-{name}"), topics.reply(name))
+
+
+def default_burst(context_tokens: int, wire_bytes_per_token: float, floor: float = 32 << 20) -> float:
+    """Bytes one requester may take at once: a whole ``context_tokens`` prompt's KV in the wire
+    codec (plus an eighth for the logits, part framing and a prompt entry), at least ``floor``."""
+    return max(float(floor), context_tokens * wire_bytes_per_token * 1.125)
 
 
 def pick_codec(accepted: Iterable[str], own: str) -> str | None:

@@ -126,6 +126,8 @@ class Reading:
 
     ``bad`` is set (and reading stops) at the first part that fails a check; ``ended`` says why
     reading stopped early when the last part never came (timeout, peer offline, a gap).
+    ``capped``: the last part said the peer's byte budget for us ran out (``mesh.cache.quota``),
+    so fewer chunks than asked is what it promised, not a broken promise.
     """
 
     def __init__(self, check: KVCheck, peer: str, want: list[bytes], pkey: bytes, full: bool,
@@ -141,6 +143,7 @@ class Reading:
         self.complete = False
         self.open = True
         self.bad: str | None = None
+        self.capped = False
         self.ended = "no answer"
         self.seconds = 0.0
 
@@ -195,6 +198,7 @@ class Reading:
             return False
         if body["last"]:
             self.complete = True
+            self.capped = body.get("capped") is True
             self.stop()
             return False
         return True
@@ -330,7 +334,7 @@ class PeerTransfer:
         allowed = self.quota.available(env.sender, time.monotonic()) if codec_name is not None else 0.0
         if allowed <= 0:
             self.rejects.add("kv-rate-limited" if codec_name is not None else "bad-kv-codec")
-            self._publish(env, {"chunks": [], "part": 0, "last": True})  # the requester need not wait
+            self._publish(env, {"chunks": [], "part": 0, "last": True, "capped": True})  # nobody need wait
             return
         sent, flight = 0, deque()
         for b in self.serve(list(env.body["keys"]), pkey if isinstance(pkey, bytes) else None,
@@ -346,7 +350,7 @@ class PeerTransfer:
                 return
             if sent >= allowed:  # the leading run that fits; the requester computes the rest
                 self.rejects.add("kv-rate-limited")
-                self._publish(env, {"chunks": [], "part": b["part"] + 1, "last": True})
+                self._publish(env, {"chunks": [], "part": b["part"] + 1, "last": True, "capped": True})
                 return
 
     def _publish(self, env: wire.Envelope, body: dict[str, Any]) -> tuple[int, Any]:

@@ -227,3 +227,43 @@ def test_a_slow_link_estimate_recomputes_without_fetching(loaded: LoadedModel, p
     measured = asker(loaded, peer)
     measured.note_link("b", 10 << 20, 0.01, 0.001)
     assert measured.prepare(q1, 500.0, crawl, fetch).info["decision"] == "remote" and len(fetch.calls) == 1
+
+
+def test_a_budget_capped_answer_is_kept_and_its_peer_not_shunned(loaded: LoadedModel, peer: NodeCache) -> None:
+    """A peer whose byte budget for us ran out (mesh.cache.quota) serves the leading chunks and
+    ends with ``capped``: the asker keeps them, computes the rest, and asks that peer again."""
+    def capped_after_two(bodies: Iterator[dict[str, Any]], timeout: float) -> Iterator[Part]:
+        for b in bodies:
+            if b["part"] == 2:  # what PeerTransfer.serve_one sends once the budget is spent
+                end = {"chunks": [], "part": 2, "last": True, "capped": True}
+                yield end, payload_bytes(end)
+                return
+            yield b, payload_bytes(b)
+
+    a = asker(loaded, peer)
+    fetch = FakeFetch(peer, capped_after_two)
+    q2 = ids_of(a, Q2)
+    assert shared_chunks(a, Q1, Q2) > 2
+    got = a.prepare(q2, SLOW_CPU, FAST, fetch)
+    info = got.info
+    assert info["decision"] == "remote" and info.get("capped") is True and "wasted" not in info, info
+    assert info["remote_tokens"] == 2 * 16 and info["computed_tokens"] == len(q2) - 2 * 16
+    assert torch.allclose(got.logits, recompute(a, Q2), atol=1e-4)
+    f = a.snapshot()
+    assert f["wasted_fetches"] == 0 and f["shunned"] == []
+    # the same peer is asked for what Q1 has beyond the shared prefix (now held here) next time
+    again = finished(a.prepare(ids_of(a, Q1), SLOW_CPU, FAST, FakeFetch(peer)))
+    assert again.info["decision"] == "remote" and again.info["peer"] == "b", again.info
+    assert again.info["local_tokens"] == 16 * shared_chunks(a, Q1, Q2) and again.info["remote_tokens"] > 0
+
+
+def test_an_empty_capped_answer_is_a_short_strike(loaded: LoadedModel, peer: NodeCache) -> None:
+    """An empty bucket's answer brings nothing: the peer is skipped until it republishes."""
+    def empty(bodies: Iterator[dict[str, Any]], timeout: float) -> Iterator[Part]:
+        end = {"chunks": [], "part": 0, "last": True, "capped": True}
+        yield end, payload_bytes(end)
+
+    a = asker(loaded, peer, penalty=PenaltyPolicy(base_s=3600.0))
+    got = a.prepare(ids_of(a, Q2), SLOW_CPU, FAST, FakeFetch(peer, empty))
+    assert got.info["wasted"] == "short" and got.info["decision"] == "recompute", got.info
+    assert a.snapshot()["shunned"] == ["b"]
