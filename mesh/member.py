@@ -267,6 +267,8 @@ class Member(Presence):
         body: dict[str, Any] = {"text": ask.text, "max_new_tokens": ask.max_new_tokens, "reply_format": "json"}
         if ask.ask_id:
             body["ask_id"] = ask.ask_id
+        if ask.deadline_s is not None:
+            body["deadline_s"] = ask.deadline_s
         env = wire.Envelope(wire.Kind.ASK, JSON_SENDER, body, corr=ask.ask_id or uuid.uuid4().hex,
                             reply_to=reply_to)
         if self.valid_ask(env):

@@ -33,7 +33,7 @@ from typing import Any
 
 import cbor2
 
-from mesh import cbor_bounds
+from mesh import budget, cbor_bounds
 from mesh.config import Limits
 from mesh.errors import ProtocolError
 
@@ -276,6 +276,7 @@ class JsonAsk:
     reply_to: str | None
     max_new_tokens: int
     ask_id: str | None
+    deadline_s: float | None = None  # the asker's budget in seconds (mesh.budget)
 
 
 MAX_STOPS, MAX_STOP_CHARS = 8, 64
@@ -296,7 +297,8 @@ def ask_problem(env: Envelope, max_prompt_chars: int, max_new_tokens: int) -> st
 
 
 def decode_json_ask(payload: bytes, max_bytes: int, default_tokens: int, max_tokens: int) -> JsonAsk:
-    """``{"text": ..., "reply_to": TOPIC, "max_new_tokens": N, "id": ...}`` from any MQTT client."""
+    """``{"text": ..., "reply_to": TOPIC, "max_new_tokens": N, "id": ..., "deadline_s": S}`` from
+    any MQTT client (Home Assistant's automations among them)."""
     if len(payload) > max_bytes:
         raise ProtocolError("oversized", f"{len(payload)} bytes > {max_bytes}")
     try:
@@ -317,7 +319,11 @@ def decode_json_ask(payload: bytes, max_bytes: int, default_tokens: int, max_tok
     ask_id = raw.get("id")
     if ask_id is not None and (not isinstance(ask_id, str) or len(ask_id) > 128):
         raise ProtocolError("bad-field", "id must be a short string")
-    return JsonAsk(text=text, reply_to=reply_to, max_new_tokens=tokens, ask_id=ask_id)
+    if budget.deadline_problem(raw) is not None:
+        raise ProtocolError(budget.BAD_DEADLINE, f"deadline_s must be seconds in (0, {budget.MAX_DEADLINE_S:g}]")
+    deadline = raw.get("deadline_s")
+    return JsonAsk(text=text, reply_to=reply_to, max_new_tokens=tokens, ask_id=ask_id,
+                   deadline_s=None if deadline is None else float(deadline))
 
 
 # --- rejection counters --------------------------------------------------------------------

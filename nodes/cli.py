@@ -304,22 +304,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def threads_env(threads: int | None) -> None:
+def threads_env(threads: int | None, facts: Any = None, environ: Any = None, modules: Any = None) -> int | None:
     """``--threads`` for OpenMP and MKL, which read these when torch loads, so every thread (also
     paho's) gets them; ``torch.set_num_threads`` alone binds only its caller (see
-    ``mesh.model.bind_threads``). Too late once torch is loaded (main() called in-process)."""
-    if threads and "torch" not in sys.modules:
+    ``mesh.model.bind_threads``). Too late once torch is loaded (main() called in-process).
+
+    The CPU may overrule the request (``mesh.cpu.torch_settings``: one thread on an ARMv8.0 Pi,
+    where torch's BLAS dies with SIGILL on two): the thread count to use is returned."""
+    from mesh import cpu
+
+    environ = os.environ if environ is None else environ
+    if "torch" in (sys.modules if modules is None else modules):
+        return threads
+    settings = cpu.torch_settings(cpu.read_cpu() if facts is None else facts, threads or 0)
+    if settings.reason:
+        if threads and threads != settings.threads:
+            logging.getLogger("mesh.cli").warning("--threads %d overruled: %s", threads, settings.reason)
+        threads = settings.threads
+    environ.update(settings.env)
+    if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = str(threads)
+            environ[var] = str(threads)
+    return threads
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    threads_env(getattr(args, "threads", None))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("amqtt", "transitions", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if hasattr(args, "threads"):
+        args.threads = threads_env(args.threads)
     try:
         return int(args.func(args) or 0)
     except MeshError as exc:

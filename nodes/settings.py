@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mesh import cpu
 from mesh.config import DEFAULT_MODEL, BrokerAddress, CacheConfig, Limits, NodeConfig, Timing
 from mesh.errors import ConfigError
 
@@ -93,6 +94,7 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
     cache_d, limits_d, timing_d = CacheConfig(), Limits(), Timing()  # the defaults live in mesh.config
     try:
         threads = int(_pick(getattr(args, "threads", None), env, "MESH_THREADS", table, "threads", 0))
+        threads = cpu.torch_settings(cpu.read_cpu(), threads).threads  # one on an ARMv8.0 Pi (mesh.cpu)
         heartbeat = float(_pick(getattr(args, "heartbeat", None), env, "MESH_HEARTBEAT_S", table, "heartbeat_s",
                                 timing_d.heartbeat_s))
         link_ping = float(_pick(getattr(args, "link_ping", None), env, "MESH_LINK_PING_S", table, "link_ping_s",

@@ -145,6 +145,9 @@ def test_json_ask() -> None:
                                1000, 64, 100)
     assert (ask.text, ask.reply_to, ask.max_new_tokens) == ("Hi", "home/answer", 5)
     assert wire.decode_json_ask(b'{"text": "Hi"}', 1000, 64, 100).max_new_tokens == 64
+    # Home Assistant's budget reaches the node (it was dropped here before)
+    assert wire.decode_json_ask(b'{"text": "Hi", "deadline_s": 2.5}', 1000, 64, 100).deadline_s == 2.5
+    assert wire.decode_json_ask(b'{"text": "Hi"}', 1000, 64, 100).deadline_s is None
 
 
 @pytest.mark.parametrize(("payload", "reason"), [
@@ -155,6 +158,9 @@ def test_json_ask() -> None:
     (b'{"text": "a", "max_new_tokens": 0}', "bad-field"),
     (b'{"text": "a", "max_new_tokens": 1000}', "bad-field"),
     (b'{"text": "a", "reply_to": "a/#"}', "bad-reply-topic"),
+    (b'{"text": "a", "deadline_s": -1}', "bad-deadline"),
+    (b'{"text": "a", "deadline_s": "soon"}', "bad-deadline"),
+    (b'{"text": "a", "deadline_s": true}', "bad-deadline"),
     (b'{"text": "' + b"a" * 2000 + b'"}', "oversized"),
 ])
 def test_json_ask_rejections(payload: bytes, reason: str) -> None:

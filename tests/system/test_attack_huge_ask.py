@@ -95,6 +95,20 @@ def test_work_stops_when_the_deadline_passes(amqtt_broker: Broker, node: NodePro
     assert tokens < LONG_ANSWER // 2, f"{tokens} tokens streamed in {took:.1f} s on a 1 s budget"
 
 
+def test_a_home_assistant_ask_keeps_its_deadline(amqtt_broker: Broker, node: NodeProcess) -> None:
+    """A JSON ask's ``deadline_s`` reaches the node (the JSON decoder dropped it before)."""
+    home = Rogue(amqtt_broker, "deadline-home")
+    try:
+        home.subscribe("homeassistant-mesh/slow")
+        t0 = time.monotonic()
+        home.json_ask(COUNTING, "homeassistant-mesh/slow", max_new_tokens=LONG_ANSWER, deadline_s=1.0)
+        answer = wait_json(home, "homeassistant-mesh/slow", 180)
+        took = time.monotonic() - t0
+    finally:
+        home.close()
+    assert answer is not None and answer.get("error") == "deadline", (answer, f"{took:.1f} s")
+
+
 def test_work_stops_when_the_asker_is_gone(amqtt_broker: Broker, node: NodeProcess) -> None:
     name = "gone-asker"
     asker = Rogue(amqtt_broker, name, will=(topics.asker_status(name), topics.OFFLINE, False))

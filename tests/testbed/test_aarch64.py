@@ -215,3 +215,23 @@ def test_one_ask_in_the_root_has_x86s_tokens() -> None:
     result = json.loads(done.stdout[done.stdout.index("{"):])
     assert result["same_weights"] and result["same_tokens"] and result["same_answer"]
     assert result["arm_threads"] == 1
+
+
+def test_the_cli_applies_the_cpus_thread_setting_before_torch_loads() -> None:
+    """``mesh`` (nodes.cli.threads_env) asks mesh.cpu before torch loads: on a Pi Zero 2W a
+    request for 4 threads becomes 1, in torch's count and in OpenMP's environment; on a Pi 5 the
+    request stands; once torch is loaded nothing is touched (it would be too late)."""
+    from nodes.cli import threads_env
+
+    env: dict[str, str] = {}
+    assert threads_env(4, parse_cpuinfo(PI_ZERO_2W), env, modules={}) == 1
+    assert env == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {}
+    assert threads_env(None, parse_cpuinfo(PI_4), env, modules={}) == 1 and env["OMP_NUM_THREADS"] == "1"
+    env = {}
+    assert threads_env(3, parse_cpuinfo(PI_5), env, modules={}) == 3
+    assert env == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
+    env = {}
+    assert threads_env(None, parse_cpuinfo(PI_5), env, modules={}) is None and env == {}
+    env = {}
+    assert threads_env(4, parse_cpuinfo(PI_ZERO_2W), env, modules={"torch": object()}) == 4 and env == {}
