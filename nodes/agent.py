@@ -65,8 +65,14 @@ class Figures:
 
 
 def physical_memory() -> int:
-    """Bytes of memory the device has (what ``mesh.budget.default_max_context`` takes a share of)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """Bytes of memory this process may use (what ``mesh.budget.default_max_context`` takes a
+    share of): its cgroup's limit, else the board's RAM (``mesh.sysmem.memory_limit``)."""
+    from mesh import sysmem
+
+    try:
+        return sysmem.memory_limit().bytes
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class NodeAgent:

@@ -63,12 +63,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     from nodes.agent import NodeAgent
-    from nodes.settings import node_config, node_weights
+    from nodes.settings import cache_budget_given, node_config, node_weights
 
     from nodes.ha_cli import ha_extension_from_args, run_decommission
     from nodes.halo_cli import halo_extensions_from_args
 
-    from nodes.memory import start_trimmer, steady_malloc
+    from nodes.memory import fit_node, start_trimmer, steady_malloc
 
     _quiet_libraries()
     config = node_config(args)
@@ -80,6 +80,10 @@ def cmd_node(args: argparse.Namespace) -> int:
     ha = ha_extension_from_args(args, config)
     halo = halo_extensions_from_args(args, config)
     weights, loaded = node_weights(args), None
+    import torch  # noqa: F401  (the runtime the footprint measures: torch and transformers loaded)
+    import transformers  # noqa: F401
+
+    config = fit_node(config, weights, cache_budget_given(args))
     if weights != "fp32":  # the agent loads fp32 itself; other formats are loaded here
         if halo:
             raise ConfigError(f"a HALO worker slices float32 MLP weights; run it with --weights fp32, not {weights}")

@@ -22,6 +22,10 @@ import ctypes.util
 import functools
 import logging
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mesh.config import NodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +69,48 @@ def start_trimmer(stop: threading.Event, period_s: float = 30.0) -> threading.Th
     thread = threading.Thread(target=loop, name="malloc-trim", daemon=True)
     thread.start()
     return thread
+
+
+def fit_node(config: "NodeConfig", weights: str, cache_explicit: bool) -> "NodeConfig":
+    """``config`` with the context and cache budget that fit this process's memory limit
+    (``mesh.footprint.plan``; ``mesh.sysmem.memory_limit``: its cgroup, else the board), or
+    ``mesh.footprint.DoesNotFit`` naming what to change. Call it once torch is imported (the
+    runtime is measured) and before the weights load."""
+    import dataclasses
+    import json
+
+    from mesh import budget, footprint, sysmem
+    from mesh.model import converted_dir
+    from mesh.text import FILE_NAME
+    from mesh.weights.formats import weights_file
+
+    model_dir = converted_dir(config.home, config.model)
+    files = {"weights": weights_file(model_dir, weights), "tokenizer": model_dir / FILE_NAME}
+    sizes = {k: p.stat().st_size if p.exists() else 0 for k, p in files.items()}
+    if not sizes["weights"]:  # load_model says how to make it
+        return config
+    model_config = json.loads((model_dir / "config.json").read_text())
+    text_config = model_config.get("text_config", model_config)
+
+    class _Config:  # what mesh.budget reads, from config.json without building a model
+        def __init__(self, d: dict) -> None:
+            self.__dict__.update(d)
+
+    cfg = _Config(text_config)
+    limit = sysmem.memory_limit()
+    runtime = sysmem.process_memory().rss_bytes
+    c = config.cache
+    fit = footprint.plan(limit.bytes, limit.source, runtime, sizes["weights"], sizes["tokenizer"],
+                         budget.bytes_per_token(cfg), int(getattr(cfg, "max_position_embeddings", 0) or 2**31 - 1),
+                         weights, max_context=config.limits.max_context,
+                         cache_bytes=(int(c.budget_mb * footprint.MiB) if cache_explicit else None) if c.enabled else 0,
+                         default_cache_bytes=int(c.budget_mb * footprint.MiB),
+                         context_share=budget.MEMORY_SHARE, min_context=budget.MIN_CONTEXT)
+    log.info("memory: %s of %.0f MiB (%s); max context %d tokens, cache %.0f MiB", fit.footprint.describe(),
+             limit.bytes / footprint.MiB, limit.source, fit.max_context, fit.cache_bytes / footprint.MiB)
+    if c.enabled and not fit.cache_bytes:
+        log.warning("memory: no room left for a prompt cache; running without one")
+    cache = dataclasses.replace(c, budget_mb=fit.cache_bytes / footprint.MiB, enabled=bool(fit.cache_bytes)) \
+        if c.enabled else c
+    return dataclasses.replace(config, limits=dataclasses.replace(config.limits, max_context=fit.max_context),
+                               cache=cache)

@@ -139,6 +139,12 @@ def node_config(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -
     )
 
 
+def cache_budget_given(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> bool:
+    """Whether the user set the prompt cache's budget (else the node fits it to its memory)."""
+    table = _toml(args, env).get("node", {})
+    return _pick(getattr(args, "cache_mb", None), env, "MESH_CACHE_MB", table, "cache_mb", None) is not None
+
+
 def node_weights(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> str:
     """The node's weight format (``--weights``, ``MESH_WEIGHTS``, ``[node] weights``, default fp32)."""
     from mesh.weights.formats import DEFAULT_WEIGHTS, check_format

@@ -1,0 +1,110 @@
+"""What a node will take in memory, worked out before it loads, and the "no" it says in time.
+
+A node that does not fit its device must say so at start, naming the setting to change, not be
+OOM-killed mid-ask (on a Pi Zero 2W with 400 MiB, a Gemma node in fp32 would be killed while it
+loads, and a node whose cache fills up would be killed minutes later). Its resident set is the
+sum of parts a node knows before it loads the model:
+
+- ``runtime``: the process as it stands (interpreter, torch, transformers, the mesh), measured
+  (``mesh.sysmem.process_memory``) after those imports, since no constant holds across wheels and
+  boards;
+- ``weights``: the weight file's bytes. Every token reads every weight, so a memory-mapped file's
+  pages are all resident (and a cgroup v1 cap charges page cache like anonymous memory); fp32
+  weights are copied into anonymous memory, the same bytes;
+- ``tokenizer``: the tokenizer's tables (``mesh.text``), their file's size;
+- ``context``: one ask at the node's maximum context, its KV and the prefill's activations
+  (``mesh.budget.bytes_per_token``);
+- ``cache``: the prompt cache's byte budget, which fills up as the node works;
+- ``slack``: what the allocator, torch's temporary buffers and the threads add, a share of the rest.
+
+With no ``--max-context`` the context takes its share of the memory limit (``mesh.budget``), at
+most half of what the fixed parts leave; with no ``--cache-mb`` the cache takes the rest, up to
+its default. Set either explicitly and
+the node refuses to start when the sum exceeds the limit; so it does when nothing is left.
+
+Pure: every figure is passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from mesh.errors import ConfigError
+
+MiB = 1 << 20
+SLACK_SHARE = 0.10  # of runtime + weights + tokenizer + context + cache (see the module docstring)
+MIN_AUTO_CACHE = 8 * MiB  # below this a prompt cache holds too little to be worth its bookkeeping
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes a node will hold, by part (see the module docstring)."""
+
+    runtime: int
+    weights: int
+    tokenizer: int
+    context: int
+    cache: int
+
+    @property
+    def slack(self) -> int:
+        return int(SLACK_SHARE * (self.runtime + self.weights + self.tokenizer + self.context + self.cache))
+
+    @property
+    def total(self) -> int:
+        return self.runtime + self.weights + self.tokenizer + self.context + self.cache + self.slack
+
+    def mib(self) -> dict[str, float]:
+        """Each part and the total in MiB, for logs, the heartbeat and ``mesh bench memory``."""
+        parts = {**asdict(self), "slack": self.slack, "total": self.total}
+        return {k: round(v / MiB, 1) for k, v in parts.items()}
+
+    def describe(self) -> str:
+        m = self.mib()
+        return (f"{m['total']:.0f} MiB = runtime {m['runtime']:.0f} + weights {m['weights']:.0f} + tokenizer "
+                f"{m['tokenizer']:.0f} + context {m['context']:.0f} + cache {m['cache']:.0f} + slack {m['slack']:.0f}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a node may run with: its maximum context, its cache budget and what that comes to."""
+
+    max_context: int
+    cache_bytes: int
+    footprint: Footprint
+
+
+class DoesNotFit(ConfigError):
+    """The node would not fit its memory limit; the message names what to change."""
+
+
+def plan(limit_bytes: int, limit_source: str, runtime: int, weights: int, tokenizer: int, per_token: int,
+         positions: int, weights_format: str, max_context: int = 0, cache_bytes: int | None = None,
+         default_cache_bytes: int = 256 * MiB, context_share: float = 0.25, min_context: int = 64) -> Plan:
+    """The node's context and cache budget within ``limit_bytes``, or :class:`DoesNotFit`.
+
+    ``max_context`` 0 and ``cache_bytes`` None mean "choose": the context takes ``context_share``
+    of the limit (at most the model's ``positions`` and half of what runtime, weights and
+    tokenizer leave), the cache what remains up to ``default_cache_bytes``. Explicit values are kept as given and checked."""
+    room = int(limit_bytes / (1 + SLACK_SHARE)) - runtime - weights - tokenizer  # for context and cache
+    context = max_context or max(min_context, min(positions, int(limit_bytes * context_share) // per_token,
+                                                  max(room, 0) // 2 // per_token))
+    if cache_bytes is None:
+        rest = room - context * per_token
+        cache_bytes = min(default_cache_bytes, rest) if rest >= MIN_AUTO_CACHE else 0
+    fp = Footprint(runtime, weights, tokenizer, context * per_token, cache_bytes)
+    if fp.total <= limit_bytes:
+        return Plan(context, cache_bytes, fp)
+    over = (fp.total - limit_bytes) / MiB
+    where = f"{limit_bytes / MiB:.0f} MiB ({limit_source})"
+    fixes = []
+    if weights_format == "fp32":
+        fixes.append("smaller weights (--weights int8)")
+    if cache_bytes:
+        fixes.append(f"a smaller prompt cache (--cache-mb, now {cache_bytes / MiB:.0f}) or none (--no-cache)")
+    if context > min_context:
+        fixes.append(f"a shorter context (--max-context, now {context} tokens)")
+    if not fixes:
+        fixes.append("a smaller model (--model) or a device with more memory")
+    raise DoesNotFit(f"this node needs {fp.describe()}: {over:.0f} MiB more than the {where} it may use; "
+                     f"try {', or '.join(fixes)}")
