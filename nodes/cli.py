@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nodes.bench.ha import add_bench_ha
     from nodes.bench.link import add_bench_link
     from nodes.bench.load_command import add_bench_load
+    from nodes.bench.memory import add_bench_memory
     from nodes.halo_cli import add_halo_commands, add_node_halo_arguments
     from nodes.ha_cli import add_ha_arguments
     from nodes.identity_cli import add_identity_command
@@ -303,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_link(bench)
     add_bench_ha(bench)
     add_bench_load(bench)
+    add_bench_memory(bench)
     add_halo_commands(sub)
     add_identity_command(sub)
     return parser

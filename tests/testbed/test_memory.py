@@ -194,3 +194,53 @@ def test_a_private_copy_charges_the_weights_page_cache_to_the_node(
     assert mapped["own"].mapped_bytes >= 32 * MiB
     tb.down()
     assert not own_home.exists()  # the copy goes with the testbed
+
+
+def test_a_node_that_cannot_fit_says_so_at_start_not_by_an_oom_kill(
+        make_testbed: Callable[[Callable[[int], TestbedSpec]], Testbed]) -> None:
+    """mesh.footprint in a real 400 MiB cgroup (the Pi Zero 2W's cap): fp32 Gemma-3 and a 350 MiB
+    prompt cache cannot fit; the node says which flag to change and exits 2, before it loads
+    anything and before it connects (the broker address here leads nowhere)."""
+    from tests.conftest import CACHE_ROOT, ENV, mesh_argv, require_model
+
+    require_model("gemma3-270m")
+    require_model("smollm2-135m")
+    tb = make_testbed(lambda i: TestbedSpec(nodes=(node("zero", 400),), instance=i))
+    cases = {("gemma3-270m", "fp32", ()): "--weights int8",
+             ("smollm2-135m", "int8", ("--cache-mb", "350")): "--cache-mb, now 350"}
+    for (model, weights, extra), fix in cases.items():
+        argv = mesh_argv("node", "--name", "zero", "--broker", "127.0.0.1:9", "--model", model, "--weights", weights,
+                         "--home", str(CACHE_ROOT), *extra)
+        rc, out = finish(tb.spawn("zero", argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                         120)
+        print(out[-600:])
+        assert rc == 2 and fix in out and "MiB more than the 400 MiB (cgroup v1)" in out, out[-2000:]
+        assert "Traceback" not in out
+    assert tb.oom_kills("zero") == 0
+    peak = tb.memory("zero").peak_bytes
+    assert peak is not None and peak < 400 * MiB
+
+
+def test_bench_memory_measures_an_int8_node_under_the_pi_zero_cap(free_instance: int, tmp_path: Path,
+                                                                    mosquitto_ok: None) -> None:
+    """`mesh bench memory` end to end, small: SmolLM2 in int8 under pi-zero-2w's 400 MiB beside an
+    uncapped fp32 reference; every figure a row promises is there and measured."""
+    from tests.conftest import ENV, mesh_argv, require_model
+
+    require_model("smollm2-135m")
+    out = tmp_path / "m.json"
+    proc = subprocess.run(mesh_argv("bench", "memory", "--profile", "pi-zero-2w", "--models", "smollm2-135m",
+                                    "--weights", "int8", "--asks", "2", "--tokens", "8", "--mmlu", "12",
+                                    "--ppl-windows", "2", "--instance", str(free_instance),
+                                    "--json", str(out), "--plot", str(tmp_path / "m.png")),
+                          env=ENV, capture_output=True, text=True, timeout=900)
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and (tmp_path / "m.png").stat().st_size > 0
+    r = rows[0]
+    assert (r["model"], r["weights"], r["role"], r["cap_mib"]) == ("smollm2-135m", "int8", "cache", 400)
+    assert r["started"] and r["oom_kills"] == 0 and proc.returncode == 0, r
+    assert 100 < r["peak_mib"] <= 400 and 0 < r["anon_peak_mib"] <= r["peak_mib"]
+    assert r["decode_tps"] > 0 and r["decode_tps_fp32"] > 0 and r["prefill_tps"] > 0 and r["prefill_tps_fp32"] > 0
+    assert r["major_faults_per_token"] >= 0 and r["mmlu_questions"] == 12
+    assert 0.5 <= r["mmlu_agreement"] <= 1.0 and 0.9 < r["ppl_ratio"] < 1.1

@@ -1,0 +1,305 @@
+"""`mesh bench memory`: what a node takes, in memory and speed, per model and weight format.
+
+For each model a testbed comes up with one node per weight format (``--weights``), each in a
+memory cgroup of the device profile's size (``--profile``; swap off, so over the cap means an
+OOM kill), each with its own copy of the model (``Testbed.private_home``: its weights' page
+cache is charged to it, as on a board), and beside them one fp32 node with no cap: the reference
+a row's speed is compared with, measured in the same run. The nodes run this machine's cores
+(no CPU quota: a Pi Zero's would take hours over the same asks); memory is what is emulated.
+
+Asks (1-shot MMLU questions, ``--asks`` of them, ``--tokens`` new tokens each, no cache so every
+ask computes) go to one node at a time, the reference and the capped nodes alternating in ABBA
+order over the rounds, after one warm-up ask each. Per node: the cgroup's peak
+(``max_usage_in_bytes``), the largest anonymous share sampled while it ran, major page faults
+per generated token after the warm-up (weights read back from storage: the goal is none), OOM
+kills, prefill and decode tok/s from the node's own figures. A node that refuses to start
+(``mesh.footprint``) or is killed is a row too, with what it said.
+
+Quality is measured natively in this process (it needs no cap and would take hours under a
+quota): MMLU answer agreement with fp32 (1-shot, the letter whose logit is highest among
+" A".." D", over ``--mmlu`` questions) and wiki perplexity over fp32's.
+
+JSON (one row per model x format x role) + PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mesh.config import BrokerAddress
+from mesh.errors import MeshError
+from nodes import mmlu
+from nodes.bench.report import pyplot, save_figure, write_results
+from nodes.settings import mesh_home
+from nodes.setup import mmlu_dir
+
+MIB = 1 << 20
+REF = "ref"  # the uncapped fp32 node
+
+
+def node_name(weights: str) -> str:
+    return f"w-{weights}"
+
+
+# -- quality, native ----------------------------------------------------------------------------
+def quality(home: Path, model: str, formats: Sequence[str], n_mmlu: int, ppl_windows: int, ppl_tokens: int,
+            progress: Progress | None = None) -> dict[str, dict[str, float]]:
+    """Per format: MMLU answer agreement with fp32 and perplexity over fp32's (fp32: 1.0 both)."""
+    import torch
+
+    from mesh.model import Decoder, load_model
+    from nodes.halo_data import load_split, token_windows
+
+    every = tuple(mmlu.subjects(mmlu_dir(home)))  # all 57: 500 questions need more than six subjects hold
+    pairs = mmlu.sample(mmlu_dir(home), every, per_subject=max(1, math.ceil(n_mmlu / len(every))))[:n_mmlu]
+    picks: dict[str, list[int]] = {}
+    ppl: dict[str, float] = {}
+    task = progress.add_task(f"{model}: quality", total=len(formats) * (len(pairs) + ppl_windows)) \
+        if progress is not None else None
+    for fmt in ["fp32", *(f for f in formats if f != "fp32")]:
+        loaded = load_model(home, model, 0, weights=fmt)
+        tok = loaded.tokenizer
+        letters = [tok(" " + c, add_special_tokens=False)["input_ids"][-1] for c in mmlu.LETTERS]
+        dec = Decoder(loaded)
+        with torch.inference_mode():
+            out = []
+            for prompt, _ in pairs:
+                logits, _ = dec.prefill(tok(prompt)["input_ids"])
+                out.append(max(range(4), key=lambda i: float(logits[letters[i]])))
+                if task is not None:
+                    progress.advance(task)  # type: ignore[union-attr]
+            picks[fmt] = out
+            windows = token_windows(tok, load_split(home).held_out, ppl_tokens, ppl_windows)
+            nll, n = 0.0, 0
+            for w in windows:
+                logits = loaded.model(input_ids=torch.tensor([w])).logits[0, :-1].float()
+                nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(w[1:]), reduction="sum"))
+                n += len(w) - 1
+                if task is not None:
+                    progress.advance(task)  # type: ignore[union-attr]
+            ppl[fmt] = math.exp(nll / n)
+        del loaded, dec
+    return {f: {"mmlu_agreement": sum(a == b for a, b in zip(picks[f], picks["fp32"])) / len(pairs),
+                "ppl": ppl[f], "ppl_ratio": ppl[f] / ppl["fp32"], "mmlu_questions": len(pairs)}
+            for f in formats}
+
+
+# -- memory and speed, in the testbed ----------------------------------------------------------
+class Sampler:
+    """Samples each node's cgroup every ``period_s``: the largest anonymous share seen."""
+
+    def __init__(self, tb: Any, names: Sequence[str], period_s: float = 0.2) -> None:
+        self.tb, self.names, self.period_s = tb, list(names), period_s
+        self.anon_peak = {n: 0 for n in self.names}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-memory-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            for n in self.names:
+                try:
+                    self.anon_peak[n] = max(self.anon_peak[n], self.tb.memory(n).anon_bytes)
+                except (OSError, MeshError):
+                    continue
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def _log_tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+def measure_nodes(tb: Any, model: str, formats: Sequence[str], prompts: Sequence[str], tokens: int,
+                  home: Path, progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+    """Start the reference and one node per format, ask in ABBA order, and read their cgroups."""
+    from nodes.client import MeshClient
+
+    names = [REF, *(node_name(f) for f in formats)]
+    weights = {REF: "fp32", **{node_name(f): f for f in formats}}
+    started: dict[str, Any] = {}
+    out: dict[str, dict[str, Any]] = {}
+    for n in names:
+        try:
+            tb.start_nodes(model, names=[n], extra=["--weights", weights[n], "--heartbeat", "1", "--threads", "2",
+                                                    "--link-ping", "5"], private_from=home)
+            started[n] = True
+        except MeshError as exc:
+            out[n] = {"started": False, "error": _log_tail(tb.log_path(f"node-{n}")) or str(exc),
+                      "oom_kills": tb.oom_kills(n)}
+    live = [n for n in names if started.get(n)]
+    figures: dict[str, list[dict[str, Any]]] = {n: [] for n in live}
+    faults0: dict[str, int] = {}
+    host, port = tb.broker_address
+    task = progress.add_task(f"{model}: asks", total=len(live) * (len(prompts) + 1)) if progress else None
+    with MeshClient(BrokerAddress(host, port), name=f"bench-memory-{tb.spec.instance}") as client, \
+            Sampler(tb, live) as sampler:
+        for n in live:  # warm-up: the first ask maps the weights and sizes the allocator's pools
+            client.ask(prompts[0], node=n, max_new_tokens=tokens, no_cache=True, timeout=900)
+            faults0[n] = tb.memory(n).major_faults
+            if task is not None:
+                progress.advance(task)  # type: ignore[union-attr]
+        for i, prompt in enumerate(prompts):
+            for n in (live if i % 2 == 0 else live[::-1]):
+                try:
+                    r = client.ask(prompt, node=n, max_new_tokens=tokens, no_cache=True, timeout=900)
+                    figures[n].append(dict(r.node_figures))
+                except MeshError as exc:
+                    figures[n].append({"error": str(exc)})
+                if task is not None:
+                    progress.advance(task)  # type: ignore[union-attr]
+        anon = dict(sampler.anon_peak)
+    for n in live:
+        mem = tb.memory(n)
+        good = [f for f in figures[n] if "error" not in f]
+        decoded = sum(max(0, int(f["new_tokens"]) - 1) for f in good)
+        out[n] = {
+            "started": True, "asks": len(good), "errors": len(figures[n]) - len(good),
+            "peak_mib": round((mem.peak_bytes or 0) / MIB, 1), "anon_peak_mib": round(anon[n] / MIB, 1),
+            "mapped_mib": round(mem.mapped_bytes / MIB, 1),
+            "major_faults_per_token": round((mem.major_faults - faults0[n]) / max(1, decoded), 2),
+            "oom_kills": mem.oom_kills,
+            "decode_tps": _median([(int(f["new_tokens"]) - 1) / f["decode_s"] for f in good
+                                   if f.get("decode_s") and int(f["new_tokens"]) > 1]),
+            "prefill_tps": _median([f["prompt_tokens"] / f["prefill_s"] for f in good if f.get("prefill_s")]),
+            "alive": tb.process_memory(n) != {},
+        }
+    return out
+
+
+def _median(xs: Sequence[float]) -> float | None:
+    return round(statistics.median(xs), 2) if xs else None
+
+
+# -- the command ---------------------------------------------------------------------------------
+def bench_memory(args: argparse.Namespace) -> int:
+    from mesh.weights.formats import parse_formats
+    from nodes.testbed.bed import Testbed
+    from nodes.testbed.profiles import device_profile
+    from nodes.testbed.spec import NodeSpec, TestbedSpec, check_node_name
+
+    console = Console(width=None if Console().is_terminal else 140)
+    profile = device_profile(args.profile)
+    if profile.mem_cap_mib is None:
+        raise MeshError(f"profile {args.profile!r} has no memory cap; pick pi-zero-2w, pi4-2gb or pi5")
+    home = mesh_home(args)
+    models = [m for m in args.models.split(",") if m]
+    formats = list(parse_formats(args.weights))
+    data = mmlu_dir(home)
+    prompts = [p for p, _ in mmlu.sample(data, per_subject=max(1, args.asks))][: args.asks]
+    rows: list[dict[str, Any]] = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        for model in models:
+            q = quality(home, model, formats, args.mmlu, args.ppl_windows, args.ppl_tokens, progress) \
+                if args.mmlu else {}
+            spec = TestbedSpec(nodes=tuple(
+                NodeSpec(name=check_node_name(n), link_mbit=None, loss_pct=0.0, cpu=None,
+                         mem_cap_mib=None if n == REF else profile.mem_cap_mib)
+                for n in [REF, *(node_name(f) for f in formats)]), instance=args.instance)
+            with Testbed(spec) as tb:
+                tb.start_broker(args.broker)
+                nodes = measure_nodes(tb, model, formats, prompts, args.tokens, home, progress)
+            ref = nodes.get(REF, {})
+            for f in formats:
+                got = nodes.get(node_name(f), {})
+                rows.append({"model": model, "weights": f, "role": "cache", "profile": args.profile,
+                             "cap_mib": profile.mem_cap_mib, **{k: got.get(k) for k in (
+                                 "started", "peak_mib", "anon_peak_mib", "mapped_mib", "major_faults_per_token",
+                                 "oom_kills", "decode_tps", "prefill_tps", "asks", "errors", "error")},
+                             "decode_tps_fp32": ref.get("decode_tps"), "prefill_tps_fp32": ref.get("prefill_tps"),
+                             "fp32_uncapped_peak_mib": ref.get("peak_mib"),
+                             **{k: q.get(f, {}).get(k) for k in ("mmlu_agreement", "ppl_ratio", "ppl",
+                                                                  "mmlu_questions")}})
+    print_rows(rows, console)
+    out = {"bench": "memory", "profile": args.profile, "cap_mib": profile.mem_cap_mib, "models": models,
+           "weights": formats, "asks": len(prompts), "tokens": args.tokens, "mmlu": args.mmlu,
+           "note": "speed on this machine's cores under the memory cap, fp32 reference uncapped, same run",
+           "rows": rows}
+    write_results(out, args.json, lambda path: plot(rows, path), args.plot, console)
+    return 0 if all(r.get("started") and not r.get("oom_kills") for r in rows) else 1
+
+
+def print_rows(rows: Sequence[dict[str, Any]], console: Console) -> None:
+    table = Table(title="Node memory and speed per weight format (peak under the cap; speed vs fp32 uncapped)")
+    for col in ("model", "weights", "cap MiB", "peak MiB", "anon MiB", "maj flt/tok", "OOM", "decode tok/s",
+                "x fp32", "prefill tok/s", "x fp32", "MMLU agree", "ppl ratio"):
+        table.add_column(col, justify="right")
+    num = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
+    ratio = lambda a, b: "-" if not a or not b else f"{a / b:.2f}"  # noqa: E731
+    for r in rows:
+        if not r.get("started"):
+            table.add_row(r["model"], r["weights"], str(r["cap_mib"]), "did not start", "", "", str(r.get("oom_kills")),
+                          str(r.get("error", ""))[:60], "", "", "", num(r.get("mmlu_agreement"), "{:.3f}"),
+                          num(r.get("ppl_ratio"), "{:.4f}"))
+            continue
+        table.add_row(r["model"], r["weights"], str(r["cap_mib"]), num(r["peak_mib"]), num(r["anon_peak_mib"]),
+                      num(r["major_faults_per_token"], "{:.2f}"), str(r["oom_kills"]), num(r["decode_tps"]),
+                      ratio(r["decode_tps"], r["decode_tps_fp32"]), num(r["prefill_tps"]),
+                      ratio(r["prefill_tps"], r["prefill_tps_fp32"]), num(r.get("mmlu_agreement"), "{:.3f}"),
+                      num(r.get("ppl_ratio"), "{:.4f}"))
+    console.print(table)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    plt = pyplot()
+    labels = [f"{r['model']}\n{r['weights']}" for r in rows]
+    x = range(len(rows))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows)), 4.5))
+    a.bar(x, [r.get("peak_mib") or 0 for r in rows], color="tab:blue", label="cgroup peak")
+    a.bar(x, [r.get("anon_peak_mib") or 0 for r in rows], color="tab:orange", width=0.5, label="anonymous")
+    for i, r in enumerate(rows):
+        a.hlines(r["cap_mib"], i - 0.45, i + 0.45, colors="red", linestyles="dashed",
+                 label="cap" if i == 0 else None)
+        if not r.get("started"):
+            a.text(i, 10, "did not start", ha="center", rotation=90, fontsize=8)
+    a.set_xticks(list(x), labels, fontsize=8)
+    a.set_ylabel("MiB")
+    a.set_title("memory under the profile's cap")
+    a.legend(fontsize=8)
+    width = 0.4
+    b.bar([i - width / 2 for i in x], [r.get("decode_tps") or 0 for r in rows], width, label="decode, capped")
+    b.bar([i + width / 2 for i in x], [r.get("decode_tps_fp32") or 0 for r in rows], width, label="decode, fp32 uncapped")
+    b.set_xticks(list(x), labels, fontsize=8)
+    b.set_ylabel("tokens/s")
+    b.set_title("decode speed, same run")
+    b.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def add_bench_memory(sub: Any) -> None:
+    p = sub.add_parser("memory", help="node memory and speed per model and weight format under a device's cap "
+                                      "(testbed, root)")
+    p.add_argument("--profile", default="pi-zero-2w", help="device profile whose memory cap applies")
+    p.add_argument("--models", "--model", dest="models", default="smollm2-135m,gemma3-270m")
+    p.add_argument("--weights", default="int8", help="comma-separated weight formats (fp32 is the reference)")
+    p.add_argument("--asks", type=int, default=6, help="measured asks per node (after one warm-up)")
+    p.add_argument("--tokens", type=int, default=32, help="new tokens per ask")
+    p.add_argument("--mmlu", type=int, default=500, help="MMLU questions for answer agreement (0: skip quality)")
+    p.add_argument("--ppl-windows", type=int, default=16)
+    p.add_argument("--ppl-tokens", type=int, default=256)
+    p.add_argument("--broker", default="mosquitto", choices=["mosquitto", "amqtt"])
+    p.add_argument("--instance", type=int, default=4)
+    p.add_argument("--home", help="models and data (default ~/.cache/mesh, or MESH_HOME)")
+    p.add_argument("--json", default="out/bench-memory.json")
+    p.add_argument("--plot", default="out/bench-memory.png")
+    p.set_defaults(func=bench_memory)
