@@ -176,6 +176,7 @@ class MeshClient(Presence):
         sends: list[float] = []
         replied = False
         serving: str | None = None  # the node that replied to the latest send
+        disconnects = self.bus.disconnects  # a drop during the ask is the reason it went unanswered
         held: dict[int, str] = {}  # pieces that arrived past a gap
         streamed = ""  # what on_text has been given so far
 
@@ -209,6 +210,10 @@ class MeshClient(Presence):
                 now = time.monotonic()
                 left = deadline - now
                 if left <= 0:
+                    if self.bus.disconnects > disconnects or not self.bus.wait_connected(0):
+                        # paho may notice a dead broker only after we sent: say why, not just "no answer"
+                        raise TransportError(f"lost the broker connection ({self.bus.broker}) during the ask and "
+                                             f"no answer came within its {timeout:g} s timeout")
                     extra_info = f"; sent {len(sends)} times across broker reconnects" if len(sends) > 1 else ""
                     raise TransportError(f"no answer within {timeout:g} s"
                                          + (f" from node {node}" if node else "") + extra_info)

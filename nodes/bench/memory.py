@@ -2,8 +2,8 @@
 
 For each model a testbed comes up with one node per weight format (``--weights``), each in a
 memory cgroup of the device profile's size (``--profile``; swap off, so over the cap means an
-OOM kill), each with its own copy of the model (``Testbed.private_home``: its weights' page
-cache is charged to it, as on a board), and beside them one fp32 node with no cap: the reference
+OOM kill), each with its own copy of the model (``Testbed.private_home``, then evicted from the
+page cache: the weights the node maps are read by it and charged to it, as on a board), and beside them one fp32 node with no cap: the reference
 a row's speed is compared with, measured in the same run. The nodes run this machine's cores
 (no CPU quota: a Pi Zero's would take hours over the same asks); memory is what is emulated.
 
@@ -48,7 +48,7 @@ REF = "ref"  # the uncapped fp32 node
 
 
 def node_name(weights: str) -> str:
-    return f"w-{weights}"
+    return f"w{weights}"  # testbed node names are [a-z][a-z0-9]{0,11}
 
 
 # -- quality, native ----------------------------------------------------------------------------
@@ -64,9 +64,10 @@ def quality(home: Path, model: str, formats: Sequence[str], n_mmlu: int, ppl_win
     pairs = mmlu.sample(mmlu_dir(home), every, per_subject=max(1, math.ceil(n_mmlu / len(every))))[:n_mmlu]
     picks: dict[str, list[int]] = {}
     ppl: dict[str, float] = {}
-    task = progress.add_task(f"{model}: quality", total=len(formats) * (len(pairs) + ppl_windows)) \
+    every_format = ["fp32", *(f for f in formats if f != "fp32")]
+    task = progress.add_task(f"{model}: quality", total=len(every_format) * (len(pairs) + ppl_windows)) \
         if progress is not None else None
-    for fmt in ["fp32", *(f for f in formats if f != "fp32")]:
+    for fmt in every_format:
         loaded = load_model(home, model, 0, weights=fmt)
         tok = loaded.tokenizer
         letters = [tok(" " + c, add_special_tokens=False)["input_ids"][-1] for c in mmlu.LETTERS]
@@ -121,6 +122,20 @@ class Sampler:
         self._thread.join(5)
 
 
+def drop_page_cache(root: Path) -> None:
+    """Evict every file under ``root`` from the page cache (clean pages: uncharged from their cgroup)."""
+    import os
+
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def _log_tail(path: Path, lines: int = 3) -> str:
     try:
         text = path.read_text(errors="replace").strip().splitlines()
@@ -139,9 +154,12 @@ def measure_nodes(tb: Any, model: str, formats: Sequence[str], prompts: Sequence
     started: dict[str, Any] = {}
     out: dict[str, dict[str, Any]] = {}
     for n in names:
+        own = tb.private_home(n, home, [f"models/{model}"])
+        drop_page_cache(own)  # the copy's pages were charged to the node: what it maps is read anew
+        tb.reset_peak(n)  # the peak is the node's own, from its start
         try:
             tb.start_nodes(model, names=[n], extra=["--weights", weights[n], "--heartbeat", "1", "--threads", "2",
-                                                    "--link-ping", "5"], private_from=home)
+                                                    "--link-ping", "5", "--home", str(own)])
             started[n] = True
         except MeshError as exc:
             out[n] = {"started": False, "error": _log_tail(tb.log_path(f"node-{n}")) or str(exc),
