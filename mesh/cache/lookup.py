@@ -23,9 +23,11 @@ The decision is one of:
 Peers that wasted a fetch (pure bookkeeping, the shell passes the clock): a fetch that brought
 fewer chunks than the catalog promised (a Bloom false positive, an eviction race, a peer that
 died or stalled) is a *short* strike: the peer is skipped until its catalog epoch changes (it
-republished what it really holds) or the cool-down ends. A chunk that failed verification (bytes
-not matching their key, another model's chunk, a truncated tensor) is a *bad* strike: only the
-cool-down lifts it, since a liar controls its own epoch. Consecutive strikes double the cool-down
+republished what it really holds) or the cool-down ends; a second short strike in a row means the
+republished catalog did not help either, so from then on only the cool-down lifts it (a peer that
+stalls and bumps its epoch would otherwise cost every ask the whole fetch timeout, forever). A
+chunk that failed verification (bytes not matching their key, another model's chunk, a truncated
+tensor) is a *bad* strike: only the cool-down lifts it, since a liar controls its own epoch. Consecutive strikes double the cool-down
 (capped); a complete, verified fetch clears the record. Skipped peers are left out of the lookup
 as if they had no catalog, so the next best peer (or recompute) is chosen.
 
@@ -252,13 +254,13 @@ def strike(prev: Strike | None, kind: str, epoch: int, now: float,
 
 
 def shunned(strikes: Mapping[str, Strike], epochs: Mapping[str, int], now: float) -> frozenset[str]:
-    """Peers to leave out of a lookup at ``now``: cool-down running and, for SHORT strikes, the
-    peer's catalog epoch unchanged since (``epochs``: current epoch per peer catalog)."""
+    """Peers to leave out of a lookup at ``now``: cool-down running and, for a first SHORT strike,
+    the peer's catalog epoch unchanged since (``epochs``: current epoch per peer catalog)."""
     out = set()
     for node, s in strikes.items():
         if now >= s.until:
             continue
-        if s.kind == BAD or epochs.get(node, s.epoch) == s.epoch:
+        if s.kind == BAD or s.count > 1 or epochs.get(node, s.epoch) == s.epoch:
             out.add(node)
     return frozenset(out)
 

@@ -166,6 +166,10 @@ def test_a_short_strike_ends_when_the_peer_republishes_its_catalog() -> None:
     assert shunned({"p": s}, {"p": 7}, 10.0) == {"p"}
     assert shunned({"p": s}, {"p": 8}, 10.0) == frozenset()  # it now says what it really holds
     assert shunned({"p": s}, {}, 10.0) == {"p"}  # catalog not (yet) seen again: still skipped
+    # M2: it republished and stalled again: a new epoch no longer lifts it, the cool-down does
+    s2 = strike(s, SHORT, epoch=8, now=10.0)
+    assert s2.count == 2 and s2.until == 70.0
+    assert shunned({"p": s2}, {"p": 9}, 69.0) == {"p"} and shunned({"p": s2}, {"p": 9}, 70.0) == frozenset()
     with pytest.raises(ValueError):
         strike(None, "odd", 0, 0.0)
     with pytest.raises(ConfigError):
