@@ -24,6 +24,7 @@ clock, passed in.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -294,11 +295,16 @@ class Liveness:
 
     Silent: nothing (heartbeat or partial) heard for ``max(min_silence_s, factor * heartbeat_s)``,
     ``heartbeat_s`` being the period the worker announces. Suspect: a strict step timed out on it;
-    it stays suspect until anything is heard from it again, so only one step pays the timeout.
+    it stays suspect until a partial comes from it again, so only one step pays the timeout, or
+    until ``suspect_s`` passed (a re-plan leaves a suspect worker out, so it sends no partials;
+    after the pause it is planned in and tried again). A heartbeat does not lift it: a worker
+    whose heartbeat thread lives but whose compute or link thread died (or that withholds on
+    purpose) would otherwise cost a strict timeout per heartbeat period (review M4).
     """
 
     factor: float = 6.0
     min_silence_s: float = 3.0
+    suspect_s: float = 60.0
 
 
 class Presence:
@@ -309,22 +315,24 @@ class Presence:
         self.online: dict[str, bool] = {}
         self.seen: dict[str, float] = {}
         self.period: dict[str, float] = {}
-        self.suspect: set[str] = set()
+        self.suspect: dict[str, float] = {}  # worker -> until (monotonic)
 
     def status(self, worker: str, online: bool, now: float) -> None:
         self.online[worker] = online
         if online:
             self.seen[worker] = now
 
-    def heard(self, worker: str, now: float, period_s: float | None = None) -> None:
-        """A heartbeat (with its announced period) or a partial from ``worker``."""
+    def heard(self, worker: str, now: float, period_s: float | None = None, partial: bool = False) -> None:
+        """A heartbeat (with its announced period) or, ``partial``, a partial from ``worker``:
+        both prove it alive, only a partial proves it serves."""
         self.seen[worker] = max(now, self.seen.get(worker, now))
         if period_s is not None and period_s > 0:
             self.period[worker] = float(period_s)
-        self.suspect.discard(worker)
+        if partial:
+            self.suspect.pop(worker, None)
 
-    def timed_out(self, worker: str) -> None:
-        self.suspect.add(worker)
+    def timed_out(self, worker: str, now: float) -> None:
+        self.suspect[worker] = now + self.policy.suspect_s
 
     def silence_s(self, worker: str) -> float:
         p = self.period.get(worker)
@@ -336,7 +344,7 @@ class Presence:
         out = set()
         for w in workers:
             seen = self.seen.get(w)
-            if (not self.online.get(w, True) or w in self.suspect
+            if (not self.online.get(w, True) or self.suspect.get(w, -math.inf) > now
                     or (seen is not None and now - seen > self.silence_s(w))):
                 out.add(w)
         return frozenset(out)

@@ -62,11 +62,11 @@ class PlanHolder:
         with self.presence_lock:
             return self.presence.gone(workers, time.monotonic())
 
-    def heard(self, node: str, period_s: float | None = None) -> None:
+    def heard(self, node: str, period_s: float | None = None, partial: bool = False) -> None:
         with self.presence_lock:
-            self.presence.heard(node, time.monotonic(), period_s)
+            self.presence.heard(node, time.monotonic(), period_s, partial)
 
     def timed_out(self, workers: Iterable[str]) -> None:
         with self.presence_lock:
             for w in workers:
-                self.presence.timed_out(w)
+                self.presence.timed_out(w, time.monotonic())

@@ -153,7 +153,7 @@ class RoutedStep:
                 waiting[1].discard(sender)
                 if not waiting[1] or waiting[2]:
                     self._arrival.set()
-        self.plans.heard(sender)
+        self.plans.heard(sender, partial=True)
 
     @contextmanager
     def run(self, strict: bool, measure: bool = False) -> Iterator[HaloRun]:

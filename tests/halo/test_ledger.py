@@ -224,14 +224,20 @@ def test_presence_marks_offline_silent_and_timed_out_workers_gone() -> None:
     assert p.gone(["a", "b", "c"], 12.1) == {"a"}
     assert p.gone(["a", "b", "c"], 18.1) == {"a", "b"}
     assert p.gone(["c"], 1e6) == frozenset()
-    p.heard("a", 12.5)  # a partial: alive again
+    p.heard("a", 12.5, partial=True)  # a partial: alive again
     assert p.gone(["a"], 13.0) == frozenset()
     p.status("b", False, 13.0)  # its last will
     assert p.gone(["b"], 13.0) == {"b"}
-    p.timed_out("a")  # a strict step gave up on it: suspect until heard from again
+    p.timed_out("a", 13.0)  # a strict step gave up on it: suspect until it serves again
     assert p.gone(["a"], 13.0) == {"a"}
-    p.heard("a", 13.1)
+    p.heard("a", 13.05, period_s=0.5)  # M4: a heartbeat proves it alive, not that it serves
+    assert p.gone(["a"], 13.1) == {"a"}
+    p.heard("a", 13.1, partial=True)
     assert p.gone(["a"], 13.2) == frozenset()
+    p.timed_out("a", 20.0)  # planned out, it sends no partials: after suspect_s it is tried again
+    for t in (20.5, 50.0, 79.9):
+        p.heard("a", t, period_s=0.5)
+    assert p.gone(["a"], 79.9) == {"a"} and p.gone(["a"], 80.1) == frozenset()
     p.status("b", True, 14.0)
     assert p.gone(["b"], 14.5) == frozenset()
 
