@@ -22,6 +22,7 @@ from typing import Any
 DEFAULT_PERIOD_S = 2.0  # a heartbeat that announces no period (``heartbeat_s``): Timing's default
 STALE_PERIODS = 5  # heartbeat periods of silence after which a node is no longer live
 STALE_MIN_S = 5.0  # ... and never sooner: a loaded Pi's heartbeat thread may lag a short period
+MAX_PEERS = 512  # names one observer keeps (review M10: made-up names by the thousand must not grow it)
 
 
 @dataclass
@@ -48,13 +49,18 @@ def live(view: NodeView, now: float) -> bool:
 
 
 class PeerTable:
-    """The observer's view of every node it has heard of."""
+    """The observer's view of every node it has heard of, at most ``max_peers``: a new name beyond
+    that replaces the view least worth keeping (offline first, then the longest silent)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_peers: int = MAX_PEERS) -> None:
         self._nodes: dict[str, NodeView] = {}
+        self.max_peers = max_peers
 
     def _view(self, name: str) -> NodeView:
         if name not in self._nodes:
+            if len(self._nodes) >= self.max_peers:
+                worst = min(self._nodes.values(), key=lambda v: (v.online, v.seen_at if v.seen_at is not None else -1.0))
+                del self._nodes[worst.name]
             self._nodes[name] = NodeView(name)
         return self._nodes[name]
 

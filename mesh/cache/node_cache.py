@@ -31,6 +31,8 @@ from mesh.model import Decoder, Deferred, LoadedModel
 
 log = logging.getLogger(__name__)
 
+MAX_PEER_CATALOGS = 64  # peers whose catalog one node keeps (a home mesh has a handful)
+
 
 @dataclass
 class CacheFigures:
@@ -136,6 +138,8 @@ class NodeCache:
         cat = Catalog.from_dict(body)  # raises ProtocolError
         with self.lock:
             if cat.model == self.digest and cat.chunk_size == self.chunk_size:
+                if node not in self.peers and len(self.peers) >= MAX_PEER_CATALOGS:
+                    return  # review M10: made-up names cannot hold catalogs (up to 16 MiB each) without bound
                 self.peers[node] = cat
             else:
                 self.peers.pop(node, None)

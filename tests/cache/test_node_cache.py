@@ -267,3 +267,17 @@ def test_an_empty_capped_answer_is_a_short_strike(loaded: LoadedModel, peer: Nod
     got = a.prepare(ids_of(a, Q2), SLOW_CPU, FAST, FakeFetch(peer, empty))
     assert got.info["wasted"] == "short" and got.info["decision"] == "recompute", got.info
     assert a.snapshot()["shunned"] == ["b"]
+
+
+def test_made_up_names_cannot_hold_catalogs_without_bound(loaded: LoadedModel, peer: NodeCache) -> None:
+    """Review M10: catalogs (up to 16 MiB each) are kept for at most MAX_PEER_CATALOGS peers."""
+    from mesh.cache.node_cache import MAX_PEER_CATALOGS
+
+    a = node(loaded)
+    body = peer.catalog().to_dict()
+    for i in range(MAX_PEER_CATALOGS + 10):
+        a.set_peer_catalog(f"p{i}", body)
+    assert len(a.peers) == MAX_PEER_CATALOGS and "p0" in a.peers and f"p{MAX_PEER_CATALOGS}" not in a.peers
+    a.set_peer_catalog("p0", None)  # one went offline: room for the next
+    a.set_peer_catalog("late", body)
+    assert "late" in a.peers

@@ -51,3 +51,20 @@ def test_a_node_is_live_only_while_it_heartbeats() -> None:
     assert live(table.get("b1"), 209.0) and not live(table.get("b1"), 211.0)  # type: ignore[arg-type]
     table.set_status("b1", False)
     assert table.live(200.0) == []  # offline with a fresh heartbeat: not live either
+
+
+def test_made_up_names_cannot_grow_the_peer_table_past_its_cap() -> None:
+    """Review M10: 10,000 fake names keep at most ``max_peers`` views; live nodes are kept, the
+    fakes that went silent or offline make room."""
+    from mesh.routing import PeerTable
+
+    t = PeerTable(max_peers=8)
+    for n in ("real1", "real2"):
+        t.set_status(n, True)
+        t.set_heartbeat(n, {"seq": 1, "model": "m"}, 1e6)  # heard last: the freshest
+    for i in range(10_000):
+        t.set_status(f"fake{i}", True)
+        t.set_heartbeat(f"fake{i}", {"seq": 1}, float(i))
+        t.set_status(f"fake{i}", False)
+    assert len(t.all()) == 8
+    assert {"real1", "real2"} <= {v.name for v in t.all()}
