@@ -4,11 +4,16 @@ Small pings go out at a steady pace to the node's own reply topic and come back 
 broker; each is resolved once as ok, late or lost (``mesh.uplink_stats``). Now and then a large
 ping measures bandwidth: it crosses the node's link twice (up to the broker, back down), so
 the rate is ``2 * bytes / seconds``. Pings are asynchronous: a lost one never stalls the next.
+
+Each ping's id ends in a random tag of its own (``lp<seq>.<tag>``): the node's reply topic is
+writable by other clients, and an echo forged ahead of the real one would shrink the measured
+round trip and inflate the bandwidth, steering this node's fetch decisions (review L4).
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from typing import Any
@@ -22,6 +27,7 @@ from mesh.uplink_stats import LinkStats, LinkStatsConfig
 log = logging.getLogger(__name__)
 
 BANDWIDTH_PROBE_BYTES = 256 * 1024
+TAGS_KEPT = 256  # pings whose echo may still count (far more than the timeout spans)
 
 
 class LinkProbe:
@@ -33,6 +39,7 @@ class LinkProbe:
         self.stats = LinkStats(LinkStatsConfig(timeout_s=timeout_s, late_s=late_s))
         self._lock = threading.Lock()
         self._big_sent: dict[int, float] = {}
+        self._tags: dict[int, str] = {}  # seq -> the random tag of its pings (the newest TAGS_KEPT)
         self._seq = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"{name}-link", daemon=True)
@@ -71,16 +78,19 @@ class LinkProbe:
                 continue
             now = time.monotonic()
             self._seq += 1
+            tag = secrets.token_hex(8)
             try:
                 with self._lock:
                     self.stats.expire(now)
                     self.stats.ping_sent(self._seq, now)
-                self._send(f"lp{self._seq}")
+                    self._tags[self._seq] = tag
+                    self._tags.pop(self._seq - TAGS_KEPT, None)
+                self._send(f"lp{self._seq}.{tag}")
                 if now >= next_bw:
                     next_bw = now + self.bandwidth_every_s
                     with self._lock:
                         self._big_sent = {self._seq: now}
-                    self._send(f"bw{self._seq}", BANDWIDTH_PROBE_BYTES)
+                    self._send(f"bw{self._seq}.{tag}", BANDWIDTH_PROBE_BYTES)
             except MeshError as exc:
                 log.info("link ping not sent: %s", exc)
 
@@ -88,11 +98,14 @@ class LinkProbe:
         """Called by the inbox (network thread) for pings it does not wait for itself."""
         corr = env.corr or ""
         now = time.monotonic()
+        number, _, tag = corr[2:].partition(".")
         try:
-            seq = int(corr[2:])
+            seq = int(number)
         except ValueError:
             return False
         with self._lock:
+            if not tag or not secrets.compare_digest(tag, self._tags.get(seq, "")):
+                return corr.startswith(("lp", "bw"))  # ours by its form, forged or too old: dropped
             if corr.startswith("lp"):
                 self.stats.reply_received(seq, now)
                 return True
