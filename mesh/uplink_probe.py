@@ -22,6 +22,7 @@ from mesh import wire
 from mesh.mqtt.bus import MqttBus
 from mesh.mqtt.inbox import ReplyInbox
 from mesh.errors import MeshError
+from mesh.loops import guarded
 from mesh.uplink_stats import LinkStats, LinkStatsConfig
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class LinkProbe:
         self._tags: dict[int, str] = {}  # seq -> the random tag of its pings (the newest TAGS_KEPT)
         self._seq = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"{name}-link", daemon=True)
+        self._thread = threading.Thread(target=guarded(f"{name}-link", self._loop, self._stop), name=f"{name}-link",
+                                        daemon=True)
         inbox.ping_handler = self._on_echo
 
     def start(self) -> None:

@@ -32,6 +32,7 @@ from mesh.model import WARMUP_TEXT, Decoder, Interrupted, LoadedModel, load_mode
 from mesh.cache.lookup import LinkEstimate
 from mesh.cache.peers import CatalogSync, default_link, peer_links
 from mesh.cache.quota import ByteBuckets, default_burst
+from mesh.loops import guarded
 from mesh.cache.transfer import PeerTransfer
 from mesh.cache.node_cache import NodeCache, Prepared
 from mesh.member import AgentExtension, Job, Member
@@ -124,7 +125,8 @@ class NodeAgent:
         self.member.go_online(self._full_heartbeat)
         loops = [(self._work_loop, "worker"), (self._heartbeat_loop, "heartbeat")]
         for target, name in loops:
-            t = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
+            t = threading.Thread(target=guarded(f"{self.name}-{name}", target, self._stop, self.rejects),
+                                 name=f"{self.name}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         self.link.start()

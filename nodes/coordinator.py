@@ -30,6 +30,7 @@ from mesh.mqtt.bus import MqttBus
 from mesh.mqtt.direct import DirectLink
 from mesh.config import BrokerAddress, CacheConfig, Limits
 from mesh.errors import MeshError, TransportError
+from mesh.loops import guarded
 from mesh.halo.ledger import Liveness
 from mesh.halo.lean import lean_step
 from mesh.model import Decoder, Interrupted, bind_threads, load_model
@@ -122,7 +123,8 @@ class Coordinator:
         self.engine.link = link
         self.member.go_online(self._heartbeat_body)
         for target, name in ((self._work_loop, "generate"), (self._plan_loop, "planner")):
-            t = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
+            t = threading.Thread(target=guarded(f"{self.name}-{name}", target, self._stop, self.rejects),
+                                 name=f"{self.name}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         log.info("coordinator %s online with %s, sync %s", self.name, self.loaded.model_key, cfg.sync)

@@ -18,6 +18,7 @@ from mesh.cache.lookup import LinkEstimate
 from mesh.cache.node_cache import NodeCache
 from mesh.cache.transfer import decode_as
 from mesh.errors import MeshError, ProtocolError
+from mesh.loops import guarded
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ class CatalogSync:
     def start(self) -> threading.Thread:
         """Subscribe to every node's catalog and start the publishing thread (returned, for joining)."""
         self.bus.subscribe(topics.ALL_CATALOGS, self.handle, qos=1)
-        self.thread = threading.Thread(target=self._loop, name=f"{self.name}-catalog", daemon=True)
+        self.thread = threading.Thread(target=guarded(f"{self.name}-catalog", self._loop, self.stop, self.rejects),
+                                       name=f"{self.name}-catalog", daemon=True)
         self.thread.start()
         return self.thread
 

@@ -44,6 +44,7 @@ from mesh.halo import groups as split
 from mesh.halo.keys import HaloKeys
 from mesh.mqtt.direct import DirectLink
 from mesh.errors import MeshError, ProtocolError, TransportError
+from mesh.loops import guarded
 from mesh.model import bind_threads
 from mesh.halo.placement import Plan
 from mesh.halo.probe import SpeedProbe
@@ -101,7 +102,8 @@ class HaloWorker(AgentExtension):
             log.warning("%s: HALO frames go over the bus until it connects", exc)
         for target, name in ((self._compute_loop, "halo-compute"), (self._load_loop, "halo-load"),
                              (self._link_loop, "halo-link")):
-            t = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
+            t = threading.Thread(target=guarded(f"{self.name}-{name}", target, self._stop, agent.rejects),
+                                 name=f"{self.name}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         agent.bus.subscribe(topics.HALO_PLAN, self._on_plan, qos=topics.PLAN.qos)
