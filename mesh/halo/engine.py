@@ -172,6 +172,14 @@ class HaloEngine:
         plan retained; it becomes active once every worker in it acknowledged (``HaloWorker``'s
         loader, ``mesh.halo.worker``, loads it and answers ``HALO_ACK``)."""
         self.fold_samples()
+        with self.plans.lock:
+            pending = self.switch.pending
+            overdue = pending is not None and now - self.switch.pending_since > self.config.replan.pending_timeout_s
+            stuck = self.switch.waiting_for() if overdue else frozenset()
+        if stuck and pending is not None:
+            log.warning("plan epoch %d still unacknowledged by %s after %.0f s: planning without them",
+                        pending.epoch, sorted(stuck), self.config.replan.pending_timeout_s)
+            self.plans.timed_out(stuck)
         gone = self.plans.gone(name for name, _, _ in views)
         figs = [f for name, hb, online in views
                 if (f := worker_figures(name, hb, online and name not in gone,

@@ -268,6 +268,10 @@ class ReplanPolicy:
     min_interval_s: float = 10.0  # between re-plans for figure drift (membership bypasses it)
     top_overlap: float = 0.7  # re-plan when the top quarter of groups overlaps less than this
     persist_s: float = 3.0  # a drift must hold this long (noise from CPU contention does not)
+    # A pending plan whose workers have not all acknowledged it after this long: those that have not
+    # are suspect (planned out until they serve again), so one lost ack or a stuck loader cannot hold
+    # the mesh on an old plan forever (review L2). A Pi Zero slices its groups in well under this.
+    pending_timeout_s: float = 120.0
 
 
 def drift_persisted(reason: str | None, since: float | None, now_s: float,

@@ -262,3 +262,27 @@ def test_the_window_sample_is_predicted_on_the_planner_thread_not_the_token_path
     assert torch.allclose(engine.window, want)
     _, run, _ = forward(engine, True, [7])  # strict never samples
     assert engine._samples == []
+
+
+def test_a_plan_never_acknowledged_is_replaced_without_the_silent_worker(rig) -> None:
+    """Review L2: a pending plan waited forever for an ack that never came (lost, or a stuck
+    loader); after ``pending_timeout_s`` the workers that did not acknowledge are planned out."""
+    engine, bus = rig
+    bus.auto_ack = False
+    t0 = time.monotonic()
+    three = [("good", heartbeat(1000.0), True), ("lossy", heartbeat(1000.0, late=0.3), True),
+             ("third", heartbeat(1000.0), True)]  # a worker joins (membership: a plan at once) ...
+    engine.replan(three, t0, idle=False)
+    pending = engine.switch.pending
+    assert pending is not None and set(pending.workers) == {"good", "lossy", "third"}
+    for w in ("good", "lossy"):
+        bus.ack(w, pending.epoch)  # ... and never acknowledges it
+    wait = engine.config.replan.pending_timeout_s
+    engine.replan(three, t0 + wait / 2, idle=False)
+    assert engine.switch.pending is pending  # not overdue yet
+    engine.replan(three, t0 + wait + 1.0, idle=False)
+    newer = engine.switch.pending
+    assert newer is not None and newer.epoch > pending.epoch and set(newer.workers) == {"good", "lossy"}
+    for w in ("good", "lossy"):
+        bus.ack(w, newer.epoch)
+    assert engine.plans.maybe_switch() is not None and set(engine.switch.active.workers) == {"good", "lossy"}
