@@ -45,6 +45,7 @@ from nodes.setup import mmlu_dir
 
 MIB = 1 << 20
 REF = "ref"  # the uncapped fp32 node
+ROLES = ("cache", "worker", "coordinator")
 
 
 def node_name(weights: str) -> str:
@@ -204,6 +205,54 @@ def measure_nodes(tb: Any, model: str, formats: Sequence[str], prompts: Sequence
     return out
 
 
+def measure_halo(tb: Any, model: str, tokens: int, home: Path, args: argparse.Namespace,
+                 progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+    """A HALO coordinator and its workers, each under its cap with its own copy of the model, one
+    routed generation of ``tokens``; per process the cgroup's peak and anonymous peak, OOM kills."""
+    from nodes.bench.halo import PROMPT, HaloMesh
+    from nodes.client import MeshClient
+
+    workers = [n for n in tb.spec.names if n.startswith("hw")]
+    mesh = HaloMesh(tb, argparse.Namespace(model=model, home=str(home)), workers)
+    homes = {}
+    for n in ["hc", *workers]:
+        homes[n] = tb.private_home(n, home, [f"models/{model}"])
+        drop_page_cache(homes[n])
+        tb.reset_peak(n)
+    env = mesh.env
+    for w in workers:
+        tb.spawn(w, [*mesh._cli("node", "--name", w, "--model", model, "--roles", "worker", "--threads", "1",
+                                "--heartbeat", "0.5", "--no-cache")[:-2], "--home", str(homes[w])],
+                 env=env, role="node", log=tb.log_path(f"node-{w}"))
+    tb.spawn("hc", [*mesh._cli("coordinator", "--model", model, "--threads", "1", "--heartbeat", "0.5",
+                               "--no-cache")[:-2], "--home", str(homes["hc"])],
+             env=env, role="coordinator", log=tb.log_path("coordinator"))
+    names = ["hc", *workers]
+    out: dict[str, dict[str, Any]] = {}
+    host, port = tb.broker_address
+    task = progress.add_task(f"{model}: HALO", total=1) if progress else None
+    try:
+        with MeshClient(BrokerAddress(host, port), name=f"bench-memory-halo-{tb.spec.instance}") as client, \
+                Sampler(tb, names) as sampler:
+            mesh.wait_ready(client, timeout=600)
+            r = client.ask(PROMPT, node="coordinator", max_new_tokens=tokens, timeout=900,
+                           extra={"halo_sync": "strict", "no_cache": True})
+            figures = dict(r.node_figures)
+            anon = dict(sampler.anon_peak)
+        ok, error = True, None
+    except MeshError as exc:
+        ok, error, figures, anon = False, str(exc), {}, {n: 0 for n in names}
+    if task is not None:
+        progress.advance(task)  # type: ignore[union-attr]
+    for n in names:
+        mem = tb.memory(n)
+        out[n] = {"started": ok, "error": error or (None if ok else _log_tail(tb.log_path(f"node-{n}"))),
+                  "peak_mib": round((mem.peak_bytes or 0) / MIB, 1), "anon_peak_mib": round(anon.get(n, 0) / MIB, 1),
+                  "mapped_mib": round(mem.mapped_bytes / MIB, 1), "oom_kills": mem.oom_kills,
+                  "tpot_s": figures.get("tpot_s") if n == "hc" else None}
+    return out
+
+
 def _median(xs: Sequence[float]) -> float | None:
     return round(statistics.median(xs), 2) if xs else None
 
@@ -211,9 +260,7 @@ def _median(xs: Sequence[float]) -> float | None:
 # -- the command ---------------------------------------------------------------------------------
 def bench_memory(args: argparse.Namespace) -> int:
     from mesh.weights.formats import parse_formats
-    from nodes.testbed.bed import Testbed
     from nodes.testbed.profiles import device_profile
-    from nodes.testbed.spec import NodeSpec, TestbedSpec, check_node_name
 
     console = Console(width=None if Console().is_terminal else 140)
     profile = device_profile(args.profile)
@@ -222,32 +269,19 @@ def bench_memory(args: argparse.Namespace) -> int:
     home = mesh_home(args)
     models = [m for m in args.models.split(",") if m]
     formats = list(parse_formats(args.weights))
+    roles = [r for r in args.roles.split(",") if r]
+    if set(roles) - set(ROLES):
+        raise MeshError(f"unknown role in --roles {args.roles!r}; known: {', '.join(ROLES)}")
     data = mmlu_dir(home)
     prompts = [p for p, _ in mmlu.sample(data, per_subject=max(1, args.asks))][: args.asks]
     rows: list[dict[str, Any]] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         for model in models:
-            q = quality(home, model, formats, args.mmlu, args.ppl_windows, args.ppl_tokens, progress) \
-                if args.mmlu else {}
-            spec = TestbedSpec(nodes=tuple(
-                NodeSpec(name=check_node_name(n), link_mbit=None, loss_pct=0.0, cpu=None,
-                         mem_cap_mib=None if n == REF else profile.mem_cap_mib)
-                for n in [REF, *(node_name(f) for f in formats)]), instance=args.instance)
-            with Testbed(spec) as tb:
-                tb.start_broker(args.broker)
-                nodes = measure_nodes(tb, model, formats, prompts, args.tokens, home, progress)
-            ref = nodes.get(REF, {})
-            for f in formats:
-                got = nodes.get(node_name(f), {})
-                rows.append({"model": model, "weights": f, "role": "cache", "profile": args.profile,
-                             "cap_mib": profile.mem_cap_mib, **{k: got.get(k) for k in (
-                                 "started", "peak_mib", "anon_peak_mib", "mapped_mib", "major_faults_per_token",
-                                 "oom_kills", "decode_tps", "prefill_tps", "asks", "errors", "error")},
-                             "decode_tps_fp32": ref.get("decode_tps"), "prefill_tps_fp32": ref.get("prefill_tps"),
-                             "fp32_uncapped_peak_mib": ref.get("peak_mib"),
-                             **{k: q.get(f, {}).get(k) for k in ("mmlu_agreement", "ppl_ratio", "ppl",
-                                                                  "mmlu_questions")}})
+            if "cache" in roles:
+                rows += cache_rows(model, formats, prompts, home, profile, args, progress)
+            if {"worker", "coordinator"} & set(roles):
+                rows += halo_rows(model, home, profile, roles, args, progress)
     print_rows(rows, console)
     out = {"bench": "memory", "profile": args.profile, "cap_mib": profile.mem_cap_mib, "models": models,
            "weights": formats, "asks": len(prompts), "tokens": args.tokens, "mmlu": args.mmlu,
@@ -257,30 +291,84 @@ def bench_memory(args: argparse.Namespace) -> int:
     return 0 if all(r.get("started") and not r.get("oom_kills") for r in rows) else 1
 
 
+def cache_rows(model: str, formats: Sequence[str], prompts: Sequence[str], home: Path, profile: Any,
+               args: argparse.Namespace, progress: Progress) -> list[dict[str, Any]]:
+    """One row per format: a node under the cap beside the uncapped fp32 reference, and quality."""
+    from nodes.testbed.bed import Testbed
+    from nodes.testbed.spec import NodeSpec, TestbedSpec, check_node_name
+
+    q = quality(home, model, formats, args.mmlu, args.ppl_windows, args.ppl_tokens, progress) if args.mmlu else {}
+    spec = TestbedSpec(nodes=tuple(
+        NodeSpec(name=check_node_name(n), link_mbit=None, loss_pct=0.0, cpu=None,
+                 mem_cap_mib=None if n == REF else profile.mem_cap_mib)
+        for n in [REF, *(node_name(f) for f in formats)]), instance=args.instance)
+    with Testbed(spec) as tb:
+        tb.start_broker(args.broker)
+        nodes = measure_nodes(tb, model, formats, prompts, args.tokens, home, progress)
+    ref = nodes.get(REF, {})
+    rows = []
+    for f in formats:
+        got = nodes.get(node_name(f), {})
+        rows.append({"model": model, "weights": f, "role": "cache", "profile": args.profile,
+                     "cap_mib": profile.mem_cap_mib, **{k: got.get(k) for k in (
+                         "started", "peak_mib", "anon_peak_mib", "mapped_mib", "major_faults_per_token",
+                         "oom_kills", "decode_tps", "prefill_tps", "asks", "errors", "error")},
+                     "decode_tps_fp32": ref.get("decode_tps"), "prefill_tps_fp32": ref.get("prefill_tps"),
+                     "fp32_uncapped_peak_mib": ref.get("peak_mib"),
+                     **{k: q.get(f, {}).get(k) for k in ("mmlu_agreement", "ppl_ratio", "ppl", "mmlu_questions")}})
+    return rows
+
+
+def halo_rows(model: str, home: Path, profile: Any, roles: Sequence[str], args: argparse.Namespace,
+              progress: Progress) -> list[dict[str, Any]]:
+    """The coordinator's row and the worker row (the larger of two workers): memory only, fp32
+    (a HALO worker slices float32 MLP weights)."""
+    from nodes.testbed.bed import Testbed
+    from nodes.testbed.spec import NodeSpec, TestbedSpec, check_node_name
+
+    spec = TestbedSpec(nodes=tuple(NodeSpec(name=check_node_name(n), link_mbit=None, loss_pct=0.0, cpu=None,
+                                            mem_cap_mib=profile.mem_cap_mib) for n in ("hc", "hw1", "hw2")),
+                       instance=args.instance)
+    with Testbed(spec) as tb:
+        tb.start_broker(args.broker)
+        halo = measure_halo(tb, model, args.tokens, home, args, progress)
+    rows = []
+    for role, names in (("coordinator", ["hc"]), ("worker", ["hw1", "hw2"])):
+        if role not in roles:
+            continue
+        worst = max((halo[n] for n in names), key=lambda r: r.get("peak_mib") or 0)
+        rows.append({"model": model, "weights": "fp32", "role": role, "profile": args.profile,
+                     "cap_mib": profile.mem_cap_mib, "processes": len(names),
+                     **{k: worst.get(k) for k in ("started", "peak_mib", "anon_peak_mib", "mapped_mib",
+                                                   "oom_kills", "error", "tpot_s")},
+                     "oom_kills_all": sum(halo[n].get("oom_kills") or 0 for n in names)})
+    return rows
+
+
 def print_rows(rows: Sequence[dict[str, Any]], console: Console) -> None:
-    table = Table(title="Node memory and speed per weight format (peak under the cap; speed vs fp32 uncapped)")
-    for col in ("model", "weights", "cap MiB", "peak MiB", "anon MiB", "maj flt/tok", "OOM", "decode tok/s",
+    table = Table(title="Memory and speed per model, weight format and role (peak under the cap; speed vs fp32 uncapped)")
+    for col in ("model", "weights", "role", "cap MiB", "peak MiB", "anon MiB", "maj flt/tok", "OOM", "decode tok/s",
                 "x fp32", "prefill tok/s", "x fp32", "MMLU agree", "ppl ratio"):
         table.add_column(col, justify="right")
     num = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
     ratio = lambda a, b: "-" if not a or not b else f"{a / b:.2f}"  # noqa: E731
     for r in rows:
+        head = (r["model"], r["weights"], r["role"], str(r["cap_mib"]))
         if not r.get("started"):
-            table.add_row(r["model"], r["weights"], str(r["cap_mib"]), "did not start", "", "", str(r.get("oom_kills")),
-                          str(r.get("error", ""))[:60], "", "", "", num(r.get("mmlu_agreement"), "{:.3f}"),
-                          num(r.get("ppl_ratio"), "{:.4f}"))
+            table.add_row(*head, "did not start", "", "", str(r.get("oom_kills")), str(r.get("error", ""))[:60],
+                          "", "", "", num(r.get("mmlu_agreement"), "{:.3f}"), num(r.get("ppl_ratio"), "{:.4f}"))
             continue
-        table.add_row(r["model"], r["weights"], str(r["cap_mib"]), num(r["peak_mib"]), num(r["anon_peak_mib"]),
-                      num(r["major_faults_per_token"], "{:.2f}"), str(r["oom_kills"]), num(r["decode_tps"]),
-                      ratio(r["decode_tps"], r["decode_tps_fp32"]), num(r["prefill_tps"]),
-                      ratio(r["prefill_tps"], r["prefill_tps_fp32"]), num(r.get("mmlu_agreement"), "{:.3f}"),
+        table.add_row(*head, num(r.get("peak_mib")), num(r.get("anon_peak_mib")),
+                      num(r.get("major_faults_per_token"), "{:.2f}"), str(r.get("oom_kills")), num(r.get("decode_tps")),
+                      ratio(r.get("decode_tps"), r.get("decode_tps_fp32")), num(r.get("prefill_tps")),
+                      ratio(r.get("prefill_tps"), r.get("prefill_tps_fp32")), num(r.get("mmlu_agreement"), "{:.3f}"),
                       num(r.get("ppl_ratio"), "{:.4f}"))
     console.print(table)
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt = pyplot()
-    labels = [f"{r['model']}\n{r['weights']}" for r in rows]
+    labels = [f"{r['model']}\n{r['weights']} {r['role']}" for r in rows]
     x = range(len(rows))
     fig, (a, b) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows)), 4.5))
     a.bar(x, [r.get("peak_mib") or 0 for r in rows], color="tab:blue", label="cgroup peak")
@@ -310,6 +398,8 @@ def add_bench_memory(sub: Any) -> None:
     p.add_argument("--profile", default="pi-zero-2w", help="device profile whose memory cap applies")
     p.add_argument("--models", "--model", dest="models", default="smollm2-135m,gemma3-270m")
     p.add_argument("--weights", default="int8", help="comma-separated weight formats (fp32 is the reference)")
+    p.add_argument("--roles", default="cache,worker,coordinator",
+                   help="rows to measure: cache (one node per format), worker and coordinator (a HALO mesh, fp32)")
     p.add_argument("--asks", type=int, default=6, help="measured asks per node (after one warm-up)")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per ask")
     p.add_argument("--mmlu", type=int, default=500, help="MMLU questions for answer agreement (0: skip quality)")
