@@ -85,7 +85,8 @@ def plan(limit_bytes: int, limit_source: str, runtime: int, weights: int, tokeni
 
     ``max_context`` 0 and ``cache_bytes`` None mean "choose": the context takes ``context_share``
     of the limit (at most the model's ``positions`` and half of what runtime, weights and
-    tokenizer leave), the cache what remains up to ``default_cache_bytes``. Explicit values are kept as given and checked."""
+    tokenizer leave), the cache what remains up to ``default_cache_bytes``. Explicit values are
+    kept as given and checked."""
     room = int(limit_bytes / (1 + SLACK_SHARE)) - runtime - weights - tokenizer  # for context and cache
     context = max_context or max(min_context, min(positions, int(limit_bytes * context_share) // per_token,
                                                   max(room, 0) // 2 // per_token))

@@ -59,7 +59,8 @@ class PeerTable:
     def _view(self, name: str) -> NodeView:
         if name not in self._nodes:
             if len(self._nodes) >= self.max_peers:
-                worst = min(self._nodes.values(), key=lambda v: (v.online, v.seen_at if v.seen_at is not None else -1.0))
+                worst = min(self._nodes.values(),
+                            key=lambda v: (v.online, v.seen_at if v.seen_at is not None else -1.0))
                 del self._nodes[worst.name]
             self._nodes[name] = NodeView(name)
         return self._nodes[name]

@@ -3,8 +3,9 @@
 For each model a testbed comes up with one node per weight format (``--weights``), each in a
 memory cgroup of the device profile's size (``--profile``; swap off, so over the cap means an
 OOM kill), each with its own copy of the model (``Testbed.private_home``, then evicted from the
-page cache: the weights the node maps are read by it and charged to it, as on a board), and beside them one fp32 node with no cap: the reference
-a row's speed is compared with, measured in the same run. The nodes run this machine's cores
+page cache: the weights the node maps are read by it and charged to it, as on a board), and
+beside them one fp32 node with no cap: the reference a row's speed is compared with, measured in
+the same run. The nodes run this machine's cores
 (no CPU quota: a Pi Zero's would take hours over the same asks); memory is what is emulated.
 
 Asks (1-shot MMLU questions, ``--asks`` of them, ``--tokens`` new tokens each, no cache so every
@@ -346,7 +347,8 @@ def halo_rows(model: str, home: Path, profile: Any, roles: Sequence[str], args: 
 
 
 def print_rows(rows: Sequence[dict[str, Any]], console: Console) -> None:
-    table = Table(title="Memory and speed per model, weight format and role (peak under the cap; speed vs fp32 uncapped)")
+    table = Table(title="Memory and speed per model, weight format and role "
+                        "(peak under the cap; speed vs fp32 uncapped)")
     for col in ("model", "weights", "role", "cap MiB", "peak MiB", "anon MiB", "maj flt/tok", "OOM", "decode tok/s",
                 "x fp32", "prefill tok/s", "x fp32", "MMLU agree", "ppl ratio"):
         table.add_column(col, justify="right")
@@ -384,7 +386,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     a.legend(fontsize=8)
     width = 0.4
     b.bar([i - width / 2 for i in x], [r.get("decode_tps") or 0 for r in rows], width, label="decode, capped")
-    b.bar([i + width / 2 for i in x], [r.get("decode_tps_fp32") or 0 for r in rows], width, label="decode, fp32 uncapped")
+    b.bar([i + width / 2 for i in x], [r.get("decode_tps_fp32") or 0 for r in rows], width,
+          label="decode, fp32 uncapped")
     b.set_xticks(list(x), labels, fontsize=8)
     b.set_ylabel("tokens/s")
     b.set_title("decode speed, same run")

@@ -231,7 +231,8 @@ def test_bench_memory_measures_an_int8_node_under_a_pi_4s_cap(free_instance: int
     require_model("smollm2-135m")
     out = tmp_path / "m.json"
     proc = subprocess.run(mesh_argv("bench", "memory", "--profile", "pi4-2gb", "--models", "smollm2-135m",
-                                    "--weights", "int8", "--roles", "cache", "--asks", "2", "--tokens", "8", "--mmlu", "12",
+                                    "--weights", "int8", "--roles", "cache", "--asks", "2", "--tokens", "8",
+                                    "--mmlu", "12",
                                     "--ppl-windows", "2", "--instance", str(free_instance),
                                     "--json", str(out), "--plot", str(tmp_path / "m.png")),
                           env=ENV, capture_output=True, text=True, timeout=900)
