@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh import budget, topics, wire
+from mesh.auth.keyring import Keyring
 from mesh.mqtt.bus import MqttBus
 from mesh.mqtt.inbox import ReplyInbox
 from mesh.config import NodeConfig
@@ -71,8 +72,11 @@ def physical_memory() -> int:
 
 class NodeAgent:
     def __init__(self, config: NodeConfig, loaded: LoadedModel | None = None,
-                 extensions: list[AgentExtension] | None = None) -> None:
+                 extensions: list[AgentExtension] | None = None, keyring: Keyring | None = None) -> None:
+        """``keyring``: this node's identity (``mesh.auth.store.load_keyring``): asks opened, answers,
+        forwards and heartbeats sealed with it; None runs unauthenticated, as before identities."""
         self.config = config
+        self.keys = keyring
         self.extensions = list(extensions or [])
         self.roles: list[str] = [r for e in self.extensions for r in getattr(e, "roles", ())]
         self.name = config.name
@@ -94,7 +98,8 @@ class NodeAgent:
         self.member = Member(self.name, self.bus, self.limits, self.rejects,
                              dedupe_window_s=self.timing.dedupe_window_s, depths=self._cache_depths,
                              on_presence=self._on_presence, route_threshold=config.cache.route_threshold,
-                             label=f"node {self.name}", ask_timeout_s=self.timing.ask_timeout_s)
+                             label=f"node {self.name}", ask_timeout_s=self.timing.ask_timeout_s,
+                             keyring=keyring)
         self._stop = self.member.stop_event
         self.inbox = ReplyInbox(self.bus, f"node-{self.name}", self.rejects, self.limits.max_message_bytes)
         self.link = LinkProbe(self.bus, self.inbox, self.name, interval_s=self.timing.link_ping_s,

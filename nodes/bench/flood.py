@@ -30,6 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from mesh import topics, wire
 from mesh.config import BrokerAddress
+from mesh.auth.keyring import Keyring
 from nodes.client import MeshClient
 
 PROMPTS = [
@@ -176,8 +177,9 @@ def _median(xs: list[float]) -> float:
 
 def measure_flood(broker: BrokerAddress, node: str, pairs: int = 4, rate: float = 2000.0,
                   max_messages: int = 60_000, max_new_tokens: int = 12, timeout: float = 120.0,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  log: Callable[[str], None] = print, keyring: Keyring | None = None) -> dict[str, Any]:
     """Ask ``node`` ``pairs`` x 2 questions, one of each pair under a garbage flood; return the figures.
+    ``keyring``: the asker's identity (``nodes.client.asker_keyring``) when the node holds keys.
 
     Each flood lasts from 0.2 s before its ask until the answer, at most ``max_messages / pairs``
     messages (``covered`` says the budget lasted the whole ask). After it, the next ask waits until
@@ -186,7 +188,7 @@ def measure_flood(broker: BrokerAddress, node: str, pairs: int = 4, rate: float 
     flooder = Flooder(broker, node, rate, max_messages)
     asks: list[dict[str, Any]] = []
     try:
-        with MeshClient(broker) as client:
+        with MeshClient(broker, keyring=keyring) as client:
             client.wait_online([node], 30.0)
             seq0, _ = node_rejects(client, node)
             before = wait_heartbeat_after(client, node, seq0, 10.0)
@@ -302,7 +304,7 @@ def main() -> None:  # pragma: no cover - a convenience over the e2e test's fixt
 
     from rich.progress import Progress
 
-    from tests.conftest import REPO, start_amqtt, start_mosquitto, start_node
+    from tests.conftest import REPO, asker_keys, start_amqtt, start_mosquitto, start_node
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4)
@@ -321,7 +323,8 @@ def main() -> None:  # pragma: no cover - a convenience over the e2e test's fixt
         try:
             figures = measure_flood(broker.address, "f1", pairs=args.pairs, rate=args.rate,
                                     max_messages=args.max_messages, max_new_tokens=args.max_new_tokens,
-                                    log=lambda line: progress.update(task, advance=1, description=line))
+                                    log=lambda line: progress.update(task, advance=1, description=line),
+                                    keyring=asker_keys())
         finally:
             node.stop()
             broker.stop()

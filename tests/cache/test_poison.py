@@ -28,7 +28,7 @@ from mesh.cache import codec as kvcodec
 from nodes import mmlu
 from mesh.mqtt.bus import MqttBus
 from nodes.client import AskResult, MeshClient
-from tests.conftest import CACHE_ROOT, Broker, NodeProcess, start_node
+from tests.conftest import Broker, CACHE_ROOT, NodeProcess, asker_keys, start_node
 
 pytestmark = pytest.mark.e2e
 
@@ -215,7 +215,7 @@ def test_an_honest_attacker_is_used(amqtt_broker: Broker, asker: NodeProcess, at
     attacker.learn(prompt)
     attacker.tamper = lambda parts, keys: parts
     attacker.advertise()
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         wait_advertised(client, attacker, prompt)
         before = attacker.requests
         got = ask(client, prompt)
@@ -235,7 +235,7 @@ def test_poisoned_chunks_are_rejected_and_the_peer_is_skipped(amqtt_broker: Brok
     attacker.learn(first, second)  # the catalog lists both prompts' chunks
     attacker.tamper = LIES[lie]
     attacker.advertise()
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         wait_advertised(client, attacker, first)
         before = cache_figures(client, "v1", lambda c: True).get("wasted_by_peer", {}).get(attacker.name, 0)
         requests = attacker.requests
@@ -270,7 +270,7 @@ def test_a_stalled_transfer_is_given_up_at_the_recompute_estimate(amqtt_broker: 
     attacker.learn(prompt)
     attacker.tamper = lambda parts, keys: parts[:2]  # the logits, then one chunk
     attacker.advertise()
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         wait_advertised(client, attacker, prompt)
         requests = attacker.requests
         got = ask(client, prompt)
@@ -306,7 +306,7 @@ def test_a_peer_killed_mid_transfer(amqtt_broker: Broker, asker: NodeProcess, lo
     watcher.subscribe(topics.reply("node-v1"), on_reply, qos=0)
     watcher.start(10)
     try:
-        with MeshClient(amqtt_broker.address) as client:
+        with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
             client.ask(long_prompt(LONG_B, 1), node="k1", max_new_tokens=2, timeout=120)
             wait = time.monotonic() + 10  # k1's catalog reaches v1
             while time.monotonic() < wait and cache_figures(client, "k1", lambda c: True).get("chunks", 0) < 80:

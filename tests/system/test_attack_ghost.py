@@ -21,7 +21,7 @@ import pytest
 from mesh import topics, wire
 from mesh.routing import stale_after
 from nodes.client import MeshClient
-from tests.conftest import Broker, NodeProcess, start_node
+from tests.conftest import Broker, NodeProcess, asker_keys, start_node
 from tests.system.rogue import Rogue, wait_json
 
 pytestmark = pytest.mark.e2e
@@ -56,7 +56,7 @@ def asks_answered(broker: Broker, home: Rogue) -> dict[str, object]:
     home.publish(topics.ASK_TEXT, b"Hello there")
     answer = wait_json(home, topics.ANSWER, 120)  # 64 new tokens: tens of seconds on a loaded machine
     out["text"] = answer.get("node") if answer else None
-    with MeshClient(broker.address) as client:
+    with MeshClient(broker.address, keyring=asker_keys()) as client:
         try:
             out["routed"] = client.ask("The capital of France is", max_new_tokens=2, timeout=20, max_sends=1).node
         except Exception as exc:

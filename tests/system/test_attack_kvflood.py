@@ -26,7 +26,7 @@ from mesh.config import CacheConfig
 from mesh.model import Decoder, load_model
 from nodes.client import MeshClient
 from nodes.up import spawn
-from tests.conftest import CACHE_ROOT, ENV, Broker, NodeProcess, mesh_argv, require_model
+from tests.conftest import Broker, CACHE_ROOT, ENV, NodeProcess, asker_keys, mesh_argv, require_model
 from tests.system.rogue import Rogue, rejects_of
 
 pytestmark = pytest.mark.e2e
@@ -49,7 +49,7 @@ def primed(amqtt_broker: Broker, log_dir: Path) -> Iterator[tuple[list[bytes], b
                                        "MESH_KV_SERVE_MB_S": str(RATE >> 20)})
     handle = NodeProcess(NAME, proc, log)
     try:
-        with MeshClient(amqtt_broker.address) as client:
+        with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
             client.wait_online([NAME], 240, ready=lambda v: v.model == MODEL)
             client.ask(TEXT, node=NAME, max_new_tokens=1, timeout=300)
         loaded = load_model(CACHE_ROOT, MODEL)
