@@ -113,8 +113,7 @@ class Member(Presence):
                  answers_itself: Callable[[wire.Envelope], bool] | None = None,
                  answer_role: bool = False, route_threshold: int = 2, label: str = "",
                  ask_timeout_s: float = 300.0, keyring: Keyring | None = None) -> None:
-        super().__init__(rejects, limits.max_message_bytes)
-        self.keys = keyring
+        super().__init__(rejects, limits.max_message_bytes, keyring)
         self.name, self.bus, self.limits = name, bus, limits
         self.label = label or name
         self.route_threshold = route_threshold
@@ -368,7 +367,8 @@ class Member(Presence):
         """One heartbeat (retained), numbered; raises MeshError when it could not be sent."""
         # every node's heartbeat says its RSS, peak and memory limit (MiB), agent or coordinator
         env = wire.Envelope(wire.Kind.HEARTBEAT, self.name, dict(body, seq=self.seq, **sysmem.heartbeat_fields()))
-        self.bus.publish(topics.node_heartbeat(self.name), wire.encode(env),
+        topic = topics.node_heartbeat(self.name)
+        self.bus.publish(topic, senders.encode(self.keys, env, topic),
                          qos=topics.HEARTBEAT.qos, retain=topics.HEARTBEAT.retain)
         self.seq += 1
         return env
@@ -378,7 +378,8 @@ class Member(Presence):
         before it serves asks; written to the broker before this returns (in order with what
         follows on this connection), or MeshError."""
         env = wire.Envelope(wire.Kind.HEARTBEAT, self.name, dict(body, seq=self.seq))
-        self.bus.publish_wait(topics.node_heartbeat(self.name), wire.encode(env),
+        topic = topics.node_heartbeat(self.name)
+        self.bus.publish_wait(topic, senders.encode(self.keys, env, topic),
                               qos=topics.HEARTBEAT.qos, retain=topics.HEARTBEAT.retain)
         self.seq += 1
 

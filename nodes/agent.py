@@ -380,7 +380,7 @@ class NodeAgent:
         """The cache's catalogs and KV transfers (mesh.cache.peers / transfer): their handlers are
         subscribed now, their threads stop with ours (they share the stop event)."""
         self.catalogs = CatalogSync(self.bus, cache, self.name, stop=self._stop, rejects=self.rejects,
-                                    max_message_bytes=self.limits.max_message_bytes)
+                                    max_message_bytes=self.limits.max_message_bytes, keyring=self.keys)
         c, mib = self.config.cache, float(1 << 20)
         burst = c.serve_burst_mb * mib or default_burst(self.max_context, cache.bytes_per_chunk / cache.chunk_size)
         self.transfer = PeerTransfer(self.bus, self.inbox, self.name, cache.serve, cache.digest,

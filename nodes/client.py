@@ -85,7 +85,7 @@ class MeshClient(Presence):
         # Our last will tells nodes we are gone: they stop working on our asks (mesh.askers).
         self.bus = MqttBus(self.name, broker, will=(topics.asker_status(self.name), topics.OFFLINE,
                                                     topics.ASKER_STATUS.qos, topics.ASKER_STATUS.retain))
-        super().__init__(wire.RejectCounter())
+        super().__init__(wire.RejectCounter(), keyring=keyring)
         self.inbox = ReplyInbox(self.bus, self.name, self.rejects, keyring=keyring)
         self._connect_timeout = connect_timeout
         self._status_at: dict[str, tuple[float, bool]] = {}  # node -> (when its last status came, online)

@@ -39,6 +39,14 @@ def asker_keys() -> Keyring | None:
     return asker_keyring(CACHE_ROOT)
 
 
+def peer_keys(name: str) -> Keyring | None:
+    """A node identity for a test's stand-in peer (a raw client playing node ``name``): issued
+    beside the nodes' when the tests hold identities (``asker_keys``), else None."""
+    from mesh.auth.store import identity_dir, load_keyring
+
+    return load_keyring(identity_dir(CACHE_ROOT), name, "node") if asker_keys() is not None else None
+
+
 def mesh_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "nodes.cli", *args]
 

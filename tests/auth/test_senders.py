@@ -201,3 +201,65 @@ def test_members_route_answer_and_an_inbox_checks_it(ca: CertificateAuthority) -
     # a plain ask on the routed topic is refused by a keyed router, and answered by no one
     router.on_route(topics.ROUTE, wire.encode(ask_env(corr="c9")), False)
     assert router.rejects.snapshot() == {"unauthenticated": 1} and len(buses["n1"].sent) == 2
+
+
+# -- heartbeats and catalogs: only their node's ---------------------------------------------------
+
+def beat(sender: str, seq: int, queue: int) -> wire.Envelope:
+    return wire.Envelope(wire.Kind.HEARTBEAT, sender, {"seq": seq, "model": "m", "model_key": "k", "queue": queue,
+                                                        "load": 0.0, "prefill_tps": 1.0})
+
+
+def test_a_forged_heartbeat_does_not_change_a_nodes_view(ca: CertificateAuthority) -> None:
+    keys = {n: ring(ca, n) for n in ("n1", "n2", "zzz")}
+    receiver = Member("n1", Bus(), Limits(), wire.RejectCounter(), keyring=keys["n1"])  # type: ignore[arg-type]
+    topic = topics.node_heartbeat("n2")
+    receiver.on_heartbeat(topic, senders.encode(keys["n2"], beat("n2", 1, 0), topic), False)
+    view = receiver.peers.get("n2")
+    assert view is not None and (view.seq, view.queue) == (1, 0)
+    forgeries = [wire.encode(beat("n2", 99, 7)),  # no key
+                 keys["zzz"].seal(wire.encode(beat("n2", 99, 7)), topic),  # another key, n2's name
+                 senders.encode(keys["zzz"], beat("zzz", 99, 7), topic),  # another key, its own name
+                 senders.encode(keys["n2"], beat("n2", 99, 7), topics.node_heartbeat("n3"))]  # sealed for another topic
+    for payload in forgeries:
+        receiver.on_heartbeat(topic, payload, False)
+        receiver.on_heartbeat(topic, payload, True)  # retained: no replay guard, the same checks
+    view = receiver.peers.get("n2")
+    assert view is not None and (view.seq, view.queue) == (1, 0)
+    assert receiver.rejects.snapshot() == {"unauthenticated": 2, "name-mismatch": 4, "bad-signature": 2}
+    # a replay of n2's own heartbeat is refused too (live; a retained copy is the broker's own)
+    first = senders.encode(keys["n2"], beat("n2", 2, 1), topic)
+    receiver.on_heartbeat(topic, first, False)
+    receiver.on_heartbeat(topic, first, False)
+    assert receiver.rejects.snapshot()["replayed"] == 1 and receiver.peers.get("n2").seq == 2  # type: ignore[union-attr]
+    # a keyless process reads a sealed heartbeat at its word
+    keyless = Member("n4", Bus(), Limits(), wire.RejectCounter())  # type: ignore[arg-type]
+    keyless.on_heartbeat(topic, first, False)
+    assert keyless.peers.get("n2").queue == 1  # type: ignore[union-attr]
+
+
+class Peers:
+    def __init__(self) -> None:
+        self.catalogs: dict[str, Any] = {}
+
+    def set_peer_catalog(self, name: str, catalog: Any) -> None:
+        self.catalogs[name] = catalog
+
+
+def test_a_catalog_counts_only_sealed_by_its_node(ca: CertificateAuthority) -> None:
+    import threading
+
+    from mesh.cache.peers import CatalogSync
+
+    keys = {n: ring(ca, n) for n in ("n1", "n2", "zzz")}
+    peers, bus = Peers(), Bus()
+    sync = CatalogSync(bus, peers, "n1", stop=threading.Event(), rejects=wire.RejectCounter(),  # type: ignore[arg-type]
+                       max_message_bytes=MAX, keyring=keys["n1"])
+    topic = topics.node_catalog("n2")
+    body = {"v": 1, "model": b"m" * 16, "chunk": 16, "epoch": 1, "n": 1, "m": 64, "k": 2, "bits": bytes(8)}
+    forged = wire.Envelope(wire.Kind.CATALOG, "n2", body)
+    sync.handle(topic, wire.encode(forged), True)
+    sync.handle(topic, keys["zzz"].seal(wire.encode(forged), topic), True)
+    assert peers.catalogs == {} and sync.rejects.snapshot() == {"unauthenticated": 1, "name-mismatch": 1}
+    sync.handle(topic, senders.encode(keys["n2"], forged, topic), True)
+    assert peers.catalogs["n2"]["epoch"] == 1

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from mesh import topics, wire
+from mesh.auth import senders
 from mesh.mqtt.bus import MqttBus
 from mesh.cache.catalog import Catalog
 from nodes.client import AskResult, MeshClient
-from tests.conftest import Broker, NodeProcess, asker_keys, require_model, start_node
+from tests.conftest import Broker, NodeProcess, asker_keys, peer_keys, require_model, start_node
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +61,7 @@ def wait_catalog(client: MeshClient, broker: Broker, node: str, min_items: int, 
     try:
         deadline = time.monotonic() + timeout
         while True:
-            env = wire.decode(got.get(timeout=max(0.1, deadline - time.monotonic())))
+            env = wire.decode(senders.unwrap(got.get(timeout=max(0.1, deadline - time.monotonic()))))
             cat = Catalog.from_dict(dict(env.body))
             if cat.count >= min_items:
                 return cat
@@ -219,7 +220,7 @@ class FakePeer:
               "rtt_ms": 0.1, "link_bw_Bps": link_bw_Bps, "time": time.time()}
         for topic, env in ((topics.node_heartbeat(self.name), wire.Envelope(wire.Kind.HEARTBEAT, self.name, hb)),
                            (topics.node_catalog(self.name), wire.Envelope(wire.Kind.CATALOG, self.name, cat.to_dict()))):
-            self.bus.publish_wait(topic, wire.encode(env), qos=1, retain=True)
+            self.bus.publish_wait(topic, senders.encode(peer_keys(self.name), env, topic), qos=1, retain=True)
         self.bus.publish_wait(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
         time.sleep(1.0)  # every node has read the catalog
 

@@ -11,7 +11,7 @@ import pytest
 from nodes import mmlu
 from nodes.client import MeshClient
 from nodes.setup import mmlu_dir
-from tests.conftest import Broker, CACHE_ROOT, NodeProcess, asker_keys, start_node
+from tests.conftest import CACHE_ROOT, Broker, NodeProcess, asker_keys, start_node
 
 pytestmark = pytest.mark.e2e
 

@@ -24,11 +24,12 @@ from typing import Any
 import pytest
 
 from mesh import topics, wire
+from mesh.auth import senders
 from mesh.cache import codec as kvcodec
 from nodes import mmlu
 from mesh.mqtt.bus import MqttBus
 from nodes.client import AskResult, MeshClient
-from tests.conftest import Broker, CACHE_ROOT, NodeProcess, asker_keys, start_node
+from tests.conftest import CACHE_ROOT, Broker, NodeProcess, asker_keys, peer_keys, start_node
 
 pytestmark = pytest.mark.e2e
 
@@ -111,7 +112,7 @@ class Attacker:
         for topic, env in ((topics.node_heartbeat(self.name), wire.Envelope(wire.Kind.HEARTBEAT, self.name, hb)),
                            (topics.node_catalog(self.name),
                             wire.Envelope(wire.Kind.CATALOG, self.name, cat.to_dict()))):
-            self.bus.publish_wait(topic, wire.encode(env), qos=1, retain=True)
+            self.bus.publish_wait(topic, senders.encode(peer_keys(self.name), env, topic), qos=1, retain=True)
         self.bus.publish_wait(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
 
     def close(self) -> None:

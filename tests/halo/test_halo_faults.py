@@ -24,7 +24,7 @@ import pytest
 from mesh.model import Decoder, load_model
 from nodes.client import MeshClient
 from nodes.up import spawn
-from tests.conftest import Broker, CACHE_ROOT, ENV, asker_keys, require_model
+from tests.conftest import CACHE_ROOT, ENV, Broker, asker_keys, require_model
 from tests.halo.test_halo_e2e import Proc, coordinator_view, halo_argv, wait_plan
 
 pytestmark = pytest.mark.e2e

@@ -33,7 +33,7 @@ import torch
 
 from nodes.client import MeshClient
 from nodes.up import spawn
-from tests.conftest import Broker, ENV, asker_keys, require_model
+from tests.conftest import ENV, Broker, asker_keys, require_model
 from tests.halo.test_halo_e2e import Proc, halo_argv, wait_plan
 
 pytestmark = pytest.mark.e2e

@@ -2,10 +2,11 @@
 
 Plain paho, no mesh class in between: it publishes exactly the bytes a test builds (as an
 attacker with no credentials on the embedded broker would) and collects what arrives on the
-topics it subscribed to. Where the nodes hold identities (``mesh.auth``), its asks are sealed with
-the asker's key (``keys``, default the test clients' ``asker_keys()``): it plays an insider with an
-asker's credential, so the checks behind the signature are still the ones under test; ``keys=None``
-plays a stranger, whose asks keyed nodes refuse (``unauthenticated``). What it receives is
+topics it subscribed to. Where the nodes hold identities (``mesh.auth``), it seals with ``keys``
+(default the test clients' ``asker_keys()``; ``tests.conftest.peer_keys(name)`` for a stand-in
+node): its asks in the keys' name, anything else it sends in the keys' own name. It then plays an
+insider holding a credential, so the checks behind the signature are still the ones under test;
+``keys=None`` plays a stranger, whom keyed nodes refuse (``unauthenticated``). What it receives is
 unwrapped unchecked (``mesh.auth.senders.unwrap``).
 """
 
@@ -69,7 +70,7 @@ class Rogue:
 
     def envelope(self, topic: str, kind: wire.Kind, sender: str, body: dict[str, Any], *, corr: str | None = None,
                  reply_to: str | None = None, retain: bool = False, qos: int = 1) -> None:
-        if kind is wire.Kind.ASK and self.keys is not None:
+        if self.keys is not None and (kind is wire.Kind.ASK or sender == self.keys.name):
             env = wire.Envelope(kind, self.keys.name, body, corr=corr, reply_to=reply_to)
             self.publish(topic, senders.encode(self.keys, env, topic), qos=qos, retain=retain)
             return

@@ -23,7 +23,7 @@ from mesh.auth import senders
 from mesh.mqtt.bus import MqttBus
 from nodes.client import MeshClient
 from nodes.up import spawn
-from tests.conftest import Broker, CACHE_ROOT, ENV, NodeProcess, asker_keys, mesh_argv, require_model, start_node
+from tests.conftest import CACHE_ROOT, ENV, Broker, NodeProcess, asker_keys, mesh_argv, require_model, start_node
 
 pytestmark = pytest.mark.e2e
 

@@ -21,7 +21,8 @@ import pytest
 from mesh import topics, wire
 from nodes.client import MeshClient
 from nodes.up import spawn
-from tests.conftest import Broker, CACHE_ROOT, ENV, NodeProcess, asker_keys, mesh_argv, require_model, start_node
+from tests.conftest import (CACHE_ROOT, ENV, Broker, NodeProcess, asker_keys, mesh_argv, peer_keys, require_model,
+                            start_node)
 from tests.system.rogue import Rogue, rejects_of, wait_json
 
 pytestmark = pytest.mark.e2e
@@ -54,7 +55,8 @@ def fake_heartbeat(**figures: object) -> dict[str, object]:
 
 def test_a_negative_queue_captures_no_ask(amqtt_broker: Broker, mesh_pair: dict[str, NodeProcess]) -> None:
     name = "zzz"
-    liar = Rogue(amqtt_broker, f"liar-{name}", will=(topics.node_status(name), topics.OFFLINE, True))
+    liar = Rogue(amqtt_broker, f"liar-{name}", will=(topics.node_status(name), topics.OFFLINE, True),
+                 keys=peer_keys(name))  # a node's credential: the figures, not the seal, must give it away
     home = Rogue(amqtt_broker, "capture-home")
     try:
         liar.subscribe(topics.node_ask(name))
@@ -93,7 +95,8 @@ def test_an_absurd_halo_speed_does_not_stop_re_planning(amqtt_broker: Broker,
         client.wait_online(["coordinator"], 30)
         model_key = str(client.peers.get("coordinator").heartbeat["model_key"])  # type: ignore[union-attr]
     failed_before = coordinator.log.read_text(errors="replace").count("re-plan failed")
-    liar = Rogue(amqtt_broker, f"liar-{name}", will=(topics.node_status(name), topics.OFFLINE, True))
+    liar = Rogue(amqtt_broker, f"liar-{name}", will=(topics.node_status(name), topics.OFFLINE, True),
+                 keys=peer_keys(name))  # a node's credential: the figures, not the seal, must give it away
     try:
         liar.publish(topics.node_status(name), topics.ONLINE, retain=True)
         halo = {"groups": {}, "epoch": 0, "served": 0, "group_size": 64, "compute_rows_per_s": 1e308,

@@ -1,4 +1,5 @@
-"""E3 (review H1): a rogue that answers a routed CLI ask first does not get its answer taken.
+"""E3 (review H1): a rogue that answers a routed CLI ask first does not get its answer taken, and
+one that heartbeats in a node's name does not change what others see of that node.
 
 The routed topic shows every ask's corr and reply topic to anyone who reads it, and every node may
 write every reply topic: before identities, the CLI returned the first ANSWER for its corr, whoever
@@ -7,7 +8,8 @@ sent it, so a forger answered ``FORGED`` in the name of ``node1`` and won (the r
 router's sealed notice names (``mesh.auth.senders``). The rogue here answers every routed ask at
 once, three ways: plain bytes in the node's name (no key), sealed with a valid key of another name
 in its own name (with a notice naming itself, and a token), and sealed with that key in the node's
-name. Each is refused and counted, and the real answer comes through.
+name. Each is refused and counted, and the real answer comes through. Heartbeats forged the same
+ways (no key; another node's key) leave the node's view as its own heartbeats make it.
 
 Real processes on a real amqtt broker: one SmolLM2 node (with its identity, enrolled under the
 test home like ``mesh up`` does); the rogue is a raw MQTT client.
@@ -27,7 +29,7 @@ from mesh.auth.keyring import Keyring
 from mesh.auth.store import identity_dir, load_keyring
 from nodes.client import MeshClient
 from tests.conftest import CACHE_ROOT, Broker, NodeProcess, asker_keys, start_node
-from tests.system.rogue import Rogue
+from tests.system.rogue import Rogue, rejects_of
 
 pytestmark = pytest.mark.e2e
 
@@ -111,3 +113,31 @@ def test_a_forged_answer_to_a_routed_ask_is_refused(amqtt_broker: Broker, node: 
     assert rejects.get("unauthenticated", 0) >= 2 and rejects.get("name-mismatch", 0) >= 2, rejects
     assert rejects.get("wrong-sender", 0) + rejects.get("unexpected-reply", 0) >= 6, rejects
     assert rejects.get("wrong-sender", 0) >= 2, rejects
+
+
+def test_a_forged_heartbeat_does_not_change_the_nodes_view(amqtt_broker: Broker, node: NodeProcess) -> None:
+    """Heartbeats in the node's name, from no key and from a valid key of another name: a keyed
+    client's view of the node keeps the node's own figures, and the node counts the forgeries."""
+    rogue_keys = load_keyring(identity_dir(CACHE_ROOT), ROGUE, "node")
+    assert rogue_keys is not None
+    rogue = Rogue(amqtt_broker, f"hb-forger-{time.monotonic_ns()}", keys=None)
+    topic = topics.node_heartbeat(NODE)
+    try:
+        with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
+            client.wait_online([NODE], 30, ready=lambda v: v.model == MODEL)
+            start = client.peers.get(NODE).seq  # type: ignore[union-attr]
+            for i in range(5):
+                forged = wire.Envelope(wire.Kind.HEARTBEAT, NODE, {
+                    "seq": 10**6 + i, "model": "forged-model", "model_key": "x", "queue": 3, "load": 0.9,
+                    "prefill_tps": 1.0, "heartbeat_s": 0.5})
+                rogue.publish(topic, wire.encode(forged), qos=1)
+                rogue.publish(topic, rogue_keys.seal(wire.encode(forged), topic), qos=1)
+            # the node's own heartbeats go on (every 0.5 s): three more, all after the forgeries
+            client.wait_online([NODE], 30, ready=lambda v: v.seq >= start + 3)
+            view = client.peers.get(NODE)
+            rejects = client.rejects.snapshot()
+    finally:
+        rogue.close()
+    assert view is not None and view.model == MODEL and view.seq < 10**6, view
+    assert rejects.get("unauthenticated", 0) >= 5 and rejects.get("name-mismatch", 0) >= 5, rejects
+    assert rejects_of(amqtt_broker, NODE, "name-mismatch") >= 5  # the node itself heard and refused them

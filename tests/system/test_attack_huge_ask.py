@@ -22,7 +22,7 @@ import pytest
 from mesh import topics, wire
 from nodes.client import MeshClient
 from nodes.up import spawn
-from tests.conftest import Broker, CACHE_ROOT, ENV, NodeProcess, asker_keys, mesh_argv, require_model
+from tests.conftest import CACHE_ROOT, ENV, Broker, NodeProcess, asker_keys, mesh_argv, require_model
 from tests.system.rogue import Rogue, rejects_of, wait_json
 
 pytestmark = pytest.mark.e2e

@@ -26,7 +26,7 @@ from mesh.config import CacheConfig
 from mesh.model import Decoder, load_model
 from nodes.client import MeshClient
 from nodes.up import spawn
-from tests.conftest import Broker, CACHE_ROOT, ENV, NodeProcess, asker_keys, mesh_argv, require_model
+from tests.conftest import CACHE_ROOT, ENV, Broker, NodeProcess, asker_keys, mesh_argv, require_model
 from tests.system.rogue import Rogue, rejects_of
 
 pytestmark = pytest.mark.e2e

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from mesh import topics, wire
+from mesh.auth import senders
 from mesh.mqtt.bus import MqttBus
 from mesh.cache.catalog import Catalog
 from mesh.errors import TransportError
@@ -94,7 +95,7 @@ def retained(broker: Broker, topic_filter: str, settle: float = 1.0) -> dict[str
 
 
 def catalog_of(messages: dict[str, bytes], node: str = "f1") -> Catalog:
-    return Catalog.from_dict(dict(wire.decode(messages[topics.node_catalog(node)]).body))
+    return Catalog.from_dict(dict(wire.decode(senders.unwrap(messages[topics.node_catalog(node)])).body))
 
 
 @pytest.fixture(scope="module", params=["amqtt", "mosquitto"])

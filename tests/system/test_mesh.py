@@ -19,7 +19,7 @@ from mesh import topics
 from mesh.model import load_model
 from nodes.client import AskFailed, MeshClient
 from nodes.up import free_port
-from tests.conftest import Broker, CACHE_ROOT, ENV, NodeProcess, asker_keys, mesh_argv, start_amqtt, start_node
+from tests.conftest import CACHE_ROOT, ENV, Broker, NodeProcess, asker_keys, mesh_argv, start_amqtt, start_node
 
 pytestmark = pytest.mark.e2e
 
