@@ -101,7 +101,8 @@ class NodeAgent:
                              label=f"node {self.name}", ask_timeout_s=self.timing.ask_timeout_s,
                              keyring=keyring)
         self._stop = self.member.stop_event
-        self.inbox = ReplyInbox(self.bus, f"node-{self.name}", self.rejects, self.limits.max_message_bytes)
+        self.inbox = ReplyInbox(self.bus, f"node-{self.name}", self.rejects, self.limits.max_message_bytes,
+                                keyring=keyring)  # KV parts and our link pings: sealed, when we hold keys
         self.link = LinkProbe(self.bus, self.inbox, self.name, interval_s=self.timing.link_ping_s,
                               late_s=self.timing.link_late_s, timeout_s=self.timing.link_timeout_s)
         self._wake = threading.Event()  # an answered ask: publish fresh load figures now
@@ -388,7 +389,7 @@ class NodeAgent:
                                      rejects=self.rejects, max_message_bytes=self.limits.max_message_bytes,
                                      quota=ByteBuckets(c.serve_mb_s * mib, burst, c.serve_total_mb_s * mib,
                                                        c.serve_total_burst_mb * mib or 2 * burst),
-                                     window_bytes=int(c.serve_window_mb * mib))
+                                     window_bytes=int(c.serve_window_mb * mib), keyring=self.keys)
         self._threads += [self.catalogs.start(), self.transfer.start()]
 
     def _default_link(self) -> LinkEstimate:

@@ -46,8 +46,8 @@ PROMPTS = [
 def garbage(node: str, reply_topic: str, seed: int = 0, keyed: bool = False) -> list[tuple[str, bytes, str]]:
     """One of each kind of garbage a node must reject, with the reason it must count:
     ``(topic, payload, reason)``. Cycle through it (payload bytes vary by ``seed``). ``keyed``: the
-    node holds keys (``mesh.auth``), so everything unsealed on its ask, routed, heartbeat and
-    catalog topics is refused before it is read (``unauthenticated``): the flooder is a stranger."""
+    node holds keys (``mesh.auth``), so everything unsealed on its ask, routed, heartbeat, catalog,
+    KV and inbox topics is refused before it is read (``unauthenticated``): the flooder is a stranger."""
     r = random.Random(seed)
     stranger = "unauthenticated" if keyed else None
 
@@ -74,7 +74,8 @@ def garbage(node: str, reply_topic: str, seed: int = 0, keyed: bool = False) -> 
         (topics.reply(f"node-{node}"), env(wire.Kind.PING, {"t": 0.0}, corr="zz"), "unexpected-reply"),
         (topics.reply(f"node-{node}"), env(wire.Kind.PING, {"t": 0.0}, reply_to="a/+/b"), "bad-reply-topic"),
     ]
-    sealed = (topics.node_ask(node), topics.ROUTE, topics.node_heartbeat(ghost), topics.node_catalog(ghost))
+    sealed = (topics.node_ask(node), topics.ROUTE, topics.node_heartbeat(ghost), topics.node_catalog(ghost),
+              topics.node_kv(node), topics.reply(f"node-{node}"))
     return [(t, p, stranger if stranger and t in sealed else reason) for t, p, reason in cases]
 
 

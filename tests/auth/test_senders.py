@@ -263,3 +263,53 @@ def test_a_catalog_counts_only_sealed_by_its_node(ca: CertificateAuthority) -> N
     assert peers.catalogs == {} and sync.rejects.snapshot() == {"unauthenticated": 1, "name-mismatch": 1}
     sync.handle(topic, senders.encode(keys["n2"], forged, topic), True)
     assert peers.catalogs["n2"]["epoch"] == 1
+
+
+# -- KV fetches and parts: between nodes, from the peer asked --------------------------------------
+
+def test_kv_fetches_and_parts_are_sealed_between_nodes(ca: CertificateAuthority) -> None:
+    import queue
+    import threading
+
+    from mesh.cache.transfer import PeerTransfer
+
+    keys = {n: ring(ca, n) for n in ("n1", "n2", "zzz")}
+    asker = ring(ca, "asker", "asker")
+    model = b"m" * 16
+    served: list[list[bytes]] = []
+
+    def serve(ks: list[bytes], pkey: bytes | None, codec_name: str, max_bytes: int) -> Any:
+        served.append(ks)
+        yield {"chunks": [], "part": 0, "last": True}
+
+    def transfer(name: str, bus: Bus) -> PeerTransfer:
+        inbox = ReplyInbox(bus, f"node-{name}", wire.RejectCounter(), keyring=keys[name])  # type: ignore[arg-type]
+        return PeerTransfer(bus, inbox, name, serve, model, kv_wire="fp16", online=lambda _: True,
+                            stop=threading.Event(), rejects=wire.RejectCounter(), max_message_bytes=MAX,
+                            keyring=keys[name])
+
+    b1, b2 = Bus(), Bus()
+    t1, t2 = transfer("n1", b1), transfer("n2", b2)
+    replies = t1.fetch("n2", [b"k" * 16], None, 5.0)
+    topic, fetch = b1.sent[-1]
+    assert topic == topics.node_kv("n2")
+    t2.handle(topic, fetch, False)
+    t2.serve_one(t2.jobs.get_nowait())
+    assert served == [[b"k" * 16]] and t2.rejects.snapshot() == {}
+    reply_topic, part = b2.sent[-1]
+    assert reply_topic == topics.reply("node-n1")
+    # the parts n1's inbox takes: n2's, sealed; not a plain one, nor one sealed by another node
+    plain = wire.encode(wire.Envelope(wire.Kind.KV_CHUNKS, "n2", {"chunks": [], "part": 0, "last": True},
+                                      corr=replies.corr))
+    t1.inbox._handle(reply_topic, plain, False)
+    t1.inbox._handle(reply_topic, keys["zzz"].seal(plain, reply_topic), False)
+    t1.inbox._handle(reply_topic, part, False)
+    assert t1.inbox.rejects.snapshot() == {"unauthenticated": 1, "name-mismatch": 1}
+    assert [p[0]["last"] for p in replies] == [True]
+    # a fetch that is plain, or sealed by an asker, is not served
+    body = {"keys": [b"k" * 16], "codec": "fp16", "model": model}
+    t2.handle(topic, wire.encode(wire.Envelope(wire.Kind.KV_FETCH, "n1", body, corr="c", reply_to=reply_topic)), False)
+    t2.handle(topic, senders.encode(asker, wire.Envelope(wire.Kind.KV_FETCH, "asker", body, corr="c",
+                                                         reply_to=topics.reply("node-asker")), topic), False)
+    assert t2.rejects.snapshot() == {"unauthenticated": 1, "wrong-role": 1}
+    assert isinstance(t2.jobs, queue.Queue) and t2.jobs.empty()

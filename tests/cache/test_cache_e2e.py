@@ -208,11 +208,11 @@ class FakePeer:
         return list(self.cache.keys(self.decoder.encode(text))[0])
 
     def _on_fetch(self, topic: str, payload: bytes, retained: bool) -> None:
-        env = wire.decode(payload)
+        env = wire.decode(senders.unwrap(payload))
         self.requests += 1
         body = {"chunks": self.serve(list(env.body["keys"]), self.cache.digest), "part": 0, "last": True}
-        self.bus.publish(env.reply_to, wire.encode(wire.Envelope(wire.Kind.KV_CHUNKS, self.name, body, corr=env.corr)),
-                         qos=1)
+        reply = wire.Envelope(wire.Kind.KV_CHUNKS, self.name, body, corr=env.corr)
+        self.bus.publish(env.reply_to, senders.encode(peer_keys(self.name), reply, env.reply_to), qos=1)
 
     def advertise(self, link_bw_Bps: float = 1e10) -> None:
         cat = Catalog.from_keys(self.cache.digest, 16, self.keys, capacity=1000)

@@ -94,14 +94,14 @@ class Attacker:
         return list(self.cache.keys(self.decoder.encode(prompt))[0])
 
     def _on_fetch(self, topic: str, payload: bytes, retained: bool) -> None:
-        env = wire.decode(payload)
+        env = wire.decode(senders.unwrap(payload))
         self.requests += 1
         keys = list(env.body["keys"])
         pkey = env.body.get("prompt_key")
         honest = list(self.cache.serve(keys, pkey, str(env.body["codec"]), 16 << 20, part_bytes=1))
         for body in self.tamper(honest, keys):
-            self.bus.publish(env.reply_to, wire.encode(wire.Envelope(wire.Kind.KV_CHUNKS, self.name, body,
-                                                                     corr=env.corr)), qos=1)
+            reply = wire.Envelope(wire.Kind.KV_CHUNKS, self.name, body, corr=env.corr)
+            self.bus.publish(env.reply_to, senders.encode(peer_keys(self.name), reply, env.reply_to), qos=1)
 
     def advertise(self) -> None:
         """Publish our real catalog, a heartbeat (a fast link) and ``online``; retained."""
@@ -297,7 +297,7 @@ def test_a_peer_killed_mid_transfer(amqtt_broker: Broker, asker: NodeProcess, lo
 
     def on_reply(topic: str, payload: bytes, retained: bool) -> None:
         try:
-            env = wire.decode(payload)
+            env = wire.decode(senders.unwrap(payload))
         except Exception:
             return
         if env.kind is wire.Kind.KV_CHUNKS and env.sender == "k1" and not killed.is_set():
