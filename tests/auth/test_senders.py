@@ -313,3 +313,24 @@ def test_kv_fetches_and_parts_are_sealed_between_nodes(ca: CertificateAuthority)
                                                          reply_to=topics.reply("node-asker")), topic), False)
     assert t2.rejects.snapshot() == {"unauthenticated": 1, "wrong-role": 1}
     assert isinstance(t2.jobs, queue.Queue) and t2.jobs.empty()
+
+
+def test_mutated_sealed_asks_only_ever_raise_protocol_errors(ca: CertificateAuthority) -> None:
+    """Bytes flipped anywhere in a sealed ask or forward (the certificate included: a bad X.509
+    version once escaped as cryptography's InvalidVersion) end in a counted reason, keys or not."""
+    import random
+
+    asker, router, target = ring(ca, "asker", "asker"), ring(ca, "n1"), ring(ca, "n2")
+    original = senders.encode(asker, ask_env(), topics.ROUTE)
+    fwd = senders.encode(router, senders.forward(router, ask_env(), original, "n1", "load"), topics.node_ask("n2"))
+    rng = random.Random(15)
+    for _ in range(1500):
+        p = bytearray(rng.choice([original, fwd]))
+        for _ in range(rng.randint(1, 4)):
+            p[rng.randrange(len(p))] = rng.randrange(256)
+        for keys in (target, None):
+            try:
+                senders.open_ask(keys, bytes(p[: rng.randrange(1, len(p) + 1)]), topics.node_ask("n2"), MAX,
+                                 JSON_SENDER)
+            except ProtocolError:
+                pass
