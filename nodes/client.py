@@ -237,17 +237,18 @@ class MeshClient(Presence):
                     raise TransportError(f"no answer within {timeout:g} s"
                                          + (f" from node {node}" if node else "") + extra_info)
                 try:
-                    got = replies.get(timeout=min(left, 0.2))
+                    admitted = gate.take(replies.get(timeout=min(left, 0.2)))
                 except queue.Empty:
-                    if self._should_resend(sent_on, sends[-1], node, serving, replied, now, resend_s):
+                    admitted = gate.recheck()  # a notice held while our view of the router lagged
+                    if not admitted and self._should_resend(sent_on, sends[-1], node, serving, replied, now,
+                                                            resend_s):
                         if len(sends) >= max_sends:
                             raise TransportError(
                                 f"no answer after sending the ask {len(sends)} times (broker connection lost "
                                 f"{self.bus.disconnects} times, or nodes went offline); giving up") from None
                         log.info("ask %s: sending again (attempt %d)", corr, len(sends) + 1)
                         sent_on, serving = send(), None
-                    continue
-                for reply in gate.take(got):  # only what the node the ask went to sent (with keys)
+                for reply in admitted:  # only what the node the ask went to sent (with keys)
                     replied = True
                     serving = serving or reply.sender
                     if reply.kind is wire.Kind.TOKEN:

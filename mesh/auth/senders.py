@@ -130,8 +130,13 @@ class ReplyGate:
 
     ``node``: the node asked, or None for a routed ask; ``keyed``: whether the asker holds keys
     (without, every reply passes, as before, and notices are dropped); ``router``: who routes now,
-    in the asker's own view (``mesh.routing.router_of`` over the live nodes), asked when a notice
-    or a routed error comes.
+    in the asker's own view (``mesh.routing.router_of`` over the live nodes).
+
+    Views differ for a while: a node known only from a retained heartbeat counts as live for one
+    staleness window after the asker subscribed, though it may have died long ago (the router,
+    which heard it live, knows better). So a notice or an error not from the router of the moment
+    is held, not refused, and :meth:`recheck` (called while the asker waits) takes it once the
+    views agree; what is still held when the ask ends is counted.
     """
 
     node: str | None
@@ -139,35 +144,50 @@ class ReplyGate:
     router: Callable[[], str | None]
     answerers: set[str] = field(default_factory=set)
     held: list[wire.Envelope] = field(default_factory=list)
-    refused: int = 0  # notices not from the router, replies held past HELD_MAX
+    refused: int = 0  # notices to an ask sent to one node, and anything past HELD_MAX
 
     def __post_init__(self) -> None:
         if self.node is not None:
             self.answerers.add(self.node)
 
     def take(self, env: wire.Envelope) -> list[wire.Envelope]:
-        """The replies to act on now, in order: ``env`` itself, the replies a notice vouched for, or none."""
-        if env.kind is wire.Kind.ROUTED:
-            if not self.keyed:
-                return []
-            if self.node is not None or env.sender != self.router():
-                self.refused += 1
-                return []
-            name = str(env.body["node"])
-            self.answerers.add(name)
-            now = [e for e in self.held if e.sender == name]
-            self.held = [e for e in self.held if e.sender != name]
-            return now
-        if not self.keyed or env.sender in self.answerers:
-            return [env]
-        if env.kind is wire.Kind.ERROR and self.node is None and env.sender == self.router():
-            return [env]  # the router's own refusal: no node, a bad ask
-        if len(self.held) < HELD_MAX:
-            self.held.append(env)
-        else:
+        """The replies to act on now, in order: ``env`` itself, replies a notice vouched for, or none."""
+        if not self.keyed:
+            return [] if env.kind is wire.Kind.ROUTED else [env]
+        if env.kind is wire.Kind.ROUTED and self.node is not None:
+            self.refused += 1  # nobody routed an ask sent to one node
+            return []
+        if len(self.held) >= HELD_MAX:
             self.refused += 1
-        return []
+            return []
+        self.held.append(env)
+        return self.recheck()
+
+    def recheck(self) -> list[wire.Envelope]:
+        """What the held replies and notices vouch for now (the router's view may have moved)."""
+        if not self.keyed or not self.held:
+            return []
+        router = self.router() if self.node is None else None
+        out: list[wire.Envelope] = []
+        changed = True
+        while changed:  # a notice taken may release replies held before it
+            changed = False
+            keep: list[wire.Envelope] = []
+            for env in self.held:
+                if env.kind is wire.Kind.ROUTED:
+                    if router is not None and env.sender == router:
+                        changed |= str(env.body["node"]) not in self.answerers
+                        self.answerers.add(str(env.body["node"]))
+                        continue
+                elif env.sender in self.answerers or (env.kind is wire.Kind.ERROR and router is not None
+                                                      and env.sender == router):
+                    out.append(env)  # the router's own refusal (no node, a bad ask) counts too
+                    continue
+                keep.append(env)
+            self.held = keep
+        return out
 
     def unvouched(self) -> int:
-        """Replies never vouched for (held) and refused notices: what the asker counts as ``wrong-sender``."""
+        """Replies and notices never vouched for, and those refused: what the asker counts as
+        ``wrong-sender``."""
         return len(self.held) + self.refused

@@ -130,6 +130,18 @@ def test_a_gate_takes_replies_only_from_the_node_the_router_names() -> None:
     assert senders.ReplyGate(None, True, lambda: "n1").take(error) == [error]  # the router's own refusal
 
 
+def test_a_notice_waits_until_the_askers_view_of_the_router_catches_up() -> None:
+    """A dead node known only from a retained heartbeat is live to a new asker for one staleness
+    window; the real router's notice is held, not refused, and taken once the asker agrees."""
+    router = ["a1"]  # the ghost, smaller than the real router
+    gate = senders.ReplyGate(None, True, lambda: router[0])
+    notice = reply(wire.Kind.ROUTED, "gnode", node="gnode")
+    answer = reply(wire.Kind.ANSWER, "gnode", text="a")
+    assert gate.take(notice) == [] and gate.take(answer) == [] and gate.recheck() == []
+    router[0] = "gnode"  # a1 went stale in the asker's view
+    assert gate.recheck() == [answer] and gate.unvouched() == 0
+
+
 def test_a_gate_for_an_ask_to_one_node_and_without_keys() -> None:
     gate = senders.ReplyGate("n2", True, lambda: "n1")
     ok = reply(wire.Kind.TOKEN, "n2", i=0, text="a")
