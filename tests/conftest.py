@@ -39,6 +39,7 @@ def asker_keys() -> Keyring | None:
     return asker_keyring(CACHE_ROOT)
 
 
+@functools.cache
 def peer_keys(name: str) -> Keyring | None:
     """A node identity for a test's stand-in peer (a raw client playing node ``name``): issued
     beside the nodes' when the tests hold identities (``asker_keys``), else None."""
