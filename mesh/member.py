@@ -35,6 +35,8 @@ from typing import Any
 
 from mesh import budget, sysmem, topics, wire
 from mesh.askers import AskGuard, Cancelled
+from mesh.auth import senders
+from mesh.auth.keyring import Keyring
 from mesh.config import Limits
 from mesh.dedupe import SeenAsks
 from mesh.errors import MeshError, ProtocolError
@@ -48,6 +50,18 @@ log = logging.getLogger(__name__)
 JSON_SENDER = "json-client"  # the sender of every JSON and text ask (they name none)
 
 Depths = Callable[[wire.Envelope, list[str]], dict[str, int]]
+
+
+def asker_of(env: wire.Envelope) -> str:
+    """Whose going away stops an ask (``mesh.askers``): the client run that owns its reply inbox
+    (``mesh/v1/reply/<run>``, named by that run's last will), else the sender. With identities,
+    every run of one account seals as the same principal, so the sender names no single run."""
+    if env.sender != JSON_SENDER and env.reply_to is not None:
+        prefix = topics.reply("x")[:-1]
+        run = env.reply_to[len(prefix):] if env.reply_to.startswith(prefix) else ""
+        if run and "/" not in run:
+            return run
+    return env.sender
 
 
 class AgentExtension:
@@ -87,7 +101,9 @@ class Member(Presence):
     other answering node online, a routed ask it accepts comes to this process (the coordinator).
     ``answer_role``: routers only pick nodes whose heartbeat lists the role ``answer`` (the
     coordinator's rule; the agent routes to any node with a matching model). ``route_threshold``:
-    see :func:`mesh.routing.route`.
+    see :func:`mesh.routing.route`. ``keyring``: this process's identity (``mesh.auth``): asks are
+    opened and replies and forwards sealed with it (``mesh.auth.senders``); None runs
+    unauthenticated, as before identities.
     """
 
     def __init__(self, name: str, bus: MqttBus, limits: Limits, rejects: wire.RejectCounter, *,
@@ -96,8 +112,8 @@ class Member(Presence):
                  on_peer_heartbeat: Callable[[str, dict[str, Any], bool], None] | None = None,
                  answers_itself: Callable[[wire.Envelope], bool] | None = None,
                  answer_role: bool = False, route_threshold: int = 2, label: str = "",
-                 ask_timeout_s: float = 300.0) -> None:
-        super().__init__(rejects, limits.max_message_bytes)
+                 ask_timeout_s: float = 300.0, keyring: Keyring | None = None) -> None:
+        super().__init__(rejects, limits.max_message_bytes, keyring)
         self.name, self.bus, self.limits = name, bus, limits
         self.label = label or name
         self.route_threshold = route_threshold
@@ -171,8 +187,21 @@ class Member(Presence):
             self.on_peer_heartbeat(name, body, retained)
 
     # -- ask intake -------------------------------------------------------------------------------
+    def open_ask(self, topic: str, payload: bytes) -> wire.Envelope | None:
+        """The asker's envelope (``mesh.auth.senders.open_ask``), or None with the reason counted."""
+        try:
+            env = senders.open_ask(self.keys, payload, topic, self.max_message_bytes, JSON_SENDER)
+        except ProtocolError as exc:
+            self.rejects.add(exc.reason)
+            log.info("dropped ask on %s: %s", topic, exc)
+            return None
+        if env.kind is not wire.Kind.ASK:
+            self.rejects.add("unexpected-kind")
+            return None
+        return env
+
     def on_node_ask(self, topic: str, payload: bytes, retained: bool) -> None:
-        env = self.decode(payload, wire.Kind.ASK)
+        env = self.open_ask(topic, payload)
         if env is None or not self.valid_ask(env):
             return
         self.take(Job(env, time.monotonic(), json_reply=env.body.get("reply_format") == "json"))
@@ -214,11 +243,11 @@ class Member(Presence):
     # -- bounded work (mesh.askers) ---------------------------------------------------------------
     def checkpoint(self, job: Job) -> None:
         """Between two pieces of work: raise Cancelled (stopping) or budget.Abandoned."""
-        self.guard.checkpoint(job.deadline, job.env.sender)
+        self.guard.checkpoint(job.deadline, asker_of(job.env))
 
     def must_stop(self, job: Job) -> bool:
         """For a forward's ``stop`` hook (mesh.model.Decoder.prefill)."""
-        return self.guard.must_stop(job.deadline, job.env.sender)
+        return self.guard.must_stop(job.deadline, asker_of(job.env))
 
     # -- router duty ------------------------------------------------------------------------------
     def is_router(self) -> bool:
@@ -234,9 +263,9 @@ class Member(Presence):
     def on_route(self, topic: str, payload: bytes, retained: bool) -> None:
         if not self.is_router():
             return
-        env = self.decode(payload, wire.Kind.ASK)
+        env = self.open_ask(topic, payload)
         if env is not None and self.valid_ask(env):
-            self.route(env)
+            self.route(env, payload if self.keys is not None else None)
 
     def on_text_ask(self, topic: str, payload: bytes, retained: bool) -> None:
         """A bare sentence (a Home Assistant ``text`` entity): answered as JSON on mesh/v1/answer."""
@@ -281,8 +310,11 @@ class Member(Presence):
                 if (not self.answer_role or "answer" in (v.heartbeat.get("roles") or []))
                 and (model is None or not v.model or v.model == model)]
 
-    def route(self, env: wire.Envelope) -> None:
-        """Forward an ask to the node :func:`pick` chooses, or answer ``no-node``."""
+    def route(self, env: wire.Envelope, original: bytes | None = None) -> None:
+        """Forward an ask to the node :func:`pick` chooses, or answer ``no-node``. ``original``: the
+        asker's sealed bytes, carried inside the sealed forward (``mesh.auth.senders.forward``);
+        with keys, the asker also hears which node took its ask (a sealed ``ROUTED`` notice, sent
+        before the forward, so it comes before the node's first reply)."""
         model = env.body.get("model")
         model = model if isinstance(model, str) else None
         candidates = self._candidates(model)
@@ -301,16 +333,20 @@ class Member(Presence):
             self.reply_error(Job(env, time.monotonic()), "no-node",
                              "no node is online to answer" + (f" with model {model}" if model else ""))
             return
-        body = dict(env.body, routed_by=self.name, routed_reason=reason)
-        forwarded = wire.Envelope(wire.Kind.ASK, env.sender, body, corr=env.corr, reply_to=env.reply_to)
-        self.bus.publish(topics.node_ask(target), wire.encode(forwarded, self.limits.max_message_bytes), qos=1)
+        if self.keys is not None and env.sender != JSON_SENDER and env.reply_to is not None:
+            notice = senders.routed_notice(self.keys, env, target)
+            self.bus.publish(env.reply_to, senders.encode(self.keys, notice, env.reply_to), qos=1)
+        forwarded = senders.forward(self.keys, env, original, self.name, reason)
+        topic = topics.node_ask(target)
+        self.bus.publish(topic, senders.encode(self.keys, forwarded, topic, self.limits.max_message_bytes), qos=1)
 
     # -- replies ----------------------------------------------------------------------------------
     def reply(self, job: Job, kind: wire.Kind, body: dict[str, Any]) -> None:
         if job.env.reply_to is None:
             return
         env = wire.Envelope(kind, self.name, body, corr=job.env.corr)
-        self.bus.publish(job.env.reply_to, wire.encode(env, self.limits.max_message_bytes), qos=1)
+        topic = job.env.reply_to
+        self.bus.publish(topic, senders.encode(self.keys, env, topic, self.limits.max_message_bytes), qos=1)
 
     def reply_json(self, job: Job, body: dict[str, Any]) -> None:
         if job.env.reply_to is not None:
@@ -333,7 +369,8 @@ class Member(Presence):
         """One heartbeat (retained), numbered; raises MeshError when it could not be sent."""
         # every node's heartbeat says its RSS, peak and memory limit (MiB), agent or coordinator
         env = wire.Envelope(wire.Kind.HEARTBEAT, self.name, dict(body, seq=self.seq, **sysmem.heartbeat_fields()))
-        self.bus.publish(topics.node_heartbeat(self.name), wire.encode(env),
+        topic = topics.node_heartbeat(self.name)
+        self.bus.publish(topic, senders.encode(self.keys, env, topic),
                          qos=topics.HEARTBEAT.qos, retain=topics.HEARTBEAT.retain)
         self.seq += 1
         return env
@@ -343,7 +380,8 @@ class Member(Presence):
         before it serves asks; written to the broker before this returns (in order with what
         follows on this connection), or MeshError."""
         env = wire.Envelope(wire.Kind.HEARTBEAT, self.name, dict(body, seq=self.seq))
-        self.bus.publish_wait(topics.node_heartbeat(self.name), wire.encode(env),
+        topic = topics.node_heartbeat(self.name)
+        self.bus.publish_wait(topic, senders.encode(self.keys, env, topic),
                               qos=topics.HEARTBEAT.qos, retain=topics.HEARTBEAT.retain)
         self.seq += 1
 

@@ -4,7 +4,10 @@ Every process that watches the mesh keeps one :class:`Presence`: the node agent 
 coordinator (through :class:`mesh.member.Member`) and the client (``mesh ask``, ``mesh status``,
 the benchmarks). Its handlers run on paho's network thread; :attr:`Presence.changed` is both the
 lock over :attr:`Presence.peers` and the condition waiters sleep on until a status or heartbeat
-lands.
+lands. With a keyring, a heartbeat must be sealed by the node whose topic it is on
+(``mesh.auth.keyring.Keyring.open``: ``unauthenticated``, ``name-mismatch``...); the retained
+``online``/``offline`` status stays plain text (the broker publishes the last will, which no node
+can sign): only a heartbeat makes a node live for routing (``mesh.routing.live``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import time
 from typing import Any
 
 from mesh import topics, wire
+from mesh.auth import senders
+from mesh.auth.keyring import Keyring
 from mesh.errors import ProtocolError
 from mesh.mqtt.bus import MqttBus
 from mesh.plausible import heartbeat_problem
@@ -33,7 +38,9 @@ class Presence:
     than the one held).
     """
 
-    def __init__(self, rejects: wire.RejectCounter, max_message_bytes: int = wire.DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, rejects: wire.RejectCounter, max_message_bytes: int = wire.DEFAULT_MAX_BYTES,
+                 keyring: Keyring | None = None) -> None:
+        self.keys = keyring
         self.rejects = rejects
         self.max_message_bytes = max_message_bytes
         self.peers = PeerTable()
@@ -42,19 +49,6 @@ class Presence:
     def subscribe_presence(self, bus: MqttBus) -> None:
         bus.subscribe(topics.ALL_STATUS, self.on_status, qos=1)
         bus.subscribe(topics.ALL_HEARTBEATS, self.on_heartbeat, qos=0)
-
-    def decode(self, payload: bytes, kind: wire.Kind) -> wire.Envelope | None:
-        """The envelope, or None with the reason counted."""
-        try:
-            env = wire.decode(payload, self.max_message_bytes)
-        except ProtocolError as exc:
-            self.rejects.add(exc.reason)
-            log.info("dropped payload: %s", exc)
-            return None
-        if env.kind is not kind:
-            self.rejects.add("unexpected-kind")
-            return None
-        return env
 
     def on_status(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = topics.parse_node_topic(topic)
@@ -81,8 +75,14 @@ class Presence:
             return
         if not payload:
             return  # an empty retained message clears a decommissioned node's heartbeat
-        env = self.decode(payload, wire.Kind.HEARTBEAT)
-        if env is None:
+        try:
+            _, env = senders.decode(self.keys, payload, topic, self.max_message_bytes, retained)
+        except ProtocolError as exc:
+            self.rejects.add(exc.reason)
+            log.info("dropped heartbeat on %s: %s", topic, exc)
+            return
+        if env.kind is not wire.Kind.HEARTBEAT:
+            self.rejects.add("unexpected-kind")
             return
         problem = heartbeat_problem(env.body)
         if problem is not None:  # a lying or broken heartbeat is never routed on (mesh.plausible)

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from mesh import wire
+from mesh.auth import senders
 from mesh.mqtt.bus import MqttBus
 from mesh.mqtt.inbox import ReplyInbox
 from mesh.errors import MeshError
@@ -71,7 +72,8 @@ class LinkProbe:
         if pad:
             body["pad"] = bytes(pad)
         env = wire.Envelope(wire.Kind.PING, self.name, body, corr=corr)
-        self.bus.publish(self.inbox.topic, wire.encode(env), qos=0)
+        # sealed when the inbox holds keys: it opens everything on its topic (mesh.mqtt.inbox)
+        self.bus.publish(self.inbox.topic, senders.encode(self.inbox.keys, env, self.inbox.topic), qos=0)
 
     def _loop(self) -> None:
         next_bw = time.monotonic() + min(2.0, self.bandwidth_every_s)

@@ -53,6 +53,7 @@ class Kind(StrEnum):
     KV_CHUNKS = "kv-chunks"  # a peer's answer: the chunks it really holds (mesh.cache.kv codec)
     HALO_PLAN = "halo-plan"  # the coordinator's neuron-group placement (mesh.halo.placement.Plan)
     HALO_ACK = "halo-ack"  # a worker holds the weights of a plan epoch
+    ROUTED = "routed"  # the router's word to an asker: which node took its ask (mesh.auth.senders)
 
 
 # Body schemas: field -> (type or tuple of types, required). Unknown extra fields are allowed
@@ -78,6 +79,7 @@ _SCHEMAS: dict[Kind, dict[str, tuple[Any, bool]]] = {
                      "last": (_BOOL, True)},
     Kind.HALO_PLAN: {"epoch": (_INT, True), "plan": (dict, True)},
     Kind.HALO_ACK: {"epoch": (_INT, True)},
+    Kind.ROUTED: {"node": (_STR, True)},
 }
 
 
@@ -109,8 +111,9 @@ def kind_caps(limits: Limits) -> dict[Kind, Cap]:
         # one node's figures (load, link, cache, HALO, reject counters) plus a few fields per peer it
         # knows (peer catalogs, wasted fetches): room for hundreds of peers.
         Kind.HEARTBEAT: Cap(64 * _KIB, 4_096),
-        # the prompt at 4 UTF-8 bytes per character, plus 8 stop strings and the fields.
-        Kind.ASK: Cap(4 * limits.max_prompt_chars + 16 * _KIB, 256),
+        # the prompt at 4 UTF-8 bytes per character, plus 8 stop strings and the fields; twice, for
+        # a router's forward carries the asker's sealed ask inside (mesh.auth.senders).
+        Kind.ASK: Cap(8 * limits.max_prompt_chars + 32 * _KIB, 256),
         # one streamed piece of text: a few tokens.
         Kind.TOKEN: Cap(16 * _KIB, 64),
         # max_new_tokens tokens of text (<= 128 B each) and their ids, plus the timing and cache figures.
@@ -130,6 +133,8 @@ def kind_caps(limits: Limits) -> dict[Kind, Cap]:
         Kind.HALO_PLAN: Cap(1 * _MIB, 1 << 17),
         # an epoch and a group count.
         Kind.HALO_ACK: Cap(4 * _KIB, 64),
+        # a node's name.
+        Kind.ROUTED: Cap(4 * _KIB, 64),
     }
 
 

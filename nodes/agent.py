@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh import budget, topics, wire
+from mesh.auth.keyring import Keyring
 from mesh.mqtt.bus import MqttBus
 from mesh.mqtt.inbox import ReplyInbox
 from mesh.config import NodeConfig
@@ -78,8 +79,11 @@ def physical_memory() -> int:
 
 class NodeAgent:
     def __init__(self, config: NodeConfig, loaded: LoadedModel | None = None,
-                 extensions: list[AgentExtension] | None = None) -> None:
+                 extensions: list[AgentExtension] | None = None, keyring: Keyring | None = None) -> None:
+        """``keyring``: this node's identity (``mesh.auth.store.load_keyring``): asks opened, answers,
+        forwards and heartbeats sealed with it; None runs unauthenticated, as before identities."""
         self.config = config
+        self.keys = keyring
         self.extensions = list(extensions or [])
         self.roles: list[str] = [r for e in self.extensions for r in getattr(e, "roles", ())]
         self.name = config.name
@@ -101,9 +105,11 @@ class NodeAgent:
         self.member = Member(self.name, self.bus, self.limits, self.rejects,
                              dedupe_window_s=self.timing.dedupe_window_s, depths=self._cache_depths,
                              on_presence=self._on_presence, route_threshold=config.cache.route_threshold,
-                             label=f"node {self.name}", ask_timeout_s=self.timing.ask_timeout_s)
+                             label=f"node {self.name}", ask_timeout_s=self.timing.ask_timeout_s,
+                             keyring=keyring)
         self._stop = self.member.stop_event
-        self.inbox = ReplyInbox(self.bus, f"node-{self.name}", self.rejects, self.limits.max_message_bytes)
+        self.inbox = ReplyInbox(self.bus, f"node-{self.name}", self.rejects, self.limits.max_message_bytes,
+                                keyring=keyring)  # KV parts and our link pings: sealed, when we hold keys
         self.link = LinkProbe(self.bus, self.inbox, self.name, interval_s=self.timing.link_ping_s,
                               late_s=self.timing.link_late_s, timeout_s=self.timing.link_timeout_s)
         self._wake = threading.Event()  # an answered ask: publish fresh load figures now
@@ -383,7 +389,7 @@ class NodeAgent:
         """The cache's catalogs and KV transfers (mesh.cache.peers / transfer): their handlers are
         subscribed now, their threads stop with ours (they share the stop event)."""
         self.catalogs = CatalogSync(self.bus, cache, self.name, stop=self._stop, rejects=self.rejects,
-                                    max_message_bytes=self.limits.max_message_bytes)
+                                    max_message_bytes=self.limits.max_message_bytes, keyring=self.keys)
         c, mib = self.config.cache, float(1 << 20)
         burst = c.serve_burst_mb * mib or default_burst(self.max_context, cache.bytes_per_chunk / cache.chunk_size)
         self.transfer = PeerTransfer(self.bus, self.inbox, self.name, cache.serve, cache.digest,
@@ -391,7 +397,7 @@ class NodeAgent:
                                      rejects=self.rejects, max_message_bytes=self.limits.max_message_bytes,
                                      quota=ByteBuckets(c.serve_mb_s * mib, burst, c.serve_total_mb_s * mib,
                                                        c.serve_total_burst_mb * mib or 2 * burst),
-                                     window_bytes=int(c.serve_window_mb * mib))
+                                     window_bytes=int(c.serve_window_mb * mib), keyring=self.keys)
         self._threads += [self.catalogs.start(), self.transfer.start()]
 
     def _default_link(self) -> LinkEstimate:

@@ -90,7 +90,10 @@ def cmd_node(args: argparse.Namespace) -> int:
         from mesh.model import load_model
 
         loaded = load_model(config.home, config.model, config.threads, weights=weights)
-    agent = NodeAgent(config, loaded=loaded, extensions=[*([ha] if ha else []), *halo])
+    from mesh.auth.store import identity_dir, load_keyring
+
+    agent = NodeAgent(config, loaded=loaded, extensions=[*([ha] if ha else []), *halo],
+                      keyring=load_keyring(identity_dir(config.home), config.name))
     agent.start()
     print(f"node {config.name} online ({agent.loaded.model_key}) on {config.broker}", file=sys.stderr, flush=True)
     stop.wait()
@@ -99,8 +102,8 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from nodes.client import MeshClient
-    from nodes.settings import broker_address
+    from nodes.client import MeshClient, asker_keyring
+    from nodes.settings import broker_address, mesh_home
 
     text = " ".join(args.text)
     if text == "-":
@@ -109,7 +112,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.halo:  # the coordinator runs the model with its MLP groups spread over the workers
         node, extra = "coordinator", {"halo_sync": args.sync}
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
-    with MeshClient(broker_address(args), connect_timeout=min(args.timeout, 10.0)) as client:
+    with MeshClient(broker_address(args), connect_timeout=min(args.timeout, 10.0),
+                    keyring=asker_keyring(mesh_home(args))) as client:
         result = client.ask(text, node=node, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
                             on_text=stream, timeout=args.timeout, no_cache=args.no_cache,
                             model=args.model, extra=extra)
@@ -143,10 +147,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from nodes.client import MeshClient
-    from nodes.settings import broker_address
+    from nodes.client import MeshClient, asker_keyring
+    from nodes.settings import broker_address, mesh_home
 
-    with MeshClient(broker_address(args)) as client:
+    with MeshClient(broker_address(args), keyring=asker_keyring(mesh_home(args))) as client:
         rows = _status_rows(client.nodes())
     if args.json:
         print(json.dumps({"nodes": rows}, indent=2))

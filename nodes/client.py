@@ -8,9 +8,12 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mesh import budget, topics, wire
+from mesh.auth import senders
+from mesh.auth.keyring import Keyring
 from mesh.mqtt.bus import MqttBus
 from mesh.mqtt.inbox import ReplyInbox
 from mesh.config import BrokerAddress
@@ -20,6 +23,17 @@ from mesh.routing import NodeView, router_of
 
 log = logging.getLogger(__name__)
 HELD_MAX = 4096  # token pieces held back past a gap in one stream (a bound against a flood)
+
+
+def asker_keyring(home: Path | None) -> Keyring | None:
+    """The account's identity under ``<home>/identity`` (role ``asker``; ``mesh up`` and the
+    gateway's make-users.sh make it; a box holding the CA key enrols it), or None: no keys. A
+    client holds keys exactly when the nodes of that home do."""
+    if home is None:
+        return None
+    from mesh.auth.store import identity_dir, load_keyring
+
+    return load_keyring(identity_dir(home), "asker", "asker")
 
 
 class AskFailed(MeshError):
@@ -55,15 +69,24 @@ class AskResult:
 
 
 class MeshClient(Presence):
-    """Connects, watches node status and heartbeats, and asks."""
+    """Connects, watches node status and heartbeats, and asks.
 
-    def __init__(self, broker: BrokerAddress, name: str | None = None, connect_timeout: float = 10.0) -> None:
+    ``name`` names this run (its reply inbox and last will); ``keyring``: the account's identity
+    (``mesh.auth``, role ``asker``), which seals every ask in its own name and takes an answer only
+    from the node the ask went to (``mesh.auth.senders.ReplyGate``). Without one, asks go plain
+    (nodes with keys refuse them) and any reply is taken, as before identities.
+    """
+
+    def __init__(self, broker: BrokerAddress, name: str | None = None, connect_timeout: float = 10.0,
+                 keyring: Keyring | None = None) -> None:
         self.name = name or f"cli-{uuid.uuid4().hex[:12]}"
+        self.keys = keyring
+        self.sender = keyring.name if keyring is not None else self.name
         # Our last will tells nodes we are gone: they stop working on our asks (mesh.askers).
         self.bus = MqttBus(self.name, broker, will=(topics.asker_status(self.name), topics.OFFLINE,
                                                     topics.ASKER_STATUS.qos, topics.ASKER_STATUS.retain))
-        super().__init__(wire.RejectCounter())
-        self.inbox = ReplyInbox(self.bus, self.name, self.rejects)
+        super().__init__(wire.RejectCounter(), keyring=keyring)
+        self.inbox = ReplyInbox(self.bus, self.name, self.rejects, keyring=keyring)
         self._connect_timeout = connect_timeout
         self._status_at: dict[str, tuple[float, bool]] = {}  # node -> (when its last status came, online)
         self._connected_at = 0.0  # when our latest connection to the broker was made
@@ -179,6 +202,7 @@ class MeshClient(Presence):
         disconnects = self.bus.disconnects  # a drop during the ask is the reason it went unanswered
         held: dict[int, str] = {}  # pieces that arrived past a gap
         streamed = ""  # what on_text has been given so far
+        gate = senders.ReplyGate(node, self.keys is not None, self.router)
 
         def pass_on(piece: str) -> None:
             nonlocal streamed
@@ -198,9 +222,9 @@ class MeshClient(Presence):
             # with the broker) must not drop this one as a duplicate.
             attempt = dict(body, ask_id=corr if not sends else f"{corr}-{len(sends)}",
                            deadline_s=min(max(deadline - time.monotonic(), 0.001), budget.MAX_DEADLINE_S))
-            env = wire.Envelope(wire.Kind.ASK, self.name, attempt, corr=corr, reply_to=self.inbox.topic)
+            env = wire.Envelope(wire.Kind.ASK, self.sender, attempt, corr=corr, reply_to=self.inbox.topic)
             generation = self.bus.connects
-            self.bus.publish(target, wire.encode(env), qos=1)
+            self.bus.publish(target, senders.encode(self.keys, env, target), qos=1)
             sends.append(time.monotonic())
             return generation
 
@@ -218,48 +242,57 @@ class MeshClient(Presence):
                     raise TransportError(f"no answer within {timeout:g} s"
                                          + (f" from node {node}" if node else "") + extra_info)
                 try:
-                    reply = replies.get(timeout=min(left, 0.2))
+                    admitted = gate.take(replies.get(timeout=min(left, 0.2)))
                 except queue.Empty:
-                    if self._should_resend(sent_on, sends[-1], node, serving, replied, now, resend_s):
+                    admitted = gate.recheck()  # a notice held while our view of the router lagged
+                    if not admitted and self._should_resend(sent_on, sends[-1], node, serving, replied, now,
+                                                            resend_s):
                         if len(sends) >= max_sends:
                             raise TransportError(
                                 f"no answer after sending the ask {len(sends)} times (broker connection lost "
                                 f"{self.bus.disconnects} times, or nodes went offline); giving up") from None
                         log.info("ask %s: sending again (attempt %d)", corr, len(sends) + 1)
                         sent_on, serving = send(), None
-                    continue
-                replied = True
-                serving = serving or reply.sender
-                if reply.kind is wire.Kind.TOKEN:
-                    if first is None:
-                        first = time.monotonic()
-                    i = reply.body.get("i")
-                    if not isinstance(i, int):
-                        pass_on(str(reply.body["text"]))
-                        continue
-                    if i < next_token:
-                        continue  # a piece we already passed on (the stream of an earlier send)
-                    # Pieces go on in order: one past a gap (pieces lost with the broker) waits
-                    # until an earlier send's stream fills the gap, or the answer does.
-                    if len(held) < HELD_MAX:
-                        held[i] = str(reply.body["text"])
-                    while next_token in held:
-                        pass_on(held.pop(next_token))
-                        next_token += 1
-                elif reply.kind is wire.Kind.ANSWER:
-                    end = time.monotonic()
-                    b = reply.body
-                    rest = str(b["text"])
-                    if on_text is not None and rest.startswith(streamed) and len(rest) > len(streamed):
-                        on_text(rest[len(streamed):])  # what lost pieces left out
-                    return AskResult(answer=str(b["text"]), node=str(b["node"]),
-                                     prompt_tokens=int(b["prompt_tokens"]), new_tokens=int(b["new_tokens"]),
-                                     ttft_s=(first or end) - t0, ttlt_s=end - t0,
-                                     node_figures=dict(b, sends=len(sends)))
-                elif reply.kind is wire.Kind.ERROR:
-                    raise AskFailed(str(reply.body["reason"]), str(reply.body["message"]), reply.sender)
+                for reply in admitted:  # only what the node the ask went to sent (with keys)
+                    replied = True
+                    serving = serving or reply.sender
+                    if reply.kind is wire.Kind.TOKEN:
+                        if first is None:
+                            first = time.monotonic()
+                        i = reply.body.get("i")
+                        if not isinstance(i, int):
+                            pass_on(str(reply.body["text"]))
+                            continue
+                        if i < next_token:
+                            continue  # a piece we already passed on (the stream of an earlier send)
+                        # Pieces go on in order: one past a gap (pieces lost with the broker) waits
+                        # until an earlier send's stream fills the gap, or the answer does.
+                        if len(held) < HELD_MAX:
+                            held[i] = str(reply.body["text"])
+                        while next_token in held:
+                            pass_on(held.pop(next_token))
+                            next_token += 1
+                    elif reply.kind is wire.Kind.ANSWER:
+                        end = time.monotonic()
+                        b = reply.body
+                        rest = str(b["text"])
+                        if on_text is not None and rest.startswith(streamed) and len(rest) > len(streamed):
+                            on_text(rest[len(streamed):])  # what lost pieces left out
+                        return AskResult(answer=str(b["text"]), node=str(b["node"]),
+                                         prompt_tokens=int(b["prompt_tokens"]), new_tokens=int(b["new_tokens"]),
+                                         ttft_s=(first or end) - t0, ttlt_s=end - t0,
+                                         node_figures=dict(b, sends=len(sends)))
+                    elif reply.kind is wire.Kind.ERROR:
+                        raise AskFailed(str(reply.body["reason"]), str(reply.body["message"]), reply.sender)
         finally:
             self.inbox.close(corr)
+            for _ in range(gate.unvouched()):
+                self.rejects.add("wrong-sender")
+
+    def router(self) -> str | None:
+        """Who routes now, in our view: the smallest live name (``mesh.routing``)."""
+        with self.changed:
+            return router_of(v.name for v in self.peers.live(time.monotonic()))
 
     def _wait_announced(self, node: str | None, timeout: float) -> None:
         """Until ``node`` (or, for a routed ask, the router) sent "online" since our last connect."""

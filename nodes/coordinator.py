@@ -104,8 +104,9 @@ class Coordinator:
         self.cache = NodeCache(self.loaded, cfg.cache, self.decoder) if cfg.cache.enabled else None
         from mesh.auth.store import identity_dir, load_keyring
 
-        self.engine = HaloEngine(self.loaded, self.decoder, cfg, self.bus, self.reply_topic, self.rejects,
-                                 load_keyring(identity_dir(cfg.home), cfg.name, "coordinator"))
+        keys = load_keyring(identity_dir(cfg.home), cfg.name, "coordinator")
+        self.member.keys = keys  # asks opened, answers and forwards sealed (mesh.auth.senders)
+        self.engine = HaloEngine(self.loaded, self.decoder, cfg, self.bus, self.reply_topic, self.rejects, keys)
         # After the engine permuted the MLPs to the predictor's neuron order (the step calls each
         # layer's MLP module as it is, routed while an ask runs).
         self.decoder.step = lean_step(self.loaded.model) if one else None

@@ -22,7 +22,7 @@ from rich.table import Table
 from nodes import mmlu
 from nodes.bench.stats import mean, percentile
 from mesh.errors import MeshError
-from nodes.client import MeshClient
+from nodes.client import MeshClient, asker_keyring
 from nodes.settings import mesh_home
 from nodes.setup import mmlu_dir
 from nodes.up import MeshProcesses, free_port
@@ -165,7 +165,7 @@ def halo_demo(args: argparse.Namespace, root: Path, log_dir: Path | None, consol
         procs.start(timeout=600)
     rows: list[dict[str, Any]] = []
     try:
-        with MeshClient(procs.address) as client:
+        with MeshClient(procs.address, keyring=asker_keyring(procs.home)) as client:
             for prompt in HALO_PROMPTS:
                 for sync in ("strict", "relaxed"):
                     r = client.ask(prompt, node="coordinator", max_new_tokens=args.halo_tokens, timeout=300,
@@ -211,7 +211,7 @@ def main_job(args: argparse.Namespace) -> int:
     startup_s = time.monotonic() - t0
     console.print(f"{len(names)} nodes online after {startup_s:.1f} s")
     try:
-        with MeshClient(procs.address) as client:
+        with MeshClient(procs.address, keyring=asker_keyring(procs.home)) as client:
             rows = ask_all(client, [Ask(p, q, "routed") for p, q in items], console)
             rows += ask_all(client, cross_node_plan(rows, items, names, extra), console)
     finally:

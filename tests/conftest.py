@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -13,14 +14,38 @@ from pathlib import Path
 import pytest
 import torch
 
+from mesh.auth.keyring import Keyring
 from mesh.config import BrokerAddress
 from mesh.model import converted_dir
-from nodes.client import MeshClient
+from nodes.client import MeshClient, asker_keyring
 from nodes.up import free_port, spawn, wait_port
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_ROOT = Path(os.environ.get("MESH_HOME", Path.home() / ".cache" / "mesh"))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+@functools.cache
+def asker_keys() -> Keyring | None:
+    """The test clients' identity (``mesh.auth``, role ``asker``) under CACHE_ROOT, where the nodes
+    of ``start_node`` enrol theirs. Like ``mesh up``, the first call makes a throwaway CA there if
+    none is (a directory whose identities a gateway issued is left as it is): nodes and clients
+    then both hold keys; with a gateway's CA and no asker identity, neither side of a test does."""
+    from mesh.auth import store
+
+    directory = store.identity_dir(CACHE_ROOT)
+    if not (directory / "ca.crt").exists():
+        store.issue(directory, "asker", "asker")
+    return asker_keyring(CACHE_ROOT)
+
+
+@functools.cache
+def peer_keys(name: str) -> Keyring | None:
+    """A node identity for a test's stand-in peer (a raw client playing node ``name``): issued
+    beside the nodes' when the tests hold identities (``asker_keys``), else None."""
+    from mesh.auth.store import identity_dir, load_keyring
+
+    return load_keyring(identity_dir(CACHE_ROOT), name, "node") if asker_keys() is not None else None
 
 
 def mesh_argv(*args: str) -> list[str]:
@@ -118,12 +143,13 @@ def start_node(broker: Broker, name: str, model: str, log_dir: Path, *extra: str
                timeout: float = 240.0) -> NodeProcess:
     """A real `mesh node` process; returns once its status and heartbeat say it serves ``model``."""
     require_model(model)
+    asker_keys()  # the CA first: the node enrols itself under CACHE_ROOT (mesh.auth.store.load_keyring)
     log = log_dir / f"{name}-{broker.port}.log"
     proc = spawn(mesh_argv("node", "--name", name, "--broker", f"127.0.0.1:{broker.port}", "--model", model,
                            "--heartbeat", "0.5", "--home", str(CACHE_ROOT), *extra), open(log, "wb"), env=ENV)
     node = NodeProcess(name, proc, log)
     deadline = time.monotonic() + timeout
-    with MeshClient(broker.address) as client:
+    with MeshClient(broker.address, keyring=asker_keys()) as client:
         while True:
             if proc.poll() is not None:
                 raise AssertionError(f"node {name} exited ({proc.returncode}): {log.read_text()[-3000:]}")

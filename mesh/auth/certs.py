@@ -174,7 +174,7 @@ def verify_peer(der: bytes, ca: x509.Certificate, crl: x509.CertificateRevocatio
         raise ProtocolError("bad-cert", f"certificate of {len(der)} bytes")
     try:
         cert = x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise ProtocolError("bad-cert", "not a DER certificate") from exc
     try:
         cert.verify_directly_issued_by(ca)

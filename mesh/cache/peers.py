@@ -14,9 +14,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mesh import topics, wire
+from mesh.auth import senders
+from mesh.auth.keyring import Keyring
 from mesh.cache.lookup import LinkEstimate
 from mesh.cache.node_cache import NodeCache
-from mesh.cache.transfer import decode_as
 from mesh.errors import MeshError, ProtocolError
 from mesh.loops import guarded
 
@@ -54,8 +55,12 @@ class CatalogSync:
     """
 
     def __init__(self, bus: Any, cache: NodeCache, name: str, *, stop: threading.Event,
-                 rejects: wire.RejectCounter, max_message_bytes: int, debounce_s: float = 0.2) -> None:
+                 rejects: wire.RejectCounter, max_message_bytes: int, debounce_s: float = 0.2,
+                 keyring: Keyring | None = None) -> None:
+        """``keyring``: this node's identity; with one, its catalog is sealed and a peer's is taken
+        only sealed by that peer (``Keyring.open``: the topic names its owner)."""
         self.bus, self.cache, self.name, self.stop, self.rejects = bus, cache, name, stop, rejects
+        self.keys = keyring
         self.max_message_bytes, self.debounce_s = max_message_bytes, debounce_s
         self.thread: threading.Thread | None = None
 
@@ -78,8 +83,14 @@ class CatalogSync:
         if not payload:
             self.cache.set_peer_catalog(parsed[0], None)
             return
-        env = decode_as(payload, wire.Kind.CATALOG, self.max_message_bytes, self.rejects)
-        if env is None:
+        try:
+            _, env = senders.decode(self.keys, payload, topic, self.max_message_bytes, retained)
+        except ProtocolError as exc:
+            self.rejects.add(exc.reason)
+            log.info("dropped catalog on %s: %s", topic, exc)
+            return
+        if env.kind is not wire.Kind.CATALOG:
+            self.rejects.add("unexpected-kind")
             return
         try:
             self.cache.set_peer_catalog(parsed[0], dict(env.body))
@@ -89,7 +100,8 @@ class CatalogSync:
     def publish(self) -> None:
         """Publish the catalog of what the store holds now (retained)."""
         env = wire.Envelope(wire.Kind.CATALOG, self.name, self.cache.catalog().to_dict())
-        self.bus.publish(topics.node_catalog(self.name), wire.encode(env, self.max_message_bytes),
+        topic = topics.node_catalog(self.name)
+        self.bus.publish(topic, senders.encode(self.keys, env, topic, self.max_message_bytes),
                          qos=topics.CATALOG.qos, retain=topics.CATALOG.retain)
 
     def _loop(self) -> None:

@@ -15,6 +15,12 @@ The asker reads the parts in order and verifies each one as it comes (:class:`Re
 first failed check ends the transfer as *bad*; a gap, a timeout or the peer going offline ends it
 early. Nothing here knows the agent: :class:`PeerTransfer` is handed a bus, an inbox, who is
 online, a stop event and what to serve.
+
+With a keyring (``mesh.auth``), a fetch is sealed by the requesting node and each part by the
+serving one: a node serves only a fetch sealed by a node or the coordinator (so the reply-topic
+rule of ``mesh.cache.quota`` binds a certified name), and its inbox (keyed too) opens each part,
+which counts only from the peer asked. A chunk's own provenance when re-served (a signature over
+its canonical bytes that travels with it) is not there yet.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from typing import Any
 import torch
 
 from mesh import topics, wire
+from mesh.auth import senders
+from mesh.auth.keyring import Keyring
 from mesh.cache import codec
 from mesh.cache.kv import ChunkKV
 from mesh.cache.quota import ByteBuckets, fetch_reply_ok, pick_codec
@@ -102,20 +110,6 @@ def valid_fetch(env: wire.Envelope) -> bool:
     keys = env.body["keys"]
     return (env.reply_to is not None and topics.reply_allowed(env.reply_to) and len(keys) <= MAX_KEYS
             and all(isinstance(k, bytes) and len(k) == 16 for k in keys))
-
-
-def decode_as(payload: bytes, kind: wire.Kind, max_bytes: int, rejects: wire.RejectCounter) -> wire.Envelope | None:
-    """The envelope in ``payload`` if it is a valid ``kind``; otherwise counted and dropped."""
-    try:
-        env = wire.decode(payload, max_bytes)
-    except ProtocolError as exc:
-        rejects.add(exc.reason)
-        log.info("dropped payload: %s", exc)
-        return None
-    if env.kind != kind:
-        rejects.add("unexpected-kind")
-        return None
-    return env
 
 
 # -- reading an answer ---------------------------------------------------------------------------
@@ -287,8 +281,10 @@ class PeerTransfer:
     def __init__(self, bus: Any, inbox: Any, name: str, serve: Serve, model: bytes, *, kv_wire: str,
                  online: Callable[[str], bool], stop: threading.Event, rejects: wire.RejectCounter,
                  max_message_bytes: int, queue_size: int = 64, quota: ByteBuckets | None = None,
-                 window_bytes: int = 4 << 20, publish_timeout_s: float = 10.0) -> None:
+                 window_bytes: int = 4 << 20, publish_timeout_s: float = 10.0,
+                 keyring: Keyring | None = None) -> None:
         self.bus, self.inbox, self.name, self.serve, self.model = bus, inbox, name, serve, model
+        self.keys = keyring
         self.kv_wire, self.online, self.stop, self.rejects = kv_wire, online, stop, rejects
         self.max_message_bytes = max_message_bytes
         # mesh.cache.quota: bytes per requester and in all (defaults: CacheConfig's), bytes in flight
@@ -306,8 +302,17 @@ class PeerTransfer:
 
     def handle(self, topic: str, payload: bytes, retained: bool) -> None:
         """KV_FETCH handler (network thread): check and queue, never encode."""
-        env = decode_as(payload, wire.Kind.KV_FETCH, self.max_message_bytes, self.rejects)
-        if env is None:
+        try:
+            role, env = senders.decode(self.keys, payload, topic, self.max_message_bytes, retained)
+        except ProtocolError as exc:
+            self.rejects.add(exc.reason)
+            log.info("dropped KV fetch: %s", exc)
+            return
+        if env.kind is not wire.Kind.KV_FETCH:
+            self.rejects.add("unexpected-kind")
+            return
+        if role is not None and role not in senders.FORWARDER_ROLES:  # only nodes ask for chunks
+            self.rejects.add("wrong-role")
             return
         if not valid_fetch(env):
             self.rejects.add("bad-kv-fetch")
@@ -354,8 +359,8 @@ class PeerTransfer:
                 return
 
     def _publish(self, env: wire.Envelope, body: dict[str, Any]) -> tuple[int, Any]:
-        payload = wire.encode(wire.Envelope(wire.Kind.KV_CHUNKS, self.name, body, corr=env.corr),
-                              self.max_message_bytes)
+        reply = wire.Envelope(wire.Kind.KV_CHUNKS, self.name, body, corr=env.corr)
+        payload = senders.encode(self.keys, reply, env.reply_to, self.max_message_bytes)
         return len(payload), self.bus.publish(env.reply_to, payload, qos=1)
 
     def _drain(self, flight: deque[tuple[Any, int]]) -> bool:
@@ -393,7 +398,8 @@ class PeerTransfer:
         env = wire.Envelope(wire.Kind.KV_FETCH, self.name, body, corr=corr, reply_to=self.inbox.topic)
         reading = FetchReplies(self.inbox, peer, corr, replies, timeout, self.online, self.stop)
         try:
-            self.bus.publish(topics.node_kv(peer), wire.encode(env), qos=1)
+            topic = topics.node_kv(peer)
+            self.bus.publish(topic, senders.encode(self.keys, env, topic), qos=1)
         except BaseException:
             reading.close()
             raise

@@ -1,7 +1,9 @@
 """Request/response over MQTT 3.1.1: a client's reply topic, replies routed by correlation id.
 
 MQTT 3.1.1 (amqtt) has no response topic or correlation data, so both travel in the envelope
-(``mesh.wire``).
+(``mesh.wire``). With a keyring, every reply must be sealed (``mesh.auth.senders``): the inbox
+refuses and counts anything else; which sender may answer which ask is the asker's to judge
+(``mesh.auth.senders.ReplyGate``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mesh import topics, wire
+from mesh.auth import senders
+from mesh.auth.keyring import Keyring
 from mesh.errors import ProtocolError, TransportError
 from mesh.mqtt.bus import MqttBus
 
@@ -25,8 +29,9 @@ class ReplyInbox:
     """A client's reply topic, with replies routed to per-request queues by correlation id."""
 
     def __init__(self, bus: MqttBus, name: str, rejects: wire.RejectCounter | None = None,
-                 max_bytes: int = wire.DEFAULT_MAX_BYTES) -> None:
+                 max_bytes: int = wire.DEFAULT_MAX_BYTES, keyring: Keyring | None = None) -> None:
         self.bus = bus
+        self.keys = keyring
         self.name = name
         self.topic = topics.reply(name)
         self.rejects = rejects or wire.RejectCounter()
@@ -52,7 +57,7 @@ class ReplyInbox:
 
     def _handle(self, topic: str, payload: bytes, retained: bool) -> None:
         try:
-            env = wire.decode(payload, self._max_bytes)
+            _, env = senders.decode(self.keys, payload, topic, self._max_bytes)
         except ProtocolError as exc:
             self.rejects.add(exc.reason)
             log.info("dropped reply on %s: %s", topic, exc)
@@ -78,7 +83,8 @@ class ReplyInbox:
             body: dict[str, Any] = {"t": t0}
             if pad:  # a large ping measures bandwidth: it crosses our link twice
                 body["pad"] = bytes(pad)
-            payload = wire.encode(wire.Envelope(wire.Kind.PING, self.name, body, corr=corr))
+            sender = self.keys.name if self.keys is not None else self.name
+            payload = senders.encode(self.keys, wire.Envelope(wire.Kind.PING, sender, body, corr=corr), self.topic)
             self.bus.publish(self.topic, payload, qos=topics.REPLY.qos)
             try:
                 q.get(timeout=timeout)

@@ -43,6 +43,7 @@ from rich.progress import (
 )
 
 from mesh import topics, wire
+from mesh.auth import senders
 from mesh.config import BrokerAddress
 from mesh.errors import ProtocolError
 from nodes import mmlu
@@ -55,7 +56,7 @@ from nodes.bench.cache_report import (
 )
 from nodes.bench.report import write_results
 from nodes.bench.stream import bench_stream
-from nodes.client import MeshClient
+from nodes.client import MeshClient, asker_keyring
 from nodes.settings import mesh_home
 from nodes.setup import mmlu_dir
 from nodes.testbed.profiles import device_profile
@@ -130,7 +131,8 @@ def run_profile(profile: str, items: list[Group], args: argparse.Namespace, cons
             tb.set_rate("pi1", None)
         host, port = tb.broker_address
         catalogs = CatalogWatch(BrokerAddress(host, port), "pi1")
-        with MeshClient(BrokerAddress(host, port), name=f"bench-{spec.instance}") as client, catalogs:
+        with MeshClient(BrokerAddress(host, port), name=f"bench-{spec.instance}",
+                        keyring=asker_keyring(mesh_home(args))) as client, catalogs:
             time.sleep(3.0)  # the nodes' first bandwidth probes (2 s after start) feed the fetch decision
 
             def ask(case: str, node: str, prompt: str, group: int, subject: str, no_cache: bool) -> None:
@@ -185,7 +187,7 @@ class CatalogWatch:
 
     def _on_catalog(self, topic: str, payload: bytes, retained: bool) -> None:
         try:
-            env = wire.decode(payload)
+            env = wire.decode(senders.unwrap(payload))  # a watcher reads the node's word unchecked
         except ProtocolError:
             return
         with self._cond:

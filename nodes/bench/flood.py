@@ -30,6 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from mesh import topics, wire
 from mesh.config import BrokerAddress
+from mesh.auth.keyring import Keyring
 from nodes.client import MeshClient
 
 PROMPTS = [
@@ -42,17 +43,20 @@ PROMPTS = [
 ]
 
 
-def garbage(node: str, reply_topic: str, seed: int = 0) -> list[tuple[str, bytes, str]]:
+def garbage(node: str, reply_topic: str, seed: int = 0, keyed: bool = False) -> list[tuple[str, bytes, str]]:
     """One of each kind of garbage a node must reject, with the reason it must count:
-    ``(topic, payload, reason)``. Cycle through it (payload bytes vary by ``seed``)."""
+    ``(topic, payload, reason)``. Cycle through it (payload bytes vary by ``seed``). ``keyed``: the
+    node holds keys (``mesh.auth``), so everything unsealed on its ask, routed, heartbeat, catalog,
+    KV and inbox topics is refused before it is read (``unauthenticated``): the flooder is a stranger."""
     r = random.Random(seed)
+    stranger = "unauthenticated" if keyed else None
 
     def env(kind: wire.Kind, body: dict[str, Any], reply_to: str | None = None, corr: str = "flood") -> bytes:
         return wire.encode(wire.Envelope(kind, "flooder", body, corr=corr, reply_to=reply_to))
 
     junk = b"\xff" + r.randbytes(40)  # 0xff is a CBOR "break" with nothing to break: never decodes
     ghost = f"ghost{r.randrange(1000)}"
-    return [
+    cases = [
         (topics.node_ask(node), junk, "malformed"),
         (topics.node_ask(node), env(wire.Kind.ASK, {"text": "hi", "max_new_tokens": 4}), "bad-reply-topic"),
         # Answered with an error on the flooder's reply topic: the reply path is loaded too.
@@ -70,13 +74,17 @@ def garbage(node: str, reply_topic: str, seed: int = 0) -> list[tuple[str, bytes
         (topics.reply(f"node-{node}"), env(wire.Kind.PING, {"t": 0.0}, corr="zz"), "unexpected-reply"),
         (topics.reply(f"node-{node}"), env(wire.Kind.PING, {"t": 0.0}, reply_to="a/+/b"), "bad-reply-topic"),
     ]
+    sealed = (topics.node_ask(node), topics.ROUTE, topics.node_heartbeat(ghost), topics.node_catalog(ghost),
+              topics.node_kv(node), topics.reply(f"node-{node}"))
+    return [(t, p, stranger if stranger and t in sealed else reason) for t, p, reason in cases]
 
 
 class Flooder:
     """A second MQTT client publishing garbage at up to ``rate`` messages/s (QoS 0, as a LAN device
     spraying the broker would) in bursts, at most ``max_messages`` in all."""
 
-    def __init__(self, broker: BrokerAddress, node: str, rate: float, max_messages: int) -> None:
+    def __init__(self, broker: BrokerAddress, node: str, rate: float, max_messages: int, keyed: bool = False) -> None:
+        self.keyed = keyed
         self.name = f"flooder-{uuid.uuid4().hex[:8]}"
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.name, protocol=mqtt.MQTTv311)
         self.client.connect(broker.host, broker.port, keepalive=30)
@@ -116,7 +124,7 @@ class Flooder:
         self.client.disconnect()
 
     def _run(self) -> None:
-        batch = garbage(self.node, self.reply_topic, seed=self.total())
+        batch = garbage(self.node, self.reply_topic, seed=self.total(), keyed=self.keyed)
         t0 = time.monotonic()
         start_total = self.total()
         i = 0
@@ -176,17 +184,18 @@ def _median(xs: list[float]) -> float:
 
 def measure_flood(broker: BrokerAddress, node: str, pairs: int = 4, rate: float = 2000.0,
                   max_messages: int = 60_000, max_new_tokens: int = 12, timeout: float = 120.0,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  log: Callable[[str], None] = print, keyring: Keyring | None = None) -> dict[str, Any]:
     """Ask ``node`` ``pairs`` x 2 questions, one of each pair under a garbage flood; return the figures.
+    ``keyring``: the asker's identity (``nodes.client.asker_keyring``) when the node holds keys.
 
     Each flood lasts from 0.2 s before its ask until the answer, at most ``max_messages / pairs``
     messages (``covered`` says the budget lasted the whole ask). After it, the next ask waits until
     the node's heartbeat has counted every message sent (``drain_s``: the broker's backlog), so
     quiet asks are quiet."""
-    flooder = Flooder(broker, node, rate, max_messages)
+    flooder = Flooder(broker, node, rate, max_messages, keyed=keyring is not None)
     asks: list[dict[str, Any]] = []
     try:
-        with MeshClient(broker) as client:
+        with MeshClient(broker, keyring=keyring) as client:
             client.wait_online([node], 30.0)
             seq0, _ = node_rejects(client, node)
             before = wait_heartbeat_after(client, node, seq0, 10.0)
@@ -302,7 +311,7 @@ def main() -> None:  # pragma: no cover - a convenience over the e2e test's fixt
 
     from rich.progress import Progress
 
-    from tests.conftest import REPO, start_amqtt, start_mosquitto, start_node
+    from tests.conftest import REPO, asker_keys, start_amqtt, start_mosquitto, start_node
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4)
@@ -321,7 +330,8 @@ def main() -> None:  # pragma: no cover - a convenience over the e2e test's fixt
         try:
             figures = measure_flood(broker.address, "f1", pairs=args.pairs, rate=args.rate,
                                     max_messages=args.max_messages, max_new_tokens=args.max_new_tokens,
-                                    log=lambda line: progress.update(task, advance=1, description=line))
+                                    log=lambda line: progress.update(task, advance=1, description=line),
+                                    keyring=asker_keys())
         finally:
             node.stop()
             broker.stop()

@@ -45,7 +45,7 @@ from nodes.bench.ha_prompt import build_prompt, score, system_prompt
 from mesh.errors import MeshError
 from nodes.bench.report import pyplot, save_figure, write_results
 from nodes.bench.stats import mean, median, percentile
-from nodes.client import MeshClient
+from nodes.client import MeshClient, asker_keyring
 from nodes.settings import mesh_home
 from nodes.up import MeshProcesses, free_port
 
@@ -312,7 +312,7 @@ def bench_ha(args: argparse.Namespace) -> int:
     startup_s = time.monotonic() - t0
     console.print(f"{len(names)} nodes online after {startup_s:.1f} s")
     try:
-        with MeshClient(procs.address, name=f"bench-ha-{port}") as client:
+        with MeshClient(procs.address, name=f"bench-ha-{port}", keyring=asker_keyring(procs.home)) as client:
             time.sleep(3.0)  # the nodes' first link probes feed the cost-aware fetch decision
             runner = Runner(client, system, args, names[0])
             runner.run(plan_routed(commands, args.pair_every), console, "routed")

@@ -34,7 +34,7 @@ from mesh.errors import ConfigError, TransportError
 from nodes.mmlu import LETTERS, sample
 from nodes.testbed.profiles import device_profile
 from nodes.testbed.spec import make_spec
-from nodes.client import MeshClient
+from nodes.client import MeshClient, asker_keyring
 from nodes.bench.halo_report import ZeroedShares, ablation_arm, median_run, plot
 from nodes.bench.report import write_results
 from mesh.halo.predictor import predictor_path
@@ -232,7 +232,7 @@ def run_bench(args: argparse.Namespace) -> int:
         mesh.start_workers()
         task = bar.add_task("starting", total=n_tasks)
         host, port = tb.broker_address
-        with MeshClient(BrokerAddress(host, port)) as client:
+        with MeshClient(BrokerAddress(host, port), keyring=asker_keyring(mesh.home)) as client:
             # One coordinator for both syncs: the sync rule is the only difference, and the
             # machine's load (shared, noisy) hits both alike because their asks alternate.
             mesh.start_coordinator("importance")

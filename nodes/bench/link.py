@@ -19,7 +19,8 @@ from rich.table import Table
 
 from mesh.config import BrokerAddress
 from nodes.bench.report import pyplot, save_figure, write_results
-from nodes.client import MeshClient
+from nodes.client import MeshClient, asker_keyring
+from nodes.settings import mesh_home
 from nodes.testbed.profiles import device_profile
 from nodes.testbed.spec import make_spec
 
@@ -36,7 +37,8 @@ def bench_link(args: argparse.Namespace) -> int:
         tb.start_broker(args.broker)
         tb.start_nodes(args.model, extra=["--link-ping", str(args.ping), "--heartbeat", "1", "--no-cache"])
         host, port = tb.broker_address
-        with MeshClient(BrokerAddress(host, port), name=f"bench-link-{spec.instance}") as client, \
+        with MeshClient(BrokerAddress(host, port), name=f"bench-link-{spec.instance}",
+                        keyring=asker_keyring(mesh_home(args))) as client, \
                 Progress(console=console) as progress:
             task = progress.add_task("pinging", total=args.seconds)
             t0 = time.monotonic()

@@ -22,7 +22,7 @@ from mesh.errors import MeshError
 from nodes.bench.load import LoadConfig, Sampler, local_node_pid, mmlu_prompts, plot, run_load, summarise
 from nodes.bench.load_stats import ERROR, AskRecord
 from nodes.bench.report import write_results
-from nodes.client import MeshClient
+from nodes.client import MeshClient, asker_keyring
 
 
 def _progress_text(c: dict[str, int]) -> str:
@@ -80,7 +80,7 @@ def bench_load(args: argparse.Namespace) -> int:
         mesh_desc = {"started_here": True, "broker": f"amqtt (embedded) {address}", "node_args": node_args}
     load_before = os.getloadavg()
     try:
-        with MeshClient(address, name=f"bench-load-{os.getpid()}") as client:
+        with MeshClient(address, name=f"bench-load-{os.getpid()}", keyring=asker_keyring(home)) as client:
             online = [v for v in client.nodes() if v.online and (cfg.model is None or v.model == cfg.model)]
             if procs is not None:
                 pids: dict[str, int | None] = {n: p.pid for n, p in procs.nodes.items()}

@@ -32,7 +32,7 @@ from rich.progress import (
 from mesh.config import BrokerAddress
 from nodes import mmlu
 from nodes.bench.report import pyplot, save_figure, write_results
-from nodes.client import MeshClient
+from nodes.client import MeshClient, asker_keyring
 from nodes.settings import mesh_home
 from nodes.setup import mmlu_dir
 from nodes.testbed.profiles import device_profile
@@ -63,7 +63,8 @@ def run_stream(profile: str, args: argparse.Namespace, console: Console) -> dict
         tb.start_broker(args.broker)
         tb.start_nodes(args.model, extra=["--kv-wire", args.kv_wire, "--heartbeat", "1"])
         host, port = tb.broker_address
-        with MeshClient(BrokerAddress(host, port), name=f"stream-{spec.instance}") as client:
+        with MeshClient(BrokerAddress(host, port), name=f"stream-{spec.instance}",
+                        keyring=asker_keyring(mesh_home(args))) as client:
             time.sleep(3.0)  # first bandwidth probes
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             with Progress(*columns, console=console) as progress:

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from mesh import topics, wire
+from mesh.auth import senders
 from mesh.mqtt.bus import MqttBus
 from mesh.cache.catalog import Catalog
 from nodes.client import AskResult, MeshClient
-from tests.conftest import Broker, NodeProcess, require_model, start_node
+from tests.conftest import Broker, NodeProcess, asker_keys, peer_keys, require_model, start_node
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +61,7 @@ def wait_catalog(client: MeshClient, broker: Broker, node: str, min_items: int, 
     try:
         deadline = time.monotonic() + timeout
         while True:
-            env = wire.decode(got.get(timeout=max(0.1, deadline - time.monotonic())))
+            env = wire.decode(senders.unwrap(got.get(timeout=max(0.1, deadline - time.monotonic()))))
             cat = Catalog.from_dict(dict(env.body))
             if cat.count >= min_items:
                 return cat
@@ -69,7 +70,7 @@ def wait_catalog(client: MeshClient, broker: Broker, node: str, min_items: int, 
 
 
 def test_repeated_prompt_is_a_full_local_hit(amqtt_broker: Broker, nodes: dict) -> None:
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         first = ask(client, PREFIX + Q1, "c1")
         second = ask(client, PREFIX + Q1, "c1")
         baseline = ask(client, PREFIX + Q1, "c1", no_cache=True)
@@ -83,7 +84,7 @@ def test_repeated_prompt_is_a_full_local_hit(amqtt_broker: Broker, nodes: dict) 
 
 
 def test_shared_prefix_is_fetched_from_the_peer_that_holds_it(amqtt_broker: Broker, nodes: dict) -> None:
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         ask(client, PREFIX + Q2, "c1")
         cat = wait_catalog(client, amqtt_broker, "c1", 5)
         got = ask(client, PREFIX + Q2.replace("largest", "smallest"), "c2")
@@ -111,7 +112,7 @@ def test_shared_prefix_is_fetched_from_the_peer_that_holds_it(amqtt_broker: Brok
 def test_int8_wire_moves_fewer_bytes_with_the_same_answer(amqtt_broker: Broker, nodes: dict) -> None:
     # a prefix neither c2 nor c3 has seen; both ask a different question after it
     prefix = PREFIX.replace("astronomy", "planetary science").replace("closest to", "nearest")
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         ask(client, prefix + Q3, "c1")
         wait_catalog(client, amqtt_broker, "c1", 7)
         int8 = ask(client, prefix + Q1, "c3")
@@ -128,7 +129,7 @@ def test_int8_wire_moves_fewer_bytes_with_the_same_answer(amqtt_broker: Broker, 
 
 
 def test_fetch_is_skipped_when_recompute_is_cheaper(amqtt_broker: Broker, nodes: dict) -> None:
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         ask(client, PREFIX + "Name a dwarf planet.\nAnswer:", "c1")
         wait_catalog(client, amqtt_broker, "c1", 6)
         got = ask(client, PREFIX + "Name a comet.\nAnswer:", "c4")
@@ -139,7 +140,7 @@ def test_fetch_is_skipped_when_recompute_is_cheaper(amqtt_broker: Broker, nodes:
 
 def test_asks_without_node_go_to_the_node_holding_the_prefix(amqtt_broker: Broker, nodes: dict) -> None:
     text = PREFIX + "Which planet is called the morning star?\nA. Venus\nB. Mars\nC. Jupiter\nD. Saturn\nAnswer:"
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         ask(client, text, "c2")
         wait_catalog(client, amqtt_broker, "c2", 8)
         routed = [ask(client, text, model="smollm2-135m") for _ in range(3)]
@@ -148,7 +149,7 @@ def test_asks_without_node_go_to_the_node_holding_the_prefix(amqtt_broker: Broke
 
 
 def test_heartbeat_carries_cache_figures(amqtt_broker: Broker, nodes: dict) -> None:
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         ask(client, PREFIX + Q1, "c1")
         deadline = time.monotonic() + 10
         while True:
@@ -165,7 +166,7 @@ def test_restarted_node_keeps_its_cache(amqtt_broker: Broker, log_dir: Path, tmp
     store = tmp_path / "kv"
     node = start_node(amqtt_broker, "p1", "smollm2-135m", log_dir, "--cache-dir", str(store))
     try:
-        with MeshClient(amqtt_broker.address) as client:
+        with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
             first = ask(client, PREFIX + Q2, "p1", no_cache=False)
         time.sleep(0.5)
     finally:
@@ -173,7 +174,7 @@ def test_restarted_node_keeps_its_cache(amqtt_broker: Broker, log_dir: Path, tmp
     assert any(store.glob("*.kv"))
     node = start_node(amqtt_broker, "p1", "smollm2-135m", log_dir, "--cache-dir", str(store))
     try:
-        with MeshClient(amqtt_broker.address) as client:
+        with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
             cat = wait_catalog(client, amqtt_broker, "p1", 5)
             again = ask(client, PREFIX + Q2, "p1")
     finally:
@@ -207,11 +208,11 @@ class FakePeer:
         return list(self.cache.keys(self.decoder.encode(text))[0])
 
     def _on_fetch(self, topic: str, payload: bytes, retained: bool) -> None:
-        env = wire.decode(payload)
+        env = wire.decode(senders.unwrap(payload))
         self.requests += 1
         body = {"chunks": self.serve(list(env.body["keys"]), self.cache.digest), "part": 0, "last": True}
-        self.bus.publish(env.reply_to, wire.encode(wire.Envelope(wire.Kind.KV_CHUNKS, self.name, body, corr=env.corr)),
-                         qos=1)
+        reply = wire.Envelope(wire.Kind.KV_CHUNKS, self.name, body, corr=env.corr)
+        self.bus.publish(env.reply_to, senders.encode(peer_keys(self.name), reply, env.reply_to), qos=1)
 
     def advertise(self, link_bw_Bps: float = 1e10) -> None:
         cat = Catalog.from_keys(self.cache.digest, 16, self.keys, capacity=1000)
@@ -219,7 +220,7 @@ class FakePeer:
               "rtt_ms": 0.1, "link_bw_Bps": link_bw_Bps, "time": time.time()}
         for topic, env in ((topics.node_heartbeat(self.name), wire.Envelope(wire.Kind.HEARTBEAT, self.name, hb)),
                            (topics.node_catalog(self.name), wire.Envelope(wire.Kind.CATALOG, self.name, cat.to_dict()))):
-            self.bus.publish_wait(topic, wire.encode(env), qos=1, retain=True)
+            self.bus.publish_wait(topic, senders.encode(peer_keys(self.name), env, topic), qos=1, retain=True)
         self.bus.publish_wait(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
         time.sleep(1.0)  # every node has read the catalog
 
@@ -254,7 +255,7 @@ def test_a_peer_that_lacks_or_corrupts_chunks_leads_to_recompute(amqtt_broker: B
     fake = FakePeer(amqtt_broker, f"a-liar-{lie}", prompt, serve)
     try:
         fake.advertise()
-        with MeshClient(amqtt_broker.address) as client:
+        with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
             before = _wasted(client, "c2", 0)
             got = ask(client, prompt, "c2")
             exact = ask(client, prompt, "c2", no_cache=True)
@@ -277,7 +278,7 @@ def test_evicted_chunks_leave_the_published_catalog(amqtt_broker: Broker, log_di
     fake = FakePeer(amqtt_broker, "keys-only", a, lambda keys, model: [])  # never advertised: only computes keys
     keys_b = fake.keys_of(b)
     try:
-        with MeshClient(amqtt_broker.address) as client:
+        with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
             ask(client, a, "e1")
             first = wait_catalog(client, amqtt_broker, "e1", 5)
             ask(client, b, "e1")

@@ -11,7 +11,7 @@ import pytest
 from nodes import mmlu
 from nodes.client import MeshClient
 from nodes.setup import mmlu_dir
-from tests.conftest import CACHE_ROOT, Broker, NodeProcess, start_node
+from tests.conftest import CACHE_ROOT, Broker, NodeProcess, asker_keys, start_node
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +32,7 @@ def five_shot(subject: str, index: int) -> str:
 
 def test_long_prompts_hit_locally_and_remotely_with_identical_answers(amqtt_broker: Broker, gemma_nodes: dict) -> None:
     p1, p2 = five_shot("high_school_european_history", 0), five_shot("high_school_european_history", 1)
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         ask = lambda text, node, **kw: client.ask(text, node=node, max_new_tokens=6, timeout=300, **kw)  # noqa: E731
         seeded = ask(p1, "ga")
         assert seeded.prompt_tokens > 600  # well past the 512-token sliding window

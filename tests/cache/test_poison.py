@@ -24,11 +24,12 @@ from typing import Any
 import pytest
 
 from mesh import topics, wire
+from mesh.auth import senders
 from mesh.cache import codec as kvcodec
 from nodes import mmlu
 from mesh.mqtt.bus import MqttBus
 from nodes.client import AskResult, MeshClient
-from tests.conftest import CACHE_ROOT, Broker, NodeProcess, start_node
+from tests.conftest import CACHE_ROOT, Broker, NodeProcess, asker_keys, peer_keys, start_node
 
 pytestmark = pytest.mark.e2e
 
@@ -93,14 +94,14 @@ class Attacker:
         return list(self.cache.keys(self.decoder.encode(prompt))[0])
 
     def _on_fetch(self, topic: str, payload: bytes, retained: bool) -> None:
-        env = wire.decode(payload)
+        env = wire.decode(senders.unwrap(payload))
         self.requests += 1
         keys = list(env.body["keys"])
         pkey = env.body.get("prompt_key")
         honest = list(self.cache.serve(keys, pkey, str(env.body["codec"]), 16 << 20, part_bytes=1))
         for body in self.tamper(honest, keys):
-            self.bus.publish(env.reply_to, wire.encode(wire.Envelope(wire.Kind.KV_CHUNKS, self.name, body,
-                                                                     corr=env.corr)), qos=1)
+            reply = wire.Envelope(wire.Kind.KV_CHUNKS, self.name, body, corr=env.corr)
+            self.bus.publish(env.reply_to, senders.encode(peer_keys(self.name), reply, env.reply_to), qos=1)
 
     def advertise(self) -> None:
         """Publish our real catalog, a heartbeat (a fast link) and ``online``; retained."""
@@ -111,7 +112,7 @@ class Attacker:
         for topic, env in ((topics.node_heartbeat(self.name), wire.Envelope(wire.Kind.HEARTBEAT, self.name, hb)),
                            (topics.node_catalog(self.name),
                             wire.Envelope(wire.Kind.CATALOG, self.name, cat.to_dict()))):
-            self.bus.publish_wait(topic, wire.encode(env), qos=1, retain=True)
+            self.bus.publish_wait(topic, senders.encode(peer_keys(self.name), env, topic), qos=1, retain=True)
         self.bus.publish_wait(topics.node_status(self.name), topics.ONLINE, qos=1, retain=True)
 
     def close(self) -> None:
@@ -215,7 +216,7 @@ def test_an_honest_attacker_is_used(amqtt_broker: Broker, asker: NodeProcess, at
     attacker.learn(prompt)
     attacker.tamper = lambda parts, keys: parts
     attacker.advertise()
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         wait_advertised(client, attacker, prompt)
         before = attacker.requests
         got = ask(client, prompt)
@@ -235,7 +236,7 @@ def test_poisoned_chunks_are_rejected_and_the_peer_is_skipped(amqtt_broker: Brok
     attacker.learn(first, second)  # the catalog lists both prompts' chunks
     attacker.tamper = LIES[lie]
     attacker.advertise()
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         wait_advertised(client, attacker, first)
         before = cache_figures(client, "v1", lambda c: True).get("wasted_by_peer", {}).get(attacker.name, 0)
         requests = attacker.requests
@@ -270,7 +271,7 @@ def test_a_stalled_transfer_is_given_up_at_the_recompute_estimate(amqtt_broker: 
     attacker.learn(prompt)
     attacker.tamper = lambda parts, keys: parts[:2]  # the logits, then one chunk
     attacker.advertise()
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         wait_advertised(client, attacker, prompt)
         requests = attacker.requests
         got = ask(client, prompt)
@@ -296,7 +297,7 @@ def test_a_peer_killed_mid_transfer(amqtt_broker: Broker, asker: NodeProcess, lo
 
     def on_reply(topic: str, payload: bytes, retained: bool) -> None:
         try:
-            env = wire.decode(payload)
+            env = wire.decode(senders.unwrap(payload))
         except Exception:
             return
         if env.kind is wire.Kind.KV_CHUNKS and env.sender == "k1" and not killed.is_set():
@@ -306,7 +307,7 @@ def test_a_peer_killed_mid_transfer(amqtt_broker: Broker, asker: NodeProcess, lo
     watcher.subscribe(topics.reply("node-v1"), on_reply, qos=0)
     watcher.start(10)
     try:
-        with MeshClient(amqtt_broker.address) as client:
+        with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
             client.ask(long_prompt(LONG_B, 1), node="k1", max_new_tokens=2, timeout=120)
             wait = time.monotonic() + 10  # k1's catalog reaches v1
             while time.monotonic() < wait and cache_figures(client, "k1", lambda c: True).get("chunks", 0) < 80:

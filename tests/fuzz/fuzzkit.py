@@ -315,6 +315,7 @@ def valid_bodies() -> dict[wire.Kind, dict[str, Any]]:
         wire.Kind.KV_CHUNKS: {"chunks": [], "part": 0, "last": True},
         wire.Kind.HALO_PLAN: {"epoch": 1, "plan": {}},
         wire.Kind.HALO_ACK: {"epoch": 1},
+        wire.Kind.ROUTED: {"node": "n1"},
     }
 
 

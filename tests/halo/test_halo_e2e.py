@@ -16,7 +16,7 @@ import pytest
 from mesh.model import Decoder, load_model
 from nodes.client import MeshClient
 from nodes.up import spawn
-from tests.conftest import CACHE_ROOT, ENV, Broker, require_model
+from tests.conftest import CACHE_ROOT, ENV, Broker, asker_keys, require_model
 
 pytestmark = pytest.mark.e2e
 
@@ -73,7 +73,7 @@ def halo_mesh(mosquitto_broker: Broker, log_dir: Path) -> Iterator[dict[str, Pro
         procs["coordinator"] = Proc("coordinator", spawn(halo_argv(
             "coordinator", "--broker", addr, "--model", MODEL, "--threads", "1", "--heartbeat", "0.5",
             "--home", str(CACHE_ROOT), "--replan-interval", "3600", "--sync", "strict"), open(log, "wb"), env=ENV), log)
-        with MeshClient(mosquitto_broker.address) as client:
+        with MeshClient(mosquitto_broker.address, keyring=asker_keys()) as client:
             client.wait_online([*WORKERS, "coordinator"], 240, ready=lambda v: v.model == MODEL)
             wait_plan(client, set(WORKERS))
         yield procs
@@ -86,7 +86,7 @@ def test_strict_generation_is_token_identical_to_the_plain_model(mosquitto_broke
     prompt = "The capital of France is"
     loaded = load_model(CACHE_ROOT, MODEL)
     ref = Decoder(loaded).generate(Decoder(loaded).encode(prompt), 24)
-    with MeshClient(mosquitto_broker.address) as client:
+    with MeshClient(mosquitto_broker.address, keyring=asker_keys()) as client:
         r = client.ask(prompt, node="coordinator", max_new_tokens=24, timeout=120, no_cache=True)
         halo = coordinator_view(client)
     figs = r.node_figures
@@ -103,7 +103,7 @@ def test_strict_sync_sums_every_partial(mosquitto_broker: Broker, halo_mesh: dic
     dec = Decoder(loaded)
     prompt = "def fibonacci(n):\n"
     ref = dec.generate(dec.encode(prompt), 16)
-    with MeshClient(mosquitto_broker.address) as client:
+    with MeshClient(mosquitto_broker.address, keyring=asker_keys()) as client:
         body = _ask_raw(client, {"text": prompt, "max_new_tokens": 16, "halo_sync": "strict", "no_cache": True})
     assert body["token_ids"] == ref.token_ids
     halo = body["halo"]
@@ -113,7 +113,7 @@ def test_strict_sync_sums_every_partial(mosquitto_broker: Broker, halo_mesh: dic
     assert body["tpot_s"] > 0
     # An old ask that still asks for the bus and the HF decode step (comparison switches, gone):
     # answered alike, over the direct link, the fields ignored and counted in the heartbeat.
-    with MeshClient(mosquitto_broker.address) as client:
+    with MeshClient(mosquitto_broker.address, keyring=asker_keys()) as client:
         old = _ask_raw(client, {"text": prompt, "max_new_tokens": 16, "halo_sync": "strict", "no_cache": True,
                                 "halo_link": False, "halo_lean": False})
         deadline = time.monotonic() + 10
@@ -159,7 +159,7 @@ def test_strict_stays_exact_while_the_workers_links_keep_breaking(mosquitto_brok
                 kicks += 1
 
     t = threading.Thread(target=kick, daemon=True)
-    with MeshClient(mosquitto_broker.address) as client:
+    with MeshClient(mosquitto_broker.address, keyring=asker_keys()) as client:
         t.start()
         try:
             body = _ask_raw(client, {"text": prompt, "max_new_tokens": 20, "halo_sync": "strict", "no_cache": True})

@@ -24,7 +24,7 @@ import pytest
 from mesh.model import Decoder, load_model
 from nodes.client import MeshClient
 from nodes.up import spawn
-from tests.conftest import CACHE_ROOT, ENV, Broker, require_model
+from tests.conftest import CACHE_ROOT, ENV, Broker, asker_keys, require_model
 from tests.halo.test_halo_e2e import Proc, coordinator_view, halo_argv, wait_plan
 
 pytestmark = pytest.mark.e2e
@@ -53,7 +53,7 @@ def mesh(mosquitto_broker: Broker, log_dir: Path) -> Iterator[dict[str, Proc]]:
         procs["coordinator"] = Proc("coordinator", spawn(halo_argv(
             "coordinator", *common, "--no-cache", "--replan-interval", "3600", "--silence-factor", "4",
             "--min-silence", str(MIN_SILENCE_S), "--strict-timeout", "30"), open(log, "wb"), env=ENV), log)
-        with MeshClient(mosquitto_broker.address) as client:
+        with MeshClient(mosquitto_broker.address, keyring=asker_keys()) as client:
             client.wait_online([*WORKERS, "coordinator"], 240, ready=lambda v: v.model == MODEL)
             wait_plan(client, set(WORKERS))
         yield procs
@@ -101,7 +101,7 @@ def ask_and_fault(client: MeshClient, sync: str, prompt: str, fault: Any, after_
 
 
 def test_relaxed_goes_on_when_a_worker_is_killed_and_replans(mosquitto_broker: Broker, mesh: dict) -> None:
-    with MeshClient(mosquitto_broker.address) as client:
+    with MeshClient(mosquitto_broker.address, keyring=asker_keys()) as client:
         before = coordinator_view(client)["epoch"]
         r = ask_and_fault(client, "relaxed", "Once upon a time, in a small village,", mesh["w4"].proc.kill)
         plan = wait_plan(client, {"w1", "w2", "w3"}, timeout=30)
@@ -121,7 +121,7 @@ def test_strict_completes_exactly_when_a_worker_is_killed(mosquitto_broker: Brok
                                                           decoder: Decoder) -> None:
     prompt = "The three primary colours are"
     ref = decoder.generate(decoder.encode(prompt), TOKENS)
-    with MeshClient(mosquitto_broker.address) as client:
+    with MeshClient(mosquitto_broker.address, keyring=asker_keys()) as client:
         before = coordinator_view(client)["epoch"]
         r = ask_and_fault(client, "strict", prompt, mesh["w3"].proc.kill)
         plan = wait_plan(client, {"w1", "w2"}, timeout=30)
@@ -141,7 +141,7 @@ def test_strict_completes_exactly_when_a_worker_freezes_silently(mosquitto_broke
     ref = decoder.generate(decoder.encode(prompt), TOKENS)
     victim = mesh["w2"].proc
     try:
-        with MeshClient(mosquitto_broker.address) as client:
+        with MeshClient(mosquitto_broker.address, keyring=asker_keys()) as client:
             before = coordinator_view(client)["epoch"]
             t0 = time.monotonic()
             r = ask_and_fault(client, "strict", prompt, lambda: victim.send_signal(signal.SIGSTOP))

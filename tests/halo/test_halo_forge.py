@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from mesh import topics
 from mesh.halo import frame as halo_wire
 from mesh.model import Decoder, load_model
-from nodes.client import MeshClient
+from nodes.client import MeshClient, asker_keyring
 from nodes.up import MeshProcesses, free_port
 from tests.conftest import CACHE_ROOT, require_model
 
@@ -83,7 +83,7 @@ def strict_ids(client: MeshClient) -> list[int]:
 def test_forged_nan_partials_do_not_change_a_strict_answer(halo_up: MeshProcesses) -> None:
     loaded = load_model(CACHE_ROOT, MODEL)
     ref = Decoder(loaded).generate(Decoder(loaded).encode(PROMPT), TOKENS).token_ids
-    with MeshClient(halo_up.address) as client:
+    with MeshClient(halo_up.address, keyring=asker_keyring(halo_up.home)) as client:  # this mesh's identities
         assert strict_ids(client) == ref
         forger = Forger(halo_up.port, WORKERS)
         try:

@@ -7,7 +7,7 @@ import pytest
 from mesh.model import Decoder, load_model
 from nodes.client import MeshClient
 from nodes.up import MeshProcesses, free_port
-from tests.conftest import CACHE_ROOT, require_model
+from tests.conftest import CACHE_ROOT, asker_keys, require_model
 
 pytestmark = pytest.mark.e2e
 
@@ -18,7 +18,7 @@ def test_strict_gemma_generation_through_two_workers_equals_the_plain_model(log_
                           node_args=["--roles", "worker", "--no-cache", "--threads", "1"], coordinator=True)
     prompt = "The capital of France is"
     with procs:
-        with MeshClient(procs.address) as client:
+        with MeshClient(procs.address, keyring=asker_keys()) as client:
             got = client.ask(prompt, node="coordinator", max_new_tokens=12, timeout=300, no_cache=True,
                              extra={"halo_sync": "strict"})
     loaded = load_model(CACHE_ROOT, "gemma3-270m")

@@ -79,7 +79,7 @@ def tiny_mesh(mosquitto_broker: Broker, log_dir: Path, tmp_path_factory: pytest.
         log = log_dir / "halo-recovery-coordinator.log"
         procs["coordinator"] = Proc("coordinator", spawn(halo_argv(
             "coordinator", *common, "--sync", "relaxed", "--fallback", "none", "--replan-interval", "3600"), open(log, "wb"), env=ENV), log)
-        with MeshClient(mosquitto_broker.address) as client:
+        with MeshClient(mosquitto_broker.address) as client:  # a home with no identities: no keys anywhere
             client.wait_online(["w1", "coordinator"], 240, ready=lambda v: v.model == MODEL)
             wait_plan(client, {"w1"})
         yield procs
@@ -118,7 +118,7 @@ def ask_with_freeze(client: MeshClient, victim: Proc) -> dict[str, Any]:
 
 
 def test_relaxed_waits_again_for_a_worker_that_caught_up(mosquitto_broker: Broker, tiny_mesh: dict) -> None:
-    with MeshClient(mosquitto_broker.address) as client:
+    with MeshClient(mosquitto_broker.address) as client:  # the tiny home holds no identities
         # Warm-up: the coordinator learns the worker's round trip (its deadline) first.
         client.ask("Hello", node="coordinator", max_new_tokens=16, timeout=60,
                    extra={"halo_sync": "relaxed", "no_cache": True})

@@ -2,7 +2,12 @@
 
 Plain paho, no mesh class in between: it publishes exactly the bytes a test builds (as an
 attacker with no credentials on the embedded broker would) and collects what arrives on the
-topics it subscribed to.
+topics it subscribed to. Where the nodes hold identities (``mesh.auth``), it seals with ``keys``
+(default the test clients' ``asker_keys()``; ``tests.conftest.peer_keys(name)`` for a stand-in
+node): its asks in the keys' name, anything else it sends in the keys' own name. It then plays an
+insider holding a credential, so the checks behind the signature are still the ones under test;
+``keys=None`` plays a stranger, whom keyed nodes refuse (``unauthenticated``). What it receives is
+unwrapped unchecked (``mesh.auth.senders.unwrap``).
 """
 
 from __future__ import annotations
@@ -16,11 +21,18 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mesh import topics, wire
-from tests.conftest import Broker
+from mesh.auth import senders
+from mesh.auth.keyring import Keyring
+from mesh.errors import ProtocolError
+from tests.conftest import Broker, asker_keys
+
+_DEFAULT: Any = object()
 
 
 class Rogue:
-    def __init__(self, broker: Broker, client_id: str, will: tuple[str, bytes, bool] | None = None) -> None:
+    def __init__(self, broker: Broker, client_id: str, will: tuple[str, bytes, bool] | None = None,
+                 keys: Keyring | None = _DEFAULT) -> None:
+        self.keys: Keyring | None = asker_keys() if keys is _DEFAULT else keys
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=will[2])
@@ -37,7 +49,11 @@ class Rogue:
             self._synced.put(bytes(msg.payload))
             return
         self.bytes_in += len(msg.payload)
-        self.got.put((msg.topic, bytes(msg.payload)))
+        try:
+            payload = senders.unwrap(bytes(msg.payload))
+        except ProtocolError:  # a sink keeps what it cannot unwrap as it came
+            payload = bytes(msg.payload)
+        self.got.put((msg.topic, payload))
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """Subscribe and return once the broker holds the subscription: a message of our own sent
@@ -54,6 +70,10 @@ class Rogue:
 
     def envelope(self, topic: str, kind: wire.Kind, sender: str, body: dict[str, Any], *, corr: str | None = None,
                  reply_to: str | None = None, retain: bool = False, qos: int = 1) -> None:
+        if self.keys is not None and (kind is wire.Kind.ASK or sender == self.keys.name):
+            env = wire.Envelope(kind, self.keys.name, body, corr=corr, reply_to=reply_to)
+            self.publish(topic, senders.encode(self.keys, env, topic), qos=qos, retain=retain)
+            return
         self.publish(topic, wire.encode(wire.Envelope(kind, sender, body, corr=corr, reply_to=reply_to)),
                      qos=qos, retain=retain)
 
@@ -107,7 +127,7 @@ def rejects_of(broker: Broker, node: str, reason: str, timeout: float = 10.0) ->
 
     deadline = time.monotonic() + timeout
     count = 0
-    with MeshClient(broker.address) as client:
+    with MeshClient(broker.address, keyring=asker_keys()) as client:
         while time.monotonic() < deadline:
             view = client.peers.get(node)
             count = int(((view.heartbeat if view else {}).get("rejects") or {}).get(reason, 0))

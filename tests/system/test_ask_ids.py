@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from mesh import topics, wire
+from mesh.auth import senders
 from mesh.mqtt.bus import MqttBus
 from nodes.client import MeshClient
 from nodes.up import spawn
-from tests.conftest import CACHE_ROOT, ENV, Broker, NodeProcess, mesh_argv, require_model, start_node
+from tests.conftest import CACHE_ROOT, ENV, Broker, NodeProcess, asker_keys, mesh_argv, require_model, start_node
 
 pytestmark = pytest.mark.e2e
 
@@ -40,7 +41,7 @@ def members(amqtt_broker: Broker, log_dir: Path) -> Iterator[list[str]]:
                            "--sync", "strict"), open(log, "wb"), env=ENV)
     coordinator = NodeProcess("coordinator", proc, log)
     try:
-        with MeshClient(amqtt_broker.address) as client:
+        with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
             client.wait_online(["coordinator"], 240, ready=lambda v: v.model == MODEL)
         yield ["idnode", "coordinator"]
     finally:
@@ -60,14 +61,16 @@ class Asker:
         self.bus.start()
 
     def _on_reply(self, topic: str, payload: bytes, retained: bool) -> None:
-        env = wire.decode(payload)
+        env = wire.decode(senders.unwrap(payload))
         if env.kind is wire.Kind.ANSWER:
             self.answers.put(env)
 
     def ask(self, node: str, corr: str) -> None:
         body = {"text": "The capital of France is", "max_new_tokens": 2, "no_cache": True}
-        env = wire.Envelope(wire.Kind.ASK, self.name, body, corr=corr, reply_to=self.topic)
-        self.bus.publish_wait(topics.node_ask(node), wire.encode(env), qos=1)
+        keys = asker_keys()  # with identities, every asker of the account seals as its principal
+        sender = keys.name if keys is not None else self.name
+        env = wire.Envelope(wire.Kind.ASK, sender, body, corr=corr, reply_to=self.topic)
+        self.bus.publish_wait(topics.node_ask(node), senders.encode(keys, env, topics.node_ask(node)), qos=1)
 
     def count_answers(self, corr: str, timeout: float = 120.0) -> int:
         """Answers to ``corr``: waits for the first, then ``SETTLE_S`` for any repeat."""

@@ -21,7 +21,8 @@ import pytest
 from mesh import topics, wire
 from nodes.client import MeshClient
 from nodes.up import spawn
-from tests.conftest import CACHE_ROOT, ENV, Broker, NodeProcess, mesh_argv, require_model, start_node
+from tests.conftest import (CACHE_ROOT, ENV, Broker, NodeProcess, asker_keys, mesh_argv, peer_keys, require_model,
+                            start_node)
 from tests.system.rogue import Rogue, rejects_of, wait_json
 
 pytestmark = pytest.mark.e2e
@@ -39,7 +40,7 @@ def mesh_pair(amqtt_broker: Broker, log_dir: Path) -> Iterator[dict[str, NodePro
                  open(log, "wb"), env=ENV)
     coordinator = NodeProcess("coordinator", proc, log)
     try:
-        with MeshClient(amqtt_broker.address) as client:
+        with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
             client.wait_online(["coordinator"], 240, ready=lambda v: v.model == MODEL)
         yield {"capnode": node, "coordinator": coordinator}
     finally:
@@ -54,7 +55,8 @@ def fake_heartbeat(**figures: object) -> dict[str, object]:
 
 def test_a_negative_queue_captures_no_ask(amqtt_broker: Broker, mesh_pair: dict[str, NodeProcess]) -> None:
     name = "zzz"
-    liar = Rogue(amqtt_broker, f"liar-{name}", will=(topics.node_status(name), topics.OFFLINE, True))
+    liar = Rogue(amqtt_broker, f"liar-{name}", will=(topics.node_status(name), topics.OFFLINE, True),
+                 keys=peer_keys(name))  # a node's credential: the figures, not the seal, must give it away
     home = Rogue(amqtt_broker, "capture-home")
     try:
         liar.subscribe(topics.node_ask(name))
@@ -63,7 +65,7 @@ def test_a_negative_queue_captures_no_ask(amqtt_broker: Broker, mesh_pair: dict[
         for seq in range(3):  # retained once, then live: every router has it either way
             liar.envelope(topics.node_heartbeat(name), wire.Kind.HEARTBEAT, name,
                           fake_heartbeat(seq=seq, queue=-10**9), retain=seq == 0, qos=0)
-        with MeshClient(amqtt_broker.address) as client:
+        with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
             client.wait_online([name], 10)
             answered = []
             for i in range(3):
@@ -89,11 +91,12 @@ def test_an_absurd_halo_speed_does_not_stop_re_planning(amqtt_broker: Broker,
                                                         mesh_pair: dict[str, NodeProcess]) -> None:
     name = "wliar"
     coordinator = mesh_pair["coordinator"]
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         client.wait_online(["coordinator"], 30)
         model_key = str(client.peers.get("coordinator").heartbeat["model_key"])  # type: ignore[union-attr]
     failed_before = coordinator.log.read_text(errors="replace").count("re-plan failed")
-    liar = Rogue(amqtt_broker, f"liar-{name}", will=(topics.node_status(name), topics.OFFLINE, True))
+    liar = Rogue(amqtt_broker, f"liar-{name}", will=(topics.node_status(name), topics.OFFLINE, True),
+                 keys=peer_keys(name))  # a node's credential: the figures, not the seal, must give it away
     try:
         liar.publish(topics.node_status(name), topics.ONLINE, retain=True)
         halo = {"groups": {}, "epoch": 0, "served": 0, "group_size": 64, "compute_rows_per_s": 1e308,

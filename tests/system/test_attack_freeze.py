@@ -11,7 +11,9 @@ Real processes on a real amqtt broker: one SmolLM2 node. The test times a short 
 before the attack (the control, side by side in the same test) and with the attack retained, and
 requires the attacked asks to stay within ``RATIO`` of the control. Its own waiting is bounded
 (``WAIT_S`` per ask), so a node that freezes fails the test in bounded time instead of hanging it;
-the node's heartbeat must then show the refusal counted under ``shared-value``.
+the node's heartbeat must then show the refusal counted under ``shared-value``. Where the nodes hold
+identities (``mesh.auth``), the attacker holds a node's credential and seals the payload: a stranger
+is refused before the decoder sees a byte (``unauthenticated``), so only an insider tests it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from pathlib import Path
 import pytest
 
 from mesh import topics, wire
+from mesh.auth import senders
 from mesh.mqtt.bus import MqttBus
-from tests.conftest import Broker, NodeProcess, start_node
+from tests.conftest import Broker, NodeProcess, asker_keys, peer_keys, start_node
 from tests.fuzz.fuzzkit import shared_heartbeat
 
 pytestmark = pytest.mark.e2e
@@ -56,22 +59,23 @@ class Asker:
         self.seen: set[str] = set()
 
     def _on_reply(self, topic: str, payload: bytes, retained: bool) -> None:
-        env = wire.decode(payload)
+        env = wire.decode(senders.unwrap(payload))
         if env.kind in (wire.Kind.TOKEN, wire.Kind.ANSWER, wire.Kind.ERROR) and env.corr not in self.seen:
             self.seen.add(env.corr or "")
             self.firsts.put((env.corr or "", time.monotonic()))
 
     def _on_heartbeat(self, topic: str, payload: bytes, retained: bool) -> None:
         if payload:
-            self.heartbeat = dict(wire.decode(payload).body)
+            self.heartbeat = dict(wire.decode(senders.unwrap(payload)).body)
             self.heartbeat_bytes = len(payload)
 
     def first_token_s(self, corr: str) -> float:
         """Seconds from sending an ask to its first token; ``WAIT_S`` at most (then the ask failed)."""
         body = {"text": "The capital of France is", "max_new_tokens": 2, "no_cache": True}
-        env = wire.Envelope(wire.Kind.ASK, "freeze-asker", body, corr=corr, reply_to=self.topic)
+        keys = asker_keys()
+        env = wire.Envelope(wire.Kind.ASK, keys.name if keys else "freeze-asker", body, corr=corr, reply_to=self.topic)
         sent = time.monotonic()
-        self.bus.publish_wait(topics.node_ask(NODE), wire.encode(env), qos=1)
+        self.bus.publish_wait(topics.node_ask(NODE), senders.encode(keys, env, topics.node_ask(NODE)), qos=1)
         deadline = sent + WAIT_S
         while True:
             try:
@@ -111,7 +115,9 @@ def test_a_retained_shared_heartbeat_does_not_freeze_the_node(amqtt_broker: Brok
         asker.first_token_s("warm-up")
         control = [asker.first_token_s(f"control-{i}") for i in range(ASKS)]
         assert max(control) < WAIT_S, f"the node does not answer at all: {control}"
-        asker.bus.publish_wait(attack, shared_heartbeat(LEVELS), qos=1, retain=True)
+        keys = peer_keys("zz")
+        payload = shared_heartbeat(LEVELS)
+        asker.bus.publish_wait(attack, keys.seal(payload, attack) if keys else payload, qos=1, retain=True)
         attacked: list[float] = []
         for i in range(ASKS):
             attacked.append(asker.first_token_s(f"attacked-{i}"))

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from mesh import topics, wire
+from mesh.auth import senders
 from mesh.routing import stale_after
 from nodes.client import MeshClient
-from tests.conftest import Broker, NodeProcess, start_node
+from tests.conftest import Broker, NodeProcess, asker_keys, peer_keys, start_node
 from tests.system.rogue import Rogue, wait_json
 
 pytestmark = pytest.mark.e2e
@@ -56,7 +57,7 @@ def asks_answered(broker: Broker, home: Rogue) -> dict[str, object]:
     home.publish(topics.ASK_TEXT, b"Hello there")
     answer = wait_json(home, topics.ANSWER, 120)  # 64 new tokens: tens of seconds on a loaded machine
     out["text"] = answer.get("node") if answer else None
-    with MeshClient(broker.address) as client:
+    with MeshClient(broker.address, keyring=asker_keys()) as client:
         try:
             out["routed"] = client.ask("The capital of France is", max_new_tokens=2, timeout=20, max_sends=1).node
         except Exception as exc:
@@ -78,7 +79,9 @@ def test_a_dead_node_whose_heartbeat_stopped_stops_routing(amqtt_broker: Broker,
     beat = {"seq": 7, "model": MODEL, "model_key": "x", "queue": 0, "load": 0.0, "prefill_tps": 100.0,
             "roles": ["answer"], "heartbeat_s": PERIOD_S}
     home.publish(topics.node_status("a1"), topics.ONLINE, retain=True)
-    home.envelope(topics.node_heartbeat("a1"), wire.Kind.HEARTBEAT, "a1", beat, retain=True)
+    topic = topics.node_heartbeat("a1")  # its own, sealed with its key where nodes hold keys
+    home.publish(topic, senders.encode(peer_keys("a1"), wire.Envelope(wire.Kind.HEARTBEAT, "a1", beat), topic),
+                 retain=True)
     time.sleep(stale_after(PERIOD_S) + 1.0)  # the window itself is the behaviour under test
     assert asks_answered(amqtt_broker, home) == {"json": "gnode", "text": "gnode", "routed": "gnode"}
 

@@ -22,7 +22,7 @@ import pytest
 from mesh import topics, wire
 from nodes.client import MeshClient
 from nodes.up import spawn
-from tests.conftest import CACHE_ROOT, ENV, Broker, NodeProcess, mesh_argv, require_model
+from tests.conftest import CACHE_ROOT, ENV, Broker, NodeProcess, asker_keys, mesh_argv, require_model
 from tests.system.rogue import Rogue, rejects_of, wait_json
 
 pytestmark = pytest.mark.e2e
@@ -43,7 +43,7 @@ def node(amqtt_broker: Broker, log_dir: Path) -> Iterator[NodeProcess]:
                  open(log, "wb"), env={**ENV, "MESH_MAX_CONTEXT": str(MAX_CONTEXT)})
     handle = NodeProcess(NAME, proc, log)
     try:
-        with MeshClient(amqtt_broker.address) as client:
+        with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
             client.wait_online([NAME], 240, ready=lambda v: v.model == MODEL)
         yield handle
     finally:
@@ -121,7 +121,7 @@ def test_work_stops_when_the_asker_is_gone(amqtt_broker: Broker, node: NodeProce
     asker.client.loop_stop()
     asker.client.socket().close()  # the connection drops without DISCONNECT: the broker sends the will
     assert rejects_of(amqtt_broker, NAME, "asker-gone", timeout=60) >= 1
-    with MeshClient(amqtt_broker.address) as client:  # and the node is free for the next ask
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:  # and the node is free for the next ask
         assert client.ask("The capital of France is", node=NAME, max_new_tokens=2, timeout=60).new_tokens >= 1
 
 

@@ -10,6 +10,9 @@ the codec (never fp32 unless it is its own), and bytes per requester are metered
 Real processes on a real amqtt broker: one SmolLM2 node with its prompt cache, metered at a burst
 of 4 MiB and 1 MiB/s per requester (``MESH_KV_SERVE_BURST_MB``/``MESH_KV_SERVE_MB_S``, the
 environment form of ``--kv-serve-burst-mb``/``--kv-serve-mb-s``); a raw MQTT client asks.
+
+Where the nodes hold identities, the requester holds a node's credential (a stranger's fetch is
+refused unread: ``unauthenticated``), so the metering is what is under test.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from mesh.config import CacheConfig
 from mesh.model import Decoder, load_model
 from nodes.client import MeshClient
 from nodes.up import spawn
-from tests.conftest import CACHE_ROOT, ENV, Broker, NodeProcess, mesh_argv, require_model
+from tests.conftest import CACHE_ROOT, ENV, Broker, NodeProcess, asker_keys, mesh_argv, peer_keys, require_model
 from tests.system.rogue import Rogue, rejects_of
 
 pytestmark = pytest.mark.e2e
@@ -49,7 +52,7 @@ def primed(amqtt_broker: Broker, log_dir: Path) -> Iterator[tuple[list[bytes], b
                                        "MESH_KV_SERVE_MB_S": str(RATE >> 20)})
     handle = NodeProcess(NAME, proc, log)
     try:
-        with MeshClient(amqtt_broker.address) as client:
+        with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
             client.wait_online([NAME], 240, ready=lambda v: v.model == MODEL)
             client.ask(TEXT, node=NAME, max_new_tokens=1, timeout=300)
         loaded = load_model(CACHE_ROOT, MODEL)
@@ -65,7 +68,7 @@ def flood(amqtt_broker: Broker, sender: str, reply_to: str, keys: list[bytes], m
           codec: str = "fp32") -> tuple[int, float, set]:
     """REQUESTS fetches of every key; bytes that came back on ``reply_to`` until 3 s of quiet, the
     seconds that took, and the codecs of the chunks."""
-    sink = Rogue(amqtt_broker, f"sink-{time.monotonic_ns()}")
+    sink = Rogue(amqtt_broker, f"sink-{time.monotonic_ns()}", keys=peer_keys(sender))  # a node's credential
     try:
         sink.subscribe(reply_to)
         t0 = time.monotonic()

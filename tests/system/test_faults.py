@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 
 from mesh import topics, wire
+from mesh.auth import senders
 from mesh.mqtt.bus import MqttBus
 from mesh.cache.catalog import Catalog
 from mesh.errors import TransportError
 from nodes.client import AskResult, MeshClient
 from nodes.up import spawn, wait_port
-from tests.conftest import (ENV, Broker, NodeProcess, mesh_argv, mosquitto_conf, start_amqtt, start_mosquitto,
-                            start_node)
+from tests.conftest import (ENV, Broker, NodeProcess, asker_keys, mesh_argv, mosquitto_conf, start_amqtt,
+                            start_mosquitto, start_node)
 
 pytestmark = pytest.mark.e2e
 
@@ -94,7 +95,7 @@ def retained(broker: Broker, topic_filter: str, settle: float = 1.0) -> dict[str
 
 
 def catalog_of(messages: dict[str, bytes], node: str = "f1") -> Catalog:
-    return Catalog.from_dict(dict(wire.decode(messages[topics.node_catalog(node)]).body))
+    return Catalog.from_dict(dict(wire.decode(senders.unwrap(messages[topics.node_catalog(node)])).body))
 
 
 @pytest.fixture(scope="module", params=["amqtt", "mosquitto"])
@@ -112,7 +113,7 @@ def test_broker_restart_loses_no_ask_and_restores_retained_state(
         mesh: tuple[list[Broker], dict[str, NodeProcess]], log_dir: Path) -> None:
     brokers, nodes = mesh
     broker = brokers[0]
-    client = MeshClient(broker.address)
+    client = MeshClient(broker.address, keyring=asker_keys())
     client.start()
     try:
         reference = client.ask(PROMPT, node="f1", max_new_tokens=8, timeout=60, no_cache=True).answer
@@ -199,7 +200,7 @@ def test_node_killed_mid_answer_then_restarted_with_its_cache(crash_broker: Brok
     store = tmp_path / "k2-kv"
     k1 = start_node(crash_broker, "k1", MODEL, log_dir)
     k2 = start_node(crash_broker, "k2", MODEL, log_dir, "--cache-dir", str(store))
-    client = MeshClient(crash_broker.address)
+    client = MeshClient(crash_broker.address, keyring=asker_keys())
     client.start()
     try:
         first = client.ask(LONG, node="k2", max_new_tokens=32, timeout=60)  # k2 caches the prompt

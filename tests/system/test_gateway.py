@@ -44,7 +44,7 @@ from mesh.errors import TransportError
 from nodes.client import MeshClient
 from mesh.ha.extension import decommission
 from nodes.up import free_port, spawn, wait_port
-from tests.conftest import CACHE_ROOT, ENV, mesh_argv, require_model
+from tests.conftest import CACHE_ROOT, ENV, asker_keys, mesh_argv, require_model
 
 REPO = Path(__file__).resolve().parents[2]
 MOSQ = REPO / "deploy" / "mosquitto"
@@ -68,7 +68,8 @@ config = node_config(args)
 ext = ha_extension_from_args(ha_args, config)
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
-agent = NodeAgent(config, extensions=[ext] if ext else [])
+from mesh.auth.store import identity_dir, load_keyring
+agent = NodeAgent(config, extensions=[ext] if ext else [], keyring=load_keyring(identity_dir(config.home), config.name))
 agent.start()
 stop.wait()
 agent.stop()
@@ -406,7 +407,7 @@ def nodes(gateway: Gateway) -> Iterator[Nodes]:
     logs = {n: etc / f"{n}.log" for n in argv}
     running = Nodes({n: spawn(a, open(logs[n], "wb"), env=ENV) for n, a in argv.items()}, logs)
     try:
-        with MeshClient(gateway.address("asker")) as client:
+        with MeshClient(gateway.address("asker"), keyring=asker_keys()) as client:
             deadline = time.monotonic() + 240
             while True:
                 for n, p in running.procs.items():
@@ -426,7 +427,7 @@ def nodes(gateway: Gateway) -> Iterator[Nodes]:
 
 def test_nodes_answer_with_auth_and_over_tls(gateway: Gateway, nodes: Nodes) -> None:
     for tls in (False, True):
-        with MeshClient(gateway.address("asker", tls=tls)) as client:
+        with MeshClient(gateway.address("asker", tls=tls), keyring=asker_keys()) as client:
             for node in NODES:
                 result = client.ask("The capital of France is", node=node, max_new_tokens=4, timeout=60)
                 assert result.node == node and result.new_tokens >= 1 and result.answer

@@ -22,7 +22,7 @@ from nodes.bench.load import LoadConfig, Sampler, mmlu_prompts, plot, read_rss_m
 from nodes.client import AskFailed, MeshClient
 from nodes.setup import mmlu_dir
 from nodes.up import MeshProcesses, free_port
-from tests.conftest import CACHE_ROOT, require_model
+from tests.conftest import CACHE_ROOT, asker_keys, require_model
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +54,7 @@ def test_load_over_capacity_loses_nothing_and_retries_busy(mesh: MeshProcesses, 
     done: list[AskRecord] = []
     t0 = time.monotonic()
     clock = lambda: time.monotonic() - t0  # noqa: E731
-    with MeshClient(mesh.address) as client:
+    with MeshClient(mesh.address, keyring=asker_keys()) as client:
         sampler = Sampler(client, pids, lambda: len(done), clock, cfg.sample_s)
         sampler.start()
         try:
@@ -91,7 +91,7 @@ def test_burst_beyond_the_queue_gets_busy_errors_and_the_queue_stays_bounded(mes
     pid = mesh.nodes[node].pid
     results: list[dict] = []
     lock = threading.Lock()
-    with MeshClient(mesh.address) as client:
+    with MeshClient(mesh.address, keyring=asker_keys()) as client:
         client.wait_online([node], 10)
         busy_before = int((client.peers.get(node).heartbeat.get("rejects") or {}).get("busy", 0))
         rss_before = read_rss_mib(pid)

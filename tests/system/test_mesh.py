@@ -19,7 +19,7 @@ from mesh import topics
 from mesh.model import load_model
 from nodes.client import AskFailed, MeshClient
 from nodes.up import free_port
-from tests.conftest import CACHE_ROOT, ENV, Broker, NodeProcess, mesh_argv, start_amqtt, start_node
+from tests.conftest import CACHE_ROOT, ENV, Broker, NodeProcess, asker_keys, mesh_argv, start_amqtt, start_node
 
 pytestmark = pytest.mark.e2e
 
@@ -71,7 +71,7 @@ def test_cli_ask_streams_text(amqtt_broker: Broker, mesh_nodes: dict) -> None:
 def test_greedy_answers_match_transformers_generate(amqtt_broker: Broker, mesh_nodes: dict, model: str,
                                                     node: str) -> None:
     loaded = load_model(CACHE_ROOT, model)
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         for prompt in PROMPTS:
             pieces: list[str] = []
             got = client.ask(prompt, node=node, max_new_tokens=16, on_text=pieces.append, timeout=120)
@@ -85,7 +85,7 @@ def test_greedy_answers_match_transformers_generate(amqtt_broker: Broker, mesh_n
 
 
 def test_ask_without_node_is_routed_to_one_node_each_time(amqtt_broker: Broker, mesh_nodes: dict) -> None:
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         answered = [client.ask("Once upon a time", max_new_tokens=3, model="smollm2-135m", timeout=60)
                     for _ in range(6)]
     nodes = [a.node for a in answered]
@@ -94,7 +94,8 @@ def test_ask_without_node_is_routed_to_one_node_each_time(amqtt_broker: Broker, 
 
 
 def test_ask_with_a_wrong_model_fails_clearly(amqtt_broker: Broker, mesh_nodes: dict) -> None:
-    with MeshClient(amqtt_broker.address) as client, pytest.raises(AskFailed, match="no node is online"):
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client, \
+            pytest.raises(AskFailed, match="no node is online"):
         client.ask("hi", model="llama-70b", timeout=30)
 
 
@@ -157,7 +158,7 @@ def test_garbage_is_counted_and_the_node_keeps_answering(amqtt_broker: Broker, m
         bus.publish_wait(topics.ASK, b"not json at all", qos=1)
     finally:
         bus.stop()
-    with MeshClient(amqtt_broker.address) as client:
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         assert "Paris" in client.ask("The capital of France is", node="s2", max_new_tokens=4, timeout=60).answer
         deadline = time.monotonic() + 10
         while True:
@@ -166,7 +167,10 @@ def test_garbage_is_counted_and_the_node_keeps_answering(amqtt_broker: Broker, m
                 break
             time.sleep(0.2)
     assert sum(rejects["s2"].values()) >= 3, rejects
-    assert rejects["s2"].get("malformed", 0) + rejects["s2"].get("bad-version", 0) >= 2
+    if asker_keys() is not None:  # a keyed node reads nothing unsealed: the vandal holds no key
+        assert rejects["s2"].get("unauthenticated", 0) >= 3, rejects
+    else:
+        assert rejects["s2"].get("malformed", 0) + rejects["s2"].get("bad-version", 0) >= 2
 
 
 def test_status_lists_nodes_with_heartbeat_figures(amqtt_broker: Broker, mesh_nodes: dict) -> None:
@@ -225,7 +229,7 @@ def test_mesh_up_stops_every_child_when_interrupted(tmp_path: Path) -> None:
         assert proc.stdout is not None
         ready = json.loads(proc.stdout.readline())
         assert ready["event"] == "ready" and ready["nodes"] == ["node1", "node2"] and len(ready["pids"]) == 3
-        with MeshClient(ready_address(port)) as client:
+        with MeshClient(ready_address(port), keyring=asker_keys()) as client:
             assert client.ask("Hello", max_new_tokens=2, timeout=60).node in ("node1", "node2")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0

@@ -18,7 +18,7 @@ from nodes.client import MeshClient
 from nodes.testbed.bed import Testbed
 from nodes.testbed.shell import REPO_ROOT
 from nodes.testbed.spec import NodeSpec, TestbedSpec, check_node_name
-from tests.conftest import CACHE_ROOT, require_model
+from tests.conftest import CACHE_ROOT, asker_keys, require_model
 
 pytestmark = pytest.mark.testbed
 
@@ -43,7 +43,7 @@ def test_relaxed_time_per_token_is_far_below_strict_at_5pct_loss(make_testbed: C
     tb.spawn("co", [sys.executable, "-m", "nodes.cli", "coordinator", "--no-cache", "--replan-interval",
                     "3600", "--reliability-weight", "0", *common], env=env, log=tb.log_path("coordinator"))
     host, port = tb.broker_address
-    with MeshClient(BrokerAddress(host, port)) as client:
+    with MeshClient(BrokerAddress(host, port), keyring=asker_keys()) as client:
         client.wait_online(["wa", "wb", "coordinator"], 240, ready=lambda v: v.model == MODEL)
         import time
 

@@ -20,7 +20,7 @@ from nodes.testbed.calibrate import (
 )
 from nodes.testbed.profiles import device_profile
 from nodes.testbed.spec import TestbedSpec, make_spec
-from tests.conftest import CACHE_ROOT, require_model
+from tests.conftest import CACHE_ROOT, asker_keys, require_model
 
 pytestmark = pytest.mark.testbed
 
@@ -30,7 +30,7 @@ FP32_GEMMA_NODE_CAP_MIB = 2048  # an explicit memory-cap override (see where it 
 
 def _client(tb: Testbed) -> MeshClient:
     host, port = tb.broker_address
-    return MeshClient(BrokerAddress(host, port), name=f"t-{tb.spec.instance}")
+    return MeshClient(BrokerAddress(host, port), name=f"t-{tb.spec.instance}", keyring=asker_keys())
 
 
 def test_a_lossy_node_reports_worse_link_figures_than_a_clean_one(
