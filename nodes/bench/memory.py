@@ -124,6 +124,18 @@ class Sampler:
         self._thread.join(5)
 
 
+def identity_parts(home: Path, name: str, role: str = "node") -> list[str]:
+    """What a node's private home needs of ``home``'s identities to be the keyed member ``name``
+    (issued now where the CA key lies), or nothing in a keyless home (nodes and client alike)."""
+    from mesh.auth.store import identity_dir, load_keyring
+
+    directory = identity_dir(home)
+    if load_keyring(directory, name, role) is None:
+        return []
+    parts = [f"identity/{name}.crt", f"identity/{name}.key", "identity/ca.crt"]
+    return parts + (["identity/crl.pem"] if (directory / "crl.pem").exists() else [])
+
+
 def drop_page_cache(root: Path) -> None:
     """Evict every file under ``root`` from the page cache (clean pages: uncharged from their cgroup)."""
     import os
@@ -149,14 +161,14 @@ def _log_tail(path: Path, lines: int = 3) -> str:
 def measure_nodes(tb: Any, model: str, formats: Sequence[str], prompts: Sequence[str], tokens: int,
                   home: Path, progress: Progress | None = None) -> dict[str, dict[str, Any]]:
     """Start the reference and one node per format, ask in ABBA order, and read their cgroups."""
-    from nodes.client import MeshClient
+    from nodes.client import MeshClient, asker_keyring
 
     names = [REF, *(node_name(f) for f in formats)]
     weights = {REF: "fp32", **{node_name(f): f for f in formats}}
     started: dict[str, Any] = {}
     out: dict[str, dict[str, Any]] = {}
     for n in names:
-        own = tb.private_home(n, home, [f"models/{model}"])
+        own = tb.private_home(n, home, [f"models/{model}", *identity_parts(home, n)])
         drop_page_cache(own)  # the copy's pages were charged to the node: what it maps is read anew
         tb.reset_peak(n)  # the peak is the node's own, from its start
         try:
@@ -171,7 +183,8 @@ def measure_nodes(tb: Any, model: str, formats: Sequence[str], prompts: Sequence
     faults0: dict[str, int] = {}
     host, port = tb.broker_address
     task = progress.add_task(f"{model}: asks", total=len(live) * (len(prompts) + 1)) if progress else None
-    with MeshClient(BrokerAddress(host, port), name=f"bench-memory-{tb.spec.instance}") as client, \
+    with MeshClient(BrokerAddress(host, port), name=f"bench-memory-{tb.spec.instance}",
+                    keyring=asker_keyring(home)) as client, \
             Sampler(tb, live) as sampler:
         for n in live:  # warm-up: the first ask maps the weights and sizes the allocator's pools
             client.ask(prompts[0], node=n, max_new_tokens=tokens, no_cache=True, timeout=900)
@@ -211,13 +224,15 @@ def measure_halo(tb: Any, model: str, tokens: int, home: Path, args: argparse.Na
     """A HALO coordinator and its workers, each under its cap with its own copy of the model, one
     routed generation of ``tokens``; per process the cgroup's peak and anonymous peak, OOM kills."""
     from nodes.bench.halo import PROMPT, HaloMesh
-    from nodes.client import MeshClient
+    from nodes.client import MeshClient, asker_keyring
 
     workers = [n for n in tb.spec.names if n.startswith("hw")]
     mesh = HaloMesh(tb, argparse.Namespace(model=model, home=str(home)), workers)
     homes = {}
     for n in ["hc", *workers]:
-        homes[n] = tb.private_home(n, home, [f"models/{model}"])
+        homes[n] = tb.private_home(n, home, [f"models/{model}",
+                                             *(identity_parts(home, "coordinator", "coordinator") if n == "hc"
+                                               else identity_parts(home, n))])
         drop_page_cache(homes[n])
         tb.reset_peak(n)
     env = mesh.env
@@ -233,7 +248,8 @@ def measure_halo(tb: Any, model: str, tokens: int, home: Path, args: argparse.Na
     host, port = tb.broker_address
     task = progress.add_task(f"{model}: HALO", total=1) if progress else None
     try:
-        with MeshClient(BrokerAddress(host, port), name=f"bench-memory-halo-{tb.spec.instance}") as client, \
+        with MeshClient(BrokerAddress(host, port), name=f"bench-memory-halo-{tb.spec.instance}",
+                        keyring=asker_keyring(home)) as client, \
                 Sampler(tb, names) as sampler:
             mesh.wait_ready(client, timeout=600)
             r = client.ask(PROMPT, node="coordinator", max_new_tokens=tokens, timeout=900,

@@ -24,6 +24,7 @@ class Bus:
 
 class Inbox:
     topic = "mesh/v1/reply/node-me"
+    keys = None  # keyless: plain envelopes (mesh.auth.senders)
     ping_handler: Any = None
 
 
