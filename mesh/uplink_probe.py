@@ -109,7 +109,7 @@ class LinkProbe:
             return False
         with self._lock:
             if not tag or not secrets.compare_digest(tag, self._tags.get(seq, "")):
-                return corr.startswith(("lp", "bw"))  # ours by its form, forged or too old: dropped
+                return False  # forged or too old: the inbox drops and counts it (unexpected-reply)
             if corr.startswith("lp"):
                 self.stats.reply_received(seq, now)
                 return True

@@ -41,7 +41,7 @@ def test_only_the_real_echo_counts() -> None:
     assert seq.startswith("lp") and len(real.corr) > len(seq) + 8
     for forged in (seq, f"{seq}.0000000000000000", f"bw{seq[2:]}", f"{seq}."):
         env = wire.Envelope(wire.Kind.PING, "me", {"t": 0.0}, corr=forged)
-        assert probe._on_echo(env) is True  # taken off the inbox, not counted
+        assert probe._on_echo(env) is False  # not ours: the inbox drops and counts it
     assert probe.snapshot()["replies"] == 0
     assert probe._on_echo(real) is True
     assert probe.snapshot()["replies"] == 1
