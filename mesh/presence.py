@@ -20,7 +20,6 @@ from typing import Any
 from mesh import topics, wire
 from mesh.auth import senders
 from mesh.auth.keyring import Keyring
-from mesh.errors import ProtocolError
 from mesh.mqtt.bus import MqttBus
 from mesh.plausible import heartbeat_problem
 from mesh.routing import PeerTable
@@ -75,14 +74,9 @@ class Presence:
             return
         if not payload:
             return  # an empty retained message clears a decommissioned node's heartbeat
-        try:
-            _, env = senders.decode(self.keys, payload, topic, self.max_message_bytes, retained)
-        except ProtocolError as exc:
-            self.rejects.add(exc.reason)
-            log.info("dropped heartbeat on %s: %s", topic, exc)
-            return
-        if env.kind is not wire.Kind.HEARTBEAT:
-            self.rejects.add("unexpected-kind")
+        env = senders.decode_kind(self.keys, payload, topic, wire.Kind.HEARTBEAT, self.rejects,
+                                  self.max_message_bytes, retained)
+        if env is None:
             return
         problem = heartbeat_problem(env.body)
         if problem is not None:  # a lying or broken heartbeat is never routed on (mesh.plausible)

@@ -62,6 +62,21 @@ def decode(keys: Keyring | None, payload: bytes, topic: str, max_bytes: int = wi
     return opened.sender.role, env
 
 
+def decode_kind(keys: Keyring | None, payload: bytes, topic: str, kind: wire.Kind, rejects: Any,
+                max_bytes: int = wire.DEFAULT_MAX_BYTES, retained: bool = False) -> wire.Envelope | None:
+    """:func:`decode` for a handler that takes one ``kind``: None (the reason counted in
+    ``rejects``) for anything it must drop."""
+    try:
+        _, env = decode(keys, payload, topic, max_bytes, retained)
+    except ProtocolError as exc:
+        rejects.add(exc.reason)
+        return None
+    if env.kind is not kind:
+        rejects.add("unexpected-kind")
+        return None
+    return env
+
+
 def forward(keys: Keyring | None, env: wire.Envelope, original: bytes | None, router: str,
             reason: str) -> wire.Envelope:
     """The router's copy of ``env`` for the node it picked. Without keys: as before (the asker's

@@ -83,14 +83,9 @@ class CatalogSync:
         if not payload:
             self.cache.set_peer_catalog(parsed[0], None)
             return
-        try:
-            _, env = senders.decode(self.keys, payload, topic, self.max_message_bytes, retained)
-        except ProtocolError as exc:
-            self.rejects.add(exc.reason)
-            log.info("dropped catalog on %s: %s", topic, exc)
-            return
-        if env.kind is not wire.Kind.CATALOG:
-            self.rejects.add("unexpected-kind")
+        env = senders.decode_kind(self.keys, payload, topic, wire.Kind.CATALOG, self.rejects,
+                                  self.max_message_bytes, retained)
+        if env is None:
             return
         try:
             self.cache.set_peer_catalog(parsed[0], dict(env.body))
