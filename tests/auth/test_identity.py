@@ -12,25 +12,13 @@ from mesh import topics, wire
 from mesh.auth import pairs, seal, store
 from mesh.auth.certs import CertificateAuthority, verify_peer
 from mesh.auth.keyring import Keyring
+from tests.auth.kit import reason, ring
 from mesh.errors import ConfigError, ProtocolError
 
 UTC = datetime.timezone.utc
 DER = Encoding.DER
 
 
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority.create()
-
-
-def ring(ca: CertificateAuthority, name: str, role: str = "node") -> Keyring:
-    return Keyring(ca.issue(name, role), ca.cert)
-
-
-def reason(fn, *args, **kw) -> str:
-    with pytest.raises(ProtocolError) as exc:
-        fn(*args, **kw)
-    return exc.value.reason
 
 
 def heartbeat(sender: str) -> wire.Envelope:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pytest
 
 from mesh import dedupe, topics, wire
 from mesh.auth import senders
 from mesh.auth.certs import CertificateAuthority
-from mesh.auth.keyring import Keyring
 from mesh.config import Limits
+from tests.auth.kit import reason, ring
 from mesh.errors import ProtocolError
 from mesh.member import JSON_SENDER, Member, asker_of
 from mesh.mqtt.inbox import ReplyInbox
@@ -24,19 +23,6 @@ INBOX = topics.reply("cli-run1")
 MAX = wire.DEFAULT_MAX_BYTES
 
 
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority.create()
-
-
-def ring(ca: CertificateAuthority, name: str, role: str = "node") -> Keyring:
-    return Keyring(ca.issue(name, role), ca.cert)
-
-
-def reason(fn, *args, **kw) -> str:
-    with pytest.raises(ProtocolError) as exc:
-        fn(*args, **kw)
-    return exc.value.reason
 
 
 def ask_env(sender: str = "asker", text: str = "hi", corr: str = "c1", reply_to: str = INBOX,
