@@ -66,6 +66,7 @@ def quality(home: Path, model: str, formats: Sequence[str], n_mmlu: int, ppl_win
     pairs = mmlu.sample(mmlu_dir(home), every, per_subject=max(1, math.ceil(n_mmlu / len(every))))[:n_mmlu]
     picks: dict[str, list[int]] = {}
     ppl: dict[str, float] = {}
+    held_out = load_split(home).held_out  # read once; every format's tokenizer windows it alike
     every_format = ["fp32", *(f for f in formats if f != "fp32")]
     task = progress.add_task(f"{model}: quality", total=len(every_format) * (len(pairs) + ppl_windows)) \
         if progress is not None else None
@@ -82,7 +83,7 @@ def quality(home: Path, model: str, formats: Sequence[str], n_mmlu: int, ppl_win
                 if task is not None:
                     progress.advance(task)  # type: ignore[union-attr]
             picks[fmt] = out
-            windows = token_windows(tok, load_split(home).held_out, ppl_tokens, ppl_windows)
+            windows = token_windows(tok, held_out, ppl_tokens, ppl_windows)
             nll, n = 0.0, 0
             for w in windows:
                 logits = loaded.model(input_ids=torch.tensor([w])).logits[0, :-1].float()
