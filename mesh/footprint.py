@@ -5,7 +5,7 @@ OOM-killed mid-ask (on a Pi Zero 2W with 400 MiB, a Gemma node in fp32 would be 
 loads, and a node whose cache fills up would be killed minutes later). Its resident set is the
 sum of parts a node knows before it loads the model:
 
-- ``runtime``: the process as it stands (interpreter, torch, transformers, the mesh), measured
+- ``runtime``: the process as it stands (interpreter, torch, the mesh; a node never imports transformers: mesh.lm), measured
   (``mesh.sysmem.process_memory``) after those imports, since no constant holds across wheels and
   boards;
 - ``weights``: the weight file's bytes. Every token reads every weight, so a memory-mapped file's

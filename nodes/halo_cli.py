@@ -103,7 +103,7 @@ def cmd_train_predictor(args: argparse.Namespace) -> int:
 
     home = mesh_home(args)
     t0 = time.perf_counter()
-    loaded = load_model(home, args.model, args.threads or 0)
+    loaded = load_model(home, args.model, args.threads or 0, engine="hf")
     layout = split.model_layout(loaded.model.config, args.group_size)
     data = load_split(home)
     length = 128

@@ -1,11 +1,17 @@
-"""Between transformers 5 caches and KV chunks (the wire form is mesh.cache.codec's).
+"""Between KV caches and KV chunks (the wire form is mesh.cache.codec's).
+
+The cache is a node's :class:`mesh.lm.cache.KVCache` (its config a :class:`mesh.lm.config.LmConfig`)
+or, for HALO's coordinator, which still runs transformers' classes, a transformers 5
+``DynamicCache``: both have the same layer attributes (``keys``, ``values``, ``is_sliding``,
+``sliding_window``, ``cumulative_length``, ``record_past``, ``update``, ``crop``), so one code path
+serves both, and the kind of ``config`` decides which cache is built.
 
 Chunk layout: :class:`ChunkKV` holds, for every decoder layer ``l``, ``keys[l]`` and
 ``values[l]`` of shape ``[H_kv, C, D]`` (batch 1 dropped): the states of absolute positions
 ``[i*C, (i+1)*C)`` for chunk ``i`` (0-based). Every layer stores the full chunk, sliding-window
 layers included, so that any prefix can be restored, however long.
 
-Gemma-3 sliding-window layers (``DynamicSlidingWindowLayer``) keep only the last ``W - 1`` states
+Gemma-3 sliding-window layers keep only the last ``W - 1`` states
 after each forward. Two consequences, both handled here:
 
 1. *Capture*: during the prefill whose KV is cut into chunks, sliding layers must keep everything.
@@ -30,8 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from mesh.lm.cache import KVCache
+from mesh.lm.config import LmConfig
 
 
 @dataclass(frozen=True)
@@ -90,19 +97,33 @@ def kv_layout(config: Any) -> list[tuple[int, int]]:
 # -- caches <-> chunks ---------------------------------------------------------------------------
 
 
-def capture_cache(config: Any) -> DynamicCache:
+def new_cache(config: Any) -> Any:
+    """An empty cache for a model of ``config``: :class:`KVCache` for :mod:`mesh.lm`, else
+    transformers' ``DynamicCache``."""
+    if isinstance(config, LmConfig):
+        return KVCache(config)
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
+
+
+def _sliding(layer: Any) -> bool:
+    return bool(getattr(layer, "is_sliding", False))
+
+
+def capture_cache(config: Any) -> Any:
     """An empty cache whose sliding layers keep every state until :func:`end_capture`."""
-    cache = DynamicCache(config=config)
+    cache = new_cache(config)
     for layer in cache.layers:
-        if isinstance(layer, DynamicSlidingWindowLayer):
+        if _sliding(layer):
             layer.activate_past_recording()
     return cache
 
 
-def end_capture(cache: DynamicCache) -> None:
+def end_capture(cache: Any) -> None:
     """Trim sliding layers back to their window and stop recording (before decoding)."""
     for layer in cache.layers:
-        if isinstance(layer, DynamicSlidingWindowLayer) and layer.record_past:
+        if _sliding(layer) and layer.record_past:
             if layer.is_initialized:
                 layer.crop(0)
             layer.record_past = False
@@ -110,7 +131,7 @@ def end_capture(cache: DynamicCache) -> None:
 
 def _held_span(layer: Any) -> tuple[int, int]:
     """Absolute positions ``[first, end)`` whose states ``layer.keys`` holds."""
-    if not isinstance(layer, DynamicLayer):
+    if not hasattr(layer, "keys") or not hasattr(layer, "get_seq_length"):
         raise ValueError(f"unsupported cache layer {type(layer).__name__}")
     if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
         return 0, 0
@@ -119,7 +140,7 @@ def _held_span(layer: Any) -> tuple[int, int]:
     return end - held, end
 
 
-def cut_chunks(cache: DynamicCache, first: int, count: int, chunk_size: int) -> list[ChunkKV]:
+def cut_chunks(cache: Any, first: int, count: int, chunk_size: int) -> list[ChunkKV]:
     """Chunks ``first .. first+count-1`` (positions ``[first*C, (first+count)*C)``), cloned.
 
     Raises ValueError when a layer no longer holds those positions (a sliding layer that was not
@@ -148,7 +169,7 @@ def cut_chunks(cache: DynamicCache, first: int, count: int, chunk_size: int) -> 
     return out
 
 
-def cut_span(cache: DynamicCache, start: int, stop: int) -> ChunkKV:
+def cut_span(cache: Any, start: int, stop: int) -> ChunkKV:
     """Positions ``[start, stop)`` of every layer as one (possibly partial, possibly empty) chunk,
     cloned: the tail after a prompt's last full chunk, kept for full hits."""
     if not 0 <= start <= stop:
@@ -177,13 +198,13 @@ def restore_cache(
     chunks: Sequence[ChunkKV],
     capture: bool = False,
     dtype: torch.dtype | None = None,
-) -> DynamicCache:
-    """A ``DynamicCache`` holding the prefix made of ``chunks`` (in order); see module docstring.
+) -> Any:
+    """A cache (:func:`new_cache`) holding the prefix made of ``chunks`` (in order); see module docstring.
 
     Prefilling only the suffix tokens with it gives the same logits as a full prefill. ``dtype``
     converts the states (e.g. chunks kept as fp16 in memory, restored for an fp32 model).
     """
-    cache = capture_cache(config) if capture else DynamicCache(config=config)
+    cache = capture_cache(config) if capture else new_cache(config)
     if not chunks:
         return cache
     n_layers = len(cache.layers)
@@ -191,9 +212,9 @@ def restore_cache(
         raise ValueError(f"chunks do not have {n_layers} layers")
     prefix = sum(c.length for c in chunks)
     for idx, layer in enumerate(cache.layers):
-        if not isinstance(layer, DynamicLayer):
+        if not hasattr(layer, "update"):
             raise ValueError(f"unsupported cache layer {type(layer).__name__}")
-        sliding = isinstance(layer, DynamicSlidingWindowLayer)
+        sliding = _sliding(layer)
         parts = list(chunks)
         if sliding and not capture:
             # only the chunks that overlap the last W-1 positions are needed

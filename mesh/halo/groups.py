@@ -34,9 +34,9 @@ from typing import NewType
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from transformers.activations import ACT2FN
 
 from mesh.errors import ConfigError
+from mesh.lm.model import ACT_FNS
 
 GroupId = NewType("GroupId", int)
 
@@ -89,7 +89,7 @@ def mlp_act_name(config: object) -> str:
     """The MLP activation of a config (Gemma-3: ``hidden_activation``, LLaMA: ``hidden_act``)."""
     cfg = text_config(config)
     name = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
-    if not isinstance(name, str) or name not in ACT2FN:
+    if not isinstance(name, str) or name not in ACT_FNS:
         raise ConfigError(f"unknown MLP activation {name!r}")
     return name
 
@@ -141,7 +141,7 @@ class GroupWeights:
 
     def activations(self, x: Tensor) -> Tensor:
         """``act(x @ gate.T) * (x @ up.T)``: (..., H) -> (..., n)."""
-        act = ACT2FN[self.act]
+        act = ACT_FNS[self.act]
         return act(F.linear(x, self.gate, self.gate_bias)) * F.linear(x, self.up, self.up_bias)
 
     def partial(self, x: Tensor) -> Tensor:
@@ -202,7 +202,7 @@ def partial_of_groups(full: GroupWeights, layout: GroupLayout, groups: Iterable[
     matmul per run of consecutive groups. Same value as ``extract_from_tensors(...).partial(x)``
     up to summation order, without copying the rows first (what a coordinator computing a late
     worker's groups itself needs: the group set changes every step). (..., H) -> (..., H)."""
-    act = ACT2FN[full.act]
+    act = ACT_FNS[full.act]
     out: Tensor | None = None
     for a, b in group_runs(groups):
         lo, hi = layout.bounds(a)[0], layout.bounds(b - 1)[1]

@@ -1,11 +1,11 @@
-"""Build a transformers model around a quantised weight file, with no float32 copy of it.
+"""Build a model around a weight file, memory-mapped, with no float32 copy of a quantised weight.
 
-The model is constructed with its parameters on the meta device (accelerate's
-``init_empty_weights``: module tree and buffers such as rotary frequencies, no weight bytes),
-then each quantised ``nn.Linear`` / ``nn.Embedding`` is replaced by its int8 stand-in
-(:mod:`mesh.weights.modules`) over views of the memory-mapped file, and the few float32 tensors
-(norms) are attached the same way. A tied LM head shares the embedding's int8 rows. The
-transformers forward then runs unchanged: prefill, decode, the cache, ``logits_to_keep``.
+The model is constructed with its parameters on the meta device (module tree, no weight bytes):
+a node's :class:`mesh.lm.model.CausalLM` (:func:`load_lm`), or a transformers model for HALO's
+coordinator and the reference tests (:func:`build_model`). :func:`attach` then replaces each
+quantised ``nn.Linear`` / ``nn.Embedding`` by its int8 stand-in (:mod:`mesh.weights.modules`) over
+views of the mapped file and attaches the other tensors (fp32 weights, norms) by name. A tied LM
+head shares the embedding's rows.
 
 A file that is missing, truncated, damaged, of another format or built from another GGUF is
 refused with a :class:`~mesh.errors.ConfigError` that says what to run; nothing is repaired in
@@ -76,13 +76,25 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def build_model(config: Any, tensors: dict[str, torch.Tensor], path: Path, fmt: str) -> nn.Module:
-    """A causal LM for ``config`` running on ``tensors`` (names as :mod:`mesh.weights.formats`)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+def _open_plain(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an fp32 ``model.safetensors`` (as transformers saved it), memory-mapped."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+    if not path.exists():
+        raise ConfigError(f"no fp32 weights at {path}; run `mesh setup`")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"weight file {path} is truncated or damaged ({exc}); delete it and run `mesh setup`") from None
+
+
+def attach(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, fmt: str) -> nn.Module:
+    """Give ``model`` (built on the meta device) the tensors of a weight file, by name: quantised
+    layers become their int8 stand-ins over views of the file, the rest are attached as they are;
+    a tied LM head shares the embedding's rows. Every parameter and buffer must end up real."""
+    config = model.config
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     used: set[str] = set()
     for name, module in list(model.named_modules()):
         q, s = tensors.get(f"{name}.{QWEIGHT}"), tensors.get(f"{name}.{SCALES}")
@@ -103,20 +115,50 @@ def build_model(config: Any, tensors: dict[str, torch.Tensor], path: Path, fmt: 
         _set_module(model, name, new)
         used.update((f"{name}.{QWEIGHT}", f"{name}.{SCALES}"))
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if isinstance(head, nn.Linear) and getattr(config, "tie_word_embeddings", False) and isinstance(embed, Int8Embedding):
+    if isinstance(head, nn.Linear) and tied and isinstance(embed, Int8Embedding):
         model.lm_head = Int8Linear(embed.qweight, embed.scales)  # the tied head: the same int8 rows
     for name, param in list(model.named_parameters()):
+        if name == "lm_head.weight" and tied and name not in tensors:
+            continue  # tied below, once the embedding is real
         t = tensors.get(name)
         if t is None or tuple(t.shape) != tuple(param.shape):
             raise ConfigError(f"{path} has no usable tensor {name} for this model; {_fix(path, fmt)}")
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner)._parameters[leaf] = nn.Parameter(t, requires_grad=False)
         used.add(name)
-    left = [n for n, b in [*model.named_parameters(), *model.named_buffers()] if b.device.type == "meta"]
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if tied and isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding):
+        head.weight = embed.weight  # the tied head: the same rows
+    left = [n for n, b in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
+            if b.device.type == "meta"]
     if left:
         raise ConfigError(f"{path} leaves {left[:3]} unset; {_fix(path, fmt)}")
     model.eval()
     return model
+
+
+def build_model(config: Any, tensors: dict[str, torch.Tensor], path: Path, fmt: str) -> nn.Module:
+    """A transformers causal LM for ``config`` running on ``tensors`` (HALO's coordinator and
+    the reference tests; a node runs :func:`load_lm`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return attach(model, tensors, path, fmt)
+
+
+def load_lm(model_dir: Path, fmt: str, config: Any, gguf_sha256: str, verify: bool = True) -> nn.Module:
+    """The model in ``model_dir`` as :class:`mesh.lm.model.CausalLM` over its ``fmt`` weights,
+    memory-mapped, no transformers."""
+    from mesh.lm.model import CausalLM
+
+    path = weights_file(model_dir, fmt)
+    tensors = _open_plain(path) if fmt == "fp32" else open_weights(path, fmt, gguf_sha256, verify)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    attach(model, tensors, path, fmt)
+    return model.prepare()
 
 
 def load_quantized(model_dir: Path, fmt: str, config: Any, gguf_sha256: str, verify: bool = True) -> nn.Module:
