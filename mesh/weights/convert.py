@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from mesh.errors import ConfigError
-from mesh.weights.formats import QUANT_FORMAT, QWEIGHT, SCALES, check_format, quantize_rows
-from mesh.weights.writer import StreamWriter
+from mesh.weights.formats import (MINS, Q4_GROUP, QUANT_FORMAT, QWEIGHT, SCALES, check_format, quantize_groups,
+                                  quantize_rows)
+from mesh.weights.writer import StreamWriter, entry_bytes
 
 BLOCK_BYTES = 8 << 20  # float32 bytes dequantised at once
 
@@ -87,6 +88,13 @@ def _row_blocks(tensor: Any, whole: bool, block_bytes: int) -> Iterator[tuple[in
         yield r0, data[r0:r0 + step] if data.ndim > 1 else data
 
 
+def _pad_to(plan: list[tuple[str, torch.dtype, list[int]]], align: int) -> None:
+    """Append a pad entry that brings the planned bytes to a multiple of ``align``."""
+    size = sum(entry_bytes(dtype, shape) for _, dtype, shape in plan)
+    if size % align:
+        plan.append((f"__pad{len(plan)}__", torch.uint8, [-size % align]))
+
+
 def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadata: dict[str, str],
                  block_bytes: int = BLOCK_BYTES) -> Path:
     """Write ``out_path`` in weight format ``fmt`` from the GGUF at ``gguf_path``.
@@ -113,41 +121,60 @@ def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadat
                               f"for {hf}; the config does not belong to this GGUF")
     quant = [(t, hf) for t, hf in mapped if len(t.shape) == 2]
     plain = [(t, hf) for t, hf in mapped if len(t.shape) != 2]
+    q4 = fmt == "q4"
+    if q4:
+        odd = [hf for t, hf in quant if int(t.shape[0]) % Q4_GROUP]
+        if odd:
+            raise ConfigError(f"q4 needs every weight's rows to be a multiple of {Q4_GROUP} inputs; "
+                              f"{odd[0]} is not: use --weights int8")
     plan: list[tuple[str, torch.dtype, list[int]]] = []
-    for t, hf in quant:  # int8 first: the float32 tensors after them stay 4-byte aligned
-        plan.append((hf.removesuffix(".weight") + f".{QWEIGHT}", torch.int8, [int(t.shape[1]), int(t.shape[0])]))
-    pad = -sum(int(t.shape[0]) * int(t.shape[1]) for t, _ in quant) % 4
-    if pad:
-        plan.append(("__pad__", torch.uint8, [pad]))
+    # The 1-byte codes first, then the scales (and q4's minimums), then the float32 tensors,
+    # each run padded so that every tensor starts aligned to its element size.
     for t, hf in quant:
-        plan.append((hf.removesuffix(".weight") + f".{SCALES}", torch.float32, [int(t.shape[1])]))
+        k, n = int(t.shape[0]), int(t.shape[1])
+        plan.append((hf.removesuffix(".weight") + f".{QWEIGHT}", torch.uint8 if q4 else torch.int8,
+                     [n, k // 2 if q4 else k]))
+    _pad_to(plan, 4)
+    for t, hf in quant:
+        k, n = int(t.shape[0]), int(t.shape[1])
+        base = hf.removesuffix(".weight")
+        if q4:
+            plan += [(f"{base}.{SCALES}", torch.float16, [n, k // Q4_GROUP]), (f"{base}.{MINS}", torch.float16, [n, k // Q4_GROUP])]
+        else:
+            plan.append((f"{base}.{SCALES}", torch.float32, [n]))
+    _pad_to(plan, 4)
     for t, hf in plain:
         plan.append((hf, torch.float32, [int(x) for x in reversed(t.shape.tolist())]))
     header = {**metadata, "mesh_weights": fmt, "mesh_quant_format": str(QUANT_FORMAT), "architecture": arch}
     writer = StreamWriter(out_path, plan, header)
     parsed = {"config": config.to_dict(), "tensors": {}}
     try:
-        scales: list[tuple[str, torch.Tensor]] = []
+        later: dict[str, torch.Tensor] = {}  # scales and minimums, written after every code
         for t, hf in quant:
             base = hf.removesuffix(".weight")
             whole = not elementwise or ".attn_q." in t.name or ".attn_k." in t.name
-            parts = []
+            parts: list[tuple[torch.Tensor, ...]] = []
             for _, raw in _row_blocks(t, whole, block_bytes):
                 w = dequantize(raw, t.tensor_type)
                 w = processor.process(weights=w, name=t.name, tensor_key_mapping=names,
                                       parsed_parameters=parsed).weights
-                q, s = quantize_rows(torch.from_numpy(np.array(w, dtype=np.float32)))
-                writer.write(f"{base}.{QWEIGHT}", q)
-                parts.append(s)
-            scales.append((f"{base}.{SCALES}", torch.cat(parts)))
-        if pad:
-            writer.write("__pad__", torch.zeros(pad, dtype=torch.uint8))
-        for name, s in scales:
-            writer.write(name, s)
-        for t, hf in plain:
-            w = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
-                                  tensor_key_mapping=names, parsed_parameters=parsed).weights
-            writer.write(hf, torch.from_numpy(np.array(w, dtype=np.float32)))
+                w = torch.from_numpy(np.array(w, dtype=np.float32))
+                codes, *rest = quantize_groups(w) if q4 else quantize_rows(w)
+                writer.write(f"{base}.{QWEIGHT}", codes)
+                parts.append(tuple(rest))
+            for i, suffix in enumerate((SCALES, MINS) if q4 else (SCALES,)):
+                later[f"{base}.{suffix}"] = torch.cat([p[i] for p in parts])
+        plain_by_name = dict((hf, t) for t, hf in plain)
+        for name, _, shape in plan[len(quant):]:  # in plan order: pads, scales, float32 tensors
+            if name.startswith("__pad"):
+                writer.write(name, torch.zeros(shape, dtype=torch.uint8))
+            elif name in later:
+                writer.write(name, later.pop(name))
+            else:
+                t = plain_by_name[name]
+                w = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
+                                      tensor_key_mapping=names, parsed_parameters=parsed).weights
+                writer.write(name, torch.from_numpy(np.array(w, dtype=np.float32)))
         return writer.finish()
     except BaseException:
         writer.abort()

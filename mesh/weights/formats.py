@@ -7,8 +7,19 @@
   node memory-maps: ``<name>.qweight`` (int8, (N, K)) and ``<name>.scales`` (float32, (N,)) for
   each quantised weight ``<name>.weight``, plain names for the rest.
 
+- ``q4``: every 2-D weight as 4-bit codes in groups of :data:`Q4_GROUP` consecutive inputs of a
+  row, each group with a float16 scale and minimum (asymmetric: ``w ~= q * scale + min``, ``q``
+  in 0..15; GGUF's Q4_1 layout). ``<name>.qweight`` (uint8, (N, K/2): the code of column ``j``
+  in the low nibble, of column ``j + K/2`` in the high one, so unpacking writes two contiguous
+  halves), ``<name>.scales`` and ``<name>.mins`` (float16,
+  (N, K/32)). A model shipped as Q4_1 (SmolLM2) keeps its own blocks exactly: its groups are
+  GGUF's blocks, the scale and minimum re-derived from a block's extremes are the block's own
+  float16 values, and ``q * scale + min`` is the dequantiser's own arithmetic, so the weights
+  equal the fp32 copy's bit for bit. Other GGUF types (Gemma-3's Q4_K / Q6_K) are re-quantised.
+
 Per output row fits both uses of the embedding: a row of the embedding is a row (an output
-channel) of the tied LM head, so one scale per row serves the lookup and the matmul alike.
+channel) of the tied LM head, so one scale per row (int8) or per row and group (q4) serves the
+lookup and the matmul alike.
 """
 
 from __future__ import annotations
@@ -19,14 +30,15 @@ import torch
 
 from mesh.errors import ConfigError
 
-WEIGHT_FORMATS = ("fp32", "int8")
+WEIGHT_FORMATS = ("fp32", "int8", "q4")
 DEFAULT_WEIGHTS = "fp32"  # what a node runs unless told otherwise (this machine: exact answers)
 SETUP_WEIGHTS = ("fp32", "int8")  # what `mesh setup` builds unless told otherwise
 # The format that fits each testbed device profile: fp32 where it fits (exact answers), else int8.
 PROFILE_WEIGHTS = {"native": "fp32", "pi5": "fp32", "pi4-2gb": "int8", "pi-zero-2w": "int8"}
 QUANT_FORMAT = 1  # bump when the layout of a quantised file changes (old files are rebuilt)
 
-QWEIGHT, SCALES = "qweight", "scales"  # suffixes of a quantised weight's two tensors
+QWEIGHT, SCALES, MINS = "qweight", "scales", "mins"  # suffixes of a quantised weight's tensors
+Q4_GROUP = 32  # inputs per q4 group (GGUF's Q4_0/Q4_1 block)
 
 
 def check_format(name: str) -> str:
@@ -66,3 +78,33 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_rows(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The float32 matrix an int8 weight stands for (reference arithmetic for tests)."""
     return q.to(torch.float32) * scales[:, None]
+
+
+def quantize_groups(w: torch.Tensor, group: int = Q4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit of a float (N, K) matrix in groups of ``group`` inputs:
+    ``(packed uint8 (N, K/2), scales float16 (N, K/group), mins float16 (N, K/group))``.
+
+    A group's minimum maps to code 0 and its maximum to 15; the codes are computed against the
+    float16 scale and minimum that are stored, so the error is at most half a step of what the
+    node computes with."""
+    w = w.to(torch.float32)
+    n, k = w.shape
+    if k % group or group % 2:
+        raise ValueError(f"q4 needs rows of a multiple of {group} inputs, got {k}")
+    g = w.view(n, k // group, group)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    mins = lo.to(torch.float16)
+    scales = ((hi - lo) / 15.0).to(torch.float16)
+    scales = torch.where(scales > 0, scales, torch.full_like(scales, 2.0 ** -24))  # a flat group: all code 0
+    q = torch.round((g - mins.float()[..., None]) / scales.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+    q = q.view(n, k)
+    return q[:, :k // 2] | (q[:, k // 2:] << 4), scales, mins
+
+
+def dequantize_groups(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """The float32 matrix a q4 weight stands for (reference arithmetic for tests)."""
+    n, half = packed.shape
+    q = torch.cat((packed & 15, packed >> 4), dim=1).float()
+    groups = scales.shape[1]
+    q = q.view(n, groups, -1)
+    return (q * scales.float()[..., None] + mins.float()[..., None]).view(n, 2 * half)

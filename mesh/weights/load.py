@@ -24,8 +24,8 @@ import xxhash
 from torch import nn
 
 from mesh.errors import ConfigError
-from mesh.weights.formats import QUANT_FORMAT, QWEIGHT, SCALES, weights_file
-from mesh.weights.modules import Int8Embedding, Int8Linear
+from mesh.weights.formats import MINS, QUANT_FORMAT, QWEIGHT, SCALES, weights_file
+from mesh.weights.modules import Int8Embedding, Int8Linear, Q4Embedding, Q4Linear
 from mesh.weights.writer import DATA_DIGEST
 
 
@@ -95,28 +95,34 @@ def attach(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, fmt: 
     a tied LM head shares the embedding's rows. Every parameter and buffer must end up real."""
     config = model.config
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    used: set[str] = set()
     for name, module in list(model.named_modules()):
         q, s = tensors.get(f"{name}.{QWEIGHT}"), tensors.get(f"{name}.{SCALES}")
         if q is None or s is None:
             continue
+        mins = tensors.get(f"{name}.{MINS}")
+        q4 = q.dtype == torch.uint8
+        if q4 and mins is None:
+            raise ConfigError(f"{path}: {name} has 4-bit codes but no minimums; {_fix(path, fmt)}")
+        shape = (int(q.shape[0]), int(q.shape[1]) * (2 if q4 else 1))
+        if shape != tuple(module.weight.shape):
+            raise ConfigError(f"{path}: {name} is {shape}, the model wants "
+                              f"{tuple(module.weight.shape)}; {_fix(path, fmt)}")
         if isinstance(module, nn.Embedding):
             scale = getattr(module, "embed_scale", None)
-            new: nn.Module = Int8Embedding(q, s, scale if isinstance(scale, torch.Tensor) else None,
-                                           module.padding_idx)
+            scale = scale if isinstance(scale, torch.Tensor) else None
+            new: nn.Module = (Q4Embedding(q, s, mins, scale, module.padding_idx) if q4 else
+                              Int8Embedding(q, s, scale, module.padding_idx))
         elif isinstance(module, nn.Linear) and module.bias is None:
-            new = Int8Linear(q, s)
+            new = Q4Linear(q, s, mins) if q4 else Int8Linear(q, s)
         else:
             raise ConfigError(f"{fmt} weights for {name} ({type(module).__name__}) cannot be used; "
                               f"run the node with --weights fp32")
-        if tuple(q.shape) != tuple(module.weight.shape):
-            raise ConfigError(f"{path}: {name} is {tuple(q.shape)}, the model wants "
-                              f"{tuple(module.weight.shape)}; {_fix(path, fmt)}")
         _set_module(model, name, new)
-        used.update((f"{name}.{QWEIGHT}", f"{name}.{SCALES}"))
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if isinstance(head, nn.Linear) and tied and isinstance(embed, Int8Embedding):
         model.lm_head = Int8Linear(embed.qweight, embed.scales)  # the tied head: the same int8 rows
+    elif isinstance(head, nn.Linear) and tied and isinstance(embed, Q4Embedding):
+        model.lm_head = Q4Linear(embed.qweight, embed.scales, embed.mins)
     for name, param in list(model.named_parameters()):
         if name == "lm_head.weight" and tied and name not in tensors:
             continue  # tied below, once the embedding is real
@@ -125,7 +131,6 @@ def attach(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, fmt: 
             raise ConfigError(f"{path} has no usable tensor {name} for this model; {_fix(path, fmt)}")
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner)._parameters[leaf] = nn.Parameter(t, requires_grad=False)
-        used.add(name)
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if tied and isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding):
         head.weight = embed.weight  # the tied head: the same rows
