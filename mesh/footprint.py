@@ -99,8 +99,9 @@ def plan(limit_bytes: int, limit_source: str, runtime: int, weights: int, tokeni
     over = (fp.total - limit_bytes) / MiB
     where = f"{limit_bytes / MiB:.0f} MiB ({limit_source})"
     fixes = []
-    if weights_format == "fp32":
-        fixes.append("smaller weights (--weights int8)")
+    smaller = {"fp32": ("int8", "q4"), "int8": ("q4",)}.get(weights_format, ())
+    if smaller:
+        fixes.append(f"smaller weights ({' or '.join(f'--weights {f}' for f in smaller)})")
     if cache_bytes:
         fixes.append(f"a smaller prompt cache (--cache-mb, now {cache_bytes / MiB:.0f}) or none (--no-cache)")
     if context > min_context:

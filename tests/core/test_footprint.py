@@ -48,9 +48,14 @@ def test_explicit_settings_are_kept_or_refused_with_the_flag_to_change() -> None
 
 
 def test_fp32_weights_that_cannot_fit_name_the_smaller_format() -> None:
-    with pytest.raises(DoesNotFit, match=r"--weights int8") as no:
+    with pytest.raises(DoesNotFit, match=r"--weights int8 or --weights q4") as no:
         fits(weights=FP32, weights_format="fp32")
     assert "weights 540" in str(no.value)  # the message shows where the memory goes
+    with pytest.raises(DoesNotFit, match=r"smaller weights \(--weights q4\)"):
+        fits(weights=FP32, weights_format="int8")
+    with pytest.raises(DoesNotFit) as no:
+        fits(weights=FP32, weights_format="q4")
+    assert "--weights" not in str(no.value)  # nothing smaller to offer
 
 
 def test_too_little_room_for_a_cache_means_none_not_a_crumb() -> None:
