@@ -45,11 +45,11 @@ def cmd_setup(args: argparse.Namespace) -> int:
     from nodes.setup import run_setup
 
     _quiet_libraries(hf=True)
-    from mesh.weights.formats import PROFILE_WEIGHTS, parse_formats
+    from mesh.weights.formats import PROFILE_WEIGHTS, SETUP_WEIGHTS, parse_formats
 
     if args.profile and args.profile not in PROFILE_WEIGHTS:
         raise ConfigError(f"unknown profile {args.profile!r}; known: {', '.join(PROFILE_WEIGHTS)}")
-    weights = args.weights or (PROFILE_WEIGHTS[args.profile] if args.profile else "fp32,int8")
+    weights = args.weights or (PROFILE_WEIGHTS[args.profile] if args.profile else ",".join(SETUP_WEIGHTS))
     done = run_setup(mesh_home(args), args.models or None, weights=parse_formats(weights))
     for key, path in done.items():
         print(f"{key:14s} {path}")
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("setup", help="fetch and convert models and data (idempotent)")
     p.add_argument("--models", nargs="*", help="model keys (default: all)")
     p.add_argument("--home", help="models and data (default ~/.cache/mesh, or MESH_HOME)")
-    p.add_argument("--weights", help="weight formats to build, comma-separated (default fp32,int8)")
+    p.add_argument("--weights", help="weight formats to build, comma-separated (default fp32,int8,q4)")
     p.add_argument("--profile", help="build only the weight format of this device profile (pi-zero-2w: int8)")
     p.set_defaults(func=cmd_setup)
 

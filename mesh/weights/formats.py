@@ -32,7 +32,7 @@ from mesh.errors import ConfigError
 
 WEIGHT_FORMATS = ("fp32", "int8", "q4")
 DEFAULT_WEIGHTS = "fp32"  # what a node runs unless told otherwise (this machine: exact answers)
-SETUP_WEIGHTS = ("fp32", "int8")  # what `mesh setup` builds unless told otherwise
+SETUP_WEIGHTS = ("fp32", "int8", "q4")  # what `mesh setup` builds unless told otherwise
 # The format that fits each testbed device profile: fp32 where it fits (exact answers), else int8.
 PROFILE_WEIGHTS = {"native": "fp32", "pi5": "fp32", "pi4-2gb": "int8", "pi-zero-2w": "int8"}
 QUANT_FORMAT = 1  # bump when the layout of a quantised file changes (old files are rebuilt)
