@@ -57,9 +57,9 @@ def sample(pid: int) -> tuple[str, float, list[tuple[str, float]]] | None:
 
 
 def role(cmd: str) -> str:
-    if "mosquitto" in cmd or "broker" in cmd:
+    if cmd.startswith("mosquitto") or "broker.runner" in cmd or "nodes.cli broker" in cmd:
         return "broker"
-    if " coordinator" in cmd:
+    if "nodes.cli coordinator" in cmd:
         return "coordinator"
     if "--roles worker" in cmd:
         return "worker"
@@ -75,10 +75,15 @@ def main() -> int:
     while proc.poll() is None:
         for pid in children_of(proc.pid):
             s = sample(pid)
-            if s is not None:
-                seen[pid] = s
+            if s is None:
+                continue
+            old = seen.get(pid)
+            if old is not None:  # a zombie has no command line and no threads: keep what it had
+                cmd_, _, ths = old
+                s = (s[0] or cmd_, max(s[1], old[1]), s[2] if sum(t for _, t in s[2]) >= sum(t for _, t in ths) else ths)
+            seen[pid] = s
         time.sleep(0.5)
-    by_role: dict[str, float] = {}
+    by_role: dict[str, float] = {}  # threads are all "python" to the kernel: per process is what there is
     threads: dict[str, dict[str, float]] = {}
     for cmdline, cpu, ths in seen.values():
         r = role(cmdline)
