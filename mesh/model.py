@@ -253,6 +253,14 @@ class Decoder:
         ids = torch.tensor([[token_id]], dtype=torch.long)
         return self.loaded.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
 
+    @torch.inference_mode()
+    def all_logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """Logits (T, V) of every position of ``ids`` from an empty cache (perplexity)."""
+        model = self.loaded.model
+        if is_mesh_lm(model):
+            return model.forward(list(ids), model.new_cache(), logits_to_keep=len(ids))
+        return model(input_ids=torch.tensor([list(ids)])).logits[0]
+
     def encode(self, text: str) -> list[int]:
         return list(self.loaded.tokenizer(text)["input_ids"])
 

@@ -86,7 +86,7 @@ def quality(home: Path, model: str, formats: Sequence[str], n_mmlu: int, ppl_win
             windows = token_windows(tok, held_out, ppl_tokens, ppl_windows)
             nll, n = 0.0, 0
             for w in windows:
-                logits = loaded.model(input_ids=torch.tensor([w])).logits[0, :-1].float()
+                logits = dec.all_logits(w)[:-1].float()
                 nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(w[1:]), reduction="sum"))
                 n += len(w) - 1
                 if task is not None:
