@@ -221,17 +221,18 @@ def test_a_node_that_cannot_fit_says_so_at_start_not_by_an_oom_kill(
     assert peak is not None and peak < 400 * MiB
 
 
-def test_bench_memory_measures_an_int8_node_under_a_pi_4s_cap(free_instance: int, tmp_path: Path,
-                                                                 mosquitto_ok: None) -> None:
-    """`mesh bench memory` end to end, small: SmolLM2 in int8 under pi4-2gb's 1.5 GiB beside an
-    uncapped fp32 reference; every figure a row promises is there and measured. (Under the Pi
-    Zero's 400 MiB the same node refuses to start: torch and transformers alone take ~300 MiB.)"""
+@pytest.mark.parametrize("profile,weights,cap", [("pi4-2gb", "int8", 1536), ("pi-zero-2w", "q4", 400)])
+def test_bench_memory_measures_a_node_under_its_devices_cap(profile: str, weights: str, cap: int, free_instance: int,
+                                                            tmp_path: Path, mosquitto_ok: None) -> None:
+    """`mesh bench memory` end to end, small: SmolLM2 under a device's cap beside an uncapped fp32
+    reference; every figure a row promises is there and measured. Under the Pi Zero 2W's 400 MiB
+    the q4 node starts, answers and is never OOM-killed (mesh.lm: no transformers in the node)."""
     from tests.conftest import ENV, mesh_argv, require_model
 
     require_model("smollm2-135m")
     out = tmp_path / "m.json"
-    proc = subprocess.run(mesh_argv("bench", "memory", "--profile", "pi4-2gb", "--models", "smollm2-135m",
-                                    "--weights", "int8", "--roles", "cache", "--asks", "2", "--tokens", "8",
+    proc = subprocess.run(mesh_argv("bench", "memory", "--profile", profile, "--models", "smollm2-135m",
+                                    "--weights", weights, "--roles", "cache", "--asks", "2", "--tokens", "8",
                                     "--mmlu", "12",
                                     "--ppl-windows", "2", "--instance", str(free_instance),
                                     "--json", str(out), "--plot", str(tmp_path / "m.png")),
@@ -240,9 +241,9 @@ def test_bench_memory_measures_an_int8_node_under_a_pi_4s_cap(free_instance: int
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1 and (tmp_path / "m.png").stat().st_size > 0
     r = rows[0]
-    assert (r["model"], r["weights"], r["role"], r["cap_mib"]) == ("smollm2-135m", "int8", "cache", 1536)
+    assert (r["model"], r["weights"], r["role"], r["cap_mib"]) == ("smollm2-135m", weights, "cache", cap)
     assert r["started"] and r["oom_kills"] == 0 and proc.returncode == 0, r
-    assert 100 < r["peak_mib"] <= 1536 and 0 < r["anon_peak_mib"] <= r["peak_mib"]
+    assert 100 < r["peak_mib"] <= cap and 0 < r["anon_peak_mib"] <= r["peak_mib"]
     assert r["decode_tps"] > 0 and r["decode_tps_fp32"] > 0 and r["prefill_tps"] > 0 and r["prefill_tps_fp32"] > 0
     assert r["major_faults_per_token"] >= 0 and r["mmlu_questions"] == 12
     assert 0.5 <= r["mmlu_agreement"] <= 1.0 and 0.9 < r["ppl_ratio"] < 1.1
