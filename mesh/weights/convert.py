@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from mesh.errors import ConfigError
-from mesh.weights.formats import (MINS, Q4_GROUP, QUANT_FORMAT, QWEIGHT, SCALES, check_format, quantize_groups,
-                                  quantize_rows)
+from mesh.weights.formats import (KEEP_8BIT, MINS, Q4_GROUP, QUANT_FORMAT, QWEIGHT, SCALES, check_format,
+                                  quantize_groups, quantize_groups8, quantize_rows)
 from mesh.weights.writer import StreamWriter, entry_bytes
 
 BLOCK_BYTES = 8 << 20  # float32 bytes dequantised at once
@@ -130,16 +130,20 @@ def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadat
     plan: list[tuple[str, torch.dtype, list[int]]] = []
     # The 1-byte codes first, then the scales (and q4's minimums), then the float32 tensors,
     # each run padded so that every tensor starts aligned to its element size.
+    eight = {hf for t, hf in quant if q4 and t.tensor_type.name in KEEP_8BIT}  # grouped int8, not 4-bit
     for t, hf in quant:
         k, n = int(t.shape[0]), int(t.shape[1])
-        plan.append((hf.removesuffix(".weight") + f".{QWEIGHT}", torch.uint8 if q4 else torch.int8,
-                     [n, k // 2 if q4 else k]))
+        half = q4 and hf not in eight
+        plan.append((hf.removesuffix(".weight") + f".{QWEIGHT}", torch.uint8 if half else torch.int8,
+                     [n, k // 2 if half else k]))
     _pad_to(plan, 4)
     for t, hf in quant:
         k, n = int(t.shape[0]), int(t.shape[1])
         base = hf.removesuffix(".weight")
         if q4:
-            plan += [(f"{base}.{SCALES}", torch.float16, [n, k // Q4_GROUP]), (f"{base}.{MINS}", torch.float16, [n, k // Q4_GROUP])]
+            plan.append((f"{base}.{SCALES}", torch.float16, [n, k // Q4_GROUP]))
+            if hf not in eight:
+                plan.append((f"{base}.{MINS}", torch.float16, [n, k // Q4_GROUP]))
         else:
             plan.append((f"{base}.{SCALES}", torch.float32, [n]))
     _pad_to(plan, 4)
@@ -159,10 +163,10 @@ def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadat
                 w = processor.process(weights=w, name=t.name, tensor_key_mapping=names,
                                       parsed_parameters=parsed).weights
                 w = torch.from_numpy(np.array(w, dtype=np.float32))
-                codes, *rest = quantize_groups(w) if q4 else quantize_rows(w)
+                codes, *rest = (quantize_groups8(w) if hf in eight else quantize_groups(w)) if q4 else quantize_rows(w)
                 writer.write(f"{base}.{QWEIGHT}", codes)
                 parts.append(tuple(rest))
-            for i, suffix in enumerate((SCALES, MINS) if q4 else (SCALES,)):
+            for i, suffix in enumerate((SCALES, MINS) if q4 and hf not in eight else (SCALES,)):
                 later[f"{base}.{suffix}"] = torch.cat([p[i] for p in parts])
         plain_by_name = dict((hf, t) for t, hf in plain)
         for name, _, shape in plan[len(quant):]:  # in plan order: pads, scales, float32 tensors

@@ -15,7 +15,12 @@
   (N, K/32)). A model shipped as Q4_1 (SmolLM2) keeps its own blocks exactly: its groups are
   GGUF's blocks, the scale and minimum re-derived from a block's extremes are the block's own
   float16 values, and ``q * scale + min`` is the dequantiser's own arithmetic, so the weights
-  equal the fp32 copy's bit for bit. Other GGUF types (Gemma-3's Q4_K / Q6_K) are re-quantised.
+  equal the fp32 copy's bit for bit. A tensor the GGUF holds in 8 bits or more (Q8_0, as both
+  models' embeddings are; F16, F32) stays 8-bit: int8 codes with one float16 scale per group of 32
+  (GGUF's Q8_0 layout, symmetric: ``w ~= q * scale``; ``<name>.qweight`` int8 (N, K) and
+  ``<name>.scales`` float16 (N, K/32), no minimums), which keeps a Q8_0 block bit for bit too. So
+  SmolLM2 in q4 *is* its GGUF: the same weights as fp32. Other types (Gemma-3's Q5_0 / Q4_K / Q6_K
+  layers) are re-quantised to 4 bits.
 
 Per output row fits both uses of the embedding: a row of the embedding is a row (an output
 channel) of the tied LM head, so one scale per row (int8) or per row and group (q4) serves the
@@ -35,10 +40,12 @@ DEFAULT_WEIGHTS = "fp32"  # what a node runs unless told otherwise (this machine
 SETUP_WEIGHTS = ("fp32", "int8", "q4")  # what `mesh setup` builds unless told otherwise
 # The format that fits each testbed device profile: fp32 where it fits (exact answers), else int8.
 PROFILE_WEIGHTS = {"native": "fp32", "pi5": "fp32", "pi4-2gb": "int8", "pi-zero-2w": "int8"}
-QUANT_FORMAT = 1  # bump when the layout of a quantised file changes (old files are rebuilt)
+QUANT_FORMAT = 2  # bump when the layout of a quantised file changes (old files are rebuilt)
 
 QWEIGHT, SCALES, MINS = "qweight", "scales", "mins"  # suffixes of a quantised weight's tensors
-Q4_GROUP = 32  # inputs per q4 group (GGUF's Q4_0/Q4_1 block)
+Q4_GROUP = 32  # inputs per q4 group (GGUF's Q4_0/Q4_1/Q8_0 block)
+# GGUF tensor types that q4 keeps at 8 bits (grouped int8): as many bits as 8 or more.
+KEEP_8BIT = frozenset({"Q8_0", "Q8_1", "Q8_K", "F16", "BF16", "F32", "F64"})
 
 
 def check_format(name: str) -> str:
@@ -108,3 +115,23 @@ def dequantize_groups(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Te
     groups = scales.shape[1]
     q = q.view(n, groups, -1)
     return (q * scales.float()[..., None] + mins.float()[..., None]).view(n, 2 * half)
+
+
+def quantize_groups8(w: torch.Tensor, group: int = Q4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of a float (N, K) matrix in groups of ``group`` inputs:
+    ``(codes int8 (N, K), scales float16 (N, K/group))``, the scale a group's largest magnitude
+    over 127 (GGUF's Q8_0); codes are computed against the stored float16 scale."""
+    w = w.to(torch.float32)
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"grouped int8 needs rows of a multiple of {group} inputs, got {k}")
+    g = w.view(n, k // group, group)
+    scales = (g.abs().amax(dim=2) / 127.0).to(torch.float16)
+    scales = torch.where(scales > 0, scales, torch.full_like(scales, 2.0 ** -24))
+    q = torch.round(g / scales.float()[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.view(n, k), scales
+
+
+def dequantize_groups8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    n, k = codes.shape
+    return (codes.float().view(n, scales.shape[1], -1) * scales.float()[..., None]).view(n, k)

@@ -25,7 +25,7 @@ from torch import nn
 
 from mesh.errors import ConfigError
 from mesh.weights.formats import MINS, QUANT_FORMAT, QWEIGHT, SCALES, weights_file
-from mesh.weights.modules import Int8Embedding, Int8Linear, Q4Embedding, Q4Linear
+from mesh.weights.modules import GroupEmbedding, GroupLinear, Int8Embedding, Int8Linear
 from mesh.weights.writer import DATA_DIGEST
 
 
@@ -101,6 +101,7 @@ def attach(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, fmt: 
             continue
         mins = tensors.get(f"{name}.{MINS}")
         q4 = q.dtype == torch.uint8
+        grouped = q4 or s.dim() == 2  # q4, or grouped int8 (q4's 8-bit tensors); else int8 per row
         if q4 and mins is None:
             raise ConfigError(f"{path}: {name} has 4-bit codes but no minimums; {_fix(path, fmt)}")
         shape = (int(q.shape[0]), int(q.shape[1]) * (2 if q4 else 1))
@@ -110,10 +111,10 @@ def attach(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, fmt: 
         if isinstance(module, nn.Embedding):
             scale = getattr(module, "embed_scale", None)
             scale = scale if isinstance(scale, torch.Tensor) else None
-            new: nn.Module = (Q4Embedding(q, s, mins, scale, module.padding_idx) if q4 else
+            new: nn.Module = (GroupEmbedding(q, s, mins, scale, module.padding_idx) if grouped else
                               Int8Embedding(q, s, scale, module.padding_idx))
         elif isinstance(module, nn.Linear) and module.bias is None:
-            new = Q4Linear(q, s, mins) if q4 else Int8Linear(q, s)
+            new = GroupLinear(q, s, mins) if grouped else Int8Linear(q, s)
         else:
             raise ConfigError(f"{fmt} weights for {name} ({type(module).__name__}) cannot be used; "
                               f"run the node with --weights fp32")
@@ -121,8 +122,8 @@ def attach(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, fmt: 
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if isinstance(head, nn.Linear) and tied and isinstance(embed, Int8Embedding):
         model.lm_head = Int8Linear(embed.qweight, embed.scales)  # the tied head: the same int8 rows
-    elif isinstance(head, nn.Linear) and tied and isinstance(embed, Q4Embedding):
-        model.lm_head = Q4Linear(embed.qweight, embed.scales, embed.mins)
+    elif isinstance(head, nn.Linear) and tied and isinstance(embed, GroupEmbedding):
+        model.lm_head = GroupLinear(embed.qweight, embed.scales, embed.mins)
     for name, param in list(model.named_parameters()):
         if name == "lm_head.weight" and tied and name not in tensors:
             continue  # tied below, once the embedding is real

@@ -1,6 +1,7 @@
 """int8 and q4 stand-ins for ``nn.Linear`` and ``nn.Embedding`` whose weights stay in the mapped file.
 
-q4 (:class:`Q4Linear`, :class:`Q4Embedding`) has one kernel, the block-dequantising one: a block of
+Grouped weights (:class:`GroupLinear`, :class:`GroupEmbedding`: q4, and the grouped int8 q4 keeps
+for tensors the GGUF holds in 8 bits) have one kernel, the block-dequantising one: a block of
 rows is unpacked into the same small float32 buffer (low nibbles, the first half of the inputs, then
 high nibbles, the second half; then each group's scale and minimum) and multiplied with ``F.linear``. (torch's ``_weight_int4pack_mm_for_cpu`` takes float32
 activations but, measured on this machine, ran 5-20x slower than fp32 ``F.linear`` at one row.)
@@ -128,27 +129,35 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
 
 
-def _unpack_q4(packed: Tensor, scales: Tensor, mins: Tensor, out: Tensor) -> Tensor:
-    """Rows of a q4 weight into float32 ``out`` ((R, K), written in place and returned)."""
-    r, half = packed.shape
-    out[:, :half].copy_(packed & 15)
-    out[:, half:].copy_(packed >> 4)
-    g = out.view(r, scales.shape[1], -1)
-    return g.mul_(scales[..., None]).add_(mins[..., None]).view(r, 2 * half)
+def _unpack_groups(codes: Tensor, scales: Tensor, mins: Tensor | None, out: Tensor) -> Tensor:
+    """Rows of a grouped weight into float32 ``out`` ((R, K), written in place and returned):
+    q4 (uint8 codes, two to a byte, with minimums) or grouped int8 (int8 codes, no minimums)."""
+    r = codes.shape[0]
+    if codes.dtype == torch.uint8:
+        half = codes.shape[1]
+        out[:, :half].copy_(codes & 15)
+        out[:, half:].copy_(codes >> 4)
+    else:
+        out.copy_(codes)
+    g = out.view(r, scales.shape[1], -1).mul_(scales[..., None])
+    if mins is not None:
+        g.add_(mins[..., None])
+    return out
 
 
-def q4_matmul(x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
-    """``x (M, K) float32 @ dequant(packed, scales, mins).T -> (M, N) float32``."""
+def group_matmul(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor | None) -> Tensor:
+    """``x (M, K) float32 @ dequant(codes, scales, mins).T -> (M, N) float32``."""
     m = x.shape[0]
-    n, k = packed.shape[0], packed.shape[1] * 2
+    n, k = codes.shape[0], x.shape[1]
     buf = _buffer(k, _BLOCK_FLOATS if m == 1 else _PREFILL_BLOCK_FLOATS)
     step = buf.shape[0]
     if n <= step:
-        return F.linear(x, _unpack_q4(packed, scales, mins, buf[:n]))
+        return F.linear(x, _unpack_groups(codes, scales, mins, buf[:n]))
     out = torch.empty((m, n), dtype=torch.float32)
     for r0 in range(0, n, step):
         rows = min(step, n - r0)
-        w = _unpack_q4(packed[r0:r0 + rows], scales[r0:r0 + rows], mins[r0:r0 + rows], buf[:rows])
+        w = _unpack_groups(codes[r0:r0 + rows], scales[r0:r0 + rows],
+                           None if mins is None else mins[r0:r0 + rows], buf[:rows])
         if m == 1:
             torch.mm(x, w.t(), out=out[:, r0:r0 + rows])
         else:
@@ -156,46 +165,54 @@ def q4_matmul(x: Tensor, packed: Tensor, scales: Tensor, mins: Tensor) -> Tensor
     return out
 
 
-class Q4Linear(nn.Module):
-    """``nn.Linear`` without bias over a q4 weight (:mod:`mesh.weights.formats`)."""
+def _width(codes: Tensor) -> int:
+    return int(codes.shape[1]) * (2 if codes.dtype == torch.uint8 else 1)
 
-    def __init__(self, packed: Tensor, scales: Tensor, mins: Tensor) -> None:
+
+class GroupLinear(nn.Module):
+    """``nn.Linear`` without bias over a grouped weight (:mod:`mesh.weights.formats`): q4 codes
+    with minimums, or grouped int8 codes without."""
+
+    def __init__(self, codes: Tensor, scales: Tensor, mins: Tensor | None = None) -> None:
         super().__init__()
-        self.out_features, self.in_features = int(packed.shape[0]), int(packed.shape[1]) * 2
+        self.out_features, self.in_features = int(codes.shape[0]), _width(codes)
+        self.bits = 4 if codes.dtype == torch.uint8 else 8
         # float16 views of the mapped file (a float32 copy of Gemma's embedding scales alone
         # would be 42 MB of anonymous memory): the unpacking multiplies float32 rows by them
-        self.register_buffer("qweight", packed, persistent=False)
+        self.register_buffer("qweight", codes, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
-        self.register_buffer("mins", mins, persistent=False)
+        self.mins = mins
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
         lead = x.shape[:-1]
-        y = q4_matmul(x.reshape(-1, self.in_features).to(torch.float32), self.qweight, self.scales, self.mins)
+        y = group_matmul(x.reshape(-1, self.in_features).to(torch.float32), self.qweight, self.scales, self.mins)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, q4 groups of {self.in_features // self.scales.shape[1]}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.bits}-bit groups"
 
 
-class Q4Embedding(nn.Module):
-    """``nn.Embedding`` over q4 rows; ``embed_scale`` as :class:`Int8Embedding`'s."""
+class GroupEmbedding(nn.Module):
+    """``nn.Embedding`` over grouped rows; ``embed_scale`` as :class:`Int8Embedding`'s."""
 
-    def __init__(self, packed: Tensor, scales: Tensor, mins: Tensor, embed_scale: Tensor | None = None,
+    def __init__(self, codes: Tensor, scales: Tensor, mins: Tensor | None = None, embed_scale: Tensor | None = None,
                  padding_idx: int | None = None) -> None:
         super().__init__()
-        self.num_embeddings, self.embedding_dim = int(packed.shape[0]), int(packed.shape[1]) * 2
+        self.num_embeddings, self.embedding_dim = int(codes.shape[0]), _width(codes)
+        self.bits = 4 if codes.dtype == torch.uint8 else 8
         self.padding_idx = padding_idx
-        self.register_buffer("qweight", packed, persistent=False)
+        self.register_buffer("qweight", codes, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
-        self.register_buffer("mins", mins, persistent=False)
+        self.mins = mins
         self.embed_scale = embed_scale
 
     def forward(self, ids: Tensor) -> Tensor:  # (...,) -> (..., K)
         flat = ids.reshape(-1)
         out = torch.empty((flat.numel(), self.embedding_dim), dtype=torch.float32)
-        rows = _unpack_q4(self.qweight.index_select(0, flat), self.scales.index_select(0, flat),
-                          self.mins.index_select(0, flat), out).view(*ids.shape, self.embedding_dim)
+        mins = None if self.mins is None else self.mins.index_select(0, flat)
+        rows = _unpack_groups(self.qweight.index_select(0, flat), self.scales.index_select(0, flat), mins, out)
+        rows = rows.view(*ids.shape, self.embedding_dim)
         return rows * self.embed_scale if self.embed_scale is not None else rows
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, q4"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.bits}-bit groups"

@@ -1,6 +1,7 @@
-"""The q4 weight format: 4-bit codes in groups of 32 with a float16 scale and minimum, built by
-`mesh setup --weights q4` from the GGUF, memory-mapped by the node. GGUF Q4_1 blocks (SmolLM2's
-layers) come through bit for bit; other types are re-quantised within half a step."""
+"""The q4 weight format: 4-bit codes in groups of 32 with a float16 scale and minimum (8-bit groups
+with a float16 scale where the GGUF holds a tensor in 8 bits), built by `mesh setup --weights q4`
+from the GGUF, memory-mapped by the node. GGUF Q4_1 and Q8_0 blocks come through bit for bit, so
+SmolLM2 in q4 is its GGUF's weights exactly; other types are re-quantised within half a step."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 import torch
 
 from mesh.model import Decoder, LoadedModel, load_model
-from mesh.weights.formats import Q4_GROUP, dequantize_groups, quantize_groups, weights_file
-from mesh.weights.modules import Q4Embedding, Q4Linear, q4_matmul
+from mesh.weights.formats import (Q4_GROUP, dequantize_groups, dequantize_groups8, quantize_groups, quantize_groups8,
+                                  weights_file)
+from mesh.weights.modules import GroupEmbedding, GroupLinear, group_matmul
 from tests.conftest import CACHE_ROOT, require_model
 
 
@@ -46,17 +48,36 @@ def test_any_matrix_is_within_half_a_step_and_flat_groups_are_exact() -> None:
         quantize_groups(torch.zeros(4, 48))
 
 
+def test_a_q8_0_block_survives_bit_for_bit() -> None:
+    """GGUF's Q8_0: int8 codes with a float16 scale per 32, the block's largest magnitude at 127."""
+    gen = torch.Generator().manual_seed(2)
+    d = (torch.rand(24, 4, generator=gen) * 0.01 + 1e-3).half()
+    q = torch.randint(-127, 128, (24, 4, 32), generator=gen)
+    q[..., 0] = 127
+    w = (q.float() * d.float()[..., None]).view(24, 128)
+    codes, scales = quantize_groups8(w)
+    assert codes.dtype == torch.int8 and torch.equal(scales, d)
+    assert torch.equal(dequantize_groups8(codes, scales), w)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows,m", [(300, 1), (70_000, 1), (70_000, 3), (16, 5)])
-def test_the_kernel_is_the_dequantised_matmul(rows: int, m: int) -> None:
+def test_the_kernel_is_the_dequantised_matmul(rows: int, m: int, bits: int) -> None:
     """One and several input rows, weights smaller and larger than one unpacking block."""
     gen = torch.Generator().manual_seed(rows + m)
-    packed, scales, mins = quantize_groups(torch.randn(rows, 64, generator=gen))
+    w = torch.randn(rows, 64, generator=gen)
+    if bits == 4:
+        codes, scales, mins = quantize_groups(w)
+        ref_w = dequantize_groups(codes, scales, mins)
+    else:
+        (codes, scales), mins = quantize_groups8(w), None
+        ref_w = dequantize_groups8(codes, scales)
     x = torch.randn(m, 64, generator=gen)
-    ref = x @ dequantize_groups(packed, scales, mins).t()
-    assert torch.allclose(q4_matmul(x, packed, scales, mins), ref, atol=1e-4, rtol=0)
-    emb = Q4Embedding(packed, scales, mins)
+    assert torch.allclose(group_matmul(x, codes, scales, mins), x @ ref_w.t(), atol=1e-4, rtol=0)
+    assert torch.allclose(GroupLinear(codes, scales, mins)(x), x @ ref_w.t(), atol=1e-4, rtol=0)
+    emb = GroupEmbedding(codes, scales, mins)
     ids = torch.tensor([0, rows - 1, rows // 2])
-    assert torch.equal(emb(ids), dequantize_groups(packed, scales, mins)[ids])
+    assert torch.equal(emb(ids), ref_w[ids])
 
 
 @pytest.fixture(scope="module")
@@ -79,29 +100,36 @@ def _mapped(path: Path) -> list[tuple[int, int]]:
 def test_q4_weights_are_views_of_the_mapped_file(smol: LoadedModel) -> None:
     model = smol.model
     assert not [n for n, p in model.named_parameters() if p.dim() >= 2]
-    linears = [mod for mod in model.modules() if isinstance(mod, Q4Linear)]
-    assert len(linears) == 30 * 7 + 1
+    linears = [mod for mod in model.modules() if isinstance(mod, GroupLinear)]
+    assert len(linears) == 30 * 7 + 1 and {mod.bits for mod in linears[:-1]} == {4}
     embed = model.get_input_embeddings()
-    assert isinstance(embed, Q4Embedding) and model.lm_head.qweight.data_ptr() == embed.qweight.data_ptr()
+    assert isinstance(embed, GroupEmbedding) and model.lm_head.qweight.data_ptr() == embed.qweight.data_ptr()
+    assert embed.bits == 8 and embed.mins is None  # Q8_0 in the GGUF: kept at 8 bits
     ranges = _mapped(weights_file(require_model("smollm2-135m"), "q4"))
     for mod in [*linears, embed]:
-        for t in (mod.qweight, mod.scales, mod.mins):
+        for t in (mod.qweight, mod.scales, *([mod.mins] if mod.mins is not None else [])):
             assert any(a <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= b for a, b in ranges)
     assert smol.model_key.endswith("/q4")
 
 
-def test_smollm2_q4_layers_are_the_gguf_blocks_and_it_answers_like_fp32(smol: LoadedModel) -> None:
+CONTINUATIONS = ["Once upon a time, in a small village by the sea, there lived", "The capital of France is",
+                 "def fibonacci(n):", "The three primary colours are", "Water boils at", "My favourite book is",
+                 "To bake bread, first", "The largest planet in the solar system", "In 1969, the first",
+                 "A good way to learn a language is"]
+
+
+def test_smollm2_q4_is_its_gguf_and_answers_as_fp32(smol: LoadedModel) -> None:
+    """Every SmolLM2 tensor is Q4_1 or Q8_0 in its GGUF, so q4 holds the fp32 copy's weights
+    exactly and greedy continuations are fp32's token for token."""
     fp32 = load_model(CACHE_ROOT, "smollm2-135m")
-    for i in (0, 17, 29):  # Q4_1 in the GGUF: exact
+    for i in (0, 17, 29):
         for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
             q = smol.model.get_submodule(f"model.layers.{i}.{name}")
             ref = fp32.model.get_submodule(f"model.layers.{i}.{name}").weight
             assert torch.equal(dequantize_groups(q.qweight, q.scales, q.mins), ref), (i, name)
-    embed = smol.model.get_input_embeddings()  # Q8_0 in the GGUF: re-quantised, half a step
-    rows = slice(0, 4096)
-    err = (dequantize_groups(embed.qweight[rows], embed.scales[rows], embed.mins[rows])
-           - fp32.model.get_input_embeddings().weight[rows]).abs().view(4096, -1, Q4_GROUP).amax(dim=2)
-    assert torch.all(err <= embed.scales[rows].float() / 2 + 1e-6)
+    embed = smol.model.get_input_embeddings()
+    assert torch.equal(dequantize_groups8(embed.qweight, embed.scales), fp32.model.get_input_embeddings().weight)
     a, b = Decoder(smol), Decoder(fp32)
-    ids = a.encode("The capital of France is")
-    assert a.generate(ids, 6).token_ids == b.generate(ids, 6).token_ids
+    for text in CONTINUATIONS:
+        ids = a.encode(text)
+        assert a.generate(ids, 16).token_ids == b.generate(ids, 16).token_ids, text
