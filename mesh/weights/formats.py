@@ -38,8 +38,10 @@ from mesh.errors import ConfigError
 WEIGHT_FORMATS = ("fp32", "int8", "q4")
 DEFAULT_WEIGHTS = "fp32"  # what a node runs unless told otherwise (this machine: exact answers)
 SETUP_WEIGHTS = ("fp32", "int8", "q4")  # what `mesh setup` builds unless told otherwise
-# The format that fits each testbed device profile: fp32 where it fits (exact answers), else int8.
-PROFILE_WEIGHTS = {"native": "fp32", "pi5": "fp32", "pi4-2gb": "int8", "pi-zero-2w": "int8"}
+# The format that fits each testbed device profile: fp32 where it fits (exact answers), else a
+# smaller one. The Pi Zero 2W's 400 MiB hold SmolLM2 in q4 (its GGUF's own weights), not in int8
+# (results/2026-12-07/bench-memory-pi-zero-smollm2.json).
+PROFILE_WEIGHTS = {"native": "fp32", "pi5": "fp32", "pi4-2gb": "int8", "pi-zero-2w": "q4"}
 QUANT_FORMAT = 2  # bump when the layout of a quantised file changes (old files are rebuilt)
 
 QWEIGHT, SCALES, MINS = "qweight", "scales", "mins"  # suffixes of a quantised weight's tensors

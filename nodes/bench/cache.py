@@ -118,13 +118,16 @@ def run_profile(profile: str, items: list[Group], args: argparse.Namespace, cons
     from nodes.testbed.bed import Testbed
     from nodes.testbed.calibrate import calibration_dir, load_calibration
 
+    from mesh.weights.formats import PROFILE_WEIGHTS, check_format
+
     cal = load_calibration(calibration_dir(mesh_home(args)), profile) if profile == "pi-zero-2w" else None
     prof = device_profile(profile, cal)
     spec = make_spec(1 + len(ASKERS), prof, instance=args.instance)
+    weights = check_format(args.weights or PROFILE_WEIGHTS.get(profile, "fp32"))  # the format that fits the device
     rows: list[dict[str, Any]] = []
     with Testbed(spec, calibration=cal) as tb:
         tb.start_broker(args.broker)
-        tb.start_nodes(args.model, extra=["--kv-wire", args.kv_wire, "--heartbeat", "1"])
+        tb.start_nodes(args.model, extra=["--kv-wire", args.kv_wire, "--heartbeat", "1", "--weights", weights])
         if args.peer == "cache-box":
             # The paper's topology: the devices on Wi-Fi, the cache on a wired box with CPU to spare.
             tb.set_cpu("pi1", None)
@@ -169,7 +172,7 @@ def run_profile(profile: str, items: list[Group], args: argparse.Namespace, cons
                             ask(f"{case}-miss", node, g.prompts[case], i, g.subject, True)
                     progress.advance(task)
         testbed = tb.describe()
-    return {"profile": profile, "peer": args.peer, "testbed": testbed, "rows": rows, **summarize(rows)}
+    return {"profile": profile, "weights": weights, "peer": args.peer, "testbed": testbed, "rows": rows, **summarize(rows)}
 
 
 class CatalogWatch:
@@ -228,6 +231,7 @@ def add_bench_cache(sub: Any) -> None:
     p = sub.add_parser("cache", help="the prompt cache on emulated Pi devices (testbed, root)")
     p.add_argument("--profiles", "--profile", default="pi-zero-2w,pi5", help="comma-separated device profiles")
     p.add_argument("--model", default="gemma3-270m")
+    p.add_argument("--weights", help="the nodes' weight format (default: the one that fits each profile's device)")
     p.add_argument("--questions", type=int, default=8,
                    help="question groups (one subject each, all subjects in shuffled order): per group one prompt "
                         "per case, each also asked without the cache; --stream: subjects")
