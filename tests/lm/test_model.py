@@ -25,12 +25,7 @@ STORY = "Once upon a time, in a small village by the sea, there lived an old fis
 LONG = " ".join(f"Item {i} of the inventory is a {('red', 'green', 'blue')[i % 3]} box." for i in range(70))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: bitwise comparisons need one thread
 
 
 def _pair(key: str, weights: str) -> tuple[LoadedModel, LoadedModel]:

@@ -17,6 +17,7 @@ from mesh.model import Decoder, LoadedModel, load_model
 from mesh.weights.formats import weights_file
 from mesh.weights.modules import Int8Embedding, Int8Linear
 from tests.conftest import CACHE_ROOT, ENV, REPO, mesh_argv, require_model
+from tests.weights.kit import mapped_ranges
 
 PROMPT = "The capital of France is"
 HEADER = ("The following are multiple choice questions (with answers) about high school geography.\n\n"
@@ -38,15 +39,6 @@ def smol() -> LoadedModel:
     return _int8("smollm2-135m")
 
 
-def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
-    out = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        if line.endswith(str(path)):
-            lo, hi = line.split()[0].split("-")
-            out.append((int(lo, 16), int(hi, 16)))
-    return out
-
-
 def test_int8_weights_are_views_of_the_mapped_file_with_no_float_matrix(smol: LoadedModel) -> None:
     model = smol.model
     assert not [n for n, p in model.named_parameters() if p.dim() >= 2]
@@ -55,7 +47,7 @@ def test_int8_weights_are_views_of_the_mapped_file_with_no_float_matrix(smol: Lo
     assert len(linears) == 30 * 7 + 1  # every projection of every layer, and the LM head
     embed = model.get_input_embeddings()
     assert isinstance(embed, Int8Embedding) and model.lm_head.qweight.data_ptr() == embed.qweight.data_ptr()
-    ranges = _mapped_ranges(weights_file(require_model("smollm2-135m"), "int8"))
+    ranges = mapped_ranges(weights_file(require_model("smollm2-135m"), "int8"))
     assert ranges, "the weight file is not memory-mapped"
     for m in [*linears, embed]:
         lo = m.qweight.data_ptr()

@@ -5,17 +5,22 @@ SmolLM2 in q4 is its GGUF's weights exactly; other types are re-quantised within
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from mesh.model import Decoder, LoadedModel, load_model
-from mesh.weights.formats import (Q4_GROUP, dequantize_groups, dequantize_groups8, quantize_groups, quantize_groups8,
-                                  weights_file)
+from mesh.weights.formats import (
+    Q4_GROUP,
+    dequantize_groups,
+    dequantize_groups8,
+    quantize_groups,
+    quantize_groups8,
+    weights_file,
+)
 from mesh.weights.modules import GroupEmbedding, GroupLinear, group_matmul
 from tests.conftest import CACHE_ROOT, require_model
+from tests.weights.kit import mapped_ranges
 
 
 def _q4_1_like(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,15 +93,6 @@ def smol() -> LoadedModel:
     return load_model(CACHE_ROOT, "smollm2-135m", weights="q4")
 
 
-def _mapped(path: Path) -> list[tuple[int, int]]:
-    out = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        if line.endswith(str(path)):
-            lo, hi = line.split()[0].split("-")
-            out.append((int(lo, 16), int(hi, 16)))
-    return out
-
-
 def test_q4_weights_are_views_of_the_mapped_file(smol: LoadedModel) -> None:
     model = smol.model
     assert not [n for n, p in model.named_parameters() if p.dim() >= 2]
@@ -105,7 +101,7 @@ def test_q4_weights_are_views_of_the_mapped_file(smol: LoadedModel) -> None:
     embed = model.get_input_embeddings()
     assert isinstance(embed, GroupEmbedding) and model.lm_head.qweight.data_ptr() == embed.qweight.data_ptr()
     assert embed.bits == 8 and embed.mins is None  # Q8_0 in the GGUF: kept at 8 bits
-    ranges = _mapped(weights_file(require_model("smollm2-135m"), "q4"))
+    ranges = mapped_ranges(weights_file(require_model("smollm2-135m"), "q4"))
     for mod in [*linears, embed]:
         for t in (mod.qweight, mod.scales, *([mod.mins] if mod.mins is not None else [])):
             assert any(a <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= b for a, b in ranges)
