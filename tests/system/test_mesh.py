@@ -70,7 +70,7 @@ def test_cli_ask_streams_text(amqtt_broker: Broker, mesh_nodes: dict) -> None:
 @pytest.mark.parametrize(("model", "node"), [("smollm2-135m", "s1"), ("gemma3-270m", "g1")])
 def test_greedy_answers_match_transformers_generate(amqtt_broker: Broker, mesh_nodes: dict, model: str,
                                                     node: str) -> None:
-    loaded = load_model(CACHE_ROOT, model)
+    loaded = load_model(CACHE_ROOT, model, engine="hf")  # the reference: transformers' own generate
     with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         for prompt in PROMPTS:
             pieces: list[str] = []
