@@ -11,7 +11,13 @@ import torch
 from safetensors import safe_open
 
 from mesh.errors import ConfigError
-from mesh.weights.formats import check_format, dequantize_rows, parse_formats, quantize_rows
+from mesh.weights.formats import (
+    QUANT_FORMAT,
+    check_format,
+    dequantize_rows,
+    parse_formats,
+    quantize_rows,
+)
 from mesh.weights.load import open_weights
 from mesh.weights.modules import Int8Embedding, Int8Linear, int8_matmul
 from mesh.weights.writer import DATA_DIGEST, StreamWriter
@@ -74,7 +80,7 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str], s
     return w.finish()
 
 
-META = {"gguf_sha256": "ab" * 32, "mesh_weights": "int8", "mesh_quant_format": "1"}
+META = {"gguf_sha256": "ab" * 32, "mesh_weights": "int8", "mesh_quant_format": str(QUANT_FORMAT)}
 
 
 def test_streamed_file_reads_back_with_safetensors(tmp_path: Path) -> None:
