@@ -52,13 +52,11 @@ def test_a_lossy_node_reports_worse_link_figures_than_a_clean_one(
     assert clean["resolved"] >= 200 and lossy["resolved"] >= 200, links  # the window holds 200 pings
     # 5 % drop each way stalls ~10 % of round trips on TCP retransmission timers
     assert bad(lossy) >= 0.03 and bad(lossy) > 2 * bad(clean) + 0.01, (clean, lossy)
-    # The RTT tail, a ping lost (no reply within the timeout) counted as the timeout: a stall
-    # longer than that is a loss, not an RTT sample (one CI run: 3+ of the lossy node's pings
-    # lost, its remaining p99 57.7 ms below the clean node's 64.3 ms from a CPU hiccup).
-    def tail_ms(f: dict) -> float:
-        return f["timeout_ms"] if (f["loss_fraction"] or 0) >= 0.01 else f["rtt_p99_ms"]
-
-    assert tail_ms(lossy) > tail_ms(clean), (clean, lossy)
+    # The late and lost counts are the figures loss moves reliably. The RTT p99 of 200 pings is not
+    # compared: a dropped segment is often resent by TCP's tail-loss probe within ~2 RTT (a short stall,
+    # counted late), so the lossy tail can sit below a clean node's CPU hiccup on a loaded machine (two CI
+    # runs: lossy p99 57.7 ms vs clean 64.3; lossy 53.6 ms with 23 late vs clean 67.8 ms with 6 late).
+    assert lossy["late"] + lossy["lost"] > clean["late"] + clean["lost"], (clean, lossy)
     # the bandwidth probe crossed a 27 Mbit/s link each way
     assert clean["bw_ewma_mbit"] is not None and 10 < clean["bw_ewma_mbit"] < 30, clean
 
