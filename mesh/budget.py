@@ -32,6 +32,8 @@ MAX_DEADLINE_S = 3600.0  # no ask may hold a node longer than an hour, whatever 
 MEMORY_SHARE = 0.25  # of the device's memory, for one ask's KV and activations (the model, the
 # prompt cache, the broker and the system keep the rest)
 MIN_CONTEXT = 64  # a node that can hold less than this is misconfigured, not protected
+PREFILL_CHUNK = 128  # positions per prefill pass of mesh.lm (activations bounded by the chunk)
+PREFILL_SCRATCH = 4 << 20  # the float32 block a quantised layer dequantises into (mesh.weights.modules)
 
 
 class Abandoned(Exception):
@@ -47,16 +49,51 @@ def _text_config(config: Any) -> Any:
     return getter() if callable(getter) else config
 
 
-def bytes_per_token(config: Any) -> int:
-    """Memory one prompt token costs a node's forward: its fp32 K and V in every layer (kept for
-    the whole ask, and in the capture cache), plus the prefill's activations of one layer at a
-    time (the hidden state, and gate, up and their product in the MLP)."""
+def _shape(config: Any) -> tuple[Any, int, int, int]:
     c = _text_config(config)
     heads = int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
     head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
-    kv = c.num_hidden_layers * 2 * heads * head_dim * 4
-    activations = (4 * c.hidden_size + 3 * c.intermediate_size) * 4
-    return int(kv + activations)
+    return c, heads, head_dim, int(c.num_attention_heads)
+
+
+def kv_bytes_per_token(config: Any) -> int:
+    """One position's K and V in every layer, in the dtype the cache stores (``kv_dtype``:
+    mesh.lm's config says; transformers' caches are float32)."""
+    c, heads, head_dim, _ = _shape(config)
+    item = 2 if getattr(c, "kv_dtype", "float32") == "float16" else 4
+    return c.num_hidden_layers * 2 * heads * head_dim * item
+
+
+def context_bytes_per_token(config: Any) -> int:
+    """What one position of a node's context costs at its peak: its KV with the quarter a cache
+    buffer grows by (mesh.lm.cache), and as a key of the prefill's last chunk its attention
+    scores (PREFILL_CHUNK x query heads, float32) and its K and V as float32 for every query
+    head (a float16 cache is converted to attend)."""
+    c, _, head_dim, q_heads = _shape(config)
+    return kv_bytes_per_token(config) * 5 // 4 + (PREFILL_CHUNK * q_heads + 2 * q_heads * head_dim) * 4
+
+
+def activation_bytes_per_token(config: Any) -> int:
+    """What one position of a prefill pass adds to its peak beyond the KV: one layer's activations
+    at a time (hidden state, q/k/v and their rotated copies, attention output, gate, up and
+    their product, each float32): ``(12 h + 6 i) * 4`` bytes, an upper bound on what
+    ``results/2026-12-07/prefill_peak.py`` measured (peak RSS growth over a prefill)."""
+    c = _text_config(config)
+    return (12 * c.hidden_size + 6 * c.intermediate_size) * 4
+
+
+def bytes_per_token(config: Any) -> int:
+    """Memory one prompt token costs a forward that takes the whole prompt in one pass
+    (transformers' classes: HALO's coordinator): its KV, kept for the whole ask, and its share of
+    the prefill's activations."""
+    return kv_bytes_per_token(config) + activation_bytes_per_token(config)
+
+
+def prefill_bytes(config: Any) -> int:
+    """The peak a node's prefill adds beyond the KV, whatever the prompt's length: mesh.lm runs a
+    prompt in chunks of PREFILL_CHUNK positions, and a quantised layer dequantises into a
+    PREFILL_SCRATCH block."""
+    return PREFILL_CHUNK * activation_bytes_per_token(config) + PREFILL_SCRATCH
 
 
 def default_max_context(config: Any, memory_bytes: int, share: float = MEMORY_SHARE) -> int:

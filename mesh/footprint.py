@@ -12,8 +12,9 @@ sum of parts a node knows before it loads the model:
   pages are all resident (and a cgroup v1 cap charges page cache like anonymous memory); fp32
   weights are copied into anonymous memory, the same bytes;
 - ``tokenizer``: the tokenizer's tables (``mesh.text``), their file's size;
-- ``context``: one ask at the node's maximum context, its KV and the prefill's activations
-  (``mesh.budget.bytes_per_token``);
+- ``context``: one ask at the node's maximum context: its KV and attention per position
+  (``mesh.budget.context_bytes_per_token``) and the prefill's activations, bounded by its chunk
+  (``mesh.budget.prefill_bytes``);
 - ``cache``: the prompt cache's byte budget, which fills up as the node works;
 - ``slack``: what the allocator, torch's temporary buffers and the threads add, a share of the rest.
 
@@ -80,20 +81,21 @@ class DoesNotFit(ConfigError):
 
 def plan(limit_bytes: int, limit_source: str, runtime: int, weights: int, tokenizer: int, per_token: int,
          positions: int, weights_format: str, max_context: int = 0, cache_bytes: int | None = None,
-         default_cache_bytes: int = 256 * MiB, context_share: float = 0.25, min_context: int = 64) -> Plan:
+         default_cache_bytes: int = 256 * MiB, context_share: float = 0.25, min_context: int = 64,
+         prefill: int = 0) -> Plan:
     """The node's context and cache budget within ``limit_bytes``, or :class:`DoesNotFit`.
 
     ``max_context`` 0 and ``cache_bytes`` None mean "choose": the context takes ``context_share``
     of the limit (at most the model's ``positions`` and half of what runtime, weights and
     tokenizer leave), the cache what remains up to ``default_cache_bytes``. Explicit values are
-    kept as given and checked."""
-    room = int(limit_bytes / (1 + SLACK_SHARE)) - runtime - weights - tokenizer  # for context and cache
+    kept as given and checked. ``prefill`` is the context's fixed part (bytes whatever its length)."""
+    room = int(limit_bytes / (1 + SLACK_SHARE)) - runtime - weights - tokenizer - prefill  # for context and cache
     context = max_context or max(min_context, min(positions, int(limit_bytes * context_share) // per_token,
                                                   max(room, 0) // 2 // per_token))
     if cache_bytes is None:
         rest = room - context * per_token
         cache_bytes = min(default_cache_bytes, rest) if rest >= MIN_AUTO_CACHE else 0
-    fp = Footprint(runtime, weights, tokenizer, context * per_token, cache_bytes)
+    fp = Footprint(runtime, weights, tokenizer, context * per_token + prefill, cache_bytes)
     if fp.total <= limit_bytes:
         return Plan(context, cache_bytes, fp)
     over = (fp.total - limit_bytes) / MiB

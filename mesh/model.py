@@ -8,6 +8,7 @@ timings, so the per-token path stays small and the prompt cache can hand it a re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import threading
 import time
@@ -23,6 +24,8 @@ from mesh.lm.model import Interrupted, is_mesh_lm
 from mesh.weights.formats import DEFAULT_WEIGHTS, check_format
 
 CONVERTED_FORMAT = 1  # bump when the converted-cache layout changes
+KV_DTYPES = ("float16", "float32")
+KV_DTYPE = "float16"  # a node's KV cache (mesh.lm.cache): half the memory of float32
 
 # What a process feeds its model once at start (lazy initialisation, a first measured speed).
 WARMUP_TEXT = ("The mesh warms up its model once at start so that the first real prompt does not "
@@ -131,12 +134,14 @@ ENGINES = ("mesh", "hf")  # mesh.lm (a node), or transformers' classes (HALO's c
 
 
 def load_model(cache_root: Path, key: str, threads: int = 0, weights: str = DEFAULT_WEIGHTS,
-               verify: bool = True, engine: str = "mesh") -> LoadedModel:
+               verify: bool = True, engine: str = "mesh", kv_dtype: str = KV_DTYPE) -> LoadedModel:
     """Load the converted model in weight format ``weights`` and its tokenizer; setup must have
     run (``mesh setup``, ``mesh setup --weights int8``). Weights stay memory-mapped
     (:mod:`mesh.weights.load`); ``verify`` checks quantised bytes against the file's digest.
     ``engine="mesh"`` runs :mod:`mesh.lm` and never imports transformers; ``"hf"`` builds
-    transformers' model classes (what HALO's coordinator drives layer by layer)."""
+    transformers' model classes (what HALO's coordinator drives layer by layer). ``kv_dtype``:
+    what mesh.lm's KV cache stores ("float16" halves a node's context and prompt cache,
+    :mod:`mesh.lm.cache`; transformers' caches are always float32)."""
     from mesh.text import FILE_NAME, ensure_tables, load_tokenizer
 
     model_spec(key)
@@ -157,7 +162,9 @@ def load_model(cache_root: Path, key: str, threads: int = 0, weights: str = DEFA
         from mesh.lm.config import load_config
         from mesh.weights.load import load_lm
 
-        config = load_config(path)
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"unknown KV dtype {kv_dtype!r}; known: {', '.join(KV_DTYPES)}")
+        config = dataclasses.replace(load_config(path), kv_dtype=kv_dtype)
         model: Any = load_lm(path, weights, config, str(meta["gguf_sha256"]), verify)
         eos.update(config.eos_ids)
     elif weights == "fp32":

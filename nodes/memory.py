@@ -96,16 +96,19 @@ def fit_node(config: "NodeConfig", weights: str, cache_explicit: bool) -> "NodeC
         def __init__(self, d: dict) -> None:
             self.__dict__.update(d)
 
-    cfg = _Config(text_config)
+    from mesh.model import KV_DTYPE
+
+    cfg = _Config({**text_config, "kv_dtype": KV_DTYPE})  # the node's cache stores its KV in KV_DTYPE
     limit = sysmem.memory_limit()
     runtime = sysmem.process_memory().rss_bytes
     c = config.cache
     fit = footprint.plan(limit.bytes, limit.source, runtime, sizes["weights"], sizes["tokenizer"],
-                         budget.bytes_per_token(cfg), int(getattr(cfg, "max_position_embeddings", 0) or 2**31 - 1),
+                         budget.context_bytes_per_token(cfg), int(getattr(cfg, "max_position_embeddings", 0) or 2**31 - 1),
                          weights, max_context=config.limits.max_context,
                          cache_bytes=(int(c.budget_mb * footprint.MiB) if cache_explicit else None) if c.enabled else 0,
                          default_cache_bytes=int(c.budget_mb * footprint.MiB),
-                         context_share=budget.MEMORY_SHARE, min_context=budget.MIN_CONTEXT)
+                         context_share=budget.MEMORY_SHARE, min_context=budget.MIN_CONTEXT,
+                         prefill=budget.prefill_bytes(cfg))
     log.info("memory: %s of %.0f MiB (%s); max context %d tokens, cache %.0f MiB", fit.footprint.describe(),
              limit.bytes / footprint.MiB, limit.source, fit.max_context, fit.cache_bytes / footprint.MiB)
     if c.enabled and not fit.cache_bytes:

@@ -80,13 +80,15 @@ class NodeCache:
         self.decoder = decoder
         self.model_config = loaded.model.config
         self.chunk_size = config.chunk_size
+        kv_dtype = str(getattr(self.model_config, "kv_dtype", "float32"))  # what the model's cache stores
+        self.kv_dtype = getattr(torch, kv_dtype)
         self.model_key = ModelKey(model_digest=loaded.digest, tokenizer=_tokenizer_id(loaded),
-                                  kv_dtype="float32", chunk_size=config.chunk_size)
+                                  kv_dtype=kv_dtype, chunk_size=config.chunk_size)
         self.digest = self.model_key.digest()
         self.layout = kvstate.kv_layout(self.model_config)
         self.bytes_per_chunk = codec.wire_bytes_per_token(self.model_config, config.kv_wire,
                                                             self.chunk_size) * self.chunk_size
-        mem_per_chunk = sum(2 * h * d * 4 for h, d in self.layout) * self.chunk_size
+        mem_per_chunk = sum(2 * h * d * self.kv_dtype.itemsize for h, d in self.layout) * self.chunk_size
         budget = int(config.budget_mb * 1024 * 1024)
         # Capacity for the Bloom sizing: every chunk the budget can hold, plus as many prompt keys.
         self.capacity = max(256, 2 * budget // max(mem_per_chunk, 1))
@@ -370,6 +372,7 @@ class NodeCache:
             # What a fetch really costs this node: the peer's encoding, the link and our decoding,
             # so the next decision compares recompute with all of it, not with the link alone.
             self.note_link(peer, t.nbytes, t.seconds, t.rtt_s)
+        got = [c if c.keys[0].dtype == self.kv_dtype else c.to(self.kv_dtype) for c in got]  # as computed ones
         with self.lock:
             change = self.store.put_chain(t.want[:len(got)], got, [c.nbytes for c in got],
                                           parent=keys[local - 1] if local else None)

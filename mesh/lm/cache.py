@@ -1,5 +1,11 @@
 """The KV cache :mod:`mesh.lm.model` decodes with: one growable buffer per layer.
 
+States are stored in the cache's dtype: float16 on a node (half the memory of one ask's context
+and of the prompt cache's chunks, the same rounding the fp16 wire codec applies, as llama.cpp's
+default f16 cache), float32 where a test compares with transformers bit for bit. The forward
+attends over the stored states (converted back to float32), so a recompute and a restored prefix
+see the same numbers.
+
 A layer's states live in a preallocated ``(1, H_kv, capacity, D)`` buffer and the layer shows a
 view of the positions it holds, so a decode step writes one position in place instead of copying
 the whole cache (``torch.cat`` per token, as a list of growing tensors does). The buffer grows by
@@ -19,14 +25,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 _MIN_GROW = 64  # positions
 
 
 class KVLayer:
-    def __init__(self, sliding_window: int | None = None) -> None:
+    def __init__(self, sliding_window: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         self.sliding_window = sliding_window
+        self.dtype = dtype
         self.is_sliding = sliding_window is not None
         self.record_past = False
         self.cumulative_length = 0  # positions seen (the last one held is cumulative_length - 1)
@@ -63,8 +71,8 @@ class KVLayer:
         if self._k is None:
             b, h, _, d = k.shape
             cap = max(extra, _MIN_GROW)
-            self._k = k.new_empty((b, h, cap, d))
-            self._v = k.new_empty((b, h, cap, d))
+            self._k = k.new_empty((b, h, cap, d), dtype=self.dtype)
+            self._v = k.new_empty((b, h, cap, d), dtype=self.dtype)
             self._start = self._end = 0
             return
         assert self._v is not None
@@ -86,8 +94,9 @@ class KVLayer:
         self._start, self._end = 0, held
 
     def update(self, key_states: Tensor, value_states: Tensor, *_: Any, **__: Any) -> tuple[Tensor, Tensor]:
-        """Append ``(1, H, T, D)`` states; return every state the new positions may attend to
-        (held + new), before a sliding layer forgets what falls out of its window."""
+        """Append ``(1, H, T, D)`` states (converted to the cache's dtype); return every stored
+        state the new positions may attend to (held + new), before a sliding layer forgets what
+        falls out of its window."""
         t = key_states.shape[-2]
         self._room(key_states, t)
         assert self._k is not None and self._v is not None
@@ -126,7 +135,8 @@ class KVCache:
     """One :class:`KVLayer` per decoder layer, windows as the config says."""
 
     def __init__(self, config: Any) -> None:
-        self.layers = [KVLayer(config.window(i)) for i in range(config.num_hidden_layers)]
+        dtype = getattr(torch, getattr(config, "kv_dtype", "float32"))
+        self.layers = [KVLayer(config.window(i), dtype) for i in range(config.num_hidden_layers)]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].cumulative_length if self.layers else 0

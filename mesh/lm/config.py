@@ -42,6 +42,7 @@ class LmConfig:
     attention_bias: bool  # q, k and v projections carry a bias (Qwen2)
     tie_word_embeddings: bool
     final_logit_softcapping: float | None = None
+    kv_dtype: str = "float32"  # what the KV cache stores (mesh.lm.cache; a node runs "float16")
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __getattr__(self, name: str) -> Any:  # any other key of config.json

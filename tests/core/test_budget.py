@@ -19,7 +19,18 @@ SMOLLM2 = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_v
 
 def test_a_token_costs_its_kv_in_every_layer_and_one_layer_of_activations() -> None:
     kv = 30 * 2 * 3 * 64 * 4  # fp32 K and V, 3 KV heads of 64
-    assert budget.bytes_per_token(SMOLLM2) == kv + (4 * 576 + 3 * 1536) * 4
+    assert budget.kv_bytes_per_token(SMOLLM2) == kv
+    assert budget.bytes_per_token(SMOLLM2) == kv + (12 * 576 + 6 * 1536) * 4  # one pass: activations per token
+
+
+def test_a_nodes_context_costs_its_float16_kv_and_a_prefill_bounded_by_its_chunk() -> None:
+    half = SimpleNamespace(**{**vars(SMOLLM2), "kv_dtype": "float16"})
+    kv = 30 * 2 * 3 * 64 * 2
+    assert budget.kv_bytes_per_token(half) == kv
+    # the KV with its buffer's growth, and as a key: the last chunk's scores and its float32 K and V per query head
+    assert budget.context_bytes_per_token(half) == kv * 5 // 4 + (budget.PREFILL_CHUNK * 9 + 2 * 9 * 64) * 4
+    # the prefill's activations do not grow with the prompt: one chunk's, and the dequantisation block
+    assert budget.prefill_bytes(half) == budget.PREFILL_CHUNK * (12 * 576 + 6 * 1536) * 4 + budget.PREFILL_SCRATCH
 
 
 def test_the_default_context_is_the_models_unless_memory_is_short() -> None:

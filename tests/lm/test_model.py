@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: bitwise
 
 def _pair(key: str, weights: str) -> tuple[LoadedModel, LoadedModel]:
     require_model(key)
-    return (load_model(CACHE_ROOT, key, weights=weights),
+    return (load_model(CACHE_ROOT, key, weights=weights, kv_dtype="float32"),  # transformers' caches are float32
             load_model(CACHE_ROOT, key, weights=weights, engine="hf"))
 
 
@@ -42,6 +42,27 @@ def smol() -> tuple[LoadedModel, LoadedModel]:
 @pytest.fixture(scope="module")
 def gemma() -> tuple[LoadedModel, LoadedModel]:
     return _pair("gemma3-270m", "int8")
+
+
+@pytest.fixture(scope="module")
+def smol16() -> tuple[LoadedModel, None]:
+    require_model("smollm2-135m")
+    return load_model(CACHE_ROOT, "smollm2-135m", weights="q4"), None  # a node's default: float16 KV
+
+
+def test_a_node_keeps_its_kv_in_float16_and_answers_as_with_float32(
+        smol16: tuple[LoadedModel, None], smol: tuple[LoadedModel, LoadedModel]) -> None:
+    node = smol16[0]
+    assert node.model.config.kv_dtype == "float16"
+    exact = load_model(CACHE_ROOT, "smollm2-135m", weights="q4", kv_dtype="float32")
+    ids = node.tokenizer(LONG + " " + PROMPT)["input_ids"]  # several prefill chunks
+    a, cache = Decoder(node).prefill(ids)
+    b, _ = Decoder(exact).prefill(ids)
+    assert all(layer.keys.dtype == torch.float16 for layer in cache.layers)
+    assert int(a.argmax()) == int(b.argmax()) and torch.allclose(a, b, atol=0.05, rtol=0)
+    for text in (STORY, PROMPT):
+        t = node.tokenizer(text)["input_ids"]
+        assert Decoder(node).generate(t, 12).token_ids == Decoder(exact).generate(t, 12).token_ids
 
 
 @pytest.mark.parametrize("which", ["smol", "gemma"])
@@ -74,7 +95,7 @@ def test_past_the_sliding_window_prefill_and_decode_match(gemma: tuple[LoadedMod
     assert mine.generate(ids, 10).token_ids == theirs.generate(ids, 10).token_ids
 
 
-@pytest.mark.parametrize("which", ["smol", "gemma"])
+@pytest.mark.parametrize("which", ["smol", "gemma", "smol16"])
 def test_a_restored_prompt_cache_continues_as_a_recompute(which: str, request: pytest.FixtureRequest) -> None:
     """Chunks cut from a recording prefill, restored and continued with the suffix, give the
     full prefill's logits and greedy tokens (the prompt cache's promise)."""
@@ -120,16 +141,19 @@ def test_a_layer_grows_in_place_and_a_sliding_one_keeps_its_window() -> None:
 
 
 def test_a_node_process_never_imports_transformers() -> None:
+    """Nor torch's compiler stack (dynamo, inductor, sympy: ~800 modules, 71 MiB resident), which
+    nn.Embedding's own initialisation on the meta device pulled in."""
     require_model("smollm2-135m")
     code = (
         "import sys\n"
         "from mesh.model import Decoder, load_model\n"
         "from tests.conftest import CACHE_ROOT\n"
-        "for w in ('fp32', 'int8'):\n"
+        "for w in ('fp32', 'int8', 'q4'):\n"
         "    loaded = load_model(CACHE_ROOT, 'smollm2-135m', weights=w)\n"
         "    ids = loaded.tokenizer('The capital of France is')['input_ids']\n"
         "    assert Decoder(loaded).generate(ids, 4).token_ids\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'accelerate', 'tokenizers')))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'accelerate', 'tokenizers', 'sympy')\n"
+        "             or m.startswith(('torch._dynamo', 'torch._inductor'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
