@@ -121,7 +121,9 @@ class NodeAgent:
         self.decoder = Decoder(self.loaded)
         self._warm_up()
         if self.config.cache.enabled:
-            self.cache = NodeCache(self.loaded, self.config.cache, self.decoder)
+            # with our identity, every cached chunk carries a proof of who computed it
+            self.cache = NodeCache(self.loaded, self.config.cache, self.decoder, keyring=self.keys,
+                                   rejects=self.rejects)
         self.bus.on_connected(self._announce)
         self.member.subscribe_presence(self.bus)
         if self.cache is not None:

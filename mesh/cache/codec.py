@@ -196,7 +196,17 @@ def encode_logits(logits: torch.Tensor, key: bytes = b"", model: bytes = b"",
     x = logits.detach().to(torch.float32).reshape(-1)
     finite = torch.isfinite(x)
     k = min(top_k, int(finite.sum()))
-    vals, ids = torch.topk(torch.where(finite, x, torch.full_like(x, -torch.inf)), k)
+    masked = torch.where(finite, x, torch.full_like(x, -torch.inf))
+    vals, ids = torch.topk(masked, k)
+    if k:
+        # One canonical answer among equal logits (value descending, then id ascending), so a node
+        # re-encoding the vector it rebuilt from these bytes sends the same bytes again (their
+        # digest is signed: mesh.cache.provenance); topk itself may order and pick ties freely.
+        above = torch.nonzero(masked > vals[-1]).flatten()
+        ids = torch.cat([above, torch.nonzero(masked == vals[-1]).flatten()[: k - above.numel()]])
+        vals = masked[ids]
+        order = torch.from_numpy(np.lexsort((ids.numpy(), -vals.numpy())))
+        ids, vals = ids[order], vals[order]
     ids_b = ids.to(torch.int32).numpy().astype("<i4").tobytes()
     vals_b = vals.numpy().astype("<f4").tobytes()
     return {"v": WIRE_VERSION, "key": bytes(key), "model": bytes(model), "n": int(x.numel()),

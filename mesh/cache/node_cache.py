@@ -5,6 +5,11 @@ thread all reach it), the catalog it publishes, the peer catalogs it has heard, 
 link estimates measured from real fetches. The owner calls :meth:`prepare` on its worker thread
 for every ask; fetching from a peer goes through a ``fetch`` callable it provides
 (``mesh.cache.transfer.PeerTransfer.fetch`` on a node); without one the cache is local only.
+
+With a keyring (``mesh.auth``) every entry in the store carries a proof of who computed it
+(``mesh.cache.provenance``): its own prefills are signed as they are stored, fetched entries keep
+the proof they were checked with, persisted ones are checked again when loaded, and a peer is
+served an entry only with its proof and only while it still encodes to the signed bytes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import torch
 from mesh.cache import codec
 from mesh.cache import kv as kvstate
 from mesh.cache.catalog import Catalog, leading_matches
+from mesh import wire
+from mesh.auth.keyring import Keyring
+from mesh.cache import provenance as prov
 from mesh.cache.keys import ChunkHash, ModelKey, chunk_keys, prompt_key
 from mesh.cache.lookup import (BAD, RECOMPUTE, REMOTE, SHORT, CostModel, Decision, LinkEstimate, PenaltyPolicy,
                                Strike, decide, fetch_timeout, shunned, strike)
@@ -74,7 +82,10 @@ def _tokenizer_id(loaded: LoadedModel) -> str:
 
 class NodeCache:
     def __init__(self, loaded: LoadedModel, config: CacheConfig, decoder: Decoder,
-                 penalty: PenaltyPolicy = PenaltyPolicy(), fetch_floor_s: float = 0.25) -> None:
+                 penalty: PenaltyPolicy = PenaltyPolicy(), fetch_floor_s: float = 0.25,
+                 keyring: Keyring | None = None, rejects: wire.RejectCounter | None = None) -> None:
+        """``keyring``: this node's identity (None: no provenance, as a keyless process);
+        ``rejects``: where refused proofs are counted (the heartbeat's counter)."""
         self.config = config
         self.loaded = loaded
         self.decoder = decoder
@@ -96,7 +107,8 @@ class NodeCache:
         self.lock = threading.RLock()
         self.vocab = int(self.model_config.get_text_config(decoder=True).vocab_size
                          if hasattr(self.model_config, "get_text_config") else self.model_config.vocab_size)
-        self.check = KVCheck(tuple(self.layout), self.chunk_size, self.digest, self.vocab)
+        self.provenance = prov.Provenance(keyring, self.digest, rejects) if keyring is not None else None
+        self.check = KVCheck(tuple(self.layout), self.chunk_size, self.digest, self.vocab, self.provenance)
         self.penalty = penalty
         self.fetch_floor_s = fetch_floor_s
         self.strikes: dict[str, Strike] = {}
@@ -107,7 +119,8 @@ class NodeCache:
         self.dirty = threading.Event()
         self.dirty.set()
         if config.persist_dir is not None:
-            report = load_dir(self.store, config.persist_dir, self._decode_record, size=codec.record_size)
+            report = load_dir(self.store, config.persist_dir, self._decode_record, size=codec.record_size,
+                              check_proof=self._check_stored if self.provenance is not None else None)
             for name, why in report.skipped:
                 log.warning("cache file %s skipped: %s", name, why)
             log.info("prompt cache restored %d entries from %s", len(report.change.added), config.persist_dir)
@@ -115,11 +128,17 @@ class NodeCache:
     def _decode_record(self, data: bytes) -> Any:
         return codec.decode_record(data, self.layout, self.chunk_size)
 
+    def _check_stored(self, key: bytes, payload: Any, blob: bytes | None) -> prov.Proof:
+        """A persisted entry's proof, checked again (signature, today's CRL, the bytes)."""
+        assert self.provenance is not None
+        sealed, codecs = prov.decode_stored(blob)
+        return self.provenance.recheck(sealed, codecs, key, payload)
+
     def _changed(self, change: StoreChange) -> None:
         if change.changed:
             self.dirty.set()
             if self.config.persist_dir is not None:
-                save_dir(self.store, self.config.persist_dir, codec.encode_record)
+                save_dir(self.store, self.config.persist_dir, codec.encode_record, prov.encode_stored)
 
     # -- catalogs -----------------------------------------------------------------------------
     def catalog(self) -> Catalog:
@@ -176,15 +195,30 @@ class NodeCache:
         with self.lock:
             chunks = self.store.get_chain(keys)
             prompt = self.store.get_prompt(pkey) if pkey is not None and len(chunks) == len(keys) else None
+            proven = self.provenance is not None
+            proofs = self.store.proofs(keys) if proven else None
+            entry = self.store.entry(pkey) if proven and prompt is not None and pkey is not None else None
             self.figures.served_requests += 1
             self.figures.served_chunks += len(chunks)
         sent = 0
-        for body, n in serve_parts(keys, chunks, pkey, prompt, codec_name, self.digest, max_bytes, part_bytes):
-            sent += n
-            if body["last"]:
+        spoiled: list[bytes] = []
+        try:
+            for body, n in serve_parts(keys, chunks, pkey, prompt, codec_name, self.digest, max_bytes, part_bytes,
+                                       proofs=proofs, prompt_proof=entry.proof if entry is not None else None,
+                                       spoiled=spoiled):
+                sent += n
+                if body["last"]:
+                    with self.lock:
+                        self.figures.served_bytes += sent
+                yield body
+        finally:  # the reader may close us after the last part
+            if spoiled:  # its bytes changed since they were signed (or it has no proof): not ours to keep
+                log.warning("dropping %d cache entries whose bytes no longer match their proof", len(spoiled))
                 with self.lock:
-                    self.figures.served_bytes += sent
-            yield body
+                    change = StoreChange()
+                    for key in spoiled:
+                        change = change + self.store.discard(key)
+                    self._changed(change)
 
     # -- the ask path ------------------------------------------------------------------------
     def _cost(self, prefill_tps: float, link: LinkEstimate) -> CostModel:
@@ -308,12 +342,17 @@ class NodeCache:
             new = kvstate.cut_chunks(cache, start, n_full - start, C)
             tail = kvstate.cut_span(cache, n_full * C, len(ids))
             kvstate.end_capture(cache)
+            entry = {"tail": tail, "logits": logits.detach().clone()}
+            proofs, proof = None, None
+            if self.provenance is not None:  # ours: signed once, the proof goes wherever they go
+                proofs = [self.provenance.sign_chunk(k, c) for k, c in zip(keys[start:], new)]
+                proof = self.provenance.sign_prompt(pkey, tail, entry["logits"])
             with self.lock:
                 change = self.store.put_chain(keys[start:], new, [c.nbytes for c in new],
-                                              parent=keys[start - 1] if start else None)
+                                              parent=keys[start - 1] if start else None, proofs=proofs)
                 if n_full == 0 or keys[-1] in self.store:
-                    entry = {"tail": tail, "logits": logits.detach().clone()}
-                    change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, entry, codec.record_size(entry))
+                    change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, entry,
+                                                            codec.record_size(entry), proof)
                 self._changed(change)
             info["store_s"] = round(time.perf_counter() - t1, 6)
             return cache
@@ -348,6 +387,7 @@ class NodeCache:
         prompt = None
         if t.full and t.tail is not None and t.logits is not None and len(got) == len(t.want):
             prompt = {"tail": t.tail, "logits": t.logits}
+        proofs = t.proofs[:len(got)] if self.provenance is not None else None
         info.update(fetch_bytes=t.nbytes, fetch_s=round(t.seconds, 6))
         wasted = None
         if t.bad is not None:
@@ -375,9 +415,10 @@ class NodeCache:
         got = [c if c.keys[0].dtype == self.kv_dtype else c.to(self.kv_dtype) for c in got]  # as computed ones
         with self.lock:
             change = self.store.put_chain(t.want[:len(got)], got, [c.nbytes for c in got],
-                                          parent=keys[local - 1] if local else None)
+                                          parent=keys[local - 1] if local else None, proofs=proofs)
             if prompt is not None:
-                change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, prompt, codec.record_size(prompt))
+                change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, prompt,
+                                                        codec.record_size(prompt), t.prompt_proof)
             self._changed(change)
             self.figures.fetched_chunks += len(got)
             self.figures.fetched_bytes += t.nbytes

@@ -7,7 +7,9 @@ made a node encode hundreds of megabytes into an unbounded outgoing queue, to an
   answer, automation or device topic (:func:`fetch_reply_ok`);
 - the ``model`` field must be this node's model digest (anything else would be served for nothing);
 - the server picks the codec among those the requester accepts, preferring its own wire codec and
-  never fp32 unless that is its own (:func:`pick_codec`): the requester cannot double the bytes;
+  never fp32 unless that is its own (:func:`pick_codec`): the requester cannot double the bytes.
+  One exception, for keyed nodes: a chunk the server received in fp16 or int8 goes out in that
+  codec, the only one whose bytes its computer's signature covers (``mesh.cache.provenance``);
 - bytes are metered per requester and in all with token buckets (:class:`ByteBuckets`): a request
   beyond what the buckets hold is served as the leading run of chunks that fits (the requester
   computes the rest), and a requester with an empty bucket gets an empty answer at once; both

@@ -28,7 +28,12 @@ in a 0700 directory (KV decodes back to its prompts), written atomically; layout
     58  I   depth                     62 Q   payload length L
     70  L   payload bytes             70+L 16s xxh3_128 of bytes [0, 70+L)
 
-A truncated, corrupt, foreign (version, model) or undecodable file is skipped and reported.
+Version 2 (an entry with a proof, ``mesh.cache.provenance``: who computed it) adds, after the
+payload, ``I`` proof length P and the P proof bytes; the xxh3_128 then covers them too. Version 1
+files (no proof) are still read.
+
+A truncated, corrupt, foreign (version, model) or undecodable file is skipped and reported; so is
+one whose proof ``load_dir``'s ``check_proof`` refuses.
 """
 
 from __future__ import annotations
@@ -47,9 +52,11 @@ import xxhash
 from mesh.cache.keys import KEY_BYTES, ChunkHash
 from mesh.errors import ProtocolError
 
-RECORD_VERSION = 1
+RECORD_VERSION = 1  # without a proof
+PROOF_RECORD_VERSION = 2  # with one
 RECORD_MAGIC = b"MESHKV"
 _HEADER = struct.Struct("<6sHBB16s16s16sIQ")
+_PROOF_LEN = struct.Struct("<I")
 _NO_KEY = bytes(KEY_BYTES)
 CHUNK, PROMPT = "chunk", "prompt"
 
@@ -100,6 +107,7 @@ class Entry:
     nbytes: int
     tick: int = 0
     children: int = 0
+    proof: Any = None  # what vouches for the payload (mesh.cache.provenance.Proof); opaque here
 
 
 class KVStore:
@@ -176,30 +184,37 @@ class KVStore:
             c["hits"], c["misses"], c["prompt_hits"], c["prompt_misses"], c["evictions"], c["served"],
         )
 
-    def put_chunk(self, key: bytes, parent: bytes | None, payload: Any, nbytes: int) -> StoreChange:
-        """Store one chunk under ``parent`` (None for a first chunk)."""
-        return self._put(ChunkHash(bytes(key)), CHUNK, parent, payload, nbytes)
+    def put_chunk(self, key: bytes, parent: bytes | None, payload: Any, nbytes: int,
+                  proof: Any = None) -> StoreChange:
+        """Store one chunk under ``parent`` (None for a first chunk), with its ``proof`` if any."""
+        return self._put(ChunkHash(bytes(key)), CHUNK, parent, payload, nbytes, proof)
 
     def put_chain(self, keys: Sequence[bytes], payloads: Sequence[Any], nbytes: Sequence[int],
-                  parent: bytes | None = None) -> StoreChange:
+                  parent: bytes | None = None, proofs: Sequence[Any] | None = None) -> StoreChange:
         """Store consecutive chunks; ``parent`` is the key before ``keys[0]`` (None at the root).
 
         Stops at the first rejection: later chunks would be orphans.
         """
-        if not len(keys) == len(payloads) == len(nbytes):
-            raise ValueError("keys, payloads and nbytes differ in length")
+        proofs = [None] * len(keys) if proofs is None else proofs
+        if not len(keys) == len(payloads) == len(nbytes) == len(proofs):
+            raise ValueError("keys, payloads, nbytes and proofs differ in length")
         change = StoreChange()
-        for key, payload, size in zip(keys, payloads, nbytes):
-            step = self.put_chunk(key, parent, payload, size)
+        for key, payload, size, proof in zip(keys, payloads, nbytes, proofs):
+            step = self.put_chunk(key, parent, payload, size, proof)
             change = change + step
             if step.rejected:
                 break
             parent = key
         return change
 
-    def put_prompt(self, key: bytes, parent: bytes | None, payload: Any, nbytes: int) -> StoreChange:
+    def put_prompt(self, key: bytes, parent: bytes | None, payload: Any, nbytes: int,
+                   proof: Any = None) -> StoreChange:
         """Store a prompt entry under the prompt's last full chunk (None if it has none)."""
-        return self._put(ChunkHash(bytes(key)), PROMPT, parent, payload, nbytes)
+        return self._put(ChunkHash(bytes(key)), PROMPT, parent, payload, nbytes, proof)
+
+    def proofs(self, keys: Sequence[bytes]) -> list[Any]:
+        """The proofs of the leading present chunk keys (without touching them)."""
+        return [self._entries[k].proof for k in keys[:self.peek_prefix(keys)]]  # type: ignore[index]
 
     def discard(self, key: bytes) -> StoreChange:
         """Remove an entry and everything below it (e.g. a chunk found bad); returns the keys."""
@@ -216,7 +231,7 @@ class KVStore:
         return StoreChange(evicted=tuple(doomed))
 
     def _put(self, key: ChunkHash, kind: str, parent: bytes | None, payload: Any,
-             nbytes: int) -> StoreChange:
+             nbytes: int, proof: Any = None) -> StoreChange:
         if len(key) != KEY_BYTES or nbytes < 0:
             raise ValueError("keys must be 16 bytes and nbytes >= 0")
         if key in self._entries:
@@ -239,7 +254,7 @@ class KVStore:
         evicted = self._make_room(nbytes, protected)
         depth = 1 if parent_entry is None else parent_entry.depth + 1
         self._tick += 1
-        self._entries[key] = Entry(key, kind, parent_key, depth, payload, nbytes, tick=self._tick)
+        self._entries[key] = Entry(key, kind, parent_key, depth, payload, nbytes, tick=self._tick, proof=proof)
         if parent_entry is not None:
             parent_entry.children += 1
         self._bytes += nbytes
@@ -299,18 +314,20 @@ class KVStore:
 
 
 # -- persistence ---------------------------------------------------------------------------------
-def encode_record(model: bytes, entry: Entry, payload: bytes) -> bytes:
-    """One entry as a self-checking record (layout in the module docstring)."""
+def encode_record(model: bytes, entry: Entry, payload: bytes, proof: bytes | None = None) -> bytes:
+    """One entry as a self-checking record (layout in the module docstring); version 2 with a
+    ``proof``."""
     parent = _NO_KEY if entry.parent is None else bytes(entry.parent)
-    head = _HEADER.pack(RECORD_MAGIC, RECORD_VERSION, 0 if entry.kind == CHUNK else 1,
-                        entry.parent is not None, bytes(model), bytes(entry.key), parent,
-                        entry.depth, len(payload))
-    body = head + payload
+    head = _HEADER.pack(RECORD_MAGIC, RECORD_VERSION if proof is None else PROOF_RECORD_VERSION,
+                        0 if entry.kind == CHUNK else 1, entry.parent is not None, bytes(model),
+                        bytes(entry.key), parent, entry.depth, len(payload))
+    body = head + payload if proof is None else b"".join((head, payload, _PROOF_LEN.pack(len(proof)), proof))
     return body + xxhash.xxh3_128_digest(body)
 
 
 def decode_record(data: bytes) -> tuple[bytes, Entry]:
-    """``(model digest, entry with payload bytes)``; raises ProtocolError on any defect."""
+    """``(model digest, entry with payload bytes)``, the entry's ``proof`` the proof bytes of a
+    version 2 record (None in version 1); raises ProtocolError on any defect."""
     if len(data) < _HEADER.size + 16:
         raise ProtocolError("bad-record", "truncated")
     body, digest = data[:-16], data[-16:]
@@ -319,12 +336,21 @@ def decode_record(data: bytes) -> tuple[bytes, Entry]:
     magic, version, kind, has_parent, model, key, parent, depth, length = _HEADER.unpack_from(body)
     if magic != RECORD_MAGIC:
         raise ProtocolError("bad-record", "bad magic")
-    if version != RECORD_VERSION:
+    if version not in (RECORD_VERSION, PROOF_RECORD_VERSION):
         raise ProtocolError("bad-version", f"record version {version}")
-    if kind not in (0, 1) or length != len(body) - _HEADER.size or depth < 1:
+    end = _HEADER.size + length
+    proof = None
+    if version == PROOF_RECORD_VERSION and end + _PROOF_LEN.size <= len(body):
+        (n_proof,) = _PROOF_LEN.unpack_from(body, end)
+        proof = body[end + _PROOF_LEN.size:]
+        if n_proof != len(proof):
+            raise ProtocolError("bad-record", "inconsistent proof length")
+    elif end != len(body):
+        raise ProtocolError("bad-record", "inconsistent header")
+    if kind not in (0, 1) or depth < 1:
         raise ProtocolError("bad-record", "inconsistent header")
     entry = Entry(ChunkHash(key), CHUNK if kind == 0 else PROMPT,
-                  ChunkHash(parent) if has_parent else None, depth, body[_HEADER.size :], length)
+                  ChunkHash(parent) if has_parent else None, depth, body[_HEADER.size:end], length, proof=proof)
     return model, entry
 
 
@@ -337,10 +363,12 @@ class LoadReport:
 
 
 def save_dir(store: KVStore, directory: str | os.PathLike[str],
-             encode: Callable[[Any], bytes]) -> int:
+             encode: Callable[[Any], bytes], encode_proof: Callable[[Any], bytes] | None = None) -> int:
     """Mirror the store into ``directory``: write missing entries atomically, delete stale files.
 
     Entries are content-addressed, so an existing file is not rewritten. Returns files written.
+    ``encode_proof``: an entry's proof as bytes (kept in a version 2 record), for entries that
+    have one.
     """
     root = Path(directory)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -354,7 +382,8 @@ def save_dir(store: KVStore, directory: str | os.PathLike[str],
         entry = store.entry(key)
         assert entry is not None
         tmp = root / (name + ".tmp")
-        tmp.write_bytes(encode_record(store.model, entry, encode(entry.payload)))
+        proof = encode_proof(entry.proof) if encode_proof is not None and entry.proof is not None else None
+        tmp.write_bytes(encode_record(store.model, entry, encode(entry.payload), proof))
         tmp.chmod(0o600)  # before it shows under its name (the 0700 directory covers the gap)
         os.replace(tmp, path)
         written += 1
@@ -365,10 +394,13 @@ def save_dir(store: KVStore, directory: str | os.PathLike[str],
 
 
 def load_dir(store: KVStore, directory: str | os.PathLike[str], decode: Callable[[bytes], Any],
-             size: Callable[[Any], int] | None = None) -> LoadReport:
+             size: Callable[[Any], int] | None = None,
+             check_proof: Callable[[bytes, Any, bytes | None], Any] | None = None) -> LoadReport:
     """Fill ``store`` from ``directory`` (parents first, within budget); bad files are skipped.
 
     ``size(payload)`` gives an entry's budgeted bytes (default: its encoded length).
+    ``check_proof(key, payload, proof bytes or None)`` returns the proof the entry is stored with,
+    or raises ProtocolError (the file is skipped); without it, stored proofs are ignored.
     """
     root = Path(directory)
     skipped: list[tuple[str, str]] = []
@@ -391,8 +423,15 @@ def load_dir(store: KVStore, directory: str | os.PathLike[str], decode: Callable
         except Exception as exc:  # a payload the decoder refuses is one bad file, not a crash
             skipped.append((name, f"payload: {exc}"))
             continue
+        proof = None
+        if check_proof is not None:
+            try:
+                proof = check_proof(entry.key, payload, entry.proof)
+            except ProtocolError as exc:
+                skipped.append((name, f"proof: {exc}"))
+                continue
         nbytes = size(payload) if size is not None else len(entry.payload)
-        step = store._put(entry.key, entry.kind, entry.parent, payload, nbytes)
+        step = store._put(entry.key, entry.kind, entry.parent, payload, nbytes, proof)
         if step.rejected:
             skipped.append((name, "orphan or over budget"))
         change = change + step

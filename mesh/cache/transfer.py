@@ -9,7 +9,10 @@ Wire (``mesh.wire`` envelopes; chunk and logits forms in ``mesh.cache.codec``)::
     KV_CHUNKS -> reply_to, same corr, one envelope per part, parts numbered from 0:
               {"part": i, "last": bool, "chunks": [chunk, ...],
                "logits"?: last logits (part 0 of a full match, before any chunk),
-               "prompt"?: {"tail": chunk, "len": tail tokens}  (last part of a full match)}
+               "prompt"?: {"tail": chunk, "len": tail tokens, "prov"?: proof}  (last part of a full match)}
+
+A keyed node's chunks and logits carry ``"prov"``: the computing node's signature over them
+(``mesh.cache.provenance``), whoever serves them.
 
 The asker reads the parts in order and verifies each one as it comes (:class:`Reading`): the
 first failed check ends the transfer as *bad*; a gap, a timeout or the peer going offline ends it
@@ -19,8 +22,10 @@ online, a stop event and what to serve.
 With a keyring (``mesh.auth``), a fetch is sealed by the requesting node and each part by the
 serving one: a node serves only a fetch sealed by a node or the coordinator (so the reply-topic
 rule of ``mesh.cache.quota`` binds a certified name), and its inbox (keyed too) opens each part,
-which counts only from the peer asked. A chunk's own provenance when re-served (a signature over
-its canonical bytes that travels with it) is not there yet.
+which counts only from the peer asked. That proves who served a part, not who computed its
+chunks: with a keyring, every chunk, tail and logits also carries its computer's proof
+(``mesh.cache.provenance``), which the asker checks over the bytes it received (a missing or
+failed proof makes the part bad) and keeps with the chunk, so it travels on when re-served.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from mesh.auth import senders
 from mesh.auth.keyring import Keyring
 from mesh.cache import codec
 from mesh.cache.kv import ChunkKV
+from mesh.cache.provenance import Proof, Provenance, data_digest, logits_digest
 from mesh.cache.quota import ByteBuckets, fetch_reply_ok, pick_codec
 from mesh.errors import ProtocolError
 from mesh.model import bind_threads
@@ -67,31 +73,67 @@ class KVCheck:
     chunk_size: int
     model: bytes  # the model-key digest every chunk and logits must carry
     vocab: int
+    provenance: Provenance | None = None  # with a keyring: every chunk's computer must be proven
 
 
 # -- serving -------------------------------------------------------------------------------------
 
 
+def _proven_chunk(chunk: ChunkKV, codec_name: str, key: bytes, model: bytes,
+                  proof: Proof | None) -> dict[str, Any] | None:
+    """``chunk`` in wire form with its proof, in a codec whose signed bytes this node reproduces;
+    None when the bytes no longer match what was signed (the entry went bad in our memory)."""
+    if proof is None:
+        return codec.encode_chunk(chunk, codec_name, key=key, model=model)
+    name = proof.serve_codec(codec_name)
+    enc = codec.encode_chunk(chunk, name, key=key, model=model)
+    if data_digest(enc["layers"]) != proof.manifest.digests[name]:
+        return None
+    enc["prov"] = proof.sealed
+    return enc
+
+
 def serve_parts(keys: Sequence[bytes], chunks: Sequence[ChunkKV], pkey: bytes | None,
                 prompt: dict[str, Any] | None, codec_name: str, model: bytes, max_bytes: int,
-                part_bytes: int = PART_BYTES) -> Iterator[tuple[dict[str, Any], int]]:
+                part_bytes: int = PART_BYTES, proofs: Sequence[Proof | None] | None = None,
+                prompt_proof: Proof | None = None,
+                spoiled: list[bytes] | None = None) -> Iterator[tuple[dict[str, Any], int]]:
     """Reply bodies for the ``chunks`` held for ``keys`` (a leading run), each with its chunk
     bytes, encoded one part at a time so the first part leaves before the last is encoded.
 
     With ``prompt`` (a full match) the first part carries only the prompt's last logits (top k):
     the asker can emit its first token from them while the KV follows. Chunk parts stay under
     ``part_bytes`` (and half of ``max_bytes``); the last part carries the prompt's tail.
+
+    ``proofs`` (per chunk) and ``prompt_proof``: each entry goes out with its computer's proof
+    (``mesh.cache.provenance``), in a codec whose signed bytes it reproduces, and only if it
+    still encodes to them: the run ends before the first entry that does not (a bit flipped in
+    memory since), and its key is appended to ``spoiled`` for the owner to drop.
     """
     limit = max(1, min(part_bytes, max_bytes // 2))
+    proven = proofs is not None
     part = 0
     if prompt is not None and pkey is not None:
-        yield {"chunks": [], "part": part, "last": False,
-               "logits": codec.encode_logits(prompt["logits"], key=pkey, model=model)}, 0
-        part += 1
+        logits = codec.encode_logits(prompt["logits"], key=pkey, model=model)
+        if proven and (prompt_proof is None or logits_digest(logits) != prompt_proof.manifest.logits):
+            prompt = None
+            if spoiled is not None:
+                spoiled.append(bytes(pkey))
+        else:
+            if prompt_proof is not None:
+                logits["prov"] = prompt_proof.sealed
+            yield {"chunks": [], "part": part, "last": False, "logits": logits}, 0
+            part += 1
     batch: list[Any] = []
     size = 0
-    for key, chunk in zip(keys, chunks):
-        enc = codec.encode_chunk(chunk, codec_name, key=key, model=model)
+    for i, (key, chunk) in enumerate(zip(keys, chunks)):
+        proof = proofs[i] if proofs is not None else None
+        enc = None if proven and proof is None else _proven_chunk(chunk, codec_name, key, model, proof)
+        if enc is None:
+            if spoiled is not None:
+                spoiled.append(bytes(key))
+            prompt = None
+            break
         n = sum(len(t["data"]) for layer in enc["layers"] for t in (layer["k"], layer["v"])) + 512
         if batch and size + n > limit:
             yield {"chunks": batch, "part": part, "last": False}, size
@@ -100,8 +142,14 @@ def serve_parts(keys: Sequence[bytes], chunks: Sequence[ChunkKV], pkey: bytes | 
         size += n
     last: dict[str, Any] = {"chunks": batch, "part": part, "last": True}
     if prompt is not None and pkey is not None:
-        last["prompt"] = {"tail": codec.encode_chunk(prompt["tail"], codec_name, key=pkey, model=model),
-                          "len": prompt["tail"].length}
+        tail = _proven_chunk(prompt["tail"], codec_name, pkey, model, prompt_proof)
+        if tail is None or (proven and prompt_proof is None):
+            if spoiled is not None:
+                spoiled.append(bytes(pkey))
+        else:
+            last["prompt"] = {"tail": tail, "len": prompt["tail"].length}
+            if prompt_proof is not None:
+                last["prompt"]["prov"] = prompt_proof.sealed
     yield last, size
 
 
@@ -130,7 +178,9 @@ class Reading:
         self.started, self.rtt_s, self.epoch = started, rtt_s, epoch
         self.parts = iter(parts) if parts is not None else iter(())
         self.got: list[ChunkKV] = []
+        self.proofs: list[Proof | None] = []  # per chunk in got: its computer's proof (keyed nodes)
         self.tail: ChunkKV | None = None
+        self.prompt_proof: Proof | None = None  # the prompt entry's (tail and logits)
         self.logits: torch.Tensor | None = None
         self.nbytes = 0
         self.next_part = 0
@@ -168,13 +218,15 @@ class Reading:
             if "logits" in body:
                 if not self.full or self.logits is not None:
                     raise ProtocolError("bad-logits", "logits not asked for")
-                self.logits = codec.decode_logits(body["logits"], c.vocab, key=self.pkey, model=c.model)
+                self._take_logits(body["logits"])
             raw_chunks = body["chunks"]
             if len(self.got) + len(raw_chunks) > len(self.want):
                 raise ProtocolError("bad-chunk", "more chunks than asked for")
             for raw in raw_chunks:
-                self.got.append(codec.decode_chunk(raw, c.layout, c.chunk_size, key=self.want[len(self.got)],
-                                                   model=c.model))
+                key = self.want[len(self.got)]
+                chunk = codec.decode_chunk(raw, c.layout, c.chunk_size, key=key, model=c.model)
+                self.proofs.append(c.provenance.check_chunk(raw, key) if c.provenance is not None else None)
+                self.got.append(chunk)
             raw_prompt = body.get("prompt")
             if raw_prompt is not None:
                 if not self.full or not body["last"] or not isinstance(raw_prompt, dict):
@@ -182,9 +234,12 @@ class Reading:
                 length = raw_prompt.get("len")
                 if not isinstance(length, int) or not 0 <= length < c.chunk_size:
                     raise ProtocolError("bad-chunk", "prompt tail length")
-                self.tail = codec.decode_chunk(raw_prompt["tail"], c.layout, length, key=self.pkey, model=c.model)
+                tail = codec.decode_chunk(raw_prompt["tail"], c.layout, length, key=self.pkey, model=c.model)
                 if "logits" in raw_prompt and self.logits is None:  # a peer that sends them last
-                    self.logits = codec.decode_logits(raw_prompt["logits"], c.vocab, key=self.pkey, model=c.model)
+                    self._take_logits(raw_prompt["logits"])
+                if c.provenance is not None:
+                    self.prompt_proof = c.provenance.check_tail(raw_prompt, self.pkey, length, self.prompt_proof)
+                self.tail = tail
         except (ProtocolError, KeyError, TypeError, ValueError) as exc:
             self.bad = f"part: {exc}"
             log.warning("part from %s rejected: %s", self.peer, exc)
@@ -196,6 +251,14 @@ class Reading:
             self.stop()
             return False
         return True
+
+    def _take_logits(self, raw: Any) -> None:
+        """Decode (and, keyed, prove) the prompt's last logits: nothing unproven is ever emitted."""
+        c = self.check
+        logits = codec.decode_logits(raw, c.vocab, key=self.pkey, model=c.model)
+        if c.provenance is not None:
+            self.prompt_proof = c.provenance.check_logits(raw, self.pkey)
+        self.logits = logits
 
     def first_logits(self) -> torch.Tensor | None:
         """The prompt's last logits if they come before any chunk (reads up to that point)."""

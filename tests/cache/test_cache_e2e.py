@@ -110,14 +110,19 @@ def test_shared_prefix_is_fetched_from_the_peer_that_holds_it(amqtt_broker: Brok
 
 
 def test_int8_wire_moves_fewer_bytes_with_the_same_answer(amqtt_broker: Broker, nodes: dict) -> None:
-    # a prefix neither c2 nor c3 has seen; both ask a different question after it
+    # a prefix each that neither c2 nor c3 has seen, and only c1 holds: a chunk relayed by the other
+    # would come in the codec it was received in, the only one whose signed bytes the relay can
+    # reproduce (mesh.cache.provenance)
     prefix = PREFIX.replace("astronomy", "planetary science").replace("closest to", "nearest")
+    other = PREFIX.replace("astronomy", "planetary geology").replace("closest to", "nearest")
     with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
+        before = wait_catalog(client, amqtt_broker, "c1", 0).count
         ask(client, prefix + Q3, "c1")
-        wait_catalog(client, amqtt_broker, "c1", 7)
+        ask(client, other + Q3, "c1")
+        wait_catalog(client, amqtt_broker, "c1", before + 10)  # two prompts: 4 chunks and a prompt key each
         int8 = ask(client, prefix + Q1, "c3")
         exact = ask(client, prefix + Q1, "c3", no_cache=True)
-        fp16 = ask(client, prefix + Q2, "c2")
+        fp16 = ask(client, other + Q2, "c2")
     a, b = fp16.node_figures["cache"], int8.node_figures["cache"]
     assert a["decision"] == b["decision"] == "remote" and not a["full_hit"] and not b["full_hit"], (a, b)
     per_token = a["fetch_bytes"] / a["remote_tokens"], b["fetch_bytes"] / b["remote_tokens"]

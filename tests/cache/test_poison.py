@@ -77,7 +77,8 @@ class Attacker:
 
         self.loaded = loaded
         self.decoder = Decoder(self.loaded)
-        self.cache = NodeCache(self.loaded, CacheConfig(), self.decoder)
+        # with the tests' identities, the attacker's KV carries proofs in its own name (mesh.cache.provenance)
+        self.cache = NodeCache(self.loaded, CacheConfig(), self.decoder, keyring=peer_keys(name))
         self.name = name
         self.tamper: Callable[[list[dict[str, Any]], list[bytes]], list[dict[str, Any]]] = lambda p, k: p
         self.requests = 0
