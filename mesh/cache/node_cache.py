@@ -125,6 +125,17 @@ class NodeCache:
                 log.warning("cache file %s skipped: %s", name, why)
             log.info("prompt cache restored %d entries from %s", len(report.change.added), config.persist_dir)
 
+    def _as_stored(self, chunk: Any) -> Any:
+        """A fetched chunk in the dtype computed ones are kept in (float16 on a node: half the
+        memory), where that loses nothing (an fp16 wire's values); an int8 wire's dequantised
+        values stay float32, so the chunk re-encodes to the very bytes its proof covers."""
+        if chunk.keys[0].dtype == self.kv_dtype:
+            return chunk
+        same = chunk.to(self.kv_dtype)
+        exact = all(torch.equal(a.to(b.dtype), b) for a, b in zip([*same.keys, *same.values],
+                                                                  [*chunk.keys, *chunk.values]))
+        return same if exact else chunk
+
     def _decode_record(self, data: bytes) -> Any:
         return codec.decode_record(data, self.layout, self.chunk_size)
 
@@ -412,7 +423,7 @@ class NodeCache:
             # What a fetch really costs this node: the peer's encoding, the link and our decoding,
             # so the next decision compares recompute with all of it, not with the link alone.
             self.note_link(peer, t.nbytes, t.seconds, t.rtt_s)
-        got = [c if c.keys[0].dtype == self.kv_dtype else c.to(self.kv_dtype) for c in got]  # as computed ones
+        got = [self._as_stored(c) for c in got]
         with self.lock:
             change = self.store.put_chain(t.want[:len(got)], got, [c.nbytes for c in got],
                                           parent=keys[local - 1] if local else None, proofs=proofs)
