@@ -127,7 +127,10 @@ def run_profile(profile: str, items: list[Group], args: argparse.Namespace, cons
     rows: list[dict[str, Any]] = []
     with Testbed(spec, calibration=cal) as tb:
         tb.start_broker(args.broker)
-        tb.start_nodes(args.model, extra=["--kv-wire", args.kv_wire, "--heartbeat", "1", "--weights", weights])
+        # Under a memory cap each node loads its own copy of the weights, so its cgroup is charged
+        # their page cache as a Pi's would be (shared files are charged to whoever read them first).
+        tb.start_nodes(args.model, extra=["--kv-wire", args.kv_wire, "--heartbeat", "1", "--weights", weights],
+                       private_from=mesh_home(args) if prof.mem_cap_mib else None)
         if args.peer == "cache-box":
             # The paper's topology: the devices on Wi-Fi, the cache on a wired box with CPU to spare.
             tb.set_cpu("pi1", None)
@@ -172,7 +175,21 @@ def run_profile(profile: str, items: list[Group], args: argparse.Namespace, cons
                             ask(f"{case}-miss", node, g.prompts[case], i, g.subject, True)
                     progress.advance(task)
         testbed = tb.describe()
-    return {"profile": profile, "weights": weights, "peer": args.peer, "testbed": testbed, "rows": rows, **summarize(rows)}
+        memory = node_memory(tb)
+    return {"profile": profile, "weights": weights, "peer": args.peer, "testbed": testbed, "memory": memory,
+            "rows": rows, **summarize(rows)}
+
+
+def node_memory(tb: Any) -> dict[str, dict[str, Any]]:
+    """Each node's cgroup after the run: its cap, peak, anonymous and mapped memory, major faults
+    and OOM kills (the bench must run entirely under the device's memory)."""
+    out = {}
+    for n in tb.spec.names:
+        m = tb.memory(n)
+        out[n] = {"cap_mib": tb.spec.node(n).mem_cap_mib, "peak_mib": round((m.peak_bytes or 0) / 2**20, 1),
+                  "anon_mib": round(m.anon_bytes / 2**20, 1), "mapped_mib": round(m.mapped_bytes / 2**20, 1),
+                  "major_faults": m.major_faults, "oom_kills": m.oom_kills}
+    return out
 
 
 class CatalogWatch:

@@ -154,6 +154,10 @@ def print_results(results: list[dict[str, Any]], console: Console) -> None:
         console.print(f"full hit: TTFT -{res['ttft_reduction_full_hit']} %, TTLT -{res['ttlt_reduction_full_hit']} %; "
                       f"identical outputs {res['identical_outputs']}; wasted fetches {res['wasted_fetches']}"
                       f"/{res['lookups']} lookups")
+        mem = res.get("memory") or {}
+        if any(m.get("cap_mib") for m in mem.values()):
+            console.print("memory (cgroup peak / cap MiB, OOM kills): " + ", ".join(
+                f"{n} {m['peak_mib']:.0f}/{m['cap_mib']} ({m['oom_kills']})" for n, m in mem.items()))
     console.print(f"paper (Pi Zero 2W, Gemma-3 270M): TTFT {PAPER['ttft_miss_s']} -> {PAPER['ttft_hit_s']} s "
                   f"({PAPER['ttft_change_pct']}%), TTLT {PAPER['ttlt_miss_s']} -> {PAPER['ttlt_hit_s']} s "
                   f"({PAPER['ttlt_change_pct']}%); Pi 5 with its cache: {PAPER['pi5_change_pct']:+}%")

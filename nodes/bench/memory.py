@@ -41,6 +41,7 @@ from mesh.config import BrokerAddress
 from mesh.errors import MeshError
 from nodes import mmlu
 from nodes.bench.report import pyplot, save_figure, write_results
+from nodes.testbed.bed import identity_parts
 from nodes.settings import mesh_home
 from nodes.setup import mmlu_dir
 
@@ -125,32 +126,6 @@ class Sampler:
         self._thread.join(5)
 
 
-def identity_parts(home: Path, name: str, role: str = "node") -> list[str]:
-    """What a node's private home needs of ``home``'s identities to be the keyed member ``name``
-    (issued now where the CA key lies), or nothing in a keyless home (nodes and client alike)."""
-    from mesh.auth.store import identity_dir, load_keyring
-
-    directory = identity_dir(home)
-    if load_keyring(directory, name, role) is None:
-        return []
-    parts = [f"identity/{name}.crt", f"identity/{name}.key", "identity/ca.crt"]
-    return parts + (["identity/crl.pem"] if (directory / "crl.pem").exists() else [])
-
-
-def drop_page_cache(root: Path) -> None:
-    """Evict every file under ``root`` from the page cache (clean pages: uncharged from their cgroup)."""
-    import os
-
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def _log_tail(path: Path, lines: int = 3) -> str:
     try:
         text = path.read_text(errors="replace").strip().splitlines()
@@ -170,8 +145,6 @@ def measure_nodes(tb: Any, model: str, formats: Sequence[str], prompts: Sequence
     out: dict[str, dict[str, Any]] = {}
     for n in names:
         own = tb.private_home(n, home, [f"models/{model}", *identity_parts(home, n)])
-        drop_page_cache(own)  # the copy's pages were charged to the node: what it maps is read anew
-        tb.reset_peak(n)  # the peak is the node's own, from its start
         try:
             tb.start_nodes(model, names=[n], extra=["--weights", weights[n], "--heartbeat", "1", "--threads", "2",
                                                     "--link-ping", "5", "--home", str(own)])
@@ -234,8 +207,6 @@ def measure_halo(tb: Any, model: str, tokens: int, home: Path, args: argparse.Na
         homes[n] = tb.private_home(n, home, [f"models/{model}",
                                              *(identity_parts(home, "coordinator", "coordinator") if n == "hc"
                                                else identity_parts(home, n))])
-        drop_page_cache(homes[n])
-        tb.reset_peak(n)
     env = mesh.env
     for w in workers:
         tb.spawn(w, [*mesh._cli("node", "--name", w, "--model", model, "--roles", "worker", "--threads", "1",

@@ -57,6 +57,30 @@ from nodes.testbed.state import (
 )
 
 
+def identity_parts(home: Path, name: str, role: str = "node") -> list[str]:
+    """What a node's private home needs of ``home``'s identities to be the keyed member ``name``
+    (issued now where the CA key lies), or nothing in a keyless home (nodes and client alike)."""
+    from mesh.auth.store import identity_dir, load_keyring
+
+    directory = identity_dir(home)
+    if load_keyring(directory, name, role) is None:
+        return []
+    parts = [f"identity/{name}.crt", f"identity/{name}.key", "identity/ca.crt"]
+    return parts + (["identity/crl.pem"] if (directory / "crl.pem").exists() else [])
+
+
+def drop_page_cache(root: Path) -> None:
+    """Evict every file under ``root`` from the page cache (clean pages: uncharged from their cgroup)."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 class TestbedBusy(ConfigError):
     """The instance is up and owned by a live process or left running on purpose."""
 
@@ -256,6 +280,8 @@ class Testbed:
             proc = self.spawn(node, ["cp", "-r", "--", str(Path(home) / part), str(dst / part)], role="copy")
             if proc.wait(timeout=timeout_s) != 0:
                 raise MeshError(f"could not copy {part} into {node}'s home {dst} (exit {proc.returncode})")
+        drop_page_cache(dst)  # the copy's pages were charged to the node: what it maps is read anew
+        self.reset_peak(node)  # and its peak starts after the copy
         return dst
 
     def start_node(self, name: str, model: str, env: Mapping[str, str] | None = None,
@@ -283,8 +309,8 @@ class Testbed:
         for n in names:
             quota = self.spec.node(n).cpu
             self.set_cpu(n, None)
-            home = [] if private_from is None else ["--home", str(self.private_home(n, private_from,
-                                                                                   [f"models/{model}"]))]
+            home = [] if private_from is None else ["--home", str(self.private_home(
+                n, private_from, [f"models/{model}", *identity_parts(private_from, n)]))]
             procs[n] = self.start_node(n, model, extra=[*extra, *home, *(["--threads", "1"] if quota else [])])
         host, port = self.broker_address
         deadline = time.monotonic() + timeout_s

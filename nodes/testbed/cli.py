@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from mesh.errors import ConfigError, MeshError
 from mesh.model import converted_dir
 from nodes.settings import mesh_home
-from nodes.testbed.bed import Testbed, throttle
+from nodes.testbed.bed import Testbed, identity_parts, throttle
 from nodes.testbed.calibrate import (
     calibrate,
     calibration_dir,
@@ -52,8 +52,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             if args.load_unthrottled:
                 for n in spec.names:
                     tb.set_cpu(n, None)
-                    home = [] if private is None else ["--home", str(tb.private_home(n, private,
-                                                                                   [f"models/{args.model}"]))]
+                    home = [] if private is None else ["--home", str(tb.private_home(
+                        n, private, [f"models/{args.model}", *identity_parts(private, n)]))]
                     tb.start_node(n, args.model, extra=home)
             else:
                 tb.start_nodes(args.model, private_from=private)

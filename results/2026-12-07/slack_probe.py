@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mesh.config import BrokerAddress  # noqa: E402
 from nodes.bench.cache import groups  # noqa: E402
-from nodes.bench.memory import MIB, Sampler, drop_page_cache, identity_parts  # noqa: E402
+from nodes.bench.memory import MIB, Sampler  # noqa: E402
+from nodes.testbed.bed import identity_parts  # noqa: E402
 from nodes.client import AskFailed, MeshClient, asker_keyring  # noqa: E402
 from nodes.settings import mesh_home  # noqa: E402
 from nodes.setup import mmlu_dir  # noqa: E402
@@ -57,8 +58,6 @@ def main() -> int:
         host, port = tb.broker_address
         for n, (context, cache_mb) in zip(names, settings):
             own = tb.private_home(n, home, [f"models/{args.model}", *identity_parts(home, n)])
-            drop_page_cache(own)
-            tb.reset_peak(n)
             tb.start_nodes(args.model, names=[n], extra=["--weights", args.weights, "--max-context", str(context),
                                                          "--cache-mb", str(cache_mb), "--threads", "2",
                                                          "--heartbeat", "1", "--home", str(own)])
