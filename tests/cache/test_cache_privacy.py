@@ -43,8 +43,8 @@ class HomeAssistant:
         self.topic = f"homeassistant-mesh/e10/answer-{uuid.uuid4().hex[:8]}"  # an automation's topic
         self.answers: queue.Queue[bytes] = queue.Queue()
         self.bus = MqttBus(f"ha-{uuid.uuid4().hex[:8]}", broker.address)
-        self.bus.subscribe(self.topic, lambda t, p, r: self.answers.put(p), qos=1)
         self.bus.start(10)
+        self.bus.subscribe(self.topic, lambda t, p, r: self.answers.put(p), qos=1)  # after the SUBACK
 
     def ask(self, question: str) -> dict[str, Any]:
         ask = {"text": TEMPLATE.format(question), "reply_to": self.topic, "max_new_tokens": 1,
