@@ -94,6 +94,27 @@ class Job:
     deadline: float = math.inf  # monotonic; set when taken (mesh.budget.deadline_at)
 
 
+def shows_cache(job: Job) -> bool:
+    """Whether the answer to ``job`` may carry the prompt cache's figures (the ``cache`` block:
+    ``full_hit``, ``local_tokens``, ``remote_tokens``, ``peer``, ``decision``...).
+
+    They say whether someone asked the same prompt before (review M1, experiment E10: Home
+    Assistant's account asks a candidate and reads ``full_hit``). So only an ask that sets
+    :data:`mesh.wire.CACHE_FIGURES` and is answered as CBOR on its asker's inbox gets them, never a JSON
+    answer (Home Assistant's: any automation, or any holder of that shared account, reads its
+    topic). With keys, ``mesh.auth.senders.open_ask`` yields a sender other than
+    :data:`JSON_SENDER` only for an ask sealed by an ``asker`` principal (the operator's CLI and
+    benches), directly or inside a router's forward; that credential already reads every catalog
+    and reply topic, so the figures tell it nothing new. Without keys nobody is authenticated; the
+    shipped ACL lets only the asker and node accounts send CBOR asks.
+
+    What stays: timing. ``ttft_s`` and ``prefill_s`` in every answer, and any asker's own clock,
+    tell a full hit (no prefill) from a recompute, on a quiet node clearly; that threat remains.
+    """
+    return (job.env.body.get(wire.CACHE_FIGURES) is True and not job.json_reply
+            and job.env.body.get("reply_format") != "json" and job.env.sender != JSON_SENDER)
+
+
 class Member(Presence):
     """One process's membership: presence, intake, router duty, replies, heartbeat, work loop.
 

@@ -59,13 +59,14 @@ class Kind(StrEnum):
 # Body schemas: field -> (type or tuple of types, required). Unknown extra fields are allowed
 # (forward compatibility within a version); known fields must have the right type.
 _STR, _INT, _NUM, _BOOL = str, int, (int, float), bool
+CACHE_FIGURES = "cache_figures"  # an ask's flag: its answer carries the cache block (mesh.member.shows_cache)
 _SCHEMAS: dict[Kind, dict[str, tuple[Any, bool]]] = {
     Kind.HEARTBEAT: {"seq": (_INT, True), "model": (_STR, True), "model_key": (_STR, True),
                      "queue": (_INT, True), "load": (_NUM, True), "prefill_tps": (_NUM, True),
                      "rtt_ms": (_NUM, False), "served": (_INT, False), "rejects": (dict, False)},
     Kind.ASK: {"text": (_STR, True), "max_new_tokens": (_INT, True), "stop": (list, False),
                "reply_format": (_STR, False), "ask_id": (_STR, False), "model": (_STR, False), "routed_by": (_STR, False),
-               "no_cache": (_BOOL, False)},
+               "no_cache": (_BOOL, False), CACHE_FIGURES: (_BOOL, False)},
     Kind.TOKEN: {"i": (_INT, True), "text": (_STR, True)},
     Kind.ANSWER: {"text": (_STR, True), "node": (_STR, True), "prompt_tokens": (_INT, True),
                   "new_tokens": (_INT, True), "ttft_s": (_NUM, True), "ttlt_s": (_NUM, True)},

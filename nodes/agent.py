@@ -36,7 +36,7 @@ from mesh.cache.quota import ByteBuckets, default_burst
 from mesh.loops import guarded
 from mesh.cache.transfer import PeerTransfer
 from mesh.cache.node_cache import NodeCache, Prepared
-from mesh.member import AgentExtension, Job, Member
+from mesh.member import AgentExtension, Job, Member, shows_cache
 from mesh.uplink_probe import LinkProbe
 
 log = logging.getLogger(__name__)
@@ -307,8 +307,9 @@ class NodeAgent:
             "queue_s": round(started - job.received, 6), "tokenize_s": round(tokenize_s, 6),
             "prefill_s": round(gen.prefill_s, 6),
             "decode_s": round(gen.decode_s, 6), "stop_reason": gen.stop_reason,
-            "cache": cache_info,
         }
+        if shows_cache(job):  # never to Home Assistant: it would say who asked what before (M1)
+            answer["cache"] = cache_info
         log.info("answered %s: %d prompt tokens (cache %s, %d local, %d remote), %d new, TTFT %.3f s, TTLT %.3f s",
                  job.env.corr, len(ids), cache_info.get("decision"), cache_info.get("local_tokens", 0),
                  cache_info.get("remote_tokens", 0), len(gen.token_ids), ttft, done - job.received)

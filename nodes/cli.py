@@ -117,7 +117,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
                     keyring=asker_keyring(mesh_home(args))) as client:
         result = client.ask(text, node=node, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
                             on_text=stream, timeout=args.timeout, no_cache=args.no_cache,
-                            model=args.model, extra=extra)
+                            model=args.model, extra=extra, cache_figures=args.cache_figures)
     if args.json:
         print(json.dumps(result.as_json(), indent=2))
     else:
@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer")
     p.add_argument("--no-cache", action="store_true", help="force a full recompute")
+    p.add_argument("--cache-figures", action="store_true",
+                   help="the answer's figures include the prompt cache's (with --json: a \"cache\" block)")
     p.add_argument("--halo", action="store_true", help="ask the HALO coordinator (MLP split over workers)")
     p.add_argument("--sync", choices=["strict", "relaxed"], default="relaxed", help="HALO synchronisation")
     p.add_argument("--json", action="store_true", help="print one JSON object with answer and figures")

@@ -64,7 +64,8 @@ class AskResult:
             "node_ttft_s": figures.get("ttft_s"), "node_ttlt_s": figures.get("ttlt_s"),
             "queue_s": figures.get("queue_s"), "prefill_s": figures.get("prefill_s"),
             "decode_s": figures.get("decode_s"), "stop_reason": figures.get("stop_reason"),
-            "cache": figures.get("cache", {"local_tokens": 0, "remote_tokens": 0, "peer": None}),
+            # only when asked for (``ask(cache_figures=True)``, mesh.member.shows_cache)
+            **({"cache": figures["cache"]} if "cache" in figures else {}),
         }
 
 
@@ -167,6 +168,7 @@ class MeshClient(Presence):
         extra: dict[str, Any] | None = None,
         resend_s: float = 5.0,
         max_sends: int = 4,
+        cache_figures: bool = False,
     ) -> AskResult:
         """Ask one node (or the router's pick) and stream the answer; raises on error/timeout.
 
@@ -176,6 +178,9 @@ class MeshClient(Presence):
         reply), at most ``max_sends`` times in all; a routed ask is also sent again when a node
         goes offline before anyone replied. Tokens are de-duplicated by index, so the stream reads
         once. Otherwise the ask ends with AskFailed or TransportError saying what happened.
+
+        ``cache_figures``: the answer's ``node_figures`` carry the prompt cache's ``cache`` block
+        (benches and tests; ``mesh.member.shows_cache`` says who may have it).
         """
         online = self.online()
         if not online:
@@ -188,6 +193,8 @@ class MeshClient(Presence):
             body["stop"] = list(stop)
         if no_cache:
             body["no_cache"] = True
+        if cache_figures:
+            body[wire.CACHE_FIGURES] = True
         if model:
             body["model"] = model
         body.update(extra or {})  # e.g. {"halo_sync": "relaxed"} for the HALO coordinator

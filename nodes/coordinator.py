@@ -34,7 +34,7 @@ from mesh.loops import guarded
 from mesh.halo.ledger import Liveness
 from mesh.halo.lean import lean_step
 from mesh.model import Decoder, Interrupted, bind_threads, load_model
-from mesh.member import Job, Member
+from mesh.member import Job, Member, shows_cache
 from mesh.halo.placement import ReplanPolicy
 from mesh.halo.sync import SyncPolicy
 from mesh.cache.node_cache import NodeCache
@@ -232,7 +232,8 @@ class Coordinator:
             "new_tokens": len(gen.token_ids), "token_ids": gen.token_ids,
             "ttft_s": round((first[0] if first else done) - job.received, 6),
             "ttlt_s": round(done - job.received, 6), "prefill_s": round(gen.prefill_s, 6),
-            "decode_s": round(gen.decode_s, 6), "stop_reason": gen.stop_reason, "cache": cache_info,
+            "decode_s": round(gen.decode_s, 6), "stop_reason": gen.stop_reason,
+            **({"cache": cache_info} if shows_cache(job) else {}),  # M1: see mesh.member.shows_cache
             "tpot_s": round(sum(decode_steps) / len(decode_steps), 6) if decode_steps else None,
             "token_times_s": [round(t, 6) for t in steps], "halo": halo,
         })

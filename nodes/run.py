@@ -63,7 +63,7 @@ def ask_all(client: MeshClient, plan: list[Ask], console: Console, timeout: floa
             row: dict[str, Any] = {"phase": a.phase, "subject": q.subject, "expected": q.letter, "no_cache": a.no_cache}
             try:
                 r = client.ask(a.prompt, node=a.node, max_new_tokens=4, stop=("\n",), timeout=timeout,
-                               no_cache=a.no_cache)
+                               no_cache=a.no_cache, cache_figures=True)
                 got = mmlu.parse_letter(r.answer)
                 row.update(answer=got, raw=r.answer, correct=got == q.letter, node=r.node,
                            prompt_tokens=r.prompt_tokens, new_tokens=r.new_tokens, token_ids=r.node_figures.get("token_ids"),

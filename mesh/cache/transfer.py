@@ -213,6 +213,10 @@ class Reading:
                 self.ended = f"part {body.get('part')!r} where {self.next_part} was due"
                 self.stop()
                 return False
+            if not body["last"] and not body["chunks"] and "logits" not in body:
+                # serve_parts never sends one: with it, a peer could number empty parts up to
+                # the deadline and hold the fetch open for nothing (review L3)
+                raise ProtocolError("bad-chunk", f"empty part {self.next_part}")
             self.next_part += 1
             self.nbytes += n
             if "logits" in body:
@@ -278,7 +282,12 @@ class Reading:
 class FetchReplies:
     """The parts of one KV fetch's answer, in arrival order: iteration stops after the last one,
     at the timeout (monotonic, from the request), or as soon as ``online(peer)`` turns False or
-    ``stop`` is set. ``close`` (also called at the end) releases the reply slot, read or not."""
+    ``stop`` is set. ``close`` (also called at the end) releases the reply slot, read or not.
+
+    The timeout is a deadline: past it, nothing more is returned, not even parts already queued
+    (review L3: a peer that queued parts faster than we check them would otherwise hold the fetch
+    past its deadline, which the fetch-or-recompute decision priced). The reply slot's queue is
+    bounded (``mesh.mqtt.inbox.Replies``)."""
 
     def __init__(self, inbox: Any, peer: str, corr: str, replies: queue.Queue[wire.Envelope], timeout: float,
                  online: Callable[[str], bool], stop: threading.Event, poll_s: float = 0.05) -> None:
@@ -294,12 +303,12 @@ class FetchReplies:
     def __next__(self) -> Part:
         while not self.done:
             left = self.deadline - time.monotonic()
-            try:  # what already arrived counts even past the deadline
-                reply = self.replies.get(timeout=min(left, self.poll_s)) if left > 0 else self.replies.get_nowait()
+            if left <= 0:
+                log.info("KV fetch from %s timed out after %.2f s", self.peer, self.timeout)
+                break
+            try:
+                reply = self.replies.get(timeout=min(left, self.poll_s))
             except queue.Empty:
-                if left <= 0:
-                    log.info("KV fetch from %s timed out after %.2f s", self.peer, self.timeout)
-                    break
                 if not self.online(self.peer) or self.stop.is_set():
                     log.info("KV fetch from %s abandoned after %.2f s: peer offline", self.peer,
                              time.monotonic() - self.t0)

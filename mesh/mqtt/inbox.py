@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -25,18 +26,68 @@ from mesh.mqtt.bus import MqttBus
 log = logging.getLogger(__name__)
 
 
+MAX_QUEUED = 2048  # replies held per request: a full answer's token pieces (1,024 at most) and more
+MAX_QUEUED_BYTES = 64 << 20  # their payload bytes: some 60 KV parts of 1 MiB, waiting to be checked
+
+
+class Replies(queue.Queue):  # type: ignore[type-arg]
+    """One request's replies, bounded: at most ``max_items`` of them and ``max_bytes`` of their
+    payloads (one reply always fits an empty queue). :meth:`offer` refuses what does not fit;
+    ``get`` returns envelopes, as a plain ``queue.Queue`` of them would.
+
+    Anyone allowed to write a reply topic (every node, under the shipped ACL) can send a request's
+    correlation id replies faster than the requester reads them (review L3); unbounded, they grew
+    the requester's memory until it ended the request.
+    """
+
+    def __init__(self, max_items: int = MAX_QUEUED, max_bytes: int = MAX_QUEUED_BYTES) -> None:
+        super().__init__()
+        self.max_items, self.max_bytes = max_items, max_bytes
+
+    def _init(self, maxsize: int) -> None:
+        self.queue: deque[tuple[wire.Envelope, int]] = deque()
+        self.nbytes = 0
+
+    def _put(self, item: tuple[wire.Envelope, int] | wire.Envelope) -> None:
+        if isinstance(item, wire.Envelope):  # a plain put (a test's, a local hand-off): unbounded
+            item = (item, 0)
+        self.queue.append(item)
+        self.nbytes += item[1]
+
+    def _get(self) -> wire.Envelope:
+        env, n = self.queue.popleft()
+        self.nbytes -= n
+        return env
+
+    def offer(self, env: wire.Envelope, nbytes: int) -> bool:
+        """Queue ``env`` (``nbytes`` on the wire) if it fits; False (dropped) if not."""
+        with self.mutex:
+            if self.queue and (len(self.queue) >= self.max_items or self.nbytes + nbytes > self.max_bytes):
+                return False
+            self._put((env, nbytes))
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+        return True
+
+
 class ReplyInbox:
-    """A client's reply topic, with replies routed to per-request queues by correlation id."""
+    """A client's reply topic, with replies routed to per-request queues by correlation id.
+
+    Each request's queue is bounded (:class:`Replies`: ``max_queued`` replies, ``max_queued_bytes``
+    of payload); a reply beyond it is dropped and counted (``reply-overflow``).
+    """
 
     def __init__(self, bus: MqttBus, name: str, rejects: wire.RejectCounter | None = None,
-                 max_bytes: int = wire.DEFAULT_MAX_BYTES, keyring: Keyring | None = None) -> None:
+                 max_bytes: int = wire.DEFAULT_MAX_BYTES, keyring: Keyring | None = None,
+                 max_queued: int = MAX_QUEUED, max_queued_bytes: int = MAX_QUEUED_BYTES) -> None:
         self.bus = bus
         self.keys = keyring
         self.name = name
         self.topic = topics.reply(name)
         self.rejects = rejects or wire.RejectCounter()
         self._max_bytes = max_bytes
-        self._pending: dict[str, queue.Queue[wire.Envelope]] = {}
+        self.max_queued, self.max_queued_bytes = max_queued, max_queued_bytes
+        self._pending: dict[str, Replies] = {}
         self._lock = threading.Lock()
         # Pings nobody waits for (a link prober's): return True when consumed.
         self.ping_handler: Callable[[wire.Envelope], bool] | None = None
@@ -46,7 +97,7 @@ class ReplyInbox:
 
     def open(self, corr: str | None = None) -> tuple[str, queue.Queue[wire.Envelope]]:
         corr = corr or uuid.uuid4().hex
-        q: queue.Queue[wire.Envelope] = queue.Queue()
+        q = Replies(self.max_queued, self.max_queued_bytes)
         with self._lock:
             self._pending[corr] = q
         return corr, q
@@ -69,7 +120,8 @@ class ReplyInbox:
                 return
             self.rejects.add("unexpected-reply")
             return
-        q.put(env)
+        if not q.offer(env, len(payload)):
+            self.rejects.add("reply-overflow")
 
     def ping(self, timeout: float = 5.0, clock: Callable[[], float] = time.monotonic, pad: int = 0) -> float:
         """Round trip through the broker to our own reply topic, in seconds.

@@ -143,7 +143,7 @@ def run_profile(profile: str, items: list[Group], args: argparse.Namespace, cons
 
             def ask(case: str, node: str, prompt: str, group: int, subject: str, no_cache: bool) -> None:
                 r = client.ask(prompt, node=node, max_new_tokens=args.tokens, stop=("\n",), no_cache=no_cache,
-                               timeout=900)
+                               timeout=900, cache_figures=True)
                 rows.append({"profile": profile, "case": case, "group": group, "node": node, "subject": subject,
                              "no_cache": no_cache, "prompt_tokens": r.prompt_tokens, "new_tokens": r.new_tokens,
                              "ttft_s": r.ttft_s, "ttlt_s": r.ttlt_s, "phases": phases(r), "answer": r.answer,

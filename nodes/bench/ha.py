@@ -117,7 +117,7 @@ class Runner:
                                "no_cache": no_cache, "pair": pair, "asked_node": node}
         try:
             r = self.client.ask(build_prompt(self.system, c), node=node, max_new_tokens=self.args.tokens,
-                                stop=("\n",), timeout=self.args.timeout, no_cache=no_cache)
+                                stop=("\n",), timeout=self.args.timeout, no_cache=no_cache, cache_figures=True)
             f = r.node_figures
             row.update(node=r.node, prompt_tokens=r.prompt_tokens, new_tokens=r.new_tokens, ttft_s=r.ttft_s,
                        ttlt_s=r.ttlt_s, node_ttft_s=f.get("ttft_s"), queue_s=f.get("queue_s"),

@@ -71,7 +71,7 @@ def run_stream(profile: str, args: argparse.Namespace, console: Console) -> dict
                 task = progress.add_task(f"{profile} {args.shots}-shot stream", total=len(items))
                 for prompt, q in items:
                     cached = client.ask(prompt, max_new_tokens=args.tokens, stop=("\n",), timeout=900,
-                                        model=args.model)
+                                        model=args.model, cache_figures=True)
                     time.sleep(0.5)  # the catalog of what this ask stored reaches the router
                     plain = client.ask(prompt, node=cached.node, max_new_tokens=args.tokens, stop=("\n",),
                                        no_cache=True, timeout=900)

@@ -49,7 +49,8 @@ def shared_chunk_tokens(a: str, b: str, chunk: int = 16) -> int:
 
 
 def ask(client: MeshClient, text: str, node: str | None = None, **kw: object) -> AskResult:
-    return client.ask(text, node=node, max_new_tokens=kw.pop("max_new_tokens", 6), timeout=120, **kw)  # type: ignore[arg-type]
+    return client.ask(text, node=node, max_new_tokens=kw.pop("max_new_tokens", 6), timeout=120,  # type: ignore[arg-type]
+                      cache_figures=True, **kw)
 
 
 def wait_catalog(client: MeshClient, broker: Broker, node: str, min_items: int, timeout: float = 10.0) -> Catalog:

@@ -33,7 +33,8 @@ def five_shot(subject: str, index: int) -> str:
 def test_long_prompts_hit_locally_and_remotely_with_identical_answers(amqtt_broker: Broker, gemma_nodes: dict) -> None:
     p1, p2 = five_shot("high_school_european_history", 0), five_shot("high_school_european_history", 1)
     with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
-        ask = lambda text, node, **kw: client.ask(text, node=node, max_new_tokens=6, timeout=300, **kw)  # noqa: E731
+        ask = lambda text, node, **kw: client.ask(text, node=node, max_new_tokens=6, timeout=300,  # noqa: E731
+                                                  cache_figures=True, **kw)
         seeded = ask(p1, "ga")
         assert seeded.prompt_tokens > 600  # well past the 512-token sliding window
         time.sleep(1.0)  # ga's catalog reaches gb

@@ -145,7 +145,7 @@ def attacker(amqtt_broker: Broker, asker: NodeProcess, model: Any, request: pyte
 
 
 def ask(client: MeshClient, text: str, **kw: Any) -> AskResult:
-    return client.ask(text, node="v1", max_new_tokens=4, timeout=120, **kw)
+    return client.ask(text, node="v1", max_new_tokens=4, timeout=120, cache_figures=True, **kw)
 
 
 def cache_figures(client: MeshClient, node: str, ready: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:

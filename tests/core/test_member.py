@@ -104,3 +104,20 @@ def test_an_id_is_burned_only_by_the_very_same_ask() -> None:
                           routed_by="r2", routed_reason="load"))
     assert m.take(ask("json-client", "c5", reply_to="homeassistant-mesh/victim", ask_id="briefing-1", text="Good morning",
                       max_new_tokens=3))  # another ask under the same id
+
+
+def test_cache_figures_only_for_a_cbor_ask_that_asks_for_them() -> None:
+    """M1/E10: the cache block says whether someone asked a prompt before; Home Assistant's JSON
+    asks never get it, the asker's CBOR asks only when they set the flag."""
+    from mesh.member import JSON_SENDER, shows_cache
+
+    assert shows_cache(ask("asker", "a1", cache_figures=True))
+    assert not shows_cache(ask("asker", "a2"))
+    assert not shows_cache(ask("asker", "a3", cache_figures="yes"))
+    # Home Assistant's ask (forwarded as the JSON sender, answered as JSON), even with the flag
+    ha = ask(JSON_SENDER, "h1", reply_to="homeassistant-mesh/o", reply_format="json", cache_figures=True)
+    ha.json_reply = True
+    assert not shows_cache(ha)
+    assert not shows_cache(ask(JSON_SENDER, "h2", cache_figures=True))
+    # a sealed asker's ask answered as JSON: its topic may be one others read
+    assert not shows_cache(ask("asker", "a4", reply_format="json", cache_figures=True))

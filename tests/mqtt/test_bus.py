@@ -68,6 +68,30 @@ def test_request_response_routes_replies_by_correlation_id(broker: Broker) -> No
         server.stop()
 
 
+def test_a_request_queues_a_bounded_number_of_replies_and_counts_the_rest(broker: Broker) -> None:
+    """L3: whoever may write a reply topic cannot grow a waiting request's queue without bound."""
+    bus = _bus(broker, "flooded")
+    try:
+        inbox = ReplyInbox(bus, "flooded", max_queued=8, max_queued_bytes=1 << 20)
+        inbox.start()
+        corr, q = inbox.open()
+        for i in range(40):  # a peer's flood for one request nobody reads yet
+            part = wire.Envelope(wire.Kind.KV_CHUNKS, "rogue", {"chunks": [], "part": i, "last": False}, corr=corr)
+            bus.publish(inbox.topic, wire.encode(part), qos=1)
+        big = bytes(300_000)
+        big_corr, big_q = inbox.open()
+        for i in range(6):  # under the item cap, over the byte cap
+            part = wire.Envelope(wire.Kind.KV_CHUNKS, "rogue", {"chunks": [big], "part": i, "last": False},
+                                 corr=big_corr)
+            bus.publish(inbox.topic, wire.encode(part), qos=1)
+        inbox.ping()  # our own messages come back in order: every one above was handled
+        assert q.qsize() == 8 and [q.get_nowait().body["part"] for _ in range(8)] == list(range(8))
+        assert big_q.qsize() == 3  # 3 x 300 kB fit in 1 MiB, a fourth does not
+        assert inbox.rejects.snapshot() == {"reply-overflow": 32 + 3}
+    finally:
+        bus.stop()
+
+
 def test_ping_is_a_barrier_for_retained_messages(broker: Broker) -> None:
     pub = _bus(broker, "pub")
     names = [f"r{i}" for i in range(20)]

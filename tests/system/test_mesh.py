@@ -48,7 +48,8 @@ def run_cli(broker: Broker, *args: str, timeout: float = 120) -> subprocess.Comp
 
 
 def test_cli_ask_json_reports_answer_and_figures(amqtt_broker: Broker, mesh_nodes: dict) -> None:
-    out = run_cli(amqtt_broker, "ask", "The capital of France is", "--node", "s1", "--max-new-tokens", "8", "--json")
+    out = run_cli(amqtt_broker, "ask", "The capital of France is", "--node", "s1", "--max-new-tokens", "8", "--json",
+                  "--cache-figures")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["node"] == "s1" and result["model"] == "smollm2-135m"
