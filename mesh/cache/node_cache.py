@@ -107,7 +107,10 @@ class NodeCache:
         self.lock = threading.RLock()
         self.vocab = int(self.model_config.get_text_config(decoder=True).vocab_size
                          if hasattr(self.model_config, "get_text_config") else self.model_config.vocab_size)
-        self.provenance = prov.Provenance(keyring, self.digest, rejects) if keyring is not None else None
+        # signed for: our wire codec, and the others quota.pick_codec may serve in (fp32 only as our own)
+        signed = (config.kv_wire, *(c for c in ("fp16", "int8") if c != config.kv_wire))
+        self.provenance = prov.Provenance(keyring, self.digest, rejects, codecs=signed) \
+            if keyring is not None else None
         self.check = KVCheck(tuple(self.layout), self.chunk_size, self.digest, self.vocab, self.provenance)
         self.penalty = penalty
         self.fetch_floor_s = fetch_floor_s

@@ -17,9 +17,10 @@ What is signed, the *manifest* (little-endian, version 1, 172 bytes)::
 Each digest is BLAKE2b-256 of the data buffers in the order ``mesh.cache.codec`` puts them on the
 wire (per layer: k data, k scale, v data, v scale), so the receiver hashes exactly the bytes it
 got; hashing the bytes and signing 172 of them costs far less than signing the whole part. All
-three codecs are covered because the serving node picks the codec: a node that holds the fp32
-chunk it computed (or received) reproduces every codec's bytes exactly; one that received fp16
-or int8 reproduces that codec's bytes only (fp16 -> fp32 -> fp16 is exact), and serves in it.
+three codecs have a slot because the serving node picks the codec; a computing node fills the one
+it may serve in (``Provenance(codecs=...)``: its wire codec, and fp16 and int8, which
+``quota.pick_codec`` may choose; zeros elsewhere), since each costs an encoding of every chunk. A node that received fp16 or int8 reproduces that codec's bytes only
+(fp16 -> fp32 -> fp16 is exact), and serves in it.
 
 The manifest is sealed with ``Keyring.seal`` under the fixed pseudo-topic :data:`TOPIC` (so the
 signature stays valid on any reply topic) and checked with ``Keyring.open(..., retained=True)``
@@ -128,9 +129,10 @@ def logits_digest(enc: Mapping[str, Any]) -> bytes:
     return h.digest()
 
 
-def chunk_digests(chunk: ChunkKV) -> dict[str, bytes]:
-    """The digest of ``chunk`` in every wire codec (what its computer signs)."""
-    return {c: data_digest(codec.encode_chunk(chunk, c)["layers"]) for c in codec.CODECS}
+def chunk_digests(chunk: ChunkKV, codecs: Sequence[str] = codec.CODECS) -> dict[str, bytes]:
+    """The digest of ``chunk`` in each of ``codecs`` (what its computer signs), zeros for the
+    other codecs (bytes in those never match: the entry is not served in them)."""
+    return {c: data_digest(codec.encode_chunk(chunk, c)["layers"]) if c in codecs else _NONE for c in codec.CODECS}
 
 
 def exact_codecs(received: str) -> tuple[str, ...]:
@@ -142,23 +144,32 @@ class Provenance:
     """One node's signing and checking of KV provenance (``keyring``: its identity; ``model``:
     its model-key digest; ``rejects``: where refusals are counted, the heartbeat's counter)."""
 
-    def __init__(self, keyring: Keyring, model: bytes, rejects: wire.RejectCounter | None = None) -> None:
+    def __init__(self, keyring: Keyring, model: bytes, rejects: wire.RejectCounter | None = None,
+                 codecs: Sequence[str] = codec.CODECS) -> None:
+        """``codecs``: the ones this node signs what it computes for (it serves in the first, its
+        wire codec, wherever the requester takes it). Each costs an encoding and a digest of
+        every chunk it computes, in the store step after its first token, so a node signs only
+        the codecs it may serve in (results/2026-12-07/provenance_cost.py: 4.0 ms a SmolLM2
+        chunk for all three on this x86, ~45x that at a Pi Zero's CPU quota)."""
         self.keys, self.model = keyring, bytes(model)
         self.rejects = rejects if rejects is not None else wire.RejectCounter()
+        if not codecs or any(c not in codec.CODECS for c in codecs):
+            raise ValueError(f"codecs must be some of {codec.CODECS}")
+        self.codecs = tuple(codecs)
 
     # -- computing nodes ----------------------------------------------------------------------
     def _sign(self, manifest: Manifest) -> Proof:
-        return Proof(self.keys.seal(manifest.pack(), TOPIC), manifest, self.keys.name, codec.CODECS)
+        return Proof(self.keys.seal(manifest.pack(), TOPIC), manifest, self.keys.name, self.codecs)
 
     def sign_chunk(self, key: bytes, chunk: ChunkKV) -> Proof:
         """The proof for a chunk this node computed."""
-        return self._sign(Manifest(CHUNK, self.model, bytes(key), chunk.length, 0, chunk_digests(chunk)))
+        return self._sign(Manifest(CHUNK, self.model, bytes(key), chunk.length, 0, chunk_digests(chunk, self.codecs)))
 
     def sign_prompt(self, pkey: bytes, tail: ChunkKV, logits: torch.Tensor) -> Proof:
         """The proof for a prompt entry (tail and last logits) this node computed."""
         enc = codec.encode_logits(logits, key=pkey, model=self.model)
         return self._sign(Manifest(PROMPT, self.model, bytes(pkey), tail.length, int(enc["n"]),
-                                   chunk_digests(tail), logits_digest(enc)))
+                                   chunk_digests(tail, self.codecs), logits_digest(enc)))
 
     # -- receivers ----------------------------------------------------------------------------
     def _refuse(self, reason: str, detail: str) -> ProtocolError:
