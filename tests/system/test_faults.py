@@ -231,7 +231,7 @@ def test_node_killed_mid_answer_then_restarted_with_its_cache(crash_broker: Brok
             if cat and catalog_of(cat, "k2").count >= first.prompt_tokens // 16:
                 break
             assert time.monotonic() < deadline, "k2 came back without its catalog"
-        again = client.ask(LONG, node="k2", max_new_tokens=32, timeout=60)
+        again = client.ask(LONG, node="k2", max_new_tokens=32, timeout=60, cache_figures=True)
         assert again.node_figures["cache"]["decision"] == "local" and again.node_figures["cache"]["full_hit"]
         assert again.node_figures["token_ids"] == first.node_figures["token_ids"]
     finally:
