@@ -318,8 +318,6 @@ class NodeAgent:
             self.member.reply_json(job, answer)
         else:
             self.member.reply(job, wire.Kind.ANSWER, answer)
-        for prepared in held:  # the answer is out: sign and store what this ask computed
-            prepared.commit()
 
     # -- heartbeat --------------------------------------------------------------------------------
     def heartbeat_body(self) -> dict[str, Any]:

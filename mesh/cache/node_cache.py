@@ -14,7 +14,6 @@ served an entry only with its proof and only while it still encodes to the signe
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -66,19 +65,11 @@ class Prepared:
     logits: torch.Tensor
     cache: Any  # a transformers cache, or a mesh.model.Deferred one (see NodeCache.prepare)
     info: dict[str, Any]
-    pending: list[Callable[[], None]] = field(default_factory=list)  # store work left for commit()
 
     def finish(self) -> None:
         """Complete a deferred transfer the decoder did not need (an answer of one token)."""
         if isinstance(self.cache, Deferred):
             self.cache.get()
-
-    def commit(self) -> None:
-        """Sign and store what the prefill computed (``prepare(defer_store=True)``: once the
-        answer is out, so neither its tokens nor its TTLT wait for the signatures)."""
-        self.finish()
-        while self.pending:
-            self.pending.pop(0)()
 
 
 def _tokenizer_id(loaded: LoadedModel) -> str:
@@ -359,13 +350,17 @@ class NodeCache:
         self._count(local > 0, False)
         start = local
 
-        def commit(new: list[Any], entry: dict[str, Any], cut_s: float) -> None:
-            """Sign (ours: once; the proof goes wherever they go) and store the cut chunks."""
+        def store() -> Any:
+            """Cut the new chunks and the tail into the store (before the cache decodes on)."""
             t1 = time.perf_counter()
+            new = kvstate.cut_chunks(cache, start, n_full - start, C)
+            tail = kvstate.cut_span(cache, n_full * C, len(ids))
+            kvstate.end_capture(cache)
+            entry = {"tail": tail, "logits": logits.detach().clone()}
             proofs, proof = None, None
-            if self.provenance is not None:
+            if self.provenance is not None:  # ours: signed once, the proof goes wherever they go
                 proofs = [self.provenance.sign_chunk(k, c) for k, c in zip(keys[start:], new)]
-                proof = self.provenance.sign_prompt(pkey, entry["tail"], entry["logits"])
+                proof = self.provenance.sign_prompt(pkey, tail, entry["logits"])
             with self.lock:
                 change = self.store.put_chain(keys[start:], new, [c.nbytes for c in new],
                                               parent=keys[start - 1] if start else None, proofs=proofs)
@@ -373,28 +368,11 @@ class NodeCache:
                     change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, entry,
                                                             codec.record_size(entry), proof)
                 self._changed(change)
-            info["store_s"] = round(cut_s + time.perf_counter() - t1, 6)
-
-        def store() -> Any:
-            """Cut the new chunks and the tail (copies) before the cache decodes on; sign and
-            store them now, or once the answer is out (``defer_store``)."""
-            t1 = time.perf_counter()
-            new = kvstate.cut_chunks(cache, start, n_full - start, C)
-            tail = kvstate.cut_span(cache, n_full * C, len(ids))
-            kvstate.end_capture(cache)
-            entry = {"tail": tail, "logits": logits.detach().clone()}
-            work = functools.partial(commit, new, entry, time.perf_counter() - t1)
-            if defer_store:
-                prepared.pending.append(work)
-            else:
-                work()
+            info["store_s"] = round(time.perf_counter() - t1, 6)
             return cache
 
-        # Deferred: the first token goes out before the store copies the new KV (TTFT pays
-        # nothing), and the signatures wait for the answer (Prepared.commit).
-        prepared = Prepared(logits, None, info)
-        prepared.cache = Deferred(store) if defer_store else store()
-        return prepared
+        # Deferred: the first token goes out before the store copies the new KV (TTFT pays nothing).
+        return Prepared(logits, Deferred(store) if defer_store else store(), info)
 
     def _count(self, hit: bool, full: bool) -> None:
         with self.lock:

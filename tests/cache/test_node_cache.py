@@ -283,21 +283,3 @@ def test_made_up_names_cannot_hold_catalogs_without_bound(loaded: LoadedModel, p
     a.set_peer_catalog("p0", None)  # one went offline: room for the next
     a.set_peer_catalog("late", body)
     assert "late" in a.peers
-
-
-def test_a_deferred_store_waits_for_commit_and_the_decoder_gets_its_cache(loaded: LoadedModel) -> None:
-    """The agent's path (defer_store): the decoder's second token gets the cache at once; the
-    store (and its signatures) waits for Prepared.commit, which the agent calls once the answer
-    is out, so no token and no TTLT waits for the signing."""
-    a = node(loaded)
-    ids = ids_of(a, Q2)
-    prepared = a.prepare(ids, SLOW_CPU, FAST, None, defer_store=True)
-    n = len(a.keys(ids)[0])
-    assert a.store.match_prefix(a.keys(ids)[0]) == 0  # nothing stored at the first token
-    cont, _ = a.decoder.prefill([*ids, 5], prepared.cache.get(), start=len(ids))
-    assert a.store.match_prefix(a.keys(ids)[0]) == 0 and prepared.pending  # decoding on: still not stored
-    prepared.commit()
-    assert a.store.match_prefix(a.keys(ids)[0]) == n and not prepared.pending and "store_s" in prepared.info
-    prepared.commit()  # once
-    again = a.prepare(ids, SLOW_CPU, FAST, None)
-    assert again.info["full_hit"] and torch.equal(again.logits, prepared.logits)
