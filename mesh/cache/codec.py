@@ -32,7 +32,7 @@ and model key (it catches corruption and mislabelled chunks; it is not a signatu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import cbor2
@@ -105,15 +105,22 @@ def encode_chunk(
     }
 
 
-def _checksum(model: bytes, key: bytes, layers: Sequence[Mapping[str, Any]]) -> int:
-    h = xxhash.xxh3_64(model)
-    h.update(key)
+def wire_buffers(layers: Sequence[Mapping[str, Any]]) -> Iterator[bytes]:
+    """A wire chunk's data buffers in wire order (per layer: k data, k scale, v data, v scale):
+    what its checksum and its provenance digest cover."""
     for layer in layers:
         for name in ("k", "v"):
             t = layer[name]
-            h.update(t["data"])
+            yield t["data"]
             if "scale" in t:
-                h.update(t["scale"]["data"])
+                yield t["scale"]["data"]
+
+
+def _checksum(model: bytes, key: bytes, layers: Sequence[Mapping[str, Any]]) -> int:
+    h = xxhash.xxh3_64(model)
+    h.update(key)
+    for data in wire_buffers(layers):
+        h.update(data)
     return h.intdigest()
 
 

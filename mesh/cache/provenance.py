@@ -106,12 +106,8 @@ def data_digest(layers: Sequence[Mapping[str, Any]]) -> bytes:
     """BLAKE2b-256 of a wire chunk's data buffers, in wire order (untrusted input: ProtocolError)."""
     h = hashlib.blake2b(digest_size=32, person=b"mesh-kv-data")
     try:
-        for layer in layers:
-            for name in ("k", "v"):
-                t = layer[name]
-                h.update(t["data"])
-                if "scale" in t:
-                    h.update(t["scale"]["data"])
+        for data in codec.wire_buffers(layers):
+            h.update(data)
     except (KeyError, TypeError) as exc:
         raise ProtocolError("bad-chunk", f"chunk layers: {exc}") from None
     return h.digest()

@@ -22,21 +22,14 @@ from mesh import wire
 from mesh.auth import store as identities
 from mesh.auth.keyring import Keyring
 from mesh.cache.kv import ChunkKV
-from mesh.cache.lookup import LinkEstimate, PenaltyPolicy
+from mesh.cache.lookup import PenaltyPolicy
 from mesh.cache.node_cache import NodeCache
 from mesh.cache.transfer import Part, payload_bytes
 from mesh.config import CacheConfig
 from mesh.model import Decoder, LoadedModel, load_model
+from tests.cache.kit import FAST, Q1, Q2, SLOW_CPU
 from tests.conftest import CACHE_ROOT, require_model
 
-PREFIX = ("The following are multiple choice questions (with answers) about astronomy.\n\n"
-          "Which planet is closest to the Sun?\nA. Venus\nB. Mercury\nC. Earth\nD. Mars\nAnswer: B\n\n"
-          "Which planet is known as the red planet?\nA. Venus\nB. Mars\nC. Jupiter\nD. Saturn\nAnswer: B\n\n")
-Q1 = PREFIX + "Which planet has the most moons?\nA. Saturn\nB. Mars\nC. Venus\nD. Mercury\nAnswer:"
-Q2 = PREFIX + "What is the largest planet?\nA. Earth\nB. Jupiter\nC. Mars\nD. Venus\nAnswer:"
-
-FAST = LinkEstimate(bytes_per_s=1e9, rtt_s=0.001)
-SLOW_CPU = 1.0  # prefill tokens/s: anything a fast link brings beats recomputing it
 CONFIG = CacheConfig(kv_wire="fp16", fetch_timeout_s=5.0)
 
 
