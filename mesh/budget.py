@@ -69,7 +69,7 @@ def context_bytes_per_token(config: Any) -> int:
     buffer grows by (mesh.lm.cache), and as a key of the prefill's last chunk its attention
     scores (PREFILL_CHUNK x query heads, float32) and its K and V as float32 for every query
     head (a float16 cache is converted to attend)."""
-    c, _, head_dim, q_heads = _shape(config)
+    _, _, head_dim, q_heads = _shape(config)
     return kv_bytes_per_token(config) * 5 // 4 + (PREFILL_CHUNK * q_heads + 2 * q_heads * head_dim) * 4
 
 
