@@ -341,14 +341,28 @@ def threads_env(threads: int | None, facts: Any = None, environ: Any = None, mod
     return threads
 
 
+def _threads_flag(argv: list[str]) -> int | None:
+    """``--threads N`` from ``argv`` without the parser, whose modules import torch (the full
+    parser checks the value and the command)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--threads")
+    try:
+        return int(pre.parse_known_args(argv)[0].threads)
+    except (TypeError, ValueError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Before build_parser: its modules load torch, and OpenMP reads the variables only then.
+    threads = threads_env(_threads_flag(argv))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("amqtt", "transitions", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if hasattr(args, "threads"):
-        args.threads = threads_env(args.threads)
+    if hasattr(args, "threads") and threads is not None:
+        args.threads = threads
     try:
         return int(args.func(args) or 0)
     except MeshError as exc:

@@ -62,3 +62,25 @@ def test_cli_threads_flag_sets_the_openmp_environment_before_torch_loads() -> No
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
                          check=True)
     assert out.stdout.split()[-4:] == ["1", "1", "False", "1"], out.stdout
+
+
+def test_mesh_main_sets_the_openmp_environment_before_its_parser_loads_torch(tmp_path) -> None:
+    """``main`` used to call ``threads_env`` after ``build_parser``, whose modules load torch: the
+    variables came too late, so ``--threads`` and an ARMv8.0 Pi's one-thread override never
+    reached OpenMP (the Pi's BLAS dies with SIGILL on two threads)."""
+    code = ("import os, sys\nfrom nodes import cli\n"
+            "rc = cli.main(['node', '--threads', '1', '--model', 'no-such-model', '--home', sys.argv[1]])\n"
+            "import torch\nprint(os.environ.get('OMP_NUM_THREADS'), rc, torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, env=env, check=True)
+    assert out.stdout.split()[-3:] == ["1", "2", "1"], out.stdout + out.stderr
+
+
+def test_the_threads_flag_is_read_without_the_parser() -> None:
+    from nodes.cli import _threads_flag
+
+    assert _threads_flag(["node", "--threads", "3", "--name", "a"]) == 3
+    assert _threads_flag(["node", "--threads=2"]) == 2
+    assert _threads_flag(["bench", "load", "--node-threads", "2"]) is None
+    assert _threads_flag(["node", "--threads", "many"]) is None  # the full parser says why
