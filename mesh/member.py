@@ -29,11 +29,12 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mesh import budget, sysmem, topics, wire
+from mesh import budget, handover, sysmem, topics, wire
 from mesh.askers import AskGuard, Cancelled
 from mesh.auth import senders
 from mesh.auth.keyring import Keyring
@@ -155,6 +156,11 @@ class Member(Presence):
         self.pending: dict[str, int] = {}  # router: asks sent per node since its last heartbeat
         self._last_assigned: dict[str, int] = {}
         self._assign_seq = 0
+        # Home Assistant's asks: the router keeps what it forwarded until the node says it answered,
+        # and routes an ask once more when that node dies first; a node lists what it answered.
+        self.forwards = handover.Forwards()
+        self._forwards_lock = threading.Lock()
+        self.answered: deque[str] = deque(maxlen=handover.ANSWERED_KEPT)
 
     # -- presence ---------------------------------------------------------------------------------
     def go_online(self, first_heartbeat: Callable[[], dict[str, Any]] | None = None) -> None:
@@ -199,11 +205,15 @@ class Member(Presence):
     def status_changed(self, name: str, online: bool | None) -> None:
         if self.on_presence is not None and name != self.name:
             self.on_presence(name, online)
+        if not online:
+            self.rescue_orphans()
 
     def heard(self, name: str, body: dict[str, Any], retained: bool, fresh: bool) -> None:
         if fresh:
             with self.changed:
                 self.pending.pop(name, None)
+            with self._forwards_lock:
+                self.forwards.answered(name, body.get("answered"))
         if self.on_peer_heartbeat is not None and name != self.name:
             self.on_peer_heartbeat(name, body, retained)
 
@@ -324,21 +334,23 @@ class Member(Presence):
         if self.valid_ask(env):
             self.route(env)
 
-    def _candidates(self, model: str | None) -> list[NodeView]:
+    def _candidates(self, model: str | None, exclude: str | None = None) -> list[NodeView]:
         with self.changed:  # live: a heartbeat accepted lately (none, refused or stale: no figures to trust)
             views = self.peers.live(time.monotonic())
         return [v for v in views
                 if (not self.answer_role or "answer" in (v.heartbeat.get("roles") or []))
-                and (model is None or not v.model or v.model == model)]
+                and (model is None or not v.model or v.model == model) and v.name != exclude]
 
-    def route(self, env: wire.Envelope, original: bytes | None = None) -> None:
+    def route(self, env: wire.Envelope, original: bytes | None = None, *, retry_of: str | None = None) -> None:
         """Forward an ask to the node :func:`pick` chooses, or answer ``no-node``. ``original``: the
         asker's sealed bytes, carried inside the sealed forward (``mesh.auth.senders.forward``);
         with keys, the asker also hears which node took its ask (a sealed ``ROUTED`` notice, sent
-        before the forward, so it comes before the node's first reply)."""
+        before the forward, so it comes before the node's first reply). A JSON ask forwarded to
+        another node is kept until that node says it answered (``mesh.handover``); ``retry_of``:
+        the node that died holding it (this is its one retry, never sent there)."""
         model = env.body.get("model")
         model = model if isinstance(model, str) else None
-        candidates = self._candidates(model)
+        candidates = self._candidates(model, exclude=retry_of)
         depths = self.depths(env, [v.name for v in candidates]) if self.depths and candidates else {}
         with self.changed:
             target, reason = pick(candidates, depths, self.pending, self._last_assigned, model,
@@ -359,7 +371,29 @@ class Member(Presence):
             self.bus.publish(env.reply_to, senders.encode(self.keys, notice, env.reply_to), qos=1)
         forwarded = senders.forward(self.keys, env, original, self.name, reason)
         topic = topics.node_ask(target)
+        if env.sender == JSON_SENDER and target != self.name:  # kept before it can be answered
+            now = time.monotonic()
+            with self._forwards_lock:
+                self.forwards.sent(env, target, budget.deadline_at(now, env.body, self.ask_timeout_s),
+                                   retried=retry_of is not None)
         self.bus.publish(topic, senders.encode(self.keys, forwarded, topic, self.limits.max_message_bytes), qos=1)
+
+    def rescue_orphans(self) -> None:
+        """Route once more the JSON asks forwarded to a node that went offline or silent before
+        its heartbeat said it answered them (review M9); on a status change and every heartbeat."""
+        with self.changed:
+            alive = {v.name for v in self.peers.live(time.monotonic())}
+        if self.present:
+            alive.add(self.name)
+        with self._forwards_lock:
+            orphans = self.forwards.orphans(alive, time.monotonic())
+            self.forwards.retried += len(orphans)
+        for f in orphans:
+            log.warning("%s died holding Home Assistant ask %s: routing it once more", f.target, f.env.corr)
+            try:
+                self.route(f.env, retry_of=f.target)
+            except MeshError as exc:
+                log.warning("could not route ask %s again: %s", f.env.corr, exc)
 
     # -- replies ----------------------------------------------------------------------------------
     def reply(self, job: Job, kind: wire.Kind, body: dict[str, Any]) -> None:
@@ -389,7 +423,10 @@ class Member(Presence):
     def publish_heartbeat(self, body: dict[str, Any]) -> wire.Envelope:
         """One heartbeat (retained), numbered; raises MeshError when it could not be sent."""
         # every node's heartbeat says its RSS, peak and memory limit (MiB), agent or coordinator
-        env = wire.Envelope(wire.Kind.HEARTBEAT, self.name, dict(body, seq=self.seq, **sysmem.heartbeat_fields()))
+        self.rescue_orphans()  # the heartbeat's pace also finds nodes that went silent holding an ask
+        extra = {"answered": list(self.answered)} if self.answered else {}
+        env = wire.Envelope(wire.Kind.HEARTBEAT, self.name,
+                            dict(body, seq=self.seq, **extra, **sysmem.heartbeat_fields()))
         topic = topics.node_heartbeat(self.name)
         self.bus.publish(topic, senders.encode(self.keys, env, topic),
                          qos=topics.HEARTBEAT.qos, retain=topics.HEARTBEAT.retain)
@@ -447,6 +484,8 @@ class Member(Presence):
                 log.exception("ask failed")
                 self.reply_error(job, "internal", f"{type(exc).__name__}: {exc}")
             finally:
+                if job.env.sender == JSON_SENDER:  # answered or refused: its router may forget it
+                    self.answered.append(handover.ask_digest(job.env.corr))
                 if finished is not None:
                     finished(t0, outcome)
                 self.running = False

@@ -85,6 +85,11 @@ class Presence:
             return
         with self.changed:
             fresh = self.peers.set_heartbeat(parsed[0], env.body, time.monotonic())
+            if fresh and not retained:
+                # A heartbeat sent now, sealed by the node (with keys), outweighs a status anyone
+                # without an ACL can write: a forged retained ``offline`` hides a live node for at
+                # most one heartbeat period. A retained one proves nothing about now.
+                self.peers.set_status(parsed[0], True)
             self.changed.notify_all()
         self.heard(parsed[0], env.body, retained, fresh)
 

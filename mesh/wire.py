@@ -63,7 +63,8 @@ CACHE_FIGURES = "cache_figures"  # an ask's flag: its answer carries the cache b
 _SCHEMAS: dict[Kind, dict[str, tuple[Any, bool]]] = {
     Kind.HEARTBEAT: {"seq": (_INT, True), "model": (_STR, True), "model_key": (_STR, True),
                      "queue": (_INT, True), "load": (_NUM, True), "prefill_tps": (_NUM, True),
-                     "rtt_ms": (_NUM, False), "served": (_INT, False), "rejects": (dict, False)},
+                     "rtt_ms": (_NUM, False), "served": (_INT, False), "rejects": (dict, False),
+                     "answered": (list, False)},
     Kind.ASK: {"text": (_STR, True), "max_new_tokens": (_INT, True), "stop": (list, False),
                "reply_format": (_STR, False), "ask_id": (_STR, False), "model": (_STR, False), "routed_by": (_STR, False),
                "no_cache": (_BOOL, False), CACHE_FIGURES: (_BOOL, False)},

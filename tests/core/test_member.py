@@ -121,3 +121,54 @@ def test_cache_figures_only_for_a_cbor_ask_that_asks_for_them() -> None:
     assert not shows_cache(ask(JSON_SENDER, "h2", cache_figures=True))
     # a sealed asker's ask answered as JSON: its topic may be one others read
     assert not shows_cache(ask("asker", "a4", reply_format="json", cache_figures=True))
+
+
+def heartbeat(m: Member, name: str, seq: int, retained: bool = False, **body: Any) -> None:
+    from mesh.auth import senders
+
+    topic = topics.node_heartbeat(name)
+    env = wire.Envelope(wire.Kind.HEARTBEAT, name, {"seq": seq, "model": "m", "model_key": "k", "queue": 0, "load": 0.0,
+                                                   "prefill_tps": 0.0, "heartbeat_s": 0.5,
+                                                   "roles": ["answer"], **body})
+    m.on_heartbeat(topic, senders.encode(None, env, topic), retained)
+
+
+def test_a_forged_offline_hides_a_live_node_for_one_heartbeat_only() -> None:
+    """Anyone without an ACL (the embedded broker) can write a node's retained status; a node that
+    heartbeats now is live again, while a retained (old) heartbeat does not revive a dead node."""
+    m, _ = member()
+    m.on_status(topics.node_status("n2"), topics.ONLINE, True)
+    heartbeat(m, "n2", 1)
+    assert [v.name for v in m.peers.live(time.monotonic())] == ["n2"]
+    m.on_status(topics.node_status("n2"), topics.OFFLINE, True)  # forged, or a real last will
+    assert m.peers.live(time.monotonic()) == []
+    heartbeat(m, "n3", 5, retained=True)  # a dead node's retained heartbeat: no proof of life
+    m.on_status(topics.node_status("n3"), topics.OFFLINE, True)
+    heartbeat(m, "n2", 2)  # n2 is alive after all
+    assert [v.name for v in m.peers.live(time.monotonic())] == ["n2"]
+
+
+def test_the_router_routes_a_json_ask_again_when_its_node_dies_before_answering() -> None:
+    m, bus = member()
+    m.present = True
+    for name, seq in (("n2", 1), ("n3", 1)):
+        m.on_status(topics.node_status(name), topics.ONLINE, True)
+        heartbeat(m, name, seq)
+    import json
+
+    m.on_json_ask(topics.ASK, json.dumps({"text": "hi", "id": "ha-1", "max_new_tokens": 4}).encode(), False)
+    (first,) = [t for t, _ in bus.sent if t.endswith("/ask")]
+    holder = first.split("/")[-2]
+    other = ({"n2", "n3"} - {holder}).pop()
+    heartbeat(m, other, 2, answered=[])  # the other node's heartbeat closes nothing
+    bus.sent.clear()
+    m.on_status(topics.node_status(holder), topics.OFFLINE, True)  # died before answering
+    assert [t for t, _ in bus.sent if t.endswith("/ask")] == [topics.node_ask(other)]
+    # the retry's node answers: its heartbeat lists the ask, and its later death re-sends nothing
+    from mesh.handover import ask_digest
+
+    heartbeat(m, other, 3, answered=[ask_digest(next(iter(m.forwards._open.values())).env.corr)])
+    assert len(m.forwards) == 0
+    bus.sent.clear()
+    m.on_status(topics.node_status(other), topics.OFFLINE, True)
+    assert [t for t, _ in bus.sent if t.endswith("/ask")] == []

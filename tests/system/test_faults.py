@@ -238,3 +238,51 @@ def test_node_killed_mid_answer_then_restarted_with_its_cache(crash_broker: Brok
         client.stop()
         k1.stop()
         k2.stop()
+
+
+def test_a_home_assistant_ask_outlives_the_node_that_took_it(crash_broker: Broker, log_dir: Path) -> None:
+    """Review M9: a JSON ask (Home Assistant's; nobody re-sends it) forwarded to a node that dies
+    before answering is routed once more by the router, which kept it; before, the automation
+    waited out its own timeout with no answer and no error."""
+    import json
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    j1 = start_node(crash_broker, "j1", MODEL, log_dir)  # the router: the smallest name
+    j2 = start_node(crash_broker, "j2", MODEL, log_dir)
+    answers: dict[str, dict] = {}
+    forwarded_to_j2 = threading.Event()
+
+    def on_message(cl: object, u: object, m: mqtt.MQTTMessage) -> None:
+        if m.topic == topics.node_ask("j2"):
+            forwarded_to_j2.set()
+        elif m.topic == topics.ANSWER:
+            body = json.loads(m.payload)
+            answers.setdefault(body.get("id"), body)
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    c.on_message = on_message
+    c.connect("127.0.0.1", crash_broker.port)
+    c.loop_start()
+    try:
+        c.subscribe([(topics.ANSWER, 1), (topics.node_ask("j2"), 1)])
+        time.sleep(0.5)
+        # Two at once: the router takes the first itself, the second goes to j2 (its queue is shorter).
+        for ask_id in ("ha-first", "ha-second"):
+            c.publish(topics.ASK, json.dumps({"text": LONG, "max_new_tokens": 48, "id": ask_id}), qos=1)
+        assert forwarded_to_j2.wait(30), "the router sent neither ask to j2"
+        time.sleep(0.5)  # j2 is answering
+        j2.proc.send_signal(signal.SIGKILL)
+        assert j2.proc.wait(10) == -signal.SIGKILL
+        deadline = time.monotonic() + 120
+        while len(answers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert set(answers) == {"ha-first", "ha-second"}, answers
+        assert answers["ha-second"]["node"] == "j1" and answers["ha-second"]["text"]
+        assert answers["ha-first"]["text"] == answers["ha-second"]["text"]  # the same ask, answered whole
+    finally:
+        c.loop_stop()
+        c.disconnect()
+        j1.stop()
+        j2.stop()
