@@ -57,7 +57,8 @@ def _open(path: Path) -> Any:
     try:
         return _tensor_reader(path)
     except (ValueError, IndexError, KeyError, OverflowError, struct.error, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is truncated or damaged: its GGUF header cannot be read ({exc})") from None
+        # numpy's reshape of a tensor the file ends inside, or a header field past the end
+        raise ConfigError(f"{path} is truncated or damaged ({exc}); download it again") from None
 
 
 def _scalar(field: Any) -> Any:
