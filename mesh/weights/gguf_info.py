@@ -7,9 +7,9 @@ builds a numpy object per vocabulary entry: ~1 GB for Gemma-3's 262k-token vocab
 a Pi Zero has. The scalar fields are renamed by transformers' own GGUF table
 (``GGUF_CONFIG_MAPPING``) with the fix-ups its ``load_gguf_checkpoint`` makes for the supported
 families (tied embeddings when the file has no ``output.weight``, Gemma-3's text-only model
-type), so the config equals the one the packaged route writes (``tests/weights/test_user_gguf.py``
-compares them); the vocabulary size comes from the embedding's rows, which is what the model
-must hold whatever the metadata says.
+type), so the config equals the one the packaged route writes
+(``tests/weights/test_user_gguf_packaged.py`` compares them); the vocabulary size comes from the
+embedding's rows, which is what the model must hold whatever the metadata says.
 """
 
 from __future__ import annotations

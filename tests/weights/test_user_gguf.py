@@ -202,6 +202,11 @@ def test_a_rerun_keeps_built_formats_and_adds_new_ones(tmp_path: Path) -> None:
     assert not (home / "models" / "tiny" / "model.safetensors").exists()
     with pytest.raises(ConfigError, match=r"no fp32 weights .*run `mesh setup`"):
         load_model(home, "tiny", weights="fp32")
+    # `mesh setup --models tiny` goes back to the registered file, and refuses it once it changed
+    write_qwen2(src, seed=5)
+    with pytest.raises(ConfigError, match=r"tiny.gguf has changed since tiny was registered .* --name tiny"):
+        setup_gguf(home, src, "tiny", weights=("q4",), expect_sha256=model_spec("tiny", home).gguf_sha256)
+    assert int8.stat().st_ino == inode and not [p for p in (home / "models").iterdir() if p.name.startswith(".")]
 
 
 def _gguf_of(tmp_path: Path, arch: str) -> Path:
