@@ -46,6 +46,13 @@ class ModelSpec:
     # The GGUF's sha256, pinned: setup refuses any other file (review L5: a package replaced on
     # the index, or a damaged download, would otherwise become every node's weights).
     gguf_sha256: str = ""
+    # A user's model (`mesh setup --gguf`, mesh.user_models): the file it was registered from;
+    # empty for a packaged one (``package`` and ``module`` are then empty).
+    gguf_path: str = ""
+
+    @property
+    def packaged(self) -> bool:
+        return not self.gguf_path
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -70,11 +77,23 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def model_spec(key: str) -> ModelSpec:
-    try:
+def model_spec(key: str, cache_root: Path | None = None) -> ModelSpec:
+    """The packaged model ``key``, or (given the setup cache) the user model registered under it."""
+    if key in MODELS:
         return MODELS[key]
-    except KeyError:
-        raise ConfigError(f"unknown model {key!r}; known: {', '.join(sorted(MODELS))}") from None
+    users = {}
+    if cache_root is not None:
+        from mesh.user_models import read_registry
+
+        users = read_registry(cache_root)
+        if key in users:
+            u = users[key]
+            return ModelSpec(key=key, package="", module="", gguf_name=u.gguf_name, family=u.family,
+                             architecture=f"{u.gguf_name} ({u.architecture}, user GGUF)",
+                             gguf_sha256=u.gguf_sha256, gguf_path=u.gguf_path)
+    known = ", ".join([*sorted(MODELS), *sorted(users)])
+    raise ConfigError(f"unknown model {key!r}; known: {known} "
+                      "(`mesh setup --gguf PATH --name NAME` adds a model of your own)")
 
 
 def converted_dir(cache_root: Path, key: str) -> Path:
@@ -144,7 +163,7 @@ def load_model(cache_root: Path, key: str, threads: int = 0, weights: str = DEFA
     :mod:`mesh.lm.cache`; transformers' caches are always float32)."""
     from mesh.text import FILE_NAME, ensure_tables, load_tokenizer
 
-    model_spec(key)
+    model_spec(key, cache_root)
     check_format(weights)
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}")

@@ -50,7 +50,18 @@ def cmd_setup(args: argparse.Namespace) -> int:
     if args.profile and args.profile not in PROFILE_WEIGHTS:
         raise ConfigError(f"unknown profile {args.profile!r}; known: {', '.join(PROFILE_WEIGHTS)}")
     weights = args.weights or (PROFILE_WEIGHTS[args.profile] if args.profile else ",".join(SETUP_WEIGHTS))
-    done = run_setup(mesh_home(args), args.models or None, weights=parse_formats(weights))
+    if args.gguf:
+        from pathlib import Path
+
+        from nodes.setup_gguf import setup_gguf
+
+        if args.models:
+            raise ConfigError("--gguf sets up one model of your own; leave out --models")
+        done = setup_gguf(mesh_home(args), Path(args.gguf), args.name, weights=parse_formats(weights))
+    elif args.name:
+        raise ConfigError("--name names a model of your own: give its file with --gguf PATH")
+    else:
+        done = run_setup(mesh_home(args), args.models or None, weights=parse_formats(weights))
     for key, path in done.items():
         print(f"{key:14s} {path}")
     return 0
@@ -234,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", help="models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.add_argument("--weights", help="weight formats to build, comma-separated (default fp32,int8,q4)")
     p.add_argument("--profile", help="build only the weight format of this device profile (pi-zero-2w: int8)")
+    p.add_argument("--gguf", metavar="PATH", help="convert and register a GGUF of your own (LLaMA, Qwen2 or "
+                   "Gemma-3 architecture) instead of the packaged models")
+    p.add_argument("--name", help="with --gguf: the model's name for --model (default: from the file name)")
     p.set_defaults(func=cmd_setup)
 
     p = sub.add_parser("broker", help="run the embedded amqtt broker")

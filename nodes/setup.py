@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mesh.errors import ConfigError
-from mesh.model import CONVERTED_FORMAT, MODELS, ModelSpec, converted_dir
+from mesh.model import CONVERTED_FORMAT, MODELS, ModelSpec, converted_dir, model_spec
 from mesh.weights.formats import QUANT_FORMAT, SETUP_WEIGHTS, check_format, weights_file
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,15 @@ def run_setup(cache_root: Path, models: list[str] | None = None, console: Consol
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         task = progress.add_task("setup", total=len(keys) * len(weights) + 3)
         for key in keys:
-            spec = MODELS[key]
+            spec = model_spec(key, cache_root)
+            if not spec.packaged:  # a user's model: set up again from the file it was registered from
+                from nodes.setup_gguf import setup_gguf
+
+                progress.update(task, description=f"model {key} (your GGUF {spec.gguf_path})")
+                done.update(setup_gguf(cache_root, Path(spec.gguf_path), key, weights, console,
+                                       expect_sha256=spec.gguf_sha256))
+                progress.advance(task, len(weights))
+                continue
             for fmt in weights:
                 progress.update(task, description=f"model {key}, {fmt} weights (converted once)")
                 path = convert_weights(spec, cache_root, fmt)

@@ -96,16 +96,23 @@ def _pad_to(plan: list[tuple[str, torch.dtype, list[int]]], align: int) -> None:
 
 
 def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadata: dict[str, str],
-                 block_bytes: int = BLOCK_BYTES) -> Path:
+                 block_bytes: int = BLOCK_BYTES, plain_fp32: bool = False) -> Path:
     """Write ``out_path`` in weight format ``fmt`` from the GGUF at ``gguf_path``.
 
     ``config`` is the model's transformers config (names and head counts); ``metadata`` goes
     into the file header (the GGUF digest, the model key) beside the format fields. Returns the
-    path; on any error nothing is left under it or under a temporary name."""
+    path; on any error nothing is left under it or under a temporary name.
+
+    ``plain_fp32`` allows ``fmt="fp32"``: every tensor dequantised to float32 under its
+    transformers name, a block of rows at a time, in a ``model.safetensors`` transformers loads
+    too (``"format": "pt"``); a user's GGUF is set up this way (``nodes.setup_gguf``), never as
+    a whole float32 model in memory. The packaged models' fp32 copy is still transformers' own
+    (``nodes.setup.convert_model``); both hold the same numbers (the same dequantiser and
+    fix-ups)."""
     from gguf import dequantize
 
     check_format(fmt)
-    if fmt == "fp32":
+    if fmt == "fp32" and not plain_fp32:
         raise ConfigError("fp32 weights are saved by transformers, not by the quantising converter")
     reader = _tensor_reader(gguf_path)
     arch = _architecture(reader)
@@ -119,6 +126,10 @@ def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadat
         if shapes.get(hf) != have:
             raise ConfigError(f"{gguf_path.name}: {t.name} is {have}, the model config wants {shapes.get(hf)} "
                               f"for {hf}; the config does not belong to this GGUF")
+    header = {**metadata, "mesh_weights": fmt, "mesh_quant_format": str(QUANT_FORMAT), "architecture": arch}
+    parsed = {"config": config.to_dict(), "tensors": {}}
+    if fmt == "fp32":
+        return _write_fp32(mapped, out_path, header, names, processor, parsed, elementwise, block_bytes)
     quant = [(t, hf) for t, hf in mapped if len(t.shape) == 2]
     plain = [(t, hf) for t, hf in mapped if len(t.shape) != 2]
     q4 = fmt == "q4"
@@ -149,9 +160,7 @@ def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadat
     _pad_to(plan, 4)
     for t, hf in plain:
         plan.append((hf, torch.float32, [int(x) for x in reversed(t.shape.tolist())]))
-    header = {**metadata, "mesh_weights": fmt, "mesh_quant_format": str(QUANT_FORMAT), "architecture": arch}
     writer = StreamWriter(out_path, plan, header)
-    parsed = {"config": config.to_dict(), "tensors": {}}
     try:
         later: dict[str, torch.Tensor] = {}  # scales and minimums, written after every code
         for t, hf in quant:
@@ -179,6 +188,27 @@ def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadat
                 w = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
                                       tensor_key_mapping=names, parsed_parameters=parsed).weights
                 writer.write(name, torch.from_numpy(np.array(w, dtype=np.float32)))
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _write_fp32(mapped: list[tuple[Any, str]], out_path: Path, header: dict[str, str], names: dict[str, str],
+                processor: Any, parsed: dict[str, Any], elementwise: bool, block_bytes: int) -> Path:
+    """Every mapped tensor as float32, in GGUF order, a block of rows at a time (a tensor whose
+    fix-up needs all its rows, LLaMA's q/k permutation, whole)."""
+    from gguf import dequantize
+
+    plan = [(hf, torch.float32, [int(x) for x in reversed(t.shape.tolist())]) for t, hf in mapped]
+    writer = StreamWriter(out_path, plan, {**header, "format": "pt"})  # "pt": transformers loads it too
+    try:
+        for t, hf in mapped:
+            whole = not elementwise or ".attn_q." in t.name or ".attn_k." in t.name or len(t.shape) != 2
+            for _, raw in _row_blocks(t, whole, block_bytes):
+                w = processor.process(weights=dequantize(raw, t.tensor_type), name=t.name,
+                                      tensor_key_mapping=names, parsed_parameters=parsed).weights
+                writer.write(hf, torch.from_numpy(np.array(w, dtype=np.float32)))
         return writer.finish()
     except BaseException:
         writer.abort()

@@ -113,8 +113,13 @@ def attach(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, fmt: 
             scale = scale if isinstance(scale, torch.Tensor) else None
             new: nn.Module = (GroupEmbedding(q, s, mins, scale, module.padding_idx) if grouped else
                               Int8Embedding(q, s, scale, module.padding_idx))
-        elif isinstance(module, nn.Linear) and module.bias is None:
-            new = GroupLinear(q, s, mins) if grouped else Int8Linear(q, s)
+        elif isinstance(module, nn.Linear):
+            bias = None
+            if module.bias is not None:  # Qwen2's q, k and v: a float32 bias beside the codes
+                bias = tensors.get(f"{name}.bias")
+                if bias is None or tuple(bias.shape) != tuple(module.bias.shape):
+                    raise ConfigError(f"{path} has no usable tensor {name}.bias for this model; {_fix(path, fmt)}")
+            new = GroupLinear(q, s, mins, bias) if grouped else Int8Linear(q, s, bias)
         else:
             raise ConfigError(f"{fmt} weights for {name} ({type(module).__name__}) cannot be used; "
                               f"run the node with --weights fp32")

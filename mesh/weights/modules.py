@@ -89,17 +89,21 @@ def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor, kernel: str | None =
 
 
 class Int8Linear(nn.Module):
-    """``nn.Linear`` without bias over an int8 weight with one scale per output row."""
+    """``nn.Linear`` over an int8 weight with one scale per output row; the bias, when the layer
+    has one (Qwen2's q, k and v), stays float32."""
 
-    def __init__(self, qweight: Tensor, scales: Tensor) -> None:
+    def __init__(self, qweight: Tensor, scales: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = (int(s) for s in qweight.shape)
         self.register_buffer("qweight", qweight, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
         lead = x.shape[:-1]
         y = int8_matmul(x.reshape(-1, self.in_features).to(torch.float32), self.qweight, self.scales)
+        if self.bias is not None:
+            y = y.add_(self.bias)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -170,10 +174,10 @@ def _width(codes: Tensor) -> int:
 
 
 class GroupLinear(nn.Module):
-    """``nn.Linear`` without bias over a grouped weight (:mod:`mesh.weights.formats`): q4 codes
-    with minimums, or grouped int8 codes without."""
+    """``nn.Linear`` over a grouped weight (:mod:`mesh.weights.formats`): q4 codes with
+    minimums, or grouped int8 codes without; a bias, if any, stays float32."""
 
-    def __init__(self, codes: Tensor, scales: Tensor, mins: Tensor | None = None) -> None:
+    def __init__(self, codes: Tensor, scales: Tensor, mins: Tensor | None = None, bias: Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = int(codes.shape[0]), _width(codes)
         self.bits = 4 if codes.dtype == torch.uint8 else 8
@@ -182,10 +186,13 @@ class GroupLinear(nn.Module):
         self.register_buffer("qweight", codes, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.mins = mins
+        self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
         lead = x.shape[:-1]
         y = group_matmul(x.reshape(-1, self.in_features).to(torch.float32), self.qweight, self.scales, self.mins)
+        if self.bias is not None:
+            y = y.add_(self.bias)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
