@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="*", help="model keys (default: all)")
     p.add_argument("--home", help="models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.add_argument("--weights", help="weight formats to build, comma-separated (default fp32,int8,q4)")
-    p.add_argument("--profile", help="build only the weight format of this device profile (pi-zero-2w: int8)")
+    p.add_argument("--profile", help="build only the weight format of this device profile (pi-zero-2w: q4)")
     p.add_argument("--gguf", metavar="PATH", help="convert and register a GGUF of your own (LLaMA, Qwen2 or "
                    "Gemma-3 architecture) instead of the packaged models")
     p.add_argument("--name", help="with --gguf: the model's name for --model (default: from the file name)")
