@@ -104,6 +104,7 @@ class Cap:
 
 
 _KIB, _MIB = 1024, 1024 * 1024
+MAX_EVAL_IDS = 4_096  # token ids an evaluation ask (``halo_eval``, mesh.halo.evaluate) may carry
 
 
 def kind_caps(limits: Limits) -> dict[Kind, Cap]:
@@ -114,8 +115,9 @@ def kind_caps(limits: Limits) -> dict[Kind, Cap]:
         # knows (peer catalogs, wasted fetches): room for hundreds of peers.
         Kind.HEARTBEAT: Cap(64 * _KIB, 4_096),
         # the prompt at 4 UTF-8 bytes per character, plus 8 stop strings and the fields; twice, for
-        # a router's forward carries the asker's sealed ask inside (mesh.auth.senders).
-        Kind.ASK: Cap(8 * limits.max_prompt_chars + 32 * _KIB, 256),
+        # a router's forward carries the asker's sealed ask inside (mesh.auth.senders); or an
+        # evaluation's token ids (5 bytes each at most) and the four MMLU letters.
+        Kind.ASK: Cap(8 * limits.max_prompt_chars + 32 * _KIB, 256 + MAX_EVAL_IDS + 4),
         # one streamed piece of text: a few tokens.
         Kind.TOKEN: Cap(16 * _KIB, 64),
         # max_new_tokens tokens of text (<= 128 B each) and their ids, plus the timing and cache figures.

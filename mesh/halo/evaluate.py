@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import DynamicCache
 
+from mesh import wire
 from mesh.errors import ProtocolError
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ def evaluate(engine: HaloEngine, spec: dict[str, Any], strict: bool) -> dict[str
     ids, vocab = spec.get("ids"), engine.model.config.vocab_size
     score_ids = spec.get("score_ids", [])
     start = spec.get("start", 1)
-    if (not isinstance(ids, list) or not 1 <= len(ids) <= 4096 or not isinstance(score_ids, list)
+    if (not isinstance(ids, list) or not 1 <= len(ids) <= wire.MAX_EVAL_IDS or not isinstance(score_ids, list)
             or not all(type(i) is int and 0 <= i < vocab for i in [*ids, *score_ids])
             or type(start) is not int or not 1 <= start <= len(ids)):
         raise ProtocolError("bad-halo-eval", "ids/start/score_ids")

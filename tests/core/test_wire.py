@@ -174,3 +174,17 @@ def test_reject_counter() -> None:
     for r in ("malformed", "malformed", "oversized"):
         c.add(r)
     assert c.snapshot() == {"malformed": 2, "oversized": 1} and c.total() == 3
+
+
+def test_an_evaluation_ask_of_the_size_the_coordinator_takes_passes_the_ask_cap() -> None:
+    """`mesh bench halo` scores perplexity and MMLU through asks that carry token ids
+    (``halo_eval``, mesh.halo.evaluate: up to MAX_EVAL_IDS): the ask cap of 256 CBOR items refused
+    every window over ~250 tokens (its default 512), and the bench waited 900 s for an answer."""
+    ids = list(range(1000, 1000 + wire.MAX_EVAL_IDS))
+    body = {"text": "eval", "max_new_tokens": 1, "halo_sync": "strict",
+            "halo_eval": {"ids": ids, "start": 1, "score_ids": [330, 389, 340, 422]}}
+    env = wire.Envelope(wire.Kind.ASK, "asker", body, corr="c", reply_to="mesh/v1/reply/cli-1")
+    assert wire.decode(wire.encode(env)).body["halo_eval"]["ids"] == ids
+    body["halo_eval"]["ids"] = ids * 2  # far beyond what evaluate() takes: refused before cbor2 walks it
+    with pytest.raises(ProtocolError, match="too-many-items"):
+        wire.decode(wire.encode(wire.Envelope(wire.Kind.ASK, "asker", body, corr="c", reply_to="mesh/v1/reply/cli-1")))
