@@ -79,7 +79,7 @@ class FileGroups:
                  group_size: int = split.DEFAULT_GROUP_SIZE, verify: bool = True) -> None:
         from mesh.lm.config import load_config
         from mesh.model import model_key, read_meta
-        from mesh.weights.mapped import read_header
+        from mesh.weights.mapped import drop_cached, read_header
 
         self.weights = check_format(weights)
         meta = read_meta(model_dir, key)
@@ -97,6 +97,8 @@ class FileGroups:
             from mesh.weights.load import check_metadata
 
             check_metadata(self.path, weights, self.header.metadata, str(meta["gguf_sha256"]), verify)
+            if verify:  # the digest read the whole file: none of it is needed until the first plan
+                drop_cached(self.path)
         for layer in range(self.n_layers):
             for proj in PROJECTIONS:
                 self._check(layer, proj)

@@ -2,8 +2,11 @@
 
 A HALO worker needs a slice of every MLP layer of a weight file, never the whole file at once: it
 opens a :class:`Mapping` for one layer, copies the rows and columns it serves out of the mapped
-tensors, and closes the mapping, so the pages it touched leave its resident set (they stay in the
-page cache, which the kernel reclaims) before the next layer is read.
+tensors, and closes the mapping, so the pages it touched leave its resident set before the next
+layer is read. Closing also drops those pages from the page cache (``posix_fadvise(DONTNEED)``
+over each tensor read; a page another process maps stays): nothing reads them again
+until the next plan, and a memory cgroup (a testbed device, a container) would otherwise keep them
+charged to the worker, a whole MLP's worth after one plan. The next plan reads them from disk again.
 
 The safetensors layout (the format's own specification): an unsigned little-endian 64-bit header
 length ``n``, then ``n`` bytes of JSON mapping each tensor name to ``{"dtype", "shape",
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import struct
 import sys
 from dataclasses import dataclass
@@ -79,16 +83,29 @@ def read_header(path: Path) -> Header:
     return Header(entries, {str(k): str(v) for k, v in metadata.items()})
 
 
+def drop_cached(path: Path) -> None:
+    """Drop the page cache of the whole file at ``path`` (pages a process maps stay): after a pass
+    over all of it, such as checking its digest, that nothing reads again soon."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 class Mapping:
     """``with Mapping(path, header) as m: m.tensor(name)``: tensors as views of a private read-only
     mapping of the file, valid only inside the block. torch does not keep a mapping alive for the
     tensors over it, so nothing made by :meth:`tensor` may leave the block except owned copies
-    (``index_select``, ``clone``); closing the mapping drops its pages from the process."""
+    (``index_select``, ``clone``); closing the mapping drops the pages read from the process and
+    from the page cache (see the module docstring)."""
 
     def __init__(self, path: Path, header: Header) -> None:
         self.path, self.header = Path(path), header
         self._file = None
         self._map: mmap.mmap | None = None
+        self._read: set[tuple[int, int]] = set()  # byte ranges of the tensors handed out
 
     def __enter__(self) -> "Mapping":
         self._file = self.path.open("rb")
@@ -106,6 +123,10 @@ class Mapping:
             self._map.close()
             self._map = None
         if self._file is not None:
+            if hasattr(os, "posix_fadvise"):
+                for start, stop in sorted(self._read):
+                    os.posix_fadvise(self._file.fileno(), start, stop - start, os.POSIX_FADV_DONTNEED)
+            self._read.clear()
             self._file.close()
             self._file = None
 
@@ -122,4 +143,5 @@ class Mapping:
         count = math.prod(e.shape)
         if count == 0:
             return torch.empty(e.shape, dtype=e.dtype)
+        self._read.add((e.start, e.stop))
         return torch.frombuffer(self._map, dtype=e.dtype, count=count, offset=e.start).view(e.shape)
