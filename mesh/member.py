@@ -122,7 +122,8 @@ class Member(Presence):
     ``label`` names the process in error messages (``node pi1``). ``answers_itself``: with no
     other answering node online, a routed ask it accepts comes to this process (the coordinator).
     ``answer_role``: routers only pick nodes whose heartbeat lists the role ``answer`` (the
-    coordinator's rule; the agent routes to any node with a matching model). ``route_threshold``:
+    coordinator's rule; the agent routes to any node with a matching model whose roles answer asks:
+    :func:`mesh.routing.answers_asks`). ``route_threshold``:
     see :func:`mesh.routing.route`. ``takes_asks`` False: a process that answers no asks (a
     worker-only node): every ask sent to it is refused at once with ``not-answering``, while it
     still routes others' asks when it is the router (:func:`mesh.routing.answers_asks` keeps
@@ -239,7 +240,7 @@ class Member(Presence):
         """An ask that reached a process that answers none (routed by a router that did not know,
         or sent to it by name): counted, logged and answered with ``not-answering``."""
         self.rejects.add(NOT_ANSWERING)
-        log.warning("%s answers no asks: refused ask %s from %s", self.label, env.corr, env.sender)
+        log.info("%s answers no asks: refused ask %s from %s", self.label, env.corr, env.sender)
         if env.reply_to is not None and topics.reply_allowed(env.reply_to):
             self.reply_error(Job(env, time.monotonic()), NOT_ANSWERING,
                              f"{self.label} answers no asks (it is a HALO worker only); ask the mesh, "
