@@ -23,6 +23,11 @@ most half of what the fixed parts leave; with no ``--cache-mb`` the cache takes 
 its default. Set either explicitly and
 the node refuses to start when the sum exceeds the limit; so it does when nothing is left.
 
+A worker-only HALO node (``mesh node --roles worker --no-answer``, :func:`plan_worker`) holds
+no model, tokenizer, context or cache: its parts are the runtime and the neuron groups its plan
+gives it, as float32 (it dequantises a quantised file's slices). It does not know its share before
+a plan, so it budgets the whole MLP in float32: a share can be anything up to all of it.
+
 Pure: every figure is passed in.
 """
 
@@ -112,3 +117,20 @@ def plan(limit_bytes: int, limit_source: str, runtime: int, weights: int, tokeni
         fixes.append("a smaller model (--model) or a device with more memory")
     raise DoesNotFit(f"this node needs {fp.describe()}: {over:.0f} MiB more than the {where} it may use; "
                      f"try {', or '.join(fixes)}")
+
+
+def mlp_bytes(layers: int, hidden: int, intermediate: int, bytes_per_weight: int = 4) -> int:
+    """Bytes of every layer's gate, up and down projections (the whole MLP), at ``bytes_per_weight``."""
+    return 3 * layers * hidden * intermediate * bytes_per_weight
+
+
+def plan_worker(limit_bytes: int, limit_source: str, runtime: int, mlp: int) -> Footprint:
+    """A worker-only node's footprint: ``runtime`` plus ``mlp``, the whole MLP as float32
+    (:func:`mlp_bytes`: the most any plan can give it), or :class:`DoesNotFit`."""
+    fp = Footprint(runtime, mlp, 0, 0, 0)
+    if fp.total <= limit_bytes:
+        return fp
+    raise DoesNotFit(f"this HALO worker needs {fp.total / MiB:.0f} MiB = runtime {runtime / MiB:.0f} + the whole "
+                     f"MLP in float32 {mlp / MiB:.0f} (a plan may give it every group) + slack {fp.slack / MiB:.0f}: "
+                     f"{(fp.total - limit_bytes) / MiB:.0f} MiB more than the {limit_bytes / MiB:.0f} MiB "
+                     f"({limit_source}) it may use; try a smaller model (--model) or a device with more memory")

@@ -44,10 +44,11 @@ from mesh.errors import MeshError, ProtocolError
 from mesh.model import bind_threads
 from mesh.mqtt.bus import MqttBus
 from mesh.presence import Presence
-from mesh.routing import NodeView, pick, router_of
+from mesh.routing import NodeView, answers_asks, pick, router_of
 
 log = logging.getLogger(__name__)
 
+NOT_ANSWERING = "not-answering"  # the error reason of an ask sent to a process that answers none
 JSON_SENDER = "json-client"  # the sender of every JSON and text ask (they name none)
 
 Depths = Callable[[wire.Envelope, list[str]], dict[str, int]]
@@ -122,8 +123,12 @@ class Member(Presence):
     ``label`` names the process in error messages (``node pi1``). ``answers_itself``: with no
     other answering node online, a routed ask it accepts comes to this process (the coordinator).
     ``answer_role``: routers only pick nodes whose heartbeat lists the role ``answer`` (the
-    coordinator's rule; the agent routes to any node with a matching model). ``route_threshold``:
-    see :func:`mesh.routing.route`. ``keyring``: this process's identity (``mesh.auth``): asks are
+    coordinator's rule; the agent routes to any node with a matching model whose roles answer asks:
+    :func:`mesh.routing.answers_asks`). ``route_threshold``:
+    see :func:`mesh.routing.route`. ``takes_asks`` False: a process that answers no asks (a
+    worker-only node): every ask sent to it is refused at once with ``not-answering``, while it
+    still routes others' asks when it is the router (:func:`mesh.routing.answers_asks` keeps
+    routers from sending it any). ``keyring``: this process's identity (``mesh.auth``): asks are
     opened and replies and forwards sealed with it (``mesh.auth.senders``); None runs
     unauthenticated, as before identities.
     """
@@ -134,7 +139,7 @@ class Member(Presence):
                  on_peer_heartbeat: Callable[[str, dict[str, Any], bool], None] | None = None,
                  answers_itself: Callable[[wire.Envelope], bool] | None = None,
                  answer_role: bool = False, route_threshold: int = 2, label: str = "",
-                 ask_timeout_s: float = 300.0, keyring: Keyring | None = None) -> None:
+                 ask_timeout_s: float = 300.0, keyring: Keyring | None = None, takes_asks: bool = True) -> None:
         super().__init__(rejects, limits.max_message_bytes, keyring)
         self.name, self.bus, self.limits = name, bus, limits
         self.label = label or name
@@ -145,6 +150,7 @@ class Member(Presence):
         self.on_peer_heartbeat = on_peer_heartbeat
         self.answers_itself = answers_itself
         self.answer_role = answer_role
+        self.takes_asks = takes_asks
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=limits.max_queue)
         self.running = False  # an ask is being answered
         self.present = False  # between announcing "online" and going offline
@@ -233,9 +239,22 @@ class Member(Presence):
 
     def on_node_ask(self, topic: str, payload: bytes, retained: bool) -> None:
         env = self.open_ask(topic, payload)
+        if env is not None and not self.takes_asks:
+            self.refuse(env)
+            return
         if env is None or not self.valid_ask(env):
             return
         self.take(Job(env, time.monotonic(), json_reply=env.body.get("reply_format") == "json"))
+
+    def refuse(self, env: wire.Envelope) -> None:
+        """An ask that reached a process that answers none (routed by a router that did not know,
+        or sent to it by name): counted, logged and answered with ``not-answering``."""
+        self.rejects.add(NOT_ANSWERING)
+        log.info("%s answers no asks: refused ask %s from %s", self.label, env.corr, env.sender)
+        if env.reply_to is not None and topics.reply_allowed(env.reply_to):
+            self.reply_error(Job(env, time.monotonic()), NOT_ANSWERING,
+                             f"{self.label} answers no asks (it is a HALO worker only); ask the mesh, "
+                             "or a node whose heartbeat lists the role 'answer'")
 
     def valid_ask(self, env: wire.Envelope) -> bool:
         """Count, and answer where a reply topic is usable, an ask that cannot be answered."""
@@ -338,7 +357,7 @@ class Member(Presence):
         with self.changed:  # live: a heartbeat accepted lately (none, refused or stale: no figures to trust)
             views = self.peers.live(time.monotonic())
         return [v for v in views
-                if (not self.answer_role or "answer" in (v.heartbeat.get("roles") or []))
+                if answers_asks(v.heartbeat, self.answer_role)
                 and (model is None or not v.model or v.model == model) and v.name != exclude]
 
     def route(self, env: wire.Envelope, original: bytes | None = None, *, retry_of: str | None = None) -> None:

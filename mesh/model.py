@@ -112,16 +112,38 @@ class LoadedModel:
 
     @property
     def digest(self) -> str:
-        """What makes two nodes' weights the same: the GGUF file's sha256, and the weight format
-        when it is not fp32 (``<sha256>+int8``): nodes running different formats compute
-        different KV, so the prompt cache's model key (derived from this) keeps them apart."""
-        sha = str(self.meta["gguf_sha256"])
-        return sha if self.weights == "fp32" else f"{sha}+{self.weights}"
+        return weights_digest(self.meta, self.weights)
 
     @property
     def model_key(self) -> str:
-        """Short printable identity of model + tokenizer + weight format, shared by every node."""
-        return f"{self.key}@{self.digest[:16]}/{self.weights}"
+        return model_key(self.key, self.meta, self.weights)
+
+
+def weights_digest(meta: dict[str, Any], weights: str) -> str:
+    """What makes two nodes' weights the same: the GGUF file's sha256 (from the converted
+    directory's ``mesh-meta.json``), and the weight format when it is not fp32 (``<sha256>+int8``):
+    nodes running different formats compute different KV, so the prompt cache's model key
+    (derived from this) keeps them apart."""
+    sha = str(meta["gguf_sha256"])
+    return sha if weights == "fp32" else f"{sha}+{weights}"
+
+
+def model_key(key: str, meta: dict[str, Any], weights: str) -> str:
+    """Short printable identity of model + tokenizer + weight format, shared by every node; from
+    the converted directory's metadata alone (a HALO worker computes it without loading the model)."""
+    return f"{key}@{weights_digest(meta, weights)[:16]}/{weights}"
+
+
+def read_meta(model_dir: Path, key: str) -> dict[str, Any]:
+    """The ``mesh-meta.json`` setup wrote for model ``key`` in ``model_dir``, or a ConfigError saying
+    what to run."""
+    meta_path = Path(model_dir) / "mesh-meta.json"
+    if not meta_path.exists():
+        raise ConfigError(f"model {key} is not converted yet under {model_dir}; run `mesh setup`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != CONVERTED_FORMAT:
+        raise ConfigError(f"model cache {model_dir} has an old format; run `mesh setup`")
+    return meta
 
 
 _bound = threading.local()
@@ -168,12 +190,7 @@ def load_model(cache_root: Path, key: str, threads: int = 0, weights: str = DEFA
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}")
     path = converted_dir(cache_root, key)
-    meta_path = path / "mesh-meta.json"
-    if not meta_path.exists():
-        raise ConfigError(f"model {key} is not converted yet under {path}; run `mesh setup`")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != CONVERTED_FORMAT:
-        raise ConfigError(f"model cache {path} has an old format; run `mesh setup`")
+    meta = read_meta(path, key)
     if threads:
         torch.set_num_threads(threads)
     eos: set[int] = set(_generation_eos(path))

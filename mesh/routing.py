@@ -103,6 +103,20 @@ class PeerTable:
         return sorted(self._nodes.values(), key=lambda v: v.name)
 
 
+ASK_ROLES = ("answer", "coordinator")  # heartbeat roles of a process that answers asks
+
+
+def answers_asks(heartbeat: Mapping[str, Any], answer_role: bool = False) -> bool:
+    """Whether a router may send a node asks, by its heartbeat's ``roles``: with ``answer_role``
+    (the coordinator's rule) only a node listing ``answer``; else any node listing an asking role
+    (:data:`ASK_ROLES`) or no roles at all (a heartbeat from before roles). A worker-only node
+    (``mesh node --roles worker --no-answer``) lists ``worker`` alone and is never picked."""
+    roles = heartbeat.get("roles")
+    if answer_role:
+        return isinstance(roles, list) and "answer" in roles
+    return not isinstance(roles, list) or any(r in roles for r in ASK_ROLES)
+
+
 def router_of(online_names: Iterable[str]) -> str | None:
     """The node that forwards asks naming no node: the smallest of the names given (the live ones)."""
     return min(online_names, default=None)

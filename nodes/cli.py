@@ -79,9 +79,9 @@ def cmd_node(args: argparse.Namespace) -> int:
     from nodes.settings import cache_budget_given, node_config, node_weights
 
     from nodes.ha_cli import ha_extension_from_args, run_decommission
-    from nodes.halo_cli import halo_extensions_from_args
+    from nodes.halo_cli import halo_extensions_from_args, worker_node_from_args, worker_only
 
-    from nodes.memory import fit_node, start_trimmer, steady_malloc
+    from nodes.memory import fit_node, fit_worker, start_trimmer, steady_malloc
 
     _quiet_libraries()
     config = node_config(args)
@@ -91,14 +91,26 @@ def cmd_node(args: argparse.Namespace) -> int:
     steady_malloc()  # before the model and the cache allocate
     start_trimmer(stop)
     ha = ha_extension_from_args(args, config)
-    halo = halo_extensions_from_args(args, config)
     weights, loaded = node_weights(args), None
-    import torch  # noqa: F401  (the runtime the footprint measures; a node runs mesh.lm, no transformers)
+    import torch  # the runtime the footprint measures; a node runs mesh.lm, no transformers
 
+    if worker_only(args):  # no model, no asks: its HALO groups only (nodes.worker)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        fit_worker(config, weights)
+        node = worker_node_from_args(args, config, weights, [ha] if ha else [])
+        node.start()
+        print(f"worker node {config.name} online ({node.model_key}, HALO partials only) on {config.broker}",
+              file=sys.stderr, flush=True)
+        stop.wait()
+        node.stop()
+        return 0
+    halo = halo_extensions_from_args(args, config)
     config = fit_node(config, weights, cache_budget_given(args))
     if weights != "fp32":  # the agent loads fp32 itself; other formats are loaded here
         if halo:
-            raise ConfigError(f"a HALO worker slices float32 MLP weights; run it with --weights fp32, not {weights}")
+            raise ConfigError(f"a HALO worker on a node that answers asks slices its fp32 model; run it with "
+                              f"--weights fp32, or as a worker only (--no-answer) with --weights {weights}")
         from mesh.model import load_model
 
         loaded = load_model(config.home, config.model, config.threads, weights=weights)
@@ -200,7 +212,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     names = [f"{'worker' if args.halo else 'node'}{i + 1}" for i in range(args.nodes)]
     stop = _stop_on_signals()
     procs = MeshProcesses(names, args.model, args.port, host=args.host, home=mesh_home(args),
-                          node_args=["--roles", "worker"] if args.halo else [], coordinator=args.halo)
+                          node_args=["--roles", "worker", "--no-answer"] if args.halo else [], coordinator=args.halo)
     procs.start(timeout=args.start_timeout)
     print(json.dumps({"event": "ready", "broker": str(procs.address), "nodes": names, "pids": procs.pids()}),
           flush=True)
@@ -260,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="gemma3-270m (default) or smollm2-135m")
     p.add_argument("--home", help="converted models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    p.add_argument("--weights", help="weight format: fp32 (default) or int8 (`mesh setup --weights int8` builds it)")
+    p.add_argument("--weights", help="weight format: fp32 (default), int8 or q4 (`mesh setup --weights int8` builds it)")
     p.add_argument("--heartbeat", type=float, help="heartbeat period in seconds (default 2)")
     p.add_argument("--link-ping", type=float, help="link probe period in seconds (default 0.5)")
     p.add_argument("--max-queue", type=int, help="asks queued before answering 'busy' (default 32)")

@@ -32,13 +32,45 @@ def add_node_halo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--roles", default="", help="extra roles, comma separated: worker (HALO neuron groups)")
     parser.add_argument("--halo-group-size", type=int, default=split.DEFAULT_GROUP_SIZE,
                         help="neurons per HALO group (must match the coordinator; default 64)")
+    parser.add_argument("--no-answer", action="store_true",
+                        help="with --roles worker: answer no asks and load no model, only the HALO groups each "
+                             "plan gives this node, read from its weight file (--weights fp32, int8 or q4)")
 
 
-def halo_extensions_from_args(args: argparse.Namespace, node_config: Any) -> list[Any]:
+def _roles(args: argparse.Namespace) -> list[str]:
     roles = [r.strip() for r in (getattr(args, "roles", "") or "").split(",") if r.strip()]
     unknown = set(roles) - {"worker"}
     if unknown:
         raise ConfigError(f"unknown role(s) {sorted(unknown)}: known roles: worker")
+    return roles
+
+
+def worker_only(args: argparse.Namespace) -> bool:
+    """``--no-answer``: a worker-only node (:mod:`nodes.worker`); ConfigError without ``--roles worker``."""
+    if not getattr(args, "no_answer", False):
+        return False
+    if "worker" not in _roles(args):
+        raise ConfigError("--no-answer leaves a node nothing to do without a role: add --roles worker")
+    return True
+
+
+def worker_node_from_args(args: argparse.Namespace, node_config: Any, weights: str, extensions: list[Any]) -> Any:
+    """The worker-only node of ``mesh node --roles worker --no-answer`` (not started)."""
+    from mesh.auth.store import identity_dir, load_keyring
+    from mesh.halo.shard import FileGroups
+    from mesh.halo.worker import HaloWorker
+    from mesh.model import converted_dir
+    from nodes.worker import WorkerNode
+
+    group_size = int(getattr(args, "halo_group_size", split.DEFAULT_GROUP_SIZE))
+    keyring = load_keyring(identity_dir(node_config.home), node_config.name)
+    source = FileGroups(converted_dir(node_config.home, node_config.model), node_config.model, weights, group_size)
+    return WorkerNode(node_config, HaloWorker(group_size, keyring, source=source), node_config.model,
+                      extensions=extensions, keyring=keyring)
+
+
+def halo_extensions_from_args(args: argparse.Namespace, node_config: Any) -> list[Any]:
+    roles = _roles(args)
     if "worker" not in roles:
         return []
     from mesh.auth.store import identity_dir, load_keyring

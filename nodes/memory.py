@@ -25,6 +25,7 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from mesh import footprint
     from mesh.config import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -117,3 +118,22 @@ def fit_node(config: "NodeConfig", weights: str, cache_explicit: bool) -> "NodeC
         if c.enabled else c
     return dataclasses.replace(config, limits=dataclasses.replace(config.limits, max_context=fit.max_context),
                                cache=cache)
+
+
+def fit_worker(config: "NodeConfig", weights: str) -> "footprint.Footprint":
+    """A worker-only node's footprint (``mesh.footprint.plan_worker``: runtime + the whole MLP in
+    float32, what its dequantised groups come to at most), logged, or ``mesh.footprint.DoesNotFit``.
+    Call it once torch is imported, before the first plan."""
+    from mesh import footprint, sysmem
+    from mesh.lm.config import load_config
+    from mesh.model import converted_dir
+
+    cfg = load_config(converted_dir(config.home, config.model))
+    limit = sysmem.memory_limit()
+    mlp = footprint.mlp_bytes(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+    fp = footprint.plan_worker(limit.bytes, limit.source, sysmem.process_memory().rss_bytes, mlp)
+    log.info("memory: HALO worker only, %.0f MiB = runtime %.0f + the whole MLP in float32 %.0f (its plan's share "
+             "of it is what it holds) + slack %.0f, of %.0f MiB (%s); %s weights", fp.total / footprint.MiB,
+             fp.runtime / footprint.MiB, mlp / footprint.MiB, fp.slack / footprint.MiB,
+             limit.bytes / footprint.MiB, limit.source, weights)
+    return fp

@@ -160,7 +160,7 @@ def halo_demo(args: argparse.Namespace, root: Path, log_dir: Path | None, consol
     """A short HALO run: the coordinator plus 3 workers answer with strict and relaxed sync."""
     names = ["worker1", "worker2", "worker3"]
     procs = MeshProcesses(names, "smollm2-135m", free_port(), home=root, log_dir=log_dir,
-                          node_args=["--roles", "worker", "--no-cache"], coordinator=True)
+                          node_args=["--roles", "worker", "--no-answer"], coordinator=True)
     with console.status("HALO: starting the coordinator and 3 workers (smollm2-135m)"):
         procs.start(timeout=600)
     rows: list[dict[str, Any]] = []

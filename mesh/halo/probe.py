@@ -4,11 +4,14 @@ coordinator's scheduler sizes the worker's share of groups by it)."""
 from __future__ import annotations
 
 import time
-from typing import Any
-
 import torch
 
 from mesh.halo import groups as split
+
+
+def probe_groups(layout: split.GroupLayout) -> list[int]:
+    """The probe's fixed workload: the first quarter of a layer's groups (at least one)."""
+    return list(range(max(1, layout.n_groups // 4)))
 
 
 class SpeedProbe:
@@ -21,10 +24,10 @@ class SpeedProbe:
     contention, which is what it is for.
     """
 
-    def __init__(self, model: Any, layout: split.GroupLayout) -> None:
-        groups = list(range(max(1, layout.n_groups // 4)))
-        self.weights = split.extract_groups(model, 0, groups, layout)
-        self.x = torch.randn(1, 1, model.config.hidden_size)
+    def __init__(self, weights: split.GroupWeights) -> None:
+        """``weights``: :func:`probe_groups` of layer 0, cut by the worker's own source."""
+        self.weights = weights
+        self.x = torch.randn(1, 1, int(weights.gate.shape[1]))  # (1, 1, H)
         self.at = 0.0  # time.monotonic() of the last measurement
 
     def measure(self, reps: int = 20) -> float:

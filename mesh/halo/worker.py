@@ -17,9 +17,10 @@ Threads (all owned here and stopped by :meth:`HaloWorker.stop`):
   arrives at once) is queued;
 - the *compute* thread serves prefill-sized and queued frames, only the newest: a frame older
   than one already received from its coordinator is dropped unanswered (it has moved on);
-- the *loader* slices the groups a new plan assigns to this node out of the node's loaded model
-  (``mesh.halo.groups.extract_groups``) while the current plan is still served, subscribes to the
-  coordinator's MLP input, then acknowledges the epoch.
+- the *loader* cuts the groups a new plan assigns to this node, layer by layer, from its
+  :class:`mesh.halo.shard.GroupSource` (the node's loaded model, or on a worker-only node the
+  weight file itself) while the current plan is still served, subscribes to the coordinator's MLP
+  input, then acknowledges the epoch.
 
 Wire: each layer step's MLP input comes once, as a ``mesh.halo.frame`` frame on
 ``node_mlp(coordinator)``, to every worker of the plan; the partial frame (fp16, float32 if the
@@ -47,7 +48,8 @@ from mesh.errors import MeshError, ProtocolError, TransportError
 from mesh.loops import guarded
 from mesh.model import bind_threads
 from mesh.halo.placement import Plan
-from mesh.halo.probe import SpeedProbe
+from mesh.halo.probe import SpeedProbe, probe_groups
+from mesh.halo.shard import GroupSource, ModelGroups
 from mesh.member import AgentExtension
 
 log = logging.getLogger(__name__)
@@ -62,9 +64,12 @@ LINK_PUMP_S = 0.2  # the link thread lets go of the link this often (subscribing
 class HaloWorker(AgentExtension):
     roles = ("worker",)
 
-    def __init__(self, group_size: int = split.DEFAULT_GROUP_SIZE, keyring: Keyring | None = None) -> None:
-        """``keyring``: this node's identity (``mesh.halo.keys``); None runs unauthenticated."""
+    def __init__(self, group_size: int = split.DEFAULT_GROUP_SIZE, keyring: Keyring | None = None,
+                 source: GroupSource | None = None) -> None:
+        """``keyring``: this node's identity (``mesh.halo.keys``); None runs unauthenticated.
+        ``source``: where the groups come from (None: the agent's loaded model, at start)."""
         self.group_size = group_size
+        self.source = source
         self.keys = HaloKeys(keyring)
         self.link: DirectLink | None = None
         self._on_bus: set[str] = set()  # MLP-input topics the bus carries (while the link is down)
@@ -90,10 +95,11 @@ class HaloWorker(AgentExtension):
     def start(self, agent: Any) -> None:
         self.agent = agent
         self.name = agent.name
-        self.model = agent.loaded.model
-        self.model_key = agent.loaded.model_key
-        self.layout = split.model_layout(self.model.config, self.group_size)
-        self.n_layers = len(split.decoder_layers(self.model))
+        if self.source is None:
+            self.source = ModelGroups(agent.loaded, self.group_size)
+        self.model_key = self.source.model_key
+        self.layout = self.source.layout
+        self.n_layers = self.source.n_layers
         self.speed = self._measure_speed()
         self.link = DirectLink(f"mesh-{self.name}-halo", agent.bus.broker, None, self._on_link_message)
         try:
@@ -129,7 +135,8 @@ class HaloWorker(AgentExtension):
 
     def _measure_speed(self, reps: int = 20) -> float:
         if self._probe is None:
-            self._probe = SpeedProbe(self.model, self.layout)
+            with torch.inference_mode():
+                self._probe = SpeedProbe(self.source.read(0, probe_groups(self.layout)))
         return self._probe.measure(reps)
 
     # -- handlers (network thread) --------------------------------------------------------------
@@ -291,8 +298,8 @@ class HaloWorker(AgentExtension):
             if not loaded:
                 t0 = time.perf_counter()
                 mine = plan.groups_for(self.name)
-                with torch.inference_mode():
-                    weights = [split.extract_groups(self.model, layer, gs, self.layout, plan.neuron_order(layer))
+                with torch.inference_mode():  # one layer at a time (FileGroups maps one layer's worth)
+                    weights = [self.source.read(layer, gs, plan.neuron_order(layer))
                                if gs else None for layer, gs in enumerate(mine)]
                 with self._wake:
                     self._weights[plan.epoch] = weights

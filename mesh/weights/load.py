@@ -60,6 +60,14 @@ def open_weights(path: Path, fmt: str, gguf_sha256: str, verify: bool = True) ->
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"weight file {path} is truncated or damaged ({exc}); {_fix(path, fmt)}") from None
+    check_metadata(path, fmt, meta, gguf_sha256, verify)
+    return tensors
+
+
+def check_metadata(path: Path, fmt: str, meta: dict[str, str], gguf_sha256: str, verify: bool = True) -> None:
+    """A ConfigError unless the quantised file at ``path`` (its header's ``meta``) holds ``fmt``
+    weights of the current layout built from the GGUF ``gguf_sha256``; ``verify`` also hashes its
+    bytes against the digest in its header (through a mapping closed afterwards)."""
     if meta.get("mesh_weights") != fmt or meta.get("mesh_quant_format") != str(QUANT_FORMAT):
         raise ConfigError(f"{path} holds {meta.get('mesh_weights')!r} weights of layout "
                           f"{meta.get('mesh_quant_format')!r}, not {fmt!r} layout {QUANT_FORMAT}; {_fix(path, fmt)}")
@@ -68,7 +76,6 @@ def open_weights(path: Path, fmt: str, gguf_sha256: str, verify: bool = True) ->
     if verify and meta.get(DATA_DIGEST) != _data_digest(path):
         raise ConfigError(f"weight file {path} is damaged (its bytes do not match the digest in its header); "
                           f"{_fix(path, fmt)}")
-    return tensors
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -133,7 +133,7 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
 
 
-def _unpack_groups(codes: Tensor, scales: Tensor, mins: Tensor | None, out: Tensor) -> Tensor:
+def unpack_groups(codes: Tensor, scales: Tensor, mins: Tensor | None, out: Tensor) -> Tensor:
     """Rows of a grouped weight into float32 ``out`` ((R, K), written in place and returned):
     q4 (uint8 codes, two to a byte, with minimums) or grouped int8 (int8 codes, no minimums)."""
     r = codes.shape[0]
@@ -156,11 +156,11 @@ def group_matmul(x: Tensor, codes: Tensor, scales: Tensor, mins: Tensor | None) 
     buf = _buffer(k, _BLOCK_FLOATS if m == 1 else _PREFILL_BLOCK_FLOATS)
     step = buf.shape[0]
     if n <= step:
-        return F.linear(x, _unpack_groups(codes, scales, mins, buf[:n]))
+        return F.linear(x, unpack_groups(codes, scales, mins, buf[:n]))
     out = torch.empty((m, n), dtype=torch.float32)
     for r0 in range(0, n, step):
         rows = min(step, n - r0)
-        w = _unpack_groups(codes[r0:r0 + rows], scales[r0:r0 + rows],
+        w = unpack_groups(codes[r0:r0 + rows], scales[r0:r0 + rows],
                            None if mins is None else mins[r0:r0 + rows], buf[:rows])
         if m == 1:
             torch.mm(x, w.t(), out=out[:, r0:r0 + rows])
@@ -217,7 +217,7 @@ class GroupEmbedding(nn.Module):
         flat = ids.reshape(-1)
         out = torch.empty((flat.numel(), self.embedding_dim), dtype=torch.float32)
         mins = None if self.mins is None else self.mins.index_select(0, flat)
-        rows = _unpack_groups(self.qweight.index_select(0, flat), self.scales.index_select(0, flat), mins, out)
+        rows = unpack_groups(self.qweight.index_select(0, flat), self.scales.index_select(0, flat), mins, out)
         rows = rows.view(*ids.shape, self.embedding_dim)
         return rows * self.embed_scale if self.embed_scale is not None else rows
 

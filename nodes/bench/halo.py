@@ -1,8 +1,8 @@
 """`mesh bench halo`: strict vs relaxed HALO sync on the testbed, per loss rate on the lossy workers.
 
 Layout: testbed nodes ``pi1`` (the coordinator) and ``pi2..pi(K+1)`` (workers, each a `mesh node
---roles worker`), Mosquitto in the gateway namespace; the last ``--lossy-workers`` workers get
-each loss rate (iptables random drop, both directions). The client runs on the host.
+--roles worker --no-answer`: its neuron groups only, ``nodes.worker``), Mosquitto in the gateway
+namespace; the last ``--lossy-workers`` workers get each loss rate (iptables random drop, both directions). The client runs on the host.
 
 Per loss rate: strict and relaxed time per output token (TPOT, from the coordinator's per-forward
 timing) and end-to-end time of a greedy generation, ``--reps`` of each, alternating on one
@@ -77,7 +77,7 @@ class HaloMesh:
     def start_workers(self) -> None:
         for w in self.workers:
             self.tb.spawn(w, self._cli("node", "--name", w, "--model", self.args.model, "--roles", "worker",
-                                       "--threads", "1", "--heartbeat", "0.5", "--no-cache"),
+                                       "--no-answer", "--threads", "1", "--heartbeat", "0.5"),
                           env=self.env, role="node", log=self.tb.log_path(f"node-{w}"))
 
     def start_coordinator(self, placement: str, reliability_weight: float = 2.0, fallback: str = "important",

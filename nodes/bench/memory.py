@@ -209,8 +209,8 @@ def measure_halo(tb: Any, model: str, tokens: int, home: Path, args: argparse.Na
                                                else identity_parts(home, n))])
     env = mesh.env
     for w in workers:
-        tb.spawn(w, [*mesh._cli("node", "--name", w, "--model", model, "--roles", "worker", "--threads", "1",
-                                "--heartbeat", "0.5", "--no-cache")[:-2], "--home", str(homes[w])],
+        tb.spawn(w, [*mesh._cli("node", "--name", w, "--model", model, "--roles", "worker", "--no-answer",
+                                "--threads", "1", "--heartbeat", "0.5")[:-2], "--home", str(homes[w])],
                  env=env, role="node", log=tb.log_path(f"node-{w}"))
     tb.spawn("hc", [*mesh._cli("coordinator", "--model", model, "--threads", "1", "--heartbeat", "0.5",
                                "--no-cache")[:-2], "--home", str(homes["hc"])],
@@ -311,7 +311,8 @@ def cache_rows(model: str, formats: Sequence[str], prompts: Sequence[str], home:
 def halo_rows(model: str, home: Path, profile: Any, roles: Sequence[str], args: argparse.Namespace,
               progress: Progress) -> list[dict[str, Any]]:
     """The coordinator's row and the worker row (the larger of two workers): memory only, fp32
-    (a HALO worker slices float32 MLP weights)."""
+    (the coordinator's format; each worker is worker-only, `--no-answer`, and holds its share of
+    the fp32 MLP, nodes.worker)."""
     from nodes.testbed.bed import Testbed
     from nodes.testbed.spec import NodeSpec, TestbedSpec, check_node_name
 

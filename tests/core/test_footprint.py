@@ -62,3 +62,16 @@ def test_too_little_room_for_a_cache_means_none_not_a_crumb() -> None:
     room = 3 * MIN_AUTO_CACHE // 2  # half for the context, less than MIN_AUTO_CACHE left
     p = fits(runtime=int(LIMIT / (1 + SLACK_SHARE)) - INT8 - TOKENIZER - room)
     assert p.cache_bytes == 0 and p.max_context == room // 2 // PER_TOKEN and p.footprint.total <= LIMIT
+
+
+def test_a_worker_only_node_budgets_runtime_and_the_whole_mlp_in_float32() -> None:
+    from mesh.footprint import mlp_bytes, plan_worker
+
+    mlp = mlp_bytes(30, 576, 1536)  # SmolLM2-135M: 30 layers of gate, up and down, float32
+    assert mlp == 3 * 30 * 576 * 1536 * 4
+    fp = plan_worker(1536 * MiB, "cgroup v1", RUNTIME, mlp)
+    assert (fp.weights, fp.tokenizer, fp.context, fp.cache) == (mlp, 0, 0, 0)
+    assert fp.total == RUNTIME + mlp + int(SLACK_SHARE * (RUNTIME + mlp))
+    with pytest.raises(DoesNotFit, match="whole MLP in float32") as e:
+        plan_worker(LIMIT, "cgroup v1", 250 * MiB, mlp)
+    assert "400 MiB (cgroup v1)" in str(e.value)

@@ -172,3 +172,45 @@ def test_the_router_routes_a_json_ask_again_when_its_node_dies_before_answering(
     bus.sent.clear()
     m.on_status(topics.node_status(other), topics.OFFLINE, True)
     assert [t for t, _ in bus.sent if t.endswith("/ask")] == []
+
+
+def _beat(m: Member, name: str, roles: list[str] | None) -> None:
+    body: dict[str, Any] = {"seq": 0, "model": "m", "model_key": "k", "queue": 0, "load": 0.0, "prefill_tps": 1.0}
+    if roles is not None:
+        body["roles"] = roles
+    m.on_status(topics.node_status(name), topics.ONLINE, True)
+    m.on_heartbeat(topics.node_heartbeat(name), wire.encode(wire.Envelope(wire.Kind.HEARTBEAT, name, body)), False)
+
+
+def test_a_worker_only_member_refuses_every_ask_and_routes_none_to_itself() -> None:
+    bus = RecordingBus()
+    m = Member("a-w", bus, Limits(), wire.RejectCounter(), takes_asks=False)  # type: ignore[arg-type]
+    m.present = True
+    _beat(m, "a-w", ["worker"])
+    m.on_node_ask(topics.node_ask("a-w"), wire.encode(ask("alice", "q1").env), False)  # by name, or routed to it
+    topic, payload = bus.sent[-1]
+    env = wire.decode(payload)
+    assert topic == "mesh/v1/reply/a" and env.kind is wire.Kind.ERROR and env.body["reason"] == "not-answering"
+    assert "answers no asks" in env.body["message"] and m.jobs.qsize() == 0
+    assert m.rejects.snapshot() == {"not-answering": 1}
+    # as the router (the smallest live name) it forwards to an answering node, never to itself
+    assert m.is_router()
+    m.route(ask("alice", "q2").env)
+    assert bus.sent[-1][0] == "mesh/v1/reply/a"  # nobody answers yet: no-node
+    assert wire.decode(bus.sent[-1][1]).body["reason"] == "no-node"
+    _beat(m, "n2", ["answer"])
+    m.route(ask("alice", "q3").env)
+    assert bus.sent[-1][0] == topics.node_ask("n2")
+
+
+def test_routers_never_pick_a_worker_only_node() -> None:
+    m, bus = member()
+    m.present = True
+    _beat(m, "n3", ["worker"])  # worker-only
+    m.route(ask("alice", "q1").env)
+    assert wire.decode(bus.sent[-1][1]).body["reason"] == "no-node"
+    _beat(m, "n4", ["answer", "worker"])  # a full node that is also a worker
+    m.route(ask("alice", "q2").env)
+    assert bus.sent[-1][0] == topics.node_ask("n4")
+    _beat(m, "n0", None)  # a heartbeat without roles (before roles): still a candidate
+    assert {v.name for v in m._candidates(None)} == {"n0", "n4"}

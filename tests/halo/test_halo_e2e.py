@@ -1,5 +1,6 @@
 """End to end HALO: a real Mosquitto, a real coordinator and 3 real `mesh node --roles worker`
-processes with SmolLM2-135M on loopback."""
+processes with SmolLM2-135M on loopback: w1 a full node (it slices its groups out of its loaded
+model), w2 and w3 worker-only nodes (`--no-answer`: their groups read from the weight file)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m"
 WORKERS = ("w1", "w2", "w3")
+WORKER_ONLY = ("w2", "w3")
 
 
 def halo_argv(*args: str) -> list[str]:
@@ -66,8 +68,9 @@ def halo_mesh(mosquitto_broker: Broker, log_dir: Path) -> Iterator[dict[str, Pro
     try:
         for w in WORKERS:
             log = log_dir / f"halo-{w}.log"
+            only = ("--no-answer",) if w in WORKER_ONLY else ()
             procs[w] = Proc(w, spawn(halo_argv("node", "--name", w, "--broker", addr, "--model", MODEL, "--roles",
-                                               "worker", "--threads", "1", "--heartbeat", "0.5", "--home",
+                                               "worker", *only, "--threads", "1", "--heartbeat", "0.5", "--home",
                                                str(CACHE_ROOT)), open(log, "wb"), env=ENV), log)
         log = log_dir / "halo-coordinator.log"
         procs["coordinator"] = Proc("coordinator", spawn(halo_argv(
