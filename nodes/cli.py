@@ -108,9 +108,6 @@ def cmd_node(args: argparse.Namespace) -> int:
     halo = halo_extensions_from_args(args, config)
     config = fit_node(config, weights, cache_budget_given(args))
     if weights != "fp32":  # the agent loads fp32 itself; other formats are loaded here
-        if halo:
-            raise ConfigError(f"a HALO worker on a node that answers asks slices its fp32 model; run it with "
-                              f"--weights fp32, or as a worker only (--no-answer) with --weights {weights}")
         from mesh.model import load_model
 
         loaded = load_model(config.home, config.model, config.threads, weights=weights)

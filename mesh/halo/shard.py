@@ -63,6 +63,15 @@ class ModelGroups:
         return split.extract_groups(self.model, layer, groups, self.layout, order)
 
 
+def groups_of(loaded: Any, model_dir: Path, group_size: int = split.DEFAULT_GROUP_SIZE) -> GroupSource:
+    """Where a node that answers asks cuts its HALO groups: out of its loaded model in fp32, from
+    its weight file in a quantised format (the loaded int8/q4 modules hold codes, not the float32
+    rows a partial multiplies; the file gives the same weights, checked when the model loaded)."""
+    if loaded.weights == "fp32":
+        return ModelGroups(loaded, group_size)
+    return FileGroups(model_dir, loaded.key, loaded.weights, group_size, verify=False)
+
+
 class FileGroups:
     """Groups read from a converted model's weight file of format ``weights`` (fp32
     ``model.safetensors``, ``weights-int8.safetensors`` or ``weights-q4.safetensors``), as float32.

@@ -49,7 +49,7 @@ from mesh.loops import guarded
 from mesh.model import bind_threads
 from mesh.halo.placement import Plan
 from mesh.halo.probe import SpeedProbe, probe_groups
-from mesh.halo.shard import GroupSource, ModelGroups
+from mesh.halo.shard import GroupSource, groups_of
 from mesh.member import AgentExtension
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,9 @@ class HaloWorker(AgentExtension):
         self.agent = agent
         self.name = agent.name
         if self.source is None:
-            self.source = ModelGroups(agent.loaded, self.group_size)
+            from mesh.model import converted_dir
+
+            self.source = groups_of(agent.loaded, converted_dir(agent.config.home, agent.loaded.key), self.group_size)
         self.model_key = self.source.model_key
         self.layout = self.source.layout
         self.n_layers = self.source.n_layers

@@ -136,3 +136,18 @@ def test_reading_keeps_no_mapping_and_imports_no_transformers(tmp_path: Path) ->
     """)
     r = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.split() == ["ok", "30"], r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("weights", ["fp32", "q4"])
+def test_a_node_that_answers_asks_cuts_its_groups_from_what_it_runs(weights: str) -> None:
+    """A full node in int8/q4 holds codes, not float32 rows: its HALO worker reads its groups from
+    the weight file (the same weights its forward computes with, above); fp32 slices the model."""
+    from mesh.halo.shard import groups_of
+
+    key = "smollm2-135m"
+    loaded = _loaded(key, weights)
+    source = groups_of(loaded, converted_dir(CACHE_ROOT, key))
+    assert isinstance(source, ModelGroups if weights == "fp32" else FileGroups)
+    assert source.model_key == loaded.model_key and source.n_layers == 30
+    gs = _third(source.layout)
+    _same(source.read(3, gs), _file(key, weights).read(3, gs))
