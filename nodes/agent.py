@@ -234,7 +234,20 @@ class NodeAgent:
                 self.figures.failed += outcome == "failed"
             self._wake.set()
 
-        self.member.work(self._answer, idle=self._probe_speed, started=started, finished=finished)
+        self.member.work(self._answer, idle=self._idle, started=started, finished=finished)
+
+    def _idle(self, idle_since: float) -> bool:
+        """The worker's idle time: first the audits of fetched KV (``NodeCache.audit``, one per
+        call: an ask that arrives meanwhile ends it at the next decoder layer, and it is audited
+        again later), then the prefill speed probe."""
+        if self.cache is not None and self.cache.audits_waiting():
+            try:
+                self.cache.audit(stop=lambda: not self.member.jobs.empty() or self._stop.is_set())
+            except Interrupted:
+                log.debug("an audit gave way to an ask")
+                return False
+            return True
+        return self._probe_speed(idle_since)
 
     def _answer(self, job: Job) -> None:
         body = job.env.body

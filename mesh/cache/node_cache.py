@@ -10,6 +10,15 @@ With a keyring (``mesh.auth``) every entry in the store carries a proof of who c
 (``mesh.cache.provenance``): its own prefills are signed as they are stored, fetched entries keep
 the proof they were checked with, persisted ones are checked again when loaded, and a peer is
 served an entry only with its proof and only while it still encodes to the signed bytes.
+
+Fetched entries are audited (``mesh.cache.audit``): :meth:`NodeCache.prepare` stores them
+*pending* (``mesh.cache.store``) and queues the fetch; this node uses them for its own asks at
+once (the answer that fetched them, and any after it), but advertises, serves and persists them,
+and anything it computes over them, only once :meth:`NodeCache.audit` (the owner's idle time,
+after the answer) recomputed one of them and found it honest. What this node computes over its
+own or confirmed entries is stored, advertised and persisted before the answer's second token,
+as before: an answer means those chunks are stored and advertised (routing, fetching peers and
+``--cache-dir`` rely on it).
 """
 
 from __future__ import annotations
@@ -17,12 +26,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from mesh.cache import audit as audits
 from mesh.cache import codec
 from mesh.cache import kv as kvstate
 from mesh.cache.catalog import Catalog, leading_matches
@@ -40,6 +51,7 @@ from mesh.model import Decoder, Deferred, LoadedModel
 log = logging.getLogger(__name__)
 
 MAX_PEER_CATALOGS = 64  # peers whose catalog one node keeps (a home mesh has a handful)
+MAX_AUDITS = 32  # fetches awaiting their audit; an older one beyond is dropped with its entries
 
 
 @dataclass
@@ -56,6 +68,11 @@ class CacheFigures:
     served_chunks: int = 0
     served_bytes: int = 0
     wasted_by_peer: dict[str, int] = field(default_factory=dict)
+    audits_passed: int = 0
+    audits_failed: int = 0  # the audited unit disagreed with a recomputation from the first token
+    audits_inconclusive: int = 0  # it agreed from the first token: the prefix held was wrong
+    audits_dropped: int = 0  # fetches dropped unaudited (MAX_AUDITS)
+    audit_s: float = 0.0  # the last audit's recomputation time
 
 
 @dataclass
@@ -118,6 +135,7 @@ class NodeCache:
         self.peers: dict[str, Catalog] = {}
         self.links: dict[str, LinkEstimate] = {}
         self.figures = CacheFigures()
+        self.audits: deque[audits.Pending] = deque()  # fetches awaiting their audit, oldest first
         self.epoch = 0
         self.dirty = threading.Event()
         self.dirty.set()
@@ -160,7 +178,7 @@ class NodeCache:
         with self.lock:
             self.epoch += 1
             self.dirty.clear()
-            keys = [*self.store.chunk_keys(), *self.store.prompt_keys()]
+            keys = self.store.confirmed_keys()  # fetched entries wait for their audit
             return Catalog.from_keys(self.digest, self.chunk_size, keys, capacity=max(self.capacity, len(keys)),
                                      fp_rate=self.config.fp_rate, epoch=self.epoch)
 
@@ -207,10 +225,11 @@ class NodeCache:
         if codec_name not in codec.CODECS:
             codec_name = self.config.kv_wire
         with self.lock:
-            chunks = self.store.get_chain(keys)
-            prompt = self.store.get_prompt(pkey) if pkey is not None and len(chunks) == len(keys) else None
+            chunks = self.store.serve_chain(keys)  # never a fetched entry before its audit
+            prompt = self.store.get_prompt(pkey) if pkey is not None and len(chunks) == len(keys) \
+                and pkey not in self.store.unconfirmed() else None
             proven = self.provenance is not None
-            proofs = self.store.proofs(keys) if proven else None
+            proofs = self.store.proofs(keys)[:len(chunks)] if proven else None
             entry = self.store.entry(pkey) if proven and prompt is not None and pkey is not None else None
             self.figures.served_requests += 1
             self.figures.served_chunks += len(chunks)
@@ -299,7 +318,7 @@ class NodeCache:
                     start = local
 
                     def rest() -> Any:
-                        got, entry = self._close(transfer, info, keys, start, pkey)
+                        got, entry = self._close(transfer, info, ids, keys, start, pkey)
                         late = self._build(ids, keys, pkey, start + got, entry, info, stop=stop)
                         if int(torch.argmax(late.logits)) != int(torch.argmax(early)):
                             # only a peer forging consistent logits gets here; the checks cannot see it
@@ -309,7 +328,7 @@ class NodeCache:
                         return late.cache
 
                     return Prepared(early, Deferred(rest), info)
-                got, prompt = self._close(transfer, info, keys, local, pkey)
+                got, prompt = self._close(transfer, info, ids, keys, local, pkey)
                 local += got
         else:
             info["decision"] = "local"
@@ -393,9 +412,10 @@ class NodeCache:
         parts = fetch(peer, list(want), pkey if full else None, timeout)
         return Reading(self.check, peer, list(want), pkey, full, parts, started, rtt_s, epoch)
 
-    def _close(self, t: Reading, info: dict[str, Any], keys: list[ChunkHash], local: int,
+    def _close(self, t: Reading, info: dict[str, Any], ids: Sequence[int], keys: list[ChunkHash], local: int,
                pkey: ChunkHash) -> tuple[int, dict[str, Any] | None]:
-        """Read the rest of a transfer, keep what verified, and settle the peer's record."""
+        """Read the rest of a transfer, keep what verified (pending its audit), and settle the
+        peer's record."""
         t.finish()
         got, peer = t.got, t.peer
         prompt = None
@@ -429,13 +449,17 @@ class NodeCache:
         got = [self._as_stored(c) for c in got]
         with self.lock:
             change = self.store.put_chain(t.want[:len(got)], got, [c.nbytes for c in got],
-                                          parent=keys[local - 1] if local else None, proofs=proofs)
+                                          parent=keys[local - 1] if local else None, proofs=proofs, pending=True)
             if prompt is not None:
                 change = change + self.store.put_prompt(pkey, keys[-1] if keys else None, prompt,
-                                                        codec.record_size(prompt), t.prompt_proof)
+                                                        codec.record_size(prompt), t.prompt_proof, pending=True)
             self._changed(change)
             self.figures.fetched_chunks += len(got)
             self.figures.fetched_bytes += t.nbytes
+            if got:
+                info["audit"] = "pending"  # used here at once; shared once audited (NodeCache.audit)
+                self._queue_audit(audits.Pending(tuple(ids), tuple(keys), local, len(got),
+                                                 pkey if prompt is not None else None, peer, t.codec or "fp32"))
         info.update(peer=peer, remote_tokens=len(got) * self.chunk_size)
         if not got:
             info["decision"] = "recompute" if local == 0 else "local"
@@ -459,5 +483,118 @@ class NodeCache:
                 "served_chunks": f.served_chunks, "served_bytes": f.served_bytes, "peers": len(self.peers), "epoch": self.epoch,
                 "peer_catalogs": {n: [c.epoch, c.count] for n, c in self.peers.items()},  # what we hold of whom
                 "kv_wire": self.config.kv_wire, "chunk_size": self.chunk_size,
+                "audits_passed": f.audits_passed, "audits_failed": f.audits_failed,
+                "audits_inconclusive": f.audits_inconclusive, "audits_pending": len(self.audits),
+                "audits_dropped": f.audits_dropped, "audit_s": round(f.audit_s, 4),
             }
 
+
+    # -- auditing fetched entries (mesh.cache.audit) ------------------------------------------
+    def _queue_audit(self, job: audits.Pending) -> None:
+        """Queue a fetch's audit (under the lock); the oldest beyond MAX_AUDITS is dropped, its
+        entries with it: an entry never audited is never served."""
+        self.audits.append(job)
+        while len(self.audits) > MAX_AUDITS:
+            old = self.audits.popleft()
+            change = StoreChange()
+            for key in old.fetched():
+                e = self.store.entry(key)
+                if e is not None and e.pending:
+                    change = change + self.store.discard(key)
+            self.figures.audits_dropped += 1
+            self._changed(change)
+
+    def audits_waiting(self) -> int:
+        with self.lock:
+            return len(self.audits)
+
+    def _recompute(self, ids: Sequence[int], base: list[Any], end: int,
+                   stop: Callable[[], bool] | None) -> tuple[torch.Tensor, Any]:
+        """Prefill ``ids[:end]`` over the chunks ``base`` (positions before ``len(base) * C``);
+        the cache keeps every position it computed (capture)."""
+        cache = kvstate.restore_cache(self.model_config, base, capture=True)
+        return self.decoder.prefill(list(ids[:end]), cache, start=len(base) * self.chunk_size, stop=stop)
+
+    def _unit_error(self, job: audits.Pending, unit: int, chunks: list[Any], prompt: dict[str, Any] | None,
+                    scratch: bool, stop: Callable[[], bool] | None) -> float:
+        """How far the held ``unit`` (a chunk index, or -1: the prompt entry) is from this node's
+        recomputation over the held prefix (or, ``scratch``, from the first token), in units of
+        its bound (> 1: outside it)."""
+        C, ids = self.chunk_size, job.ids
+        if unit >= 0:
+            _, cache = self._recompute(ids, [] if scratch else chunks[:unit], (unit + 1) * C, stop)
+            mine = kvstate.cut_chunks(cache, unit, 1, C)[0]
+            return audits.chunk_error(chunks[unit], mine) / audits.CHUNK_BOUND[job.codec]
+        assert prompt is not None
+        n = len(job.keys)
+        tail_len = len(ids) - n * C
+        start = n if tail_len else n - 1  # a prompt of whole chunks: its last chunk gives the logits
+        logits, cache = self._recompute(ids, [] if scratch else chunks[:start], len(ids), stop)
+        err = audits.logits_error(prompt["logits"], logits) / audits.LOGITS_BOUND[job.codec]
+        if tail_len:
+            tail = kvstate.cut_span(cache, n * C, len(ids))
+            err = max(err, audits.chunk_error(prompt["tail"], tail) / audits.CHUNK_BOUND[job.codec])
+        return err
+
+    def audit(self, stop: Callable[[], bool] | None = None) -> audits.Verdict | None:
+        """Audit the oldest fetch awaiting it (run on the worker thread, between asks; ``stop``:
+        the prefill's hook, an arriving ask interrupts it with ``mesh.model.Interrupted`` and the
+        fetch keeps its place). None when nothing of it is left to audit (evicted meanwhile).
+
+        One unit is picked with the CSPRNG among the fetched chunks and, on a full hit, the
+        prompt entry, and recomputed over the prefix held before it. Within its bound: the fetch's
+        entries are confirmed (advertised, served, persisted). Outside it, the unit is recomputed
+        again from the first token, which a poisoned prefix cannot sway: still outside, the
+        unit's computer lied (its signature says who; the serving peer for an unsigned entry);
+        inside, the prefix held was wrong (the chain is dropped, nobody is blamed)."""
+        with self.lock:
+            if not self.audits:
+                return None
+            job = self.audits.popleft()
+            keys = list(job.keys)
+            end = min(job.first + job.count, self.store.peek_prefix(keys))
+            chunks = [self.store.entry(k).payload for k in keys[:end]]  # type: ignore[union-attr]
+            proofs = [self.store.entry(k).proof for k in keys[:end]]  # type: ignore[union-attr]
+            pe = self.store.entry(job.pkey) if job.pkey is not None and end == len(keys) else None
+            prompt = pe.payload if pe is not None and pe.pending else None
+        units = max(end - job.first, 0) + (prompt is not None)
+        if units == 0:
+            return None
+        u = audits.pick(units)
+        unit = job.first + u if u < end - job.first else -1
+        t0 = time.perf_counter()
+        try:
+            error = self._unit_error(job, unit, chunks, prompt, False, stop)
+            scratch = error if error <= 1.0 else self._unit_error(job, unit, chunks, prompt, True, stop)
+        except BaseException:
+            with self.lock:
+                job.tries += 1
+                self.audits.appendleft(job)  # interrupted by an ask: audited again when idle
+            raise
+        seconds = time.perf_counter() - t0
+        proof = pe.proof if unit < 0 and pe is not None else (proofs[unit] if unit >= 0 else None)
+        signer = proof.signer if proof is not None else job.peer
+        verdict = audits.Verdict(error <= 1.0, unit, error, seconds, culprit=signer if scratch > 1.0 else None)
+        with self.lock:
+            self.figures.audit_s = seconds
+            if verdict.passed:
+                self.figures.audits_passed += 1
+                if self.store.confirm(job.fetched()):
+                    self.dirty.set()
+                    if self.config.persist_dir is not None:
+                        save_dir(self.store, self.config.persist_dir, codec.encode_record, prov.encode_stored)
+                return verdict
+            if verdict.culprit is None:
+                self.figures.audits_inconclusive += 1
+                log.warning("audit of a fetch from %s: unit %d disagrees with the prefix held but not with a "
+                            "recomputation from the first token; dropping the chain", job.peer, unit)
+                self._changed(self.store.discard(keys[0]))
+                return verdict
+            self.figures.audits_failed += 1
+            log.warning("audit of a fetch from %s failed: unit %d, computed by %s, is %.1fx its bound off",
+                        job.peer, unit, signer, error)
+            change = StoreChange()
+            for key in job.fetched():
+                change = change + self.store.discard(key)
+            self._changed(change)
+        return verdict

@@ -1,0 +1,125 @@
+"""Audits of fetched KV (issue 15: "Fetched entries are then audited after the answer"), with the
+real small model, the real CA and keyrings, no broker.
+
+Nodes are NodeCaches on SmolLM2-135M (``tests/cache/test_provenance.py``'s helpers); a fetch hands
+the asker the parts the server's real ``serve`` encodes. The liar holds valid credentials: it
+signs, in its own name, the real KV of another prompt of the same length under the asked keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from mesh.auth import store as identities
+from mesh.cache import audit as audits
+from mesh.cache.node_cache import NodeCache
+from mesh.config import CacheConfig
+from mesh.model import LoadedModel, load_model
+from tests.cache.kit import FAST, Q1, Q2, SLOW_CPU
+from tests.cache.test_provenance import Node, ask_via, fetch_from, held_chunks, honest_chunks, ring, same_kv
+from tests.conftest import CACHE_ROOT, require_model
+
+CONFIG = CacheConfig(kv_wire="fp16", fetch_timeout_s=5.0)
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    require_model("smollm2-135m")
+    return load_model(CACHE_ROOT, "smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def ids_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA with honest nodes b, h, c and a liar m whose certificate is valid."""
+    d = tmp_path_factory.mktemp("identity")
+    identities.init_ca(d)
+    for name in ("b", "h", "c", "m"):
+        identities.issue(d, name, "node")
+    return d
+
+
+def advertised(cache: NodeCache, text: str) -> int:
+    """How many of ``text``'s chunk keys (and its prompt key) ``cache``'s catalog lists."""
+    cat = cache.catalog()
+    keys, pkey = cache.keys(cache.decoder.encode(text))
+    return sum(cat.contains(k) for k in keys) + cat.contains(pkey)
+
+
+def on_disk(config: CacheConfig) -> set[str]:
+    assert config.persist_dir is not None
+    return {p.name for p in Path(config.persist_dir).glob("*.kv")}
+
+
+def served(server: NodeCache, text: str) -> int:
+    """Chunks ``server`` would send a peer asking for all of ``text``'s."""
+    keys, pkey = server.keys(server.decoder.encode(text))
+    return sum(len(b["chunks"]) for b in server.serve(list(keys), pkey, "fp16", 1 << 30))
+
+
+@pytest.mark.parametrize("codec_name", ["fp16", "int8"])
+def test_an_honest_fetch_is_used_at_once_and_shared_once_its_audit_passed(
+        loaded: LoadedModel, ids_dir: Path, tmp_path: Path, codec_name: str) -> None:
+    config = CacheConfig(kv_wire=codec_name, fetch_timeout_s=5.0, persist_dir=tmp_path / "kv")
+    b = Node(loaded, ring(ids_dir, "b"), dataclasses.replace(config, persist_dir=None))
+    b.cache.prepare_local(b.ids(Q1))
+    keys, pkey = b.cache.keys(b.ids(Q1))
+    n = len(keys) + 1
+    assert advertised(b.cache, Q1) == n and b.cache.audits_waiting() == 0  # computed: advertised at once
+
+    h = Node(loaded, ring(ids_dir, "h"), config)
+    got, _ = ask_via(h, b, "b", Q1, codec_name=codec_name)
+    assert got.info["full_hit"] and "wasted" not in got.info, got.info
+    # held for this node's own asks, but not advertised, served or written before its audit
+    assert h.cache.prepare_local(h.ids(Q1)).info["full_hit"]
+    assert advertised(h.cache, Q1) == 0 and served(h.cache, Q1) == 0 and on_disk(config) == set()
+    assert h.cache.audits_waiting() == 1
+
+    verdict = h.cache.audit()
+    assert verdict is not None and verdict.passed and verdict.culprit is None, verdict
+    assert verdict.error <= 1.0 and h.cache.audits_waiting() == 0
+    assert advertised(h.cache, Q1) == n and served(h.cache, Q1) == len(keys)
+    assert on_disk(config) == {bytes(k).hex() + ".kv" for k in (*keys, pkey)}
+    f = h.cache.snapshot()
+    assert (f["audits_passed"], f["audits_failed"], f["audits_pending"]) == (1, 0, 0)
+    # and a third node takes them from h, still under b's proofs
+    c = Node(loaded, ring(ids_dir, "c"), dataclasses.replace(config, persist_dir=None))
+    at_c, _ = ask_via(c, h, "h", Q1, codec_name=codec_name)
+    assert at_c.info["full_hit"] and at_c.info["peer"] == "h" and "wasted" not in at_c.info, at_c.info
+    assert {p.signer for p in c.cache.store.proofs(keys)} == {"b"}
+
+
+@pytest.mark.parametrize("codec_name", ["fp16", "int8"])
+def test_every_unit_of_an_honest_fetch_is_within_its_bound(loaded: LoadedModel, ids_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, codec_name: str) -> None:
+    """Whichever unit the CSPRNG picks, an honest fetch passes (the bounds of mesh.cache.audit)."""
+    config = CacheConfig(kv_wire=codec_name, fetch_timeout_s=5.0)
+    b = Node(loaded, ring(ids_dir, "b"), config)
+    b.cache.prepare_local(b.ids(Q2))
+    n = len(b.cache.keys(b.ids(Q2))[0])
+    for unit in range(n + 1):  # every chunk, and the prompt entry (the last unit)
+        h = Node(loaded, ring(ids_dir, "h"), config)
+        ask_via(h, b, "b", Q2, codec_name=codec_name)
+        monkeypatch.setattr(audits, "pick", lambda units, u=unit: u)
+        verdict = h.cache.audit()
+        assert verdict is not None and verdict.passed, (unit, verdict)
+        assert verdict.unit == (unit if unit < n else -1)
+
+
+def test_self_computed_chunks_over_a_fetched_prefix_wait_with_it(loaded: LoadedModel, ids_dir: Path) -> None:
+    """KV this node computes over fetched entries is only as good as they are: it is held back
+    with them, and shared with them once their audit passed."""
+    b, h = Node(loaded, ring(ids_dir, "b")), Node(loaded, ring(ids_dir, "h"))
+    b.cache.prepare_local(b.ids(Q1))
+    h.cache.set_peer_catalog("b", b.cache.catalog().to_dict())
+    got = h.cache.prepare(h.ids(Q2), SLOW_CPU, FAST, fetch_from(b.cache))
+    assert got.info["remote_tokens"] > 0 and got.info["computed_tokens"] > 0, got.info
+    assert advertised(h.cache, Q2) == 0 and served(h.cache, Q2) == 0
+    assert h.cache.audit().passed  # type: ignore[union-attr]
+    keys, _ = h.cache.keys(h.ids(Q2))
+    assert advertised(h.cache, Q2) == len(keys) + 1 and served(h.cache, Q2) == len(keys)
+    assert torch.allclose(got.logits, h.cache.prepare_local(h.ids(Q2)).logits, atol=1e-3)
+    assert all(same_kv(x, y) for x, y in zip(held_chunks(h, Q2), honest_chunks(loaded, Q2)))
