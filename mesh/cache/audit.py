@@ -105,18 +105,19 @@ class Pending:
 
 @dataclass
 class Verdict:
-    """An audit's outcome. ``passed``; else ``culprit`` (the computing node, proven by its
-    signature, or the serving peer of an unsigned entry), None when the recomputation over the
-    held prefix disagreed but one from the first token agreed (a prefix someone else poisoned:
-    nobody is blamed, the chain is dropped). ``unit`` is the audited chunk index (``-1``: the
-    prompt entry), ``error`` its :func:`chunk_error` or :func:`logits_error`, ``seconds`` the
-    recomputations' time."""
+    """An audit's outcome. ``passed``; else ``culprit``: the computer (proven by its signature;
+    the serving peer of an unsigned entry) of the first held unit that a recomputation from the
+    first token contradicts (``wrong``), or None when none does (nobody is blamed, the chain is
+    dropped). ``unit`` is the audited unit (a chunk index, ``-1``: the prompt entry), ``error``
+    its distance over the held prefix in units of its bound, ``seconds`` the recomputations'
+    time."""
 
     passed: bool
     unit: int
     error: float
     seconds: float
     culprit: str | None = None
+    wrong: int = 0  # the unit found wrong from the first token (the culprit's), else ``unit``
     evidence: dict[str, object] = field(default_factory=dict)
 
 

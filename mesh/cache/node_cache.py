@@ -41,8 +41,8 @@ from mesh import wire
 from mesh.auth.keyring import Keyring
 from mesh.cache import provenance as prov
 from mesh.cache.keys import ChunkHash, ModelKey, chunk_keys, prompt_key
-from mesh.cache.lookup import (BAD, RECOMPUTE, REMOTE, SHORT, CostModel, Decision, LinkEstimate, PenaltyPolicy,
-                               Strike, decide, fetch_timeout, shunned, strike)
+from mesh.cache.lookup import (BAD, LIED, RECOMPUTE, REMOTE, SHORT, CostModel, Decision, LinkEstimate,
+                               PenaltyPolicy, Strike, decide, fetch_timeout, shunned, strike)
 from mesh.cache.store import KVStore, StoreChange, load_dir, save_dir
 from mesh.cache.transfer import PART_BYTES, Fetch, KVCheck, Reading, serve_parts
 from mesh.config import CacheConfig
@@ -102,7 +102,7 @@ class NodeCache:
                  penalty: PenaltyPolicy = PenaltyPolicy(), fetch_floor_s: float = 0.25,
                  keyring: Keyring | None = None, rejects: wire.RejectCounter | None = None) -> None:
         """``keyring``: this node's identity (None: no provenance, as a keyless process);
-        ``rejects``: where refused proofs are counted (the heartbeat's counter)."""
+        ``rejects``: where refused proofs and failed audits are counted (the heartbeat's counter)."""
         self.config = config
         self.loaded = loaded
         self.decoder = decoder
@@ -126,7 +126,8 @@ class NodeCache:
                          if hasattr(self.model_config, "get_text_config") else self.model_config.vocab_size)
         # signed for: our wire codec, and the others quota.pick_codec may serve in (fp32 only as our own)
         signed = (config.kv_wire, *(c for c in ("fp16", "int8") if c != config.kv_wire))
-        self.provenance = prov.Provenance(keyring, self.digest, rejects, codecs=signed) \
+        self.rejects = rejects if rejects is not None else wire.RejectCounter()
+        self.provenance = prov.Provenance(keyring, self.digest, self.rejects, codecs=signed) \
             if keyring is not None else None
         self.check = KVCheck(tuple(self.layout), self.chunk_size, self.digest, self.vocab, self.provenance)
         self.penalty = penalty
@@ -437,7 +438,7 @@ class NodeCache:
                 self.figures.wasted_by_peer[peer] = self.figures.wasted_by_peer.get(peer, 0) + 1
                 self.strikes[peer] = strike(self.strikes.get(peer), BAD if t.bad else SHORT, t.epoch, now,
                                             self.penalty)
-            else:
+            elif peer in self.strikes and self.strikes[peer].kind != LIED:  # a liar stays shunned
                 self.strikes.pop(peer, None)
         if wasted is not None:
             info["wasted"] = wasted
@@ -504,6 +505,24 @@ class NodeCache:
             self.figures.audits_dropped += 1
             self._changed(change)
 
+    def caught(self, liar: str, proven: bool = True) -> int:
+        """``liar`` computed KV that a recomputation from the first token contradicts: shun it for
+        good, refuse its proofs from now on (``proven``: it signed what it sent; else it is only the
+        peer that served unsigned KV), and drop everything it computed (RAM and disk), with what
+        hangs off it. Returns the entries dropped."""
+        with self.lock:
+            self.strikes[liar] = strike(self.strikes.get(liar), LIED, self.peers[liar].epoch
+                                        if liar in self.peers else 0, time.monotonic(), self.penalty)
+            if not proven or self.provenance is None:
+                return 0
+            self.provenance.distrust(liar)
+            change = StoreChange()
+            for key in [e.key for e in self.store.entries() if e.proof is not None and e.proof.signer == liar]:
+                change = change + self.store.discard(key)
+            self._changed(change)
+            log.warning("dropped %d cache entries computed by %s, caught lying", len(change.evicted), liar)
+            return len(change.evicted)
+
     def audits_waiting(self) -> int:
         with self.lock:
             return len(self.audits)
@@ -516,25 +535,51 @@ class NodeCache:
         return self.decoder.prefill(list(ids[:end]), cache, start=len(base) * self.chunk_size, stop=stop)
 
     def _unit_error(self, job: audits.Pending, unit: int, chunks: list[Any], prompt: dict[str, Any] | None,
-                    scratch: bool, stop: Callable[[], bool] | None) -> float:
+                    stop: Callable[[], bool] | None) -> float:
         """How far the held ``unit`` (a chunk index, or -1: the prompt entry) is from this node's
-        recomputation over the held prefix (or, ``scratch``, from the first token), in units of
-        its bound (> 1: outside it)."""
+        recomputation over the prefix held before it, in units of its bound (> 1: outside it)."""
         C, ids = self.chunk_size, job.ids
         if unit >= 0:
-            _, cache = self._recompute(ids, [] if scratch else chunks[:unit], (unit + 1) * C, stop)
+            _, cache = self._recompute(ids, chunks[:unit], (unit + 1) * C, stop)
             mine = kvstate.cut_chunks(cache, unit, 1, C)[0]
             return audits.chunk_error(chunks[unit], mine) / audits.CHUNK_BOUND[job.codec]
         assert prompt is not None
         n = len(job.keys)
         tail_len = len(ids) - n * C
         start = n if tail_len else n - 1  # a prompt of whole chunks: its last chunk gives the logits
-        logits, cache = self._recompute(ids, [] if scratch else chunks[:start], len(ids), stop)
+        logits, cache = self._recompute(ids, chunks[:start], len(ids), stop)
+        return self._prompt_error(job, prompt, logits, cache)
+
+    def _prompt_error(self, job: audits.Pending, prompt: dict[str, Any], logits: torch.Tensor, cache: Any) -> float:
+        n_tokens = len(job.ids) - len(job.keys) * self.chunk_size
         err = audits.logits_error(prompt["logits"], logits) / audits.LOGITS_BOUND[job.codec]
-        if tail_len:
-            tail = kvstate.cut_span(cache, n * C, len(ids))
+        if n_tokens:
+            tail = kvstate.cut_span(cache, len(job.keys) * self.chunk_size, len(job.ids))
             err = max(err, audits.chunk_error(prompt["tail"], tail) / audits.CHUNK_BOUND[job.codec])
         return err
+
+    def _first_wrong(self, job: audits.Pending, unit: int, chunks: list[Any], prompt: dict[str, Any] | None,
+                     stop: Callable[[], bool] | None) -> int | None:
+        """One prefill from the first token through ``unit``, which no held KV can sway: the first
+        held unit up to ``unit`` outside its bound against it (-1: the prompt entry), or None."""
+        C, ids = self.chunk_size, job.ids
+        upto = unit if unit >= 0 else len(chunks) - 1
+        logits, cache = self._recompute(ids, [], len(ids) if unit < 0 else (upto + 1) * C, stop)
+        mine = kvstate.cut_chunks(cache, 0, upto + 1, C)
+        bound = audits.CHUNK_BOUND[job.codec]
+        wrong = next((j for j in range(upto + 1) if audits.chunk_error(chunks[j], mine[j]) > bound), None)
+        if wrong is None and unit < 0 and prompt is not None and self._prompt_error(job, prompt, logits, cache) > 1.0:
+            return -1
+        return wrong
+
+    def _signer(self, job: audits.Pending, unit: int, proof: Any) -> str | None:
+        """Who computed ``unit``: its proof's signer (never this node: its own KV over a prefix
+        it took is not a lie of its own), the serving peer for an unsigned unit it fetched."""
+        if proof is not None:
+            me = self.provenance.keys.name if self.provenance is not None else None
+            return proof.signer if proof.signer != me else None
+        fetched = unit < 0 or job.first <= unit < job.first + job.count
+        return job.peer if fetched and self.provenance is None else None
 
     def audit(self, stop: Callable[[], bool] | None = None) -> audits.Verdict | None:
         """Audit the oldest fetch awaiting it (run on the worker thread, between asks; ``stop``:
@@ -543,18 +588,21 @@ class NodeCache:
 
         One unit is picked with the CSPRNG among the fetched chunks and, on a full hit, the
         prompt entry, and recomputed over the prefix held before it. Within its bound: the fetch's
-        entries are confirmed (advertised, served, persisted). Outside it, the unit is recomputed
-        again from the first token, which a poisoned prefix cannot sway: still outside, the
-        unit's computer lied (its signature says who; the serving peer for an unsigned entry);
-        inside, the prefix held was wrong (the chain is dropped, nobody is blamed)."""
+        entries are confirmed (advertised, served, persisted). Outside it, the prompt is
+        recomputed from the first token through that unit, which no held KV can sway, and the
+        first held unit that disagrees with it is a lie of its computer (its signature says who;
+        the serving peer for an unsigned one), who is :meth:`caught`. If none disagrees (or it
+        is this node's own), nobody is blamed; the fetch, and the wrong unit with what hangs off
+        it, are dropped either way."""
         with self.lock:
             if not self.audits:
                 return None
             job = self.audits.popleft()
             keys = list(job.keys)
             end = min(job.first + job.count, self.store.peek_prefix(keys))
-            chunks = [self.store.entry(k).payload for k in keys[:end]]  # type: ignore[union-attr]
-            proofs = [self.store.entry(k).proof for k in keys[:end]]  # type: ignore[union-attr]
+            held = [self.store.entry(k) for k in keys[:end]]
+            chunks = [e.payload for e in held if e is not None]
+            proofs = [e.proof for e in held if e is not None]
             pe = self.store.entry(job.pkey) if job.pkey is not None and end == len(keys) else None
             prompt = pe.payload if pe is not None and pe.pending else None
         units = max(end - job.first, 0) + (prompt is not None)
@@ -564,17 +612,20 @@ class NodeCache:
         unit = job.first + u if u < end - job.first else -1
         t0 = time.perf_counter()
         try:
-            error = self._unit_error(job, unit, chunks, prompt, False, stop)
-            scratch = error if error <= 1.0 else self._unit_error(job, unit, chunks, prompt, True, stop)
+            error = self._unit_error(job, unit, chunks, prompt, stop)
+            wrong = None if error <= 1.0 else self._first_wrong(job, unit, chunks, prompt, stop)
         except BaseException:
             with self.lock:
                 job.tries += 1
                 self.audits.appendleft(job)  # interrupted by an ask: audited again when idle
             raise
         seconds = time.perf_counter() - t0
-        proof = pe.proof if unit < 0 and pe is not None else (proofs[unit] if unit >= 0 else None)
-        signer = proof.signer if proof is not None else job.peer
-        verdict = audits.Verdict(error <= 1.0, unit, error, seconds, culprit=signer if scratch > 1.0 else None)
+        culprit = None
+        if wrong is not None:
+            culprit = self._signer(job, wrong, pe.proof if wrong < 0 and pe is not None else
+                                   (proofs[wrong] if wrong >= 0 else None))
+        verdict = audits.Verdict(error <= 1.0, unit, error, seconds, culprit=culprit,
+                                 wrong=wrong if wrong is not None else unit)
         with self.lock:
             self.figures.audit_s = seconds
             if verdict.passed:
@@ -584,17 +635,19 @@ class NodeCache:
                     if self.config.persist_dir is not None:
                         save_dir(self.store, self.config.persist_dir, codec.encode_record, prov.encode_stored)
                 return verdict
-            if verdict.culprit is None:
-                self.figures.audits_inconclusive += 1
-                log.warning("audit of a fetch from %s: unit %d disagrees with the prefix held but not with a "
-                            "recomputation from the first token; dropping the chain", job.peer, unit)
-                self._changed(self.store.discard(keys[0]))
-                return verdict
-            self.figures.audits_failed += 1
-            log.warning("audit of a fetch from %s failed: unit %d, computed by %s, is %.1fx its bound off",
-                        job.peer, unit, signer, error)
             change = StoreChange()
-            for key in job.fetched():
+            wrong_key = (job.pkey if verdict.wrong < 0 else keys[verdict.wrong]) if wrong is not None else None
+            for key in [*job.fetched(), *([wrong_key] if wrong_key is not None else [])]:  # with what hangs off
                 change = change + self.store.discard(key)
             self._changed(change)
+            if culprit is None:
+                self.figures.audits_inconclusive += 1
+                log.warning("audit of a fetch from %s: unit %d disagrees with the prefix held, but no other "
+                            "node is to blame; dropped the fetch", job.peer, unit)
+                return verdict
+            self.figures.audits_failed += 1
+            self.rejects.add("kv-audit-failed")
+            log.warning("audit of a fetch from %s failed: unit %d is %.1fx its bound off; unit %d was computed "
+                        "by %s, which lied", job.peer, unit, error, verdict.wrong, culprit)
+        self.caught(culprit, proven=self.provenance is not None)
         return verdict

@@ -141,6 +141,10 @@ class KVStore:
         """The entry for ``key`` without touching it (for persistence and inspection)."""
         return self._entries.get(ChunkHash(bytes(key)))
 
+    def entries(self) -> list[Entry]:
+        """Every entry, without touching them (e.g. to find what one computer signed)."""
+        return list(self._entries.values())
+
     def chunk_keys(self) -> list[ChunkHash]:
         """Keys of all chunk entries (what the catalog advertises)."""
         return [k for k, e in self._entries.items() if e.kind == CHUNK]

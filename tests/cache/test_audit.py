@@ -16,11 +16,13 @@ import torch
 
 from mesh.auth import store as identities
 from mesh.cache import audit as audits
+from mesh.cache.kv import pack
 from mesh.cache.node_cache import NodeCache
 from mesh.config import CacheConfig
 from mesh.model import LoadedModel, load_model
 from tests.cache.kit import FAST, Q1, Q2, SLOW_CPU
-from tests.cache.test_provenance import Node, ask_via, fetch_from, held_chunks, honest_chunks, ring, same_kv
+from tests.cache.test_provenance import (Node, ask_via, fetch_from, held_chunks, honest_chunks, poisoned, recompute,
+                                         ring, same_kv)
 from tests.conftest import CACHE_ROOT, require_model
 
 CONFIG = CacheConfig(kv_wire="fp16", fetch_timeout_s=5.0)
@@ -123,3 +125,93 @@ def test_self_computed_chunks_over_a_fetched_prefix_wait_with_it(loaded: LoadedM
     assert advertised(h.cache, Q2) == len(keys) + 1 and served(h.cache, Q2) == len(keys)
     assert torch.allclose(got.logits, h.cache.prepare_local(h.ids(Q2)).logits, atol=1e-3)
     assert all(same_kv(x, y) for x, y in zip(held_chunks(h, Q2), honest_chunks(loaded, Q2)))
+
+
+# -- liars with valid credentials ----------------------------------------------------------------
+
+P = Q1.replace("astronomy", "botany")  # a prompt the liar serves honestly, before it lies
+
+
+def signed_by(node: Node, signer: str) -> list[bytes]:
+    """The entries of Q1, Q2 and P that ``node`` holds under ``signer``'s proof."""
+    out = []
+    for text in (Q1, Q2, P):
+        keys, pkey = node.cache.keys(node.ids(text))
+        for key in (*keys, pkey):
+            e = node.cache.store.entry(key)
+            if e is not None and e.proof is not None and e.proof.signer == signer and key not in out:
+                out.append(key)
+    return out
+
+
+def test_a_liar_is_caught_when_its_poisoned_chunk_is_audited_and_everything_it_computed_is_dropped(
+        loaded: LoadedModel, ids_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """m holds a valid certificate. It serves P honestly (h's audit passes, h keeps P on disk, and
+    so does c, which serves it on), then signs another prompt's KV under Q1's keys. h's audit
+    picks a poisoned chunk: m is shunned, its Q1 and P entries leave h's RAM and disk, b's stay,
+    and m's proofs are refused even when c relays them."""
+    config = dataclasses.replace(CONFIG, persist_dir=tmp_path / "kv")
+    b, m = Node(loaded, ring(ids_dir, "b")), Node(loaded, ring(ids_dir, "m"))
+    h, c = Node(loaded, ring(ids_dir, "h"), config), Node(loaded, ring(ids_dir, "c"))
+    b.cache.prepare_local(b.ids(Q2))
+    m.cache.prepare_local(m.ids(P))
+    ask_via(h, b, "b", Q2)
+    assert h.cache.audit().passed  # type: ignore[union-attr]
+    ask_via(h, m, "m", P)
+    assert h.cache.audit().passed  # type: ignore[union-attr]  # m was honest this time
+    ask_via(c, m, "m", P)
+    assert c.cache.audit().passed  # type: ignore[union-attr]
+    of_b, of_m = signed_by(h, "b"), signed_by(h, "m")
+    assert of_b and of_m and on_disk(config) == {bytes(k).hex() + ".kv" for k in (*of_b, *of_m)}
+
+    poisoned(loaded, m, Q1)  # signed in m's own name: every provenance check passes
+    got, first = ask_via(h, m, "m", Q1)  # h holds Q1's leading chunks (b's Q2 shares them)
+    assert got.info["decision"] == "remote" and got.info["peer"] == "m" and "wasted" not in got.info, got.info
+    assert got.info["local_tokens"] > 0 and got.info["audit"] == "pending"
+    monkeypatch.setattr(audits, "pick", lambda n: 0)  # the first fetched chunk: poisoned
+    verdict = h.cache.audit()
+    assert verdict is not None and not verdict.passed and verdict.culprit == "m", verdict
+    assert verdict.error > 1.0
+
+    assert signed_by(h, "m") == [] and set(signed_by(h, "b")) == set(of_b)
+    assert on_disk(config) == {bytes(k).hex() + ".kv" for k in of_b}
+    f = h.cache.snapshot()
+    assert f["shunned"] == ["m"] and (f["audits_passed"], f["audits_failed"]) == (2, 1)
+    assert h.rejects.snapshot() == {"kv-audit-failed": 1}
+    # the next ask does not go to m, whatever it advertises; h answers Q1 as a recompute would
+    h.cache.set_peer_catalog("m", m.cache.catalog().to_dict())
+    again = h.cache.prepare(h.ids(Q1), SLOW_CPU, FAST, fetch_from(m.cache))
+    assert again.info["peers_skipped"] == ["m"] and again.info["remote_tokens"] == 0, again.info
+    assert torch.allclose(again.logits, recompute(loaded, Q1), atol=1e-2)
+    # c (which audited P from m when m was honest) serves it on: h refuses m's proofs now
+    relayed, _ = ask_via(h, c, "c", P)
+    assert relayed.info["wasted"].startswith("bad: ") and "lying" in relayed.info["wasted"], relayed.info
+    assert h.rejects.snapshot() == {"kv-audit-failed": 1, "provenance-liar": 1}
+    # a restart finds nothing of m's on disk
+    assert signed_by(Node(loaded, ring(ids_dir, "h"), config), "m") == []
+
+
+def test_a_liar_poisoning_one_chunk_passes_an_audit_of_another(loaded: LoadedModel, ids_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an audit cannot see (RELIABILITY.md): one poisoned chunk of n passes when a chunk
+    before it is picked, and is caught when it, or a chunk after it, is picked (a chunk after it
+    disagrees with the prefix held; the recomputation from the first token then finds the
+    poisoned one and its signer)."""
+    m = Node(loaded, ring(ids_dir, "m"))
+    m.cache.prepare_local(m.ids(Q2))
+    keys, _ = m.cache.keys(m.ids(Q2))
+    n = len(keys)
+    bad = n - 2  # one chunk: its values scaled, re-signed by m
+    chunk = m.cache.store.entry(keys[bad]).payload  # type: ignore[union-attr]
+    lie = pack([k * 1.5 for k in chunk.keys], [v * 1.5 for v in chunk.values])
+    e = m.cache.store.entry(keys[bad])
+    assert e is not None
+    e.payload, e.proof = lie, m.cache.provenance.sign_chunk(keys[bad], lie)  # type: ignore[union-attr]
+    for unit, caught in ((bad - 1, False), (bad, True), (bad + 1, True)):
+        h = Node(loaded, ring(ids_dir, "h"))
+        ask_via(h, m, "m", Q2)
+        monkeypatch.setattr(audits, "pick", lambda units, u=unit: u)
+        verdict = h.cache.audit()
+        assert verdict is not None and verdict.passed is not caught, (unit, verdict)
+        assert (verdict.culprit == "m") is caught and (h.cache.snapshot()["shunned"] == ["m"]) is caught
+        assert not caught or verdict.wrong == bad  # the poisoned chunk, whichever was audited
