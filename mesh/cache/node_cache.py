@@ -44,14 +44,19 @@ from mesh.cache.keys import ChunkHash, ModelKey, chunk_keys, prompt_key
 from mesh.cache.lookup import (BAD, LIED, RECOMPUTE, REMOTE, SHORT, CostModel, Decision, LinkEstimate,
                                PenaltyPolicy, Strike, decide, fetch_timeout, shunned, strike)
 from mesh.cache.store import KVStore, StoreChange, load_dir, save_dir
-from mesh.cache.transfer import PART_BYTES, Fetch, KVCheck, Reading, serve_parts
+from mesh.cache import evidence as evidences
+from mesh.cache.transfer import PART_BYTES, Fetch, KVCheck, Reading, proven_chunk, serve_parts
 from mesh.config import CacheConfig
+from mesh.errors import ProtocolError
 from mesh.model import Decoder, Deferred, LoadedModel
 
 log = logging.getLogger(__name__)
 
 MAX_PEER_CATALOGS = 64  # peers whose catalog one node keeps (a home mesh has a handful)
 MAX_AUDITS = 32  # fetches awaiting their audit; an older one beyond is dropped with its entries
+MAX_EVIDENCE = 8  # reports of other nodes' audits awaiting their re-check; more are refused (kv-evidence-busy)
+MAX_JUDGED = 4096  # (signer, key) pairs re-checked already: each is judged once
+MAX_EVIDENCE_TOKENS = 1 << 15  # a report's prompt (the wire cap holds 65,536 items)
 
 
 @dataclass
@@ -73,6 +78,8 @@ class CacheFigures:
     audits_inconclusive: int = 0  # it agreed from the first token: the prefix held was wrong
     audits_dropped: int = 0  # fetches dropped unaudited (MAX_AUDITS)
     audit_s: float = 0.0  # the last audit's recomputation time
+    evidence_upheld: int = 0  # other nodes' reports this node's recomputation confirmed
+    evidence_unfounded: int = 0  # ... and contradicted (the reported unit is honest)
 
 
 @dataclass
@@ -137,6 +144,8 @@ class NodeCache:
         self.links: dict[str, LinkEstimate] = {}
         self.figures = CacheFigures()
         self.audits: deque[audits.Pending] = deque()  # fetches awaiting their audit, oldest first
+        self.reports: deque[dict[str, Any]] = deque()  # other nodes' evidence awaiting its re-check
+        self.judged: set[tuple[str, bytes]] = set()
         self.epoch = 0
         self.dirty = threading.Event()
         self.dirty.set()
@@ -487,6 +496,8 @@ class NodeCache:
                 "audits_passed": f.audits_passed, "audits_failed": f.audits_failed,
                 "audits_inconclusive": f.audits_inconclusive, "audits_pending": len(self.audits),
                 "audits_dropped": f.audits_dropped, "audit_s": round(f.audit_s, 4),
+                "evidence_upheld": f.evidence_upheld, "evidence_unfounded": f.evidence_unfounded,
+                "evidence_pending": len(self.reports),
             }
 
 
@@ -522,6 +533,109 @@ class NodeCache:
             self._changed(change)
             log.warning("dropped %d cache entries computed by %s, caught lying", len(change.evicted), liar)
             return len(change.evicted)
+
+    def _evidence(self, job: audits.Pending, unit: int, chunks: list[Any], proofs: list[Any],
+                  pe: Any) -> dict[str, Any]:
+        """The body of a KV_EVIDENCE report (``mesh.cache.evidence``) of ``unit``, in the bytes its
+        computer signed; empty without provenance (an unsigned unit proves nothing to others)."""
+        if self.provenance is None:
+            return {}
+        C = self.chunk_size
+        if unit >= 0:
+            proof = proofs[unit]
+            enc = proven_chunk(chunks[unit], proof.codecs[0], job.keys[unit], self.digest, proof)
+            return evidences.build(job.ids[:(unit + 1) * C], unit, chunk=enc) if enc is not None else {}
+        proof, prompt = pe.proof, pe.payload
+        tail = proven_chunk(prompt["tail"], proof.codecs[0], job.pkey, self.digest, proof)  # type: ignore[arg-type]
+        logits = codec.encode_logits(prompt["logits"], key=job.pkey, model=self.digest)  # type: ignore[arg-type]
+        if tail is None:
+            return {}
+        logits["prov"] = proof.sealed
+        return evidences.build(job.ids, -1, prompt={"tail": tail, "len": prompt["tail"].length,
+                                                    "prov": proof.sealed, "logits": logits})
+
+    # -- other nodes' evidence (mesh.cache.evidence) --------------------------------------------
+    def take_evidence(self, body: dict[str, Any]) -> bool:
+        """Another node's report (network thread): the ids, the unit's key derived from them, its
+        computer's proof over the bytes, its shape. Queued for :meth:`judge` (the worker's idle
+        time) unless it names this node, a signer already shunned, or a unit judged before.
+        Raises ProtocolError (counted by the caller) for what it refuses."""
+        if self.provenance is None:
+            return False
+        C = self.chunk_size
+        ids, unit = evidences.parse(body, self.vocab, C, MAX_EVIDENCE_TOKENS)
+        keys, pkey = self.keys(ids)
+        if unit >= 0:
+            raw = body["chunk"]
+            key = keys[unit]
+            proof = self.provenance.check_chunk(raw, key)
+            got: dict[str, Any] = {"chunk": codec.decode_chunk(raw, self.layout, C, key=key, model=self.digest)}
+            name = raw["codec"]
+        else:
+            raw = body["prompt"]
+            key = pkey
+            length = raw.get("len")
+            if not isinstance(length, int) or length != len(ids) - len(keys) * C or not isinstance(raw.get("tail"), dict):
+                raise ProtocolError("bad-kv-evidence", "prompt tail length")
+            logits_proof = self.provenance.check_logits(raw.get("logits") or {}, pkey)
+            proof = self.provenance.check_tail(raw, pkey, length, logits_proof)
+            got = {"tail": codec.decode_chunk(raw["tail"], self.layout, length, key=pkey, model=self.digest),
+                   "logits": codec.decode_logits(raw["logits"], self.vocab, key=pkey, model=self.digest)}
+            name = raw["tail"]["codec"]
+        judged = (proof.signer, bytes(key))
+        with self.lock:
+            if proof.signer == self.provenance.keys.name or proof.signer in self.provenance.liars \
+                    or judged in self.judged:
+                return False
+            if len(self.reports) >= MAX_EVIDENCE:
+                raise ProtocolError("kv-evidence-busy", "too many reports awaiting their re-check")
+            if len(self.judged) >= MAX_JUDGED:
+                self.judged.clear()
+            self.judged.add(judged)
+            self.reports.append({"ids": ids, "unit": unit, "signer": proof.signer, "codec": name, **got})
+        return True
+
+    def reports_waiting(self) -> int:
+        with self.lock:
+            return len(self.reports)
+
+    def judge(self, stop: Callable[[], bool] | None = None) -> bool | None:
+        """Re-check the oldest report (worker thread, idle time; ``stop`` as in :meth:`audit`):
+        recompute its prompt from the first token; if the signed unit is outside its bound of it,
+        its signer lied (:meth:`caught`: returns True), else the report was unfounded (False,
+        counted ``kv-evidence-unfounded``). None when no report waits."""
+        with self.lock:
+            if not self.reports:
+                return None
+            r = self.reports.popleft()
+        C, ids, unit, name = self.chunk_size, r["ids"], r["unit"], r["codec"]
+        try:
+            logits, cache = self._recompute(ids, [], len(ids), stop)
+        except BaseException:
+            with self.lock:
+                self.reports.appendleft(r)
+            raise
+        if unit >= 0:
+            error = audits.chunk_error(r["chunk"], kvstate.cut_chunks(cache, unit, 1, C)[0]) / audits.CHUNK_BOUND[name]
+        else:
+            n = len(ids) // C
+            error = audits.logits_error(r["logits"], logits) / audits.LOGITS_BOUND[name]
+            if r["tail"].length:
+                error = max(error, audits.chunk_error(r["tail"], kvstate.cut_span(cache, n * C, len(ids)))
+                            / audits.CHUNK_BOUND[name])
+        if error <= 1.0:
+            with self.lock:
+                self.figures.evidence_unfounded += 1
+            self.rejects.add("kv-evidence-unfounded")
+            log.warning("a report against %s is unfounded: its unit %d agrees with this node's recomputation",
+                        r["signer"], unit)
+            return False
+        with self.lock:
+            self.figures.evidence_upheld += 1
+        log.warning("a report against %s holds: its unit %d is %.1fx its bound off this node's recomputation",
+                    r["signer"], unit, error)
+        self.caught(r["signer"])
+        return True
 
     def audits_waiting(self) -> int:
         with self.lock:
@@ -647,6 +761,7 @@ class NodeCache:
                 return verdict
             self.figures.audits_failed += 1
             self.rejects.add("kv-audit-failed")
+            verdict.evidence = self._evidence(job, verdict.wrong, chunks, proofs, pe)
             log.warning("audit of a fetch from %s failed: unit %d is %.1fx its bound off; unit %d was computed "
                         "by %s, which lied", job.peer, unit, error, verdict.wrong, culprit)
         self.caught(culprit, proven=self.provenance is not None)

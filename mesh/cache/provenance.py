@@ -176,7 +176,9 @@ class Provenance:
     # -- receivers ----------------------------------------------------------------------------
     def _refuse(self, reason: str, detail: str) -> ProtocolError:
         self.rejects.add(reason)
-        return ProtocolError(reason, detail)
+        err = ProtocolError(reason, detail)
+        err.counted = True  # type: ignore[attr-defined]  # a caller that counts refusals skips it
+        return err
 
     def open(self, sealed: Any, kind: int, key: bytes, length: int | None = None) -> tuple[Manifest, str]:
         """A proof's manifest and signer, checked: a certified, unrevoked node or coordinator

@@ -79,7 +79,7 @@ class KVCheck:
 # -- serving -------------------------------------------------------------------------------------
 
 
-def _proven_chunk(chunk: ChunkKV, codec_name: str, key: bytes, model: bytes,
+def proven_chunk(chunk: ChunkKV, codec_name: str, key: bytes, model: bytes,
                   proof: Proof | None) -> dict[str, Any] | None:
     """``chunk`` in wire form with its proof, in a codec whose signed bytes this node reproduces;
     None when the bytes no longer match what was signed (the entry went bad in our memory)."""
@@ -128,7 +128,7 @@ def serve_parts(keys: Sequence[bytes], chunks: Sequence[ChunkKV], pkey: bytes | 
     size = 0
     for i, (key, chunk) in enumerate(zip(keys, chunks)):
         proof = proofs[i] if proofs is not None else None
-        enc = None if proven and proof is None else _proven_chunk(chunk, codec_name, key, model, proof)
+        enc = None if proven and proof is None else proven_chunk(chunk, codec_name, key, model, proof)
         if enc is None:
             if spoiled is not None:
                 spoiled.append(bytes(key))
@@ -142,7 +142,7 @@ def serve_parts(keys: Sequence[bytes], chunks: Sequence[ChunkKV], pkey: bytes | 
         size += n
     last: dict[str, Any] = {"chunks": batch, "part": part, "last": True}
     if prompt is not None and pkey is not None:
-        tail = _proven_chunk(prompt["tail"], codec_name, pkey, model, prompt_proof)
+        tail = proven_chunk(prompt["tail"], codec_name, pkey, model, prompt_proof)
         if tail is None or (proven and prompt_proof is None):
             if spoiled is not None:
                 spoiled.append(bytes(pkey))

@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from mesh.auth import store as identities
+from mesh.auth.keyring import Keyring
 from mesh.cache import audit as audits
+from mesh.cache import evidence as evidences
+from mesh.cache.evidence import EvidenceSync
 from mesh.cache.kv import pack
 from mesh.cache.node_cache import NodeCache
 from mesh.config import CacheConfig
@@ -215,3 +218,109 @@ def test_a_liar_poisoning_one_chunk_passes_an_audit_of_another(loaded: LoadedMod
         assert verdict is not None and verdict.passed is not caught, (unit, verdict)
         assert (verdict.culprit == "m") is caught and (h.cache.snapshot()["shunned"] == ["m"]) is caught
         assert not caught or verdict.wrong == bad  # the poisoned chunk, whichever was audited
+
+
+# -- evidence any node can re-check (mesh.cache.evidence) ----------------------------------------
+
+class Broker:
+    """An in-memory bus: what one node publishes reaches every handler subscribed (the real
+    sealing, size caps and decoding of mesh.auth.senders and mesh.wire on both ends)."""
+
+    def __init__(self) -> None:
+        self.handlers: list = []  # type: ignore[type-arg]
+        self.published: list[tuple[str, int, bool]] = []
+
+    def subscribe(self, topic: str, handler, qos: int = 0) -> None:  # type: ignore[no-untyped-def]
+        self.handlers.append(handler)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        self.published.append((topic, len(payload), retain))
+        for handler in self.handlers:
+            handler(topic, payload, False)
+
+
+def joined(broker: Broker, node: Node, name: str, keys: Keyring) -> EvidenceSync:
+    sync = EvidenceSync(broker, node.cache, name, rejects=node.rejects, max_message_bytes=16 << 20, keyring=keys)
+    sync.start()
+    return sync
+
+
+def test_the_evidence_of_a_lie_has_another_node_shun_the_liar_and_drop_what_it_computed(
+        loaded: LoadedModel, ids_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """h's audit catches m; h publishes the evidence; c, which never fetched the lie, re-checks
+    it with its own recomputation, shuns m and drops m's entries it held (P, audited when m was
+    honest); b's stay."""
+    b, m = Node(loaded, ring(ids_dir, "b")), Node(loaded, ring(ids_dir, "m"))
+    h, c = Node(loaded, ring(ids_dir, "h")), Node(loaded, ring(ids_dir, "c"))
+    b.cache.prepare_local(b.ids(Q2))
+    m.cache.prepare_local(m.ids(P))
+    for node in (h, c):
+        ask_via(node, b, "b", Q2)
+        assert node.cache.audit().passed  # type: ignore[union-attr]
+    ask_via(c, m, "m", P)
+    assert c.cache.audit().passed  # type: ignore[union-attr]
+    of_b, of_m = set(signed_by(c, "b")), signed_by(c, "m")
+    assert of_m
+
+    poisoned(loaded, m, Q1)
+    ask_via(h, m, "m", Q1)
+    monkeypatch.setattr(audits, "pick", lambda n: 0)
+    verdict = h.cache.audit()
+    assert verdict is not None and verdict.culprit == "m" and verdict.evidence, verdict
+
+    broker = Broker()
+    joined(broker, c, "c", ring(ids_dir, "c"))
+    joined(broker, h, "h", ring(ids_dir, "h")).publish(dict(verdict.evidence))
+    assert broker.published == [("mesh/v1/node/h/kv-evidence", broker.published[0][1], True)]
+    assert c.cache.reports_waiting() == 1 and c.cache.snapshot()["shunned"] == []
+    assert c.cache.judge() is True
+    assert c.cache.snapshot()["shunned"] == ["m"] and c.cache.snapshot()["evidence_upheld"] == 1
+    assert signed_by(c, "m") == [] and set(signed_by(c, "b")) == of_b
+    assert c.rejects.snapshot() == {}
+    # the same report again (a retained copy after a reconnect) is not judged twice
+    joined(broker, h, "h", ring(ids_dir, "h")).publish(dict(verdict.evidence))
+    assert c.cache.reports_waiting() == 0
+
+
+def test_a_forged_report_cannot_frame_an_honest_node(loaded: LoadedModel, ids_dir: Path) -> None:
+    """m (valid credentials) reports b's honest KV as lies, in every form a report can take:
+    b's signed chunk and prompt entry (c's recomputation agrees: unfounded), b's chunk under
+    another prompt's ids, with altered bytes, or unsigned (refused before any recomputation).
+    b is never shunned and c keeps what b computed."""
+    b, c = Node(loaded, ring(ids_dir, "b")), Node(loaded, ring(ids_dir, "c"))
+    b.cache.prepare_local(b.ids(Q1))
+    ask_via(c, b, "b", Q1)
+    assert c.cache.audit().passed  # type: ignore[union-attr]
+    held = set(signed_by(c, "b"))
+    ids, q2 = b.ids(Q1), b.ids(Q2)
+    keys, pkey = b.cache.keys(ids)
+    bodies = list(b.cache.serve(list(keys), pkey, "fp16", 1 << 30, part_bytes=1))
+    chunks = [ch for body in bodies for ch in body["chunks"]]
+    prompt = dict(bodies[-1]["prompt"], logits=bodies[0]["logits"])
+    last = len(keys) - 1
+    assert q2[:(last + 1) * 16] != ids[:(last + 1) * 16]
+
+    def altered(ch: dict) -> dict:  # type: ignore[type-arg]
+        t = dict(ch["layers"][0]["k"])
+        t["data"] = bytes(x ^ 0x10 for x in t["data"][:64]) + t["data"][64:]
+        return dict(ch, layers=[dict(ch["layers"][0], k=t), *ch["layers"][1:]])
+
+    reports = [
+        evidences.build(ids[:(last + 1) * 16], last, chunk=chunks[last]),  # honest: unfounded
+        evidences.build(ids, -1, prompt=prompt),  # honest prompt entry: unfounded
+        evidences.build(q2[:(last + 1) * 16], last, chunk=chunks[last]),  # another prompt: not what b signed
+        evidences.build(ids[:16], 0, chunk=altered(chunks[0])),  # bytes b did not sign
+        evidences.build(ids[:32], 1, chunk={k: v for k, v in chunks[1].items() if k != "prov"}),  # unsigned
+    ]
+    broker = Broker()
+    joined(broker, c, "c", ring(ids_dir, "c"))
+    forger = joined(broker, Node(loaded, None), "m", ring(ids_dir, "m"))
+    for body in reports:
+        forger.publish(body)
+    assert c.cache.reports_waiting() == 2
+    assert c.cache.judge() is False and c.cache.judge() is False and c.cache.judge() is None
+    assert c.cache.snapshot()["shunned"] == [] and c.cache.provenance.liars == set()  # type: ignore[union-attr]
+    assert set(signed_by(c, "b")) == held
+    assert c.rejects.snapshot() == {"kv-evidence-unfounded": 2, "bad-provenance": 2, "kv-unsigned": 1}
+    again = c.cache.prepare(c.ids(Q1), SLOW_CPU, FAST, fetch_from(b.cache))
+    assert again.info["decision"] == "local" and again.info["full_hit"]
