@@ -4,8 +4,9 @@ A proof (``mesh.cache.provenance``) says who computed a chunk, not that it compu
 a node with valid credentials may sign any values. So after an answer that used fetched KV, the
 asking node recomputes one of the fetched chunks, chosen with the operating system's CSPRNG
 (:func:`pick`), over the prefix it holds before that chunk (one chunk's prefill), and compares.
-On a full hit it also recomputes the prompt's last position (and the tail) and compares the
-top tokens of the last logits (:func:`logits_error`).
+On a full hit it always also recomputes the prompt's last position (and the tail) and compares
+the top tokens of the last logits (:func:`logits_error`): they decide the first token of every
+later full hit, the likeliest lie.
 
 How close is close enough (:data:`CHUNK_BOUND`, :data:`LOGITS_BOUND`). The recomputation runs
 the same weights as the computing node; they differ by summation order (a one-chunk prefill over
@@ -18,7 +19,8 @@ measured on SmolLM2-135M chunks (``results/2026-12-07/audit_tolerance.py``) time
 another prompt's KV under the same keys differs by two orders of magnitude more.
 
 What one audit proves, and what it does not, is in RELIABILITY.md (a liar that poisons ``k`` of
-the ``n`` units of one fetch is caught with probability ``k / n`` per ask).
+the ``n`` fetched chunks of one fetch, each inconsistent with the prefix before it, is caught with
+probability ``k / n`` per ask; one that poisons one chunk and computes the rest over it, ``1 / n``).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ class Verdict:
     first token contradicts (``wrong``), or None when none does (nobody is blamed, the chain is
     dropped). ``unit`` is the audited unit (a chunk index, ``-1``: the prompt entry), ``error``
     its distance over the held prefix in units of its bound, ``seconds`` the recomputations'
-    time."""
+    time. ``unit`` is the last unit audited (the first one outside its bound, if any)."""
 
     passed: bool
     unit: int
@@ -118,6 +120,7 @@ class Verdict:
     seconds: float
     culprit: str | None = None
     wrong: int = 0  # the unit found wrong from the first token (the culprit's), else ``unit``
+    audited: tuple[int, ...] = ()  # the units recomputed: the picked chunk, and -1 on a full hit
     evidence: dict[str, object] = field(default_factory=dict)
 
 

@@ -700,9 +700,9 @@ class NodeCache:
         the prefill's hook, an arriving ask interrupts it with ``mesh.model.Interrupted`` and the
         fetch keeps its place). None when nothing of it is left to audit (evicted meanwhile).
 
-        One unit is picked with the CSPRNG among the fetched chunks and, on a full hit, the
-        prompt entry, and recomputed over the prefix held before it. Within its bound: the fetch's
-        entries are confirmed (advertised, served, persisted). Outside it, the prompt is
+        One fetched chunk is picked with the CSPRNG and, on a full hit, the prompt entry is taken
+        too (its logits decide every later full hit's first token); each is recomputed over the
+        prefix held before it. All within their bounds: the fetch's entries are confirmed (advertised, served, persisted). Outside it, the prompt is
         recomputed from the first token through that unit, which no held KV can sway, and the
         first held unit that disagrees with it is a lie of its computer (its signature says who;
         the serving peer for an unsigned one), who is :meth:`caught`. If none disagrees (or it
@@ -719,14 +719,18 @@ class NodeCache:
             proofs = [e.proof for e in held if e is not None]
             pe = self.store.entry(job.pkey) if job.pkey is not None and end == len(keys) else None
             prompt = pe.payload if pe is not None and pe.pending else None
-        units = max(end - job.first, 0) + (prompt is not None)
-        if units == 0:
+        units = max(end - job.first, 0)
+        # one chunk the peer cannot predict, and on a full hit always the prompt entry: its logits
+        # decide the first token of every later full hit, the likeliest lie (review E2)
+        picks = ([job.first + audits.pick(units)] if units else []) + ([-1] if prompt is not None else [])
+        if not picks:
             return None
-        u = audits.pick(units)
-        unit = job.first + u if u < end - job.first else -1
         t0 = time.perf_counter()
         try:
-            error = self._unit_error(job, unit, chunks, prompt, stop)
+            for unit in picks:
+                error = self._unit_error(job, unit, chunks, prompt, stop)
+                if error > 1.0:
+                    break
             wrong = None if error <= 1.0 else self._first_wrong(job, unit, chunks, prompt, stop)
         except BaseException:
             with self.lock:
@@ -739,7 +743,7 @@ class NodeCache:
             culprit = self._signer(job, wrong, pe.proof if wrong < 0 and pe is not None else
                                    (proofs[wrong] if wrong >= 0 else None))
         verdict = audits.Verdict(error <= 1.0, unit, error, seconds, culprit=culprit,
-                                 wrong=wrong if wrong is not None else unit)
+                                 wrong=wrong if wrong is not None else unit, audited=tuple(picks))
         with self.lock:
             self.figures.audit_s = seconds
             if verdict.passed:

@@ -105,13 +105,13 @@ def test_every_unit_of_an_honest_fetch_is_within_its_bound(loaded: LoadedModel, 
     b = Node(loaded, ring(ids_dir, "b"), config)
     b.cache.prepare_local(b.ids(Q2))
     n = len(b.cache.keys(b.ids(Q2))[0])
-    for unit in range(n + 1):  # every chunk, and the prompt entry (the last unit)
+    for unit in range(n):  # whichever chunk is picked; the prompt entry is audited every time
         h = Node(loaded, ring(ids_dir, "h"), config)
         ask_via(h, b, "b", Q2, codec_name=codec_name)
         monkeypatch.setattr(audits, "pick", lambda units, u=unit: u)
         verdict = h.cache.audit()
         assert verdict is not None and verdict.passed, (unit, verdict)
-        assert verdict.unit == (unit if unit < n else -1)
+        assert verdict.audited == (unit, -1)
 
 
 def test_self_computed_chunks_over_a_fetched_prefix_wait_with_it(loaded: LoadedModel, ids_dir: Path) -> None:
@@ -196,28 +196,60 @@ def test_a_liar_is_caught_when_its_poisoned_chunk_is_audited_and_everything_it_c
 
 def test_a_liar_poisoning_one_chunk_passes_an_audit_of_another(loaded: LoadedModel, ids_dir: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """What an audit cannot see (RELIABILITY.md): one poisoned chunk of n passes when a chunk
-    before it is picked, and is caught when it, or a chunk after it, is picked (a chunk after it
-    disagrees with the prefix held; the recomputation from the first token then finds the
-    poisoned one and its signer)."""
+    """What an audit cannot see (RELIABILITY.md): one poisoned chunk of the n fetched passes when a
+    chunk before it is picked, and is caught when it, or a chunk after it, is picked (a chunk after
+    it disagrees with the poisoned prefix held; the recomputation from the first token then finds
+    the poisoned one and its signer). h asks Q1 of m, which holds Q2: the shared chunks are fetched,
+    no prompt entry (whose audit, on a full hit, would catch this lie every time)."""
     m = Node(loaded, ring(ids_dir, "m"))
     m.cache.prepare_local(m.ids(Q2))
     keys, _ = m.cache.keys(m.ids(Q2))
-    n = len(keys)
-    bad = n - 2  # one chunk: its values scaled, re-signed by m
-    chunk = m.cache.store.entry(keys[bad]).payload  # type: ignore[union-attr]
-    lie = pack([k * 1.5 for k in chunk.keys], [v * 1.5 for v in chunk.values])
+    shared = next(i for i, (x, y) in enumerate(zip(keys, m.cache.keys(m.ids(Q1))[0])) if x != y)
+    assert shared >= 4
+    bad = shared - 2  # one chunk: its values scaled, re-signed by m
     e = m.cache.store.entry(keys[bad])
     assert e is not None
+    lie = pack([k * 1.5 for k in e.payload.keys], [v * 1.5 for v in e.payload.values])
     e.payload, e.proof = lie, m.cache.provenance.sign_chunk(keys[bad], lie)  # type: ignore[union-attr]
     for unit, caught in ((bad - 1, False), (bad, True), (bad + 1, True)):
         h = Node(loaded, ring(ids_dir, "h"))
-        ask_via(h, m, "m", Q2)
+        got, _ = ask_via(h, m, "m", Q1)
+        assert got.info["remote_tokens"] == 16 * shared and not got.info["full_hit"], got.info
         monkeypatch.setattr(audits, "pick", lambda units, u=unit: u)
         verdict = h.cache.audit()
-        assert verdict is not None and verdict.passed is not caught, (unit, verdict)
+        assert verdict is not None and verdict.passed is not caught and verdict.audited == (unit,), (unit, verdict)
         assert (verdict.culprit == "m") is caught and (h.cache.snapshot()["shunned"] == ["m"]) is caught
         assert not caught or verdict.wrong == bad  # the poisoned chunk, whichever was audited
+
+
+def test_a_lie_in_the_last_logits_is_caught_on_every_full_hit(loaded: LoadedModel, ids_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review E2 with valid credentials: m's chunks are honest, its signed last logits make
+    " London" the first token. The prompt entry is audited on every full hit: caught whichever
+    chunk the CSPRNG picks."""
+    m = Node(loaded, ring(ids_dir, "m"))
+    m.cache.prepare_local(m.ids(Q1))
+    _, pkey = m.cache.keys(m.ids(Q1))
+    e = m.cache.store.entry(pkey)
+    assert e is not None
+    logits = e.payload["logits"].clone()
+    london = m.cache.decoder.encode(" London")[0]
+    logits[london] = float(logits.max()) + 10.0
+    e.payload = {"tail": e.payload["tail"], "logits": logits}
+    e.proof = m.cache.provenance.sign_prompt(pkey, e.payload["tail"], logits)  # type: ignore[union-attr]
+    h = Node(loaded, ring(ids_dir, "h"))
+    got, first = ask_via(h, m, "m", Q1)
+    assert int(first.argmax()) == london  # the residual: the first answer is the lie's
+    verdict = h.cache.audit()
+    assert verdict is not None and not verdict.passed and verdict.unit == -1 and verdict.culprit == "m", verdict
+    assert verdict.wrong == -1 and verdict.evidence["unit"] == -1
+    assert h.cache.snapshot()["shunned"] == ["m"] and h.cache.store.entry(pkey) is None
+    again = h.cache.prepare_local(h.ids(Q1))  # the chunks were m's too: all dropped, recomputed
+    assert int(again.logits.argmax()) != london and again.info["decision"] == "no-match"
+    # the evidence of a lie in the logits convinces a node that never fetched it, too
+    c = Node(loaded, ring(ids_dir, "c"))
+    assert c.cache.take_evidence(dict(verdict.evidence)) and c.cache.judge() is True
+    assert c.cache.snapshot()["shunned"] == ["m"]
 
 
 # -- evidence any node can re-check (mesh.cache.evidence) ----------------------------------------
