@@ -384,7 +384,6 @@ def test_a_liar_with_valid_credentials_decides_one_answer_then_its_audit_catches
             time.sleep(0.2)
         again = ask(client, prompt)
         exact = ask(client, prompt, no_cache=True)
-        evidence = retained_evidence(amqtt_broker, "v1")
     c = got.node_figures["cache"]
     assert c["peer"] == attacker.name and c["full_hit"] and c.get("first_token") == "peer-logits", c
     assert c.get("audit") == "pending" and got.answer.startswith(" London"), (c, got.answer)
@@ -393,6 +392,7 @@ def test_a_liar_with_valid_credentials_decides_one_answer_then_its_audit_catches
     a = again.node_figures["cache"]
     assert attacker.name in a.get("peers_skipped", []) and a["remote_tokens"] == 0, a
     assert again.node_figures["token_ids"] == exact.node_figures["token_ids"]
+    evidence = retained_evidence(amqtt_broker, "v1")
     assert evidence.kind is wire.Kind.KV_EVIDENCE and evidence.sender == "v1"
     assert evidence.body["unit"] >= -1 and len(evidence.body["ids"]) > 0
 
