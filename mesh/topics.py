@@ -8,6 +8,8 @@ publisher cannot pick them by accident. Layout (``<n>`` is a node name, ``<c>`` 
     mesh/v1/node/<n>/ask        CBOR asks addressed to node <n>, QoS 1
     mesh/v1/node/<n>/catalog    CBOR Bloom catalog of <n>'s cached KV chunks, retained, QoS 1
     mesh/v1/node/<n>/kv         CBOR KV-chunk fetch requests to <n>, QoS 1
+    mesh/v1/node/<n>/kv-evidence CBOR evidence that <n>'s audit caught a node lying about KV
+                                (mesh.cache.evidence), retained, QoS 1; every node reads it
     mesh/v1/node/<c>/mlp        HALO frames (mesh.halo.frame): coordinator <c>'s MLP input of each
                                 layer step, once for every worker of its plan, QoS 0
     mesh/v1/reply/<c>-halo      HALO frames: the workers' partials back to coordinator <c>, QoS 0
@@ -43,6 +45,7 @@ ASK_TEXT = f"{ROOT}/ask/text"
 ALL_STATUS = f"{ROOT}/node/+/status"
 ALL_HEARTBEATS = f"{ROOT}/node/+/heartbeat"
 ALL_CATALOGS = f"{ROOT}/node/+/catalog"
+ALL_KV_EVIDENCE = f"{ROOT}/node/+/kv-evidence"
 ALL_ASKER_STATUS = f"{ROOT}/asker/+/status"
 HALO_PLAN = f"{ROOT}/plan"
 
@@ -74,6 +77,8 @@ JSON_ASK = TopicSpec("json-ask", Format.JSON, qos=1, retain=False)
 JSON_ANSWER = TopicSpec("json-answer", Format.JSON, qos=1, retain=False)
 CATALOG = TopicSpec("catalog", Format.CBOR, qos=1, retain=True)
 NODE_KV = TopicSpec("kv", Format.CBOR, qos=1, retain=False)
+# retained: a node that was away, or restarted, re-checks the last report of every auditor
+KV_EVIDENCE = TopicSpec("kv-evidence", Format.CBOR, qos=1, retain=True)
 PLAN = TopicSpec("plan", Format.CBOR, qos=1, retain=True)
 NODE_MLP = TopicSpec("mlp", Format.FRAME, qos=0, retain=False)
 HALO_REPLY = TopicSpec("halo-reply", Format.FRAME, qos=0, retain=False)
@@ -83,8 +88,8 @@ ASKER_STATUS = TopicSpec("asker-status", Format.TEXT, qos=1, retain=False)
 
 SPECS: dict[str, TopicSpec] = {s.name: s for s in
                                (STATUS, HEARTBEAT, NODE_ASK, REPLY, ROUTE_SPEC, JSON_ASK, JSON_ANSWER,
-                                NODE_STATE, TEXT_ASK, ASKER_STATUS, CATALOG, NODE_KV, PLAN, NODE_MLP,
-                                HALO_REPLY)}
+                                NODE_STATE, TEXT_ASK, ASKER_STATUS, CATALOG, NODE_KV, KV_EVIDENCE, PLAN,
+                                NODE_MLP, HALO_REPLY)}
 
 
 def node_topic(node: str, spec: TopicSpec) -> str:
@@ -126,6 +131,11 @@ def node_catalog(node: str) -> str:
 
 def node_kv(node: str) -> str:
     return node_topic(node, NODE_KV)
+
+
+def node_kv_evidence(node: str) -> str:
+    """Where ``node`` publishes the evidence of a lie its audit caught (mesh.cache.evidence)."""
+    return node_topic(node, KV_EVIDENCE)
 
 
 def node_ask(node: str) -> str:

@@ -54,6 +54,7 @@ class Kind(StrEnum):
     HALO_PLAN = "halo-plan"  # the coordinator's neuron-group placement (mesh.halo.placement.Plan)
     HALO_ACK = "halo-ack"  # a worker holds the weights of a plan epoch
     ROUTED = "routed"  # the router's word to an asker: which node took its ask (mesh.auth.senders)
+    KV_EVIDENCE = "kv-evidence"  # a signed chunk and its prompt: a lie any node can re-check (mesh.cache.evidence)
 
 
 # Body schemas: field -> (type or tuple of types, required). Unknown extra fields are allowed
@@ -82,6 +83,7 @@ _SCHEMAS: dict[Kind, dict[str, tuple[Any, bool]]] = {
     Kind.HALO_PLAN: {"epoch": (_INT, True), "plan": (dict, True)},
     Kind.HALO_ACK: {"epoch": (_INT, True)},
     Kind.ROUTED: {"node": (_STR, True)},
+    Kind.KV_EVIDENCE: {"ids": (list, True), "unit": (_INT, True), "chunk": (dict, False), "prompt": (dict, False)},
 }
 
 
@@ -139,6 +141,9 @@ def kind_caps(limits: Limits) -> dict[Kind, Cap]:
         Kind.HALO_ACK: Cap(4 * _KIB, 64),
         # a node's name.
         Kind.ROUTED: Cap(4 * _KIB, 64),
+        # one chunk (or a prompt's tail and top-k logits) as it was signed, fp32 at worst (SmolLM2:
+        # 0.7 MiB, Gemma-3 270M: 0.6 MiB), and the prompt's token ids up to it (5 bytes, 1 item each).
+        Kind.KV_EVIDENCE: Cap(4 * _MIB, 1 << 16),
     }
 
 

@@ -31,6 +31,7 @@ from mesh.config import NodeConfig
 from mesh.errors import MeshError
 from mesh.model import WARMUP_TEXT, Decoder, Interrupted, LoadedModel, load_model
 from mesh.cache.lookup import LinkEstimate
+from mesh.cache.evidence import EvidenceSync
 from mesh.cache.peers import CatalogSync, default_link, peer_links
 from mesh.cache.quota import ByteBuckets, default_burst
 from mesh.loops import guarded
@@ -98,6 +99,7 @@ class NodeAgent:
         self.cache: NodeCache | None = None
         self.transfer: PeerTransfer | None = None  # the cache's KV traffic with peers
         self.catalogs: CatalogSync | None = None
+        self.evidence: EvidenceSync | None = None  # lies caught by audits, ours and other nodes'
         self._started = time.time()
         self.bus = MqttBus(f"mesh-node-{self.name}", config.broker,
                            will=(topics.node_status(self.name), topics.OFFLINE, topics.STATUS.qos, True),
@@ -234,7 +236,31 @@ class NodeAgent:
                 self.figures.failed += outcome == "failed"
             self._wake.set()
 
-        self.member.work(self._answer, idle=self._probe_speed, started=started, finished=finished)
+        self.member.work(self._answer, idle=self._idle, started=started, finished=finished)
+
+    def _idle(self, idle_since: float) -> bool:
+        """The worker's idle time: first the audits of fetched KV (``NodeCache.audit``, one per
+        call: an ask that arrives meanwhile ends it at the next decoder layer, and it is audited
+        again later; the evidence of a lie is published for every node), then other nodes'
+        evidence (``NodeCache.judge``), then the prefill speed probe."""
+        cache = self.cache
+        if cache is not None and (cache.audits_waiting() or cache.reports_waiting()):
+            stop = lambda: not self.member.jobs.empty() or self._stop.is_set()  # noqa: E731
+            try:
+                if cache.audits_waiting():
+                    verdict = cache.audit(stop=stop)
+                    if verdict is not None and verdict.evidence and self.evidence is not None:
+                        try:
+                            self.evidence.publish(dict(verdict.evidence))
+                        except MeshError as exc:
+                            log.warning("KV evidence not published: %s", exc)
+                else:
+                    cache.judge(stop=stop)
+            except Interrupted:
+                log.debug("an audit gave way to an ask")
+                return False
+            return True
+        return self._probe_speed(idle_since)
 
     def _answer(self, job: Job) -> None:
         body = job.env.body
@@ -402,6 +428,9 @@ class NodeAgent:
                                                        c.serve_total_burst_mb * mib or 2 * burst),
                                      window_bytes=int(c.serve_window_mb * mib), keyring=self.keys)
         self._threads += [self.catalogs.start(), self.transfer.start()]
+        self.evidence = EvidenceSync(self.bus, cache, self.name, rejects=self.rejects,
+                                     max_message_bytes=self.limits.max_message_bytes, keyring=self.keys)
+        self.evidence.start()
 
     def _default_link(self) -> LinkEstimate:
         with self.figures.lock:

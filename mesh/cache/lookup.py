@@ -27,7 +27,10 @@ republished what it really holds) or the cool-down ends; a second short strike i
 republished catalog did not help either, so from then on only the cool-down lifts it (a peer that
 stalls and bumps its epoch would otherwise cost every ask the whole fetch timeout, forever). A
 chunk that failed verification (bytes not matching their key, another model's chunk, a truncated
-tensor) is a *bad* strike: only the cool-down lifts it, since a liar controls its own epoch. Consecutive strikes double the cool-down
+tensor) is a *bad* strike: only the cool-down lifts it, since a liar controls its own epoch. A node whose
+signed KV failed an audit (``mesh.cache.audit``: proven to have lied, not merely broken) gets a
+*lied* strike: shunned for good (until the process restarts; revoking its certificate is the
+operator's part). Consecutive strikes double the cool-down
 (capped); a complete, verified fetch clears the record. Skipped peers are left out of the lookup
 as if they had no catalog, so the next best peer (or recompute) is chosen.
 
@@ -40,6 +43,7 @@ then bounded by about twice the no-cache prefill.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NewType
@@ -217,7 +221,7 @@ def decide(
     )
 
 
-SHORT, BAD = "short", "bad"
+SHORT, BAD, LIED = "short", "bad", "lied"
 
 
 @dataclass(frozen=True)
@@ -244,11 +248,15 @@ class Strike:
 
 def strike(prev: Strike | None, kind: str, epoch: int, now: float,
            policy: PenaltyPolicy = PenaltyPolicy()) -> Strike:
-    """The record after one more wasted fetch of ``kind`` (SHORT or BAD) at catalog ``epoch``."""
-    if kind not in (SHORT, BAD):
+    """The record after one more wasted fetch of ``kind`` (SHORT or BAD) at catalog ``epoch``,
+    or a failed audit (LIED: no end)."""
+    if kind not in (SHORT, BAD, LIED):
         raise ValueError(f"unknown strike kind {kind!r}")
     count = 1 if prev is None else prev.count + 1
-    worst = BAD if kind == BAD or (prev is not None and prev.kind == BAD) else SHORT
+    kinds = {kind, prev.kind if prev is not None else SHORT}
+    worst = LIED if LIED in kinds else BAD if BAD in kinds else SHORT
+    if worst == LIED:
+        return Strike(count, LIED, epoch, math.inf)
     cool = min(policy.max_s, policy.base_s * 2.0 ** min(count - 1, 60))
     return Strike(count, worst, epoch, now + cool)
 
@@ -260,7 +268,7 @@ def shunned(strikes: Mapping[str, Strike], epochs: Mapping[str, int], now: float
     for node, s in strikes.items():
         if now >= s.until:
             continue
-        if s.kind == BAD or s.count > 1 or epochs.get(node, s.epoch) == s.epoch:
+        if s.kind in (BAD, LIED) or s.count > 1 or epochs.get(node, s.epoch) == s.epoch:
             out.add(node)
     return frozenset(out)
 

@@ -25,9 +25,10 @@ it may serve in (``Provenance(codecs=...)``: its wire codec, and fp16 and int8, 
 The manifest is sealed with ``Keyring.seal`` under the fixed pseudo-topic :data:`TOPIC` (so the
 signature stays valid on any reply topic) and checked with ``Keyring.open(..., retained=True)``
 (a chunk's proof is seen many times: no replay guard). The signer must be a certified,
-unrevoked ``node`` or ``coordinator``. Refusals raise ProtocolError with a counted reason:
+unrevoked ``node`` or ``coordinator``, and not one this node caught lying (:meth:`Provenance.distrust`,
+after a failed audit: ``mesh.cache.audit``). Refusals raise ProtocolError with a counted reason:
 ``kv-unsigned`` (no proof), ``bad-provenance`` (a digest, key, model, length or signature that
-does not match), ``provenance-wrong-role``, or ``provenance-`` and the certificate's reason
+does not match), ``provenance-wrong-role``, ``provenance-liar`` (a signer caught lying), or ``provenance-`` and the certificate's reason
 (``provenance-cert-revoked``, ``provenance-wrong-ca``, ...).
 """
 
@@ -152,6 +153,11 @@ class Provenance:
         if not codecs or any(c not in codec.CODECS for c in codecs):
             raise ValueError(f"codecs must be some of {codec.CODECS}")
         self.codecs = tuple(codecs)
+        self.liars: set[str] = set()  # signers caught lying (a failed audit): nothing of theirs is taken
+
+    def distrust(self, signer: str) -> None:
+        """Refuse every proof by ``signer`` from now on (it was caught lying: ``mesh.cache.audit``)."""
+        self.liars.add(signer)
 
     # -- computing nodes ----------------------------------------------------------------------
     def _sign(self, manifest: Manifest) -> Proof:
@@ -170,7 +176,9 @@ class Provenance:
     # -- receivers ----------------------------------------------------------------------------
     def _refuse(self, reason: str, detail: str) -> ProtocolError:
         self.rejects.add(reason)
-        return ProtocolError(reason, detail)
+        err = ProtocolError(reason, detail)
+        err.counted = True  # type: ignore[attr-defined]  # a caller that counts refusals skips it
+        return err
 
     def open(self, sealed: Any, kind: int, key: bytes, length: int | None = None) -> tuple[Manifest, str]:
         """A proof's manifest and signer, checked: a certified, unrevoked node or coordinator
@@ -186,6 +194,8 @@ class Provenance:
             raise self._refuse(reason, f"{bytes(key).hex()}: {exc}") from None
         if opened.sender.role not in SIGNER_ROLES:
             raise self._refuse("provenance-wrong-role", f"{opened.sender.name!r} ({opened.sender.role})")
+        if opened.sender.name in self.liars:
+            raise self._refuse("provenance-liar", f"{opened.sender.name!r} was caught lying")
         if (manifest.kind != kind or manifest.model != self.model or manifest.key != bytes(key)
                 or (length is not None and manifest.length != length)):
             raise self._refuse("bad-provenance", f"{bytes(key).hex()}: signed for another chunk")

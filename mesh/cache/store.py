@@ -15,6 +15,13 @@ Invariants:
   matched entry with one tick, so a chain ages as a unit and is eaten from its tip.
 - Recency is a logical counter, not a clock: the store is pure and deterministic.
 
+Fetched entries wait for their audit (``mesh.cache.audit``): put with ``pending=True``, they are
+*unconfirmed*, and so is every entry below one (KV computed over a prefix is only as good as the
+prefix). The owner uses unconfirmed entries for its own asks (:meth:`match_prefix`,
+:meth:`get_chain`), but :meth:`confirmed_keys` and :meth:`serve_chain` (the catalog and what peers
+are served) and :func:`save_dir` leave them out, until :meth:`confirm` (the audit passed) or
+:meth:`discard` (it failed). Entries loaded from disk are confirmed (only confirmed ones are written).
+
 Every mutating call returns a :class:`StoreChange` (added / evicted / rejected keys) so the shell
 can rebuild and republish the catalog when ``change.changed``.
 
@@ -108,6 +115,7 @@ class Entry:
     tick: int = 0
     children: int = 0
     proof: Any = None  # what vouches for the payload (mesh.cache.provenance.Proof); opaque here
+    pending: bool = False  # fetched, its audit not passed yet (module docstring)
 
 
 class KVStore:
@@ -120,7 +128,7 @@ class KVStore:
         self.model = bytes(model)
         self._entries: dict[ChunkHash, Entry] = {}
         self._heap: list[tuple[int, int, int, ChunkHash]] = []
-        self._seq = self._tick = self._bytes = self._n_prompts = 0
+        self._seq = self._tick = self._bytes = self._n_prompts = self._n_pending = 0
         self._count: Counter[str] = Counter()  # hits, misses, prompt_hits, ... (StoreStats)
 
     def __contains__(self, key: object) -> bool:
@@ -133,6 +141,10 @@ class KVStore:
         """The entry for ``key`` without touching it (for persistence and inspection)."""
         return self._entries.get(ChunkHash(bytes(key)))
 
+    def entries(self) -> list[Entry]:
+        """Every entry, without touching them (e.g. to find what one computer signed)."""
+        return list(self._entries.values())
+
     def chunk_keys(self) -> list[ChunkHash]:
         """Keys of all chunk entries (what the catalog advertises)."""
         return [k for k, e in self._entries.items() if e.kind == CHUNK]
@@ -140,6 +152,36 @@ class KVStore:
     def prompt_keys(self) -> list[ChunkHash]:
         """Keys of all prompt entries."""
         return [k for k, e in self._entries.items() if e.kind == PROMPT]
+
+    def unconfirmed(self) -> set[ChunkHash]:
+        """Keys of the pending entries and of every entry below one (module docstring)."""
+        if not self._n_pending:
+            return set()
+        out: set[ChunkHash] = set()
+        for e in sorted(self._entries.values(), key=lambda e: e.depth):  # parents first
+            if e.pending or e.parent in out:
+                out.add(e.key)
+        return out
+
+    def confirmed_keys(self) -> list[ChunkHash]:
+        """Keys of the confirmed entries, chunks and prompts (what the catalog advertises)."""
+        held = self.unconfirmed()
+        return [k for k in self._entries if k not in held]
+
+    def confirm(self, keys: Sequence[bytes]) -> int:
+        """The audit of these pending entries passed: serve, advertise and persist them. Returns
+        how many were pending."""
+        n = 0
+        for key in keys:
+            e = self._entries.get(ChunkHash(bytes(key)))
+            if e is not None and e.pending:
+                e.pending = False
+                self._n_pending -= 1
+                n += 1
+        return n
+
+    def pending_keys(self) -> list[ChunkHash]:
+        return [k for k, e in self._entries.items() if e.pending]
 
     def peek_prefix(self, keys: Sequence[bytes]) -> int:
         """Leading keys present, without counting or touching (routing, status)."""
@@ -176,6 +218,13 @@ class KVStore:
         self._touch([key])
         return e.payload
 
+    def serve_chain(self, keys: Sequence[bytes]) -> list[Any]:
+        """:meth:`get_chain` for a peer: the leading run stops at the first unconfirmed entry."""
+        held = self.unconfirmed()
+        n = self.peek_prefix(keys)
+        n = next((i for i, k in enumerate(keys[:n]) if k in held), n)
+        return self.get_chain(keys[:n])
+
     def stats(self) -> StoreStats:
         """A snapshot of the counters."""
         c = self._count
@@ -185,12 +234,14 @@ class KVStore:
         )
 
     def put_chunk(self, key: bytes, parent: bytes | None, payload: Any, nbytes: int,
-                  proof: Any = None) -> StoreChange:
-        """Store one chunk under ``parent`` (None for a first chunk), with its ``proof`` if any."""
-        return self._put(ChunkHash(bytes(key)), CHUNK, parent, payload, nbytes, proof)
+                  proof: Any = None, pending: bool = False) -> StoreChange:
+        """Store one chunk under ``parent`` (None for a first chunk), with its ``proof`` if any;
+        ``pending``: fetched, awaiting its audit (module docstring)."""
+        return self._put(ChunkHash(bytes(key)), CHUNK, parent, payload, nbytes, proof, pending)
 
     def put_chain(self, keys: Sequence[bytes], payloads: Sequence[Any], nbytes: Sequence[int],
-                  parent: bytes | None = None, proofs: Sequence[Any] | None = None) -> StoreChange:
+                  parent: bytes | None = None, proofs: Sequence[Any] | None = None,
+                  pending: bool = False) -> StoreChange:
         """Store consecutive chunks; ``parent`` is the key before ``keys[0]`` (None at the root).
 
         Stops at the first rejection: later chunks would be orphans.
@@ -200,7 +251,7 @@ class KVStore:
             raise ValueError("keys, payloads, nbytes and proofs differ in length")
         change = StoreChange()
         for key, payload, size, proof in zip(keys, payloads, nbytes, proofs):
-            step = self.put_chunk(key, parent, payload, size, proof)
+            step = self.put_chunk(key, parent, payload, size, proof, pending)
             change = change + step
             if step.rejected:
                 break
@@ -208,9 +259,9 @@ class KVStore:
         return change
 
     def put_prompt(self, key: bytes, parent: bytes | None, payload: Any, nbytes: int,
-                   proof: Any = None) -> StoreChange:
+                   proof: Any = None, pending: bool = False) -> StoreChange:
         """Store a prompt entry under the prompt's last full chunk (None if it has none)."""
-        return self._put(ChunkHash(bytes(key)), PROMPT, parent, payload, nbytes, proof)
+        return self._put(ChunkHash(bytes(key)), PROMPT, parent, payload, nbytes, proof, pending)
 
     def proofs(self, keys: Sequence[bytes]) -> list[Any]:
         """The proofs of the leading present chunk keys (without touching them)."""
@@ -231,7 +282,7 @@ class KVStore:
         return StoreChange(evicted=tuple(doomed))
 
     def _put(self, key: ChunkHash, kind: str, parent: bytes | None, payload: Any,
-             nbytes: int, proof: Any = None) -> StoreChange:
+             nbytes: int, proof: Any = None, pending: bool = False) -> StoreChange:
         if len(key) != KEY_BYTES or nbytes < 0:
             raise ValueError("keys must be 16 bytes and nbytes >= 0")
         if key in self._entries:
@@ -254,7 +305,9 @@ class KVStore:
         evicted = self._make_room(nbytes, protected)
         depth = 1 if parent_entry is None else parent_entry.depth + 1
         self._tick += 1
-        self._entries[key] = Entry(key, kind, parent_key, depth, payload, nbytes, tick=self._tick, proof=proof)
+        self._entries[key] = Entry(key, kind, parent_key, depth, payload, nbytes, tick=self._tick, proof=proof,
+                                   pending=pending)
+        self._n_pending += pending
         if parent_entry is not None:
             parent_entry.children += 1
         self._bytes += nbytes
@@ -286,6 +339,7 @@ class KVStore:
         e = self._entries.pop(key)
         self._bytes -= e.nbytes
         self._n_prompts -= e.kind == PROMPT
+        self._n_pending -= e.pending
         if e.parent is not None and e.parent in self._entries:
             p = self._entries[e.parent]
             p.children -= 1
@@ -367,13 +421,14 @@ def save_dir(store: KVStore, directory: str | os.PathLike[str],
     """Mirror the store into ``directory``: write missing entries atomically, delete stale files.
 
     Entries are content-addressed, so an existing file is not rewritten. Returns files written.
+    Unconfirmed entries (awaiting an audit) are not written.
     ``encode_proof``: an entry's proof as bytes (kept in a version 2 record), for entries that
     have one.
     """
     root = Path(directory)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     root.chmod(0o700)  # whatever the umask, and a directory made before with its mode
-    live = {bytes(k).hex() + ".kv": k for k in store._entries}
+    live = {bytes(k).hex() + ".kv": k for k in store.confirmed_keys()}
     written = 0
     for name, key in live.items():
         path = root / name

@@ -79,7 +79,7 @@ class KVCheck:
 # -- serving -------------------------------------------------------------------------------------
 
 
-def _proven_chunk(chunk: ChunkKV, codec_name: str, key: bytes, model: bytes,
+def proven_chunk(chunk: ChunkKV, codec_name: str, key: bytes, model: bytes,
                   proof: Proof | None) -> dict[str, Any] | None:
     """``chunk`` in wire form with its proof, in a codec whose signed bytes this node reproduces;
     None when the bytes no longer match what was signed (the entry went bad in our memory)."""
@@ -128,7 +128,7 @@ def serve_parts(keys: Sequence[bytes], chunks: Sequence[ChunkKV], pkey: bytes | 
     size = 0
     for i, (key, chunk) in enumerate(zip(keys, chunks)):
         proof = proofs[i] if proofs is not None else None
-        enc = None if proven and proof is None else _proven_chunk(chunk, codec_name, key, model, proof)
+        enc = None if proven and proof is None else proven_chunk(chunk, codec_name, key, model, proof)
         if enc is None:
             if spoiled is not None:
                 spoiled.append(bytes(key))
@@ -142,7 +142,7 @@ def serve_parts(keys: Sequence[bytes], chunks: Sequence[ChunkKV], pkey: bytes | 
         size += n
     last: dict[str, Any] = {"chunks": batch, "part": part, "last": True}
     if prompt is not None and pkey is not None:
-        tail = _proven_chunk(prompt["tail"], codec_name, pkey, model, prompt_proof)
+        tail = proven_chunk(prompt["tail"], codec_name, pkey, model, prompt_proof)
         if tail is None or (proven and prompt_proof is None):
             if spoiled is not None:
                 spoiled.append(bytes(pkey))
@@ -182,6 +182,7 @@ class Reading:
         self.tail: ChunkKV | None = None
         self.prompt_proof: Proof | None = None  # the prompt entry's (tail and logits)
         self.logits: torch.Tensor | None = None
+        self.codec: str | None = None  # the wire codec the chunks came in (the audit's tolerance)
         self.nbytes = 0
         self.next_part = 0
         self.complete = False
@@ -229,6 +230,7 @@ class Reading:
             for raw in raw_chunks:
                 key = self.want[len(self.got)]
                 chunk = codec.decode_chunk(raw, c.layout, c.chunk_size, key=key, model=c.model)
+                self._note_codec(raw)
                 self.proofs.append(c.provenance.check_chunk(raw, key) if c.provenance is not None else None)
                 self.got.append(chunk)
             raw_prompt = body.get("prompt")
@@ -239,6 +241,7 @@ class Reading:
                 if not isinstance(length, int) or not 0 <= length < c.chunk_size:
                     raise ProtocolError("bad-chunk", "prompt tail length")
                 tail = codec.decode_chunk(raw_prompt["tail"], c.layout, length, key=self.pkey, model=c.model)
+                self._note_codec(raw_prompt["tail"])
                 if "logits" in raw_prompt and self.logits is None:  # a peer that sends them last
                     self._take_logits(raw_prompt["logits"])
                 if c.provenance is not None:
@@ -255,6 +258,13 @@ class Reading:
             self.stop()
             return False
         return True
+
+    def _note_codec(self, raw: Any) -> None:
+        """The lossiest codec of the transfer (decode_chunk checked the name)."""
+        name = raw["codec"]
+        order = ("fp32", "fp16", "int8")
+        if self.codec is None or order.index(name) > order.index(self.codec):
+            self.codec = name
 
     def _take_logits(self, raw: Any) -> None:
         """Decode (and, keyed, prove) the prompt's last logits: nothing unproven is ever emitted."""

@@ -70,6 +70,20 @@ def wait_catalog(client: MeshClient, broker: Broker, node: str, min_items: int, 
         bus.stop()
 
 
+def wait_audited(client: MeshClient, node: str, served: int, timeout: float = 30.0) -> dict:  # type: ignore[type-arg]
+    """The node's heartbeat cache figures once it has answered ``served`` asks and no fetch of
+    its waits for an audit (a fetched entry is persisted, advertised and served only after its
+    audit: mesh.cache.audit)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        hb = next((v.heartbeat for v in client.nodes() if v.name == node), {})
+        cache = hb.get("cache", {})
+        if hb.get("served", 0) >= served and cache.get("audits_pending") == 0:
+            return cache
+        assert time.monotonic() < deadline, f"{node}'s fetches were not audited: {cache}"
+        time.sleep(0.2)
+
+
 def test_repeated_prompt_is_a_full_local_hit(amqtt_broker: Broker, nodes: dict) -> None:
     with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         first = ask(client, PREFIX + Q1, "c1")
@@ -174,7 +188,7 @@ def test_restarted_node_keeps_its_cache(amqtt_broker: Broker, log_dir: Path, tmp
     try:
         with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
             first = ask(client, PREFIX + Q2, "p1", no_cache=False)
-        time.sleep(0.5)
+            wait_audited(client, "p1", 1)  # p1 may have fetched the prompt from c1: written once audited
     finally:
         node.stop()
     assert any(store.glob("*.kv"))

@@ -188,3 +188,12 @@ def test_a_fetch_is_given_up_at_the_recompute_estimate() -> None:
     assert slow.est_transfer_s * 20 < fetch_timeout(slow)
     with pytest.raises(ValueError):
         fetch_timeout(slow, 1.0, 0.5)
+
+
+def test_a_proven_liar_stays_shunned_whatever_its_epoch_or_the_clock() -> None:
+    from mesh.cache.lookup import LIED
+
+    s = strike(strike(None, BAD, 3, 0.0), LIED, 3, 10.0)
+    assert s.kind == LIED and s.until == float("inf")
+    assert strike(s, BAD, 4, 20.0).kind == LIED  # nothing lighter replaces it
+    assert shunned({"m": s}, {"m": 99}, 1e12) == frozenset({"m"})

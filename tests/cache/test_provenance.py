@@ -242,6 +242,7 @@ def test_a_relayed_chunk_keeps_its_computers_proof(loaded: LoadedModel, ids_dir:
     b.cache.prepare_local(b.ids(Q1))
     at_h, _ = ask_via(h, b, "b", Q1, codec_name=codec_name)
     assert at_h.info["full_hit"] and "wasted" not in at_h.info, at_h.info
+    assert h.cache.audit().passed  # type: ignore[union-attr]  # served on only once audited (test_audit.py)
     at_c, _ = ask_via(c, h, "h", Q1, codec_name=codec_name)
     assert at_c.info["full_hit"] and "wasted" not in at_c.info, at_c.info
     keys, pkey = c.cache.keys(c.ids(Q1))
@@ -274,6 +275,7 @@ def test_persisted_chunks_keep_their_proof_and_are_checked_again(loaded: LoadedM
     b.cache.prepare_local(b.ids(Q1))
     h = Node(loaded, ring(ids_dir, "h"), config)
     ask_via(h, b, "b", Q1)  # h holds b's chunks (fp16 on the wire) and writes them with b's proofs
+    assert h.cache.audit().passed  # type: ignore[union-attr]  # once their audit passed (test_audit.py)
     keys, pkey = h.cache.keys(h.ids(Q1))
     n = len(keys) + 1
 
@@ -310,6 +312,7 @@ def test_persisted_chunks_of_a_revoked_computer_are_dropped_on_load(loaded: Load
     b.cache.prepare_local(b.ids(Q1))
     h = Node(loaded, ring(d, "h"), config)
     ask_via(h, b, "b", Q1)
+    assert h.cache.audit().passed  # type: ignore[union-attr]  # written once audited (test_audit.py)
     n = len(h.cache.store)
     assert n > 0
     identities.revoke(d, "b")

@@ -193,3 +193,22 @@ def test_save_removes_stale_files(tmp_path: Path) -> None:
     assert names == sorted(k.hex() + ".kv" for k in b)
     model, entry = decode_record((tmp_path / names[0]).read_bytes())
     assert model == MODEL and entry.kind == "chunk"
+
+
+def test_pending_entries_and_what_hangs_off_them_are_used_but_not_shared(tmp_path: Path) -> None:
+    """Fetched entries wait for their audit (mesh.cache.audit): the owner matches them, the
+    catalog, a peer and the disk do not see them or anything below them until confirmed."""
+    s = KVStore(1000, MODEL)
+    a = chain(1, 5)
+    put(s, a[:2])  # computed here
+    s.put_chain(a[2:4], [b"f2", b"f3"], [10, 10], parent=a[1], pending=True)  # fetched
+    s.put_chunk(a[4], a[3], b"kv4", 10)  # computed here over the fetched ones
+    assert s.match_prefix(a) == 5 and len(s.get_chain(a)) == 5
+    assert s.unconfirmed() == set(a[2:]) and set(s.confirmed_keys()) == set(a[:2])
+    assert s.serve_chain(a) == [b"kv0", b"kv1"]
+    assert save_dir(s, tmp_path, bytes) == 2
+    assert s.confirm(a[2:4]) == 2 and s.unconfirmed() == set()
+    assert len(s.serve_chain(a)) == 5 and save_dir(s, tmp_path, bytes) == 3
+    s.put_chunk(chain(2, 1)[0], None, b"x", 10, pending=True)
+    s.discard(chain(2, 1)[0])
+    assert s.unconfirmed() == set() and s._n_pending == 0

@@ -316,6 +316,7 @@ def valid_bodies() -> dict[wire.Kind, dict[str, Any]]:
         wire.Kind.HALO_PLAN: {"epoch": 1, "plan": {}},
         wire.Kind.HALO_ACK: {"epoch": 1},
         wire.Kind.ROUTED: {"node": "n1"},
+        wire.Kind.KV_EVIDENCE: {"ids": [1, 2, 3], "unit": 0, "chunk": {}},
     }
 
 

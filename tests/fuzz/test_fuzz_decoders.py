@@ -38,6 +38,7 @@ VALID: dict[wire.Kind, dict] = {
     wire.Kind.HALO_PLAN: {"epoch": 1, "plan": {}},
     wire.Kind.HALO_ACK: {"epoch": 1},
     wire.Kind.ROUTED: {"node": "n1"},
+    wire.Kind.KV_EVIDENCE: {"ids": [1, 2, 3], "unit": 0, "chunk": {}},
 }
 
 

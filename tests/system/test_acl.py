@@ -53,6 +53,9 @@ FLOWS = [
     ("pi2", "pi1", topics.reply("node-pi1")),
     ("pi1", "pi2", topics.node_catalog("pi1")),
     ("pi1", "pi2", topics.node_ask("pi2")),
+    # the evidence of a lie an audit caught (mesh.cache.evidence): every node and the coordinator read it
+    ("pi1", "pi2", topics.node_kv_evidence("pi1")),
+    ("pi1", COORD, topics.node_kv_evidence("pi1")),
     # Home Assistant discovery: a node's own device; the shared device from the operator's account
     ("pi1", "homeassistant", ha.node_discovery_topic("homeassistant", "pi1")),
     (ha.ASSISTANT_OWNER, "homeassistant", ha.assistant_discovery_topic("homeassistant")),
@@ -67,6 +70,8 @@ DENIED = [
     ("pi1", "pi2", topics.reply("node-pi1")),
     # a node cannot fake an asker's will to stop its asks
     ("pi1", "pi2", topics.asker_status("cli-0a1b")),
+    # evidence is published under the auditor's own name only
+    ("pi1", "pi2", topics.node_kv_evidence("pi2")),
     # M8: a node rewrites no device but its own, the shared assistant device included
     ("pi1", "homeassistant", ha.assistant_discovery_topic("homeassistant")),
     ("pi1", "homeassistant", ha.node_discovery_topic("homeassistant", "pi2")),
