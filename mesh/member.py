@@ -89,6 +89,16 @@ class AgentExtension:
 
 
 @dataclass
+def with_extension_fields(body: dict[str, Any], extensions: list[AgentExtension]) -> dict[str, Any]:
+    """``body`` with every extension's heartbeat fields; one that fails is logged and left out."""
+    for ext in extensions:
+        try:
+            body.update(ext.heartbeat_fields())
+        except Exception:
+            log.exception("extension %s heartbeat fields failed", type(ext).__name__)
+    return body
+
+
 class Job:
     env: wire.Envelope
     received: float  # monotonic

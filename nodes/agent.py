@@ -37,7 +37,7 @@ from mesh.cache.quota import ByteBuckets, default_burst
 from mesh.loops import guarded
 from mesh.cache.transfer import PeerTransfer
 from mesh.cache.node_cache import NodeCache, Prepared
-from mesh.member import AgentExtension, Job, Member, shows_cache
+from mesh.member import AgentExtension, Job, Member, shows_cache, with_extension_fields
 from mesh.uplink_probe import LinkProbe
 
 log = logging.getLogger(__name__)
@@ -375,12 +375,7 @@ class NodeAgent:
         """The heartbeat body with the link's figures and every extension's fields."""
         body = self.heartbeat_body()
         body["link"] = self.link.snapshot()
-        for ext in self.extensions:
-            try:
-                body.update(ext.heartbeat_fields())
-            except Exception:
-                log.exception("extension %s heartbeat fields failed", type(ext).__name__)
-        return body
+        return with_extension_fields(body, self.extensions)
 
     def _busy_total(self, now: float) -> float:
         """Seconds spent answering since start, counting the running ask up to ``now``."""

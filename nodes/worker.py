@@ -32,7 +32,7 @@ from mesh.auth.keyring import Keyring
 from mesh.config import NodeConfig
 from mesh.errors import MeshError
 from mesh.loops import guarded
-from mesh.member import AgentExtension, Member
+from mesh.member import AgentExtension, Member, with_extension_fields
 from mesh.mqtt.bus import MqttBus
 from mesh.mqtt.inbox import ReplyInbox
 from mesh.uplink_probe import LinkProbe
@@ -119,12 +119,7 @@ class WorkerNode:
     def _full_heartbeat(self) -> dict[str, Any]:
         body = self.heartbeat_body()
         body["link"] = self.link.snapshot()
-        for ext in self.extensions:
-            try:
-                body.update(ext.heartbeat_fields())
-            except Exception:
-                log.exception("extension %s heartbeat fields failed", type(ext).__name__)
-        return body
+        return with_extension_fields(body, self.extensions)
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.is_set():
