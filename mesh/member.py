@@ -88,7 +88,6 @@ class AgentExtension:
         pass
 
 
-@dataclass
 def with_extension_fields(body: dict[str, Any], extensions: list[AgentExtension]) -> dict[str, Any]:
     """``body`` with every extension's heartbeat fields; one that fails is logged and left out."""
     for ext in extensions:
@@ -99,6 +98,7 @@ def with_extension_fields(body: dict[str, Any], extensions: list[AgentExtension]
     return body
 
 
+@dataclass
 class Job:
     env: wire.Envelope
     received: float  # monotonic
