@@ -72,17 +72,27 @@ def _architecture(reader: Any) -> str:
 
 def _name_map(config: Any, arch: str) -> tuple[dict[str, str], Any, dict[str, tuple[int, ...]]]:
     """transformers' GGUF -> HF tensor names for ``config``, its tensor processor, and the
-    shape the model wants for each HF name."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    shape the model wants for each HF name.
+
+    The names and shapes are read off the mesh's own model (:mod:`mesh.lm`, built on the meta
+    device: no bytes), whose modules carry transformers' names; transformers' model classes
+    are not imported (their modules cost ~85 MiB resident, a fifth of a Pi Zero 2W's memory).
+    The mapping is transformers' own (``get_gguf_hf_weights_map``) over that module tree;
+    tests/weights/test_convert.py checks it equals the one over transformers' model."""
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map)
 
-    with init_empty_weights():  # parameters on the meta device: names and shapes, no bytes
-        model = AutoModelForCausalLM.from_config(config)
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+    from mesh.lm.config import from_dict
+    from mesh.lm.model import CausalLM
+
+    raw = config.to_dict()
+    with torch.device("meta"):
+        model = CausalLM(from_dict(raw))
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=raw)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    return get_gguf_hf_weights_map(model, processor), processor, shapes
+    names = get_gguf_hf_weights_map(model, processor, model_type=config.model_type,
+                                    num_layers=config.num_hidden_layers)
+    return names, processor, shapes
 
 
 @functools.cache
