@@ -138,7 +138,8 @@ def _read_rows(tensor: Any, fd: int, r0: int, n: int) -> np.ndarray:
     buf = bytearray(n * row_bytes)  # writable: the fix-ups may work in place
     if os.preadv(fd, [buf], offset) != len(buf):
         raise ConfigError(f"the GGUF ends inside tensor {tensor.name}; download it again")
-    os.posix_fadvise(fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the whole file: pages of earlier reads the
+    # kernel kept (readahead in flight, another CPU's LRU batch) go too
     return np.frombuffer(buf, dtype=view.dtype).reshape((n, *view.shape[1:]) if view.ndim > 1 else view.shape)
 
 
