@@ -78,14 +78,15 @@ def _assemble(chunks: list[Path], target: Path, sha256: str) -> None:
     try:
         h = hashlib.sha256()
         with tmp.open("wb") as out:
-            written = 0
+            unsynced = 0
             for chunk in chunks:
                 with chunk.open("rb") as f:
                     for block in iter(lambda: f.read(1 << 20), b""):
                         out.write(block)
                         h.update(block)
-                        written += len(block)
-                        if written % DROP_EVERY == 0:
+                        unsynced += len(block)
+                        if unsynced >= DROP_EVERY:
+                            unsynced = 0
                             out.flush()
                             os.fdatasync(out.fileno())
                             os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
@@ -360,7 +361,7 @@ def run_setup(cache_root: Path, models: list[str] | None = None, console: Consol
                 # It is trained on the fp32 model through transformers: a device setup (q4, int8)
                 # has neither, and a second process beside this one would double the peak.
                 log.info("HALO importance predictor not trained: it needs %s in fp32", HALO_MODEL)
-        done["halo-predictor"] = (str(predictor) if predictor.exists() else
+        done["halo-predictor"] = (str(predictor) if predictor.exists() or HALO_MODEL not in keys else
                                   f"not trained (needs fp32 weights: `mesh setup --models {HALO_MODEL} --weights fp32`)")
         progress.advance(task)
         progress.update(task, description="ready")
