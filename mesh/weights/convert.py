@@ -15,7 +15,6 @@ embedding: a Pi Zero can convert its own weights.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
 from collections.abc import Iterator
@@ -98,8 +97,8 @@ def _name_map(config: Any, arch: str) -> tuple[dict[str, str], Any, dict[str, tu
 @functools.cache
 def _malloc_trim() -> Any:
     """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    try:  # the process's own symbols: no ctypes.util.find_library, which runs ldconfig in a subprocess
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
 
