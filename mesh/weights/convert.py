@@ -1,6 +1,9 @@
 """GGUF -> a quantised safetensors file, one tensor (or one block of rows) at a time.
 
-The GGUF is memory-mapped by ``gguf.GGUFReader``; each tensor is dequantised with the ``gguf``
+The GGUF's header is parsed by ``gguf.GGUFReader`` (over its memory map); the tensors' bytes are
+read with ``pread`` a block of rows at a time and dropped from the page cache once read, so a
+memory cgroup (v1 charges a file's cache to the reader) never holds more of the GGUF than one
+block. Each tensor is dequantised with the ``gguf``
 package (the same call transformers makes for the fp32 copy), passed through transformers' own
 per-architecture fix-ups (LLaMA's q/k row permutation, Gemma's norm offset) and name map, then
 quantised and appended to the output. Tensors larger than ``block_bytes`` in float32 are
@@ -11,6 +14,9 @@ embedding: a Pi Zero can convert its own weights.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,7 @@ from mesh.weights.formats import (KEEP_8BIT, MINS, Q4_GROUP, QUANT_FORMAT, QWEIG
                                   quantize_groups, quantize_groups8, quantize_rows)
 from mesh.weights.writer import StreamWriter, entry_bytes
 
-BLOCK_BYTES = 8 << 20  # float32 bytes dequantised at once
+BLOCK_BYTES = 4 << 20  # float32 bytes dequantised at once
 
 
 def _tensor_reader(path: Path) -> Any:
@@ -65,27 +71,75 @@ def _architecture(reader: Any) -> str:
 
 def _name_map(config: Any, arch: str) -> tuple[dict[str, str], Any, dict[str, tuple[int, ...]]]:
     """transformers' GGUF -> HF tensor names for ``config``, its tensor processor, and the
-    shape the model wants for each HF name."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    shape the model wants for each HF name.
+
+    The names and shapes are read off the mesh's own model (:mod:`mesh.lm`, built on the meta
+    device: no bytes), whose modules carry transformers' names; transformers' model classes
+    are not imported (their modules cost ~85 MiB resident, a fifth of a Pi Zero 2W's memory).
+    The mapping is transformers' own (``get_gguf_hf_weights_map``) over that module tree;
+    tests/weights/test_convert.py checks it equals the one over transformers' model."""
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map)
 
-    with init_empty_weights():  # parameters on the meta device: names and shapes, no bytes
-        model = AutoModelForCausalLM.from_config(config)
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+    from mesh.lm.config import from_dict
+    from mesh.lm.model import CausalLM
+
+    raw = config.to_dict()
+    with torch.device("meta"):
+        model = CausalLM(from_dict(raw))
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=raw)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    return get_gguf_hf_weights_map(model, processor), processor, shapes
+    names = get_gguf_hf_weights_map(model, processor, model_type=config.model_type,
+                                    num_layers=config.num_hidden_layers)
+    return names, processor, shapes
 
 
-def _row_blocks(tensor: Any, whole: bool, block_bytes: int) -> Iterator[tuple[int, Any]]:
-    """``(first_row, raw rows)`` blocks of a GGUF tensor's data (rows = HF output rows)."""
-    data = tensor.data
-    rows = int(data.shape[0]) if data.ndim > 1 else 1
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    try:  # the process's own symbols: no ctypes.util.find_library, which runs ldconfig in a subprocess
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_freed() -> None:
+    """Hand the heap's free pages back to the kernel. A block's temporaries (the raw bytes, the
+    dequantised floats, torch's intermediates) are freed between small allocations that live on
+    (scales, the writer's buffers); glibc keeps such a fragmented heap resident, and over
+    Gemma's 80 embedding blocks the converter's anonymous memory grew by ~200 MiB without this
+    (measured: results/2026-12-07/setup_peak.py)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _row_blocks(tensor: Any, whole: bool, block_bytes: int, fd: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first_row, raw rows)`` blocks of a GGUF tensor's data (rows = HF output rows), read from
+    the open GGUF ``fd``. The reader's own view (``tensor.data``) gives only the dtype and shape:
+    none of its pages is touched. A GGUF quantisation block never spans two rows, so a row range
+    of the raw bytes dequantises on its own."""
+    view = tensor.data
+    rows = int(view.shape[0]) if view.ndim > 1 else 1
     width = int(tensor.n_elements) // rows
     step = rows if whole else max(1, block_bytes // (4 * width))
     for r0 in range(0, rows, step):
-        yield r0, data[r0:r0 + step] if data.ndim > 1 else data
+        yield r0, _read_rows(tensor, fd, r0, min(step, rows - r0))
+
+
+def _read_rows(tensor: Any, fd: int, r0: int, n: int) -> np.ndarray:
+    """Rows ``r0 .. r0 + n`` of the tensor's raw data, read with ``pread`` and then evicted from
+    the page cache (the converter reads each byte once)."""
+    view = tensor.data
+    rows = int(view.shape[0]) if view.ndim > 1 else 1
+    row_bytes = int(tensor.n_bytes) // rows
+    offset = int(tensor.data_offset) + r0 * row_bytes
+    buf = bytearray(n * row_bytes)  # writable: the fix-ups may work in place
+    if os.preadv(fd, [buf], offset) != len(buf):
+        raise ConfigError(f"the GGUF ends inside tensor {tensor.name}; download it again")
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the whole file: pages of earlier reads the
+    # kernel kept (readahead in flight, another CPU's LRU batch) go too
+    return np.frombuffer(buf, dtype=view.dtype).reshape((n, *view.shape[1:]) if view.ndim > 1 else view.shape)
 
 
 def _pad_to(plan: list[tuple[str, torch.dtype, list[int]]], align: int) -> None:
@@ -109,8 +163,6 @@ def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadat
     a whole float32 model in memory. The packaged models' fp32 copy is still transformers' own
     (``nodes.setup.convert_model``); both hold the same numbers (the same dequantiser and
     fix-ups)."""
-    from gguf import dequantize
-
     check_format(fmt)
     if fmt == "fp32" and not plain_fp32:
         raise ConfigError("fp32 weights are saved by transformers, not by the quantising converter")
@@ -128,8 +180,22 @@ def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadat
                               f"for {hf}; the config does not belong to this GGUF")
     header = {**metadata, "mesh_weights": fmt, "mesh_quant_format": str(QUANT_FORMAT), "architecture": arch}
     parsed = {"config": config.to_dict(), "tensors": {}}
-    if fmt == "fp32":
-        return _write_fp32(mapped, out_path, header, names, processor, parsed, elementwise, block_bytes)
+    fd = os.open(gguf_path, os.O_RDONLY)
+    try:
+        if fmt == "fp32":
+            return _write_fp32(mapped, out_path, header, names, processor, parsed, elementwise, block_bytes, fd)
+        return _write_quantized(mapped, out_path, fmt, header, names, processor, parsed, elementwise, block_bytes, fd)
+    finally:
+        os.close(fd)
+
+
+def _write_quantized(mapped: list[tuple[Any, str]], out_path: Path, fmt: str, header: dict[str, str],
+                     names: dict[str, str], processor: Any, parsed: dict[str, Any], elementwise: bool,
+                     block_bytes: int, fd: int) -> Path:
+    """The int8 or q4 file: every 2-D tensor quantised a block of rows at a time (a tensor whose
+    fix-up needs all its rows, LLaMA's q/k permutation, whole), the rest as float32."""
+    from gguf import dequantize
+
     quant = [(t, hf) for t, hf in mapped if len(t.shape) == 2]
     plain = [(t, hf) for t, hf in mapped if len(t.shape) != 2]
     q4 = fmt == "q4"
@@ -167,7 +233,7 @@ def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadat
             base = hf.removesuffix(".weight")
             whole = not elementwise or ".attn_q." in t.name or ".attn_k." in t.name
             parts: list[tuple[torch.Tensor, ...]] = []
-            for _, raw in _row_blocks(t, whole, block_bytes):
+            for _, raw in _row_blocks(t, whole, block_bytes, fd):
                 w = dequantize(raw, t.tensor_type)
                 w = processor.process(weights=w, name=t.name, tensor_key_mapping=names,
                                       parsed_parameters=parsed).weights
@@ -175,6 +241,8 @@ def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadat
                 codes, *rest = (quantize_groups8(w) if hf in eight else quantize_groups(w)) if q4 else quantize_rows(w)
                 writer.write(f"{base}.{QWEIGHT}", codes)
                 parts.append(tuple(rest))
+                del raw, w, codes
+                _release_freed()
             for i, suffix in enumerate((SCALES, MINS) if q4 and hf not in eight else (SCALES,)):
                 later[f"{base}.{suffix}"] = torch.cat([p[i] for p in parts])
         plain_by_name = dict((hf, t) for t, hf in plain)
@@ -185,7 +253,8 @@ def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadat
                 writer.write(name, later.pop(name))
             else:
                 t = plain_by_name[name]
-                w = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name,
+                _, raw = next(_row_blocks(t, True, block_bytes, fd))
+                w = processor.process(weights=dequantize(raw, t.tensor_type), name=t.name,
                                       tensor_key_mapping=names, parsed_parameters=parsed).weights
                 writer.write(name, torch.from_numpy(np.array(w, dtype=np.float32)))
         return writer.finish()
@@ -195,7 +264,7 @@ def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadat
 
 
 def _write_fp32(mapped: list[tuple[Any, str]], out_path: Path, header: dict[str, str], names: dict[str, str],
-                processor: Any, parsed: dict[str, Any], elementwise: bool, block_bytes: int) -> Path:
+                processor: Any, parsed: dict[str, Any], elementwise: bool, block_bytes: int, fd: int) -> Path:
     """Every mapped tensor as float32, in GGUF order, a block of rows at a time (a tensor whose
     fix-up needs all its rows, LLaMA's q/k permutation, whole)."""
     from gguf import dequantize
@@ -205,10 +274,12 @@ def _write_fp32(mapped: list[tuple[Any, str]], out_path: Path, header: dict[str,
     try:
         for t, hf in mapped:
             whole = not elementwise or ".attn_q." in t.name or ".attn_k." in t.name or len(t.shape) != 2
-            for _, raw in _row_blocks(t, whole, block_bytes):
+            for _, raw in _row_blocks(t, whole, block_bytes, fd):
                 w = processor.process(weights=dequantize(raw, t.tensor_type), name=t.name,
                                       tensor_key_mapping=names, parsed_parameters=parsed).weights
                 writer.write(hf, torch.from_numpy(np.array(w, dtype=np.float32)))
+                del raw, w
+                _release_freed()
         return writer.finish()
     except BaseException:
         writer.abort()

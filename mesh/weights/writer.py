@@ -7,7 +7,10 @@ then the tensors' bytes back to back), so the header is written first from the p
 and the data streams after it; the file is read back with safetensors itself.
 
 Everything goes to a temporary name beside the target and is fsynced before the rename: a
-crash or an error leaves no half-written file under the real name. The header carries an
+crash or an error leaves no half-written file under the real name. Every ``drop_every`` bytes
+the data written so far is synced and dropped from the page cache: a memory cgroup (v1) charges
+a file's cache to the writer, and a Pi Zero's 400 MiB cannot hold a 270 MB output beside the
+converter (reading the file back later reads it from disk, as a node's memory map does anyway). The header carries an
 xxh3-128 digest of the data (patched in place at the end: a fixed-width hex string), so a
 loader can tell a file whose bytes were damaged after it was written.
 """
@@ -26,6 +29,7 @@ import torch
 import xxhash
 
 DATA_DIGEST = "data_xxh3_128"  # metadata key of the data digest
+DROP_EVERY = 16 << 20  # bytes written between syncing and dropping the file's page cache
 _PLACEHOLDER = "0" * 32
 _DTYPES = {torch.int8: ("I8", 1), torch.uint8: ("U8", 1), torch.float32: ("F32", 4),
            torch.float16: ("F16", 2), torch.bfloat16: ("BF16", 2)}
@@ -42,8 +46,10 @@ class StreamWriter:
     next rows of the current tensor (a tensor may arrive in several row blocks)."""
 
     def __init__(self, path: Path, plan: Sequence[tuple[str, torch.dtype, Sequence[int]]],
-                 metadata: dict[str, str]) -> None:
+                 metadata: dict[str, str], drop_every: int = DROP_EVERY) -> None:
         self.path = Path(path)
+        self.drop_every = drop_every
+        self._undropped = 0  # bytes written since the page cache was last dropped
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         header: dict[str, object] = {"__metadata__": {**metadata, DATA_DIGEST: _PLACEHOLDER}}
         self.sizes: list[tuple[str, int]] = []
@@ -75,8 +81,20 @@ class StreamWriter:
         self._f.write(data)
         self._hash.update(data)
         self._done += len(data)
+        self._undropped += len(data)
+        if self._undropped >= self.drop_every:
+            self._drop_cache()
         if self._done == size:
             self._index, self._done = self._index + 1, 0
+
+    def _drop_cache(self) -> None:
+        """Write back what is written so far and drop it from the page cache (clean pages only
+        can be dropped, hence the sync first)."""
+        self._f.flush()
+        fd = self._f.fileno()
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        self._undropped = 0
 
     def finish(self) -> Path:
         """Check every planned byte arrived, write the digest, fsync, rename into place."""
@@ -86,6 +104,7 @@ class StreamWriter:
         self._f.write(self._hash.hexdigest().encode())
         self._f.flush()
         os.fsync(self._f.fileno())
+        os.posix_fadvise(self._f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         self._f.close()
         os.replace(self.tmp, self.path)
         dir_fd = os.open(self.path.parent, os.O_RDONLY)

@@ -160,3 +160,28 @@ def test_tensor_reader_skips_array_fields_and_keeps_the_tensor_index(tmp_path: P
     assert [(t.name, t.tensor_type, t.shape.tolist(), t.data_offset) for t in lean.tensors] == \
         [(t.name, t.tensor_type, t.shape.tolist(), t.data_offset) for t in full.tensors]
     assert all(np.array_equal(a.data, b.data) for a, b in zip(lean.tensors, full.tensors))
+
+
+@pytest.mark.parametrize("source", ["tiny-llama", "smollm2-135m", "gemma3-270m"])
+def test_name_map_from_the_mesh_model_equals_transformers(source: str) -> None:
+    """The converter reads names and shapes off mesh.lm's model (no transformers model class is
+    imported: ~85 MiB on a Pi Zero); the GGUF -> HF map and every shape equal those over
+    transformers' own model."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                          get_gguf_hf_weights_map)
+
+    from mesh.weights.convert import _name_map
+    from tests.conftest import require_model
+
+    config = _config() if source == "tiny-llama" else AutoConfig.from_pretrained(require_model(source))
+    arch = {"gemma3_text": "gemma3"}.get(config.model_type, config.model_type)
+    names, _, shapes = _name_map(config, arch)
+    with init_empty_weights():
+        hf = AutoModelForCausalLM.from_config(config)
+    want = get_gguf_hf_weights_map(hf, TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict()))
+    assert names == want and len(names) > 10
+    hf_shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    assert {hf_name: shapes[hf_name] for hf_name in names.values()} == \
+        {hf_name: hf_shapes[hf_name] for hf_name in names.values()}

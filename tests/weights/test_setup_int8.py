@@ -1,5 +1,6 @@
-"""`mesh setup --weights int8` on a fresh home: no fp32 model is written, and the int8 file is
-byte for byte the one built beside the fp32 copy (same config, same converter)."""
+"""`mesh setup --weights int8` (or q4) on a fresh home: no fp32 model is written, and the file is
+byte for byte the one built beside the fp32 copy (same config, same converter), from the GGUF
+alone (config from its metadata, tokenizer tables from its vocabulary)."""
 
 from __future__ import annotations
 
@@ -7,27 +8,39 @@ from pathlib import Path
 
 import pytest
 
+from mesh.lm.config import load_config
 from mesh.model import MODELS, Decoder, load_model
+from mesh.text import load_tokenizer
 from mesh.weights.formats import weights_file
 from nodes.setup import convert_weights
 from tests.conftest import CACHE_ROOT, require_model
 
 
-def test_int8_setup_without_fp32_matches_and_answers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["int8", "q4"])
+def test_device_setup_without_fp32_matches_and_answers(tmp_path: Path, fmt: str) -> None:
+    """The file equals the one in the test cache, which ``make test``'s setup built (the previous
+    converter read the GGUF through its memory map; this one reads it by row blocks and drops
+    the page cache as it goes: the bytes must not change)."""
     key = "smollm2-135m"
-    reference = weights_file(require_model(key), "int8")
-    path = convert_weights(MODELS[key], tmp_path, "int8")
+    packaged = require_model(key)
+    reference = weights_file(packaged, fmt)
+    path = convert_weights(MODELS[key], tmp_path, fmt)
     out = path.parent
     assert not (out / "model.safetensors").exists()  # never a float32 model on this path
-    assert {"config.json", "mesh-meta.json", "tokenizer.json", "weights-int8.safetensors"} <= {p.name for p in out.iterdir()}
+    # nor transformers' GGUF tokenizer: the tables come from the GGUF, equal to the packaged ones
+    assert {"config.json", "mesh-meta.json", "tokenizer.mesh", f"weights-{fmt}.safetensors"} <= \
+        {p.name for p in out.iterdir()}
+    assert not (out / "tokenizer.json").exists()
+    assert load_tokenizer(out).digest == load_tokenizer(packaged).digest
+    assert load_config(out) == load_config(packaged)
     if reference.exists():
         assert path.read_bytes() == reference.read_bytes()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left
-    assert convert_weights(MODELS[key], tmp_path, "int8") == path  # warm: kept as it is
-    loaded = load_model(tmp_path, key, weights="int8")
+    assert convert_weights(MODELS[key], tmp_path, fmt) == path  # warm: kept as it is
+    loaded = load_model(tmp_path, key, weights=fmt)
     dec = Decoder(loaded)
     assert dec.generate(dec.encode("The capital of France is"), 4).text.startswith(" Paris")
-    assert loaded.model_key == load_model(CACHE_ROOT, key, weights="int8").model_key
+    assert loaded.model_key == load_model(CACHE_ROOT, key, weights=fmt).model_key
 
 
 def test_a_gguf_that_is_not_the_pinned_one_is_refused(tmp_path: Path) -> None:
