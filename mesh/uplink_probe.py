@@ -108,7 +108,7 @@ class LinkProbe:
         except ValueError:
             return False
         with self._lock:
-            if not tag or not secrets.compare_digest(tag, self._tags.get(seq, "")):
+            if not tag or not tag.isascii() or not secrets.compare_digest(tag, self._tags.get(seq, "")):
                 return False  # forged or too old: the inbox drops and counts it (unexpected-reply)
             if corr.startswith("lp"):
                 self.stats.reply_received(seq, now)

@@ -39,7 +39,9 @@ def test_only_the_real_echo_counts() -> None:
     real = bus.sent[0]
     seq = real.corr.split(".")[0]  # "lp1"
     assert seq.startswith("lp") and len(real.corr) > len(seq) + 8
-    for forged in (seq, f"{seq}.0000000000000000", f"bw{seq[2:]}", f"{seq}."):
+    # ... and a tag that is not ASCII (secrets.compare_digest raised TypeError on the network
+    # thread: found by tests/fuzz/test_fuzz_handlers.py[inbox+link], seed 63127)
+    for forged in (seq, f"{seq}.0000000000000000", f"bw{seq[2:]}", f"{seq}.", f"{seq}.b\u00e9\x00\u20ac"):
         env = wire.Envelope(wire.Kind.PING, "me", {"t": 0.0}, corr=forged)
         assert probe._on_echo(env) is False  # not ours: the inbox drops and counts it
     assert probe.snapshot()["replies"] == 0
