@@ -3,16 +3,18 @@
 # OLD and NEW are git worktrees (e.g. `git worktree add /work/old 6712cb8`); both run on this
 # repo's venv. Rounds alternate the order (old, new, then new, old: ABBA), so a drift of the
 # machine over the sitting, or anything one run leaves behind for the next, favours neither side.
-# Usage: [FIRST=k] [ORDER=abba|old|new] layout_side_by_side.sh OLD NEW ROUNDS [halo|cache|both]
+# Usage: [FIRST=k] [ORDER=abba|old|new] [OUT=dir] layout_side_by_side.sh OLD NEW ROUNDS [halo|cache|both]
+# (OUT: where the runs go, default beside this script; 2026-12-07's sitting used OUT=results/2026-12-07)
 # (rounds FIRST..ROUNDS; ORDER=new runs new first in every round, to balance rounds run old-first)
 set -uo pipefail
 OLD=$1 NEW=$2 ROUNDS=${3:-3} WHAT=${4:-both}
 HERE=$(cd "$(dirname "$0")" && pwd)
+OUT=${OUT:-$HERE}
 PY=${PY:-$(cd "$HERE/../.." && pwd)/.venv/bin/python}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 run() {  # tree label bench round
   local tree=$1 label=$2 bench=$3 i=$4
-  local out="$HERE/layout-$bench-$label-$i"
+  local out="$OUT/layout-$bench-$label-$i"
   local args=(--loss 0,5 --no-ablation)
   [[ $bench == cache ]] && args=(--profile pi-zero-2w --questions 4)
   echo "$(date -u +%H:%M:%S) start $bench $label round $i ($(git -C "$tree" rev-parse --short HEAD))"

@@ -1,16 +1,20 @@
-"""Issue 14: old (6712cb8) vs new layout, from the runs layout_side_by_side.sh wrote beside this file.
+"""Issue 14: the tree before the layout move (6712cb8) vs a later tree, from the runs layout_side_by_side.sh
+wrote in one directory (default: beside this file: 6712cb8 vs the move commit fa5dc84; 2026-12-07's sitting,
+6712cb8 vs main 69221f3, HALO only, is in results/2026-12-07).
 
 Prints one line per run and the per-side medians, and writes layout-summary.json and
 layout-summary.png. Answers: the cache bench's token ids per (question, case) must be the same on
 both sides; HALO's quality figures (perplexity, MMLU) come from teacher-forced evaluation and must
 be the same too.
-Run: .venv/bin/python results/2026-12-06/layout_summary.py
+Adds the paired new/old ratio of each HALO figure per round (rounds alternate the order, ABBA).
+Run: .venv/bin/python results/2026-12-06/layout_summary.py [DIR]
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -18,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else Path(__file__).resolve().parent
 
 
 def runs(bench: str, side: str) -> list[dict]:
@@ -70,6 +74,15 @@ def main() -> None:
             for r in rs:
                 print(bench, side, {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
             print(bench, side, "median", {k: round(v, 4) for k, v in summary[bench][side]["median"].items()})
+    if "halo" in summary:
+        by_round = {side: {r["file"].rsplit("-", 1)[1]: r for r in summary["halo"][side]["runs"]} for side in ("old", "new")}
+        paired: dict[str, list[float]] = {}
+        for rnd in sorted(set(by_round["old"]) & set(by_round["new"])):
+            for key in ("strict_0_ms", "relaxed_0_ms", "strict_5_ms", "relaxed_5_ms"):
+                paired.setdefault(key, []).append(by_round["new"][rnd][key] / by_round["old"][rnd][key])
+        summary["halo"]["paired_new_over_old"] = {k: {"per_round": v, "median": statistics.median(v)}
+                                                  for k, v in paired.items()}
+        print("halo paired new/old", {k: [round(x, 3) for x in v] for k, v in paired.items()})
     if "cache" in summary:
         old = [answers(d) for d in runs("cache", "old")]
         new = [answers(d) for d in runs("cache", "new")]
