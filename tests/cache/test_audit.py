@@ -22,19 +22,12 @@ from mesh.cache.evidence import EvidenceSync
 from mesh.cache.kv import pack
 from mesh.cache.node_cache import NodeCache
 from mesh.config import CacheConfig
-from mesh.model import LoadedModel, load_model
+from mesh.model import LoadedModel
 from tests.cache.kit import FAST, Q1, Q2, SLOW_CPU
 from tests.cache.test_provenance import (Node, ask_via, fetch_from, held_chunks, honest_chunks, poisoned, recompute,
                                          ring, same_kv)
-from tests.conftest import CACHE_ROOT, require_model
 
 CONFIG = CacheConfig(kv_wire="fp16", fetch_timeout_s=5.0)
-
-
-@pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
-    require_model("smollm2-135m")
-    return load_model(CACHE_ROOT, "smollm2-135m")
 
 
 @pytest.fixture(scope="module")

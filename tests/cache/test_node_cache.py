@@ -19,17 +19,10 @@ from mesh.cache.lookup import LinkEstimate, PenaltyPolicy
 from mesh.cache.node_cache import NodeCache, Prepared
 from mesh.cache.transfer import Part, payload_bytes
 from mesh.config import CacheConfig
-from mesh.model import Decoder, LoadedModel, load_model
+from mesh.model import Decoder, LoadedModel
 from tests.cache.kit import FAST, Q1, Q2, SLOW_CPU
-from tests.conftest import CACHE_ROOT, require_model
 
 CONFIG = CacheConfig(kv_wire="fp32", fetch_timeout_s=5.0)
-
-
-@pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
-    require_model("smollm2-135m")
-    return load_model(CACHE_ROOT, "smollm2-135m")
 
 
 def node(loaded: LoadedModel, config: CacheConfig = CONFIG, **kw: Any) -> NodeCache:

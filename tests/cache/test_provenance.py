@@ -26,17 +26,10 @@ from mesh.cache.lookup import PenaltyPolicy
 from mesh.cache.node_cache import NodeCache
 from mesh.cache.transfer import Part, payload_bytes
 from mesh.config import CacheConfig
-from mesh.model import Decoder, LoadedModel, load_model
+from mesh.model import Decoder, LoadedModel
 from tests.cache.kit import FAST, Q1, Q2, SLOW_CPU
-from tests.conftest import CACHE_ROOT, require_model
 
 CONFIG = CacheConfig(kv_wire="fp16", fetch_timeout_s=5.0)
-
-
-@pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
-    require_model("smollm2-135m")
-    return load_model(CACHE_ROOT, "smollm2-135m")
 
 
 @pytest.fixture(scope="module")
