@@ -6,6 +6,7 @@
 # Usage: [FIRST=k] [ORDER=abba|old|new] [OUT=dir] layout_side_by_side.sh OLD NEW ROUNDS [halo|cache|both]
 # (OUT: where the runs go, default beside this script; 2026-12-07's sitting used OUT=results/2026-12-07)
 # (rounds FIRST..ROUNDS; ORDER=new runs new first in every round, to balance rounds run old-first)
+# (HALO_ARGS: the halo bench's options instead of the issue's `--loss 0,5 --no-ablation`)
 set -uo pipefail
 OLD=$1 NEW=$2 ROUNDS=${3:-3} WHAT=${4:-both}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -15,7 +16,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 run() {  # tree label bench round
   local tree=$1 label=$2 bench=$3 i=$4
   local out="$OUT/layout-$bench-$label-$i"
-  local args=(--loss 0,5 --no-ablation)
+  local args=(${HALO_ARGS:---loss 0,5 --no-ablation})
   [[ $bench == cache ]] && args=(--profile pi-zero-2w --questions 4)
   echo "$(date -u +%H:%M:%S) start $bench $label round $i ($(git -C "$tree" rev-parse --short HEAD))"
   (cd "$tree" && PYTHONPATH="$tree" "$PY" -m nodes.cli bench "$bench" "${args[@]}" \

@@ -36,10 +36,14 @@ def runs(bench: str, side: str) -> list[dict]:
 
 def halo_row(d: dict) -> dict:
     pts = {p["loss_pct"]: p for p in d["points"]}
-    p0, p5 = pts[0.0], pts[5.0]
-    return {"file": d["_file"], "strict_0_ms": 1e3 * p0["strict_tpot_s"], "relaxed_0_ms": 1e3 * p0["relaxed_tpot_s"],
-            "strict_5_ms": 1e3 * p5["strict_tpot_s"], "relaxed_5_ms": 1e3 * p5["relaxed_tpot_s"],
-            "speedup_5": p5["speedup"], "ppl_change_pct": p5.get("ppl_change_pct"),
+    p0, p5 = pts[0.0], pts.get(5.0, {})  # a quick run (HALO_ARGS="--loss 0 ...") has no 5 % point
+
+    def ms(p: dict, key: str) -> float | None:
+        return 1e3 * p[key] if key in p else None
+
+    return {"file": d["_file"], "strict_0_ms": ms(p0, "strict_tpot_s"), "relaxed_0_ms": ms(p0, "relaxed_tpot_s"),
+            "strict_5_ms": ms(p5, "strict_tpot_s"), "relaxed_5_ms": ms(p5, "relaxed_tpot_s"),
+            "speedup_5": p5.get("speedup"), "ppl_change_pct": p5.get("ppl_change_pct"),
             "agreement": p5.get("agreement"), "mmlu_lossless": p5.get("accuracy_lossless"),
             "mmlu_relaxed": p5.get("accuracy_relaxed"), "ppl_lossless": p5.get("ppl_lossless")}
 
@@ -79,6 +83,8 @@ def main() -> None:
         paired: dict[str, list[float]] = {}
         for rnd in sorted(set(by_round["old"]) & set(by_round["new"])):
             for key in ("strict_0_ms", "relaxed_0_ms", "strict_5_ms", "relaxed_5_ms"):
+                if by_round["old"][rnd][key] is None:
+                    continue
                 paired.setdefault(key, []).append(by_round["new"][rnd][key] / by_round["old"][rnd][key])
         summary["halo"]["paired_new_over_old"] = {k: {"per_round": v, "median": statistics.median(v)}
                                                   for k, v in paired.items()}
@@ -95,7 +101,7 @@ def main() -> None:
         ax = axes[0]
         for i, key in enumerate(("strict_0_ms", "relaxed_0_ms", "strict_5_ms", "relaxed_5_ms")):
             for j, side in enumerate(("old", "new")):
-                vals = [r[key] for r in summary["halo"][side]["runs"]]
+                vals = [r[key] for r in summary["halo"][side]["runs"] if r[key] is not None]
                 ax.scatter([i + (j - 0.5) * 0.3] * len(vals), vals, color=("tab:gray", "tab:blue")[j],
                            label=side if i == 0 else None)
         ax.set_xticks(range(4), ["strict 0 %", "relaxed 0 %", "strict 5 %", "relaxed 5 %"])
