@@ -32,7 +32,7 @@ run: setup
 	$(PY) -m nodes.cli run
 
 test: setup system-deps
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

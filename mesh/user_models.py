@@ -9,22 +9,27 @@ it was converted from::
 The converted directory is ``<cache>/models/<name>/``, laid out as a packaged model's
 (``mesh.model.converted_dir``), so everything that takes ``--model`` finds both kinds through
 :func:`mesh.model.model_spec`. The file is replaced atomically (a temporary name, fsync,
-``os.replace``): a reader sees the old registry or the new one, never half of either.
+``os.replace``): a reader sees the old registry or the new one, never half of either. Writers
+(two `mesh setup --gguf` at once) take an exclusive ``flock`` on ``<cache>/.user-models.lock`` for
+their read-modify-write, so neither loses the other's name.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mesh.errors import ConfigError
 
 REGISTRY_FILE = "user-models.json"
+LOCK_FILE = ".user-models.lock"
 REGISTRY_VERSION = 1
 # A name becomes a directory and part of every model key: lowercase letters, digits, '.', '_'
 # and '-', starting with a letter or digit (so never '.', '..' or a hidden temporary's name).
@@ -96,11 +101,22 @@ def _write(cache_root: Path, models: dict[str, UserModel]) -> None:
         raise
 
 
+@contextmanager
+def _locked(cache_root: Path) -> Iterator[None]:
+    """Held while one process reads, changes and replaces the registry (released on close or exit)."""
+    lock = Path(cache_root) / LOCK_FILE
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
+
+
 def register(cache_root: Path, name: str, model: UserModel) -> None:
     """Add (or replace) ``name`` in the registry."""
-    models = read_registry(cache_root)
-    models[name] = model
-    _write(cache_root, models)
+    with _locked(cache_root):
+        models = read_registry(cache_root)
+        models[name] = model
+        _write(cache_root, models)
 
 
 def user_model(cache_root: Path, name: str) -> UserModel | None:
