@@ -176,6 +176,7 @@ class Member(Presence):
         # and routes an ask once more when that node dies first; a node lists what it answered.
         self.forwards = handover.Forwards()
         self._forwards_lock = threading.Lock()
+        self._heartbeat_lock = threading.Lock()  # no heartbeat leaves once go_offline has begun
         self.answered: deque[str] = deque(maxlen=handover.ANSWERED_KEPT)
 
     # -- presence ---------------------------------------------------------------------------------
@@ -204,9 +205,11 @@ class Member(Presence):
         return True
 
     def go_offline(self) -> None:
-        """Status ``offline``, and every queued ask refused."""
-        self.stop_event.set()
-        self.present = False
+        """Status ``offline``, and every queued ask refused. A heartbeat being sent finishes
+        first and none is sent after (a live heartbeat would make the node online again)."""
+        with self._heartbeat_lock:
+            self.stop_event.set()
+            self.present = False
         try:
             self.bus.publish_wait(topics.node_status(self.name), topics.OFFLINE, qos=1, retain=True, timeout=3.0)
         except MeshError as exc:
@@ -450,16 +453,20 @@ class Member(Presence):
 
     # -- heartbeat --------------------------------------------------------------------------------
     def publish_heartbeat(self, body: dict[str, Any]) -> wire.Envelope:
-        """One heartbeat (retained), numbered; raises MeshError when it could not be sent."""
+        """One heartbeat (retained), numbered; raises MeshError when it could not be sent, or
+        when this process is going offline."""
         # every node's heartbeat says its RSS, peak and memory limit (MiB), agent or coordinator
         self.rescue_orphans()  # the heartbeat's pace also finds nodes that went silent holding an ask
         extra = {"answered": list(self.answered)} if self.answered else {}
         env = wire.Envelope(wire.Kind.HEARTBEAT, self.name,
                             dict(body, seq=self.seq, **extra, **sysmem.heartbeat_fields()))
         topic = topics.node_heartbeat(self.name)
-        self.bus.publish(topic, senders.encode(self.keys, env, topic),
-                         qos=topics.HEARTBEAT.qos, retain=topics.HEARTBEAT.retain)
-        self.seq += 1
+        with self._heartbeat_lock:
+            if self.stop_event.is_set():
+                raise MeshError(f"{self.label} is going offline: no heartbeat")
+            self.bus.publish(topic, senders.encode(self.keys, env, topic),
+                             qos=topics.HEARTBEAT.qos, retain=topics.HEARTBEAT.retain)
+            self.seq += 1
         return env
 
     def publish_first_heartbeat(self, body: dict[str, Any]) -> None:

@@ -214,3 +214,22 @@ def test_routers_never_pick_a_worker_only_node() -> None:
     assert bus.sent[-1][0] == topics.node_ask("n4")
     _beat(m, "n0", None)  # a heartbeat without roles (before roles): still a candidate
     assert {v.name for v in m._candidates(None)} == {"n0", "n4"}
+
+
+def test_no_heartbeat_leaves_after_the_offline_status() -> None:
+    """A live heartbeat makes a node online again (above), so one sent by the heartbeat thread
+    after go_offline's ``offline`` would revive a stopping node for a heartbeat period."""
+    import pytest
+
+    from mesh.errors import MeshError
+
+    body = {"model": "m", "model_key": "k", "queue": 0, "load": 0.0, "prefill_tps": 0.0, "heartbeat_s": 0.5,
+            "roles": ["answer"]}
+    m, bus = member()
+    m.publish_heartbeat(body)
+    m.go_offline()
+    with pytest.raises(MeshError, match="offline"):
+        m.publish_heartbeat(body)
+    sent = [t for t, _ in bus.sent]
+    last_status = max(i for i, t in enumerate(sent) if t == topics.node_status("n1"))
+    assert topics.node_heartbeat("n1") not in sent[last_status:]
