@@ -89,11 +89,16 @@ class Prepared:
     logits: torch.Tensor
     cache: Any  # a transformers cache, or a mesh.model.Deferred one (see NodeCache.prepare)
     info: dict[str, Any]
+    storing: threading.Thread | None = None  # signing and storing what this ask computed (defer_store)
 
     def finish(self) -> None:
-        """Complete a deferred transfer the decoder did not need (an answer of one token)."""
+        """Complete a deferred transfer the decoder did not need (an answer of one token), and
+        wait until what the ask computed is signed and stored (before the answer goes out: a
+        client that asks a peer next finds it in the catalog)."""
         if isinstance(self.cache, Deferred):
             self.cache.get()
+        if self.storing is not None:
+            self.storing.join()
 
 
 def _tokenizer_id(loaded: LoadedModel) -> str:
@@ -380,12 +385,24 @@ class NodeCache:
         start = local
 
         def store() -> Any:
-            """Cut the new chunks and the tail into the store (before the cache decodes on)."""
-            t1 = time.perf_counter()
+            """Cut the new chunks and the tail (before the cache decodes on). Deferred, signing
+            and storing them runs on its own thread while the decoder goes on (on a Pi Zero,
+            signing a long prompt's chunks held the second token for seconds), and
+            :meth:`Prepared.finish` waits for it."""
             new = kvstate.cut_chunks(cache, start, n_full - start, C)
             tail = kvstate.cut_span(cache, n_full * C, len(ids))
             kvstate.end_capture(cache)
             entry = {"tail": tail, "logits": logits.detach().clone()}
+            if defer_store:
+                prepared.storing = threading.Thread(target=keep_logged, args=(new, tail, entry), daemon=True,
+                                                    name="kv-store")
+                prepared.storing.start()
+            else:
+                keep(new, tail, entry)
+            return cache
+
+        def keep(new: list[kvstate.ChunkKV], tail: kvstate.ChunkKV, entry: dict[str, Any]) -> None:
+            t1 = time.perf_counter()
             proofs, proof = None, None
             if self.provenance is not None:  # ours: signed once, the proof goes wherever they go
                 proofs = [self.provenance.sign_chunk(k, c) for k, c in zip(keys[start:], new)]
@@ -398,10 +415,17 @@ class NodeCache:
                                                             codec.record_size(entry), proof)
                 self._changed(change)
             info["store_s"] = round(time.perf_counter() - t1, 6)
-            return cache
+
+        def keep_logged(*args: Any) -> None:
+            try:
+                keep(*args)
+            except Exception:  # the answer goes on; this ask's KV is just not kept
+                log.exception("storing the KV of an ask failed")
 
         # Deferred: the first token goes out before the store copies the new KV (TTFT pays nothing).
-        return Prepared(logits, Deferred(store) if defer_store else store(), info)
+        prepared = Prepared(logits, None, info)
+        prepared.cache = Deferred(store) if defer_store else store()
+        return prepared
 
     def _count(self, hit: bool, full: bool) -> None:
         with self.lock:

@@ -145,7 +145,8 @@ class Provenance:
                  codecs: Sequence[str] = codec.CODECS) -> None:
         """``codecs``: the ones this node signs what it computes for (it serves in the first, its
         wire codec, wherever the requester takes it). Each costs an encoding and a digest of
-        every chunk it computes, in the store step after its first token, so a node signs only
+        every chunk it computes, on a thread beside the decoder after its first token (the
+        answer waits for it, the tokens do not), so a node signs only
         the codecs it may serve in (results/2026-12-07/provenance_cost.py: 4.0 ms a SmolLM2
         chunk for all three on this x86, ~45x that at a Pi Zero's CPU quota)."""
         self.keys, self.model = keyring, bytes(model)

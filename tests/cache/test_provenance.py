@@ -327,3 +327,43 @@ def test_logits_encode_to_one_canonical_form_whatever_the_ties() -> None:
     assert ids == (3, 7, 500, 900, 11)
     again = codec.encode_logits(codec.decode_logits(enc, 1000), top_k=5)
     assert again["ids"] == enc["ids"] and again["vals"] == enc["vals"]
+
+
+def test_signing_what_an_ask_computed_does_not_hold_its_second_token(loaded: LoadedModel, ids_dir: Path) -> None:
+    """Signing a prompt's chunks costs seconds at a Pi Zero's quota: it runs beside the decoder.
+    Here signing cannot finish before the second token is out, so on code that signs before the
+    second token the generation would wait for ever (bounded: the wait gives up after 10 s)."""
+    import threading
+    import time
+
+    node = Node(loaded, ring(ids_dir, "b"))
+    prov = node.cache.provenance
+    second_token = threading.Event()
+    signed_after: list[bool] = []
+    sign_chunk = prov.sign_chunk
+    give_up = time.monotonic() + 10.0
+
+    def slow_sign(key: bytes, chunk: ChunkKV) -> Any:
+        signed_after.append(second_token.wait(max(0.0, give_up - time.monotonic())))
+        return sign_chunk(key, chunk)
+
+    prov.sign_chunk = slow_sign  # type: ignore[method-assign]
+    pieces: list[str] = []
+
+    def on_text(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 2:
+            second_token.set()
+
+    held = []
+
+    def prepare() -> tuple[Any, Any]:
+        prepared = node.cache.prepare(node.ids(Q2), defer_store=True)
+        held.append(prepared)
+        return prepared.logits, prepared.cache
+
+    gen = node.cache.decoder.generate(node.ids(Q2), 4, (), on_text, prepare=prepare)
+    held[0].finish()  # what the agent does before it answers: the KV is signed and stored by then
+    assert len(gen.token_ids) >= 2 and signed_after and all(signed_after)
+    keys, pkey = node.cache.keys(node.ids(Q2))
+    assert all(k in node.cache.store for k in keys) and pkey in node.cache.store
