@@ -146,3 +146,35 @@ def test_the_step_does_not_wait_for_a_reloading_worker_until_the_switch() -> Non
     holder.switch.ack("w1", 1)
     assert holder.maybe_switch() is not None and holder.unreachable(["a", "b"]) == frozenset()
 
+
+def test_the_start_check_takes_smollm2_q4_on_a_pi_zero_and_refuses_100_mib_in_one_line(
+        monkeypatch: Any, capsys: Any) -> None:
+    """The worker-only node's start check (nodes.memory.fit_worker, as `mesh node --no-answer` runs
+    it) on SmolLM2's real config, with a 400 MiB cgroup and the runtime a worker-only node measured
+    (results/2026-12-07/halo-worker-memory.json: 239 MiB): it starts; with 100 MiB `mesh node`
+    exits 2 with one line naming the flag to change. The old check refused 400 MiB too (597 MiB)."""
+    import threading
+
+    import nodes.cli
+    import nodes.memory
+    from mesh import sysmem
+    from tests.conftest import CACHE_ROOT, require_model
+
+    require_model("smollm2-135m")
+    mib = 1 << 20
+    limit = {"bytes": 400 * mib}
+    monkeypatch.setattr(sysmem, "memory_limit", lambda *a, **k: sysmem.MemoryLimit(limit["bytes"], "cgroup v1", 24 << 30))
+    monkeypatch.setattr(sysmem, "process_memory",
+                        lambda *a, **k: sysmem.ProcessMemory(239 * mib, 239 * mib, 160 * mib, 79 * mib, 0, 0))
+    fit = nodes.memory.fit_worker(SimpleNamespace(home=CACHE_ROOT, model="smollm2-135m"), "q4", 64)
+    assert fit.total_groups == 720 and 240 <= fit.capacity < 720 and fit.footprint.total <= 400 * mib
+
+    limit["bytes"] = 100 * mib
+    monkeypatch.setattr(nodes.cli, "_stop_on_signals", threading.Event)  # no handlers in the test process
+    monkeypatch.setattr(nodes.memory, "start_trimmer", lambda stop: None)
+    rc = nodes.cli.main(["node", "--name", "zero", "--roles", "worker", "--no-answer", "--model", "smollm2-135m",
+                         "--weights", "q4", "--no-ha", "--home", str(CACHE_ROOT)])
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("mesh node:")]
+    assert rc == 2 and len(said) == 1 and "Traceback" not in err, err
+    assert "fewer than one per layer (30)" in said[0] and "100 MiB (cgroup v1)" in said[0] and "--model" in said[0]
