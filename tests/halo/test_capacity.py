@@ -5,8 +5,12 @@ the active plan's groups to load the next one."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+import torch
 
 from mesh import topics, wire
 from mesh.halo import groups as split
@@ -15,7 +19,7 @@ from mesh.halo.placement import Plan
 from mesh.halo.plans import PlanHolder
 from mesh.halo.worker import HaloWorker
 from mesh.plausible import MAX_CAPACITY_GROUPS, heartbeat_problem
-from tests.halo.rig import tiny_model
+from tests.halo.rig import forward, heartbeat, make_rig, tiny_model
 
 KEY = "tiny@0/fp32"
 LAYERS, GROUP = 2, 24  # the tiny model (tests.halo.rig): intermediate 96 -> 4 groups a layer, 8 in all
@@ -178,3 +182,40 @@ def test_the_start_check_takes_smollm2_q4_on_a_pi_zero_and_refuses_100_mib_in_on
     said = [line for line in err.splitlines() if line.startswith("mesh node:")]
     assert rc == 2 and len(said) == 1 and "Traceback" not in err, err
     assert "fewer than one per layer (30)" in said[0] and "100 MiB (cgroup v1)" in said[0] and "--model" in said[0]
+
+
+def test_a_strict_step_computes_a_reloading_workers_groups_instead_of_timing_out(tmp_path: Path) -> None:
+    """The coordinator's side of a re-plan beyond a worker's capacity: the worker drops the active
+    plan's groups before it loads the new ones, so until the switch it answers no frame of the
+    active plan. The step knows (``reloading_workers``) and computes those groups itself, exactly,
+    without waiting out the strict timeout (2 s a layer step in the rig) for partials that cannot come."""
+    gen = make_rig(tmp_path)
+    engine, bus = next(gen)
+    try:
+        ids = [3, 14, 15, 92, 65]
+        with torch.inference_mode():
+            ref = engine.model(input_ids=torch.tensor([ids])).logits
+        active = engine.switch.active
+        held = sum(map(len, active.groups_for("good")))
+        capped = {**heartbeat(1000.0), "halo": {"compute_rows_per_s": 1000.0, "group_size": 16, "capacity_groups": held}}
+        bus.auto_ack = False
+        engine.replan([("good", capped, True), ("lossy", heartbeat(1000.0, late=0.3), True)], time.monotonic(), idle=True)
+        pending = engine.switch.pending
+        assert pending is not None and engine.replans[-1].endswith(f"capacity of good: None -> {held} groups")
+        assert sum(map(len, pending.groups_for("good"))) <= held
+        assert engine.plans.reloading == {"good"} and engine.snapshot()["reloading"] == ["good"]
+        bus.workers["good"].delay = {0: None, 1: None}  # dropped the active plan's groups: no answer
+        logits, run, took = forward(engine, True, ids)
+        figures = run.figures()
+        assert "strict-timeout" not in figures["stops"] and took < 1.5, (figures["stops"], took)
+        assert figures["local_fallback_groups"] > 0 and run.epochs == {active.epoch}
+        assert torch.allclose(logits, ref, atol=2e-3)  # still exact (fp16 on the wire)
+        # once every worker acknowledged, the next forward switches and the worker serves again
+        bus.workers["good"].delay = {}
+        for w in ("good", "lossy"):
+            bus.ack(w, pending.epoch)
+        logits, run, _ = forward(engine, True, ids)
+        assert run.epochs == {pending.epoch} and engine.plans.reloading == frozenset()
+        assert run.figures()["local_fallback_groups"] == 0 and torch.allclose(logits, ref, atol=2e-3)
+    finally:
+        gen.close()
