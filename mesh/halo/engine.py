@@ -205,7 +205,9 @@ class HaloEngine:
             local = [self._slice(layer, gs) if gs else None for layer, gs in enumerate(plan.local)]
             with self.plans.lock:
                 self.plans.local[epoch] = local
-                self.plans.reloading = reloading_workers(self.switch.active, plan, sized)
+                # Until the switch: a worker that dropped the active plan's groups for a pending plan
+                # this one replaces has not got them back.
+                self.plans.reloading = self.plans.reloading | reloading_workers(self.switch.active, plan, sized)
                 self.switch.propose(plan, now)
             with self._lock:
                 self._basis, self._basis_imp, self._planned_at = figs, window, now

@@ -210,12 +210,21 @@ def test_a_strict_step_computes_a_reloading_workers_groups_instead_of_timing_out
         assert "strict-timeout" not in figures["stops"] and took < 1.5, (figures["stops"], took)
         assert figures["local_fallback_groups"] > 0 and run.epochs == {active.epoch}
         assert torch.allclose(logits, ref, atol=2e-3)  # still exact (fp16 on the wire)
-        # once every worker acknowledged, the next forward switches and the worker serves again
-        bus.workers["good"].delay = {}
-        for w in ("good", "lossy"):
-            bus.ack(w, pending.epoch)
+        # A newer plan replacing the pending one before the switch, without the worker (its status
+        # says offline): it has still dropped the active plan's groups, so the step still does not
+        # wait for it (a fresh reloading_workers would not name it: it is in no pending plan).
+        engine.replan([("good", capped, False), ("lossy", heartbeat(1000.0, late=0.3), True)], time.monotonic(),
+                      idle=True)
+        newer = engine.switch.pending
+        assert newer.epoch > pending.epoch and set(newer.workers) == {"lossy"}
+        assert engine.plans.reloading == {"good"}
+        logits, run, took = forward(engine, True, ids)
+        assert "strict-timeout" not in run.figures()["stops"] and took < 1.5 and run.epochs == {active.epoch}
+        assert torch.allclose(logits, ref, atol=2e-3)
+        # once every worker of it acknowledged, the next forward switches
+        bus.ack("lossy", newer.epoch)
         logits, run, _ = forward(engine, True, ids)
-        assert run.epochs == {pending.epoch} and engine.plans.reloading == frozenset()
+        assert run.epochs == {newer.epoch} and engine.plans.reloading == frozenset()
         assert run.figures()["local_fallback_groups"] == 0 and torch.allclose(logits, ref, atol=2e-3)
     finally:
         gen.close()
