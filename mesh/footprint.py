@@ -24,9 +24,13 @@ its default. Set either explicitly and
 the node refuses to start when the sum exceeds the limit; so it does when nothing is left.
 
 A worker-only HALO node (``mesh node --roles worker --no-answer``, :func:`plan_worker`) holds
-no model, tokenizer, context or cache: its parts are the runtime and the neuron groups its plan
-gives it, as float32 (it dequantises a quantised file's slices). It does not know its share before
-a plan, so it budgets the whole MLP in float32: a share can be anything up to all of it.
+no model, tokenizer, context or cache: its parts are the runtime, what loading one layer takes
+for a moment (one projection dequantised whole), its speed probe's groups, and the neuron groups
+its plans give it, as float32 (it dequantises a quantised file's slices). It does not know its
+share before a plan, so it works out its *capacity*: how many groups (of every layer together)
+fit in what the rest leaves, and announces it in its heartbeat; the coordinator never plans more
+on it (``mesh.halo.placement``), and the worker refuses a plan that does (``mesh.halo.worker``).
+It refuses to start only when it cannot hold even one group per layer.
 
 Pure: every figure is passed in.
 """
@@ -124,13 +128,56 @@ def mlp_bytes(layers: int, hidden: int, intermediate: int, bytes_per_weight: int
     return 3 * layers * hidden * intermediate * bytes_per_weight
 
 
-def plan_worker(limit_bytes: int, limit_source: str, runtime: int, mlp: int) -> Footprint:
-    """A worker-only node's footprint: ``runtime`` plus ``mlp``, the whole MLP as float32
-    (:func:`mlp_bytes`: the most any plan can give it), or :class:`DoesNotFit`."""
-    fp = Footprint(runtime, mlp, 0, 0, 0)
-    if fp.total <= limit_bytes:
-        return fp
-    raise DoesNotFit(f"this HALO worker needs {fp.total / MiB:.0f} MiB = runtime {runtime / MiB:.0f} + the whole "
-                     f"MLP in float32 {mlp / MiB:.0f} (a plan may give it every group) + slack {fp.slack / MiB:.0f}: "
-                     f"{(fp.total - limit_bytes) / MiB:.0f} MiB more than the {limit_bytes / MiB:.0f} MiB "
-                     f"({limit_source}) it may use; try a smaller model (--model) or a device with more memory")
+def worker_group_bytes(hidden: int, group_size: int, bias: bool = False) -> int:
+    """Bytes of one neuron group held as float32: ``group_size`` rows of gate and of up and as many
+    columns of down, ``hidden`` wide each (with biases, gate's and up's: two floats per neuron)."""
+    return (3 * hidden + (2 if bias else 0)) * group_size * 4
+
+
+@dataclass(frozen=True)
+class WorkerFit:
+    """What a worker-only node may hold: at most ``capacity`` of the model's ``total_groups``
+    neuron groups at once (every layer's together, every plan it keeps together), ``group_bytes``
+    each; ``min_groups`` is the least worth starting for (one group per layer). ``footprint``:
+    its parts at full capacity (weights: the groups, the probe's and the load transient)."""
+
+    capacity: int
+    total_groups: int
+    group_bytes: int
+    min_groups: int
+    transient: int
+    footprint: Footprint
+
+    def describe(self) -> str:
+        fp = self.footprint
+        return (f"capacity {self.capacity} of {self.total_groups} neuron groups "
+                f"({100 * self.capacity / self.total_groups:.0f} %, {self.group_bytes / MiB:.2f} MiB each in float32): "
+                f"{fp.total / MiB:.0f} MiB = runtime {fp.runtime / MiB:.0f} + groups {self.capacity * self.group_bytes / MiB:.0f}"
+                f" + loading and probe {self.transient / MiB:.0f} + slack {fp.slack / MiB:.0f}")
+
+
+def plan_worker(limit_bytes: int, limit_source: str, runtime: int, layers: int, hidden: int, intermediate: int,
+                group_size: int, probe_groups: int = 1, bias: bool = False) -> WorkerFit:
+    """A worker-only node's capacity within ``limit_bytes``, or :class:`DoesNotFit` when it cannot
+    hold one group per layer.
+
+    Beside ``runtime`` (measured) and the groups it holds, it takes a ``transient``: loading a
+    layer dequantises one projection whole (``hidden x intermediate`` float32: a q4 ``down_proj``
+    is grouped along the neurons, so its columns are cut after) and the speed probe keeps
+    ``probe_groups`` groups of layer 0 for good (``mesh.halo.probe.probe_groups``). The slack
+    share is kept free as for any node."""
+    n_groups = -(-intermediate // group_size)
+    total = layers * n_groups
+    group_bytes = worker_group_bytes(hidden, group_size, bias)
+    transient = hidden * intermediate * 4 + probe_groups * group_bytes
+    room = int(limit_bytes / (1 + SLACK_SHARE)) - runtime - transient
+    capacity = max(0, min(total, room // group_bytes))
+    fit = WorkerFit(capacity, total, group_bytes, layers, transient,
+                    Footprint(runtime, transient + capacity * group_bytes, 0, 0, 0))
+    if capacity >= layers:
+        return fit
+    raise DoesNotFit(f"this HALO worker can hold {capacity} of the model's {total} neuron groups "
+                     f"({group_bytes / MiB:.2f} MiB each in float32), fewer than one per layer ({layers}): runtime "
+                     f"{runtime / MiB:.0f} MiB + loading and probe {transient / MiB:.0f} + slack leave "
+                     f"{max(room, 0) / MiB:.0f} MiB of the {limit_bytes / MiB:.0f} MiB ({limit_source}) it may use; "
+                     f"try a smaller model (--model) or a device with more memory")

@@ -28,6 +28,7 @@ MAX_RTT_MS = 600_000.0  # ten minutes: a round trip longer than that is a dead l
 MAX_LINK_BPS = 1e10  # 80 Gbit/s: beyond any NIC, and beyond loopback through a broker
 MAX_ROWS_PER_S = 1e11  # HALO neuron rows per second: ~1e14 FLOP/s or more, beyond any device's CPU
 MIN_PERIOD_S, MAX_PERIOD_S = 0.01, 600.0  # the heartbeat period a node announces
+MAX_CAPACITY_GROUPS = 1 << 26  # HALO groups a worker may say it holds: a plan's most (1,024 layers x 65,536)
 
 # field -> (low, high) for top-level figures; None: no upper bound beyond finiteness
 _TOP: dict[str, tuple[float, float]] = {
@@ -49,6 +50,7 @@ _LINK: dict[str, tuple[float, float]] = {
 _HALO: dict[str, tuple[float, float]] = {
     "compute_rows_per_s": (0.0, MAX_ROWS_PER_S),
     "heartbeat_s": (MIN_PERIOD_S, MAX_PERIOD_S),
+    "capacity_groups": (0, MAX_CAPACITY_GROUPS),
 }
 
 

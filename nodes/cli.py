@@ -79,7 +79,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from nodes.settings import cache_budget_given, node_config, node_weights
 
     from nodes.ha_cli import ha_extension_from_args, run_decommission
-    from nodes.halo_cli import halo_extensions_from_args, worker_node_from_args, worker_only
+    from nodes.halo_cli import halo_extensions_from_args, worker_group_size, worker_node_from_args, worker_only
 
     from nodes.memory import fit_node, fit_worker, start_trimmer, steady_malloc
 
@@ -97,8 +97,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     if worker_only(args):  # no model, no asks: its HALO groups only (nodes.worker)
         if config.threads:
             torch.set_num_threads(config.threads)
-        fit_worker(config, weights)
-        node = worker_node_from_args(args, config, weights, [ha] if ha else [])
+        fit = fit_worker(config, weights, worker_group_size(args))  # or DoesNotFit: one line, exit 2
+        node = worker_node_from_args(args, config, weights, [ha] if ha else [], capacity=fit.capacity)
         node.start()
         print(f"worker node {config.name} online ({node.model_key}, HALO partials only) on {config.broker}",
               file=sys.stderr, flush=True)

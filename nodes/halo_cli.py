@@ -54,18 +54,24 @@ def worker_only(args: argparse.Namespace) -> bool:
     return True
 
 
-def worker_node_from_args(args: argparse.Namespace, node_config: Any, weights: str, extensions: list[Any]) -> Any:
-    """The worker-only node of ``mesh node --roles worker --no-answer`` (not started)."""
+def worker_group_size(args: argparse.Namespace) -> int:
+    return int(getattr(args, "halo_group_size", split.DEFAULT_GROUP_SIZE))
+
+
+def worker_node_from_args(args: argparse.Namespace, node_config: Any, weights: str, extensions: list[Any],
+                          capacity: int | None = None) -> Any:
+    """The worker-only node of ``mesh node --roles worker --no-answer`` (not started); ``capacity``:
+    the most neuron groups it may hold at once (``nodes.memory.fit_worker``; None: no bound)."""
     from mesh.auth.store import identity_dir, load_keyring
     from mesh.halo.shard import FileGroups
     from mesh.halo.worker import HaloWorker
     from mesh.model import converted_dir
     from nodes.worker import WorkerNode
 
-    group_size = int(getattr(args, "halo_group_size", split.DEFAULT_GROUP_SIZE))
+    group_size = worker_group_size(args)
     keyring = load_keyring(identity_dir(node_config.home), node_config.name)
     source = FileGroups(converted_dir(node_config.home, node_config.model), node_config.model, weights, group_size)
-    return WorkerNode(node_config, HaloWorker(group_size, keyring, source=source), node_config.model,
+    return WorkerNode(node_config, HaloWorker(group_size, keyring, source=source, capacity=capacity), node_config.model,
                       extensions=extensions, keyring=keyring)
 
 

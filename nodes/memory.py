@@ -120,20 +120,22 @@ def fit_node(config: "NodeConfig", weights: str, cache_explicit: bool) -> "NodeC
                                cache=cache)
 
 
-def fit_worker(config: "NodeConfig", weights: str) -> "footprint.Footprint":
-    """A worker-only node's footprint (``mesh.footprint.plan_worker``: runtime + the whole MLP in
-    float32, what its dequantised groups come to at most), logged, or ``mesh.footprint.DoesNotFit``.
-    Call it once torch is imported, before the first plan."""
+def fit_worker(config: "NodeConfig", weights: str, group_size: int) -> "footprint.WorkerFit":
+    """A worker-only node's capacity in neuron groups of ``group_size`` (``mesh.footprint.plan_worker``:
+    what its memory limit leaves after the runtime, the load transient and the slack), logged, or
+    ``mesh.footprint.DoesNotFit`` when it cannot hold one group per layer. Call it once torch is
+    imported (the runtime is measured), before the first plan."""
     from mesh import footprint, sysmem
+    from mesh.halo.groups import GroupLayout
+    from mesh.halo.probe import probe_groups
     from mesh.lm.config import load_config
     from mesh.model import converted_dir
 
     cfg = load_config(converted_dir(config.home, config.model))
     limit = sysmem.memory_limit()
-    mlp = footprint.mlp_bytes(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
-    fp = footprint.plan_worker(limit.bytes, limit.source, sysmem.process_memory().rss_bytes, mlp)
-    log.info("memory: HALO worker only, %.0f MiB = runtime %.0f + the whole MLP in float32 %.0f (its plan's share "
-             "of it is what it holds) + slack %.0f, of %.0f MiB (%s); %s weights", fp.total / footprint.MiB,
-             fp.runtime / footprint.MiB, mlp / footprint.MiB, fp.slack / footprint.MiB,
+    fit = footprint.plan_worker(limit.bytes, limit.source, sysmem.process_memory().rss_bytes,
+                                cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, group_size,
+                                probe_groups=len(probe_groups(GroupLayout(cfg.intermediate_size, group_size))))
+    log.info("memory: HALO worker only, %s, of %.0f MiB (%s); %s weights", fit.describe(),
              limit.bytes / footprint.MiB, limit.source, weights)
-    return fp
+    return fit

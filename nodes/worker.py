@@ -5,7 +5,10 @@ slices its groups out of it. This process answers no asks: it loads no model at 
 embedding, attention, LM head or tokenizer, and never imports transformers); its
 :class:`mesh.halo.worker.HaloWorker` reads the groups each plan gives it from the node's weight
 file, layer by layer (:class:`mesh.halo.shard.FileGroups`), so its memory is the runtime plus its
-share of the MLP.
+share of the MLP. How large a share its memory limit allows is worked out before it starts
+(``nodes.memory.fit_worker``: its *capacity* in groups), announced in its ``halo`` heartbeat block
+(``capacity_groups``) and never exceeded: the coordinator plans no more on it, and a plan that does
+is refused (``mesh.halo.worker``).
 
 It is still a member of the mesh (``mesh.member.Member``): retained status with the last will,
 heartbeats (roles ``["worker"]``, the model key a full node of the same model and format has, the

@@ -33,7 +33,7 @@ from mesh.halo import groups as split
 from mesh.halo import predictor as pred_mod
 from mesh.halo.keys import HaloKeys
 from mesh.halo.ledger import EpochSwitch, Liveness, Presence, worker_figures
-from mesh.halo.placement import drift_persisted, pack_order, plan_groups, replan_reason
+from mesh.halo.placement import drift_persisted, pack_order, plan_groups, reloading_workers, replan_reason
 from mesh.halo.plans import PlanHolder
 from mesh.halo.step import HaloRun, RoutedStep
 from mesh.model import WARMUP_TEXT
@@ -205,6 +205,9 @@ class HaloEngine:
             local = [self._slice(layer, gs) if gs else None for layer, gs in enumerate(plan.local)]
             with self.plans.lock:
                 self.plans.local[epoch] = local
+                # Until the switch: a worker that dropped the active plan's groups for a pending plan
+                # this one replaces has not got them back.
+                self.plans.reloading = self.plans.reloading | reloading_workers(self.switch.active, plan, sized)
                 self.switch.propose(plan, now)
             with self._lock:
                 self._basis, self._basis_imp, self._planned_at = figs, window, now
@@ -237,6 +240,7 @@ class HaloEngine:
                 "workers": sorted(active.workers) if active else [],
                 "groups": {w: sum(map(len, gs)) for w, gs in (active.workers.items() if active else [])},
                 "local_groups": sum(map(len, active.local)) if active else 0,
+                "reloading": sorted(self.plans.reloading),
                 "placement": self.config.placement, "sync": self.config.sync,
                 "predictor": self.predictor is not None, "replans": len(self.replans),
                 "deadline_ms": round(self.ledger.deadline(self.config.policy) * 1000, 3),

@@ -356,7 +356,8 @@ def worker_figures(node: str, heartbeat: Mapping[str, Any], online: bool, model_
     node is no HALO worker for this model and group size.
 
     The heartbeat carries ``roles`` (with ``"worker"``), ``model_key``, ``halo`` {``groups``,
-    ``epoch``, ``served``, ``compute_rows_per_s``, ``group_size``} and ``link`` {``rtt_ewma_ms``,
+    ``epoch``, ``served``, ``compute_rows_per_s``, ``group_size``, optionally ``capacity_groups``:
+    the most groups it can hold, bounded by ``mesh.plausible``} and ``link`` {``rtt_ewma_ms``,
     ``late_fraction``, ``loss_fraction``}. The late rate is the larger of the link probe's and
     the coordinator's own (``late_rate``, from partials that missed their step).
     """
@@ -371,8 +372,10 @@ def worker_figures(node: str, heartbeat: Mapping[str, Any], online: bool, model_
         v = table.get(key)
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
 
+    cap = halo.get("capacity_groups")
+    capacity = int(cap) if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap >= 0 else None
     return WorkerFigures(
         node=node, speed=num(halo, "compute_rows_per_s"), rtt_s=num(link, "rtt_ewma_ms") / 1000.0,
         loss_rate=num(link, "loss_fraction"),
-        late_rate=max(num(link, "late_fraction"), float(late_rate)), online=online,
+        late_rate=max(num(link, "late_fraction"), float(late_rate)), online=online, capacity=capacity,
     )

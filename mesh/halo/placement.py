@@ -1,7 +1,10 @@
 """HALO placement: which holder computes which neuron group, and when to re-plan (pure functions).
 
 Placement: every (layer, group) goes to exactly one holder: an online worker or the coordinator
-itself. Shares are sized by measured compute speed; within each layer the groups are sorted by
+itself. Shares are sized by measured compute speed, each worker's capped at its capacity (the
+groups its memory holds, from its heartbeat) by water-filling: what a capped worker cannot take
+goes to the others by speed, and what no worker can hold stays with the coordinator. Within each
+layer the groups are sorted by
 predicted importance and dealt out in holder rank order, so the most important groups land on
 the most reliable (then fastest, then closest) holders and the least important ones on the
 lossy, slow ones, whose late partials relaxed sync can then drop at little cost. The coordinator
@@ -39,6 +42,7 @@ class WorkerFigures:
     loss_rate: float = 0.0
     late_rate: float = 0.0
     online: bool = True
+    capacity: int | None = None  # groups of every layer together it can hold at once; None: no bound
 
     @property
     def reliability(self) -> float:
@@ -183,25 +187,66 @@ def _orders(raw: object, n_layers: int, n_groups: int, group_size: int) -> tuple
     return tuple(raw)
 
 
-def _apportion(weights: Sequence[float], total: int) -> list[int]:
-    """Largest-remainder split of ``total`` in proportion to ``weights`` (ties: lower index)."""
-    s = sum(weights)
-    quotas = [total * w / s for w in weights]
-    counts = [math.floor(q) for q in quotas]
-    order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - counts[i]), i))
-    for i in order[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
+def _apportion(weights: Sequence[float], total: int, bounds: Sequence[int] | None = None) -> list[int]:
+    """Largest-remainder split of ``total`` in proportion to ``weights`` (ties: lower index), no
+    count above its ``bounds`` entry: what a bounded one cannot take is split again among the
+    others (by weight; evenly where none is left). Less than ``total`` if the bounds sum to less."""
+    n = len(weights)
+    caps = list(bounds) if bounds is not None else [total] * n
+    counts = [0] * n
+    while True:
+        left = total - sum(counts)
+        open_ = [i for i in range(n) if counts[i] < caps[i]]
+        if left <= 0 or not open_:
+            return counts
+        w = [max(0.0, float(weights[i])) for i in open_]
+        if sum(w) <= 0:
+            w = [1.0] * len(open_)
+        s = sum(w)
+        quotas = [left * x / s for x in w]
+        add = [math.floor(q) for q in quotas]
+        order = sorted(range(len(open_)), key=lambda j: (-(quotas[j] - add[j]), open_[j]))
+        for j in order[: left - sum(add)]:
+            add[j] += 1
+        for j, i in enumerate(open_):
+            counts[i] += min(add[j], caps[i] - counts[i])
+
+
+def water_fill(speeds: Sequence[float], caps: Sequence[float | None], total: float) -> tuple[list[float], float]:
+    """Split ``total`` in proportion to ``speeds``, none above its cap (None: no cap): a capped
+    holder gets its cap and the rest is split again among the others. Returns the shares and what
+    is left when every holder with speed is full (0.0 otherwise)."""
+    share = [0.0] * len(speeds)
+    free = [i for i, v in enumerate(speeds) if v > 0]
+    left = float(total)
+    while free and left > 0:
+        s = sum(speeds[i] for i in free)
+        full = [i for i in free if caps[i] is not None and left * speeds[i] / s >= caps[i]]
+        if not full:
+            for i in free:
+                share[i] = left * speeds[i] / s
+            return share, 0.0
+        for i in full:
+            share[i] = float(caps[i])
+            left -= float(caps[i])
+        free = [i for i in free if i not in full]
+    return share, max(0.0, left)
 
 
 def _holders(workers: Sequence[WorkerFigures], local_speed: float) -> list[WorkerFigures]:
-    """Online holders with positive speed, best first: the coordinator (no network at all, so
-    more certain than any measured figure), then reliability, speed, round trip, name."""
-    ok = [w for w in workers if w.online and math.isfinite(w.speed) and w.speed > 0]
+    """Online holders with positive speed and room for a group, best first: the coordinator (no
+    network at all, so more certain than any measured figure), then reliability, speed, round
+    trip, name. The coordinator is one when it computes (``local_speed``), when no worker is
+    online (it keeps everything), and when a worker's capacity is bounded (with ``local_speed``
+    0 it then keeps only what no worker can hold)."""
+    ok = [w for w in workers if w.online and math.isfinite(w.speed) and w.speed > 0
+          and (w.capacity is None or w.capacity > 0)]
     if len({w.node for w in ok}) != len(ok) or any(w.node == LOCAL for w in ok):
         raise ConfigError("worker names must be unique and non-empty")
     if local_speed > 0 or not ok:
         ok.append(WorkerFigures(LOCAL, local_speed if local_speed > 0 else 1.0))
+    elif any(w.capacity is not None for w in ok):
+        ok.append(WorkerFigures(LOCAL, 0.0))  # speed 0: no share of its own, the rest only
     return sorted(
         ok, key=lambda w: (w.node != LOCAL, -round(w.reliability, 3), -w.speed, w.rtt_s, w.node)
     )
@@ -221,9 +266,12 @@ def plan_groups(
     """Place every group of every layer (``importance`` is (L, G), larger = more important).
 
     Deterministic: the same figures and importances give the same plan in any input order.
-    Per-layer shares follow speed with the rounding error carried over to the next layer, so a
-    holder's total over all layers is within one group of its exact share. ``mode="random"`` is
-    the ablation: same shares, groups shuffled by a generator seeded with (seed, layer).
+    A holder's share of all ``L x G`` groups follows its speed, capped at its capacity
+    (:func:`water_fill`; the rest of all the capped shares stays with the coordinator); per layer
+    it is a ``1/L`` of that, the rounding error carried over to the next layer, so a holder's total
+    over all layers is within one group of its exact share and never above its capacity.
+    ``mode="random"`` is the ablation: same shares, groups shuffled by a generator seeded with
+    (seed, layer).
     """
     if mode not in ("importance", "random"):
         raise ConfigError(f"unknown plan mode {mode!r}")
@@ -232,14 +280,19 @@ def plan_groups(
     if n_layers == 0 or n_groups == 0 or any(len(row) != n_groups for row in importance):
         raise ConfigError("importance must be a non-empty (layers, groups) table")
     holders = _holders(workers, local_speed)
-    speed_sum = sum(h.speed for h in holders)
-    ideal = [n_groups * h.speed / speed_sum for h in holders]  # groups per layer
+    caps = [None if h.node == LOCAL or h.capacity is None else min(h.capacity, n_layers * n_groups)
+            for h in holders]
+    shares, rest = water_fill([h.speed for h in holders], caps, n_layers * n_groups)
+    shares = [s + (rest if h.node == LOCAL else 0.0) for s, h in zip(shares, holders)]
+    ideal = [s / n_layers for s in shares]  # groups per layer
+    room = [n_layers * n_groups if c is None else c for c in caps]  # groups a holder may still take
     carry = [0.0] * len(holders)
     placed: list[list[tuple[int, ...]]] = [[] for _ in holders]
     for layer, row in enumerate(importance):
         want = [max(0.0, q + c) for q, c in zip(ideal, carry)]
-        counts = _apportion(want, n_groups)
+        counts = _apportion(want, n_groups, [min(n_groups, r) for r in room])
         carry = [c + q - k for c, q, k in zip(carry, ideal, counts)]
+        room = [r - k for r, k in zip(room, counts)]
         if mode == "importance":
             order = sorted(range(n_groups), key=lambda g: (-float(row[g]), g))
         else:
@@ -257,6 +310,17 @@ def plan_groups(
         elif any(layers):
             assigned[h.node] = tuple(layers)
     return Plan(epoch, model_key, group_size, n_groups, assigned, local, mode)
+
+
+def reloading_workers(active: Plan | None, pending: Plan, figures: Sequence[WorkerFigures]) -> frozenset[str]:
+    """Workers of ``pending`` whose capacity cannot hold their groups of ``active`` beside those of
+    ``pending``: ``mesh.halo.worker`` drops the active ones before it loads, so until the switch
+    the coordinator computes their groups of ``active`` itself rather than wait for them."""
+    if active is None:
+        return frozenset()
+    cap = {f.node: f.capacity for f in figures if f.capacity is not None}
+    return frozenset(w for w in pending.workers if w in cap and w in active.workers
+                     and sum(map(len, active.groups_for(w))) + sum(map(len, pending.groups_for(w))) > cap[w])
 
 
 @dataclass(frozen=True)
@@ -278,13 +342,14 @@ def drift_persisted(reason: str | None, since: float | None, now_s: float,
                     policy: ReplanPolicy = ReplanPolicy()) -> tuple[bool, float | None]:
     """Whether to act on ``reason`` now, and the new start of the drift.
 
-    Membership changes (and the first plan) act at once; a figure drift only once some drift
+    Membership and capacity changes (and the first plan) act at once (a plan beyond a worker's
+    capacity is one it refuses); a figure drift only once some drift
     reason held on every check for ``persist_s``: one noisy heartbeat never re-plans, and every
     re-plan costs each worker a reload of its weights.
     """
     if reason is None:
         return False, None
-    if reason.startswith(("membership", "initial")):
+    if reason.startswith(("membership", "initial", "capacity")):
         return True, None
     if since is None:
         return policy.persist_s <= 0, None if policy.persist_s <= 0 else now_s
@@ -303,8 +368,8 @@ def replan_reason(
     current plan was built from, or None.
 
     Comparing with the plan's basis (not the last heartbeat) is the hysteresis: small
-    oscillations never trigger, a slow drift eventually does. A worker joining or leaving
-    re-plans at once; drift only after ``min_interval_s``.
+    oscillations never trigger, a slow drift eventually does. A worker joining or leaving,
+    or announcing another capacity, re-plans at once; drift only after ``min_interval_s``.
     """
     def online(figs: Sequence[WorkerFigures]) -> dict[str, WorkerFigures]:
         return {w.node: w for w in figs if w.online and w.speed > 0}
@@ -313,6 +378,9 @@ def replan_reason(
     if old.keys() != new.keys():
         gone, came = sorted(old.keys() - new.keys()), sorted(new.keys() - old.keys())
         return f"membership: -{gone} +{came}"
+    for node in sorted(new):
+        if new[node].capacity != old[node].capacity:
+            return f"capacity of {node}: {old[node].capacity} -> {new[node].capacity} groups"
     if now_s - planned_s < policy.min_interval_s or not new:
         return None
     old_sum, new_sum = sum(w.speed for w in old.values()), sum(w.speed for w in new.values())

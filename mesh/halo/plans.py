@@ -3,8 +3,11 @@
 ``mesh.halo.engine`` fills it (a new plan proposed on the planner thread, acks and presence on the
 network thread); ``mesh.halo.step`` reads it on the generation thread, at the start of every
 forward pass (the epoch switch) and at every layer step (the active plan, the coordinator's own
-groups, who is gone). The state and its rules are ``mesh.halo.ledger``'s ``EpochSwitch`` and
-``Presence``; this holder adds the locks and the clock.
+groups, who is gone or reloading). The state and its rules are ``mesh.halo.ledger``'s
+``EpochSwitch`` and ``Presence``; this holder adds the locks, the clock and the reloading workers:
+those whose capacity cannot hold the active plan's groups beside the pending one's
+(``mesh.halo.worker`` then drops the active ones before loading), so the step computes their
+groups of the active plan itself until the switch instead of waiting for partials that cannot come.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class PlanHolder:
     switch: EpochSwitch
     presence: Presence
     local: dict[int, list[split.GroupWeights | None]] = field(default_factory=dict)
+    reloading: frozenset[str] = frozenset()  # replaced whole (the step reads it without the lock)
     lock: threading.Lock = field(default_factory=threading.Lock)
     presence_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -46,6 +50,7 @@ class PlanHolder:
         with self.lock:
             plan = self.switch.maybe_switch()
             if plan is not None:
+                self.reloading = frozenset()
                 for e in [e for e in self.local if e < plan.epoch]:
                     del self.local[e]
         if plan is not None:
@@ -61,6 +66,11 @@ class PlanHolder:
         """Workers not worth waiting for: offline (last will), silent, or suspect after a strict timeout."""
         with self.presence_lock:
             return self.presence.gone(workers, time.monotonic())
+
+    def unreachable(self, workers: Iterable[str]) -> frozenset[str]:
+        """What the step does not wait for: the :meth:`gone` and the reloading of ``workers``."""
+        workers = list(workers)
+        return self.gone(workers) | (self.reloading & frozenset(workers))
 
     def heard(self, node: str, period_s: float | None = None, partial: bool = False) -> None:
         with self.presence_lock:

@@ -299,7 +299,7 @@ class RoutedStep:
             now = time.perf_counter()
             stalled = frozenset() if run.strict else self.ledger.stalled(step, now, deadline,
                                                                           policy.cut_overdue_factor)
-            gone = self.plans.gone(expected)
+            gone = self.plans.unreachable(expected)  # offline, silent, suspect or reloading
             elapsed = now - t0
             d = gather.decide(elapsed_s=elapsed, deadline_s=deadline, stalled=stalled,
                               policy=policy, strict_timeout_s=self.config.strict_timeout_s,

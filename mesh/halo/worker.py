@@ -22,6 +22,13 @@ Threads (all owned here and stopped by :meth:`HaloWorker.stop`):
   weight file itself) while the current plan is still served, subscribes to the coordinator's MLP
   input, then acknowledges the epoch.
 
+Capacity: a worker-only node may hold at most ``capacity`` groups at once (its memory limit's
+worth, ``mesh.footprint.plan_worker``), announced in its heartbeat (``halo.capacity_groups``) for
+the coordinator's placement. A plan giving it more is refused whole (counted
+``halo-plan-over-capacity``, never acknowledged: a part of its groups would make the coordinator's
+sums wrong); while a new plan loads, the plans it keeps count too, and those that do not fit beside
+the new one are dropped before it loads (the one being served last), so a re-plan never holds more.
+
 Wire: each layer step's MLP input comes once, as a ``mesh.halo.frame`` frame on
 ``node_mlp(coordinator)``, to every worker of the plan; the partial frame (fp16, float32 if the
 input was) goes to the frame's reply topic, only for a layer where this worker holds groups.
@@ -65,11 +72,14 @@ class HaloWorker(AgentExtension):
     roles = ("worker",)
 
     def __init__(self, group_size: int = split.DEFAULT_GROUP_SIZE, keyring: Keyring | None = None,
-                 source: GroupSource | None = None) -> None:
+                 source: GroupSource | None = None, capacity: int | None = None) -> None:
         """``keyring``: this node's identity (``mesh.halo.keys``); None runs unauthenticated.
-        ``source``: where the groups come from (None: the agent's loaded model, at start)."""
+        ``source``: where the groups come from (None: the agent's loaded model, at start).
+        ``capacity``: the most groups (of every layer and every kept plan together) it may hold;
+        None: no bound (a full node, which holds the whole model anyway)."""
         self.group_size = group_size
         self.source = source
+        self.capacity = capacity
         self.keys = HaloKeys(keyring)
         self.link: DirectLink | None = None
         self._on_bus: set[str] = set()  # MLP-input topics the bus carries (while the link is down)
@@ -131,9 +141,12 @@ class HaloWorker(AgentExtension):
         if self.agent is None:  # the agent's first heartbeat can come before start()
             return {}
         with self._lock:
-            return {"halo": {"groups": self._groups, "epoch": self._epoch, "served": self.served,
-                             "dropped": self.dropped, "skipped": self.skipped, "group_size": self.group_size,
-                             "compute_rows_per_s": round(self.speed, 1), "heartbeat_s": self.agent.timing.heartbeat_s}}
+            halo = {"groups": self._groups, "epoch": self._epoch, "served": self.served,
+                    "dropped": self.dropped, "skipped": self.skipped, "group_size": self.group_size,
+                    "compute_rows_per_s": round(self.speed, 1), "heartbeat_s": self.agent.timing.heartbeat_s}
+            if self.capacity is not None:
+                halo["capacity_groups"] = self.capacity
+            return {"halo": halo}
 
     def _measure_speed(self, reps: int = 20) -> float:
         if self._probe is None:
@@ -160,6 +173,13 @@ class HaloWorker(AgentExtension):
                 or (plan.order and len(plan.order[0]) != 4 * self.layout.intermediate_size)):
             self.agent.rejects.add("halo-plan-mismatch")
             log.info("ignoring plan epoch %s for %s/%s", plan.epoch, plan.model_key, plan.group_size)
+            return
+        mine = sum(len(gs) for gs in plan.groups_for(self.name))
+        if self.capacity is not None and mine > self.capacity:
+            # Refused whole: holding only part of its groups would make every sum it serves wrong.
+            self.agent.rejects.add("halo-plan-over-capacity")
+            log.warning("refusing plan epoch %s: it gives this worker %d groups, it can hold %d",
+                        plan.epoch, mine, self.capacity)
             return
         reply = env.reply_to if env.reply_to and topics.reply_allowed(env.reply_to) else None
         self.keys.joined(env.sender, plan.epoch, list(plan.workers), self.name)
@@ -296,26 +316,51 @@ class HaloWorker(AgentExtension):
                     continue
                 plan, reply, coordinator = self._plans[-1]  # only the newest plan matters
                 self._plans.clear()
-                loaded = plan.epoch in self._weights
-            if not loaded:
-                t0 = time.perf_counter()
-                mine = plan.groups_for(self.name)
-                with torch.inference_mode():  # one layer at a time (FileGroups maps one layer's worth)
-                    weights = [self.source.read(layer, gs, plan.neuron_order(layer))
-                               if gs else None for layer, gs in enumerate(mine)]
-                with self._wake:
-                    self._weights[plan.epoch] = weights
-                    # Keep the epoch being served and the two newest (the two newest alone would drop the
-                    # served one when a plan replaces a still pending one before the switch).
-                    keep = {self._serving, *sorted(self._weights)[-2:]}
-                    for e in [e for e in self._weights if e not in keep]:
-                        del self._weights[e]
-                    self._epoch = max(self._epoch, plan.epoch)
-                    self._groups = sum(len(gs) for gs in mine)
-                log.info("HALO worker %s loaded epoch %d: %d groups in %.3f s", self.name, plan.epoch,
-                         self._groups, time.perf_counter() - t0)
-            self._listen(coordinator)
-            self._ack(plan.epoch, reply)
+            self._load(plan, reply, coordinator)
+
+    def _load(self, plan: Plan, reply: str | None, coordinator: str) -> None:
+        """Load ``plan``'s groups (unless loaded), listen to its coordinator, acknowledge it."""
+        with self._wake:
+            loaded = plan.epoch in self._weights
+        if not loaded:
+            t0 = time.perf_counter()
+            mine = plan.groups_for(self.name)
+            self._make_room(sum(len(gs) for gs in mine), plan.epoch)
+            with torch.inference_mode():  # one layer at a time (FileGroups maps one layer's worth)
+                weights = [self.source.read(layer, gs, plan.neuron_order(layer))
+                           if gs else None for layer, gs in enumerate(mine)]
+            with self._wake:
+                self._weights[plan.epoch] = weights
+                # Keep the epoch being served and the two newest (the two newest alone would drop the
+                # served one when a plan replaces a still pending one before the switch).
+                keep = {self._serving, *sorted(self._weights)[-2:]}
+                for e in [e for e in self._weights if e not in keep]:
+                    del self._weights[e]
+                self._epoch = max(self._epoch, plan.epoch)
+                self._groups = sum(len(gs) for gs in mine)
+            log.info("HALO worker %s loaded epoch %d: %d groups in %.3f s", self.name, plan.epoch,
+                     self._groups, time.perf_counter() - t0)
+        self._listen(coordinator)
+        self._ack(plan.epoch, reply)
+
+    def held_groups(self) -> int:
+        """Groups held now, over every kept epoch."""
+        with self._lock:
+            return _held(self._weights)
+
+    def _make_room(self, need: int, epoch: int) -> None:
+        """Before loading ``need`` groups of ``epoch``: drop kept epochs until they fit beside them
+        within the capacity, oldest first and the one being served last (its frames then go
+        unanswered until the new plan is active; the coordinator computes those groups itself)."""
+        if self.capacity is None:
+            return
+        with self._wake:
+            for e in sorted(self._weights, key=lambda e: (e == self._serving, e)):
+                if _held(self._weights) + need <= self.capacity:
+                    break
+                del self._weights[e]
+                log.info("HALO worker %s dropped epoch %d before loading epoch %d (%d groups, capacity %d)",
+                         self.name, e, epoch, need, self.capacity)
 
     def _listen(self, coordinator: str) -> None:
         """Subscribe to ``coordinator``'s shared MLP input (loader thread: subscribing waits for
@@ -401,6 +446,11 @@ class HaloWorker(AgentExtension):
             self.agent.bus.publish(req.reply_to, out, qos=topics.HALO_REPLY.qos)
         with self._lock:
             self.served += 1
+
+
+def _held(weights: dict[int, list[split.GroupWeights | None]]) -> int:
+    """Groups in ``weights`` (epoch -> per layer), over every epoch."""
+    return sum(len(w.groups) for ws in weights.values() for w in ws if w is not None)
 
 
 def _one_position(frame: halo_wire.Frame) -> bool:

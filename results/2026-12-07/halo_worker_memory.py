@@ -14,10 +14,16 @@ the node's own copy of the model's weight files is evicted from the page cache
 other processes map, as the shared cache's are on this machine, would be charged to theirs).
 
     sudo HF_HUB_OFFLINE=1 .venv/bin/python results/2026-12-07/halo_worker_memory.py  # writes halo-worker-memory.json
+
+Issue 16's capacity (a worker-only node announces ``halo.capacity_groups``, the groups its memory
+holds): ``--cap 400 --fill --runs 1,2,3`` runs the worker-only SmolLM2 nodes under a Pi Zero's
+400 MiB, each given a plan of exactly its announced capacity (spread evenly over the layers)
+instead of a third, and writes ``halo-worker-memory-400-fill.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -84,23 +90,28 @@ def evict(home: Path, key: str) -> None:
                 os.close(fd)
 
 
-def plan(model_key: str, key: str, name: str) -> Plan:
+def plan(model_key: str, key: str, name: str, fill: int | None = None) -> Plan:
+    """A third of every layer's groups, or with ``fill`` that many groups spread evenly over the layers."""
     cfg = load_config(converted_dir(HOME, key))
     n_layers, n_groups = cfg.num_hidden_layers, -(-cfg.intermediate_size // 64)
-    thirds = [tuple(range(k, n_groups, 3)) for k in range(3)]
     g = torch.Generator().manual_seed(3)
     order = tuple(pack_order(torch.randperm(cfg.intermediate_size, generator=g).tolist()) for _ in range(n_layers))
-    rest = tuple(tuple(sorted(thirds[1] + thirds[2])) for _ in range(n_layers))
+    if fill is None:
+        mine = [tuple(range(0, n_groups, 3))] * n_layers
+    else:
+        mine = [tuple(range(0, n_groups))[:fill // n_layers + (layer < fill % n_layers)] for layer in range(n_layers)]
+    rest = tuple(tuple(x for x in range(n_groups) if x not in gs) for gs in mine)
     return Plan(epoch=EPOCH, model_key=model_key, group_size=64, n_groups=n_groups,
-                workers={name: tuple(thirds[0] for _ in range(n_layers))}, local=rest, order=order)
+                workers={name: tuple(mine)}, local=rest, order=order)
 
 
-def run(home: Path, port: int, name: str, key: str, weights: str, lean: bool, log: Path) -> dict[str, Any]:
+def run(home: Path, port: int, name: str, key: str, weights: str, lean: bool, log: Path, cap_mib: int = CAP_MIB,
+        fill: bool = False) -> dict[str, Any]:
     """One node named ``name`` (a fresh name per run: a dead node's retained heartbeat is no reading)."""
     group = CGROUPS / f"mesh-halo-worker-mem-{os.getpid()}"
     group.mkdir()
-    (group / "memory.limit_in_bytes").write_text(str(CAP_MIB * MiB))
-    (group / "memory.memsw.limit_in_bytes").write_text(str(CAP_MIB * MiB))
+    (group / "memory.limit_in_bytes").write_text(str(cap_mib * MiB))
+    (group / "memory.memsw.limit_in_bytes").write_text(str(cap_mib * MiB))
     role = ["--no-answer"] if lean else ["--no-cache"]
     argv = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group), sys.executable, "-m", "nodes.cli",
             "node", "--name", name, "--model", key, "--weights", weights, "--roles", "worker", *role, "--threads", "1",
@@ -120,16 +131,18 @@ def run(home: Path, port: int, name: str, key: str, weights: str, lean: bool, lo
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     row: dict[str, Any] = {"model": key, "weights": weights, "node": "worker-only (--no-answer)" if lean
-                           else "full node, worker role (--no-cache)", "cap_mib": CAP_MIB}
+                           else "full node, worker role (--no-cache)", "cap_mib": cap_mib}
     try:
         with MeshClient(_address(port), keyring=asker_keyring(home)) as client:
             # this very process's heartbeat (``sh`` execs the node: same pid), with its worker started
             client.wait_online([name], 600, ready=lambda v: v.heartbeat.get("pid") == proc.pid and "halo" in v.heartbeat)
             model_key = client.peers.get(name).heartbeat["model_key"]
+            capacity = client.peers.get(name).heartbeat["halo"].get("capacity_groups")
+            row["capacity_groups"] = capacity
             keys = store.load_keyring(store.identity_dir(home), "coordinator", "coordinator")
             bus = MqttBus(f"plan-{os.getpid()}", _address(port))
             bus.start(10.0)
-            env = wire.Envelope(wire.Kind.HALO_PLAN, "coordinator", {"epoch": EPOCH, "plan": plan(model_key, key, name).to_dict()},
+            env = wire.Envelope(wire.Kind.HALO_PLAN, "coordinator", {"epoch": EPOCH, "plan": plan(model_key, key, name, capacity if fill else None).to_dict()},
                                 reply_to=topics.reply("coordinator"))
             t0 = time.monotonic()
             bus.publish_wait(topics.HALO_PLAN, keys.seal_envelope(env, topics.HALO_PLAN), qos=1, retain=True)
@@ -172,6 +185,14 @@ def _address(port: int) -> BrokerAddress:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cap", type=int, default=CAP_MIB, help="the memory cgroup's cap, MiB")
+    ap.add_argument("--fill", action="store_true", help="give each node its announced capacity, not a third")
+    ap.add_argument("--runs", help="indices into RUNS, comma separated (default: all)")
+    args = ap.parse_args()
+    runs = [RUNS[int(i)] for i in args.runs.split(",")] if args.runs else RUNS
+    out_path = OUT if (args.cap, args.fill) == (CAP_MIB, False) else \
+        OUT.with_name(f"halo-worker-memory-{args.cap}{'-fill' if args.fill else ''}.json")
     if os.geteuid() != 0 or not (CGROUPS / "memory.memsw.limit_in_bytes").exists():
         print("needs root and the cgroup v1 memory controller with swap accounting", file=sys.stderr)
         return 2
@@ -182,15 +203,17 @@ def main() -> int:
     try:
         wait_port("127.0.0.1", port, 30, broker)
         home = private_home(root / "home")
-        for i, (key, weights, lean) in enumerate(RUNS):
-            row = run(home, port, f"w{i}", key, weights, lean, root / f"{key}-{weights}-{'lean' if lean else 'full'}.log")
+        for i, (key, weights, lean) in enumerate(runs):
+            row = run(home, port, f"w{i}", key, weights, lean, root / f"{key}-{weights}-{'lean' if lean else 'full'}.log",
+                      args.cap, args.fill)
             print(json.dumps(row), flush=True)
             rows.append(row)
     finally:
         broker.send_signal(signal.SIGTERM)
         broker.wait(20)
-    out = {"what": "a HALO worker holding a third of the groups (plan in a permuted neuron order), alone in a "
-                   f"cgroup v1 memory group capped at {CAP_MIB} MiB (pi4-2gb), --threads 1, its own copy of the "
+    share = "its announced capacity of groups" if args.fill else "a third of the groups"
+    out = {"what": f"a HALO worker holding {share} (plan in a permuted neuron order), alone in a "
+                   f"cgroup v1 memory group capped at {args.cap} MiB, --threads 1, its own copy of the "
                    "converted models, their page cache evicted before each run", "machine": os.uname().machine,
            "torch": torch.__version__, "rows": rows}
     for key in ("smollm2-135m", "gemma3-270m"):
@@ -198,8 +221,8 @@ def main() -> int:
         lean = next((r for r in rows if r["model"] == key and r["weights"] == "fp32" and "only" in r["node"]), {})
         if full.get("peak_mib") and lean.get("peak_mib"):
             out[f"{key}_fp32_peak_ratio_worker_only_over_full"] = round(lean["peak_mib"] / full["peak_mib"], 3)
-    OUT.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"written to {OUT}")
+    out_path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"written to {out_path}")
     if not any("error" in r for r in rows):  # else keep the logs the errors name
         shutil.rmtree(root, ignore_errors=True)
     return 0

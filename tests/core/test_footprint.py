@@ -64,14 +64,44 @@ def test_too_little_room_for_a_cache_means_none_not_a_crumb() -> None:
     assert p.cache_bytes == 0 and p.max_context == room // 2 // PER_TOKEN and p.footprint.total <= LIMIT
 
 
-def test_a_worker_only_node_budgets_runtime_and_the_whole_mlp_in_float32() -> None:
-    from mesh.footprint import mlp_bytes, plan_worker
+# SmolLM2-135M's MLP: 30 layers, hidden 576, intermediate 1,536: 24 groups of 64 a layer, 720 in all.
+SMOL = dict(layers=30, hidden=576, intermediate=1536, group_size=64, probe_groups=6)
+WORKER_RUNTIME = 239 * MiB  # a worker-only node's measured runtime (results/2026-12-07/halo-worker-memory.json)
 
-    mlp = mlp_bytes(30, 576, 1536)  # SmolLM2-135M: 30 layers of gate, up and down, float32
-    assert mlp == 3 * 30 * 576 * 1536 * 4
-    fp = plan_worker(1536 * MiB, "cgroup v1", RUNTIME, mlp)
-    assert (fp.weights, fp.tokenizer, fp.context, fp.cache) == (mlp, 0, 0, 0)
-    assert fp.total == RUNTIME + mlp + int(SLACK_SHARE * (RUNTIME + mlp))
-    with pytest.raises(DoesNotFit, match="whole MLP in float32") as e:
-        plan_worker(LIMIT, "cgroup v1", 250 * MiB, mlp)
-    assert "400 MiB (cgroup v1)" in str(e.value)
+
+def test_a_worker_only_node_holds_what_its_memory_leaves_not_the_whole_mlp() -> None:
+    """Issue 16: the old check budgeted the whole MLP in float32 (597 MiB for SmolLM2) and refused
+    a Pi Zero's 400 MiB, although a third of the groups peaked at 301 MiB there."""
+    from mesh.footprint import mlp_bytes, plan_worker, worker_group_bytes
+
+    group = worker_group_bytes(576, 64)
+    assert group == 3 * 576 * 64 * 4 and 720 * group == mlp_bytes(30, 576, 1536)
+    fit = plan_worker(LIMIT, "cgroup v1", WORKER_RUNTIME, **SMOL)
+    assert fit.total_groups == 720 and fit.min_groups == 30 and fit.group_bytes == group
+    assert fit.transient == 576 * 1536 * 4 + 6 * group  # one projection dequantised whole + the probe's groups
+    assert 240 <= fit.capacity < 720  # at least the third that ran under the cap, not all of it
+    room = int(LIMIT / (1 + SLACK_SHARE)) - WORKER_RUNTIME - fit.transient
+    assert fit.capacity == room // group  # as many as fit, not one more
+    assert fit.footprint.total <= LIMIT < fit.footprint.total + int((1 + SLACK_SHARE) * group) + 1
+    assert f"capacity {fit.capacity} of 720 neuron groups" in fit.describe()
+    # with room for everything, everything
+    big = plan_worker(1536 * MiB, "cgroup v1", WORKER_RUNTIME, **SMOL)
+    assert big.capacity == 720 and big.footprint.weights == big.transient + 720 * group
+
+
+def test_a_worker_that_cannot_hold_one_group_per_layer_refuses_in_one_line_naming_the_flag() -> None:
+    from mesh.footprint import plan_worker
+
+    with pytest.raises(DoesNotFit) as no:
+        plan_worker(100 * MiB, "cgroup v1", WORKER_RUNTIME, **SMOL)
+    message = str(no.value)
+    assert "\n" not in message and "100 MiB (cgroup v1)" in message and "--model" in message
+    assert "can hold 0 of the model's 720 neuron groups" in message and "fewer than one per layer (30)" in message
+    # the edge: 30 groups (one a layer) start, 29 do not
+    from mesh.footprint import worker_group_bytes
+
+    group, transient = worker_group_bytes(576, 64), 576 * 1536 * 4 + 6 * worker_group_bytes(576, 64)
+    edge = int((WORKER_RUNTIME + transient + 30 * group) * (1 + SLACK_SHARE)) + 2
+    assert plan_worker(edge, "board", WORKER_RUNTIME, **SMOL).capacity == 30
+    with pytest.raises(DoesNotFit, match="can hold 29 "):
+        plan_worker(edge - group, "board", WORKER_RUNTIME, **SMOL)

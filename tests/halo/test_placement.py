@@ -198,3 +198,86 @@ def test_a_drift_must_persist_before_it_replans() -> None:
     # Noise: the drift vanished on one check, so the clock starts again.
     _, since = s.drift_persisted(None, since, 11.0, pol)
     assert s.drift_persisted("reliability of a: 0.9 -> 0.5", since, 14.0, pol) == (False, 14.0)
+
+
+# -- capacity (issue 16): a worker never gets more groups than its memory holds -----------------------
+
+
+def _totals(plan: s.Plan) -> dict[str, int]:
+    return {n: sum(map(len, w)) for n, w in plan.workers.items()}
+
+
+def test_a_capped_worker_gets_its_capacity_and_the_rest_goes_to_the_others_by_speed() -> None:
+    # Uncapped, "fast" would take half of all L x G = 144 groups (72): capped at 30, the other 114
+    # go to the other two in their speed ratio 2:1 (water-filling).
+    figs = [s.WorkerFigures("fast", 3000.0, capacity=30), s.WorkerFigures("mid", 2000.0),
+            s.WorkerFigures("slow", 1000.0)]
+    plan = _plan(figs)
+    got = _totals(plan)
+    assert _covers_once(plan) and plan.local == ((),) * L
+    assert got["fast"] == 30
+    assert abs(got["mid"] - 76) <= 1 and abs(got["slow"] - 38) <= 1 and got["mid"] + got["slow"] == 114
+    # a capacity above the speed share binds nothing: the same plan as with none
+    roomy = [s.WorkerFigures(f.node, f.speed, capacity=1000) for f in figs]
+    free = [s.WorkerFigures(f.node, f.speed) for f in figs]
+    assert _plan(roomy).workers == _plan(free).workers
+
+
+def test_what_no_worker_can_hold_stays_with_the_coordinator_its_most_important_groups() -> None:
+    figs = [s.WorkerFigures("a", 3000.0, capacity=40), s.WorkerFigures("b", 1000.0, capacity=25)]
+    plan = _plan(figs)  # local_speed 0: the coordinator computes only what nobody can hold
+    assert _covers_once(plan)
+    assert _totals(plan) == {"a": 40, "b": 25}
+    assert sum(map(len, plan.local)) == L * G - 65
+    imp = _importance()
+    for layer in range(L):  # the coordinator ranks first: the rest it keeps is the most important
+        k = len(plan.local[layer])
+        assert set(plan.local[layer]) == set(sorted(range(G), key=lambda g: -imp[layer][g])[:k])
+    # the same with a coordinator that computes: capped workers still get no more
+    plan = _plan(figs, local_speed=100_000.0)
+    assert _covers_once(plan) and all(v <= {"a": 40, "b": 25}[n] for n, v in _totals(plan).items())
+
+
+@pytest.mark.parametrize("caps", [(1, 1, 1), (7, 0, 200), (143, 1, 0), (6, 6, 6), (5, 300, 11)])
+def test_no_holder_ever_exceeds_its_capacity_and_every_group_is_placed_once(caps: tuple[int, int, int]) -> None:
+    figs = [s.WorkerFigures(n, sp, rtt_s=0.001 * i, capacity=c)
+            for i, (n, sp, c) in enumerate(zip(("a", "b", "c"), (3000.0, 1700.0, 333.0), caps))]
+    for mode in ("importance", "random"):
+        plan = _plan(figs, mode=mode)
+        assert _covers_once(plan), caps
+        for f in figs:
+            assert sum(map(len, plan.groups_for(f.node))) <= f.capacity, (caps, mode, _totals(plan))
+        assert 0 not in caps or [f.node for f in figs if f.capacity == 0][0] not in plan.workers
+
+
+def test_water_fill_and_the_bounded_apportionment() -> None:
+    shares, rest = s.water_fill([3.0, 1.0, 1.0], [10, None, None], 100)
+    assert shares == [10, 45.0, 45.0] and rest == 0.0
+    shares, rest = s.water_fill([3.0, 1.0], [10, 20], 100)
+    assert shares == [10, 20] and rest == 70
+    assert s._apportion([1.0, 1.0, 1.0], 10) == [4, 3, 3]
+    assert s._apportion([1.0, 1.0, 1.0], 10, [1, 10, 10]) == [1, 5, 4]
+    assert s._apportion([1.0, 0.0], 10, [4, 10]) == [4, 6]  # the unwanted one takes what is left
+    assert s._apportion([1.0, 1.0], 10, [2, 3]) == [2, 3]  # bounds below the total: less placed
+
+
+def test_a_capacity_change_replans_at_once() -> None:
+    basis = [s.WorkerFigures("a", 1000.0, capacity=100), s.WorkerFigures("b", 1000.0)]
+    now = [s.WorkerFigures("a", 1000.0, capacity=60), s.WorkerFigures("b", 1000.0)]
+    reason = s.replan_reason(basis, now, now_s=1.0, planned_s=0.0)  # well inside min_interval_s
+    assert reason == "capacity of a: 100 -> 60 groups"
+    assert s.drift_persisted(reason, None, 1.0) == (True, None)
+    assert s.replan_reason(basis, basis, now_s=1.0, planned_s=0.0) is None
+
+
+def test_workers_that_cannot_hold_both_plans_are_reloading() -> None:
+    def plan(epoch: int, a: int, b: int) -> s.Plan:  # a's and b's first groups of layer 0, the rest local
+        rest = tuple(range(a + b, G))
+        return s.Plan(epoch, "m", 64, G, {"a": ((*range(a),), *([()] * (L - 1))),
+                                          "b": ((*range(a, a + b),), *([()] * (L - 1)))},
+                      (rest, *([tuple(range(G))] * (L - 1))))
+
+    figs = [s.WorkerFigures("a", 1.0, capacity=10), s.WorkerFigures("b", 1.0), s.WorkerFigures("c", 1.0, capacity=5)]
+    assert s.reloading_workers(None, plan(2, 6, 6), figs) == frozenset()  # the first plan: nothing to drop
+    assert s.reloading_workers(plan(1, 6, 6), plan(2, 6, 6), figs) == {"a"}  # 6 + 6 > 10; b has no bound
+    assert s.reloading_workers(plan(1, 4, 6), plan(2, 6, 6), figs) == frozenset()  # 4 + 6 fit
