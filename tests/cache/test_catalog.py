@@ -1,4 +1,5 @@
-"""Bloom catalog: sizing, false-positive bound, round trip, validation, leading matches."""
+"""Bloom catalog: sizing, false-positive bound, round trip, validation, leading matches; keyed
+catalogs (review finding M1): who can test a key against them, and who can read whose."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import random
 import cbor2
 import pytest
 
-from mesh.cache.catalog import Catalog, bloom_indices, bloom_size, leading_matches
-from mesh.cache.keys import ModelKey, chunk_keys
+from mesh.cache.catalog import KEYED_VERSION, Catalog, bloom_indices, bloom_size, key_id, leading_matches
+from mesh.cache.keys import ModelKey, chunk_keys, prompt_key
 from mesh.errors import ProtocolError
 
 MODEL = ModelKey("sha256:0123", "tok").digest()
@@ -70,7 +71,10 @@ def _bad(**changes: object) -> dict:
     [
         ("not a map", "bad-catalog"),
         ({"v": 1}, "bad-catalog"),
-        (_bad(v=2), "bad-version"),
+        (_bad(v=3), "bad-version"),
+        (_bad(v=2), "bad-catalog"),  # a keyed catalog must name its key
+        (_bad(v=2, kid=b"short"), "bad-catalog"),
+        (_bad(v=True), "bad-version"),
         (_bad(model=b"short"), "bad-catalog"),
         (_bad(bits="text"), "bad-catalog"),
         (_bad(m=-1), "bad-catalog"),
@@ -105,3 +109,63 @@ def test_leading_matches_counts_the_advertised_prefix() -> None:
     other = chunk_keys(mk, [5] + prompt[1:])
     assert leading_matches(cat, other) == 0
     assert leading_matches(Catalog.sized(MODEL, 16, 10), keys) == 0
+
+
+# -- keyed catalogs (mesh.cache.catalog docstring) --------------------------------------------
+
+SECRET, OTHER = bytes(range(32)), bytes(range(1, 33))
+
+
+def test_a_keyed_catalog_answers_only_with_its_key() -> None:
+    mk = ModelKey("sha256:0123", "tok")
+    asked = list(range(100))
+    keys, pkey = chunk_keys(mk, asked), prompt_key(mk, asked)
+    cat = Catalog.from_keys(MODEL, 16, [*keys, pkey], capacity=500, secret=SECRET)
+    d = cbor2.loads(cbor2.dumps(cat.to_dict()))
+    assert d["v"] == KEYED_VERSION and d["kid"] == key_id(SECRET) and len(d["kid"]) == 8
+    # a holder of the key reads every key it holds, and the prefix depth
+    mine = Catalog.from_dict(d, secret=SECRET)
+    assert mine.readable and all(mine.contains(k) for k in [*keys, pkey]) and leading_matches(mine, keys) == len(keys)
+    # without it (a keyless process, or another mesh's / a rotated key): unreadable, no hits
+    for secret in (None, OTHER):
+        theirs = Catalog.from_dict(d, secret=secret)
+        assert not theirs.readable and theirs.kid == key_id(SECRET)
+        assert not any(theirs.contains(k) for k in [*keys, pkey]) and leading_matches(theirs, keys) == 0
+        with pytest.raises(ValueError):
+            theirs.add(pkey)
+    # the attacker who ignores the version and tests the bits with the public, unkeyed indices:
+    # the keys it can compute are not where the filter set its bits
+    probe = [all(d["bits"][j >> 3] & 1 << (j & 7) for j in bloom_indices(k, d["m"], d["k"])) for k in [*keys, pkey]]
+    assert not any(probe), probe  # 7 keys in a filter sized for 500: a false positive is ~1e-14 each
+    unkeyed = Catalog.from_keys(MODEL, 16, [*keys, pkey], capacity=500).to_dict()
+    assert all(all(unkeyed["bits"][j >> 3] & 1 << (j & 7) for j in bloom_indices(k, unkeyed["m"], unkeyed["k"]))
+               for k in [*keys, pkey])  # what the same attacker reads from an unkeyed catalog
+
+
+def test_an_unkeyed_catalog_is_read_by_everyone_and_says_so() -> None:
+    keys = _keys(3, 20)
+    d = Catalog.from_keys(MODEL, 16, keys, capacity=100).to_dict()
+    assert d["v"] == 1 and "kid" not in d
+    for secret in (None, SECRET):  # a keyed node reads a node's catalog from before catalog keys
+        back = Catalog.from_dict(d, secret=secret)
+        assert back.readable and back.kid is None and back.secret is None and all(back.contains(k) for k in keys)
+
+
+def test_keyed_indices_keep_the_false_positive_bound() -> None:
+    capacity = 10_000
+    cat = Catalog.from_keys(MODEL, 16, _keys(1, capacity), capacity=capacity, fp_rate=0.01, secret=SECRET)
+    assert all(k in cat for k in _keys(1, capacity))
+    probes = _keys(2, 50_000)
+    fp = sum(cat.contains(k) for k in probes) / len(probes)
+    assert 0.005 <= fp <= 0.015, fp
+    assert 0.45 < cat.fill_ratio() < 0.55
+    assert bloom_indices(b"k" * 16, 1000, 7, SECRET) != bloom_indices(b"k" * 16, 1000, 7, OTHER)
+    assert bloom_indices(b"k" * 16, 1000, 7, SECRET) != bloom_indices(b"k" * 16, 1000, 7)
+
+
+def test_catalog_keys_are_checked() -> None:
+    with pytest.raises(ValueError):
+        key_id(b"short")
+    with pytest.raises(ValueError):  # a key that is not the one kid names
+        Catalog(model=MODEL, chunk_size=16, m=64, k=2, kid=key_id(OTHER), secret=SECRET)
+    assert key_id(SECRET) != key_id(OTHER) and key_id(SECRET) == key_id(bytearray(SECRET))
