@@ -12,8 +12,10 @@
 #                               homeassistant one into Home Assistant's MQTT integration
 #   identity/                   the mesh's own CA (identity/ca/ca.key stays here) and one identity
 #                               per user but homeassistant (it cannot sign): NAME.crt + NAME.key,
-#                               with ca.crt and crl.pem; copy a node's four files to that Pi's
-#                               identity directory (nodes/identity_cli.py, mesh/auth/README.md)
+#                               with ca.crt and crl.pem; nodes also get NAME.catalog-key (the key of
+#                               cache catalogs; the asker and coordinator do not); copy a node's five
+#                               files to that Pi's identity directory (nodes/identity_cli.py,
+#                               mesh/auth/README.md)
 #   PYTHON: a Python with the mesh's packages (default /opt/mesh/.venv/bin/python, else this
 #   checkout's .venv, else python3)
 # Passwords and identities already made are kept, so adding a node means running it again with the full
@@ -114,4 +116,4 @@ identity issue --role asker asker
 identity issue --role coordinator coordinator
 identity issue --role node "$@"
 echo "users: ${reserved[*]} $*" >&2
-echo "wrote $dir/passwd, $dir/acl, $dir/secrets/<user>.password and $dir/identity/<user>.{crt,key}" >&2
+echo "wrote $dir/passwd, $dir/acl, $dir/secrets/<user>.password, $dir/identity/<user>.{crt,key} and $dir/identity/<node>.catalog-key" >&2

@@ -51,8 +51,12 @@ class Opened:
 
 class Keyring:
     def __init__(self, identity: Identity, ca: x509.Certificate, crl: x509.CertificateRevocationList | None = None,
-                 window_ms: int = seal.REPLAY_WINDOW_MS, max_bytes: int = wire.DEFAULT_MAX_BYTES + 4096) -> None:
+                 window_ms: int = seal.REPLAY_WINDOW_MS, max_bytes: int = wire.DEFAULT_MAX_BYTES + 4096,
+                 catalog_key: bytes | None = None) -> None:
+        """``catalog_key``: the mesh-wide secret that keys cache catalogs (``mesh.cache.catalog``);
+        the CA hands it to node identities only (``mesh.auth.store``), None elsewhere."""
         self.identity, self.ca, self.max_bytes = identity, ca, max_bytes
+        self.catalog_key = catalog_key
         self._crl = crl
         self._lock = threading.Lock()
         self._peers: OrderedDict[bytes, Peer] = OrderedDict()

@@ -7,19 +7,33 @@ One directory (``<MESH_HOME>/identity`` by default; on the gateway
     crl.pem           the CA-signed revocation list (may be absent: nothing revoked)
     <name>.crt        a principal's certificate
     <name>.key        its Ed25519 (signing) and X25519 (key agreement) private keys, two PEM blocks
+    <name>.catalog-key  a node's copy of the mesh's catalog key (below); nodes only
     ca/ca.key         the CA's private key: only where identities are issued (the gateway, or the
                       one box of ``mesh up``)
+    ca/catalog.key    the mesh's catalog key, beside the CA's
 
 Everything is written mode 0600 in directories of mode 0700 (like the broker passwords), through a
 temporary file and a rename, so a crash never leaves half a key.
+
+The catalog key (review finding M1, ``mesh.cache.catalog``): 32 random bytes, one per mesh, that
+key the Bloom filters of cache catalogs, so that only its holders can test a candidate prompt
+against a catalog. The CA makes it and hands it with every identity of role ``node`` (they
+publish and read catalogs) and to no other: the ``asker`` and ``coordinator`` identities never
+get it, Home Assistant has no identity. It is a secret every node shares, so a node that is
+stolen knows it: :func:`revoke` of an identity that held it makes a new one and hands it to every
+other node identity in the directory (the old one then tests nothing the mesh publishes once the
+nodes hold the new one). Text form: a ``MESH CATALOG KEY`` block of base64.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import fcntl
 import logging
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +51,9 @@ log = logging.getLogger(__name__)
 
 _PEM, _PKCS8 = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
 _END = b"-----END PRIVATE KEY-----"
+CATALOG_KEY_BYTES = 32
+CATALOG_KEY_ROLES = frozenset({"node"})  # who reads and publishes catalogs: the only holders of the key
+_CK_BEGIN, _CK_END = b"-----BEGIN MESH CATALOG KEY-----", b"-----END MESH CATALOG KEY-----"
 
 
 def identity_dir(home: Path) -> Path:
@@ -107,6 +124,69 @@ def load_crl(directory: Path, ca: x509.Certificate) -> x509.CertificateRevocatio
         raise ConfigError(f"{path} is not a revocation list of this CA: {exc}") from exc
 
 
+def catalog_key_path(directory: Path, name: str | None = None) -> Path:
+    """The CA's catalog key (``name`` None) or ``name``'s copy of it."""
+    return directory / "ca" / "catalog.key" if name is None else directory / f"{name}.catalog-key"
+
+
+def read_catalog_key(path: Path) -> bytes | None:
+    """A catalog key file's 32 bytes; None if there is none; ConfigError if it is damaged."""
+    try:
+        text = path.read_bytes().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{path} is not readable: {exc}") from exc
+    if not (text.startswith(_CK_BEGIN) and text.endswith(_CK_END)):
+        raise ConfigError(f"{path} is not a mesh catalog key")
+    try:
+        secret = base64.b64decode(text[len(_CK_BEGIN):-len(_CK_END)].strip(), validate=True)
+    except binascii.Error as exc:
+        raise ConfigError(f"{path} is not a mesh catalog key: {exc}") from exc
+    if len(secret) != CATALOG_KEY_BYTES:
+        raise ConfigError(f"{path} holds {len(secret)} bytes, not a {CATALOG_KEY_BYTES}-byte catalog key")
+    return secret
+
+
+def _write_catalog_key(path: Path, secret: bytes) -> None:
+    _write(path, _CK_BEGIN + b"\n" + base64.b64encode(secret) + b"\n" + _CK_END + b"\n")
+
+
+def _mesh_catalog_key(directory: Path, new: bool = False) -> bytes:
+    """The CA's catalog key, made on first use (``new``: a new one in any case). Holding the issuer
+    lock, where the CA's key is."""
+    path = catalog_key_path(directory)
+    secret = None if new else read_catalog_key(path)
+    if secret is None:
+        secret = secrets.token_bytes(CATALOG_KEY_BYTES)
+        _write_catalog_key(path, secret)
+        log.info("made a new mesh catalog key in %s", path)
+    return secret
+
+
+def _hand_catalog_key(directory: Path, ident: Identity, crl: x509.CertificateRevocationList | None) -> bool:
+    """Give ``ident`` the CA's current catalog key if its role takes one and it is not revoked;
+    remove a copy it must not hold. Holding the issuer lock. Returns whether it holds one."""
+    path = catalog_key_path(directory, ident.name)
+    revoked = crl is not None and crl.get_revoked_certificate_by_serial_number(ident.serial) is not None
+    if ident.role not in CATALOG_KEY_ROLES or revoked:
+        path.unlink(missing_ok=True)
+        return False
+    secret = _mesh_catalog_key(directory)
+    try:
+        held = read_catalog_key(path)
+    except ConfigError:
+        held = None  # damaged: written anew
+    if held != secret:
+        _write_catalog_key(path, secret)
+    return True
+
+
+def catalog_key_holders(directory: Path) -> list[str]:
+    """The identities in ``directory`` that hold a copy of the catalog key (a node's files to copy)."""
+    return sorted(p.name.removesuffix(".catalog-key") for p in Path(directory).glob("*.catalog-key"))
+
+
 @contextmanager
 def _issuing(directory: Path) -> Iterator[None]:
     """One issuer at a time per directory: processes of one box enrol at once (``mesh up``, a test
@@ -141,28 +221,63 @@ def init_ca(directory: Path, days: int = 3650) -> CertificateAuthority:
     ca = CertificateAuthority.create(days)
     _write(key_path, _key_pem(ca.key))
     _write(directory / "ca.crt", ca.cert.public_bytes(_PEM))
-    log.info("made a new mesh CA in %s", directory)
+    _write_catalog_key(catalog_key_path(directory), secrets.token_bytes(CATALOG_KEY_BYTES))
+    log.info("made a new mesh CA and catalog key in %s", directory)
     return ca
 
 
 def issue(directory: Path, name: str, role: str, days: int = DEFAULT_DAYS, renew: bool = False) -> Identity:
     """``name``'s identity, issued by the CA in ``directory`` unless a usable one is there already
-    (``renew``: always a new one; the old certificate stays valid until revoked)."""
+    (``renew``: always a new one; the old certificate stays valid until revoked). A node identity
+    gets the current catalog key too, an old one included (that is how a re-run of
+    ``make-users.sh`` hands out a key made since)."""
     with _issuing(directory):
         ca = init_ca(directory)
+        ident = None
         if not renew and (directory / f"{name}.crt").exists():
             ident = load_identity(directory, name, ca.cert)
-            if ident.role == role:
-                return ident
-            log.info("identity %s has role %s, not %s: issuing a new one", name, ident.role, role)
-        ident = ca.issue(name, role, days)
-        save_identity(directory, ident)
+            if ident.role != role:
+                log.info("identity %s has role %s, not %s: issuing a new one", name, ident.role, role)
+                ident = None
+        if ident is None:
+            ident = ca.issue(name, role, days)
+            save_identity(directory, ident)
+        _hand_catalog_key(directory, ident, load_crl(directory, ca.cert))
         return ident
+
+
+def _rotate_catalog_key(directory: Path, crl: x509.CertificateRevocationList | None) -> list[str]:
+    """A new catalog key, handed to every unrevoked node identity that held the old one; returns them."""
+    ca_cert = load_ca_cert(directory)
+    _mesh_catalog_key(directory, new=True)
+    rekeyed = []
+    for name in catalog_key_holders(directory):
+        try:
+            ident = load_identity(directory, name, ca_cert)
+        except ConfigError:
+            catalog_key_path(directory, name).unlink(missing_ok=True)  # no usable identity beside it
+            continue
+        if _hand_catalog_key(directory, ident, crl):
+            rekeyed.append(name)
+    return rekeyed
+
+
+def rotate_catalog_key(directory: Path) -> list[str]:
+    """A new catalog key for the mesh (:func:`revoke` does it when it revokes a holder); returns
+    the node identities that got it: copy each one's ``NAME.catalog-key`` to that node."""
+    with _issuing(directory):
+        ca = init_ca(directory)
+        return _rotate_catalog_key(directory, load_crl(directory, ca.cert))
 
 
 def revoke(directory: Path, name: str) -> x509.CertificateRevocationList:
     """Add ``name``'s current certificate to the CA's revocation list (``crl.pem``); returns it.
-    Hand the new ``crl.pem`` to every device (``Keyring.update_crl`` takes it from anyone)."""
+    Hand the new ``crl.pem`` to every device (``Keyring.update_crl`` takes it from anyone).
+
+    If ``name`` held the catalog key (a node: a stolen Pi knows it), the catalog key is rotated
+    too: a new one for every other node identity here (:func:`catalog_key_holders`: copy each
+    one's ``NAME.catalog-key`` with the CRL); until a node holds it, it shares no KV with those
+    that do (its catalog and theirs are keyed apart), and nothing it holds answers the thief."""
     with _issuing(directory):
         ca = init_ca(directory)
         try:
@@ -174,6 +289,10 @@ def revoke(directory: Path, name: str) -> x509.CertificateRevocationList:
         revoked.setdefault(cert.serial_number, datetime.datetime.now(datetime.timezone.utc))
         crl = ca.revocation_list(revoked, (crl_number(old) if old is not None else 0) + 1)
         _write(directory / "crl.pem", crl.public_bytes(_PEM))
+        if catalog_key_path(directory, name).exists():
+            rekeyed = _rotate_catalog_key(directory, crl)
+            log.warning("%s held the catalog key: a new one is made; copy NAME.catalog-key to %s",
+                        name, ", ".join(rekeyed) or "no other node")
         return crl
 
 
@@ -181,12 +300,21 @@ def load_keyring(directory: Path, name: str, role: str = "node", enrol: bool = T
     """The keyring of ``name`` from ``directory``: its own identity if there; else, with ``enrol``
     and the CA's key at hand (one box: ``mesh up``), a new identity issued on the spot; else None
     (no identity: this process runs unauthenticated, and every process that holds keys refuses
-    what it sends)."""
+    what it sends). A node's keyring holds its copy of the catalog key, if it has one (on one box,
+    the CA's current one is handed to it first)."""
     directory = Path(directory)
-    ident = None
+    one_box = enrol and has_ca_key(directory)
     if not (directory / f"{name}.crt").exists():
-        if not (enrol and has_ca_key(directory)):
+        if not one_box:
             return None
-        ident = issue(directory, name, role)
+        issue(directory, name, role)
     ca = load_ca_cert(directory)
-    return Keyring(ident or load_identity(directory, name, ca), ca, load_crl(directory, ca))
+    ident = load_identity(directory, name, ca)
+    crl = load_crl(directory, ca)
+    catalog = None
+    if ident.role in CATALOG_KEY_ROLES:
+        if one_box:  # an identity issued before catalog keys, or before a rotation: the current one
+            with _issuing(directory):
+                _hand_catalog_key(directory, ident, load_crl(directory, ca))
+        catalog = read_catalog_key(catalog_key_path(directory, name))
+    return Keyring(ident, ca, crl, catalog_key=catalog)

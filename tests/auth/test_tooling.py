@@ -36,6 +36,7 @@ def test_make_users_issues_an_identity_per_account(tmp_path: Path) -> None:
     assert {n: peer_of(d, n).role for n in ("asker", "coordinator", "pi1", "pi-2")} == {
         "asker": "asker", "coordinator": "coordinator", "pi1": "node", "pi-2": "node"}
     assert not (d / "homeassistant.crt").exists()  # Home Assistant cannot sign: the ACL guards it
+    assert store.catalog_key_holders(d) == ["pi-2", "pi1"]  # nodes only: not the asker, not the coordinator
     assert all(m == (0o700 if (tmp_path / "identity" / p).is_dir() else 0o600) for p, m in modes(d).items())
     serial = peer_of(d, "pi1").serial
     # re-running (to add a node) keeps the identities, like the passwords
@@ -51,9 +52,18 @@ def test_identity_cli_issue_revoke_show(tmp_path: Path) -> None:
 
     issued = [json.loads(line) for line in cli("issue", "--role", "node", "pi1", "pi2").splitlines()]
     assert [i["name"] for i in issued] == ["pi1", "pi2"]
-    assert json.loads(cli("revoke", "pi1"))["number"] == 1
+    before = json.loads(cli("show"))
+    assert {i["name"]: i["catalog_key"] for i in before["identities"]} == {"pi1": before["catalog_key"],
+                                                                           "pi2": before["catalog_key"]}
+    revoked = json.loads(cli("revoke", "pi1"))
+    assert revoked["number"] == 1 and revoked["catalog_key_rotated"] is True
+    assert revoked["recopy"] == [str(tmp_path / "pi2.catalog-key")]
     shown = json.loads(cli("show"))
     assert {i["name"]: i["revoked"] for i in shown["identities"]} == {"pi1": True, "pi2": False}
+    assert shown["catalog_key"] != before["catalog_key"]  # the stolen Pi's key tests nothing any more
+    assert {i["name"]: i["catalog_key"] for i in shown["identities"]} == {"pi1": None, "pi2": shown["catalog_key"]}
+    rotated = json.loads(cli("rotate"))
+    assert rotated["recopy"] == [str(tmp_path / "pi2.catalog-key")] and rotated["catalog_key"] != shown["catalog_key"]
     assert shown["crl"]["revoked"] == [issued[0]["serial"]]
     keys = store.load_keyring(tmp_path, "pi2")
     assert keys is not None
@@ -97,3 +107,49 @@ def test_processes_enrolling_at_once_get_one_consistent_identity(tmp_path: Path)
     serials = {p.communicate(timeout=120)[0].strip() for p in procs}
     assert all(p.returncode == 0 for p in procs) and len(serials) == 1
     assert f"{store.load_keyring(tmp_path, 'w1').identity.serial}" in serials
+
+
+def test_the_catalog_key_goes_to_node_identities_only_and_a_revoked_holder_rotates_it(tmp_path: Path) -> None:
+    """Review finding M1: catalogs are keyed with a secret of the mesh (mesh.cache.catalog); the CA
+    hands it to nodes only, and a stolen node's copy stops working when it is revoked."""
+    d = store.identity_dir(tmp_path)
+    for name, role in (("pi1", "node"), ("pi2", "node"), ("asker", "asker"), ("coordinator", "coordinator")):
+        store.issue(d, name, role)
+    assert store.catalog_key_holders(d) == ["pi1", "pi2"]
+    assert all(m == (0o700 if (d / p).is_dir() else 0o600) for p, m in modes(d).items())
+
+    def key_of(name: str, role: str = "node", directory: Path = d) -> bytes | None:
+        keys = store.load_keyring(directory, name, role, enrol=False)
+        assert keys is not None
+        return keys.catalog_key
+
+    first = key_of("pi1")
+    assert first is not None and len(first) == 32 and key_of("pi2") == first
+    assert first == store.read_catalog_key(store.catalog_key_path(d))
+    assert key_of("asker", "asker") is None and key_of("coordinator", "coordinator") is None
+    # a gateway-issued node: its copied files carry the key (no CA key on the Pi)
+    pi = tmp_path / "pi2-home"
+    pi.mkdir(mode=0o700)
+    for f in ("ca.crt", "pi2.crt", "pi2.key", "pi2.catalog-key"):
+        (pi / f).write_bytes((d / f).read_bytes())
+    assert key_of("pi2", directory=pi) == first
+    # revoking a holder (a stolen Pi knows the key): a new key for every other node, none for it
+    store.revoke(d, "pi1")
+    assert store.catalog_key_holders(d) == ["pi2"]
+    second = key_of("pi2")
+    assert second is not None and second != first and second == store.read_catalog_key(store.catalog_key_path(d))
+    assert key_of("pi2", directory=pi) == first  # until the operator copies the new one there
+    store.revoke(d, "asker")  # it never held the key: nothing to rotate
+    assert key_of("pi2") == second
+    # one box (the CA key here, mesh up): an identity without the key, or with an old one, gets the
+    # current one when its process starts; a revoked one gets none
+    store.catalog_key_path(d, "pi2").write_bytes((pi / "pi2.catalog-key").read_bytes())
+    assert store.load_keyring(d, "pi2").catalog_key == second  # type: ignore[union-attr]
+    store.catalog_key_path(d, "pi2").unlink()
+    assert store.load_keyring(d, "pi2").catalog_key == second  # type: ignore[union-attr]
+    assert store.load_keyring(d, "pi1").catalog_key is None  # type: ignore[union-attr]
+    assert store.catalog_key_holders(d) == ["pi2"]
+    # a damaged copy is refused, never used as a key
+    (pi / "pi2.catalog-key").write_bytes(b"-----BEGIN MESH CATALOG KEY-----\nAAAA\n-----END MESH CATALOG KEY-----\n")
+    with pytest.raises(ConfigError):
+        store.load_keyring(pi, "pi2")
