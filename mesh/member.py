@@ -116,9 +116,12 @@ def shows_cache(job: Job) -> bool:
     answer (Home Assistant's: any automation, or any holder of that shared account, reads its
     topic). With keys, ``mesh.auth.senders.open_ask`` yields a sender other than
     :data:`JSON_SENDER` only for an ask sealed by an ``asker`` principal (the operator's CLI and
-    benches), directly or inside a router's forward; that credential already reads every catalog
-    and reply topic, so the figures tell it nothing new. Without keys nobody is authenticated; the
-    shipped ACL lets only the asker and node accounts send CBOR asks.
+    benches), directly or inside a router's forward: an administrator's credential that reads
+    every reply topic (KV parts in flight included). It cannot test candidates against the
+    catalogs it reads (they are keyed with a key only nodes hold, ``mesh.cache.catalog``), but the
+    figures of its own asks still say whether a prompt was cached (RELIABILITY.md, M1). Without
+    keys nobody is authenticated; the shipped ACL lets only the asker and node accounts send CBOR
+    asks.
 
     What stays: timing. ``ttft_s`` and ``prefill_s`` in every answer, and any asker's own clock,
     tell a full hit (no prefill) from a recompute, on a quiet node clearly; that threat remains.

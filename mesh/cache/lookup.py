@@ -149,7 +149,7 @@ def peer_matches(
     out = []
     for node in sorted(catalogs):
         cat = catalogs[node]
-        if node in exclude or cat.model != model or cat.chunk_size != chunk_size:
+        if node in exclude or cat.model != model or cat.chunk_size != chunk_size or not cat.readable:
             continue
         out.append(PeerMatch(node, leading_matches(cat, keys), links.get(node, default_link)))
     return out

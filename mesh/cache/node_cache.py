@@ -36,7 +36,7 @@ import torch
 from mesh.cache import audit as audits
 from mesh.cache import codec
 from mesh.cache import kv as kvstate
-from mesh.cache.catalog import Catalog, leading_matches
+from mesh.cache.catalog import Catalog, key_id, leading_matches
 from mesh import wire
 from mesh.auth.keyring import Keyring
 from mesh.cache import provenance as prov
@@ -142,10 +142,14 @@ class NodeCache:
         self.provenance = prov.Provenance(keyring, self.digest, self.rejects, codecs=signed) \
             if keyring is not None else None
         self.check = KVCheck(tuple(self.layout), self.chunk_size, self.digest, self.vocab, self.provenance)
+        # the mesh's catalog key (node identities carry it): our catalog and our queries of the
+        # peers' are keyed, so testing a candidate prompt against them needs it (mesh.cache.catalog)
+        self.catalog_key = keyring.catalog_key if keyring is not None else None
         self.penalty = penalty
         self.fetch_floor_s = fetch_floor_s
         self.strikes: dict[str, Strike] = {}
         self.peers: dict[str, Catalog] = {}
+        self.unreadable: set[str] = set()  # peers whose catalog is keyed under a key we lack
         self.links: dict[str, LinkEstimate] = {}
         self.figures = CacheFigures()
         self.audits: deque[audits.Pending] = deque()  # fetches awaiting their audit, oldest first
@@ -195,7 +199,7 @@ class NodeCache:
             self.dirty.clear()
             keys = self.store.confirmed_keys()  # fetched entries wait for their audit
             return Catalog.from_keys(self.digest, self.chunk_size, keys, capacity=max(self.capacity, len(keys)),
-                                     fp_rate=self.config.fp_rate, epoch=self.epoch)
+                                     fp_rate=self.config.fp_rate, epoch=self.epoch, secret=self.catalog_key)
 
     def set_peer_catalog(self, node: str, body: dict[str, Any] | None) -> None:
         """A peer's catalog (None drops it: the peer went offline or cleared it)."""
@@ -203,14 +207,23 @@ class NodeCache:
             if body is None:
                 self.peers.pop(node, None)
                 return
-        cat = Catalog.from_dict(body)  # raises ProtocolError
+        cat = Catalog.from_dict(body, secret=self.catalog_key)  # raises ProtocolError
         with self.lock:
-            if cat.model == self.digest and cat.chunk_size == self.chunk_size:
+            # a keyed catalog under a key we do not hold (we have none, or a rotation is half way)
+            # tells us nothing: dropped like another model's, so no hits and no fetches
+            if cat.model == self.digest and cat.chunk_size == self.chunk_size and cat.readable:
+                self.unreadable.discard(node)
                 if node not in self.peers and len(self.peers) >= MAX_PEER_CATALOGS:
                     return  # review M10: made-up names cannot hold catalogs (up to 16 MiB each) without bound
                 self.peers[node] = cat
             else:
                 self.peers.pop(node, None)
+                if not cat.readable and node not in self.unreadable and len(self.unreadable) < MAX_PEER_CATALOGS:
+                    self.unreadable.add(node)  # said once per peer: an operator's hint, not an error
+                    log.warning("%s's catalog is keyed with catalog key %s, which this node does not hold (%s): "
+                                "no KV is shared with it until both hold the same key (mesh identity issue)",
+                                node, cat.kid.hex() if cat.kid else "?",
+                                "none" if self.catalog_key is None else f"ours is {key_id(self.catalog_key).hex()}")
 
     def keys(self, ids: Sequence[int]) -> tuple[list[ChunkHash], ChunkHash]:
         return chunk_keys(self.model_key, ids), prompt_key(self.model_key, ids)
@@ -516,6 +529,7 @@ class NodeCache:
                 "lookups": f.asks, "recompute_decisions": f.recomputes, "served_requests": f.served_requests,
                 "served_chunks": f.served_chunks, "served_bytes": f.served_bytes, "peers": len(self.peers), "epoch": self.epoch,
                 "peer_catalogs": {n: [c.epoch, c.count] for n, c in self.peers.items()},  # what we hold of whom
+                "catalogs_unreadable": len(self.unreadable),  # keyed under a catalog key we lack
                 "kv_wire": self.config.kv_wire, "chunk_size": self.chunk_size,
                 "audits_passed": f.audits_passed, "audits_failed": f.audits_failed,
                 "audits_inconclusive": f.audits_inconclusive, "audits_pending": len(self.audits),
