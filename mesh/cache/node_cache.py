@@ -615,7 +615,7 @@ class NodeCache:
             length = raw.get("len")
             if not isinstance(length, int) or length != len(ids) - len(keys) * C or not isinstance(raw.get("tail"), dict):
                 raise ProtocolError("bad-kv-evidence", "prompt tail length")
-            logits_proof = self.provenance.check_logits(raw.get("logits") or {}, pkey)
+            logits_proof = self.provenance.check_logits(raw.get("logits") or {}, pkey)  # a map, or bad-logits
             proof = self.provenance.check_tail(raw, pkey, length, logits_proof)
             got = {"tail": codec.decode_chunk(raw["tail"], self.layout, length, key=pkey, model=self.digest),
                    "logits": codec.decode_logits(raw["logits"], self.vocab, key=pkey, model=self.digest)}

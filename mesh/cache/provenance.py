@@ -223,6 +223,8 @@ class Provenance:
     def check_logits(self, raw: Mapping[str, Any], pkey: bytes) -> Proof:
         """Received wire logits (with ``"prov"``) -> the prompt entry's Proof (tail codec unknown
         yet: :meth:`check_tail` completes it)."""
+        if not isinstance(raw, Mapping):  # a report's logits come unchecked (mesh.cache.evidence)
+            raise ProtocolError("bad-logits", "logits are not a map")
         sealed = raw.get("prov")
         manifest, signer = self.open(sealed, PROMPT, pkey)
         if raw.get("n") != manifest.vocab or logits_digest(raw) != manifest.logits:
