@@ -235,6 +235,33 @@ def hostile_payload(r: Rnd, kind: wire.Kind, body: dict[str, Any], family: str |
     return data.replace(cbor_head(2, len(_MARK)) + _MARK, hostile_value(r, family), 1)
 
 
+def paths(obj: Any) -> list[tuple[Any, Any]]:
+    """Every (container, key or index) of the maps and lists nested in ``obj``, depth first: the
+    places a structured mutation may change."""
+    out: list[tuple[Any, Any]] = []
+    stack = [obj]
+    while stack:
+        c = stack.pop()
+        items = c.items() if isinstance(c, dict) else enumerate(c) if isinstance(c, list) else ()
+        for k, v in items:
+            out.append((c, k))
+            if isinstance(v, dict | list):
+                stack.append(v)
+    return out
+
+
+def hostile_at(r: Rnd, env: dict[str, Any], family: str | None = None) -> bytes:
+    """The canonical CBOR of ``env`` (an envelope dict) with one value at any depth replaced by
+    :func:`hostile_value` bytes: hostile structure deep inside an otherwise valid message."""
+    import copy
+
+    env = copy.deepcopy(env)
+    container, key = r.choice(paths(env))
+    container[key] = _MARK
+    data = cbor2.dumps(env, canonical=True)
+    return data.replace(cbor_head(2, len(_MARK)) + _MARK, hostile_value(r, family), 1)
+
+
 def raw_envelope(kind: wire.Kind, body: dict[str, Any], sender: str = "t", corr: str | None = None,
                  reply_to: str | None = None) -> bytes:
     """An envelope laid out as the mesh's encoder does it, without the encoder's own checks."""
