@@ -54,7 +54,10 @@ def ask(client: MeshClient, text: str, node: str | None = None, **kw: object) ->
 
 
 def wait_catalog(client: MeshClient, broker: Broker, node: str, min_items: int, timeout: float = 10.0) -> Catalog:
-    """The node's retained catalog once it lists at least ``min_items`` keys."""
+    """The node's retained catalog once it lists at least ``min_items`` keys, read as a node reads it
+    (with the catalog key, when the tests hold identities: mesh.cache.catalog)."""
+    holder = peer_keys(node)
+    secret = holder.catalog_key if holder is not None else None
     got: queue.Queue[bytes] = queue.Queue()
     bus = MqttBus(f"cat-watch-{node}-{time.monotonic_ns() % 10**6}", broker.address)
     bus.subscribe(topics.node_catalog(node), lambda t, p, r: got.put(p))
@@ -63,7 +66,7 @@ def wait_catalog(client: MeshClient, broker: Broker, node: str, min_items: int, 
         deadline = time.monotonic() + timeout
         while True:
             env = wire.decode(senders.unwrap(got.get(timeout=max(0.1, deadline - time.monotonic()))))
-            cat = Catalog.from_dict(dict(env.body))
+            cat = Catalog.from_dict(dict(env.body), secret=secret)
             if cat.count >= min_items:
                 return cat
     finally:
