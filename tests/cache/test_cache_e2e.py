@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import queue
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from mesh.auth import senders
 from mesh.mqtt.bus import MqttBus
 from mesh.cache.catalog import Catalog
 from nodes.client import AskResult, MeshClient
+from tests.cache.kit import retained_catalog
 from tests.conftest import Broker, NodeProcess, asker_keys, peer_keys, require_model, start_node
 
 pytestmark = pytest.mark.e2e
@@ -57,20 +57,8 @@ def wait_catalog(client: MeshClient, broker: Broker, node: str, min_items: int, 
     """The node's retained catalog once it lists at least ``min_items`` keys, read as a node reads it
     (with the catalog key, when the tests hold identities: mesh.cache.catalog)."""
     holder = peer_keys(node)
-    secret = holder.catalog_key if holder is not None else None
-    got: queue.Queue[bytes] = queue.Queue()
-    bus = MqttBus(f"cat-watch-{node}-{time.monotonic_ns() % 10**6}", broker.address)
-    bus.subscribe(topics.node_catalog(node), lambda t, p, r: got.put(p))
-    bus.start(10)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            env = wire.decode(senders.unwrap(got.get(timeout=max(0.1, deadline - time.monotonic()))))
-            cat = Catalog.from_dict(dict(env.body), secret=secret)
-            if cat.count >= min_items:
-                return cat
-    finally:
-        bus.stop()
+    return Catalog.from_dict(retained_catalog(broker, node, min_items, timeout),
+                             secret=holder.catalog_key if holder is not None else None)
 
 
 def wait_audited(client: MeshClient, node: str, served: int, timeout: float = 30.0) -> dict:  # type: ignore[type-arg]

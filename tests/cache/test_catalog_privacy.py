@@ -12,7 +12,6 @@ them both through ``Catalog.from_dict(...).contains`` and on the raw bits with t
 
 from __future__ import annotations
 
-import queue
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -20,15 +19,13 @@ from typing import Any
 
 import pytest
 
-from mesh import topics, wire
-from mesh.auth import senders
 from mesh.cache.catalog import Catalog, bloom_indices
 from mesh.cache.node_cache import NodeCache
 from mesh.config import CacheConfig
 from mesh.errors import ProtocolError
 from mesh.model import Decoder, LoadedModel
-from mesh.mqtt.bus import MqttBus
 from nodes.client import MeshClient
+from tests.cache.kit import retained_catalog
 from tests.cache.test_cache_privacy import OTHERS, VICTIM
 from tests.conftest import CACHE_ROOT, Broker, NodeProcess, asker_keys, start_node
 
@@ -53,24 +50,6 @@ def nodes(amqtt_broker: Broker, log_dir: Path) -> Iterator[dict[str, NodeProcess
     yield started
     for n in started.values():
         n.stop()
-
-
-def retained_catalog(broker: Broker, node: str, min_items: int, timeout: float = 30.0) -> dict[str, Any]:
-    """The body of ``node``'s catalog as a subscriber of its topic reads it (the retained copy, then
-    each new one), once it lists at least ``min_items`` keys. The seal is unwrapped unchecked: what
-    the asker account, or any node, gets."""
-    got: queue.Queue[bytes] = queue.Queue()
-    bus = MqttBus(f"cat-reader-{time.monotonic_ns() % 10**9}", broker.address)
-    bus.subscribe(topics.node_catalog(node), lambda t, p, r: got.put(p))
-    bus.start(10)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            body = dict(wire.decode(senders.unwrap(got.get(timeout=max(0.1, deadline - time.monotonic())))).body)
-            if body["n"] >= min_items:
-                return body
-    finally:
-        bus.stop()
 
 
 def bit_set(body: Mapping[str, Any], key: bytes) -> bool:
