@@ -284,8 +284,12 @@ class CausalLM(nn.Module):
         return h
 
     def step(self, token_id: int, cache: KVCache) -> Tensor:
-        """Logits (V,) of the position after ``token_id`` (appended to ``cache``)."""
-        return self.forward(torch.tensor([token_id], dtype=torch.long), cache)[-1]
+        """Logits (V,) of the position after ``token_id`` (appended to ``cache``), with the
+        decode kernel of a quantised format (:func:`mesh.weights.modules.decoding`)."""
+        from mesh.weights.modules import decoding
+
+        with decoding():
+            return self.forward(torch.tensor([token_id], dtype=torch.long), cache)[-1]
 
 
 def _mask(start: int, count: int, first: int, keys: int, window: int | None) -> Tensor:

@@ -8,8 +8,8 @@ activations but, measured on this machine, ran 5-20x slower than fp32 ``F.linear
 
 Each :class:`Int8Linear` holds ``qweight`` (int8, (N, K), a view into the memory-mapped
 safetensors file: no copy, no float32 weight anywhere) and ``scales`` (float32, (N,)). Three
-kernels compute ``x @ (q * scale).T``, all over the mapped int8 rows; which one decodes is chosen
-per machine, once, at first use (:func:`kernels`; :func:`set_kernel` overrides it for measurements
+kernels compute ``x @ (q * scale).T``, all over the mapped int8 rows; which one decodes (one row, inside
+:func:`decoding`: the forward of a generated token) is chosen per machine, once, at first use (:func:`kernels`; :func:`set_kernel` overrides it for measurements
 and tests):
 
 - ``"int8mm"`` (aarch64, decode): ``torch._weight_int8pack_mm`` on float32 activations, int8
@@ -36,8 +36,10 @@ kernel_decode.py).
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import threading
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +50,7 @@ _BLOCK_FLOATS = 256 * 1024  # float32 elements per dequantised block at one row 
 _PREFILL_BLOCK_FLOATS = 1 << 20  # and at several rows (4 MiB)
 _kernel: dict[str, str | None] = {"decode": None, "prefill": "dequant"}  # None: chosen at first use
 _buffers = threading.local()
+_phase = threading.local()  # .decode: inside decoding()
 _ones: dict[int, Tensor] = {}  # bfloat16 ones per row count: int8mm_bf16's scales (applied after, in float32)
 
 
@@ -67,6 +70,20 @@ def set_kernel(decode: str | None = None, prefill: str | None = None) -> None:
             if name not in KERNELS:
                 raise ValueError(f"unknown int8 kernel {name!r}; known: {', '.join(KERNELS)}")
             _kernel[phase] = name
+
+
+@contextlib.contextmanager
+def decoding() -> Iterator[None]:
+    """The forward of one generated token: its one-row products use the decode kernel. Everything
+    else (a prompt, also a one-position prompt or the last row a prefill's chunking leaves) uses
+    the prefill kernel, so a prompt's logits and KV do not depend on how it was cut, and a restored
+    prefix plus a suffix sees the numbers a recompute does."""
+    before = getattr(_phase, "decode", False)
+    _phase.decode = True
+    try:
+        yield
+    finally:
+        _phase.decode = before
 
 
 def decode_kernel() -> str:
@@ -94,7 +111,7 @@ def _buffer(width: int, floats: int) -> Tensor:
 def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor, kernel: str | None = None) -> Tensor:
     """``x (M, K) float32 @ (qweight * scales[:, None]).T -> (M, N) float32``."""
     m = x.shape[0]
-    name = kernel or (decode_kernel() if m == 1 else str(_kernel["prefill"]))
+    name = kernel or (decode_kernel() if m == 1 and getattr(_phase, "decode", False) else str(_kernel["prefill"]))
     if name == "int8mm":
         return torch._weight_int8pack_mm(x.contiguous(), qweight, scales)
     if name == "int8mm_bf16":

@@ -43,6 +43,9 @@ def test_bf16_inputs_give_the_dequantised_product_up_to_their_rounding(restore_k
     assert bool(((got.double() - ref).abs() <= bound).all())
     modules.set_kernel(decode="int8mm_bf16")
     layer = Int8Linear(q, s, torch.ones(n))
-    assert torch.equal(layer(x.view(1, 1, 64)), (got + 1).view(1, 1, n))  # one row: the decode kernel
+    with modules.decoding():  # a generated token's row: the decode kernel
+        assert torch.equal(layer(x.view(1, 1, 64)), (got + 1).view(1, 1, n))
+    prompt_row = layer(x.view(1, 1, 64))  # a prompt's one row: the prefill kernel, float32 arithmetic
+    assert torch.allclose(prompt_row.view(1, n).double(), ref + 1, rtol=1e-4, atol=1e-4)
     several = torch.randn(3, 64, generator=g)  # more rows: the prefill kernel, float32 arithmetic
     assert torch.allclose(layer(several).double(), several.double() @ w.T + 1, rtol=1e-4, atol=1e-4)
