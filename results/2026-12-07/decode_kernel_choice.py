@@ -29,6 +29,7 @@ HOME = Path.home() / ".cache" / "mesh"
 KERNELS = sys.argv[1].split(",") if len(sys.argv) > 1 else ["dequant", "fbgemm", "int8mm_bf16"]
 MODELS = sys.argv[2].split(",") if len(sys.argv) > 2 else ["smollm2-135m", "gemma3-270m"]
 ROUNDS, WINDOWS, LENGTH = 3, 4, 128
+THREADS = int(sys.argv[3]) if len(sys.argv) > 3 else 2
 PROMPT = ("The history of the lighthouse begins in the ancient world, when fires were lit on hills to guide "
           "ships into harbour. The most famous of these was the Pharos of Alexandria, built in the third "
           "century before our era, which stood for more than a thousand years.")
@@ -56,11 +57,11 @@ def teacher_forced(loaded, windows):  # noqa: ANN001
 
 
 def main() -> int:
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     held = load_split(HOME).held_out
-    out: dict = {"kernels": KERNELS, "rounds": ROUNDS, "windows": WINDOWS, "length": LENGTH, "models": {}}
+    out: dict = {"threads": THREADS, "kernels": KERNELS, "rounds": ROUNDS, "windows": WINDOWS, "length": LENGTH, "models": {}}
     for model in MODELS:
-        ref = load_model(HOME, model, threads=2, weights="fp32", verify=False)
+        ref = load_model(HOME, model, threads=THREADS, weights="fp32", verify=False)
         windows = token_windows(ref.tokenizer, held, LENGTH, WINDOWS)
         with torch.inference_mode():
             ref_logits = [Decoder(ref).all_logits(w)[:-1].float() for w in windows]
@@ -73,7 +74,7 @@ def main() -> int:
         loaded = {}
         for k in KERNELS:
             modules.set_kernel(decode=k)
-            loaded[k] = load_model(HOME, model, threads=2, weights="int8", verify=False)
+            loaded[k] = load_model(HOME, model, threads=THREADS, weights="int8", verify=False)
         tps: dict[str, list[float]] = {k: [] for k in KERNELS}
         for r in range(ROUNDS):
             for k in (KERNELS if r % 2 == 0 else KERNELS[::-1]):
@@ -90,7 +91,7 @@ def main() -> int:
             print(model, k, res[k], flush=True)
         out["models"][model] = res
         del loaded
-    Path(__file__).with_name("decode-kernel-choice.json").write_text(json.dumps(out, indent=1) + "\n")
+    Path(__file__).with_name(f"decode-kernel-choice-{'-'.join(MODELS)}.json").write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 
