@@ -288,13 +288,17 @@ class Decoder:
         self.step: Callable[[int, Any], torch.Tensor] | None = None
 
     def next_logits(self, token_id: int, cache: Any) -> torch.Tensor:
-        """Logits (V,) of the position after feeding ``token_id`` onto ``cache`` (appended to it)."""
-        if self.step is not None:
-            return self.step(token_id, cache)
-        if is_mesh_lm(self.loaded.model):
-            return self.loaded.model.step(token_id, cache)
-        ids = torch.tensor([[token_id]], dtype=torch.long)
-        return self.loaded.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        """Logits (V,) of the position after feeding ``token_id`` onto ``cache`` (appended to it),
+        with the decode kernel of a quantised format (:func:`mesh.weights.modules.decoding`)."""
+        from mesh.weights.modules import decoding
+
+        with decoding():
+            if self.step is not None:
+                return self.step(token_id, cache)
+            if is_mesh_lm(self.loaded.model):
+                return self.loaded.model.step(token_id, cache)
+            ids = torch.tensor([[token_id]], dtype=torch.long)
+            return self.loaded.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
 
     @torch.inference_mode()
     def all_logits(self, ids: Sequence[int]) -> torch.Tensor:

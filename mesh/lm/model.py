@@ -130,9 +130,11 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family == "gemma3")
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` as transformers computes it, in fewer operations:
+    rotate_half(x) = (-x2, x1) and x.roll(half) = (x2, x1), so with the first half of ``sin``
+    negated (``sin_signed``) the products are the same numbers (a sign flip is exact)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
 class CausalLM(nn.Module):
@@ -195,7 +197,9 @@ class CausalLM(nn.Module):
         for kind, inv in self._inv_freq.items():
             freqs = pos[:, None] * inv[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
-            out[kind] = (emb.cos()[None, None], emb.sin()[None, None])  # (1, 1, T, D)
+            sin = emb.sin()
+            sin[:, :sin.shape[1] // 2].neg_()  # for _rope
+            out[kind] = (emb.cos()[None, None], sin[None, None])  # (1, 1, T, D)
         return out
 
     @torch.inference_mode()
@@ -240,14 +244,17 @@ class CausalLM(nn.Module):
                 raise Interrupted("the forward was asked to stop")
             a = layer.self_attn
             x = layer.input_layernorm(h)
-            q = _proj(a.q_proj, x).view(1, t, nq, d).transpose(1, 2)
-            k = _proj(a.k_proj, x).view(1, t, nkv, d).transpose(1, 2)
-            v = _proj(a.v_proj, x).view(1, t, nkv, d).transpose(1, 2)
+            if t == 1:  # (1, H, 1, D) is (1, 1, H, D) transposed: a view
+                qf, kf, vf = _proj(a.q_proj, x), _proj(a.k_proj, x), _proj(a.v_proj, x)
+                q, k, v = qf.view(1, nq, 1, d), kf.view(1, nkv, 1, d), vf.view(1, nkv, 1, d)
+            else:
+                q = _proj(a.q_proj, x).view(1, t, nq, d).transpose(1, 2)
+                k = _proj(a.k_proj, x).view(1, t, nkv, d).transpose(1, 2)
+                v = _proj(a.v_proj, x).view(1, t, nkv, d).transpose(1, 2)
             if self._gemma:
                 q, k = a.q_norm(q), a.k_norm(k)
             cos, sin = rope[cfg.layer_types[i]]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kv = cache.layers[i]
             keys, values = kv.update(k, v)
             window = kv.sliding_window
@@ -267,7 +274,7 @@ class CausalLM(nn.Module):
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                                scale=cfg.attention_scale, enable_gqa=gqa)
-            o = _proj(a.o_proj, o.transpose(1, 2).reshape(1, t, nq * d))
+            o = _proj(a.o_proj, o.reshape(1, 1, nq * d) if t == 1 else o.transpose(1, 2).reshape(1, t, nq * d))
             if self._gemma:
                 h = h + layer.post_attention_layernorm(o)
                 h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
@@ -277,8 +284,12 @@ class CausalLM(nn.Module):
         return h
 
     def step(self, token_id: int, cache: KVCache) -> Tensor:
-        """Logits (V,) of the position after ``token_id`` (appended to ``cache``)."""
-        return self.forward(torch.tensor([token_id], dtype=torch.long), cache)[-1]
+        """Logits (V,) of the position after ``token_id`` (appended to ``cache``), with the
+        decode kernel of a quantised format (:func:`mesh.weights.modules.decoding`)."""
+        from mesh.weights.modules import decoding
+
+        with decoding():
+            return self.forward(torch.tensor([token_id], dtype=torch.long), cache)[-1]
 
 
 def _mask(start: int, count: int, first: int, keys: int, window: int | None) -> Tensor:

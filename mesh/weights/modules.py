@@ -6,39 +6,61 @@ rows is unpacked into the same small float32 buffer (low nibbles, the first half
 high nibbles, the second half; then each group's scale and minimum) and multiplied with ``F.linear``. (torch's ``_weight_int4pack_mm_for_cpu`` takes float32
 activations but, measured on this machine, ran 5-20x slower than fp32 ``F.linear`` at one row.)
 
-Each holds ``qweight`` (int8, (N, K), a view into the memory-mapped safetensors file: no copy,
-no float32 weight anywhere) and ``scales`` (float32, (N,)). Two matmul kernels compute
-``x @ (q * scale).T``; which one a process uses is a measured choice (results/), set with
-:func:`set_kernel`:
+Each :class:`Int8Linear` holds ``qweight`` (int8, (N, K), a view into the memory-mapped
+safetensors file: no copy, no float32 weight anywhere) and ``scales`` (float32, (N,)). Three
+kernels compute ``x @ (q * scale).T``, all over the mapped int8 rows; which one decodes (one row, inside
+:func:`decoding`: the forward of a generated token) is chosen per machine, once, at first use (:func:`kernels`; :func:`set_kernel` overrides it for measurements
+and tests):
 
-- ``"int8mm"``: ``torch._weight_int8pack_mm`` on float32 activations, int8 weights, per-row
-  scales, in one pass over the int8 bytes. Its CPU kernel has a NEON path for float32 on aarch64
-  (plain ARMv8.0 NEON: ``vmovl_s8``, ``vcvtq_f32_s32``, ``vfmaq_f32``), while on x86 only
-  bfloat16 is vectorised and float32 falls to a scalar loop (aten/src/ATen/native/cpu/
-  int8mm_kernel.cpp in torch 2.13).
-- ``"dequant"``: the rows are converted to float32 a block at a time into a small reused buffer
-  (it stays in the CPU cache) and multiplied with ``F.linear`` (the BLAS the fp32 model uses);
-  the per-row scales are applied to the (M, N) output, not to the weights.
+- ``"int8mm"`` (aarch64, decode): ``torch._weight_int8pack_mm`` on float32 activations, int8
+  weights, per-row scales, in one pass over the int8 bytes. Its CPU kernel has a NEON path for
+  float32 on aarch64 (plain ARMv8.0 NEON: ``vmovl_s8``, ``vcvtq_f32_s32``, ``vfmaq_f32``), while
+  on x86 only bfloat16 is vectorised and float32 falls to a scalar loop
+  (aten/src/ATen/native/cpu/int8mm_kernel.cpp in torch 2.13).
+- ``"int8mm_bf16"`` (x86 with AVX2 or AVX-512, decode): the same op on the input row rounded to
+  bfloat16, the path its x86 kernel vectorises (int8 -> float32 in registers, float32 FMA); the
+  scales passed to it are ones and the float32 scales multiply its output, so the rounding is the
+  input's and the output's (8 significant bits each), not the scales'.
+- ``"dequant"`` (prefill everywhere; decode where neither runs): the rows are converted to float32
+  a block at a time into a small reused buffer (it stays in the CPU cache) and multiplied with
+  ``F.linear`` (the BLAS the fp32 model uses); the per-row scales are applied to the (M, N)
+  output, not to the weights.
 
-Both are float32 arithmetic on the same int8 weights; they differ only in summation order.
+``int8mm`` and ``dequant`` are float32 arithmetic on the same int8 weights and differ only in
+summation order. fbgemm's dynamic int8 linear (``quantized::linear_dynamic``) was measured too and
+not taken: its input is quantised to 8 bits per token (an outlier channel coarsens every other),
+greedy tokens left ``dequant``'s sooner and fewer teacher-forced positions kept fp32's argmax, and
+its weights are a packed anonymous copy (results/2026-12-07/decode_kernel_choice.py,
+kernel_decode.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import threading
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-KERNELS = ("int8mm", "dequant")
+KERNELS = ("int8mm", "int8mm_bf16", "dequant")
 _BLOCK_FLOATS = 256 * 1024  # float32 elements per dequantised block at one row (1 MiB)
 _PREFILL_BLOCK_FLOATS = 1 << 20  # and at several rows (4 MiB)
-# int8mm where its float32 path is vectorised (aarch64, the Pis); elsewhere the BLAS path.
-_kernel = {"decode": "int8mm" if platform.machine().lower() in ("aarch64", "arm64") else "dequant",
-           "prefill": "dequant"}
+_kernel: dict[str, str | None] = {"decode": None, "prefill": "dequant"}  # None: chosen at first use
 _buffers = threading.local()
+_phase = threading.local()  # .decode: inside decoding()
+_ones: dict[int, Tensor] = {}  # bfloat16 ones per row count: int8mm_bf16's scales (applied after, in float32)
+
+
+def _auto_decode() -> str:
+    """int8mm on aarch64 (NEON float32, the Pis); int8mm on bfloat16 inputs where torch's x86
+    kernel for it is vectorised (AVX2, AVX-512); else the BLAS path."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "int8mm"
+    capability = str(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")())
+    return "int8mm_bf16" if capability.startswith(("AVX2", "AVX512")) else "dequant"
 
 
 def set_kernel(decode: str | None = None, prefill: str | None = None) -> None:
@@ -50,8 +72,29 @@ def set_kernel(decode: str | None = None, prefill: str | None = None) -> None:
             _kernel[phase] = name
 
 
+@contextlib.contextmanager
+def decoding() -> Iterator[None]:
+    """The forward of one generated token: its one-row products use the decode kernel. Everything
+    else (a prompt, also a one-position prompt or the last row a prefill's chunking leaves) uses
+    the prefill kernel, so a prompt's logits and KV do not depend on how it was cut, and a restored
+    prefix plus a suffix sees the numbers a recompute does."""
+    before = getattr(_phase, "decode", False)
+    _phase.decode = True
+    try:
+        yield
+    finally:
+        _phase.decode = before
+
+
+def decode_kernel() -> str:
+    name = _kernel["decode"]
+    if name is None:
+        name = _kernel["decode"] = _auto_decode()
+    return name
+
+
 def kernels() -> dict[str, str]:
-    return dict(_kernel)
+    return {"decode": decode_kernel(), "prefill": str(_kernel["prefill"])}
 
 
 def _buffer(width: int, floats: int) -> Tensor:
@@ -68,9 +111,15 @@ def _buffer(width: int, floats: int) -> Tensor:
 def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor, kernel: str | None = None) -> Tensor:
     """``x (M, K) float32 @ (qweight * scales[:, None]).T -> (M, N) float32``."""
     m = x.shape[0]
-    name = kernel or _kernel["decode" if m == 1 else "prefill"]
+    name = kernel or (decode_kernel() if m == 1 and getattr(_phase, "decode", False) else str(_kernel["prefill"]))
     if name == "int8mm":
         return torch._weight_int8pack_mm(x.contiguous(), qweight, scales)
+    if name == "int8mm_bf16":
+        n = int(qweight.shape[0])
+        if n not in _ones:
+            with torch.inference_mode(False):
+                _ones[n] = torch.ones(n, dtype=torch.bfloat16)
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), qweight, _ones[n]).float().mul_(scales)
     n, k = qweight.shape
     # One row: blocks small enough to stay in cache. More rows: blocks big enough for BLAS.
     buf = _buffer(k, _BLOCK_FLOATS if m == 1 else _PREFILL_BLOCK_FLOATS)
