@@ -7,6 +7,10 @@ page cache: the weights the node maps are read by it and charged to it, as on a 
 beside them one fp32 node with no cap: the reference a row's speed is compared with, measured in
 the same run. The nodes run this machine's cores
 (no CPU quota: a Pi Zero's would take hours over the same asks); memory is what is emulated.
+Where ``llama-cpp-python`` is installed (the optional extra ``reference``), llama.cpp on the
+model's own GGUF is asked the same prompts in the same rotation, uncapped, on as many threads as
+the nodes (``nodes.bench.llama_ref``): its decode and prefill tok/s and resident set are each
+row's ``llama_cpp_*`` figures, the reference a user would pick instead (``--no-llama-cpp`` skips it).
 
 Asks (1-shot MMLU questions, ``--asks`` of them, ``--tokens`` new tokens each, no cache so every
 ask computes) go to one node at a time, the reference and the capped nodes alternating in ABBA
@@ -40,6 +44,7 @@ from rich.table import Table
 from mesh.config import BrokerAddress
 from mesh.errors import MeshError
 from nodes import mmlu
+from nodes.bench.llama_ref import LlamaReference, available as llama_available
 from nodes.bench.report import pyplot, save_figure, write_results
 from nodes.testbed.bed import identity_parts
 from nodes.settings import mesh_home
@@ -47,6 +52,7 @@ from nodes.setup import mmlu_dir
 
 MIB = 1 << 20
 REF = "ref"  # the uncapped fp32 node
+LLAMA = "llama.cpp"  # llama.cpp on the same GGUF, uncapped, where llama-cpp-python is installed
 ROLES = ("cache", "worker", "coordinator")
 
 
@@ -135,8 +141,10 @@ def _log_tail(path: Path, lines: int = 3) -> str:
 
 
 def measure_nodes(tb: Any, model: str, formats: Sequence[str], prompts: Sequence[str], tokens: int,
-                  home: Path, progress: Progress | None = None) -> dict[str, dict[str, Any]]:
-    """Start the reference and one node per format, ask in ABBA order, and read their cgroups."""
+                  home: Path, progress: Progress | None = None,
+                  llama: LlamaReference | None = None) -> dict[str, dict[str, Any]]:
+    """Start the reference and one node per format, ask in ABBA order, and read their cgroups.
+    ``llama``: llama.cpp on the model's GGUF, asked in the same rotation (row ``LLAMA``)."""
     from nodes.client import MeshClient, asker_keyring
 
     names = [REF, *(node_name(f) for f in formats)]
@@ -153,24 +161,30 @@ def measure_nodes(tb: Any, model: str, formats: Sequence[str], prompts: Sequence
             out[n] = {"started": False, "error": _log_tail(tb.log_path(f"node-{n}")) or str(exc),
                       "oom_kills": tb.oom_kills(n)}
     live = [n for n in names if started.get(n)]
-    figures: dict[str, list[dict[str, Any]]] = {n: [] for n in live}
+    figures: dict[str, list[dict[str, Any]]] = {n: [] for n in [*live, LLAMA]}
     faults0: dict[str, int] = {}
     host, port = tb.broker_address
-    task = progress.add_task(f"{model}: asks", total=len(live) * (len(prompts) + 1)) if progress else None
+    rotation = [*live, *([LLAMA] if llama is not None else [])]
+    task = progress.add_task(f"{model}: asks", total=len(rotation) * (len(prompts) + 1)) if progress else None
     with MeshClient(BrokerAddress(host, port), name=f"bench-memory-{tb.spec.instance}",
                     keyring=asker_keyring(home)) as client, \
             Sampler(tb, live) as sampler:
-        for n in live:  # warm-up: the first ask maps the weights and sizes the allocator's pools
-            client.ask(prompts[0], node=n, max_new_tokens=tokens, no_cache=True, timeout=900)
-            faults0[n] = tb.memory(n).major_faults
+        def ask(n: str, prompt: str) -> dict[str, Any]:
+            if n == LLAMA:
+                return llama.ask(prompt)  # type: ignore[union-attr]
+            return dict(client.ask(prompt, node=n, max_new_tokens=tokens, no_cache=True, timeout=900).node_figures)
+
+        for n in rotation:  # warm-up: the first ask maps the weights and sizes the allocator's pools
+            ask(n, prompts[0])
+            if n != LLAMA:
+                faults0[n] = tb.memory(n).major_faults
             if task is not None:
                 progress.advance(task)  # type: ignore[union-attr]
         for i, prompt in enumerate(prompts):
-            for n in (live if i % 2 == 0 else live[::-1]):
+            for n in (rotation if i % 2 == 0 else rotation[::-1]):
                 try:
-                    r = client.ask(prompt, node=n, max_new_tokens=tokens, no_cache=True, timeout=900)
-                    figures[n].append(dict(r.node_figures))
-                except MeshError as exc:
+                    figures[n].append(ask(n, prompt))
+                except (MeshError, RuntimeError, ValueError) as exc:
                     figures[n].append({"error": str(exc)})
                 if task is not None:
                     progress.advance(task)  # type: ignore[union-attr]
@@ -190,6 +204,14 @@ def measure_nodes(tb: Any, model: str, formats: Sequence[str], prompts: Sequence
             "prefill_tps": _median([f["prompt_tokens"] / f["prefill_s"] for f in good if f.get("prefill_s")]),
             "alive": tb.process_memory(n) != {},
         }
+    if llama is not None:
+        good = [f for f in figures[LLAMA] if "error" not in f]
+        out[LLAMA] = {"asks": len(good), "errors": len(figures[LLAMA]) - len(good),
+                      "version": llama.started.get("version"),
+                      "rss_peak_mib": max((f["rss_peak_mib"] for f in good), default=None),
+                      "anon_mib": max((f.get("rssanon_mib", 0) for f in good), default=None),
+                      "decode_tps": _median([f["decode_tps"] for f in good if f.get("decode_tps")]),
+                      "prefill_tps": _median([f["prefill_tps"] for f in good if f.get("prefill_tps")])}
     return out
 
 
@@ -291,10 +313,17 @@ def cache_rows(model: str, formats: Sequence[str], prompts: Sequence[str], home:
         NodeSpec(name=check_node_name(n), link_mbit=None, loss_pct=0.0, cpu=None,
                  mem_cap_mib=None if n == REF else profile.mem_cap_mib)
         for n in [REF, *(node_name(f) for f in formats)]), instance=args.instance)
-    with Testbed(spec) as tb:
-        tb.start_broker(args.broker)
-        nodes = measure_nodes(tb, model, formats, prompts, args.tokens, home, progress)
-    ref = nodes.get(REF, {})
+    llama = None
+    if args.llama_cpp and llama_available():
+        llama = LlamaReference(reference_gguf(model, home), threads=2, tokens=args.tokens)
+    try:
+        with Testbed(spec) as tb:
+            tb.start_broker(args.broker)
+            nodes = measure_nodes(tb, model, formats, prompts, args.tokens, home, progress, llama)
+    finally:
+        if llama is not None:
+            llama.close()
+    ref, lc = nodes.get(REF, {}), nodes.get(LLAMA, {})
     rows = []
     for f in formats:
         got = nodes.get(node_name(f), {})
@@ -304,8 +333,19 @@ def cache_rows(model: str, formats: Sequence[str], prompts: Sequence[str], home:
                          "oom_kills", "decode_tps", "prefill_tps", "asks", "errors", "error")},
                      "decode_tps_fp32": ref.get("decode_tps"), "prefill_tps_fp32": ref.get("prefill_tps"),
                      "fp32_uncapped_peak_mib": ref.get("peak_mib"),
+                     **({f"llama_cpp_{k}": lc.get(k) for k in ("decode_tps", "prefill_tps", "rss_peak_mib", "anon_mib",
+                                                                "version")} if lc else {}),
                      **{k: q.get(f, {}).get(k) for k in ("mmlu_agreement", "ppl_ratio", "ppl", "mmlu_questions")}})
     return rows
+
+
+def reference_gguf(model: str, home: Path) -> Path:
+    """The GGUF a model's weights were built from: llama.cpp's input for the same model."""
+    from mesh.model import model_spec
+    from nodes.setup import locate_gguf
+
+    spec = model_spec(model, home)
+    return Path(spec.gguf_path) if spec.gguf_path else locate_gguf(spec, home)
 
 
 def halo_rows(model: str, home: Path, profile: Any, roles: Sequence[str], args: argparse.Namespace,
@@ -339,7 +379,7 @@ def print_rows(rows: Sequence[dict[str, Any]], console: Console) -> None:
     table = Table(title="Memory and speed per model, weight format and role "
                         "(peak under the cap; speed vs fp32 uncapped)")
     for col in ("model", "weights", "role", "cap MiB", "peak MiB", "anon MiB", "maj flt/tok", "OOM", "decode tok/s",
-                "x fp32", "prefill tok/s", "x fp32", "MMLU agree", "ppl ratio"):
+                "x fp32", "x llama.cpp", "prefill tok/s", "x fp32", "MMLU agree", "ppl ratio"):
         table.add_column(col, justify="right")
     num = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
     ratio = lambda a, b: "-" if not a or not b else f"{a / b:.2f}"  # noqa: E731
@@ -347,11 +387,12 @@ def print_rows(rows: Sequence[dict[str, Any]], console: Console) -> None:
         head = (r["model"], r["weights"], r["role"], str(r["cap_mib"]))
         if not r.get("started"):
             table.add_row(*head, "did not start", "", "", str(r.get("oom_kills")), str(r.get("error", ""))[:60],
-                          "", "", "", num(r.get("mmlu_agreement"), "{:.3f}"), num(r.get("ppl_ratio"), "{:.4f}"))
+                          "", "", "", "", num(r.get("mmlu_agreement"), "{:.3f}"), num(r.get("ppl_ratio"), "{:.4f}"))
             continue
         table.add_row(*head, num(r.get("peak_mib")), num(r.get("anon_peak_mib")),
                       num(r.get("major_faults_per_token"), "{:.2f}"), str(r.get("oom_kills")), num(r.get("decode_tps")),
-                      ratio(r.get("decode_tps"), r.get("decode_tps_fp32")), num(r.get("prefill_tps")),
+                      ratio(r.get("decode_tps"), r.get("decode_tps_fp32")),
+                      ratio(r.get("decode_tps"), r.get("llama_cpp_decode_tps")), num(r.get("prefill_tps")),
                       ratio(r.get("prefill_tps"), r.get("prefill_tps_fp32")), num(r.get("mmlu_agreement"), "{:.3f}"),
                       num(r.get("ppl_ratio"), "{:.4f}"))
     console.print(table)
@@ -373,10 +414,12 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     a.set_ylabel("MiB")
     a.set_title("memory under the profile's cap")
     a.legend(fontsize=8)
-    width = 0.4
-    b.bar([i - width / 2 for i in x], [r.get("decode_tps") or 0 for r in rows], width, label="decode, capped")
-    b.bar([i + width / 2 for i in x], [r.get("decode_tps_fp32") or 0 for r in rows], width,
-          label="decode, fp32 uncapped")
+    width = 0.28
+    b.bar([i - width for i in x], [r.get("decode_tps") or 0 for r in rows], width, label="decode, capped")
+    b.bar(list(x), [r.get("decode_tps_fp32") or 0 for r in rows], width, label="decode, fp32 uncapped")
+    if any(r.get("llama_cpp_decode_tps") for r in rows):
+        b.bar([i + width for i in x], [r.get("llama_cpp_decode_tps") or 0 for r in rows], width,
+              label="llama.cpp, same GGUF, uncapped")
     b.set_xticks(list(x), labels, fontsize=8)
     b.set_ylabel("tokens/s")
     b.set_title("decode speed, same run")
@@ -398,6 +441,8 @@ def add_bench_memory(sub: Any) -> None:
     p.add_argument("--ppl-windows", type=int, default=16)
     p.add_argument("--ppl-tokens", type=int, default=256)
     p.add_argument("--broker", default="mosquitto", choices=["mosquitto", "amqtt"])
+    p.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
+                   help="skip llama.cpp on the same GGUF (asked beside the nodes where llama-cpp-python is installed)")
     p.add_argument("--instance", type=int, default=4)
     p.add_argument("--home", help="models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.add_argument("--json", default="out/bench-memory.json")

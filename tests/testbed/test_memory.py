@@ -247,3 +247,9 @@ def test_bench_memory_measures_a_node_under_its_devices_cap(profile: str, weight
     assert r["decode_tps"] > 0 and r["decode_tps_fp32"] > 0 and r["prefill_tps"] > 0 and r["prefill_tps_fp32"] > 0
     assert r["major_faults_per_token"] >= 0 and r["mmlu_questions"] == 12
     assert 0.5 <= r["mmlu_agreement"] <= 1.0 and 0.9 < r["ppl_ratio"] < 1.1
+    from nodes.bench.llama_ref import available
+
+    if available():  # the optional extra `reference`: llama.cpp on the same GGUF, asked beside the nodes
+        assert r["llama_cpp_decode_tps"] > 0 and r["llama_cpp_prefill_tps"] > 0 and r["llama_cpp_rss_peak_mib"] > 50
+    else:
+        assert "llama_cpp_decode_tps" not in r
