@@ -19,9 +19,10 @@ sits at a position is a *neuron order*: by default the model's own, else a permu
 (``order[i]`` = the model's original neuron id at position ``i``). Because the sum runs over any
 partition, reordering is exact; it matters because contiguous neurons of the original order
 average importance out, while neurons sorted by measured importance make genuinely cold groups
-that a lossy worker can hold at little cost. :func:`permute_neurons` reorders a model in place (the coordinator) and
-records the order; :func:`extract_groups` with an ``order`` slices the right neurons out of a
-model in any order (a worker whose model file is in the original order).
+that a lossy worker can hold at little cost. :func:`permute_neurons` reorders an fp32 model in place
+(``mesh halo train-predictor``, which records the order with the predictor) and records the order;
+:func:`extract_groups` with an ``order`` slices the right neurons out of a model in any order (a
+worker, or the coordinator, whose model is in the original order).
 """
 
 from __future__ import annotations

@@ -40,7 +40,9 @@ from mesh.halo import predictor as pred_mod
 from mesh.halo.keys import HaloKeys
 from mesh.halo.ledger import StepGather, SyncLedger
 from mesh.halo.plans import PlanHolder
+from mesh.halo.shard import GroupSource
 from mesh.halo.sync import fallback_groups
+from mesh.lm.model import ACT_FNS
 from mesh.mqtt.direct import DirectLink
 
 STEP_WINDOW = 1 << 16  # how many steps back a partial may still arrive (and be counted late)
@@ -108,12 +110,19 @@ class RoutedStep:
     """Every MLP of an ask's forward passes, routed over the plan (generation thread), and the
     partials that come back for it (network thread, or this one while it pumps the link)."""
 
-    def __init__(self, model: Any, full: Sequence[split.GroupWeights], bias: Sequence[Tensor | None],
-                 layout: split.GroupLayout, config: Any, bus: Any, plans: PlanHolder, rejects: wire.RejectCounter,
-                 importance: Callable[[int, Tensor], Tensor], keys: HaloKeys) -> None:
-        """``full``/``bias``: every layer's whole MLP (the local fallback); ``importance(layer, x)``:
-        the groups' predicted importance at a step, (G,); ``keys`` tag each MLP input per worker."""
-        self.model, self.full, self.bias, self.layout = model, list(full), list(bias), layout
+    def __init__(self, model: Any, groups: GroupSource, orders: Sequence[Tensor | None],
+                 bias: Sequence[Tensor | None], config: Any, bus: Any, plans: PlanHolder,
+                 rejects: wire.RejectCounter, importance: Callable[[int, Tensor], Tensor], keys: HaloKeys) -> None:
+        """``groups``: where this coordinator cuts the groups it computes itself (its plan's local
+        groups come from the engine; the fallback's here), in the plans' neuron ``orders`` (per
+        layer; None: the model's own), as a worker of its weight format would; ``bias``: each
+        layer's down-projection bias, added once at the reduce; ``importance(layer, x)``: the
+        groups' predicted importance at a step, (G,); ``keys`` tag each MLP input per worker."""
+        self.model, self.groups, self.orders, self.bias = model, groups, list(orders), list(bias)
+        self.layout = groups.layout
+        # Each layer's MLP as loaded: what a step computes whole while no plan is active.
+        self.mlps = [layer.mlp for layer in split.decoder_layers(model)]
+        self.act = ACT_FNS[split.mlp_act_name(model.config)]
         self.config, self.bus, self.plans, self.rejects = config, bus, plans, rejects
         self.importance, self.keys = importance, keys
         self.name = config.name
@@ -182,8 +191,8 @@ class RoutedStep:
             run.incomplete_per_forward.append(0)
             self.plans.maybe_switch()  # a new plan starts with a forward pass, never inside one
         plan, local = self.plans.active()
-        if plan is None or local is None:  # no plan yet: the whole MLP here
-            return self.full[layer].partial(x) + (self.bias[layer] if self.bias[layer] is not None else 0)
+        if plan is None or local is None:  # no plan yet: the whole MLP here, as the model computes it
+            return self.mlps[layer](x)
         run.epochs.add(plan.epoch)
         step = self.next_step
         self.next_step += 1
@@ -224,7 +233,7 @@ class RoutedStep:
             missing = gather.missing_groups()
             run.incomplete_per_forward[-1] += int(bool(missing))
             if missing and run.strict:
-                parts.append(split.partial_of_groups(self.full[layer], self.layout, missing, x))
+                parts.append(self._partial(layer, missing, x))
                 run.local_fallback_groups += len(missing)
             elif missing:
                 # Relaxed: missing groups count as zero, except the ones the coordinator computes
@@ -232,7 +241,7 @@ class RoutedStep:
                 # predicted important at a decode step, a few groups' rows.
                 keep = list(fallback_groups(missing, must_wait, tokens, self.config.fallback, self.config.policy))
                 if keep:
-                    parts.append(split.partial_of_groups(self.full[layer], self.layout, keep, x))
+                    parts.append(self._partial(layer, keep, x))
                     run.local_fallback_groups += len(keep)
                 if len(keep) < len(missing):
                     run.zeroed_groups += len(missing) - len(keep)
@@ -333,12 +342,21 @@ class RoutedStep:
             run.timing = (key, (deadline, straggler, first_at))
         return run.timing[1]
 
+    def _partial(self, layer: int, groups: Sequence[int], x: Tensor) -> Tensor:
+        """The partial of ``groups`` computed here, from the numbers a worker holding them would use."""
+        return self.groups.read(layer, sorted(groups), self.orders[layer]).partial(x)
+
     def _true_share(self, layer: int, x: Tensor, zeroed: Sequence[int]) -> float:
         """The share of the step's true contribution norm (summed over positions) in ``zeroed``."""
         gram = self._grams.get(layer)
-        if gram is None:
-            gram = self._grams[layer] = pred_mod.importance_gram(self.full[layer])
-        true = pred_mod.group_importance(self.full[layer], x, gram).reshape(-1, self.layout.n_groups).sum(0)  # (G,)
+        groups = range(self.layout.n_groups)
+        if gram is None:  # from the layer's groups read once in float32, not kept
+            gram = self._grams[layer] = pred_mod.importance_gram(self.groups.read(layer, groups, self.orders[layer]))
+        mlp, order = self.mlps[layer], self.orders[layer]
+        h = self.act(mlp.gate_proj(x)) * mlp.up_proj(x)  # (..., I) in the model's neuron order
+        if order is not None:
+            h = h.index_select(-1, order)  # in the plan's
+        true = pred_mod.importance_of(h, self.layout.sizes(groups), gram).reshape(-1, self.layout.n_groups).sum(0)
         total = float(true.sum())
         return float(true[list(zeroed)].sum()) / total if total > 0 else 0.0
 
@@ -377,7 +395,7 @@ class RoutedStep:
         imp = self.importance(layer, x)
         if record:
             if run.imp_sum is None:
-                run.imp_sum = torch.zeros(len(self.full), imp.shape[-1])
+                run.imp_sum = torch.zeros(len(self.mlps), imp.shape[-1])
             run.imp_sum[layer] += imp.float()
             run.imp_n += int(layer == 0)
         run.spent("predict", t)
