@@ -277,12 +277,13 @@ def _bias(linear: nn.Module) -> Tensor | None:
 
 def extract_groups(
     model: nn.Module, layer: int, groups: Sequence[int], layout: GroupLayout,
-    order: Tensor | Sequence[int] | None = None,
+    order: Tensor | Sequence[int] | None = None, mlp: nn.Module | None = None,
 ) -> GroupWeights:
     """Owned copies of ``groups``' weights from ``model``'s MLP at ``layer``, the groups cut in
     neuron ``order`` (original neuron ids per position; None: the original order), whatever
-    order ``model`` itself was permuted to."""
-    mlp = decoder_layers(model)[layer].mlp
+    order ``model`` itself was permuted to. ``mlp``: that layer's MLP module (default: the one the
+    model holds now; while its MLPs are routed, :func:`routed_mlps`, pass the original)."""
+    mlp = decoder_layers(model)[layer].mlp if mlp is None else mlp
     want = layout.neuron_index(groups)  # positions in ``order``
     original = want if order is None else check_order(order, layout.intermediate_size)[want]
     return extract_from_tensors(

@@ -63,6 +63,7 @@ class ModelGroups:
         self.model = loaded.model
         self.model_key: str = loaded.model_key
         self.layout = split.model_layout(self.model.config, group_size)
+        # the MLP modules as loaded: groups are read from them while the model runs routed too
         self.mlps = [layer.mlp for layer in split.decoder_layers(self.model)]
         self.n_layers = len(self.mlps)
         self.hidden_size = int(split.text_config(self.model.config).hidden_size)
@@ -72,7 +73,7 @@ class ModelGroups:
              ) -> split.GroupWeights:
         mlp = self.mlps[layer]
         if all(isinstance(getattr(mlp, p), nn.Linear) for p in PROJECTIONS):
-            return split.extract_groups(self.model, layer, groups, self.layout, order)
+            return split.extract_groups(self.model, layer, groups, self.layout, order, mlp)
         want = self.layout.neuron_index(groups)  # positions in ``order``
         rows = want if order is None else split.check_order(order, self.layout.intermediate_size)[want]  # (n,)
         with torch.inference_mode():
