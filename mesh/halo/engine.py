@@ -37,7 +37,7 @@ from mesh.halo import predictor as pred_mod
 from mesh.halo.keys import HaloKeys
 from mesh.halo.ledger import EpochSwitch, Liveness, Presence, worker_figures
 from mesh.halo.placement import drift_persisted, pack_order, plan_groups, reloading_workers, replan_reason
-from mesh.halo.plans import PlanHolder
+from mesh.halo.plans import WHOLE_LAYER, PlanHolder, WholeLayer
 from mesh.halo.shard import ModelGroups
 from mesh.halo.step import HaloRun, RoutedStep
 from mesh.model import WARMUP_TEXT
@@ -223,7 +223,7 @@ class HaloEngine:
                                group_size=self.config.group_size, local_speed=self.config.local_speed,
                                mode=self.config.placement, seed=epoch)
             plan = replace(plan, order=self.order)
-            local = [self._slice(layer, gs) if gs else None for layer, gs in enumerate(plan.local)]
+            local = [self._local(layer, gs) for layer, gs in enumerate(plan.local)]
             with self.plans.lock:
                 self.plans.local[epoch] = local
                 # Until the switch: a worker that dropped the active plan's groups for a pending plan
@@ -249,7 +249,14 @@ class HaloEngine:
             except MeshError as exc:
                 log.warning("plan not published: %s", exc)
 
-    def _slice(self, layer: int, groups: Sequence[int]) -> split.GroupWeights:
+    def _local(self, layer: int, groups: Sequence[int]) -> split.GroupWeights | WholeLayer | None:
+        """What this coordinator computes of ``layer`` under a plan: nothing, the whole layer (its
+        MLP module: no copy of the rows, and the plan of a coordinator with no workers holds every
+        layer so), or float32 copies of a share, cut as a worker of its format cuts them."""
+        if not groups:
+            return None
+        if len(set(groups)) == self.layout.n_groups:
+            return WHOLE_LAYER
         return self.groups.read(layer, groups, self.orders[layer])
 
     def snapshot(self) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from mesh.halo import groups as split
 from mesh.halo import predictor as pred_mod
 from mesh.halo.keys import HaloKeys
 from mesh.halo.ledger import StepGather, SyncLedger
-from mesh.halo.plans import PlanHolder
+from mesh.halo.plans import PlanHolder, WholeLayer
 from mesh.halo.shard import GroupSource
 from mesh.halo.sync import fallback_groups
 from mesh.lm.model import ACT_FNS
@@ -224,7 +224,9 @@ class RoutedStep:
             t = run.spent("publish", t)
         if expected and not multi:
             self.ledger.spread(step, len(expected))
-        parts: list[Tensor | None] = [local[layer].partial(x) if local[layer] is not None else None]
+        mine = local[layer]
+        whole = isinstance(mine, WholeLayer)  # then no worker holds a group of it: nothing is expected
+        parts: list[Tensor | None] = [self.mlps[layer](x) if whole else mine.partial(x) if mine is not None else None]
         t = run.spent("local", t)
         if expected:
             gather, must_wait, imp = self._gather(run, layer, step, x, expected, t0)
@@ -253,7 +255,7 @@ class RoutedStep:
                     if run.measure:
                         run.zeroed_share_true += self._true_share(layer, x, zeroed)
             t = run.spent("fallback", t)
-        out = split.reduce_partials(parts, x, self.bias[layer])
+        out = split.reduce_partials(parts, x, None if whole else self.bias[layer])  # the module added its bias
         run.spent("reduce", t)
         return out
 

@@ -128,3 +128,28 @@ def test_with_no_plan_and_a_strict_fallback_the_coordinator_computes_a_workers_n
     assert figs["local_fallback_groups"] == 30 * 24 and figs["partials_on_time"] == 0
     assert int(fallback.argmax()) == int(plain.argmax())
     assert torch.allclose(fallback, plain, atol=1e-3 * float(plain.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("weights", ["int8", "q4"])
+def test_a_coordinator_alone_computes_every_layer_with_its_model_and_copies_no_rows(
+        weights: str, tmp_path: Path, one_thread: None) -> None:
+    """No worker: the plan keeps every group here, and each layer runs its loaded MLP module
+    (bitwise the plain forward) instead of a float32 copy of every group's rows."""
+    from mesh.halo.plans import WHOLE_LAYER
+
+    require_model(MODEL)
+    loaded = load_model(CACHE_ROOT, MODEL, weights=weights)
+    dec = Decoder(loaded)
+    ids = dec.encode(PROMPT)
+    engine, _ = _engine(loaded, tmp_path, ())
+    engine.replan([], time.monotonic(), idle=True)
+    plan = engine.switch.active
+    assert plan is not None and not plan.workers and engine.snapshot()["local_groups"] == 30 * 24
+    assert engine.plans.local[plan.epoch] == [WHOLE_LAYER] * 30
+    plain, _ = dec.prefill(ids)
+    ref = dec.generate(ids, 8)
+    with engine.run(strict=True) as run:
+        routed, _ = dec.prefill(ids)
+        got = dec.generate(ids, 8)
+    assert torch.equal(routed, plain) and got.token_ids == ref.token_ids
+    assert run.figures()["steps"] > 0 and run.figures()["local_fallback_groups"] == 0
