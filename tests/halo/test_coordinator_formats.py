@@ -153,3 +153,22 @@ def test_a_coordinator_alone_computes_every_layer_with_its_model_and_copies_no_r
         got = dec.generate(ids, 8)
     assert torch.equal(routed, plain) and got.token_ids == ref.token_ids
     assert run.figures()["steps"] > 0 and run.figures()["local_fallback_groups"] == 0
+
+
+def test_the_bench_evaluation_runs_on_the_mesh_forward(tmp_path: Path, one_thread: None) -> None:
+    """`mesh bench halo`'s teacher-forced evaluation (an ask with ``halo_eval``) on mesh.lm's own
+    cache: a prefill then one fed token at a time, each argmax the plain model's."""
+    from mesh.halo.evaluate import evaluate
+
+    require_model(MODEL)
+    loaded = load_model(CACHE_ROOT, MODEL, weights="q4")
+    dec = Decoder(loaded)
+    ids = dec.encode("The capital of France is Paris, and the capital of Italy is Rome.")
+    engine, _ = _engine(loaded, tmp_path, ())
+    engine.replan([], time.monotonic(), idle=True)
+    out = evaluate(engine, {"ids": ids, "start": 3, "score_ids": [ids[0], ids[1]]}, strict=True)
+    plain = dec.all_logits(ids)  # (T, V): position p's logits predict token p + 1
+    assert out["eval"]["argmax"] == [int(plain[p - 1].argmax()) for p in range(3, len(ids))]
+    assert len(out["eval"]["nll"]) == len(ids) - 3 and all(v >= 0 for v in out["eval"]["nll"])
+    assert out["halo"]["sync"] == "strict" and out["halo"]["local_fallback_groups"] == 0
+    assert len(out["eval"]["scores"]) == 2
