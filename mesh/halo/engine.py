@@ -138,7 +138,7 @@ class HaloEngine:
             return mlps[layer](x)
 
         with torch.inference_mode(), split.routed_mlps(self.model, record):
-            pred_mod.feed(self.model, ids)
+            split.feed(self.model, ids)
         return torch.stack(peaks)  # (L, G)
 
     # -- network thread ---------------------------------------------------------------------------

@@ -373,3 +373,16 @@ def routed_mlps(model: nn.Module, fn: MlpFn) -> Iterator[MlpPatch]:
         yield patch
     finally:
         patch.restore()
+
+
+def feed(model: nn.Module, ids: Tensor) -> None:
+    """One forward of ``ids`` ((1, T)) from an empty cache, only the last position's logits made:
+    what recording MLP inputs needs, for :mod:`mesh.lm` and for a transformers model alike."""
+    from mesh.lm.model import is_mesh_lm
+
+    if is_mesh_lm(model):
+        if ids.dim() > 1 and ids.shape[0] != 1:
+            raise ConfigError("mesh.lm runs one sequence at a time")
+        model.forward(ids.reshape(-1), model.new_cache(), logits_to_keep=1)
+    else:
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)

@@ -91,19 +91,6 @@ def importance_of(h: Tensor, sizes: Sequence[int], gram: Tensor) -> Tensor:
     return sq.clamp_min(0).sqrt()
 
 
-def feed(model: nn.Module, ids: Tensor) -> None:
-    """One forward of ``ids`` ((1, T)) from an empty cache, only the last position's logits made:
-    what recording MLP inputs needs, for :mod:`mesh.lm` and for a transformers model alike."""
-    from mesh.lm.model import is_mesh_lm
-
-    if is_mesh_lm(model):
-        if ids.dim() > 1 and ids.shape[0] != 1:
-            raise ConfigError("mesh.lm runs one sequence at a time")
-        model.forward(ids.reshape(-1), model.new_cache(), logits_to_keep=1)
-    else:
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
-
-
 @dataclass(frozen=True, eq=False)
 class TrainingSet:
     """Recorded pairs per layer: ``inputs[l]`` (N, H) MLP inputs, ``targets[l]`` (N, G) truths."""
@@ -339,7 +326,7 @@ def neuron_importance(model: nn.Module, batches: Iterable[Tensor], max_tokens: i
         for ids in batches:
             if max_tokens is not None and seen >= max_tokens:
                 break
-            feed(model, ids)
+            split.feed(model, ids)
             seen += ids.numel()
     if not seen:
         raise ConfigError("no tokens to measure neuron importance on")
@@ -396,7 +383,7 @@ def record_pairs(
         for ids in batches:
             if max_pairs is not None and seen >= max_pairs:
                 break
-            feed(model, ids)  # no vocab-wide logits
+            split.feed(model, ids)  # no vocab-wide logits
             seen += ids.numel()
     keep = max_pairs if max_pairs is not None else seen
     return TrainingSet(
