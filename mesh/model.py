@@ -104,7 +104,7 @@ def converted_dir(cache_root: Path, key: str) -> Path:
 @dataclass
 class LoadedModel:
     key: str
-    model: Any  # a transformers PreTrainedModel
+    model: Any  # a mesh.lm CausalLM (a transformers PreTrainedModel in reference tests)
     tokenizer: Any
     meta: dict[str, Any]  # written by setup: GGUF digest, package version, format
     eos_ids: frozenset[int]
@@ -171,7 +171,7 @@ def _generation_eos(path: Path) -> list[int]:
     return [eos] if isinstance(eos, int) else [int(e) for e in eos or ()]
 
 
-ENGINES = ("mesh", "hf")  # mesh.lm (a node), or transformers' classes (HALO's coordinator, references)
+ENGINES = ("mesh", "hf")  # mesh.lm (every process), or transformers' classes (the tests' reference)
 
 
 def load_model(cache_root: Path, key: str, threads: int = 0, weights: str = DEFAULT_WEIGHTS,
@@ -179,8 +179,9 @@ def load_model(cache_root: Path, key: str, threads: int = 0, weights: str = DEFA
     """Load the converted model in weight format ``weights`` and its tokenizer; setup must have
     run (``mesh setup``, ``mesh setup --weights int8``). Weights stay memory-mapped
     (:mod:`mesh.weights.load`); ``verify`` checks quantised bytes against the file's digest.
-    ``engine="mesh"`` runs :mod:`mesh.lm` and never imports transformers; ``"hf"`` builds
-    transformers' model classes (what HALO's coordinator drives layer by layer). ``kv_dtype``:
+    ``engine="mesh"`` runs :mod:`mesh.lm` and never imports transformers (a node, a HALO
+    coordinator); ``"hf"`` builds transformers' model classes, what the tests compare it with
+    (tests/lm/test_model.py, tests/system/test_mesh.py). ``kv_dtype``:
     what mesh.lm's KV cache stores ("float16" halves a node's context and prompt cache,
     :mod:`mesh.lm.cache`; transformers' caches are always float32)."""
     from mesh.text import FILE_NAME, ensure_tables, load_tokenizer
@@ -283,9 +284,6 @@ class Decoder:
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
-        # A faster decode step with the HF forward's arithmetic (``mesh.halo.lean.LeanStep``);
-        # None: the HF forward.
-        self.step: Callable[[int, Any], torch.Tensor] | None = None
 
     def next_logits(self, token_id: int, cache: Any) -> torch.Tensor:
         """Logits (V,) of the position after feeding ``token_id`` onto ``cache`` (appended to it),
@@ -293,8 +291,6 @@ class Decoder:
         from mesh.weights.modules import decoding
 
         with decoding():
-            if self.step is not None:
-                return self.step(token_id, cache)
             if is_mesh_lm(self.loaded.model):
                 return self.loaded.model.step(token_id, cache)
             ids = torch.tensor([[token_id]], dtype=torch.long)

@@ -1,7 +1,9 @@
 """`mesh coordinator`: the HALO coordinator process.
 
-It keeps embeddings, attention, norms, the LM head and the KV cache (so the node's prompt cache,
-``mesh.cache.node_cache.NodeCache``, works unchanged), and routes every MLP layer through
+It runs the mesh's own forward (:mod:`mesh.lm`, as a node does) in the weight format of
+``--weights`` (fp32, int8 or q4; its model key names it, so workers of that format join its
+plans). It keeps embeddings, attention, norms, the LM head and the KV cache (so the node's prompt
+cache, ``mesh.cache.node_cache.NodeCache``, works unchanged), and routes every MLP layer through
 ``mesh.halo.groups.routed_mlps`` to the workers of the active plan plus its own local groups
 (:class:`mesh.halo.engine.HaloEngine`). It answers asks like a node: status/heartbeat under its name, asks on
 ``node_ask(name)``, streamed TOKENs and an ANSWER with figures (per-token timing, partials late or
@@ -32,12 +34,12 @@ from mesh.config import BrokerAddress, CacheConfig, Limits
 from mesh.errors import MeshError, TransportError
 from mesh.loops import guarded
 from mesh.halo.ledger import Liveness
-from mesh.halo.lean import lean_step
 from mesh.model import Decoder, Interrupted, bind_threads, load_model
 from mesh.member import Job, Member, shows_cache
 from mesh.halo.placement import ReplanPolicy
 from mesh.halo.sync import SyncPolicy
 from mesh.cache.node_cache import NodeCache
+from mesh.weights.formats import DEFAULT_WEIGHTS
 from mesh.halo.engine import HaloEngine
 from nodes.agent import physical_memory
 
@@ -56,6 +58,7 @@ class CoordinatorConfig:
     broker: BrokerAddress = field(default_factory=BrokerAddress)
     name: str = NAME
     model: str = "smollm2-135m"
+    weights: str = DEFAULT_WEIGHTS  # fp32 | int8 | q4: workers of the same format join its plans
     home: Path = Path.home() / ".cache" / "mesh"
     threads: int = 0
     group_size: int = 64
@@ -95,10 +98,12 @@ class Coordinator:
         from mesh.halo.head import two_thread_head
 
         cfg = self.config
-        self.loaded = load_model(cfg.home, cfg.model, cfg.threads, engine="hf")
+        # The mesh's own forward (mesh.lm) in the mesh's weight format: its model key is the one
+        # workers of that format announce, so they join its plans.
+        self.loaded = load_model(cfg.home, cfg.model, cfg.threads, weights=cfg.weights)
         self.decoder = Decoder(self.loaded)
-        # Only for a one-thread coordinator: then each half is bitwise the plain head's product, and the
-        # lean step the HF forward's (a multi-threaded head already uses the cores, may sum in another order).
+        # Only for a one-thread coordinator: then each half is bitwise the plain head's product
+        # (a multi-threaded head already uses the cores, may sum in another order).
         one = torch.get_num_threads() == 1
         self.head = two_thread_head(self.loaded.model) if one else None
         self.cache = NodeCache(self.loaded, cfg.cache, self.decoder) if cfg.cache.enabled else None
@@ -107,10 +112,6 @@ class Coordinator:
         keys = load_keyring(identity_dir(cfg.home), cfg.name, "coordinator")
         self.member.keys = keys  # asks opened, answers and forwards sealed (mesh.auth.senders)
         self.engine = HaloEngine(self.loaded, self.decoder, cfg, self.bus, self.reply_topic, self.rejects, keys)
-        # After the engine permuted the MLPs to the predictor's neuron order (the step calls each
-        # layer's MLP module as it is, routed while an ask runs).
-        self.decoder.step = lean_step(self.loaded.model) if one else None
-        log.info("decode steps: %s", "mesh.halo.lean" if self.decoder.step is not None else "the HF forward")
         self.member.subscribe_presence(self.bus)
         self.bus.subscribe(self.reply_topic, self.engine.on_reply, qos=topics.REPLY.qos)
         self.bus.subscribe(topics.halo_reply(self.name), self.engine.on_frame, qos=topics.HALO_REPLY.qos)

@@ -96,14 +96,14 @@ def coordinator_config(args: argparse.Namespace) -> Any:
     from mesh.halo.ledger import Liveness
     from mesh.halo.placement import ReplanPolicy
     from nodes.coordinator import CoordinatorConfig
-    from nodes.settings import broker_address, mesh_home
+    from nodes.settings import broker_address, mesh_home, node_weights
 
     base = CoordinatorConfig().policy
     policy = replace(base, target_share=args.target_share, max_deadline_s=args.max_deadline_ms / 1000.0,
                      min_deadline_s=args.min_deadline_ms / 1000.0,
                      default_deadline_s=min(base.default_deadline_s, args.max_deadline_ms / 1000.0))
     return CoordinatorConfig(
-        broker=broker_address(args), name=args.name, model=args.model, home=mesh_home(args),
+        broker=broker_address(args), name=args.name, model=args.model, weights=node_weights(args), home=mesh_home(args),
         threads=args.threads or 0, group_size=args.group_size, sync=args.sync, policy=policy,
         replan=ReplanPolicy(min_interval_s=args.replan_interval), placement=args.placement,
         fallback=args.fallback, local_speed=args.local_speed, reliability_weight=args.reliability_weight,
@@ -141,7 +141,9 @@ def cmd_train_predictor(args: argparse.Namespace) -> int:
 
     home = mesh_home(args)
     t0 = time.perf_counter()
-    loaded = load_model(home, args.model, args.threads or 0, engine="hf")
+    # fp32 (where setup trains it), float32 KV: transformers' numbers (tests/lm/test_model.py); the
+    # predictor serves every weight format of the model (mesh.halo.predictor.same_weights)
+    loaded = load_model(home, args.model, args.threads or 0, weights="fp32", kv_dtype="float32")
     layout = split.model_layout(loaded.model.config, args.group_size)
     data = load_split(home)
     length = 128
@@ -185,6 +187,7 @@ def add_halo_commands(subparsers: Any) -> None:
     """`coordinator`, `halo train-predictor` and `bench halo` (the `bench` parser is created here if
     the CLI has none yet; pass it as ``bench_parser`` otherwise via :func:`add_bench_halo`)."""
     from mesh.halo.ledger import Liveness
+    from mesh.weights.formats import WEIGHT_FORMATS
     from nodes.coordinator import CoordinatorConfig
 
     c = CoordinatorConfig()  # the defaults, in one place
@@ -192,6 +195,9 @@ def add_halo_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("coordinator", help="run the HALO coordinator")
     p.add_argument("--name", default=c.name)
     p.add_argument("--model", default=c.model)
+    p.add_argument("--weights", choices=WEIGHT_FORMATS,
+                   help="weight format, as `mesh node --weights` picks it (MESH_WEIGHTS, [node] weights in "
+                        "--config, default fp32): workers of the same format join its plans")
     p.add_argument("--home", help="converted models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--sync", choices=["strict", "relaxed"], default=c.sync,

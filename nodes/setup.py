@@ -362,8 +362,8 @@ def run_setup(cache_root: Path, models: list[str] | None = None, console: Consol
                 subprocess.run([sys.executable, "-m", "nodes.cli", "halo", "train-predictor", "--model", HALO_MODEL,
                                 "--home", str(cache_root)], check=True, stdout=subprocess.DEVNULL)
             else:
-                # It is trained on the fp32 model through transformers: a device setup (q4, int8)
-                # has neither, and a second process beside this one would double the peak.
+                # It is trained on the fp32 model (and then serves every format of it): a device
+                # setup (q4, int8) has none, and a second process beside this one would double the peak.
                 log.info("HALO importance predictor not trained: it needs %s in fp32", HALO_MODEL)
         done["halo-predictor"] = (str(predictor) if predictor.exists() or HALO_MODEL not in keys else
                                   f"not trained (needs fp32 weights: `mesh setup --models {HALO_MODEL} --weights fp32`)")

@@ -1,8 +1,8 @@
 """Between KV caches and KV chunks (the wire form is mesh.cache.codec's).
 
-The cache is a node's :class:`mesh.lm.cache.KVCache` (its config a :class:`mesh.lm.config.LmConfig`)
-or, for HALO's coordinator, which still runs transformers' classes, a transformers 5
-``DynamicCache``: both have the same layer attributes (``keys``, ``values``, ``is_sliding``,
+The cache is a node's (or HALO coordinator's) :class:`mesh.lm.cache.KVCache` (its config a
+:class:`mesh.lm.config.LmConfig`) or, in the tests that compare with transformers' classes, a
+transformers 5 ``DynamicCache``: both have the same layer attributes (``keys``, ``values``, ``is_sliding``,
 ``sliding_window``, ``cumulative_length``, ``record_past``, ``update``, ``crop``), so one code path
 serves both, and the kind of ``config`` decides which cache is built.
 

@@ -7,7 +7,10 @@ plan load (``mesh.halo.worker``: the loader slices the groups and answers ``HALO
 pending plan becomes active once every worker in it acknowledged, at the start of the next forward
 pass (or at once while idle), through the ``mesh.halo.plans.PlanHolder`` the step reads.
 
-The routed MLP of every layer step is ``mesh.halo.step.RoutedStep`` (:attr:`HaloEngine.step`);
+The model is the coordinator's :mod:`mesh.lm` model in its weight format (a transformers model
+works too: the tests' small ones), left in its own neuron order; the groups it computes itself are
+cut from it as a worker of that format cuts them (``mesh.halo.shard.ModelGroups``), in the plans'
+neuron order. The routed MLP of every layer step is ``mesh.halo.step.RoutedStep`` (:attr:`HaloEngine.step`);
 partial frames reach it through :meth:`HaloEngine.on_frame`. The benchmark's teacher-forced
 evaluation is ``mesh.halo.evaluate``.
 """
@@ -34,7 +37,8 @@ from mesh.halo import predictor as pred_mod
 from mesh.halo.keys import HaloKeys
 from mesh.halo.ledger import EpochSwitch, Liveness, Presence, worker_figures
 from mesh.halo.placement import drift_persisted, pack_order, plan_groups, reloading_workers, replan_reason
-from mesh.halo.plans import PlanHolder
+from mesh.halo.plans import WHOLE_LAYER, PlanHolder, WholeLayer
+from mesh.halo.shard import ModelGroups
 from mesh.halo.step import HaloRun, RoutedStep
 from mesh.model import WARMUP_TEXT
 from mesh.mqtt.direct import DirectLink
@@ -57,24 +61,28 @@ class HaloEngine:
         self.model = loaded.model
         self.layout = split.model_layout(self.model.config, config.group_size)
         self.act = split.mlp_act_name(self.model.config)
+        # This coordinator's own groups and its fallback's are cut from its loaded model, in its
+        # weight format, as a worker of that format cuts them (mesh.halo.shard): never a float32
+        # copy of a quantised MLP, only the groups a step or a plan asks for.
+        self.groups = ModelGroups(loaded, config.group_size)
+        self.n_layers = self.groups.n_layers
         self.predictor = self._load_predictor()
-        # The predictor's groups are cut in its neuron order: this model is permuted to it (the
-        # same function) and every plan carries it, so workers cut the same neurons.
+        # The predictor's groups are cut in its neuron order: every plan carries it, so the workers
+        # and this coordinator cut the same neurons. The model itself keeps its own order (the same
+        # function; a q4 down projection could not be reordered by its neurons: its blocks run along them).
+        self.orders: list[Tensor | None] = [None] * self.n_layers
         self.order: tuple[bytes, ...] = ()
         if self.predictor is not None and self.predictor.order is not None:
-            split.permute_neurons(self.model, self.predictor.order)
+            self.orders = list(self.predictor.order)
             self.order = tuple(pack_order(o.tolist()) for o in self.predictor.order)
             log.info("neuron groups cut in the predictor's neuron order (%d layers)", len(self.order))
-        mlps = [layer.mlp for layer in split.decoder_layers(self.model)]
-        self.full = [split.full_weights(m, self.layout, self.act, i) for i, m in enumerate(mlps)]
-        self.bias = [split.down_bias(self.model, i) for i in range(len(mlps))]
-        self.n_layers = len(mlps)
+        self.bias = [split.down_bias(self.model, i) for i in range(self.n_layers)]
         self.window = self._initial_importance()  # (L, G)
         self._window_floor = self.window.clone()  # the window never ranks a group below this
         self._samples: list[list[tuple[int, Tensor]]] = []  # finished asks' sampled MLP inputs
         self._lock = threading.Lock()  # the window and the planner's basis
         self.plans = PlanHolder(EpochSwitch(), Presence(getattr(config, "liveness", Liveness())))
-        self.step = RoutedStep(self.model, self.full, self.bias, self.layout, config, bus, self.plans, rejects,
+        self.step = RoutedStep(self.model, self.groups, self.orders, self.bias, config, bus, self.plans, rejects,
                                self._importance, self.keys)
         self.ledger = self.step.ledger
         self.frame_reply = self.step.frame_reply
@@ -113,12 +121,25 @@ class HaloEngine:
             return None
 
     def _initial_importance(self) -> Tensor:
+        """Each group's peak measured importance (L, G) over the warm-up text, in the plan's neuron
+        order: one forward of the model as loaded, each layer's groups read in float32 for its
+        step only."""
         ids = torch.tensor([self.decoder.encode(WARMUP_TEXT)])
-        data = pred_mod.record_pairs(self.model, [ids], self.layout)
-        # The max over positions, not the mean: a group can be crucial at a few positions only
-        # (LLaMA's massive activations at the first token); placing it on a lossy worker because
-        # its average is small wrecks every prefill that loses it.
-        return torch.stack([y.amax(0) for y in data.targets])  # (L, G)
+        every = range(self.layout.n_groups)
+        peaks: list[Tensor] = []
+        mlps = self.groups.mlps
+
+        def record(layer: int, x: Tensor) -> Tensor:  # x (B, T, H)
+            full = self.groups.read(layer, every, self.orders[layer])
+            # The max over positions, not the mean: a group can be crucial at a few positions only
+            # (LLaMA's massive activations at the first token); placing it on a lossy worker because
+            # its average is small wrecks every prefill that loses it.
+            peaks.append(pred_mod.group_importance(full, x.reshape(-1, x.shape[-1])).amax(0).float())  # (G,)
+            return mlps[layer](x)
+
+        with torch.inference_mode(), split.routed_mlps(self.model, record):
+            split.feed(self.model, ids)
+        return torch.stack(peaks)  # (L, G)
 
     # -- network thread ---------------------------------------------------------------------------
     def on_reply(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -202,7 +223,7 @@ class HaloEngine:
                                group_size=self.config.group_size, local_speed=self.config.local_speed,
                                mode=self.config.placement, seed=epoch)
             plan = replace(plan, order=self.order)
-            local = [self._slice(layer, gs) if gs else None for layer, gs in enumerate(plan.local)]
+            local = [self._local(layer, gs) for layer, gs in enumerate(plan.local)]
             with self.plans.lock:
                 self.plans.local[epoch] = local
                 # Until the switch: a worker that dropped the active plan's groups for a pending plan
@@ -228,10 +249,15 @@ class HaloEngine:
             except MeshError as exc:
                 log.warning("plan not published: %s", exc)
 
-    def _slice(self, layer: int, groups: Sequence[int]) -> split.GroupWeights:
-        f = self.full[layer]
-        return split.extract_from_tensors(f.gate, f.up, f.down, groups, self.layout, self.act, layer,
-                                          f.gate_bias, f.up_bias)
+    def _local(self, layer: int, groups: Sequence[int]) -> split.GroupWeights | WholeLayer | None:
+        """What this coordinator computes of ``layer`` under a plan: nothing, the whole layer (its
+        MLP module: no copy of the rows, and the plan of a coordinator with no workers holds every
+        layer so), or float32 copies of a share, cut as a worker of its format cuts them."""
+        if not groups:
+            return None
+        if len(set(groups)) == self.layout.n_groups:
+            return WHOLE_LAYER
+        return self.groups.read(layer, groups, self.orders[layer])
 
     def snapshot(self) -> dict[str, Any]:
         with self.plans.lock:

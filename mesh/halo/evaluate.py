@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import DynamicCache
 
 from mesh import wire
 from mesh.errors import ProtocolError
@@ -29,10 +28,7 @@ def evaluate(engine: HaloEngine, spec: dict[str, Any], strict: bool) -> dict[str
     nll: list[float] = []
     top: list[int] = []
     with engine.run(strict, measure=True) as run:
-        cache = DynamicCache(config=engine.model.config)
-        out = engine.model(input_ids=torch.tensor([ids[:start]]), past_key_values=cache, use_cache=True,
-                           logits_to_keep=1)
-        logits = out.logits[0, -1]
+        logits, cache = engine.decoder.prefill(ids[:start])
         for pos in range(start, len(ids)):
             nll.append(-float(torch.log_softmax(logits.float(), -1)[ids[pos]]))
             top.append(int(torch.argmax(logits)))

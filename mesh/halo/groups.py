@@ -19,9 +19,10 @@ sits at a position is a *neuron order*: by default the model's own, else a permu
 (``order[i]`` = the model's original neuron id at position ``i``). Because the sum runs over any
 partition, reordering is exact; it matters because contiguous neurons of the original order
 average importance out, while neurons sorted by measured importance make genuinely cold groups
-that a lossy worker can hold at little cost. :func:`permute_neurons` reorders a model in place (the coordinator) and
-records the order; :func:`extract_groups` with an ``order`` slices the right neurons out of a
-model in any order (a worker whose model file is in the original order).
+that a lossy worker can hold at little cost. :func:`permute_neurons` reorders an fp32 model in place
+(``mesh halo train-predictor``, which records the order with the predictor) and records the order;
+:func:`extract_groups` with an ``order`` slices the right neurons out of a model in any order (a
+worker, or the coordinator, whose model is in the original order).
 """
 
 from __future__ import annotations
@@ -276,12 +277,13 @@ def _bias(linear: nn.Module) -> Tensor | None:
 
 def extract_groups(
     model: nn.Module, layer: int, groups: Sequence[int], layout: GroupLayout,
-    order: Tensor | Sequence[int] | None = None,
+    order: Tensor | Sequence[int] | None = None, mlp: nn.Module | None = None,
 ) -> GroupWeights:
     """Owned copies of ``groups``' weights from ``model``'s MLP at ``layer``, the groups cut in
     neuron ``order`` (original neuron ids per position; None: the original order), whatever
-    order ``model`` itself was permuted to."""
-    mlp = decoder_layers(model)[layer].mlp
+    order ``model`` itself was permuted to. ``mlp``: that layer's MLP module (default: the one the
+    model holds now; while its MLPs are routed, :func:`routed_mlps`, pass the original)."""
+    mlp = decoder_layers(model)[layer].mlp if mlp is None else mlp
     want = layout.neuron_index(groups)  # positions in ``order``
     original = want if order is None else check_order(order, layout.intermediate_size)[want]
     return extract_from_tensors(
@@ -371,3 +373,16 @@ def routed_mlps(model: nn.Module, fn: MlpFn) -> Iterator[MlpPatch]:
         yield patch
     finally:
         patch.restore()
+
+
+def feed(model: nn.Module, ids: Tensor) -> None:
+    """One forward of ``ids`` ((1, T)) from an empty cache, only the last position's logits made:
+    what recording MLP inputs needs, for :mod:`mesh.lm` and for a transformers model alike."""
+    from mesh.lm.model import is_mesh_lm
+
+    if is_mesh_lm(model):
+        if ids.dim() > 1 and ids.shape[0] != 1:
+            raise ConfigError("mesh.lm runs one sequence at a time")
+        model.forward(ids.reshape(-1), model.new_cache(), logits_to_keep=1)
+    else:
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)

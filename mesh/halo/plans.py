@@ -25,6 +25,19 @@ from mesh.halo.placement import Plan
 log = logging.getLogger(__name__)
 
 
+class WholeLayer:
+    """A layer whose every group the coordinator computes itself (no worker holds one there, as in
+    the plan of a coordinator alone): its loaded MLP module computes it, with no copy of its rows."""
+
+    def __repr__(self) -> str:
+        return "WHOLE_LAYER"
+
+
+WHOLE_LAYER = WholeLayer()
+#: Per layer, the groups the coordinator computes itself under a plan: none, all, or a share's weights.
+Local = list[split.GroupWeights | WholeLayer | None]
+
+
 @dataclass
 class PlanHolder:
     """The plans as the step reads them: the epoch switch, the coordinator's own group weights per
@@ -34,12 +47,12 @@ class PlanHolder:
 
     switch: EpochSwitch
     presence: Presence
-    local: dict[int, list[split.GroupWeights | None]] = field(default_factory=dict)
+    local: dict[int, Local] = field(default_factory=dict)
     reloading: frozenset[str] = frozenset()  # replaced whole (the step reads it without the lock)
     lock: threading.Lock = field(default_factory=threading.Lock)
     presence_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def active(self) -> tuple[Plan | None, list[split.GroupWeights | None] | None]:
+    def active(self) -> tuple[Plan | None, Local | None]:
         """The active plan and this coordinator's weights of it (None, None before any)."""
         with self.lock:
             plan = self.switch.active

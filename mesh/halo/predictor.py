@@ -75,15 +75,20 @@ def group_importance(weights: split.GroupWeights, x: Tensor, gram: Tensor | None
     """
     with torch.no_grad():
         h = weights.activations(x)  # (..., n)
-        n_groups, s = len(weights.groups), max(weights.sizes, default=0)
-        if n_groups == 0:
+        if not weights.groups:
             return h.new_zeros((*h.shape[:-1], 0))
-        gram = importance_gram(weights) if gram is None else gram  # (G, s, s)
-        h_pad = h.new_zeros((*h.shape[:-1], n_groups * s))
-        h_pad[..., _padded_slots(weights.sizes, s)] = h
-        hg = h_pad.view(*h.shape[:-1], n_groups, s)  # (..., G, s)
-        sq = torch.einsum("...gs,gst,...gt->...g", hg, gram, hg)  # (..., G)
-        return sq.clamp_min(0).sqrt()
+        return importance_of(h, weights.sizes, importance_gram(weights) if gram is None else gram)
+
+
+def importance_of(h: Tensor, sizes: Sequence[int], gram: Tensor) -> Tensor:
+    """:func:`group_importance` from the groups' activations ``h`` (..., n) (their neurons in
+    order, ``sizes[g]`` of group ``g``) and their Gram matrices (G, s, s): (..., G)."""
+    n_groups, s = len(sizes), max(sizes, default=0)
+    h_pad = h.new_zeros((*h.shape[:-1], n_groups * s))
+    h_pad[..., _padded_slots(sizes, s)] = h
+    hg = h_pad.view(*h.shape[:-1], n_groups, s)  # (..., G, s)
+    sq = torch.einsum("...gs,gst,...gt->...g", hg, gram, hg)  # (..., G)
+    return sq.clamp_min(0).sqrt()
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,8 +161,17 @@ class ImportancePredictor:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
 
 
+def same_weights(trained: str, model_key: str) -> bool:
+    """Whether a predictor trained on the model ``trained`` serves the model ``model_key``: the
+    same model and GGUF in any weight format (``smollm2-135m@b179c9523d0e6a0f/fp32`` serves
+    ``.../int8`` and ``.../q4``). It reads the MLP inputs, float32 in every format, and int8 or q4
+    moves them as little as it moves the answers; it is trained where fp32 is built (``mesh setup``)."""
+    return (trained.rpartition("/")[0] or trained) == (model_key.rpartition("/")[0] or model_key)
+
+
 def load_predictor(path: str | Path, model_key: str) -> ImportancePredictor:
-    """Load a saved predictor; ProtocolError if its version or model key does not match."""
+    """Load a saved predictor; ProtocolError if its version does not match or it was trained on
+    another model (:func:`same_weights`)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -166,7 +180,7 @@ def load_predictor(path: str | Path, model_key: str) -> ImportancePredictor:
         raise ProtocolError("bad-predictor", f"{path}: {exc}") from exc
     if meta.get("format_version") not in _READABLE:
         raise ProtocolError("bad-version", f"predictor format {meta.get('format_version')!r}")
-    if meta.get("model_key") != model_key:
+    if not same_weights(str(meta.get("model_key")), model_key):
         raise ProtocolError("wrong-model", f"predictor is for {meta.get('model_key')!r}")
     try:
         layout = split.GroupLayout(int(meta["intermediate_size"]), int(meta["group_size"]))
@@ -312,7 +326,7 @@ def neuron_importance(model: nn.Module, batches: Iterable[Tensor], max_tokens: i
         for ids in batches:
             if max_tokens is not None and seen >= max_tokens:
                 break
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            split.feed(model, ids)
             seen += ids.numel()
     if not seen:
         raise ConfigError("no tokens to measure neuron importance on")
@@ -369,7 +383,7 @@ def record_pairs(
         for ids in batches:
             if max_pairs is not None and seen >= max_pairs:
                 break
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)  # no vocab-wide logits
+            split.feed(model, ids)  # no vocab-wide logits
             seen += ids.numel()
     keep = max_pairs if max_pairs is not None else seen
     return TrainingSet(

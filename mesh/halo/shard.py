@@ -14,8 +14,12 @@ gives it, and nothing else of the model. Two sources cut those groups:
 Both cut the same neurons for the same plan: group positions in the plan's neuron order
 (``order[i]``: the model's original neuron at position ``i``), taken from a file in the original
 order, so an fp32 file gives bitwise the weights :func:`~mesh.halo.groups.extract_groups` gives.
-A quantised file's slices are dequantised with the arithmetic the full model's stand-in modules
-use on the same codes (``mesh.weights.formats.dequantize_rows``, ``mesh.weights.modules.unpack_groups``).
+Quantised slices are dequantised by :func:`rows_of` and :func:`columns_of`, from the mapped file
+or from the loaded model's int8/q4 modules alike (the same codes: the same float32 numbers, bit
+for bit), with the arithmetic the full model's stand-in modules use on them
+(``mesh.weights.formats.dequantize_rows``, ``mesh.weights.modules.unpack_groups``). So the HALO
+coordinator, which cuts its own groups and its fallback's out of its loaded model in any format
+(:class:`ModelGroups`), computes with the numbers a worker of the same format would.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mesh.errors import ConfigError
 from mesh.halo import groups as split
@@ -49,18 +53,91 @@ class GroupSource(Protocol):
 
 
 class ModelGroups:
-    """Groups cut out of a loaded fp32 model (a node that also answers asks)."""
+    """Groups cut out of a loaded model's MLP modules, in any weight format: an fp32 model's rows
+    and columns (:func:`mesh.halo.groups.extract_groups`, which also follows a model permuted in
+    place), an int8 or q4 model's codes dequantised to float32 (:func:`rows_of`,
+    :func:`columns_of`: bitwise what :class:`FileGroups` reads from the same file). Copies only
+    the groups asked for: no float32 copy of a quantised MLP is ever held."""
 
     def __init__(self, loaded: Any, group_size: int = split.DEFAULT_GROUP_SIZE) -> None:
         self.model = loaded.model
         self.model_key: str = loaded.model_key
         self.layout = split.model_layout(self.model.config, group_size)
-        self.n_layers = len(split.decoder_layers(self.model))
+        # the MLP modules as loaded: groups are read from them while the model runs routed too
+        self.mlps = [layer.mlp for layer in split.decoder_layers(self.model)]
+        self.n_layers = len(self.mlps)
         self.hidden_size = int(split.text_config(self.model.config).hidden_size)
+        self.act = split.mlp_act_name(self.model.config)
 
     def read(self, layer: int, groups: Sequence[int], order: Tensor | Sequence[int] | None = None
              ) -> split.GroupWeights:
-        return split.extract_groups(self.model, layer, groups, self.layout, order)
+        mlp = self.mlps[layer]
+        if all(isinstance(getattr(mlp, p), nn.Linear) for p in PROJECTIONS):
+            return split.extract_groups(self.model, layer, groups, self.layout, order, mlp)
+        want = self.layout.neuron_index(groups)  # positions in ``order``
+        rows = want if order is None else split.check_order(order, self.layout.intermediate_size)[want]  # (n,)
+        with torch.inference_mode():
+            gate, up = (rows_of(_codes(getattr(mlp, p)), rows) for p in ("gate_proj", "up_proj"))  # (n, H)
+            down = columns_of(_codes(mlp.down_proj), rows)  # (H, n)
+            gate_bias, up_bias = (_bias_rows(getattr(mlp, p), rows) for p in ("gate_proj", "up_proj"))
+        return split.GroupWeights(layer=layer, groups=tuple(int(g) for g in groups), sizes=self.layout.sizes(groups),
+                                  act=self.act, gate=gate, up=up, down=down, gate_bias=gate_bias, up_bias=up_bias)
+
+
+#: A projection's weight as stored: ``(weight,)`` float32, ``(codes, scales)`` int8 per row or
+#: grouped int8, ``(codes, scales, mins)`` q4.
+Stored = tuple[Tensor, ...]
+
+
+def _codes(module: nn.Module) -> Stored:
+    """What a projection module computes with, as stored (nn.Linear, or an int8/q4 stand-in)."""
+    if isinstance(module, nn.Linear):
+        return (module.weight.detach(),)
+    mins = getattr(module, "mins", None)
+    return (module.qweight, module.scales) if mins is None else (module.qweight, module.scales, mins)
+
+
+def _bias_rows(module: nn.Module, rows: Tensor) -> Tensor | None:
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach().index_select(0, rows).to(torch.float32)
+
+
+def rows_of(stored: Stored, rows: Tensor) -> Tensor:
+    """Rows ``rows`` (n,) of a stored (N, K) weight as owned float32: (n, K)."""
+    if len(stored) == 1:
+        return stored[0].index_select(0, rows)
+    codes, scales = stored[0].index_select(0, rows), stored[1].index_select(0, rows)
+    if scales.dim() == 1:  # int8, one scale per row
+        return dequantize_rows(codes, scales)
+    return _unpack(codes, scales, stored[2].index_select(0, rows) if len(stored) > 2 else None)
+
+
+def columns_of(stored: Stored, cols: Tensor) -> Tensor:
+    """Columns ``cols`` (n,) of a stored (N, K) weight as owned float32: (N, n). A grouped weight's
+    groups run along its columns: each column is unpacked from its byte and nibble with its group's
+    scale (and minimum), the same float32 operations :func:`mesh.weights.modules.unpack_groups`
+    does on the whole row, so bitwise its columns without dequantising the whole matrix."""
+    if len(stored) == 1:
+        return stored[0].index_select(1, cols)
+    codes, scales = stored[0], stored[1]
+    if scales.dim() == 1:  # int8 per row: a column's codes with its rows' scales
+        return dequantize_rows(codes.index_select(1, cols), scales)
+    group = _width(codes) // int(scales.shape[1])  # inputs per group
+    if codes.dtype == torch.uint8:  # two codes a byte: column j < K/2 low nibble of byte j, else high of j - K/2
+        half = int(codes.shape[1])
+        high = cols >= half
+        picked = codes.index_select(1, cols - high.long() * half)  # (N, n)
+        q = torch.where(high, picked >> 4, picked & 15).to(torch.float32)
+    else:
+        q = codes.index_select(1, cols).to(torch.float32)
+    out = q.mul_(scales.index_select(1, cols // group))  # float16 scales: multiplied in float32
+    if len(stored) > 2:
+        out.add_(stored[2].index_select(1, cols // group))
+    return out
+
+
+def _width(codes: Tensor) -> int:
+    return int(codes.shape[1]) * (2 if codes.dtype == torch.uint8 else 1)
 
 
 def groups_of(loaded: Any, model_dir: Path, group_size: int = split.DEFAULT_GROUP_SIZE) -> GroupSource:
@@ -152,31 +229,19 @@ class FileGroups:
                                   act=self.act, gate=gate, up=up, down=down, gate_bias=gate_bias, up_bias=up_bias)
 
     # Each helper returns owned tensors only: the mapping closes when ``read`` leaves its block.
-    def _rows(self, m: Any, layer: int, proj: str, rows: Tensor) -> Tensor:
+    def _stored(self, m: Any, layer: int, proj: str) -> Stored:
         name = self._name(layer, proj, "weight")
         if m.has(name):
-            return m.tensor(name).index_select(0, rows)
-        codes = m.tensor(self._name(layer, proj, QWEIGHT)).index_select(0, rows)
-        scales = m.tensor(self._name(layer, proj, SCALES)).index_select(0, rows)
-        if scales.dim() == 1:  # int8, one scale per row
-            return dequantize_rows(codes, scales)
+            return (m.tensor(name),)
         mins_name = self._name(layer, proj, MINS)
-        mins = m.tensor(mins_name).index_select(0, rows) if m.has(mins_name) else None
-        return _unpack(codes, scales, mins)
+        return (m.tensor(self._name(layer, proj, QWEIGHT)), m.tensor(self._name(layer, proj, SCALES)),
+                *((m.tensor(mins_name),) if m.has(mins_name) else ()))
+
+    def _rows(self, m: Any, layer: int, proj: str, rows: Tensor) -> Tensor:
+        return rows_of(self._stored(m, layer, proj), rows)
 
     def _columns(self, m: Any, layer: int, cols: Tensor) -> Tensor:
-        name = self._name(layer, "down_proj", "weight")
-        if m.has(name):
-            return m.tensor(name).index_select(1, cols)
-        codes = m.tensor(self._name(layer, "down_proj", QWEIGHT))  # (H, I) int8, or (H, I/2) two 4-bit codes a byte
-        scales = m.tensor(self._name(layer, "down_proj", SCALES))
-        if scales.dim() == 1:  # int8 per row: a column's codes with its rows' scales
-            return dequantize_rows(codes.index_select(1, cols), scales)
-        # Grouped along the neurons (blocks of 32, packed halves): the layer's down dequantised
-        # whole (H x I float32, one layer's worth, freed on return), then its columns.
-        mins_name = self._name(layer, "down_proj", MINS)
-        full = _unpack(codes, scales, m.tensor(mins_name) if m.has(mins_name) else None)
-        return full.index_select(1, cols)
+        return columns_of(self._stored(m, layer, "down_proj"), cols)
 
     def _bias(self, m: Any, layer: int, proj: str, rows: Tensor) -> Tensor | None:
         name = self._name(layer, proj, "bias")

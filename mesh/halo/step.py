@@ -27,7 +27,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,8 +38,11 @@ from mesh.halo import groups as split
 from mesh.halo import predictor as pred_mod
 from mesh.halo.keys import HaloKeys
 from mesh.halo.ledger import StepGather, SyncLedger
-from mesh.halo.plans import PlanHolder
+from mesh.halo.plans import PlanHolder, WholeLayer
+from mesh.halo.run import HaloRun
+from mesh.halo.shard import GroupSource
 from mesh.halo.sync import fallback_groups
+from mesh.lm.model import ACT_FNS
 from mesh.mqtt.direct import DirectLink
 
 STEP_WINDOW = 1 << 16  # how many steps back a partial may still arrive (and be counted late)
@@ -48,72 +50,23 @@ PARTIALS_MAX = 4096  # partials waiting for the generation thread; a flood beyon
 WINDOW_EVERY = 8  # relaxed: the window samples the predicted importance of one forward pass in 8
 
 
-@dataclass
-class HaloRun:
-    """Figures of one ask (one or many forward passes)."""
-
-    strict: bool
-    link: bool = False  # this run holds the coordinator's direct link (frames written and read here)
-    link_steps: int = 0  # steps whose frames went over the direct link
-    starts: list[float] = field(default_factory=list)  # perf_counter at layer 0 of each forward
-    ended: float = 0.0
-    steps: int = 0
-    on_time: int = 0
-    late: int = 0  # partials discarded on arrival
-    zeroed_groups: int = 0  # (layer step, group) pairs summed as zero (relaxed)
-    zeroed_steps: int = 0
-    multi_steps: int = 0  # steps of a multi-token forward (prefill: T > 1)
-    zeroed_multi_steps: int = 0  # of them, closed with some group summed as zero
-    incomplete_per_forward: list[int] = field(default_factory=list)  # steps closed without every partial
-    local_fallback_groups: int = 0  # strict: computed here because the worker was gone/timed out
-    # Share of the layer step's importance summed as zero, added up over steps (complete steps add
-    # 0): predicted (from the predictor) always, true (each group's contribution norm, computed
-    # here from the full weights) only when ``measure`` is set, since that costs a whole MLP.
-    zeroed_share_predicted: float = 0.0
-    zeroed_share_true: float = 0.0
-    measure: bool = False
-    epochs: set[int] = field(default_factory=set)
-    stops: dict[str, int] = field(default_factory=dict)  # why each step stopped waiting
-    imp_sum: Tensor | None = None
-    imp_n: int = 0
-    # MLP inputs (layer, x) of the forward passes sampled for the scheduler's window, predicted on
-    # the planner thread afterwards (with the local fallback nothing else needs them predicted).
-    samples: list[tuple[int, Tensor]] = field(default_factory=list)
-    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of the MLP steps
-    # (forward pass, positions) -> (deadline, straggler wait, first arrival): see RoutedStep._timing
-    timing: tuple[tuple[int, int], tuple[float, float | None, float | None]] | None = None
-
-    def spent(self, phase: str, since: float) -> float:
-        now = time.perf_counter()
-        self.phases[phase] = self.phases.get(phase, 0.0) + now - since
-        return now
-
-    def figures(self) -> dict[str, Any]:
-        times = [b - a for a, b in zip(self.starts, [*self.starts[1:], self.ended])]
-        return {"sync": "strict" if self.strict else "relaxed",
-                "steps": self.steps, "link_steps": self.link_steps,
-                "partials_on_time": self.on_time, "partials_late": self.late,
-                "zeroed_groups": self.zeroed_groups, "zeroed_steps": self.zeroed_steps,
-                "multi_steps": self.multi_steps, "zeroed_multi_steps": self.zeroed_multi_steps,
-                "incomplete_per_forward": list(self.incomplete_per_forward),
-                "local_fallback_groups": self.local_fallback_groups, "epochs": sorted(self.epochs),
-                "zeroed_share_predicted": round(self.zeroed_share_predicted / max(1, self.steps), 6),
-                **({"zeroed_share_true": round(self.zeroed_share_true / max(1, self.steps), 6)}
-                   if self.measure else {}),
-                "stops": dict(self.stops),
-                "phases_s": {k: round(v, 6) for k, v in sorted(self.phases.items())},
-                "token_times_s": times}
-
 class RoutedStep:
     """Every MLP of an ask's forward passes, routed over the plan (generation thread), and the
     partials that come back for it (network thread, or this one while it pumps the link)."""
 
-    def __init__(self, model: Any, full: Sequence[split.GroupWeights], bias: Sequence[Tensor | None],
-                 layout: split.GroupLayout, config: Any, bus: Any, plans: PlanHolder, rejects: wire.RejectCounter,
-                 importance: Callable[[int, Tensor], Tensor], keys: HaloKeys) -> None:
-        """``full``/``bias``: every layer's whole MLP (the local fallback); ``importance(layer, x)``:
-        the groups' predicted importance at a step, (G,); ``keys`` tag each MLP input per worker."""
-        self.model, self.full, self.bias, self.layout = model, list(full), list(bias), layout
+    def __init__(self, model: Any, groups: GroupSource, orders: Sequence[Tensor | None],
+                 bias: Sequence[Tensor | None], config: Any, bus: Any, plans: PlanHolder,
+                 rejects: wire.RejectCounter, importance: Callable[[int, Tensor], Tensor], keys: HaloKeys) -> None:
+        """``groups``: where this coordinator cuts the groups it computes itself (its plan's local
+        groups come from the engine; the fallback's here), in the plans' neuron ``orders`` (per
+        layer; None: the model's own), as a worker of its weight format would; ``bias``: each
+        layer's down-projection bias, added once at the reduce; ``importance(layer, x)``: the
+        groups' predicted importance at a step, (G,); ``keys`` tag each MLP input per worker."""
+        self.model, self.groups, self.orders, self.bias = model, groups, list(orders), list(bias)
+        self.layout = groups.layout
+        # Each layer's MLP as loaded: what a step computes whole while no plan is active.
+        self.mlps = [layer.mlp for layer in split.decoder_layers(model)]
+        self.act = ACT_FNS[split.mlp_act_name(model.config)]
         self.config, self.bus, self.plans, self.rejects = config, bus, plans, rejects
         self.importance, self.keys = importance, keys
         self.name = config.name
@@ -182,8 +135,8 @@ class RoutedStep:
             run.incomplete_per_forward.append(0)
             self.plans.maybe_switch()  # a new plan starts with a forward pass, never inside one
         plan, local = self.plans.active()
-        if plan is None or local is None:  # no plan yet: the whole MLP here
-            return self.full[layer].partial(x) + (self.bias[layer] if self.bias[layer] is not None else 0)
+        if plan is None or local is None:  # no plan yet: the whole MLP here, as the model computes it
+            return self.mlps[layer](x)
         run.epochs.add(plan.epoch)
         step = self.next_step
         self.next_step += 1
@@ -215,7 +168,9 @@ class RoutedStep:
             t = run.spent("publish", t)
         if expected and not multi:
             self.ledger.spread(step, len(expected))
-        parts: list[Tensor | None] = [local[layer].partial(x) if local[layer] is not None else None]
+        mine = local[layer]
+        whole = isinstance(mine, WholeLayer)  # then no worker holds a group of it: nothing is expected
+        parts: list[Tensor | None] = [self.mlps[layer](x) if whole else mine.partial(x) if mine is not None else None]
         t = run.spent("local", t)
         if expected:
             gather, must_wait, imp = self._gather(run, layer, step, x, expected, t0)
@@ -224,7 +179,7 @@ class RoutedStep:
             missing = gather.missing_groups()
             run.incomplete_per_forward[-1] += int(bool(missing))
             if missing and run.strict:
-                parts.append(split.partial_of_groups(self.full[layer], self.layout, missing, x))
+                parts.append(self._partial(layer, missing, x))
                 run.local_fallback_groups += len(missing)
             elif missing:
                 # Relaxed: missing groups count as zero, except the ones the coordinator computes
@@ -232,7 +187,7 @@ class RoutedStep:
                 # predicted important at a decode step, a few groups' rows.
                 keep = list(fallback_groups(missing, must_wait, tokens, self.config.fallback, self.config.policy))
                 if keep:
-                    parts.append(split.partial_of_groups(self.full[layer], self.layout, keep, x))
+                    parts.append(self._partial(layer, keep, x))
                     run.local_fallback_groups += len(keep)
                 if len(keep) < len(missing):
                     run.zeroed_groups += len(missing) - len(keep)
@@ -244,7 +199,7 @@ class RoutedStep:
                     if run.measure:
                         run.zeroed_share_true += self._true_share(layer, x, zeroed)
             t = run.spent("fallback", t)
-        out = split.reduce_partials(parts, x, self.bias[layer])
+        out = split.reduce_partials(parts, x, None if whole else self.bias[layer])  # the module added its bias
         run.spent("reduce", t)
         return out
 
@@ -333,12 +288,21 @@ class RoutedStep:
             run.timing = (key, (deadline, straggler, first_at))
         return run.timing[1]
 
+    def _partial(self, layer: int, groups: Sequence[int], x: Tensor) -> Tensor:
+        """The partial of ``groups`` computed here, from the numbers a worker holding them would use."""
+        return self.groups.read(layer, sorted(groups), self.orders[layer]).partial(x)
+
     def _true_share(self, layer: int, x: Tensor, zeroed: Sequence[int]) -> float:
         """The share of the step's true contribution norm (summed over positions) in ``zeroed``."""
         gram = self._grams.get(layer)
-        if gram is None:
-            gram = self._grams[layer] = pred_mod.importance_gram(self.full[layer])
-        true = pred_mod.group_importance(self.full[layer], x, gram).reshape(-1, self.layout.n_groups).sum(0)  # (G,)
+        groups = range(self.layout.n_groups)
+        if gram is None:  # from the layer's groups read once in float32, not kept
+            gram = self._grams[layer] = pred_mod.importance_gram(self.groups.read(layer, groups, self.orders[layer]))
+        mlp, order = self.mlps[layer], self.orders[layer]
+        h = self.act(mlp.gate_proj(x)) * mlp.up_proj(x)  # (..., I) in the model's neuron order
+        if order is not None:
+            h = h.index_select(-1, order)  # in the plan's
+        true = pred_mod.importance_of(h, self.layout.sizes(groups), gram).reshape(-1, self.layout.n_groups).sum(0)
         total = float(true.sum())
         return float(true[list(zeroed)].sum()) / total if total > 0 else 0.0
 
@@ -377,7 +341,7 @@ class RoutedStep:
         imp = self.importance(layer, x)
         if record:
             if run.imp_sum is None:
-                run.imp_sum = torch.zeros(len(self.full), imp.shape[-1])
+                run.imp_sum = torch.zeros(len(self.mlps), imp.shape[-1])
             run.imp_sum[layer] += imp.float()
             run.imp_n += int(layer == 0)
         run.spent("predict", t)

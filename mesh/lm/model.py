@@ -159,6 +159,10 @@ class CausalLM(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    def set_output_embeddings(self, head: nn.Module) -> None:
+        """Another LM head module (HALO's coordinator: its head on two threads, mesh.halo.head)."""
+        self.lm_head = head
+
     def tied_names(self) -> dict[str, str]:
         """Parameters a weight file may leave out because they are another's (a tied LM head)."""
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}

@@ -1,8 +1,8 @@
 """Build a model around a weight file, memory-mapped, with no float32 copy of a quantised weight.
 
 The model is constructed with its parameters on the meta device (module tree, no weight bytes):
-a node's :class:`mesh.lm.model.CausalLM` (:func:`load_lm`), or a transformers model for HALO's
-coordinator and the reference tests (:func:`build_model`). :func:`attach` then replaces each
+a node's or HALO coordinator's :class:`mesh.lm.model.CausalLM` (:func:`load_lm`), or a
+transformers model for the reference tests (:func:`build_model`). :func:`attach` then replaces each
 quantised ``nn.Linear`` / ``nn.Embedding`` by its int8 stand-in (:mod:`mesh.weights.modules`) over
 views of the mapped file and attaches the other tensors (fp32 weights, norms) by name. A tied LM
 head shares the embedding's rows.
@@ -156,8 +156,8 @@ def attach(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, fmt: 
 
 
 def build_model(config: Any, tensors: dict[str, torch.Tensor], path: Path, fmt: str) -> nn.Module:
-    """A transformers causal LM for ``config`` running on ``tensors`` (HALO's coordinator and
-    the reference tests; a node runs :func:`load_lm`)."""
+    """A transformers causal LM for ``config`` running on ``tensors`` (the reference tests; every
+    process runs :func:`load_lm`)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 

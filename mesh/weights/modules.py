@@ -86,6 +86,12 @@ def decoding() -> Iterator[None]:
         _phase.decode = before
 
 
+def in_decoding() -> bool:
+    """Whether this thread is inside :func:`decoding` (a helper thread computing part of the
+    caller's product enters it too, so both parts use one kernel)."""
+    return bool(getattr(_phase, "decode", False))
+
+
 def decode_kernel() -> str:
     name = _kernel["decode"]
     if name is None:

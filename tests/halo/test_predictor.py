@@ -136,3 +136,14 @@ def test_groups_to_wait_reach_the_target_share() -> None:
     assert predictor.groups_to_wait(torch.tensor(imp), 1.0) == (1, 3, 0, 2, 4)
     with pytest.raises(ConfigError):
         predictor.groups_to_wait([1.0, float("nan")], 0.5)
+
+
+def test_a_predictor_trained_on_fp32_serves_every_format_of_its_model_only() -> None:
+    """Trained where fp32 is built (`mesh setup`), it reads MLP inputs, float32 in any format: a
+    coordinator on int8 or q4 of the same GGUF loads it; another model or GGUF does not."""
+    fp32 = "smollm2-135m@b179c9523d0e6a0f/fp32"
+    for key in (fp32, "smollm2-135m@b179c9523d0e6a0f/int8", "smollm2-135m@b179c9523d0e6a0f/q4"):
+        assert predictor.same_weights(fp32, key)
+    for key in ("smollm2-135m@0000000000000000/q4", "gemma3-270m@b179c9523d0e6a0f/fp32", "smollm2-135m"):
+        assert not predictor.same_weights(fp32, key)
+    assert predictor.same_weights("tiny", "tiny") and not predictor.same_weights("tiny", "tiny2")

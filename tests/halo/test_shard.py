@@ -16,8 +16,9 @@ import torch
 from mesh.halo import groups as split
 from mesh.halo.placement import pack_order, unpack_order
 from mesh.halo.probe import SpeedProbe, probe_groups
-from mesh.halo.shard import FileGroups, ModelGroups
+from mesh.halo.shard import FileGroups, ModelGroups, columns_of, rows_of
 from mesh.model import LoadedModel, converted_dir, load_model
+from mesh.weights.formats import quantize_groups, quantize_groups8, quantize_rows
 from tests.conftest import CACHE_ROOT, ENV, REPO, require_model
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -112,6 +113,39 @@ def test_quantised_groups_are_the_full_models_weights(key: str, weights: str) ->
         got = split.reduce_partials([w.partial(x) for w in mine], x)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())), \
             float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("weights", ["int8", "q4"])
+@pytest.mark.parametrize("key", MODELS)
+def test_the_coordinator_cuts_a_workers_numbers_out_of_its_loaded_model(key: str, weights: str) -> None:
+    """HALO's coordinator runs its loaded int8/q4 model and computes its own groups and its
+    fallback's from it (ModelGroups): bitwise the groups a worker of that format reads from the
+    file, in any neuron order, with no float32 copy of the whole MLP."""
+    loaded = _loaded(key, weights)
+    mine, worker = ModelGroups(loaded), _file(key, weights)
+    assert (mine.model_key, mine.layout, mine.n_layers, mine.hidden_size, mine.act) == \
+        (worker.model_key, worker.layout, worker.n_layers, worker.hidden_size, worker.act)
+    order = _order(mine.layout.intermediate_size, 5)
+    torch.manual_seed(2)
+    x = torch.randn(1, 2, mine.hidden_size)
+    for layer in (0, mine.n_layers - 1):
+        groups = _third(mine.layout, 1)[::-1]
+        for o in (None, order):
+            a, b = mine.read(layer, groups, o), worker.read(layer, groups, o)
+            _same(a, b)
+            assert torch.equal(a.partial(x), b.partial(x))
+
+
+def test_columns_of_a_stored_weight_are_the_whole_matrixs_columns() -> None:
+    """A down projection's columns (a group's neurons) straight from int8, q4 or grouped int8
+    codes: bitwise the columns of the whole matrix dequantised (what a worker once unpacked)."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(12, 256, generator=g)
+    cols = torch.randperm(256, generator=g)[:70]
+    for stored in (quantize_rows(w), quantize_groups(w), quantize_groups8(w), (w,)):
+        whole = rows_of(stored, torch.arange(12))  # (12, 256) float32
+        assert torch.equal(columns_of(stored, cols), whole.index_select(1, cols))
+        assert torch.equal(rows_of(stored, cols[:5] % 12), whole.index_select(0, cols[:5] % 12))
 
 
 def test_reading_keeps_no_mapping_and_imports_no_transformers(tmp_path: Path) -> None:

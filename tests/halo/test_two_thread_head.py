@@ -52,3 +52,26 @@ def test_a_failure_on_the_helper_reaches_the_caller(one_thread) -> None:
     with pytest.raises(RuntimeError):
         head(torch.randn(1, 1, 9))  # wrong width: both halves fail, the caller sees it
     assert torch.allclose(head(x), ref)  # still serving
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q4"])
+def test_an_int8_or_q4_head_on_two_threads_is_its_own_product(fmt: str, one_thread) -> None:
+    """A coordinator on int8 or q4 weights: the halves run the head's own kernel on its rows, the
+    decode kernel on both threads inside ``decoding()`` (int8's differs from the prompt's)."""
+    import contextlib
+
+    from mesh.weights.formats import quantize_groups, quantize_rows
+    from mesh.weights.modules import GroupLinear, Int8Linear, decoding
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(1001, 64, generator=g)
+    head = Int8Linear(*quantize_rows(w)) if fmt == "int8" else GroupLinear(*quantize_groups(w))
+    two = TwoThreadHead(head)
+    x = torch.randn(1, 1, 64, generator=g)
+    for decode in (False, True):
+        with decoding() if decode else contextlib.nullcontext(), torch.inference_mode():
+            ref, got = head(x), two(x)
+            assert torch.equal(two(torch.cat([x, x], 1)), head(torch.cat([x, x], 1)))  # many positions: plain
+        assert got.shape == ref.shape == (1, 1, 1001)
+        assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max())), float((got - ref).abs().max())
+        assert int(got.argmax()) == int(ref.argmax())
