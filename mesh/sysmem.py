@@ -19,7 +19,8 @@ the two apart: major faults, and the cgroup's OOM-kill count.
 
 Paths come from ``/proc/self/cgroup`` and ``/proc/self/mountinfo``, so a cgroup mounted anywhere
 (or a container's view of one) is found; ``proc`` is a parameter so that callers can read another
-process's view. Nothing here changes anything.
+process's view. Nothing here changes anything, except :func:`clear_referenced` (a process's
+pages' referenced bits, which only measurements read).
 """
 
 from __future__ import annotations
@@ -313,6 +314,54 @@ def process_memory(pid: int | str = "self", proc: Path = Path("/proc")) -> Proce
         shmem_bytes=status.get("RssShmem", 0),
         major_faults=int(fields[9]),
     )
+
+
+@dataclass(frozen=True)
+class MappingUse:
+    """What a process holds of one mapped object (a file, or ``[heap]``, ``[anon]``, ``[stack]``),
+    in bytes, over all its mappings (``/proc/<pid>/smaps``): ``rss`` resident, ``anon`` of that
+    anonymous (heap, or a file mapping's written copy-on-write pages), ``referenced`` touched since
+    the referenced bits were last cleared (:func:`clear_referenced`)."""
+
+    rss: int
+    anon: int
+    referenced: int
+
+    @property
+    def file(self) -> int:
+        """Resident pages backed by the file: clean, so the kernel may drop them under pressure."""
+        return self.rss - self.anon
+
+
+def parse_smaps(text: str) -> dict[str, MappingUse]:
+    """``/proc/<pid>/smaps`` summed per mapped object: a file by its path, anonymous mappings as
+    ``[anon]``, and the kernel's own names (``[heap]``, ``[stack]``, ``[vdso]``) as they are."""
+    sums: dict[str, list[int]] = {}
+    cur: list[int] | None = None
+    fields = {"Rss:": 0, "Anonymous:": 1, "Referenced:": 2}
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if not parts[0].endswith(":") and "-" in parts[0] and len(parts) >= 5:
+            name = " ".join(parts[5:]) or "[anon]"
+            if name.startswith("[anon:") or name.startswith("[stack:"):  # named anonymous regions
+                name = name.split(":", 1)[0] + "]"
+            cur = sums.setdefault(name, [0, 0, 0])
+        elif cur is not None and parts[0] in fields and len(parts) >= 2 and parts[1].isdigit():
+            cur[fields[parts[0]]] += int(parts[1]) * 1024
+    return {name: MappingUse(*v) for name, v in sums.items()}
+
+
+def mappings(pid: int | str = "self", proc: Path = Path("/proc")) -> dict[str, MappingUse]:
+    """Process ``pid``'s resident memory per mapped object (:func:`parse_smaps`)."""
+    return parse_smaps(_read(proc / str(pid) / "smaps"))
+
+
+def clear_referenced(pid: int | str = "self", proc: Path = Path("/proc")) -> None:
+    """Clear the referenced bits of ``pid``'s pages: what :func:`mappings` then reports as
+    ``referenced`` is what the process touched since (its working set over that span)."""
+    (proc / str(pid) / "clear_refs").write_text("1")
 
 
 LIMIT_REFRESH_S = 30.0  # a limit rarely changes: heartbeats re-read it at most this often

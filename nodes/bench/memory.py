@@ -24,6 +24,11 @@ Quality is measured natively in this process (it needs no cap and would take hou
 quota): MMLU answer agreement with fp32 (1-shot, the letter whose logit is highest among
 " A".." D", over ``--mmlu`` questions) and wiki perplexity over fp32's.
 
+``--roles floor`` adds per model and format what a node must keep resident to decode without
+reading anything back from storage, each part measured in a fresh process (``nodes.bench.floor``:
+anonymous memory, the library, weight and tokenizer pages a token touches, KV per position), and
+what that leaves under the profile's cap at ``--floor-context`` positions.
+
 JSON (one row per model x format x role) + PNG.
 """
 
@@ -53,7 +58,7 @@ from nodes.setup import mmlu_dir
 MIB = 1 << 20
 REF = "ref"  # the uncapped fp32 node
 LLAMA = "llama.cpp"  # llama.cpp on the same GGUF, uncapped, where llama-cpp-python is installed
-ROLES = ("cache", "worker", "coordinator")
+ROLES = ("cache", "worker", "coordinator", "floor")
 
 
 def node_name(weights: str) -> str:
@@ -293,7 +298,10 @@ def bench_memory(args: argparse.Namespace) -> int:
                 rows += cache_rows(model, formats, prompts, home, profile, args, progress)
             if {"worker", "coordinator"} & set(roles):
                 rows += halo_rows(model, home, profile, roles, args, progress)
-    print_rows(rows, console)
+            if "floor" in roles:
+                rows += floor_rows(model, formats, home, profile, args, progress)
+    print_rows([r for r in rows if r["role"] != "floor"], console)
+    print_floor([r for r in rows if r["role"] == "floor"], console)
     out = {"bench": "memory", "profile": args.profile, "cap_mib": profile.mem_cap_mib, "models": models,
            "weights": formats, "asks": len(prompts), "tokens": args.tokens, "mmlu": args.mmlu,
            "note": "speed on this machine's cores under the memory cap, fp32 reference uncapped, same run",
@@ -375,7 +383,42 @@ def halo_rows(model: str, home: Path, profile: Any, roles: Sequence[str], args: 
     return rows
 
 
+def floor_rows(model: str, formats: Sequence[str], home: Path, profile: Any, args: argparse.Namespace,
+               progress: Progress) -> list[dict[str, Any]]:
+    """Per format, what a node must keep resident to decode (nodes.bench.floor), each part measured
+    in a fresh uncapped process, against the profile's cap at ``--floor-context`` positions."""
+    from nodes.bench.floor import floor_row, measure
+
+    task = progress.add_task(f"{model}: floor", total=len(formats))
+    rows = []
+    for f in formats:
+        rows.append({**floor_row(measure(home, model, f, args.tokens), profile.mem_cap_mib, args.floor_context),
+                     "profile": args.profile})
+        progress.advance(task)
+    return rows
+
+
+def print_floor(rows: Sequence[dict[str, Any]], console: Console) -> None:
+    if not rows:
+        return
+    table = Table(title="What a node keeps resident to decode (MiB; hot: touched per token after warm-up, "
+                        "large folios make it an upper bound)")
+    cols = ("runtime_anon", "runtime_file", "anon", "libraries_hot", "weights_hot", "tokenizer_hot",
+            "anon_weights_context", "upper_bound", "left")
+    for col in ("model", "weights", *cols, "KV B/token", "context", "cap"):
+        table.add_column(col.replace("_", " "), justify="right")
+    for r in rows:
+        if not r.get("started"):
+            table.add_row(r["model"], r["weights"], str(r.get("error", ""))[:60], *[""] * (len(cols) + 2))
+            continue
+        table.add_row(r["model"], r["weights"], *(f"{r[c + '_mib']:.1f}" for c in cols), str(r["kv_per_token"]),
+                      str(r["context"]), str(r["cap_mib"]))
+    console.print(table)
+
+
 def print_rows(rows: Sequence[dict[str, Any]], console: Console) -> None:
+    if not rows:
+        return
     table = Table(title="Memory and speed per model, weight format and role "
                         "(peak under the cap; speed vs fp32 uncapped)")
     for col in ("model", "weights", "role", "cap MiB", "peak MiB", "anon MiB", "maj flt/tok", "OOM", "decode tok/s",
@@ -403,8 +446,10 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     labels = [f"{r['model']}\n{r['weights']} {r['role']}" for r in rows]
     x = range(len(rows))
     fig, (a, b) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows)), 4.5))
-    a.bar(x, [r.get("peak_mib") or 0 for r in rows], color="tab:blue", label="cgroup peak")
-    a.bar(x, [r.get("anon_peak_mib") or 0 for r in rows], color="tab:orange", width=0.5, label="anonymous")
+    a.bar(x, [r.get("peak_mib") or r.get("floor_mib") or 0 for r in rows], color="tab:blue",
+          label="cgroup peak (floor: what must stay resident)")
+    a.bar(x, [r.get("anon_peak_mib") or r.get("anon_mib") or 0 for r in rows], color="tab:orange", width=0.5,
+          label="anonymous")
     for i, r in enumerate(rows):
         a.hlines(r["cap_mib"], i - 0.45, i + 0.45, colors="red", linestyles="dashed",
                  label="cap" if i == 0 else None)
@@ -434,9 +479,11 @@ def add_bench_memory(sub: Any) -> None:
     p.add_argument("--models", "--model", dest="models", default="smollm2-135m,gemma3-270m")
     p.add_argument("--weights", default="int8", help="comma-separated weight formats (fp32 is the reference)")
     p.add_argument("--roles", default="cache,worker,coordinator",
-                   help="rows to measure: cache (one node per format), worker and coordinator (a HALO mesh, fp32)")
+                   help="rows to measure: cache (one node per format), worker and coordinator (a HALO mesh, fp32), "
+                        "floor (what a node must keep resident, part by part; nodes.bench.floor)")
     p.add_argument("--asks", type=int, default=6, help="measured asks per node (after one warm-up)")
-    p.add_argument("--tokens", type=int, default=32, help="new tokens per ask")
+    p.add_argument("--tokens", type=int, default=32, help="new tokens per ask (floor: tokens measured)")
+    p.add_argument("--floor-context", type=int, default=256, help="positions the floor row's KV is counted for")
     p.add_argument("--mmlu", type=int, default=500, help="MMLU questions for answer agreement (0: skip quality)")
     p.add_argument("--ppl-windows", type=int, default=16)
     p.add_argument("--ppl-tokens", type=int, default=256)
