@@ -166,10 +166,10 @@ def measure_nodes(tb: Any, model: str, formats: Sequence[str], prompts: Sequence
             out[n] = {"started": False, "error": _log_tail(tb.log_path(f"node-{n}")) or str(exc),
                       "oom_kills": tb.oom_kills(n)}
     live = [n for n in names if started.get(n)]
-    figures: dict[str, list[dict[str, Any]]] = {n: [] for n in [*live, LLAMA]}
+    rotation = [*live, *([LLAMA] if llama is not None else [])]
+    figures: dict[str, list[dict[str, Any]]] = {n: [] for n in rotation}
     faults0: dict[str, int] = {}
     host, port = tb.broker_address
-    rotation = [*live, *([LLAMA] if llama is not None else [])]
     task = progress.add_task(f"{model}: asks", total=len(rotation) * (len(prompts) + 1)) if progress else None
     with MeshClient(BrokerAddress(host, port), name=f"bench-memory-{tb.spec.instance}",
                     keyring=asker_keyring(home)) as client, \
