@@ -81,7 +81,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from nodes.ha_cli import ha_extension_from_args, run_decommission
     from nodes.halo_cli import halo_extensions_from_args, worker_group_size, worker_node_from_args, worker_only
 
-    from nodes.memory import fit_node, fit_worker, start_trimmer, steady_malloc
+    from nodes.memory import decode_copy_fits, fit_node, fit_worker, start_trimmer, steady_malloc
 
     _quiet_libraries()
     config = node_config(args)
@@ -108,9 +108,20 @@ def cmd_node(args: argparse.Namespace) -> int:
     halo = halo_extensions_from_args(args, config)
     config = fit_node(config, weights, cache_budget_given(args))
     if weights != "fp32":  # the agent loads fp32 itself; other formats are loaded here
-        from mesh.model import load_model
+        from mesh.model import converted_dir, load_model
 
         loaded = load_model(config.home, config.model, config.threads, weights=weights)
+        if not args.no_packed_decode and decode_copy_fits(config, weights):
+            from mesh.weights.packed import pack_model
+
+            from mesh.weights.formats import weights_file
+            from mesh.weights.load import holds_gguf_weights
+
+            added = pack_model(loaded.model)
+            exact = holds_gguf_weights(weights_file(converted_dir(config.home, config.model), weights))
+            print(f"node {config.name}: {weights} weights, decoding through the packed 4-bit kernel "
+                  f"(+{added / 2**20:.0f} MiB; bfloat16 inputs{', so greedy tokens may leave fp32s' if exact else ''}; "
+                  f"--no-packed-decode keeps the mapped kernels)", file=sys.stderr, flush=True)
     from mesh.auth.store import identity_dir, load_keyring
 
     agent = NodeAgent(config, loaded=loaded, extensions=[*([ha] if ha else []), *halo],
@@ -270,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", help="converted models and data (default ~/.cache/mesh, or MESH_HOME)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--weights", help="weight format: fp32 (default), int8 or q4 (`mesh setup --weights int8` builds it)")
+    p.add_argument("--no-packed-decode", action="store_true",
+                   help="never hold the packed copy of int8/q4 weights that speeds up decoding on x86 (by default "
+                        "it is made when the memory limit has room for it beside the context and cache)")
     p.add_argument("--heartbeat", type=float, help="heartbeat period in seconds (default 2)")
     p.add_argument("--link-ping", type=float, help="link probe period in seconds (default 0.5)")
     p.add_argument("--max-queue", type=int, help="asks queued before answering 'busy' (default 32)")

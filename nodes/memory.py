@@ -25,7 +25,7 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mesh import footprint
+    from mesh import footprint, sysmem
     from mesh.config import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -72,16 +72,14 @@ def start_trimmer(stop: threading.Event, period_s: float = 30.0) -> threading.Th
     return thread
 
 
-def fit_node(config: "NodeConfig", weights: str, cache_explicit: bool) -> "NodeConfig":
-    """``config`` with the context and cache budget that fit this process's memory limit
-    (``mesh.footprint.plan``; ``mesh.sysmem.memory_limit``: its cgroup, else the board), or
-    ``mesh.footprint.DoesNotFit`` naming what to change. Call it once torch is imported (the
-    runtime is measured) and before the weights load."""
-    import dataclasses
+def _node_plan(config: "NodeConfig", weights: str, cache_explicit: bool, extra_weights: int = 0,
+               ) -> "tuple[footprint.Plan, sysmem.MemoryLimit] | None":
+    """``mesh.footprint.plan`` for a node of ``config`` in format ``weights`` (plus
+    ``extra_weights`` bytes held beside its weights), or None when the weight file is missing."""
     import json
 
     from mesh import budget, footprint, sysmem
-    from mesh.model import converted_dir
+    from mesh.model import KV_DTYPE, converted_dir
     from mesh.text import FILE_NAME
     from mesh.weights.formats import weights_file
 
@@ -89,7 +87,7 @@ def fit_node(config: "NodeConfig", weights: str, cache_explicit: bool) -> "NodeC
     files = {"weights": weights_file(model_dir, weights), "tokenizer": model_dir / FILE_NAME}
     sizes = {k: p.stat().st_size if p.exists() else 0 for k, p in files.items()}
     if not sizes["weights"]:  # load_model says how to make it
-        return config
+        return None
     model_config = json.loads((model_dir / "config.json").read_text())
     text_config = model_config.get("text_config", model_config)
 
@@ -97,27 +95,64 @@ def fit_node(config: "NodeConfig", weights: str, cache_explicit: bool) -> "NodeC
         def __init__(self, d: dict) -> None:
             self.__dict__.update(d)
 
-    from mesh.model import KV_DTYPE
-
     cfg = _Config({**text_config, "kv_dtype": KV_DTYPE})  # the node's cache stores its KV in KV_DTYPE
     limit = sysmem.memory_limit()
     runtime = sysmem.process_memory().rss_bytes
     c = config.cache
-    fit = footprint.plan(limit.bytes, limit.source, runtime, sizes["weights"], sizes["tokenizer"],
+    fit = footprint.plan(limit.bytes, limit.source, runtime, sizes["weights"] + extra_weights, sizes["tokenizer"],
                          budget.context_bytes_per_token(cfg), int(getattr(cfg, "max_position_embeddings", 0) or 2**31 - 1),
                          weights, max_context=config.limits.max_context,
                          cache_bytes=(int(c.budget_mb * footprint.MiB) if cache_explicit else None) if c.enabled else 0,
                          default_cache_bytes=int(c.budget_mb * footprint.MiB),
                          context_share=budget.MEMORY_SHARE, min_context=budget.MIN_CONTEXT,
                          prefill=budget.prefill_bytes(cfg))
+    return fit, limit
+
+
+def fit_node(config: "NodeConfig", weights: str, cache_explicit: bool) -> "NodeConfig":
+    """``config`` with the context and cache budget that fit this process's memory limit
+    (``mesh.footprint.plan``; ``mesh.sysmem.memory_limit``: its cgroup, else the board), or
+    ``mesh.footprint.DoesNotFit`` naming what to change. Call it once torch is imported (the
+    runtime is measured) and before the weights load."""
+    import dataclasses
+
+    from mesh import footprint
+
+    planned = _node_plan(config, weights, cache_explicit)
+    if planned is None:
+        return config
+    fit, limit = planned
     log.info("memory: %s of %.0f MiB (%s); max context %d tokens, cache %.0f MiB", fit.footprint.describe(),
              limit.bytes / footprint.MiB, limit.source, fit.max_context, fit.cache_bytes / footprint.MiB)
+    c = config.cache
     if c.enabled and not fit.cache_bytes:
         log.warning("memory: no room left for a prompt cache; running without one")
     cache = dataclasses.replace(c, budget_mb=fit.cache_bytes / footprint.MiB, enabled=bool(fit.cache_bytes)) \
         if c.enabled else c
     return dataclasses.replace(config, limits=dataclasses.replace(config.limits, max_context=fit.max_context),
                                cache=cache)
+
+
+def decode_copy_fits(config: "NodeConfig", weights: str) -> bool:
+    """Whether a node of ``config`` (already fitted: ``fit_node``) may hold the packed decode copy
+    of its weights (``mesh.weights.packed``) without a shorter context or a smaller cache: x86 with
+    the 4-bit kernel, a quantised format, and room for a second copy the size of the weight file
+    (the packed copy is the same codes and about as many group constants: an upper bound)."""
+    from mesh import footprint
+    from mesh.model import converted_dir
+    from mesh.weights import packed
+    from mesh.weights.formats import weights_file
+
+    if weights == "fp32" or not packed.available():
+        return False
+    path = weights_file(converted_dir(config.home, config.model), weights)
+    if not path.exists():
+        return False
+    try:
+        planned = _node_plan(config, weights, True, extra_weights=path.stat().st_size)
+    except footprint.DoesNotFit:
+        return False
+    return planned is not None and planned[0].max_context >= config.limits.max_context
 
 
 def fit_worker(config: "NodeConfig", weights: str, group_size: int) -> "footprint.WorkerFit":

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from mesh.errors import ConfigError
-from mesh.weights.formats import (KEEP_8BIT, MINS, Q4_GROUP, QUANT_FORMAT, QWEIGHT, SCALES, check_format,
-                                  quantize_groups, quantize_groups8, quantize_rows)
+from mesh.weights.formats import (EXACT, EXACT_IN_Q4, KEEP_8BIT, MINS, Q4_GROUP, QUANT_FORMAT, QWEIGHT, SCALES,
+                                  check_format, quantize_groups, quantize_groups8, quantize_rows)
 from mesh.weights.writer import StreamWriter, entry_bytes
 
 BLOCK_BYTES = 4 << 20  # float32 bytes dequantised at once
@@ -178,7 +178,9 @@ def convert_gguf(gguf_path: Path, out_path: Path, fmt: str, config: Any, metadat
         if shapes.get(hf) != have:
             raise ConfigError(f"{gguf_path.name}: {t.name} is {have}, the model config wants {shapes.get(hf)} "
                               f"for {hf}; the config does not belong to this GGUF")
-    header = {**metadata, "mesh_weights": fmt, "mesh_quant_format": str(QUANT_FORMAT), "architecture": arch}
+    exact = fmt == "q4" and all(t.tensor_type.name in EXACT_IN_Q4 for t, _ in mapped if len(t.shape) == 2)
+    header = {**metadata, "mesh_weights": fmt, "mesh_quant_format": str(QUANT_FORMAT), "architecture": arch,
+              EXACT: "1" if exact else "0"}
     parsed = {"config": config.to_dict(), "tensors": {}}
     fd = os.open(gguf_path, os.O_RDONLY)
     try:

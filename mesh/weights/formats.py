@@ -42,12 +42,17 @@ SETUP_WEIGHTS = ("fp32", "int8", "q4")  # what `mesh setup` builds unless told o
 # smaller one. The Pi Zero 2W's 400 MiB hold SmolLM2 in q4 (its GGUF's own weights), not in int8
 # (results/2026-12-07/bench-memory-pi-zero-smollm2.json).
 PROFILE_WEIGHTS = {"native": "fp32", "pi5": "fp32", "pi4-2gb": "int8", "pi-zero-2w": "q4"}
-QUANT_FORMAT = 2  # bump when the layout of a quantised file changes (old files are rebuilt)
+QUANT_FORMAT = 3  # bump when the layout of a quantised file changes (old files are rebuilt); 3: ``mesh_exact``
 
 QWEIGHT, SCALES, MINS = "qweight", "scales", "mins"  # suffixes of a quantised weight's tensors
 Q4_GROUP = 32  # inputs per q4 group (GGUF's Q4_0/Q4_1/Q8_0 block)
 # GGUF tensor types that q4 keeps at 8 bits (grouped int8): as many bits as 8 or more.
 KEEP_8BIT = frozenset({"Q8_0", "Q8_1", "Q8_K", "F16", "BF16", "F32", "F64"})
+# GGUF tensor types q4 keeps bit for bit (its groups are their blocks). A q4 file all of whose
+# weights are of these types holds the GGUF's own weights; its header says so (``mesh_exact``
+# "1"), and a node keeps the kernels that compute with them exactly (mesh.weights.packed).
+EXACT_IN_Q4 = frozenset({"Q4_1", "Q8_0"})
+EXACT = "mesh_exact"  # the header field
 
 
 def check_format(name: str) -> str:

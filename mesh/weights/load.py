@@ -24,7 +24,7 @@ import xxhash
 from torch import nn
 
 from mesh.errors import ConfigError
-from mesh.weights.formats import MINS, QUANT_FORMAT, QWEIGHT, SCALES, weights_file
+from mesh.weights.formats import EXACT, MINS, QUANT_FORMAT, QWEIGHT, SCALES, weights_file
 from mesh.weights.modules import GroupEmbedding, GroupLinear, Int8Embedding, Int8Linear
 from mesh.weights.writer import DATA_DIGEST
 
@@ -76,6 +76,19 @@ def check_metadata(path: Path, fmt: str, meta: dict[str, str], gguf_sha256: str,
     if verify and meta.get(DATA_DIGEST) != _data_digest(path):
         raise ConfigError(f"weight file {path} is damaged (its bytes do not match the digest in its header); "
                           f"{_fix(path, fmt)}")
+
+
+def holds_gguf_weights(path: Path) -> bool:
+    """Whether the quantised file at ``path`` holds its GGUF's own weights bit for bit (its header's
+    ``mesh_exact``, written at conversion: a q4 file of Q4_1 and Q8_0 tensors); False for fp32,
+    int8, a re-quantised q4 or a file that cannot be read (the loader says why)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(EXACT) == "1"
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return False
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:

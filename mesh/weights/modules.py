@@ -3,8 +3,9 @@
 Grouped weights (:class:`GroupLinear`, :class:`GroupEmbedding`: q4, and the grouped int8 q4 keeps
 for tensors the GGUF holds in 8 bits) have one kernel, the block-dequantising one: a block of
 rows is unpacked into the same small float32 buffer (low nibbles, the first half of the inputs, then
-high nibbles, the second half; then each group's scale and minimum) and multiplied with ``F.linear``. (torch's ``_weight_int4pack_mm_for_cpu`` takes float32
-activations but, measured on this machine, ran 5-20x slower than fp32 ``F.linear`` at one row.)
+high nibbles, the second half; then each group's scale and minimum) and multiplied with ``F.linear``: float32 arithmetic on the file's own codes, exact where they are
+the GGUF's blocks. On x86 a node with room decodes instead through a packed copy and torch's 4-bit
+kernel (:mod:`mesh.weights.packed`; the layers' ``packed`` attribute), several times faster.
 
 Each :class:`Int8Linear` holds ``qweight`` (int8, (N, K), a view into the memory-mapped
 safetensors file: no copy, no float32 weight anywhere) and ``scales`` (float32, (N,)). Three
@@ -40,10 +41,14 @@ import contextlib
 import platform
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from mesh.weights.packed import Packed
 
 KERNELS = ("int8mm", "int8mm_bf16", "dequant")
 _BLOCK_FLOATS = 256 * 1024  # float32 elements per dequantised block at one row (1 MiB)
@@ -153,10 +158,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
+        self.packed: Packed | None = None  # the decode's packed copy (mesh.weights.packed), when made
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
         lead = x.shape[:-1]
-        y = int8_matmul(x.reshape(-1, self.in_features).to(torch.float32), self.qweight, self.scales)
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)
+        packed = self.packed
+        if packed is not None and x2.shape[0] == 1 and getattr(_phase, "decode", False):
+            y = packed.matmul(x2)
+        else:
+            y = int8_matmul(x2, self.qweight, self.scales)
         if self.bias is not None:
             y = y.add_(self.bias)
         return y.view(*lead, self.out_features)
@@ -242,10 +253,16 @@ class GroupLinear(nn.Module):
         self.register_buffer("scales", scales, persistent=False)
         self.mins = mins
         self.register_buffer("bias", bias, persistent=False)
+        self.packed: Packed | None = None  # the decode's packed copy (mesh.weights.packed), when made
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
         lead = x.shape[:-1]
-        y = group_matmul(x.reshape(-1, self.in_features).to(torch.float32), self.qweight, self.scales, self.mins)
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)
+        packed = self.packed
+        if packed is not None and x2.shape[0] == 1 and getattr(_phase, "decode", False):
+            y = packed.matmul(x2)
+        else:
+            y = group_matmul(x2, self.qweight, self.scales, self.mins)
         if self.bias is not None:
             y = y.add_(self.bias)
         return y.view(*lead, self.out_features)

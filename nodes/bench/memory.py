@@ -137,6 +137,13 @@ class Sampler:
         self._thread.join(5)
 
 
+def _log_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def _log_tail(path: Path, lines: int = 3) -> str:
     try:
         text = path.read_text(errors="replace").strip().splitlines()
@@ -208,6 +215,8 @@ def measure_nodes(tb: Any, model: str, formats: Sequence[str], prompts: Sequence
                                    if f.get("decode_s") and int(f["new_tokens"]) > 1]),
             "prefill_tps": _median([f["prompt_tokens"] / f["prefill_s"] for f in good if f.get("prefill_s")]),
             "alive": tb.process_memory(n) != {},
+            # the node says so at start when it holds the packed decode copy (mesh.weights.packed)
+            "packed_decode": "packed 4-bit kernel" in _log_text(tb.log_path(f"node-{n}")),
         }
     if llama is not None:
         good = [f for f in figures[LLAMA] if "error" not in f]
@@ -338,7 +347,7 @@ def cache_rows(model: str, formats: Sequence[str], prompts: Sequence[str], home:
         rows.append({"model": model, "weights": f, "role": "cache", "profile": args.profile,
                      "cap_mib": profile.mem_cap_mib, **{k: got.get(k) for k in (
                          "started", "peak_mib", "anon_peak_mib", "mapped_mib", "major_faults_per_token",
-                         "oom_kills", "decode_tps", "prefill_tps", "asks", "errors", "error")},
+                         "oom_kills", "decode_tps", "prefill_tps", "packed_decode", "asks", "errors", "error")},
                      "decode_tps_fp32": ref.get("decode_tps"), "prefill_tps_fp32": ref.get("prefill_tps"),
                      "fp32_uncapped_peak_mib": ref.get("peak_mib"),
                      **({f"llama_cpp_{k}": lc.get(k) for k in ("decode_tps", "prefill_tps", "rss_peak_mib", "anon_mib",
@@ -427,7 +436,7 @@ def print_rows(rows: Sequence[dict[str, Any]], console: Console) -> None:
     num = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
     ratio = lambda a, b: "-" if not a or not b else f"{a / b:.2f}"  # noqa: E731
     for r in rows:
-        head = (r["model"], r["weights"], r["role"], str(r["cap_mib"]))
+        head = (r["model"], r["weights"] + (" packed" if r.get("packed_decode") else ""), r["role"], str(r["cap_mib"]))
         if not r.get("started"):
             table.add_row(*head, "did not start", "", "", str(r.get("oom_kills")), str(r.get("error", ""))[:60],
                           "", "", "", "", num(r.get("mmlu_agreement"), "{:.3f}"), num(r.get("ppl_ratio"), "{:.4f}"))

@@ -1,0 +1,182 @@
+"""The fast decode of a quantised model on x86: torch's 4-bit kernel over a packed copy of its weights.
+
+A generated token multiplies one row by every weight. The kernels of :mod:`mesh.weights.modules`
+do it over the mapped file: int8 through ``torch._weight_int8pack_mm``, q4 by unpacking nibbles
+into float32 a block at a time (several float32 passes per weight per token: q4 decoded 10-25x
+slower than int8 on this machine). ``torch._weight_int4pack_mm_for_cpu`` reads 4-bit codes with a
+(scale, zero) per group of inputs and is vectorised on x86 (AVX2, AVX-512) for bfloat16 inputs
+(float32 inputs fall to scalar code, 20-25x slower). Its dequantiser is ``(c - 8) * scale + zero``
+for a code ``c`` in 0..15, so:
+
+- a q4 group (``w = q * s + m``) packs as its codes with (s, m + 8 s);
+- an 8-bit weight (int8 per row, and the grouped int8 q4 keeps for Q8_0 tensors such as both
+  models' embedding and tied LM head) splits into two 4-bit halves, ``q = 16 hi + lo`` with
+  ``hi = q >> 4`` (-8..7, stored as ``hi + 8``) and ``lo = q & 15``: the input row given twice,
+  the ``hi`` half's groups (16 s, 0) and the ``lo`` half's (s, 8 s). The same products, 4-bit
+  kernel, one byte per weight as before.
+
+The packed layout depends on the CPU capability (AVX2 and AVX-512 pack differently), so it is
+made at load, in anonymous memory, beside the mapped file the prompt's prefill and the embedding
+lookup keep reading: a quantised model's weights twice (SmolLM2 q4 +97 MiB, Gemma-3 q4 +261 MiB).
+A node packs only where its memory plan has room for that without shrinking its context or
+cache (``nodes.memory.decode_copy_fits``; ``mesh node --no-packed-decode`` never). A file that is
+its GGUF's own weights (``mesh_exact`` in its header: SmolLM2's q4, whose greedy tokens are fp32's
+through the mapped kernels) loses that exactness to bfloat16's rounding when packed, and its node
+says so at start. aarch64 keeps the mapped kernels: under qemu's Cortex-A53 the 4-bit kernel was
+no faster than unpacking (results/2026-12-07/packed_decode.py).
+
+Only decode (one row inside :func:`mesh.weights.modules.decoding`) uses the packed copy; a prompt's
+prefill runs the mapped kernels, so a prompt's KV does not depend on whether a node packed.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+GROUPS = (256, 128, 64, 32)  # group sizes the kernel takes, largest first (fewer scales)
+PACK_ROWS = 4096  # rows packed at once (the int32 codes of one block are the transient)
+ROW_MULTIPLE = 16  # the kernel's packing needs N % 16 == 0
+
+
+def available() -> bool:
+    """Whether the 4-bit kernel is vectorised here: x86 with AVX2 or AVX-512, in this torch."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu") or not hasattr(torch, "_convert_weight_to_int4pack_for_cpu"):
+        return False
+    capability = str(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")())
+    return capability.startswith(("AVX2", "AVX512"))
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One weight in the kernel's layout: ``weight`` (uint8, (N, K'/2)), ``scales_zeros``
+    (bfloat16, (K'/group, N, 2)); ``doubled``: an 8-bit weight, whose input is given twice
+    (K' = 2 K)."""
+
+    weight: Tensor
+    scales_zeros: Tensor
+    group: int
+    doubled: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size() + self.scales_zeros.numel() * 2
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """``x (1, K) float32 -> (1, N) float32``, the input and the group constants rounded to
+        bfloat16, the products summed in float32 by the kernel."""
+        a = x.to(torch.bfloat16)
+        if self.doubled:
+            a = torch.cat((a, a), dim=1)
+        return torch._weight_int4pack_mm_for_cpu(a, self.weight, self.group, self.scales_zeros).float()
+
+
+def _codes_4bit(codes: Tensor) -> Tensor:
+    """q4's packed nibbles (column j low, j + K/2 high) as int32 codes (R, K) in 0..15."""
+    return torch.cat((codes & 15, codes >> 4), dim=1).to(torch.int32)
+
+
+def _codes_8bit(codes: Tensor) -> Tensor:
+    """int8 codes (R, K) as the two 4-bit halves (R, 2K): ``hi + 8`` then ``lo``."""
+    q = codes.to(torch.int32)
+    return torch.cat(((q >> 4) + 8, q & 15), dim=1)
+
+
+def _pack_codes(codes: Tensor, to_4bit) -> Tensor:  # noqa: ANN001
+    with torch.inference_mode(False):
+        parts = [torch._convert_weight_to_int4pack_for_cpu(to_4bit(codes[r0:r0 + PACK_ROWS]).contiguous(), 1)
+                 for r0 in range(0, int(codes.shape[0]), PACK_ROWS)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _scales_zeros(scale: Tensor, zero: Tensor) -> Tensor:
+    """Per row and group (N, G) scale and zero -> the kernel's (G, N, 2) bfloat16."""
+    with torch.inference_mode(False):
+        return torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()
+
+
+def row_group(k: int) -> int | None:
+    """The group size for a per-row weight of ``k`` inputs (the largest that divides it)."""
+    return next((g for g in GROUPS if k % g == 0), None)
+
+
+def packable(n: int, k: int, group: int | None) -> bool:
+    return group is not None and n % ROW_MULTIPLE == 0 and k % group == 0
+
+
+def pack_q4(codes: Tensor, scales: Tensor, mins: Tensor) -> Packed:
+    """A q4 weight (uint8 (N, K/2), float16 scales and minimums (N, K/group))."""
+    n, groups = (int(s) for s in scales.shape)
+    k = 2 * int(codes.shape[1])
+    s = scales.float()
+    return Packed(_pack_codes(codes, _codes_4bit), _scales_zeros(s, mins.float() + 8 * s), k // groups, False)
+
+
+def pack_int8(codes: Tensor, scales: Tensor) -> Packed:
+    """An 8-bit weight: int8 (N, K) with float scales per row (N,) or per row and group (N, G)."""
+    n, k = (int(s) for s in codes.shape)
+    if scales.dim() == 1:
+        group = row_group(k)
+        assert group is not None
+        s = scales.float()[:, None].expand(n, k // group)
+    else:
+        s = scales.float()
+        group = k // int(s.shape[1])
+    scale = torch.cat((16 * s, s), dim=1)
+    zero = torch.cat((torch.zeros_like(s), 8 * s), dim=1)
+    return Packed(_pack_codes(codes, _codes_8bit), _scales_zeros(scale, zero), group, True)
+
+
+def _shape(module: nn.Module) -> tuple[int, int, int | None, bool] | None:
+    """(N, K, group, 8-bit) of a quantised linear layer the kernel can take, else None."""
+    from mesh.weights.modules import GroupLinear, Int8Linear
+
+    if isinstance(module, Int8Linear):
+        n, k = module.out_features, module.in_features
+        return (n, k, row_group(k), True) if packable(n, k, row_group(k)) else None
+    if isinstance(module, GroupLinear):
+        n, k = module.out_features, module.in_features
+        group = k // int(module.scales.shape[1])
+        return (n, k, group, module.bits == 8) if packable(n, k, group) and group in GROUPS else None
+    return None
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """What :func:`pack_model` would add, in bytes, without packing anything."""
+    total = 0
+    for module in model.modules():
+        shape = _shape(module)
+        if shape is not None:
+            n, k, group, eight = shape
+            kk = 2 * k if eight else k
+            total += n * kk // 2 + (kk // int(group or 1)) * n * 2 * 2
+    return total
+
+
+def pack_model(model: nn.Module) -> int:
+    """Give every quantised linear layer of ``model`` the kernel can take its packed copy (its
+    ``packed`` attribute, used by its forward at decode); returns the bytes added."""
+    from mesh.weights.modules import GroupLinear, Int8Linear
+
+    total = 0
+    for module in model.modules():
+        if _shape(module) is None:
+            continue
+        if isinstance(module, GroupLinear) and module.bits == 4:
+            module.packed = pack_q4(module.qweight, module.scales, module.mins)
+        elif isinstance(module, (GroupLinear, Int8Linear)):
+            module.packed = pack_int8(module.qweight, module.scales)
+        total += module.packed.nbytes
+    return total
+
+
+def unpack_model(model: nn.Module) -> None:
+    """Drop every packed copy (decode goes back to the mapped kernels)."""
+    for module in model.modules():
+        if getattr(module, "packed", None) is not None:
+            module.packed = None

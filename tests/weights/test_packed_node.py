@@ -1,0 +1,71 @@
+"""Which node holds the packed decode copy (nodes.memory.decode_copy_fits), and what it answers with.
+
+A node packs a quantised file only on x86 with the 4-bit kernel, and only when its memory limit
+holds the copy beside the context and cache it planned;
+with the copy its greedy answers stay those of the same weights (the copy changes only the
+rounding of a generated token's row, so a clear-margin prompt keeps its tokens)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mesh import sysmem
+from mesh.config import NodeConfig
+from mesh.model import Decoder, converted_dir, load_model
+from mesh.weights import packed
+from mesh.weights.formats import weights_file
+from mesh.weights.load import holds_gguf_weights
+from nodes.memory import decode_copy_fits, fit_node
+
+HOME = Path.home() / ".cache" / "mesh"
+GIB = 1 << 30
+
+
+def _have(model: str, fmt: str) -> bool:
+    return weights_file(converted_dir(HOME, model), fmt).exists()
+
+
+def _limit(monkeypatch: pytest.MonkeyPatch, nbytes: int) -> None:
+    monkeypatch.setattr(sysmem, "memory_limit", lambda *a, **k: sysmem.MemoryLimit(nbytes, "cgroup v1", 24 * GIB))
+
+
+def test_the_header_says_which_q4_file_is_its_gguf() -> None:
+    if not (_have("smollm2-135m", "q4") and _have("gemma3-270m", "q4")):
+        pytest.skip("run `mesh setup` first")
+    assert holds_gguf_weights(weights_file(converted_dir(HOME, "smollm2-135m"), "q4"))  # Q4_1 and Q8_0 only
+    assert not holds_gguf_weights(weights_file(converted_dir(HOME, "gemma3-270m"), "q4"))  # Q5_0, Q6_K re-quantised
+    assert not holds_gguf_weights(weights_file(converted_dir(HOME, "smollm2-135m"), "int8"))
+    assert not holds_gguf_weights(weights_file(converted_dir(HOME, "smollm2-135m"), "fp32"))
+
+
+@pytest.mark.skipif(not packed.available(), reason="the 4-bit kernel is vectorised on x86 only")
+def test_a_node_packs_only_a_requantised_file_with_room_for_the_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not (_have("smollm2-135m", "q4") and _have("gemma3-270m", "q4")):
+        pytest.skip("run `mesh setup` first")
+    _limit(monkeypatch, 3 * GIB)  # a pi5-sized node: room for the copy
+    gemma = fit_node(NodeConfig(name="pi1", model="gemma3-270m", home=HOME), "q4", False)
+    assert decode_copy_fits(gemma, "q4") and decode_copy_fits(gemma, "int8")
+    assert not decode_copy_fits(gemma, "fp32")
+    smol = fit_node(NodeConfig(name="pi1", model="smollm2-135m", home=HOME), "q4", False)
+    assert decode_copy_fits(smol, "q4") and decode_copy_fits(smol, "int8")
+    # a tighter limit: the node's cache takes what is left, so the copy would cost the cache its room
+    _limit(monkeypatch, 1 * GIB)
+    tight = fit_node(NodeConfig(name="pi1", model="gemma3-270m", home=HOME), "q4", False)
+    assert tight.cache.enabled and not decode_copy_fits(tight, "q4")
+    monkeypatch.setattr(packed, "available", lambda: False)  # aarch64: the mapped kernels
+    assert not decode_copy_fits(gemma, "q4")
+
+
+@pytest.mark.skipif(not packed.available(), reason="the 4-bit kernel is vectorised on x86 only")
+def test_packed_greedy_answers_are_the_mapped_ones() -> None:
+    if not _have("gemma3-270m", "int8"):
+        pytest.skip("run `mesh setup` first")
+    loaded = load_model(HOME, "gemma3-270m", 2, weights="int8", verify=False)
+    dec = Decoder(loaded)
+    ids = dec.encode("The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is")
+    mapped = dec.generate(ids, max_new_tokens=6)
+    assert packed.pack_model(loaded.model) > 100 << 20  # the tied head alone is 160 MiB of codes
+    fast = dec.generate(ids, max_new_tokens=6)
+    assert len(fast.token_ids) == 6 and fast.token_ids == mapped.token_ids
