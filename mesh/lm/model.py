@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from mesh.lm.cache import KVCache
 from mesh.budget import PREFILL_CHUNK
 from mesh.lm.config import LmConfig
+from mesh.weights.modules import in_decoding
 
 
 # The MLP activations the supported families use, by their config names (transformers' ACT2FN
@@ -88,8 +89,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=False)
         self.down_proj = nn.Linear(i, h, bias=False)
         self.act = ACT_FNS[cfg.hidden_act]
+        self.gate_up: Any = None  # gate and up as one packed product at decode (mesh.weights.packed)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up is not None and x.numel() == x.shape[-1] and in_decoding():
+            gate, up = self.gate_up(x.reshape(1, -1))
+            return _proj(self.down_proj, (self.act(gate) * up).view(*x.shape[:-1], -1))
         return _proj(self.down_proj, self.act(_proj(self.gate_proj, x)) * _proj(self.up_proj, x))
 
 
@@ -101,6 +106,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=False)
+        self.qkv: Any = None  # q, k and v as one packed product at decode (mesh.weights.packed)
         if cfg.family == "gemma3":
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, True)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, True)
@@ -249,7 +255,10 @@ class CausalLM(nn.Module):
             a = layer.self_attn
             x = layer.input_layernorm(h)
             if t == 1:  # (1, H, 1, D) is (1, 1, H, D) transposed: a view
-                qf, kf, vf = _proj(a.q_proj, x), _proj(a.k_proj, x), _proj(a.v_proj, x)
+                if a.qkv is not None and in_decoding():
+                    qf, kf, vf = a.qkv(x.view(1, -1))
+                else:
+                    qf, kf, vf = _proj(a.q_proj, x), _proj(a.k_proj, x), _proj(a.v_proj, x)
                 q, k, v = qf.view(1, nq, 1, d), kf.view(1, nkv, 1, d), vf.view(1, nkv, 1, d)
             else:
                 q = _proj(a.q_proj, x).view(1, t, nq, d).transpose(1, 2)

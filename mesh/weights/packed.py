@@ -132,46 +132,106 @@ def pack_int8(codes: Tensor, scales: Tensor) -> Packed:
     return Packed(_pack_codes(codes, _codes_8bit), _scales_zeros(scale, zero), group, True)
 
 
+FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}  # one product each
+
+
+@dataclass(frozen=True)
+class Fused:
+    """Several projections of one input as one packed product (an attention's q, k and v; an MLP's
+    gate and up): one kernel call and one bfloat16 rounding of the row instead of one per
+    projection, the outputs split after. A decode step of SmolLM2 is mostly such small calls."""
+
+    packed: Packed
+    sizes: tuple[int, ...]
+    bias: Tensor | None
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, ...]:  # (1, K) -> one (1, N_i) per projection
+        y = self.packed.matmul(x)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.split(self.sizes, dim=-1)
+
+
 def _shape(module: nn.Module) -> tuple[int, int, int | None, bool] | None:
-    """(N, K, group, 8-bit) of a quantised linear layer the kernel can take, else None."""
+    """(N, K, group, 8-bit) of a quantised linear layer, or None for any other module."""
     from mesh.weights.modules import GroupLinear, Int8Linear
 
     if isinstance(module, Int8Linear):
-        n, k = module.out_features, module.in_features
-        return (n, k, row_group(k), True) if packable(n, k, row_group(k)) else None
+        return module.out_features, module.in_features, row_group(module.in_features), True
     if isinstance(module, GroupLinear):
-        n, k = module.out_features, module.in_features
-        group = k // int(module.scales.shape[1])
-        return (n, k, group, module.bits == 8) if packable(n, k, group) and group in GROUPS else None
+        group = module.in_features // int(module.scales.shape[1])
+        return module.out_features, module.in_features, group if group in GROUPS else None, module.bits == 8
     return None
+
+
+def _kind(module: nn.Module) -> tuple[type, int, int | None, bool]:
+    n, k, group, eight = _shape(module)  # type: ignore[misc]
+    return type(module), k, group, eight
+
+
+def _plan(model: nn.Module) -> list[tuple[nn.Module, str | None, list[nn.Module]]]:
+    """What to pack: (owner, attribute, layers): layers fused into ``owner.<attribute>`` where a
+    module holds all of one :data:`FUSED` set, of one kind (type, inputs, group); else each layer
+    alone (attribute None). Only what the kernel can take."""
+    out: list[tuple[nn.Module, str | None, list[nn.Module]]] = []
+    taken: set[int] = set()
+    for owner in model.modules():
+        for attr, names in FUSED.items():
+            parts = [getattr(owner, n, None) for n in names]
+            if any(p is None or _shape(p) is None for p in parts) or not hasattr(owner, attr):
+                continue
+            kinds = {_kind(p) for p in parts}
+            biases = {getattr(p, "bias", None) is None for p in parts}
+            n = sum(_shape(p)[0] for p in parts)  # type: ignore[index]
+            (_, k, group, _), = kinds if len(kinds) == 1 else ((None, 0, None, False),)
+            if len(kinds) == 1 and len(biases) == 1 and packable(n, k, group):
+                out.append((owner, attr, parts))
+                taken.update(id(p) for p in parts)
+    for module in model.modules():
+        shape = _shape(module)
+        if shape is not None and id(module) not in taken and packable(shape[0], shape[1], shape[2]):
+            out.append((module, None, [module]))
+    return out
+
+
+def _nbytes(layers: list[nn.Module]) -> int:
+    n = sum(_shape(m)[0] for m in layers)  # type: ignore[index]
+    _, k, group, eight = _shape(layers[0])  # type: ignore[misc]
+    kk = 2 * k if eight else k
+    return n * kk // 2 + (kk // int(group or 1)) * n * 2 * 2
 
 
 def packed_bytes(model: nn.Module) -> int:
     """What :func:`pack_model` would add, in bytes, without packing anything."""
-    total = 0
-    for module in model.modules():
-        shape = _shape(module)
-        if shape is not None:
-            n, k, group, eight = shape
-            kk = 2 * k if eight else k
-            total += n * kk // 2 + (kk // int(group or 1)) * n * 2 * 2
-    return total
+    return sum(_nbytes(layers) for _, _, layers in _plan(model))
+
+
+def _pack(layers: list[nn.Module]) -> Packed:
+    from mesh.weights.modules import GroupLinear
+
+    cat = (lambda name: getattr(layers[0], name)) if len(layers) == 1 else \
+        (lambda name: torch.cat([getattr(m, name) for m in layers]))
+    first = layers[0]
+    if isinstance(first, GroupLinear) and first.bits == 4:
+        mins = first.mins if len(layers) == 1 else torch.cat([m.mins for m in layers])
+        return pack_q4(cat("qweight"), cat("scales"), mins)
+    return pack_int8(cat("qweight"), cat("scales"))
 
 
 def pack_model(model: nn.Module) -> int:
-    """Give every quantised linear layer of ``model`` the kernel can take its packed copy (its
-    ``packed`` attribute, used by its forward at decode); returns the bytes added."""
-    from mesh.weights.modules import GroupLinear, Int8Linear
-
+    """Give ``model`` the packed copy of every quantised linear layer the kernel can take: fused
+    sets as a :class:`Fused` on their owner (``Attention.qkv``, ``MLP.gate_up``), the others as
+    their own ``packed`` attribute; the forward uses them at decode. Returns the bytes added."""
     total = 0
-    for module in model.modules():
-        if _shape(module) is None:
-            continue
-        if isinstance(module, GroupLinear) and module.bits == 4:
-            module.packed = pack_q4(module.qweight, module.scales, module.mins)
-        elif isinstance(module, (GroupLinear, Int8Linear)):
-            module.packed = pack_int8(module.qweight, module.scales)
-        total += module.packed.nbytes
+    for owner, attr, layers in _plan(model):
+        p = _pack(layers)
+        if attr is None:
+            owner.packed = p
+        else:
+            biases = [m.bias for m in layers]
+            bias = None if biases[0] is None else torch.cat(biases)
+            setattr(owner, attr, Fused(p, tuple(int(m.out_features) for m in layers), bias))
+        total += p.nbytes
     return total
 
 
@@ -180,3 +240,6 @@ def unpack_model(model: nn.Module) -> None:
     for module in model.modules():
         if getattr(module, "packed", None) is not None:
             module.packed = None
+        for attr in FUSED:
+            if getattr(module, attr, None) is not None:
+                setattr(module, attr, None)

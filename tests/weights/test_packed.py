@@ -72,3 +72,26 @@ def test_only_x86_with_avx2_or_avx512_packs(monkeypatch: pytest.MonkeyPatch, mac
     monkeypatch.setattr(packed.platform, "machine", lambda: machine)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert packed.available() is want
+
+
+def test_fused_projections_are_their_parts_side_by_side() -> None:
+    """q, k and v (with Qwen2's biases) as one packed product: each output is its part's alone."""
+    g = torch.Generator().manual_seed(3)
+    parts = []
+    for n in (64, 32, 32):
+        c, s, m = quantize_groups(torch.randn(n, 96, generator=g) * 0.05)
+        parts.append(GroupLinear(c, s, m, torch.randn(n, generator=g)))
+    owner = torch.nn.Module()
+    owner.q_proj, owner.k_proj, owner.v_proj = parts
+    owner.qkv = None
+    added = packed.pack_model(owner)
+    assert added == packed.packed_bytes(owner) > 0 and owner.qkv is not None
+    assert all(p.packed is None for p in parts)  # fused: no second copy of any part
+    x = torch.randn(1, 96, generator=g)
+    fused = owner.qkv(x)
+    for p, y in zip(parts, fused):
+        p.packed = packed.pack_q4(p.qweight, p.scales, p.mins)
+        with modules.decoding():
+            assert torch.allclose(y, p(x), rtol=1e-3, atol=1e-3)
+    packed.unpack_model(owner)
+    assert owner.qkv is None and all(p.packed is None for p in parts)
