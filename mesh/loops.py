@@ -39,3 +39,20 @@ def guarded(name: str, loop: Callable[[], None], stop: threading.Event, rejects:
                 stop.wait(pause_s)
 
     return run
+
+
+def work_on_main_thread(work: Callable[[], None], stop: threading.Event, shutdown: Callable[[], None]) -> None:
+    """Run ``work`` (a loop that returns once its process goes offline) on the calling, main
+    thread; when ``stop`` is set (a signal), ``shutdown`` runs on a helper thread and takes the
+    process offline, which ends ``work``. Returns once both are done."""
+    def close() -> None:
+        stop.wait()
+        shutdown()
+
+    closer = threading.Thread(target=close, name="shutdown", daemon=True)
+    closer.start()
+    try:
+        work()
+    finally:
+        stop.set()
+        closer.join()

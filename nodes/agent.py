@@ -110,6 +110,7 @@ class NodeAgent:
                              label=f"node {self.name}", ask_timeout_s=self.timing.ask_timeout_s,
                              keyring=keyring)
         self._stop = self.member.stop_event
+        self._working, self._worked = threading.Event(), threading.Event()  # work() began, ended
         self.inbox = ReplyInbox(self.bus, f"node-{self.name}", self.rejects, self.limits.max_message_bytes,
                                 keyring=keyring)  # KV parts and our link pings: sealed, when we hold keys
         self.link = LinkProbe(self.bus, self.inbox, self.name, interval_s=self.timing.link_ping_s,
@@ -117,7 +118,9 @@ class NodeAgent:
         self._wake = threading.Event()  # an answered ask: publish fresh load figures now
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, work_here: bool = False) -> None:
+        """Load, connect, go online and start the node's threads; ``work_here``: not the one that
+        answers asks, which the caller then runs itself on its main thread (:meth:`work`)."""
         if self.loaded is None:
             self.loaded = load_model(self.config.home, self.config.model, self.config.threads)
         self.decoder = Decoder(self.loaded)
@@ -133,7 +136,7 @@ class NodeAgent:
         self.bus.start(self.timing.connect_timeout_s)
         self.inbox.start()
         self.member.go_online(self._full_heartbeat)
-        loops = [(self._work_loop, "worker"), (self._heartbeat_loop, "heartbeat")]
+        loops = [*([] if work_here else [(self._work_loop, "worker")]), (self._heartbeat_loop, "heartbeat")]
         for target, name in loops:
             t = threading.Thread(target=guarded(f"{self.name}-{name}", target, self._stop, self.rejects),
                                  name=f"{self.name}-{name}", daemon=True)
@@ -155,11 +158,29 @@ class NodeAgent:
         self.link.stop()
         for t in self._threads:
             t.join(timeout)
+        if self._working.is_set():  # the loop on the caller's thread: its ask ends before the bus does
+            self._worked.wait(timeout)
         self._each_extension("stop")
         self.bus.stop()
 
     def wait(self) -> None:
         self._stop.wait()
+
+    def work(self) -> None:
+        """Answer asks on the calling thread until the node goes offline (after ``start(work_here=True)``).
+
+        A process's main thread should run the forwards: torch's OpenMP (libgomp) counts the
+        main thread as managed even when another thread leads a parallel region, so a forward on
+        a worker thread using every core has more managed threads than cores, and libgomp's
+        workers then sleep between regions instead of spinning: two context switches per region,
+        and a decode step is hundreds of small regions (measured on this machine, 2 threads: a
+        SmolLM2 decode at 31 tok/s on a worker thread, 55-70 on the main thread; an int4 matmul
+        20 us vs 64 us; results/2026-12-07/omp_main_thread.py)."""
+        self._working.set()
+        try:
+            guarded(f"{self.name}-worker", self._work_loop, self._stop, self.rejects)()
+        finally:
+            self._worked.set()
 
     def _announce(self) -> None:
         if self.member.announce() and self.cache is not None:

@@ -81,6 +81,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from nodes.ha_cli import ha_extension_from_args, run_decommission
     from nodes.halo_cli import halo_extensions_from_args, worker_group_size, worker_node_from_args, worker_only
 
+    from mesh.loops import work_on_main_thread
     from nodes.memory import decode_copy_fits, fit_node, fit_worker, start_trimmer, steady_malloc
 
     _quiet_libraries()
@@ -112,24 +113,23 @@ def cmd_node(args: argparse.Namespace) -> int:
 
         loaded = load_model(config.home, config.model, config.threads, weights=weights)
         if not args.no_packed_decode and decode_copy_fits(config, weights):
-            from mesh.weights.packed import pack_model
-
             from mesh.weights.formats import weights_file
             from mesh.weights.load import holds_gguf_weights
+            from mesh.weights.packed import pack_model
 
             added = pack_model(loaded.model)
             exact = holds_gguf_weights(weights_file(converted_dir(config.home, config.model), weights))
+            rounding = "bfloat16 inputs, so greedy tokens may leave fp32's" if exact else "bfloat16 inputs"
             print(f"node {config.name}: {weights} weights, decoding through the packed 4-bit kernel "
-                  f"(+{added / 2**20:.0f} MiB; bfloat16 inputs{', so greedy tokens may leave fp32s' if exact else ''}; "
+                  f"(+{added / 2**20:.0f} MiB; {rounding}; "
                   f"--no-packed-decode keeps the mapped kernels)", file=sys.stderr, flush=True)
     from mesh.auth.store import identity_dir, load_keyring
 
     agent = NodeAgent(config, loaded=loaded, extensions=[*([ha] if ha else []), *halo],
                       keyring=load_keyring(identity_dir(config.home), config.name))
-    agent.start()
+    agent.start(work_here=True)
     print(f"node {config.name} online ({agent.loaded.model_key}) on {config.broker}", file=sys.stderr, flush=True)
-    stop.wait()
-    agent.stop()
+    work_on_main_thread(agent.work, stop, agent.stop)  # the forwards on the main thread: NodeAgent.work
     return 0
 
 

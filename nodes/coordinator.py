@@ -90,11 +90,15 @@ class Coordinator:
                              on_presence=self._on_presence, on_peer_heartbeat=self._on_peer_heartbeat,
                              answers_itself=self._answers_itself, answer_role=True)
         self._stop = self.member.stop_event
+        self._working, self._worked = threading.Event(), threading.Event()  # work() began, ended
         self._threads: list[threading.Thread] = []
         self.served = 0
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, work_here: bool = False) -> None:
+        """Load, connect, go online and start the threads; ``work_here``: not the generation
+        thread, which the caller then runs on its main thread (:meth:`work`; why:
+        ``nodes.agent.NodeAgent.work``)."""
         from mesh.halo.head import two_thread_head
 
         cfg = self.config
@@ -124,7 +128,8 @@ class Coordinator:
             log.warning("%s: HALO frames go over the bus until it connects", exc)
         self.engine.link = link
         self.member.go_online(self._heartbeat_body)
-        for target, name in ((self._work_loop, "generate"), (self._plan_loop, "planner")):
+        loops = ((self._plan_loop, "planner"),) if work_here else ((self._work_loop, "generate"), (self._plan_loop, "planner"))
+        for target, name in loops:
             t = threading.Thread(target=guarded(f"{self.name}-{name}", target, self._stop, self.rejects),
                                  name=f"{self.name}-{name}", daemon=True)
             t.start()
@@ -145,6 +150,8 @@ class Coordinator:
             log.warning("could not clear the plan: %s", exc)
         for t in self._threads:
             t.join(timeout)
+        if self._working.is_set():  # the loop on the caller's thread: its ask ends before the bus does
+            self._worked.wait(timeout)
         if self.engine.link is not None:
             self.engine.link.close()
         self.bus.stop()
@@ -168,6 +175,14 @@ class Coordinator:
         return env.body.get("reply_format") != "json" and (not isinstance(model, str) or model == self.loaded.key)
 
     # -- answering (generation thread) ------------------------------------------------------------
+    def work(self) -> None:
+        """Generate on the calling thread until offline (after ``start(work_here=True)``)."""
+        self._working.set()
+        try:
+            guarded(f"{self.name}-generate", self._work_loop, self._stop, self.rejects)()
+        finally:
+            self._worked.set()
+
     def _work_loop(self) -> None:
         self.member.work(self._answer)
 

@@ -115,6 +115,7 @@ def coordinator_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    from mesh.loops import work_on_main_thread
     from nodes.coordinator import Coordinator
 
     config = coordinator_config(args)
@@ -122,11 +123,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     coord = Coordinator(config)
-    coord.start()
+    coord.start(work_here=True)
     print(f"coordinator {config.name} online ({coord.loaded.model_key}, sync {config.sync}) on {config.broker}",
           file=sys.stderr, flush=True)
-    stop.wait()
-    coord.stop()
+    work_on_main_thread(coord.work, stop, coord.stop)  # the forwards on the main thread: NodeAgent.work
     return 0
 
 
