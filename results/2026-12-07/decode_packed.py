@@ -25,13 +25,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from packed_decode import PROMPT, TOKENS, greedy, quality, teacher_forced  # noqa: E402
+from packed_decode import PROMPT, TOKENS, fp32_reference, greedy, quality, teacher_forced  # noqa: E402
 
 from mesh.model import load_model  # noqa: E402
 from mesh.weights import packed  # noqa: E402
 from nodes.bench.llama_ref import LlamaReference, available  # noqa: E402
 from nodes.bench.memory import reference_gguf  # noqa: E402
-from nodes.halo_data import load_split, token_windows  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 HOME = Path.home() / ".cache" / "mesh"
@@ -85,12 +84,7 @@ def run_model(model: str, formats: list[str], rounds: int, windows_n: int, windo
     finally:
         if llama:
             llama.close()
-    held = load_split(HOME).held_out
-    windows = token_windows(fp32.tokenizer, held, window_len, windows_n)
-    targets = torch.tensor([t for w in windows for t in w[1:]])
-    with torch.inference_mode():
-        ref = torch.cat([fp32.model.forward(w, fp32.model.new_cache(), logits_to_keep=len(w))[:-1].float()
-                         for w in windows])
+    windows, targets, ref = fp32_reference(fp32, windows_n, window_len)
     q = {}
     for name in configs:
         if "/" in name:

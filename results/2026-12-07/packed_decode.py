@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from mesh.model import load_model
 from mesh.weights import modules
-from mesh.weights.modules import GroupLinear, decoding
+from mesh.weights.modules import GroupLinear
 from nodes.bench.llama_ref import LlamaReference, available
 from nodes.bench.memory import reference_gguf
 from nodes.halo_data import load_split, token_windows
@@ -128,6 +128,16 @@ def teacher_forced(loaded, windows) -> torch.Tensor:  # noqa: ANN001
     return torch.stack(rows)
 
 
+def fp32_reference(fp32, windows_n: int, window_len: int) -> tuple[list, torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """Held-out wiki windows, their next-token targets and fp32's logits at every position."""
+    windows = token_windows(fp32.tokenizer, load_split(HOME).held_out, window_len, windows_n)
+    targets = torch.tensor([t for w in windows for t in w[1:]])
+    with torch.inference_mode():
+        ref = torch.cat([fp32.model.forward(w, fp32.model.new_cache(), logits_to_keep=len(w))[:-1].float()
+                         for w in windows])
+    return windows, targets, ref
+
+
 def quality(logits: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dict:
     nll = float(F.cross_entropy(logits, targets, reduction="mean"))
     nll_ref = float(F.cross_entropy(ref, targets, reduction="mean"))
@@ -162,12 +172,7 @@ def run_model(model: str, rounds: int, windows_n: int, window_len: int) -> dict:
     finally:
         if llama:
             llama.close()
-    held = load_split(HOME).held_out
-    windows = token_windows(q4.tokenizer, held, window_len, windows_n)
-    targets = torch.tensor([t for w in windows for t in w[1:]])
-    with torch.inference_mode():
-        ref = torch.cat([fp32.model.forward(w, fp32.model.new_cache(), logits_to_keep=len(w))[:-1].float()
-                         for w in windows])
+    windows, targets, ref = fp32_reference(fp32, windows_n, window_len)
     q = {}
     for name in ("exact", "packed"):
         USE_PACKED["on"] = name == "packed"
