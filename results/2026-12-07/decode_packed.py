@@ -37,12 +37,14 @@ HOME = Path.home() / ".cache" / "mesh"
 
 
 def _copies(model: torch.nn.Module) -> dict:
-    return {m: m.packed for m in model.modules() if getattr(m, "packed", None) is not None}
+    """Every packed copy by (module, attribute): a layer's own ``packed``, a fused set's ``qkv`` / ``gate_up``."""
+    return {(m, a): getattr(m, a) for m in model.modules() for a in ("packed", *packed.FUSED)
+            if getattr(m, a, None) is not None}
 
 
 def _use(copies: dict, on: bool) -> None:
-    for m, p in copies.items():
-        m.packed = p if on else None
+    for (m, a), p in copies.items():
+        setattr(m, a, p if on else None)
 
 
 def run_model(model: str, formats: list[str], rounds: int, windows_n: int, window_len: int) -> dict:
