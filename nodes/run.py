@@ -210,15 +210,20 @@ def main_job(args: argparse.Namespace) -> int:
         procs.start(timeout=600)
     startup_s = time.monotonic() - t0
     console.print(f"{len(names)} nodes online after {startup_s:.1f} s")
+    formats: dict[str, str] = {}
     try:
         with MeshClient(procs.address, keyring=asker_keyring(procs.home)) as client:
+            client.wait_online(names, 60, ready=lambda v: "model_key" in v.heartbeat)
+            formats = {n: str(client.peers.get(n).heartbeat["model_key"]).rpartition("/")[2] for n in names}  # type: ignore[union-attr]
+            console.print("weight format per node: " + ", ".join(f"{n} {f}" for n, f in formats.items()))
             rows = ask_all(client, [Ask(p, q, "routed") for p, q in items], console)
             rows += ask_all(client, cross_node_plan(rows, items, names, extra), console)
     finally:
         procs.stop()
     summary = print_report(rows, console)
     halo = halo_demo(args, root, log_dir, console) if args.halo_tokens > 0 else None
-    result = {"halo": halo, "job": "mmlu-1shot", "model": args.model, "nodes": names, "broker": "amqtt (embedded)",
+    result = {"halo": halo, "job": "mmlu-1shot", "model": args.model, "nodes": names, "weights": formats,
+              "broker": "amqtt (embedded)",
               "machine": {"platform": platform.platform(), "python": platform.python_version()},
               "startup_s": startup_s, "summary": summary, "rows": rows,
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
