@@ -108,11 +108,13 @@ def cmd_node(args: argparse.Namespace) -> int:
         return 0
     halo = halo_extensions_from_args(args, config)
     config = fit_node(config, weights, cache_budget_given(args))
+    # before the weights load: the plan's runtime is the process without them
+    pack = weights != "fp32" and not args.no_packed_decode and decode_copy_fits(config, weights)
     if weights != "fp32":  # the agent loads fp32 itself; other formats are loaded here
         from mesh.model import converted_dir, load_model
 
         loaded = load_model(config.home, config.model, config.threads, weights=weights)
-        if not args.no_packed_decode and decode_copy_fits(config, weights):
+        if pack:
             from mesh.weights.formats import weights_file
             from mesh.weights.load import holds_gguf_weights
             from mesh.weights.packed import pack_model

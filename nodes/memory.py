@@ -134,7 +134,8 @@ def fit_node(config: "NodeConfig", weights: str, cache_explicit: bool) -> "NodeC
 
 
 def decode_copy_fits(config: "NodeConfig", weights: str) -> bool:
-    """Whether a node of ``config`` (already fitted: ``fit_node``) may hold the packed decode copy
+    """Whether a node of ``config`` (already fitted: ``fit_node``; call it before the weights load,
+    as ``fit_node``: the runtime is measured) may hold the packed decode copy
     of its weights (``mesh.weights.packed``) without a shorter context or a smaller cache: x86 with
     the 4-bit kernel, a quantised format, and room for a second copy the size of the weight file
     (the packed copy is the same codes and about as many group constants: an upper bound)."""

@@ -182,9 +182,10 @@ def _plan(model: nn.Module) -> list[tuple[nn.Module, str | None, list[nn.Module]
                 continue
             kinds = {_kind(p) for p in parts}
             biases = {getattr(p, "bias", None) is None for p in parts}
-            n = sum(_shape(p)[0] for p in parts)  # type: ignore[index]
-            (_, k, group, _), = kinds if len(kinds) == 1 else ((None, 0, None, False),)
-            if len(kinds) == 1 and len(biases) == 1 and packable(n, k, group):
+            if len(kinds) != 1 or len(biases) != 1:
+                continue
+            _, k, group, _ = next(iter(kinds))
+            if packable(sum(_shape(p)[0] for p in parts), k, group):  # type: ignore[index]
                 out.append((owner, attr, parts))
                 taken.update(id(p) for p in parts)
     for module in model.modules():
@@ -209,12 +210,13 @@ def packed_bytes(model: nn.Module) -> int:
 def _pack(layers: list[nn.Module]) -> Packed:
     from mesh.weights.modules import GroupLinear
 
-    cat = (lambda name: getattr(layers[0], name)) if len(layers) == 1 else \
-        (lambda name: torch.cat([getattr(m, name) for m in layers]))
+    def cat(name: str) -> Tensor:  # one layer's own tensor (no copy of a 160 MiB head), or the set's
+        parts = [getattr(m, name) for m in layers]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     first = layers[0]
     if isinstance(first, GroupLinear) and first.bits == 4:
-        mins = first.mins if len(layers) == 1 else torch.cat([m.mins for m in layers])
-        return pack_q4(cat("qweight"), cat("scales"), mins)
+        return pack_q4(cat("qweight"), cat("scales"), cat("mins"))
     return pack_int8(cat("qweight"), cat("scales"))
 
 

@@ -137,9 +137,12 @@ class Sampler:
         self._thread.join(5)
 
 
-def _log_text(path: Path) -> str:
+def _log_text(path: Path, start: int = 0) -> str:
+    """The log from byte ``start`` on ("" if it cannot be read)."""
     try:
-        return path.read_text(errors="replace")
+        with path.open("rb") as f:
+            f.seek(start)
+            return f.read().decode(errors="replace")
     except OSError:
         return ""
 
@@ -163,7 +166,10 @@ def measure_nodes(tb: Any, model: str, formats: Sequence[str], prompts: Sequence
     weights = {REF: "fp32", **{node_name(f): f for f in formats}}
     started: dict[str, Any] = {}
     out: dict[str, dict[str, Any]] = {}
+    log_start = {}  # where this run's part of each node's log begins (a testbed appends to it)
     for n in names:
+        path = tb.log_path(f"node-{n}")
+        log_start[n] = path.stat().st_size if path.exists() else 0
         own = tb.private_home(n, home, [f"models/{model}", *identity_parts(home, n)])
         try:
             tb.start_nodes(model, names=[n], extra=["--weights", weights[n], "--heartbeat", "1", "--threads", "2",
@@ -216,7 +222,7 @@ def measure_nodes(tb: Any, model: str, formats: Sequence[str], prompts: Sequence
             "prefill_tps": _median([f["prompt_tokens"] / f["prefill_s"] for f in good if f.get("prefill_s")]),
             "alive": tb.process_memory(n) != {},
             # the node says so at start when it holds the packed decode copy (mesh.weights.packed)
-            "packed_decode": "packed 4-bit kernel" in _log_text(tb.log_path(f"node-{n}")),
+            "packed_decode": "packed 4-bit kernel" in _log_text(tb.log_path(f"node-{n}"), log_start[n]),
         }
     if llama is not None:
         good = [f for f in figures[LLAMA] if "error" not in f]

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from decode_speed import PROMPT  # the same ~100-token prompt as the decode sittings
 from mesh.model import load_model
 from mesh.weights import modules
 from mesh.weights.modules import GroupLinear
@@ -48,12 +49,6 @@ HERE = Path(__file__).resolve().parent
 HOME = Path.home() / ".cache" / "mesh"
 GROUP = 32
 PACK_ROWS = 4096
-PROMPT = ("The history of the lighthouse begins in the ancient world, when fires were lit on hills "
-          "to guide ships into harbour. The most famous of these was the Pharos of Alexandria, built "
-          "in the third century before our era, which stood for more than a thousand years. In the "
-          "centuries that followed, towers of stone and brick rose along the coasts of Europe, and "
-          "keepers tended their lamps through long winter nights. Today most lights are automatic, "
-          "yet the old towers still")
 TOKENS = 64
 USE_PACKED = {"on": False}
 
