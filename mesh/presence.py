@@ -46,8 +46,14 @@ class Presence:
         self.changed = threading.Condition()
 
     def subscribe_presence(self, bus: MqttBus) -> None:
+        bus.on_connected(self._listening)
         bus.subscribe(topics.ALL_STATUS, self.on_status, qos=1)
         bus.subscribe(topics.ALL_HEARTBEATS, self.on_heartbeat, qos=0)
+
+    def _listening(self) -> None:
+        """Our connection came (back) up: a peer's silence while we were away is not its own."""
+        with self.changed:
+            self.peers.listening_since = time.monotonic()
 
     def on_status(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = topics.parse_node_topic(topic)

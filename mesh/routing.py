@@ -6,7 +6,10 @@ node, so each ask is answered once. *Live* (:func:`live`) means a retained ``onl
 heartbeat heard within a few of the node's announced periods: a retained ``online`` alone is no
 evidence of life (a node that died while the broker was down, or one forged ``online`` for a
 small name, would otherwise swallow every routed ask for ever), so a node is trusted for routing
-only while it heartbeats, whatever its status says. Why this is safe while nodes join and leave: a node publishes
+only while it heartbeats, whatever its status says. Silence counts only while the observer
+listens: after its own reconnect (:attr:`PeerTable.listening_since`) a peer has the usual window
+to heartbeat again, so a broker outage longer than the window does not leave a router that came
+back first with no one to route to. Why this is safe while nodes join and leave: a node publishes
 its ``online`` status (and waits for the broker's ack) and then its first heartbeat before it
 subscribes to the routed topics, and the broker delivers to each client in the order it accepted
 messages, so any ask a new router sees was accepted after its status and heartbeat, and the old
@@ -43,9 +46,11 @@ def stale_after(period_s: float) -> float:
     return max(STALE_MIN_S, STALE_PERIODS * period_s)
 
 
-def live(view: NodeView, now: float) -> bool:
-    """Online and heartbeating: a retained ``online`` with no recent heartbeat is a ghost."""
-    return view.online and view.seen_at is not None and now - view.seen_at <= stale_after(view.period_s)
+def live(view: NodeView, now: float, listening_since: float = float("-inf")) -> bool:
+    """Online and heartbeating: a retained ``online`` with no recent heartbeat is a ghost. Silence
+    is counted from ``listening_since`` (the observer's last connect) when the heartbeat is older."""
+    return (view.online and view.seen_at is not None
+            and now - max(view.seen_at, listening_since) <= stale_after(view.period_s))
 
 
 class PeerTable:
@@ -55,6 +60,7 @@ class PeerTable:
     def __init__(self, max_peers: int = MAX_PEERS) -> None:
         self._nodes: dict[str, NodeView] = {}
         self.max_peers = max_peers
+        self.listening_since = float("-inf")  # monotonic time the observer's connection last came up
 
     def _view(self, name: str) -> NodeView:
         if name not in self._nodes:
@@ -97,7 +103,7 @@ class PeerTable:
 
     def live(self, now: float) -> list[NodeView]:
         """The nodes routing may trust at ``now`` (monotonic): see :func:`live`."""
-        return [v for v in self.online() if live(v, now)]
+        return [v for v in self.online() if live(v, now, self.listening_since)]
 
     def all(self) -> list[NodeView]:
         return sorted(self._nodes.values(), key=lambda v: v.name)

@@ -183,8 +183,10 @@ class NodeAgent:
             self._worked.set()
 
     def _announce(self) -> None:
-        if self.member.announce() and self.cache is not None:
-            self.cache.dirty.set()  # a restarted broker lost our retained catalog
+        if self.member.announce():
+            self._wake.set()  # a heartbeat now: routers that lost us count our silence from their reconnect
+            if self.cache is not None:
+                self.cache.dirty.set()  # a restarted broker lost our retained catalog
 
     def _timed_spt(self, ids: list[int], runs: int = 1, stop: Callable[[], bool] | None = None) -> float:
         """Seconds per token of prefilling ``ids``, the fastest of ``runs`` forwards (``stop``: see

@@ -53,6 +53,24 @@ def test_a_node_is_live_only_while_it_heartbeats() -> None:
     assert table.live(200.0) == []  # offline with a fresh heartbeat: not live either
 
 
+def test_silence_counts_only_while_the_observer_listens() -> None:
+    """A broker outage longer than the staleness window made every peer stale to a router that
+    came back first, and the asks it held were answered "no node is online" (CI, mosquitto,
+    test_broker_restart_loses_no_ask...): a node silent only while we could not hear it is not
+    silent. Counted from our reconnect, it must heartbeat within the usual window again."""
+    from mesh.routing import STALE_MIN_S, PeerTable
+
+    table = PeerTable()
+    table.set_status("b1", True)
+    table.set_heartbeat("b1", {"seq": 0, "heartbeat_s": 1.0}, now=100.0)
+    assert table.live(108.0) == []  # silent 8 s while we listened: stale
+    table.listening_since = 107.0  # our connection came back at 107 after an outage
+    assert [v.name for v in table.live(108.0)] == ["b1"]
+    assert table.live(107.0 + STALE_MIN_S + 0.01) == []  # and no heartbeat since: stale again
+    table.set_status("b1", False)
+    assert table.live(108.0) == []  # an offline status still wins
+
+
 def test_made_up_names_cannot_grow_the_peer_table_past_its_cap() -> None:
     """Review M10: 10,000 fake names keep at most ``max_peers`` views; live nodes are kept, the
     fakes that went silent or offline make room."""
