@@ -106,6 +106,45 @@ class Job:
     deadline: float = math.inf  # monotonic; set when taken (mesh.budget.deadline_at)
 
 
+STREAM_EVERY_S = 0.1  # a streamed answer: the first piece at once, then at most ten messages a second
+
+
+class Stream:
+    """An answer's text to its asker as it is generated (``Decoder.generate``'s ``on_text``): the
+    first piece at once (the asker's time to first token), then what came since at most every
+    ``every_s``, and what is left at :meth:`flush`. A node decoding 70 tokens a second sends ten
+    messages, not seventy: each costs a seal on the node, a hop through the broker and a check at
+    the asker, on cores the decode needs (a Pi, or the one machine of the testbed). Pieces are
+    numbered as before; an asker joins them in order whatever their length. A JSON asker gets
+    the answer alone. Each piece first checks that the job may go on (``Member.checkpoint``)."""
+
+    def __init__(self, member: Member, job: Job, every_s: float = STREAM_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.member, self.job, self.every_s, self.clock = member, job, every_s, clock
+        self.first_at: float | None = None  # when the first piece was generated
+        self.sent = 0  # pieces sent
+        self._held = ""
+        self._last = 0.0
+
+    def __call__(self, piece: str) -> None:
+        self.member.checkpoint(self.job)  # stopping, past its deadline, or its asker gone
+        now = self.clock()
+        if self.first_at is None:
+            self.first_at = now
+        self._held += piece
+        if self.sent == 0 or now - self._last >= self.every_s:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        """Send what is held (before the answer)."""
+        if not self._held or self.job.json_reply:
+            return
+        self.member.reply(self.job, wire.Kind.TOKEN, {"i": self.sent, "text": self._held})
+        self.sent += 1
+        self._held = ""
+        self._last = self.clock() if now is None else now
+
+
 def shows_cache(job: Job) -> bool:
     """Whether the answer to ``job`` may carry the prompt cache's figures (the ``cache`` block:
     ``full_hit``, ``local_tokens``, ``remote_tokens``, ``peer``, ``decision``...).

@@ -37,7 +37,7 @@ from mesh.cache.quota import ByteBuckets, default_burst
 from mesh.loops import guarded
 from mesh.cache.transfer import PeerTransfer
 from mesh.cache.node_cache import NodeCache, Prepared
-from mesh.member import AgentExtension, Job, Member, shows_cache, with_extension_fields
+from mesh.member import AgentExtension, Job, Member, Stream, shows_cache, with_extension_fields
 from mesh.uplink_probe import LinkProbe
 
 log = logging.getLogger(__name__)
@@ -293,17 +293,7 @@ class NodeAgent:
         if budget.context_problem(len(ids), body["max_new_tokens"], self.max_context):
             raise budget.Abandoned(budget.TOO_LONG, f"{len(ids)} prompt tokens and {body['max_new_tokens']} new "
                                    f"exceed node {self.name}'s maximum context of {self.max_context} tokens")
-        pieces = 0
-        first_at: list[float] = []
-
-        def on_text(piece: str) -> None:
-            nonlocal pieces
-            self.member.checkpoint(job)  # stopping, past its deadline, or its asker gone
-            if not first_at:
-                first_at.append(time.monotonic())
-            if not job.json_reply:
-                self.member.reply(job, wire.Kind.TOKEN, {"i": pieces, "text": piece})
-            pieces += 1
+        on_text = Stream(self.member, job)
 
         cache_info: dict[str, Any] = {"local_tokens": 0, "remote_tokens": 0, "peer": None,
                                       "decision": "disabled" if self.cache is None else "no-cache"}
@@ -328,12 +318,13 @@ class NodeAgent:
         except Interrupted:
             self.member.checkpoint(job)  # raises why the forward stopped
             raise
+        on_text.flush()
         for prepared in held:  # a deferred transfer ends (and is stored) even after a one-token answer
             prepared.finish()
             cache_info.clear()
             cache_info.update(prepared.info)
         done = time.monotonic()
-        ttft = (first_at[0] if first_at else done) - job.received
+        ttft = (on_text.first_at or done) - job.received
         with self.figures.lock:
             self.figures.served += 1
             self.figures.last_ttft_s = ttft

@@ -35,7 +35,7 @@ from mesh.errors import MeshError, TransportError
 from mesh.loops import guarded
 from mesh.halo.ledger import Liveness
 from mesh.model import Decoder, Interrupted, bind_threads, load_model
-from mesh.member import Job, Member, shows_cache
+from mesh.member import Job, Member, Stream, shows_cache
 from mesh.halo.placement import ReplanPolicy
 from mesh.halo.sync import SyncPolicy
 from mesh.cache.node_cache import NodeCache
@@ -208,18 +208,8 @@ class Coordinator:
         if budget.context_problem(len(ids), b["max_new_tokens"], self.max_context):
             raise budget.Abandoned(budget.TOO_LONG, f"{len(ids)} prompt tokens and {b['max_new_tokens']} new "
                                    f"exceed the coordinator's maximum context of {self.max_context} tokens")
-        pieces = 0
-        first: list[float] = []
         stop = lambda: self.member.must_stop(job)  # noqa: E731  (the forward's hook, between layers)
-
-        def on_text(piece: str) -> None:
-            nonlocal pieces
-            self.member.checkpoint(job)  # stopping, past its deadline, or its asker gone
-            if not first:
-                first.append(time.monotonic())
-            if not job.json_reply:
-                self.member.reply(job, wire.Kind.TOKEN, {"i": pieces, "text": piece})
-            pieces += 1
+        on_text = Stream(self.member, job)
 
         cache_info: dict[str, Any] = {"decision": "disabled"}
         if self.cache is not None and not b.get("no_cache"):
@@ -238,6 +228,7 @@ class Coordinator:
         except Interrupted:
             self.member.checkpoint(job)  # raises why the forward stopped
             raise
+        on_text.flush()
         done = time.monotonic()
         self.served += 1
         halo = run.figures()
@@ -246,7 +237,7 @@ class Coordinator:
         self._send_answer(job, {
             "text": gen.text, "node": self.name, "model": self.loaded.key, "prompt_tokens": len(ids),
             "new_tokens": len(gen.token_ids), "token_ids": gen.token_ids,
-            "ttft_s": round((first[0] if first else done) - job.received, 6),
+            "ttft_s": round((on_text.first_at or done) - job.received, 6),
             "ttlt_s": round(done - job.received, 6), "prefill_s": round(gen.prefill_s, 6),
             "decode_s": round(gen.decode_s, 6), "stop_reason": gen.stop_reason,
             **({"cache": cache_info} if shows_cache(job) else {}),  # M1: see mesh.member.shows_cache

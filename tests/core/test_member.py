@@ -233,3 +233,35 @@ def test_no_heartbeat_leaves_after_the_offline_status() -> None:
     sent = [t for t, _ in bus.sent]
     last_status = max(i for i, t in enumerate(sent) if t == topics.node_status("n1"))
     assert topics.node_heartbeat("n1") not in sent[last_status:]
+
+
+def test_an_answer_streams_its_first_piece_at_once_then_at_most_every_tenth_of_a_second() -> None:
+    """mesh.member.Stream: 64 tokens at 70 a second were 64 sealed messages, each a broker hop
+    and a check at the asker on cores the decode needs; now the first token's piece goes at once
+    (the asker's TTFT), then what came since every 0.1 s, and the rest at flush."""
+    from mesh.member import Stream
+
+    m, bus = member()
+    now = [0.0]
+    stream = Stream(m, ask("alice", "q1"), clock=lambda: now[0])
+    words = [f" w{i}" for i in range(64)]
+    sent_after: list[int] = []
+    for w in words:
+        now[0] += 1 / 70
+        stream(w)
+        sent_after.append(len(bus.sent))
+    stream.flush()
+    bodies = [wire.decode(p).body for _, p in bus.sent]
+    assert sent_after[0] == 1 and stream.first_at == 1 / 70  # the first piece at once
+    assert [b["i"] for b in bodies] == list(range(len(bodies)))  # numbered as before
+    assert "".join(b["text"] for b in bodies) == "".join(words)
+    assert len(bodies) <= 2 + (64 / 70) / 0.1  # ten a second, not seventy
+    stream.flush()
+    assert len(bus.sent) == len(bodies)  # nothing held: nothing sent
+
+    json_job = ask("json-client", "q2")
+    json_job.json_reply = True
+    quiet = Stream(m, json_job, clock=lambda: now[0])
+    quiet("a")
+    quiet.flush()
+    assert len(bus.sent) == len(bodies) and quiet.first_at is not None  # a JSON asker gets the answer alone

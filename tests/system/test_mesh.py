@@ -85,6 +85,21 @@ def test_greedy_answers_match_transformers_generate(amqtt_broker: Broker, mesh_n
             assert "".join(pieces) == got.answer  # the stream adds up to the answer
 
 
+def test_a_long_answer_streams_in_pieces_at_most_ten_a_second(amqtt_broker: Broker, mesh_nodes: dict) -> None:
+    """Each piece costs a seal on the node, a broker hop and a check here, on the cores the decode
+    needs: the node sends the first piece at once and then what came since every 0.1 s
+    (mesh.member.Stream), not one message per token (before: 64 tokens, 64 messages)."""
+    pieces: list[tuple[float, str]] = []
+    with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
+        got = client.ask("Once upon a time, in a small village by the sea,", node="s1", max_new_tokens=64,
+                         no_cache=True, on_text=lambda p: pieces.append((time.monotonic(), p)), timeout=120)
+    figures = got.node_figures
+    assert figures["new_tokens"] == 64 and "".join(p for _, p in pieces) == got.answer
+    # the first piece, then at most one per 0.1 s of decoding, and what was left at the end
+    assert len(pieces) <= 2 + figures["decode_s"] / 0.1, (len(pieces), figures["decode_s"])
+    assert got.ttft_s < 0.5 * got.ttlt_s  # the first piece is not held back: it comes with the first token
+
+
 def test_ask_without_node_is_routed_to_one_node_each_time(amqtt_broker: Broker, mesh_nodes: dict) -> None:
     with MeshClient(amqtt_broker.address, keyring=asker_keys()) as client:
         answered = [client.ask("Once upon a time", max_new_tokens=3, model="smollm2-135m", timeout=60)
