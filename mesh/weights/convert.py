@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from mesh.errors import ConfigError
-from mesh.weights.formats import (EXACT, EXACT_IN_Q4, KEEP_8BIT, MINS, Q4_GROUP, QUANT_FORMAT, QWEIGHT, SCALES,
-                                  check_format, quantize_groups, quantize_groups8, quantize_rows)
+from mesh.weights.formats import (EXACT, EXACT_IN_Q4, GRID_IN_Q4, KEEP_8BIT, MINS, Q4_GROUP, QUANT_FORMAT, QWEIGHT,
+                                  SCALES, check_format, quantize_groups, quantize_groups8, quantize_groups_on,
+                                  quantize_rows)
 from mesh.weights.writer import StreamWriter, entry_bytes
 
 BLOCK_BYTES = 4 << 20  # float32 bytes dequantised at once
@@ -142,6 +143,27 @@ def _read_rows(tensor: Any, fd: int, r0: int, n: int) -> np.ndarray:
     return np.frombuffer(buf, dtype=view.dtype).reshape((n, *view.shape[1:]) if view.ndim > 1 else view.shape)
 
 
+def _q4k_grid(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each 32-input sub-block's scale and minimum of Q4_K rows ``raw`` (N, bytes), as the
+    dequantiser computes them (``w = d * sc * q - dmin * m``): float32 (N, K/32) ``scales``
+    (``d * sc``) and ``mins`` (``-dmin * m``). A Q4_K block of 256 inputs is ``d``, ``dmin``
+    (float16), twelve bytes of 6-bit ``sc`` and ``m`` for its eight sub-blocks (unpacked by the
+    gguf package), then the codes."""
+    from gguf import GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import Q4_K
+
+    _, size = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]
+    n = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(-1, size)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # (blocks, 1)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16])
+    scales = torch.from_numpy(d * sc.astype(np.float32)).reshape(n, -1)
+    mins = torch.from_numpy(-(dmin * m.astype(np.float32))).reshape(n, -1)
+    return scales, mins
+
+
 def _pad_to(plan: list[tuple[str, torch.dtype, list[int]]], align: int) -> None:
     """Append a pad entry that brings the planned bytes to a multiple of ``align``."""
     size = sum(entry_bytes(dtype, shape) for _, dtype, shape in plan)
@@ -236,14 +258,21 @@ def _write_quantized(mapped: list[tuple[Any, str]], out_path: Path, fmt: str, he
             whole = not elementwise or ".attn_q." in t.name or ".attn_k." in t.name
             parts: list[tuple[torch.Tensor, ...]] = []
             for _, raw in _row_blocks(t, whole, block_bytes, fd):
-                w = dequantize(raw, t.tensor_type)
-                w = processor.process(weights=w, name=t.name, tensor_key_mapping=names,
+                plain_w = dequantize(raw, t.tensor_type)
+                w = processor.process(weights=plain_w, name=t.name, tensor_key_mapping=names,
                                       parsed_parameters=parsed).weights
+                # a Q4_K tensor the fix-ups left as it is keeps its own codes (GRID_IN_Q4)
+                grid = q4 and t.tensor_type.name in GRID_IN_Q4 and np.array_equal(w, plain_w)
                 w = torch.from_numpy(np.array(w, dtype=np.float32))
-                codes, *rest = (quantize_groups8(w) if hf in eight else quantize_groups(w)) if q4 else quantize_rows(w)
+                if grid:
+                    codes, *rest = quantize_groups_on(w, *_q4k_grid(raw))
+                elif q4:
+                    codes, *rest = quantize_groups8(w) if hf in eight else quantize_groups(w)
+                else:
+                    codes, *rest = quantize_rows(w)
                 writer.write(f"{base}.{QWEIGHT}", codes)
                 parts.append(tuple(rest))
-                del raw, w, codes
+                del raw, w, plain_w, codes
                 _release_freed()
             for i, suffix in enumerate((SCALES, MINS) if q4 and hf not in eight else (SCALES,)):
                 later[f"{base}.{suffix}"] = torch.cat([p[i] for p in parts])

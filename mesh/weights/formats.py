@@ -19,8 +19,12 @@
   models' embeddings are; F16, F32) stays 8-bit: int8 codes with one float16 scale per group of 32
   (GGUF's Q8_0 layout, symmetric: ``w ~= q * scale``; ``<name>.qweight`` int8 (N, K) and
   ``<name>.scales`` float16 (N, K/32), no minimums), which keeps a Q8_0 block bit for bit too. So
-  SmolLM2 in q4 *is* its GGUF: the same weights as fp32. Other types (Gemma-3's Q5_0 / Q4_K / Q6_K
-  layers) are re-quantised to 4 bits.
+  SmolLM2 in q4 *is* its GGUF: the same weights as fp32. A type of more than 4 bits (Gemma-3's
+  Q5_0 and Q6_K layers) stays 8-bit the same way; a Q4_K tensor (Gemma-3's o and half of its down
+  projections, most of a user's Q4_K_M file) keeps its codes, each 32-input sub-block's scale and
+  minimum rounded to float16 (:func:`quantize_groups_on`): Gemma-3 in q4 is fp32 within that
+  rounding (wiki perplexity x0.995; re-quantised to 4 bits it was x1.14). Other types (Q4_0, Q2_K,
+  Q3_K...) are re-quantised to 4 bits.
 
 Per output row fits both uses of the embedding: a row of the embedding is a row (an output
 channel) of the tied LM head, so one scale per row (int8) or per row and group (q4) serves the
@@ -42,16 +46,20 @@ SETUP_WEIGHTS = ("fp32", "int8", "q4")  # what `mesh setup` builds unless told o
 # smaller one. The Pi Zero 2W's 400 MiB hold SmolLM2 in q4 (its GGUF's own weights), not in int8
 # (results/2026-12-07/bench-memory-pi-zero-smollm2.json).
 PROFILE_WEIGHTS = {"native": "fp32", "pi5": "fp32", "pi4-2gb": "int8", "pi-zero-2w": "q4"}
-QUANT_FORMAT = 3  # bump when the layout of a quantised file changes (old files are rebuilt); 3: ``mesh_exact``
+QUANT_FORMAT = 4  # bump when the layout of a quantised file changes (old files are rebuilt); 3: ``mesh_exact``; 4: q4 keeps Q4_K codes, >4-bit types at 8 bits
 
 QWEIGHT, SCALES, MINS = "qweight", "scales", "mins"  # suffixes of a quantised weight's tensors
 Q4_GROUP = 32  # inputs per q4 group (GGUF's Q4_0/Q4_1/Q8_0 block)
-# GGUF tensor types that q4 keeps at 8 bits (grouped int8): as many bits as 8 or more.
-KEEP_8BIT = frozenset({"Q8_0", "Q8_1", "Q8_K", "F16", "BF16", "F32", "F64"})
+# GGUF tensor types that q4 keeps at 8 bits (grouped int8): more than 4 bits (Gemma-3's Q5_0 and
+# Q6_K layers re-quantised to 4 bits cost it 14 % of perplexity over fp32).
+KEEP_8BIT = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_1", "Q8_K", "F16", "BF16", "F32", "F64"})
 # GGUF tensor types q4 keeps bit for bit (its groups are their blocks). A q4 file all of whose
 # weights are of these types holds the GGUF's own weights; its header says so (``mesh_exact``
 # "1"), and a node keeps the kernels that compute with them exactly (mesh.weights.packed).
 EXACT_IN_Q4 = frozenset({"Q4_1", "Q8_0"})
+# GGUF tensor types whose 4-bit codes q4 takes as they are, with each 32-input sub-block's scale
+# and minimum rounded to float16 (mesh.weights.convert reads them from the blocks)
+GRID_IN_Q4 = frozenset({"Q4_K"})
 EXACT = "mesh_exact"  # the header field
 
 
@@ -113,6 +121,24 @@ def quantize_groups(w: torch.Tensor, group: int = Q4_GROUP) -> tuple[torch.Tenso
     q = torch.round((g - mins.float()[..., None]) / scales.float()[..., None]).clamp_(0, 15).to(torch.uint8)
     q = q.view(n, k)
     return q[:, :k // 2] | (q[:, k // 2:] << 4), scales, mins
+
+
+def quantize_groups_on(w: torch.Tensor, scales: torch.Tensor,
+                       mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_groups` on a grid the weight already lies on: ``w = q * scale + min`` with
+    integer ``q`` in 0..15 for the given float32 ``scales`` and ``mins`` (N, K/group), as a GGUF
+    Q4_K sub-block's values do. The codes are the GGUF's own; what is lost is the rounding of the
+    scale and minimum to float16 (relative 2**-11), not re-quantising to a new grid."""
+    w = w.to(torch.float32)
+    n, k = w.shape
+    group = k // scales.shape[1]
+    g = w.view(n, k // group, group)
+    flat = scales <= 0
+    safe = torch.where(flat, torch.ones_like(scales), scales)
+    q = torch.round((g - mins[..., None]) / safe[..., None]).clamp_(0, 15)
+    q = torch.where(flat[..., None], torch.zeros_like(q), q).to(torch.uint8).view(n, k)
+    stored = torch.where(flat, torch.full_like(scales, 2.0 ** -24), scales).to(torch.float16)
+    return q[:, :k // 2] | (q[:, k // 2:] << 4), stored, mins.to(torch.float16)
 
 
 def dequantize_groups(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:

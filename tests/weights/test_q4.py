@@ -16,6 +16,7 @@ from mesh.weights.formats import (
     dequantize_groups8,
     quantize_groups,
     quantize_groups8,
+    quantize_groups_on,
     weights_file,
 )
 from mesh.weights.modules import GroupEmbedding, GroupLinear, group_matmul
@@ -51,6 +52,62 @@ def test_any_matrix_is_within_half_a_step_and_flat_groups_are_exact() -> None:
     assert torch.equal(dequantize_groups(packed, scales, mins)[5, :32], w[5, :32])
     with pytest.raises(ValueError):
         quantize_groups(torch.zeros(4, 48))
+
+
+def _q4_k_like(n: int, k: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A matrix as GGUF's Q4_K dequantiser makes it: per 32 inputs ``d * sc * q - dmin * m`` with
+    float16 ``d``, ``dmin`` and 6-bit ``sc``, ``m`` (so a scale float16 cannot hold), codes that
+    need not reach 0 or 15 (llama.cpp picks the grid by least squares): w, scales, mins, codes."""
+    gen = torch.Generator().manual_seed(seed)
+    d = (torch.rand(n, k // 256, 1, generator=gen) * 1e-3 + 1e-4).half().float()
+    dmin = (torch.rand(n, k // 256, 1, generator=gen) * 1e-3 + 1e-4).half().float()
+    sc = torch.randint(1, 64, (n, k // 256, 8), generator=gen).float()
+    m = torch.randint(0, 64, (n, k // 256, 8), generator=gen).float()
+    scales, mins = (d * sc).view(n, -1), (-(dmin * m)).view(n, -1)
+    q = torch.randint(2, 14, (n, k // 32, 32), generator=gen)  # neither 0 nor 15 used
+    w = (q.float() * scales[..., None] + mins[..., None]).view(n, k)
+    return w, scales, mins, q
+
+
+def test_a_q4_k_sub_block_keeps_its_codes() -> None:
+    """Re-quantising a Q4_K tensor to a new grid from each group's extremes cost Gemma-3 q4 most of
+    its 14 % of perplexity over fp32; on the sub-block's own grid the codes are the GGUF's and
+    only the float16 rounding of scale and minimum is lost."""
+    w, scales, mins, q = _q4_k_like(16, 512)
+    packed, s16, m16 = quantize_groups_on(w, scales, mins)
+    codes = torch.cat((packed & 15, packed >> 4), dim=1).view(16, 16, 32)
+    assert torch.equal(codes.long(), q)
+    on_grid = (dequantize_groups(packed, s16, m16) - w).abs().view(16, 16, 32).amax(dim=2)
+    fp16_rounding = (15 * scales.abs() + mins.abs()) * 2.0 ** -11
+    assert torch.all(on_grid <= fp16_rounding + 1e-9)
+    fresh = (dequantize_groups(*quantize_groups(w)) - w).abs().view(16, 16, 32).amax(dim=2)
+    assert fresh.mean() > 10 * on_grid.mean()  # the old way: a new grid, up to half of its step
+    flat_w = torch.full((1, 32), -0.5)  # a sub-block with scale 0: every value its minimum
+    packed, s16, m16 = quantize_groups_on(flat_w, torch.zeros(1, 1), torch.full((1, 1), -0.5))
+    assert torch.equal(dequantize_groups(packed, s16, m16), flat_w)
+
+
+def test_gemma_q4_keeps_its_gguf_grid_and_its_wider_types_at_8_bits() -> None:
+    """Gemma-3's GGUF mixes Q5_0 (q, k, gate, up, half of v), Q4_K (o, half of down), Q6_K (the other
+    half of down) and Q8_0 (the embedding): q4 holds the Q4_K layers on their own grid and the
+    wider ones at 8 bits, so it stays within float16's rounding of fp32 (perplexity x0.995, was x1.14)."""
+    from safetensors import safe_open
+
+    path = require_model("gemma3-270m")
+    q4 = weights_file(path, "q4")
+    if not q4.exists():
+        pytest.fail(f"gemma3-270m has no q4 weights under {path}: run `mesh setup --weights q4`")
+    with safe_open(str(q4), "pt") as f, safe_open(str(path / "model.safetensors"), "pt") as ref:
+        o = "model.layers.0.self_attn.o_proj"  # Q4_K
+        scales = f.get_tensor(f"{o}.scales").float()
+        got = dequantize_groups(f.get_tensor(f"{o}.qweight"), f.get_tensor(f"{o}.scales"), f.get_tensor(f"{o}.mins"))
+        want = ref.get_tensor(f"{o}.weight")
+        err = (got - want).abs().view(want.shape[0], -1, 32).amax(dim=2)
+        assert torch.all(err <= scales / 2)  # on the grid, never more than half a step off
+        assert err.mean() < 0.01 * scales.mean()  # and in practice float16's rounding, not a new grid's
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj"):  # Q5_0
+            assert f.get_tensor(f"{name}.qweight").dtype == torch.int8  # 8-bit groups, no minimums
+            assert f"{name}.mins" not in f.keys()
 
 
 def test_a_q8_0_block_survives_bit_for_bit() -> None:
