@@ -107,6 +107,7 @@ class Job:
 
 
 STREAM_EVERY_S = 0.1  # a streamed answer: the first piece at once, then at most ten messages a second
+MAX_STREAM_EVERY_S = 1.0  # what an ask may choose (``stream_every_s``; 0: a piece per token)
 
 
 class Stream:
@@ -115,11 +116,16 @@ class Stream:
     ``every_s``, and what is left at :meth:`flush`. A node decoding 70 tokens a second sends ten
     messages, not seventy: each costs a seal on the node, a hop through the broker and a check at
     the asker, on cores the decode needs (a Pi, or the one machine of the testbed). Pieces are
-    numbered as before; an asker joins them in order whatever their length. A JSON asker gets
-    the answer alone. Each piece first checks that the job may go on (``Member.checkpoint``)."""
+    numbered as before; an asker joins them in order whatever their length. An ask's
+    ``stream_every_s`` chooses another pace (0: a piece per token, for an asker that acts on each;
+    at most :data:`MAX_STREAM_EVERY_S`). A JSON asker gets the answer alone. Each piece first checks
+    that the job may go on (``Member.checkpoint``)."""
 
     def __init__(self, member: Member, job: Job, every_s: float = STREAM_EVERY_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        asked = job.env.body.get("stream_every_s")
+        if isinstance(asked, (int, float)) and not isinstance(asked, bool) and math.isfinite(asked):
+            every_s = min(max(float(asked), 0.0), MAX_STREAM_EVERY_S)
         self.member, self.job, self.every_s, self.clock = member, job, every_s, clock
         self.first_at: float | None = None  # when the first piece was generated
         self.sent = 0  # pieces sent

@@ -68,7 +68,7 @@ _SCHEMAS: dict[Kind, dict[str, tuple[Any, bool]]] = {
                      "answered": (list, False)},
     Kind.ASK: {"text": (_STR, True), "max_new_tokens": (_INT, True), "stop": (list, False),
                "reply_format": (_STR, False), "ask_id": (_STR, False), "model": (_STR, False), "routed_by": (_STR, False),
-               "no_cache": (_BOOL, False), CACHE_FIGURES: (_BOOL, False)},
+               "no_cache": (_BOOL, False), CACHE_FIGURES: (_BOOL, False), "stream_every_s": (_NUM, False)},
     Kind.TOKEN: {"i": (_INT, True), "text": (_STR, True)},
     Kind.ANSWER: {"text": (_STR, True), "node": (_STR, True), "prompt_tokens": (_INT, True),
                   "new_tokens": (_INT, True), "ttft_s": (_NUM, True), "ttlt_s": (_NUM, True)},

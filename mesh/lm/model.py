@@ -48,7 +48,7 @@ class Interrupted(Exception):
 def _proj(module: nn.Module, x: Tensor) -> Tensor:
     if type(module) is nn.Linear:  # skip the module call: most of a small matmul's overhead
         return F.linear(x, module.weight, module.bias)
-    return module(x)
+    return module.forward(x)  # likewise: this model's modules carry no hooks (a decode step makes ~150 calls)
 
 
 class RMSNorm(nn.Module):
@@ -65,10 +65,11 @@ class RMSNorm(nn.Module):
         self.mult = 1.0 + w.float() if self.plus_one else w
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         assert self.mult is not None
-        return h * self.mult
+        # one call for the five operations below (the same numbers, bit for bit: tests/lm): a
+        # decode step runs 61 (SmolLM2) of these on one row, where each call's overhead is the cost
+        # h = x.float(); h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps); h * mult
+        return F.rms_norm(x.float(), (x.shape[-1],), self.mult, self.eps)
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -253,21 +254,27 @@ class CausalLM(nn.Module):
             if stop is not None and stop():
                 raise Interrupted("the forward was asked to stop")
             a = layer.self_attn
-            x = layer.input_layernorm(h)
-            if t == 1:  # (1, H, 1, D) is (1, 1, H, D) transposed: a view
-                if a.qkv is not None and in_decoding():
-                    qf, kf, vf = a.qkv(x.view(1, -1))
-                else:
-                    qf, kf, vf = _proj(a.q_proj, x), _proj(a.k_proj, x), _proj(a.v_proj, x)
-                q, k, v = qf.view(1, nq, 1, d), kf.view(1, nkv, 1, d), vf.view(1, nkv, 1, d)
-            else:
-                q = _proj(a.q_proj, x).view(1, t, nq, d).transpose(1, 2)
-                k = _proj(a.k_proj, x).view(1, t, nkv, d).transpose(1, 2)
-                v = _proj(a.v_proj, x).view(1, t, nkv, d).transpose(1, 2)
-            if self._gemma:
-                q, k = a.q_norm(q), a.k_norm(k)
+            x = layer.input_layernorm.forward(h)
             cos, sin = rope[cfg.layer_types[i]]
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            if t == 1 and a.qkv is not None and not self._gemma and in_decoding():
+                # q and k side by side in the fused product: one rotation for both heads' rows
+                y = a.qkv.whole(x.view(1, -1))
+                qk = _rope(y[:, :(nq + nkv) * d].view(1, nq + nkv, 1, d), cos, sin)
+                q, k, v = qk[:, :nq], qk[:, nq:], y[:, (nq + nkv) * d:].view(1, nkv, 1, d)
+            else:
+                if t == 1:  # (1, H, 1, D) is (1, 1, H, D) transposed: a view
+                    if a.qkv is not None and in_decoding():
+                        qf, kf, vf = a.qkv(x.view(1, -1))
+                    else:
+                        qf, kf, vf = _proj(a.q_proj, x), _proj(a.k_proj, x), _proj(a.v_proj, x)
+                    q, k, v = qf.view(1, nq, 1, d), kf.view(1, nkv, 1, d), vf.view(1, nkv, 1, d)
+                else:
+                    q = _proj(a.q_proj, x).view(1, t, nq, d).transpose(1, 2)
+                    k = _proj(a.k_proj, x).view(1, t, nkv, d).transpose(1, 2)
+                    v = _proj(a.v_proj, x).view(1, t, nkv, d).transpose(1, 2)
+                if self._gemma:
+                    q, k = a.q_norm.forward(q), a.k_norm.forward(k)
+                q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kv = cache.layers[i]
             keys, values = kv.update(k, v)
             window = kv.sliding_window
@@ -289,11 +296,12 @@ class CausalLM(nn.Module):
                                                scale=cfg.attention_scale, enable_gqa=gqa)
             o = _proj(a.o_proj, o.reshape(1, 1, nq * d) if t == 1 else o.transpose(1, 2).reshape(1, t, nq * d))
             if self._gemma:
-                h = h + layer.post_attention_layernorm(o)
-                h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+                h = h + layer.post_attention_layernorm.forward(o)
+                h = h + layer.post_feedforward_layernorm.forward(
+                    layer.mlp.forward(layer.pre_feedforward_layernorm.forward(h)))
             else:
                 h = h + o
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                h = h + layer.mlp.forward(layer.post_attention_layernorm.forward(h))
         return h
 
     def step(self, token_id: int, cache: KVCache) -> Tensor:

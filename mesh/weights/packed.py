@@ -146,10 +146,12 @@ class Fused:
     bias: Tensor | None
 
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:  # (1, K) -> one (1, N_i) per projection
+        return self.whole(x).split(self.sizes, dim=-1)
+
+    def whole(self, x: Tensor) -> Tensor:
+        """``(1, K) -> (1, sum N_i)``: the projections' outputs side by side, unsplit."""
         y = self.packed.matmul(x)
-        if self.bias is not None:
-            y = y.add_(self.bias)
-        return y.split(self.sizes, dim=-1)
+        return y if self.bias is None else y.add_(self.bias)
 
 
 def _shape(module: nn.Module) -> tuple[int, int, int | None, bool] | None:

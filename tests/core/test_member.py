@@ -265,3 +265,18 @@ def test_an_answer_streams_its_first_piece_at_once_then_at_most_every_tenth_of_a
     quiet("a")
     quiet.flush()
     assert len(bus.sent) == len(bodies) and quiet.first_at is not None  # a JSON asker gets the answer alone
+
+
+def test_an_ask_may_choose_a_piece_per_token_or_a_slower_pace() -> None:
+    from mesh.member import MAX_STREAM_EVERY_S, Stream
+
+    m, bus = member()
+    now = [0.0]
+    every = Stream(m, ask("alice", "q1", stream_every_s=0), clock=lambda: now[0])
+    for w in ("a", "b", "c"):
+        now[0] += 0.001
+        every(w)
+    assert [wire.decode(p).body["text"] for _, p in bus.sent] == ["a", "b", "c"]
+    assert Stream(m, ask("alice", "q2", stream_every_s=1e9)).every_s == MAX_STREAM_EVERY_S
+    assert Stream(m, ask("alice", "q3", stream_every_s=-5)).every_s == 0.0
+    assert Stream(m, ask("alice", "q4", stream_every_s=float("nan"))).every_s == 0.1

@@ -70,7 +70,8 @@ def decoder() -> Decoder:
 
 
 def ask_and_fault(client: MeshClient, sync: str, prompt: str, fault: Any, after_tokens: int = 4) -> dict[str, Any]:
-    """Ask the coordinator; once ``after_tokens`` tokens streamed, call ``fault()``; the ANSWER body."""
+    """Ask the coordinator (a streamed piece per token); once ``after_tokens`` tokens streamed, call
+    ``fault()``; the ANSWER body."""
     streamed = threading.Event()
     count = [0]
     result: dict[str, Any] = {}
@@ -84,7 +85,7 @@ def ask_and_fault(client: MeshClient, sync: str, prompt: str, fault: Any, after_
     def ask() -> None:
         try:
             r = client.ask(prompt, node="coordinator", max_new_tokens=TOKENS, on_text=on_text, timeout=120,
-                           extra={"halo_sync": sync, "no_cache": True}, resend_s=120)
+                           extra={"halo_sync": sync, "no_cache": True, "stream_every_s": 0}, resend_s=120)
             result.update(r.node_figures)
         except Exception as exc:  # noqa: BLE001 -- reported below, in the test thread
             errors.append(exc)

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m"  # the name the processes load; the weights under the test's home are tiny
 TOKENS = 240
-FREEZE_AFTER = 30  # tokens streamed before the worker freezes
+FREEZE_AFTER = 30  # tokens streamed before the worker freezes (the ask takes a piece per token)
 FREEZE_S = 0.3
 LAYERS = 8
 
@@ -111,7 +111,7 @@ def ask_with_freeze(client: MeshClient, victim: Proc) -> dict[str, Any]:
     t.start()
     try:
         r = client.ask("Once upon a time, in a small village,", node="coordinator", max_new_tokens=TOKENS,
-                       on_text=on_text, timeout=120, extra={"halo_sync": "relaxed", "no_cache": True})
+                       on_text=on_text, timeout=120, extra={"halo_sync": "relaxed", "no_cache": True, "stream_every_s": 0})
     finally:
         t.join(10)
     return dict(r.node_figures)
