@@ -82,7 +82,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     from nodes.halo_cli import halo_extensions_from_args, worker_group_size, worker_node_from_args, worker_only
 
     from mesh.loops import work_on_main_thread
-    from nodes.memory import decode_copy_fits, fit_node, fit_worker, start_trimmer, steady_malloc
+    from nodes.memory import (decode_copy_fits, fit_for_packed_copy, fit_node, fit_worker, start_trimmer,
+                              steady_malloc)
 
     _quiet_libraries()
     config = node_config(args)
@@ -107,9 +108,13 @@ def cmd_node(args: argparse.Namespace) -> int:
         node.stop()
         return 0
     halo = halo_extensions_from_args(args, config)
-    config = fit_node(config, weights, cache_budget_given(args))
+    chosen, config = config, fit_node(config, weights, cache_budget_given(args))
     # before the weights load: the plan's runtime is the process without them
     pack = weights != "fp32" and not args.no_packed_decode and decode_copy_fits(config, weights)
+    if weights != "fp32" and not args.no_packed_decode and not pack:
+        shorter = fit_for_packed_copy(chosen, config, weights)  # a chosen context gives way to the copy
+        if shorter is not None:
+            config, pack = shorter, True
     if weights != "fp32":  # the agent loads fp32 itself; other formats are loaded here
         from mesh.model import converted_dir, load_model
 

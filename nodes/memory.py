@@ -156,6 +156,44 @@ def decode_copy_fits(config: "NodeConfig", weights: str) -> bool:
     return planned is not None and planned[0].max_context >= config.limits.max_context
 
 
+PACKED_MIN_CONTEXT = 4096  # positions a chosen context may shrink to, to make room for the packed copy
+
+
+def fit_for_packed_copy(chosen: "NodeConfig", fitted: "NodeConfig", weights: str) -> "NodeConfig | None":
+    """Where the packed copy does not fit beside the context ``fit_node`` chose (a share of the
+    limit, thousands of positions more than most asks use) and its cache: ``fitted`` with a
+    shorter context that leaves room for the copy, the cache kept, if that context still holds
+    :data:`PACKED_MIN_CONTEXT` positions (or all it held before, if fewer); else None. Only for a
+    context the node chose (``chosen.limits.max_context`` 0), never one the user gave. Measured on
+    the pi4-2gb profile (1.5 GiB): Gemma-3 q4 decoded at 0.11x llama.cpp unpacked, its peak a third
+    of the cap, because its ~11k-position context and 256 MiB cache left no room for the copy."""
+    import dataclasses
+
+    from mesh import footprint
+    from mesh.model import converted_dir
+    from mesh.weights import packed
+    from mesh.weights.formats import weights_file
+
+    if chosen.limits.max_context or weights == "fp32" or not packed.available():
+        return None
+    path = weights_file(converted_dir(fitted.home, fitted.model), weights)
+    if not path.exists():
+        return None
+    try:
+        planned = _node_plan(dataclasses.replace(fitted, limits=chosen.limits), weights, True,
+                             extra_weights=path.stat().st_size)
+    except footprint.DoesNotFit:
+        return None
+    if planned is None:
+        return None
+    fit = planned[0]
+    if fit.max_context < min(PACKED_MIN_CONTEXT, fitted.limits.max_context):
+        return None
+    log.info("memory: max context %d tokens (not %d) to hold the packed decode copy of %.0f MiB",
+             fit.max_context, fitted.limits.max_context, path.stat().st_size / footprint.MiB)
+    return dataclasses.replace(fitted, limits=dataclasses.replace(fitted.limits, max_context=fit.max_context))
+
+
 def fit_worker(config: "NodeConfig", weights: str, group_size: int) -> "footprint.WorkerFit":
     """A worker-only node's capacity in neuron groups of ``group_size`` (``mesh.footprint.plan_worker``:
     what its memory limit leaves after the runtime, the load transient and the slack), logged, or

@@ -18,7 +18,7 @@ from mesh.model import Decoder, converted_dir, load_model
 from mesh.weights import packed
 from mesh.weights.formats import weights_file
 from mesh.weights.load import holds_gguf_weights
-from nodes.memory import decode_copy_fits, fit_node
+from nodes.memory import PACKED_MIN_CONTEXT, decode_copy_fits, fit_for_packed_copy, fit_node
 
 HOME = Path.home() / ".cache" / "mesh"
 GIB = 1 << 30
@@ -62,6 +62,30 @@ def test_a_node_packs_only_a_requantised_file_with_room_for_the_copy(monkeypatch
     assert tight.cache.enabled and not decode_copy_fits(tight, "q4")
     monkeypatch.setattr(packed, "available", lambda: False)  # aarch64: the mapped kernels
     assert not decode_copy_fits(gemma, "q4")
+
+
+@pytest.mark.skipif(not packed.available(), reason="the 4-bit kernel is vectorised on x86 only")
+def test_a_chosen_context_gives_way_to_the_packed_copy_but_not_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pi4-2gb (1.5 GiB): Gemma-3 q4 decoded at 0.11x llama.cpp unpacked (bench memory, 2026-12-08),
+    its ~11k-position context and 256 MiB cache leaving no room for the copy. The context the node
+    chose shrinks for it, never below PACKED_MIN_CONTEXT, never one the user gave; the cache stays."""
+    import dataclasses
+
+    if not _have("gemma3-270m", "q4"):
+        pytest.skip("run `mesh setup` first")
+    _limit(monkeypatch, 1536 << 20)
+    chosen = NodeConfig(name="pi1", model="gemma3-270m", home=HOME)
+    fitted = fit_node(chosen, "q4", False)
+    assert not decode_copy_fits(fitted, "q4")  # as measured on the profile
+    shorter = fit_for_packed_copy(chosen, fitted, "q4")
+    assert shorter is not None and decode_copy_fits(shorter, "q4")
+    assert PACKED_MIN_CONTEXT <= shorter.limits.max_context < fitted.limits.max_context
+    assert shorter.cache == fitted.cache and shorter.cache.enabled
+    given = dataclasses.replace(chosen, limits=dataclasses.replace(chosen.limits, max_context=fitted.limits.max_context))
+    assert fit_for_packed_copy(given, fit_node(given, "q4", False), "q4") is None  # the user's context stays
+    _limit(monkeypatch, 1 * GIB)  # no room for the copy unless the cache gave way: it does not
+    tight = fit_node(chosen, "q4", False)
+    assert tight.cache.enabled and fit_for_packed_copy(chosen, tight, "q4") is None
 
 
 @pytest.mark.skipif(not packed.available(), reason="the 4-bit kernel is vectorised on x86 only")
