@@ -133,6 +133,20 @@ def fit_node(config: "NodeConfig", weights: str, cache_explicit: bool) -> "NodeC
                                cache=cache)
 
 
+def _copy_bytes(config: "NodeConfig", weights: str) -> int | None:
+    """What the packed decode copy of ``config``'s weights may take (the weight file's size: the
+    same codes and about as many group constants, an upper bound), or None where no copy is made:
+    fp32, no vectorised 4-bit kernel here (aarch64), or no weight file."""
+    from mesh.model import converted_dir
+    from mesh.weights import packed
+    from mesh.weights.formats import weights_file
+
+    if weights == "fp32" or not packed.available():
+        return None
+    path = weights_file(converted_dir(config.home, config.model), weights)
+    return path.stat().st_size if path.exists() else None
+
+
 def decode_copy_fits(config: "NodeConfig", weights: str) -> bool:
     """Whether a node of ``config`` (already fitted: ``fit_node``; call it before the weights load,
     as ``fit_node``: the runtime is measured) may hold the packed decode copy
@@ -140,17 +154,12 @@ def decode_copy_fits(config: "NodeConfig", weights: str) -> bool:
     the 4-bit kernel, a quantised format, and room for a second copy the size of the weight file
     (the packed copy is the same codes and about as many group constants: an upper bound)."""
     from mesh import footprint
-    from mesh.model import converted_dir
-    from mesh.weights import packed
-    from mesh.weights.formats import weights_file
 
-    if weights == "fp32" or not packed.available():
-        return False
-    path = weights_file(converted_dir(config.home, config.model), weights)
-    if not path.exists():
+    copy = _copy_bytes(config, weights)
+    if copy is None:
         return False
     try:
-        planned = _node_plan(config, weights, True, extra_weights=path.stat().st_size)
+        planned = _node_plan(config, weights, True, extra_weights=copy)
     except footprint.DoesNotFit:
         return False
     return planned is not None and planned[0].max_context >= config.limits.max_context
@@ -170,18 +179,12 @@ def fit_for_packed_copy(chosen: "NodeConfig", fitted: "NodeConfig", weights: str
     import dataclasses
 
     from mesh import footprint
-    from mesh.model import converted_dir
-    from mesh.weights import packed
-    from mesh.weights.formats import weights_file
 
-    if chosen.limits.max_context or weights == "fp32" or not packed.available():
-        return None
-    path = weights_file(converted_dir(fitted.home, fitted.model), weights)
-    if not path.exists():
+    copy = None if chosen.limits.max_context else _copy_bytes(fitted, weights)
+    if copy is None:
         return None
     try:
-        planned = _node_plan(dataclasses.replace(fitted, limits=chosen.limits), weights, True,
-                             extra_weights=path.stat().st_size)
+        planned = _node_plan(dataclasses.replace(fitted, limits=chosen.limits), weights, True, extra_weights=copy)
     except footprint.DoesNotFit:
         return None
     if planned is None:
@@ -190,7 +193,7 @@ def fit_for_packed_copy(chosen: "NodeConfig", fitted: "NodeConfig", weights: str
     if fit.max_context < min(PACKED_MIN_CONTEXT, fitted.limits.max_context):
         return None
     log.info("memory: max context %d tokens (not %d) to hold the packed decode copy of %.0f MiB",
-             fit.max_context, fitted.limits.max_context, path.stat().st_size / footprint.MiB)
+             fit.max_context, fitted.limits.max_context, copy / footprint.MiB)
     return dataclasses.replace(fitted, limits=dataclasses.replace(fitted.limits, max_context=fit.max_context))
 
 
