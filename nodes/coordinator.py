@@ -71,6 +71,7 @@ class CoordinatorConfig:
     local_speed: float = 0.0  # neuron-rows/s the coordinator computes itself (0: none)
     wire_dtype: str = "float16"
     strict_timeout_s: float = 10.0  # then strict computes the missing groups itself (stays exact)
+    strict_resend_s: float = 1.0  # strict: the step's input sent again to whom has not answered, this often
     liveness: Liveness = field(default_factory=Liveness)  # when a silent worker counts as gone
     heartbeat_s: float = 2.0
     predictor: Path | None = None  # default: the trained one next to the model, if any

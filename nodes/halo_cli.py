@@ -107,7 +107,8 @@ def coordinator_config(args: argparse.Namespace) -> Any:
         threads=args.threads or 0, group_size=args.group_size, sync=args.sync, policy=policy,
         replan=ReplanPolicy(min_interval_s=args.replan_interval), placement=args.placement,
         fallback=args.fallback, local_speed=args.local_speed, reliability_weight=args.reliability_weight,
-        wire_dtype=_WIRE[args.wire], strict_timeout_s=args.strict_timeout, heartbeat_s=args.heartbeat,
+        wire_dtype=_WIRE[args.wire], strict_timeout_s=args.strict_timeout,
+        strict_resend_s=args.strict_resend, heartbeat_s=args.heartbeat,
         liveness=Liveness(factor=args.silence_factor, min_silence_s=args.min_silence),
         predictor=Path(args.predictor) if args.predictor else None,
         cache=CacheConfig(enabled=not args.no_cache),
@@ -220,6 +221,8 @@ def add_halo_commands(subparsers: Any) -> None:
                    help="dtype of MLP inputs on the wire")
     p.add_argument("--strict-timeout", type=float, default=c.strict_timeout_s,
                    help="strict: after this many seconds compute a silent worker's groups here (stays exact)")
+    p.add_argument("--strict-resend", type=float, default=c.strict_resend_s,
+                   help="strict: send a step's input again to workers that have not answered, this often (s)")
     p.add_argument("--silence-factor", type=float, default=live.factor,
                    help="a worker silent for this many of its heartbeat periods counts as gone")
     p.add_argument("--min-silence", type=float, default=live.min_silence_s,

@@ -36,6 +36,8 @@ class HaloRun:
     measure: bool = False
     epochs: set[int] = field(default_factory=set)
     stops: dict[str, int] = field(default_factory=dict)  # why each step stopped waiting
+    frame: bytes | None = None  # the current step's input frame as sent
+    resent: int = 0  # strict: step inputs sent again over the bus (a worker's link lost one)
     imp_sum: Tensor | None = None
     imp_n: int = 0
     # MLP inputs (layer, x) of the forward passes sampled for the scheduler's window, predicted on
@@ -62,6 +64,6 @@ class HaloRun:
                 "zeroed_share_predicted": round(self.zeroed_share_predicted / max(1, self.steps), 6),
                 **({"zeroed_share_true": round(self.zeroed_share_true / max(1, self.steps), 6)}
                    if self.measure else {}),
-                "stops": dict(self.stops),
+                "stops": dict(self.stops), "resent_frames": self.resent,
                 "phases_s": {k: round(v, 6) for k, v in sorted(self.phases.items())},
                 "token_times_s": times}

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from mesh import topics, wire
+from mesh.errors import MeshError
 from mesh.halo import frame as halo_wire
 from mesh.halo import groups as split
 from mesh.halo import predictor as pred_mod
@@ -161,6 +162,7 @@ class RoutedStep:
                                         reply_to=self.frame_reply, keys=keys)
             if link is None:
                 self.bus.publish(self.mlp_topic, data, qos=topics.NODE_MLP.qos)
+            run.frame = data
             self._pump = link
             run.link_steps += int(link is not None)
             for w in expected:
@@ -228,6 +230,10 @@ class RoutedStep:
         gather = StepGather(step, expected, important if not run.strict else frozenset(), run.strict,
                             straggler_s=straggler)
         numel = x.numel()
+        # Strict: a worker whose link broke while the input was under way never saw it (a broker
+        # drops what a gone connection subscribed to); it is sent again over the bus every
+        # ``strict_resend_s`` to whom has not answered, not left to the strict timeout (10 s a step).
+        resend_at = self.config.strict_resend_s if run.strict else None
         wait: float | None = None  # first take what already arrived (late partials settle who is stalled)
         waiting: set[str] = set()
         while True:
@@ -264,6 +270,9 @@ class RoutedStep:
                 if d.reason == "strict-timeout":
                     self.plans.timed_out(gather.pending())
                 break
+            if resend_at is not None and elapsed >= resend_at and run.frame is not None:
+                self._resend(run, run.frame)
+                resend_at = elapsed + self.config.strict_resend_s
             wait = min(max(d.until_s - elapsed, 0.0), 0.25)
             waiting = set(gather.pending()) - stalled - gone
         for w in expected:
@@ -273,6 +282,15 @@ class RoutedStep:
             imp = self._predict(run, layer, x, record=False)
             must_wait = frozenset(pred_mod.groups_to_wait(imp, self.config.policy.target_share))
         return gather, must_wait, imp
+
+    def _resend(self, run: HaloRun, data: bytes) -> None:
+        """The step's input frame again, over the bus (the worker answers a step again; its
+        partial goes where the frame says)."""
+        try:
+            self.bus.publish(self.mlp_topic, data, qos=topics.NODE_MLP.qos)
+        except MeshError:
+            return
+        run.resent += 1
 
     def _timing(self, run: HaloRun, tokens: int) -> tuple[float, float | None, float | None]:
         """The step's deadline, straggler wait (decode) and first-arrival time, from the ledger's
