@@ -111,6 +111,7 @@ class Attention(nn.Module):
         if cfg.family == "gemma3":
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, True)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, True)
+            self.qk_mult: Tensor | None = None  # (heads + kv heads, 1, D): the two norms' multipliers
 
 
 class DecoderLayer(nn.Module):
@@ -185,6 +186,10 @@ class CausalLM(nn.Module):
         for kind, theta in cfg.rope_theta.items():
             self._inv_freq[kind] = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
         if self._gemma:
+            for layer in self.model.layers:  # q's and k's norm multipliers, one row per head
+                a = layer.self_attn
+                a.qk_mult = torch.cat((a.q_norm.mult.expand(cfg.num_attention_heads, 1, d),
+                                       a.k_norm.mult.expand(cfg.num_key_value_heads, 1, d)))
             scale = torch.tensor(cfg.hidden_size ** 0.5, dtype=torch.float32)
             embed = self.model.embed_tokens
             if isinstance(embed, ScaledEmbedding):
@@ -256,10 +261,17 @@ class CausalLM(nn.Module):
             a = layer.self_attn
             x = layer.input_layernorm.forward(h)
             cos, sin = rope[cfg.layer_types[i]]
-            if t == 1 and a.qkv is not None and not self._gemma and in_decoding():
+            if t == 1 and a.qkv is not None and in_decoding():
                 # q and k side by side in the fused product: one rotation for both heads' rows
+                # (Gemma-3: one norm too, each row times its head's multiplier after, the numbers
+                # of the norm with the multiplier inside, bit for bit: tests/lm)
                 y = a.qkv.whole(x.view(1, -1))
-                qk = _rope(y[:, :(nq + nkv) * d].view(1, nq + nkv, 1, d), cos, sin)
+                qk = y[:, :(nq + nkv) * d].view(1, nq + nkv, 1, d)
+                if self._gemma and a.qk_mult is not None:
+                    qk = F.rms_norm(qk, (d,), None, a.q_norm.eps).mul_(a.qk_mult)
+                elif self._gemma:  # each norm with its own multiplier (what the one above equals)
+                    qk = torch.cat((a.q_norm.forward(qk[:, :nq]), a.k_norm.forward(qk[:, nq:])), dim=1)
+                qk = _rope(qk, cos, sin)
                 q, k, v = qk[:, :nq], qk[:, nq:], y[:, (nq + nkv) * d:].view(1, nkv, 1, d)
             else:
                 if t == 1:  # (1, H, 1, D) is (1, 1, H, D) transposed: a view

@@ -95,3 +95,34 @@ def test_fused_projections_are_their_parts_side_by_side() -> None:
             assert torch.allclose(y, p(x), rtol=1e-3, atol=1e-3)
     packed.unpack_model(owner)
     assert owner.qkv is None and all(p.packed is None for p in parts)
+
+
+def test_gemma_rotates_and_normalises_q_and_k_in_one_call_bit_for_bit() -> None:
+    """Gemma-3's packed decode normalises q and k as one tensor, each head's row times its norm's
+    multiplier after, then rotates both at once: the logits of every step equal, bit for bit, those
+    of q's and k's own norms (fewer calls, the same numbers)."""
+    from mesh.model import Decoder, load_model
+    from tests.conftest import CACHE_ROOT, require_model
+
+    require_model("gemma3-270m")
+    loaded = load_model(CACHE_ROOT, "gemma3-270m", 2, weights="q4", verify=False)
+    packed.pack_model(loaded.model)
+    attns = [layer.self_attn for layer in loaded.model.model.layers]
+    merged = [a.qk_mult for a in attns]
+    assert all(m is not None for m in merged)
+    dec = Decoder(loaded)
+    ids = dec.encode("A short history of the printing press:")
+
+    def steps() -> list[torch.Tensor]:
+        logits, cache = dec.prefill(ids)
+        out, t = [], int(logits.argmax())
+        for _ in range(6):
+            out.append(dec.next_logits(t, cache))
+            t = int(out[-1].argmax())
+        return out
+
+    one = steps()
+    for a in attns:
+        a.qk_mult = None
+    two = steps()
+    assert all(torch.equal(x, y) for x, y in zip(one, two))
