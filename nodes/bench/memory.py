@@ -236,9 +236,10 @@ def measure_nodes(tb: Any, model: str, formats: Sequence[str], prompts: Sequence
 
 
 def measure_halo(tb: Any, model: str, tokens: int, home: Path, args: argparse.Namespace,
-                 progress: Progress | None = None) -> dict[str, dict[str, Any]]:
-    """A HALO coordinator and its workers, each under its cap with its own copy of the model, one
-    routed generation of ``tokens``; per process the cgroup's peak and anonymous peak, OOM kills."""
+                 progress: Progress | None = None, weights: str = "fp32") -> dict[str, dict[str, Any]]:
+    """A HALO coordinator and its workers in format ``weights``, each under its cap with its own
+    copy of the model, one routed generation of ``tokens``; per process the cgroup's peak and
+    anonymous peak, OOM kills."""
     from nodes.bench.halo import PROMPT, HaloMesh
     from nodes.client import MeshClient, asker_keyring
 
@@ -252,15 +253,16 @@ def measure_halo(tb: Any, model: str, tokens: int, home: Path, args: argparse.Na
     env = mesh.env
     for w in workers:
         tb.spawn(w, [*mesh._cli("node", "--name", w, "--model", model, "--roles", "worker", "--no-answer",
-                                "--threads", "1", "--heartbeat", "0.5")[:-2], "--home", str(homes[w])],
+                                "--weights", weights, "--threads", "1", "--heartbeat", "0.5")[:-2],
+                     "--home", str(homes[w])],
                  env=env, role="node", log=tb.log_path(f"node-{w}"))
-    tb.spawn("hc", [*mesh._cli("coordinator", "--model", model, "--threads", "1", "--heartbeat", "0.5",
-                               "--no-cache")[:-2], "--home", str(homes["hc"])],
+    tb.spawn("hc", [*mesh._cli("coordinator", "--model", model, "--weights", weights, "--threads", "1",
+                               "--heartbeat", "0.5", "--no-cache")[:-2], "--home", str(homes["hc"])],
              env=env, role="coordinator", log=tb.log_path("coordinator"))
     names = ["hc", *workers]
     out: dict[str, dict[str, Any]] = {}
     host, port = tb.broker_address
-    task = progress.add_task(f"{model}: HALO", total=1) if progress else None
+    task = progress.add_task(f"{model} {weights}: HALO", total=1) if progress else None
     try:
         with MeshClient(BrokerAddress(host, port), name=f"bench-memory-halo-{tb.spec.instance}",
                         keyring=asker_keyring(home)) as client, \
@@ -312,7 +314,7 @@ def bench_memory(args: argparse.Namespace) -> int:
             if "cache" in roles:
                 rows += cache_rows(model, formats, prompts, home, profile, args, progress)
             if {"worker", "coordinator"} & set(roles):
-                rows += halo_rows(model, home, profile, roles, args, progress)
+                rows += halo_rows(model, formats, home, profile, roles, args, progress)
             if "floor" in roles:
                 rows += floor_rows(model, formats, home, profile, args, progress)
     print_rows([r for r in rows if r["role"] != "floor"], console)
@@ -371,26 +373,35 @@ def reference_gguf(model: str, home: Path) -> Path:
     return Path(spec.gguf_path) if spec.gguf_path else locate_gguf(spec, home)
 
 
-def halo_rows(model: str, home: Path, profile: Any, roles: Sequence[str], args: argparse.Namespace,
-              progress: Progress) -> list[dict[str, Any]]:
-    """The coordinator's row and the worker row (the larger of two workers): memory only, fp32
-    (the coordinator's format; each worker is worker-only, `--no-answer`, and holds its share of
-    the fp32 MLP, nodes.worker)."""
+def halo_rows(model: str, formats: Sequence[str], home: Path, profile: Any, roles: Sequence[str],
+              args: argparse.Namespace, progress: Progress) -> list[dict[str, Any]]:
+    """Per format, the coordinator's row and the worker row (the larger of two workers): memory
+    only. The coordinator and its workers run the same format (a plan takes only workers of the
+    coordinator's; each worker is worker-only, `--no-answer`, and holds its share of the MLP in
+    that format, nodes.worker)."""
     from nodes.testbed.bed import Testbed
     from nodes.testbed.spec import NodeSpec, TestbedSpec, check_node_name
 
     spec = TestbedSpec(nodes=tuple(NodeSpec(name=check_node_name(n), link_mbit=None, loss_pct=0.0, cpu=None,
                                             mem_cap_mib=profile.mem_cap_mib) for n in ("hc", "hw1", "hw2")),
                        instance=args.instance)
-    with Testbed(spec) as tb:
-        tb.start_broker(args.broker)
-        halo = measure_halo(tb, model, args.tokens, home, args, progress)
+    rows = []
+    for f in formats:
+        with Testbed(spec) as tb:
+            tb.start_broker(args.broker)
+            rows += _halo_format_rows(measure_halo(tb, model, args.tokens, home, args, progress, f),
+                                      model, f, profile, roles, args)
+    return rows
+
+
+def _halo_format_rows(halo: dict[str, dict[str, Any]], model: str, weights: str, profile: Any,
+                      roles: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for role, names in (("coordinator", ["hc"]), ("worker", ["hw1", "hw2"])):
         if role not in roles:
             continue
         worst = max((halo[n] for n in names), key=lambda r: r.get("peak_mib") or 0)
-        rows.append({"model": model, "weights": "fp32", "role": role, "profile": args.profile,
+        rows.append({"model": model, "weights": weights, "role": role, "profile": args.profile,
                      "cap_mib": profile.mem_cap_mib, "processes": len(names),
                      **{k: worst.get(k) for k in ("started", "peak_mib", "anon_peak_mib", "mapped_mib",
                                                    "oom_kills", "error", "tpot_s")},
