@@ -70,8 +70,9 @@ def identity_parts(home: Path, name: str, role: str = "node") -> list[str]:
 
 
 def drop_page_cache(root: Path) -> None:
-    """Evict every file under ``root`` from the page cache (clean pages: uncharged from their cgroup)."""
-    for path in root.rglob("*"):
+    """Evict ``root``, or every file under it, from the page cache (clean pages: uncharged from
+    their cgroup)."""
+    for path in [root] if root.is_file() else root.rglob("*"):
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -280,6 +281,8 @@ class Testbed:
             proc = self.spawn(node, ["cp", "-r", "--", str(Path(home) / part), str(dst / part)], role="copy")
             if proc.wait(timeout=timeout_s) != 0:
                 raise MeshError(f"could not copy {part} into {node}'s home {dst} (exit {proc.returncode})")
+            # the source's pages it read were charged to the node too, where nothing had them cached
+            drop_page_cache(Path(home) / part)
         drop_page_cache(dst)  # the copy's pages were charged to the node: what it maps is read anew
         self.reset_peak(node)  # and its peak starts after the copy
         return dst
