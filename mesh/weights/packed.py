@@ -11,13 +11,21 @@ for a code ``c`` in 0..15, so:
 - a q4 group (``w = q * s + m``) packs as its codes with (s, m + 8 s);
 - an 8-bit weight (int8 per row, and the grouped int8 q4 keeps for Q8_0 tensors such as both
   models' embedding and tied LM head) splits into two 4-bit halves, ``q = 16 hi + lo`` with
-  ``hi = q >> 4`` (-8..7, stored as ``hi + 8``) and ``lo = q & 15``: the input row given twice,
-  the ``hi`` half's groups (16 s, 0) and the ``lo`` half's (s, 8 s). The same products, 4-bit
-  kernel, one byte per weight as before.
+  ``hi = q >> 4`` (-8..7, stored as ``hi + 8``) and ``lo = q & 15``, side by side in one kernel
+  group per weight group of ``g`` inputs: ``g`` hi codes, then ``g`` lo codes, the input given
+  as ``16 x_g`` then ``x_g`` (a power of two: exact in bfloat16). So both halves share one
+  (scale, zero): ``s`` and ``z = 8 s / 17``, since the group then sums
+  ``s (16 hi + lo) . x + (16 z + z - 8 s) sum(x_g)`` and ``17 z = 8 s`` cancels the kernel's
+  ``- 8`` on the lo codes (bfloat16 rounds ``z`` within ``s / 64``: a group error of
+  ``s / 64 |sum(x_g)|``, under a tenth of what rounding ``s`` itself costs). One byte per weight
+  as before and one (scale, zero) per group, not two: the 262k-row head of Gemma-3 reads 189 MB
+  a token instead of 210. The kernel's groups go up to 256 inputs, so a weight group is at most
+  128 (:data:`GROUPS_8BIT`).
 
 The packed layout depends on the CPU capability (AVX2 and AVX-512 pack differently), so it is
 made at load, in anonymous memory, beside the mapped file the prompt's prefill and the embedding
-lookup keep reading: a quantised model's weights twice (SmolLM2 q4 +97 MiB, Gemma-3 q4 +261 MiB).
+lookup keep reading: a quantised model's weights twice (SmolLM2 q4 +93 MiB, int8 +135; Gemma-3 q4
++276 MiB, int8 +263; with a group per half they were 97, 141, 305 and 270).
 A node packs only where its memory plan has room for that without shrinking its context or
 cache (``nodes.memory.decode_copy_fits``; ``mesh node --no-packed-decode`` never). A file that is
 its GGUF's own weights (``mesh_exact`` in its header: SmolLM2's q4, whose greedy tokens are fp32's
@@ -33,11 +41,13 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 GROUPS = (256, 128, 64, 32)  # group sizes the kernel takes, largest first (fewer scales)
+GROUPS_8BIT = (128, 64, 32)  # an 8-bit weight's groups: twice as long in the kernel (both halves)
 PACK_ROWS = 4096  # rows packed at once (the int32 codes of one block are the transient)
 ROW_MULTIPLE = 16  # the kernel's packing needs N % 16 == 0
 
@@ -55,8 +65,8 @@ def available() -> bool:
 @dataclass(frozen=True)
 class Packed:
     """One weight in the kernel's layout: ``weight`` (uint8, (N, K'/2)), ``scales_zeros``
-    (bfloat16, (K'/group, N, 2)); ``doubled``: an 8-bit weight, whose input is given twice
-    (K' = 2 K)."""
+    (bfloat16, (K'/group, N, 2)); ``doubled``: an 8-bit weight, whose input is given twice, each
+    weight group as ``16 x_g`` then ``x_g`` (K' = 2 K; ``group`` is twice the weight group)."""
 
     weight: Tensor
     scales_zeros: Tensor
@@ -72,7 +82,8 @@ class Packed:
         bfloat16, the products summed in float32 by the kernel."""
         a = x.to(torch.bfloat16)
         if self.doubled:
-            a = torch.cat((a, a), dim=1)
+            v = a.view(1, -1, 1, self.group // 2)
+            a = torch.cat((v * 16, v), dim=2).view(1, -1)
         return torch._weight_int4pack_mm_for_cpu(a, self.weight, self.group, self.scales_zeros).float()
 
 
@@ -81,10 +92,13 @@ def _codes_4bit(codes: Tensor) -> Tensor:
     return torch.cat((codes & 15, codes >> 4), dim=1).to(torch.int32)
 
 
-def _codes_8bit(codes: Tensor) -> Tensor:
-    """int8 codes (R, K) as the two 4-bit halves (R, 2K): ``hi + 8`` then ``lo``."""
+def _codes_8bit(codes: Tensor, group: int) -> Tensor:
+    """int8 codes (R, K) as the two 4-bit halves (R, 2K), per group of ``group`` inputs its
+    ``hi + 8`` codes then its ``lo`` codes."""
     q = codes.to(torch.int32)
-    return torch.cat(((q >> 4) + 8, q & 15), dim=1)
+    r, k = (int(n) for n in q.shape)
+    hi, lo = ((q >> 4) + 8).view(r, k // group, 1, group), (q & 15).view(r, k // group, 1, group)
+    return torch.cat((hi, lo), dim=2).view(r, 2 * k)
 
 
 def _pack_codes(codes: Tensor, to_4bit) -> Tensor:  # noqa: ANN001
@@ -101,8 +115,8 @@ def _scales_zeros(scale: Tensor, zero: Tensor) -> Tensor:
 
 
 def row_group(k: int) -> int | None:
-    """The group size for a per-row weight of ``k`` inputs (the largest that divides it)."""
-    return next((g for g in GROUPS if k % g == 0), None)
+    """The group size for a per-row (8-bit) weight of ``k`` inputs (the largest that divides it)."""
+    return next((g for g in GROUPS_8BIT if k % g == 0), None)
 
 
 def packable(n: int, k: int, group: int | None) -> bool:
@@ -127,9 +141,10 @@ def pack_int8(codes: Tensor, scales: Tensor) -> Packed:
     else:
         s = scales.float()
         group = k // int(s.shape[1])
-    scale = torch.cat((16 * s, s), dim=1)
-    zero = torch.cat((torch.zeros_like(s), 8 * s), dim=1)
-    return Packed(_pack_codes(codes, _codes_8bit), _scales_zeros(scale, zero), group, True)
+    assert group in GROUPS_8BIT, group
+    s = s.to(torch.bfloat16).float()  # the zero from the scale the kernel will use
+    return Packed(_pack_codes(codes, partial(_codes_8bit, group=group)), _scales_zeros(s, s * (8 / 17)),
+                  2 * group, True)
 
 
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}  # one product each
@@ -162,7 +177,8 @@ def _shape(module: nn.Module) -> tuple[int, int, int | None, bool] | None:
         return module.out_features, module.in_features, row_group(module.in_features), True
     if isinstance(module, GroupLinear):
         group = module.in_features // int(module.scales.shape[1])
-        return module.out_features, module.in_features, group if group in GROUPS else None, module.bits == 8
+        eight = module.bits == 8
+        return module.out_features, module.in_features, group if group in (GROUPS_8BIT if eight else GROUPS) else None, eight
     return None
 
 
@@ -200,8 +216,8 @@ def _plan(model: nn.Module) -> list[tuple[nn.Module, str | None, list[nn.Module]
 def _nbytes(layers: list[nn.Module]) -> int:
     n = sum(_shape(m)[0] for m in layers)  # type: ignore[index]
     _, k, group, eight = _shape(layers[0])  # type: ignore[misc]
-    kk = 2 * k if eight else k
-    return n * kk // 2 + (kk // int(group or 1)) * n * 2 * 2
+    kk = 2 * k if eight else k  # an 8-bit weight's two halves: one (scale, zero) per weight group
+    return n * kk // 2 + (k // int(group or 1)) * n * 2 * 2
 
 
 def packed_bytes(model: nn.Module) -> int:

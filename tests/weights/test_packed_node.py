@@ -90,12 +90,32 @@ def test_a_chosen_context_gives_way_to_the_packed_copy_but_not_the_cache(monkeyp
 
 @pytest.mark.skipif(not packed.available(), reason="the 4-bit kernel is vectorised on x86 only")
 def test_packed_greedy_answers_are_the_mapped_ones() -> None:
+    """Each step's argmax (teacher-forced on the mapped kernels' tokens) is the mapped one wherever
+    the mapped logits do not tie within the packed kernel's rounding: its output is bfloat16, one
+    step of which is 0.125 at Gemma's logits of 16-32 (this prompt's sixth token is won by 0.034:
+    the old layout of the copy rounded the two to equal, the current one to 0.125 apart)."""
     if not _have("gemma3-270m", "int8"):
         pytest.skip("run `mesh setup` first")
     loaded = load_model(HOME, "gemma3-270m", 2, weights="int8", verify=False)
     dec = Decoder(loaded)
     ids = dec.encode("The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is")
-    mapped = dec.generate(ids, max_new_tokens=6)
+    mapped = dec.generate(ids, max_new_tokens=8)
+    assert len(mapped.token_ids) == 8
+
+    def steps() -> list:  # noqa: ANN202
+        logits, cache = dec.prefill(ids)
+        out = [logits]
+        for t in mapped.token_ids[:-1]:
+            out.append(dec.next_logits(t, cache))
+        return out
+
+    reference = steps()
     assert packed.pack_model(loaded.model) > 100 << 20  # the tied head alone is 160 MiB of codes
-    fast = dec.generate(ids, max_new_tokens=6)
-    assert len(fast.token_ids) == 6 and fast.token_ids == mapped.token_ids
+    fast = steps()[1:]  # the first is the prefill's: the mapped kernels, packed or not
+    clear = 0
+    for ref, got in zip(reference[1:], fast):
+        top = ref.topk(2)
+        if float(top.values[0] - top.values[1]) >= 0.25:  # two bfloat16 steps
+            clear += 1
+            assert int(got.argmax()) == int(top.indices[0])
+    assert clear >= 5
