@@ -19,13 +19,17 @@ for a code ``c`` in 0..15, so:
   ``- 8`` on the lo codes (bfloat16 rounds ``z`` within ``s / 64``: a group error of
   ``s / 64 |sum(x_g)|``, under a tenth of what rounding ``s`` itself costs). One byte per weight
   as before and one (scale, zero) per group, not two: the 262k-row head of Gemma-3 reads 189 MB
-  a token instead of 210. The kernel's groups go up to 256 inputs, so a weight group is at most
-  128 (:data:`GROUPS_8BIT`).
+  a token instead of 210 (10.99 -> 10.42 ms). The kernel's groups go up to 256 inputs, so a
+  weight group is at most 128 (:data:`GROUPS_8BIT`). That is for 8-bit weights with a scale per
+  group (q4's Q8_0, Q5_0, Q6_K tensors); an int8 weight with one scale per row keeps the halves
+  side by side, the input given twice as a whole, ``(16 s, 0)`` and ``(s, 8 s)``: its scales are
+  already few (one per 64-256 inputs), the shared layout showed no gain for it streamed over
+  every layer, and three pi5 bench runs with it read SmolLM2 int8 lower (see the README).
 
 The packed layout depends on the CPU capability (AVX2 and AVX-512 pack differently), so it is
 made at load, in anonymous memory, beside the mapped file the prompt's prefill and the embedding
-lookup keep reading: a quantised model's weights twice (SmolLM2 q4 +93 MiB, int8 +135; Gemma-3 q4
-+276 MiB, int8 +263; with a group per half they were 97, 141, 305 and 270).
+lookup keep reading: a quantised model's weights twice (SmolLM2 q4 +93 MiB, int8 +141; Gemma-3 q4
++276 MiB, int8 +270; q4's were 97 and 305 with a (scale, zero) per half).
 A node packs only where its memory plan has room for that without shrinking its context or
 cache (``nodes.memory.decode_copy_fits``; ``mesh node --no-packed-decode`` never). A file that is
 its GGUF's own weights (``mesh_exact`` in its header: SmolLM2's q4, whose greedy tokens are fp32's
@@ -65,13 +69,15 @@ def available() -> bool:
 @dataclass(frozen=True)
 class Packed:
     """One weight in the kernel's layout: ``weight`` (uint8, (N, K'/2)), ``scales_zeros``
-    (bfloat16, (K'/group, N, 2)); ``doubled``: an 8-bit weight, whose input is given twice, each
-    weight group as ``16 x_g`` then ``x_g`` (K' = 2 K; ``group`` is twice the weight group)."""
+    (bfloat16, (K'/group, N, 2)); ``doubled``: an 8-bit weight, whose input is given twice
+    (K' = 2 K): ``shared``, each weight group as ``16 x_g`` then ``x_g`` (``group`` is twice the
+    weight group); else the whole row twice."""
 
     weight: Tensor
     scales_zeros: Tensor
     group: int
     doubled: bool
+    shared: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -81,9 +87,11 @@ class Packed:
         """``x (1, K) float32 -> (1, N) float32``, the input and the group constants rounded to
         bfloat16, the products summed in float32 by the kernel."""
         a = x.to(torch.bfloat16)
-        if self.doubled:
+        if self.shared:
             v = a.view(1, -1, 1, self.group // 2)
             a = torch.cat((v * 16, v), dim=2).view(1, -1)
+        elif self.doubled:
+            a = torch.cat((a, a), dim=1)
         return torch._weight_int4pack_mm_for_cpu(a, self.weight, self.group, self.scales_zeros).float()
 
 
@@ -116,7 +124,7 @@ def _scales_zeros(scale: Tensor, zero: Tensor) -> Tensor:
 
 def row_group(k: int) -> int | None:
     """The group size for a per-row (8-bit) weight of ``k`` inputs (the largest that divides it)."""
-    return next((g for g in GROUPS_8BIT if k % g == 0), None)
+    return next((g for g in GROUPS if k % g == 0), None)
 
 
 def packable(n: int, k: int, group: int | None) -> bool:
@@ -131,20 +139,28 @@ def pack_q4(codes: Tensor, scales: Tensor, mins: Tensor) -> Packed:
     return Packed(_pack_codes(codes, _codes_4bit), _scales_zeros(s, mins.float() + 8 * s), k // groups, False)
 
 
+def _codes_halves(codes: Tensor) -> Tensor:
+    """int8 codes (R, K) as the two 4-bit halves side by side (R, 2K): ``hi + 8`` then ``lo``."""
+    q = codes.to(torch.int32)
+    return torch.cat(((q >> 4) + 8, q & 15), dim=1)
+
+
 def pack_int8(codes: Tensor, scales: Tensor) -> Packed:
     """An 8-bit weight: int8 (N, K) with float scales per row (N,) or per row and group (N, G)."""
     n, k = (int(s) for s in codes.shape)
-    if scales.dim() == 1:
+    if scales.dim() == 1:  # the halves side by side, a (scale, zero) each
         group = row_group(k)
         assert group is not None
         s = scales.float()[:, None].expand(n, k // group)
-    else:
-        s = scales.float()
-        group = k // int(s.shape[1])
+        scale = torch.cat((16 * s, s), dim=1)
+        zero = torch.cat((torch.zeros_like(s), 8 * s), dim=1)
+        return Packed(_pack_codes(codes, _codes_halves), _scales_zeros(scale, zero), group, True)
+    s = scales.float()
+    group = k // int(s.shape[1])
     assert group in GROUPS_8BIT, group
     s = s.to(torch.bfloat16).float()  # the zero from the scale the kernel will use
     return Packed(_pack_codes(codes, partial(_codes_8bit, group=group)), _scales_zeros(s, s * (8 / 17)),
-                  2 * group, True)
+                  2 * group, True, True)
 
 
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}  # one product each
@@ -214,10 +230,13 @@ def _plan(model: nn.Module) -> list[tuple[nn.Module, str | None, list[nn.Module]
 
 
 def _nbytes(layers: list[nn.Module]) -> int:
+    from mesh.weights.modules import Int8Linear
+
     n = sum(_shape(m)[0] for m in layers)  # type: ignore[index]
     _, k, group, eight = _shape(layers[0])  # type: ignore[misc]
-    kk = 2 * k if eight else k  # an 8-bit weight's two halves: one (scale, zero) per weight group
-    return n * kk // 2 + (k // int(group or 1)) * n * 2 * 2
+    kk = 2 * k if eight else k
+    shared = eight and not isinstance(layers[0], Int8Linear)  # grouped 8-bit: one (scale, zero) for both halves
+    return n * kk // 2 + ((k if shared else kk) // int(group or 1)) * n * 2 * 2
 
 
 def packed_bytes(model: nn.Module) -> int:
