@@ -36,7 +36,6 @@ class HaloRun:
     measure: bool = False
     epochs: set[int] = field(default_factory=set)
     stops: dict[str, int] = field(default_factory=dict)  # why each step stopped waiting
-    frame: bytes | None = None  # the current step's input frame as sent
     resent: int = 0  # strict: step inputs sent again over the bus (a worker's link lost one)
     imp_sum: Tensor | None = None
     imp_n: int = 0

@@ -162,7 +162,6 @@ class RoutedStep:
                                         reply_to=self.frame_reply, keys=keys)
             if link is None:
                 self.bus.publish(self.mlp_topic, data, qos=topics.NODE_MLP.qos)
-            run.frame = data
             self._pump = link
             run.link_steps += int(link is not None)
             for w in expected:
@@ -175,7 +174,7 @@ class RoutedStep:
         parts: list[Tensor | None] = [self.mlps[layer](x) if whole else mine.partial(x) if mine is not None else None]
         t = run.spent("local", t)
         if expected:
-            gather, must_wait, imp = self._gather(run, layer, step, x, expected, t0)
+            gather, must_wait, imp = self._gather(run, layer, step, x, expected, t0, data)
             t = run.spent("gather", t)
             parts.extend(gather.partials.values())
             missing = gather.missing_groups()
@@ -206,7 +205,7 @@ class RoutedStep:
         return out
 
     def _gather(self, run: HaloRun, layer: int, step: int, x: Tensor,
-                expected: dict[str, tuple[int, ...]], t0: float
+                expected: dict[str, tuple[int, ...]], t0: float, frame: bytes
                 ) -> tuple[StepGather, frozenset[int], Tensor | None]:
         must_wait: frozenset[int] = frozenset()
         imp: Tensor | None = None
@@ -270,8 +269,8 @@ class RoutedStep:
                 if d.reason == "strict-timeout":
                     self.plans.timed_out(gather.pending())
                 break
-            if resend_at is not None and elapsed >= resend_at and run.frame is not None:
-                self._resend(run, run.frame)
+            if resend_at is not None and elapsed >= resend_at:
+                self._resend(run, frame)
                 resend_at = elapsed + self.config.strict_resend_s
             wait = min(max(d.until_s - elapsed, 0.0), 0.25)
             waiting = set(gather.pending()) - stalled - gone

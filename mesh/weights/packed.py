@@ -139,12 +139,6 @@ def pack_q4(codes: Tensor, scales: Tensor, mins: Tensor) -> Packed:
     return Packed(_pack_codes(codes, _codes_4bit), _scales_zeros(s, mins.float() + 8 * s), k // groups, False)
 
 
-def _codes_halves(codes: Tensor) -> Tensor:
-    """int8 codes (R, K) as the two 4-bit halves side by side (R, 2K): ``hi + 8`` then ``lo``."""
-    q = codes.to(torch.int32)
-    return torch.cat(((q >> 4) + 8, q & 15), dim=1)
-
-
 def pack_int8(codes: Tensor, scales: Tensor) -> Packed:
     """An 8-bit weight: int8 (N, K) with float scales per row (N,) or per row and group (N, G)."""
     n, k = (int(s) for s in codes.shape)
@@ -154,7 +148,7 @@ def pack_int8(codes: Tensor, scales: Tensor) -> Packed:
         s = scales.float()[:, None].expand(n, k // group)
         scale = torch.cat((16 * s, s), dim=1)
         zero = torch.cat((torch.zeros_like(s), 8 * s), dim=1)
-        return Packed(_pack_codes(codes, _codes_halves), _scales_zeros(scale, zero), group, True)
+        return Packed(_pack_codes(codes, partial(_codes_8bit, group=k)), _scales_zeros(scale, zero), group, True)
     s = scales.float()
     group = k // int(s.shape[1])
     assert group in GROUPS_8BIT, group

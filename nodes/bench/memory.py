@@ -377,8 +377,8 @@ def halo_rows(model: str, formats: Sequence[str], home: Path, profile: Any, role
               args: argparse.Namespace, progress: Progress) -> list[dict[str, Any]]:
     """Per format, the coordinator's row and the worker row (the larger of two workers): memory
     only. The coordinator and its workers run the same format (a plan takes only workers of the
-    coordinator's; each worker is worker-only, `--no-answer`, and holds its share of the MLP in
-    that format, nodes.worker)."""
+    coordinator's; each worker is worker-only, `--no-answer`, and reads its share of the MLP from
+    that format's file, held as float32: mesh.halo.shard.FileGroups)."""
     from nodes.testbed.bed import Testbed
     from nodes.testbed.spec import NodeSpec, TestbedSpec, check_node_name
 
